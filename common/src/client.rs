@@ -1,0 +1,770 @@
+//! The client state machine: sessions per local application, shared paths.
+//!
+//! Every local application (distinct source address) gets its own session with its own
+//! random id, handshake, keys and sequence space. All sessions share the client's paths
+//! (one socket per path in the driver). A datagram from the application is sealed once
+//! and the same bytes go out on every live path; replies from any path pass the replay
+//! window once and are handed back.
+//!
+//! Invariants:
+//! - A session that hears nothing authenticated from the server for `SERVER_SILENT_AFTER`
+//!   while it keeps probing starts over with a new id and handshake (the server restarted
+//!   or forgot it). Datagrams accepted meanwhile wait in a bounded queue.
+//! - Nothing is sent before the handshake but the init; nothing unauthenticated changes
+//!   any state (the replay window is marked only after the AEAD opened a datagram).
+
+use crate::crypto::{Cipher, ClientHandshake, HandshakeError, Psk, SessionKeys};
+use crate::path::ProbeTracker;
+use crate::replay::{ReplayVerdict, ReplayWindow};
+use crate::stats::{
+    DropCounters, DropReason, PathState, PathStatus, SessionStatus, StatusReport, Traffic,
+};
+use crate::wire::{
+    self, emit_transport_header, HandshakeStatus, InnerRepr, TransportPacket, AEAD_TAG_LEN,
+    DATA_PAYLOAD_OFFSET, INNER_DATA, MAX_APP_PAYLOAD, TRANSPORT_HEADER_LEN, TYPE_HANDSHAKE_INIT,
+    TYPE_HANDSHAKE_RESP, TYPE_TRANSPORT,
+};
+use crate::{PathMask, SessionId, MAX_PATHS};
+use ring::rand::{SecureRandom, SystemRandom};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+/// First handshake retry delay; doubles up to `HANDSHAKE_RETRY_MAX`.
+pub const HANDSHAKE_RETRY_MIN: Duration = Duration::from_millis(250);
+pub const HANDSHAKE_RETRY_MAX: Duration = Duration::from_millis(1000);
+/// After a signed refusal (unknown target, server full) wait this long before asking again.
+pub const REFUSED_BACKOFF: Duration = Duration::from_secs(5);
+/// No authenticated answer on any path for this long: the server lost us; handshake again.
+pub const SERVER_SILENT_AFTER: Duration = Duration::from_millis(1000);
+/// Datagrams kept per session while a handshake is in flight.
+pub const PENDING_MAX_DATAGRAMS: usize = 256;
+pub const DEFAULT_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+pub const DEFAULT_MAX_SESSIONS: usize = 256;
+
+/// What the client core needs to know (the driver's config is richer).
+#[derive(Debug, Clone)]
+pub struct ClientCoreConfig {
+    pub cipher: Cipher,
+    /// Named target to ask the server for ("" = its default).
+    pub target: String,
+    /// One name per path, for status output; the number of paths.
+    pub path_names: Vec<String>,
+    /// A session with no application traffic either way for this long is closed.
+    pub session_idle_timeout: Duration,
+    pub max_sessions: usize,
+}
+
+/// Something the driver may want to log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    SessionStarted {
+        app: SocketAddr,
+        id: SessionId,
+    },
+    Established {
+        app: SocketAddr,
+        id: SessionId,
+        cipher: Cipher,
+    },
+    Refused {
+        app: SocketAddr,
+        status: HandshakeStatus,
+    },
+    ServerLost {
+        app: SocketAddr,
+        old: SessionId,
+    },
+    PathUp {
+        app: SocketAddr,
+        path: usize,
+    },
+    PathDown {
+        app: SocketAddr,
+        path: usize,
+    },
+    SessionClosed {
+        app: SocketAddr,
+        id: SessionId,
+    },
+}
+
+/// Result of handing the core one datagram from the local application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientSend {
+    /// `buf[..len]` is sealed; send those same bytes on every path in `paths`.
+    Sealed {
+        len: usize,
+        paths: PathMask,
+    },
+    /// Kept until the session's handshake completes.
+    Queued,
+    Dropped(DropReason),
+}
+
+/// Result of handing the core one datagram that arrived on a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientRecv {
+    /// Send `buf[payload]` to the local application at `app`.
+    Deliver {
+        app: SocketAddr,
+        payload: Range<usize>,
+    },
+    /// A control message; nothing to deliver.
+    Consumed,
+    Dropped(DropReason),
+}
+
+/// A datagram to send: `buf[..len]` on every path in `paths`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    pub len: usize,
+    pub paths: PathMask,
+}
+
+enum SessionState {
+    Handshaking {
+        hs: ClientHandshake,
+        next_retry: Instant,
+        retry: Duration,
+        due: bool,
+    },
+    Established {
+        keys: SessionKeys,
+        since: Instant,
+    },
+    Refused {
+        until: Instant,
+    },
+}
+
+struct PathCounters {
+    tx: Traffic,
+    rx: Traffic,
+}
+
+struct ClientSession {
+    app: SocketAddr,
+    id: SessionId,
+    state: SessionState,
+    send_seq: u64,
+    replay: ReplayWindow,
+    probes: Vec<ProbeTracker>,
+    counters: Vec<PathCounters>,
+    pending: VecDeque<Vec<u8>>,
+    created: Instant,
+    last_app_activity: Instant,
+    last_server_rx: Instant,
+    tx: Traffic,
+    rx: Traffic,
+    drops: DropCounters,
+    /// Already in the client's ready queue.
+    queued: bool,
+}
+
+/// The client core. See the module docs.
+pub struct Client {
+    psk: Psk,
+    rng: SystemRandom,
+    cfg: ClientCoreConfig,
+    epoch: Instant,
+    sessions: Vec<Option<ClientSession>>,
+    by_app: HashMap<SocketAddr, usize>,
+    by_id: HashMap<SessionId, usize>,
+    ready: VecDeque<usize>,
+    events: VecDeque<ClientEvent>,
+    /// Drops that belong to no session.
+    drops: DropCounters,
+}
+
+impl Client {
+    pub fn new(psk: Psk, cfg: ClientCoreConfig, now: Instant) -> Self {
+        assert!(
+            !cfg.path_names.is_empty() && cfg.path_names.len() <= MAX_PATHS,
+            "validated by config"
+        );
+        Self {
+            psk,
+            rng: SystemRandom::new(),
+            cfg,
+            epoch: now,
+            sessions: Vec::new(),
+            by_app: HashMap::new(),
+            by_id: HashMap::new(),
+            ready: VecDeque::new(),
+            events: VecDeque::new(),
+            drops: DropCounters::default(),
+        }
+    }
+
+    pub fn path_count(&self) -> usize {
+        self.cfg.path_names.len()
+    }
+
+    fn now_us(&self, now: Instant) -> u32 {
+        now.saturating_duration_since(self.epoch).as_micros() as u32
+    }
+
+    fn new_session_id(&self) -> SessionId {
+        let mut b = [0u8; 8];
+        self.rng.fill(&mut b).expect("system random source");
+        SessionId(u64::from_ne_bytes(b))
+    }
+
+    fn handshake(&self, id: SessionId, now: Instant) -> SessionState {
+        SessionState::Handshaking {
+            hs: ClientHandshake::new(&self.psk, &self.rng, id, self.cfg.cipher, &self.cfg.target),
+            next_retry: now + HANDSHAKE_RETRY_MIN,
+            retry: HANDSHAKE_RETRY_MIN,
+            due: true,
+        }
+    }
+
+    fn mark_ready(&mut self, slot: usize) {
+        if let Some(s) = self.sessions[slot].as_mut() {
+            if !s.queued {
+                s.queued = true;
+                self.ready.push_back(slot);
+            }
+        }
+    }
+
+    fn open_session(&mut self, now: Instant, app: SocketAddr) -> Option<usize> {
+        if self.by_app.len() >= self.cfg.max_sessions {
+            return None;
+        }
+        let id = self.new_session_id();
+        let n = self.path_count();
+        let session = ClientSession {
+            app,
+            id,
+            state: self.handshake(id, now),
+            send_seq: 0,
+            replay: ReplayWindow::new(),
+            probes: (0..n).map(|i| ProbeTracker::new(i as u8, now)).collect(),
+            counters: (0..n)
+                .map(|_| PathCounters {
+                    tx: Traffic::default(),
+                    rx: Traffic::default(),
+                })
+                .collect(),
+            pending: VecDeque::new(),
+            created: now,
+            last_app_activity: now,
+            last_server_rx: now,
+            tx: Traffic::default(),
+            rx: Traffic::default(),
+            drops: DropCounters::default(),
+            queued: false,
+        };
+        let slot = match self.sessions.iter().position(Option::is_none) {
+            Some(i) => {
+                self.sessions[i] = Some(session);
+                i
+            }
+            None => {
+                self.sessions.push(Some(session));
+                self.sessions.len() - 1
+            }
+        };
+        self.by_app.insert(app, slot);
+        self.by_id.insert(id, slot);
+        self.events
+            .push_back(ClientEvent::SessionStarted { app, id });
+        self.mark_ready(slot);
+        Some(slot)
+    }
+
+    /// A datagram from the local application at `from`. Its payload must already be at
+    /// `buf[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + payload_len]`, and `buf` must have
+    /// `AEAD_TAG_LEN` bytes of room after it.
+    pub fn handle_app_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        buf: &mut [u8],
+        payload_len: usize,
+    ) -> ClientSend {
+        if payload_len > MAX_APP_PAYLOAD
+            || buf.len() < DATA_PAYLOAD_OFFSET + payload_len + AEAD_TAG_LEN
+        {
+            self.drops.count(DropReason::Malformed);
+            return ClientSend::Dropped(DropReason::Malformed);
+        }
+        let slot = match self.by_app.get(&from) {
+            Some(&s) => s,
+            None => match self.open_session(now, from) {
+                Some(s) => s,
+                None => {
+                    self.drops.count(DropReason::QueueFull);
+                    return ClientSend::Dropped(DropReason::QueueFull);
+                }
+            },
+        };
+        let s = self.sessions[slot]
+            .as_mut()
+            .expect("indexed session exists");
+        s.last_app_activity = now;
+        match &s.state {
+            SessionState::Established { keys, .. } => {
+                let paths = data_paths(&s.probes);
+                let len = seal_data(keys, s.id, &mut s.send_seq, buf, payload_len);
+                s.tx.add(payload_len);
+                for p in paths.iter() {
+                    s.counters[p].tx.add(len);
+                }
+                ClientSend::Sealed { len, paths }
+            }
+            _ => {
+                if s.pending.len() >= PENDING_MAX_DATAGRAMS {
+                    s.drops.count(DropReason::QueueFull);
+                    return ClientSend::Dropped(DropReason::QueueFull);
+                }
+                s.pending.push_back(
+                    buf[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + payload_len].to_vec(),
+                );
+                ClientSend::Queued
+            }
+        }
+    }
+
+    /// A datagram that arrived on path `path` (already filtered by the driver to come
+    /// from that path's remote address). Opened in place in `buf`.
+    pub fn handle_path_datagram(
+        &mut self,
+        now: Instant,
+        path: usize,
+        buf: &mut [u8],
+    ) -> ClientRecv {
+        self.recv_inner(now, path, buf)
+    }
+
+    fn drop_global(&mut self, reason: DropReason) -> ClientRecv {
+        self.drops.count(reason);
+        ClientRecv::Dropped(reason)
+    }
+
+    fn recv_inner(&mut self, now: Instant, path: usize, buf: &mut [u8]) -> ClientRecv {
+        if path >= self.path_count() {
+            return self.drop_global(DropReason::Unexpected);
+        }
+        match wire::message_type(buf) {
+            Ok(TYPE_TRANSPORT) => self.recv_transport(now, path, buf),
+            Ok(TYPE_HANDSHAKE_RESP) => self.recv_response(now, buf),
+            Ok(TYPE_HANDSHAKE_INIT) => self.drop_global(DropReason::Unexpected),
+            _ => self.drop_global(DropReason::Malformed),
+        }
+    }
+
+    fn recv_response(&mut self, now: Instant, buf: &[u8]) -> ClientRecv {
+        let Ok(repr) = wire::HandshakeRespRepr::parse(buf) else {
+            return self.drop_global(DropReason::Malformed);
+        };
+        let Some(&slot) = self.by_id.get(&repr.session) else {
+            return self.drop_global(DropReason::UnknownSession);
+        };
+        let psk = self.psk.clone();
+        let s = self.sessions[slot]
+            .as_mut()
+            .expect("indexed session exists");
+        let SessionState::Handshaking { hs, .. } = &mut s.state else {
+            // the copy of the response that came over a slower path
+            s.drops.count(DropReason::Duplicate);
+            return ClientRecv::Dropped(DropReason::Duplicate);
+        };
+        match hs.finish(&psk, buf) {
+            Ok(keys) => {
+                let cipher = keys.cipher();
+                s.state = SessionState::Established { keys, since: now };
+                s.last_server_rx = now;
+                for p in &mut s.probes {
+                    p.probe_now(now);
+                }
+                let (app, id) = (s.app, s.id);
+                self.events
+                    .push_back(ClientEvent::Established { app, id, cipher });
+                self.mark_ready(slot);
+                ClientRecv::Consumed
+            }
+            Err(HandshakeError::Refused(status)) => {
+                s.state = SessionState::Refused {
+                    until: now + REFUSED_BACKOFF,
+                };
+                let dropped = s.pending.len();
+                s.pending.clear();
+                for _ in 0..dropped {
+                    s.drops.count(DropReason::Refused);
+                }
+                let app = s.app;
+                self.events.push_back(ClientEvent::Refused { app, status });
+                ClientRecv::Consumed
+            }
+            Err(HandshakeError::BadMac) => {
+                s.drops.count(DropReason::BadMac);
+                ClientRecv::Dropped(DropReason::BadMac)
+            }
+            Err(_) => {
+                s.drops.count(DropReason::Malformed);
+                ClientRecv::Dropped(DropReason::Malformed)
+            }
+        }
+    }
+
+    fn recv_transport(&mut self, now: Instant, path: usize, buf: &mut [u8]) -> ClientRecv {
+        let Ok(pkt) = TransportPacket::new_checked(&buf[..]) else {
+            return self.drop_global(DropReason::Malformed);
+        };
+        let (id, seq) = (pkt.session_id(), pkt.seq());
+        let Some(&slot) = self.by_id.get(&id) else {
+            return self.drop_global(DropReason::UnknownSession);
+        };
+        let now_us = self.now_us(now);
+        let s = self.sessions[slot]
+            .as_mut()
+            .expect("indexed session exists");
+        let SessionState::Established { keys, .. } = &s.state else {
+            s.drops.count(DropReason::Unexpected);
+            return ClientRecv::Dropped(DropReason::Unexpected);
+        };
+        match s.replay.check(seq) {
+            ReplayVerdict::Fresh => {}
+            ReplayVerdict::Duplicate => {
+                s.drops.count(DropReason::Duplicate);
+                return ClientRecv::Dropped(DropReason::Duplicate);
+            }
+            ReplayVerdict::TooOld => {
+                s.drops.count(DropReason::TooOld);
+                return ClientRecv::Dropped(DropReason::TooOld);
+            }
+        }
+        let datagram_len = buf.len();
+        let Ok(plain_len) = keys.open(seq, buf) else {
+            s.drops.count(DropReason::AuthFailed);
+            return ClientRecv::Dropped(DropReason::AuthFailed);
+        };
+        s.replay.mark(seq);
+        s.last_server_rx = now;
+        s.counters[path].rx.add(datagram_len);
+        let plain = &buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + plain_len];
+        match InnerRepr::parse(plain) {
+            Ok(InnerRepr::Data(d)) => {
+                s.rx.add(d.len());
+                s.last_app_activity = now;
+                ClientRecv::Deliver {
+                    app: s.app,
+                    payload: DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + d.len(),
+                }
+            }
+            Ok(InnerRepr::ProbeReply(r)) => {
+                let Some(tracker) = s
+                    .probes
+                    .get_mut(r.path_id as usize)
+                    .filter(|_| r.path_id as usize == path)
+                else {
+                    s.drops.count(DropReason::Unexpected);
+                    return ClientRecv::Dropped(DropReason::Unexpected);
+                };
+                let (came_up, new_challenge) = tracker.on_reply(now, now_us, &r);
+                if new_challenge {
+                    tracker.probe_now(now);
+                }
+                let app = s.app;
+                if came_up {
+                    self.events.push_back(ClientEvent::PathUp { app, path });
+                }
+                if new_challenge {
+                    self.mark_ready(slot);
+                }
+                ClientRecv::Consumed
+            }
+            Ok(InnerRepr::Probe(_)) => {
+                s.drops.count(DropReason::Unexpected);
+                ClientRecv::Dropped(DropReason::Unexpected)
+            }
+            Err(_) => {
+                s.drops.count(DropReason::Malformed);
+                ClientRecv::Dropped(DropReason::Malformed)
+            }
+        }
+    }
+
+    /// Next control or queued datagram to send, built in `buf` (at least `MAX_DATAGRAM`).
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        let now_us = self.now_us(now);
+        let all = PathMask::first_n(self.path_count());
+        while let Some(&slot) = self.ready.front() {
+            let Some(s) = self.sessions[slot].as_mut() else {
+                self.ready.pop_front();
+                continue;
+            };
+            if let Some(t) = s.poll_transmit(now, now_us, all, buf) {
+                return Some(t);
+            }
+            s.queued = false;
+            self.ready.pop_front();
+        }
+        None
+    }
+
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    /// The earliest instant at which `handle_timeout` has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.sessions
+            .iter()
+            .flatten()
+            .map(|s| s.next_deadline(self.cfg.session_idle_timeout))
+            .min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for slot in 0..self.sessions.len() {
+            let Some(s) = self.sessions[slot].as_mut() else {
+                continue;
+            };
+            let app = s.app;
+            if now.saturating_duration_since(s.last_app_activity) >= self.cfg.session_idle_timeout {
+                let id = s.id;
+                self.sessions[slot] = None;
+                self.by_app.remove(&app);
+                self.by_id.remove(&id);
+                self.events
+                    .push_back(ClientEvent::SessionClosed { app, id });
+                continue;
+            }
+            let mut wants_tx = false;
+            let mut restart = false;
+            match &mut s.state {
+                SessionState::Handshaking {
+                    next_retry,
+                    retry,
+                    due,
+                    ..
+                } => {
+                    if now >= *next_retry {
+                        *due = true;
+                        *retry = (*retry * 2).min(HANDSHAKE_RETRY_MAX);
+                        *next_retry = now + *retry;
+                        wants_tx = true;
+                    }
+                }
+                SessionState::Refused { until } => restart = now >= *until,
+                SessionState::Established { since, .. } => {
+                    let heard = s.last_server_rx.max(*since);
+                    if now.saturating_duration_since(heard) >= SERVER_SILENT_AFTER {
+                        self.events
+                            .push_back(ClientEvent::ServerLost { app, old: s.id });
+                        restart = true;
+                    } else {
+                        for (i, p) in s.probes.iter_mut().enumerate() {
+                            if p.check_down(now) {
+                                self.events
+                                    .push_back(ClientEvent::PathDown { app, path: i });
+                            }
+                            wants_tx |= p.next_probe_at() <= now;
+                        }
+                    }
+                }
+            }
+            if restart {
+                self.restart_session(now, slot);
+                wants_tx = true;
+            }
+            if wants_tx {
+                self.mark_ready(slot);
+            }
+        }
+    }
+
+    /// A new id, handshake and sequence space for the same application flow.
+    fn restart_session(&mut self, now: Instant, slot: usize) {
+        let id = self.new_session_id();
+        let state = self.handshake(id, now);
+        let s = self.sessions[slot]
+            .as_mut()
+            .expect("indexed session exists");
+        self.by_id.remove(&s.id);
+        self.by_id.insert(id, slot);
+        s.id = id;
+        s.state = state;
+        s.send_seq = 0;
+        s.replay = ReplayWindow::new();
+        s.probes = (0..s.probes.len())
+            .map(|i| ProbeTracker::new(i as u8, now))
+            .collect();
+        s.last_server_rx = now;
+        self.events
+            .push_back(ClientEvent::SessionStarted { app: s.app, id });
+    }
+
+    /// Snapshot for `status`.
+    pub fn status(&self, now: Instant, listen: &str) -> StatusReport {
+        let sessions = self
+            .sessions
+            .iter()
+            .flatten()
+            .map(|s| SessionStatus {
+                id: s.id.to_string(),
+                peer: s.app.to_string(),
+                state: match &s.state {
+                    SessionState::Handshaking { .. } => "handshaking",
+                    SessionState::Established { .. } => "established",
+                    SessionState::Refused { .. } => "refused",
+                }
+                .into(),
+                cipher: self.cfg.cipher.name().into(),
+                age_s: now.saturating_duration_since(s.created).as_secs(),
+                idle_s: now.saturating_duration_since(s.last_app_activity).as_secs(),
+                tx: s.tx,
+                rx: s.rx,
+                drops: s.drops.clone(),
+                paths: s
+                    .probes
+                    .iter()
+                    .zip(&s.counters)
+                    .zip(&self.cfg.path_names)
+                    .map(|((p, c), name)| PathStatus {
+                        name: name.clone(),
+                        state: p.state(),
+                        rtt_ms: p.rtt_ms(),
+                        jitter_ms: p.jitter_ms(),
+                        loss_up: p.loss_up(),
+                        loss_down: p.loss_down(),
+                        tx: c.tx,
+                        rx: c.rx,
+                    })
+                    .collect(),
+            })
+            .collect();
+        StatusReport {
+            role: "mpclient".into(),
+            listen: listen.into(),
+            uptime_s: now.saturating_duration_since(self.epoch).as_secs(),
+            drops: self.drops.clone(),
+            sessions,
+        }
+    }
+}
+
+/// Paths that carry data: those that are up, or all of them if none is (better a copy
+/// into a dead path than no copy at all).
+fn data_paths(probes: &[ProbeTracker]) -> PathMask {
+    let mut up = PathMask::EMPTY;
+    for (i, p) in probes.iter().enumerate() {
+        if p.state() == PathState::Up {
+            up.insert(i);
+        }
+    }
+    if up.is_empty() {
+        PathMask::first_n(probes.len())
+    } else {
+        up
+    }
+}
+
+/// Seals the data message whose payload is at `buf[DATA_PAYLOAD_OFFSET..]`.
+fn seal_data(
+    keys: &SessionKeys,
+    id: SessionId,
+    seq: &mut u64,
+    buf: &mut [u8],
+    payload_len: usize,
+) -> usize {
+    let n = *seq;
+    *seq += 1;
+    emit_transport_header(buf, id, n);
+    buf[TRANSPORT_HEADER_LEN] = INNER_DATA;
+    keys.seal(n, buf, 1 + payload_len)
+}
+
+/// Seals a control message (probe) built from `inner`.
+fn seal_inner(
+    keys: &SessionKeys,
+    id: SessionId,
+    seq: &mut u64,
+    buf: &mut [u8],
+    inner: &InnerRepr,
+) -> usize {
+    let n = *seq;
+    *seq += 1;
+    emit_transport_header(buf, id, n);
+    let plain = inner
+        .emit(&mut buf[TRANSPORT_HEADER_LEN..])
+        .expect("buffer holds any control message");
+    keys.seal(n, buf, plain)
+}
+
+impl ClientSession {
+    fn poll_transmit(
+        &mut self,
+        now: Instant,
+        now_us: u32,
+        all: PathMask,
+        buf: &mut [u8],
+    ) -> Option<Transmit> {
+        match &mut self.state {
+            SessionState::Handshaking { hs, due, .. } => {
+                if !*due {
+                    return None;
+                }
+                *due = false;
+                let init = hs.init();
+                buf[..init.len()].copy_from_slice(init);
+                for p in all.iter() {
+                    self.counters[p].tx.add(init.len());
+                }
+                Some(Transmit {
+                    len: init.len(),
+                    paths: all,
+                })
+            }
+            SessionState::Refused { .. } => None,
+            SessionState::Established { keys, .. } => {
+                if let Some(d) = self.pending.pop_front() {
+                    let paths = data_paths(&self.probes);
+                    buf[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + d.len()].copy_from_slice(&d);
+                    let len = seal_data(keys, self.id, &mut self.send_seq, buf, d.len());
+                    self.tx.add(d.len());
+                    for p in paths.iter() {
+                        self.counters[p].tx.add(len);
+                    }
+                    return Some(Transmit { len, paths });
+                }
+                let (i, p) = self
+                    .probes
+                    .iter_mut()
+                    .enumerate()
+                    .find(|(_, p)| p.next_probe_at() <= now)?;
+                let probe = InnerRepr::Probe(p.make_probe(now, now_us));
+                let len = seal_inner(keys, self.id, &mut self.send_seq, buf, &probe);
+                self.counters[i].tx.add(len);
+                Some(Transmit {
+                    len,
+                    paths: PathMask::single(i),
+                })
+            }
+        }
+    }
+
+    fn next_deadline(&self, idle_timeout: Duration) -> Instant {
+        let idle = self.last_app_activity + idle_timeout;
+        let state = match &self.state {
+            SessionState::Handshaking { next_retry, .. } => *next_retry,
+            SessionState::Refused { until } => *until,
+            SessionState::Established { since, .. } => {
+                let silent = self.last_server_rx.max(*since) + SERVER_SILENT_AFTER;
+                let probe = self
+                    .probes
+                    .iter()
+                    .map(|p| p.next_probe_at())
+                    .min()
+                    .unwrap_or(silent);
+                silent.min(probe)
+            }
+        };
+        idle.min(state)
+    }
+}

@@ -1,0 +1,310 @@
+//! Per-path health from authenticated probes.
+//!
+//! The client probes every path every `PROBE_INTERVAL`; the server answers each probe on
+//! the path it came from, echoing the client's timestamp and reporting which of the last
+//! 64 probes it received. From that the client gets RTT, jitter and loss in each
+//! direction. A path with no answer for `PATH_DOWN_AFTER` is down: it carries no data but
+//! is still probed, and the first answer brings it back.
+
+use crate::stats::PathState;
+use crate::wire::{ProbeReplyRepr, ProbeRepr, PROBE_FLAG_PATH_DOWN};
+use std::time::{Duration, Instant};
+
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// A path whose probes got no answer for this long is down.
+pub const PATH_DOWN_AFTER: Duration = Duration::from_millis(1000);
+/// ... provided at least this many probes went unanswered in that time.
+const PATH_DOWN_MIN_UNANSWERED: u32 = 3;
+/// Replies claiming an RTT above this are ignored for RTT (clock wrap or garbage).
+const MAX_PLAUSIBLE_RTT_US: u32 = 30_000_000;
+
+/// The client's view of one path of one session.
+#[derive(Debug, Clone)]
+pub struct ProbeTracker {
+    path_id: u8,
+    /// Sequence number of the last probe sent (0 = none yet; probes start at 1).
+    last_sent: u32,
+    /// Bit k set = the reply to probe `last_sent - k` arrived.
+    replied: u64,
+    sent_since_reply: u32,
+    started: Instant,
+    last_reply_at: Option<Instant>,
+    next_probe_at: Instant,
+    srtt_us: Option<f64>,
+    last_rtt_us: Option<f64>,
+    jitter_us: f64,
+    loss_up: Option<f64>,
+    loss_down: Option<f64>,
+    /// The server's current challenge for this path, echoed in the next probe.
+    challenge: u64,
+    state: PathState,
+}
+
+impl ProbeTracker {
+    pub fn new(path_id: u8, now: Instant) -> Self {
+        Self {
+            path_id,
+            last_sent: 0,
+            replied: 0,
+            sent_since_reply: 0,
+            started: now,
+            last_reply_at: None,
+            next_probe_at: now,
+            srtt_us: None,
+            last_rtt_us: None,
+            jitter_us: 0.0,
+            loss_up: None,
+            loss_down: None,
+            challenge: 0,
+            state: PathState::Probing,
+        }
+    }
+
+    pub fn state(&self) -> PathState {
+        self.state
+    }
+
+    pub fn next_probe_at(&self) -> Instant {
+        self.next_probe_at
+    }
+
+    /// Ask for a probe as soon as possible (e.g. to answer a new challenge).
+    pub fn probe_now(&mut self, now: Instant) {
+        self.next_probe_at = now;
+    }
+
+    /// Builds the next probe and schedules the one after.
+    pub fn make_probe(&mut self, now: Instant, now_us: u32) -> ProbeRepr {
+        self.last_sent = self.last_sent.wrapping_add(1).max(1);
+        self.replied <<= 1;
+        self.sent_since_reply += 1;
+        self.next_probe_at = now + PROBE_INTERVAL;
+        ProbeRepr {
+            path_id: self.path_id,
+            flags: if self.state == PathState::Down {
+                PROBE_FLAG_PATH_DOWN
+            } else {
+                0
+            },
+            probe_seq: self.last_sent,
+            tx_time_us: now_us,
+            echo_challenge: self.challenge,
+        }
+    }
+
+    /// Processes an authenticated reply. Returns true if the path just came up, and
+    /// whether the server sent a new challenge (which wants an immediate probe).
+    pub fn on_reply(&mut self, now: Instant, now_us: u32, r: &ProbeReplyRepr) -> (bool, bool) {
+        if r.probe_seq == 0 || r.probe_seq > self.last_sent || self.last_sent - r.probe_seq >= 64 {
+            return (false, false);
+        }
+        self.replied |= 1 << (self.last_sent - r.probe_seq);
+        self.sent_since_reply = 0;
+        self.last_reply_at = Some(now);
+        let rtt = now_us.wrapping_sub(r.tx_time_us);
+        if rtt <= MAX_PLAUSIBLE_RTT_US {
+            let rtt = rtt as f64;
+            self.srtt_us = Some(self.srtt_us.map_or(rtt, |s| s + (rtt - s) / 8.0));
+            if let Some(prev) = self.last_rtt_us {
+                // RFC 3550-style smoothed jitter over successive RTT samples.
+                self.jitter_us += ((rtt - prev).abs() - self.jitter_us) / 16.0;
+            }
+            self.last_rtt_us = Some(rtt);
+        }
+        self.update_loss(r);
+        let new_challenge = r.challenge != self.challenge;
+        self.challenge = r.challenge;
+        let came_up = self.state != PathState::Up;
+        self.state = PathState::Up;
+        (came_up, new_challenge)
+    }
+
+    fn update_loss(&mut self, r: &ProbeReplyRepr) {
+        let high = r.rx_highest;
+        if high == 0 || high > self.last_sent || self.last_sent - high >= 64 {
+            return;
+        }
+        let offset = self.last_sent - high;
+        let (mut up_total, mut up_lost, mut down_total, mut down_lost) = (0u32, 0u32, 0u32, 0u32);
+        for k in 0..(64 - offset) {
+            if k >= high {
+                break; // before the first probe
+            }
+            up_total += 1;
+            if r.rx_bitmap & (1 << k) == 0 {
+                up_lost += 1;
+            } else {
+                down_total += 1;
+                if self.replied & (1 << (offset + k)) == 0 {
+                    down_lost += 1;
+                }
+            }
+        }
+        if up_total > 0 {
+            self.loss_up = Some(up_lost as f64 / up_total as f64);
+        }
+        if down_total > 0 {
+            self.loss_down = Some(down_lost as f64 / down_total as f64);
+        }
+    }
+
+    /// Updates the up/down state. Returns true if the path just went down.
+    pub fn check_down(&mut self, now: Instant) -> bool {
+        let since = self.last_reply_at.unwrap_or(self.started);
+        if self.state != PathState::Down
+            && now.saturating_duration_since(since) >= PATH_DOWN_AFTER
+            && self.sent_since_reply >= PATH_DOWN_MIN_UNANSWERED
+        {
+            self.state = PathState::Down;
+            return true;
+        }
+        false
+    }
+
+    pub fn rtt_ms(&self) -> Option<f64> {
+        self.srtt_us.map(|v| v / 1000.0)
+    }
+
+    pub fn jitter_ms(&self) -> Option<f64> {
+        self.last_rtt_us.map(|_| self.jitter_us / 1000.0)
+    }
+
+    pub fn loss_up(&self) -> Option<f64> {
+        self.loss_up
+    }
+
+    pub fn loss_down(&self) -> Option<f64> {
+        self.loss_down
+    }
+}
+
+/// The server's record of which probes arrived on one path (reported back in replies).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProbeReceipts {
+    highest: u32,
+    /// Bit k = probe `highest - k` arrived. History from before the path was learned
+    /// counts as received, so a new path does not report phantom loss.
+    bitmap: u64,
+}
+
+impl ProbeReceipts {
+    pub fn on_probe(&mut self, seq: u32) {
+        if self.highest == 0 {
+            self.highest = seq;
+            self.bitmap = u64::MAX;
+        } else if seq > self.highest {
+            let shift = seq - self.highest;
+            self.bitmap = if shift >= 64 { 0 } else { self.bitmap << shift };
+            self.bitmap |= 1;
+            self.highest = seq;
+        } else if self.highest - seq < 64 {
+            self.bitmap |= 1 << (self.highest - seq);
+        }
+    }
+
+    pub fn highest(&self) -> u32 {
+        self.highest
+    }
+
+    pub fn bitmap(&self) -> u64 {
+        self.bitmap
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(p: &ProbeRepr, receipts: &ProbeReceipts) -> ProbeReplyRepr {
+        ProbeReplyRepr {
+            path_id: p.path_id,
+            probe_seq: p.probe_seq,
+            tx_time_us: p.tx_time_us,
+            challenge: 7,
+            rx_highest: receipts.highest(),
+            rx_bitmap: receipts.bitmap(),
+        }
+    }
+
+    #[test]
+    fn rtt_loss_and_state() {
+        let t0 = Instant::now();
+        let mut t = ProbeTracker::new(0, t0);
+        let mut rx = ProbeReceipts::default();
+        let mut now = t0;
+        let mut us = 0u32;
+        // 40 probes: every 4th lost on the way up, every 5th reply lost on the way down.
+        for i in 1..=40u32 {
+            let p = t.make_probe(now, us);
+            if i % 4 != 0 {
+                rx.on_probe(p.probe_seq);
+                if i % 5 != 0 {
+                    let r = reply(&p, &rx);
+                    t.on_reply(now + Duration::from_millis(10), us + 10_000, &r);
+                }
+            }
+            now += PROBE_INTERVAL;
+            us += 200_000;
+        }
+        assert_eq!(t.state(), PathState::Up);
+        assert!((t.rtt_ms().unwrap() - 10.0).abs() < 0.01);
+        assert!(t.jitter_ms().unwrap() < 0.01);
+        let up = t.loss_up().unwrap();
+        let down = t.loss_down().unwrap();
+        assert!((up - 0.25).abs() < 0.05, "up loss {up}");
+        assert!((down - 0.2).abs() < 0.08, "down loss {down}");
+        // now silence: down after about a second
+        let mut went_down_at = None;
+        for _ in 0..10 {
+            t.make_probe(now, us);
+            if t.check_down(now) {
+                went_down_at = Some(now);
+                break;
+            }
+            now += PROBE_INTERVAL;
+            us += 200_000;
+        }
+        let last_reply = t0 + PROBE_INTERVAL * 38 + Duration::from_millis(10);
+        let took = went_down_at
+            .expect("path must go down")
+            .duration_since(last_reply);
+        assert!(took <= Duration::from_millis(1300), "{took:?}");
+        // and up again on the next answer, with the down flag on probes meanwhile
+        let p = t.make_probe(now, us);
+        assert_eq!(p.flags, PROBE_FLAG_PATH_DOWN);
+        rx.on_probe(p.probe_seq);
+        let (came_up, _) = t.on_reply(now, us + 5_000, &reply(&p, &rx));
+        assert!(came_up);
+    }
+
+    #[test]
+    fn bogus_replies_are_ignored() {
+        let t0 = Instant::now();
+        let mut t = ProbeTracker::new(0, t0);
+        let r = ProbeReplyRepr {
+            path_id: 0,
+            probe_seq: 5,
+            tx_time_us: 0,
+            challenge: 1,
+            rx_highest: 5,
+            rx_bitmap: 1,
+        };
+        assert_eq!(t.on_reply(t0, 0, &r), (false, false));
+        assert_eq!(t.state(), PathState::Probing);
+    }
+
+    #[test]
+    fn receipts_window() {
+        let mut r = ProbeReceipts::default();
+        r.on_probe(10);
+        assert_eq!(r.bitmap(), u64::MAX);
+        r.on_probe(12);
+        assert_eq!(r.bitmap() & 0b111, 0b101);
+        r.on_probe(11);
+        assert_eq!(r.bitmap() & 0b111, 0b111);
+        r.on_probe(200);
+        assert_eq!(r.bitmap(), 1);
+        r.on_probe(100); // too old: ignored
+        assert_eq!(r.highest(), 200);
+    }
+}

@@ -1,0 +1,608 @@
+//! The server state machine: many client sessions on one port.
+//!
+//! Invariants:
+//! - Nothing unauthenticated is answered or stored: an init must carry a valid PSK MAC;
+//!   a transport datagram must pass the replay window and the AEAD.
+//! - A source address becomes a path of a session only after an authenticated datagram
+//!   from it. Until the client proves it receives there (by echoing the path's random
+//!   challenge in a probe) the server sends it no more bytes than it received from it.
+//!   Probe replies are the same size as probes, handshake responses smaller than inits.
+//! - Each session has at most `max_paths_per_session` paths; silent ones expire.
+//! - A session id is bound to one init: copies of that init (one per path) get the same
+//!   cached response; any other init for a live id is dropped.
+
+use crate::crypto::{self, Cipher, Psk, SessionKeys};
+use crate::path::ProbeReceipts;
+use crate::replay::{ReplayVerdict, ReplayWindow};
+use crate::stats::{
+    DropCounters, DropReason, PathState, PathStatus, SessionStatus, StatusReport, Traffic,
+};
+use crate::wire::{
+    self, emit_transport_header, HandshakeStatus, InnerRepr, ProbeReplyRepr, TransportPacket,
+    DATA_PAYLOAD_OFFSET, HANDSHAKE_INIT_MAX_LEN, HANDSHAKE_RESP_LEN, INNER_DATA, MAX_APP_PAYLOAD,
+    PROBE_FLAG_PATH_DOWN, TRANSPORT_HEADER_LEN, TYPE_HANDSHAKE_INIT, TYPE_HANDSHAKE_RESP,
+    TYPE_TRANSPORT,
+};
+use crate::{PathMask, SessionId, MAX_PATHS};
+use ring::rand::{SecureRandom, SystemRandom};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+/// A path with no authenticated datagram for this long carries no data (probes come
+/// every 200 ms, so this is several lost in a row).
+pub const PATH_SILENT_AFTER: Duration = Duration::from_millis(1000);
+/// A path silent this long is forgotten.
+pub const PATH_EXPIRE_AFTER: Duration = Duration::from_secs(30);
+/// A session that completed its handshake but never sent a transport datagram.
+pub const HALF_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_MAX_SESSIONS: usize = 1024;
+pub const DEFAULT_MAX_PATHS_PER_SESSION: usize = 8;
+/// How often expiry is checked.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone)]
+pub struct ServerCoreConfig {
+    /// Where sessions that name no target go; `None` = clients must name one.
+    pub default_target: Option<SocketAddr>,
+    /// Named targets clients may ask for (the allow-list).
+    pub targets: HashMap<String, SocketAddr>,
+    pub ciphers: Vec<Cipher>,
+    pub max_sessions: usize,
+    pub max_paths_per_session: usize,
+    /// A session with no authenticated datagram for this long is closed.
+    pub session_timeout: Duration,
+}
+
+/// Index of a session in the server's table; stable for the session's life. Drivers use
+/// it to index their own per-session resources (the upstream socket).
+pub type SessionSlot = usize;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerEvent {
+    SessionOpened {
+        slot: SessionSlot,
+        id: SessionId,
+        target: SocketAddr,
+        cipher: Cipher,
+    },
+    SessionClosed {
+        slot: SessionSlot,
+        id: SessionId,
+    },
+    PathAdded {
+        slot: SessionSlot,
+        addr: SocketAddr,
+    },
+    PathValidated {
+        slot: SessionSlot,
+        addr: SocketAddr,
+    },
+    PathRemoved {
+        slot: SessionSlot,
+        addr: SocketAddr,
+    },
+    Refused {
+        from: SocketAddr,
+        status: HandshakeStatus,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerRecv {
+    /// Send `buf[payload]` to the session's target (from its own upstream socket).
+    Forward {
+        slot: SessionSlot,
+        payload: Range<usize>,
+    },
+    /// Send `out[..len]` back to the datagram's source.
+    Reply {
+        len: usize,
+    },
+    Dropped(DropReason),
+}
+
+struct ServerPath {
+    addr: SocketAddr,
+    client_path_id: Option<u8>,
+    challenge: u64,
+    validated: bool,
+    client_says_down: bool,
+    last_rx: Instant,
+    rx: Traffic,
+    tx: Traffic,
+    receipts: ProbeReceipts,
+}
+
+impl ServerPath {
+    /// Bytes we may still send before validation (anti-amplification).
+    fn budget(&self) -> u64 {
+        self.rx.bytes.saturating_sub(self.tx.bytes)
+    }
+}
+
+struct ServerSession {
+    id: SessionId,
+    keys: SessionKeys,
+    target: SocketAddr,
+    init: [u8; HANDSHAKE_INIT_MAX_LEN],
+    init_len: usize,
+    response: [u8; HANDSHAKE_RESP_LEN],
+    send_seq: u64,
+    replay: ReplayWindow,
+    paths: Vec<ServerPath>,
+    created: Instant,
+    last_rx: Option<Instant>,
+    tx: Traffic,
+    rx: Traffic,
+    drops: DropCounters,
+}
+
+pub struct Server {
+    psk: Psk,
+    rng: SystemRandom,
+    cfg: ServerCoreConfig,
+    epoch: Instant,
+    sessions: Vec<Option<ServerSession>>,
+    free: Vec<SessionSlot>,
+    by_id: HashMap<SessionId, SessionSlot>,
+    events: VecDeque<ServerEvent>,
+    drops: DropCounters,
+    next_sweep: Instant,
+}
+
+impl Server {
+    pub fn new(psk: Psk, cfg: ServerCoreConfig, now: Instant) -> Self {
+        assert!(
+            cfg.max_paths_per_session >= 1 && cfg.max_paths_per_session <= MAX_PATHS,
+            "validated by config"
+        );
+        Self {
+            psk,
+            rng: SystemRandom::new(),
+            cfg,
+            epoch: now,
+            sessions: Vec::new(),
+            free: Vec::new(),
+            by_id: HashMap::new(),
+            events: VecDeque::new(),
+            drops: DropCounters::default(),
+            next_sweep: now + SWEEP_INTERVAL,
+        }
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.by_id.len()
+    }
+
+    fn drop_global(&mut self, reason: DropReason) -> ServerRecv {
+        self.drops.count(reason);
+        ServerRecv::Dropped(reason)
+    }
+
+    /// One datagram from `from` on the listening socket, in `buf` (opened in place).
+    /// A reply, if any, is written to `out`.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        buf: &mut [u8],
+        out: &mut [u8; HANDSHAKE_RESP_LEN],
+    ) -> ServerRecv {
+        match wire::message_type(buf) {
+            Ok(TYPE_TRANSPORT) => self.recv_transport(now, from, buf, out),
+            Ok(TYPE_HANDSHAKE_INIT) => self.recv_init(now, from, buf, out),
+            Ok(TYPE_HANDSHAKE_RESP) => self.drop_global(DropReason::Unexpected),
+            _ => self.drop_global(DropReason::Malformed),
+        }
+    }
+
+    fn recv_init(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        buf: &[u8],
+        out: &mut [u8; HANDSHAKE_RESP_LEN],
+    ) -> ServerRecv {
+        let accepted = match crypto::verify_init(&self.psk, buf) {
+            Ok(a) => a,
+            Err(crypto::HandshakeError::BadMac) => return self.drop_global(DropReason::BadMac),
+            Err(_) => return self.drop_global(DropReason::Malformed),
+        };
+        if let Some(&slot) = self.by_id.get(&accepted.session) {
+            let s = self.sessions[slot]
+                .as_mut()
+                .expect("indexed session exists");
+            if &s.init[..s.init_len] == buf {
+                // the same init over another path: the same answer, no new state
+                out.copy_from_slice(&s.response);
+                return ServerRecv::Reply {
+                    len: HANDSHAKE_RESP_LEN,
+                };
+            }
+            return self.drop_global(DropReason::Unexpected);
+        }
+        let target = if accepted.target.is_empty() {
+            self.cfg.default_target
+        } else {
+            self.cfg.targets.get(accepted.target).copied()
+        };
+        let status = match (target, accepted.cipher) {
+            (None, _) => HandshakeStatus::UnknownTarget,
+            (_, c) if c.is_none_or(|c| !self.cfg.ciphers.contains(&c)) => {
+                HandshakeStatus::CipherRefused
+            }
+            _ if self.by_id.len() >= self.cfg.max_sessions => HandshakeStatus::ServerFull,
+            _ => HandshakeStatus::Ok,
+        };
+        let id = accepted.session;
+        let keys = match crypto::respond(&self.psk, &self.rng, buf, status, out) {
+            Ok(k) => k,
+            Err(_) => return self.drop_global(DropReason::Malformed),
+        };
+        let (Some(keys), Some(target)) = (keys, target) else {
+            self.drops.count(DropReason::Refused);
+            self.events.push_back(ServerEvent::Refused { from, status });
+            return ServerRecv::Reply {
+                len: HANDSHAKE_RESP_LEN,
+            };
+        };
+        let mut init = [0u8; HANDSHAKE_INIT_MAX_LEN];
+        init[..buf.len()].copy_from_slice(buf);
+        let cipher = keys.cipher();
+        let session = ServerSession {
+            id,
+            keys,
+            target,
+            init,
+            init_len: buf.len(),
+            response: *out,
+            send_seq: 0,
+            replay: ReplayWindow::new(),
+            paths: Vec::new(),
+            created: now,
+            last_rx: None,
+            tx: Traffic::default(),
+            rx: Traffic::default(),
+            drops: DropCounters::default(),
+        };
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.sessions[i] = Some(session);
+                i
+            }
+            None => {
+                self.sessions.push(Some(session));
+                self.sessions.len() - 1
+            }
+        };
+        self.by_id.insert(id, slot);
+        self.events.push_back(ServerEvent::SessionOpened {
+            slot,
+            id,
+            target,
+            cipher,
+        });
+        ServerRecv::Reply {
+            len: HANDSHAKE_RESP_LEN,
+        }
+    }
+
+    fn recv_transport(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        buf: &mut [u8],
+        out: &mut [u8; HANDSHAKE_RESP_LEN],
+    ) -> ServerRecv {
+        let Ok(pkt) = TransportPacket::new_checked(&buf[..]) else {
+            return self.drop_global(DropReason::Malformed);
+        };
+        let (id, seq) = (pkt.session_id(), pkt.seq());
+        let Some(&slot) = self.by_id.get(&id) else {
+            return self.drop_global(DropReason::UnknownSession);
+        };
+        let max_paths = self.cfg.max_paths_per_session;
+        let s = self.sessions[slot]
+            .as_mut()
+            .expect("indexed session exists");
+        match s.replay.check(seq) {
+            ReplayVerdict::Fresh => {}
+            ReplayVerdict::Duplicate => {
+                s.drops.count(DropReason::Duplicate);
+                return ServerRecv::Dropped(DropReason::Duplicate);
+            }
+            ReplayVerdict::TooOld => {
+                s.drops.count(DropReason::TooOld);
+                return ServerRecv::Dropped(DropReason::TooOld);
+            }
+        }
+        let datagram_len = buf.len();
+        let Ok(plain_len) = s.keys.open(seq, buf) else {
+            s.drops.count(DropReason::AuthFailed);
+            return ServerRecv::Dropped(DropReason::AuthFailed);
+        };
+        s.replay.mark(seq);
+        s.last_rx = Some(now);
+        let path = match s.paths.iter().position(|p| p.addr == from) {
+            Some(i) => Some(i),
+            None => s.learn_path(now, from, &self.rng, max_paths, slot, &mut self.events),
+        };
+        if let Some(i) = path {
+            let p = &mut s.paths[i];
+            p.last_rx = now;
+            p.rx.add(datagram_len);
+        }
+        let plain = &buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + plain_len];
+        match InnerRepr::parse(plain) {
+            Ok(InnerRepr::Data(d)) => {
+                s.rx.add(d.len());
+                ServerRecv::Forward {
+                    slot,
+                    payload: DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + d.len(),
+                }
+            }
+            Ok(InnerRepr::Probe(probe)) => {
+                let Some(i) = path else {
+                    // no room for another path: nowhere we may answer
+                    s.drops.count(DropReason::QueueFull);
+                    return ServerRecv::Dropped(DropReason::QueueFull);
+                };
+                let p = &mut s.paths[i];
+                p.client_path_id = Some(probe.path_id);
+                p.client_says_down = probe.flags & PROBE_FLAG_PATH_DOWN != 0;
+                p.receipts.on_probe(probe.probe_seq);
+                if !p.validated && probe.echo_challenge == p.challenge {
+                    p.validated = true;
+                    self.events
+                        .push_back(ServerEvent::PathValidated { slot, addr: from });
+                }
+                let reply = InnerRepr::ProbeReply(ProbeReplyRepr {
+                    path_id: probe.path_id,
+                    probe_seq: probe.probe_seq,
+                    tx_time_us: probe.tx_time_us,
+                    challenge: p.challenge,
+                    rx_highest: p.receipts.highest(),
+                    rx_bitmap: p.receipts.bitmap(),
+                });
+                let n = s.send_seq;
+                s.send_seq += 1;
+                emit_transport_header(out, s.id, n);
+                let plain = reply
+                    .emit(&mut out[TRANSPORT_HEADER_LEN..])
+                    .expect("reply fits");
+                let len = s.keys.seal(n, out, plain);
+                s.paths[i].tx.add(len);
+                ServerRecv::Reply { len }
+            }
+            Ok(InnerRepr::ProbeReply(_)) => {
+                s.drops.count(DropReason::Unexpected);
+                ServerRecv::Dropped(DropReason::Unexpected)
+            }
+            Err(_) => {
+                s.drops.count(DropReason::Malformed);
+                ServerRecv::Dropped(DropReason::Malformed)
+            }
+        }
+    }
+
+    /// Seals a datagram from the session's target (payload at
+    /// `buf[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + payload_len]`). Returns the
+    /// datagram length and the paths to send `buf[..len]` on; look their addresses up
+    /// with `path_addr` before calling anything else.
+    pub fn encapsulate(
+        &mut self,
+        now: Instant,
+        slot: SessionSlot,
+        buf: &mut [u8],
+        payload_len: usize,
+    ) -> Option<(usize, PathMask)> {
+        let Some(s) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
+            return None;
+        };
+        if payload_len > MAX_APP_PAYLOAD {
+            s.drops.count(DropReason::Malformed);
+            return None;
+        }
+        let len = crate::wire::TUNNEL_OVERHEAD + payload_len;
+        let mut paths = PathMask::EMPTY;
+        let mut validated = PathMask::EMPTY;
+        for (i, p) in s.paths.iter().enumerate() {
+            if p.validated {
+                validated.insert(i);
+                if !p.client_says_down
+                    && now.saturating_duration_since(p.last_rx) < PATH_SILENT_AFTER
+                {
+                    paths.insert(i);
+                }
+            }
+        }
+        if paths.is_empty() {
+            paths = validated;
+        }
+        if paths.is_empty() {
+            // Nothing validated yet (the first round trip): only within each path's budget.
+            for (i, p) in s.paths.iter().enumerate() {
+                if p.budget() >= len as u64 {
+                    paths.insert(i);
+                }
+            }
+        }
+        if paths.is_empty() {
+            s.drops.count(DropReason::QueueFull);
+            return None;
+        }
+        let n = s.send_seq;
+        s.send_seq += 1;
+        emit_transport_header(buf, s.id, n);
+        buf[TRANSPORT_HEADER_LEN] = INNER_DATA;
+        let len = s.keys.seal(n, buf, 1 + payload_len);
+        s.tx.add(payload_len);
+        for i in paths.iter() {
+            s.paths[i].tx.add(len);
+        }
+        Some((len, paths))
+    }
+
+    pub fn path_addr(&self, slot: SessionSlot, path: usize) -> Option<SocketAddr> {
+        self.sessions
+            .get(slot)?
+            .as_ref()?
+            .paths
+            .get(path)
+            .map(|p| p.addr)
+    }
+
+    pub fn session_target(&self, slot: SessionSlot) -> Option<SocketAddr> {
+        self.sessions.get(slot)?.as_ref().map(|s| s.target)
+    }
+
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Instant {
+        self.next_sweep
+    }
+
+    /// Expires silent paths and sessions.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = now + SWEEP_INTERVAL;
+        for slot in 0..self.sessions.len() {
+            let Some(s) = self.sessions[slot].as_mut() else {
+                continue;
+            };
+            let expired = match s.last_rx {
+                Some(t) => now.saturating_duration_since(t) >= self.cfg.session_timeout,
+                None => now.saturating_duration_since(s.created) >= HALF_OPEN_TIMEOUT,
+            };
+            if expired {
+                let id = s.id;
+                self.by_id.remove(&id);
+                self.sessions[slot] = None;
+                self.free.push(slot);
+                self.events
+                    .push_back(ServerEvent::SessionClosed { slot, id });
+                continue;
+            }
+            s.paths.retain(|p| {
+                let keep = now.saturating_duration_since(p.last_rx) < PATH_EXPIRE_AFTER;
+                if !keep {
+                    self.events
+                        .push_back(ServerEvent::PathRemoved { slot, addr: p.addr });
+                }
+                keep
+            });
+        }
+    }
+
+    pub fn status(&self, now: Instant, listen: &str) -> StatusReport {
+        let sessions = self
+            .sessions
+            .iter()
+            .flatten()
+            .map(|s| SessionStatus {
+                id: s.id.to_string(),
+                peer: s.target.to_string(),
+                state: if s.last_rx.is_some() {
+                    "established"
+                } else {
+                    "half-open"
+                }
+                .into(),
+                cipher: s.keys.cipher().name().into(),
+                age_s: now.saturating_duration_since(s.created).as_secs(),
+                idle_s: now
+                    .saturating_duration_since(s.last_rx.unwrap_or(s.created))
+                    .as_secs(),
+                tx: s.tx,
+                rx: s.rx,
+                drops: s.drops.clone(),
+                paths: s
+                    .paths
+                    .iter()
+                    .map(|p| PathStatus {
+                        name: match p.client_path_id {
+                            Some(id) => format!("{} (#{id})", p.addr),
+                            None => p.addr.to_string(),
+                        },
+                        state: if !p.validated {
+                            PathState::Unvalidated
+                        } else if p.client_says_down
+                            || now.saturating_duration_since(p.last_rx) >= PATH_SILENT_AFTER
+                        {
+                            PathState::Down
+                        } else {
+                            PathState::Up
+                        },
+                        rtt_ms: None,
+                        jitter_ms: None,
+                        loss_up: None,
+                        loss_down: None,
+                        tx: p.tx,
+                        rx: p.rx,
+                    })
+                    .collect(),
+            })
+            .collect();
+        StatusReport {
+            role: "mpserver".into(),
+            listen: listen.into(),
+            uptime_s: now.saturating_duration_since(self.epoch).as_secs(),
+            drops: self.drops.clone(),
+            sessions,
+        }
+    }
+}
+
+impl ServerSession {
+    /// Adds `from` as a path after an authenticated datagram from it, evicting a silent
+    /// path if the session is at its cap. Returns the new path's index, if added.
+    fn learn_path(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        rng: &SystemRandom,
+        max_paths: usize,
+        slot: SessionSlot,
+        events: &mut VecDeque<ServerEvent>,
+    ) -> Option<usize> {
+        if self.paths.len() >= max_paths {
+            let (i, oldest) = self
+                .paths
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, p)| p.last_rx)?;
+            if now.saturating_duration_since(oldest.last_rx) < PATH_SILENT_AFTER {
+                return None;
+            }
+            events.push_back(ServerEvent::PathRemoved {
+                slot,
+                addr: oldest.addr,
+            });
+            self.paths.swap_remove(i);
+        }
+        let mut b = [0u8; 8];
+        rng.fill(&mut b).expect("system random source");
+        // never 0: a client that has no challenge yet echoes 0
+        let challenge = u64::from_ne_bytes(b).max(1);
+        self.paths.push(ServerPath {
+            addr: from,
+            client_path_id: None,
+            challenge,
+            validated: false,
+            client_says_down: false,
+            last_rx: now,
+            rx: Traffic::default(),
+            tx: Traffic::default(),
+            receipts: ProbeReceipts::default(),
+        });
+        events.push_back(ServerEvent::PathAdded { slot, addr: from });
+        Some(self.paths.len() - 1)
+    }
+}

@@ -1,0 +1,278 @@
+//! Counters and the status report shown by `status` commands (table or JSON).
+
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+
+/// Why a datagram was dropped. Every drop is counted under exactly one reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Could not be parsed (short, unknown type, bad field).
+    Malformed,
+    /// A transport datagram for a session we do not know.
+    UnknownSession,
+    /// A handshake whose MAC did not verify (wrong key or forged).
+    BadMac,
+    /// The AEAD refused the datagram (forged or corrupted).
+    AuthFailed,
+    /// A copy already received on another path (normal with N paths).
+    Duplicate,
+    /// Older than the replay window.
+    TooOld,
+    /// A queue was full (handshake pending queue, path cap ...).
+    QueueFull,
+    /// A handshake refused by the server, or one we cannot serve.
+    Refused,
+    /// An unexpected message for the current state (e.g. a stray response).
+    Unexpected,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropCounters {
+    pub malformed: u64,
+    pub unknown_session: u64,
+    pub bad_mac: u64,
+    pub auth_failed: u64,
+    pub duplicate: u64,
+    pub too_old: u64,
+    pub queue_full: u64,
+    pub refused: u64,
+    pub unexpected: u64,
+}
+
+impl DropCounters {
+    pub fn count(&mut self, reason: DropReason) {
+        let c = match reason {
+            DropReason::Malformed => &mut self.malformed,
+            DropReason::UnknownSession => &mut self.unknown_session,
+            DropReason::BadMac => &mut self.bad_mac,
+            DropReason::AuthFailed => &mut self.auth_failed,
+            DropReason::Duplicate => &mut self.duplicate,
+            DropReason::TooOld => &mut self.too_old,
+            DropReason::QueueFull => &mut self.queue_full,
+            DropReason::Refused => &mut self.refused,
+            DropReason::Unexpected => &mut self.unexpected,
+        };
+        *c += 1;
+    }
+
+    pub fn add(&mut self, o: &DropCounters) {
+        self.malformed += o.malformed;
+        self.unknown_session += o.unknown_session;
+        self.bad_mac += o.bad_mac;
+        self.auth_failed += o.auth_failed;
+        self.duplicate += o.duplicate;
+        self.too_old += o.too_old;
+        self.queue_full += o.queue_full;
+        self.refused += o.refused;
+        self.unexpected += o.unexpected;
+    }
+
+    /// Drops that are not duplicates (those are the expected cost of redundancy).
+    pub fn bad_total(&self) -> u64 {
+        self.malformed
+            + self.unknown_session
+            + self.bad_mac
+            + self.auth_failed
+            + self.too_old
+            + self.queue_full
+            + self.refused
+            + self.unexpected
+    }
+
+    fn compact(&self) -> String {
+        let pairs = [
+            ("dup", self.duplicate),
+            ("malformed", self.malformed),
+            ("unknown-session", self.unknown_session),
+            ("bad-mac", self.bad_mac),
+            ("auth", self.auth_failed),
+            ("old", self.too_old),
+            ("queue", self.queue_full),
+            ("refused", self.refused),
+            ("unexpected", self.unexpected),
+        ];
+        let parts: Vec<String> = pairs
+            .iter()
+            .filter(|(_, v)| *v > 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if parts.is_empty() {
+            "-".into()
+        } else {
+            parts.join(" ")
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Traffic {
+    pub fn add(&mut self, bytes: usize) {
+        self.packets += 1;
+        self.bytes += bytes as u64;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathState {
+    /// No answer yet.
+    Probing,
+    Up,
+    /// No answer for `PATH_DOWN_AFTER`; still probed, carries no data.
+    Down,
+    /// Server side: learned, but the client has not yet proved it receives there.
+    Unvalidated,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PathStatus {
+    pub name: String,
+    pub state: PathState,
+    pub rtt_ms: Option<f64>,
+    pub jitter_ms: Option<f64>,
+    /// Loss towards the server (client to server), 0..1, over the last 64 probes.
+    pub loss_up: Option<f64>,
+    /// Loss towards the client.
+    pub loss_down: Option<f64>,
+    pub tx: Traffic,
+    pub rx: Traffic,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionStatus {
+    pub id: String,
+    /// The local application (client) or the target (server).
+    pub peer: String,
+    pub state: String,
+    pub cipher: String,
+    pub age_s: u64,
+    pub idle_s: u64,
+    pub tx: Traffic,
+    pub rx: Traffic,
+    pub drops: DropCounters,
+    pub paths: Vec<PathStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub role: String,
+    pub listen: String,
+    pub uptime_s: u64,
+    /// Drops not attributable to a session (unknown session, bad MAC, malformed ...).
+    pub drops: DropCounters,
+    pub sessions: Vec<SessionStatus>,
+}
+
+fn opt_ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |x| format!("{x:.2}"))
+}
+
+fn opt_pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), |x| format!("{:.1}%", x * 100.0))
+}
+
+impl StatusReport {
+    /// A human-readable table: one block per session, one row per path.
+    pub fn to_table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{} on {}  up {}s  sessions {}  drops (no session): {}",
+            self.role,
+            self.listen,
+            self.uptime_s,
+            self.sessions.len(),
+            self.drops.compact()
+        );
+        for sess in &self.sessions {
+            let _ = writeln!(
+                s,
+                "\nsession {}  {}  {}  {}  age {}s idle {}s  tx {} pkts/{} B  rx {} pkts/{} B  drops: {}",
+                sess.id,
+                sess.peer,
+                sess.state,
+                sess.cipher,
+                sess.age_s,
+                sess.idle_s,
+                sess.tx.packets,
+                sess.tx.bytes,
+                sess.rx.packets,
+                sess.rx.bytes,
+                sess.drops.compact()
+            );
+            let _ = writeln!(
+                s,
+                "  {:<24} {:<11} {:>8} {:>8} {:>8} {:>8} {:>10} {:>12} {:>10} {:>12}",
+                "PATH",
+                "STATE",
+                "RTT ms",
+                "JIT ms",
+                "LOSS UP",
+                "LOSS DN",
+                "TX PKTS",
+                "TX BYTES",
+                "RX PKTS",
+                "RX BYTES"
+            );
+            for p in &sess.paths {
+                let state = serde_json::to_value(p.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    s,
+                    "  {:<24} {:<11} {:>8} {:>8} {:>8} {:>8} {:>10} {:>12} {:>10} {:>12}",
+                    p.name,
+                    state,
+                    opt_ms(p.rtt_ms),
+                    opt_ms(p.jitter_ms),
+                    opt_pct(p.loss_up),
+                    opt_pct(p.loss_down),
+                    p.tx.packets,
+                    p.tx.bytes,
+                    p.rx.packets,
+                    p.rx.bytes
+                );
+            }
+        }
+        s
+    }
+
+    /// One line for the periodic info log.
+    pub fn summary_line(&self) -> String {
+        let mut tx = Traffic::default();
+        let mut rx = Traffic::default();
+        let mut drops = self.drops.clone();
+        let (mut up, mut total) = (0, 0);
+        for sess in &self.sessions {
+            tx.packets += sess.tx.packets;
+            tx.bytes += sess.tx.bytes;
+            rx.packets += sess.rx.packets;
+            rx.bytes += sess.rx.bytes;
+            drops.add(&sess.drops);
+            total += sess.paths.len();
+            up += sess
+                .paths
+                .iter()
+                .filter(|p| p.state == PathState::Up)
+                .count();
+        }
+        format!(
+            "sessions={} paths_up={}/{} tx={}p/{}B rx={}p/{}B dup={} bad_drops={}",
+            self.sessions.len(),
+            up,
+            total,
+            tx.packets,
+            tx.bytes,
+            rx.packets,
+            rx.bytes,
+            drops.duplicate,
+            drops.bad_total()
+        )
+    }
+}
