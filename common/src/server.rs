@@ -407,6 +407,9 @@ impl Server {
             return None;
         }
         let len = crate::wire::TUNNEL_OVERHEAD + payload_len;
+        // Validated, fresh paths the client has not reported dead; plus unvalidated ones
+        // (a relay that restarted, a new NAT mapping) within their anti-amplification
+        // budget; failing both, any validated path.
         let mut paths = PathMask::EMPTY;
         let mut validated = PathMask::EMPTY;
         for (i, p) in s.paths.iter().enumerate() {
@@ -417,18 +420,12 @@ impl Server {
                 {
                     paths.insert(i);
                 }
+            } else if p.budget() >= len as u64 {
+                paths.insert(i);
             }
         }
         if paths.is_empty() {
             paths = validated;
-        }
-        if paths.is_empty() {
-            // Nothing validated yet (the first round trip): only within each path's budget.
-            for (i, p) in s.paths.iter().enumerate() {
-                if p.budget() >= len as u64 {
-                    paths.insert(i);
-                }
-            }
         }
         if paths.is_empty() {
             s.drops.count(DropReason::QueueFull);

@@ -1,1 +1,345 @@
-//! placeholder
+//! A seeded, in-process network for testing the cores with a fake clock.
+//!
+//! One `Client` and one `Server` joined by N links (one per client path). Each link has
+//! per-direction loss, delay, jitter (which reorders) and duplication, and can be cut or
+//! have its server-side address changed (a restarted relay). The target behind the server
+//! echoes every datagram, or just records it. Everything random comes from one seed, so a
+//! failing run replays exactly.
+
+use crate::client::{Client, ClientCoreConfig, ClientRecv, ClientSend};
+use crate::crypto::{Cipher, Psk};
+use crate::server::{Server, ServerCoreConfig, ServerRecv, SessionSlot};
+use crate::wire::{DATA_PAYLOAD_OFFSET, HANDSHAKE_RESP_LEN, MAX_DATAGRAM};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// splitmix64: small, fast, good enough for test randomness, and seedable.
+#[derive(Debug, Clone)]
+pub struct SimRng(u64);
+
+impl SimRng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    pub fn chance(&mut self, p: f64) -> bool {
+        p > 0.0 && self.unit() < p
+    }
+}
+
+/// One direction of a link.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LinkDir {
+    pub loss: f64,
+    pub delay: Duration,
+    /// Extra delay uniform in [0, jitter): reorders datagrams.
+    pub jitter: Duration,
+    pub duplicate: f64,
+}
+
+impl LinkDir {
+    pub fn lossy(loss: f64, delay_ms: u64) -> Self {
+        Self {
+            loss,
+            delay: Duration::from_millis(delay_ms),
+            ..Self::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub to_server: LinkDir,
+    pub to_client: LinkDir,
+    /// The address the server sees this path's datagrams come from (the relay's).
+    pub server_side_addr: SocketAddr,
+    pub cut: bool,
+}
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Hop {
+    ToServer { link: usize, from: SocketAddr },
+    ToClient { link: usize },
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct SimCounters {
+    pub sent_to_server: u64,
+    pub sent_to_client: u64,
+    pub lost: u64,
+    /// Server replies to an address no link has (any more): lost.
+    pub unroutable: u64,
+}
+
+pub struct Sim {
+    pub now: Instant,
+    pub rng: SimRng,
+    pub psk: Psk,
+    pub client_cfg: ClientCoreConfig,
+    pub server_cfg: ServerCoreConfig,
+    pub client: Client,
+    pub server: Server,
+    pub links: Vec<Link>,
+    /// When false the server side is down: datagrams to it vanish.
+    pub server_up: bool,
+    /// The target echoes each datagram back through the tunnel.
+    pub echo: bool,
+    /// Datagrams the target received (per session slot, in order).
+    pub target_received: Vec<(SessionSlot, Vec<u8>)>,
+    /// Datagrams delivered to local applications.
+    pub app_received: Vec<(SocketAddr, Vec<u8>)>,
+    pub counters: SimCounters,
+    in_flight: BinaryHeap<Reverse<(Instant, u64, Hop, Vec<u8>)>>,
+    order: u64,
+    buf: Vec<u8>,
+}
+
+pub const SIM_TARGET: &str = "10.9.9.9:9000";
+
+impl Sim {
+    /// A client with `links.len()` paths and a server with a default echo target.
+    pub fn new(seed: u64, links: Vec<(LinkDir, LinkDir)>, cipher: Cipher) -> Self {
+        let now = Instant::now();
+        let psk = Psk::from_bytes([7; 32]);
+        let client_cfg = ClientCoreConfig {
+            cipher,
+            target: String::new(),
+            path_names: (0..links.len()).map(|i| format!("link{i}")).collect(),
+            session_idle_timeout: Duration::from_secs(60),
+            max_sessions: 16,
+        };
+        let server_cfg = ServerCoreConfig {
+            default_target: Some(SIM_TARGET.parse().expect("literal")),
+            targets: HashMap::new(),
+            ciphers: vec![Cipher::Aes256Gcm, Cipher::ChaCha20Poly1305],
+            max_sessions: 16,
+            max_paths_per_session: 8,
+            session_timeout: Duration::from_secs(30),
+        };
+        let links = links
+            .into_iter()
+            .enumerate()
+            .map(|(i, (up, down))| Link {
+                to_server: up,
+                to_client: down,
+                server_side_addr: SocketAddr::from(([10, 0, i as u8, 1], 40000)),
+                cut: false,
+            })
+            .collect();
+        Self {
+            client: Client::new(psk.clone(), client_cfg.clone(), now),
+            server: Server::new(psk.clone(), server_cfg.clone(), now),
+            now,
+            rng: SimRng::new(seed),
+            psk,
+            client_cfg,
+            server_cfg,
+            links,
+            server_up: true,
+            echo: true,
+            target_received: Vec::new(),
+            app_received: Vec::new(),
+            counters: SimCounters::default(),
+            in_flight: BinaryHeap::new(),
+            order: 0,
+            buf: vec![0; MAX_DATAGRAM],
+        }
+    }
+
+    /// Forgets all server state, as a `kill -9` and restart would.
+    pub fn restart_server(&mut self) {
+        self.server = Server::new(self.psk.clone(), self.server_cfg.clone(), self.now);
+    }
+
+    /// Forgets all client state.
+    pub fn restart_client(&mut self) {
+        self.client = Client::new(self.psk.clone(), self.client_cfg.clone(), self.now);
+    }
+
+    /// The relay of `link` restarted: the server sees a new source port.
+    pub fn restart_relay(&mut self, link: usize) {
+        let a = &mut self.links[link].server_side_addr;
+        a.set_port(a.port() + 1);
+    }
+
+    fn enqueue(&mut self, hop: Hop, dir: LinkDir, bytes: &[u8]) {
+        let copies = if self.rng.chance(dir.duplicate) { 2 } else { 1 };
+        for _ in 0..copies {
+            if self.rng.chance(dir.loss) {
+                self.counters.lost += 1;
+                continue;
+            }
+            let jitter = dir.jitter.mul_f64(self.rng.unit());
+            let at = self.now + dir.delay + jitter;
+            self.order += 1;
+            let hop = match &hop {
+                Hop::ToServer { link, from } => Hop::ToServer {
+                    link: *link,
+                    from: *from,
+                },
+                Hop::ToClient { link } => Hop::ToClient { link: *link },
+            };
+            self.in_flight
+                .push(Reverse((at, self.order, hop, bytes.to_vec())));
+        }
+    }
+
+    fn send_client_paths(&mut self, len: usize, paths: crate::PathMask) {
+        let bytes = self.buf[..len].to_vec();
+        for p in paths.iter() {
+            let link = &self.links[p];
+            if link.cut {
+                self.counters.lost += 1;
+                continue;
+            }
+            self.counters.sent_to_server += 1;
+            let (dir, from) = (link.to_server, link.server_side_addr);
+            self.enqueue(Hop::ToServer { link: p, from }, dir, &bytes);
+        }
+    }
+
+    fn send_to_client(&mut self, to: SocketAddr, bytes: &[u8]) {
+        let Some(i) = self.links.iter().position(|l| l.server_side_addr == to) else {
+            self.counters.unroutable += 1;
+            return;
+        };
+        if self.links[i].cut {
+            self.counters.lost += 1;
+            return;
+        }
+        self.counters.sent_to_client += 1;
+        let dir = self.links[i].to_client;
+        self.enqueue(Hop::ToClient { link: i }, dir, bytes);
+    }
+
+    /// The local application at `app` sends `payload`.
+    pub fn app_send(&mut self, app: SocketAddr, payload: &[u8]) -> ClientSend {
+        self.buf[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + payload.len()].copy_from_slice(payload);
+        let mut buf = std::mem::take(&mut self.buf);
+        let r = self
+            .client
+            .handle_app_datagram(self.now, app, &mut buf, payload.len());
+        self.buf = buf;
+        if let ClientSend::Sealed { len, paths } = r {
+            self.send_client_paths(len, paths);
+        }
+        self.flush();
+        r
+    }
+
+    /// Drains both cores' transmit queues and events.
+    fn flush(&mut self) {
+        loop {
+            let mut buf = std::mem::take(&mut self.buf);
+            let t = self.client.poll_transmit(self.now, &mut buf);
+            self.buf = buf;
+            match t {
+                Some(t) => self.send_client_paths(t.len, t.paths),
+                None => break,
+            }
+        }
+        while self.client.poll_event().is_some() {}
+        while self.server.poll_event().is_some() {}
+    }
+
+    fn deliver(&mut self, hop: Hop, mut bytes: Vec<u8>) {
+        match hop {
+            Hop::ToServer { from, .. } => {
+                if !self.server_up {
+                    return;
+                }
+                let mut out = [0u8; HANDSHAKE_RESP_LEN];
+                let n = bytes.len();
+                self.buf[..n].copy_from_slice(&bytes);
+                let mut buf = std::mem::take(&mut self.buf);
+                let r = self
+                    .server
+                    .handle_datagram(self.now, from, &mut buf[..n], &mut out);
+                match r {
+                    ServerRecv::Reply { len } => self.send_to_client(from, &out[..len]),
+                    ServerRecv::Forward { slot, payload } => {
+                        let data = buf[payload.clone()].to_vec();
+                        self.target_received.push((slot, data));
+                        if self.echo {
+                            // the target answers at once, from the session's upstream socket
+                            let plen = payload.len();
+                            buf.copy_within(payload, DATA_PAYLOAD_OFFSET);
+                            if let Some((len, paths)) =
+                                self.server.encapsulate(self.now, slot, &mut buf, plen)
+                            {
+                                for p in paths.iter() {
+                                    if let Some(addr) = self.server.path_addr(slot, p) {
+                                        bytes.clear();
+                                        bytes.extend_from_slice(&buf[..len]);
+                                        self.send_to_client(addr, &bytes);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    ServerRecv::Dropped(_) => {}
+                }
+                self.buf = buf;
+            }
+            Hop::ToClient { link } => {
+                let r = self.client.handle_path_datagram(self.now, link, &mut bytes);
+                if let ClientRecv::Deliver { app, payload } = r {
+                    self.app_received.push((app, bytes[payload].to_vec()));
+                }
+            }
+        }
+        self.flush();
+    }
+
+    /// Runs the network and both cores until `deadline`.
+    pub fn run_until(&mut self, deadline: Instant) {
+        loop {
+            let next_packet = self.in_flight.peek().map(|Reverse((t, ..))| *t);
+            let next_timer = [self.client.poll_timeout(), Some(self.server.poll_timeout())]
+                .into_iter()
+                .flatten()
+                .min();
+            let next = [next_packet, next_timer]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(deadline);
+            if next > deadline {
+                self.now = deadline;
+                break;
+            }
+            self.now = self.now.max(next);
+            if next_packet == Some(next) {
+                let Reverse((_, _, hop, bytes)) = self.in_flight.pop().expect("peeked");
+                self.deliver(hop, bytes);
+            } else {
+                self.client.handle_timeout(self.now);
+                self.server.handle_timeout(self.now);
+                self.flush();
+            }
+        }
+        self.client.handle_timeout(self.now);
+        self.server.handle_timeout(self.now);
+        self.flush();
+    }
+
+    pub fn run_for(&mut self, d: Duration) {
+        let deadline = self.now + d;
+        self.run_until(deadline);
+    }
+}

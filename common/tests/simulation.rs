@@ -1,0 +1,305 @@
+//! The client and server cores in the seeded network simulator, with a fake clock.
+
+use common::client::ClientSend;
+use common::crypto::Cipher;
+use common::sim::{LinkDir, Sim};
+use common::stats::PathState;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+const APP: &str = "127.0.0.1:5000";
+
+fn app() -> SocketAddr {
+    APP.parse().unwrap()
+}
+
+fn numbered(i: u32) -> Vec<u8> {
+    let mut v = i.to_be_bytes().to_vec();
+    v.resize(200, 0xab);
+    v
+}
+
+fn number(d: &[u8]) -> u32 {
+    u32::from_be_bytes(d[..4].try_into().unwrap())
+}
+
+/// Sends `count` datagrams at `interval`, then lets everything settle.
+fn stream(sim: &mut Sim, count: u32, interval: Duration) {
+    for i in 0..count {
+        sim.app_send(app(), &numbered(i));
+        sim.run_for(interval);
+    }
+    sim.run_for(Duration::from_secs(2));
+}
+
+fn establish(sim: &mut Sim) {
+    sim.app_send(app(), &numbered(u32::MAX));
+    sim.run_for(Duration::from_secs(2));
+    sim.target_received.clear();
+    sim.app_received.clear();
+}
+
+fn unique(list: &[Vec<u8>]) -> (usize, usize) {
+    let mut seen = HashSet::new();
+    let mut dups = 0;
+    for d in list {
+        if !seen.insert(number(d)) {
+            dups += 1;
+        }
+    }
+    (seen.len(), dups)
+}
+
+#[test]
+fn exactly_once_over_reordering_duplicating_paths() {
+    let dir = LinkDir {
+        loss: 0.0,
+        delay: Duration::from_millis(5),
+        jitter: Duration::from_millis(30),
+        duplicate: 0.2,
+    };
+    let mut sim = Sim::new(1, vec![(dir, dir); 3], Cipher::Aes256Gcm);
+    establish(&mut sim);
+    stream(&mut sim, 2000, Duration::from_micros(500));
+    let target: Vec<Vec<u8>> = sim.target_received.iter().map(|(_, d)| d.clone()).collect();
+    let back: Vec<Vec<u8>> = sim.app_received.iter().map(|(_, d)| d.clone()).collect();
+    assert_eq!(
+        unique(&target),
+        (2000, 0),
+        "every datagram reaches the target exactly once"
+    );
+    assert_eq!(
+        unique(&back),
+        (2000, 0),
+        "every echo comes back exactly once"
+    );
+}
+
+fn residual_loss(seed: u64, loss: f64, paths: usize, cipher: Cipher) -> (f64, f64) {
+    let dir = LinkDir {
+        loss,
+        delay: Duration::from_millis(10),
+        jitter: Duration::from_millis(4),
+        duplicate: 0.0,
+    };
+    let mut sim = Sim::new(seed, vec![(dir, dir); paths], cipher);
+    establish(&mut sim);
+    let n = 20_000;
+    stream(&mut sim, n, Duration::from_micros(200));
+    let (up, dups_up) = unique(
+        &sim.target_received
+            .iter()
+            .map(|(_, d)| d.clone())
+            .collect::<Vec<_>>(),
+    );
+    let (down, dups_down) = unique(
+        &sim.app_received
+            .iter()
+            .map(|(_, d)| d.clone())
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!((dups_up, dups_down), (0, 0));
+    let loss_up = 1.0 - up as f64 / n as f64;
+    // the echo of what arrived: loss on the way back alone
+    let loss_down = 1.0 - down as f64 / up as f64;
+    (loss_up, loss_down)
+}
+
+#[test]
+fn residual_loss_is_the_product_of_path_losses() {
+    for (seed, cipher) in [(11, Cipher::Aes256Gcm), (12, Cipher::ChaCha20Poly1305)] {
+        let (up, down) = residual_loss(seed, 0.2, 3, cipher);
+        let expected = 0.2f64.powi(3);
+        // 20 000 datagrams: expected 160 lost each way, sd ~13
+        assert!(
+            up < expected * 1.3 && up > expected * 0.7,
+            "up {up} vs {expected}"
+        );
+        assert!(
+            down < expected * 1.3 && down > expected * 0.7,
+            "down {down} vs {expected}"
+        );
+    }
+    let (up, _) = residual_loss(13, 0.3, 2, Cipher::Aes256Gcm);
+    assert!((up - 0.09).abs() < 0.02, "two paths at 30%: {up}");
+}
+
+#[test]
+fn dead_path_goes_down_and_comes_back() {
+    let dir = LinkDir::lossy(0.0, 10);
+    let mut sim = Sim::new(3, vec![(dir, dir); 3], Cipher::Aes256Gcm);
+    establish(&mut sim);
+    let st = sim.client.status(sim.now, "x");
+    assert!(
+        st.sessions[0]
+            .paths
+            .iter()
+            .all(|p| p.state == PathState::Up),
+        "{st:?}"
+    );
+    assert!(st.sessions[0].paths[0].rtt_ms.unwrap() > 19.0);
+
+    sim.links[1].cut = true;
+    sim.run_for(Duration::from_millis(1400));
+    let st = sim.client.status(sim.now, "x");
+    assert_eq!(
+        st.sessions[0].paths[1].state,
+        PathState::Down,
+        "down within ~1 s"
+    );
+    // traffic keeps flowing on the other two, nothing lost
+    let before = sim.counters.sent_to_server;
+    stream(&mut sim, 500, Duration::from_millis(1));
+    assert_eq!(
+        unique(
+            &sim.app_received
+                .iter()
+                .map(|(_, d)| d.clone())
+                .collect::<Vec<_>>()
+        )
+        .0,
+        500
+    );
+    // data no longer goes into the dead path: ~2 copies per datagram plus probes
+    let copies = sim.counters.sent_to_server - before;
+    assert!(copies < 500 * 2 + 200, "{copies} datagrams sent for 500");
+
+    sim.links[1].cut = false;
+    sim.run_for(Duration::from_millis(600));
+    let st = sim.client.status(sim.now, "x");
+    assert_eq!(
+        st.sessions[0].paths[1].state,
+        PathState::Up,
+        "back when it answers"
+    );
+    let server = sim.server.status(sim.now, "x");
+    assert_eq!(server.sessions[0].paths.len(), 3);
+}
+
+#[test]
+fn server_restart_recovers_within_two_seconds() {
+    let dir = LinkDir::lossy(0.05, 10);
+    let mut sim = Sim::new(4, vec![(dir, dir); 3], Cipher::Aes256Gcm);
+    establish(&mut sim);
+    sim.restart_server();
+    let restarted_at = sim.now;
+    // the application keeps sending one datagram every 10 ms
+    let mut first_back = None;
+    for i in 0..400u32 {
+        sim.app_send(app(), &numbered(i));
+        sim.run_for(Duration::from_millis(10));
+        if first_back.is_none() && !sim.app_received.is_empty() {
+            first_back = Some(sim.now - restarted_at);
+        }
+    }
+    let took = first_back.expect("traffic must resume");
+    assert!(took <= Duration::from_secs(2), "resumed after {took:?}");
+    // queued while re-handshaking, so only what went into the dead session is lost
+    let got = unique(
+        &sim.target_received
+            .iter()
+            .map(|(_, d)| d.clone())
+            .collect::<Vec<_>>(),
+    )
+    .0;
+    assert!(got >= 400 - 120, "{got} of 400 reached the target");
+}
+
+#[test]
+fn client_restart_and_relay_restart() {
+    let dir = LinkDir::lossy(0.0, 10);
+    let mut sim = Sim::new(5, vec![(dir, dir); 3], Cipher::Aes256Gcm);
+    establish(&mut sim);
+    sim.restart_client();
+    stream(&mut sim, 50, Duration::from_millis(10));
+    assert_eq!(
+        sim.app_received.len(),
+        50,
+        "a restarted client starts a new session at once"
+    );
+    assert_eq!(
+        sim.server.session_count(),
+        2,
+        "the old session lingers until it expires"
+    );
+    sim.run_for(Duration::from_secs(31));
+    assert_eq!(sim.server.session_count(), 1, "... and then it is gone");
+
+    // every relay restarts (new source ports): the server learns the new paths
+    sim.app_received.clear();
+    for l in 0..3 {
+        sim.restart_relay(l);
+    }
+    stream(&mut sim, 50, Duration::from_millis(10));
+    assert!(
+        sim.app_received.len() >= 45,
+        "{} of 50",
+        sim.app_received.len()
+    );
+    let st = sim.server.status(sim.now, "x");
+    assert!(st.sessions[0].paths.len() >= 3);
+}
+
+#[test]
+fn several_applications_get_separate_sessions() {
+    let dir = LinkDir::lossy(0.0, 3);
+    let mut sim = Sim::new(6, vec![(dir, dir); 2], Cipher::Aes256Gcm);
+    let a: SocketAddr = "127.0.0.1:6001".parse().unwrap();
+    let b: SocketAddr = "127.0.0.1:6002".parse().unwrap();
+    for i in 0..20 {
+        assert_ne!(
+            sim.app_send(a, &numbered(i)),
+            ClientSend::Dropped(common::stats::DropReason::QueueFull)
+        );
+        sim.app_send(b, &numbered(1000 + i));
+        sim.run_for(Duration::from_millis(5));
+    }
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(sim.server.session_count(), 2);
+    let to_a = sim
+        .app_received
+        .iter()
+        .filter(|(x, d)| *x == a && number(d) < 1000)
+        .count();
+    let to_b = sim
+        .app_received
+        .iter()
+        .filter(|(x, d)| *x == b && number(d) >= 1000)
+        .count();
+    assert_eq!(
+        (to_a, to_b),
+        (20, 20),
+        "each reply goes back to its own application"
+    );
+}
+
+#[test]
+fn forged_and_replayed_datagrams_change_nothing() {
+    let dir = LinkDir::lossy(0.0, 3);
+    let mut sim = Sim::new(7, vec![(dir, dir); 1], Cipher::Aes256Gcm);
+    establish(&mut sim);
+    let mut rng = common::sim::SimRng::new(99);
+    let mut out = [0u8; common::wire::HANDSHAKE_RESP_LEN];
+    let from: SocketAddr = "10.66.0.1:1".parse().unwrap();
+    for len in [0usize, 1, 17, 33, 34, 60, 75, 100, 1500] {
+        for _ in 0..50 {
+            let mut junk: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            if len > 0 {
+                junk[0] = [0x11, 0x12, 0x13, 0x00][(rng.next_u64() % 4) as usize];
+            }
+            let r = sim
+                .server
+                .handle_datagram(sim.now, from, &mut junk, &mut out);
+            assert!(matches!(r, common::server::ServerRecv::Dropped(_)), "{r:?}");
+            let mut junk2: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            let r = sim.client.handle_path_datagram(sim.now, 0, &mut junk2);
+            assert!(matches!(r, common::client::ClientRecv::Dropped(_)), "{r:?}");
+        }
+    }
+    let st = sim.server.status(sim.now, "x");
+    assert_eq!(st.sessions[0].paths.len(), 1, "no path learned from junk");
+    assert!(st.drops.malformed + st.drops.unknown_session + st.drops.bad_mac > 0);
+    stream(&mut sim, 10, Duration::from_millis(5));
+    assert_eq!(sim.app_received.len(), 10, "the session still works");
+}
