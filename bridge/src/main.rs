@@ -1,1 +1,79 @@
-fn main() {}
+//! `mpbridge`: a UDP relay for bridge boxes. See `--help`.
+
+use bridge::driver::{run, BridgeRuntime};
+use bridge::Impairment;
+use clap::Parser;
+use common::driver::{exit_with_error, resolve};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Relays UDP between many clients and one destination (usually an mpserver), with a
+/// separate socket and an idle timeout per client flow. socat works as a bridge too;
+/// this one serves many flows in one process and can impair traffic for labs.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Address clients send to.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: SocketAddr,
+    /// Where to relay to.
+    #[arg(long, value_name = "HOST:PORT")]
+    to: String,
+    /// Close a flow after this many seconds without traffic.
+    #[arg(long, default_value_t = bridge::DEFAULT_IDLE_TIMEOUT.as_secs(), value_name = "SECS")]
+    idle_timeout: u64,
+    /// Most client flows at once.
+    #[arg(long, default_value_t = bridge::DEFAULT_MAX_FLOWS)]
+    max_flows: usize,
+    /// LAB ONLY: drop this percentage of datagrams, each direction.
+    #[arg(long, default_value_t = 0.0, value_name = "PCT")]
+    lab_loss: f64,
+    /// LAB ONLY: delay every datagram by this many milliseconds, each direction.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    lab_delay: u64,
+    /// LAB ONLY: add a random extra delay of up to this many milliseconds (reorders).
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    lab_jitter: u64,
+    /// error, warn, info, debug or trace.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let fail = |m: String| -> ! { exit_with_error("mpbridge", &m) };
+    if !(0.0..=100.0).contains(&cli.lab_loss) {
+        fail(format!(
+            "--lab-loss: {} is not a percentage (0-100)",
+            cli.lab_loss
+        ));
+    }
+    if cli.idle_timeout == 0 || cli.max_flows == 0 {
+        fail("--idle-timeout and --max-flows must be > 0".into());
+    }
+    if !common::config::validate_log_level(&cli.log_level) {
+        fail(format!(
+            "--log-level: `{}` is not one of error, warn, info, debug, trace",
+            cli.log_level
+        ));
+    }
+    let to = resolve(&cli.to).unwrap_or_else(|e| fail(format!("--to: {e}")));
+    let rt = BridgeRuntime {
+        listen: cli.listen,
+        to,
+        idle_timeout: Duration::from_secs(cli.idle_timeout),
+        max_flows: cli.max_flows,
+        lab: Impairment {
+            loss: cli.lab_loss / 100.0,
+            delay: Duration::from_millis(cli.lab_delay),
+            jitter: Duration::from_millis(cli.lab_jitter),
+        },
+    };
+    let (log, guard) = common::log::init(&cli.log_level);
+    let log = log.new(slog::o!("prog" => "mpbridge"));
+    if let Err(e) = run(rt, log.clone()) {
+        slog::crit!(log, "{}", e);
+        drop(guard);
+        fail(e);
+    }
+}

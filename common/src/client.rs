@@ -214,7 +214,13 @@ impl Client {
 
     fn handshake(&self, id: SessionId, now: Instant) -> SessionState {
         SessionState::Handshaking {
-            hs: ClientHandshake::new(&self.psk, &self.rng, id, self.cfg.cipher, &self.cfg.target),
+            hs: Box::new(ClientHandshake::new(
+                &self.psk,
+                &self.rng,
+                id,
+                self.cfg.cipher,
+                &self.cfg.target,
+            )),
             next_retry: now + HANDSHAKE_RETRY_MIN,
             retry: HANDSHAKE_RETRY_MIN,
             due: true,

@@ -2,11 +2,14 @@
 //!
 //! Nothing here touches a socket or a clock: state machines take `now` and bytes in and
 //! give datagrams, deadlines and events out (`handle_*` in, `poll_*` out). The binaries
-//! (`mpclient`, `mpserver`, `mpbridge`) only move bytes and time.
+//! (`mpclient`, `mpserver`, `mpbridge`) only move bytes and time; the helpers they share
+//! (sockets, the control socket, key handling) are in `driver`, behind the `driver` feature.
 
 pub mod client;
 pub mod config;
 pub mod crypto;
+#[cfg(feature = "driver")]
+pub mod driver;
 pub mod log;
 pub mod path;
 pub mod replay;

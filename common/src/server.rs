@@ -399,9 +399,7 @@ impl Server {
         buf: &mut [u8],
         payload_len: usize,
     ) -> Option<(usize, PathMask)> {
-        let Some(s) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
-            return None;
-        };
+        let s = self.sessions.get_mut(slot).and_then(Option::as_mut)?;
         if payload_len > MAX_APP_PAYLOAD {
             s.drops.count(DropReason::Malformed);
             return None;

@@ -86,6 +86,9 @@ pub struct SimCounters {
     pub unroutable: u64,
 }
 
+/// Delivery time, a tie-breaking order, where to, the bytes.
+type InFlight = (Instant, u64, Hop, Vec<u8>);
+
 pub struct Sim {
     pub now: Instant,
     pub rng: SimRng,
@@ -104,7 +107,7 @@ pub struct Sim {
     /// Datagrams delivered to local applications.
     pub app_received: Vec<(SocketAddr, Vec<u8>)>,
     pub counters: SimCounters,
-    in_flight: BinaryHeap<Reverse<(Instant, u64, Hop, Vec<u8>)>>,
+    in_flight: BinaryHeap<Reverse<InFlight>>,
     order: u64,
     buf: Vec<u8>,
 }

@@ -1,0 +1,230 @@
+//! The mpbridge mio loop: one listening socket, one connected socket per flow.
+
+use crate::{FlowTable, Hop, Impairment, LabLine, Verdict};
+use common::driver;
+use common::wire::MAX_DATAGRAM;
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token};
+use slog::{info, trace, warn, Logger};
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+const LISTEN: Token = Token(0);
+const FLOW_TOKEN_BASE: usize = 1;
+const READ_BUDGET: usize = 256;
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+const STATS_INTERVAL: Duration = Duration::from_secs(30);
+
+pub struct BridgeRuntime {
+    pub listen: SocketAddr,
+    pub to: SocketAddr,
+    pub idle_timeout: Duration,
+    pub max_flows: usize,
+    pub lab: Impairment,
+}
+
+struct Driver {
+    listen: UdpSocket,
+    to: SocketAddr,
+    table: FlowTable,
+    socks: Vec<Option<UdpSocket>>,
+    lab: Option<LabLine>,
+    buf: Vec<u8>,
+    log: Logger,
+    forwarded: u64,
+    refused_flows: u64,
+    send_errors: u64,
+}
+
+pub fn run(rt: BridgeRuntime, log: Logger) -> Result<(), String> {
+    let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
+    let mut listen = driver::udp_socket(rt.listen, None, None)
+        .map_err(|e| format!("listen {}: {e}", rt.listen))?;
+    poll.registry()
+        .register(&mut listen, LISTEN, Interest::READABLE)
+        .map_err(|e| e.to_string())?;
+    info!(log, "mpbridge relaying"; "listen" => %rt.listen, "to" => %rt.to, "idle_timeout_s" => rt.idle_timeout.as_secs(), "max_flows" => rt.max_flows);
+    let lab = rt.lab.is_active().then(|| {
+        warn!(log, "LAB IMPAIRMENT ON: this relay drops and delays traffic on purpose";
+            "loss_pct" => rt.lab.loss * 100.0, "delay_ms" => rt.lab.delay.as_millis() as u64, "jitter_ms" => rt.lab.jitter.as_millis() as u64);
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+        LabLine::new(rt.lab, seed)
+    });
+    let mut d = Driver {
+        listen,
+        to: rt.to,
+        table: FlowTable::new(rt.idle_timeout, rt.max_flows),
+        socks: Vec::new(),
+        lab,
+        buf: vec![0; MAX_DATAGRAM],
+        log,
+        forwarded: 0,
+        refused_flows: 0,
+        send_errors: 0,
+    };
+    d.event_loop(&mut poll)
+}
+
+impl Driver {
+    fn event_loop(&mut self, poll: &mut Poll) -> Result<(), String> {
+        let mut events = Events::with_capacity(1024);
+        let mut next_sweep = Instant::now() + SWEEP_INTERVAL;
+        let mut next_stats = Instant::now() + STATS_INTERVAL;
+        let mut expired = Vec::new();
+        let mut backlog: Vec<Token> = Vec::new();
+        let mut ready: Vec<Token> = Vec::new();
+        loop {
+            let now = Instant::now();
+            let mut deadline = next_sweep.min(next_stats);
+            if let Some(t) = self.lab.as_ref().and_then(LabLine::next_due) {
+                deadline = deadline.min(t);
+            }
+            let timeout = if backlog.is_empty() {
+                deadline.saturating_duration_since(now)
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = poll.poll(&mut events, Some(timeout)) {
+                if e.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(format!("poll: {e}"));
+            }
+            ready.clear();
+            ready.append(&mut backlog);
+            for ev in events.iter() {
+                if !ready.contains(&ev.token()) {
+                    ready.push(ev.token());
+                }
+            }
+            for &token in &ready {
+                let more = match token {
+                    LISTEN => self.read_clients(poll),
+                    Token(t) => self.read_flow(t - FLOW_TOKEN_BASE),
+                };
+                if more {
+                    backlog.push(token);
+                }
+            }
+            let now = Instant::now();
+            self.release_delayed(now);
+            if now >= next_sweep {
+                next_sweep = now + SWEEP_INTERVAL;
+                expired.clear();
+                self.table.expire(now, &mut expired);
+                for &slot in &expired {
+                    if let Some(mut s) = self.socks.get_mut(slot).and_then(Option::take) {
+                        let _ = poll.registry().deregister(&mut s);
+                    }
+                }
+            }
+            if now >= next_stats {
+                next_stats = now + STATS_INTERVAL;
+                let lab_dropped = self.lab.as_ref().map_or(0, |l| l.dropped);
+                info!(self.log, "stats"; "flows" => self.table.len(), "forwarded" => self.forwarded,
+                    "refused_flows" => self.refused_flows, "send_errors" => self.send_errors, "lab_dropped" => lab_dropped);
+            }
+        }
+    }
+
+    fn send(&mut self, hop: Hop, datagram_len: usize, from_queue: Option<&[u8]>) {
+        let data = from_queue.unwrap_or(&self.buf[..datagram_len]);
+        let r = match hop {
+            Hop::ToTarget(slot) => match self.socks.get(slot).and_then(Option::as_ref) {
+                Some(s) => s.send(data),
+                None => return,
+            },
+            Hop::ToClient(slot) => match self.table.client(slot) {
+                Some(c) => self.listen.send_to(data, c),
+                None => return,
+            },
+        };
+        match r {
+            Ok(_) => self.forwarded += 1,
+            Err(e) => {
+                self.send_errors += 1;
+                trace!(self.log, "send failed"; "hop" => ?hop, "error" => %e);
+            }
+        }
+    }
+
+    fn admit(&mut self, now: Instant, hop: Hop, n: usize) {
+        let verdict = match self.lab.as_mut() {
+            None => Verdict::Send,
+            Some(l) => l.admit(now, hop, &self.buf[..n]),
+        };
+        if let Verdict::Send = verdict {
+            self.send(hop, n, None);
+        }
+    }
+
+    fn release_delayed(&mut self, now: Instant) {
+        while let Some((hop, d)) = self.lab.as_mut().and_then(|l| l.pop_due(now)) {
+            self.send(hop, d.len(), Some(&d));
+        }
+    }
+
+    fn read_clients(&mut self, poll: &Poll) -> bool {
+        for _ in 0..READ_BUDGET {
+            let (n, from) = match self.listen.recv_from(&mut self.buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+                Err(e) if driver::is_transient(&e) => continue,
+                Err(e) => {
+                    warn!(self.log, "reading from clients"; "error" => %e);
+                    return false;
+                }
+            };
+            let now = Instant::now();
+            let Some((slot, new)) = self.table.flow_for(now, from) else {
+                self.refused_flows += 1;
+                continue;
+            };
+            if new {
+                match driver::udp_socket(driver::any_addr_for(self.to), None, Some(self.to)) {
+                    Ok(mut s) => {
+                        if let Err(e) = poll.registry().register(
+                            &mut s,
+                            Token(FLOW_TOKEN_BASE + slot),
+                            Interest::READABLE,
+                        ) {
+                            warn!(self.log, "register flow socket"; "error" => %e);
+                        }
+                        if self.socks.len() <= slot {
+                            self.socks.resize_with(slot + 1, || None);
+                        }
+                        self.socks[slot] = Some(s);
+                        info!(self.log, "new flow"; "client" => %from, "flows" => self.table.len());
+                    }
+                    Err(e) => {
+                        warn!(self.log, "cannot open flow socket"; "client" => %from, "error" => %e)
+                    }
+                }
+            }
+            self.admit(now, Hop::ToTarget(slot), n);
+        }
+        true
+    }
+
+    fn read_flow(&mut self, slot: usize) -> bool {
+        for _ in 0..READ_BUDGET {
+            let Some(s) = self.socks.get(slot).and_then(Option::as_ref) else {
+                return false;
+            };
+            let n = match s.recv(&mut self.buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+                Err(e) if driver::is_transient(&e) => continue,
+                Err(e) => {
+                    warn!(self.log, "reading from target"; "error" => %e);
+                    return false;
+                }
+            };
+            let now = Instant::now();
+            self.table.touch(slot, now);
+            self.admit(now, Hop::ToClient(slot), n);
+        }
+        true
+    }
+}

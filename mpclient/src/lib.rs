@@ -1,0 +1,363 @@
+//! The mpclient driver: a mio loop around `common::client::Client`.
+//!
+//! Sockets: one for local applications (`listen`), one per path (connected to its relay,
+//! optionally bound to a local address or interface), and the control socket. The loop
+//! only moves bytes and time; every decision is the core's.
+
+use common::client::{Client, ClientCoreConfig, ClientEvent, ClientRecv, ClientSend};
+use common::config::{ClientConfig, DEFAULT_STATS_INTERVAL_SECS};
+use common::crypto::{Cipher, Psk};
+use common::driver::{self, control};
+use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET, MAX_DATAGRAM};
+use mio::net::{UdpSocket, UnixListener};
+use mio::{Events, Interest, Poll, Token};
+use slog::{debug, info, o, trace, warn, Logger};
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const APP: Token = Token(0);
+const CONTROL: Token = Token(1);
+const PATH_TOKEN_BASE: usize = 2;
+/// Datagrams read from one socket per wake-up before the others get a turn.
+const READ_BUDGET: usize = 256;
+
+/// One path, resolved.
+#[derive(Debug, Clone)]
+pub struct PathSpec {
+    pub name: String,
+    pub remote: SocketAddr,
+    pub bind: Option<SocketAddr>,
+    pub interface: Option<String>,
+}
+
+/// Everything the driver needs, from a bridges file + flags or a YAML config.
+#[derive(Debug, Clone)]
+pub struct ClientRuntime {
+    pub listen: SocketAddr,
+    pub cipher: Cipher,
+    pub target: String,
+    pub paths: Vec<PathSpec>,
+    pub session_idle_timeout: Duration,
+    pub max_sessions: usize,
+    pub control: PathBuf,
+    pub stats_interval: Option<Duration>,
+}
+
+impl ClientRuntime {
+    /// From a YAML config; resolves host names now, so errors show at startup.
+    pub fn from_config(file: &str, c: &ClientConfig) -> Result<Self, String> {
+        let mut paths = Vec::new();
+        for (i, p) in c.paths.iter().enumerate() {
+            let remote = driver::resolve(&p.remote)
+                .map_err(|e| format!("{file}: paths[{i}].remote: {e}"))?;
+            let bind = match &p.bind {
+                None => None,
+                Some(b) => Some(match b.parse::<SocketAddr>() {
+                    Ok(a) => a,
+                    Err(_) => SocketAddr::new(
+                        b.parse()
+                            .map_err(|_| format!("{file}: paths[{i}].bind: bad address"))?,
+                        0,
+                    ),
+                }),
+            };
+            paths.push(PathSpec {
+                name: p.name.clone().unwrap_or_else(|| p.remote.clone()),
+                remote,
+                bind,
+                interface: p.interface.clone(),
+            });
+        }
+        Ok(Self {
+            listen: c
+                .listen
+                .parse()
+                .map_err(|_| format!("{file}: listen: bad address"))?,
+            cipher: c.cipher,
+            target: c.target.clone(),
+            paths,
+            session_idle_timeout: Duration::from_secs(c.session_idle_timeout_secs),
+            max_sessions: c.max_sessions,
+            control: c
+                .control_socket
+                .clone()
+                .unwrap_or_else(|| control::default_control_path("mpclient")),
+            stats_interval: (c.stats_interval_secs > 0)
+                .then(|| Duration::from_secs(c.stats_interval_secs)),
+        })
+    }
+
+    /// From an mptunnel bridges file's entries.
+    pub fn from_bridges(
+        file: &str,
+        bridges: &[common::config::Bridge],
+        listen: SocketAddr,
+    ) -> Result<Self, String> {
+        let mut paths = Vec::new();
+        for b in bridges {
+            let hp = format!("{}:{}", b.host, b.port);
+            let remote = driver::resolve(&hp).map_err(|e| format!("{file}:{}: {e}", b.line))?;
+            paths.push(PathSpec {
+                name: hp,
+                remote,
+                bind: None,
+                interface: None,
+            });
+        }
+        Ok(Self {
+            listen,
+            cipher: Cipher::Aes256Gcm,
+            target: String::new(),
+            paths,
+            session_idle_timeout: common::client::DEFAULT_SESSION_IDLE_TIMEOUT,
+            max_sessions: common::client::DEFAULT_MAX_SESSIONS,
+            control: control::default_control_path("mpclient"),
+            stats_interval: Some(Duration::from_secs(DEFAULT_STATS_INTERVAL_SECS)),
+        })
+    }
+}
+
+fn path_socket(p: &PathSpec) -> std::io::Result<UdpSocket> {
+    let bind = p.bind.unwrap_or_else(|| driver::any_addr_for(p.remote));
+    driver::udp_socket(bind, p.interface.as_deref(), Some(p.remote))
+}
+
+struct Driver {
+    core: Client,
+    app: UdpSocket,
+    paths: Vec<UdpSocket>,
+    control: UnixListener,
+    listen_name: String,
+    buf: Vec<u8>,
+    log: Logger,
+    send_errors: u64,
+}
+
+/// Runs the client until a fatal error.
+pub fn run(rt: ClientRuntime, psk: Psk, log: Logger) -> Result<(), String> {
+    let now = Instant::now();
+    let core_cfg = ClientCoreConfig {
+        cipher: rt.cipher,
+        target: rt.target.clone(),
+        path_names: rt.paths.iter().map(|p| p.name.clone()).collect(),
+        session_idle_timeout: rt.session_idle_timeout,
+        max_sessions: rt.max_sessions,
+    };
+    let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
+    let mut app = driver::udp_socket(rt.listen, None, None)
+        .map_err(|e| format!("listen {}: {e}", rt.listen))?;
+    poll.registry()
+        .register(&mut app, APP, Interest::READABLE)
+        .map_err(|e| e.to_string())?;
+    let mut paths = Vec::new();
+    for (i, p) in rt.paths.iter().enumerate() {
+        let mut s = path_socket(p).map_err(|e| format!("path {} ({}): {e}", i, p.name))?;
+        poll.registry()
+            .register(&mut s, Token(PATH_TOKEN_BASE + i), Interest::READABLE)
+            .map_err(|e| e.to_string())?;
+        paths.push(s);
+    }
+    control::prepare_control_path(&rt.control)?;
+    let mut control = UnixListener::bind(&rt.control)
+        .map_err(|e| format!("control socket {}: {e}", rt.control.display()))?;
+    poll.registry()
+        .register(&mut control, CONTROL, Interest::READABLE)
+        .map_err(|e| e.to_string())?;
+    info!(log, "mpclient listening"; "listen" => %rt.listen, "paths" => rt.paths.len(), "cipher" => rt.cipher.name(), "control" => %rt.control.display());
+    for p in &rt.paths {
+        info!(log, "path"; "name" => &p.name, "remote" => %p.remote, "bind" => ?p.bind, "interface" => ?p.interface);
+    }
+    let mut d = Driver {
+        core: Client::new(psk, core_cfg, now),
+        app,
+        paths,
+        control,
+        listen_name: rt.listen.to_string(),
+        buf: vec![0; MAX_DATAGRAM],
+        log,
+        send_errors: 0,
+    };
+    d.event_loop(&mut poll, rt.stats_interval)
+}
+
+impl Driver {
+    fn event_loop(
+        &mut self,
+        poll: &mut Poll,
+        stats_interval: Option<Duration>,
+    ) -> Result<(), String> {
+        let mut events = Events::with_capacity(256);
+        let mut next_stats = stats_interval.map(|d| Instant::now() + d);
+        // Sources that hit their read budget and still have data queued.
+        let mut backlog: Vec<Token> = Vec::new();
+        let mut ready: Vec<Token> = Vec::new();
+        loop {
+            let now = Instant::now();
+            let mut deadline = self.core.poll_timeout();
+            if let Some(s) = next_stats {
+                deadline = Some(deadline.map_or(s, |d| d.min(s)));
+            }
+            let timeout = if !backlog.is_empty() {
+                Some(Duration::ZERO)
+            } else {
+                deadline.map(|d| d.saturating_duration_since(now))
+            };
+            if let Err(e) = poll.poll(&mut events, timeout) {
+                if e.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(format!("poll: {e}"));
+            }
+            ready.clear();
+            ready.append(&mut backlog);
+            for ev in events.iter() {
+                if !ready.contains(&ev.token()) {
+                    ready.push(ev.token());
+                }
+            }
+            for &token in &ready {
+                let more = match token {
+                    APP => self.read_app(),
+                    CONTROL => {
+                        self.accept_control();
+                        false
+                    }
+                    Token(t) => self.read_path(t - PATH_TOKEN_BASE),
+                };
+                if more {
+                    backlog.push(token);
+                }
+            }
+            let now = Instant::now();
+            self.core.handle_timeout(now);
+            self.flush(now);
+            if let (Some(at), Some(every)) = (next_stats, stats_interval) {
+                if now >= at {
+                    info!(self.log, "stats"; "summary" => self.core.status(now, &self.listen_name).summary_line(), "send_errors" => self.send_errors);
+                    next_stats = Some(now + every);
+                }
+            }
+        }
+    }
+
+    /// Reads local application datagrams; true if the budget ran out first.
+    fn read_app(&mut self) -> bool {
+        let room = self.buf.len() - AEAD_TAG_LEN;
+        for _ in 0..READ_BUDGET {
+            let (n, from) = match self.app.recv_from(&mut self.buf[DATA_PAYLOAD_OFFSET..room]) {
+                Ok(r) => r,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+                Err(e) if driver::is_transient(&e) => continue,
+                Err(e) => {
+                    warn!(self.log, "reading from applications"; "error" => %e);
+                    return false;
+                }
+            };
+            let now = Instant::now();
+            match self.core.handle_app_datagram(now, from, &mut self.buf, n) {
+                ClientSend::Sealed { len, paths } => {
+                    for p in paths.iter() {
+                        if let Err(e) = self.paths[p].send(&self.buf[..len]) {
+                            self.send_errors += 1;
+                            trace!(self.log, "path send failed"; "path" => p, "error" => %e);
+                        }
+                    }
+                }
+                ClientSend::Queued => {}
+                ClientSend::Dropped(reason) => {
+                    trace!(self.log, "dropped app datagram"; "reason" => ?reason)
+                }
+            }
+            self.flush(now);
+        }
+        true
+    }
+
+    /// Reads datagrams arriving on path `i`; true if the budget ran out first.
+    fn read_path(&mut self, i: usize) -> bool {
+        if i >= self.paths.len() {
+            return false;
+        }
+        for _ in 0..READ_BUDGET {
+            let n = match self.paths[i].recv(&mut self.buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+                Err(e) if driver::is_transient(&e) => continue,
+                Err(e) => {
+                    warn!(self.log, "reading from path"; "path" => i, "error" => %e);
+                    return false;
+                }
+            };
+            let now = Instant::now();
+            match self.core.handle_path_datagram(now, i, &mut self.buf[..n]) {
+                ClientRecv::Deliver { app, payload } => {
+                    if let Err(e) = self.app.send_to(&self.buf[payload], app) {
+                        self.send_errors += 1;
+                        trace!(self.log, "delivery to application failed"; "app" => %app, "error" => %e);
+                    }
+                }
+                ClientRecv::Consumed => {}
+                ClientRecv::Dropped(reason) => {
+                    trace!(self.log, "dropped"; "path" => i, "reason" => ?reason)
+                }
+            }
+            self.flush(now);
+        }
+        true
+    }
+
+    /// Sends what the core queued (handshakes, probes, datagrams held during a handshake)
+    /// and logs its events.
+    fn flush(&mut self, now: Instant) {
+        while let Some(t) = self.core.poll_transmit(now, &mut self.buf) {
+            for p in t.paths.iter() {
+                if let Err(e) = self.paths[p].send(&self.buf[..t.len]) {
+                    self.send_errors += 1;
+                    trace!(self.log, "path send failed"; "path" => p, "error" => %e);
+                }
+            }
+        }
+        while let Some(ev) = self.core.poll_event() {
+            match ev {
+                ClientEvent::SessionStarted { app, id } => {
+                    debug!(self.log, "handshaking"; "app" => %app, "session" => %id)
+                }
+                ClientEvent::Established { app, id, cipher } => {
+                    info!(self.log, "session established"; "app" => %app, "session" => %id, "cipher" => cipher.name())
+                }
+                ClientEvent::Refused { app, status } => {
+                    warn!(self.log, "server refused the session"; "app" => %app, "status" => ?status)
+                }
+                ClientEvent::ServerLost { app, old } => {
+                    warn!(self.log, "no answer from the server on any path; handshaking again"; "app" => %app, "session" => %old)
+                }
+                ClientEvent::PathUp { app, path } => {
+                    info!(self.log, "path up"; "app" => %app, "path" => path)
+                }
+                ClientEvent::PathDown { app, path } => {
+                    warn!(self.log, "path down"; "app" => %app, "path" => path)
+                }
+                ClientEvent::SessionClosed { app, id } => {
+                    info!(self.log, "session idle, closed"; "app" => %app, "session" => %id)
+                }
+            }
+        }
+    }
+
+    fn accept_control(&mut self) {
+        let (core, listen) = (&self.core, &self.listen_name);
+        if let Err(e) =
+            control::serve_pending(&self.control, || core.status(Instant::now(), listen))
+        {
+            warn!(self.log, "control socket"; "error" => %e);
+        }
+    }
+}
+
+/// Builds the logger for a daemon, keyed by program name.
+pub fn logger(level: &str) -> (Logger, common::log::LogGuard) {
+    let (log, guard) = common::log::init(level);
+    (log.new(o!("prog" => "mpclient")), guard)
+}
