@@ -125,7 +125,7 @@ pub struct Transmit {
 
 enum SessionState {
     Handshaking {
-        hs: ClientHandshake,
+        hs: Box<ClientHandshake>,
         next_retry: Instant,
         retry: Duration,
         due: bool,
