@@ -123,6 +123,9 @@ pub struct Transmit {
     pub paths: PathMask,
 }
 
+// One per session, and nearly always `Established`: boxing the keys would only add a
+// pointer chase on the hot path.
+#[allow(clippy::large_enum_variant)]
 enum SessionState {
     Handshaking {
         hs: Box<ClientHandshake>,
