@@ -39,11 +39,8 @@ struct Driver {
 
 pub fn run(rt: BridgeRuntime, log: Logger) -> Result<(), String> {
     let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
-    let mut listen = driver::udp_socket(rt.listen, None, None)
-        .map_err(|e| format!("listen {}: {e}", rt.listen))?;
-    poll.registry()
-        .register(&mut listen, LISTEN, Interest::READABLE)
-        .map_err(|e| e.to_string())?;
+    let mut listen = driver::udp_socket(rt.listen, None, None).map_err(|e| format!("listen {}: {e}", rt.listen))?;
+    poll.registry().register(&mut listen, LISTEN, Interest::READABLE).map_err(|e| e.to_string())?;
     info!(log, "mpbridge relaying"; "listen" => %rt.listen, "to" => %rt.to, "idle_timeout_s" => rt.idle_timeout.as_secs(), "max_flows" => rt.max_flows);
     let lab = rt.lab.is_active().then(|| {
         warn!(log, "LAB IMPAIRMENT ON: this relay drops and delays traffic on purpose";
@@ -80,11 +77,7 @@ impl Driver {
             if let Some(t) = self.lab.as_ref().and_then(LabLine::next_due) {
                 deadline = deadline.min(t);
             }
-            let timeout = if backlog.is_empty() {
-                deadline.saturating_duration_since(now)
-            } else {
-                Duration::ZERO
-            };
+            let timeout = if backlog.is_empty() { deadline.saturating_duration_since(now) } else { Duration::ZERO };
             if let Err(e) = poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == ErrorKind::Interrupted {
                     continue;
@@ -184,11 +177,9 @@ impl Driver {
             if new {
                 match driver::udp_socket(driver::any_addr_for(self.to), None, Some(self.to)) {
                     Ok(mut s) => {
-                        if let Err(e) = poll.registry().register(
-                            &mut s,
-                            Token(FLOW_TOKEN_BASE + slot),
-                            Interest::READABLE,
-                        ) {
+                        if let Err(e) =
+                            poll.registry().register(&mut s, Token(FLOW_TOKEN_BASE + slot), Interest::READABLE)
+                        {
                             warn!(self.log, "register flow socket"; "error" => %e);
                         }
                         if self.socks.len() <= slot {

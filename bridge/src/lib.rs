@@ -35,13 +35,7 @@ pub struct FlowTable {
 
 impl FlowTable {
     pub fn new(idle_timeout: Duration, max_flows: usize) -> Self {
-        Self {
-            flows: Vec::new(),
-            by_client: HashMap::new(),
-            free: Vec::new(),
-            idle_timeout,
-            max_flows,
-        }
+        Self { flows: Vec::new(), by_client: HashMap::new(), free: Vec::new(), idle_timeout, max_flows }
     }
 
     /// The flow of `client`, created if new (`true`). `None` when the table is full.
@@ -145,13 +139,7 @@ pub struct LabLine {
 
 impl LabLine {
     pub fn new(imp: Impairment, seed: u64) -> Self {
-        Self {
-            imp,
-            rng: SimRng::new(seed),
-            queue: BinaryHeap::new(),
-            order: 0,
-            dropped: 0,
-        }
+        Self { imp, rng: SimRng::new(seed), queue: BinaryHeap::new(), order: 0, dropped: 0 }
     }
 
     pub fn admit(&mut self, now: Instant, hop: Hop, datagram: &[u8]) -> Verdict {
@@ -164,8 +152,7 @@ impl LabLine {
         }
         let at = now + self.imp.delay + self.imp.jitter.mul_f64(self.rng.unit());
         self.order += 1;
-        self.queue
-            .push(Reverse((at, self.order, hop, datagram.to_vec())));
+        self.queue.push(Reverse((at, self.order, hop, datagram.to_vec())));
         Verdict::Delayed
     }
 
@@ -208,14 +195,8 @@ mod tests {
     #[test]
     fn lab_line_loss_and_delay() {
         let t0 = Instant::now();
-        let mut l = LabLine::new(
-            Impairment {
-                loss: 0.25,
-                delay: Duration::from_millis(10),
-                jitter: Duration::ZERO,
-            },
-            1,
-        );
+        let mut l =
+            LabLine::new(Impairment { loss: 0.25, delay: Duration::from_millis(10), jitter: Duration::ZERO }, 1);
         let mut delayed = 0;
         for _ in 0..4000 {
             if let Verdict::Delayed = l.admit(t0, Hop::ToTarget(0), b"x") {

@@ -43,19 +43,13 @@ fn main() {
     let cli = Cli::parse();
     let fail = |m: String| -> ! { exit_with_error("mpbridge", &m) };
     if !(0.0..=100.0).contains(&cli.lab_loss) {
-        fail(format!(
-            "--lab-loss: {} is not a percentage (0-100)",
-            cli.lab_loss
-        ));
+        fail(format!("--lab-loss: {} is not a percentage (0-100)", cli.lab_loss));
     }
     if cli.idle_timeout == 0 || cli.max_flows == 0 {
         fail("--idle-timeout and --max-flows must be > 0".into());
     }
     if !common::config::validate_log_level(&cli.log_level) {
-        fail(format!(
-            "--log-level: `{}` is not one of error, warn, info, debug, trace",
-            cli.log_level
-        ));
+        fail(format!("--log-level: `{}` is not one of error, warn, info, debug, trace", cli.log_level));
     }
     let to = resolve(&cli.to).unwrap_or_else(|e| fail(format!("--to: {e}")));
     let rt = BridgeRuntime {

@@ -17,23 +17,11 @@ fn help_marks_lab_options() {
 
 #[test]
 fn bad_arguments_are_one_line_errors() {
-    let out = mpbridge()
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--to",
-            "127.0.0.1:9",
-            "--lab-loss",
-            "150",
-        ])
-        .output()
-        .unwrap();
+    let out =
+        mpbridge().args(["--listen", "127.0.0.1:0", "--to", "127.0.0.1:9", "--lab-loss", "150"]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("--lab-loss"), "{err}");
-    let out = mpbridge()
-        .args(["--listen", "127.0.0.1:0", "--to", "nohostport"])
-        .output()
-        .unwrap();
+    let out = mpbridge().args(["--listen", "127.0.0.1:0", "--to", "nohostport"]).output().unwrap();
     assert!(!out.status.success());
 }

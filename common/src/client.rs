@@ -16,13 +16,10 @@
 use crate::crypto::{Cipher, ClientHandshake, HandshakeError, Psk, SessionKeys};
 use crate::path::ProbeTracker;
 use crate::replay::{ReplayVerdict, ReplayWindow};
-use crate::stats::{
-    DropCounters, DropReason, PathState, PathStatus, SessionStatus, StatusReport, Traffic,
-};
+use crate::stats::{DropCounters, DropReason, PathState, PathStatus, SessionStatus, StatusReport, Traffic};
 use crate::wire::{
-    self, emit_transport_header, HandshakeStatus, InnerRepr, TransportPacket, AEAD_TAG_LEN,
-    DATA_PAYLOAD_OFFSET, INNER_DATA, MAX_APP_PAYLOAD, TRANSPORT_HEADER_LEN, TYPE_HANDSHAKE_INIT,
-    TYPE_HANDSHAKE_RESP, TYPE_TRANSPORT,
+    self, emit_transport_header, HandshakeStatus, InnerRepr, TransportPacket, AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET,
+    INNER_DATA, MAX_APP_PAYLOAD, TRANSPORT_HEADER_LEN, TYPE_HANDSHAKE_INIT, TYPE_HANDSHAKE_RESP, TYPE_TRANSPORT,
 };
 use crate::{PathMask, SessionId, MAX_PATHS};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -31,15 +28,19 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-/// First handshake retry delay; doubles up to `HANDSHAKE_RETRY_MAX`.
-pub const HANDSHAKE_RETRY_MIN: Duration = Duration::from_millis(250);
+/// First handshake retry delay; doubles up to `HANDSHAKE_RETRY_MAX`. Inits are small
+/// and answered from a cache, so an early retry is cheap.
+pub const HANDSHAKE_RETRY_MIN: Duration = Duration::from_millis(150);
 pub const HANDSHAKE_RETRY_MAX: Duration = Duration::from_millis(1000);
 /// After a signed refusal (unknown target, server full) wait this long before asking again.
 pub const REFUSED_BACKOFF: Duration = Duration::from_secs(5);
 /// No authenticated answer on any path for this long: the server lost us; handshake again.
 pub const SERVER_SILENT_AFTER: Duration = Duration::from_millis(1000);
-/// Datagrams kept per session while a handshake is in flight.
-pub const PENDING_MAX_DATAGRAMS: usize = 256;
+/// Datagrams kept per session while a handshake is in flight (a lost handshake costs
+/// one retry, ~150 ms: at 10k datagrams/s that is 1500 datagrams) ...
+pub const PENDING_MAX_DATAGRAMS: usize = 4096;
+/// ... and bytes.
+pub const PENDING_MAX_BYTES: usize = 4 << 20;
 pub const DEFAULT_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 pub const DEFAULT_MAX_SESSIONS: usize = 256;
 
@@ -59,35 +60,13 @@ pub struct ClientCoreConfig {
 /// Something the driver may want to log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientEvent {
-    SessionStarted {
-        app: SocketAddr,
-        id: SessionId,
-    },
-    Established {
-        app: SocketAddr,
-        id: SessionId,
-        cipher: Cipher,
-    },
-    Refused {
-        app: SocketAddr,
-        status: HandshakeStatus,
-    },
-    ServerLost {
-        app: SocketAddr,
-        old: SessionId,
-    },
-    PathUp {
-        app: SocketAddr,
-        path: usize,
-    },
-    PathDown {
-        app: SocketAddr,
-        path: usize,
-    },
-    SessionClosed {
-        app: SocketAddr,
-        id: SessionId,
-    },
+    SessionStarted { app: SocketAddr, id: SessionId },
+    Established { app: SocketAddr, id: SessionId, cipher: Cipher },
+    Refused { app: SocketAddr, status: HandshakeStatus },
+    ServerLost { app: SocketAddr, old: SessionId },
+    PathUp { app: SocketAddr, path: usize },
+    PathDown { app: SocketAddr, path: usize },
+    SessionClosed { app: SocketAddr, id: SessionId },
 }
 
 /// Result of handing the core one datagram from the local application.
@@ -127,19 +106,9 @@ pub struct Transmit {
 // pointer chase on the hot path.
 #[allow(clippy::large_enum_variant)]
 enum SessionState {
-    Handshaking {
-        hs: Box<ClientHandshake>,
-        next_retry: Instant,
-        retry: Duration,
-        due: bool,
-    },
-    Established {
-        keys: SessionKeys,
-        since: Instant,
-    },
-    Refused {
-        until: Instant,
-    },
+    Handshaking { hs: Box<ClientHandshake>, next_retry: Instant, retry: Duration, due: bool },
+    Established { keys: SessionKeys, since: Instant },
+    Refused { until: Instant },
 }
 
 struct PathCounters {
@@ -156,6 +125,7 @@ struct ClientSession {
     probes: Vec<ProbeTracker>,
     counters: Vec<PathCounters>,
     pending: VecDeque<Vec<u8>>,
+    pending_bytes: usize,
     created: Instant,
     last_app_activity: Instant,
     last_server_rx: Instant,
@@ -183,10 +153,7 @@ pub struct Client {
 
 impl Client {
     pub fn new(psk: Psk, cfg: ClientCoreConfig, now: Instant) -> Self {
-        assert!(
-            !cfg.path_names.is_empty() && cfg.path_names.len() <= MAX_PATHS,
-            "validated by config"
-        );
+        assert!(!cfg.path_names.is_empty() && cfg.path_names.len() <= MAX_PATHS, "validated by config");
         Self {
             psk,
             rng: SystemRandom::new(),
@@ -217,13 +184,7 @@ impl Client {
 
     fn handshake(&self, id: SessionId, now: Instant) -> SessionState {
         SessionState::Handshaking {
-            hs: Box::new(ClientHandshake::new(
-                &self.psk,
-                &self.rng,
-                id,
-                self.cfg.cipher,
-                &self.cfg.target,
-            )),
+            hs: Box::new(ClientHandshake::new(&self.psk, &self.rng, id, self.cfg.cipher, &self.cfg.target)),
             next_retry: now + HANDSHAKE_RETRY_MIN,
             retry: HANDSHAKE_RETRY_MIN,
             due: true,
@@ -252,13 +213,9 @@ impl Client {
             send_seq: 0,
             replay: ReplayWindow::new(),
             probes: (0..n).map(|i| ProbeTracker::new(i as u8, now)).collect(),
-            counters: (0..n)
-                .map(|_| PathCounters {
-                    tx: Traffic::default(),
-                    rx: Traffic::default(),
-                })
-                .collect(),
+            counters: (0..n).map(|_| PathCounters { tx: Traffic::default(), rx: Traffic::default() }).collect(),
             pending: VecDeque::new(),
+            pending_bytes: 0,
             created: now,
             last_app_activity: now,
             last_server_rx: now,
@@ -279,8 +236,7 @@ impl Client {
         };
         self.by_app.insert(app, slot);
         self.by_id.insert(id, slot);
-        self.events
-            .push_back(ClientEvent::SessionStarted { app, id });
+        self.events.push_back(ClientEvent::SessionStarted { app, id });
         self.mark_ready(slot);
         Some(slot)
     }
@@ -295,9 +251,7 @@ impl Client {
         buf: &mut [u8],
         payload_len: usize,
     ) -> ClientSend {
-        if payload_len > MAX_APP_PAYLOAD
-            || buf.len() < DATA_PAYLOAD_OFFSET + payload_len + AEAD_TAG_LEN
-        {
+        if payload_len > MAX_APP_PAYLOAD || buf.len() < DATA_PAYLOAD_OFFSET + payload_len + AEAD_TAG_LEN {
             self.drops.count(DropReason::Malformed);
             return ClientSend::Dropped(DropReason::Malformed);
         }
@@ -311,9 +265,7 @@ impl Client {
                 }
             },
         };
-        let s = self.sessions[slot]
-            .as_mut()
-            .expect("indexed session exists");
+        let s = self.sessions[slot].as_mut().expect("indexed session exists");
         s.last_app_activity = now;
         match &s.state {
             SessionState::Established { keys, .. } => {
@@ -326,13 +278,12 @@ impl Client {
                 ClientSend::Sealed { len, paths }
             }
             _ => {
-                if s.pending.len() >= PENDING_MAX_DATAGRAMS {
+                if s.pending.len() >= PENDING_MAX_DATAGRAMS || s.pending_bytes + payload_len > PENDING_MAX_BYTES {
                     s.drops.count(DropReason::QueueFull);
                     return ClientSend::Dropped(DropReason::QueueFull);
                 }
-                s.pending.push_back(
-                    buf[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + payload_len].to_vec(),
-                );
+                s.pending.push_back(buf[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + payload_len].to_vec());
+                s.pending_bytes += payload_len;
                 ClientSend::Queued
             }
         }
@@ -340,12 +291,7 @@ impl Client {
 
     /// A datagram that arrived on path `path` (already filtered by the driver to come
     /// from that path's remote address). Opened in place in `buf`.
-    pub fn handle_path_datagram(
-        &mut self,
-        now: Instant,
-        path: usize,
-        buf: &mut [u8],
-    ) -> ClientRecv {
+    pub fn handle_path_datagram(&mut self, now: Instant, path: usize, buf: &mut [u8]) -> ClientRecv {
         self.recv_inner(now, path, buf)
     }
 
@@ -374,9 +320,7 @@ impl Client {
             return self.drop_global(DropReason::UnknownSession);
         };
         let psk = self.psk.clone();
-        let s = self.sessions[slot]
-            .as_mut()
-            .expect("indexed session exists");
+        let s = self.sessions[slot].as_mut().expect("indexed session exists");
         let SessionState::Handshaking { hs, .. } = &mut s.state else {
             // the copy of the response that came over a slower path
             s.drops.count(DropReason::Duplicate);
@@ -391,17 +335,15 @@ impl Client {
                     p.probe_now(now);
                 }
                 let (app, id) = (s.app, s.id);
-                self.events
-                    .push_back(ClientEvent::Established { app, id, cipher });
+                self.events.push_back(ClientEvent::Established { app, id, cipher });
                 self.mark_ready(slot);
                 ClientRecv::Consumed
             }
             Err(HandshakeError::Refused(status)) => {
-                s.state = SessionState::Refused {
-                    until: now + REFUSED_BACKOFF,
-                };
+                s.state = SessionState::Refused { until: now + REFUSED_BACKOFF };
                 let dropped = s.pending.len();
                 s.pending.clear();
+                s.pending_bytes = 0;
                 for _ in 0..dropped {
                     s.drops.count(DropReason::Refused);
                 }
@@ -429,9 +371,7 @@ impl Client {
             return self.drop_global(DropReason::UnknownSession);
         };
         let now_us = self.now_us(now);
-        let s = self.sessions[slot]
-            .as_mut()
-            .expect("indexed session exists");
+        let s = self.sessions[slot].as_mut().expect("indexed session exists");
         let SessionState::Established { keys, .. } = &s.state else {
             s.drops.count(DropReason::Unexpected);
             return ClientRecv::Dropped(DropReason::Unexpected);
@@ -455,22 +395,18 @@ impl Client {
         s.replay.mark(seq);
         s.last_server_rx = now;
         s.counters[path].rx.add(datagram_len);
+        if s.probes[path].on_authenticated_rx(now) {
+            self.events.push_back(ClientEvent::PathUp { app: s.app, path });
+        }
         let plain = &buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + plain_len];
         match InnerRepr::parse(plain) {
             Ok(InnerRepr::Data(d)) => {
                 s.rx.add(d.len());
                 s.last_app_activity = now;
-                ClientRecv::Deliver {
-                    app: s.app,
-                    payload: DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + d.len(),
-                }
+                ClientRecv::Deliver { app: s.app, payload: DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + d.len() }
             }
             Ok(InnerRepr::ProbeReply(r)) => {
-                let Some(tracker) = s
-                    .probes
-                    .get_mut(r.path_id as usize)
-                    .filter(|_| r.path_id as usize == path)
-                else {
+                let Some(tracker) = s.probes.get_mut(r.path_id as usize).filter(|_| r.path_id as usize == path) else {
                     s.drops.count(DropReason::Unexpected);
                     return ClientRecv::Dropped(DropReason::Unexpected);
                 };
@@ -522,11 +458,7 @@ impl Client {
 
     /// The earliest instant at which `handle_timeout` has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.sessions
-            .iter()
-            .flatten()
-            .map(|s| s.next_deadline(self.cfg.session_idle_timeout))
-            .min()
+        self.sessions.iter().flatten().map(|s| s.next_deadline(self.cfg.session_idle_timeout)).min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -540,19 +472,13 @@ impl Client {
                 self.sessions[slot] = None;
                 self.by_app.remove(&app);
                 self.by_id.remove(&id);
-                self.events
-                    .push_back(ClientEvent::SessionClosed { app, id });
+                self.events.push_back(ClientEvent::SessionClosed { app, id });
                 continue;
             }
             let mut wants_tx = false;
             let mut restart = false;
             match &mut s.state {
-                SessionState::Handshaking {
-                    next_retry,
-                    retry,
-                    due,
-                    ..
-                } => {
+                SessionState::Handshaking { next_retry, retry, due, .. } => {
                     if now >= *next_retry {
                         *due = true;
                         *retry = (*retry * 2).min(HANDSHAKE_RETRY_MAX);
@@ -564,14 +490,12 @@ impl Client {
                 SessionState::Established { since, .. } => {
                     let heard = s.last_server_rx.max(*since);
                     if now.saturating_duration_since(heard) >= SERVER_SILENT_AFTER {
-                        self.events
-                            .push_back(ClientEvent::ServerLost { app, old: s.id });
+                        self.events.push_back(ClientEvent::ServerLost { app, old: s.id });
                         restart = true;
                     } else {
                         for (i, p) in s.probes.iter_mut().enumerate() {
                             if p.check_down(now) {
-                                self.events
-                                    .push_back(ClientEvent::PathDown { app, path: i });
+                                self.events.push_back(ClientEvent::PathDown { app, path: i });
                             }
                             wants_tx |= p.next_probe_at() <= now;
                         }
@@ -592,21 +516,16 @@ impl Client {
     fn restart_session(&mut self, now: Instant, slot: usize) {
         let id = self.new_session_id();
         let state = self.handshake(id, now);
-        let s = self.sessions[slot]
-            .as_mut()
-            .expect("indexed session exists");
+        let s = self.sessions[slot].as_mut().expect("indexed session exists");
         self.by_id.remove(&s.id);
         self.by_id.insert(id, slot);
         s.id = id;
         s.state = state;
         s.send_seq = 0;
         s.replay = ReplayWindow::new();
-        s.probes = (0..s.probes.len())
-            .map(|i| ProbeTracker::new(i as u8, now))
-            .collect();
+        s.probes = (0..s.probes.len()).map(|i| ProbeTracker::new(i as u8, now)).collect();
         s.last_server_rx = now;
-        self.events
-            .push_back(ClientEvent::SessionStarted { app: s.app, id });
+        self.events.push_back(ClientEvent::SessionStarted { app: s.app, id });
     }
 
     /// Snapshot for `status`.
@@ -658,30 +577,25 @@ impl Client {
     }
 }
 
-/// Paths that carry data: those that are up, or all of them if none is (better a copy
-/// into a dead path than no copy at all).
+/// Paths that carry data: all but those found down (a path still being probed gets
+/// copies too: losing redundancy while a path proves itself costs more than a copy).
+/// If every path is down, all of them: better a copy into a dead path than none.
 fn data_paths(probes: &[ProbeTracker]) -> PathMask {
-    let mut up = PathMask::EMPTY;
+    let mut live = PathMask::EMPTY;
     for (i, p) in probes.iter().enumerate() {
-        if p.state() == PathState::Up {
-            up.insert(i);
+        if p.state() != PathState::Down {
+            live.insert(i);
         }
     }
-    if up.is_empty() {
+    if live.is_empty() {
         PathMask::first_n(probes.len())
     } else {
-        up
+        live
     }
 }
 
 /// Seals the data message whose payload is at `buf[DATA_PAYLOAD_OFFSET..]`.
-fn seal_data(
-    keys: &SessionKeys,
-    id: SessionId,
-    seq: &mut u64,
-    buf: &mut [u8],
-    payload_len: usize,
-) -> usize {
+fn seal_data(keys: &SessionKeys, id: SessionId, seq: &mut u64, buf: &mut [u8], payload_len: usize) -> usize {
     let n = *seq;
     *seq += 1;
     emit_transport_header(buf, id, n);
@@ -690,30 +604,16 @@ fn seal_data(
 }
 
 /// Seals a control message (probe) built from `inner`.
-fn seal_inner(
-    keys: &SessionKeys,
-    id: SessionId,
-    seq: &mut u64,
-    buf: &mut [u8],
-    inner: &InnerRepr,
-) -> usize {
+fn seal_inner(keys: &SessionKeys, id: SessionId, seq: &mut u64, buf: &mut [u8], inner: &InnerRepr) -> usize {
     let n = *seq;
     *seq += 1;
     emit_transport_header(buf, id, n);
-    let plain = inner
-        .emit(&mut buf[TRANSPORT_HEADER_LEN..])
-        .expect("buffer holds any control message");
+    let plain = inner.emit(&mut buf[TRANSPORT_HEADER_LEN..]).expect("buffer holds any control message");
     keys.seal(n, buf, plain)
 }
 
 impl ClientSession {
-    fn poll_transmit(
-        &mut self,
-        now: Instant,
-        now_us: u32,
-        all: PathMask,
-        buf: &mut [u8],
-    ) -> Option<Transmit> {
+    fn poll_transmit(&mut self, now: Instant, now_us: u32, all: PathMask, buf: &mut [u8]) -> Option<Transmit> {
         match &mut self.state {
             SessionState::Handshaking { hs, due, .. } => {
                 if !*due {
@@ -725,14 +625,12 @@ impl ClientSession {
                 for p in all.iter() {
                     self.counters[p].tx.add(init.len());
                 }
-                Some(Transmit {
-                    len: init.len(),
-                    paths: all,
-                })
+                Some(Transmit { len: init.len(), paths: all })
             }
             SessionState::Refused { .. } => None,
             SessionState::Established { keys, .. } => {
                 if let Some(d) = self.pending.pop_front() {
+                    self.pending_bytes -= d.len();
                     let paths = data_paths(&self.probes);
                     buf[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + d.len()].copy_from_slice(&d);
                     let len = seal_data(keys, self.id, &mut self.send_seq, buf, d.len());
@@ -742,18 +640,11 @@ impl ClientSession {
                     }
                     return Some(Transmit { len, paths });
                 }
-                let (i, p) = self
-                    .probes
-                    .iter_mut()
-                    .enumerate()
-                    .find(|(_, p)| p.next_probe_at() <= now)?;
+                let (i, p) = self.probes.iter_mut().enumerate().find(|(_, p)| p.next_probe_at() <= now)?;
                 let probe = InnerRepr::Probe(p.make_probe(now, now_us));
                 let len = seal_inner(keys, self.id, &mut self.send_seq, buf, &probe);
                 self.counters[i].tx.add(len);
-                Some(Transmit {
-                    len,
-                    paths: PathMask::single(i),
-                })
+                Some(Transmit { len, paths: PathMask::single(i) })
             }
         }
     }
@@ -765,12 +656,7 @@ impl ClientSession {
             SessionState::Refused { until } => *until,
             SessionState::Established { since, .. } => {
                 let silent = self.last_server_rx.max(*since) + SERVER_SILENT_AFTER;
-                let probe = self
-                    .probes
-                    .iter()
-                    .map(|p| p.next_probe_at())
-                    .min()
-                    .unwrap_or(silent);
+                let probe = self.probes.iter().map(|p| p.next_probe_at()).min().unwrap_or(silent);
                 silent.min(probe)
             }
         };

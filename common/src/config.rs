@@ -48,12 +48,8 @@ pub struct Bridge {
 
 /// Parses mptunnel's bridges file: one `host port` per line, `#` starts a comment.
 pub fn parse_bridges(file: &str, text: &str) -> Result<Vec<Bridge>, ConfigError> {
-    let err = |line, message: String| ConfigError {
-        file: file.into(),
-        line: Some(line),
-        field: String::new(),
-        message,
-    };
+    let err =
+        |line, message: String| ConfigError { file: file.into(), line: Some(line), field: String::new(), message };
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
@@ -69,11 +65,7 @@ pub fn parse_bridges(file: &str, text: &str) -> Result<Vec<Bridge>, ConfigError>
             Ok(p) if p != 0 => p,
             _ => return Err(err(line, format!("bad port `{port}` (1-65535)"))),
         };
-        out.push(Bridge {
-            host: host.into(),
-            port,
-            line,
-        });
+        out.push(Bridge { host: host.into(), port, line });
     }
     if out.is_empty() {
         return Err(ConfigError {
@@ -84,10 +76,7 @@ pub fn parse_bridges(file: &str, text: &str) -> Result<Vec<Bridge>, ConfigError>
         });
     }
     if out.len() > MAX_PATHS {
-        return Err(err(
-            out[MAX_PATHS].line,
-            format!("at most {MAX_PATHS} paths"),
-        ));
+        return Err(err(out[MAX_PATHS].line, format!("at most {MAX_PATHS} paths")));
     }
     Ok(out)
 }
@@ -203,9 +192,7 @@ pub fn line_of(text: &str, needle: &str) -> Option<usize> {
     if needle.is_empty() {
         return None;
     }
-    text.lines()
-        .position(|l| l.split('#').next().unwrap_or("").contains(needle))
-        .map(|i| i + 1)
+    text.lines().position(|l| l.split('#').next().unwrap_or("").contains(needle)).map(|i| i + 1)
 }
 
 fn yaml_error(file: &str, e: serde_yaml::Error) -> ConfigError {
@@ -213,35 +200,18 @@ fn yaml_error(file: &str, e: serde_yaml::Error) -> ConfigError {
     // serde_yaml appends "at line X column Y"; the line is already in our prefix.
     let msg = e.to_string();
     let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
-    ConfigError {
-        file: file.into(),
-        line,
-        field: String::new(),
-        message: msg,
-    }
+    ConfigError { file: file.into(), line, field: String::new(), message: msg }
 }
 
 pub fn validate_log_level(level: &str) -> bool {
     matches!(level, "error" | "warn" | "info" | "debug" | "trace")
 }
 
-fn check(
-    ok: bool,
-    file: &str,
-    text: &str,
-    field: &str,
-    locate: &str,
-    message: String,
-) -> Result<(), ConfigError> {
+fn check(ok: bool, file: &str, text: &str, field: &str, locate: &str, message: String) -> Result<(), ConfigError> {
     if ok {
         Ok(())
     } else {
-        Err(ConfigError {
-            file: file.into(),
-            line: line_of(text, locate),
-            field: field.into(),
-            message,
-        })
+        Err(ConfigError { file: file.into(), line: line_of(text, locate), field: field.into(), message })
     }
 }
 
@@ -264,22 +234,8 @@ impl ClientConfig {
             "listen",
             format!("`{}` is not ip:port", c.listen),
         )?;
-        check(
-            !c.paths.is_empty(),
-            file,
-            text,
-            "paths",
-            "paths",
-            "at least one path is required".into(),
-        )?;
-        check(
-            c.paths.len() <= MAX_PATHS,
-            file,
-            text,
-            "paths",
-            "paths",
-            format!("at most {MAX_PATHS} paths"),
-        )?;
+        check(!c.paths.is_empty(), file, text, "paths", "paths", "at least one path is required".into())?;
+        check(c.paths.len() <= MAX_PATHS, file, text, "paths", "paths", format!("at most {MAX_PATHS} paths"))?;
         for (i, p) in c.paths.iter().enumerate() {
             check(
                 valid_host_port(&p.remote),
@@ -290,16 +246,8 @@ impl ClientConfig {
                 format!("`{}` is not host:port", p.remote),
             )?;
             if let Some(b) = &p.bind {
-                let ok = b.parse::<std::net::IpAddr>().is_ok()
-                    || b.parse::<std::net::SocketAddr>().is_ok();
-                check(
-                    ok,
-                    file,
-                    text,
-                    &format!("paths[{i}].bind"),
-                    b,
-                    format!("`{b}` is not an ip or ip:port"),
-                )?;
+                let ok = b.parse::<std::net::IpAddr>().is_ok() || b.parse::<std::net::SocketAddr>().is_ok();
+                check(ok, file, text, &format!("paths[{i}].bind"), b, format!("`{b}` is not an ip or ip:port"))?;
             }
             if let Some(dev) = &p.interface {
                 let ok = !dev.is_empty() && dev.len() < 16 && !dev.contains('/');
@@ -329,14 +277,7 @@ impl ClientConfig {
             "session_idle_timeout_secs",
             "must be > 0".into(),
         )?;
-        check(
-            c.max_sessions > 0,
-            file,
-            text,
-            "max_sessions",
-            "max_sessions",
-            "must be > 0".into(),
-        )?;
+        check(c.max_sessions > 0, file, text, "max_sessions", "max_sessions", "must be > 0".into())?;
         check(
             validate_log_level(&c.log_level),
             file,
@@ -372,34 +313,13 @@ impl ServerConfig {
             format!("`{}` is not ip:port", c.listen),
         )?;
         if let Some(t) = &c.target {
-            check(
-                valid_host_port(t),
-                file,
-                text,
-                "target",
-                "target",
-                format!("`{t}` is not host:port"),
-            )?;
+            check(valid_host_port(t), file, text, "target", "target", format!("`{t}` is not host:port"))?;
         }
         for (name, t) in &c.targets {
             let field = format!("targets.{name}");
-            check(
-                valid_host_port(t),
-                file,
-                text,
-                &field,
-                t,
-                format!("`{t}` is not host:port"),
-            )?;
+            check(valid_host_port(t), file, text, &field, t, format!("`{t}` is not host:port"))?;
             let ok = !name.is_empty() && name.len() <= crate::wire::MAX_TARGET_NAME_LEN;
-            check(
-                ok,
-                file,
-                text,
-                &field,
-                name,
-                format!("names are 1-{} bytes", crate::wire::MAX_TARGET_NAME_LEN),
-            )?;
+            check(ok, file, text, &field, name, format!("names are 1-{} bytes", crate::wire::MAX_TARGET_NAME_LEN))?;
         }
         check(
             c.target.is_some() || !c.targets.is_empty(),
@@ -409,22 +329,8 @@ impl ServerConfig {
             "",
             "give a default `target` or at least one entry in `targets`".into(),
         )?;
-        check(
-            !c.ciphers.is_empty(),
-            file,
-            text,
-            "ciphers",
-            "ciphers",
-            "at least one cipher".into(),
-        )?;
-        check(
-            c.max_sessions > 0,
-            file,
-            text,
-            "max_sessions",
-            "max_sessions",
-            "must be > 0".into(),
-        )?;
+        check(!c.ciphers.is_empty(), file, text, "ciphers", "ciphers", "at least one cipher".into())?;
+        check(c.max_sessions > 0, file, text, "max_sessions", "max_sessions", "must be > 0".into())?;
         check(
             (1..=MAX_PATHS).contains(&c.max_paths_per_session),
             file,
@@ -470,25 +376,11 @@ mod tests {
 
     #[test]
     fn bridges_file() {
-        let b = parse_bridges(
-            "b.conf",
-            "# relays\n10.0.0.1 4000\n\n  relay.example 4001 # second\n",
-        )
-        .unwrap();
+        let b = parse_bridges("b.conf", "# relays\n10.0.0.1 4000\n\n  relay.example 4001 # second\n").unwrap();
         assert_eq!(b.len(), 2);
-        assert_eq!(
-            b[1],
-            Bridge {
-                host: "relay.example".into(),
-                port: 4001,
-                line: 4
-            }
-        );
+        assert_eq!(b[1], Bridge { host: "relay.example".into(), port: 4001, line: 4 });
         let e = parse_bridges("b.conf", "10.0.0.1 4000\n10.0.0.2\n").unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "b.conf:2: expected `host port`, got `10.0.0.2`"
-        );
+        assert_eq!(e.to_string(), "b.conf:2: expected `host port`, got `10.0.0.2`");
         let e = parse_bridges("b.conf", "h 99999\n").unwrap_err();
         assert_eq!(e.line, Some(1));
         assert!(parse_bridges("b.conf", "# nothing\n").is_err());
@@ -501,25 +393,18 @@ mod tests {
         assert_eq!(c.paths.len(), 2);
         assert_eq!(c.cipher, Cipher::Aes256Gcm);
 
-        let e =
-            ClientConfig::parse("c.yaml", "paths:\n  - remote: a:1\n    remtoe: x\n").unwrap_err();
+        let e = ClientConfig::parse("c.yaml", "paths:\n  - remote: a:1\n    remtoe: x\n").unwrap_err();
         assert_eq!(e.line, Some(3), "{e}");
         assert!(e.to_string().contains("remtoe"), "{e}");
 
-        let e = ClientConfig::parse("c.yaml", "paths:\n  - remote: a:1\n  - remote: nope\n")
-            .unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "c.yaml:3: paths[1].remote: `nope` is not host:port"
-        );
+        let e = ClientConfig::parse("c.yaml", "paths:\n  - remote: a:1\n  - remote: nope\n").unwrap_err();
+        assert_eq!(e.to_string(), "c.yaml:3: paths[1].remote: `nope` is not host:port");
 
-        let e = ClientConfig::parse("c.yaml", "listen: 1.2.3.4\npaths:\n  - remote: a:1\n")
-            .unwrap_err();
+        let e = ClientConfig::parse("c.yaml", "listen: 1.2.3.4\npaths:\n  - remote: a:1\n").unwrap_err();
         assert_eq!(e.field, "listen");
         assert_eq!(e.line, Some(1));
 
-        let e =
-            ClientConfig::parse("c.yaml", "cipher: des\npaths:\n  - remote: a:1\n").unwrap_err();
+        let e = ClientConfig::parse("c.yaml", "cipher: des\npaths:\n  - remote: a:1\n").unwrap_err();
         assert_eq!(e.line, Some(1), "{e}");
     }
 
@@ -534,20 +419,10 @@ mod tests {
         assert_eq!(c.ciphers.len(), 2);
         let e = ServerConfig::parse("s.yaml", "listen: 0.0.0.0:4000\n").unwrap_err();
         assert_eq!(e.field, "target");
-        let e = ServerConfig::parse(
-            "s.yaml",
-            "listen: 0.0.0.0:4000\ntargets:\n  ssh: 127.0.0.1\n",
-        )
-        .unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "s.yaml:3: targets.ssh: `127.0.0.1` is not host:port"
-        );
-        let e = ServerConfig::parse(
-            "s.yaml",
-            "listen: 0.0.0.0:4000\ntarget: a:1\nmax_paths_per_session: 99\n",
-        )
-        .unwrap_err();
+        let e = ServerConfig::parse("s.yaml", "listen: 0.0.0.0:4000\ntargets:\n  ssh: 127.0.0.1\n").unwrap_err();
+        assert_eq!(e.to_string(), "s.yaml:3: targets.ssh: `127.0.0.1` is not host:port");
+        let e = ServerConfig::parse("s.yaml", "listen: 0.0.0.0:4000\ntarget: a:1\nmax_paths_per_session: 99\n")
+            .unwrap_err();
         assert_eq!(e.line, Some(3));
     }
 }

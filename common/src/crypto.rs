@@ -10,9 +10,8 @@
 //! header. Both are identical in every copy of a datagram (seal once, send N copies).
 
 use crate::wire::{
-    self, HandshakeInitRepr, HandshakeRespRepr, HandshakeStatus, AEAD_TAG_LEN,
-    HANDSHAKE_INIT_MAX_LEN, HANDSHAKE_MAC_LEN, HANDSHAKE_RESP_BODY_LEN, HANDSHAKE_RESP_LEN,
-    TRANSPORT_HEADER_LEN,
+    self, HandshakeInitRepr, HandshakeRespRepr, HandshakeStatus, AEAD_TAG_LEN, HANDSHAKE_INIT_MAX_LEN,
+    HANDSHAKE_MAC_LEN, HANDSHAKE_RESP_BODY_LEN, HANDSHAKE_RESP_LEN, TRANSPORT_HEADER_LEN,
 };
 use crate::SessionId;
 use base64::Engine as _;
@@ -24,10 +23,7 @@ pub const PSK_LEN: usize = 32;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read key file {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("key file {path}: expected one line of base64 encoding {PSK_LEN} bytes (make one with `genkey`)")]
     Format { path: String },
 }
@@ -45,9 +41,7 @@ impl std::fmt::Debug for Psk {
 impl Psk {
     pub fn generate() -> Self {
         let mut k = [0u8; PSK_LEN];
-        SystemRandom::new()
-            .fill(&mut k)
-            .expect("system random source");
+        SystemRandom::new().fill(&mut k).expect("system random source");
         Self(k)
     }
 
@@ -60,9 +54,7 @@ impl Psk {
     }
 
     pub fn from_base64(s: &str) -> Option<Self> {
-        let v = base64::engine::general_purpose::STANDARD
-            .decode(s.trim())
-            .ok()?;
+        let v = base64::engine::general_purpose::STANDARD.decode(s.trim()).ok()?;
         let k: [u8; PSK_LEN] = v.try_into().ok()?;
         Some(Self(k))
     }
@@ -71,10 +63,7 @@ impl Psk {
     /// a warning to show the operator.
     pub fn load(path: &Path) -> Result<(Self, Option<String>), KeyError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
-            path: p.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io { path: p.clone(), source })?;
         let key = Self::from_base64(&text).ok_or(KeyError::Format { path: p.clone() })?;
         let mut warning = None;
         #[cfg(unix)]
@@ -83,9 +72,7 @@ impl Psk {
             if let Ok(meta) = std::fs::metadata(path) {
                 let mode = meta.permissions().mode() & 0o777;
                 if mode & 0o077 != 0 {
-                    warning = Some(format!(
-                        "key file {p} has loose permissions {mode:o}; run `chmod 600 {p}`"
-                    ));
+                    warning = Some(format!("key file {p} has loose permissions {mode:o}; run `chmod 600 {p}`"));
                 }
             }
         }
@@ -109,9 +96,7 @@ impl Psk {
     fn mac_key(&self) -> hmac::Key {
         let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"mpt v1 handshake mac");
         let prk = salt.extract(&self.0);
-        let okm = prk
-            .expand(&[b"mac"], hmac::HMAC_SHA256)
-            .expect("hkdf length");
+        let okm = prk.expand(&[b"mac"], hmac::HMAC_SHA256).expect("hkdf length");
         hmac::Key::from(okm)
     }
 }
@@ -201,11 +186,7 @@ impl SessionKeys {
         let (header, rest) = buf.split_at_mut(TRANSPORT_HEADER_LEN);
         let tag = self
             .seal
-            .seal_in_place_separate_tag(
-                nonce(self.seal_dir, seq),
-                aead::Aad::from(&*header),
-                &mut rest[..plain_len],
-            )
+            .seal_in_place_separate_tag(nonce(self.seal_dir, seq), aead::Aad::from(&*header), &mut rest[..plain_len])
             .expect("in-place seal of a bounded buffer");
         rest[plain_len..plain_len + AEAD_TAG_LEN].copy_from_slice(tag.as_ref());
         TRANSPORT_HEADER_LEN + plain_len + AEAD_TAG_LEN
@@ -234,22 +215,13 @@ impl hkdf::KeyType for OkmLen {
     }
 }
 
-fn derive_keys(
-    psk: &Psk,
-    shared: &[u8],
-    transcript: &[u8],
-    cipher: Cipher,
-    is_client: bool,
-) -> SessionKeys {
+fn derive_keys(psk: &Psk, shared: &[u8], transcript: &[u8], cipher: Cipher, is_client: bool) -> SessionKeys {
     let th = digest::digest(&digest::SHA256, transcript);
     let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, &psk.0);
     let prk = salt.extract(shared);
     let info = [b"mpt v1 session keys".as_slice(), th.as_ref()];
     let mut okm = [0u8; 64];
-    prk.expand(&info, OkmLen(64))
-        .expect("hkdf length")
-        .fill(&mut okm)
-        .expect("hkdf fill");
+    prk.expand(&info, OkmLen(64)).expect("hkdf length").fill(&mut okm).expect("hkdf fill");
     let alg = cipher.algorithm();
     let c2s = aead::LessSafeKey::new(aead::UnboundKey::new(alg, &okm[..32]).expect("key length"));
     let s2c = aead::LessSafeKey::new(aead::UnboundKey::new(alg, &okm[32..]).expect("key length"));
@@ -299,37 +271,17 @@ pub struct ClientHandshake {
 
 impl ClientHandshake {
     /// Starts a handshake for `session`; the init datagram is `self.init()`.
-    pub fn new(
-        psk: &Psk,
-        rng: &dyn SecureRandom,
-        session: SessionId,
-        cipher: Cipher,
-        target: &str,
-    ) -> Self {
-        let private = agreement::EphemeralPrivateKey::generate(&agreement::X25519, rng)
-            .expect("x25519 keygen");
+    pub fn new(psk: &Psk, rng: &dyn SecureRandom, session: SessionId, cipher: Cipher, target: &str) -> Self {
+        let private = agreement::EphemeralPrivateKey::generate(&agreement::X25519, rng).expect("x25519 keygen");
         let public = private.compute_public_key().expect("x25519 public key");
         let mut pk = [0u8; 32];
         pk.copy_from_slice(public.as_ref());
-        let repr = HandshakeInitRepr {
-            cipher: cipher.id(),
-            session,
-            public: pk,
-            target,
-        };
+        let repr = HandshakeInitRepr { cipher: cipher.id(), session, public: pk, target };
         let mut init = [0u8; HANDSHAKE_INIT_MAX_LEN];
-        let body = repr
-            .emit_body(&mut init)
-            .expect("target name length is validated by config");
+        let body = repr.emit_body(&mut init).expect("target name length is validated by config");
         let tag = hmac::sign(&psk.mac_key(), &init[..body]);
         init[body..body + HANDSHAKE_MAC_LEN].copy_from_slice(tag.as_ref());
-        Self {
-            session,
-            cipher,
-            private: Some(private),
-            init,
-            init_len: body + HANDSHAKE_MAC_LEN,
-        }
+        Self { session, cipher, private: Some(private), init, init_len: body + HANDSHAKE_MAC_LEN }
     }
 
     pub fn session(&self) -> SessionId {
@@ -352,22 +304,16 @@ impl ClientHandshake {
         let tlen = self.init_len + HANDSHAKE_RESP_BODY_LEN;
         transcript[..self.init_len].copy_from_slice(self.init());
         transcript[self.init_len..tlen].copy_from_slice(&resp[..HANDSHAKE_RESP_BODY_LEN]);
-        hmac::verify(
-            &psk.mac_key(),
-            &transcript[..tlen],
-            &resp[HANDSHAKE_RESP_BODY_LEN..],
-        )
-        .map_err(|_| HandshakeError::BadMac)?;
+        hmac::verify(&psk.mac_key(), &transcript[..tlen], &resp[HANDSHAKE_RESP_BODY_LEN..])
+            .map_err(|_| HandshakeError::BadMac)?;
         if repr.status != HandshakeStatus::Ok {
             return Err(HandshakeError::Refused(repr.status));
         }
         let private = self.private.take().ok_or(HandshakeError::Agreement)?;
         let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, repr.public);
         let cipher = self.cipher;
-        agreement::agree_ephemeral(private, &peer, |shared| {
-            derive_keys(psk, shared, &transcript[..tlen], cipher, true)
-        })
-        .map_err(|_| HandshakeError::Agreement)
+        agreement::agree_ephemeral(private, &peer, |shared| derive_keys(psk, shared, &transcript[..tlen], cipher, true))
+            .map_err(|_| HandshakeError::Agreement)
     }
 }
 
@@ -381,13 +327,8 @@ pub struct AcceptedInit<'a> {
 /// Checks an init's MAC and parses it. Nothing is answered unless this succeeds.
 pub fn verify_init<'a>(psk: &Psk, init: &'a [u8]) -> Result<AcceptedInit<'a>, HandshakeError> {
     let (repr, body_len) = HandshakeInitRepr::parse(init)?;
-    hmac::verify(&psk.mac_key(), &init[..body_len], &init[body_len..])
-        .map_err(|_| HandshakeError::BadMac)?;
-    Ok(AcceptedInit {
-        session: repr.session,
-        cipher: Cipher::from_id(repr.cipher),
-        target: repr.target,
-    })
+    hmac::verify(&psk.mac_key(), &init[..body_len], &init[body_len..]).map_err(|_| HandshakeError::BadMac)?;
+    Ok(AcceptedInit { session: repr.session, cipher: Cipher::from_id(repr.cipher), target: repr.target })
 }
 
 /// Builds the server's response to a verified init. With `HandshakeStatus::Ok` it also
@@ -406,21 +347,12 @@ pub fn respond(
     let mut private = None;
     if status == HandshakeStatus::Ok {
         let cipher = Cipher::from_id(repr.cipher).ok_or(HandshakeError::UnknownCipher)?;
-        let p = agreement::EphemeralPrivateKey::generate(&agreement::X25519, rng)
-            .map_err(|_| HandshakeError::Agreement)?;
-        public.copy_from_slice(
-            p.compute_public_key()
-                .map_err(|_| HandshakeError::Agreement)?
-                .as_ref(),
-        );
+        let p =
+            agreement::EphemeralPrivateKey::generate(&agreement::X25519, rng).map_err(|_| HandshakeError::Agreement)?;
+        public.copy_from_slice(p.compute_public_key().map_err(|_| HandshakeError::Agreement)?.as_ref());
         private = Some((p, cipher));
     }
-    HandshakeRespRepr {
-        status,
-        session: repr.session,
-        public,
-    }
-    .emit_body(&mut body);
+    HandshakeRespRepr { status, session: repr.session, public }.emit_body(&mut body);
     let mut ctx = hmac::Context::with_key(&psk.mac_key());
     ctx.update(init);
     ctx.update(&body);
@@ -432,10 +364,8 @@ pub fn respond(
         transcript.extend_from_slice(init);
         transcript.extend_from_slice(&body);
         keys = Some(
-            agreement::agree_ephemeral(p, &peer, |shared| {
-                derive_keys(psk, shared, &transcript, cipher, false)
-            })
-            .map_err(|_| HandshakeError::Agreement)?,
+            agreement::agree_ephemeral(p, &peer, |shared| derive_keys(psk, shared, &transcript, cipher, false))
+                .map_err(|_| HandshakeError::Agreement)?,
         );
     }
     Ok(keys)
@@ -454,9 +384,7 @@ mod tests {
         let acc = verify_init(&psk, &init).unwrap();
         assert_eq!(acc.session, SessionId(42));
         let mut resp = [0u8; HANDSHAKE_RESP_LEN];
-        let server = respond(&psk, &rng, &init, HandshakeStatus::Ok, &mut resp)
-            .unwrap()
-            .unwrap();
+        let server = respond(&psk, &rng, &init, HandshakeStatus::Ok, &mut resp).unwrap().unwrap();
         let client = hs.finish(&psk, &resp).unwrap();
         (client, server)
     }
@@ -475,10 +403,7 @@ mod tests {
             let n = seal_data(&c, 7, b"hello", &mut buf);
             assert_eq!(n, TRANSPORT_HEADER_LEN + 5 + AEAD_TAG_LEN);
             assert_eq!(s.open(7, &mut buf[..n]).unwrap(), 5);
-            assert_eq!(
-                &buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + 5],
-                b"hello"
-            );
+            assert_eq!(&buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + 5], b"hello");
             let n = seal_data(&s, 7, b"back", &mut buf);
             assert_eq!(c.open(7, &mut buf[..n]).unwrap(), 4);
             // a datagram sealed by one side cannot be opened by itself (direction differs)
@@ -495,16 +420,10 @@ mod tests {
         for i in 0..n {
             let mut t = buf;
             t[i] ^= 0x40;
-            assert!(
-                s.open(1, &mut t[..n]).is_err(),
-                "flip at byte {i} not detected"
-            );
+            assert!(s.open(1, &mut t[..n]).is_err(), "flip at byte {i} not detected");
         }
         let mut t = buf;
-        assert!(
-            s.open(2, &mut t[..n]).is_err(),
-            "wrong sequence number accepted"
-        );
+        assert!(s.open(2, &mut t[..n]).is_err(), "wrong sequence number accepted");
         assert!(s.open(1, &mut t[..10]).is_err());
     }
 
@@ -515,10 +434,7 @@ mod tests {
         let rng = SystemRandom::new();
         let mut hs = ClientHandshake::new(&psk, &rng, SessionId(1), Cipher::Aes256Gcm, "ssh");
         let init = hs.init().to_vec();
-        assert_eq!(
-            verify_init(&other, &init).err(),
-            Some(HandshakeError::BadMac)
-        );
+        assert_eq!(verify_init(&other, &init).err(), Some(HandshakeError::BadMac));
         let mut t = init.clone();
         t[5] ^= 1;
         assert_eq!(verify_init(&psk, &t).err(), Some(HandshakeError::BadMac));
@@ -533,10 +449,7 @@ mod tests {
         assert_eq!(hs.finish(&psk, &resp).err(), Some(HandshakeError::BadMac));
         // a signed refusal is reported
         respond(&psk, &rng, &init, HandshakeStatus::UnknownTarget, &mut resp).unwrap();
-        assert_eq!(
-            hs.finish(&psk, &resp).err(),
-            Some(HandshakeError::Refused(HandshakeStatus::UnknownTarget))
-        );
+        assert_eq!(hs.finish(&psk, &resp).err(), Some(HandshakeError::Refused(HandshakeStatus::UnknownTarget)));
         // the real answer still works after the rejected ones
         respond(&psk, &rng, &init, HandshakeStatus::Ok, &mut resp).unwrap();
         assert!(hs.finish(&psk, &resp).is_ok());
@@ -551,14 +464,10 @@ mod tests {
         let mut hs = ClientHandshake::new(&psk, &rng, SessionId(5), Cipher::Aes256Gcm, "");
         let init = hs.init().to_vec();
         let mut resp = [0u8; HANDSHAKE_RESP_LEN];
-        let s1 = respond(&psk, &rng, &init, HandshakeStatus::Ok, &mut resp)
-            .unwrap()
-            .unwrap();
+        let s1 = respond(&psk, &rng, &init, HandshakeStatus::Ok, &mut resp).unwrap().unwrap();
         let c = hs.finish(&psk, &resp).unwrap();
         let mut resp2 = [0u8; HANDSHAKE_RESP_LEN];
-        let s2 = respond(&psk, &rng, &init, HandshakeStatus::Ok, &mut resp2)
-            .unwrap()
-            .unwrap();
+        let s2 = respond(&psk, &rng, &init, HandshakeStatus::Ok, &mut resp2).unwrap().unwrap();
         let mut buf = [0u8; 64];
         emit_transport_header(&mut buf, SessionId(5), 0);
         buf[17] = 9;
@@ -579,10 +488,7 @@ mod tests {
         let (loaded, warn) = Psk::load(&path).unwrap();
         assert_eq!(loaded.0, k.0);
         assert!(warn.is_none());
-        assert!(
-            k.write_new(&path).is_err(),
-            "must not overwrite an existing key"
-        );
+        assert!(k.write_new(&path).is_err(), "must not overwrite an existing key");
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

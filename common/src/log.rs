@@ -19,9 +19,7 @@ pub fn init(level: &str) -> (slog::Logger, LogGuard) {
     };
     let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
     let drain = slog_term::FullFormat::new(decorator).build().fuse();
-    let (drain, guard) = slog_async::Async::new(drain)
-        .chan_size(4096)
-        .build_with_guard();
+    let (drain, guard) = slog_async::Async::new(drain).chan_size(4096).build_with_guard();
     let drain = drain.filter_level(level).fuse();
     (slog::Logger::root(drain, slog::o!()), LogGuard(guard))
 }

@@ -7,14 +7,23 @@
 //! is still probed, and the first answer brings it back.
 
 use crate::stats::PathState;
-use crate::wire::{ProbeReplyRepr, ProbeRepr, PROBE_FLAG_PATH_DOWN};
+use crate::wire::{ProbeReplyRepr, ProbeRepr, PROBE_FLAG_PATH_DOWN, PROBE_REPLY_FLAG_VALIDATED};
 use std::time::{Duration, Instant};
 
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// Once two probes in a row went unanswered, probe this often: a lossy path gets more
+/// chances to answer before it is declared down, a dead one is still found within ~1 s.
+pub const SUSPECT_PROBE_INTERVAL: Duration = Duration::from_millis(100);
+const SUSPECT_AFTER_UNANSWERED: u32 = 2;
+/// Until the server reports the path validated, probe this often: until then it may
+/// send there only as many bytes as it received (anti-amplification), so a quick
+/// validation restores full redundancy on a new or changed path.
+pub const VALIDATION_PROBE_INTERVAL: Duration = Duration::from_millis(50);
 /// A path whose probes got no answer for this long is down.
 pub const PATH_DOWN_AFTER: Duration = Duration::from_millis(1000);
-/// ... provided at least this many probes went unanswered in that time.
-const PATH_DOWN_MIN_UNANSWERED: u32 = 3;
+/// ... provided at least this many probes went unanswered in that time (at 20% loss each
+/// way a probe round trip fails 36% of the time; 0.36^6 makes false alarms rare).
+const PATH_DOWN_MIN_UNANSWERED: u32 = 6;
 /// Replies claiming an RTT above this are ignored for RTT (clock wrap or garbage).
 const MAX_PLAUSIBLE_RTT_US: u32 = 30_000_000;
 
@@ -37,6 +46,8 @@ pub struct ProbeTracker {
     loss_down: Option<f64>,
     /// The server's current challenge for this path, echoed in the next probe.
     challenge: u64,
+    /// The server's last word on whether it has validated this path.
+    server_validated: bool,
     state: PathState,
 }
 
@@ -56,6 +67,7 @@ impl ProbeTracker {
             loss_up: None,
             loss_down: None,
             challenge: 0,
+            server_validated: false,
             state: PathState::Probing,
         }
     }
@@ -78,14 +90,17 @@ impl ProbeTracker {
         self.last_sent = self.last_sent.wrapping_add(1).max(1);
         self.replied <<= 1;
         self.sent_since_reply += 1;
-        self.next_probe_at = now + PROBE_INTERVAL;
+        let interval = if !self.server_validated {
+            VALIDATION_PROBE_INTERVAL
+        } else if self.sent_since_reply > SUSPECT_AFTER_UNANSWERED {
+            SUSPECT_PROBE_INTERVAL
+        } else {
+            PROBE_INTERVAL
+        };
+        self.next_probe_at = now + interval;
         ProbeRepr {
             path_id: self.path_id,
-            flags: if self.state == PathState::Down {
-                PROBE_FLAG_PATH_DOWN
-            } else {
-                0
-            },
+            flags: if self.state == PathState::Down { PROBE_FLAG_PATH_DOWN } else { 0 },
             probe_seq: self.last_sent,
             tx_time_us: now_us,
             echo_challenge: self.challenge,
@@ -112,6 +127,7 @@ impl ProbeTracker {
             self.last_rtt_us = Some(rtt);
         }
         self.update_loss(r);
+        self.server_validated = r.flags & PROBE_REPLY_FLAG_VALIDATED != 0;
         let new_challenge = r.challenge != self.challenge;
         self.challenge = r.challenge;
         let came_up = self.state != PathState::Up;
@@ -146,6 +162,16 @@ impl ProbeTracker {
         if down_total > 0 {
             self.loss_down = Some(down_lost as f64 / down_total as f64);
         }
+    }
+
+    /// An authenticated datagram (data, not only a probe reply) arrived on this path: it
+    /// works towards us. Returns true if the path just came up.
+    pub fn on_authenticated_rx(&mut self, now: Instant) -> bool {
+        self.last_reply_at = Some(now);
+        self.sent_since_reply = 0;
+        let came_up = self.state != PathState::Up;
+        self.state = PathState::Up;
+        came_up
     }
 
     /// Updates the up/down state. Returns true if the path just went down.
@@ -223,6 +249,7 @@ mod tests {
             challenge: 7,
             rx_highest: receipts.highest(),
             rx_bitmap: receipts.bitmap(),
+            flags: PROBE_REPLY_FLAG_VALIDATED,
         }
     }
 
@@ -265,9 +292,7 @@ mod tests {
             us += 200_000;
         }
         let last_reply = t0 + PROBE_INTERVAL * 38 + Duration::from_millis(10);
-        let took = went_down_at
-            .expect("path must go down")
-            .duration_since(last_reply);
+        let took = went_down_at.expect("path must go down").duration_since(last_reply);
         assert!(took <= Duration::from_millis(1300), "{took:?}");
         // and up again on the next answer, with the down flag on probes meanwhile
         let p = t.make_probe(now, us);
@@ -288,6 +313,7 @@ mod tests {
             challenge: 1,
             rx_highest: 5,
             rx_bitmap: 1,
+            flags: 0,
         };
         assert_eq!(t.on_reply(t0, 0, &r), (false, false));
         assert_eq!(t.state(), PathState::Probing);

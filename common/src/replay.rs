@@ -44,18 +44,11 @@ impl std::fmt::Debug for ReplayWindow {
 
 impl ReplayWindow {
     pub fn new() -> Self {
-        Self {
-            top: 0,
-            any: false,
-            bitmap: Box::new([0; REPLAY_BLOCKS]),
-        }
+        Self { top: 0, any: false, bitmap: Box::new([0; REPLAY_BLOCKS]) }
     }
 
     fn slot(seq: u64) -> (usize, u64) {
-        (
-            ((seq / BLOCK_BITS) as usize) & (REPLAY_BLOCKS - 1),
-            1u64 << (seq % BLOCK_BITS),
-        )
+        (((seq / BLOCK_BITS) as usize) & (REPLAY_BLOCKS - 1), 1u64 << (seq % BLOCK_BITS))
     }
 
     /// Would `seq` be accepted? Does not change the window.
@@ -163,21 +156,19 @@ mod tests {
     /// Sequences as several paths would deliver them: each path in order with its own
     /// delay, losses, and occasional jumps far ahead of the window.
     fn multipath_sequence() -> impl Strategy<Value = Vec<u64>> {
-        prop::collection::vec((0u64..3, 0u64..200, prop::bool::weighted(0.02)), 1..600).prop_map(
-            |steps| {
-                let mut base = 0u64;
-                let mut out = Vec::new();
-                for (path, lag, jump) in steps {
-                    if jump {
-                        base += REPLAY_WINDOW + 1000;
-                    }
-                    base += 1;
-                    out.push(base.saturating_sub(lag * path));
-                    out.push(base);
+        prop::collection::vec((0u64..3, 0u64..200, prop::bool::weighted(0.02)), 1..600).prop_map(|steps| {
+            let mut base = 0u64;
+            let mut out = Vec::new();
+            for (path, lag, jump) in steps {
+                if jump {
+                    base += REPLAY_WINDOW + 1000;
                 }
-                out
-            },
-        )
+                base += 1;
+                out.push(base.saturating_sub(lag * path));
+                out.push(base);
+            }
+            out
+        })
     }
 
     proptest! {

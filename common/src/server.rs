@@ -14,14 +14,11 @@
 use crate::crypto::{self, Cipher, Psk, SessionKeys};
 use crate::path::ProbeReceipts;
 use crate::replay::{ReplayVerdict, ReplayWindow};
-use crate::stats::{
-    DropCounters, DropReason, PathState, PathStatus, SessionStatus, StatusReport, Traffic,
-};
+use crate::stats::{DropCounters, DropReason, PathState, PathStatus, SessionStatus, StatusReport, Traffic};
 use crate::wire::{
-    self, emit_transport_header, HandshakeStatus, InnerRepr, ProbeReplyRepr, TransportPacket,
-    DATA_PAYLOAD_OFFSET, HANDSHAKE_INIT_MAX_LEN, HANDSHAKE_RESP_LEN, INNER_DATA, MAX_APP_PAYLOAD,
-    PROBE_FLAG_PATH_DOWN, TRANSPORT_HEADER_LEN, TYPE_HANDSHAKE_INIT, TYPE_HANDSHAKE_RESP,
-    TYPE_TRANSPORT,
+    self, emit_transport_header, HandshakeStatus, InnerRepr, ProbeReplyRepr, TransportPacket, DATA_PAYLOAD_OFFSET,
+    HANDSHAKE_INIT_MAX_LEN, HANDSHAKE_RESP_LEN, INNER_DATA, MAX_APP_PAYLOAD, PROBE_FLAG_PATH_DOWN,
+    PROBE_REPLY_FLAG_VALIDATED, TRANSPORT_HEADER_LEN, TYPE_HANDSHAKE_INIT, TYPE_HANDSHAKE_RESP, TYPE_TRANSPORT,
 };
 use crate::{PathMask, SessionId, MAX_PATHS};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -62,32 +59,12 @@ pub type SessionSlot = usize;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerEvent {
-    SessionOpened {
-        slot: SessionSlot,
-        id: SessionId,
-        target: SocketAddr,
-        cipher: Cipher,
-    },
-    SessionClosed {
-        slot: SessionSlot,
-        id: SessionId,
-    },
-    PathAdded {
-        slot: SessionSlot,
-        addr: SocketAddr,
-    },
-    PathValidated {
-        slot: SessionSlot,
-        addr: SocketAddr,
-    },
-    PathRemoved {
-        slot: SessionSlot,
-        addr: SocketAddr,
-    },
-    Refused {
-        from: SocketAddr,
-        status: HandshakeStatus,
-    },
+    SessionOpened { slot: SessionSlot, id: SessionId, target: SocketAddr, cipher: Cipher },
+    SessionClosed { slot: SessionSlot, id: SessionId },
+    PathAdded { slot: SessionSlot, addr: SocketAddr },
+    PathValidated { slot: SessionSlot, addr: SocketAddr },
+    PathRemoved { slot: SessionSlot, addr: SocketAddr },
+    Refused { from: SocketAddr, status: HandshakeStatus },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,13 +90,16 @@ struct ServerPath {
     last_rx: Instant,
     rx: Traffic,
     tx: Traffic,
+    /// Every byte received from this address for this session, duplicates included:
+    /// the anti-amplification budget before validation.
+    heard_bytes: u64,
     receipts: ProbeReceipts,
 }
 
 impl ServerPath {
     /// Bytes we may still send before validation (anti-amplification).
     fn budget(&self) -> u64 {
-        self.rx.bytes.saturating_sub(self.tx.bytes)
+        self.heard_bytes.saturating_sub(self.tx.bytes)
     }
 }
 
@@ -155,10 +135,7 @@ pub struct Server {
 
 impl Server {
     pub fn new(psk: Psk, cfg: ServerCoreConfig, now: Instant) -> Self {
-        assert!(
-            cfg.max_paths_per_session >= 1 && cfg.max_paths_per_session <= MAX_PATHS,
-            "validated by config"
-        );
+        assert!(cfg.max_paths_per_session >= 1 && cfg.max_paths_per_session <= MAX_PATHS, "validated by config");
         Self {
             psk,
             rng: SystemRandom::new(),
@@ -212,15 +189,11 @@ impl Server {
             Err(_) => return self.drop_global(DropReason::Malformed),
         };
         if let Some(&slot) = self.by_id.get(&accepted.session) {
-            let s = self.sessions[slot]
-                .as_mut()
-                .expect("indexed session exists");
+            let s = self.sessions[slot].as_mut().expect("indexed session exists");
             if &s.init[..s.init_len] == buf {
                 // the same init over another path: the same answer, no new state
                 out.copy_from_slice(&s.response);
-                return ServerRecv::Reply {
-                    len: HANDSHAKE_RESP_LEN,
-                };
+                return ServerRecv::Reply { len: HANDSHAKE_RESP_LEN };
             }
             return self.drop_global(DropReason::Unexpected);
         }
@@ -231,9 +204,7 @@ impl Server {
         };
         let status = match (target, accepted.cipher) {
             (None, _) => HandshakeStatus::UnknownTarget,
-            (_, c) if c.is_none_or(|c| !self.cfg.ciphers.contains(&c)) => {
-                HandshakeStatus::CipherRefused
-            }
+            (_, c) if c.is_none_or(|c| !self.cfg.ciphers.contains(&c)) => HandshakeStatus::CipherRefused,
             _ if self.by_id.len() >= self.cfg.max_sessions => HandshakeStatus::ServerFull,
             _ => HandshakeStatus::Ok,
         };
@@ -245,9 +216,7 @@ impl Server {
         let (Some(keys), Some(target)) = (keys, target) else {
             self.drops.count(DropReason::Refused);
             self.events.push_back(ServerEvent::Refused { from, status });
-            return ServerRecv::Reply {
-                len: HANDSHAKE_RESP_LEN,
-            };
+            return ServerRecv::Reply { len: HANDSHAKE_RESP_LEN };
         };
         let mut init = [0u8; HANDSHAKE_INIT_MAX_LEN];
         init[..buf.len()].copy_from_slice(buf);
@@ -279,15 +248,8 @@ impl Server {
             }
         };
         self.by_id.insert(id, slot);
-        self.events.push_back(ServerEvent::SessionOpened {
-            slot,
-            id,
-            target,
-            cipher,
-        });
-        ServerRecv::Reply {
-            len: HANDSHAKE_RESP_LEN,
-        }
+        self.events.push_back(ServerEvent::SessionOpened { slot, id, target, cipher });
+        ServerRecv::Reply { len: HANDSHAKE_RESP_LEN }
     }
 
     fn recv_transport(
@@ -305,9 +267,12 @@ impl Server {
             return self.drop_global(DropReason::UnknownSession);
         };
         let max_paths = self.cfg.max_paths_per_session;
-        let s = self.sessions[slot]
-            .as_mut()
-            .expect("indexed session exists");
+        let s = self.sessions[slot].as_mut().expect("indexed session exists");
+        let datagram_len = buf.len();
+        let known_path = s.paths.iter().position(|p| p.addr == from);
+        if let Some(i) = known_path {
+            s.paths[i].heard_bytes += datagram_len as u64;
+        }
         match s.replay.check(seq) {
             ReplayVerdict::Fresh => {}
             ReplayVerdict::Duplicate => {
@@ -319,16 +284,21 @@ impl Server {
                 return ServerRecv::Dropped(DropReason::TooOld);
             }
         }
-        let datagram_len = buf.len();
         let Ok(plain_len) = s.keys.open(seq, buf) else {
             s.drops.count(DropReason::AuthFailed);
             return ServerRecv::Dropped(DropReason::AuthFailed);
         };
         s.replay.mark(seq);
         s.last_rx = Some(now);
-        let path = match s.paths.iter().position(|p| p.addr == from) {
+        let path = match known_path {
             Some(i) => Some(i),
-            None => s.learn_path(now, from, &self.rng, max_paths, slot, &mut self.events),
+            None => {
+                let i = s.learn_path(now, from, &self.rng, max_paths, slot, &mut self.events);
+                if let Some(i) = i {
+                    s.paths[i].heard_bytes += datagram_len as u64;
+                }
+                i
+            }
         };
         if let Some(i) = path {
             let p = &mut s.paths[i];
@@ -339,10 +309,7 @@ impl Server {
         match InnerRepr::parse(plain) {
             Ok(InnerRepr::Data(d)) => {
                 s.rx.add(d.len());
-                ServerRecv::Forward {
-                    slot,
-                    payload: DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + d.len(),
-                }
+                ServerRecv::Forward { slot, payload: DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + d.len() }
             }
             Ok(InnerRepr::Probe(probe)) => {
                 let Some(i) = path else {
@@ -356,8 +323,7 @@ impl Server {
                 p.receipts.on_probe(probe.probe_seq);
                 if !p.validated && probe.echo_challenge == p.challenge {
                     p.validated = true;
-                    self.events
-                        .push_back(ServerEvent::PathValidated { slot, addr: from });
+                    self.events.push_back(ServerEvent::PathValidated { slot, addr: from });
                 }
                 let reply = InnerRepr::ProbeReply(ProbeReplyRepr {
                     path_id: probe.path_id,
@@ -366,13 +332,12 @@ impl Server {
                     challenge: p.challenge,
                     rx_highest: p.receipts.highest(),
                     rx_bitmap: p.receipts.bitmap(),
+                    flags: if p.validated { PROBE_REPLY_FLAG_VALIDATED } else { 0 },
                 });
                 let n = s.send_seq;
                 s.send_seq += 1;
                 emit_transport_header(out, s.id, n);
-                let plain = reply
-                    .emit(&mut out[TRANSPORT_HEADER_LEN..])
-                    .expect("reply fits");
+                let plain = reply.emit(&mut out[TRANSPORT_HEADER_LEN..]).expect("reply fits");
                 let len = s.keys.seal(n, out, plain);
                 s.paths[i].tx.add(len);
                 ServerRecv::Reply { len }
@@ -413,9 +378,7 @@ impl Server {
         for (i, p) in s.paths.iter().enumerate() {
             if p.validated {
                 validated.insert(i);
-                if !p.client_says_down
-                    && now.saturating_duration_since(p.last_rx) < PATH_SILENT_AFTER
-                {
+                if !p.client_says_down && now.saturating_duration_since(p.last_rx) < PATH_SILENT_AFTER {
                     paths.insert(i);
                 }
             } else if p.budget() >= len as u64 {
@@ -442,12 +405,7 @@ impl Server {
     }
 
     pub fn path_addr(&self, slot: SessionSlot, path: usize) -> Option<SocketAddr> {
-        self.sessions
-            .get(slot)?
-            .as_ref()?
-            .paths
-            .get(path)
-            .map(|p| p.addr)
+        self.sessions.get(slot)?.as_ref()?.paths.get(path).map(|p| p.addr)
     }
 
     pub fn session_target(&self, slot: SessionSlot) -> Option<SocketAddr> {
@@ -481,15 +439,13 @@ impl Server {
                 self.by_id.remove(&id);
                 self.sessions[slot] = None;
                 self.free.push(slot);
-                self.events
-                    .push_back(ServerEvent::SessionClosed { slot, id });
+                self.events.push_back(ServerEvent::SessionClosed { slot, id });
                 continue;
             }
             s.paths.retain(|p| {
                 let keep = now.saturating_duration_since(p.last_rx) < PATH_EXPIRE_AFTER;
                 if !keep {
-                    self.events
-                        .push_back(ServerEvent::PathRemoved { slot, addr: p.addr });
+                    self.events.push_back(ServerEvent::PathRemoved { slot, addr: p.addr });
                 }
                 keep
             });
@@ -504,17 +460,10 @@ impl Server {
             .map(|s| SessionStatus {
                 id: s.id.to_string(),
                 peer: s.target.to_string(),
-                state: if s.last_rx.is_some() {
-                    "established"
-                } else {
-                    "half-open"
-                }
-                .into(),
+                state: if s.last_rx.is_some() { "established" } else { "half-open" }.into(),
                 cipher: s.keys.cipher().name().into(),
                 age_s: now.saturating_duration_since(s.created).as_secs(),
-                idle_s: now
-                    .saturating_duration_since(s.last_rx.unwrap_or(s.created))
-                    .as_secs(),
+                idle_s: now.saturating_duration_since(s.last_rx.unwrap_or(s.created)).as_secs(),
                 tx: s.tx,
                 rx: s.rx,
                 drops: s.drops.clone(),
@@ -528,9 +477,7 @@ impl Server {
                         },
                         state: if !p.validated {
                             PathState::Unvalidated
-                        } else if p.client_says_down
-                            || now.saturating_duration_since(p.last_rx) >= PATH_SILENT_AFTER
-                        {
+                        } else if p.client_says_down || now.saturating_duration_since(p.last_rx) >= PATH_SILENT_AFTER {
                             PathState::Down
                         } else {
                             PathState::Up
@@ -568,18 +515,11 @@ impl ServerSession {
         events: &mut VecDeque<ServerEvent>,
     ) -> Option<usize> {
         if self.paths.len() >= max_paths {
-            let (i, oldest) = self
-                .paths
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, p)| p.last_rx)?;
+            let (i, oldest) = self.paths.iter().enumerate().min_by_key(|(_, p)| p.last_rx)?;
             if now.saturating_duration_since(oldest.last_rx) < PATH_SILENT_AFTER {
                 return None;
             }
-            events.push_back(ServerEvent::PathRemoved {
-                slot,
-                addr: oldest.addr,
-            });
+            events.push_back(ServerEvent::PathRemoved { slot, addr: oldest.addr });
             self.paths.swap_remove(i);
         }
         let mut b = [0u8; 8];
@@ -595,6 +535,7 @@ impl ServerSession {
             last_rx: now,
             rx: Traffic::default(),
             tx: Traffic::default(),
+            heard_bytes: 0,
             receipts: ProbeReceipts::default(),
         });
         events.push_back(ServerEvent::PathAdded { slot, addr: from });

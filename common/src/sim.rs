@@ -54,11 +54,7 @@ pub struct LinkDir {
 
 impl LinkDir {
     pub fn lossy(loss: f64, delay_ms: u64) -> Self {
-        Self {
-            loss,
-            delay: Duration::from_millis(delay_ms),
-            ..Self::default()
-        }
+        Self { loss, delay: Duration::from_millis(delay_ms), ..Self::default() }
     }
 }
 
@@ -191,14 +187,10 @@ impl Sim {
             let at = self.now + dir.delay + jitter;
             self.order += 1;
             let hop = match &hop {
-                Hop::ToServer { link, from } => Hop::ToServer {
-                    link: *link,
-                    from: *from,
-                },
+                Hop::ToServer { link, from } => Hop::ToServer { link: *link, from: *from },
                 Hop::ToClient { link } => Hop::ToClient { link: *link },
             };
-            self.in_flight
-                .push(Reverse((at, self.order, hop, bytes.to_vec())));
+            self.in_flight.push(Reverse((at, self.order, hop, bytes.to_vec())));
         }
     }
 
@@ -234,9 +226,7 @@ impl Sim {
     pub fn app_send(&mut self, app: SocketAddr, payload: &[u8]) -> ClientSend {
         self.buf[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + payload.len()].copy_from_slice(payload);
         let mut buf = std::mem::take(&mut self.buf);
-        let r = self
-            .client
-            .handle_app_datagram(self.now, app, &mut buf, payload.len());
+        let r = self.client.handle_app_datagram(self.now, app, &mut buf, payload.len());
         self.buf = buf;
         if let ClientSend::Sealed { len, paths } = r {
             self.send_client_paths(len, paths);
@@ -270,9 +260,7 @@ impl Sim {
                 let n = bytes.len();
                 self.buf[..n].copy_from_slice(&bytes);
                 let mut buf = std::mem::take(&mut self.buf);
-                let r = self
-                    .server
-                    .handle_datagram(self.now, from, &mut buf[..n], &mut out);
+                let r = self.server.handle_datagram(self.now, from, &mut buf[..n], &mut out);
                 match r {
                     ServerRecv::Reply { len } => self.send_to_client(from, &out[..len]),
                     ServerRecv::Forward { slot, payload } => {
@@ -282,9 +270,7 @@ impl Sim {
                             // the target answers at once, from the session's upstream socket
                             let plen = payload.len();
                             buf.copy_within(payload, DATA_PAYLOAD_OFFSET);
-                            if let Some((len, paths)) =
-                                self.server.encapsulate(self.now, slot, &mut buf, plen)
-                            {
+                            if let Some((len, paths)) = self.server.encapsulate(self.now, slot, &mut buf, plen) {
                                 for p in paths.iter() {
                                     if let Some(addr) = self.server.path_addr(slot, p) {
                                         bytes.clear();
@@ -313,15 +299,8 @@ impl Sim {
     pub fn run_until(&mut self, deadline: Instant) {
         loop {
             let next_packet = self.in_flight.peek().map(|Reverse((t, ..))| *t);
-            let next_timer = [self.client.poll_timeout(), Some(self.server.poll_timeout())]
-                .into_iter()
-                .flatten()
-                .min();
-            let next = [next_packet, next_timer]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or(deadline);
+            let next_timer = [self.client.poll_timeout(), Some(self.server.poll_timeout())].into_iter().flatten().min();
+            let next = [next_packet, next_timer].into_iter().flatten().min().unwrap_or(deadline);
             if next > deadline {
                 self.now = deadline;
                 break;

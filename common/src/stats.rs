@@ -91,11 +91,7 @@ impl DropCounters {
             ("refused", self.refused),
             ("unexpected", self.unexpected),
         ];
-        let parts: Vec<String> = pairs
-            .iter()
-            .filter(|(_, v)| *v > 0)
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
+        let parts: Vec<String> = pairs.iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("{k}={v}")).collect();
         if parts.is_empty() {
             "-".into()
         } else {
@@ -208,22 +204,11 @@ impl StatusReport {
             let _ = writeln!(
                 s,
                 "  {:<24} {:<11} {:>8} {:>8} {:>8} {:>8} {:>10} {:>12} {:>10} {:>12}",
-                "PATH",
-                "STATE",
-                "RTT ms",
-                "JIT ms",
-                "LOSS UP",
-                "LOSS DN",
-                "TX PKTS",
-                "TX BYTES",
-                "RX PKTS",
-                "RX BYTES"
+                "PATH", "STATE", "RTT ms", "JIT ms", "LOSS UP", "LOSS DN", "TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES"
             );
             for p in &sess.paths {
-                let state = serde_json::to_value(p.state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-                    .unwrap_or_default();
+                let state =
+                    serde_json::to_value(p.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
                 let _ = writeln!(
                     s,
                     "  {:<24} {:<11} {:>8} {:>8} {:>8} {:>8} {:>10} {:>12} {:>10} {:>12}",
@@ -256,11 +241,7 @@ impl StatusReport {
             rx.bytes += sess.rx.bytes;
             drops.add(&sess.drops);
             total += sess.paths.len();
-            up += sess
-                .paths
-                .iter()
-                .filter(|p| p.state == PathState::Up)
-                .count();
+            up += sess.paths.iter().filter(|p| p.state == PathState::Up).count();
         }
         format!(
             "sessions={} paths_up={}/{} tx={}p/{}B rx={}p/{}B dup={} bad_drops={}",

@@ -74,7 +74,9 @@ pub const INNER_PROBE_REPLY: u8 = 0x02;
 /// than were received (no amplification, even on an unvalidated path).
 pub const PROBE_LEN: usize = PROBE_REPLY_LEN;
 const PROBE_BODY_LEN: usize = 1 + 1 + 1 + 4 + 4 + 8;
-pub const PROBE_REPLY_LEN: usize = 1 + 1 + 4 + 4 + 8 + 4 + 8;
+pub const PROBE_REPLY_LEN: usize = 1 + 1 + 4 + 4 + 8 + 4 + 8 + 1;
+/// ProbeReply flag: the server has validated this path (the client echoed its challenge).
+pub const PROBE_REPLY_FLAG_VALIDATED: u8 = 0x01;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
@@ -172,19 +174,10 @@ impl<'a> HandshakeInitRepr<'a> {
         if b.len() != body_len + HANDSHAKE_MAC_LEN {
             return Err(WireError::Truncated);
         }
-        let target =
-            std::str::from_utf8(&b[INIT_FIXED_LEN..body_len]).map_err(|_| WireError::BadField)?;
+        let target = std::str::from_utf8(&b[INIT_FIXED_LEN..body_len]).map_err(|_| WireError::BadField)?;
         let mut public = [0u8; X25519_PUBLIC_LEN];
         public.copy_from_slice(&b[10..42]);
-        Ok((
-            Self {
-                cipher: b[1],
-                session: SessionId(be_u64(&b[2..10])),
-                public,
-                target,
-            },
-            body_len,
-        ))
+        Ok((Self { cipher: b[1], session: SessionId(be_u64(&b[2..10])), public, target }, body_len))
     }
 
     /// Length of the body (without MAC).
@@ -250,11 +243,7 @@ impl HandshakeRespRepr {
         }
         let mut public = [0u8; X25519_PUBLIC_LEN];
         public.copy_from_slice(&b[10..42]);
-        Ok(Self {
-            status: HandshakeStatus::from_u8(b[1])?,
-            session: SessionId(be_u64(&b[2..10])),
-            public,
-        })
+        Ok(Self { status: HandshakeStatus::from_u8(b[1])?, session: SessionId(be_u64(&b[2..10])), public })
     }
 
     /// Writes the MAC-covered body (`HANDSHAKE_RESP_BODY_LEN` bytes).
@@ -295,6 +284,8 @@ pub struct ProbeReplyRepr {
     pub rx_highest: u32,
     /// ... and which of the 64 probes up to it arrived (bit k = `rx_highest - k`).
     pub rx_bitmap: u64,
+    /// `PROBE_REPLY_FLAG_VALIDATED`.
+    pub flags: u8,
 }
 
 /// An inner message: the plaintext of a transport datagram.
@@ -333,6 +324,7 @@ impl<'a> InnerRepr<'a> {
                     challenge: be_u64(&body[9..17]),
                     rx_highest: be_u32(&body[17..21]),
                     rx_bitmap: be_u64(&body[21..29]),
+                    flags: body[29],
                 }))
             }
             _ => Err(WireError::UnknownType),
@@ -375,6 +367,7 @@ impl<'a> InnerRepr<'a> {
                 b[10..18].copy_from_slice(&r.challenge.to_be_bytes());
                 b[18..22].copy_from_slice(&r.rx_highest.to_be_bytes());
                 b[22..30].copy_from_slice(&r.rx_bitmap.to_be_bytes());
+                b[30] = r.flags;
             }
         }
         Ok(len)
@@ -391,32 +384,18 @@ mod tests {
     fn transport_header_golden() {
         let mut b = [0u8; 40];
         emit_transport_header(&mut b, SID, 0x1122_3344_5566_7788);
-        assert_eq!(
-            &b[..17],
-            &[0x13, 1, 2, 3, 4, 5, 6, 7, 8, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88]
-        );
+        assert_eq!(&b[..17], &[0x13, 1, 2, 3, 4, 5, 6, 7, 8, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88]);
         let p = TransportPacket::new_checked(&b[..]).unwrap();
         assert_eq!(p.session_id(), SID);
         assert_eq!(p.seq(), 0x1122_3344_5566_7788);
-        assert_eq!(
-            TransportPacket::new_checked(&b[..33]).unwrap_err(),
-            WireError::Truncated
-        );
+        assert_eq!(TransportPacket::new_checked(&b[..33]).unwrap_err(), WireError::Truncated);
         b[0] = 0x12;
-        assert_eq!(
-            TransportPacket::new_checked(&b[..]).unwrap_err(),
-            WireError::UnknownType
-        );
+        assert_eq!(TransportPacket::new_checked(&b[..]).unwrap_err(), WireError::UnknownType);
     }
 
     #[test]
     fn handshake_init_golden() {
-        let repr = HandshakeInitRepr {
-            cipher: 1,
-            session: SID,
-            public: [0xaa; 32],
-            target: "ssh",
-        };
+        let repr = HandshakeInitRepr { cipher: 1, session: SID, public: [0xaa; 32], target: "ssh" };
         let mut b = [0u8; HANDSHAKE_INIT_MAX_LEN];
         let n = repr.emit_body(&mut b).unwrap();
         assert_eq!(n, 46);
@@ -431,29 +410,16 @@ mod tests {
         assert!(HandshakeInitRepr::parse(&b[..n + HANDSHAKE_MAC_LEN + 1]).is_err());
         let mut bad = b;
         bad[42] = 65;
-        assert_eq!(
-            HandshakeInitRepr::parse(&bad[..]).unwrap_err(),
-            WireError::BadField
-        );
+        assert_eq!(HandshakeInitRepr::parse(&bad[..]).unwrap_err(), WireError::BadField);
         let mut bad = b;
         bad[43] = 0xff;
-        assert_eq!(
-            HandshakeInitRepr::parse(&bad[..n + 32]).unwrap_err(),
-            WireError::BadField
-        );
-        assert_eq!(
-            HandshakeInitRepr::parse(&b[..10]).unwrap_err(),
-            WireError::Truncated
-        );
+        assert_eq!(HandshakeInitRepr::parse(&bad[..n + 32]).unwrap_err(), WireError::BadField);
+        assert_eq!(HandshakeInitRepr::parse(&b[..10]).unwrap_err(), WireError::Truncated);
     }
 
     #[test]
     fn handshake_resp_golden() {
-        let repr = HandshakeRespRepr {
-            status: HandshakeStatus::UnknownTarget,
-            session: SID,
-            public: [0x55; 32],
-        };
+        let repr = HandshakeRespRepr { status: HandshakeStatus::UnknownTarget, session: SID, public: [0x55; 32] };
         let mut body = [0u8; HANDSHAKE_RESP_BODY_LEN];
         repr.emit_body(&mut body);
         let mut expected = vec![0x12, 1, 1, 2, 3, 4, 5, 6, 7, 8];
@@ -463,10 +429,7 @@ mod tests {
         full[..42].copy_from_slice(&body);
         assert_eq!(HandshakeRespRepr::parse(&full).unwrap(), repr);
         full[1] = 9;
-        assert_eq!(
-            HandshakeRespRepr::parse(&full).unwrap_err(),
-            WireError::BadField
-        );
+        assert_eq!(HandshakeRespRepr::parse(&full).unwrap_err(), WireError::BadField);
     }
 
     #[test]
@@ -483,8 +446,8 @@ mod tests {
         assert_eq!(
             &b[..n],
             &[
-                1, 2, 1, 0x0a, 0x0b, 0x0c, 0x0d, 1, 2, 3, 4, 0xfe, 0xed, 0, 0, 0, 0, 0xbe, 0xef, 0,
-                0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+                1, 2, 1, 0x0a, 0x0b, 0x0c, 0x0d, 1, 2, 3, 4, 0xfe, 0xed, 0, 0, 0, 0, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0,
+                0, 0, 0, 0, 0
             ]
         );
         assert_eq!(PROBE_LEN, PROBE_REPLY_LEN);
@@ -498,14 +461,12 @@ mod tests {
             challenge: 0x0102030405060708,
             rx_highest: 7,
             rx_bitmap: 0b1011,
+            flags: PROBE_REPLY_FLAG_VALIDATED,
         });
         let n = reply.emit(&mut b).unwrap();
         assert_eq!(
             &b[..n],
-            &[
-                2, 1, 0, 0, 0, 7, 0, 0, 0, 9, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0,
-                0, 0b1011
-            ]
+            &[2, 1, 0, 0, 0, 7, 0, 0, 0, 9, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0b1011, 1]
         );
         assert_eq!(InnerRepr::parse(&b[..n]).unwrap(), reply);
 

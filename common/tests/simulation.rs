@@ -53,52 +53,24 @@ fn unique(list: &[Vec<u8>]) -> (usize, usize) {
 
 #[test]
 fn exactly_once_over_reordering_duplicating_paths() {
-    let dir = LinkDir {
-        loss: 0.0,
-        delay: Duration::from_millis(5),
-        jitter: Duration::from_millis(30),
-        duplicate: 0.2,
-    };
+    let dir = LinkDir { loss: 0.0, delay: Duration::from_millis(5), jitter: Duration::from_millis(30), duplicate: 0.2 };
     let mut sim = Sim::new(1, vec![(dir, dir); 3], Cipher::Aes256Gcm);
     establish(&mut sim);
     stream(&mut sim, 2000, Duration::from_micros(500));
     let target: Vec<Vec<u8>> = sim.target_received.iter().map(|(_, d)| d.clone()).collect();
     let back: Vec<Vec<u8>> = sim.app_received.iter().map(|(_, d)| d.clone()).collect();
-    assert_eq!(
-        unique(&target),
-        (2000, 0),
-        "every datagram reaches the target exactly once"
-    );
-    assert_eq!(
-        unique(&back),
-        (2000, 0),
-        "every echo comes back exactly once"
-    );
+    assert_eq!(unique(&target), (2000, 0), "every datagram reaches the target exactly once");
+    assert_eq!(unique(&back), (2000, 0), "every echo comes back exactly once");
 }
 
 fn residual_loss(seed: u64, loss: f64, paths: usize, cipher: Cipher) -> (f64, f64) {
-    let dir = LinkDir {
-        loss,
-        delay: Duration::from_millis(10),
-        jitter: Duration::from_millis(4),
-        duplicate: 0.0,
-    };
+    let dir = LinkDir { loss, delay: Duration::from_millis(10), jitter: Duration::from_millis(4), duplicate: 0.0 };
     let mut sim = Sim::new(seed, vec![(dir, dir); paths], cipher);
     establish(&mut sim);
     let n = 20_000;
     stream(&mut sim, n, Duration::from_micros(200));
-    let (up, dups_up) = unique(
-        &sim.target_received
-            .iter()
-            .map(|(_, d)| d.clone())
-            .collect::<Vec<_>>(),
-    );
-    let (down, dups_down) = unique(
-        &sim.app_received
-            .iter()
-            .map(|(_, d)| d.clone())
-            .collect::<Vec<_>>(),
-    );
+    let (up, dups_up) = unique(&sim.target_received.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>());
+    let (down, dups_down) = unique(&sim.app_received.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>());
     assert_eq!((dups_up, dups_down), (0, 0));
     let loss_up = 1.0 - up as f64 / n as f64;
     // the echo of what arrived: loss on the way back alone
@@ -112,14 +84,8 @@ fn residual_loss_is_the_product_of_path_losses() {
         let (up, down) = residual_loss(seed, 0.2, 3, cipher);
         let expected = 0.2f64.powi(3);
         // 20 000 datagrams: expected 160 lost each way, sd ~13
-        assert!(
-            up < expected * 1.3 && up > expected * 0.7,
-            "up {up} vs {expected}"
-        );
-        assert!(
-            down < expected * 1.3 && down > expected * 0.7,
-            "down {down} vs {expected}"
-        );
+        assert!(up < expected * 1.3 && up > expected * 0.7, "up {up} vs {expected}");
+        assert!(down < expected * 1.3 && down > expected * 0.7, "down {down} vs {expected}");
     }
     let (up, _) = residual_loss(13, 0.3, 2, Cipher::Aes256Gcm);
     assert!((up - 0.09).abs() < 0.02, "two paths at 30%: {up}");
@@ -131,36 +97,17 @@ fn dead_path_goes_down_and_comes_back() {
     let mut sim = Sim::new(3, vec![(dir, dir); 3], Cipher::Aes256Gcm);
     establish(&mut sim);
     let st = sim.client.status(sim.now, "x");
-    assert!(
-        st.sessions[0]
-            .paths
-            .iter()
-            .all(|p| p.state == PathState::Up),
-        "{st:?}"
-    );
+    assert!(st.sessions[0].paths.iter().all(|p| p.state == PathState::Up), "{st:?}");
     assert!(st.sessions[0].paths[0].rtt_ms.unwrap() > 19.0);
 
     sim.links[1].cut = true;
     sim.run_for(Duration::from_millis(1400));
     let st = sim.client.status(sim.now, "x");
-    assert_eq!(
-        st.sessions[0].paths[1].state,
-        PathState::Down,
-        "down within ~1 s"
-    );
+    assert_eq!(st.sessions[0].paths[1].state, PathState::Down, "down within ~1 s");
     // traffic keeps flowing on the other two, nothing lost
     let before = sim.counters.sent_to_server;
     stream(&mut sim, 500, Duration::from_millis(1));
-    assert_eq!(
-        unique(
-            &sim.app_received
-                .iter()
-                .map(|(_, d)| d.clone())
-                .collect::<Vec<_>>()
-        )
-        .0,
-        500
-    );
+    assert_eq!(unique(&sim.app_received.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>()).0, 500);
     // data no longer goes into the dead path: ~2 copies per datagram plus probes
     let copies = sim.counters.sent_to_server - before;
     assert!(copies < 500 * 2 + 200, "{copies} datagrams sent for 500");
@@ -168,11 +115,7 @@ fn dead_path_goes_down_and_comes_back() {
     sim.links[1].cut = false;
     sim.run_for(Duration::from_millis(600));
     let st = sim.client.status(sim.now, "x");
-    assert_eq!(
-        st.sessions[0].paths[1].state,
-        PathState::Up,
-        "back when it answers"
-    );
+    assert_eq!(st.sessions[0].paths[1].state, PathState::Up, "back when it answers");
     let server = sim.server.status(sim.now, "x");
     assert_eq!(server.sessions[0].paths.len(), 3);
 }
@@ -196,13 +139,7 @@ fn server_restart_recovers_within_two_seconds() {
     let took = first_back.expect("traffic must resume");
     assert!(took <= Duration::from_secs(2), "resumed after {took:?}");
     // queued while re-handshaking, so only what went into the dead session is lost
-    let got = unique(
-        &sim.target_received
-            .iter()
-            .map(|(_, d)| d.clone())
-            .collect::<Vec<_>>(),
-    )
-    .0;
+    let got = unique(&sim.target_received.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>()).0;
     assert!(got >= 400 - 120, "{got} of 400 reached the target");
 }
 
@@ -213,16 +150,8 @@ fn client_restart_and_relay_restart() {
     establish(&mut sim);
     sim.restart_client();
     stream(&mut sim, 50, Duration::from_millis(10));
-    assert_eq!(
-        sim.app_received.len(),
-        50,
-        "a restarted client starts a new session at once"
-    );
-    assert_eq!(
-        sim.server.session_count(),
-        2,
-        "the old session lingers until it expires"
-    );
+    assert_eq!(sim.app_received.len(), 50, "a restarted client starts a new session at once");
+    assert_eq!(sim.server.session_count(), 2, "the old session lingers until it expires");
     sim.run_for(Duration::from_secs(31));
     assert_eq!(sim.server.session_count(), 1, "... and then it is gone");
 
@@ -232,11 +161,7 @@ fn client_restart_and_relay_restart() {
         sim.restart_relay(l);
     }
     stream(&mut sim, 50, Duration::from_millis(10));
-    assert!(
-        sim.app_received.len() >= 45,
-        "{} of 50",
-        sim.app_received.len()
-    );
+    assert!(sim.app_received.len() >= 45, "{} of 50", sim.app_received.len());
     let st = sim.server.status(sim.now, "x");
     assert!(st.sessions[0].paths.len() >= 3);
 }
@@ -248,30 +173,15 @@ fn several_applications_get_separate_sessions() {
     let a: SocketAddr = "127.0.0.1:6001".parse().unwrap();
     let b: SocketAddr = "127.0.0.1:6002".parse().unwrap();
     for i in 0..20 {
-        assert_ne!(
-            sim.app_send(a, &numbered(i)),
-            ClientSend::Dropped(common::stats::DropReason::QueueFull)
-        );
+        assert_ne!(sim.app_send(a, &numbered(i)), ClientSend::Dropped(common::stats::DropReason::QueueFull));
         sim.app_send(b, &numbered(1000 + i));
         sim.run_for(Duration::from_millis(5));
     }
     sim.run_for(Duration::from_secs(1));
     assert_eq!(sim.server.session_count(), 2);
-    let to_a = sim
-        .app_received
-        .iter()
-        .filter(|(x, d)| *x == a && number(d) < 1000)
-        .count();
-    let to_b = sim
-        .app_received
-        .iter()
-        .filter(|(x, d)| *x == b && number(d) >= 1000)
-        .count();
-    assert_eq!(
-        (to_a, to_b),
-        (20, 20),
-        "each reply goes back to its own application"
-    );
+    let to_a = sim.app_received.iter().filter(|(x, d)| *x == a && number(d) < 1000).count();
+    let to_b = sim.app_received.iter().filter(|(x, d)| *x == b && number(d) >= 1000).count();
+    assert_eq!((to_a, to_b), (20, 20), "each reply goes back to its own application");
 }
 
 #[test]
@@ -288,9 +198,7 @@ fn forged_and_replayed_datagrams_change_nothing() {
             if len > 0 {
                 junk[0] = [0x11, 0x12, 0x13, 0x00][(rng.next_u64() % 4) as usize];
             }
-            let r = sim
-                .server
-                .handle_datagram(sim.now, from, &mut junk, &mut out);
+            let r = sim.server.handle_datagram(sim.now, from, &mut junk, &mut out);
             assert!(matches!(r, common::server::ServerRecv::Dropped(_)), "{r:?}");
             let mut junk2: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
             let r = sim.client.handle_path_datagram(sim.now, 0, &mut junk2);

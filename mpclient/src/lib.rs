@@ -50,17 +50,14 @@ impl ClientRuntime {
     pub fn from_config(file: &str, c: &ClientConfig) -> Result<Self, String> {
         let mut paths = Vec::new();
         for (i, p) in c.paths.iter().enumerate() {
-            let remote = driver::resolve(&p.remote)
-                .map_err(|e| format!("{file}: paths[{i}].remote: {e}"))?;
+            let remote = driver::resolve(&p.remote).map_err(|e| format!("{file}: paths[{i}].remote: {e}"))?;
             let bind = match &p.bind {
                 None => None,
                 Some(b) => Some(match b.parse::<SocketAddr>() {
                     Ok(a) => a,
-                    Err(_) => SocketAddr::new(
-                        b.parse()
-                            .map_err(|_| format!("{file}: paths[{i}].bind: bad address"))?,
-                        0,
-                    ),
+                    Err(_) => {
+                        SocketAddr::new(b.parse().map_err(|_| format!("{file}: paths[{i}].bind: bad address"))?, 0)
+                    }
                 }),
             };
             paths.push(PathSpec {
@@ -71,40 +68,24 @@ impl ClientRuntime {
             });
         }
         Ok(Self {
-            listen: c
-                .listen
-                .parse()
-                .map_err(|_| format!("{file}: listen: bad address"))?,
+            listen: c.listen.parse().map_err(|_| format!("{file}: listen: bad address"))?,
             cipher: c.cipher,
             target: c.target.clone(),
             paths,
             session_idle_timeout: Duration::from_secs(c.session_idle_timeout_secs),
             max_sessions: c.max_sessions,
-            control: c
-                .control_socket
-                .clone()
-                .unwrap_or_else(|| control::default_control_path("mpclient")),
-            stats_interval: (c.stats_interval_secs > 0)
-                .then(|| Duration::from_secs(c.stats_interval_secs)),
+            control: c.control_socket.clone().unwrap_or_else(|| control::default_control_path("mpclient")),
+            stats_interval: (c.stats_interval_secs > 0).then(|| Duration::from_secs(c.stats_interval_secs)),
         })
     }
 
     /// From an mptunnel bridges file's entries.
-    pub fn from_bridges(
-        file: &str,
-        bridges: &[common::config::Bridge],
-        listen: SocketAddr,
-    ) -> Result<Self, String> {
+    pub fn from_bridges(file: &str, bridges: &[common::config::Bridge], listen: SocketAddr) -> Result<Self, String> {
         let mut paths = Vec::new();
         for b in bridges {
             let hp = format!("{}:{}", b.host, b.port);
             let remote = driver::resolve(&hp).map_err(|e| format!("{file}:{}: {e}", b.line))?;
-            paths.push(PathSpec {
-                name: hp,
-                remote,
-                bind: None,
-                interface: None,
-            });
+            paths.push(PathSpec { name: hp, remote, bind: None, interface: None });
         }
         Ok(Self {
             listen,
@@ -146,25 +127,18 @@ pub fn run(rt: ClientRuntime, psk: Psk, log: Logger) -> Result<(), String> {
         max_sessions: rt.max_sessions,
     };
     let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
-    let mut app = driver::udp_socket(rt.listen, None, None)
-        .map_err(|e| format!("listen {}: {e}", rt.listen))?;
-    poll.registry()
-        .register(&mut app, APP, Interest::READABLE)
-        .map_err(|e| e.to_string())?;
+    let mut app = driver::udp_socket(rt.listen, None, None).map_err(|e| format!("listen {}: {e}", rt.listen))?;
+    poll.registry().register(&mut app, APP, Interest::READABLE).map_err(|e| e.to_string())?;
     let mut paths = Vec::new();
     for (i, p) in rt.paths.iter().enumerate() {
         let mut s = path_socket(p).map_err(|e| format!("path {} ({}): {e}", i, p.name))?;
-        poll.registry()
-            .register(&mut s, Token(PATH_TOKEN_BASE + i), Interest::READABLE)
-            .map_err(|e| e.to_string())?;
+        poll.registry().register(&mut s, Token(PATH_TOKEN_BASE + i), Interest::READABLE).map_err(|e| e.to_string())?;
         paths.push(s);
     }
     control::prepare_control_path(&rt.control)?;
-    let mut control = UnixListener::bind(&rt.control)
-        .map_err(|e| format!("control socket {}: {e}", rt.control.display()))?;
-    poll.registry()
-        .register(&mut control, CONTROL, Interest::READABLE)
-        .map_err(|e| e.to_string())?;
+    let mut control =
+        UnixListener::bind(&rt.control).map_err(|e| format!("control socket {}: {e}", rt.control.display()))?;
+    poll.registry().register(&mut control, CONTROL, Interest::READABLE).map_err(|e| e.to_string())?;
     info!(log, "mpclient listening"; "listen" => %rt.listen, "paths" => rt.paths.len(), "cipher" => rt.cipher.name(), "control" => %rt.control.display());
     for p in &rt.paths {
         info!(log, "path"; "name" => &p.name, "remote" => %p.remote, "bind" => ?p.bind, "interface" => ?p.interface);
@@ -183,11 +157,7 @@ pub fn run(rt: ClientRuntime, psk: Psk, log: Logger) -> Result<(), String> {
 }
 
 impl Driver {
-    fn event_loop(
-        &mut self,
-        poll: &mut Poll,
-        stats_interval: Option<Duration>,
-    ) -> Result<(), String> {
+    fn event_loop(&mut self, poll: &mut Poll, stats_interval: Option<Duration>) -> Result<(), String> {
         let mut events = Events::with_capacity(256);
         let mut next_stats = stats_interval.map(|d| Instant::now() + d);
         // Sources that hit their read budget and still have data queued.
@@ -348,9 +318,7 @@ impl Driver {
 
     fn accept_control(&mut self) {
         let (core, listen) = (&self.core, &self.listen_name);
-        if let Err(e) =
-            control::serve_pending(&self.control, || core.status(Instant::now(), listen))
-        {
+        if let Err(e) = control::serve_pending(&self.control, || core.status(Instant::now(), listen)) {
             warn!(self.log, "control socket"; "error" => %e);
         }
     }

@@ -57,9 +57,7 @@ fn fail<T>(message: String) -> T {
 fn main() {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Genkey { file }) => {
-            return genkey(file.as_deref()).unwrap_or_else(fail::<()>)
-        }
+        Some(Command::Genkey { file }) => return genkey(file.as_deref()).unwrap_or_else(fail::<()>),
         Some(Command::Status { json, control: c }) => {
             let path = c.unwrap_or_else(|| control::default_control_path("mpclient"));
             return control::print_status(&path, json).unwrap_or_else(fail::<()>);
@@ -70,22 +68,13 @@ fn main() {
         let file = path.display().to_string();
         let c = ClientConfig::load(path).unwrap_or_else(|e| fail(e.to_string()));
         let rt = mpclient::ClientRuntime::from_config(&file, &c).unwrap_or_else(fail);
-        (
-            rt,
-            cli.key_file.clone().or(c.key_file.clone()),
-            c.log_level.clone(),
-        )
+        (rt, cli.key_file.clone().or(c.key_file.clone()), c.log_level.clone())
     } else {
-        let path = cli
-            .bridges_file
-            .as_ref()
-            .expect("clap requires a bridges file or a config");
+        let path = cli.bridges_file.as_ref().expect("clap requires a bridges file or a config");
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).unwrap_or_else(|e| fail(format!("{file}: {e}")));
         let bridges = parse_bridges(&file, &text).unwrap_or_else(|e| fail(e.to_string()));
-        let listen = common::config::DEFAULT_CLIENT_LISTEN
-            .parse()
-            .expect("constant");
+        let listen = common::config::DEFAULT_CLIENT_LISTEN.parse().expect("constant");
         (
             mpclient::ClientRuntime::from_bridges(&file, &bridges, listen).unwrap_or_else(fail),
             cli.key_file.clone(),
@@ -96,9 +85,7 @@ fn main() {
     rt.control = cli.control.unwrap_or(rt.control);
     let level = cli.log_level.unwrap_or(level);
     if !common::config::validate_log_level(&level) {
-        fail::<()>(format!(
-            "--log-level: `{level}` is not one of error, warn, info, debug, trace"
-        ));
+        fail::<()>(format!("--log-level: `{level}` is not one of error, warn, info, debug, trace"));
     }
     let (psk, warning) = require_key("mpclient", key_file.as_deref()).unwrap_or_else(fail);
     let (log, _guard) = mpclient::logger(&level);

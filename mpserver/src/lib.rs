@@ -34,11 +34,7 @@ pub struct ServerRuntime {
 
 impl ServerRuntime {
     /// mptunnel's form: `mpserver <listen-port> <target-host> <target-port>`.
-    pub fn from_args(
-        listen_port: u16,
-        target_host: &str,
-        target_port: u16,
-    ) -> Result<Self, String> {
+    pub fn from_args(listen_port: u16, target_host: &str, target_port: u16) -> Result<Self, String> {
         let target = driver::resolve(&format!("{target_host}:{target_port}"))?;
         Ok(Self {
             listen: SocketAddr::from(([0, 0, 0, 0], listen_port)),
@@ -62,16 +58,10 @@ impl ServerRuntime {
         };
         let mut targets = HashMap::new();
         for (name, t) in &c.targets {
-            targets.insert(
-                name.clone(),
-                driver::resolve(t).map_err(|e| format!("{file}: targets.{name}: {e}"))?,
-            );
+            targets.insert(name.clone(), driver::resolve(t).map_err(|e| format!("{file}: targets.{name}: {e}"))?);
         }
         Ok(Self {
-            listen: c
-                .listen
-                .parse()
-                .map_err(|_| format!("{file}: listen: bad address"))?,
+            listen: c.listen.parse().map_err(|_| format!("{file}: listen: bad address"))?,
             core: ServerCoreConfig {
                 default_target,
                 targets,
@@ -80,12 +70,8 @@ impl ServerRuntime {
                 max_paths_per_session: c.max_paths_per_session,
                 session_timeout: Duration::from_secs(c.session_timeout_secs),
             },
-            control: c
-                .control_socket
-                .clone()
-                .unwrap_or_else(|| control::default_control_path("mpserver")),
-            stats_interval: (c.stats_interval_secs > 0)
-                .then(|| Duration::from_secs(c.stats_interval_secs)),
+            control: c.control_socket.clone().unwrap_or_else(|| control::default_control_path("mpserver")),
+            stats_interval: (c.stats_interval_secs > 0).then(|| Duration::from_secs(c.stats_interval_secs)),
         })
     }
 }
@@ -105,17 +91,12 @@ struct Driver {
 
 pub fn run(rt: ServerRuntime, psk: Psk, log: Logger) -> Result<(), String> {
     let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
-    let mut listen = driver::udp_socket(rt.listen, None, None)
-        .map_err(|e| format!("listen {}: {e}", rt.listen))?;
-    poll.registry()
-        .register(&mut listen, LISTEN, Interest::READABLE)
-        .map_err(|e| e.to_string())?;
+    let mut listen = driver::udp_socket(rt.listen, None, None).map_err(|e| format!("listen {}: {e}", rt.listen))?;
+    poll.registry().register(&mut listen, LISTEN, Interest::READABLE).map_err(|e| e.to_string())?;
     control::prepare_control_path(&rt.control)?;
-    let mut control = UnixListener::bind(&rt.control)
-        .map_err(|e| format!("control socket {}: {e}", rt.control.display()))?;
-    poll.registry()
-        .register(&mut control, CONTROL, Interest::READABLE)
-        .map_err(|e| e.to_string())?;
+    let mut control =
+        UnixListener::bind(&rt.control).map_err(|e| format!("control socket {}: {e}", rt.control.display()))?;
+    poll.registry().register(&mut control, CONTROL, Interest::READABLE).map_err(|e| e.to_string())?;
     info!(log, "mpserver listening"; "listen" => %rt.listen, "default_target" => ?rt.core.default_target,
         "named_targets" => rt.core.targets.len(), "control" => %rt.control.display());
     let mut d = Driver {
@@ -133,11 +114,7 @@ pub fn run(rt: ServerRuntime, psk: Psk, log: Logger) -> Result<(), String> {
 }
 
 impl Driver {
-    fn event_loop(
-        &mut self,
-        poll: &mut Poll,
-        stats_interval: Option<Duration>,
-    ) -> Result<(), String> {
+    fn event_loop(&mut self, poll: &mut Poll, stats_interval: Option<Duration>) -> Result<(), String> {
         let mut events = Events::with_capacity(1024);
         let mut next_stats = stats_interval.map(|d| Instant::now() + d);
         let mut backlog: Vec<Token> = Vec::new();
@@ -148,11 +125,7 @@ impl Driver {
             if let Some(s) = next_stats {
                 deadline = deadline.min(s);
             }
-            let timeout = if backlog.is_empty() {
-                deadline.saturating_duration_since(now)
-            } else {
-                Duration::ZERO
-            };
+            let timeout = if backlog.is_empty() { deadline.saturating_duration_since(now) } else { Duration::ZERO };
             if let Err(e) = poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == ErrorKind::Interrupted {
                     continue;
@@ -203,23 +176,19 @@ impl Driver {
                 }
             };
             let now = Instant::now();
-            let r = self
-                .core
-                .handle_datagram(now, from, &mut self.buf[..n], &mut self.reply);
+            let r = self.core.handle_datagram(now, from, &mut self.buf[..n], &mut self.reply);
             // Open upstream sockets for new sessions before anything is forwarded to them.
             self.handle_events(poll);
             match r {
-                ServerRecv::Forward { slot, payload } => {
-                    match self.upstream.get(slot).and_then(Option::as_ref) {
-                        Some(sock) => {
-                            if let Err(e) = sock.send(&self.buf[payload]) {
-                                self.send_errors += 1;
-                                trace!(self.log, "upstream send failed"; "slot" => slot, "error" => %e);
-                            }
+                ServerRecv::Forward { slot, payload } => match self.upstream.get(slot).and_then(Option::as_ref) {
+                    Some(sock) => {
+                        if let Err(e) = sock.send(&self.buf[payload]) {
+                            self.send_errors += 1;
+                            trace!(self.log, "upstream send failed"; "slot" => slot, "error" => %e);
                         }
-                        None => trace!(self.log, "no upstream socket"; "slot" => slot),
                     }
-                }
+                    None => trace!(self.log, "no upstream socket"; "slot" => slot),
+                },
                 ServerRecv::Reply { len } => {
                     if let Err(e) = self.listen.send_to(&self.reply[..len], from) {
                         self.send_errors += 1;
@@ -268,30 +237,27 @@ impl Driver {
     fn handle_events(&mut self, poll: &Poll) {
         while let Some(ev) = self.core.poll_event() {
             match ev {
-                ServerEvent::SessionOpened {
-                    slot,
-                    id,
-                    target,
-                    cipher,
-                } => match driver::udp_socket(driver::any_addr_for(target), None, Some(target)) {
-                    Ok(mut sock) => {
-                        if let Err(e) = poll.registry().register(
-                            &mut sock,
-                            Token(UPSTREAM_TOKEN_BASE + slot),
-                            Interest::READABLE,
-                        ) {
-                            warn!(self.log, "registering upstream socket"; "error" => %e);
+                ServerEvent::SessionOpened { slot, id, target, cipher } => {
+                    match driver::udp_socket(driver::any_addr_for(target), None, Some(target)) {
+                        Ok(mut sock) => {
+                            if let Err(e) = poll.registry().register(
+                                &mut sock,
+                                Token(UPSTREAM_TOKEN_BASE + slot),
+                                Interest::READABLE,
+                            ) {
+                                warn!(self.log, "registering upstream socket"; "error" => %e);
+                            }
+                            if self.upstream.len() <= slot {
+                                self.upstream.resize_with(slot + 1, || None);
+                            }
+                            self.upstream[slot] = Some(sock);
+                            info!(self.log, "session opened"; "session" => %id, "target" => %target, "cipher" => cipher.name());
                         }
-                        if self.upstream.len() <= slot {
-                            self.upstream.resize_with(slot + 1, || None);
+                        Err(e) => {
+                            warn!(self.log, "cannot open upstream socket"; "session" => %id, "target" => %target, "error" => %e)
                         }
-                        self.upstream[slot] = Some(sock);
-                        info!(self.log, "session opened"; "session" => %id, "target" => %target, "cipher" => cipher.name());
                     }
-                    Err(e) => {
-                        warn!(self.log, "cannot open upstream socket"; "session" => %id, "target" => %target, "error" => %e)
-                    }
-                },
+                }
                 ServerEvent::SessionClosed { slot, id } => {
                     if let Some(mut sock) = self.upstream.get_mut(slot).and_then(Option::take) {
                         let _ = poll.registry().deregister(&mut sock);
@@ -316,9 +282,7 @@ impl Driver {
 
     fn accept_control(&mut self) {
         let (core, listen) = (&self.core, &self.listen_name);
-        if let Err(e) =
-            control::serve_pending(&self.control, || core.status(Instant::now(), listen))
-        {
+        if let Err(e) = control::serve_pending(&self.control, || core.status(Instant::now(), listen)) {
             warn!(self.log, "control socket"; "error" => %e);
         }
     }

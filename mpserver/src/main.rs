@@ -16,11 +16,7 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     /// UDP port to listen on (all addresses).
-    #[arg(
-        conflicts_with = "config",
-        required_unless_present = "config",
-        requires = "target_host"
-    )]
+    #[arg(conflicts_with = "config", required_unless_present = "config", requires = "target_host")]
     listen_port: Option<u16>,
     /// Where sessions are forwarded to.
     #[arg(requires = "target_port")]
@@ -61,9 +57,7 @@ fn fail<T>(message: String) -> T {
 fn main() {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Genkey { file }) => {
-            return genkey(file.as_deref()).unwrap_or_else(fail::<()>)
-        }
+        Some(Command::Genkey { file }) => return genkey(file.as_deref()).unwrap_or_else(fail::<()>),
         Some(Command::Status { json, control: c }) => {
             let path = c.unwrap_or_else(|| control::default_control_path("mpserver"));
             return control::print_status(&path, json).unwrap_or_else(fail::<()>);
@@ -72,18 +66,14 @@ fn main() {
     }
     let (mut rt, key_file, level) = if let Some(path) = &cli.config {
         let c = ServerConfig::load(path).unwrap_or_else(|e| fail(e.to_string()));
-        let rt = mpserver::ServerRuntime::from_config(&path.display().to_string(), &c)
-            .unwrap_or_else(fail);
-        (
-            rt,
-            cli.key_file.clone().or(c.key_file.clone()),
-            c.log_level.clone(),
-        )
+        let rt = mpserver::ServerRuntime::from_config(&path.display().to_string(), &c).unwrap_or_else(fail);
+        (rt, cli.key_file.clone().or(c.key_file.clone()), c.log_level.clone())
     } else {
-        let (Some(port), Some(host), Some(tport)) =
-            (cli.listen_port, &cli.target_host, cli.target_port)
-        else {
-            exit_with_error("mpserver", "usage: mpserver <listen-port> <target-host> <target-port>, or mpserver -c server.yaml")
+        let (Some(port), Some(host), Some(tport)) = (cli.listen_port, &cli.target_host, cli.target_port) else {
+            exit_with_error(
+                "mpserver",
+                "usage: mpserver <listen-port> <target-host> <target-port>, or mpserver -c server.yaml",
+            )
         };
         (
             mpserver::ServerRuntime::from_args(port, host, tport).unwrap_or_else(fail),
@@ -94,9 +84,7 @@ fn main() {
     rt.control = cli.control.unwrap_or(rt.control);
     let level = cli.log_level.unwrap_or(level);
     if !common::config::validate_log_level(&level) {
-        fail::<()>(format!(
-            "--log-level: `{level}` is not one of error, warn, info, debug, trace"
-        ));
+        fail::<()>(format!("--log-level: `{level}` is not one of error, warn, info, debug, trace"));
     }
     let (psk, warning) = require_key("mpserver", key_file.as_deref()).unwrap_or_else(fail);
     let (log, guard) = mpserver::logger(&level);

@@ -24,30 +24,15 @@ fn help_shows_the_mptunnel_form() {
     let out = mpserver().arg("--help").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    for word in [
-        "LISTEN_PORT",
-        "TARGET_HOST",
-        "TARGET_PORT",
-        "--config",
-        "--key-file",
-        "genkey",
-        "status",
-    ] {
+    for word in ["LISTEN_PORT", "TARGET_HOST", "TARGET_PORT", "--config", "--key-file", "genkey", "status"] {
         assert!(text.contains(word), "--help lacks {word}:\n{text}");
     }
 }
 
 #[test]
 fn no_key_says_how_to_make_one() {
-    let err = run_err(
-        mpserver()
-            .args(["4000", "127.0.0.1", "1194"])
-            .env_remove("MPT_KEY_FILE"),
-    );
-    assert!(
-        err.contains("no key given") && err.contains("mpserver genkey"),
-        "{err}"
-    );
+    let err = run_err(mpserver().args(["4000", "127.0.0.1", "1194"]).env_remove("MPT_KEY_FILE"));
+    assert!(err.contains("no key given") && err.contains("mpserver genkey"), "{err}");
 }
 
 #[test]
@@ -59,11 +44,8 @@ fn incomplete_positional_form_is_refused() {
 #[test]
 fn bad_yaml_names_field_and_line() {
     let d = tmpdir("yaml");
-    std::fs::write(
-        d.join("s.yaml"),
-        "listen: 0.0.0.0:4000\ntarget: 127.0.0.1:1194\nmax_paths_per_session: 0\n",
-    )
-    .unwrap();
+    std::fs::write(d.join("s.yaml"), "listen: 0.0.0.0:4000\ntarget: 127.0.0.1:1194\nmax_paths_per_session: 0\n")
+        .unwrap();
     let err = run_err(mpserver().arg("-c").arg(d.join("s.yaml")));
     assert!(err.contains("s.yaml:3: max_paths_per_session"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -84,11 +66,7 @@ fn loose_key_permissions_warn() {
         .arg(d.join("c.sock"))
         .args(["-c"])
         .arg({
-            std::fs::write(
-                d.join("s.yaml"),
-                "listen: 203.0.113.1:4000\ntarget: 127.0.0.1:9\n",
-            )
-            .unwrap();
+            std::fs::write(d.join("s.yaml"), "listen: 203.0.113.1:4000\ntarget: 127.0.0.1:9\n").unwrap();
             d.join("s.yaml")
         })
         .output()

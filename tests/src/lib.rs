@@ -1,1 +1,487 @@
+//! A lab of network namespaces for end-to-end tests (and the demo).
+//!
+//! `Lab` creates uniquely named namespaces (prefix + pid), veth links between them,
+//! nftables loss rules, and processes inside them; dropping it (also on panic) kills
+//! every process it started, by PID, and deletes every namespace it created. Traffic goes
+//! only to addresses inside those namespaces.
+//!
+//! `TunnelLab` is the standard topology: a client host, three bridge hosts (the first
+//! runs socat, the others mpbridge) and a server host with a UDP echo target.
 
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::Write;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Runs a command and returns stdout; panics with stderr on failure.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Root and the tools? Otherwise the namespace tests cannot run here.
+pub fn lab_available() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("needs root (ip netns)".into());
+    }
+    for tool in ["ip", "nft", "socat"] {
+        let found =
+            Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
+        if !found {
+            return Err(format!("needs `{tool}` (installed by .ci/run)"));
+        }
+    }
+    Ok(())
+}
+
+/// Where cargo put the workspace's binaries (next to this test's `deps/`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") || dir.ends_with("examples") {
+        dir.pop();
+    }
+    let p = dir.join(name);
+    assert!(p.exists(), "{} not built; run `cargo build --workspace` (cargo test builds it too)", p.display());
+    p
+}
+
+/// A process started in a namespace, and its log file.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+pub struct Lab {
+    prefix: String,
+    pub dir: PathBuf,
+    namespaces: Vec<String>,
+    procs: Vec<Proc>,
+}
+
+static LAB_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Lab {
+    /// `tag` keeps labs of one test run apart; the pid keeps runs apart.
+    pub fn new(tag: &str) -> Self {
+        let n = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("mpt{}{}{}", std::process::id(), tag, n);
+        let dir = std::env::temp_dir().join(format!("{prefix}-lab"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("lab dir");
+        Self { prefix, dir, namespaces: Vec::new(), procs: Vec::new() }
+    }
+
+    /// Creates a namespace with loopback up; returns its full name.
+    pub fn add_ns(&mut self, role: &str) -> String {
+        let ns = format!("{}-{role}", self.prefix);
+        run(Command::new("ip").args(["netns", "add", &ns]));
+        self.namespaces.push(ns.clone());
+        run(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]));
+        ns
+    }
+
+    /// A veth pair `a_if` in `a` (address `a_ip`/24) to `b_if` in `b` (`b_ip`/24), both up.
+    pub fn link(&self, a: &str, a_if: &str, a_ip: &str, b: &str, b_if: &str, b_ip: &str) {
+        run(Command::new("ip").args(["-n", a, "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b]));
+        for (ns, ifname, ip) in [(a, a_if, a_ip), (b, b_if, b_ip)] {
+            run(Command::new("ip").args(["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", ifname]));
+            run(Command::new("ip").args(["-n", ns, "link", "set", ifname, "up"]));
+        }
+    }
+
+    /// Runs a shell command in `ns` and returns stdout.
+    pub fn sh(&self, ns: &str, script: &str) -> String {
+        run(Command::new("ip").args(["netns", "exec", ns, "sh", "-c", script]))
+    }
+
+    /// Loads an nftables ruleset into `ns` (replacing the lab table).
+    pub fn nft(&self, ns: &str, ruleset: &str) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nft");
+        child.stdin.take().expect("stdin").write_all(ruleset.as_bytes()).expect("write ruleset");
+        let out = child.wait_with_output().expect("nft");
+        assert!(out.status.success(), "nft: {}\n{ruleset}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Starts `program args` inside `ns` with its stderr/stdout in a log file. Returns an
+    /// index for `kill9`.
+    pub fn spawn(&mut self, ns: &str, name: &str, program: &Path, args: &[&str]) -> usize {
+        let log = self.dir.join(format!("{name}.log"));
+        let f = File::options().create(true).append(true).open(&log).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("log fd"))
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        self.procs.push(Proc { child, name: name.into(), log });
+        self.procs.len() - 1
+    }
+
+    /// `kill -9` a process this lab started, and reap it.
+    pub fn kill9(&mut self, idx: usize) {
+        let p = &mut self.procs[idx];
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+    }
+
+    /// Still running?
+    pub fn alive(&mut self, idx: usize) -> bool {
+        matches!(self.procs[idx].child.try_wait(), Ok(None))
+    }
+
+    pub fn log_of(&self, idx: usize) -> String {
+        std::fs::read_to_string(&self.procs[idx].log).unwrap_or_default()
+    }
+
+    fn dump_logs(&self) {
+        for p in &self.procs {
+            let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            eprintln!("----- {} (last {} lines) -----", p.name, tail.len());
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for p in &mut self.procs {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `f` on a new thread that has entered network namespace `ns`, so sockets it
+/// creates live there.
+pub fn spawn_in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: a valid namespace fd; CLONE_NEWNET switches only this thread.
+        let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// A UDP echo server that also records which numbered datagrams it saw.
+pub struct Echo {
+    pub seen: Arc<Mutex<HashSet<u64>>>,
+    pub packets: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Echo {
+    pub fn start(ns: &str, addr: SocketAddr) -> Self {
+        let seen = Arc::new(Mutex::new(HashSet::new()));
+        let packets = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, p2, st2) = (seen.clone(), packets.clone(), stop.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = spawn_in_ns(ns, move || {
+            let sock = UdpSocket::bind(addr).expect("echo bind");
+            sock.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+            ready_tx.send(()).expect("ready");
+            let mut buf = vec![0u8; 65536];
+            while !st2.load(Ordering::Relaxed) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
+                p2.fetch_add(1, Ordering::Relaxed);
+                if n >= 8 {
+                    s2.lock().expect("lock").insert(u64::from_be_bytes(buf[..8].try_into().expect("8 bytes")));
+                }
+                let _ = sock.send_to(&buf[..n], from);
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5)).expect("echo started");
+        Self { seen, packets, stop, handle: Some(handle) }
+    }
+
+    pub fn seen_count(&self) -> usize {
+        self.seen.lock().expect("lock").len()
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// What a paced stream of numbered datagrams saw come back.
+#[derive(Debug, Clone)]
+pub struct StreamResult {
+    pub sent: u64,
+    /// Distinct numbers echoed back.
+    pub echoed: HashSet<u64>,
+    /// Echoes received at all (a number twice would mean a duplicate got through).
+    pub echo_packets: u64,
+    /// (time since start, number) of each echo.
+    pub arrivals: Vec<(Duration, u64)>,
+}
+
+/// From inside `ns`: sends `count` datagrams of `size` bytes (numbered from `first`) to
+/// `to` at `pps`, collecting echoes until `linger` after the last. With `warm_up`, first
+/// waits (at most 10 s) until one datagram makes the round trip. Bounded in count and
+/// time by construction.
+#[allow(clippy::too_many_arguments)]
+pub fn udp_stream(
+    ns: &str,
+    warm_up: bool,
+    to: SocketAddr,
+    first: u64,
+    count: u64,
+    size: usize,
+    pps: u64,
+    linger: Duration,
+) -> JoinHandle<StreamResult> {
+    assert!(size >= 8 && pps > 0);
+    spawn_in_ns(ns, move || {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        sock.set_read_timeout(Some(Duration::from_millis(20))).expect("timeout");
+        let rx = sock.try_clone().expect("clone");
+        let rx_probe = sock.try_clone().expect("clone");
+        let mut payload = vec![0x5au8; size];
+        // Warm up: one probe datagram (number u64::MAX) at a time until one comes back, so
+        // the measured stream starts on an established session.
+        if warm_up {
+            payload[..8].copy_from_slice(&u64::MAX.to_be_bytes());
+            let mut buf = [0u8; 64];
+            let warm_start = Instant::now();
+            'warm: while warm_start.elapsed() < Duration::from_secs(10) {
+                let _ = sock.send_to(&payload, to);
+                let tick = Instant::now();
+                while tick.elapsed() < Duration::from_millis(100) {
+                    if rx_probe.recv(&mut buf).is_ok() {
+                        break 'warm;
+                    }
+                }
+            }
+        }
+        let start = Instant::now();
+        let done = Arc::new(AtomicBool::new(false));
+        let done2 = done.clone();
+        let receiver = std::thread::spawn(move || {
+            let mut echoed = HashSet::new();
+            let mut arrivals = Vec::new();
+            let mut packets = 0;
+            let mut buf = vec![0u8; 65536];
+            let mut last_rx = Instant::now();
+            loop {
+                if done2.load(Ordering::Relaxed) && last_rx.elapsed() > linger {
+                    break;
+                }
+                if let Ok(n) = rx.recv(&mut buf) {
+                    if n >= 8 {
+                        let k = u64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
+                        if k == u64::MAX {
+                            continue; // a late warm-up echo
+                        }
+                        packets += 1;
+                        echoed.insert(k);
+                        arrivals.push((start.elapsed(), k));
+                        last_rx = Instant::now();
+                    }
+                }
+                if start.elapsed() > Duration::from_secs(600) {
+                    break; // hard bound
+                }
+            }
+            (echoed, packets, arrivals)
+        });
+        let interval = Duration::from_secs_f64(1.0 / pps as f64);
+        for i in 0..count {
+            let due = start + interval.mul_f64(i as f64);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            payload[..8].copy_from_slice(&(first + i).to_be_bytes());
+            let _ = sock.send_to(&payload, to);
+        }
+        done.store(true, Ordering::Relaxed);
+        let (echoed, echo_packets, arrivals) = receiver.join().expect("receiver");
+        StreamResult { sent: count, echoed, echo_packets, arrivals }
+    })
+}
+
+pub const CLIENT_LISTEN: &str = "127.0.0.1:3000";
+pub const ECHO_ADDR: &str = "127.0.0.1:7000";
+pub const SERVER_PORT: u16 = 4000;
+pub const BRIDGE_PORT: u16 = 4000;
+
+/// Client, three bridges (socat, mpbridge, mpbridge), server with an echo target.
+pub struct TunnelLab {
+    pub lab: Lab,
+    pub client_ns: String,
+    pub bridge_ns: Vec<String>,
+    pub server_ns: String,
+    pub key: PathBuf,
+    pub server: usize,
+    pub client: usize,
+    pub bridges: Vec<usize>,
+    pub echo: Echo,
+    loss: Vec<(u32, u32)>,
+}
+
+impl TunnelLab {
+    /// Builds the topology and starts everything. `client_args` are extra mpclient flags.
+    pub fn start(tag: &str) -> Self {
+        let mut lab = Lab::new(tag);
+        let client_ns = lab.add_ns("c");
+        let server_ns = lab.add_ns("s");
+        let mut bridge_ns = Vec::new();
+        for i in 1..=3 {
+            let b = lab.add_ns(&format!("b{i}"));
+            lab.link(&client_ns, &format!("c{i}"), &format!("10.77.{i}.1"), &b, "toc", &format!("10.77.{i}.2"));
+            lab.link(&b, "tos", &format!("10.78.{i}.1"), &server_ns, &format!("s{i}"), &format!("10.78.{i}.2"));
+            bridge_ns.push(b);
+        }
+        let key = lab.dir.join("tunnel.key");
+        run(Command::new(bin("mpserver")).arg("genkey").arg(&key));
+        let echo = Echo::start(&server_ns, ECHO_ADDR.parse().expect("literal"));
+        let mut me = Self {
+            lab,
+            client_ns,
+            bridge_ns,
+            server_ns,
+            key,
+            server: 0,
+            client: 0,
+            bridges: Vec::new(),
+            echo,
+            loss: vec![(0, 0); 3],
+        };
+        me.server = me.start_server();
+        for i in 0..3 {
+            let idx = me.start_bridge(i);
+            me.bridges.push(idx);
+        }
+        let bridges_file = me.lab.dir.join("bridges.conf");
+        std::fs::write(&bridges_file, "# lab relays\n10.77.1.2 4000\n10.77.2.2 4000\n10.77.3.2 4000\n").expect("write");
+        me.client = me.start_client();
+        me
+    }
+
+    pub fn start_server(&mut self) -> usize {
+        let key = self.key.display().to_string();
+        let control = self.lab.dir.join("mpserver.sock").display().to_string();
+        let port = SERVER_PORT.to_string();
+        let (ns, bin) = (self.server_ns.clone(), bin("mpserver"));
+        self.lab.spawn(&ns, "mpserver", &bin, &["--key-file", &key, "--control", &control, &port, "127.0.0.1", "7000"])
+    }
+
+    pub fn start_client(&mut self) -> usize {
+        let key = self.key.display().to_string();
+        let control = self.lab.dir.join("mpclient.sock").display().to_string();
+        let bridges = self.lab.dir.join("bridges.conf").display().to_string();
+        let (ns, bin) = (self.client_ns.clone(), bin("mpclient"));
+        self.lab.spawn(
+            &ns,
+            "mpclient",
+            &bin,
+            &["--key-file", &key, "--control", &control, "--listen", CLIENT_LISTEN, &bridges],
+        )
+    }
+
+    /// Bridge 0 is socat; 1 and 2 are mpbridge.
+    pub fn start_bridge(&mut self, i: usize) -> usize {
+        let ns = self.bridge_ns[i].clone();
+        let server = format!("10.78.{}.2:{SERVER_PORT}", i + 1);
+        if i == 0 {
+            let listen = format!("UDP4-LISTEN:{BRIDGE_PORT},fork,reuseaddr");
+            let to = format!("UDP4:{server}");
+            self.lab.spawn(&ns, "socat-b1", Path::new("socat"), &["-T", "60", &listen, &to])
+        } else {
+            let listen = format!("0.0.0.0:{BRIDGE_PORT}");
+            self.lab.spawn(
+                &ns,
+                &format!("mpbridge-b{}", i + 1),
+                &bin("mpbridge"),
+                &["--listen", &listen, "--to", &server],
+            )
+        }
+    }
+
+    /// Loss in percent on path `i` (0-based), towards the server and back, applied with
+    /// nftables on the client host's link to that bridge.
+    pub fn set_loss(&mut self, i: usize, up_pct: u32, down_pct: u32) {
+        self.loss[i] = (up_pct, down_pct);
+        let mut out = String::new();
+        let mut inp = String::new();
+        let rule = |dir: &str, ifname: String, pct: u32| match pct {
+            0 => String::new(),
+            100.. => format!("    {dir} \"{ifname}\" drop\n"),
+            p => format!("    {dir} \"{ifname}\" numgen random mod 100 < {p} drop\n"),
+        };
+        for (j, (up, down)) in self.loss.iter().enumerate() {
+            out.push_str(&rule("oifname", format!("c{}", j + 1), *up));
+            inp.push_str(&rule("iifname", format!("c{}", j + 1), *down));
+        }
+        let ruleset = format!(
+            "table inet lab\ndelete table inet lab\ntable inet lab {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n{out}  }}\n  chain in {{\n    type filter hook input priority 0; policy accept;\n{inp}  }}\n}}\n"
+        );
+        let ns = self.client_ns.clone();
+        self.lab.nft(&ns, &ruleset);
+    }
+
+    /// Sends datagrams until one comes back (the session is up), at most `within`.
+    pub fn wait_ready(&self, within: Duration) -> Duration {
+        let start = Instant::now();
+        let mut n = 1u64 << 60;
+        while start.elapsed() < within {
+            let to = CLIENT_LISTEN.parse().expect("literal");
+            let r = udp_stream(&self.client_ns, false, to, n, 5, 64, 50, Duration::from_millis(300))
+                .join()
+                .expect("stream");
+            n += 5;
+            if !r.echoed.is_empty() {
+                return start.elapsed();
+            }
+        }
+        panic!("tunnel not ready within {within:?}");
+    }
+
+    /// The table from `mpclient status` (or mpserver).
+    pub fn status(&self, program: &str, json: bool) -> String {
+        let control = self.lab.dir.join(format!("{program}.sock"));
+        let mut cmd = Command::new(bin(program));
+        cmd.arg("status").arg("--control").arg(control);
+        if json {
+            cmd.arg("--json");
+        }
+        run(&mut cmd)
+    }
+}

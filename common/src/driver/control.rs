@@ -28,8 +28,7 @@ pub fn default_control_path(role: &str) -> PathBuf {
 /// Fails if another live process is listening there.
 pub fn prepare_control_path(path: &Path) -> Result<(), String> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("control socket directory {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|e| format!("control socket directory {}: {e}", dir.display()))?;
     }
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
@@ -38,8 +37,7 @@ pub fn prepare_control_path(path: &Path) -> Result<(), String> {
                 path.display()
             ));
         }
-        std::fs::remove_file(path)
-            .map_err(|e| format!("removing stale control socket {}: {e}", path.display()))?;
+        std::fs::remove_file(path).map_err(|e| format!("removing stale control socket {}: {e}", path.display()))?;
     }
     Ok(())
 }
@@ -54,10 +52,7 @@ fn serve_status(mut stream: UnixStream, report: &StatusReport) {
 }
 
 /// Answers every pending connection on a non-blocking listener with `report()`.
-pub fn serve_pending(
-    listener: &mio::net::UnixListener,
-    report: impl Fn() -> StatusReport,
-) -> std::io::Result<()> {
+pub fn serve_pending(listener: &mio::net::UnixListener, report: impl Fn() -> StatusReport) -> std::io::Result<()> {
     use std::os::fd::{FromRawFd, IntoRawFd};
     loop {
         match listener.accept() {
@@ -75,23 +70,14 @@ pub fn serve_pending(
 /// The `status` subcommand: fetch the report and print it as a table or JSON.
 pub fn print_status(path: &Path, json: bool) -> Result<(), String> {
     let mut s = UnixStream::connect(path).map_err(|e| {
-        format!(
-            "cannot reach the daemon's control socket {}: {e} (is it running? pass --control PATH)",
-            path.display()
-        )
+        format!("cannot reach the daemon's control socket {}: {e} (is it running? pass --control PATH)", path.display())
     })?;
-    s.set_read_timeout(Some(CONTROL_IO_TIMEOUT))
-        .map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(CONTROL_IO_TIMEOUT)).map_err(|e| e.to_string())?;
     let mut body = Vec::new();
-    s.read_to_end(&mut body)
-        .map_err(|e| format!("reading status: {e}"))?;
-    let report: StatusReport =
-        serde_json::from_slice(&body).map_err(|e| format!("bad status from daemon: {e}"))?;
+    s.read_to_end(&mut body).map_err(|e| format!("reading status: {e}"))?;
+    let report: StatusReport = serde_json::from_slice(&body).map_err(|e| format!("bad status from daemon: {e}"))?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
-        );
+        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
     } else {
         print!("{}", report.to_table());
     }

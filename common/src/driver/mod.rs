@@ -15,13 +15,8 @@ pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// on connected sockets when a relay or target is down), not about the socket itself.
 pub fn is_transient(e: &std::io::Error) -> bool {
     use std::io::ErrorKind;
-    matches!(
-        e.kind(),
-        ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset
-    ) || matches!(
-        e.raw_os_error(),
-        Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EPERM | libc::ENOBUFS)
-    )
+    matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset)
+        || matches!(e.raw_os_error(), Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EPERM | libc::ENOBUFS))
 }
 
 /// A non-blocking UDP socket bound to `bind`, optionally pinned to an interface
@@ -37,9 +32,8 @@ pub fn udp_socket(
     let _ = sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
     let _ = sock.set_send_buffer_size(SOCKET_BUFFER_BYTES);
     if let Some(dev) = device {
-        sock.bind_device(Some(dev.as_bytes())).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("binding to interface {dev}: {e}"))
-        })?;
+        sock.bind_device(Some(dev.as_bytes()))
+            .map_err(|e| std::io::Error::new(e.kind(), format!("binding to interface {dev}: {e}")))?;
     }
     sock.set_nonblocking(true)?;
     sock.bind(&bind.into())?;
@@ -74,12 +68,8 @@ pub fn genkey(path: Option<&Path>) -> Result<(), String> {
     match path {
         None => println!("{}", key.to_base64()),
         Some(p) => {
-            key.write_new(p)
-                .map_err(|e| format!("writing key file {}: {e}", p.display()))?;
-            eprintln!(
-                "wrote a new key to {} (mode 600); copy it to the other end",
-                p.display()
-            );
+            key.write_new(p).map_err(|e| format!("writing key file {}: {e}", p.display()))?;
+            eprintln!("wrote a new key to {} (mode 600); copy it to the other end", p.display());
         }
     }
     Ok(())

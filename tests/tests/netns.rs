@@ -1,0 +1,148 @@
+//! End to end in network namespaces: real processes, real sockets, nftables loss.
+//!
+//! Topology (see `tests::TunnelLab`): client host -> 3 bridge hosts (socat, mpbridge,
+//! mpbridge) -> server host with a UDP echo target. Needs root; the tests serialize on a
+//! lock because they share two cores and measure loss.
+
+use std::sync::Mutex;
+use std::time::Duration;
+use tests::{lab_available, udp_stream, TunnelLab, CLIENT_LISTEN};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Skips (with a message) where namespaces cannot be made; in CI that is an error.
+fn lab_or_skip() -> Option<std::sync::MutexGuard<'static, ()>> {
+    if let Err(why) = lab_available() {
+        assert!(std::env::var_os("CI").is_none(), "namespace tests cannot run in CI: {why}");
+        eprintln!("skipped: {why}");
+        return None;
+    }
+    Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+fn stream(t: &TunnelLab, first: u64, count: u64, size: usize, pps: u64) -> tests::StreamResult {
+    udp_stream(&t.client_ns, true, CLIENT_LISTEN.parse().unwrap(), first, count, size, pps, Duration::from_millis(1500))
+        .join()
+        .unwrap()
+}
+
+fn seen_in(t: &TunnelLab, first: u64, count: u64) -> u64 {
+    let seen = t.echo.seen.lock().unwrap();
+    (first..first + count).filter(|k| seen.contains(k)).count() as u64
+}
+
+#[test]
+fn residual_loss_at_20_percent_on_three_paths() {
+    let Some(_serial) = lab_or_skip() else { return };
+    let mut t = TunnelLab::start("l");
+    for i in 0..3 {
+        t.set_loss(i, 20, 20);
+    }
+    t.wait_ready(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500)); // paths up, validated
+    let (first, n) = (1_000_000u64, 20_000u64);
+    let r = stream(&t, first, n, 200, 4000);
+    let reached = seen_in(&t, first, n);
+    let up_loss = 1.0 - reached as f64 / n as f64;
+    let down_loss = 1.0 - r.echoed.len() as f64 / reached as f64;
+    let expected = 0.2f64.powi(3);
+    println!("residual loss at 20% per path and direction, 3 paths, {n} datagrams:");
+    println!(
+        "  client->server {:.3}%  server->client {:.3}%  (p^3 = {:.3}%)",
+        up_loss * 100.0,
+        down_loss * 100.0,
+        expected * 100.0
+    );
+    println!("{}", t.status("mpclient", false));
+    println!("{}", t.status("mpserver", false));
+    for ns in [&t.client_ns, &t.bridge_ns[0], &t.bridge_ns[1], &t.bridge_ns[2], &t.server_ns] {
+        print!("{ns}: {}", t.lab.sh(ns, "grep Udp: /proc/net/snmp | tail -1"));
+    }
+    assert_eq!(r.echo_packets, r.echoed.len() as u64, "a duplicate reached the application");
+    assert!(up_loss <= 1.5 * expected, "client->server loss {up_loss}");
+    assert!(down_loss <= 1.5 * expected, "server->client loss {down_loss}");
+    // the status table reports the per-path loss it measured with probes
+    let json: serde_json::Value = serde_json::from_str(&t.status("mpclient", true)).unwrap();
+    let paths = json["sessions"][0]["paths"].as_array().unwrap().clone();
+    assert_eq!(paths.len(), 3);
+    for p in &paths {
+        let up = p["loss_up"].as_f64().unwrap();
+        assert!((0.05..0.40).contains(&up), "probe loss up {up} for 20%");
+    }
+}
+
+#[test]
+fn one_dead_path_and_the_others_carry_everything() {
+    let Some(_serial) = lab_or_skip() else { return };
+    let mut t = TunnelLab::start("d");
+    t.wait_ready(Duration::from_secs(10));
+    t.set_loss(1, 100, 100);
+    std::thread::sleep(Duration::from_millis(1500));
+    let json: serde_json::Value = serde_json::from_str(&t.status("mpclient", true)).unwrap();
+    let states: Vec<String> = json["sessions"][0]["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["state"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(states, ["up", "down", "up"], "the dead path is marked down within ~1 s");
+    let (first, n) = (2_000_000u64, 5_000u64);
+    let r = stream(&t, first, n, 1000, 2500);
+    println!("one path dead: {} of {n} echoed", r.echoed.len());
+    assert_eq!(seen_in(&t, first, n), n, "all reached the target");
+    assert_eq!(r.echoed.len() as u64, n, "all came back");
+    // and it comes back
+    t.set_loss(1, 0, 0);
+    std::thread::sleep(Duration::from_millis(800));
+    let json: serde_json::Value = serde_json::from_str(&t.status("mpclient", true)).unwrap();
+    assert_eq!(json["sessions"][0]["paths"][1]["state"], "up");
+}
+
+/// Longest gap between consecutive echoes in a steady stream (the outage).
+fn longest_gap(r: &tests::StreamResult) -> Duration {
+    r.arrivals.windows(2).map(|w| w[1].0 - w[0].0).max().unwrap_or_default()
+}
+
+#[test]
+fn kill_9_and_restart_of_each_process_recovers_within_two_seconds() {
+    let Some(_serial) = lab_or_skip() else { return };
+    let mut t = TunnelLab::start("r");
+    t.wait_ready(Duration::from_secs(10));
+    // path 0 (socat) is cut, so only the two mpbridge paths carry traffic: restarting
+    // them is an outage of the whole tunnel.
+    t.set_loss(0, 100, 100);
+    std::thread::sleep(Duration::from_millis(500));
+
+    type Restart = fn(&mut TunnelLab);
+    let cases: [(&str, Restart); 3] = [
+        ("mpserver", |t| {
+            t.lab.kill9(t.server);
+            t.server = t.start_server();
+        }),
+        ("mpclient", |t| {
+            t.lab.kill9(t.client);
+            t.client = t.start_client();
+        }),
+        ("both mpbridges", |t| {
+            for i in 1..3 {
+                t.lab.kill9(t.bridges[i]);
+                t.bridges[i] = t.start_bridge(i);
+            }
+        }),
+    ];
+    let mut first = 3_000_000u64;
+    for (name, restart) in cases {
+        // 100 datagrams/s for 5 s; the restart happens 1.5 s in
+        let to = CLIENT_LISTEN.parse().unwrap();
+        let h = udp_stream(&t.client_ns, true, to, first, 500, 64, 100, Duration::from_millis(1500));
+        std::thread::sleep(Duration::from_millis(1500));
+        restart(&mut t);
+        let r = h.join().unwrap();
+        let gap = longest_gap(&r);
+        let last = r.arrivals.last().map(|a| a.1).unwrap_or(0);
+        println!("{name}: kill -9 + restart: longest gap {gap:?}, {} of 500 echoed", r.echoed.len());
+        assert!(last >= first + 490, "{name}: traffic did not resume (last echo #{})", last.saturating_sub(first));
+        assert!(gap <= Duration::from_secs(2), "{name}: outage {gap:?}");
+        first += 1000;
+    }
+}
