@@ -197,6 +197,9 @@ pub fn spawn_in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + '
 pub struct Echo {
     pub seen: Arc<Mutex<HashSet<u64>>>,
     pub packets: Arc<AtomicU64>,
+    pub bytes: Arc<AtomicU64>,
+    /// Echo back (default) or only count: a sink for one-way throughput.
+    pub reply: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
 }
@@ -205,25 +208,42 @@ impl Echo {
     pub fn start(ns: &str, addr: SocketAddr) -> Self {
         let seen = Arc::new(Mutex::new(HashSet::new()));
         let packets = Arc::new(AtomicU64::new(0));
+        let bytes = Arc::new(AtomicU64::new(0));
+        let reply = Arc::new(AtomicBool::new(true));
         let stop = Arc::new(AtomicBool::new(false));
-        let (s2, p2, st2) = (seen.clone(), packets.clone(), stop.clone());
+        let (s2, p2, b2, r2, st2) = (seen.clone(), packets.clone(), bytes.clone(), reply.clone(), stop.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = spawn_in_ns(ns, move || {
             let sock = UdpSocket::bind(addr).expect("echo bind");
+            // as much kernel buffer as the lab allows: the sink must not be the bottleneck
+            // SAFETY: setsockopt on our own socket with a valid int.
+            unsafe {
+                let size: libc::c_int = 8 << 20;
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    &size as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
             sock.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
             ready_tx.send(()).expect("ready");
             let mut buf = vec![0u8; 65536];
             while !st2.load(Ordering::Relaxed) {
                 let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
                 p2.fetch_add(1, Ordering::Relaxed);
+                b2.fetch_add(n as u64, Ordering::Relaxed);
                 if n >= 8 {
                     s2.lock().expect("lock").insert(u64::from_be_bytes(buf[..8].try_into().expect("8 bytes")));
                 }
-                let _ = sock.send_to(&buf[..n], from);
+                if r2.load(Ordering::Relaxed) {
+                    let _ = sock.send_to(&buf[..n], from);
+                }
             }
         });
         ready_rx.recv_timeout(Duration::from_secs(5)).expect("echo started");
-        Self { seen, packets, stop, handle: Some(handle) }
+        Self { seen, packets, bytes, reply, stop, handle: Some(handle) }
     }
 
     pub fn seen_count(&self) -> usize {
