@@ -211,3 +211,48 @@ fn forged_and_replayed_datagrams_change_nothing() {
     stream(&mut sim, 10, Duration::from_millis(5));
     assert_eq!(sim.app_received.len(), 10, "the session still works");
 }
+
+#[test]
+fn named_targets_come_only_from_the_allow_list() {
+    let dir = LinkDir::lossy(0.0, 3);
+    let mut sim = Sim::new(8, vec![(dir, dir); 2], Cipher::ChaCha20Poly1305);
+    sim.server_cfg.default_target = None;
+    sim.server_cfg.targets.insert("dns".into(), "10.9.9.53:53".parse().unwrap());
+    sim.restart_server();
+
+    // no target named, and the server has no default: refused with a signed answer
+    sim.app_send(app(), &numbered(1));
+    sim.run_for(Duration::from_millis(500));
+    assert!(sim.target_received.is_empty());
+    let st = sim.client.status(sim.now, "x");
+    assert_eq!(st.sessions[0].state, "refused");
+    assert_eq!(sim.server.session_count(), 0);
+
+    // a name on the allow-list works
+    sim.client_cfg.target = "dns".into();
+    sim.restart_client();
+    sim.app_send(app(), &numbered(2));
+    sim.run_for(Duration::from_millis(500));
+    assert_eq!(sim.target_received.len(), 1);
+    assert_eq!(sim.server.session_target(sim.target_received[0].0), Some("10.9.9.53:53".parse().unwrap()));
+
+    // any other name is refused
+    sim.client_cfg.target = "ssh".into();
+    sim.restart_client();
+    sim.app_send(app(), &numbered(3));
+    sim.run_for(Duration::from_millis(500));
+    assert_eq!(sim.target_received.len(), 1);
+    assert_eq!(sim.client.status(sim.now, "x").sessions[0].state, "refused");
+}
+
+#[test]
+fn cipher_not_allowed_by_the_server_is_refused() {
+    let dir = LinkDir::lossy(0.0, 3);
+    let mut sim = Sim::new(9, vec![(dir, dir); 1], Cipher::ChaCha20Poly1305);
+    sim.server_cfg.ciphers = vec![Cipher::Aes256Gcm];
+    sim.restart_server();
+    sim.app_send(app(), &numbered(1));
+    sim.run_for(Duration::from_millis(500));
+    assert!(sim.target_received.is_empty());
+    assert_eq!(sim.client.status(sim.now, "x").sessions[0].state, "refused");
+}

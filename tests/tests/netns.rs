@@ -189,3 +189,79 @@ fn throughput_of_1400_byte_datagrams() {
     }
     println!("{}", t.status("mpserver", false));
 }
+
+/// Multipath over two local uplinks with no relay: one path chosen by source address
+/// (`bind`), the other by interface (`interface`, SO_BINDTODEVICE), both to the same
+/// server address. Cutting one uplink leaves the other carrying everything.
+#[test]
+fn two_local_uplinks_by_bind_address_and_interface() {
+    let Some(_serial) = lab_or_skip() else { return };
+    let mut lab = tests::Lab::new("m");
+    let c = lab.add_ns("c");
+    let s = lab.add_ns("s");
+    lab.link(&c, "wan1", "10.79.1.1", &s, "s1", "10.79.1.2");
+    lab.link(&c, "wan2", "10.79.2.1", &s, "s2", "10.79.2.2");
+    // the server's one public address, reachable over both uplinks (wan1 preferred)
+    lab.sh(&s, "ip addr add 10.80.0.1/32 dev lo");
+    lab.sh(&c, "ip route add 10.80.0.1/32 via 10.79.1.2 dev wan1 metric 100");
+    lab.sh(&c, "ip route add 10.80.0.1/32 via 10.79.2.2 dev wan2 metric 200");
+    let echo = tests::Echo::start(&s, tests::ECHO_ADDR.parse().unwrap());
+    let key = lab.dir.join("k");
+    tests::run(std::process::Command::new(tests::bin("mpserver")).arg("genkey").arg(&key));
+    let (key_s, sctl, cctl) = (
+        key.display().to_string(),
+        lab.dir.join("s.sock").display().to_string(),
+        lab.dir.join("c.sock").display().to_string(),
+    );
+    // bound to the service address: replies must come from the address clients talk to
+    let server_yaml = lab.dir.join("server.yaml");
+    std::fs::write(
+        &server_yaml,
+        format!("listen: 10.80.0.1:4000\ntarget: 127.0.0.1:7000\nkey_file: {key_s}\ncontrol_socket: {sctl}\n"),
+    )
+    .unwrap();
+    lab.spawn(&s, "mpserver", &tests::bin("mpserver"), &["-c", &server_yaml.display().to_string()]);
+    let yaml = lab.dir.join("client.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "listen: {CLIENT_LISTEN}\nkey_file: {key_s}\ncontrol_socket: {cctl}\npaths:\n  - remote: 10.80.0.1:4000\n    bind: 10.79.1.1\n    name: uplink-a\n  - remote: 10.80.0.1:4000\n    interface: wan2\n    name: uplink-b\n"
+        ),
+    )
+    .unwrap();
+    lab.spawn(&c, "mpclient", &tests::bin("mpclient"), &["-c", &yaml.display().to_string()]);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let to = CLIENT_LISTEN.parse().unwrap();
+    let r = udp_stream(&c, true, to, 1, 1000, 500, 1000, Duration::from_millis(800)).join().unwrap();
+    assert_eq!(r.echoed.len(), 1000);
+    let status = |sock: &str| -> serde_json::Value {
+        let out = tests::run(std::process::Command::new(tests::bin("mpserver")).args([
+            "status",
+            "--json",
+            "--control",
+            sock,
+        ]));
+        serde_json::from_str(&out).unwrap()
+    };
+    let server = status(&sctl);
+    let mut sources: Vec<String> = server["sessions"][0]["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().split(':').next().unwrap().to_string())
+        .collect();
+    sources.sort();
+    assert_eq!(sources, ["10.79.1.1", "10.79.2.1"], "each path leaves by its own uplink");
+
+    // uplink a dies: uplink b carries everything
+    lab.nft(&c, "table inet lab {\n chain o { type filter hook output priority 0; oifname \"wan1\" drop; }\n chain i { type filter hook input priority 0; iifname \"wan1\" drop; }\n}\n");
+    std::thread::sleep(Duration::from_millis(1300));
+    let r = udp_stream(&c, true, to, 5000, 1000, 500, 1000, Duration::from_millis(800)).join().unwrap();
+    assert_eq!(r.echoed.len(), 1000, "uplink b alone carries everything");
+    let client = status(&cctl);
+    let states: Vec<&str> =
+        client["sessions"][0]["paths"].as_array().unwrap().iter().map(|p| p["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["down", "up"]);
+    drop(echo);
+}
