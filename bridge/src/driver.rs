@@ -2,9 +2,10 @@
 
 use crate::{FlowTable, Hop, Impairment, LabLine, Verdict};
 use common::driver;
+use common::driver::Readiness;
 use common::wire::MAX_DATAGRAM;
 use mio::net::UdpSocket;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Interest, Registry, Token};
 use slog::{info, trace, warn, Logger};
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -38,9 +39,9 @@ struct Driver {
 }
 
 pub fn run(rt: BridgeRuntime, log: Logger) -> Result<(), String> {
-    let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
+    let mut io = Readiness::new(1024).map_err(|e| format!("poll: {e}"))?;
     let mut listen = driver::udp_socket(rt.listen, None, None).map_err(|e| format!("listen {}: {e}", rt.listen))?;
-    poll.registry().register(&mut listen, LISTEN, Interest::READABLE).map_err(|e| e.to_string())?;
+    io.registry().register(&mut listen, LISTEN, Interest::READABLE).map_err(|e| e.to_string())?;
     info!(log, "mpbridge relaying"; "listen" => %rt.listen, "to" => %rt.to, "idle_timeout_s" => rt.idle_timeout.as_secs(), "max_flows" => rt.max_flows);
     let lab = rt.lab.is_active().then(|| {
         warn!(log, "LAB IMPAIRMENT ON: this relay drops and delays traffic on purpose";
@@ -60,44 +61,25 @@ pub fn run(rt: BridgeRuntime, log: Logger) -> Result<(), String> {
         refused_flows: 0,
         send_errors: 0,
     };
-    d.event_loop(&mut poll)
+    d.event_loop(&mut io)
 }
 
 impl Driver {
-    fn event_loop(&mut self, poll: &mut Poll) -> Result<(), String> {
-        let mut events = Events::with_capacity(1024);
+    fn event_loop(&mut self, io: &mut Readiness) -> Result<(), String> {
         let mut next_sweep = Instant::now() + SWEEP_INTERVAL;
         let mut next_stats = Instant::now() + STATS_INTERVAL;
         let mut expired = Vec::new();
-        let mut backlog: Vec<Token> = Vec::new();
-        let mut ready: Vec<Token> = Vec::new();
         loop {
-            let now = Instant::now();
-            let mut deadline = next_sweep.min(next_stats);
-            if let Some(t) = self.lab.as_ref().and_then(LabLine::next_due) {
-                deadline = deadline.min(t);
-            }
-            let timeout = if backlog.is_empty() { deadline.saturating_duration_since(now) } else { Duration::ZERO };
-            if let Err(e) = poll.poll(&mut events, Some(timeout)) {
-                if e.kind() == ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(format!("poll: {e}"));
-            }
-            ready.clear();
-            ready.append(&mut backlog);
-            for ev in events.iter() {
-                if !ready.contains(&ev.token()) {
-                    ready.push(ev.token());
-                }
-            }
-            for &token in &ready {
-                let more = match token {
-                    LISTEN => self.read_clients(poll),
+            let lab_due = self.lab.as_ref().and_then(LabLine::next_due);
+            let deadline = [Some(next_sweep), Some(next_stats), lab_due].into_iter().flatten().min();
+            io.wait(deadline).map_err(|e| format!("poll: {e}"))?;
+            while let Some(token) = io.next_ready() {
+                let pending = match token {
+                    LISTEN => self.read_clients(io.registry()),
                     Token(t) => self.read_flow(t - FLOW_TOKEN_BASE),
                 };
-                if more {
-                    backlog.push(token);
+                if pending {
+                    io.still_pending(token);
                 }
             }
             let now = Instant::now();
@@ -108,7 +90,7 @@ impl Driver {
                 self.table.expire(now, &mut expired);
                 for &slot in &expired {
                     if let Some(mut s) = self.socks.get_mut(slot).and_then(Option::take) {
-                        let _ = poll.registry().deregister(&mut s);
+                        let _ = io.registry().deregister(&mut s);
                     }
                 }
             }
@@ -158,7 +140,7 @@ impl Driver {
         }
     }
 
-    fn read_clients(&mut self, poll: &Poll) -> bool {
+    fn read_clients(&mut self, registry: &Registry) -> bool {
         for _ in 0..READ_BUDGET {
             let (n, from) = match self.listen.recv_from(&mut self.buf) {
                 Ok(r) => r,
@@ -177,9 +159,7 @@ impl Driver {
             if new {
                 match driver::udp_socket(driver::any_addr_for(self.to), None, Some(self.to)) {
                     Ok(mut s) => {
-                        if let Err(e) =
-                            poll.registry().register(&mut s, Token(FLOW_TOKEN_BASE + slot), Interest::READABLE)
-                        {
+                        if let Err(e) = registry.register(&mut s, Token(FLOW_TOKEN_BASE + slot), Interest::READABLE) {
                             warn!(self.log, "register flow socket"; "error" => %e);
                         }
                         if self.socks.len() <= slot {

@@ -187,6 +187,18 @@ pub struct ServerConfig {
     pub stats_interval_secs: u64,
 }
 
+/// Reads `path` and parses it with `parse(file_name, text)`.
+fn load_with<T>(path: &Path, parse: fn(&str, &str) -> Result<T, ConfigError>) -> Result<T, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        line: None,
+        field: String::new(),
+        message: e.to_string(),
+    })?;
+    parse(&file, &text)
+}
+
 /// The first line of `text` that mentions `needle` (1-based), to point at a field.
 pub fn line_of(text: &str, needle: &str) -> Option<usize> {
     if needle.is_empty() {
@@ -290,14 +302,7 @@ impl ClientConfig {
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: file.clone(),
-            line: None,
-            field: String::new(),
-            message: e.to_string(),
-        })?;
-        Self::parse(&file, &text)
+        load_with(path, Self::parse)
     }
 }
 
@@ -359,14 +364,7 @@ impl ServerConfig {
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: file.clone(),
-            line: None,
-            field: String::new(),
-            message: e.to_string(),
-        })?;
-        Self::parse(&file, &text)
+        load_with(path, Self::parse)
     }
 }
 

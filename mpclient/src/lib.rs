@@ -7,10 +7,11 @@
 use common::client::{Client, ClientCoreConfig, ClientEvent, ClientRecv, ClientSend};
 use common::config::{ClientConfig, DEFAULT_STATS_INTERVAL_SECS};
 use common::crypto::{Cipher, Psk};
+use common::driver::Readiness;
 use common::driver::{self, control};
 use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET, MAX_DATAGRAM};
 use mio::net::{UdpSocket, UnixListener};
-use mio::{Events, Interest, Poll, Token};
+use mio::{Interest, Token};
 use slog::{debug, info, o, trace, warn, Logger};
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -126,19 +127,19 @@ pub fn run(rt: ClientRuntime, psk: Psk, log: Logger) -> Result<(), String> {
         session_idle_timeout: rt.session_idle_timeout,
         max_sessions: rt.max_sessions,
     };
-    let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
+    let mut io = Readiness::new(256).map_err(|e| format!("poll: {e}"))?;
     let mut app = driver::udp_socket(rt.listen, None, None).map_err(|e| format!("listen {}: {e}", rt.listen))?;
-    poll.registry().register(&mut app, APP, Interest::READABLE).map_err(|e| e.to_string())?;
+    io.registry().register(&mut app, APP, Interest::READABLE).map_err(|e| e.to_string())?;
     let mut paths = Vec::new();
     for (i, p) in rt.paths.iter().enumerate() {
         let mut s = path_socket(p).map_err(|e| format!("path {} ({}): {e}", i, p.name))?;
-        poll.registry().register(&mut s, Token(PATH_TOKEN_BASE + i), Interest::READABLE).map_err(|e| e.to_string())?;
+        io.registry().register(&mut s, Token(PATH_TOKEN_BASE + i), Interest::READABLE).map_err(|e| e.to_string())?;
         paths.push(s);
     }
     control::prepare_control_path(&rt.control)?;
     let mut control =
         UnixListener::bind(&rt.control).map_err(|e| format!("control socket {}: {e}", rt.control.display()))?;
-    poll.registry().register(&mut control, CONTROL, Interest::READABLE).map_err(|e| e.to_string())?;
+    io.registry().register(&mut control, CONTROL, Interest::READABLE).map_err(|e| e.to_string())?;
     info!(log, "mpclient listening"; "listen" => %rt.listen, "paths" => rt.paths.len(), "cipher" => rt.cipher.name(), "control" => %rt.control.display());
     for p in &rt.paths {
         info!(log, "path"; "name" => &p.name, "remote" => %p.remote, "bind" => ?p.bind, "interface" => ?p.interface);
@@ -153,42 +154,17 @@ pub fn run(rt: ClientRuntime, psk: Psk, log: Logger) -> Result<(), String> {
         log,
         send_errors: 0,
     };
-    d.event_loop(&mut poll, rt.stats_interval)
+    d.event_loop(&mut io, rt.stats_interval)
 }
 
 impl Driver {
-    fn event_loop(&mut self, poll: &mut Poll, stats_interval: Option<Duration>) -> Result<(), String> {
-        let mut events = Events::with_capacity(256);
+    fn event_loop(&mut self, io: &mut Readiness, stats_interval: Option<Duration>) -> Result<(), String> {
         let mut next_stats = stats_interval.map(|d| Instant::now() + d);
-        // Sources that hit their read budget and still have data queued.
-        let mut backlog: Vec<Token> = Vec::new();
-        let mut ready: Vec<Token> = Vec::new();
         loop {
-            let now = Instant::now();
-            let mut deadline = self.core.poll_timeout();
-            if let Some(s) = next_stats {
-                deadline = Some(deadline.map_or(s, |d| d.min(s)));
-            }
-            let timeout = if !backlog.is_empty() {
-                Some(Duration::ZERO)
-            } else {
-                deadline.map(|d| d.saturating_duration_since(now))
-            };
-            if let Err(e) = poll.poll(&mut events, timeout) {
-                if e.kind() == ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(format!("poll: {e}"));
-            }
-            ready.clear();
-            ready.append(&mut backlog);
-            for ev in events.iter() {
-                if !ready.contains(&ev.token()) {
-                    ready.push(ev.token());
-                }
-            }
-            for &token in &ready {
-                let more = match token {
+            let deadline = [self.core.poll_timeout(), next_stats].into_iter().flatten().min();
+            io.wait(deadline).map_err(|e| format!("poll: {e}"))?;
+            while let Some(token) = io.next_ready() {
+                let pending = match token {
                     APP => self.read_app(),
                     CONTROL => {
                         self.accept_control();
@@ -196,8 +172,8 @@ impl Driver {
                     }
                     Token(t) => self.read_path(t - PATH_TOKEN_BASE),
                 };
-                if more {
-                    backlog.push(token);
+                if pending {
+                    io.still_pending(token);
                 }
             }
             let now = Instant::now();

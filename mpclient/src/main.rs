@@ -1,8 +1,8 @@
 //! `mpclient`: the client end of the multipath tunnel. See `--help`.
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use common::config::{parse_bridges, ClientConfig};
-use common::driver::{control, exit_with_error, genkey, require_key};
+use common::driver::{exit_with_error, require_key, DaemonCommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -15,7 +15,7 @@ use std::path::PathBuf;
 #[command(version, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
-    command: Option<Command>,
+    command: Option<DaemonCommand>,
     /// mptunnel bridges file: one `host port` per line, `#` comments.
     #[arg(conflicts_with = "config", required_unless_present = "config")]
     bridges_file: Option<PathBuf>,
@@ -36,33 +36,14 @@ struct Cli {
     log_level: Option<String>,
 }
 
-#[derive(Subcommand)]
-enum Command {
-    /// Print a new random key, or write it to FILE (mode 600).
-    Genkey { file: Option<PathBuf> },
-    /// Show sessions and paths of the running mpclient.
-    Status {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
-    },
-}
-
 fn fail<T>(message: String) -> T {
     exit_with_error("mpclient", &message)
 }
 
 fn main() {
     let cli = Cli::parse();
-    match cli.command {
-        Some(Command::Genkey { file }) => return genkey(file.as_deref()).unwrap_or_else(fail::<()>),
-        Some(Command::Status { json, control: c }) => {
-            let path = c.unwrap_or_else(|| control::default_control_path("mpclient"));
-            return control::print_status(&path, json).unwrap_or_else(fail::<()>);
-        }
-        None => {}
+    if let Some(command) = cli.command {
+        command.run("mpclient");
     }
     let (mut rt, key_file, level) = if let Some(path) = &cli.config {
         let file = path.display().to_string();

@@ -6,11 +6,12 @@
 
 use common::config::{ServerConfig, DEFAULT_STATS_INTERVAL_SECS};
 use common::crypto::{Cipher, Psk};
+use common::driver::Readiness;
 use common::driver::{self, control};
 use common::server::{Server, ServerCoreConfig, ServerEvent, ServerRecv};
 use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET, HANDSHAKE_RESP_LEN, MAX_DATAGRAM};
 use mio::net::{UdpSocket, UnixListener};
-use mio::{Events, Interest, Poll, Token};
+use mio::{Interest, Registry, Token};
 use slog::{debug, info, o, trace, warn, Logger};
 use std::collections::HashMap;
 use std::io::ErrorKind;
@@ -90,13 +91,13 @@ struct Driver {
 }
 
 pub fn run(rt: ServerRuntime, psk: Psk, log: Logger) -> Result<(), String> {
-    let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
+    let mut io = Readiness::new(1024).map_err(|e| format!("poll: {e}"))?;
     let mut listen = driver::udp_socket(rt.listen, None, None).map_err(|e| format!("listen {}: {e}", rt.listen))?;
-    poll.registry().register(&mut listen, LISTEN, Interest::READABLE).map_err(|e| e.to_string())?;
+    io.registry().register(&mut listen, LISTEN, Interest::READABLE).map_err(|e| e.to_string())?;
     control::prepare_control_path(&rt.control)?;
     let mut control =
         UnixListener::bind(&rt.control).map_err(|e| format!("control socket {}: {e}", rt.control.display()))?;
-    poll.registry().register(&mut control, CONTROL, Interest::READABLE).map_err(|e| e.to_string())?;
+    io.registry().register(&mut control, CONTROL, Interest::READABLE).map_err(|e| e.to_string())?;
     info!(log, "mpserver listening"; "listen" => %rt.listen, "default_target" => ?rt.core.default_target,
         "named_targets" => rt.core.targets.len(), "control" => %rt.control.display());
     let mut d = Driver {
@@ -110,51 +111,31 @@ pub fn run(rt: ServerRuntime, psk: Psk, log: Logger) -> Result<(), String> {
         log,
         send_errors: 0,
     };
-    d.event_loop(&mut poll, rt.stats_interval)
+    d.event_loop(&mut io, rt.stats_interval)
 }
 
 impl Driver {
-    fn event_loop(&mut self, poll: &mut Poll, stats_interval: Option<Duration>) -> Result<(), String> {
-        let mut events = Events::with_capacity(1024);
+    fn event_loop(&mut self, io: &mut Readiness, stats_interval: Option<Duration>) -> Result<(), String> {
         let mut next_stats = stats_interval.map(|d| Instant::now() + d);
-        let mut backlog: Vec<Token> = Vec::new();
-        let mut ready: Vec<Token> = Vec::new();
         loop {
-            let now = Instant::now();
-            let mut deadline = self.core.poll_timeout();
-            if let Some(s) = next_stats {
-                deadline = deadline.min(s);
-            }
-            let timeout = if backlog.is_empty() { deadline.saturating_duration_since(now) } else { Duration::ZERO };
-            if let Err(e) = poll.poll(&mut events, Some(timeout)) {
-                if e.kind() == ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(format!("poll: {e}"));
-            }
-            ready.clear();
-            ready.append(&mut backlog);
-            for ev in events.iter() {
-                if !ready.contains(&ev.token()) {
-                    ready.push(ev.token());
-                }
-            }
-            for &token in &ready {
-                let more = match token {
-                    LISTEN => self.read_listen(poll),
+            let deadline = [Some(self.core.poll_timeout()), next_stats].into_iter().flatten().min();
+            io.wait(deadline).map_err(|e| format!("poll: {e}"))?;
+            while let Some(token) = io.next_ready() {
+                let pending = match token {
+                    LISTEN => self.read_listen(io.registry()),
                     CONTROL => {
                         self.accept_control();
                         false
                     }
                     Token(t) => self.read_upstream(t - UPSTREAM_TOKEN_BASE),
                 };
-                if more {
-                    backlog.push(token);
+                if pending {
+                    io.still_pending(token);
                 }
             }
             let now = Instant::now();
             self.core.handle_timeout(now);
-            self.handle_events(poll);
+            self.handle_events(io.registry());
             if let (Some(at), Some(every)) = (next_stats, stats_interval) {
                 if now >= at {
                     info!(self.log, "stats"; "summary" => self.core.status(now, &self.listen_name).summary_line(), "send_errors" => self.send_errors);
@@ -164,7 +145,7 @@ impl Driver {
         }
     }
 
-    fn read_listen(&mut self, poll: &Poll) -> bool {
+    fn read_listen(&mut self, registry: &Registry) -> bool {
         for _ in 0..READ_BUDGET {
             let (n, from) = match self.listen.recv_from(&mut self.buf) {
                 Ok(r) => r,
@@ -178,7 +159,7 @@ impl Driver {
             let now = Instant::now();
             let r = self.core.handle_datagram(now, from, &mut self.buf[..n], &mut self.reply);
             // Open upstream sockets for new sessions before anything is forwarded to them.
-            self.handle_events(poll);
+            self.handle_events(registry);
             match r {
                 ServerRecv::Forward { slot, payload } => match self.upstream.get(slot).and_then(Option::as_ref) {
                     Some(sock) => {
@@ -234,17 +215,15 @@ impl Driver {
         true
     }
 
-    fn handle_events(&mut self, poll: &Poll) {
+    fn handle_events(&mut self, registry: &Registry) {
         while let Some(ev) = self.core.poll_event() {
             match ev {
                 ServerEvent::SessionOpened { slot, id, target, cipher } => {
                     match driver::udp_socket(driver::any_addr_for(target), None, Some(target)) {
                         Ok(mut sock) => {
-                            if let Err(e) = poll.registry().register(
-                                &mut sock,
-                                Token(UPSTREAM_TOKEN_BASE + slot),
-                                Interest::READABLE,
-                            ) {
+                            if let Err(e) =
+                                registry.register(&mut sock, Token(UPSTREAM_TOKEN_BASE + slot), Interest::READABLE)
+                            {
                                 warn!(self.log, "registering upstream socket"; "error" => %e);
                             }
                             if self.upstream.len() <= slot {
@@ -260,7 +239,7 @@ impl Driver {
                 }
                 ServerEvent::SessionClosed { slot, id } => {
                     if let Some(mut sock) = self.upstream.get_mut(slot).and_then(Option::take) {
-                        let _ = poll.registry().deregister(&mut sock);
+                        let _ = registry.deregister(&mut sock);
                     }
                     info!(self.log, "session closed"; "session" => %id);
                 }

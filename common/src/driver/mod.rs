@@ -11,6 +11,65 @@ use std::path::Path;
 /// overflow while the loop is busy elsewhere.
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
+/// The wait step shared by the drivers' mio loops.
+///
+/// mio is edge-triggered: a source must be read until `WouldBlock`. Drivers cap the
+/// datagrams read per source per wake-up so one busy socket cannot starve the others; a
+/// source that hit its cap is put back with `still_pending` and the next `wait` does not
+/// block, so it is served again right after the others.
+pub struct Readiness {
+    poll: mio::Poll,
+    events: mio::Events,
+    ready: std::collections::VecDeque<mio::Token>,
+    backlog: Vec<mio::Token>,
+}
+
+impl Readiness {
+    pub fn new(event_capacity: usize) -> std::io::Result<Self> {
+        Ok(Self {
+            poll: mio::Poll::new()?,
+            events: mio::Events::with_capacity(event_capacity),
+            ready: std::collections::VecDeque::new(),
+            backlog: Vec::new(),
+        })
+    }
+
+    pub fn registry(&self) -> &mio::Registry {
+        self.poll.registry()
+    }
+
+    /// Blocks until a source is ready or `deadline` passes (not at all while a source is
+    /// pending); then `next_ready` yields each ready source once.
+    pub fn wait(&mut self, deadline: Option<std::time::Instant>) -> std::io::Result<()> {
+        let timeout = if self.backlog.is_empty() {
+            deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()))
+        } else {
+            Some(std::time::Duration::ZERO)
+        };
+        match self.poll.poll(&mut self.events, timeout) {
+            Err(e) if e.kind() != std::io::ErrorKind::Interrupted => return Err(e),
+            _ => {}
+        }
+        self.ready.clear();
+        self.ready.extend(self.backlog.drain(..));
+        for ev in self.events.iter() {
+            if !self.ready.contains(&ev.token()) {
+                self.ready.push_back(ev.token());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn next_ready(&mut self) -> Option<mio::Token> {
+        self.ready.pop_front()
+    }
+
+    /// `token` stopped at its read budget with data left: serve it again without waiting.
+    pub fn still_pending(&mut self, token: mio::Token) {
+        self.backlog.push(token);
+    }
+}
+
 /// Errors on a UDP socket that are about one datagram or one peer (ICMP errors surface
 /// on connected sockets when a relay or target is down), not about the socket itself.
 pub fn is_transient(e: &std::io::Error) -> bool {
@@ -84,6 +143,39 @@ pub fn require_key(program: &str, path: Option<&Path>) -> Result<(Psk, Option<St
         ));
     };
     Psk::load(path).map_err(|e| e.to_string())
+}
+
+/// The subcommands every daemon has.
+#[derive(clap::Subcommand)]
+pub enum DaemonCommand {
+    /// Print a new random key, or write it to FILE (mode 600).
+    Genkey { file: Option<std::path::PathBuf> },
+    /// Show sessions and paths of the running daemon.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The daemon's control socket [default: /run/mptunnel/<program>.sock].
+        #[arg(long, value_name = "PATH")]
+        control: Option<std::path::PathBuf>,
+    },
+}
+
+impl DaemonCommand {
+    /// Runs the subcommand for `program`, then exits (non-zero with a one-line error).
+    pub fn run(self, program: &str) -> ! {
+        let result = match self {
+            Self::Genkey { file } => genkey(file.as_deref()),
+            Self::Status { json, control: path } => {
+                let path = path.unwrap_or_else(|| control::default_control_path(program));
+                control::print_status(&path, json)
+            }
+        };
+        match result {
+            Ok(()) => std::process::exit(0),
+            Err(e) => exit_with_error(program, &e),
+        }
+    }
 }
 
 /// Prints `program: error: message` and exits non-zero.
