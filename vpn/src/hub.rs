@@ -1,0 +1,470 @@
+//! The hub state machine: peer registry, address pool, routing, heartbeats, peer-list push.
+//!
+//! Invariants:
+//! - Nothing from an unknown or unauthenticated source gets an answer or changes state:
+//!   a Register must carry a valid MAC from the named peer's key and a timestamp newer than
+//!   any seen for that name (and within `MAX_CLOCK_SKEW` of ours); afterwards the peer's
+//!   tunnel address is bound to it, and an authenticated heartbeat may move the binding.
+//! - A packet from a peer is routed only if its inner source is the peer's address (or
+//!   its IPv6 mapping) or inside a route it announced; otherwise it is dropped and counted.
+//! - Every change of the peer list bumps its version and is pushed to every peer over
+//!   its KCP link (reliable and ordered).
+
+use crate::ip::{self, Prefix};
+use crate::kcplink::{KcpLink, LinkError};
+use crate::wire::{
+    self, HeartbeatAckRepr, HeartbeatRepr, PeerEntry, PeerKey, RefusalReason, RefusalRepr, RegisterRepr, WelcomeRepr,
+    INNER_IP, MSG_HEARTBEAT, MSG_KCP, MSG_REGISTER,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// A Register whose timestamp is further than this from the hub's clock is refused
+/// (replays after a hub restart).
+pub const MAX_CLOCK_SKEW_MS: u64 = 10 * 60 * 1000;
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A peer the hub knows from its config.
+pub struct PeerSpec {
+    pub name: String,
+    pub key: PeerKey,
+    pub fixed_addr: Option<Ipv4Addr>,
+}
+
+pub struct HubCoreConfig {
+    pub network: Prefix,
+    pub hub_addr: Ipv4Addr,
+    pub mtu: u16,
+    /// Payload bytes one tunnel datagram carries (decides the KCP segment size).
+    pub tunnel_payload: usize,
+    pub peers: Vec<PeerSpec>,
+    pub peer_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HubEvent {
+    PeerUp { name: String, addr: Ipv4Addr, tunnel: SocketAddr },
+    PeerMoved { name: String, tunnel: SocketAddr },
+    PeerGone { name: String, addr: Ipv4Addr },
+    Refused { name: String, reason: RefusalReason },
+    LinkBroken { name: String },
+}
+
+/// Why a datagram or packet was dropped; counted.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HubDrops {
+    pub malformed: u64,
+    pub unknown_peer: u64,
+    pub bad_mac: u64,
+    pub replayed: u64,
+    pub spoofed_source: u64,
+    pub no_route: u64,
+    pub queue_full: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerStatus {
+    pub id: u32,
+    pub name: String,
+    pub addr: Ipv4Addr,
+    pub state: String,
+    pub tunnel: String,
+    pub routes: Vec<Prefix>,
+    pub last_heartbeat_s: f64,
+    pub rtt_ms: Option<f64>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+struct HubPeer {
+    id: u32,
+    name: String,
+    addr: Ipv4Addr,
+    routes: Vec<Prefix>,
+    tunnel: SocketAddr,
+    last_seen: Instant,
+    last_heartbeat_ts: u64,
+    rtt_us: u32,
+    link: KcpLink,
+    tx_bytes: u64,
+    rx_bytes: u64,
+}
+
+pub struct Hub {
+    cfg: HubCoreConfig,
+    keys: HashMap<String, usize>,
+    peers: BTreeMap<u32, HubPeer>,
+    by_tunnel: HashMap<SocketAddr, u32>,
+    /// Addresses handed out, by peer name: a returning peer gets its address back.
+    assigned: HashMap<String, Ipv4Addr>,
+    last_register_ts: HashMap<String, u64>,
+    next_id: u32,
+    peers_version: u32,
+    transmit: VecDeque<(SocketAddr, Vec<u8>)>,
+    to_tun: VecDeque<Vec<u8>>,
+    events: VecDeque<HubEvent>,
+    pub drops: HubDrops,
+    buf: Vec<u8>,
+}
+
+impl Hub {
+    pub fn new(cfg: HubCoreConfig, first_peer_id: u32) -> Self {
+        let keys = cfg.peers.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+        Self {
+            cfg,
+            keys,
+            peers: BTreeMap::new(),
+            by_tunnel: HashMap::new(),
+            assigned: HashMap::new(),
+            last_register_ts: HashMap::new(),
+            next_id: first_peer_id.max(1),
+            peers_version: 1,
+            transmit: VecDeque::new(),
+            to_tun: VecDeque::new(),
+            events: VecDeque::new(),
+            drops: HubDrops::default(),
+            buf: vec![0; 65536],
+        }
+    }
+
+    pub fn mtu(&self) -> u16 {
+        self.cfg.mtu
+    }
+
+    /// One datagram from the tunnel (from mpserver's upstream socket of some session).
+    pub fn handle_datagram(&mut self, now: Instant, wall_ms: u64, from: SocketAddr, d: &[u8]) {
+        match d.first() {
+            Some(&MSG_REGISTER) => self.on_register(now, wall_ms, from, d),
+            Some(&MSG_HEARTBEAT) => self.on_heartbeat(now, from, d),
+            Some(&MSG_KCP) => self.on_kcp(now, from, &d[1..]),
+            _ => self.drops.malformed += 1,
+        }
+    }
+
+    fn spec(&self, name: &str) -> Option<&PeerSpec> {
+        self.keys.get(name).map(|&i| &self.cfg.peers[i])
+    }
+
+    fn address_for(&self, name: &str, want: Ipv4Addr) -> Option<Ipv4Addr> {
+        let taken = |a: Ipv4Addr| {
+            a == self.cfg.hub_addr
+                || self.peers.values().any(|p| p.addr == a && p.name != name)
+                || self.cfg.peers.iter().any(|s| s.fixed_addr == Some(a) && s.name != name)
+                || self.assigned.iter().any(|(n, &x)| x == a && n != name)
+        };
+        let usable = |a: Ipv4Addr| {
+            let net = self.cfg.network;
+            net.contains(a) && a != net.addr && Some(a) != net.nth((net.size() - 1) as u32) && !taken(a)
+        };
+        if let Some(a) = self.spec(name).and_then(|s| s.fixed_addr) {
+            return Some(a);
+        }
+        if let Some(&a) = self.assigned.get(name) {
+            return Some(a);
+        }
+        if usable(want) {
+            return Some(want);
+        }
+        (1..self.cfg.network.size().min(1 << 20) as u32).filter_map(|n| self.cfg.network.nth(n)).find(|&a| usable(a))
+    }
+
+    fn on_register(&mut self, now: Instant, wall_ms: u64, from: SocketAddr, d: &[u8]) {
+        let Ok((reg, body)) = RegisterRepr::parse(d) else {
+            self.drops.malformed += 1;
+            return;
+        };
+        let Some(spec) = self.spec(&reg.name) else {
+            self.drops.unknown_peer += 1;
+            return;
+        };
+        if RegisterRepr::verify(d, body, &spec.key).is_err() {
+            self.drops.bad_mac += 1;
+            return;
+        }
+        let last = self.last_register_ts.get(&reg.name).copied().unwrap_or(0);
+        if reg.timestamp_ms <= last || reg.timestamp_ms.abs_diff(wall_ms) > MAX_CLOCK_SKEW_MS {
+            self.drops.replayed += 1;
+            return;
+        }
+        self.last_register_ts.insert(reg.name.clone(), reg.timestamp_ms);
+        let ki = self.keys[&reg.name];
+        let net = self.cfg.network;
+        let mut refusal = None;
+        if reg.mtu != 0 && reg.mtu != self.cfg.mtu {
+            refusal = Some(RefusalReason::MtuMismatch);
+        } else if reg.routes.iter().any(|r| r.len < 8 || net.contains(r.addr) || r.contains(net.addr)) {
+            refusal = Some(RefusalReason::RouteNotAllowed);
+        }
+        let addr = if refusal.is_none() { self.address_for(&reg.name, reg.want_addr) } else { None };
+        let Some(addr) = addr else {
+            let reason = refusal.unwrap_or(RefusalReason::PoolExhausted);
+            let r = RefusalRepr { reason, hub_mtu: self.cfg.mtu, nonce: reg.nonce }.emit(&self.cfg.peers[ki].key);
+            self.transmit.push_back((from, r.to_vec()));
+            self.events.push_back(HubEvent::Refused { name: reg.name, reason });
+            return;
+        };
+        // a re-registration replaces the old entry (new id, fresh KCP state)
+        if let Some(old) = self.peers.values().find(|p| p.name == reg.name).map(|p| p.id) {
+            if let Some(p) = self.peers.remove(&old) {
+                self.by_tunnel.remove(&p.tunnel);
+            }
+        }
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        let welcome = WelcomeRepr {
+            peer_id: id,
+            addr,
+            prefix_len: self.cfg.network.len,
+            hub_addr: self.cfg.hub_addr,
+            mtu: self.cfg.mtu,
+            nonce: reg.nonce,
+        }
+        .emit(&self.cfg.peers[ki].key);
+        self.transmit.push_back((from, welcome.to_vec()));
+        self.assigned.insert(reg.name.clone(), addr);
+        if let Some(other) = self.by_tunnel.insert(from, id) {
+            // the tunnel address belonged to another peer before (session reuse): unbind it
+            if let Some(p) = self.peers.get_mut(&other) {
+                p.tunnel = SocketAddr::from(([0, 0, 0, 0], 0));
+            }
+        }
+        self.peers.insert(
+            id,
+            HubPeer {
+                id,
+                name: reg.name.clone(),
+                addr,
+                routes: reg.routes,
+                tunnel: from,
+                last_seen: now,
+                last_heartbeat_ts: reg.timestamp_ms,
+                rtt_us: 0,
+                link: KcpLink::new(id, now, self.cfg.tunnel_payload),
+                tx_bytes: 0,
+                rx_bytes: 0,
+            },
+        );
+        self.events.push_back(HubEvent::PeerUp { name: reg.name, addr, tunnel: from });
+        self.push_peer_list();
+    }
+
+    fn on_heartbeat(&mut self, now: Instant, from: SocketAddr, d: &[u8]) {
+        let Ok(hb) = HeartbeatRepr::parse(d) else {
+            self.drops.malformed += 1;
+            return;
+        };
+        let Some(p) = self.peers.get_mut(&hb.peer_id) else {
+            self.drops.unknown_peer += 1;
+            return;
+        };
+        let key = &self.cfg.peers[self.keys[&p.name]].key;
+        if HeartbeatRepr::verify(d, key).is_err() {
+            self.drops.bad_mac += 1;
+            return;
+        }
+        if hb.timestamp_ms <= p.last_heartbeat_ts {
+            self.drops.replayed += 1;
+            return;
+        }
+        p.last_heartbeat_ts = hb.timestamp_ms;
+        p.last_seen = now;
+        p.rtt_us = hb.rtt_us;
+        if p.tunnel != from {
+            // the peer's tunnel session changed (mpclient or mpserver restarted)
+            self.by_tunnel.remove(&p.tunnel);
+            p.tunnel = from;
+            self.by_tunnel.insert(from, p.id);
+            self.events.push_back(HubEvent::PeerMoved { name: p.name.clone(), tunnel: from });
+        }
+        let ack = HeartbeatAckRepr { peer_id: hb.peer_id, seq: hb.seq, peers_version: self.peers_version };
+        self.transmit.push_back((from, ack.emit().to_vec()));
+    }
+
+    fn on_kcp(&mut self, now: Instant, from: SocketAddr, segment: &[u8]) {
+        let Some(&id) = self.by_tunnel.get(&from) else {
+            self.drops.unknown_peer += 1;
+            return;
+        };
+        let Some(p) = self.peers.get_mut(&id) else {
+            self.drops.unknown_peer += 1;
+            return;
+        };
+        match p.link.input(now, segment) {
+            Ok(()) => {}
+            Err(LinkError::Broken) => {
+                self.events.push_back(HubEvent::LinkBroken { name: p.name.clone() });
+                self.remove_peer(id);
+                return;
+            }
+            Err(_) => {
+                self.drops.malformed += 1;
+                return;
+            }
+        }
+        p.last_seen = now;
+        let mut buf = std::mem::take(&mut self.buf);
+        while let Some(n) = self.peers.get_mut(&id).and_then(|p| p.link.recv(&mut buf)) {
+            match buf[..n].first() {
+                Some(&INNER_IP) => {
+                    if let Some(p) = self.peers.get_mut(&id) {
+                        p.rx_bytes += (n - 1) as u64;
+                    }
+                    self.route_from_peer(id, &buf[1..n]);
+                }
+                _ => self.drops.malformed += 1,
+            }
+        }
+        self.buf = buf;
+    }
+
+    /// The peer whose address or announced route covers `dst` (longest prefix wins).
+    fn peer_for(&self, dst: Ipv4Addr) -> Option<u32> {
+        if let Some(p) = self.peers.values().find(|p| p.addr == dst) {
+            return Some(p.id);
+        }
+        self.peers
+            .values()
+            .flat_map(|p| p.routes.iter().filter(|r| r.contains(dst)).map(move |r| (r.len, p.id)))
+            .max()
+            .map(|(_, id)| id)
+    }
+
+    fn v4_dst(dst: IpAddr) -> Option<Ipv4Addr> {
+        match dst {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(a) => ip::v4_of(a),
+        }
+    }
+
+    fn route_from_peer(&mut self, from_id: u32, packet: &[u8]) {
+        let Some((src, dst)) = ip::addresses(packet) else {
+            self.drops.malformed += 1;
+            return;
+        };
+        let p = &self.peers[&from_id];
+        let src_ok = match src {
+            IpAddr::V4(s) => s == p.addr || p.routes.iter().any(|r| r.contains(s)),
+            IpAddr::V6(s) => ip::v4_of(s) == Some(p.addr),
+        };
+        if !src_ok {
+            self.drops.spoofed_source += 1;
+            return;
+        }
+        let target = Self::v4_dst(dst);
+        match target.and_then(|d| self.peer_for(d)) {
+            Some(to) if to == from_id => self.drops.no_route += 1,
+            Some(to) => self.send_ip(to, packet),
+            None => {
+                if target.is_some_and(|d| self.cfg.network.contains(d) && d != self.cfg.hub_addr) {
+                    self.drops.no_route += 1; // a VPN address nobody has
+                } else {
+                    self.to_tun.push_back(packet.to_vec()); // the hub itself, or beyond it
+                }
+            }
+        }
+    }
+
+    fn send_ip(&mut self, to: u32, packet: &[u8]) {
+        let Some(p) = self.peers.get_mut(&to) else { return };
+        let mut msg = Vec::with_capacity(packet.len() + 1);
+        msg.push(INNER_IP);
+        msg.extend_from_slice(packet);
+        match p.link.send(&msg) {
+            Ok(()) => p.tx_bytes += packet.len() as u64,
+            Err(_) => self.drops.queue_full += 1,
+        }
+    }
+
+    /// An IP packet the hub host sent into its TUN device.
+    pub fn handle_tun_packet(&mut self, packet: &[u8]) {
+        let dst = ip::addresses(packet).and_then(|(_, d)| Self::v4_dst(d));
+        match dst.and_then(|d| self.peer_for(d)) {
+            Some(to) => self.send_ip(to, packet),
+            None => self.drops.no_route += 1,
+        }
+    }
+
+    fn entries(&self) -> Vec<PeerEntry> {
+        self.peers
+            .values()
+            .map(|p| PeerEntry { id: p.id, name: p.name.clone(), addr: p.addr, routes: p.routes.clone() })
+            .collect()
+    }
+
+    fn push_peer_list(&mut self) {
+        self.peers_version = self.peers_version.wrapping_add(1);
+        let msg = wire::emit_peer_list(self.peers_version, &self.entries());
+        for p in self.peers.values_mut() {
+            if p.link.send(&msg).is_err() {
+                self.drops.queue_full += 1;
+            }
+        }
+    }
+
+    fn remove_peer(&mut self, id: u32) {
+        if let Some(p) = self.peers.remove(&id) {
+            self.by_tunnel.remove(&p.tunnel);
+            self.events.push_back(HubEvent::PeerGone { name: p.name, addr: p.addr });
+            self.push_peer_list();
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
+        if let Some(t) = self.transmit.pop_front() {
+            return Some(t);
+        }
+        for p in self.peers.values_mut() {
+            if let Some(d) = p.link.poll_transmit() {
+                return Some((p.tunnel, d));
+            }
+        }
+        None
+    }
+
+    pub fn poll_tun(&mut self) -> Option<Vec<u8>> {
+        self.to_tun.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<HubEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let kcp = self.peers.values().map(|p| p.link.poll_timeout()).min();
+        let expiry = self.peers.values().map(|p| p.last_seen + self.cfg.peer_timeout).min();
+        [kcp, expiry].into_iter().flatten().min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut gone = Vec::new();
+        for p in self.peers.values_mut() {
+            p.link.handle_timeout(now);
+            if now.saturating_duration_since(p.last_seen) >= self.cfg.peer_timeout || p.link.is_broken() {
+                gone.push(p.id);
+            }
+        }
+        for id in gone {
+            self.remove_peer(id);
+        }
+    }
+
+    pub fn status(&self, now: Instant) -> Vec<PeerStatus> {
+        self.peers
+            .values()
+            .map(|p| PeerStatus {
+                id: p.id,
+                name: p.name.clone(),
+                addr: p.addr,
+                state: "up".into(),
+                tunnel: p.tunnel.to_string(),
+                routes: p.routes.clone(),
+                last_heartbeat_s: now.saturating_duration_since(p.last_seen).as_secs_f64(),
+                rtt_ms: (p.rtt_us > 0).then(|| f64::from(p.rtt_us) / 1000.0),
+                tx_bytes: p.tx_bytes,
+                rx_bytes: p.rx_bytes,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,154 @@
+//! Just enough of IPv4/IPv6 to route: version, source, destination; and prefixes.
+//!
+//! IPv6 addresses inside the VPN are mapped from IPv4 ones (`fd6d:7074::a.b.c.d`, see
+//! `v6_of`), so one IPv4 registry routes both families.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// `fd6d:7074::/96`: a ULA prefix ("mpt") whose last 32 bits are a peer's IPv4 address.
+pub const V6_MAP_PREFIX: [u8; 12] = [0xfd, 0x6d, 0x70, 0x74, 0, 0, 0, 0, 0, 0, 0, 0];
+
+pub fn v6_of(v4: Ipv4Addr) -> Ipv6Addr {
+    let mut b = [0u8; 16];
+    b[..12].copy_from_slice(&V6_MAP_PREFIX);
+    b[12..].copy_from_slice(&v4.octets());
+    Ipv6Addr::from(b)
+}
+
+/// The IPv4 address a mapped IPv6 address stands for.
+pub fn v4_of(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let b = v6.octets();
+    (b[..12] == V6_MAP_PREFIX).then(|| Ipv4Addr::new(b[12], b[13], b[14], b[15]))
+}
+
+/// Source and destination of an IP packet, checked.
+pub fn addresses(packet: &[u8]) -> Option<(IpAddr, IpAddr)> {
+    match packet.first()? >> 4 {
+        4 if packet.len() >= 20 => {
+            let ihl = (packet[0] & 0x0f) as usize * 4;
+            if ihl < 20 || packet.len() < ihl {
+                return None;
+            }
+            let src = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
+            let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+            Some((src.into(), dst.into()))
+        }
+        6 if packet.len() >= 40 => {
+            let mut s = [0u8; 16];
+            let mut d = [0u8; 16];
+            s.copy_from_slice(&packet[8..24]);
+            d.copy_from_slice(&packet[24..40]);
+            Some((Ipv6Addr::from(s).into(), Ipv6Addr::from(d).into()))
+        }
+        _ => None,
+    }
+}
+
+/// An IPv4 prefix such as `192.168.50.0/24`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Prefix {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Prefix {
+    pub fn new(addr: Ipv4Addr, len: u8) -> Option<Self> {
+        (len <= 32).then(|| Self { addr: Ipv4Addr::from(u32::from(addr) & Self::mask(len)), len })
+    }
+
+    fn mask(len: u8) -> u32 {
+        if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - len as u32)
+        }
+    }
+
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        u32::from(a) & Self::mask(self.len) == u32::from(self.addr)
+    }
+
+    pub fn netmask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(Self::mask(self.len))
+    }
+
+    /// The n-th address in the prefix (n = 0 is the network address).
+    pub fn nth(&self, n: u32) -> Option<Ipv4Addr> {
+        let size = if self.len == 0 { u64::from(u32::MAX) + 1 } else { 1u64 << (32 - self.len as u32) };
+        (u64::from(n) < size).then(|| Ipv4Addr::from(u32::from(self.addr) + n))
+    }
+
+    pub fn size(&self) -> u64 {
+        1u64 << (32 - self.len as u32)
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for Prefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = s.split_once('/').ok_or_else(|| format!("`{s}` is not addr/len"))?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| format!("`{a}` is not an IPv4 address"))?;
+        let len: u8 = l.parse().map_err(|_| format!("`{l}` is not a prefix length"))?;
+        Prefix::new(addr, len).ok_or_else(|| format!("prefix length {len} > 32"))
+    }
+}
+
+impl TryFrom<String> for Prefix {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Prefix> for String {
+    fn from(p: Prefix) -> String {
+        p.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes() {
+        let p: Prefix = "10.99.0.7/24".parse().unwrap();
+        assert_eq!(p.to_string(), "10.99.0.0/24");
+        assert!(p.contains("10.99.0.200".parse().unwrap()));
+        assert!(!p.contains("10.99.1.1".parse().unwrap()));
+        assert_eq!(p.nth(1), Some("10.99.0.1".parse().unwrap()));
+        assert_eq!(p.nth(256), None);
+        assert_eq!(p.netmask(), Ipv4Addr::new(255, 255, 255, 0));
+        assert!("10.0.0.0/33".parse::<Prefix>().is_err());
+        assert!("nope/8".parse::<Prefix>().is_err());
+        let all: Prefix = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(Ipv4Addr::new(1, 2, 3, 4)));
+    }
+
+    #[test]
+    fn packet_addresses() {
+        let mut v4 = [0u8; 20];
+        v4[0] = 0x45;
+        v4[12..16].copy_from_slice(&[10, 99, 0, 2]);
+        v4[16..20].copy_from_slice(&[10, 99, 0, 3]);
+        assert_eq!(addresses(&v4), Some((Ipv4Addr::new(10, 99, 0, 2).into(), Ipv4Addr::new(10, 99, 0, 3).into())));
+        assert_eq!(addresses(&v4[..19]), None);
+        v4[0] = 0x44; // IHL too small
+        assert_eq!(addresses(&v4), None);
+        let mut v6 = [0u8; 40];
+        v6[0] = 0x60;
+        v6[8..24].copy_from_slice(&v6_of(Ipv4Addr::new(10, 99, 0, 2)).octets());
+        let (s, _) = addresses(&v6).unwrap();
+        let IpAddr::V6(s) = s else { panic!() };
+        assert_eq!(v4_of(s), Some(Ipv4Addr::new(10, 99, 0, 2)));
+        assert_eq!(addresses(&[]), None);
+        assert_eq!(addresses(&[0x70; 60]), None);
+    }
+}

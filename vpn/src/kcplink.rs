@@ -1,0 +1,254 @@
+//! One KCP conversation (peer <-> hub), sans-IO.
+//!
+//! Fast mode as the design asks: nodelay, 10 ms interval, fast resend after 2 duplicate
+//! ACKs, no congestion window; windows of `KCP_WINDOW` segments and a bounded send queue.
+//! Every IP packet is one KCP message that fits one segment (the TUN MTU is derived so).
+//! The kcp crate can panic on hostile segments (its own asserts; overflow checks are off
+//! in every profile); input and receive run under `catch_unwind`, and a link that panicked
+//! is reported broken so the caller can drop it: one bad peer cannot take the hub down.
+
+use crate::wire::MSG_KCP;
+use kcp::Kcp;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::Write;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+pub const KCP_INTERVAL: Duration = Duration::from_millis(10);
+pub const KCP_WINDOW: u16 = 1024;
+/// KCP segment header.
+pub const KCP_HEADER_LEN: usize = 24;
+/// Messages waiting to be sent or acknowledged before new ones are refused.
+pub const KCP_MAX_WAIT_SEGMENTS: usize = 2 * KCP_WINDOW as usize;
+/// Resends before the link counts as dead (the heartbeat logic decides what to do).
+const KCP_DEAD_LINK_RESENDS: u32 = 60;
+
+/// The largest KCP datagram (header + data); one tunnel datagram minus our type byte.
+pub fn kcp_mtu(tunnel_payload: usize) -> usize {
+    tunnel_payload - 1
+}
+
+/// Collects KCP's output datagrams, each prefixed with `MSG_KCP`.
+#[derive(Clone, Default)]
+struct OutQueue(Rc<RefCell<VecDeque<Vec<u8>>>>);
+
+impl Write for OutQueue {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut d = Vec::with_capacity(buf.len() + 1);
+        d.push(MSG_KCP);
+        d.extend_from_slice(buf);
+        self.0.borrow_mut().push_back(d);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    #[error("send queue full")]
+    Full,
+    #[error("malformed segment")]
+    Malformed,
+    #[error("KCP state broken by hostile input")]
+    Broken,
+}
+
+pub struct KcpLink {
+    kcp: Kcp<OutQueue>,
+    out: OutQueue,
+    epoch: Instant,
+    next_update: Instant,
+    conv: u32,
+    broken: bool,
+}
+
+impl KcpLink {
+    pub fn new(conv: u32, now: Instant, tunnel_payload: usize) -> Self {
+        let out = OutQueue::default();
+        let mut kcp = Kcp::new(conv, out.clone());
+        kcp.set_nodelay(true, KCP_INTERVAL.as_millis() as i32, 2, true);
+        kcp.set_wndsize(KCP_WINDOW, KCP_WINDOW);
+        kcp.set_mtu(kcp_mtu(tunnel_payload)).expect("mtu above the KCP minimum");
+        kcp.set_maximum_resend_times(KCP_DEAD_LINK_RESENDS);
+        // flush() refuses to run before the first update()
+        let _ = kcp.update(0);
+        Self { kcp, out, epoch: now, next_update: now, conv, broken: false }
+    }
+
+    fn ms(&self, now: Instant) -> u32 {
+        now.saturating_duration_since(self.epoch).as_millis() as u32
+    }
+
+    pub fn conv(&self) -> u32 {
+        self.conv
+    }
+
+    /// Largest message that goes in one segment.
+    pub fn mss(&self) -> usize {
+        self.kcp.mss()
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken || self.kcp.is_dead_link()
+    }
+
+    /// Queues one message and flushes (so throughput is not capped by the interval).
+    pub fn send(&mut self, msg: &[u8]) -> Result<(), LinkError> {
+        if self.broken {
+            return Err(LinkError::Broken);
+        }
+        if self.kcp.wait_snd() >= KCP_MAX_WAIT_SEGMENTS {
+            return Err(LinkError::Full);
+        }
+        let kcp = &mut self.kcp;
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            kcp.send(msg).map_err(|_| LinkError::Malformed)?;
+            kcp.flush().map_err(|_| LinkError::Malformed)
+        }));
+        match r {
+            Ok(r) => r,
+            Err(_) => {
+                self.broken = true;
+                Err(LinkError::Broken)
+            }
+        }
+    }
+
+    /// One KCP segment from the other side (without our `MSG_KCP` byte).
+    pub fn input(&mut self, now: Instant, segment: &[u8]) -> Result<(), LinkError> {
+        if self.broken {
+            return Err(LinkError::Broken);
+        }
+        // kcp::get_conv panics below a header's length; check conv ourselves
+        if segment.len() < KCP_HEADER_LEN || kcp::get_conv(segment) != self.conv {
+            return Err(LinkError::Malformed);
+        }
+        let ms = self.ms(now);
+        let kcp = &mut self.kcp;
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            kcp.input(segment).map_err(|_| LinkError::Malformed)?;
+            // ACK at once: the tunnel below already adds a hop
+            kcp.update(ms).map_err(|_| LinkError::Malformed)?;
+            kcp.flush().map_err(|_| LinkError::Malformed)
+        }));
+        match r {
+            Ok(r) => r,
+            Err(_) => {
+                self.broken = true;
+                Err(LinkError::Broken)
+            }
+        }
+    }
+
+    /// The next complete message, into `buf`.
+    pub fn recv(&mut self, buf: &mut [u8]) -> Option<usize> {
+        if self.broken {
+            return None;
+        }
+        let kcp = &mut self.kcp;
+        match catch_unwind(AssertUnwindSafe(|| kcp.recv(buf))) {
+            Ok(Ok(n)) => Some(n),
+            Ok(Err(_)) => None,
+            Err(_) => {
+                self.broken = true;
+                None
+            }
+        }
+    }
+
+    /// Next datagram for the tunnel.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.out.0.borrow_mut().pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Instant {
+        self.next_update
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now < self.next_update || self.broken {
+            return;
+        }
+        let ms = self.ms(now);
+        let kcp = &mut self.kcp;
+        match catch_unwind(AssertUnwindSafe(|| {
+            let _ = kcp.update(ms);
+            kcp.check(ms)
+        })) {
+            // check() gives a delay in ms; at least 1 ms so we never spin
+            Ok(delay) => self.next_update = now + Duration::from_millis(u64::from(delay.max(1))),
+            Err(_) => self.broken = true,
+        }
+    }
+
+    /// Segments sent and not yet acknowledged, plus queued.
+    pub fn waiting(&self) -> usize {
+        self.kcp.wait_snd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pump(a: &mut KcpLink, b: &mut KcpLink, now: Instant) {
+        while let Some(d) = a.poll_transmit() {
+            let _ = b.input(now, &d[1..]);
+        }
+        while let Some(d) = b.poll_transmit() {
+            let _ = a.input(now, &d[1..]);
+        }
+    }
+
+    #[test]
+    fn messages_arrive_whole_and_in_order() {
+        let t0 = Instant::now();
+        let mut a = KcpLink::new(7, t0, 1438);
+        let mut b = KcpLink::new(7, t0, 1438);
+        assert_eq!(a.mss(), 1413);
+        for i in 0..100u32 {
+            let mut m = vec![0u8; 1413];
+            m[..4].copy_from_slice(&i.to_be_bytes());
+            a.send(&m).unwrap();
+        }
+        let mut now = t0;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        for _ in 0..50 {
+            pump(&mut a, &mut b, now);
+            while let Some(n) = b.recv(&mut buf) {
+                assert_eq!(n, 1413);
+                got.push(u32::from_be_bytes(buf[..4].try_into().unwrap()));
+            }
+            now += Duration::from_millis(10);
+            a.handle_timeout(now);
+            b.handle_timeout(now);
+        }
+        assert_eq!(got, (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn hostile_segments_never_panic() {
+        let t0 = Instant::now();
+        let mut l = KcpLink::new(7, t0, 1438);
+        let mut rng = common::sim::SimRng::new(3);
+        let mut buf = vec![0u8; 65536];
+        for len in [0usize, 3, 23, 24, 25, 40, 200, 1500] {
+            for _ in 0..300 {
+                let mut seg: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+                if len >= 4 && rng.chance(0.7) {
+                    seg[..4].copy_from_slice(&7u32.to_le_bytes());
+                }
+                let _ = l.input(t0, &seg);
+                while l.recv(&mut buf).is_some() {}
+                l.handle_timeout(t0 + Duration::from_millis(20));
+            }
+        }
+        assert!(l.conv() == 7);
+    }
+}

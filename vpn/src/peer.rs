@@ -1,0 +1,432 @@
+//! The peer state machine: register, heartbeat, carry TUN packets over KCP, follow the
+//! hub's peer list.
+//!
+//! Heartbeats go every `HEARTBEAT_INTERVAL`. When one goes unanswered the peer retries
+//! 1, 3 and 7 s after it; if none is answered by `HUB_LOST_AFTER` the hub is lost: the
+//! peer stops taking packets from its TUN (they are dropped and counted), and registers
+//! again every `REREGISTER_INTERVAL`, asking for the address it had.
+
+use crate::ip::{self, Prefix};
+use crate::kcplink::{KcpLink, LinkError};
+use crate::wire::{
+    self, HeartbeatAckRepr, HeartbeatRepr, PeerEntry, PeerKey, RefusalReason, RefusalRepr, RegisterRepr, WelcomeRepr,
+    INNER_IP, INNER_PEERS, MSG_HEARTBEAT_ACK, MSG_KCP, MSG_REFUSAL, MSG_WELCOME,
+};
+use std::collections::{BTreeSet, VecDeque};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Retries after the first unanswered heartbeat.
+pub const HEARTBEAT_RETRIES: [Duration; 3] = [Duration::from_secs(1), Duration::from_secs(3), Duration::from_secs(7)];
+/// No answer to the last retry within this time after the first miss: the hub is lost.
+pub const HUB_LOST_AFTER: Duration = Duration::from_secs(8);
+pub const REGISTER_RETRY: Duration = Duration::from_millis(500);
+pub const REREGISTER_INTERVAL: Duration = Duration::from_secs(2);
+
+pub struct PeerCoreConfig {
+    pub name: String,
+    pub key: PeerKey,
+    /// The TUN MTU this peer is configured for; `None` = take the hub's.
+    pub mtu: Option<u16>,
+    pub routes: Vec<Prefix>,
+    /// Payload bytes one tunnel datagram carries.
+    pub tunnel_payload: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// Registered: configure the TUN device.
+    Configured {
+        addr: Ipv4Addr,
+        prefix_len: u8,
+        hub_addr: Ipv4Addr,
+        mtu: u16,
+    },
+    /// Routes announced by other peers to install / remove.
+    Routes {
+        add: Vec<Prefix>,
+        remove: Vec<Prefix>,
+    },
+    HubLost,
+    /// The hub refused us for good (config mismatch): stop with this error.
+    Fatal(String),
+    /// The hub refused us for now (e.g. pool exhausted); we keep trying.
+    Refused(RefusalReason),
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct PeerDrops {
+    pub hub_lost: u64,
+    pub queue_full: u64,
+    pub malformed: u64,
+    pub not_registered: u64,
+}
+
+enum State {
+    Registering { nonce: u64, next_try: Instant, lost: bool },
+    Up(Box<Session>),
+}
+
+struct Session {
+    id: u32,
+    link: KcpLink,
+    hb_seq: u32,
+    next_heartbeat: Instant,
+    /// When the first still-unanswered heartbeat went out.
+    first_miss: Option<(Instant, u32)>,
+    retries_sent: usize,
+    pending_hb: Option<(u32, Instant)>,
+}
+
+pub struct Peer {
+    cfg: PeerCoreConfig,
+    state: State,
+    addr: Ipv4Addr,
+    hub_addr: Ipv4Addr,
+    mtu: u16,
+    peers: Vec<PeerEntry>,
+    installed_routes: BTreeSet<Prefix>,
+    rtt_us: u32,
+    last_ack: Option<Instant>,
+    last_ts: u64,
+    transmit: VecDeque<Vec<u8>>,
+    to_tun: VecDeque<Vec<u8>>,
+    events: VecDeque<PeerEvent>,
+    pub drops: PeerDrops,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    buf: Vec<u8>,
+    nonce_seed: u64,
+}
+
+impl Peer {
+    /// `nonce_seed`: random, so Register nonces differ across restarts.
+    pub fn new(cfg: PeerCoreConfig, now: Instant, nonce_seed: u64) -> Self {
+        Self {
+            cfg,
+            state: State::Registering { nonce: nonce_seed, next_try: now, lost: false },
+            addr: Ipv4Addr::UNSPECIFIED,
+            hub_addr: Ipv4Addr::UNSPECIFIED,
+            mtu: 0,
+            peers: Vec::new(),
+            installed_routes: BTreeSet::new(),
+            rtt_us: 0,
+            last_ack: None,
+            last_ts: 0,
+            transmit: VecDeque::new(),
+            to_tun: VecDeque::new(),
+            events: VecDeque::new(),
+            drops: PeerDrops::default(),
+            tx_bytes: 0,
+            rx_bytes: 0,
+            buf: vec![0; 65536],
+            nonce_seed,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        matches!(self.state, State::Up(_))
+    }
+
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    pub fn peers(&self) -> &[PeerEntry] {
+        &self.peers
+    }
+
+    pub fn rtt_ms(&self) -> Option<f64> {
+        (self.rtt_us > 0).then(|| f64::from(self.rtt_us) / 1000.0)
+    }
+
+    pub fn last_ack(&self) -> Option<Instant> {
+        self.last_ack
+    }
+
+    /// Strictly increasing wall-clock milliseconds (Register/heartbeat anti-replay).
+    fn timestamp(&mut self, wall_ms: u64) -> u64 {
+        self.last_ts = wall_ms.max(self.last_ts + 1);
+        self.last_ts
+    }
+
+    fn send_register(&mut self, wall_ms: u64, nonce: u64) {
+        let reg = RegisterRepr {
+            name: self.cfg.name.clone(),
+            timestamp_ms: self.timestamp(wall_ms),
+            nonce,
+            want_addr: self.addr,
+            mtu: self.cfg.mtu.unwrap_or(0),
+            routes: self.cfg.routes.clone(),
+        };
+        self.transmit.push_back(reg.emit(&self.cfg.key));
+    }
+
+    /// One datagram from the tunnel (the local mpclient).
+    pub fn handle_datagram(&mut self, now: Instant, d: &[u8]) {
+        match d.first() {
+            Some(&MSG_WELCOME) => self.on_welcome(now, d),
+            Some(&MSG_REFUSAL) => self.on_refusal(d),
+            Some(&MSG_HEARTBEAT_ACK) => self.on_ack(now, d),
+            Some(&MSG_KCP) => self.on_kcp(now, &d[1..]),
+            _ => self.drops.malformed += 1,
+        }
+    }
+
+    fn on_welcome(&mut self, now: Instant, d: &[u8]) {
+        let State::Registering { nonce, .. } = self.state else {
+            return; // a late copy
+        };
+        let Ok(w) = WelcomeRepr::parse(d, &self.cfg.key) else {
+            self.drops.malformed += 1;
+            return;
+        };
+        if w.nonce != nonce {
+            return; // answers an older Register
+        }
+        if let Some(mtu) = self.cfg.mtu {
+            if mtu != w.mtu {
+                self.events
+                    .push_back(PeerEvent::Fatal(format!("hub announces MTU {} but this peer is set to {mtu}", w.mtu)));
+                return;
+            }
+        }
+        self.addr = w.addr;
+        self.hub_addr = w.hub_addr;
+        self.mtu = w.mtu;
+        self.last_ack = Some(now);
+        self.state = State::Up(Box::new(Session {
+            id: w.peer_id,
+            link: KcpLink::new(w.peer_id, now, self.cfg.tunnel_payload),
+            hb_seq: 0,
+            next_heartbeat: now + HEARTBEAT_INTERVAL,
+            first_miss: None,
+            retries_sent: 0,
+            pending_hb: None,
+        }));
+        self.events.push_back(PeerEvent::Configured {
+            addr: w.addr,
+            prefix_len: w.prefix_len,
+            hub_addr: w.hub_addr,
+            mtu: w.mtu,
+        });
+    }
+
+    fn on_refusal(&mut self, d: &[u8]) {
+        let Ok(r) = RefusalRepr::parse(d, &self.cfg.key) else {
+            self.drops.malformed += 1;
+            return;
+        };
+        match (&self.state, r.reason) {
+            (State::Registering { nonce, .. }, _) if *nonce != r.nonce => {}
+            (_, RefusalReason::MtuMismatch) => self.events.push_back(PeerEvent::Fatal(format!(
+                "hub refused: its TUN MTU is {}, this peer is set to {} (remove `mtu` or set it to {})",
+                r.hub_mtu,
+                self.cfg.mtu.unwrap_or(0),
+                r.hub_mtu
+            ))),
+            (_, RefusalReason::RouteNotAllowed) => self.events.push_back(PeerEvent::Fatal(
+                "hub refused the announced routes (they overlap the VPN network or are too wide)".into(),
+            )),
+            (_, reason) => self.events.push_back(PeerEvent::Refused(reason)),
+        }
+    }
+
+    fn on_ack(&mut self, now: Instant, d: &[u8]) {
+        let Ok(ack) = HeartbeatAckRepr::parse(d) else {
+            self.drops.malformed += 1;
+            return;
+        };
+        let State::Up(s) = &mut self.state else { return };
+        if ack.peer_id != s.id {
+            return;
+        }
+        if let Some((seq, sent)) = s.pending_hb {
+            if seq == ack.seq {
+                self.rtt_us = now.saturating_duration_since(sent).as_micros().min(u32::MAX as u128) as u32;
+            }
+        }
+        s.first_miss = None;
+        s.retries_sent = 0;
+        s.pending_hb = None;
+        self.last_ack = Some(now);
+    }
+
+    fn on_kcp(&mut self, now: Instant, segment: &[u8]) {
+        let State::Up(s) = &mut self.state else {
+            self.drops.not_registered += 1;
+            return;
+        };
+        match s.link.input(now, segment) {
+            Ok(()) => {}
+            Err(LinkError::Broken) => {
+                self.lose_hub(now);
+                return;
+            }
+            Err(_) => {
+                self.drops.malformed += 1;
+                return;
+            }
+        }
+        loop {
+            let State::Up(s) = &mut self.state else { return };
+            let Some(n) = s.link.recv(&mut self.buf) else { break };
+            match self.buf[..n].first() {
+                Some(&INNER_IP) => {
+                    self.rx_bytes += (n - 1) as u64;
+                    self.to_tun.push_back(self.buf[1..n].to_vec());
+                }
+                Some(&INNER_PEERS) => match wire::parse_peer_list(&self.buf[..n]) {
+                    Ok((_, list)) => self.set_peer_list(list),
+                    Err(_) => self.drops.malformed += 1,
+                },
+                _ => self.drops.malformed += 1,
+            }
+        }
+    }
+
+    fn set_peer_list(&mut self, list: Vec<PeerEntry>) {
+        let wanted: BTreeSet<Prefix> =
+            list.iter().filter(|p| p.addr != self.addr).flat_map(|p| p.routes.iter().copied()).collect();
+        let add: Vec<Prefix> = wanted.difference(&self.installed_routes).copied().collect();
+        let remove: Vec<Prefix> = self.installed_routes.difference(&wanted).copied().collect();
+        if !add.is_empty() || !remove.is_empty() {
+            self.events.push_back(PeerEvent::Routes { add, remove });
+        }
+        self.installed_routes = wanted;
+        self.peers = list;
+    }
+
+    /// An IP packet read from the TUN device.
+    pub fn handle_tun_packet(&mut self, packet: &[u8]) {
+        let State::Up(s) = &mut self.state else {
+            self.drops.hub_lost += 1;
+            return;
+        };
+        if ip::addresses(packet).is_none() {
+            self.drops.malformed += 1;
+            return;
+        }
+        let mut msg = Vec::with_capacity(packet.len() + 1);
+        msg.push(INNER_IP);
+        msg.extend_from_slice(packet);
+        match s.link.send(&msg) {
+            Ok(()) => self.tx_bytes += packet.len() as u64,
+            Err(_) => self.drops.queue_full += 1,
+        }
+    }
+
+    fn lose_hub(&mut self, now: Instant) {
+        self.nonce_seed = self.nonce_seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.state = State::Registering { nonce: self.nonce_seed, next_try: now, lost: true };
+        self.events.push_back(PeerEvent::HubLost);
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        if let Some(d) = self.transmit.pop_front() {
+            return Some(d);
+        }
+        match &mut self.state {
+            State::Up(s) => s.link.poll_transmit(),
+            State::Registering { .. } => None,
+        }
+    }
+
+    pub fn poll_tun(&mut self) -> Option<Vec<u8>> {
+        self.to_tun.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<PeerEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Instant {
+        match &self.state {
+            State::Registering { next_try, .. } => *next_try,
+            State::Up(s) => {
+                let hb = match s.first_miss {
+                    None => s.next_heartbeat,
+                    Some((t, _)) => match HEARTBEAT_RETRIES.get(s.retries_sent) {
+                        Some(d) => t + *d,
+                        None => t + HUB_LOST_AFTER,
+                    },
+                };
+                hb.min(s.link.poll_timeout())
+            }
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
+        match &mut self.state {
+            State::Registering { nonce, next_try, lost } => {
+                if now >= *next_try {
+                    *next_try = now + if *lost { REREGISTER_INTERVAL } else { REGISTER_RETRY };
+                    let nonce = *nonce;
+                    self.send_register(wall_ms, nonce);
+                }
+            }
+            State::Up(s) => {
+                s.link.handle_timeout(now);
+                if s.link.is_broken() {
+                    self.lose_hub(now);
+                    return;
+                }
+                let due = match s.first_miss {
+                    None => {
+                        if let Some((seq, sent)) = s.pending_hb {
+                            // the last heartbeat was not answered within the interval
+                            if now >= sent + HEARTBEAT_INTERVAL {
+                                s.first_miss = Some((sent, seq));
+                            }
+                        }
+                        now >= s.next_heartbeat
+                    }
+                    Some((t, _)) => match HEARTBEAT_RETRIES.get(s.retries_sent) {
+                        Some(d) if now >= t + *d => {
+                            s.retries_sent += 1;
+                            true
+                        }
+                        Some(_) => false,
+                        None => {
+                            if now >= t + HUB_LOST_AFTER {
+                                self.lose_hub(now);
+                            }
+                            return;
+                        }
+                    },
+                };
+                if due {
+                    s.hb_seq = s.hb_seq.wrapping_add(1);
+                    s.next_heartbeat = now + HEARTBEAT_INTERVAL;
+                    if s.pending_hb.is_none() || s.first_miss.is_some() {
+                        s.pending_hb = Some((s.hb_seq, now));
+                    }
+                    let (id, seq, rtt) = (s.id, s.hb_seq, self.rtt_us);
+                    let ts = self.timestamp(wall_ms);
+                    let hb = HeartbeatRepr { peer_id: id, seq, timestamp_ms: ts, rtt_us: rtt };
+                    self.transmit.push_back(hb.emit(&self.cfg.key).to_vec());
+                }
+            }
+        }
+    }
+
+    pub fn state_name(&self) -> &'static str {
+        match &self.state {
+            State::Up(s) if s.first_miss.is_some() => "retrying",
+            State::Up(_) => "up",
+            State::Registering { lost: true, .. } => "hub lost",
+            State::Registering { .. } => "registering",
+        }
+    }
+
+    /// Is an inner destination one we route into the VPN (for tests and the driver)?
+    pub fn routes_to_vpn(&self, dst: IpAddr) -> bool {
+        match dst {
+            IpAddr::V4(a) => {
+                a == self.hub_addr || self.peers.iter().any(|p| p.addr == a || p.routes.iter().any(|r| r.contains(a)))
+            }
+            IpAddr::V6(a) => ip::v4_of(a).is_some(),
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! Hub and peers driven together with a fake clock: registry, pool, routing,
+//! anti-spoofing, peer-list push, heartbeats, hub loss and return, MTU rules, keys.
+
+use common::sim::SimRng;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+use vpn::hub::{Hub, HubCoreConfig, PeerSpec, DEFAULT_PEER_TIMEOUT};
+use vpn::ip::Prefix;
+use vpn::peer::{Peer, PeerCoreConfig, PeerEvent};
+use vpn::wire::PeerKey;
+use vpn::{TUNNEL_PAYLOAD, TUN_MTU};
+
+const TICK: Duration = Duration::from_millis(5);
+
+fn key_of(name: &str) -> Vec<u8> {
+    let mut k = name.as_bytes().to_vec();
+    k.resize(32, 0x42);
+    k
+}
+
+fn hub_config(names: &[&str]) -> HubCoreConfig {
+    HubCoreConfig {
+        network: "10.99.0.0/24".parse().unwrap(),
+        hub_addr: Ipv4Addr::new(10, 99, 0, 1),
+        mtu: TUN_MTU,
+        tunnel_payload: TUNNEL_PAYLOAD,
+        peers: names
+            .iter()
+            .map(|n| PeerSpec {
+                name: n.to_string(),
+                key: PeerKey::new(&key_of(n)),
+                fixed_addr: (*n == "fixed").then(|| Ipv4Addr::new(10, 99, 0, 77)),
+            })
+            .collect(),
+        peer_timeout: DEFAULT_PEER_TIMEOUT,
+    }
+}
+
+struct TestPeer {
+    core: Peer,
+    tunnel: SocketAddr,
+    events: Vec<PeerEvent>,
+    tun_rx: Vec<Vec<u8>>,
+}
+
+struct Net {
+    t0: Instant,
+    now: Instant,
+    hub: Hub,
+    hub_up: bool,
+    peers: Vec<TestPeer>,
+    loss: f64,
+    rng: SimRng,
+    hub_tun_rx: Vec<Vec<u8>>,
+}
+
+impl Net {
+    fn new(names: &[&str]) -> Self {
+        let now = Instant::now();
+        Self {
+            t0: now,
+            now,
+            hub: Hub::new(hub_config(&["a", "b", "c", "fixed"]), 100),
+            hub_up: true,
+            peers: names.iter().enumerate().map(|(i, n)| Self::peer(n, None, vec![], i, now)).collect(),
+            loss: 0.0,
+            rng: SimRng::new(1),
+            hub_tun_rx: Vec::new(),
+        }
+    }
+
+    fn peer(name: &str, mtu: Option<u16>, routes: Vec<Prefix>, i: usize, now: Instant) -> TestPeer {
+        let cfg = PeerCoreConfig {
+            name: name.into(),
+            key: PeerKey::new(&key_of(name)),
+            mtu,
+            routes,
+            tunnel_payload: TUNNEL_PAYLOAD,
+        };
+        TestPeer {
+            core: Peer::new(cfg, now, 1000 + i as u64),
+            tunnel: SocketAddr::from(([127, 0, 0, 1], 40000 + i as u16)),
+            events: Vec::new(),
+            tun_rx: Vec::new(),
+        }
+    }
+
+    fn wall_ms(&self) -> u64 {
+        1_800_000_000_000 + self.now.duration_since(self.t0).as_millis() as u64
+    }
+
+    fn exchange(&mut self) {
+        let wall = self.wall_ms();
+        for _ in 0..100 {
+            let mut moved = false;
+            for p in &mut self.peers {
+                while let Some(d) = p.core.poll_transmit() {
+                    moved = true;
+                    if self.hub_up && !self.rng.chance(self.loss) {
+                        self.hub.handle_datagram(self.now, wall, p.tunnel, &d);
+                    }
+                }
+            }
+            while let Some((to, d)) = self.hub.poll_transmit() {
+                moved = true;
+                if let Some(p) = self.peers.iter_mut().find(|p| p.tunnel == to) {
+                    if self.hub_up && !self.rng.chance(self.loss) {
+                        p.core.handle_datagram(self.now, &d);
+                    }
+                }
+            }
+            for p in &mut self.peers {
+                while let Some(ev) = p.core.poll_event() {
+                    p.events.push(ev);
+                }
+                while let Some(pkt) = p.core.poll_tun() {
+                    p.tun_rx.push(pkt);
+                }
+            }
+            while self.hub.poll_event().is_some() {}
+            while let Some(pkt) = self.hub.poll_tun() {
+                self.hub_tun_rx.push(pkt);
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    fn run_for(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.now += TICK;
+            let wall = self.wall_ms();
+            for p in &mut self.peers {
+                p.core.handle_timeout(self.now, wall);
+            }
+            if self.hub_up {
+                self.hub.handle_timeout(self.now);
+            }
+            self.exchange();
+        }
+    }
+
+    fn addr(&self, i: usize) -> Ipv4Addr {
+        self.peers[i].core.addr()
+    }
+}
+
+fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, len: usize, tag: u8) -> Vec<u8> {
+    let mut p = vec![tag; len.max(20)];
+    p[0] = 0x45;
+    let total = p.len() as u16;
+    p[2..4].copy_from_slice(&total.to_be_bytes());
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    p
+}
+
+#[test]
+fn peers_register_get_addresses_and_the_list() {
+    let mut net = Net::new(&["a", "b", "fixed"]);
+    net.run_for(Duration::from_millis(200));
+    for p in &net.peers {
+        assert!(p.core.is_up(), "{}", p.core.state_name());
+        assert!(matches!(p.events[0], PeerEvent::Configured { mtu, prefix_len: 24, .. } if mtu == TUN_MTU));
+    }
+    assert_eq!(net.addr(2), Ipv4Addr::new(10, 99, 0, 77), "fixed address by name");
+    assert_ne!(net.addr(0), net.addr(1));
+    assert!(Prefix::new(Ipv4Addr::new(10, 99, 0, 0), 24).unwrap().contains(net.addr(0)));
+    // every peer has the whole list
+    for p in &net.peers {
+        assert_eq!(p.core.peers().len(), 3);
+    }
+    let st = net.hub.status(net.now);
+    assert_eq!(st.len(), 3);
+}
+
+#[test]
+fn packets_are_routed_between_peers_and_to_the_hub() {
+    let mut net = Net::new(&["a", "b"]);
+    net.run_for(Duration::from_millis(200));
+    let (a, b) = (net.addr(0), net.addr(1));
+    for i in 0..200u8 {
+        net.peers[0].core.handle_tun_packet(&ipv4(a, b, 1412, i));
+    }
+    net.peers[1].core.handle_tun_packet(&ipv4(b, Ipv4Addr::new(10, 99, 0, 1), 100, 7));
+    net.run_for(Duration::from_millis(100));
+    assert_eq!(net.peers[1].tun_rx.len(), 200, "every packet arrives, once, in order");
+    assert!(net.peers[1].tun_rx.iter().enumerate().all(|(i, p)| p[30] == i as u8 && p.len() == 1412));
+    assert_eq!(net.hub_tun_rx.len(), 1, "to the hub's own address");
+    // and from the hub host to a peer
+    net.hub.handle_tun_packet(&ipv4(Ipv4Addr::new(10, 99, 0, 1), a, 64, 9));
+    net.run_for(Duration::from_millis(50));
+    assert_eq!(net.peers[0].tun_rx.len(), 1);
+}
+
+#[test]
+fn lossy_tunnel_still_delivers_everything_through_kcp() {
+    let mut net = Net::new(&["a", "b"]);
+    net.loss = 0.1;
+    net.run_for(Duration::from_millis(2000));
+    assert!(net.peers.iter().all(|p| p.core.is_up()));
+    let (a, b) = (net.addr(0), net.addr(1));
+    for i in 0..500u32 {
+        net.peers[0].core.handle_tun_packet(&ipv4(a, b, 200, (i % 251) as u8));
+        net.run_for(TICK);
+    }
+    net.run_for(Duration::from_secs(3));
+    assert_eq!(net.peers[1].tun_rx.len(), 500);
+}
+
+#[test]
+fn spoofed_inner_sources_are_dropped() {
+    let mut net = Net::new(&["a", "b", "c"]);
+    net.run_for(Duration::from_millis(200));
+    let (b, c) = (net.addr(1), net.addr(2));
+    // a claims to be b
+    net.peers[0].core.handle_tun_packet(&ipv4(b, c, 100, 1));
+    net.peers[0].core.handle_tun_packet(&ipv4(Ipv4Addr::new(192, 168, 9, 9), c, 100, 1));
+    net.run_for(Duration::from_millis(100));
+    assert!(net.peers[2].tun_rx.is_empty());
+    assert_eq!(net.hub.drops.spoofed_source, 2);
+}
+
+#[test]
+fn announced_routes_are_pushed_installed_and_removed() {
+    let mut net = Net::new(&["a"]);
+    let now = net.now;
+    net.peers.push(Net::peer("b", None, vec!["192.168.50.0/24".parse().unwrap()], 1, now));
+    net.run_for(Duration::from_millis(200));
+    let route: Prefix = "192.168.50.0/24".parse().unwrap();
+    assert!(net.peers[0].events.contains(&PeerEvent::Routes { add: vec![route], remove: vec![] }));
+    assert!(!net.peers[1].events.iter().any(|e| matches!(e, PeerEvent::Routes { .. })), "not its own route");
+    // a host behind b is reachable from a, and b may send from it
+    let a = net.addr(0);
+    net.peers[0].core.handle_tun_packet(&ipv4(a, Ipv4Addr::new(192, 168, 50, 10), 100, 1));
+    net.peers[1].core.handle_tun_packet(&ipv4(Ipv4Addr::new(192, 168, 50, 10), a, 100, 2));
+    net.run_for(Duration::from_millis(100));
+    assert_eq!(net.peers[1].tun_rx.len(), 1);
+    assert_eq!(net.peers[0].tun_rx.len(), 1);
+    // b goes silent: the hub drops it after its timeout and a removes the route
+    net.peers.truncate(1);
+    net.run_for(DEFAULT_PEER_TIMEOUT + Duration::from_secs(1));
+    assert!(net.peers[0].events.contains(&PeerEvent::Routes { add: vec![], remove: vec![route] }));
+    assert_eq!(net.peers[0].core.peers().len(), 1);
+}
+
+#[test]
+fn hub_loss_is_detected_after_retries_and_the_address_survives_a_hub_restart() {
+    let mut net = Net::new(&["a", "b"]);
+    net.run_for(Duration::from_millis(200));
+    let before: Vec<Ipv4Addr> = (0..2).map(|i| net.addr(i)).collect();
+    net.hub_up = false;
+    let down_at = net.now;
+    let mut lost_at = None;
+    for _ in 0..2400 {
+        net.run_for(TICK);
+        if lost_at.is_none() && net.peers[0].events.contains(&PeerEvent::HubLost) {
+            lost_at = Some(net.now - down_at);
+        }
+    }
+    let lost = lost_at.expect("hub declared lost");
+    // last answered heartbeat, then retries at +1, +3, +7 s and lost at +8 s
+    assert!(lost >= Duration::from_secs(8) && lost <= Duration::from_secs(10), "{lost:?}");
+    // TUN packets are not taken while the hub is lost
+    net.peers[0].core.handle_tun_packet(&ipv4(before[0], before[1], 100, 1));
+    assert_eq!(net.peers[0].core.drops.hub_lost, 1);
+    // a new hub (restarted: empty registry) comes up; peers come back with the same addresses
+    net.hub = Hub::new(hub_config(&["a", "b", "c", "fixed"]), 500);
+    net.hub_up = true;
+    net.run_for(Duration::from_secs(3));
+    let after: Vec<Ipv4Addr> = (0..2).map(|i| net.addr(i)).collect();
+    assert!(net.peers.iter().all(|p| p.core.is_up()));
+    assert_eq!(before, after);
+}
+
+#[test]
+fn mtu_mismatch_is_a_clear_error() {
+    let mut net = Net::new(&[]);
+    let now = net.now;
+    net.peers.push(Net::peer("a", Some(1400), vec![], 0, now));
+    net.run_for(Duration::from_millis(100));
+    let fatal = net.peers[0].events.iter().find_map(|e| match e {
+        PeerEvent::Fatal(m) => Some(m.clone()),
+        _ => None,
+    });
+    let m = fatal.expect("a fatal error");
+    assert!(m.contains("1412") && m.contains("1400"), "{m}");
+    assert!(!net.peers[0].core.is_up());
+}
+
+#[test]
+fn wrong_key_and_unknown_names_get_nothing() {
+    let mut net = Net::new(&[]);
+    let now = net.now;
+    let mut p = Net::peer("a", None, vec![], 0, now);
+    p.core = Peer::new(
+        PeerCoreConfig {
+            name: "a".into(),
+            key: PeerKey::new(&[1; 32]),
+            mtu: None,
+            routes: vec![],
+            tunnel_payload: TUNNEL_PAYLOAD,
+        },
+        now,
+        5,
+    );
+    net.peers.push(p);
+    net.peers.push(Net::peer("stranger", None, vec![], 1, now));
+    net.run_for(Duration::from_secs(2));
+    assert!(net.peers.iter().all(|p| !p.core.is_up() && p.events.is_empty()));
+    assert!(net.hub.drops.bad_mac > 0 && net.hub.drops.unknown_peer > 0);
+    assert!(net.hub.status(net.now).is_empty());
+}
+
+#[test]
+fn replayed_register_is_refused() {
+    let mut net = Net::new(&["a"]);
+    let mut first = None;
+    let (now, wall) = (net.now, net.wall_ms());
+    net.peers[0].core.handle_timeout(now, wall);
+    if let Some(d) = net.peers[0].core.poll_transmit() {
+        first = Some(d);
+    }
+    let reg = first.unwrap();
+    let wall = net.wall_ms();
+    let from = net.peers[0].tunnel;
+    net.hub.handle_datagram(net.now, wall, from, &reg);
+    assert_eq!(net.hub.status(net.now).len(), 1);
+    let attacker: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+    net.hub.handle_datagram(net.now, wall, attacker, &reg);
+    assert_eq!(net.hub.drops.replayed, 1);
+    assert_eq!(net.hub.status(net.now)[0].tunnel, from.to_string());
+}
