@@ -188,7 +188,7 @@ pub struct ServerConfig {
 }
 
 /// Reads `path` and parses it with `parse(file_name, text)`.
-fn load_with<T>(path: &Path, parse: fn(&str, &str) -> Result<T, ConfigError>) -> Result<T, ConfigError> {
+pub fn load_with<T>(path: &Path, parse: fn(&str, &str) -> Result<T, ConfigError>) -> Result<T, ConfigError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: file.clone(),
@@ -207,6 +207,11 @@ pub fn line_of(text: &str, needle: &str) -> Option<usize> {
     text.lines().position(|l| l.split('#').next().unwrap_or("").contains(needle)).map(|i| i + 1)
 }
 
+/// Parses YAML into `T`, with serde's error turned into a one-line `ConfigError`.
+pub fn from_yaml<T: serde::de::DeserializeOwned>(file: &str, text: &str) -> Result<T, ConfigError> {
+    serde_yaml::from_str(text).map_err(|e| yaml_error(file, e))
+}
+
 fn yaml_error(file: &str, e: serde_yaml::Error) -> ConfigError {
     let line = e.location().map(|l| l.line());
     // serde_yaml appends "at line X column Y"; the line is already in our prefix.
@@ -219,7 +224,8 @@ pub fn validate_log_level(level: &str) -> bool {
     matches!(level, "error" | "warn" | "info" | "debug" | "trace")
 }
 
-fn check(ok: bool, file: &str, text: &str, field: &str, locate: &str, message: String) -> Result<(), ConfigError> {
+/// `Ok` if `ok`; otherwise an error naming `field`, at the first line mentioning `locate`.
+pub fn check(ok: bool, file: &str, text: &str, field: &str, locate: &str, message: String) -> Result<(), ConfigError> {
     if ok {
         Ok(())
     } else {

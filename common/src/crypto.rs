@@ -49,6 +49,11 @@ impl Psk {
         Self(k)
     }
 
+    /// The raw key (for protocols that key their own MACs with it, like the VPN's).
+    pub fn bytes(&self) -> [u8; PSK_LEN] {
+        self.0
+    }
+
     pub fn to_base64(&self) -> String {
         base64::engine::general_purpose::STANDARD.encode(self.0)
     }

@@ -505,3 +505,245 @@ impl TunnelLab {
         run(&mut cmd)
     }
 }
+
+/// Hub host (mpserver + mpvpn hub), two peer hosts (mpclient + mpvpn peer), and three
+/// bridge hosts shared by both peers (socat, mpbridge, mpbridge).
+pub struct VpnLab {
+    pub lab: Lab,
+    pub peer_ns: Vec<String>,
+    pub server_ns: String,
+    pub hub: usize,
+    pub peers: Vec<usize>,
+    hub_yaml: PathBuf,
+    loss_pct: u32,
+}
+
+pub const VPN_NETWORK: &str = "10.99.0.0/24";
+pub const HUB_VPN_ADDR: &str = "10.99.0.1";
+/// Peer B announces this subnet (its loopback holds 192.168.50.1).
+pub const PEER_B_SUBNET: &str = "192.168.50.0/24";
+
+impl VpnLab {
+    pub fn start(tag: &str, loss_pct: u32) -> Self {
+        let mut lab = Lab::new(tag);
+        let server_ns = lab.add_ns("s");
+        let peer_ns = vec![lab.add_ns("pa"), lab.add_ns("pb")];
+        for i in 1..=3 {
+            let b = lab.add_ns(&format!("b{i}"));
+            lab.link(&peer_ns[0], &format!("p{i}"), &format!("10.81.{i}.1"), &b, "toa", &format!("10.81.{i}.2"));
+            lab.link(&peer_ns[1], &format!("p{i}"), &format!("10.82.{i}.1"), &b, "tob", &format!("10.82.{i}.2"));
+            lab.link(&b, "tos", &format!("10.78.{i}.1"), &server_ns, &format!("s{i}"), &format!("10.78.{i}.2"));
+            let server = format!("10.78.{i}.2:{SERVER_PORT}");
+            if i == 1 {
+                let listen = format!("UDP4-LISTEN:{BRIDGE_PORT},fork,reuseaddr");
+                lab.spawn(&b, "socat-b1", Path::new("socat"), &["-T", "60", &listen, &format!("UDP4:{server}")]);
+            } else {
+                let listen = format!("0.0.0.0:{BRIDGE_PORT}");
+                lab.spawn(&b, &format!("mpbridge-b{i}"), &bin("mpbridge"), &["--listen", &listen, "--to", &server]);
+            }
+        }
+        let dir = lab.dir.clone();
+        let tunnel_key = dir.join("tunnel.key");
+        run(Command::new(bin("mpserver")).arg("genkey").arg(&tunnel_key));
+        let key = |name: &str| {
+            let p = dir.join(format!("{name}.key"));
+            run(Command::new(bin("mpvpn")).arg("genkey").arg(&p));
+            p
+        };
+        let (ka, kb, kc) = (key("a"), key("b"), key("c"));
+        let hub_yaml = dir.join("hub.yaml");
+        std::fs::write(
+            &hub_yaml,
+            format!(
+                "listen: 127.0.0.1:5000\ntun: mpvpn0\nnetwork: {VPN_NETWORK}\npeers:\n  - name: a\n    key_file: {}\n  - name: b\n    key_file: {}\n  - name: c\n    key_file: {}\n",
+                ka.display(),
+                kb.display(),
+                kc.display()
+            ),
+        )
+        .expect("hub.yaml");
+        let tk = tunnel_key.display().to_string();
+        let sctl = dir.join("mpserver.sock").display().to_string();
+        let port = SERVER_PORT.to_string();
+        lab.spawn(
+            &server_ns,
+            "mpserver",
+            &bin("mpserver"),
+            &["--key-file", &tk, "--control", &sctl, &port, "127.0.0.1", "5000"],
+        );
+        let mut me = Self { lab, peer_ns, server_ns, hub: 0, peers: Vec::new(), hub_yaml, loss_pct };
+        me.hub = me.start_hub();
+        // peer B's subnet
+        me.lab.sh(&me.peer_ns[1], "ip addr add 192.168.50.1/32 dev lo");
+        for (i, (name, key)) in [("a", &ka), ("b", &kb)].into_iter().enumerate() {
+            let ns = me.peer_ns[i].clone();
+            let net = if i == 0 { 81 } else { 82 };
+            let bridges = dir.join(format!("bridges-{name}.conf"));
+            std::fs::write(&bridges, (1..=3).map(|j| format!("10.{net}.{j}.2 {BRIDGE_PORT}\n")).collect::<String>())
+                .expect("bridges");
+            let cctl = dir.join(format!("mpclient-{name}.sock")).display().to_string();
+            me.lab.spawn(
+                &ns,
+                &format!("mpclient-{name}"),
+                &bin("mpclient"),
+                &["--key-file", &tk, "--control", &cctl, &bridges.display().to_string()],
+            );
+            let routes = if name == "b" { format!("routes: [{PEER_B_SUBNET}]\n") } else { String::new() };
+            let yaml = dir.join(format!("peer-{name}.yaml"));
+            std::fs::write(
+                &yaml,
+                format!("name: {name}\nkey_file: {}\ntunnel: 127.0.0.1:3000\ntun: mpvpn0\n{routes}", key.display()),
+            )
+            .expect("peer yaml");
+            let idx = me.spawn_peer(i, name, &yaml);
+            me.peers.push(idx);
+        }
+        if loss_pct > 0 {
+            for ns in me.peer_ns.clone() {
+                let rules: String = (1..=3)
+                    .map(|j| format!("    oifname \"p{j}\" numgen random mod 100 < {loss_pct} drop\n    iifname \"p{j}\" numgen random mod 100 < {loss_pct} drop\n"))
+                    .collect();
+                me.lab.nft(&ns, &format!("table inet lab {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n{}  }}\n  chain in {{\n    type filter hook input priority 0; policy accept;\n{}  }}\n}}\n",
+                    rules.lines().filter(|l| l.contains("oifname")).map(|l| format!("{l}\n")).collect::<String>(),
+                    rules.lines().filter(|l| l.contains("iifname")).map(|l| format!("{l}\n")).collect::<String>()));
+            }
+        }
+        me
+    }
+
+    pub fn loss_pct(&self) -> u32 {
+        self.loss_pct
+    }
+
+    pub fn start_hub(&mut self) -> usize {
+        let ctl = self.lab.dir.join("hub.sock").display().to_string();
+        let (ns, yaml) = (self.server_ns.clone(), self.hub_yaml.display().to_string());
+        self.lab.spawn(&ns, "mpvpn-hub", &bin("mpvpn"), &["hub", "-c", &yaml, "--control", &ctl])
+    }
+
+    pub fn spawn_peer(&mut self, i: usize, name: &str, yaml: &Path) -> usize {
+        let ctl = self.lab.dir.join(format!("peer-{name}.sock")).display().to_string();
+        let ns = self.peer_ns[i].clone();
+        self.lab.spawn(
+            &ns,
+            &format!("mpvpn-{name}"),
+            &bin("mpvpn"),
+            &["peer", "-c", &yaml.display().to_string(), "--control", &ctl],
+        )
+    }
+
+    /// `mpvpn status --json` of the hub ("hub") or a peer ("a", "b", ...).
+    pub fn status(&self, who: &str) -> serde_json::Value {
+        let sock =
+            if who == "hub" { self.lab.dir.join("hub.sock") } else { self.lab.dir.join(format!("peer-{who}.sock")) };
+        let out = Command::new(bin("mpvpn"))
+            .args(["status", "--json", "--control"])
+            .arg(sock)
+            .output()
+            .expect("mpvpn status");
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn status_table(&self, who: &str) -> String {
+        let sock =
+            if who == "hub" { self.lab.dir.join("hub.sock") } else { self.lab.dir.join(format!("peer-{who}.sock")) };
+        let out = Command::new(bin("mpvpn")).args(["status", "--control"]).arg(sock).output().expect("mpvpn status");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until peer `who` is up; returns its VPN address.
+    pub fn wait_peer_up(&self, who: &str, within: Duration) -> std::net::Ipv4Addr {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            let s = self.status(who);
+            if s["state"] == "up" {
+                if let Some(a) = s["addr"].as_str().and_then(|a| a.parse().ok()) {
+                    return a;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("peer {who} not up within {within:?}: {}", self.status(who));
+    }
+
+    /// `ping` from peer host `i`; returns the RTTs (ms) of the answers.
+    pub fn ping(&self, i: usize, dst: &str, count: u32, interval: &str, extra: &[&str]) -> Vec<f64> {
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &self.peer_ns[i],
+            "ping",
+            "-n",
+            "-W",
+            "2",
+            "-c",
+            &count.to_string(),
+            "-i",
+            interval,
+        ]);
+        cmd.args(extra).arg(dst);
+        let out = cmd.output().expect("ping");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split("time=").nth(1))
+            .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+}
+
+/// FNV-1a over a stream, to compare what was sent with what arrived.
+pub fn fnv1a(h: u64, data: &[u8]) -> u64 {
+    data.iter().fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// A bounded TCP transfer from namespace `from_ns` to `to` (listening in `to_ns`):
+/// returns (bytes received, hashes equal, seconds).
+pub fn tcp_transfer(from_ns: &str, to_ns: &str, to: SocketAddr, bytes: usize) -> (usize, bool, f64) {
+    use std::io::Read;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = spawn_in_ns(to_ns, move || {
+        let l = std::net::TcpListener::bind(to).expect("listen");
+        ready_tx.send(()).expect("ready");
+        let (mut s, _) = l.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let (mut h, mut n) = (FNV_OFFSET, 0usize);
+        let mut buf = vec![0u8; 65536];
+        while let Ok(k) = s.read(&mut buf) {
+            if k == 0 {
+                break;
+            }
+            h = fnv1a(h, &buf[..k]);
+            n += k;
+        }
+        (n, h)
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).expect("receiver ready");
+    let sender = spawn_in_ns(from_ns, move || {
+        let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(10)).expect("connect");
+        s.set_write_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let mut rng = 0x1234_5678u64;
+        let mut h = FNV_OFFSET;
+        let mut buf = vec![0u8; 65536];
+        let start = Instant::now();
+        let mut sent = 0;
+        while sent < bytes {
+            let k = (bytes - sent).min(buf.len());
+            for b in &mut buf[..k] {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                *b = rng as u8;
+            }
+            s.write_all(&buf[..k]).expect("send");
+            h = fnv1a(h, &buf[..k]);
+            sent += k;
+        }
+        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        (h, start)
+    });
+    let (h_sent, start) = sender.join().expect("sender");
+    let (n, h_recv) = receiver.join().expect("receiver");
+    (n, h_sent == h_recv, start.elapsed().as_secs_f64())
+}

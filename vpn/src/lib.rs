@@ -4,6 +4,8 @@
 //! and events out); `driver` runs them on a TUN device and a UDP socket towards the local
 //! mpclient/mpserver.
 
+pub mod config;
+pub mod driver;
 pub mod hub;
 pub mod ip;
 pub mod kcplink;

@@ -43,7 +43,7 @@ pub fn prepare_control_path(path: &Path) -> Result<(), String> {
 }
 
 /// Writes the report to a freshly accepted control connection (blocking, with timeout).
-fn serve_status(mut stream: UnixStream, report: &StatusReport) {
+fn serve_status<T: serde::Serialize>(mut stream: UnixStream, report: &T) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_write_timeout(Some(CONTROL_IO_TIMEOUT));
     if let Ok(json) = serde_json::to_vec(report) {
@@ -52,7 +52,10 @@ fn serve_status(mut stream: UnixStream, report: &StatusReport) {
 }
 
 /// Answers every pending connection on a non-blocking listener with `report()`.
-pub fn serve_pending(listener: &mio::net::UnixListener, report: impl Fn() -> StatusReport) -> std::io::Result<()> {
+pub fn serve_pending<T: serde::Serialize>(
+    listener: &mio::net::UnixListener,
+    report: impl Fn() -> T,
+) -> std::io::Result<()> {
     use std::os::fd::{FromRawFd, IntoRawFd};
     loop {
         match listener.accept() {
@@ -67,15 +70,20 @@ pub fn serve_pending(listener: &mio::net::UnixListener, report: impl Fn() -> Sta
     }
 }
 
-/// The `status` subcommand: fetch the report and print it as a table or JSON.
-pub fn print_status(path: &Path, json: bool) -> Result<(), String> {
+/// Fetches the daemon's report.
+pub fn fetch<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
     let mut s = UnixStream::connect(path).map_err(|e| {
         format!("cannot reach the daemon's control socket {}: {e} (is it running? pass --control PATH)", path.display())
     })?;
     s.set_read_timeout(Some(CONTROL_IO_TIMEOUT)).map_err(|e| e.to_string())?;
     let mut body = Vec::new();
     s.read_to_end(&mut body).map_err(|e| format!("reading status: {e}"))?;
-    let report: StatusReport = serde_json::from_slice(&body).map_err(|e| format!("bad status from daemon: {e}"))?;
+    serde_json::from_slice(&body).map_err(|e| format!("bad status from daemon: {e}"))
+}
+
+/// The `status` subcommand: fetch the report and print it as a table or JSON.
+pub fn print_status(path: &Path, json: bool) -> Result<(), String> {
+    let report: StatusReport = fetch(path)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
     } else {

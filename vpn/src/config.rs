@@ -1,0 +1,263 @@
+//! `hub.yaml` and `peer.yaml`, validated with errors that name the field and line.
+
+use crate::ip::Prefix;
+use crate::TUN_MTU;
+use common::config::{check, from_yaml, load_with, ConfigError, DEFAULT_LOG_LEVEL};
+use common::crypto::Psk;
+use serde::Deserialize;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_HUB_LISTEN: &str = "127.0.0.1:5000";
+pub const DEFAULT_TUNNEL: &str = "127.0.0.1:3000";
+pub const DEFAULT_TUN: &str = "mpvpn0";
+pub const DEFAULT_PEER_TIMEOUT_SECS: u64 = 15;
+
+fn default_hub_listen() -> String {
+    DEFAULT_HUB_LISTEN.into()
+}
+fn default_tunnel() -> String {
+    DEFAULT_TUNNEL.into()
+}
+fn default_tun() -> String {
+    DEFAULT_TUN.into()
+}
+fn default_peer_timeout() -> u64 {
+    DEFAULT_PEER_TIMEOUT_SECS
+}
+fn default_log_level() -> String {
+    DEFAULT_LOG_LEVEL.into()
+}
+
+/// A peer as the hub knows it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HubPeerConfig {
+    pub name: String,
+    /// The peer's key (base64, as `mpvpn genkey` prints) ...
+    #[serde(default)]
+    pub key: Option<String>,
+    /// ... or a file holding it.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// A fixed VPN address; otherwise one from the pool, kept for the name.
+    #[serde(default)]
+    pub address: Option<Ipv4Addr>,
+}
+
+/// `mpvpn hub -c hub.yaml`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    /// Where the hub takes datagrams: the target of the local mpserver.
+    #[serde(default = "default_hub_listen")]
+    pub listen: String,
+    #[serde(default = "default_tun")]
+    pub tun: String,
+    /// The VPN network, e.g. 10.99.0.0/24.
+    pub network: Prefix,
+    /// The hub's own VPN address (default: the network's first host).
+    #[serde(default)]
+    pub address: Option<Ipv4Addr>,
+    /// TUN MTU announced to peers (default and maximum: derived from the tunnel).
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    #[serde(default = "default_peer_timeout")]
+    pub peer_timeout_secs: u64,
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+    pub peers: Vec<HubPeerConfig>,
+}
+
+/// `mpvpn peer -c peer.yaml`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub name: String,
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The local mpclient's listen address.
+    #[serde(default = "default_tunnel")]
+    pub tunnel: String,
+    #[serde(default = "default_tun")]
+    pub tun: String,
+    /// Expect this TUN MTU; the hub's must match (default: take the hub's).
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    /// Subnets behind this peer, announced to the others.
+    #[serde(default)]
+    pub routes: Vec<Prefix>,
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= crate::wire::MAX_NAME_LEN
+        && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+fn valid_tun(n: &str) -> bool {
+    !n.is_empty() && n.len() < 16 && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// A key given inline or by file; `None` if neither.
+pub fn resolve_key(key: &Option<String>, key_file: &Option<PathBuf>) -> Result<Option<[u8; 32]>, String> {
+    match (key, key_file) {
+        (Some(_), Some(_)) => Err("give `key` or `key_file`, not both".into()),
+        (Some(k), None) => {
+            Psk::from_base64(k).map(|p| Some(p.bytes())).ok_or_else(|| "`key` is not 32 bytes of base64".into())
+        }
+        (None, Some(f)) => Psk::load(f).map(|(p, _)| Some(p.bytes())).map_err(|e| e.to_string()),
+        (None, None) => Ok(None),
+    }
+}
+
+impl HubConfig {
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let c: Self = from_yaml(file, text)?;
+        check(
+            c.listen.parse::<SocketAddr>().is_ok(),
+            file,
+            text,
+            "listen",
+            "listen",
+            format!("`{}` is not ip:port", c.listen),
+        )?;
+        check(valid_tun(&c.tun), file, text, "tun", "tun", format!("`{}` is not an interface name", c.tun))?;
+        check((8..=30).contains(&c.network.len), file, text, "network", "network", "prefix length 8-30".into())?;
+        if let Some(a) = c.address {
+            check(c.network.contains(a), file, text, "address", "address", format!("{a} is not in {}", c.network))?;
+        }
+        if let Some(m) = c.mtu {
+            check(
+                (576..=TUN_MTU).contains(&m),
+                file,
+                text,
+                "mtu",
+                "mtu",
+                format!("576-{TUN_MTU} (one packet per tunnel datagram)"),
+            )?;
+        }
+        check(c.peer_timeout_secs >= 3, file, text, "peer_timeout_secs", "peer_timeout_secs", "at least 3".into())?;
+        check(
+            common::config::validate_log_level(&c.log_level),
+            file,
+            text,
+            "log_level",
+            "log_level",
+            "one of error, warn, info, debug, trace".into(),
+        )?;
+        check(!c.peers.is_empty(), file, text, "peers", "peers", "at least one peer".into())?;
+        for (i, p) in c.peers.iter().enumerate() {
+            let field = format!("peers[{i}]");
+            check(
+                valid_name(&p.name),
+                file,
+                text,
+                &format!("{field}.name"),
+                &p.name,
+                "1-32 of a-z A-Z 0-9 - _ .".into(),
+            )?;
+            let dup = c.peers.iter().filter(|q| q.name == p.name).count() > 1;
+            check(!dup, file, text, &format!("{field}.name"), &p.name, format!("`{}` appears twice", p.name))?;
+            let key = resolve_key(&p.key, &p.key_file);
+            let ok = matches!(key, Ok(Some(_)));
+            let msg = key.err().unwrap_or_else(|| "needs `key` or `key_file`".into());
+            check(ok, file, text, &format!("{field}.key"), &p.name, msg)?;
+            if let Some(a) = p.address {
+                check(
+                    c.network.contains(a),
+                    file,
+                    text,
+                    &format!("{field}.address"),
+                    &a.to_string(),
+                    format!("{a} is not in {}", c.network),
+                )?;
+            }
+        }
+        Ok(c)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        load_with(path, Self::parse)
+    }
+
+    pub fn hub_addr(&self) -> Ipv4Addr {
+        self.address.or_else(|| self.network.nth(1)).expect("validated prefix has hosts")
+    }
+}
+
+impl PeerConfig {
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let c: Self = from_yaml(file, text)?;
+        check(valid_name(&c.name), file, text, "name", "name", "1-32 of a-z A-Z 0-9 - _ .".into())?;
+        let key = resolve_key(&c.key, &c.key_file);
+        let ok = matches!(key, Ok(Some(_)));
+        let msg = key.err().unwrap_or_else(|| "needs `key` or `key_file` (make one with `mpvpn genkey`)".into());
+        check(ok, file, text, "key", "key", msg)?;
+        check(
+            common::config::valid_host_port(&c.tunnel),
+            file,
+            text,
+            "tunnel",
+            "tunnel",
+            format!("`{}` is not host:port", c.tunnel),
+        )?;
+        check(valid_tun(&c.tun), file, text, "tun", "tun", format!("`{}` is not an interface name", c.tun))?;
+        check(c.routes.len() <= crate::wire::MAX_ROUTES, file, text, "routes", "routes", "at most 32".into())?;
+        check(
+            common::config::validate_log_level(&c.log_level),
+            file,
+            text,
+            "log_level",
+            "log_level",
+            "one of error, warn, info, debug, trace".into(),
+        )?;
+        Ok(c)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        load_with(path, Self::parse)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+    #[test]
+    fn hub_config() {
+        let text = format!("network: 10.99.0.0/24\npeers:\n  - name: a\n    key: {KEY}\n  - name: b\n    key: {KEY}\n    address: 10.99.0.9\n");
+        let c = HubConfig::parse("h.yaml", &text).unwrap();
+        assert_eq!(c.hub_addr(), Ipv4Addr::new(10, 99, 0, 1));
+        let bad = text.replace("10.99.0.9", "10.98.0.9");
+        let e = HubConfig::parse("h.yaml", &bad).unwrap_err();
+        assert_eq!(e.to_string(), "h.yaml:7: peers[1].address: 10.98.0.9 is not in 10.99.0.0/24");
+        let e = HubConfig::parse("h.yaml", &text.replace("key: AAAA", "kye: AAAA")).unwrap_err();
+        assert!(e.to_string().contains("kye"), "{e}");
+        let e = HubConfig::parse("h.yaml", &format!("{text}mtu: 1500\n")).unwrap_err();
+        assert_eq!(e.field, "mtu");
+        let e = HubConfig::parse("h.yaml", "network: 10.99.0.0/24\npeers:\n  - name: a\n").unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+    }
+
+    #[test]
+    fn peer_config() {
+        let c = PeerConfig::parse("p.yaml", &format!("name: a\nkey: {KEY}\nroutes: [192.168.50.0/24]\n")).unwrap();
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(c.tunnel, DEFAULT_TUNNEL);
+        let e = PeerConfig::parse("p.yaml", "name: a\n").unwrap_err();
+        assert_eq!(e.field, "key");
+        let e = PeerConfig::parse("p.yaml", &format!("name: a\nkey: {KEY}\nroutes: [192.168.50.0/40]\n")).unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+    }
+}

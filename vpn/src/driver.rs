@@ -1,0 +1,382 @@
+//! The mpvpn driver: a TUN device and a UDP socket around the hub or peer core.
+//!
+//! The TUN fd is registered readable only (it is always writable; the kernel drops when
+//! its queue is full). Addresses, MTU and routes are set with iproute2 (`ip`), which also
+//! covers IPv6. The loop only moves bytes and time.
+
+use crate::config::{resolve_key, HubConfig, PeerConfig};
+use crate::hub::{Hub, HubCoreConfig, HubDrops, HubEvent, PeerSpec, PeerStatus};
+use crate::ip::{self, Prefix};
+use crate::peer::{Peer, PeerCoreConfig, PeerDrops, PeerEvent};
+use crate::wire::PeerKey;
+use crate::{TUNNEL_PAYLOAD, TUN_MTU};
+use common::driver::{self, control, Readiness};
+use mio::net::{UdpSocket, UnixListener};
+use mio::unix::SourceFd;
+use mio::{Interest, Token};
+use serde::{Deserialize, Serialize};
+use slog::{error, info, trace, warn, Logger};
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const TUN: Token = Token(0);
+const UDP: Token = Token(1);
+const CONTROL: Token = Token(2);
+const READ_BUDGET: usize = 256;
+
+/// What `mpvpn status` shows, on a hub or a peer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VpnStatus {
+    pub role: String,
+    pub name: String,
+    pub tun: String,
+    pub addr: Option<Ipv4Addr>,
+    pub state: String,
+    /// Peer: heartbeat round trip to the hub.
+    pub hub_rtt_ms: Option<f64>,
+    /// Peer: seconds since the hub last answered.
+    pub last_heartbeat_s: Option<f64>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub peers: Vec<PeerStatus>,
+    pub drops: serde_json::Value,
+}
+
+impl VpnStatus {
+    pub fn to_table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "mpvpn {} {}  tun {}  address {}  state {}{}  drops {}",
+            self.role,
+            self.name,
+            self.tun,
+            self.addr.map_or("-".into(), |a| a.to_string()),
+            self.state,
+            self.hub_rtt_ms.map_or(String::new(), |r| format!("  hub rtt {r:.2} ms")),
+            self.drops
+        );
+        let _ = writeln!(
+            s,
+            "  {:<16} {:<6} {:<15} {:<9} {:>9} {:>9} {:>12} {:>12}  ROUTES",
+            "NAME", "ID", "ADDRESS", "STATE", "LAST HB s", "RTT ms", "TX BYTES", "RX BYTES"
+        );
+        for p in &self.peers {
+            let routes: Vec<String> = p.routes.iter().map(|r| r.to_string()).collect();
+            let _ = writeln!(
+                s,
+                "  {:<16} {:<6} {:<15} {:<9} {:>9.1} {:>9} {:>12} {:>12}  {}",
+                p.name,
+                p.id,
+                p.addr,
+                p.state,
+                p.last_heartbeat_s,
+                p.rtt_ms.map_or("-".into(), |r| format!("{r:.2}")),
+                p.tx_bytes,
+                p.rx_bytes,
+                routes.join(",")
+            );
+        }
+        s
+    }
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn ip_cmd(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("running ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+fn open_tun(name: &str) -> Result<tun::Device, String> {
+    let mut cfg = tun::configure();
+    cfg.tun_name(name);
+    let dev =
+        tun::create(&cfg).map_err(|e| format!("creating TUN device {name}: {e} (needs root or CAP_NET_ADMIN)"))?;
+    dev.set_nonblock().map_err(|e| format!("TUN {name}: {e}"))?;
+    Ok(dev)
+}
+
+/// Address (and its IPv6 mapping), MTU, up.
+fn configure_tun(name: &str, addr: Ipv4Addr, prefix_len: u8, mtu: u16) -> Result<(), String> {
+    // no IPv6 link-local address: its router solicitations would only be dropped
+    ip_cmd(&["link", "set", "dev", name, "addrgenmode", "none"])?;
+    ip_cmd(&["addr", "flush", "dev", name])?;
+    ip_cmd(&["addr", "add", &format!("{addr}/{prefix_len}"), "dev", name])?;
+    ip_cmd(&["-6", "addr", "add", &format!("{}/96", ip::v6_of(addr)), "dev", name, "nodad"])?;
+    ip_cmd(&["link", "set", "dev", name, "mtu", &mtu.to_string(), "up"])
+}
+
+fn control_listener(path: &Path, io: &Readiness) -> Result<UnixListener, String> {
+    control::prepare_control_path(path)?;
+    let mut l = UnixListener::bind(path).map_err(|e| format!("control socket {}: {e}", path.display()))?;
+    io.registry().register(&mut l, CONTROL, Interest::READABLE).map_err(|e| e.to_string())?;
+    Ok(l)
+}
+
+/// Reads TUN packets until empty or the budget is spent; true if data may remain.
+fn read_tun(dev: &tun::Device, buf: &mut [u8], mut each: impl FnMut(&[u8])) -> bool {
+    for _ in 0..READ_BUDGET {
+        match dev.recv(buf) {
+            Ok(n) => each(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// Reads datagrams until empty or the budget is spent; true if data may remain.
+fn read_udp(sock: &UdpSocket, buf: &mut [u8], mut each: impl FnMut(SocketAddr, &[u8])) -> bool {
+    for _ in 0..READ_BUDGET {
+        match sock.recv_from(buf) {
+            Ok((n, from)) => each(from, &buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+            Err(e) if driver::is_transient(&e) => continue,
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+pub fn run_hub(c: HubConfig, control_path: PathBuf, log: Logger) -> Result<(), String> {
+    let mut peers = Vec::new();
+    for p in &c.peers {
+        let key = resolve_key(&p.key, &p.key_file)?.ok_or_else(|| format!("peer {}: no key", p.name))?;
+        peers.push(PeerSpec { name: p.name.clone(), key: PeerKey::new(&key), fixed_addr: p.address });
+    }
+    let hub_addr = c.hub_addr();
+    let mtu = c.mtu.unwrap_or(TUN_MTU);
+    let mut first_id = [0u8; 4];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut first_id).map_err(|_| "random source")?;
+    let mut core = Hub::new(
+        HubCoreConfig {
+            network: c.network,
+            hub_addr,
+            mtu,
+            tunnel_payload: TUNNEL_PAYLOAD,
+            peers,
+            peer_timeout: Duration::from_secs(c.peer_timeout_secs),
+        },
+        u32::from_ne_bytes(first_id) >> 1,
+    );
+    let mut io = Readiness::new(1024).map_err(|e| format!("poll: {e}"))?;
+    let dev = open_tun(&c.tun)?;
+    configure_tun(&c.tun, hub_addr, c.network.len, mtu)?;
+    io.registry().register(&mut SourceFd(&dev.as_raw_fd()), TUN, Interest::READABLE).map_err(|e| e.to_string())?;
+    let listen: SocketAddr = c.listen.parse().map_err(|_| "listen: bad address")?;
+    let mut sock = driver::udp_socket(listen, None, None).map_err(|e| format!("listen {listen}: {e}"))?;
+    io.registry().register(&mut sock, UDP, Interest::READABLE).map_err(|e| e.to_string())?;
+    let ctl = control_listener(&control_path, &io)?;
+    info!(log, "mpvpn hub up"; "tun" => &c.tun, "address" => %hub_addr, "network" => %c.network, "mtu" => mtu,
+        "listen" => %listen, "peers_configured" => c.peers.len());
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let deadline = core.poll_timeout().map(|t| t.min(Instant::now() + Duration::from_secs(1)));
+        io.wait(deadline).map_err(|e| format!("poll: {e}"))?;
+        while let Some(token) = io.next_ready() {
+            let now = Instant::now();
+            let pending = match token {
+                TUN => read_tun(&dev, &mut buf, |p| core.handle_tun_packet(p)),
+                UDP => read_udp(&sock, &mut buf, |from, d| core.handle_datagram(now, wall_ms(), from, d)),
+                _ => {
+                    let report = || hub_status(&core, &c.tun, hub_addr);
+                    if let Err(e) = control::serve_pending(&ctl, report) {
+                        warn!(log, "control socket"; "error" => %e);
+                    }
+                    false
+                }
+            };
+            if pending {
+                io.still_pending(token);
+            }
+            flush_hub(&mut core, &sock, &dev, &log);
+        }
+        core.handle_timeout(Instant::now());
+        flush_hub(&mut core, &sock, &dev, &log);
+    }
+}
+
+fn hub_status(core: &Hub, tun: &str, addr: Ipv4Addr) -> VpnStatus {
+    VpnStatus {
+        role: "hub".into(),
+        name: String::new(),
+        tun: tun.into(),
+        addr: Some(addr),
+        state: "up".into(),
+        hub_rtt_ms: None,
+        last_heartbeat_s: None,
+        tx_bytes: 0,
+        rx_bytes: 0,
+        peers: core.status(Instant::now()),
+        drops: serde_json::to_value::<&HubDrops>(&core.drops).unwrap_or_default(),
+    }
+}
+
+fn flush_hub(core: &mut Hub, sock: &UdpSocket, dev: &tun::Device, log: &Logger) {
+    while let Some((to, d)) = core.poll_transmit() {
+        if let Err(e) = sock.send_to(&d, to) {
+            trace!(log, "send failed"; "to" => %to, "error" => %e);
+        }
+    }
+    while let Some(p) = core.poll_tun() {
+        let _ = dev.send(&p);
+    }
+    while let Some(ev) = core.poll_event() {
+        match ev {
+            HubEvent::PeerUp { name, addr, tunnel } => {
+                info!(log, "peer up"; "name" => name, "address" => %addr, "tunnel" => %tunnel)
+            }
+            HubEvent::PeerMoved { name, tunnel } => info!(log, "peer moved"; "name" => name, "tunnel" => %tunnel),
+            HubEvent::PeerGone { name, addr } => {
+                warn!(log, "peer gone (heartbeats stopped)"; "name" => name, "address" => %addr)
+            }
+            HubEvent::Refused { name, reason } => warn!(log, "peer refused"; "name" => name, "reason" => ?reason),
+            HubEvent::LinkBroken { name } => warn!(log, "peer's KCP link broke; dropped"; "name" => name),
+        }
+    }
+}
+
+pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: Logger) -> Result<(), String> {
+    let key = resolve_key(&c.key, &c.key_file)?.ok_or("no key")?;
+    let tunnel = driver::resolve(&c.tunnel).map_err(|e| format!("tunnel: {e}"))?;
+    let mut seed = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed).map_err(|_| "random source")?;
+    let mut core = Peer::new(
+        PeerCoreConfig {
+            name: c.name.clone(),
+            key: PeerKey::new(&key),
+            mtu: c.mtu,
+            routes: c.routes.clone(),
+            tunnel_payload: TUNNEL_PAYLOAD,
+        },
+        Instant::now(),
+        u64::from_ne_bytes(seed),
+    );
+    let mut io = Readiness::new(1024).map_err(|e| format!("poll: {e}"))?;
+    let dev = open_tun(&c.tun)?;
+    io.registry().register(&mut SourceFd(&dev.as_raw_fd()), TUN, Interest::READABLE).map_err(|e| e.to_string())?;
+    let mut sock = driver::udp_socket(driver::any_addr_for(tunnel), None, Some(tunnel))
+        .map_err(|e| format!("tunnel socket: {e}"))?;
+    io.registry().register(&mut sock, UDP, Interest::READABLE).map_err(|e| e.to_string())?;
+    let ctl = control_listener(&control_path, &io)?;
+    info!(log, "mpvpn peer starting"; "name" => &c.name, "tun" => &c.tun, "tunnel" => %tunnel, "routes" => c.routes.len());
+    let mut buf = vec![0u8; 65536];
+    let mut installed: Vec<Prefix> = Vec::new();
+    loop {
+        let deadline = core.poll_timeout().min(Instant::now() + Duration::from_secs(1));
+        io.wait(Some(deadline)).map_err(|e| format!("poll: {e}"))?;
+        while let Some(token) = io.next_ready() {
+            let now = Instant::now();
+            let pending = match token {
+                TUN => read_tun(&dev, &mut buf, |p| core.handle_tun_packet(p)),
+                UDP => read_udp(&sock, &mut buf, |_, d| core.handle_datagram(now, d)),
+                _ => {
+                    let report = || peer_status(&core, &c.name, &c.tun);
+                    if let Err(e) = control::serve_pending(&ctl, report) {
+                        warn!(log, "control socket"; "error" => %e);
+                    }
+                    false
+                }
+            };
+            if pending {
+                io.still_pending(token);
+            }
+            flush_peer(&mut core, &sock, &dev, &c.tun, &mut installed, &log)?;
+        }
+        core.handle_timeout(Instant::now(), wall_ms());
+        flush_peer(&mut core, &sock, &dev, &c.tun, &mut installed, &log)?;
+    }
+}
+
+fn peer_status(core: &Peer, name: &str, tun: &str) -> VpnStatus {
+    let now = Instant::now();
+    VpnStatus {
+        role: "peer".into(),
+        name: name.into(),
+        tun: tun.into(),
+        addr: core.is_up().then(|| core.addr()),
+        state: core.state_name().into(),
+        hub_rtt_ms: core.rtt_ms(),
+        last_heartbeat_s: core.last_ack().map(|t| now.saturating_duration_since(t).as_secs_f64()),
+        tx_bytes: core.tx_bytes,
+        rx_bytes: core.rx_bytes,
+        peers: core
+            .peers()
+            .iter()
+            .map(|p| PeerStatus {
+                id: p.id,
+                name: p.name.clone(),
+                addr: p.addr,
+                state: "listed".into(),
+                tunnel: String::new(),
+                routes: p.routes.clone(),
+                last_heartbeat_s: 0.0,
+                rtt_ms: None,
+                tx_bytes: 0,
+                rx_bytes: 0,
+            })
+            .collect(),
+        drops: serde_json::to_value::<&PeerDrops>(&core.drops).unwrap_or_default(),
+    }
+}
+
+fn flush_peer(
+    core: &mut Peer,
+    sock: &UdpSocket,
+    dev: &tun::Device,
+    tun: &str,
+    installed: &mut Vec<Prefix>,
+    log: &Logger,
+) -> Result<(), String> {
+    while let Some(d) = core.poll_transmit() {
+        if let Err(e) = sock.send(&d) {
+            trace!(log, "send to mpclient failed"; "error" => %e);
+        }
+    }
+    while let Some(p) = core.poll_tun() {
+        let _ = dev.send(&p);
+    }
+    while let Some(ev) = core.poll_event() {
+        match ev {
+            PeerEvent::Configured { addr, prefix_len, hub_addr, mtu } => {
+                configure_tun(tun, addr, prefix_len, mtu)?;
+                // routes were lost with the addresses; put them back
+                for r in installed.iter() {
+                    ip_cmd(&["route", "replace", &r.to_string(), "dev", tun])?;
+                }
+                info!(log, "registered"; "address" => %addr, "prefix_len" => prefix_len, "hub" => %hub_addr, "mtu" => mtu);
+            }
+            PeerEvent::Routes { add, remove } => {
+                for r in &remove {
+                    if let Err(e) = ip_cmd(&["route", "del", &r.to_string(), "dev", tun]) {
+                        warn!(log, "removing route"; "error" => e);
+                    }
+                    installed.retain(|x| x != r);
+                }
+                for r in add {
+                    ip_cmd(&["route", "replace", &r.to_string(), "dev", tun])?;
+                    installed.push(r);
+                }
+                info!(log, "routes from other peers"; "installed" => ?installed.iter().map(|r| r.to_string()).collect::<Vec<_>>());
+            }
+            PeerEvent::HubLost => {
+                error!(log, "hub lost: no heartbeat answers after retries at 1, 3 and 7 s; not taking packets, registering again")
+            }
+            PeerEvent::Refused(reason) => warn!(log, "hub refused for now; retrying"; "reason" => ?reason),
+            PeerEvent::Fatal(msg) => return Err(msg),
+        }
+    }
+    Ok(())
+}
