@@ -33,7 +33,7 @@ pub fn lab_available() -> Result<(), String> {
     if unsafe { libc::geteuid() } != 0 {
         return Err("needs root (ip netns)".into());
     }
-    for tool in ["ip", "nft", "socat"] {
+    for tool in ["ip", "nft", "socat", "ping"] {
         let found =
             Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
         if !found {

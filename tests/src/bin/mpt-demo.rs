@@ -105,5 +105,43 @@ fn demo() {
     let r = h.join().unwrap();
     let gap = r.arrivals.windows(2).map(|w| w[1].0 - w[0].0).max().unwrap_or_default();
     println!("  traffic resumed by itself; longest gap {gap:.2?} ({} of 400 echoed)", r.echoed.len());
+    drop(t);
+    check_stop();
+    vpn_demo();
     println!("\ndone; deleting the namespaces");
+}
+
+/// The VPN on top: a hub and two peers, each peer behind three lossy bridges.
+fn vpn_demo() {
+    println!(
+        "\n=== the VPN: mpvpn hub + two peers, each reaching the hub over 3 bridges with {LOSS_PCT}% loss per path ==="
+    );
+    let v = tests::VpnLab::start("demov", LOSS_PCT);
+    let a = v.wait_peer_up("a", Duration::from_secs(20));
+    let b = v.wait_peer_up("b", Duration::from_secs(20));
+    println!("  peer a got {a}, peer b got {b} (hub {})", tests::HUB_VPN_ADDR);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut rtts = v.ping(0, &b.to_string(), 100, "0.02", &[]);
+    rtts.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    if rtts.is_empty() {
+        println!("  ping a -> b: no answers");
+    } else {
+        println!(
+            "  $ ping -c 100 {b}   (from peer a)\n  {} of 100 answered, rtt p50 {:.2} ms, p99 {:.2} ms",
+            rtts.len(),
+            rtts[rtts.len() / 2],
+            rtts[(rtts.len() - 1) * 99 / 100]
+        );
+    }
+    let lan = v.ping(0, "192.168.50.1", 10, "0.05", &[]);
+    println!("  $ ping -c 10 192.168.50.1   (a subnet behind peer b, announced by it): {} of 10 answered", lan.len());
+    let (n, same, secs) =
+        tests::tcp_transfer(&v.peer_ns[0], &v.peer_ns[1], std::net::SocketAddr::from((b, 7001)), 8 << 20);
+    println!(
+        "  TCP a -> b: {} MiB in {secs:.2}s ({:.1} Mbit/s), hash {}",
+        n >> 20,
+        n as f64 * 8.0 / secs / 1e6,
+        if same { "matches" } else { "DIFFERS" }
+    );
+    println!("\n$ mpvpn status   (on the hub)\n{}", v.status_table("hub"));
 }

@@ -1,0 +1,30 @@
+//! The VPN's example configs in conf/ parse (key files they name need not exist here).
+
+use std::path::Path;
+use vpn::config::{HubConfig, PeerConfig};
+
+#[test]
+fn vpn_example_configs_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if !name.ends_with(".yaml") {
+            continue;
+        }
+        // a key_file that does not exist on this machine is the only acceptable failure
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("key_file: /etc/mptunnel/beta.key", "key: AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
+        let file = path.display().to_string();
+        if name.starts_with("hub") {
+            HubConfig::parse(&file, &text).unwrap_or_else(|e| panic!("{e}"));
+            checked += 1;
+        } else if name.starts_with("peer") {
+            PeerConfig::parse(&file, &text).unwrap_or_else(|e| panic!("{e}"));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2);
+}
