@@ -11,7 +11,7 @@ use common::driver::Readiness;
 use common::driver::{self, control};
 use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET, MAX_DATAGRAM};
 use mio::net::{UdpSocket, UnixListener};
-use mio::{Interest, Token};
+use mio::{Interest, Registry, Token};
 use slog::{debug, info, o, trace, warn, Logger};
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -106,126 +106,89 @@ fn path_socket(p: &PathSpec) -> std::io::Result<UdpSocket> {
     driver::udp_socket(bind, p.interface.as_deref(), Some(p.remote))
 }
 
-struct Driver {
-    core: Client,
-    app: UdpSocket,
+/// The client's half of the tunnel without its application socket: the core and one
+/// socket per path. `mpclient` puts a UDP socket for local applications in front of it;
+/// `mpvpn peer` in embedded mode feeds it VPN datagrams directly.
+pub struct Multipath {
+    pub core: Client,
     paths: Vec<UdpSocket>,
-    control: UnixListener,
-    listen_name: String,
+    token_base: usize,
     buf: Vec<u8>,
     log: Logger,
-    send_errors: u64,
+    pub send_errors: u64,
 }
 
-/// Runs the client until a fatal error.
-pub fn run(rt: ClientRuntime, psk: Psk, log: Logger) -> Result<(), String> {
-    let now = Instant::now();
-    let core_cfg = ClientCoreConfig {
-        cipher: rt.cipher,
-        target: rt.target.clone(),
-        path_names: rt.paths.iter().map(|p| p.name.clone()).collect(),
-        session_idle_timeout: rt.session_idle_timeout,
-        max_sessions: rt.max_sessions,
-    };
-    let mut io = Readiness::new(256).map_err(|e| format!("poll: {e}"))?;
-    let mut app = driver::udp_socket(rt.listen, None, None).map_err(|e| format!("listen {}: {e}", rt.listen))?;
-    io.registry().register(&mut app, APP, Interest::READABLE).map_err(|e| e.to_string())?;
-    let mut paths = Vec::new();
-    for (i, p) in rt.paths.iter().enumerate() {
-        let mut s = path_socket(p).map_err(|e| format!("path {} ({}): {e}", i, p.name))?;
-        io.registry().register(&mut s, Token(PATH_TOKEN_BASE + i), Interest::READABLE).map_err(|e| e.to_string())?;
-        paths.push(s);
-    }
-    control::prepare_control_path(&rt.control)?;
-    let mut control =
-        UnixListener::bind(&rt.control).map_err(|e| format!("control socket {}: {e}", rt.control.display()))?;
-    io.registry().register(&mut control, CONTROL, Interest::READABLE).map_err(|e| e.to_string())?;
-    info!(log, "mpclient listening"; "listen" => %rt.listen, "paths" => rt.paths.len(), "cipher" => rt.cipher.name(), "control" => %rt.control.display());
-    for p in &rt.paths {
-        info!(log, "path"; "name" => &p.name, "remote" => %p.remote, "bind" => ?p.bind, "interface" => ?p.interface);
-    }
-    let mut d = Driver {
-        core: Client::new(psk, core_cfg, now),
-        app,
-        paths,
-        control,
-        listen_name: rt.listen.to_string(),
-        buf: vec![0; MAX_DATAGRAM],
-        log,
-        send_errors: 0,
-    };
-    d.event_loop(&mut io, rt.stats_interval)
-}
-
-impl Driver {
-    fn event_loop(&mut self, io: &mut Readiness, stats_interval: Option<Duration>) -> Result<(), String> {
-        let mut next_stats = stats_interval.map(|d| Instant::now() + d);
-        loop {
-            let deadline = [self.core.poll_timeout(), next_stats].into_iter().flatten().min();
-            io.wait(deadline).map_err(|e| format!("poll: {e}"))?;
-            while let Some(token) = io.next_ready() {
-                let pending = match token {
-                    APP => self.read_app(),
-                    CONTROL => {
-                        self.accept_control();
-                        false
-                    }
-                    Token(t) => self.read_path(t - PATH_TOKEN_BASE),
-                };
-                if pending {
-                    io.still_pending(token);
-                }
-            }
-            let now = Instant::now();
-            self.core.handle_timeout(now);
-            self.flush(now);
-            if let (Some(at), Some(every)) = (next_stats, stats_interval) {
-                if now >= at {
-                    info!(self.log, "stats"; "summary" => self.core.status(now, &self.listen_name).summary_line(), "send_errors" => self.send_errors);
-                    next_stats = Some(now + every);
-                }
-            }
+impl Multipath {
+    /// Opens the path sockets and registers them as tokens `token_base..`.
+    pub fn open(
+        rt: &ClientRuntime,
+        psk: Psk,
+        registry: &Registry,
+        token_base: usize,
+        log: Logger,
+    ) -> Result<Self, String> {
+        let core_cfg = ClientCoreConfig {
+            cipher: rt.cipher,
+            target: rt.target.clone(),
+            path_names: rt.paths.iter().map(|p| p.name.clone()).collect(),
+            session_idle_timeout: rt.session_idle_timeout,
+            max_sessions: rt.max_sessions,
+        };
+        let mut paths = Vec::new();
+        for (i, p) in rt.paths.iter().enumerate() {
+            let mut s = path_socket(p).map_err(|e| format!("path {} ({}): {e}", i, p.name))?;
+            registry.register(&mut s, Token(token_base + i), Interest::READABLE).map_err(|e| e.to_string())?;
+            info!(log, "path"; "name" => &p.name, "remote" => %p.remote, "bind" => ?p.bind, "interface" => ?p.interface);
+            paths.push(s);
         }
+        Ok(Self {
+            core: Client::new(psk, core_cfg, Instant::now()),
+            paths,
+            token_base,
+            buf: vec![0; MAX_DATAGRAM],
+            log,
+            send_errors: 0,
+        })
     }
 
-    /// Reads local application datagrams; true if the budget ran out first.
-    fn read_app(&mut self) -> bool {
+    /// The path a token belongs to.
+    pub fn path_of(&self, token: Token) -> Option<usize> {
+        token.0.checked_sub(self.token_base).filter(|&i| i < self.paths.len())
+    }
+
+    /// Where an application datagram goes before `send_in_place`.
+    pub fn payload_buf(&mut self) -> &mut [u8] {
         let room = self.buf.len() - AEAD_TAG_LEN;
-        for _ in 0..READ_BUDGET {
-            let (n, from) = match self.app.recv_from(&mut self.buf[DATA_PAYLOAD_OFFSET..room]) {
-                Ok(r) => r,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
-                Err(e) if driver::is_transient(&e) => continue,
-                Err(e) => {
-                    warn!(self.log, "reading from applications"; "error" => %e);
-                    return false;
-                }
-            };
-            let now = Instant::now();
-            match self.core.handle_app_datagram(now, from, &mut self.buf, n) {
-                ClientSend::Sealed { len, paths } => {
-                    for p in paths.iter() {
-                        if let Err(e) = self.paths[p].send(&self.buf[..len]) {
-                            self.send_errors += 1;
-                            trace!(self.log, "path send failed"; "path" => p, "error" => %e);
-                        }
-                    }
-                }
-                ClientSend::Queued => {}
-                ClientSend::Dropped(reason) => {
-                    trace!(self.log, "dropped app datagram"; "reason" => ?reason)
-                }
-            }
-            self.flush(now);
-        }
-        true
+        &mut self.buf[DATA_PAYLOAD_OFFSET..room]
     }
 
-    /// Reads datagrams arriving on path `i`; true if the budget ran out first.
-    fn read_path(&mut self, i: usize) -> bool {
-        if i >= self.paths.len() {
-            return false;
+    /// Seals the `n` bytes in `payload_buf()` from application `from` and sends the copies.
+    pub fn send_in_place(&mut self, now: Instant, from: SocketAddr, n: usize) {
+        match self.core.handle_app_datagram(now, from, &mut self.buf, n) {
+            ClientSend::Sealed { len, paths } => {
+                for p in paths.iter() {
+                    if let Err(e) = self.paths[p].send(&self.buf[..len]) {
+                        self.send_errors += 1;
+                        trace!(self.log, "path send failed"; "path" => p, "error" => %e);
+                    }
+                }
+            }
+            ClientSend::Queued => {}
+            ClientSend::Dropped(reason) => trace!(self.log, "dropped app datagram"; "reason" => ?reason),
         }
+        self.flush(now);
+    }
+
+    /// Copies `payload` in and sends it (for in-process applications).
+    pub fn send(&mut self, now: Instant, from: SocketAddr, payload: &[u8]) {
+        let n = payload.len().min(self.payload_buf().len());
+        self.payload_buf()[..n].copy_from_slice(&payload[..n]);
+        self.send_in_place(now, from, n);
+    }
+
+    /// Reads datagrams arriving on path `i`, handing each delivered payload to
+    /// `deliver(app, payload)`; true if the read budget ran out first.
+    pub fn read_path(&mut self, i: usize, mut deliver: impl FnMut(SocketAddr, &[u8])) -> bool {
         for _ in 0..READ_BUDGET {
             let n = match self.paths[i].recv(&mut self.buf) {
                 Ok(n) => n,
@@ -238,20 +201,22 @@ impl Driver {
             };
             let now = Instant::now();
             match self.core.handle_path_datagram(now, i, &mut self.buf[..n]) {
-                ClientRecv::Deliver { app, payload } => {
-                    if let Err(e) = self.app.send_to(&self.buf[payload], app) {
-                        self.send_errors += 1;
-                        trace!(self.log, "delivery to application failed"; "app" => %app, "error" => %e);
-                    }
-                }
+                ClientRecv::Deliver { app, payload } => deliver(app, &self.buf[payload]),
                 ClientRecv::Consumed => {}
-                ClientRecv::Dropped(reason) => {
-                    trace!(self.log, "dropped"; "path" => i, "reason" => ?reason)
-                }
+                ClientRecv::Dropped(reason) => trace!(self.log, "dropped"; "path" => i, "reason" => ?reason),
             }
             self.flush(now);
         }
         true
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.core.poll_timeout()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.core.handle_timeout(now);
+        self.flush(now);
     }
 
     /// Sends what the core queued (handshakes, probes, datagrams held during a handshake)
@@ -279,24 +244,96 @@ impl Driver {
                 ClientEvent::ServerLost { app, old } => {
                     warn!(self.log, "no answer from the server on any path; handshaking again"; "app" => %app, "session" => %old)
                 }
-                ClientEvent::PathUp { app, path } => {
-                    info!(self.log, "path up"; "app" => %app, "path" => path)
-                }
-                ClientEvent::PathDown { app, path } => {
-                    warn!(self.log, "path down"; "app" => %app, "path" => path)
-                }
+                ClientEvent::PathUp { app, path } => info!(self.log, "path up"; "app" => %app, "path" => path),
+                ClientEvent::PathDown { app, path } => warn!(self.log, "path down"; "app" => %app, "path" => path),
                 ClientEvent::SessionClosed { app, id } => {
                     info!(self.log, "session idle, closed"; "app" => %app, "session" => %id)
                 }
             }
         }
     }
+}
 
-    fn accept_control(&mut self) {
-        let (core, listen) = (&self.core, &self.listen_name);
-        if let Err(e) = control::serve_pending(&self.control, || core.status(Instant::now(), listen)) {
-            warn!(self.log, "control socket"; "error" => %e);
+struct Driver {
+    mp: Multipath,
+    app: UdpSocket,
+    control: UnixListener,
+    listen_name: String,
+}
+
+/// Runs the client until a fatal error.
+pub fn run(rt: ClientRuntime, psk: Psk, log: Logger) -> Result<(), String> {
+    let mut io = Readiness::new(256).map_err(|e| format!("poll: {e}"))?;
+    let mut app = driver::udp_socket(rt.listen, None, None).map_err(|e| format!("listen {}: {e}", rt.listen))?;
+    io.registry().register(&mut app, APP, Interest::READABLE).map_err(|e| e.to_string())?;
+    control::prepare_control_path(&rt.control)?;
+    let mut control =
+        UnixListener::bind(&rt.control).map_err(|e| format!("control socket {}: {e}", rt.control.display()))?;
+    io.registry().register(&mut control, CONTROL, Interest::READABLE).map_err(|e| e.to_string())?;
+    info!(log, "mpclient listening"; "listen" => %rt.listen, "paths" => rt.paths.len(), "cipher" => rt.cipher.name(), "control" => %rt.control.display());
+    let mp = Multipath::open(&rt, psk, io.registry(), PATH_TOKEN_BASE, log.clone())?;
+    let mut d = Driver { mp, app, control, listen_name: rt.listen.to_string() };
+    d.event_loop(&mut io, rt.stats_interval, &log)
+}
+
+impl Driver {
+    fn event_loop(&mut self, io: &mut Readiness, stats_interval: Option<Duration>, log: &Logger) -> Result<(), String> {
+        let mut next_stats = stats_interval.map(|d| Instant::now() + d);
+        loop {
+            let deadline = [self.mp.poll_timeout(), next_stats].into_iter().flatten().min();
+            io.wait(deadline).map_err(|e| format!("poll: {e}"))?;
+            while let Some(token) = io.next_ready() {
+                let pending = match token {
+                    APP => self.read_app(log),
+                    CONTROL => {
+                        let (core, listen) = (&self.mp.core, &self.listen_name);
+                        if let Err(e) = control::serve_pending(&self.control, || core.status(Instant::now(), listen)) {
+                            warn!(log, "control socket"; "error" => %e);
+                        }
+                        false
+                    }
+                    t => match self.mp.path_of(t) {
+                        Some(i) => {
+                            let app = &self.app;
+                            let mp = &mut self.mp;
+                            mp.read_path(i, |to, payload| {
+                                // a full socket buffer or a vanished application: the datagram is lost, as UDP may
+                                let _ = app.send_to(payload, to);
+                            })
+                        }
+                        None => false,
+                    },
+                };
+                if pending {
+                    io.still_pending(token);
+                }
+            }
+            let now = Instant::now();
+            self.mp.handle_timeout(now);
+            if let (Some(at), Some(every)) = (next_stats, stats_interval) {
+                if now >= at {
+                    info!(log, "stats"; "summary" => self.mp.core.status(now, &self.listen_name).summary_line(), "send_errors" => self.mp.send_errors);
+                    next_stats = Some(now + every);
+                }
+            }
         }
+    }
+
+    /// Reads local application datagrams; true if the budget ran out first.
+    fn read_app(&mut self, log: &Logger) -> bool {
+        for _ in 0..READ_BUDGET {
+            let (n, from) = match self.app.recv_from(self.mp.payload_buf()) {
+                Ok(r) => r,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+                Err(e) if driver::is_transient(&e) => continue,
+                Err(e) => {
+                    warn!(log, "reading from applications"; "error" => %e);
+                    return false;
+                }
+            };
+            self.mp.send_in_place(Instant::now(), from, n);
+        }
+        true
     }
 }
 

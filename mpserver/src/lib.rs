@@ -8,7 +8,7 @@ use common::config::{ServerConfig, DEFAULT_STATS_INTERVAL_SECS};
 use common::crypto::{Cipher, Psk};
 use common::driver::Readiness;
 use common::driver::{self, control};
-use common::server::{Server, ServerCoreConfig, ServerEvent, ServerRecv};
+use common::server::{Server, ServerCoreConfig, ServerEvent, ServerRecv, SessionSlot};
 use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET, HANDSHAKE_RESP_LEN, MAX_DATAGRAM};
 use mio::net::{UdpSocket, UnixListener};
 use mio::{Interest, Registry, Token};
@@ -77,75 +77,50 @@ impl ServerRuntime {
     }
 }
 
-struct Driver {
-    core: Server,
+/// What the tunnel hands its front end: core events and datagrams for targets.
+pub enum Inbound<'a> {
+    Event(&'a ServerEvent),
+    Forward(SessionSlot, &'a [u8]),
+}
+
+/// The server's half of the tunnel without the targets: the core and the listening
+/// socket. `mpserver` puts one upstream socket per session behind it; `mpvpn hub` in
+/// embedded mode hands sessions' datagrams to the hub directly.
+pub struct TunnelServer {
+    pub core: Server,
     listen: UdpSocket,
-    /// Indexed by `SessionSlot`.
-    upstream: Vec<Option<UdpSocket>>,
-    control: UnixListener,
-    listen_name: String,
     buf: Vec<u8>,
     reply: [u8; HANDSHAKE_RESP_LEN],
     log: Logger,
-    send_errors: u64,
+    pub send_errors: u64,
 }
 
-pub fn run(rt: ServerRuntime, psk: Psk, log: Logger) -> Result<(), String> {
-    let mut io = Readiness::new(1024).map_err(|e| format!("poll: {e}"))?;
-    let mut listen = driver::udp_socket(rt.listen, None, None).map_err(|e| format!("listen {}: {e}", rt.listen))?;
-    io.registry().register(&mut listen, LISTEN, Interest::READABLE).map_err(|e| e.to_string())?;
-    control::prepare_control_path(&rt.control)?;
-    let mut control =
-        UnixListener::bind(&rt.control).map_err(|e| format!("control socket {}: {e}", rt.control.display()))?;
-    io.registry().register(&mut control, CONTROL, Interest::READABLE).map_err(|e| e.to_string())?;
-    info!(log, "mpserver listening"; "listen" => %rt.listen, "default_target" => ?rt.core.default_target,
-        "named_targets" => rt.core.targets.len(), "control" => %rt.control.display());
-    let mut d = Driver {
-        core: Server::new(psk, rt.core, Instant::now()),
-        listen,
-        upstream: Vec::new(),
-        control,
-        listen_name: rt.listen.to_string(),
-        buf: vec![0; MAX_DATAGRAM],
-        reply: [0; HANDSHAKE_RESP_LEN],
-        log,
-        send_errors: 0,
-    };
-    d.event_loop(&mut io, rt.stats_interval)
-}
-
-impl Driver {
-    fn event_loop(&mut self, io: &mut Readiness, stats_interval: Option<Duration>) -> Result<(), String> {
-        let mut next_stats = stats_interval.map(|d| Instant::now() + d);
-        loop {
-            let deadline = [Some(self.core.poll_timeout()), next_stats].into_iter().flatten().min();
-            io.wait(deadline).map_err(|e| format!("poll: {e}"))?;
-            while let Some(token) = io.next_ready() {
-                let pending = match token {
-                    LISTEN => self.read_listen(io.registry()),
-                    CONTROL => {
-                        self.accept_control();
-                        false
-                    }
-                    Token(t) => self.read_upstream(t - UPSTREAM_TOKEN_BASE),
-                };
-                if pending {
-                    io.still_pending(token);
-                }
-            }
-            let now = Instant::now();
-            self.core.handle_timeout(now);
-            self.handle_events(io.registry());
-            if let (Some(at), Some(every)) = (next_stats, stats_interval) {
-                if now >= at {
-                    info!(self.log, "stats"; "summary" => self.core.status(now, &self.listen_name).summary_line(), "send_errors" => self.send_errors);
-                    next_stats = Some(now + every);
-                }
-            }
-        }
+impl TunnelServer {
+    pub fn open(
+        listen_addr: SocketAddr,
+        core: ServerCoreConfig,
+        psk: Psk,
+        registry: &Registry,
+        token: Token,
+        log: Logger,
+    ) -> Result<Self, String> {
+        let mut listen =
+            driver::udp_socket(listen_addr, None, None).map_err(|e| format!("listen {listen_addr}: {e}"))?;
+        registry.register(&mut listen, token, Interest::READABLE).map_err(|e| e.to_string())?;
+        Ok(Self {
+            core: Server::new(psk, core, Instant::now()),
+            listen,
+            buf: vec![0; MAX_DATAGRAM],
+            reply: [0; HANDSHAKE_RESP_LEN],
+            log,
+            send_errors: 0,
+        })
     }
 
-    fn read_listen(&mut self, registry: &Registry) -> bool {
+    /// Reads client datagrams. Core events reach `out` first (a new session's resources
+    /// exist before anything is forwarded to it), then each datagram for a target. True
+    /// if the read budget ran out first.
+    pub fn read_listen(&mut self, mut out: impl FnMut(Inbound)) -> bool {
         for _ in 0..READ_BUDGET {
             let (n, from) = match self.listen.recv_from(&mut self.buf) {
                 Ok(r) => r,
@@ -158,91 +133,64 @@ impl Driver {
             };
             let now = Instant::now();
             let r = self.core.handle_datagram(now, from, &mut self.buf[..n], &mut self.reply);
-            // Open upstream sockets for new sessions before anything is forwarded to them.
-            self.handle_events(registry);
+            self.drain_events(&mut out);
             match r {
-                ServerRecv::Forward { slot, payload } => match self.upstream.get(slot).and_then(Option::as_ref) {
-                    Some(sock) => {
-                        if let Err(e) = sock.send(&self.buf[payload]) {
-                            self.send_errors += 1;
-                            trace!(self.log, "upstream send failed"; "slot" => slot, "error" => %e);
-                        }
-                    }
-                    None => trace!(self.log, "no upstream socket"; "slot" => slot),
-                },
+                ServerRecv::Forward { slot, payload } => out(Inbound::Forward(slot, &self.buf[payload])),
                 ServerRecv::Reply { len } => {
                     if let Err(e) = self.listen.send_to(&self.reply[..len], from) {
                         self.send_errors += 1;
                         trace!(self.log, "reply failed"; "to" => %from, "error" => %e);
                     }
                 }
-                ServerRecv::Dropped(reason) => {
-                    trace!(self.log, "dropped"; "from" => %from, "reason" => ?reason)
-                }
+                ServerRecv::Dropped(reason) => trace!(self.log, "dropped"; "from" => %from, "reason" => ?reason),
             }
         }
         true
     }
 
-    fn read_upstream(&mut self, slot: usize) -> bool {
+    /// Where a target's datagram goes before `send_in_place`.
+    pub fn payload_buf(&mut self) -> &mut [u8] {
         let room = self.buf.len() - AEAD_TAG_LEN;
-        for _ in 0..READ_BUDGET {
-            let Some(sock) = self.upstream.get(slot).and_then(Option::as_ref) else {
-                return false;
-            };
-            let n = match sock.recv(&mut self.buf[DATA_PAYLOAD_OFFSET..room]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
-                Err(e) if driver::is_transient(&e) => continue,
-                Err(e) => {
-                    warn!(self.log, "reading from target"; "slot" => slot, "error" => %e);
-                    return false;
-                }
-            };
-            let now = Instant::now();
-            if let Some((len, paths)) = self.core.encapsulate(now, slot, &mut self.buf, n) {
-                for p in paths.iter() {
-                    let Some(addr) = self.core.path_addr(slot, p) else {
-                        continue;
-                    };
-                    if let Err(e) = self.listen.send_to(&self.buf[..len], addr) {
-                        self.send_errors += 1;
-                        trace!(self.log, "send to client failed"; "to" => %addr, "error" => %e);
-                    }
+        &mut self.buf[DATA_PAYLOAD_OFFSET..room]
+    }
+
+    /// Seals the `n` bytes in `payload_buf()` for session `slot` and sends the copies.
+    pub fn send_in_place(&mut self, now: Instant, slot: SessionSlot, n: usize) {
+        if let Some((len, paths)) = self.core.encapsulate(now, slot, &mut self.buf, n) {
+            for p in paths.iter() {
+                let Some(addr) = self.core.path_addr(slot, p) else { continue };
+                if let Err(e) = self.listen.send_to(&self.buf[..len], addr) {
+                    self.send_errors += 1;
+                    trace!(self.log, "send to client failed"; "to" => %addr, "error" => %e);
                 }
             }
         }
-        true
     }
 
-    fn handle_events(&mut self, registry: &Registry) {
+    /// Copies `payload` in and sends it to session `slot` (for in-process targets).
+    pub fn send(&mut self, now: Instant, slot: SessionSlot, payload: &[u8]) {
+        let n = payload.len().min(self.payload_buf().len());
+        self.payload_buf()[..n].copy_from_slice(&payload[..n]);
+        self.send_in_place(now, slot, n);
+    }
+
+    pub fn poll_timeout(&self) -> Instant {
+        self.core.poll_timeout()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant, mut out: impl FnMut(Inbound)) {
+        self.core.handle_timeout(now);
+        self.drain_events(&mut out);
+    }
+
+    fn drain_events(&mut self, out: &mut impl FnMut(Inbound)) {
         while let Some(ev) = self.core.poll_event() {
+            out(Inbound::Event(&ev));
             match ev {
-                ServerEvent::SessionOpened { slot, id, target, cipher } => {
-                    match driver::udp_socket(driver::any_addr_for(target), None, Some(target)) {
-                        Ok(mut sock) => {
-                            if let Err(e) =
-                                registry.register(&mut sock, Token(UPSTREAM_TOKEN_BASE + slot), Interest::READABLE)
-                            {
-                                warn!(self.log, "registering upstream socket"; "error" => %e);
-                            }
-                            if self.upstream.len() <= slot {
-                                self.upstream.resize_with(slot + 1, || None);
-                            }
-                            self.upstream[slot] = Some(sock);
-                            info!(self.log, "session opened"; "session" => %id, "target" => %target, "cipher" => cipher.name());
-                        }
-                        Err(e) => {
-                            warn!(self.log, "cannot open upstream socket"; "session" => %id, "target" => %target, "error" => %e)
-                        }
-                    }
+                ServerEvent::SessionOpened { id, target, cipher, .. } => {
+                    info!(self.log, "session opened"; "session" => %id, "target" => %target, "cipher" => cipher.name())
                 }
-                ServerEvent::SessionClosed { slot, id } => {
-                    if let Some(mut sock) = self.upstream.get_mut(slot).and_then(Option::take) {
-                        let _ = registry.deregister(&mut sock);
-                    }
-                    info!(self.log, "session closed"; "session" => %id);
-                }
+                ServerEvent::SessionClosed { id, .. } => info!(self.log, "session closed"; "session" => %id),
                 ServerEvent::PathAdded { slot, addr } => {
                     debug!(self.log, "path learned"; "slot" => slot, "addr" => %addr)
                 }
@@ -258,13 +206,123 @@ impl Driver {
             }
         }
     }
+}
 
-    fn accept_control(&mut self) {
-        let (core, listen) = (&self.core, &self.listen_name);
-        if let Err(e) = control::serve_pending(&self.control, || core.status(Instant::now(), listen)) {
-            warn!(self.log, "control socket"; "error" => %e);
+/// One socket per session towards its target, indexed by session slot.
+struct Upstreams {
+    socks: Vec<Option<UdpSocket>>,
+    log: Logger,
+}
+
+impl Upstreams {
+    fn handle(&mut self, registry: &Registry, inbound: Inbound) {
+        match inbound {
+            Inbound::Event(ev) => self.on_event(registry, ev),
+            Inbound::Forward(slot, payload) => self.forward(slot, payload),
         }
     }
+
+    fn on_event(&mut self, registry: &Registry, ev: &ServerEvent) {
+        match *ev {
+            ServerEvent::SessionOpened { slot, id, target, .. } => {
+                match driver::udp_socket(driver::any_addr_for(target), None, Some(target)) {
+                    Ok(mut sock) => {
+                        if let Err(e) =
+                            registry.register(&mut sock, Token(UPSTREAM_TOKEN_BASE + slot), Interest::READABLE)
+                        {
+                            warn!(self.log, "registering upstream socket"; "error" => %e);
+                        }
+                        if self.socks.len() <= slot {
+                            self.socks.resize_with(slot + 1, || None);
+                        }
+                        self.socks[slot] = Some(sock);
+                    }
+                    Err(e) => {
+                        warn!(self.log, "cannot open upstream socket"; "session" => %id, "target" => %target, "error" => %e)
+                    }
+                }
+            }
+            ServerEvent::SessionClosed { slot, .. } => {
+                if let Some(mut sock) = self.socks.get_mut(slot).and_then(Option::take) {
+                    let _ = registry.deregister(&mut sock);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn forward(&self, slot: SessionSlot, payload: &[u8]) {
+        if let Some(sock) = self.socks.get(slot).and_then(Option::as_ref) {
+            // a target that is down: the datagram is lost, as UDP may
+            let _ = sock.send(payload);
+        }
+    }
+}
+
+pub fn run(rt: ServerRuntime, psk: Psk, log: Logger) -> Result<(), String> {
+    let mut io = Readiness::new(1024).map_err(|e| format!("poll: {e}"))?;
+    control::prepare_control_path(&rt.control)?;
+    let mut control =
+        UnixListener::bind(&rt.control).map_err(|e| format!("control socket {}: {e}", rt.control.display()))?;
+    io.registry().register(&mut control, CONTROL, Interest::READABLE).map_err(|e| e.to_string())?;
+    info!(log, "mpserver listening"; "listen" => %rt.listen, "default_target" => ?rt.core.default_target,
+        "named_targets" => rt.core.targets.len(), "control" => %rt.control.display());
+    let mut server = TunnelServer::open(rt.listen, rt.core, psk, io.registry(), LISTEN, log.clone())?;
+    let mut upstreams = Upstreams { socks: Vec::new(), log: log.clone() };
+    let listen_name = rt.listen.to_string();
+    let mut next_stats = rt.stats_interval.map(|d| Instant::now() + d);
+    loop {
+        let deadline = [Some(server.poll_timeout()), next_stats].into_iter().flatten().min();
+        io.wait(deadline).map_err(|e| format!("poll: {e}"))?;
+        while let Some(token) = io.next_ready() {
+            let pending = match token {
+                LISTEN => {
+                    let registry = io.registry();
+                    server.read_listen(|inbound| upstreams.handle(registry, inbound))
+                }
+                CONTROL => {
+                    let core = &server.core;
+                    if let Err(e) = control::serve_pending(&control, || core.status(Instant::now(), &listen_name)) {
+                        warn!(log, "control socket"; "error" => %e);
+                    }
+                    false
+                }
+                Token(t) => read_upstream(&upstreams, &mut server, t - UPSTREAM_TOKEN_BASE, &log),
+            };
+            if pending {
+                io.still_pending(token);
+            }
+        }
+        let now = Instant::now();
+        let registry = io.registry();
+        server.handle_timeout(now, |inbound| upstreams.handle(registry, inbound));
+        if let (Some(at), Some(every)) = (next_stats, rt.stats_interval) {
+            if now >= at {
+                info!(log, "stats"; "summary" => server.core.status(now, &listen_name).summary_line(), "send_errors" => server.send_errors);
+                next_stats = Some(now + every);
+            }
+        }
+    }
+}
+
+/// Reads a session's target replies and sends them back to the client.
+fn read_upstream(upstreams: &Upstreams, server: &mut TunnelServer, slot: usize, log: &Logger) -> bool {
+    let Some(sock) = upstreams.socks.get(slot).and_then(Option::as_ref) else {
+        return false;
+    };
+    for _ in 0..READ_BUDGET {
+        let n = match sock.recv(server.payload_buf()) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+            Err(e) if driver::is_transient(&e) => continue,
+            Err(e) => {
+                warn!(log, "reading from target"; "slot" => slot, "error" => %e);
+                return false;
+            }
+        };
+        server.send_in_place(Instant::now(), slot, n);
+    }
+    true
 }
 
 pub fn logger(level: &str) -> (Logger, common::log::LogGuard) {
