@@ -314,6 +314,19 @@ impl ClientConfig {
 
 impl ServerConfig {
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        Self::parse_for(file, text, true)
+    }
+
+    /// For a server embedded in `mpvpn hub`, whose sessions all go to the hub: no target.
+    pub fn parse_embedded(file: &str, text: &str) -> Result<Self, ConfigError> {
+        Self::parse_for(file, text, false)
+    }
+
+    pub fn load_embedded(path: &Path) -> Result<Self, ConfigError> {
+        load_with(path, Self::parse_embedded)
+    }
+
+    fn parse_for(file: &str, text: &str, needs_target: bool) -> Result<Self, ConfigError> {
         let c: Self = serde_yaml::from_str(text).map_err(|e| yaml_error(file, e))?;
         check(
             c.listen.parse::<std::net::SocketAddr>().is_ok(),
@@ -333,7 +346,7 @@ impl ServerConfig {
             check(ok, file, text, &field, name, format!("names are 1-{} bytes", crate::wire::MAX_TARGET_NAME_LEN))?;
         }
         check(
-            c.target.is_some() || !c.targets.is_empty(),
+            !needs_target || c.target.is_some() || !c.targets.is_empty(),
             file,
             text,
             "target",

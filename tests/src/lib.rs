@@ -516,6 +516,7 @@ pub struct VpnLab {
     pub peers: Vec<usize>,
     hub_yaml: PathBuf,
     loss_pct: u32,
+    pub embedded: bool,
 }
 
 pub const VPN_NETWORK: &str = "10.99.0.0/24";
@@ -524,7 +525,9 @@ pub const HUB_VPN_ADDR: &str = "10.99.0.1";
 pub const PEER_B_SUBNET: &str = "192.168.50.0/24";
 
 impl VpnLab {
-    pub fn start(tag: &str, loss_pct: u32) -> Self {
+    /// `embedded`: the hub and peers run the multipath server/client in-process instead
+    /// of beside separate mpserver/mpclient processes.
+    pub fn start(tag: &str, loss_pct: u32, embedded: bool) -> Self {
         let mut lab = Lab::new(tag);
         let server_ns = lab.add_ns("s");
         let peer_ns = vec![lab.add_ns("pa"), lab.add_ns("pb")];
@@ -551,48 +554,62 @@ impl VpnLab {
             p
         };
         let (ka, kb, kc) = (key("a"), key("b"), key("c"));
+        let tk = tunnel_key.display().to_string();
         let hub_yaml = dir.join("hub.yaml");
+        let embedded_server = if embedded {
+            let server_yaml = dir.join("server.yaml");
+            std::fs::write(&server_yaml, format!("listen: 0.0.0.0:{SERVER_PORT}\nkey_file: {tk}\n"))
+                .expect("server.yaml");
+            format!("embedded_server: {}\n", server_yaml.display())
+        } else {
+            let sctl = dir.join("mpserver.sock").display().to_string();
+            let port = SERVER_PORT.to_string();
+            let args = ["--key-file", &tk, "--control", &sctl, &port, "127.0.0.1", "5000"];
+            lab.spawn(&server_ns, "mpserver", &bin("mpserver"), &args);
+            String::new()
+        };
         std::fs::write(
             &hub_yaml,
             format!(
-                "listen: 127.0.0.1:5000\ntun: mpvpn0\nnetwork: {VPN_NETWORK}\npeers:\n  - name: a\n    key_file: {}\n  - name: b\n    key_file: {}\n  - name: c\n    key_file: {}\n",
+                "listen: 127.0.0.1:5000\ntun: mpvpn0\nnetwork: {VPN_NETWORK}\n{embedded_server}peers:\n  - name: a\n    key_file: {}\n  - name: b\n    key_file: {}\n  - name: c\n    key_file: {}\n",
                 ka.display(),
                 kb.display(),
                 kc.display()
             ),
         )
         .expect("hub.yaml");
-        let tk = tunnel_key.display().to_string();
-        let sctl = dir.join("mpserver.sock").display().to_string();
-        let port = SERVER_PORT.to_string();
-        lab.spawn(
-            &server_ns,
-            "mpserver",
-            &bin("mpserver"),
-            &["--key-file", &tk, "--control", &sctl, &port, "127.0.0.1", "5000"],
-        );
-        let mut me = Self { lab, peer_ns, server_ns, hub: 0, peers: Vec::new(), hub_yaml, loss_pct };
+        let mut me = Self { lab, peer_ns, server_ns, hub: 0, peers: Vec::new(), hub_yaml, loss_pct, embedded };
         me.hub = me.start_hub();
         // peer B's subnet
         me.lab.sh(&me.peer_ns[1], "ip addr add 192.168.50.1/32 dev lo");
         for (i, (name, key)) in [("a", &ka), ("b", &kb)].into_iter().enumerate() {
             let ns = me.peer_ns[i].clone();
             let net = if i == 0 { 81 } else { 82 };
-            let bridges = dir.join(format!("bridges-{name}.conf"));
-            std::fs::write(&bridges, (1..=3).map(|j| format!("10.{net}.{j}.2 {BRIDGE_PORT}\n")).collect::<String>())
+            let embedded_client = if embedded {
+                let client_yaml = dir.join(format!("client-{name}.yaml"));
+                let paths: String = (1..=3).map(|j| format!("  - remote: 10.{net}.{j}.2:{BRIDGE_PORT}\n")).collect();
+                std::fs::write(&client_yaml, format!("key_file: {tk}\npaths:\n{paths}")).expect("client.yaml");
+                format!("embedded_client: {}\n", client_yaml.display())
+            } else {
+                let bridges = dir.join(format!("bridges-{name}.conf"));
+                std::fs::write(
+                    &bridges,
+                    (1..=3).map(|j| format!("10.{net}.{j}.2 {BRIDGE_PORT}\n")).collect::<String>(),
+                )
                 .expect("bridges");
-            let cctl = dir.join(format!("mpclient-{name}.sock")).display().to_string();
-            me.lab.spawn(
-                &ns,
-                &format!("mpclient-{name}"),
-                &bin("mpclient"),
-                &["--key-file", &tk, "--control", &cctl, &bridges.display().to_string()],
-            );
+                let cctl = dir.join(format!("mpclient-{name}.sock")).display().to_string();
+                let args = ["--key-file", &tk, "--control", &cctl, &bridges.display().to_string()];
+                me.lab.spawn(&ns, &format!("mpclient-{name}"), &bin("mpclient"), &args);
+                String::new()
+            };
             let routes = if name == "b" { format!("routes: [{PEER_B_SUBNET}]\n") } else { String::new() };
             let yaml = dir.join(format!("peer-{name}.yaml"));
             std::fs::write(
                 &yaml,
-                format!("name: {name}\nkey_file: {}\ntunnel: 127.0.0.1:3000\ntun: mpvpn0\n{routes}", key.display()),
+                format!(
+                    "name: {name}\nkey_file: {}\ntunnel: 127.0.0.1:3000\ntun: mpvpn0\n{routes}{embedded_client}",
+                    key.display()
+                ),
             )
             .expect("peer yaml");
             let idx = me.spawn_peer(i, name, &yaml);

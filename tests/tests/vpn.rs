@@ -37,7 +37,7 @@ fn measure(v: &VpnLab, b_addr: std::net::Ipv4Addr, tcp_bytes: usize) -> (f64, f6
 #[test]
 fn vpn_across_lossy_bridges() {
     let Some(_serial) = lab_or_skip() else { return };
-    let mut v = VpnLab::start("v", 10);
+    let mut v = VpnLab::start("v", 10, false);
     let a = v.wait_peer_up("a", Duration::from_secs(20));
     let b = v.wait_peer_up("b", Duration::from_secs(20));
     assert_ne!(a, b);
@@ -105,20 +105,36 @@ fn vpn_across_lossy_bridges() {
     assert_eq!(v.ping(0, "192.168.50.1", 5, "0.05", &[]).len(), 5, "routes are back");
 }
 
-/// Not pass/fail: ping and TCP numbers at 0% and 10% loss for the record. Run with
+/// Embedded mode: the hub and the peers run the multipath server/client in-process (no
+/// mpserver or mpclient processes, no loopback hop).
+#[test]
+fn vpn_with_embedded_tunnel() {
+    let Some(_serial) = lab_or_skip() else { return };
+    let v = VpnLab::start("e", 10, true);
+    v.wait_peer_up("a", Duration::from_secs(20));
+    let b = v.wait_peer_up("b", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(500));
+    let (p50, p99, mbit) = measure(&v, b, 8 << 20);
+    println!("embedded, 10% loss per path and direction: ping p50 {p50:.2} ms p99 {p99:.2} ms; TCP {mbit:.1} Mbit/s");
+    assert_eq!(v.ping(0, "192.168.50.1", 10, "0.02", &[]).len(), 10);
+}
+
+/// Not pass/fail: ping and TCP numbers at 0% and 10% loss, with separate processes and
+/// embedded, for the record. Run with
 /// `cargo test --release -p tests --test vpn -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn vpn_numbers() {
     let Some(_serial) = lab_or_skip() else { return };
-    for loss in [0, 10] {
-        let v = VpnLab::start("n", loss);
-        v.wait_peer_up("a", Duration::from_secs(20));
-        let b = v.wait_peer_up("b", Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(500));
-        let (p50, p99, mbit) = measure(&v, b, 32 << 20);
-        println!(
-            "{loss}% loss per path and direction: ping p50 {p50:.2} ms p99 {p99:.2} ms; TCP goodput {mbit:.1} Mbit/s"
-        );
+    for embedded in [false, true] {
+        for loss in [0, 10] {
+            let v = VpnLab::start("n", loss, embedded);
+            v.wait_peer_up("a", Duration::from_secs(20));
+            let b = v.wait_peer_up("b", Duration::from_secs(20));
+            std::thread::sleep(Duration::from_millis(500));
+            let (p50, p99, mbit) = measure(&v, b, 32 << 20);
+            let mode = if embedded { "embedded" } else { "separate processes" };
+            println!("{mode}, {loss}% loss per path and direction: ping p50 {p50:.2} ms p99 {p99:.2} ms; TCP goodput {mbit:.1} Mbit/s");
+        }
     }
 }

@@ -69,6 +69,10 @@ pub struct HubConfig {
     #[serde(default = "default_log_level")]
     pub log_level: String,
     pub peers: Vec<HubPeerConfig>,
+    /// Run the multipath server in this process (an mpserver YAML config; its `target`
+    /// is not needed) instead of taking datagrams from a separate mpserver on `listen`.
+    #[serde(default)]
+    pub embedded_server: Option<PathBuf>,
 }
 
 /// `mpvpn peer -c peer.yaml`.
@@ -95,6 +99,10 @@ pub struct PeerConfig {
     pub control_socket: Option<PathBuf>,
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// Run the multipath client in this process (an mpclient YAML config: paths, key,
+    /// cipher) instead of talking to a separate mpclient at `tunnel`.
+    #[serde(default)]
+    pub embedded_client: Option<PathBuf>,
 }
 
 fn valid_name(n: &str) -> bool {

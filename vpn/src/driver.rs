@@ -10,6 +10,7 @@ use crate::ip::{self, Prefix};
 use crate::peer::{Peer, PeerCoreConfig, PeerDrops, PeerEvent};
 use crate::wire::PeerKey;
 use crate::{TUNNEL_PAYLOAD, TUN_MTU};
+use common::config::{ClientConfig, ServerConfig};
 use common::driver::{self, control, Readiness};
 use mio::net::{UdpSocket, UnixListener};
 use mio::unix::SourceFd;
@@ -26,6 +27,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 const TUN: Token = Token(0);
 const UDP: Token = Token(1);
 const CONTROL: Token = Token(2);
+/// The embedded server's listening socket, or the first of the embedded client's paths.
+const EMBEDDED: Token = Token(3);
 const READ_BUDGET: usize = 256;
 
 /// What `mpvpn status` shows, on a hub or a peer.
@@ -150,6 +153,85 @@ fn read_udp(sock: &UdpSocket, buf: &mut [u8], mut each: impl FnMut(SocketAddr, &
     true
 }
 
+/// How the hub exchanges datagrams with the tunnel.
+enum HubTunnel {
+    /// A separate mpserver forwards each session from its own socket to `listen`.
+    Udp(UdpSocket),
+    /// The multipath server runs in this process; a session is a slot.
+    Embedded(Box<mpserver::TunnelServer>),
+}
+
+/// In embedded mode a session slot stands in for the tunnel address the hub binds a
+/// peer to: 127.254.x.y, port 1 + the high bits.
+fn slot_addr(slot: usize) -> SocketAddr {
+    SocketAddr::from(([127, 254, (slot >> 8) as u8, slot as u8], 1 + (slot >> 16) as u16))
+}
+
+fn addr_slot(a: SocketAddr) -> Option<usize> {
+    match a {
+        SocketAddr::V4(v4) if v4.ip().octets()[..2] == [127, 254] && v4.port() > 0 => {
+            let o = v4.ip().octets();
+            Some(((v4.port() as usize - 1) << 16) | (o[2] as usize) << 8 | o[3] as usize)
+        }
+        _ => None,
+    }
+}
+
+impl HubTunnel {
+    fn send(&mut self, to: SocketAddr, d: &[u8]) -> std::io::Result<()> {
+        match self {
+            Self::Udp(s) => s.send_to(d, to).map(|_| ()),
+            Self::Embedded(t) => {
+                if let Some(slot) = addr_slot(to) {
+                    t.send(Instant::now(), slot, d);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        match self {
+            Self::Udp(_) => None,
+            Self::Embedded(t) => Some(t.poll_timeout()),
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        if let Self::Embedded(t) = self {
+            t.handle_timeout(now, |_| {});
+        }
+    }
+}
+
+/// Where sessions of an embedded server "go": the hub in this process.
+const EMBEDDED_TARGET: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+
+fn open_hub_tunnel(c: &HubConfig, io: &Readiness, log: &Logger) -> Result<HubTunnel, String> {
+    match &c.embedded_server {
+        None => {
+            let listen: SocketAddr = c.listen.parse().map_err(|_| "listen: bad address")?;
+            let mut sock = driver::udp_socket(listen, None, None).map_err(|e| format!("listen {listen}: {e}"))?;
+            io.registry().register(&mut sock, UDP, Interest::READABLE).map_err(|e| e.to_string())?;
+            info!(log, "taking datagrams from mpserver"; "listen" => %listen);
+            Ok(HubTunnel::Udp(sock))
+        }
+        Some(path) => {
+            let sc = ServerConfig::load_embedded(path).map_err(|e| e.to_string())?;
+            let mut rt = mpserver::ServerRuntime::from_config(&path.display().to_string(), &sc)?;
+            rt.core.default_target = Some(EMBEDDED_TARGET);
+            rt.core.targets.clear();
+            let (psk, warning) = driver::require_key("mpvpn", sc.key_file.as_deref())?;
+            if let Some(w) = warning {
+                warn!(log, "{}", w);
+            }
+            info!(log, "multipath server embedded"; "listen" => %rt.listen);
+            let t = mpserver::TunnelServer::open(rt.listen, rt.core, psk, io.registry(), EMBEDDED, log.clone())?;
+            Ok(HubTunnel::Embedded(Box::new(t)))
+        }
+    }
+}
+
 pub fn run_hub(c: HubConfig, control_path: PathBuf, log: Logger) -> Result<(), String> {
     let mut peers = Vec::new();
     for p in &c.peers {
@@ -175,36 +257,47 @@ pub fn run_hub(c: HubConfig, control_path: PathBuf, log: Logger) -> Result<(), S
     let dev = open_tun(&c.tun)?;
     configure_tun(&c.tun, hub_addr, c.network.len, mtu)?;
     io.registry().register(&mut SourceFd(&dev.as_raw_fd()), TUN, Interest::READABLE).map_err(|e| e.to_string())?;
-    let listen: SocketAddr = c.listen.parse().map_err(|_| "listen: bad address")?;
-    let mut sock = driver::udp_socket(listen, None, None).map_err(|e| format!("listen {listen}: {e}"))?;
-    io.registry().register(&mut sock, UDP, Interest::READABLE).map_err(|e| e.to_string())?;
+    let mut tunnel = open_hub_tunnel(&c, &io, &log)?;
     let ctl = control_listener(&control_path, &io)?;
     info!(log, "mpvpn hub up"; "tun" => &c.tun, "address" => %hub_addr, "network" => %c.network, "mtu" => mtu,
-        "listen" => %listen, "peers_configured" => c.peers.len());
+        "peers_configured" => c.peers.len());
     let mut buf = vec![0u8; 65536];
     loop {
-        let deadline = core.poll_timeout().map(|t| t.min(Instant::now() + Duration::from_secs(1)));
+        let deadline = [core.poll_timeout(), tunnel.poll_timeout(), Some(Instant::now() + Duration::from_secs(1))]
+            .into_iter()
+            .flatten()
+            .min();
         io.wait(deadline).map_err(|e| format!("poll: {e}"))?;
         while let Some(token) = io.next_ready() {
             let now = Instant::now();
-            let pending = match token {
-                TUN => read_tun(&dev, &mut buf, |p| core.handle_tun_packet(p)),
-                UDP => read_udp(&sock, &mut buf, |from, d| core.handle_datagram(now, wall_ms(), from, d)),
-                _ => {
+            let pending = match (token, &mut tunnel) {
+                (TUN, _) => read_tun(&dev, &mut buf, |p| core.handle_tun_packet(p)),
+                (UDP, HubTunnel::Udp(sock)) => {
+                    read_udp(sock, &mut buf, |from, d| core.handle_datagram(now, wall_ms(), from, d))
+                }
+                (EMBEDDED, HubTunnel::Embedded(t)) => t.read_listen(|inbound| {
+                    if let mpserver::Inbound::Forward(slot, d) = inbound {
+                        core.handle_datagram(now, wall_ms(), slot_addr(slot), d);
+                    }
+                }),
+                (CONTROL, _) => {
                     let report = || hub_status(&core, &c.tun, hub_addr);
                     if let Err(e) = control::serve_pending(&ctl, report) {
                         warn!(log, "control socket"; "error" => %e);
                     }
                     false
                 }
+                _ => false,
             };
             if pending {
                 io.still_pending(token);
             }
-            flush_hub(&mut core, &sock, &dev, &log);
+            flush_hub(&mut core, &mut tunnel, &dev, &log);
         }
-        core.handle_timeout(Instant::now());
-        flush_hub(&mut core, &sock, &dev, &log);
+        let now = Instant::now();
+        tunnel.handle_timeout(now);
+        core.handle_timeout(now);
+        flush_hub(&mut core, &mut tunnel, &dev, &log);
     }
 }
 
@@ -224,9 +317,9 @@ fn hub_status(core: &Hub, tun: &str, addr: Ipv4Addr) -> VpnStatus {
     }
 }
 
-fn flush_hub(core: &mut Hub, sock: &UdpSocket, dev: &tun::Device, log: &Logger) {
+fn flush_hub(core: &mut Hub, tunnel: &mut HubTunnel, dev: &tun::Device, log: &Logger) {
     while let Some((to, d)) = core.poll_transmit() {
-        if let Err(e) = sock.send_to(&d, to) {
+        if let Err(e) = tunnel.send(to, &d) {
             trace!(log, "send failed"; "to" => %to, "error" => %e);
         }
     }
@@ -248,9 +341,69 @@ fn flush_hub(core: &mut Hub, sock: &UdpSocket, dev: &tun::Device, log: &Logger) 
     }
 }
 
+/// How a peer exchanges datagrams with the tunnel.
+enum PeerTunnel {
+    /// A separate mpclient at `tunnel`.
+    Udp(UdpSocket),
+    /// The multipath client runs in this process.
+    Embedded(Box<mpclient::Multipath>),
+}
+
+/// The "application" address of the peer's one session in an embedded client.
+const EMBEDDED_APP: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1));
+
+impl PeerTunnel {
+    fn send(&mut self, d: &[u8]) -> std::io::Result<()> {
+        match self {
+            Self::Udp(s) => s.send(d).map(|_| ()),
+            Self::Embedded(mp) => {
+                mp.send(Instant::now(), EMBEDDED_APP, d);
+                Ok(())
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        match self {
+            Self::Udp(_) => None,
+            Self::Embedded(mp) => mp.poll_timeout(),
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        if let Self::Embedded(mp) = self {
+            mp.handle_timeout(now);
+        }
+    }
+}
+
+fn open_peer_tunnel(c: &PeerConfig, io: &Readiness, log: &Logger) -> Result<PeerTunnel, String> {
+    match &c.embedded_client {
+        None => {
+            let tunnel = driver::resolve(&c.tunnel).map_err(|e| format!("tunnel: {e}"))?;
+            let mut sock = driver::udp_socket(driver::any_addr_for(tunnel), None, Some(tunnel))
+                .map_err(|e| format!("tunnel socket: {e}"))?;
+            io.registry().register(&mut sock, UDP, Interest::READABLE).map_err(|e| e.to_string())?;
+            info!(log, "talking to mpclient"; "tunnel" => %tunnel);
+            Ok(PeerTunnel::Udp(sock))
+        }
+        Some(path) => {
+            let file = path.display().to_string();
+            let cc = ClientConfig::load(path).map_err(|e| e.to_string())?;
+            let rt = mpclient::ClientRuntime::from_config(&file, &cc)?;
+            let (psk, warning) = driver::require_key("mpvpn", cc.key_file.as_deref())?;
+            if let Some(w) = warning {
+                warn!(log, "{}", w);
+            }
+            info!(log, "multipath client embedded"; "paths" => rt.paths.len());
+            let mp = mpclient::Multipath::open(&rt, psk, io.registry(), EMBEDDED.0, log.clone())?;
+            Ok(PeerTunnel::Embedded(Box::new(mp)))
+        }
+    }
+}
+
 pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: Logger) -> Result<(), String> {
     let key = resolve_key(&c.key, &c.key_file)?.ok_or("no key")?;
-    let tunnel = driver::resolve(&c.tunnel).map_err(|e| format!("tunnel: {e}"))?;
     let mut seed = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed).map_err(|_| "random source")?;
     let mut core = Peer::new(
@@ -267,36 +420,45 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: Logger) -> Result<(),
     let mut io = Readiness::new(1024).map_err(|e| format!("poll: {e}"))?;
     let dev = open_tun(&c.tun)?;
     io.registry().register(&mut SourceFd(&dev.as_raw_fd()), TUN, Interest::READABLE).map_err(|e| e.to_string())?;
-    let mut sock = driver::udp_socket(driver::any_addr_for(tunnel), None, Some(tunnel))
-        .map_err(|e| format!("tunnel socket: {e}"))?;
-    io.registry().register(&mut sock, UDP, Interest::READABLE).map_err(|e| e.to_string())?;
+    let mut tunnel = open_peer_tunnel(&c, &io, &log)?;
     let ctl = control_listener(&control_path, &io)?;
-    info!(log, "mpvpn peer starting"; "name" => &c.name, "tun" => &c.tun, "tunnel" => %tunnel, "routes" => c.routes.len());
+    info!(log, "mpvpn peer starting"; "name" => &c.name, "tun" => &c.tun, "routes" => c.routes.len());
     let mut buf = vec![0u8; 65536];
     let mut installed: Vec<Prefix> = Vec::new();
     loop {
-        let deadline = core.poll_timeout().min(Instant::now() + Duration::from_secs(1));
-        io.wait(Some(deadline)).map_err(|e| format!("poll: {e}"))?;
+        let deadline =
+            [Some(core.poll_timeout()), tunnel.poll_timeout(), Some(Instant::now() + Duration::from_secs(1))]
+                .into_iter()
+                .flatten()
+                .min();
+        io.wait(deadline).map_err(|e| format!("poll: {e}"))?;
         while let Some(token) = io.next_ready() {
             let now = Instant::now();
-            let pending = match token {
-                TUN => read_tun(&dev, &mut buf, |p| core.handle_tun_packet(p)),
-                UDP => read_udp(&sock, &mut buf, |_, d| core.handle_datagram(now, d)),
-                _ => {
+            let pending = match (token, &mut tunnel) {
+                (TUN, _) => read_tun(&dev, &mut buf, |p| core.handle_tun_packet(p)),
+                (UDP, PeerTunnel::Udp(sock)) => read_udp(sock, &mut buf, |_, d| core.handle_datagram(now, d)),
+                (CONTROL, _) => {
                     let report = || peer_status(&core, &c.name, &c.tun);
                     if let Err(e) = control::serve_pending(&ctl, report) {
                         warn!(log, "control socket"; "error" => %e);
                     }
                     false
                 }
+                (t, PeerTunnel::Embedded(mp)) => match mp.path_of(t) {
+                    Some(i) => mp.read_path(i, |_, d| core.handle_datagram(now, d)),
+                    None => false,
+                },
+                _ => false,
             };
             if pending {
                 io.still_pending(token);
             }
-            flush_peer(&mut core, &sock, &dev, &c.tun, &mut installed, &log)?;
+            flush_peer(&mut core, &mut tunnel, &dev, &c.tun, &mut installed, &log)?;
         }
-        core.handle_timeout(Instant::now(), wall_ms());
-        flush_peer(&mut core, &sock, &dev, &c.tun, &mut installed, &log)?;
+        let now = Instant::now();
+        tunnel.handle_timeout(now);
+        core.handle_timeout(now, wall_ms());
+        flush_peer(&mut core, &mut tunnel, &dev, &c.tun, &mut installed, &log)?;
     }
 }
 
@@ -334,14 +496,14 @@ fn peer_status(core: &Peer, name: &str, tun: &str) -> VpnStatus {
 
 fn flush_peer(
     core: &mut Peer,
-    sock: &UdpSocket,
+    tunnel: &mut PeerTunnel,
     dev: &tun::Device,
     tun: &str,
     installed: &mut Vec<Prefix>,
     log: &Logger,
 ) -> Result<(), String> {
     while let Some(d) = core.poll_transmit() {
-        if let Err(e) = sock.send(&d) {
+        if let Err(e) = tunnel.send(&d) {
             trace!(log, "send to mpclient failed"; "error" => %e);
         }
     }

@@ -116,7 +116,7 @@ fn vpn_demo() {
     println!(
         "\n=== the VPN: mpvpn hub + two peers, each reaching the hub over 3 bridges with {LOSS_PCT}% loss per path ==="
     );
-    let v = tests::VpnLab::start("demov", LOSS_PCT);
+    let v = tests::VpnLab::start("demov", LOSS_PCT, false);
     let a = v.wait_peer_up("a", Duration::from_secs(20));
     let b = v.wait_peer_up("b", Duration::from_secs(20));
     println!("  peer a got {a}, peer b got {b} (hub {})", tests::HUB_VPN_ADDR);
