@@ -468,3 +468,64 @@ impl Hub {
             .collect()
     }
 }
+
+/// The fuzzing harness (cargo fuzz target `hub_peer_input`, and a bounded run in the unit
+/// tests): a hub with one genuinely registered peer, then `data` cut into datagrams that
+/// all come from that peer's tunnel address, half of them as KCP segments. Any panic is
+/// a bug; afterwards the hub must still answer a valid heartbeat.
+pub fn fuzz_peer_input(data: &[u8]) {
+    let key = [7u8; 32];
+    let t0 = Instant::now();
+    let wall = 1_800_000_000_000u64;
+    let mut hub = Hub::new(
+        HubCoreConfig {
+            network: "10.99.0.0/24".parse().expect("literal"),
+            hub_addr: Ipv4Addr::new(10, 99, 0, 1),
+            mtu: crate::TUN_MTU,
+            tunnel_payload: crate::TUNNEL_PAYLOAD,
+            peers: vec![PeerSpec { name: "a".into(), key: PeerKey::new(&key), fixed_addr: None }],
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
+        },
+        1,
+    );
+    let from = SocketAddr::from(([127, 0, 0, 1], 40000));
+    let reg = RegisterRepr {
+        name: "a".into(),
+        timestamp_ms: wall,
+        nonce: 1,
+        want_addr: Ipv4Addr::UNSPECIFIED,
+        mtu: 0,
+        routes: vec!["192.168.50.0/24".parse().expect("literal")],
+    };
+    hub.handle_datagram(t0, wall, from, &reg.emit(&PeerKey::new(&key)));
+    assert_eq!(hub.status(t0).len(), 1);
+    let mut now = t0;
+    let mut rest = data;
+    let mut n = 0u32;
+    while let Some((&len, tail)) = rest.split_first() {
+        let take = (len as usize).min(tail.len());
+        let (chunk, tail) = tail.split_at(take);
+        rest = tail;
+        n += 1;
+        if n % 2 == 0 {
+            let mut d = Vec::with_capacity(chunk.len() + 1);
+            d.push(MSG_KCP);
+            d.extend_from_slice(chunk);
+            hub.handle_datagram(now, wall, from, &d);
+        } else {
+            hub.handle_datagram(now, wall, from, chunk);
+        }
+        now += Duration::from_millis(u64::from(len % 16));
+        hub.handle_timeout(now);
+        while hub.poll_transmit().is_some() {}
+        while hub.poll_tun().is_some() {}
+        while hub.poll_event().is_some() {}
+    }
+    // still serving: a valid heartbeat from the peer (if it survived) gets an ack
+    if let Some(p) = hub.peers.values().next() {
+        let hb =
+            HeartbeatRepr { peer_id: p.id, seq: 1, timestamp_ms: u64::MAX - 1, rtt_us: 0 }.emit(&PeerKey::new(&key));
+        hub.handle_datagram(now, wall, from, &hb);
+        assert!(hub.poll_transmit().is_some(), "hub stopped answering its peer");
+    }
+}

@@ -251,4 +251,16 @@ mod tests {
         }
         assert!(l.conv() == 7);
     }
+
+    /// A bounded run of the fuzz harness on seeded random input (the real fuzzer is
+    /// `cargo fuzz run hub_peer_input` in vpn/fuzz).
+    #[test]
+    fn hub_survives_random_peer_input() {
+        let mut rng = common::sim::SimRng::new(11);
+        for _ in 0..200 {
+            let len = (rng.next_u64() % 4096) as usize;
+            let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            crate::hub::fuzz_peer_input(&data);
+        }
+    }
 }
