@@ -507,7 +507,7 @@ pub fn fuzz_peer_input(data: &[u8]) {
         let (chunk, tail) = tail.split_at(take);
         rest = tail;
         n += 1;
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             let mut d = Vec::with_capacity(chunk.len() + 1);
             d.push(MSG_KCP);
             d.extend_from_slice(chunk);
