@@ -79,6 +79,29 @@ fn vpn_across_lossy_bridges() {
     assert!(hub["peers"].as_array().unwrap().iter().all(|p| p["name"] != "c"));
     assert!(hub["drops"]["bad_mac"].as_u64().unwrap() > 0);
 
+    // a peer set to another MTU than the hub announces stops with a clear error
+    let mtu_yaml = v.lab.dir.join("peer-mtu.yaml");
+    let a_key = v.lab.dir.join("a.key");
+    std::fs::write(
+        &mtu_yaml,
+        format!("name: a\nkey_file: {}\ntunnel: 127.0.0.1:3000\ntun: mpvpn2\nmtu: 1400\n", a_key.display()),
+    )
+    .unwrap();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &v.peer_ns[0]])
+        .arg(tests::bin("mpvpn"))
+        .args(["peer", "-c"])
+        .arg(&mtu_yaml)
+        .arg("--control")
+        .arg(v.lab.dir.join("peer-mtu.sock"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("1412") && err.contains("1400"), "{err}");
+    // (refused before anything changed: a stays registered)
+    v.wait_peer_up("a", Duration::from_secs(30));
+
     // kill -9 the hub and start it again: peers notice, come back, same addresses
     v.lab.kill9(v.hub);
     std::thread::sleep(Duration::from_millis(300));
