@@ -29,11 +29,14 @@ fn raw_aead_round(key: &aead::LessSafeKey, seq: u64, buf: &mut [u8; PAYLOAD + 16
     let mut n = [0u8; 12];
     n[4..].copy_from_slice(&seq.to_be_bytes());
     let tag = key
-        .seal_in_place_separate_tag(aead::Nonce::assume_unique_for_key(n), aead::Aad::from(&[0u8; 17]), &mut buf[..PAYLOAD])
+        .seal_in_place_separate_tag(
+            aead::Nonce::assume_unique_for_key(n),
+            aead::Aad::from(&[0u8; 17]),
+            &mut buf[..PAYLOAD],
+        )
         .expect("seal");
     buf[PAYLOAD..].copy_from_slice(tag.as_ref());
-    key.open_in_place(aead::Nonce::assume_unique_for_key(n), aead::Aad::from(&[0u8; 17]), &mut buf[..])
-        .expect("open");
+    key.open_in_place(aead::Nonce::assume_unique_for_key(n), aead::Aad::from(&[0u8; 17]), &mut buf[..]).expect("open");
 }
 
 /// A client and server core with an established session, datagrams passed by hand.
@@ -53,7 +56,13 @@ impl Pair {
         sim.app_send(app, b"hello");
         sim.run_for(Duration::from_millis(200));
         assert_eq!(sim.app_received.len(), 1, "session established");
-        Self { sim, app, from: "10.0.0.1:40000".parse().expect("literal"), buf: vec![0; MAX_DATAGRAM], out: [0; HANDSHAKE_RESP_LEN] }
+        Self {
+            sim,
+            app,
+            from: "10.0.0.1:40000".parse().expect("literal"),
+            buf: vec![0; MAX_DATAGRAM],
+            out: [0; HANDSHAKE_RESP_LEN],
+        }
     }
 
     /// One application datagram through the client core (seal) and the server core
@@ -117,7 +126,8 @@ fn benches(c: &mut Criterion) {
 
     c.bench_function("wire_probe_emit_parse", |b| {
         let mut buf = [0u8; 64];
-        let probe = InnerRepr::Probe(ProbeRepr { path_id: 1, flags: 0, probe_seq: 9, tx_time_us: 7, echo_challenge: 3 });
+        let probe =
+            InnerRepr::Probe(ProbeRepr { path_id: 1, flags: 0, probe_seq: 9, tx_time_us: 7, echo_challenge: 3 });
         b.iter(|| {
             let n = probe.emit(&mut buf[TRANSPORT_HEADER_LEN..]).expect("fits");
             let parsed = InnerRepr::parse(&buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + n]).expect("valid");
@@ -143,7 +153,10 @@ fn median_ns(n: u32, mut f: impl FnMut()) -> f64 {
 
 fn summary() {
     println!("\nsummary: ns per 1400-byte datagram (median of 7 runs, same process)");
-    println!("{:<20} {:>14} {:>18} {:>16} {:>10}", "cipher", "ring seal+open", "client+server core", "our code only", "ratio");
+    println!(
+        "{:<20} {:>14} {:>18} {:>16} {:>10}",
+        "cipher", "ring seal+open", "client+server core", "our code only", "ratio"
+    );
     for (name, alg, cipher) in [
         ("aes-256-gcm", &aead::AES_256_GCM, Cipher::Aes256Gcm),
         ("chacha20-poly1305", &aead::CHACHA20_POLY1305, Cipher::ChaCha20Poly1305),

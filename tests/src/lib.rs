@@ -143,6 +143,11 @@ impl Lab {
         let _ = p.child.wait();
     }
 
+    /// The PID of a process this lab started.
+    pub fn pid(&self, idx: usize) -> u32 {
+        self.procs[idx].child.id()
+    }
+
     /// Still running?
     pub fn alive(&mut self, idx: usize) -> bool {
         matches!(self.procs[idx].child.try_wait(), Ok(None))
@@ -232,6 +237,12 @@ impl Echo {
             let mut buf = vec![0u8; 65536];
             while !st2.load(Ordering::Relaxed) {
                 let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
+                // warm-up datagrams (number u64::MAX) are always answered and never
+                // counted, so a stream can wait for its session while the sink only counts
+                if n >= 8 && buf[..8] == u64::MAX.to_be_bytes() {
+                    let _ = sock.send_to(&buf[..n], from);
+                    continue;
+                }
                 p2.fetch_add(1, Ordering::Relaxed);
                 b2.fetch_add(n as u64, Ordering::Relaxed);
                 if n >= 8 {
@@ -270,6 +281,8 @@ pub struct StreamResult {
     pub echo_packets: u64,
     /// (time since start, number) of each echo.
     pub arrivals: Vec<(Duration, u64)>,
+    /// Round trip of each echo (datagrams of at least 16 bytes carry their send time).
+    pub rtts: Vec<Duration>,
 }
 
 /// From inside `ns`: sends `count` datagrams of `size` bytes (numbered from `first`) to
@@ -289,7 +302,7 @@ pub fn udp_stream(
 ) -> JoinHandle<StreamResult> {
     assert!(size >= 8 && pps > 0);
     spawn_in_ns(ns, move || {
-        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
         sock.set_read_timeout(Some(Duration::from_millis(20))).expect("timeout");
         let rx = sock.try_clone().expect("clone");
         let rx_probe = sock.try_clone().expect("clone");
@@ -316,6 +329,7 @@ pub fn udp_stream(
         let receiver = std::thread::spawn(move || {
             let mut echoed = HashSet::new();
             let mut arrivals = Vec::new();
+            let mut rtts = Vec::new();
             let mut packets = 0;
             let mut buf = vec![0u8; 65536];
             let mut last_rx = Instant::now();
@@ -331,7 +345,12 @@ pub fn udp_stream(
                         }
                         packets += 1;
                         echoed.insert(k);
-                        arrivals.push((start.elapsed(), k));
+                        let now = start.elapsed();
+                        arrivals.push((now, k));
+                        if n >= 16 {
+                            let sent = u64::from_be_bytes(buf[8..16].try_into().expect("8 bytes"));
+                            rtts.push(now.saturating_sub(Duration::from_nanos(sent)));
+                        }
                         last_rx = Instant::now();
                     }
                 }
@@ -339,7 +358,7 @@ pub fn udp_stream(
                     break; // hard bound
                 }
             }
-            (echoed, packets, arrivals)
+            (echoed, packets, arrivals, rtts)
         });
         let interval = Duration::from_secs_f64(1.0 / pps as f64);
         for i in 0..count {
@@ -349,11 +368,14 @@ pub fn udp_stream(
                 std::thread::sleep(due - now);
             }
             payload[..8].copy_from_slice(&(first + i).to_be_bytes());
+            if size >= 16 {
+                payload[8..16].copy_from_slice(&(start.elapsed().as_nanos() as u64).to_be_bytes());
+            }
             let _ = sock.send_to(&payload, to);
         }
         done.store(true, Ordering::Relaxed);
-        let (echoed, echo_packets, arrivals) = receiver.join().expect("receiver");
-        StreamResult { sent: count, echoed, echo_packets, arrivals }
+        let (echoed, echo_packets, arrivals, rtts) = receiver.join().expect("receiver");
+        StreamResult { sent: count, echoed, echo_packets, arrivals, rtts }
     })
 }
 
