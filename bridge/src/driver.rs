@@ -2,13 +2,13 @@
 
 use crate::{FlowTable, Hop, Impairment, LabLine, Verdict};
 use common::driver;
+use common::driver::batch::{self, RecvBatch, BATCH};
 use common::driver::Readiness;
-use common::wire::MAX_DATAGRAM;
 use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
 use slog::{info, trace, warn, Logger};
-use std::io::ErrorKind;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 const LISTEN: Token = Token(0);
@@ -31,7 +31,7 @@ struct Driver {
     table: FlowTable,
     socks: Vec<Option<UdpSocket>>,
     lab: Option<LabLine>,
-    buf: Vec<u8>,
+    rb: RecvBatch,
     log: Logger,
     forwarded: u64,
     refused_flows: u64,
@@ -55,7 +55,7 @@ pub fn run(rt: BridgeRuntime, log: Logger) -> Result<(), String> {
         table: FlowTable::new(rt.idle_timeout, rt.max_flows),
         socks: Vec::new(),
         lab,
-        buf: vec![0; MAX_DATAGRAM],
+        rb: RecvBatch::new(),
         log,
         forwarded: 0,
         refused_flows: 0,
@@ -103,8 +103,8 @@ impl Driver {
         }
     }
 
-    fn send(&mut self, hop: Hop, datagram_len: usize, from_queue: Option<&[u8]>) {
-        let data = from_queue.unwrap_or(&self.buf[..datagram_len]);
+    /// Sends one datagram (released by the lab delay line).
+    fn send(&mut self, hop: Hop, data: &[u8]) {
         let r = match hop {
             Hop::ToTarget(slot) => match self.socks.get(slot).and_then(Option::as_ref) {
                 Some(s) => s.send(data),
@@ -124,27 +124,45 @@ impl Driver {
         }
     }
 
-    fn admit(&mut self, now: Instant, hop: Hop, n: usize) {
-        let verdict = match self.lab.as_mut() {
-            None => Verdict::Send,
-            Some(l) => l.admit(now, hop, &self.buf[..n]),
-        };
-        if let Verdict::Send = verdict {
-            self.send(hop, n, None);
+    /// Lab impairment decides; `true` = send now.
+    fn admit(&mut self, now: Instant, hop: Hop, datagram: &[u8]) -> bool {
+        match self.lab.as_mut() {
+            None => true,
+            Some(l) => matches!(l.admit(now, hop, datagram), Verdict::Send),
         }
+    }
+
+    /// Sends `which` datagrams of the batch to `hop` in one system call.
+    fn send_batch(&mut self, hop: Hop, which: &[usize]) {
+        if which.is_empty() {
+            return;
+        }
+        let sent = match hop {
+            Hop::ToTarget(slot) => match self.socks.get(slot).and_then(Option::as_ref) {
+                Some(s) => batch::send_batch(s.as_raw_fd(), &self.rb, which, None),
+                None => return,
+            },
+            Hop::ToClient(slot) => match self.table.client(slot) {
+                Some(c) => batch::send_batch(self.listen.as_raw_fd(), &self.rb, which, Some(c)),
+                None => return,
+            },
+        };
+        self.forwarded += sent as u64;
+        self.send_errors += (which.len() - sent) as u64;
     }
 
     fn release_delayed(&mut self, now: Instant) {
         while let Some((hop, d)) = self.lab.as_mut().and_then(|l| l.pop_due(now)) {
-            self.send(hop, d.len(), Some(&d));
+            self.send(hop, &d);
         }
     }
 
     fn read_clients(&mut self, registry: &Registry) -> bool {
-        for _ in 0..READ_BUDGET {
-            let (n, from) = match self.listen.recv_from(&mut self.buf) {
-                Ok(r) => r,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+        let mut group: Vec<usize> = Vec::with_capacity(BATCH);
+        for _ in 0..READ_BUDGET / BATCH {
+            let n = match self.rb.recv(self.listen.as_raw_fd()) {
+                Ok(0) => return false,
+                Ok(n) => n,
                 Err(e) if driver::is_transient(&e) => continue,
                 Err(e) => {
                     warn!(self.log, "reading from clients"; "error" => %e);
@@ -152,40 +170,72 @@ impl Driver {
                 }
             };
             let now = Instant::now();
-            let Some((slot, new)) = self.table.flow_for(now, from) else {
-                self.refused_flows += 1;
-                continue;
-            };
-            if new {
-                match driver::udp_socket(driver::any_addr_for(self.to), None, Some(self.to)) {
-                    Ok(mut s) => {
-                        if let Err(e) = registry.register(&mut s, Token(FLOW_TOKEN_BASE + slot), Interest::READABLE) {
-                            warn!(self.log, "register flow socket"; "error" => %e);
-                        }
-                        if self.socks.len() <= slot {
-                            self.socks.resize_with(slot + 1, || None);
-                        }
-                        self.socks[slot] = Some(s);
-                        info!(self.log, "new flow"; "client" => %from, "flows" => self.table.len());
-                    }
-                    Err(e) => {
-                        warn!(self.log, "cannot open flow socket"; "client" => %from, "error" => %e)
+            // consecutive datagrams of one flow go out in one sendmmsg
+            let mut group_slot = None;
+            group.clear();
+            for i in 0..n {
+                let Some(from) = self.rb.source(i) else { continue };
+                let Some(slot) = self.flow_socket(now, from, registry) else { continue };
+                if self.lab.is_some() {
+                    // lab mode only: the delay line keeps its own copy
+                    let d = self.rb.datagram(i).to_vec();
+                    if !self.admit(now, Hop::ToTarget(slot), &d) {
+                        continue;
                     }
                 }
+                if group_slot != Some(slot) {
+                    if let Some(g) = group_slot {
+                        let which = std::mem::take(&mut group);
+                        self.send_batch(Hop::ToTarget(g), &which);
+                        group = which;
+                        group.clear();
+                    }
+                    group_slot = Some(slot);
+                }
+                group.push(i);
             }
-            self.admit(now, Hop::ToTarget(slot), n);
+            if let Some(g) = group_slot {
+                let which = std::mem::take(&mut group);
+                self.send_batch(Hop::ToTarget(g), &which);
+                group = which;
+            }
         }
         true
     }
 
+    /// The flow of `from`, opening its socket if new; `None` if the table is full.
+    fn flow_socket(&mut self, now: Instant, from: SocketAddr, registry: &Registry) -> Option<usize> {
+        let Some((slot, new)) = self.table.flow_for(now, from) else {
+            self.refused_flows += 1;
+            return None;
+        };
+        if new {
+            match driver::udp_socket(driver::any_addr_for(self.to), None, Some(self.to)) {
+                Ok(mut s) => {
+                    if let Err(e) = registry.register(&mut s, Token(FLOW_TOKEN_BASE + slot), Interest::READABLE) {
+                        warn!(self.log, "register flow socket"; "error" => %e);
+                    }
+                    if self.socks.len() <= slot {
+                        self.socks.resize_with(slot + 1, || None);
+                    }
+                    self.socks[slot] = Some(s);
+                    info!(self.log, "new flow"; "client" => %from, "flows" => self.table.len());
+                }
+                Err(e) => warn!(self.log, "cannot open flow socket"; "client" => %from, "error" => %e),
+            }
+        }
+        Some(slot)
+    }
+
     fn read_flow(&mut self, slot: usize) -> bool {
-        for _ in 0..READ_BUDGET {
-            let Some(s) = self.socks.get(slot).and_then(Option::as_ref) else {
+        let mut which: Vec<usize> = Vec::with_capacity(BATCH);
+        for _ in 0..READ_BUDGET / BATCH {
+            let Some(fd) = self.socks.get(slot).and_then(Option::as_ref).map(|s| s.as_raw_fd()) else {
                 return false;
             };
-            let n = match s.recv(&mut self.buf) {
+            let n = match self.rb.recv(fd) {
+                Ok(0) => return false,
                 Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
                 Err(e) if driver::is_transient(&e) => continue,
                 Err(e) => {
                     warn!(self.log, "reading from target"; "error" => %e);
@@ -194,7 +244,19 @@ impl Driver {
             };
             let now = Instant::now();
             self.table.touch(slot, now);
-            self.admit(now, Hop::ToClient(slot), n);
+            which.clear();
+            for i in 0..n {
+                if self.lab.is_some() {
+                    let d = self.rb.datagram(i).to_vec();
+                    if !self.admit(now, Hop::ToClient(slot), &d) {
+                        continue;
+                    }
+                }
+                which.push(i);
+            }
+            let w = std::mem::take(&mut which);
+            self.send_batch(Hop::ToClient(slot), &w);
+            which = w;
         }
         true
     }

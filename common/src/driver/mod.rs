@@ -1,6 +1,7 @@
 //! Helpers shared by the binaries' drivers: sockets, the control socket, keys, exits.
 //! Nothing in the sans-IO cores uses this module.
 
+pub mod batch;
 pub mod control;
 
 use crate::crypto::Psk;
