@@ -82,7 +82,10 @@ struct Cell {
     rtt_samples_ms: Vec<f64>,
     probe_loss: Option<f64>,
     residual_loss: Option<f64>,
+    /// CPU seconds per GB of mpclient + mpserver (or the relay), at the highest offered rate.
     cpu_s_per_gb: Option<f64>,
+    /// The same per process, bridges and baselines' relays included: where the time goes.
+    cpu_s_per_gb_by_process: BTreeMap<String, f64>,
     peak_rss_kb: BTreeMap<String, u64>,
 }
 
@@ -124,6 +127,7 @@ struct BenchLab {
     server: usize,
     client: Option<usize>,
     relay: usize,
+    bridges: Vec<usize>,
     key: PathBuf,
 }
 
@@ -134,17 +138,19 @@ impl BenchLab {
         let s = lab.add_ns("s");
         lab.link(&c, "cd", "10.90.0.1", &s, "sd", "10.90.0.2");
         let mut relay = 0;
+        let mut bridges = Vec::new();
         for i in 1..=3 {
             let b = lab.add_ns(&format!("b{i}"));
             lab.link(&c, &format!("c{i}"), &format!("10.77.{i}.1"), &b, "toc", &format!("10.77.{i}.2"));
             lab.link(&b, "tos", &format!("10.78.{i}.1"), &s, &format!("s{i}"), &format!("10.78.{i}.2"));
             let to = format!("10.78.{i}.2:{TUNNEL_PORT}");
-            lab.spawn(
+            let bridge = lab.spawn(
                 &b,
                 &format!("mpbridge-b{i}"),
                 &bin("mpbridge"),
                 &["--listen", &format!("0.0.0.0:{TUNNEL_PORT}"), "--to", &to],
             );
+            bridges.push(bridge);
             if i == 1 {
                 let listen = format!("UDP4-LISTEN:{RELAY_PORT},fork,reuseaddr");
                 let to = format!("UDP4:10.78.1.2:{SINK_PORT}");
@@ -164,7 +170,7 @@ impl BenchLab {
             &bin("mpserver"),
             &["--key-file", &k, "--control", &ctl, &port, "127.0.0.1", &sink_port],
         );
-        Self { lab, c, s, sink, server, client: None, relay, key }
+        Self { lab, c, s, sink, server, client: None, relay, bridges, key }
     }
 
     /// (Re)starts mpclient with the first `paths` bridges and `cipher`.
@@ -295,7 +301,14 @@ impl Runner {
 
     /// Throughput at each offered rate (sink counts, no echo), with CPU per GB at the
     /// highest rate for the given processes.
-    fn throughput(&mut self, cell: &mut Cell, to: SocketAddr, cpu_pids: &[(String, u32)]) {
+    /// `cpu_pids` count towards `cpu_s_per_gb`; `extra_pids` are only reported per process.
+    fn throughput(
+        &mut self,
+        cell: &mut Cell,
+        to: SocketAddr,
+        cpu_pids: &[(String, u32)],
+        extra_pids: &[(String, u32)],
+    ) {
         self.bl.sink.reply.store(false, Ordering::Relaxed);
         for &mbit in self.scale.offered_mbit {
             self.progress(&format!("{}: {} Mbit/s offered", cell.name, mbit));
@@ -304,6 +317,7 @@ impl Runner {
             let first = self.numbers(count);
             let (p0, b0) = (self.bl.sink.packets.load(Ordering::Relaxed), self.bl.sink.bytes.load(Ordering::Relaxed));
             let cpu0: f64 = cpu_pids.iter().map(|(_, p)| cpu_seconds(*p)).sum();
+            let each0: Vec<f64> = cpu_pids.iter().chain(extra_pids).map(|(_, p)| cpu_seconds(*p)).collect();
             udp_stream(&self.bl.c, true, to, first, count, 1400, pps, Duration::from_millis(300))
                 .join()
                 .expect("stream");
@@ -313,7 +327,11 @@ impl Runner {
             cell.throughput.insert(mbit, bytes as f64 * 8.0 / self.scale.throughput_secs / 1e6);
             cell.throughput_loss.insert(mbit, 1.0 - got as f64 / count as f64);
             if mbit == *self.scale.offered_mbit.last().expect("rates") && bytes > 0 {
-                cell.cpu_s_per_gb = Some(cpu / (bytes as f64 / 1e9));
+                let gb = bytes as f64 / 1e9;
+                cell.cpu_s_per_gb = Some(cpu / gb);
+                for ((name, pid), before) in cpu_pids.iter().chain(extra_pids).zip(each0) {
+                    cell.cpu_s_per_gb_by_process.insert(name.clone(), (cpu_seconds(*pid) - before) / gb);
+                }
             }
         }
         for (name, pid) in cpu_pids {
@@ -420,12 +438,12 @@ fn bench(scale: Scale, date: &str) -> Results {
     // baselines at 0% loss: plain veth, one socat relay
     r.bl.loss(0);
     let mut veth = Cell { name: "plain veth".into(), setup: "veth".into(), ..Cell::default() };
-    r.throughput(&mut veth, sink_direct, &[]);
+    r.throughput(&mut veth, sink_direct, &[], &[]);
     r.rtt(&mut veth, sink_direct);
     cells.push(veth);
     let socat_pid = r.bl.lab.pid(r.bl.relay);
     let mut socat = Cell { name: "one socat relay".into(), setup: "socat".into(), paths: 1, ..Cell::default() };
-    r.throughput(&mut socat, relay, &[("socat".into(), socat_pid)]);
+    r.throughput(&mut socat, relay, &[("socat".into(), socat_pid)], &[]);
     r.rtt(&mut socat, relay);
     for &loss in scale.losses.iter().filter(|&&l| l > 0) {
         r.bl.loss(loss);
@@ -470,7 +488,9 @@ fn bench(scale: Scale, date: &str) -> Results {
                 ("mpclient".to_string(), r.bl.lab.pid(r.bl.client.expect("client"))),
                 ("mpserver".to_string(), r.bl.lab.pid(r.bl.server)),
             ];
-            r.throughput(&mut c, tunnel, &pids);
+            let bridges: Vec<(String, u32)> =
+                (0..paths).map(|i| (format!("mpbridge-b{}", i + 1), r.bl.lab.pid(r.bl.bridges[i]))).collect();
+            r.throughput(&mut c, tunnel, &pids, &bridges);
         } else {
             r.residual(&mut c, tunnel);
         }
@@ -581,6 +601,11 @@ fn markdown(r: &Results) -> String {
         let cpu = c.cpu_s_per_gb.map_or(String::new(), |v| format!("{v:.2}"));
         let rss: Vec<String> = c.peak_rss_kb.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(s, " {rl} | {rtt} | {pl} | {cpu} | {} |", rss.join(", "));
+    }
+    let _ = writeln!(s, "\n## CPU seconds per GB delivered, per process (highest offered rate)\n");
+    for c in r.cells.iter().filter(|c| !c.cpu_s_per_gb_by_process.is_empty()) {
+        let parts: Vec<String> = c.cpu_s_per_gb_by_process.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+        let _ = writeln!(s, "- {}: {}", c.name, parts.join(", "));
     }
     let _ = writeln!(s, "\n## Failover (3 paths, 1000 datagrams/s)\n");
     for (k, v) in &r.failover {
