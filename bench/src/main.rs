@@ -128,6 +128,7 @@ struct BenchLab {
     client: Option<usize>,
     relay: usize,
     bridges: Vec<usize>,
+    bridge_ns: Vec<String>,
     key: PathBuf,
 }
 
@@ -139,8 +140,10 @@ impl BenchLab {
         lab.link(&c, "cd", "10.90.0.1", &s, "sd", "10.90.0.2");
         let mut relay = 0;
         let mut bridges = Vec::new();
+        let mut bridge_ns = Vec::new();
         for i in 1..=3 {
             let b = lab.add_ns(&format!("b{i}"));
+            bridge_ns.push(b.clone());
             lab.link(&c, &format!("c{i}"), &format!("10.77.{i}.1"), &b, "toc", &format!("10.77.{i}.2"));
             lab.link(&b, "tos", &format!("10.78.{i}.1"), &s, &format!("s{i}"), &format!("10.78.{i}.2"));
             let to = format!("10.78.{i}.2:{TUNNEL_PORT}");
@@ -170,7 +173,7 @@ impl BenchLab {
             &bin("mpserver"),
             &["--key-file", &k, "--control", &ctl, &port, "127.0.0.1", &sink_port],
         );
-        Self { lab, c, s, sink, server, client: None, relay, bridges, key }
+        Self { lab, c, s, sink, server, client: None, relay, bridges, bridge_ns, key }
     }
 
     /// (Re)starts mpclient with the first `paths` bridges and `cipher`.
@@ -211,6 +214,37 @@ impl BenchLab {
             &self.c,
             &format!("table inet lab\ndelete table inet lab\ntable inet lab {{\n  chain o {{\n    type filter hook output priority 0; policy accept;\n{out}  }}\n  chain i {{\n    type filter hook input priority 0; policy accept;\n{inp}  }}\n}}\n"),
         );
+    }
+
+    /// Restarts the mpbridges, each with its lab delay (ms, each direction; 0 = none).
+    fn bridge_delays(&mut self, delays_ms: &[u64]) {
+        for (i, d) in delays_ms.iter().enumerate() {
+            self.lab.kill9(self.bridges[i]);
+            let ns = self.bridge_ns[i].clone();
+            let to = format!("10.78.{}.2:{TUNNEL_PORT}", i + 1);
+            let listen = format!("0.0.0.0:{TUNNEL_PORT}");
+            let delay = d.to_string();
+            let mut args = vec!["--listen", &listen, "--to", &to];
+            if *d > 0 {
+                args.extend(["--lab-delay", &delay]);
+            }
+            self.bridges[i] = self.lab.spawn(&ns, &format!("mpbridge-b{}", i + 1), &bin("mpbridge"), &args);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    /// Rate limits (Mbit/s, 0 = none) on each path, both directions, with tbf.
+    fn rates(&self, mbit: &[u64]) {
+        for (i, r) in mbit.iter().enumerate() {
+            for (ns, dev) in [(self.c.clone(), format!("c{}", i + 1)), (self.bridge_ns[i].clone(), "toc".to_string())] {
+                let cmd = if *r == 0 {
+                    format!("tc qdisc del dev {dev} root 2>/dev/null || true")
+                } else {
+                    format!("tc qdisc replace dev {dev} root tbf rate {r}mbit burst 64kb latency 50ms")
+                };
+                self.lab.sh(&ns, &cmd);
+            }
+        }
     }
 
     fn blackhole(&self, ifname: &str) {
@@ -328,7 +362,9 @@ impl Runner {
             cell.throughput_loss.insert(mbit, 1.0 - got as f64 / count as f64);
             if mbit == *self.scale.offered_mbit.last().expect("rates") && bytes > 0 {
                 let gb = bytes as f64 / 1e9;
-                cell.cpu_s_per_gb = Some(cpu / gb);
+                if !cpu_pids.is_empty() {
+                    cell.cpu_s_per_gb = Some(cpu / gb);
+                }
                 for ((name, pid), before) in cpu_pids.iter().chain(extra_pids).zip(each0) {
                     cell.cpu_s_per_gb_by_process.insert(name.clone(), (cpu_seconds(*pid) - before) / gb);
                 }
@@ -428,7 +464,7 @@ fn main() {
 fn bench(scale: Scale, date: &str) -> Results {
     let started = Instant::now();
     let tunnel_cells = 3 * scale.losses.len() + 1;
-    let steps = (2 + tunnel_cells) * (scale.offered_mbit.len() + 2) + 2;
+    let steps = (2 + tunnel_cells + 3) * (scale.offered_mbit.len() + 2) + 2;
     let mut r = Runner { bl: BenchLab::start(), scale, next_number: 1, step: 0, steps, started };
     let mut cells = Vec::new();
     let sink_direct: SocketAddr = SocketAddr::from(([10, 90, 0, 2], SINK_PORT));
@@ -497,6 +533,51 @@ fn bench(scale: Scale, date: &str) -> Results {
         r.rtt(&mut c, tunnel);
         cells.push(c);
     }
+    // heterogeneous paths, 3 paths, AES-256-GCM
+    r.bl.client(3, "aes-256-gcm");
+    r.bl.loss(0);
+    r.bl.bridge_delays(&[20, 40, 60]);
+    r.bl.client(3, "aes-256-gcm");
+    let mut c = Cell {
+        name: "tunnel 3 paths, delays 20/40/60 ms each way".into(),
+        setup: "heterogeneous".into(),
+        paths: 3,
+        cipher: "aes-256-gcm".into(),
+        ..Cell::default()
+    };
+    r.rtt(&mut c, tunnel);
+    cells.push(c);
+    r.bl.bridge_delays(&[0, 0, 0]);
+    r.bl.client(3, "aes-256-gcm");
+    r.bl.rates(&[10, 50, 100]);
+    let mut c = Cell {
+        name: "tunnel 3 paths, rates 10/50/100 Mbit/s".into(),
+        setup: "heterogeneous".into(),
+        paths: 3,
+        cipher: "aes-256-gcm".into(),
+        ..Cell::default()
+    };
+    let saved = r.scale.offered_mbit;
+    r.scale.offered_mbit = &[10, 50, 100, 200];
+    r.throughput(&mut c, tunnel, &[], &[]);
+    r.scale.offered_mbit = saved;
+    r.rtt(&mut c, tunnel);
+    cells.push(c);
+    r.bl.rates(&[0, 0, 0]);
+    r.bl.blackhole("c2");
+    let mut c = Cell {
+        name: "tunnel 3 paths, path 2 dead".into(),
+        setup: "heterogeneous".into(),
+        paths: 3,
+        cipher: "aes-256-gcm".into(),
+        ..Cell::default()
+    };
+    std::thread::sleep(Duration::from_millis(1200));
+    r.throughput(&mut c, tunnel, &[], &[]);
+    r.rtt(&mut c, tunnel);
+    cells.push(c);
+    r.bl.loss(0);
+
     let mut failover = BTreeMap::new();
     r.failover(&mut failover);
     eprintln!();
