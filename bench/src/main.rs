@@ -474,13 +474,14 @@ fn bench(scale: Scale, date: &str) -> Results {
     // baselines at 0% loss: plain veth, one socat relay
     r.bl.loss(0);
     let mut veth = Cell { name: "plain veth".into(), setup: "veth".into(), ..Cell::default() };
-    r.throughput(&mut veth, sink_direct, &[], &[]);
+    // RTT first in every cell: a throughput run leaves queues and CPU busy for a while
     r.rtt(&mut veth, sink_direct);
+    r.throughput(&mut veth, sink_direct, &[], &[]);
     cells.push(veth);
     let socat_pid = r.bl.lab.pid(r.bl.relay);
     let mut socat = Cell { name: "one socat relay".into(), setup: "socat".into(), paths: 1, ..Cell::default() };
-    r.throughput(&mut socat, relay, &[("socat".into(), socat_pid)], &[]);
     r.rtt(&mut socat, relay);
+    r.throughput(&mut socat, relay, &[("socat".into(), socat_pid)], &[]);
     for &loss in scale.losses.iter().filter(|&&l| l > 0) {
         r.bl.loss(loss);
         let mut c = Cell {
@@ -519,6 +520,7 @@ fn bench(scale: Scale, date: &str) -> Results {
             loss_pct: loss,
             ..Cell::default()
         };
+        r.rtt(&mut c, tunnel);
         if loss == 0 {
             let pids = vec![
                 ("mpclient".to_string(), r.bl.lab.pid(r.bl.client.expect("client"))),
@@ -530,7 +532,6 @@ fn bench(scale: Scale, date: &str) -> Results {
         } else {
             r.residual(&mut c, tunnel);
         }
-        r.rtt(&mut c, tunnel);
         cells.push(c);
     }
     // heterogeneous paths, 3 paths, AES-256-GCM
@@ -559,9 +560,9 @@ fn bench(scale: Scale, date: &str) -> Results {
     };
     let saved = r.scale.offered_mbit;
     r.scale.offered_mbit = &[10, 50, 100, 200];
+    r.rtt(&mut c, tunnel);
     r.throughput(&mut c, tunnel, &[], &[]);
     r.scale.offered_mbit = saved;
-    r.rtt(&mut c, tunnel);
     cells.push(c);
     r.bl.rates(&[0, 0, 0]);
     r.bl.blackhole("c2");
@@ -573,8 +574,8 @@ fn bench(scale: Scale, date: &str) -> Results {
         ..Cell::default()
     };
     std::thread::sleep(Duration::from_millis(1200));
-    r.throughput(&mut c, tunnel, &[], &[]);
     r.rtt(&mut c, tunnel);
+    r.throughput(&mut c, tunnel, &[], &[]);
     cells.push(c);
     r.bl.loss(0);
 
