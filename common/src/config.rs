@@ -220,6 +220,18 @@ fn yaml_error(file: &str, e: serde_yaml::Error) -> ConfigError {
     ConfigError { file: file.into(), line, field: String::new(), message: msg }
 }
 
+/// `log_level` must be a level slog knows.
+pub fn check_log_level(level: &str, file: &str, text: &str) -> Result<(), ConfigError> {
+    check(
+        validate_log_level(level),
+        file,
+        text,
+        "log_level",
+        "log_level",
+        "one of error, warn, info, debug, trace".into(),
+    )
+}
+
 pub fn validate_log_level(level: &str) -> bool {
     matches!(level, "error" | "warn" | "info" | "debug" | "trace")
 }
@@ -296,14 +308,7 @@ impl ClientConfig {
             "must be > 0".into(),
         )?;
         check(c.max_sessions > 0, file, text, "max_sessions", "max_sessions", "must be > 0".into())?;
-        check(
-            validate_log_level(&c.log_level),
-            file,
-            text,
-            "log_level",
-            "log_level",
-            "one of error, warn, info, debug, trace".into(),
-        )?;
+        check_log_level(&c.log_level, file, text)?;
         Ok(c)
     }
 
@@ -371,14 +376,7 @@ impl ServerConfig {
             "session_timeout_secs",
             "must be > 0".into(),
         )?;
-        check(
-            validate_log_level(&c.log_level),
-            file,
-            text,
-            "log_level",
-            "log_level",
-            "one of error, warn, info, debug, trace".into(),
-        )?;
+        check_log_level(&c.log_level, file, text)?;
         Ok(c)
     }
 

@@ -2,7 +2,7 @@
 
 use crate::ip::Prefix;
 use crate::TUN_MTU;
-use common::config::{check, from_yaml, load_with, ConfigError, DEFAULT_LOG_LEVEL};
+use common::config::{check, check_log_level, from_yaml, load_with, ConfigError, DEFAULT_LOG_LEVEL};
 use common::crypto::Psk;
 use serde::Deserialize;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -154,14 +154,7 @@ impl HubConfig {
             )?;
         }
         check(c.peer_timeout_secs >= 3, file, text, "peer_timeout_secs", "peer_timeout_secs", "at least 3".into())?;
-        check(
-            common::config::validate_log_level(&c.log_level),
-            file,
-            text,
-            "log_level",
-            "log_level",
-            "one of error, warn, info, debug, trace".into(),
-        )?;
+        check_log_level(&c.log_level, file, text)?;
         check(!c.peers.is_empty(), file, text, "peers", "peers", "at least one peer".into())?;
         for (i, p) in c.peers.iter().enumerate() {
             let field = format!("peers[{i}]");
@@ -220,14 +213,7 @@ impl PeerConfig {
         )?;
         check(valid_tun(&c.tun), file, text, "tun", "tun", format!("`{}` is not an interface name", c.tun))?;
         check(c.routes.len() <= crate::wire::MAX_ROUTES, file, text, "routes", "routes", "at most 32".into())?;
-        check(
-            common::config::validate_log_level(&c.log_level),
-            file,
-            text,
-            "log_level",
-            "log_level",
-            "one of error, warn, info, debug, trace".into(),
-        )?;
+        check_log_level(&c.log_level, file, text)?;
         Ok(c)
     }
 
