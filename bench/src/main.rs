@@ -87,6 +87,8 @@ struct Cell {
     /// The same per process, bridges and baselines' relays included: where the time goes.
     cpu_s_per_gb_by_process: BTreeMap<String, f64>,
     peak_rss_kb: BTreeMap<String, u64>,
+    /// Single-stream TCP goodput (VPN and TCP cells).
+    tcp_mbit: Option<f64>,
 }
 
 #[derive(Serialize, Clone, Copy)]
@@ -111,6 +113,9 @@ struct Results {
     cpus: usize,
     cells: Vec<Cell>,
     failover: BTreeMap<String, f64>,
+    /// Full mode: the VPN between two peers (3 paths each) beside TCP over one lossy
+    /// path without a tunnel and beside kcptun (fast3) over one lossy path.
+    vpn: Vec<Cell>,
     targets: Vec<Target>,
 }
 
@@ -399,6 +404,98 @@ impl Runner {
         cell.residual_loss = Some(1.0 - got as f64 / n as f64);
     }
 
+    /// VPN peers vs TCP over one lossy path vs kcptun over one lossy path, per loss level.
+    fn vpn_and_tcp(&mut self, cells: &mut Vec<Cell>) {
+        const SECS: f64 = 5.0;
+        const MAX_BYTES: usize = 256 << 20;
+        let have_kcptun = std::process::Command::new("sh")
+            .args(["-c", "command -v kcptun-client && command -v kcptun-server"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if have_kcptun {
+            let opts =
+                ["--mode", "fast3", "--crypt", "none", "--nocomp", "--sndwnd", "1024", "--rcvwnd", "1024", "--quiet"];
+            let (c, s) = (self.bl.c.clone(), self.bl.s.clone());
+            let mut server = vec!["-l", ":29900", "-t", "127.0.0.1:7102"];
+            server.extend(opts);
+            self.bl.lab.spawn(&s, "kcptun-server", Path::new("kcptun-server"), &server);
+            let mut client = vec!["-l", "127.0.0.1:12948", "-r", "10.90.0.2:29900"];
+            client.extend(opts);
+            self.bl.lab.spawn(&c, "kcptun-client", Path::new("kcptun-client"), &client);
+            std::thread::sleep(Duration::from_millis(500));
+        } else {
+            eprintln!("\nkcptun-client/kcptun-server not installed (Debian package kcptun): no kcptun cells");
+        }
+        for (k, &loss) in [0u32, 5, 10, 20].iter().enumerate() {
+            self.progress(&format!("TCP over one path, {loss}% loss"));
+            self.bl.loss(loss);
+            let mut ms = tests::ping(&self.bl.c, "10.90.0.2", 200, "0.01", &[]);
+            let port = 7110 + k as u16 * 3;
+            let tcp = tests::tcp_goodput(
+                &self.bl.c,
+                SocketAddr::from(([10, 90, 0, 2], port)),
+                &self.bl.s,
+                SocketAddr::from(([0, 0, 0, 0], port)),
+                MAX_BYTES,
+                SECS,
+            );
+            cells.push(Cell {
+                name: format!("TCP, one path, no tunnel, {loss}% loss"),
+                setup: "tcp-one-path".into(),
+                paths: 1,
+                loss_pct: loss,
+                probe_loss: Some(1.0 - ms.len() as f64 / 200.0),
+                rtt_ms: percentiles(&mut ms),
+                tcp_mbit: Some(tcp),
+                ..Cell::default()
+            });
+            if have_kcptun {
+                self.progress(&format!("kcptun fast3 over one path, {loss}% loss"));
+                let tcp = tests::tcp_goodput(
+                    &self.bl.c,
+                    SocketAddr::from(([127, 0, 0, 1], 12948)),
+                    &self.bl.s,
+                    SocketAddr::from(([127, 0, 0, 1], 7102)),
+                    MAX_BYTES,
+                    SECS,
+                );
+                cells.push(Cell {
+                    name: format!("kcptun fast3, one path, {loss}% loss"),
+                    setup: "kcptun-one-path".into(),
+                    paths: 1,
+                    loss_pct: loss,
+                    tcp_mbit: Some(tcp),
+                    ..Cell::default()
+                });
+            }
+            self.progress(&format!("VPN, 2 peers, 3 paths each, {loss}% loss"));
+            let v = tests::VpnLab::start(&format!("bv{loss}"), loss, false);
+            v.wait_peer_up("a", Duration::from_secs(20));
+            let b = v.wait_peer_up("b", Duration::from_secs(20));
+            std::thread::sleep(Duration::from_millis(500));
+            let mut ms = v.ping(0, &b.to_string(), 200, "0.01", &[]);
+            let tcp = tests::tcp_goodput(
+                &v.peer_ns[0],
+                SocketAddr::from((b, port + 1)),
+                &v.peer_ns[1],
+                SocketAddr::from(([0, 0, 0, 0], port + 1)),
+                MAX_BYTES,
+                SECS,
+            );
+            cells.push(Cell {
+                name: format!("VPN peer to peer, 3 paths each, {loss}% loss"),
+                setup: "vpn".into(),
+                paths: 3,
+                loss_pct: loss,
+                probe_loss: Some(1.0 - ms.len() as f64 / 200.0),
+                rtt_ms: percentiles(&mut ms),
+                tcp_mbit: Some(tcp),
+                ..Cell::default()
+            });
+        }
+        self.bl.loss(0);
+    }
+
     fn failover(&mut self, out: &mut BTreeMap<String, f64>) {
         self.bl.client(3, "aes-256-gcm");
         self.bl.loss(0);
@@ -464,7 +561,8 @@ fn main() {
 fn bench(scale: Scale, date: &str) -> Results {
     let started = Instant::now();
     let tunnel_cells = 3 * scale.losses.len() + 1;
-    let steps = (2 + tunnel_cells + 3) * (scale.offered_mbit.len() + 2) + 2;
+    let vpn_steps = if scale.name == "full" { 12 } else { 0 };
+    let steps = (2 + tunnel_cells + 3) * (scale.offered_mbit.len() + 2) + 2 + vpn_steps;
     let mut r = Runner { bl: BenchLab::start(), scale, next_number: 1, step: 0, steps, started };
     let mut cells = Vec::new();
     let sink_direct: SocketAddr = SocketAddr::from(([10, 90, 0, 2], SINK_PORT));
@@ -581,14 +679,20 @@ fn bench(scale: Scale, date: &str) -> Results {
 
     let mut failover = BTreeMap::new();
     r.failover(&mut failover);
+    let mut vpn = Vec::new();
+    if scale.name == "full" {
+        r.vpn_and_tcp(&mut vpn);
+    }
     eprintln!();
-    let targets = targets(&cells);
+    let mut targets = targets(&cells);
+    targets.extend(vpn_targets(&vpn));
     Results {
         date: date.into(),
         mode: scale.name.into(),
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         cells,
         failover,
+        vpn,
         targets,
     }
 }
@@ -644,6 +748,33 @@ fn targets(cells: &[Cell]) -> Vec<Target> {
     t
 }
 
+fn vpn_targets(vpn: &[Cell]) -> Vec<Target> {
+    let mut t = Vec::new();
+    let at = |setup: &str, loss: u32| vpn.iter().find(|c| c.setup == setup && c.loss_pct == loss);
+    for (loss, limit) in [(10, 3.0), (20, 10.0)] {
+        if let Some(p) = at("vpn", loss).and_then(|c| c.rtt_ms) {
+            t.push(Target {
+                what: format!("VPN ping p99 at {loss}% loss per path (ms; request/response stand-in)"),
+                measured: p.p99,
+                limit,
+                met: p.p99 <= limit,
+            });
+        }
+    }
+    if let (Some(v), Some(k)) =
+        (at("vpn", 10).and_then(|c| c.tcp_mbit), at("kcptun-one-path", 10).and_then(|c| c.tcp_mbit))
+    {
+        let ratio = v / k.max(1e-9);
+        t.push(Target {
+            what: "VPN TCP goodput at 10% / kcptun's on one path".into(),
+            measured: ratio,
+            limit: 1.0,
+            met: ratio >= 1.0,
+        });
+    }
+    t
+}
+
 fn markdown(r: &Results) -> String {
     use std::fmt::Write;
     let mut s = String::new();
@@ -692,6 +823,15 @@ fn markdown(r: &Results) -> String {
     let _ = writeln!(s, "\n## Failover (3 paths, 1000 datagrams/s)\n");
     for (k, v) in &r.failover {
         let _ = writeln!(s, "- {k}: {v:.1}");
+    }
+    if !r.vpn.is_empty() {
+        let _ = writeln!(s, "\n## VPN and TCP (single stream, 5 s)\n\n| cell | ping p50 / p99 ms | ping loss | TCP Mbit/s |\n|---|---|---|---|");
+        for c in &r.vpn {
+            let rtt = c.rtt_ms.map_or("-".into(), |p| format!("{:.2} / {:.2}", p.p50, p.p99));
+            let pl = c.probe_loss.map_or("-".into(), |l| format!("{:.1}%", l * 100.0));
+            let tcp = c.tcp_mbit.map_or("-".into(), |m| format!("{m:.1}"));
+            let _ = writeln!(s, "| {} | {rtt} | {pl} | {tcp} |", c.name);
+        }
     }
     let _ = writeln!(s, "\n## Targets\n\n| target | measured | limit | met |\n|---|---|---|---|");
     for t in &r.targets {

@@ -786,3 +786,66 @@ pub fn tcp_transfer(from_ns: &str, to_ns: &str, to: SocketAddr, bytes: usize) ->
     let (n, h_recv) = receiver.join().expect("receiver");
     (n, h_sent == h_recv, start.elapsed().as_secs_f64())
 }
+
+/// Runs `ping` inside `ns`; returns the RTTs (ms) of the answers.
+pub fn ping(ns: &str, dst: &str, count: u32, interval: &str, extra: &[&str]) -> Vec<f64> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "ping", "-n", "-W", "2", "-c", &count.to_string(), "-i", interval]);
+    cmd.args(extra).arg(dst);
+    let out = cmd.output().expect("ping");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// Single-stream TCP goodput: from `from_ns`, connect to `connect`, which leads (maybe
+/// through a tunnel) to a listener at `listen` in `to_ns`. Sends for at most `max_secs`
+/// or `max_bytes`; returns Mbit/s received.
+pub fn tcp_goodput(
+    from_ns: &str,
+    connect: SocketAddr,
+    to_ns: &str,
+    listen: SocketAddr,
+    max_bytes: usize,
+    max_secs: f64,
+) -> f64 {
+    use std::io::Read;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = spawn_in_ns(to_ns, move || {
+        let l = std::net::TcpListener::bind(listen).expect("listen");
+        ready_tx.send(()).expect("ready");
+        let (mut s, _) = l.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut n = 0usize;
+        let mut buf = vec![0u8; 65536];
+        let start = Instant::now();
+        while let Ok(k) = s.read(&mut buf) {
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        (n, start.elapsed().as_secs_f64())
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).expect("receiver ready");
+    let sender = spawn_in_ns(from_ns, move || {
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&connect, Duration::from_secs(10)) else { return };
+        let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
+        let buf = vec![0x5au8; 65536];
+        let start = Instant::now();
+        let mut sent = 0;
+        while sent < max_bytes && start.elapsed().as_secs_f64() < max_secs {
+            match s.write(&buf) {
+                Ok(k) => sent += k,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => break,
+            }
+        }
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    });
+    let _ = sender.join();
+    let (n, secs) = receiver.join().expect("receiver");
+    n as f64 * 8.0 / secs.max(1e-6) / 1e6
+}
