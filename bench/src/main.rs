@@ -412,18 +412,7 @@ impl Runner {
             .args(["-c", "command -v kcptun-client && command -v kcptun-server"])
             .output()
             .is_ok_and(|o| o.status.success());
-        if have_kcptun {
-            let opts =
-                ["--mode", "fast3", "--crypt", "none", "--nocomp", "--sndwnd", "1024", "--rcvwnd", "1024", "--quiet"];
-            let (c, s) = (self.bl.c.clone(), self.bl.s.clone());
-            let mut server = vec!["-l", ":29900", "-t", "127.0.0.1:7102"];
-            server.extend(opts);
-            self.bl.lab.spawn(&s, "kcptun-server", Path::new("kcptun-server"), &server);
-            let mut client = vec!["-l", "127.0.0.1:12948", "-r", "10.90.0.2:29900"];
-            client.extend(opts);
-            self.bl.lab.spawn(&c, "kcptun-client", Path::new("kcptun-client"), &client);
-            std::thread::sleep(Duration::from_millis(500));
-        } else {
+        if !have_kcptun {
             eprintln!("\nkcptun-client/kcptun-server not installed (Debian package kcptun): no kcptun cells");
         }
         for (k, &loss) in [0u32, 5, 10, 20].iter().enumerate() {
@@ -451,6 +440,20 @@ impl Runner {
             });
             if have_kcptun {
                 self.progress(&format!("kcptun fast3 over one path, {loss}% loss"));
+                // a fresh kcptun pair per cell
+                let opts = [
+                    "--mode", "fast3", "--crypt", "none", "--nocomp", "--sndwnd", "1024", "--rcvwnd", "1024", "--quiet",
+                ];
+                let (c, s) = (self.bl.c.clone(), self.bl.s.clone());
+                let kport = format!(":{}", 29900 + k);
+                let mut server = vec!["-l", &kport, "-t", "127.0.0.1:7102"];
+                server.extend(opts);
+                let ks = self.bl.lab.spawn(&s, "kcptun-server", Path::new("kcptun-server"), &server);
+                let remote = format!("10.90.0.2:{}", 29900 + k);
+                let mut client = vec!["-l", "127.0.0.1:12948", "-r", &remote];
+                client.extend(opts);
+                let kc = self.bl.lab.spawn(&c, "kcptun-client", Path::new("kcptun-client"), &client);
+                std::thread::sleep(Duration::from_millis(500));
                 let tcp = tests::tcp_goodput(
                     &self.bl.c,
                     SocketAddr::from(([127, 0, 0, 1], 12948)),
@@ -459,6 +462,8 @@ impl Runner {
                     MAX_BYTES,
                     SECS,
                 );
+                self.bl.lab.kill9(kc);
+                self.bl.lab.kill9(ks);
                 cells.push(Cell {
                     name: format!("kcptun fast3, one path, {loss}% loss"),
                     setup: "kcptun-one-path".into(),
@@ -761,9 +766,12 @@ fn vpn_targets(vpn: &[Cell]) -> Vec<Target> {
             });
         }
     }
-    if let (Some(v), Some(k)) =
-        (at("vpn", 10).and_then(|c| c.tcp_mbit), at("kcptun-one-path", 10).and_then(|c| c.tcp_mbit))
-    {
+    // kcptun under loss has delivered ~0 in this harness (not understood yet): a ratio
+    // against that would be meaningless, so it is only computed from a working cell
+    if let (Some(v), Some(k)) = (
+        at("vpn", 10).and_then(|c| c.tcp_mbit),
+        at("kcptun-one-path", 10).and_then(|c| c.tcp_mbit).filter(|&k| k >= 1.0),
+    ) {
         let ratio = v / k.max(1e-9);
         t.push(Target {
             what: "VPN TCP goodput at 10% / kcptun's on one path".into(),
@@ -832,6 +840,13 @@ fn markdown(r: &Results) -> String {
             let tcp = c.tcp_mbit.map_or("-".into(), |m| format!("{m:.1}"));
             let _ = writeln!(s, "| {} | {rtt} | {pl} | {tcp} |", c.name);
         }
+    }
+    if r.vpn.iter().any(|c| c.setup == "kcptun-one-path" && c.tcp_mbit.is_some_and(|m| m < 1.0)) {
+        let _ = writeln!(
+            s,
+            "\nkcptun cells below 1 Mbit/s are a harness problem under investigation, not kcptun's real \
+             performance; no ratio is computed from them."
+        );
     }
     let _ = writeln!(s, "\n## Targets\n\n| target | measured | limit | met |\n|---|---|---|---|");
     for t in &r.targets {

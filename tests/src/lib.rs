@@ -815,8 +815,18 @@ pub fn tcp_goodput(
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let receiver = spawn_in_ns(to_ns, move || {
         let l = std::net::TcpListener::bind(listen).expect("listen");
+        l.set_nonblocking(true).expect("nonblocking");
         ready_tx.send(()).expect("ready");
-        let (mut s, _) = l.accept().expect("accept");
+        // bounded: a tunnel that never delivers the connection counts as 0
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut s = loop {
+            match l.accept() {
+                Ok((s, _)) => break s,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Err(_) => return (0, 1.0),
+            }
+        };
+        s.set_nonblocking(false).expect("blocking");
         s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
         let mut n = 0usize;
         let mut buf = vec![0u8; 65536];
