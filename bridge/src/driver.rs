@@ -185,9 +185,7 @@ impl Driver {
                 }
                 if group_slot != Some(slot) {
                     if let Some(g) = group_slot {
-                        let which = std::mem::take(&mut group);
-                        self.send_batch(Hop::ToTarget(g), &which);
-                        group = which;
+                        self.send_batch(Hop::ToTarget(g), &group);
                         group.clear();
                     }
                     group_slot = Some(slot);
@@ -195,9 +193,7 @@ impl Driver {
                 group.push(i);
             }
             if let Some(g) = group_slot {
-                let which = std::mem::take(&mut group);
-                self.send_batch(Hop::ToTarget(g), &which);
-                group = which;
+                self.send_batch(Hop::ToTarget(g), &group);
             }
         }
         true
@@ -254,9 +250,7 @@ impl Driver {
                 }
                 which.push(i);
             }
-            let w = std::mem::take(&mut which);
-            self.send_batch(Hop::ToClient(slot), &w);
-            which = w;
+            self.send_batch(Hop::ToClient(slot), &which);
         }
         true
     }

@@ -289,18 +289,14 @@ impl Client {
         }
     }
 
-    /// A datagram that arrived on path `path` (already filtered by the driver to come
-    /// from that path's remote address). Opened in place in `buf`.
-    pub fn handle_path_datagram(&mut self, now: Instant, path: usize, buf: &mut [u8]) -> ClientRecv {
-        self.recv_inner(now, path, buf)
-    }
-
     fn drop_global(&mut self, reason: DropReason) -> ClientRecv {
         self.drops.count(reason);
         ClientRecv::Dropped(reason)
     }
 
-    fn recv_inner(&mut self, now: Instant, path: usize, buf: &mut [u8]) -> ClientRecv {
+    /// A datagram that arrived on path `path` (already filtered by the driver to come
+    /// from that path's remote address). Opened in place in `buf`.
+    pub fn handle_path_datagram(&mut self, now: Instant, path: usize, buf: &mut [u8]) -> ClientRecv {
         if path >= self.path_count() {
             return self.drop_global(DropReason::Unexpected);
         }

@@ -43,6 +43,20 @@ pub fn lab_available() -> Result<(), String> {
     Ok(())
 }
 
+static LAB_SERIAL: Mutex<()> = Mutex::new(());
+
+/// For namespace tests: skips (with a message) where namespaces cannot be made, which in
+/// CI is an error; otherwise holds a lock so the tests of one binary run one at a time
+/// (they share two cores and measure loss and latency).
+pub fn lab_or_skip() -> Option<std::sync::MutexGuard<'static, ()>> {
+    if let Err(why) = lab_available() {
+        assert!(std::env::var_os("CI").is_none(), "namespace tests cannot run in CI: {why}");
+        eprintln!("skipped: {why}");
+        return None;
+    }
+    Some(LAB_SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
 /// Where cargo put the workspace's binaries (next to this test's `deps/`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");

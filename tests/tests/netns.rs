@@ -4,21 +4,8 @@
 //! mpbridge) -> server host with a UDP echo target. Needs root; the tests serialize on a
 //! lock because they share two cores and measure loss.
 
-use std::sync::Mutex;
 use std::time::Duration;
-use tests::{lab_available, udp_stream, TunnelLab, CLIENT_LISTEN};
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Skips (with a message) where namespaces cannot be made; in CI that is an error.
-fn lab_or_skip() -> Option<std::sync::MutexGuard<'static, ()>> {
-    if let Err(why) = lab_available() {
-        assert!(std::env::var_os("CI").is_none(), "namespace tests cannot run in CI: {why}");
-        eprintln!("skipped: {why}");
-        return None;
-    }
-    Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
-}
+use tests::{lab_or_skip, udp_stream, TunnelLab, CLIENT_LISTEN};
 
 fn stream(t: &TunnelLab, first: u64, count: u64, size: usize, pps: u64) -> tests::StreamResult {
     udp_stream(&t.client_ns, true, CLIENT_LISTEN.parse().unwrap(), first, count, size, pps, Duration::from_millis(1500))

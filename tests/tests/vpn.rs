@@ -2,20 +2,8 @@
 //! bridges with loss on every path and direction, real TUN devices in namespaces.
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::time::Duration;
-use tests::{lab_available, tcp_transfer, VpnLab, HUB_VPN_ADDR};
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn lab_or_skip() -> Option<std::sync::MutexGuard<'static, ()>> {
-    if let Err(why) = lab_available() {
-        assert!(std::env::var_os("CI").is_none(), "namespace tests cannot run in CI: {why}");
-        eprintln!("skipped: {why}");
-        return None;
-    }
-    Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
-}
+use tests::{lab_or_skip, tcp_transfer, VpnLab, HUB_VPN_ADDR};
 
 fn percentile(v: &[f64], p: f64) -> f64 {
     let mut s = v.to_vec();

@@ -368,10 +368,7 @@ impl Hub {
 
     fn send_ip(&mut self, to: u32, packet: &[u8]) {
         let Some(p) = self.peers.get_mut(&to) else { return };
-        let mut msg = Vec::with_capacity(packet.len() + 1);
-        msg.push(INNER_IP);
-        msg.extend_from_slice(packet);
-        match p.link.send(&msg) {
+        match p.link.send_ip(packet) {
             Ok(()) => p.tx_bytes += packet.len() as u64,
             Err(_) => self.drops.queue_full += 1,
         }

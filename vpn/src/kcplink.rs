@@ -7,7 +7,7 @@
 //! in every profile); input and receive run under `catch_unwind`, and a link that panicked
 //! is reported broken so the caller can drop it: one bad peer cannot take the hub down.
 
-use crate::wire::MSG_KCP;
+use crate::wire::{INNER_IP, MSG_KCP};
 use kcp::Kcp;
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -65,6 +65,8 @@ pub struct KcpLink {
     next_update: Instant,
     conv: u32,
     broken: bool,
+    /// Reused to frame IP packets as `INNER_IP` messages (no allocation per packet).
+    scratch: Vec<u8>,
 }
 
 impl KcpLink {
@@ -77,7 +79,7 @@ impl KcpLink {
         kcp.set_maximum_resend_times(KCP_DEAD_LINK_RESENDS);
         // flush() refuses to run before the first update()
         let _ = kcp.update(0);
-        Self { kcp, out, epoch: now, next_update: now, conv, broken: false }
+        Self { kcp, out, epoch: now, next_update: now, conv, broken: false, scratch: Vec::new() }
     }
 
     fn ms(&self, now: Instant) -> u32 {
@@ -117,6 +119,17 @@ impl KcpLink {
                 Err(LinkError::Broken)
             }
         }
+    }
+
+    /// Sends one IP packet as an `INNER_IP` message.
+    pub fn send_ip(&mut self, packet: &[u8]) -> Result<(), LinkError> {
+        let mut msg = std::mem::take(&mut self.scratch);
+        msg.clear();
+        msg.push(INNER_IP);
+        msg.extend_from_slice(packet);
+        let r = self.send(&msg);
+        self.scratch = msg;
+        r
     }
 
     /// One KCP segment from the other side (without our `MSG_KCP` byte).

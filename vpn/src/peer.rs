@@ -308,10 +308,7 @@ impl Peer {
             self.drops.malformed += 1;
             return;
         }
-        let mut msg = Vec::with_capacity(packet.len() + 1);
-        msg.push(INNER_IP);
-        msg.extend_from_slice(packet);
-        match s.link.send(&msg) {
+        match s.link.send_ip(packet) {
             Ok(()) => self.tx_bytes += packet.len() as u64,
             Err(_) => self.drops.queue_full += 1,
         }
