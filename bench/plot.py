@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Plots for mpt-bench: throughput vs offered rate, residual loss vs per-path loss, RTT CDFs.
+"""Plots for mpt-bench: throughput vs offered rate, residual loss vs per-path loss, RTT CDFs,
+and (full mode) TCP goodput and request/response p99 per setup vs loss.
 
 usage: bench/plot.py RESULTS_DIR   (reads results.json, writes *.png beside it)
 """
@@ -76,4 +77,32 @@ ax.legend(fontsize=6)
 ax.grid(True, which="both", alpha=0.3)
 fig.tight_layout()
 fig.savefig(out / "rtt_cdf.png", dpi=120)
-print(f"wrote {out}/throughput.png, residual_loss.png, rtt_cdf.png")
+written = ["throughput.png", "residual_loss.png", "rtt_cdf.png"]
+
+# TCP through each setup (full mode): goodput and request/response p99 vs loss
+vpn = r.get("vpn") or []
+if vpn:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for setup in dict.fromkeys(c["setup"] for c in vpn):
+        pts = sorted((c["loss_pct"], c) for c in vpn if c["setup"] == setup)
+        label = pts[0][1]["name"].rsplit(",", 1)[0]
+        good = [(p, c["tcp_mbit"]) for p, c in pts if c["tcp_mbit"] is not None]
+        if good:
+            left.plot([p for p, _ in good], [max(m, 0.01) for _, m in good], marker="o", label=label)
+        rr = [(p, c["rr_ms"]["p99"]) for p, c in pts if c.get("rr_ms")]
+        if rr:
+            right.plot([p for p, _ in rr], [v for _, v in rr], marker="o", label=label)
+    left.set_yscale("log")
+    left.set_xlabel("loss per path and direction (%)")
+    left.set_ylabel("single-stream TCP goodput (Mbit/s)")
+    right.set_yscale("log")
+    right.set_xlabel("loss per path and direction (%)")
+    right.set_ylabel("TCP request/response p99 (ms)")
+    for ax in (left, right):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out / "tcp.png", dpi=120)
+    written.append("tcp.png")
+print(f"wrote {', '.join(written)} in {out}")

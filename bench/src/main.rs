@@ -38,6 +38,10 @@ struct Cli {
     /// Output directory [default: bench/results/<date>].
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Also profile the tunnel at 1 Gbit/s offered with `perf` (mpclient, mpserver,
+    /// mpbridges): writes profile.txt and, with inferno installed, flamegraph.svg.
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -48,6 +52,8 @@ struct Scale {
     loss_datagrams: u64,
     losses: &'static [u32],
     offered_mbit: &'static [u64],
+    /// Interleaved rounds of the target measurements; targets report their median.
+    target_rounds: usize,
 }
 
 const QUICK: Scale = Scale {
@@ -57,6 +63,7 @@ const QUICK: Scale = Scale {
     loss_datagrams: 5_000,
     losses: &[0, 20],
     offered_mbit: &[10, 100, 500, 1000],
+    target_rounds: 3,
 };
 const FULL: Scale = Scale {
     name: "full",
@@ -65,6 +72,7 @@ const FULL: Scale = Scale {
     loss_datagrams: 20_000,
     losses: &[0, 5, 20],
     offered_mbit: &[10, 100, 500, 1000],
+    target_rounds: 5,
 };
 
 #[derive(Serialize, Default, Clone)]
@@ -89,6 +97,9 @@ struct Cell {
     peak_rss_kb: BTreeMap<String, u64>,
     /// Single-stream TCP goodput (VPN and TCP cells).
     tcp_mbit: Option<f64>,
+    /// TCP request/response latency (VPN and TCP cells) and how many of RR_COUNT answered.
+    rr_ms: Option<Percentiles>,
+    rr_answered: Option<usize>,
 }
 
 #[derive(Serialize, Clone, Copy)]
@@ -101,7 +112,9 @@ struct Percentiles {
 #[derive(Serialize)]
 struct Target {
     what: String,
+    /// The median over the rounds.
     measured: f64,
+    rounds: Vec<f64>,
     limit: f64,
     met: bool,
 }
@@ -123,6 +136,22 @@ const SINK_PORT: u16 = 7000;
 const RELAY_PORT: u16 = 5000;
 const TUNNEL_PORT: u16 = 4000;
 const CLIENT_LISTEN: &str = "127.0.0.1:3000";
+/// The TCP cells' listener (server host or VPN peer B).
+const TCP_PORT: u16 = 7102;
+const KCPTUN_PORT: u16 = 29900;
+const KCPTUN_LOCAL_PORT: u16 = 12948;
+const OPENVPN_PORT: u16 = 1194;
+const OPENVPN_SERVER_ADDR: &str = "10.200.0.1";
+const OPENVPN_CLIENT_ADDR: &str = "10.200.0.2";
+/// Loss per path and direction of the TCP/VPN comparison (full mode).
+const VPN_LOSSES: [u32; 4] = [0, 5, 10, 20];
+const PINGS: u32 = 200;
+/// TCP request/response: 64-byte transactions, one every RR_INTERVAL.
+const RR_COUNT: usize = 500;
+const RR_INTERVAL: Duration = Duration::from_millis(10);
+/// Single-stream TCP goodput: at most this long or this many bytes.
+const TCP_SECS: f64 = 5.0;
+const TCP_MAX_BYTES: usize = 256 << 20;
 
 struct BenchLab {
     lab: Lab,
@@ -168,17 +197,22 @@ impl BenchLab {
         let sink = Echo::start(&s, SocketAddr::from(([0, 0, 0, 0], SINK_PORT)));
         let key = lab.dir.join("tunnel.key");
         run(std::process::Command::new(bin("mpserver")).arg("genkey").arg(&key));
-        let k = key.display().to_string();
-        let ctl = lab.dir.join("mpserver.sock").display().to_string();
-        let port = TUNNEL_PORT.to_string();
-        let sink_port = SINK_PORT.to_string();
-        let server = lab.spawn(
-            &s,
-            "mpserver",
-            &bin("mpserver"),
-            &["--key-file", &k, "--control", &ctl, &port, "127.0.0.1", &sink_port],
-        );
-        Self { lab, c, s, sink, server, client: None, relay, bridges, bridge_ns, key }
+        let mut me = Self { lab, c, s, sink, server: usize::MAX, client: None, relay, bridges, bridge_ns, key };
+        me.server(SINK_PORT);
+        me
+    }
+
+    /// (Re)starts mpserver, forwarding to `target_port` on the server host's loopback.
+    fn server(&mut self, target_port: u16) {
+        if self.server != usize::MAX {
+            self.lab.kill9(self.server);
+        }
+        let k = self.key.display().to_string();
+        let ctl = self.lab.dir.join("mpserver.sock").display().to_string();
+        let (port, target) = (TUNNEL_PORT.to_string(), target_port.to_string());
+        let s = self.s.clone();
+        let args = ["--key-file", &k, "--control", &ctl, &port, "127.0.0.1", &target];
+        self.server = self.lab.spawn(&s, "mpserver", &bin("mpserver"), &args);
     }
 
     /// (Re)starts mpclient with the first `paths` bridges and `cipher`.
@@ -203,22 +237,11 @@ impl BenchLab {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    /// Loss on the client's bridge links 1..=n (and the direct link), each direction.
+    /// Loss on the client's three bridge links and the direct link, each direction.
     fn loss(&self, pct: u32) {
-        let rule = |dir: &str, ifname: &str| {
-            if pct == 0 {
-                String::new()
-            } else {
-                format!("    {dir} \"{ifname}\" numgen random mod 100 < {pct} drop\n")
-            }
-        };
-        let ifs = ["c1", "c2", "c3", "cd"];
-        let out: String = ifs.iter().map(|i| rule("oifname", i)).collect();
-        let inp: String = ifs.iter().map(|i| rule("iifname", i)).collect();
-        self.lab.nft(
-            &self.c,
-            &format!("table inet lab\ndelete table inet lab\ntable inet lab {{\n  chain o {{\n    type filter hook output priority 0; policy accept;\n{out}  }}\n  chain i {{\n    type filter hook input priority 0; policy accept;\n{inp}  }}\n}}\n"),
-        );
+        for ifname in ["c1", "c2", "c3", "cd"] {
+            self.lab.link_loss(&self.c, ifname, pct, pct);
+        }
     }
 
     /// Restarts the mpbridges, each with its lab delay (ms, each direction; 0 = none).
@@ -253,11 +276,15 @@ impl BenchLab {
     }
 
     fn blackhole(&self, ifname: &str) {
-        self.lab.nft(
-            &self.c,
-            &format!("table inet lab\ndelete table inet lab\ntable inet lab {{\n  chain o {{\n    type filter hook output priority 0;\n    oifname \"{ifname}\" drop\n  }}\n  chain i {{\n    type filter hook input priority 0;\n    iifname \"{ifname}\" drop\n  }}\n}}\n"),
-        );
+        self.lab.link_loss(&self.c, ifname, 100, 100);
     }
+}
+
+fn installed(program: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn clk_tck() -> f64 {
@@ -265,36 +292,47 @@ fn clk_tck() -> f64 {
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }
 
-/// CPU seconds (user + system) of `pid` and all its descendants.
-fn cpu_seconds(pid: u32) -> f64 {
-    let mut total = 0.0;
-    let mut stack = vec![pid];
-    let all: Vec<(u32, u32, f64)> = std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-                .filter_map(|p| {
-                    let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-                    let rest = stat.rsplit_once(')')?.1;
-                    let f: Vec<&str> = rest.split_whitespace().collect();
-                    let ppid = f.get(1)?.parse().ok()?;
-                    let t = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-                    Some((p, ppid, t / clk_tck()))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    while let Some(p) = stack.pop() {
-        for &(q, ppid, t) in &all {
-            if q == p {
-                total += t;
-            }
-            if ppid == p {
-                stack.push(q);
+/// CPU seconds (user + system) of a process and each of its descendants, by PID.
+struct CpuSnapshot(BTreeMap<u32, f64>);
+
+impl CpuSnapshot {
+    fn of(pid: u32) -> Self {
+        let all: Vec<(u32, u32, f64)> = std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                    .filter_map(|p| {
+                        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                        let rest = stat.rsplit_once(')')?.1;
+                        let f: Vec<&str> = rest.split_whitespace().collect();
+                        let ppid = f.get(1)?.parse().ok()?;
+                        let t = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+                        Some((p, ppid, t / clk_tck()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut tree = BTreeMap::new();
+        let mut stack = vec![pid];
+        while let Some(p) = stack.pop() {
+            for &(q, ppid, t) in &all {
+                if q == p {
+                    tree.insert(q, t);
+                }
+                if ppid == p {
+                    stack.push(q);
+                }
             }
         }
+        Self(tree)
     }
-    total
+
+    /// CPU seconds spent since `earlier`. A descendant that exited in between (socat's
+    /// idle per-flow children) takes its earlier time with it, so only processes alive
+    /// now count, each from where it stood then (or from zero if it is new).
+    fn since(&self, earlier: &Self) -> f64 {
+        self.0.iter().map(|(pid, t)| t - earlier.0.get(pid).copied().unwrap_or(0.0)).sum()
+    }
 }
 
 fn peak_rss_kb(pid: u32) -> u64 {
@@ -355,12 +393,18 @@ impl Runner {
             let count = (pps as f64 * self.scale.throughput_secs) as u64;
             let first = self.numbers(count);
             let (p0, b0) = (self.bl.sink.packets.load(Ordering::Relaxed), self.bl.sink.bytes.load(Ordering::Relaxed));
-            let cpu0: f64 = cpu_pids.iter().map(|(_, p)| cpu_seconds(*p)).sum();
-            let each0: Vec<f64> = cpu_pids.iter().chain(extra_pids).map(|(_, p)| cpu_seconds(*p)).collect();
+            let before: Vec<CpuSnapshot> =
+                cpu_pids.iter().chain(extra_pids).map(|(_, p)| CpuSnapshot::of(*p)).collect();
             udp_stream(&self.bl.c, true, to, first, count, 1400, pps, Duration::from_millis(300))
                 .join()
                 .expect("stream");
-            let cpu = cpu_pids.iter().map(|(_, p)| cpu_seconds(*p)).sum::<f64>() - cpu0;
+            let spent: Vec<f64> = cpu_pids
+                .iter()
+                .chain(extra_pids)
+                .zip(&before)
+                .map(|((_, p), b)| CpuSnapshot::of(*p).since(b))
+                .collect();
+            let cpu: f64 = spent[..cpu_pids.len()].iter().sum();
             let got = self.bl.sink.packets.load(Ordering::Relaxed) - p0;
             let bytes = self.bl.sink.bytes.load(Ordering::Relaxed) - b0;
             cell.throughput.insert(mbit, bytes as f64 * 8.0 / self.scale.throughput_secs / 1e6);
@@ -370,8 +414,8 @@ impl Runner {
                 if !cpu_pids.is_empty() {
                     cell.cpu_s_per_gb = Some(cpu / gb);
                 }
-                for ((name, pid), before) in cpu_pids.iter().chain(extra_pids).zip(each0) {
-                    cell.cpu_s_per_gb_by_process.insert(name.clone(), (cpu_seconds(*pid) - before) / gb);
+                for ((name, _), spent) in cpu_pids.iter().chain(extra_pids).zip(spent) {
+                    cell.cpu_s_per_gb_by_process.insert(name.clone(), spent / gb);
                 }
             }
         }
@@ -404,101 +448,227 @@ impl Runner {
         cell.residual_loss = Some(1.0 - got as f64 / n as f64);
     }
 
-    /// VPN peers vs TCP over one lossy path vs kcptun over one lossy path, per loss level.
+    /// Single-stream TCP through one setup, from `from_ns` to a listener on `listen` in
+    /// `to_ns`: ping (where ICMP passes), request/response latency, goodput.
+    fn tcp_cell(
+        &mut self,
+        mut cell: Cell,
+        from_ns: &str,
+        to_ns: &str,
+        connect: SocketAddr,
+        listen: SocketAddr,
+        ping_dst: Option<&str>,
+    ) -> Cell {
+        self.progress(&cell.name.clone());
+        if let Some(dst) = ping_dst {
+            let mut ms = tests::ping(from_ns, dst, PINGS, "0.01", &[]);
+            cell.probe_loss = Some(1.0 - ms.len() as f64 / f64::from(PINGS));
+            cell.rtt_ms = percentiles(&mut ms);
+        }
+        let mut ms = tests::tcp_request_response(from_ns, connect, to_ns, listen, RR_COUNT, RR_INTERVAL);
+        cell.rr_answered = Some(ms.len());
+        cell.rr_ms = percentiles(&mut ms);
+        cell.tcp_mbit = Some(tests::tcp_goodput(from_ns, connect, to_ns, listen, TCP_MAX_BYTES, TCP_SECS));
+        cell
+    }
+
+    /// An OpenVPN point-to-point link (static key) from the client host to the server host,
+    /// the client sending to `remote`; waits until the tunnel answers pings.
+    fn openvpn(&mut self, remote: &str, rport: u16) -> Option<[usize; 2]> {
+        let key = self.bl.lab.dir.join("openvpn.key");
+        if !key.exists() {
+            run(std::process::Command::new("openvpn").args(["--genkey", "secret"]).arg(&key));
+        }
+        let k = key.display().to_string();
+        // tun MTU 1360: the encrypted packet (1424 bytes of UDP payload) fits a 1500-byte
+        // path directly and through our tunnel (+34) without IP fragmentation
+        let common = [
+            "--dev",
+            "tun",
+            "--secret",
+            &k,
+            "--proto",
+            "udp",
+            "--cipher",
+            "AES-256-CBC",
+            "--auth",
+            "SHA256",
+            "--tun-mtu",
+            "1360",
+            "--verb",
+            "1",
+        ];
+        let (c, s) = (self.bl.c.clone(), self.bl.s.clone());
+        let lport = OPENVPN_PORT.to_string();
+        let mut server = common.to_vec();
+        server.extend(["--lport", &lport, "--ifconfig", OPENVPN_SERVER_ADDR, OPENVPN_CLIENT_ADDR]);
+        let ps = self.bl.lab.spawn(&s, "openvpn-server", Path::new("openvpn"), &server);
+        let rport = rport.to_string();
+        let mut client = common.to_vec();
+        client.extend(["--remote", remote, "--rport", &rport, "--nobind"]);
+        client.extend(["--ifconfig", OPENVPN_CLIENT_ADDR, OPENVPN_SERVER_ADDR]);
+        let pc = self.bl.lab.spawn(&c, "openvpn-client", Path::new("openvpn"), &client);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if !tests::ping(&c, OPENVPN_SERVER_ADDR, 1, "0.2", &[]).is_empty() {
+                return Some([pc, ps]);
+            }
+        }
+        eprintln!("\nOpenVPN did not come up within 15 s; see its logs in {}", self.bl.lab.dir.display());
+        self.bl.lab.kill9(pc);
+        self.bl.lab.kill9(ps);
+        None
+    }
+
+    /// Per loss level: TCP over one lossy path without a tunnel, kcptun (fast3) over one
+    /// lossy path, OpenVPN over one lossy path, OpenVPN over our tunnel (3 lossy paths), and
+    /// our VPN between two peers (3 lossy paths each).
     fn vpn_and_tcp(&mut self, cells: &mut Vec<Cell>) {
-        const SECS: f64 = 5.0;
-        const MAX_BYTES: usize = 256 << 20;
-        let have_kcptun = std::process::Command::new("sh")
-            .args(["-c", "command -v kcptun-client && command -v kcptun-server"])
-            .output()
-            .is_ok_and(|o| o.status.success());
+        let have_kcptun = installed("kcptun-client") && installed("kcptun-server");
         if !have_kcptun {
             eprintln!("\nkcptun-client/kcptun-server not installed (Debian package kcptun): no kcptun cells");
         }
-        for (k, &loss) in [0u32, 5, 10, 20].iter().enumerate() {
-            self.progress(&format!("TCP over one path, {loss}% loss"));
-            self.bl.loss(loss);
-            let mut ms = tests::ping(&self.bl.c, "10.90.0.2", 200, "0.01", &[]);
-            let port = 7110 + k as u16 * 3;
-            let tcp = tests::tcp_goodput(
-                &self.bl.c,
-                SocketAddr::from(([10, 90, 0, 2], port)),
-                &self.bl.s,
-                SocketAddr::from(([0, 0, 0, 0], port)),
-                MAX_BYTES,
-                SECS,
-            );
-            cells.push(Cell {
-                name: format!("TCP, one path, no tunnel, {loss}% loss"),
-                setup: "tcp-one-path".into(),
-                paths: 1,
+        let have_openvpn = installed("openvpn");
+        if !have_openvpn {
+            eprintln!("\nopenvpn not installed (Debian package openvpn): no OpenVPN cells");
+        }
+        let (c, s) = (self.bl.c.clone(), self.bl.s.clone());
+        let any = SocketAddr::from(([0, 0, 0, 0], TCP_PORT));
+        let loopback = SocketAddr::from(([127, 0, 0, 1], TCP_PORT));
+        for loss in VPN_LOSSES {
+            let cell = |name: &str, setup: &str, paths: usize| Cell {
+                name: format!("{name}, {loss}% loss"),
+                setup: setup.into(),
+                paths,
                 loss_pct: loss,
-                probe_loss: Some(1.0 - ms.len() as f64 / 200.0),
-                rtt_ms: percentiles(&mut ms),
-                tcp_mbit: Some(tcp),
                 ..Cell::default()
-            });
+            };
+            self.bl.loss(loss);
+            let direct = SocketAddr::from(([10, 90, 0, 2], TCP_PORT));
+            let one = cell("TCP, one path, no tunnel", "tcp-one-path", 1);
+            cells.push(self.tcp_cell(one, &c, &s, direct, any, Some("10.90.0.2")));
+
             if have_kcptun {
-                self.progress(&format!("kcptun fast3 over one path, {loss}% loss"));
-                // a fresh kcptun pair per cell
+                // a fresh kcptun pair per cell, forwarding to the TCP listener
                 let opts = [
                     "--mode", "fast3", "--crypt", "none", "--nocomp", "--sndwnd", "1024", "--rcvwnd", "1024", "--quiet",
                 ];
-                let (c, s) = (self.bl.c.clone(), self.bl.s.clone());
-                let kport = format!(":{}", 29900 + k);
-                let mut server = vec!["-l", &kport, "-t", "127.0.0.1:7102"];
+                let kport = format!(":{KCPTUN_PORT}");
+                let target = loopback.to_string();
+                let mut server = vec!["-l", &kport, "-t", &target];
                 server.extend(opts);
                 let ks = self.bl.lab.spawn(&s, "kcptun-server", Path::new("kcptun-server"), &server);
-                let remote = format!("10.90.0.2:{}", 29900 + k);
-                let mut client = vec!["-l", "127.0.0.1:12948", "-r", &remote];
+                let remote = format!("10.90.0.2:{KCPTUN_PORT}");
+                let local = format!("127.0.0.1:{KCPTUN_LOCAL_PORT}");
+                let mut client = vec!["-l", &local, "-r", &remote];
                 client.extend(opts);
                 let kc = self.bl.lab.spawn(&c, "kcptun-client", Path::new("kcptun-client"), &client);
                 std::thread::sleep(Duration::from_millis(500));
-                let tcp = tests::tcp_goodput(
-                    &self.bl.c,
-                    SocketAddr::from(([127, 0, 0, 1], 12948)),
-                    &self.bl.s,
-                    SocketAddr::from(([127, 0, 0, 1], 7102)),
-                    MAX_BYTES,
-                    SECS,
-                );
+                let connect = SocketAddr::from(([127, 0, 0, 1], KCPTUN_LOCAL_PORT));
+                let k = cell("kcptun fast3, one path", "kcptun-one-path", 1);
+                cells.push(self.tcp_cell(k, &c, &s, connect, loopback, None));
                 self.bl.lab.kill9(kc);
                 self.bl.lab.kill9(ks);
-                cells.push(Cell {
-                    name: format!("kcptun fast3, one path, {loss}% loss"),
-                    setup: "kcptun-one-path".into(),
-                    paths: 1,
-                    loss_pct: loss,
-                    tcp_mbit: Some(tcp),
-                    ..Cell::default()
-                });
             }
-            self.progress(&format!("VPN, 2 peers, 3 paths each, {loss}% loss"));
+
+            if have_openvpn {
+                let inner =
+                    SocketAddr::from((OPENVPN_SERVER_ADDR.parse::<std::net::Ipv4Addr>().expect("literal"), TCP_PORT));
+                let mut o = cell("OpenVPN, one path", "openvpn-one-path", 1);
+                if let Some(procs) = self.openvpn("10.90.0.2", OPENVPN_PORT) {
+                    o = self.tcp_cell(o, &c, &s, inner, any, Some(OPENVPN_SERVER_ADDR));
+                    procs.into_iter().for_each(|p| self.bl.lab.kill9(p));
+                }
+                cells.push(o);
+                // the classic mptunnel use: OpenVPN's datagrams through mpclient/mpserver
+                self.bl.server(OPENVPN_PORT);
+                self.bl.client(3, "aes-256-gcm");
+                let mut o = cell("OpenVPN over our tunnel, 3 paths", "openvpn-over-tunnel", 3);
+                let listen: SocketAddr = CLIENT_LISTEN.parse().expect("literal");
+                if let Some(procs) = self.openvpn(&listen.ip().to_string(), listen.port()) {
+                    o = self.tcp_cell(o, &c, &s, inner, any, Some(OPENVPN_SERVER_ADDR));
+                    procs.into_iter().for_each(|p| self.bl.lab.kill9(p));
+                }
+                cells.push(o);
+                self.bl.server(SINK_PORT);
+                self.bl.client(3, "aes-256-gcm");
+            }
+
+            self.progress(&format!("VPN, 2 peers, 3 paths each, {loss}% loss: starting"));
             let v = tests::VpnLab::start(&format!("bv{loss}"), loss, false);
             v.wait_peer_up("a", Duration::from_secs(20));
             let b = v.wait_peer_up("b", Duration::from_secs(20));
             std::thread::sleep(Duration::from_millis(500));
-            let mut ms = v.ping(0, &b.to_string(), 200, "0.01", &[]);
-            let tcp = tests::tcp_goodput(
-                &v.peer_ns[0],
-                SocketAddr::from((b, port + 1)),
-                &v.peer_ns[1],
-                SocketAddr::from(([0, 0, 0, 0], port + 1)),
-                MAX_BYTES,
-                SECS,
-            );
-            cells.push(Cell {
-                name: format!("VPN peer to peer, 3 paths each, {loss}% loss"),
-                setup: "vpn".into(),
-                paths: 3,
-                loss_pct: loss,
-                probe_loss: Some(1.0 - ms.len() as f64 / 200.0),
-                rtt_ms: percentiles(&mut ms),
-                tcp_mbit: Some(tcp),
-                ..Cell::default()
-            });
+            let p = cell("VPN peer to peer, 3 paths each", "vpn", 3);
+            let (from, to) = (v.peer_ns[0].clone(), v.peer_ns[1].clone());
+            cells.push(self.tcp_cell(p, &from, &to, SocketAddr::from((b, TCP_PORT)), any, Some(&b.to_string())));
         }
         self.bl.loss(0);
+    }
+
+    /// One round of the target measurements, interleaved so that the ratios compare
+    /// cells measured moments apart: one socat relay and the tunnel over 3 paths (RTT,
+    /// 1 Gbit/s offered with CPU), then the tunnel's residual loss at 20% per path.
+    fn target_round(&mut self, round: usize) -> [Option<f64>; 4] {
+        let relay = SocketAddr::from(([10, 77, 1, 2], RELAY_PORT));
+        let tunnel: SocketAddr = CLIENT_LISTEN.parse().expect("literal");
+        let saved = self.scale.offered_mbit;
+        self.scale.offered_mbit = &saved[saved.len() - 1..];
+        self.bl.loss(0);
+        let cell = |setup: &str, paths: usize, cipher: &str, loss_pct: u32| Cell {
+            name: format!("target round {round}: {setup}"),
+            setup: setup.into(),
+            paths,
+            cipher: cipher.into(),
+            loss_pct,
+            ..Cell::default()
+        };
+        let mut socat = cell("socat", 1, "", 0);
+        self.rtt(&mut socat, relay);
+        let socat_pid = self.bl.lab.pid(self.bl.relay);
+        self.throughput(&mut socat, relay, &[("socat".into(), socat_pid)], &[]);
+        let mut tun = cell("tunnel", 3, "aes-256-gcm", 0);
+        self.rtt(&mut tun, tunnel);
+        let pids = [
+            ("mpclient".to_string(), self.bl.lab.pid(self.bl.client.expect("client"))),
+            ("mpserver".to_string(), self.bl.lab.pid(self.bl.server)),
+        ];
+        self.throughput(&mut tun, tunnel, &pids, &[]);
+        self.bl.loss(20);
+        let mut lossy = cell("tunnel", 3, "aes-256-gcm", 20);
+        self.residual(&mut lossy, tunnel);
+        self.bl.loss(0);
+        self.scale.offered_mbit = saved;
+        target_measures(&[socat, tun, lossy])
+    }
+
+    /// A run of the tunnel (3 paths, 1 Gbit/s offered) under `perf record`, written to
+    /// `out/perf.data`; not counted in any cell.
+    fn profile(&mut self, out: &Path) {
+        self.progress("profile: tunnel 3 paths at 1 Gbit/s under perf");
+        self.bl.client(3, "aes-256-gcm");
+        self.bl.loss(0);
+        self.bl.sink.reply.store(false, Ordering::Relaxed);
+        let mut pids = vec![self.bl.lab.pid(self.bl.client.expect("client")), self.bl.lab.pid(self.bl.server)];
+        pids.extend(self.bl.bridges.iter().map(|&b| self.bl.lab.pid(b)));
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let secs = self.scale.throughput_secs;
+        let data = out.join("perf.data");
+        let mut perf = std::process::Command::new("perf")
+            .args(["record", "-q", "-F", "999", "--call-graph", "dwarf,16384", "-o"])
+            .arg(&data)
+            .args(["-p", &pids.join(","), "--", "sleep", &format!("{}", secs + 0.5)])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("perf");
+        std::thread::sleep(Duration::from_millis(300));
+        let pps = 1000 * 1_000_000 / (1400 * 8);
+        let count = (pps as f64 * secs) as u64;
+        let first = self.numbers(count);
+        let to: SocketAddr = CLIENT_LISTEN.parse().expect("literal");
+        udp_stream(&self.bl.c, true, to, first, count, 1400, pps, Duration::from_millis(300)).join().expect("stream");
+        let _ = perf.wait();
     }
 
     fn failover(&mut self, out: &mut BTreeMap<String, f64>) {
@@ -514,16 +684,7 @@ impl Runner {
             if case.starts_with("path") {
                 self.bl.blackhole("c2");
             } else {
-                self.bl.lab.kill9(self.bl.server);
-                let k = self.bl.key.display().to_string();
-                let ctl = self.bl.lab.dir.join("mpserver.sock").display().to_string();
-                let s = self.bl.s.clone();
-                self.bl.server = self.bl.lab.spawn(
-                    &s,
-                    "mpserver",
-                    &bin("mpserver"),
-                    &["--key-file", &k, "--control", &ctl, "4000", "127.0.0.1", "7000"],
-                );
+                self.bl.server(SINK_PORT);
             }
             let r = h.join().expect("stream");
             let gap = r.arrivals.windows(2).map(|w| w[1].0 - w[0].0).max().unwrap_or_default();
@@ -548,26 +709,79 @@ fn main() {
     let scale = if cli.full { FULL } else { QUICK };
     let date = run(std::process::Command::new("date").arg("+%Y-%m-%d")).trim().to_string();
     let out = cli.out.unwrap_or_else(|| PathBuf::from(format!("bench/results/{date}")));
-    let result = std::panic::catch_unwind(|| bench(scale, &date));
+    std::fs::create_dir_all(&out).expect("output directory");
+    let profile = cli.profile.then_some(out.as_path());
+    let result = std::panic::catch_unwind(|| bench(scale, &date, profile));
     match result {
         Ok(results) => {
-            std::fs::create_dir_all(&out).expect("output directory");
             std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results).expect("json"))
                 .expect("write");
             let md = markdown(&results);
             std::fs::write(out.join("results.md"), &md).expect("write");
             println!("\n{md}");
             println!("wrote {}/results.json and results.md", out.display());
+            if cli.profile {
+                write_profile(&out);
+            }
         }
         Err(_) => std::process::exit(1),
     }
 }
 
-fn bench(scale: Scale, date: &str) -> Results {
+/// profile.txt (where the CPU time goes, by process and function) and, with inferno
+/// installed, flamegraph.svg, from `out/perf.data`, which is then removed (it is large).
+fn write_profile(out: &Path) {
+    let data = out.join("perf.data");
+    let report = |sort: &str, limit: &str| {
+        std::process::Command::new("perf")
+            .arg("report")
+            .arg("-i")
+            .arg(&data)
+            .args(["--stdio", "--no-children", "-g", "none", "-q", "--sort", sort, "--percent-limit", limit])
+            .output()
+            .ok()
+            .filter(|r| r.status.success())
+            .map(|r| String::from_utf8_lossy(&r.stdout).into_owned())
+    };
+    match (report("comm,dso", "0.5"), report("comm,dso,sym", "0.4")) {
+        (Some(by_object), Some(by_function)) => {
+            let text = format!(
+                "# perf: tunnel, 3 paths, AES-256-GCM, 1 Gbit/s of 1400-byte UDP offered; samples of mpclient, \
+                 mpserver and the three mpbridges (999 Hz)\n\n## By process and object (kernel = system calls, \
+                 the network stack and wake-ups)\n\n{by_object}\n## By function\n\n{by_function}"
+            );
+            std::fs::write(out.join("profile.txt"), text).expect("write profile.txt");
+            println!("wrote {}/profile.txt", out.display());
+        }
+        _ => eprintln!("perf report failed: no profile.txt"),
+    }
+    if installed("inferno-collapse-perf") && installed("inferno-flamegraph") {
+        let svg = out.join("flamegraph.svg");
+        let pipeline = format!(
+            "perf script -i '{}' 2>/dev/null | inferno-collapse-perf | inferno-flamegraph --title 'tunnel, 3 paths, 1 Gbit/s offered' > '{}'",
+            data.display(),
+            svg.display()
+        );
+        match std::process::Command::new("sh").args(["-c", &pipeline]).status() {
+            Ok(s) if s.success() => println!("wrote {}", svg.display()),
+            _ => eprintln!("flame graph failed"),
+        }
+    } else {
+        eprintln!("inferno not installed (cargo install inferno): no flamegraph.svg");
+    }
+    let _ = std::fs::remove_file(&data);
+    let _ = std::fs::remove_file(out.join("perf.data.old"));
+}
+
+fn bench(scale: Scale, date: &str, profile: Option<&Path>) -> Results {
     let started = Instant::now();
     let tunnel_cells = 3 * scale.losses.len() + 1;
-    let vpn_steps = if scale.name == "full" { 12 } else { 0 };
-    let steps = (2 + tunnel_cells + 3) * (scale.offered_mbit.len() + 2) + 2 + vpn_steps;
+    let vpn_steps = if scale.name == "full" { VPN_LOSSES.len() * 6 } else { 0 };
+    let steps = (2 + tunnel_cells + 3) * (scale.offered_mbit.len() + 2)
+        + 2
+        + 5 * scale.target_rounds
+        + vpn_steps
+        + usize::from(profile.is_some());
     let mut r = Runner { bl: BenchLab::start(), scale, next_number: 1, step: 0, steps, started };
     let mut cells = Vec::new();
     let sink_direct: SocketAddr = SocketAddr::from(([10, 90, 0, 2], SINK_PORT));
@@ -682,6 +896,9 @@ fn bench(scale: Scale, date: &str) -> Results {
     cells.push(c);
     r.bl.loss(0);
 
+    if let Some(out) = profile {
+        r.profile(out);
+    }
     let mut failover = BTreeMap::new();
     r.failover(&mut failover);
     let mut vpn = Vec::new();
@@ -689,8 +906,11 @@ fn bench(scale: Scale, date: &str) -> Results {
         r.vpn_and_tcp(&mut vpn);
     }
     eprintln!();
-    let mut targets = targets(&cells);
-    targets.extend(vpn_targets(&vpn));
+    r.bl.client(3, "aes-256-gcm");
+    let mut rounds = Vec::new();
+    for round in 1..=scale.target_rounds {
+        rounds.push(r.target_round(round));
+    }
     Results {
         date: date.into(),
         mode: scale.name.into(),
@@ -698,7 +918,7 @@ fn bench(scale: Scale, date: &str) -> Results {
         cells,
         failover,
         vpn,
-        targets,
+        targets: targets(&rounds),
     }
 }
 
@@ -706,81 +926,54 @@ fn find(cells: &[Cell], f: impl Fn(&Cell) -> bool) -> Option<&Cell> {
     cells.iter().find(|c| f(c))
 }
 
-fn targets(cells: &[Cell]) -> Vec<Target> {
-    let mut t = Vec::new();
+/// The issue's targets: what, limit, and whether the measurement must reach the limit
+/// (at least) or stay below it.
+const TARGETS: [(&str, f64, bool); 4] = [
+    ("3-path delivered throughput / one socat relay's, 1 Gbit/s offered", 0.5, true),
+    ("CPU s/GB of mpclient+mpserver / socat's, 1 Gbit/s offered", 3.0, false),
+    ("added RTT p50 over one socat relay (ms)", 0.15, false),
+    ("3 paths at 20% loss: residual loss / 0.2^3", 1.2, false),
+];
+
+/// One round's measurement for each of TARGETS, from its cells.
+fn target_measures(cells: &[Cell]) -> [Option<f64>; 4] {
     let socat = find(cells, |c| c.setup == "socat" && c.loss_pct == 0);
     let tun3 = find(cells, |c| c.setup == "tunnel" && c.paths == 3 && c.loss_pct == 0 && c.cipher == "aes-256-gcm");
-    if let (Some(s), Some(m)) = (socat, tun3) {
-        // at the highest offered rate (1 Gbit/s)
-        let top = |c: &Cell| c.throughput.iter().next_back().map_or(0.0, |(_, v)| *v);
-        let ratio = top(m) / top(s).max(1e-9);
-        t.push(Target {
-            what: "3-path delivered throughput / one socat relay's, 1 Gbit/s offered".into(),
-            measured: ratio,
-            limit: 0.5,
-            met: ratio >= 0.5,
-        });
-        if let (Some(cm), Some(cs)) = (m.cpu_s_per_gb, s.cpu_s_per_gb) {
-            let ratio = cm / cs;
-            t.push(Target {
-                what: "CPU s/GB of mpclient+mpserver / socat's".into(),
-                measured: ratio,
-                limit: 3.0,
-                met: ratio <= 3.0,
-            });
-        }
-        if let (Some(rm), Some(rs)) = (m.rtt_ms, s.rtt_ms) {
-            let added = rm.p50 - rs.p50;
-            t.push(Target {
-                what: "added RTT p50 over one socat relay (ms)".into(),
-                measured: added,
-                limit: 0.15,
-                met: added < 0.15,
-            });
-        }
-    }
-    if let Some(m) = find(cells, |c| c.setup == "tunnel" && c.paths == 3 && c.loss_pct == 20) {
-        if let Some(l) = m.residual_loss {
-            let ratio = l / 0.2f64.powi(3);
-            t.push(Target {
-                what: "3 paths at 20%: residual loss / 0.2^3".into(),
-                measured: ratio,
-                limit: 1.2,
-                met: ratio <= 1.2,
-            });
-        }
-    }
-    t
+    let lossy = find(cells, |c| c.setup == "tunnel" && c.paths == 3 && c.loss_pct == 20);
+    let top = |c: &Cell| c.throughput.iter().next_back().map(|(_, v)| *v);
+    [
+        socat.zip(tun3).and_then(|(s, m)| Some(top(m)? / top(s)?.max(1e-9))),
+        socat.zip(tun3).and_then(|(s, m)| Some(m.cpu_s_per_gb? / s.cpu_s_per_gb?)),
+        socat.zip(tun3).and_then(|(s, m)| Some(m.rtt_ms?.p50 - s.rtt_ms?.p50)),
+        lossy.and_then(|m| m.residual_loss).map(|l| l / 0.2f64.powi(3)),
+    ]
 }
 
-fn vpn_targets(vpn: &[Cell]) -> Vec<Target> {
-    let mut t = Vec::new();
-    let at = |setup: &str, loss: u32| vpn.iter().find(|c| c.setup == setup && c.loss_pct == loss);
-    for (loss, limit) in [(10, 3.0), (20, 10.0)] {
-        if let Some(p) = at("vpn", loss).and_then(|c| c.rtt_ms) {
-            t.push(Target {
-                what: format!("VPN ping p99 at {loss}% loss per path (ms; request/response stand-in)"),
-                measured: p.p99,
-                limit,
-                met: p.p99 <= limit,
-            });
-        }
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
-    // kcptun under loss has delivered ~0 in this harness (not understood yet): a ratio
-    // against that would be meaningless, so it is only computed from a working cell
-    if let (Some(v), Some(k)) = (
-        at("vpn", 10).and_then(|c| c.tcp_mbit),
-        at("kcptun-one-path", 10).and_then(|c| c.tcp_mbit).filter(|&k| k >= 1.0),
-    ) {
-        let ratio = v / k.max(1e-9);
-        t.push(Target {
-            what: "VPN TCP goodput at 10% / kcptun's on one path".into(),
-            measured: ratio,
-            limit: 1.0,
-            met: ratio >= 1.0,
-        });
-    }
-    t
+}
+
+/// Each target's median over the rounds that measured it.
+fn targets(rounds: &[[Option<f64>; 4]]) -> Vec<Target> {
+    TARGETS
+        .iter()
+        .enumerate()
+        .filter_map(|(k, &(what, limit, at_least))| {
+            let values: Vec<f64> = rounds.iter().filter_map(|r| r[k]).collect();
+            if values.is_empty() {
+                return None;
+            }
+            let measured = median(&values);
+            let met = if at_least { measured >= limit } else { measured < limit };
+            Some(Target { what: what.into(), measured, rounds: values, limit, met })
+        })
+        .collect()
 }
 
 fn markdown(r: &Results) -> String {
@@ -833,25 +1026,31 @@ fn markdown(r: &Results) -> String {
         let _ = writeln!(s, "- {k}: {v:.1}");
     }
     if !r.vpn.is_empty() {
-        let _ = writeln!(s, "\n## VPN and TCP (single stream, 5 s)\n\n| cell | ping p50 / p99 ms | ping loss | TCP Mbit/s |\n|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "\n## TCP through each setup (single stream, {TCP_SECS} s; request/response: {RR_COUNT} x 64 bytes, \
+             one every {} ms)\n\n| cell | ping p50 / p99 ms | ping loss | TCP req/resp p50 / p99 / p99.9 ms | \
+             answered | TCP Mbit/s |\n|---|---|---|---|---|---|",
+            RR_INTERVAL.as_millis()
+        );
         for c in &r.vpn {
             let rtt = c.rtt_ms.map_or("-".into(), |p| format!("{:.2} / {:.2}", p.p50, p.p99));
             let pl = c.probe_loss.map_or("-".into(), |l| format!("{:.1}%", l * 100.0));
+            let rr = c.rr_ms.map_or("-".into(), |p| format!("{:.2} / {:.2} / {:.2}", p.p50, p.p99, p.p999));
+            let answered = c.rr_answered.map_or("-".into(), |n| format!("{n}/{RR_COUNT}"));
             let tcp = c.tcp_mbit.map_or("-".into(), |m| format!("{m:.1}"));
-            let _ = writeln!(s, "| {} | {rtt} | {pl} | {tcp} |", c.name);
+            let _ = writeln!(s, "| {} | {rtt} | {pl} | {rr} | {answered} | {tcp} |", c.name);
         }
     }
-    if r.vpn.iter().any(|c| c.setup == "kcptun-one-path" && c.tcp_mbit.is_some_and(|m| m < 1.0)) {
-        let _ = writeln!(
-            s,
-            "\nkcptun cells below 1 Mbit/s are a harness problem under investigation, not kcptun's real \
-             performance; no ratio is computed from them."
-        );
-    }
-    let _ = writeln!(s, "\n## Targets\n\n| target | measured | limit | met |\n|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "\n## Targets (median of {} interleaved rounds)\n\n| target | median | rounds | limit | met |\n|---|---|---|---|---|",
+        r.targets.iter().map(|t| t.rounds.len()).max().unwrap_or(0)
+    );
     for t in &r.targets {
-        let _ =
-            writeln!(s, "| {} | {:.3} | {} | {} |", t.what, t.measured, t.limit, if t.met { "yes" } else { "**no**" });
+        let rounds: Vec<String> = t.rounds.iter().map(|v| format!("{v:.3}")).collect();
+        let met = if t.met { "yes" } else { "**no**" };
+        let _ = writeln!(s, "| {} | {:.3} | {} | {} | {met} |", t.what, t.measured, rounds.join(", "), t.limit);
     }
     s
 }

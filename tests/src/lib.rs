@@ -81,6 +81,8 @@ pub struct Lab {
     pub dir: PathBuf,
     namespaces: Vec<String>,
     procs: Vec<Proc>,
+    /// Both ends, (namespace, interface), of every veth link.
+    links: Vec<[(String, String); 2]>,
 }
 
 static LAB_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -93,7 +95,7 @@ impl Lab {
         let dir = std::env::temp_dir().join(format!("{prefix}-lab"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("lab dir");
-        Self { prefix, dir, namespaces: Vec::new(), procs: Vec::new() }
+        Self { prefix, dir, namespaces: Vec::new(), procs: Vec::new(), links: Vec::new() }
     }
 
     /// Creates a namespace with loopback up; returns its full name.
@@ -106,12 +108,56 @@ impl Lab {
     }
 
     /// A veth pair `a_if` in `a` (address `a_ip`/24) to `b_if` in `b` (`b_ip`/24), both up.
-    pub fn link(&self, a: &str, a_if: &str, a_ip: &str, b: &str, b_if: &str, b_ip: &str) {
+    /// Like a real wire, it carries one MTU-sized packet per frame: no GSO super-packets,
+    /// so loss hits TCP segments one at a time, as on a lossy Internet path.
+    pub fn link(&mut self, a: &str, a_if: &str, a_ip: &str, b: &str, b_if: &str, b_ip: &str) {
         run(Command::new("ip").args(["-n", a, "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b]));
         for (ns, ifname, ip) in [(a, a_if, a_ip), (b, b_if, b_ip)] {
             run(Command::new("ip").args(["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", ifname]));
-            run(Command::new("ip").args(["-n", ns, "link", "set", ifname, "up"]));
+            run(Command::new("ip").args(["-n", ns, "link", "set", ifname, "gso_max_segs", "1", "up"]));
         }
+        self.links.push([(a.into(), a_if.into()), (b.into(), b_if.into())]);
+    }
+
+    /// Random loss on the link whose end `ifname` is in `ns`: `out_pct` of the packets
+    /// leaving through it and `in_pct` of those arriving (100 = all). Each direction is
+    /// dropped at the receiving end's ingress, so senders see no error, as on a real lossy
+    /// wire (a drop in the sender's output hook fails its sendmsg with EPERM, which some
+    /// programs, kcptun for one, treat as fatal).
+    pub fn link_loss(&self, ns: &str, ifname: &str, out_pct: u32, in_pct: u32) {
+        let [near, far] = self
+            .links
+            .iter()
+            .find_map(|[x, y]| {
+                if (x.0.as_str(), x.1.as_str()) == (ns, ifname) {
+                    Some([x, y])
+                } else if (y.0.as_str(), y.1.as_str()) == (ns, ifname) {
+                    Some([y, x])
+                } else {
+                    None
+                }
+            })
+            .unwrap_or_else(|| panic!("no lab link {ifname} in {ns}"));
+        self.ingress_loss(&far.0, &far.1, out_pct);
+        self.ingress_loss(&near.0, &near.1, in_pct);
+    }
+
+    /// Drops `pct` percent of the packets arriving on `ifname` (netdev ingress hook, one
+    /// table per interface, replaced on each call).
+    fn ingress_loss(&self, ns: &str, ifname: &str, pct: u32) {
+        let table: String = ifname.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        let reset = format!("table netdev loss_{table}\ndelete table netdev loss_{table}\n");
+        let rule = match pct {
+            0 => return self.nft(ns, &reset),
+            100.. => "drop".to_string(),
+            p => format!("numgen random mod 100 < {p} drop"),
+        };
+        self.nft(
+            ns,
+            &format!(
+                "{reset}table netdev loss_{table} {{\n  chain ingress {{\n    type filter hook ingress device \"{ifname}\" priority 0; policy accept;\n    {rule}\n  }}\n}}\n"
+            ),
+        );
     }
 
     /// Runs a shell command in `ns` and returns stdout.
@@ -409,7 +455,6 @@ pub struct TunnelLab {
     pub client: usize,
     pub bridges: Vec<usize>,
     pub echo: Echo,
-    loss: Vec<(u32, u32)>,
 }
 
 impl TunnelLab {
@@ -428,18 +473,8 @@ impl TunnelLab {
         let key = lab.dir.join("tunnel.key");
         run(Command::new(bin("mpserver")).arg("genkey").arg(&key));
         let echo = Echo::start(&server_ns, ECHO_ADDR.parse().expect("literal"));
-        let mut me = Self {
-            lab,
-            client_ns,
-            bridge_ns,
-            server_ns,
-            key,
-            server: 0,
-            client: 0,
-            bridges: Vec::new(),
-            echo,
-            loss: vec![(0, 0); 3],
-        };
+        let mut me =
+            Self { lab, client_ns, bridge_ns, server_ns, key, server: 0, client: 0, bridges: Vec::new(), echo };
         me.server = me.start_server();
         for i in 0..3 {
             let idx = me.start_bridge(i);
@@ -491,26 +526,10 @@ impl TunnelLab {
         }
     }
 
-    /// Loss in percent on path `i` (0-based), towards the server and back, applied with
-    /// nftables on the client host's link to that bridge.
-    pub fn set_loss(&mut self, i: usize, up_pct: u32, down_pct: u32) {
-        self.loss[i] = (up_pct, down_pct);
-        let mut out = String::new();
-        let mut inp = String::new();
-        let rule = |dir: &str, ifname: String, pct: u32| match pct {
-            0 => String::new(),
-            100.. => format!("    {dir} \"{ifname}\" drop\n"),
-            p => format!("    {dir} \"{ifname}\" numgen random mod 100 < {p} drop\n"),
-        };
-        for (j, (up, down)) in self.loss.iter().enumerate() {
-            out.push_str(&rule("oifname", format!("c{}", j + 1), *up));
-            inp.push_str(&rule("iifname", format!("c{}", j + 1), *down));
-        }
-        let ruleset = format!(
-            "table inet lab\ndelete table inet lab\ntable inet lab {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n{out}  }}\n  chain in {{\n    type filter hook input priority 0; policy accept;\n{inp}  }}\n}}\n"
-        );
-        let ns = self.client_ns.clone();
-        self.lab.nft(&ns, &ruleset);
+    /// Loss in percent on path `i` (0-based), towards the server and back, on the wire
+    /// between the client host and that bridge.
+    pub fn set_loss(&self, i: usize, up_pct: u32, down_pct: u32) {
+        self.lab.link_loss(&self.client_ns, &format!("c{}", i + 1), up_pct, down_pct);
     }
 
     /// Sends datagrams until one comes back (the session is up), at most `within`.
@@ -651,14 +670,9 @@ impl VpnLab {
             let idx = me.spawn_peer(i, name, &yaml);
             me.peers.push(idx);
         }
-        if loss_pct > 0 {
-            for ns in me.peer_ns.clone() {
-                let rules: String = (1..=3)
-                    .map(|j| format!("    oifname \"p{j}\" numgen random mod 100 < {loss_pct} drop\n    iifname \"p{j}\" numgen random mod 100 < {loss_pct} drop\n"))
-                    .collect();
-                me.lab.nft(&ns, &format!("table inet lab {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n{}  }}\n  chain in {{\n    type filter hook input priority 0; policy accept;\n{}  }}\n}}\n",
-                    rules.lines().filter(|l| l.contains("oifname")).map(|l| format!("{l}\n")).collect::<String>(),
-                    rules.lines().filter(|l| l.contains("iifname")).map(|l| format!("{l}\n")).collect::<String>()));
+        for ns in &me.peer_ns {
+            for j in 1..=3 {
+                me.lab.link_loss(ns, &format!("p{j}"), loss_pct, loss_pct);
             }
         }
         me
@@ -814,6 +828,78 @@ pub fn ping(ns: &str, dst: &str, count: u32, interval: &str, extra: &[&str]) -> 
         .collect()
 }
 
+/// How long a TCP receiver waits for the connection through a tunnel under test.
+const ACCEPT_WITHIN: Duration = Duration::from_secs(20);
+
+/// Accepts one connection within `within`, or none; the stream is blocking.
+fn accept_within(l: &std::net::TcpListener, within: Duration) -> Option<std::net::TcpStream> {
+    l.set_nonblocking(true).ok()?;
+    let deadline = Instant::now() + within;
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).ok()?;
+                return Some(s);
+            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// TCP request/response latency, the way an interactive application sees a path: from
+/// `from_ns`, `count` requests of 64 bytes, one every `interval`, each answered with 64
+/// bytes by a server listening on `listen` in `to_ns` (nodelay on both sides). Returns
+/// the milliseconds of each answered transaction; the run ends early if one takes longer
+/// than 5 s or the whole exceeds `count * interval + 30 s`.
+pub fn tcp_request_response(
+    from_ns: &str,
+    connect: SocketAddr,
+    to_ns: &str,
+    listen: SocketAddr,
+    count: usize,
+    interval: Duration,
+) -> Vec<f64> {
+    use std::io::{Read, Write};
+    const MESSAGE: usize = 64;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = spawn_in_ns(to_ns, move || {
+        let l = std::net::TcpListener::bind(listen).expect("listen");
+        ready_tx.send(()).expect("ready");
+        let Some(mut s) = accept_within(&l, ACCEPT_WITHIN) else { return };
+        let _ = s.set_nodelay(true);
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut buf = [0u8; MESSAGE];
+        while s.read_exact(&mut buf).is_ok() && s.write_all(&buf).is_ok() {}
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).expect("server ready");
+    let client = spawn_in_ns(from_ns, move || {
+        let mut ms = Vec::with_capacity(count);
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&connect, Duration::from_secs(10)) else { return ms };
+        let _ = s.set_nodelay(true);
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+        let start = Instant::now();
+        let give_up = interval * count as u32 + Duration::from_secs(30);
+        let mut buf = [0x5au8; MESSAGE];
+        for k in 0..count {
+            let due = start + interval * k as u32;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let t = Instant::now();
+            if s.write_all(&buf).is_err() || s.read_exact(&mut buf).is_err() || start.elapsed() > give_up {
+                break;
+            }
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        ms
+    });
+    let ms = client.join().expect("client");
+    let _ = server.join();
+    ms
+}
+
 /// Single-stream TCP goodput: from `from_ns`, connect to `connect`, which leads (maybe
 /// through a tunnel) to a listener at `listen` in `to_ns`. Sends for at most `max_secs`
 /// or `max_bytes`; returns Mbit/s received.
@@ -829,18 +915,9 @@ pub fn tcp_goodput(
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let receiver = spawn_in_ns(to_ns, move || {
         let l = std::net::TcpListener::bind(listen).expect("listen");
-        l.set_nonblocking(true).expect("nonblocking");
         ready_tx.send(()).expect("ready");
-        // bounded: a tunnel that never delivers the connection counts as 0
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut s = loop {
-            match l.accept() {
-                Ok((s, _)) => break s,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-                Err(_) => return (0, 1.0),
-            }
-        };
-        s.set_nonblocking(false).expect("blocking");
+        // a tunnel that never delivers the connection counts as 0
+        let Some(mut s) = accept_within(&l, ACCEPT_WITHIN) else { return (0, 1.0) };
         s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
         let mut n = 0usize;
         let mut buf = vec![0u8; 65536];
