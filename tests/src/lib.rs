@@ -142,15 +142,17 @@ impl Lab {
         self.ingress_loss(&near.0, &near.1, in_pct);
     }
 
-    /// Drops `pct` percent of the packets arriving on `ifname` (netdev ingress hook, one
-    /// table per interface, replaced on each call).
+    /// Drops `pct` percent of the IP packets arriving on `ifname` (netdev ingress hook,
+    /// one table per interface, replaced on each call).
     fn ingress_loss(&self, ns: &str, ifname: &str, pct: u32) {
         let table: String = ifname.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
         let reset = format!("table netdev loss_{table}\ndelete table netdev loss_{table}\n");
+        // IP only: ARP stays reliable (the lossy part of a real path lies beyond the first
+        // hop; lost ARP would stall a path for seconds, which is not what is measured)
         let rule = match pct {
             0 => return self.nft(ns, &reset),
-            100.. => "drop".to_string(),
-            p => format!("numgen random mod 100 < {p} drop"),
+            100.. => "meta protocol { ip, ip6 } drop".to_string(),
+            p => format!("meta protocol {{ ip, ip6 }} numgen random mod 100 < {p} drop"),
         };
         self.nft(
             ns,
