@@ -4,6 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Datagrams per system call.
 pub const BATCH: usize = 32;
@@ -117,41 +118,112 @@ impl RecvBatch {
     }
 }
 
+/// Most datagrams in one UDP GSO send (the kernel's UDP_MAX_SEGMENTS is 64).
+const GSO_MAX_SEGMENTS: usize = 64;
+/// Most bytes in one UDP GSO send (one UDP datagram's worth).
+const GSO_MAX_BYTES: usize = 65_507;
+/// Larger datagrams are not segmented: they would exceed a 1500-byte path MTU, and the
+/// kernel refuses to fragment GSO segments.
+const GSO_MAX_SEGMENT_BYTES: usize = 1_452;
+/// Cleared the first time a device cannot segment (EIO): plain sends from then on.
+static GSO_USABLE: AtomicBool = AtomicBool::new(true);
+
 /// Sends the datagrams `which` of `batch` with `sendmmsg`, to `to` (or, with `None`, on a
-/// connected socket). Returns how many went out; a datagram the kernel refuses is skipped.
+/// connected socket). Runs of equal-sized datagrams go as one UDP GSO message each (one
+/// pass through the stack, segmented below it); the kernel sends the segments in order.
+/// Returns how many datagrams went out; a message the kernel refuses is skipped (a GSO
+/// message it cannot segment is first retried as plain datagrams).
 pub fn send_batch(fd: RawFd, batch: &RecvBatch, which: &[usize], to: Option<SocketAddr>) -> usize {
     let dest = to.map(socket2::SockAddr::from);
     let mut sent = 0;
     let mut start = 0;
+    // datagrams before this index of `which` go without GSO (a GSO message failed)
+    let mut plain_until = 0;
     while start < which.len() {
         let chunk = &which[start..which.len().min(start + BATCH)];
-        // SAFETY: zeroed iovec/mmsghdr are valid; pointers reference `batch` and `dest`,
-        // which outlive the call; the kernel only reads them.
+        let gso = GSO_USABLE.load(Ordering::Relaxed);
+        // SAFETY: zeroed iovec/mmsghdr are valid; pointers reference `batch`, `dest` and
+        // the arrays here, which outlive the call; the kernel only reads them.
         let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
         let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-        for (k, &i) in chunk.iter().enumerate() {
-            let d = batch.datagram(i);
-            iov[k].iov_base = d.as_ptr() as *mut libc::c_void;
-            iov[k].iov_len = d.len();
-            let h = &mut msgs[k].msg_hdr;
+        // room for one cmsghdr carrying a u16, 8-byte aligned
+        let mut controls = [[0u64; 4]; BATCH];
+        let mut runs = [0usize; BATCH];
+        let (mut m, mut k) = (0, 0);
+        while k < chunk.len() {
+            let first = batch.datagram(chunk[k]).len();
+            let mut run = 1;
+            if gso && start + k >= plain_until && first <= GSO_MAX_SEGMENT_BYTES {
+                let mut total = first;
+                while k + run < chunk.len() && run < GSO_MAX_SEGMENTS {
+                    let next = batch.datagram(chunk[k + run]).len();
+                    // equal segments; only the last may be shorter
+                    if next > first || total + next > GSO_MAX_BYTES || next == 0 {
+                        break;
+                    }
+                    total += next;
+                    run += 1;
+                    if next < first {
+                        break;
+                    }
+                }
+            }
+            for (v, &i) in iov[k..k + run].iter_mut().zip(&chunk[k..k + run]) {
+                let d = batch.datagram(i);
+                v.iov_base = d.as_ptr() as *mut libc::c_void;
+                v.iov_len = d.len();
+            }
+            let h = &mut msgs[m].msg_hdr;
             if let Some(a) = &dest {
                 h.msg_name = a.as_ptr() as *mut libc::c_void;
                 h.msg_namelen = a.len();
             }
             h.msg_iov = &mut iov[k];
-            h.msg_iovlen = 1;
+            h.msg_iovlen = run;
+            if run > 1 {
+                set_segment_size(h, &mut controls[m], first as u16);
+            }
+            runs[m] = run;
+            m += 1;
+            k += run;
         }
-        // SAFETY: chunk.len() headers initialised above.
-        let r = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), chunk.len() as libc::c_uint, libc::MSG_DONTWAIT) };
-        if r <= 0 {
-            // the first datagram failed (full buffer, ICMP error): skip it, go on
-            start += 1;
+        // SAFETY: m headers initialised above.
+        let r = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), m as libc::c_uint, libc::MSG_DONTWAIT) };
+        if r > 0 {
+            let done: usize = runs[..r as usize].iter().sum();
+            sent += done;
+            start += done;
+            continue;
+        }
+        // the first message failed
+        let e = io::Error::last_os_error().raw_os_error();
+        if runs[0] > 1 && !matches!(e, Some(libc::EAGAIN | libc::ENOBUFS)) {
+            if e == Some(libc::EIO) {
+                GSO_USABLE.store(false, Ordering::Relaxed);
+            }
+            plain_until = start + runs[0];
         } else {
-            sent += r as usize;
-            start += r as usize;
+            // full buffer, ICMP error, refused: this message is lost, go on
+            start += runs[0];
         }
     }
     sent
+}
+
+/// Attaches a UDP_SEGMENT control message (GSO segment size) to `h`, in `control`.
+fn set_segment_size(h: &mut libc::msghdr, control: &mut [u64; 4], size: u16) {
+    // SAFETY: `control` is 8-byte aligned and 32 bytes, more than CMSG_SPACE(2) (24);
+    // CMSG_FIRSTHDR/CMSG_DATA point inside it once msg_control/msg_controllen are set.
+    unsafe {
+        let space = libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) as usize;
+        h.msg_control = control.as_mut_ptr().cast();
+        h.msg_controllen = space;
+        let c = libc::CMSG_FIRSTHDR(h);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = libc::UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), size);
+    }
 }
 
 #[cfg(test)]
@@ -167,16 +239,9 @@ mod tests {
         for k in 0..3u8 {
             tx.send_to(&[k; 5], rx.local_addr().unwrap()).unwrap();
         }
+        // loopback delivers during send_to; one recvmmsg then takes them all
         let mut b = RecvBatch::new();
-        let mut n = 0;
-        for _ in 0..100 {
-            n += b.recv_leaving(rx.as_raw_fd(), 7, 16).unwrap();
-            if n == 3 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        assert_eq!(b.len(), 3, "all three in one batch");
+        assert_eq!(b.recv_leaving(rx.as_raw_fd(), 7, 16).unwrap(), 3);
         for i in 0..3 {
             assert_eq!(b.datagram(i), &[i as u8; 5]);
             assert_eq!(b.source(i), Some(tx.local_addr().unwrap()));
@@ -194,6 +259,30 @@ mod tests {
             let n = rx.recv(&mut buf).unwrap();
             assert_eq!(&buf[..7], b"header:");
             assert_eq!(&buf[7..n], &[want; 5]);
+        }
+    }
+
+    #[test]
+    fn gso_runs_arrive_as_separate_datagrams_in_order() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // runs: 4 x 100 bytes with a 50-byte tail, then 100, 100, then one of 1500 (not
+        // segmented: above GSO_MAX_SEGMENT_BYTES)
+        let sizes = [100usize, 100, 100, 100, 50, 100, 100, 1500];
+        for (k, &n) in sizes.iter().enumerate() {
+            tx.send_to(&vec![k as u8; n], rx.local_addr().unwrap()).unwrap();
+        }
+        // loopback delivers during send_to; one recvmmsg then takes them all
+        let mut b = RecvBatch::new();
+        assert_eq!(b.recv(rx.as_raw_fd()).unwrap(), sizes.len());
+        let out = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let which: Vec<usize> = (0..sizes.len()).collect();
+        assert_eq!(send_batch(out.as_raw_fd(), &b, &which, Some(rx.local_addr().unwrap())), sizes.len());
+        let mut buf = [0u8; 2048];
+        for (k, &size) in sizes.iter().enumerate() {
+            let n = rx.recv(&mut buf).unwrap();
+            assert_eq!(n, size, "datagram {k} keeps its size");
+            assert!(buf[..n].iter().all(|&x| x == k as u8), "datagram {k} in order");
         }
     }
 }
