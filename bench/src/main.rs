@@ -3,9 +3,11 @@
 //! Lab: a client host with three links to three bridge hosts and one direct link to the
 //! server host. Bridge 1 runs a socat relay to the sink (the one-relay baseline) and an
 //! mpbridge to mpserver; bridges 2 and 3 run mpbridge. The server host runs mpserver and
-//! a UDP sink/echo. Loss is nftables on the client's links, per direction. Every cell is
-//! measured with the same load generator in the same run; the lab is deleted at the end
-//! (also on failure or Ctrl-C).
+//! a UDP sink/echo. Loss is applied per direction on the client's links, dropped at the
+//! receiving end (`Lab::link_loss`). Every cell is measured with the same load generator in
+//! the same run; the lab is deleted at the end (also on failure or Ctrl-C). The full mode
+//! adds single-stream TCP through TCP without a tunnel, kcptun, OpenVPN (one path and over
+//! our tunnel) and our VPN; targets are medians of interleaved rounds.
 //!
 //! iperf3 is not used for the UDP cells: it needs a TCP control connection, which a
 //! UDP-only tunnel does not carry; the generator here paces numbered, timestamped
