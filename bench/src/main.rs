@@ -299,34 +299,12 @@ struct CpuSnapshot(BTreeMap<u32, f64>);
 
 impl CpuSnapshot {
     fn of(pid: u32) -> Self {
-        let all: Vec<(u32, u32, f64)> = std::fs::read_dir("/proc")
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-                    .filter_map(|p| {
-                        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-                        let rest = stat.rsplit_once(')')?.1;
-                        let f: Vec<&str> = rest.split_whitespace().collect();
-                        let ppid = f.get(1)?.parse().ok()?;
-                        let t = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-                        Some((p, ppid, t / clk_tck()))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut tree = BTreeMap::new();
-        let mut stack = vec![pid];
-        while let Some(p) = stack.pop() {
-            for &(q, ppid, t) in &all {
-                if q == p {
-                    tree.insert(q, t);
-                }
-                if ppid == p {
-                    stack.push(q);
-                }
-            }
-        }
-        Self(tree)
+        let cpu = |p: u32| -> Option<f64> {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / clk_tck())
+        };
+        Self(tests::process_tree(pid).into_iter().filter_map(|p| Some((p, cpu(p)?))).collect())
     }
 
     /// CPU seconds spent since `earlier`. A descendant that exited in between (socat's

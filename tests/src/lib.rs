@@ -198,11 +198,10 @@ impl Lab {
         self.procs.len() - 1
     }
 
-    /// `kill -9` a process this lab started, and reap it.
+    /// `kill -9` a process this lab started and its descendants (socat's per-flow
+    /// children would otherwise outlive it until their idle timeout), and reap it.
     pub fn kill9(&mut self, idx: usize) {
-        let p = &mut self.procs[idx];
-        let _ = p.child.kill();
-        let _ = p.child.wait();
+        kill9_tree(&mut self.procs[idx].child);
     }
 
     /// The PID of a process this lab started.
@@ -231,14 +230,52 @@ impl Lab {
     }
 }
 
+/// `pid` and all its descendants, parents first, from /proc.
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter_map(|p| {
+                    let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                    let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+                    Some((p, ppid))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut tree = vec![pid];
+    let mut k = 0;
+    while k < tree.len() {
+        let p = tree[k];
+        tree.extend(parents.iter().filter(|&&(_, ppid)| ppid == p).map(|&(q, _)| q));
+        k += 1;
+    }
+    tree
+}
+
+/// SIGKILL to a child this process started and to its descendants (by PID), then reaps it.
+fn kill9_tree(child: &mut Child) {
+    let descendants = match child.try_wait() {
+        Ok(None) => process_tree(child.id()).split_off(1),
+        _ => Vec::new(),
+    };
+    // the parent first, so it cannot fork again; its orphans keep their PIDs
+    let _ = child.kill();
+    for pid in descendants {
+        // SAFETY: kill has no memory preconditions; these PIDs descend from our child.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    let _ = child.wait();
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.dump_logs();
         }
         for p in &mut self.procs {
-            let _ = p.child.kill();
-            let _ = p.child.wait();
+            kill9_tree(&mut p.child);
         }
         for ns in &self.namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
