@@ -832,29 +832,24 @@ fn bench(scale: Scale, date: &str, profile: Option<&Path>) -> Results {
         cells.push(c);
     }
     // heterogeneous paths, 3 paths, AES-256-GCM
-    r.bl.client(3, "aes-256-gcm");
-    r.bl.loss(0);
-    r.bl.bridge_delays(&[20, 40, 60]);
-    r.bl.client(3, "aes-256-gcm");
-    let mut c = Cell {
-        name: "tunnel 3 paths, delays 20/40/60 ms each way".into(),
+    let heterogeneous = |name: &str| Cell {
+        name: name.into(),
         setup: "heterogeneous".into(),
         paths: 3,
         cipher: "aes-256-gcm".into(),
         ..Cell::default()
     };
+    r.bl.client(3, "aes-256-gcm");
+    r.bl.loss(0);
+    r.bl.bridge_delays(&[20, 40, 60]);
+    r.bl.client(3, "aes-256-gcm");
+    let mut c = heterogeneous("tunnel 3 paths, delays 20/40/60 ms each way");
     r.rtt(&mut c, tunnel);
     cells.push(c);
     r.bl.bridge_delays(&[0, 0, 0]);
     r.bl.client(3, "aes-256-gcm");
     r.bl.rates(&[10, 50, 100]);
-    let mut c = Cell {
-        name: "tunnel 3 paths, rates 10/50/100 Mbit/s".into(),
-        setup: "heterogeneous".into(),
-        paths: 3,
-        cipher: "aes-256-gcm".into(),
-        ..Cell::default()
-    };
+    let mut c = heterogeneous("tunnel 3 paths, rates 10/50/100 Mbit/s");
     let saved = r.scale.offered_mbit;
     r.scale.offered_mbit = &[10, 50, 100, 200];
     r.rtt(&mut c, tunnel);
@@ -863,13 +858,7 @@ fn bench(scale: Scale, date: &str, profile: Option<&Path>) -> Results {
     cells.push(c);
     r.bl.rates(&[0, 0, 0]);
     r.bl.blackhole("c2");
-    let mut c = Cell {
-        name: "tunnel 3 paths, path 2 dead".into(),
-        setup: "heterogeneous".into(),
-        paths: 3,
-        cipher: "aes-256-gcm".into(),
-        ..Cell::default()
-    };
+    let mut c = heterogeneous("tunnel 3 paths, path 2 dead");
     std::thread::sleep(Duration::from_millis(1200));
     r.rtt(&mut c, tunnel);
     r.throughput(&mut c, tunnel, &[], &[]);

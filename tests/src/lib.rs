@@ -774,27 +774,7 @@ impl VpnLab {
 
     /// `ping` from peer host `i`; returns the RTTs (ms) of the answers.
     pub fn ping(&self, i: usize, dst: &str, count: u32, interval: &str, extra: &[&str]) -> Vec<f64> {
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            &self.peer_ns[i],
-            "ping",
-            "-n",
-            "-W",
-            "2",
-            "-c",
-            &count.to_string(),
-            "-i",
-            interval,
-        ]);
-        cmd.args(extra).arg(dst);
-        let out = cmd.output().expect("ping");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split("time=").nth(1))
-            .filter_map(|t| t.split_whitespace().next()?.parse().ok())
-            .collect()
+        ping(&self.peer_ns[i], dst, count, interval, extra)
     }
 }
 

@@ -48,6 +48,18 @@ fn fail<T>(message: String) -> T {
     exit_with_error("mpvpn", &message)
 }
 
+/// Runs a daemon with logging at `level` under `prog`; a fatal error is logged, then the
+/// process exits non-zero.
+fn daemon(level: &str, prog: &'static str, run: impl FnOnce(slog::Logger) -> Result<(), String>) {
+    let (log, guard) = common::log::init(level);
+    let log = log.new(slog::o!("prog" => prog));
+    if let Err(e) = run(log.clone()) {
+        slog::crit!(log, "{}", e);
+        drop(guard);
+        fail::<()>(e);
+    }
+}
+
 fn main() {
     let default_control = || control::default_control_path("mpvpn");
     match Cli::parse().command {
@@ -62,23 +74,13 @@ fn main() {
         }
         Command::Hub { config, control: c } => {
             let cfg = HubConfig::load(&config).unwrap_or_else(|e| fail(e.to_string()));
-            let (log, guard) = common::log::init(&cfg.log_level);
-            let log = log.new(slog::o!("prog" => "mpvpn-hub"));
-            if let Err(e) = run_hub(cfg, c.unwrap_or_else(default_control), log.clone()) {
-                slog::crit!(log, "{}", e);
-                drop(guard);
-                fail::<()>(e);
-            }
+            let level = cfg.log_level.clone();
+            daemon(&level, "mpvpn-hub", |log| run_hub(cfg, c.unwrap_or_else(default_control), log));
         }
         Command::Peer { config, control: c } => {
             let cfg = PeerConfig::load(&config).unwrap_or_else(|e| fail(e.to_string()));
-            let (log, guard) = common::log::init(&cfg.log_level);
-            let log = log.new(slog::o!("prog" => "mpvpn-peer"));
-            if let Err(e) = run_peer(cfg, c.unwrap_or_else(default_control), log.clone()) {
-                slog::crit!(log, "{}", e);
-                drop(guard);
-                fail::<()>(e);
-            }
+            let level = cfg.log_level.clone();
+            daemon(&level, "mpvpn-peer", |log| run_peer(cfg, c.unwrap_or_else(default_control), log));
         }
     }
 }
