@@ -262,6 +262,7 @@ pub fn run_hub(c: HubConfig, control_path: PathBuf, log: Logger) -> Result<(), S
     info!(log, "mpvpn hub up"; "tun" => &c.tun, "address" => %hub_addr, "network" => %c.network, "mtu" => mtu,
         "peers_configured" => c.peers.len());
     let mut buf = vec![0u8; 65536];
+    let mut out = vec![0u8; 65536];
     loop {
         let deadline = [core.poll_timeout(), tunnel.poll_timeout(), Some(Instant::now() + Duration::from_secs(1))]
             .into_iter()
@@ -292,12 +293,12 @@ pub fn run_hub(c: HubConfig, control_path: PathBuf, log: Logger) -> Result<(), S
             if pending {
                 io.still_pending(token);
             }
-            flush_hub(&mut core, &mut tunnel, &dev, &log);
+            flush_hub(&mut core, &mut tunnel, &dev, &mut out, &log);
         }
         let now = Instant::now();
         tunnel.handle_timeout(now);
         core.handle_timeout(now);
-        flush_hub(&mut core, &mut tunnel, &dev, &log);
+        flush_hub(&mut core, &mut tunnel, &dev, &mut out, &log);
     }
 }
 
@@ -317,14 +318,15 @@ fn hub_status(core: &Hub, tun: &str, addr: Ipv4Addr) -> VpnStatus {
     }
 }
 
-fn flush_hub(core: &mut Hub, tunnel: &mut HubTunnel, dev: &tun::Device, log: &Logger) {
-    while let Some((to, d)) = core.poll_transmit() {
-        if let Err(e) = tunnel.send(to, &d) {
+/// Sends what the core queued (through `out`, reused) and logs its events.
+fn flush_hub(core: &mut Hub, tunnel: &mut HubTunnel, dev: &tun::Device, out: &mut [u8], log: &Logger) {
+    while let Some((to, n)) = core.poll_transmit(out) {
+        if let Err(e) = tunnel.send(to, &out[..n]) {
             trace!(log, "send failed"; "to" => %to, "error" => %e);
         }
     }
-    while let Some(p) = core.poll_tun() {
-        let _ = dev.send(&p);
+    while let Some(n) = core.poll_tun(out) {
+        let _ = dev.send(&out[..n]);
     }
     while let Some(ev) = core.poll_event() {
         match ev {
@@ -424,6 +426,7 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: Logger) -> Result<(),
     let ctl = control_listener(&control_path, &io)?;
     info!(log, "mpvpn peer starting"; "name" => &c.name, "tun" => &c.tun, "routes" => c.routes.len());
     let mut buf = vec![0u8; 65536];
+    let mut out = vec![0u8; 65536];
     let mut installed: Vec<Prefix> = Vec::new();
     loop {
         let deadline =
@@ -453,12 +456,12 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: Logger) -> Result<(),
             if pending {
                 io.still_pending(token);
             }
-            flush_peer(&mut core, &mut tunnel, &dev, &c.tun, &mut installed, &log)?;
+            flush_peer(&mut core, &mut tunnel, &dev, &mut out, &c.tun, &mut installed, &log)?;
         }
         let now = Instant::now();
         tunnel.handle_timeout(now);
         core.handle_timeout(now, wall_ms());
-        flush_peer(&mut core, &mut tunnel, &dev, &c.tun, &mut installed, &log)?;
+        flush_peer(&mut core, &mut tunnel, &dev, &mut out, &c.tun, &mut installed, &log)?;
     }
 }
 
@@ -494,21 +497,24 @@ fn peer_status(core: &Peer, name: &str, tun: &str) -> VpnStatus {
     }
 }
 
+/// Sends what the core queued (through `out`, reused), applies its configuration and
+/// logs its events.
 fn flush_peer(
     core: &mut Peer,
     tunnel: &mut PeerTunnel,
     dev: &tun::Device,
+    out: &mut [u8],
     tun: &str,
     installed: &mut Vec<Prefix>,
     log: &Logger,
 ) -> Result<(), String> {
-    while let Some(d) = core.poll_transmit() {
-        if let Err(e) = tunnel.send(&d) {
+    while let Some(n) = core.poll_transmit(out) {
+        if let Err(e) = tunnel.send(&out[..n]) {
             trace!(log, "send to mpclient failed"; "error" => %e);
         }
     }
-    while let Some(p) = core.poll_tun() {
-        let _ = dev.send(&p);
+    while let Some(n) = core.poll_tun(out) {
+        let _ = dev.send(&out[..n]);
     }
     while let Some(ev) = core.poll_event() {
         match ev {

@@ -12,6 +12,7 @@
 
 use crate::ip::{self, Prefix};
 use crate::kcplink::{KcpLink, LinkError};
+use crate::queue::PacketQueue;
 use crate::wire::{
     self, HeartbeatAckRepr, HeartbeatRepr, PeerEntry, PeerKey, RefusalReason, RefusalRepr, RegisterRepr, WelcomeRepr,
     INNER_IP, MSG_HEARTBEAT, MSG_KCP, MSG_REGISTER,
@@ -103,7 +104,7 @@ pub struct Hub {
     next_id: u32,
     peers_version: u32,
     transmit: VecDeque<(SocketAddr, Vec<u8>)>,
-    to_tun: VecDeque<Vec<u8>>,
+    to_tun: PacketQueue,
     events: VecDeque<HubEvent>,
     pub drops: HubDrops,
     buf: Vec<u8>,
@@ -122,7 +123,7 @@ impl Hub {
             next_id: first_peer_id.max(1),
             peers_version: 1,
             transmit: VecDeque::new(),
-            to_tun: VecDeque::new(),
+            to_tun: PacketQueue::default(),
             events: VecDeque::new(),
             drops: HubDrops::default(),
             buf: vec![0; 65536],
@@ -360,7 +361,7 @@ impl Hub {
                 if target.is_some_and(|d| self.cfg.network.contains(d) && d != self.cfg.hub_addr) {
                     self.drops.no_route += 1; // a VPN address nobody has
                 } else {
-                    self.to_tun.push_back(packet.to_vec()); // the hub itself, or beyond it
+                    self.to_tun.push(&[packet]); // the hub itself, or beyond it
                 }
             }
         }
@@ -408,20 +409,25 @@ impl Hub {
         }
     }
 
-    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
-        if let Some(t) = self.transmit.pop_front() {
-            return Some(t);
+    /// Next datagram for the tunnel, into `out` (at least a tunnel payload): where to and
+    /// its length.
+    pub fn poll_transmit(&mut self, out: &mut [u8]) -> Option<(SocketAddr, usize)> {
+        if let Some((to, d)) = self.transmit.pop_front() {
+            let n = d.len().min(out.len());
+            out[..n].copy_from_slice(&d[..n]);
+            return Some((to, n));
         }
         for p in self.peers.values_mut() {
-            if let Some(d) = p.link.poll_transmit() {
-                return Some((p.tunnel, d));
+            if let Some(n) = p.link.poll_transmit(out) {
+                return Some((p.tunnel, n));
             }
         }
         None
     }
 
-    pub fn poll_tun(&mut self) -> Option<Vec<u8>> {
-        self.to_tun.pop_front()
+    /// Next IP packet for the hub's TUN, into `out`; returns its length.
+    pub fn poll_tun(&mut self, out: &mut [u8]) -> Option<usize> {
+        self.to_tun.pop_into(out)
     }
 
     pub fn poll_event(&mut self) -> Option<HubEvent> {
@@ -514,8 +520,9 @@ pub fn fuzz_peer_input(data: &[u8]) {
         }
         now += Duration::from_millis(u64::from(len % 16));
         hub.handle_timeout(now);
-        while hub.poll_transmit().is_some() {}
-        while hub.poll_tun().is_some() {}
+        let mut out = [0u8; 65536];
+        while hub.poll_transmit(&mut out).is_some() {}
+        while hub.poll_tun(&mut out).is_some() {}
         while hub.poll_event().is_some() {}
     }
     // still serving: a valid heartbeat from the peer (if it survived) gets an ack
@@ -523,6 +530,6 @@ pub fn fuzz_peer_input(data: &[u8]) {
         let hb =
             HeartbeatRepr { peer_id: p.id, seq: 1, timestamp_ms: u64::MAX - 1, rtt_us: 0 }.emit(&PeerKey::new(&key));
         hub.handle_datagram(now, wall, from, &hb);
-        assert!(hub.poll_transmit().is_some(), "hub stopped answering its peer");
+        assert!(hub.poll_transmit(&mut [0u8; 2048]).is_some(), "hub stopped answering its peer");
     }
 }

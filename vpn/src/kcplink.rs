@@ -7,10 +7,10 @@
 //! in every profile); input and receive run under `catch_unwind`, and a link that panicked
 //! is reported broken so the caller can drop it: one bad peer cannot take the hub down.
 
+use crate::queue::PacketQueue;
 use crate::wire::{INNER_IP, MSG_KCP};
 use kcp::Kcp;
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
@@ -32,14 +32,11 @@ pub fn kcp_mtu(tunnel_payload: usize) -> usize {
 
 /// Collects KCP's output datagrams, each prefixed with `MSG_KCP`.
 #[derive(Clone, Default)]
-struct OutQueue(Rc<RefCell<VecDeque<Vec<u8>>>>);
+struct OutQueue(Rc<RefCell<PacketQueue>>);
 
 impl Write for OutQueue {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut d = Vec::with_capacity(buf.len() + 1);
-        d.push(MSG_KCP);
-        d.extend_from_slice(buf);
-        self.0.borrow_mut().push_back(d);
+        self.0.borrow_mut().push(&[&[MSG_KCP], buf]);
         Ok(buf.len())
     }
 
@@ -174,9 +171,9 @@ impl KcpLink {
         }
     }
 
-    /// Next datagram for the tunnel.
-    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.out.0.borrow_mut().pop_front()
+    /// Next datagram for the tunnel, into `out`; returns its length.
+    pub fn poll_transmit(&mut self, out: &mut [u8]) -> Option<usize> {
+        self.out.0.borrow_mut().pop_into(out)
     }
 
     pub fn poll_timeout(&self) -> Instant {
@@ -210,11 +207,12 @@ mod tests {
     use super::*;
 
     fn pump(a: &mut KcpLink, b: &mut KcpLink, now: Instant) {
-        while let Some(d) = a.poll_transmit() {
-            let _ = b.input(now, &d[1..]);
+        let mut d = [0u8; 2048];
+        while let Some(n) = a.poll_transmit(&mut d) {
+            let _ = b.input(now, &d[1..n]);
         }
-        while let Some(d) = b.poll_transmit() {
-            let _ = a.input(now, &d[1..]);
+        while let Some(n) = b.poll_transmit(&mut d) {
+            let _ = a.input(now, &d[1..n]);
         }
     }
 

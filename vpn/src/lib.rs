@@ -10,6 +10,7 @@ pub mod hub;
 pub mod ip;
 pub mod kcplink;
 pub mod peer;
+pub mod queue;
 pub mod wire;
 
 /// TUN MTU: one inner packet must fit one tunnel datagram inside a 1500-byte outer MTU.

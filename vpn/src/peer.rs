@@ -8,6 +8,7 @@
 
 use crate::ip::{self, Prefix};
 use crate::kcplink::{KcpLink, LinkError};
+use crate::queue::PacketQueue;
 use crate::wire::{
     self, HeartbeatAckRepr, HeartbeatRepr, PeerEntry, PeerKey, RefusalReason, RefusalRepr, RegisterRepr, WelcomeRepr,
     INNER_IP, INNER_PEERS, MSG_HEARTBEAT_ACK, MSG_KCP, MSG_REFUSAL, MSG_WELCOME,
@@ -91,7 +92,7 @@ pub struct Peer {
     last_ack: Option<Instant>,
     last_ts: u64,
     transmit: VecDeque<Vec<u8>>,
-    to_tun: VecDeque<Vec<u8>>,
+    to_tun: PacketQueue,
     events: VecDeque<PeerEvent>,
     pub drops: PeerDrops,
     pub tx_bytes: u64,
@@ -115,7 +116,7 @@ impl Peer {
             last_ack: None,
             last_ts: 0,
             transmit: VecDeque::new(),
-            to_tun: VecDeque::new(),
+            to_tun: PacketQueue::default(),
             events: VecDeque::new(),
             drops: PeerDrops::default(),
             tx_bytes: 0,
@@ -275,7 +276,7 @@ impl Peer {
             match self.buf[..n].first() {
                 Some(&INNER_IP) => {
                     self.rx_bytes += (n - 1) as u64;
-                    self.to_tun.push_back(self.buf[1..n].to_vec());
+                    self.to_tun.push(&[&self.buf[1..n]]);
                 }
                 Some(&INNER_PEERS) => match wire::parse_peer_list(&self.buf[..n]) {
                     Ok((_, list)) => self.set_peer_list(list),
@@ -320,18 +321,23 @@ impl Peer {
         self.events.push_back(PeerEvent::HubLost);
     }
 
-    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+    /// Next datagram for the tunnel, into `out` (at least a tunnel payload); returns its
+    /// length.
+    pub fn poll_transmit(&mut self, out: &mut [u8]) -> Option<usize> {
         if let Some(d) = self.transmit.pop_front() {
-            return Some(d);
+            let n = d.len().min(out.len());
+            out[..n].copy_from_slice(&d[..n]);
+            return Some(n);
         }
         match &mut self.state {
-            State::Up(s) => s.link.poll_transmit(),
+            State::Up(s) => s.link.poll_transmit(out),
             State::Registering { .. } => None,
         }
     }
 
-    pub fn poll_tun(&mut self) -> Option<Vec<u8>> {
-        self.to_tun.pop_front()
+    /// Next IP packet for the TUN, into `out`; returns its length.
+    pub fn poll_tun(&mut self, out: &mut [u8]) -> Option<usize> {
+        self.to_tun.pop_into(out)
     }
 
     pub fn poll_event(&mut self) -> Option<PeerEvent> {

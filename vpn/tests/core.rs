@@ -52,6 +52,8 @@ struct Net {
     loss: f64,
     rng: SimRng,
     hub_tun_rx: Vec<Vec<u8>>,
+    /// Where the cores write what they send.
+    out: Vec<u8>,
 }
 
 impl Net {
@@ -66,6 +68,7 @@ impl Net {
             loss: 0.0,
             rng: SimRng::new(1),
             hub_tun_rx: Vec::new(),
+            out: vec![0; 65536],
         }
     }
 
@@ -94,18 +97,18 @@ impl Net {
         for _ in 0..100 {
             let mut moved = false;
             for p in &mut self.peers {
-                while let Some(d) = p.core.poll_transmit() {
+                while let Some(n) = p.core.poll_transmit(&mut self.out) {
                     moved = true;
                     if self.hub_up && !self.rng.chance(self.loss) {
-                        self.hub.handle_datagram(self.now, wall, p.tunnel, &d);
+                        self.hub.handle_datagram(self.now, wall, p.tunnel, &self.out[..n]);
                     }
                 }
             }
-            while let Some((to, d)) = self.hub.poll_transmit() {
+            while let Some((to, n)) = self.hub.poll_transmit(&mut self.out) {
                 moved = true;
                 if let Some(p) = self.peers.iter_mut().find(|p| p.tunnel == to) {
                     if self.hub_up && !self.rng.chance(self.loss) {
-                        p.core.handle_datagram(self.now, &d);
+                        p.core.handle_datagram(self.now, &self.out[..n]);
                     }
                 }
             }
@@ -113,13 +116,13 @@ impl Net {
                 while let Some(ev) = p.core.poll_event() {
                     p.events.push(ev);
                 }
-                while let Some(pkt) = p.core.poll_tun() {
-                    p.tun_rx.push(pkt);
+                while let Some(n) = p.core.poll_tun(&mut self.out) {
+                    p.tun_rx.push(self.out[..n].to_vec());
                 }
             }
             while self.hub.poll_event().is_some() {}
-            while let Some(pkt) = self.hub.poll_tun() {
-                self.hub_tun_rx.push(pkt);
+            while let Some(n) = self.hub.poll_tun(&mut self.out) {
+                self.hub_tun_rx.push(self.out[..n].to_vec());
             }
             if !moved {
                 break;
@@ -320,8 +323,9 @@ fn replayed_register_is_refused() {
     let mut first = None;
     let (now, wall) = (net.now, net.wall_ms());
     net.peers[0].core.handle_timeout(now, wall);
-    if let Some(d) = net.peers[0].core.poll_transmit() {
-        first = Some(d);
+    let mut out = [0u8; 2048];
+    if let Some(n) = net.peers[0].core.poll_transmit(&mut out) {
+        first = Some(out[..n].to_vec());
     }
     let reg = first.unwrap();
     let wall = net.wall_ms();
