@@ -3,8 +3,11 @@
 //! Fast mode as the design asks: nodelay, 10 ms interval, fast resend after 2 duplicate
 //! ACKs, no congestion window; windows of `KCP_WINDOW` segments and a bounded send queue.
 //! Every IP packet is one KCP message that fits one segment (the TUN MTU is derived so).
+//! `send` and `input` only queue; the flush runs when the caller next polls for datagrams,
+//! so the ACKs and small segments of one driver batch share datagrams instead of each
+//! going alone through every path.
 //! The kcp crate can panic on hostile segments (its own asserts; overflow checks are off
-//! in every profile); input and receive run under `catch_unwind`, and a link that panicked
+//! in every profile); every kcp call runs under `catch_unwind`, and a link that panicked
 //! is reported broken so the caller can drop it: one bad peer cannot take the hub down.
 
 use crate::queue::PacketQueue;
@@ -62,6 +65,8 @@ pub struct KcpLink {
     next_update: Instant,
     conv: u32,
     broken: bool,
+    /// Sent or received since the last flush: `poll_transmit` flushes first.
+    unflushed: bool,
     /// Reused to frame IP packets as `INNER_IP` messages (no allocation per packet).
     scratch: Vec<u8>,
 }
@@ -76,7 +81,7 @@ impl KcpLink {
         kcp.set_maximum_resend_times(KCP_DEAD_LINK_RESENDS);
         // flush() refuses to run before the first update()
         let _ = kcp.update(0);
-        Self { kcp, out, epoch: now, next_update: now, conv, broken: false, scratch: Vec::new() }
+        Self { kcp, out, epoch: now, next_update: now, conv, broken: false, unflushed: false, scratch: Vec::new() }
     }
 
     fn ms(&self, now: Instant) -> u32 {
@@ -96,7 +101,8 @@ impl KcpLink {
         self.broken || self.kcp.is_dead_link()
     }
 
-    /// Queues one message and flushes (so throughput is not capped by the interval).
+    /// Queues one message; it goes out at the next `poll_transmit`, not at the next
+    /// interval, so throughput is not capped by the interval.
     pub fn send(&mut self, msg: &[u8]) -> Result<(), LinkError> {
         if self.broken {
             return Err(LinkError::Broken);
@@ -104,18 +110,9 @@ impl KcpLink {
         if self.kcp.wait_snd() >= KCP_MAX_WAIT_SEGMENTS {
             return Err(LinkError::Full);
         }
+        self.unflushed = true;
         let kcp = &mut self.kcp;
-        let r = catch_unwind(AssertUnwindSafe(|| {
-            kcp.send(msg).map_err(|_| LinkError::Malformed)?;
-            kcp.flush().map_err(|_| LinkError::Malformed)
-        }));
-        match r {
-            Ok(r) => r,
-            Err(_) => {
-                self.broken = true;
-                Err(LinkError::Broken)
-            }
-        }
+        guarded(&mut self.broken, || kcp.send(msg).map(|_| ()).map_err(|_| LinkError::Malformed))
     }
 
     /// Sends one IP packet as an `INNER_IP` message.
@@ -129,7 +126,9 @@ impl KcpLink {
         r
     }
 
-    /// One KCP segment from the other side (without our `MSG_KCP` byte).
+    /// One KCP segment from the other side (without our `MSG_KCP` byte). Its ACK goes
+    /// out at the next `poll_transmit` (the end of the caller's batch), not at the next
+    /// interval: the tunnel below already adds a hop.
     pub fn input(&mut self, now: Instant, segment: &[u8]) -> Result<(), LinkError> {
         if self.broken {
             return Err(LinkError::Broken);
@@ -139,20 +138,13 @@ impl KcpLink {
             return Err(LinkError::Malformed);
         }
         let ms = self.ms(now);
+        self.unflushed = true;
         let kcp = &mut self.kcp;
-        let r = catch_unwind(AssertUnwindSafe(|| {
+        guarded(&mut self.broken, || {
             kcp.input(segment).map_err(|_| LinkError::Malformed)?;
-            // ACK at once: the tunnel below already adds a hop
-            kcp.update(ms).map_err(|_| LinkError::Malformed)?;
-            kcp.flush().map_err(|_| LinkError::Malformed)
-        }));
-        match r {
-            Ok(r) => r,
-            Err(_) => {
-                self.broken = true;
-                Err(LinkError::Broken)
-            }
-        }
+            // keeps KCP's clock current for RTT samples and the timestamps of new segments
+            kcp.update(ms).map_err(|_| LinkError::Malformed)
+        })
     }
 
     /// The next complete message, into `buf`.
@@ -161,18 +153,18 @@ impl KcpLink {
             return None;
         }
         let kcp = &mut self.kcp;
-        match catch_unwind(AssertUnwindSafe(|| kcp.recv(buf))) {
-            Ok(Ok(n)) => Some(n),
-            Ok(Err(_)) => None,
-            Err(_) => {
-                self.broken = true;
-                None
-            }
-        }
+        guarded(&mut self.broken, || Ok(kcp.recv(buf).ok())).ok().flatten()
     }
 
-    /// Next datagram for the tunnel, into `out`; returns its length.
+    /// Next datagram for the tunnel, into `out`; returns its length. Flushes what `send`
+    /// and `input` queued first, so one flush serves a whole batch.
     pub fn poll_transmit(&mut self, out: &mut [u8]) -> Option<usize> {
+        if self.unflushed && !self.broken {
+            self.unflushed = false;
+            let kcp = &mut self.kcp;
+            // a failed flush leaves nothing to send; a panic marks the link broken
+            let _ = guarded(&mut self.broken, || kcp.flush().map_err(|_| LinkError::Malformed));
+        }
         self.out.0.borrow_mut().pop_into(out)
     }
 
@@ -186,13 +178,12 @@ impl KcpLink {
         }
         let ms = self.ms(now);
         let kcp = &mut self.kcp;
-        match catch_unwind(AssertUnwindSafe(|| {
+        if let Ok(delay) = guarded(&mut self.broken, || {
             let _ = kcp.update(ms);
-            kcp.check(ms)
-        })) {
+            Ok(kcp.check(ms))
+        }) {
             // check() gives a delay in ms; at least 1 ms so we never spin
-            Ok(delay) => self.next_update = now + Duration::from_millis(u64::from(delay.max(1))),
-            Err(_) => self.broken = true,
+            self.next_update = now + Duration::from_millis(u64::from(delay.max(1)));
         }
     }
 
@@ -200,6 +191,14 @@ impl KcpLink {
     pub fn waiting(&self) -> usize {
         self.kcp.wait_snd()
     }
+}
+
+/// Runs kcp calls that hostile input may make panic; a panic marks the link `broken`.
+fn guarded<T>(broken: &mut bool, f: impl FnOnce() -> Result<T, LinkError>) -> Result<T, LinkError> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        *broken = true;
+        Err(LinkError::Broken)
+    })
 }
 
 #[cfg(test)]
