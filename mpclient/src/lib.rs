@@ -159,27 +159,9 @@ impl Multipath {
         token.0.checked_sub(self.token_base).filter(|&i| i < self.paths.len())
     }
 
-    /// Seals one datagram of an in-process application and sends the copies.
-    pub fn send(&mut self, now: Instant, from: SocketAddr, payload: &[u8]) {
-        let n = payload.len().min(self.buf.len() - DATA_PAYLOAD_OFFSET - AEAD_TAG_LEN);
-        self.buf[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + n].copy_from_slice(&payload[..n]);
-        match self.core.handle_app_datagram(now, from, &mut self.buf, n) {
-            ClientSend::Sealed { len, paths } => {
-                for p in paths.iter() {
-                    if let Err(e) = self.paths[p].send(&self.buf[..len]) {
-                        self.send_errors += 1;
-                        trace!(self.log, "path send failed"; "path" => p, "error" => %e);
-                    }
-                }
-            }
-            ClientSend::Queued => {}
-            ClientSend::Dropped(reason) => trace!(self.log, "dropped app datagram"; "reason" => ?reason),
-        }
-        self.flush(now);
-    }
-
     /// Seals in place the application datagrams of `batch` (received with
-    /// `recv_leaving(fd, DATA_PAYLOAD_OFFSET, AEAD_TAG_LEN)`) and sends each path its
+    /// `recv_leaving(fd, DATA_PAYLOAD_OFFSET, AEAD_TAG_LEN)`, or pushed with that room by
+    /// an in-process application) and sends each path its
     /// copies with one `sendmmsg`: under load, one system call per path per batch instead
     /// of one per copy.
     pub fn send_batch(&mut self, now: Instant, batch: &mut RecvBatch) {

@@ -11,7 +11,9 @@ use crate::peer::{Peer, PeerCoreConfig, PeerDrops, PeerEvent};
 use crate::wire::PeerKey;
 use crate::{TUNNEL_PAYLOAD, TUN_MTU};
 use common::config::{ClientConfig, ServerConfig};
+use common::driver::batch::{self, RecvBatch, BATCH};
 use common::driver::{self, control, Readiness};
+use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET};
 use mio::net::{UdpSocket, UnixListener};
 use mio::unix::SourceFd;
 use mio::{Interest, Token};
@@ -140,17 +142,42 @@ fn read_tun(dev: &tun::Device, buf: &mut [u8], mut each: impl FnMut(&[u8])) -> b
     true
 }
 
-/// Reads datagrams until empty or the budget is spent; true if data may remain.
-fn read_udp(sock: &UdpSocket, buf: &mut [u8], mut each: impl FnMut(SocketAddr, &[u8])) -> bool {
-    for _ in 0..READ_BUDGET {
-        match sock.recv_from(buf) {
-            Ok((n, from)) => each(from, &buf[..n]),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+/// Reads datagrams (`recvmmsg`, into `rx`) until empty or the budget is spent; true if
+/// data may remain.
+fn read_udp(sock: &UdpSocket, rx: &mut RecvBatch, mut each: impl FnMut(SocketAddr, &[u8])) -> bool {
+    for _ in 0..READ_BUDGET / BATCH {
+        match rx.recv(sock.as_raw_fd()) {
+            Ok(0) => return false,
+            Ok(n) => {
+                for i in 0..n {
+                    if let Some(from) = rx.source(i) {
+                        each(from, rx.datagram(i));
+                    }
+                }
+            }
             Err(e) if driver::is_transient(&e) => continue,
             Err(_) => return false,
         }
     }
     true
+}
+
+/// The driver's reused buffers: nothing is allocated per packet.
+struct IoBuffers {
+    /// One packet read from the TUN device.
+    tun_in: Vec<u8>,
+    /// Datagrams read from the tunnel socket.
+    rx: RecvBatch,
+    /// Datagrams for the tunnel, filled by the core.
+    tx: RecvBatch,
+    /// One packet for the TUN device, filled by the core.
+    out: Vec<u8>,
+}
+
+impl IoBuffers {
+    fn new() -> Self {
+        Self { tun_in: vec![0; 65536], rx: RecvBatch::new(), tx: RecvBatch::new(), out: vec![0; 65536] }
+    }
 }
 
 /// How the hub exchanges datagrams with the tunnel.
@@ -178,14 +205,27 @@ fn addr_slot(a: SocketAddr) -> Option<usize> {
 }
 
 impl HubTunnel {
-    fn send(&mut self, to: SocketAddr, d: &[u8]) -> std::io::Result<()> {
-        match self {
-            Self::Udp(s) => s.send_to(d, to).map(|_| ()),
-            Self::Embedded(t) => {
-                if let Some(slot) = addr_slot(to) {
-                    t.send(Instant::now(), slot, d);
+    /// Sends what the core has for the tunnel, a batch (`tx`) at a time: over UDP, each run
+    /// to one session goes with one `sendmmsg` (GSO where it can). Returns how many
+    /// datagrams could not be sent.
+    fn transmit(&mut self, core: &mut Hub, tx: &mut RecvBatch) -> usize {
+        let mut failed = 0;
+        loop {
+            tx.clear();
+            while !tx.is_full() && tx.push_with(0, |room| core.poll_transmit(room)) {}
+            if tx.is_empty() {
+                return failed;
+            }
+            match self {
+                Self::Udp(s) => failed += batch::send_to_sources(s.as_raw_fd(), tx),
+                Self::Embedded(t) => {
+                    let now = Instant::now();
+                    for i in 0..tx.len() {
+                        if let Some(slot) = tx.source(i).and_then(addr_slot) {
+                            t.send(now, slot, tx.datagram(i));
+                        }
+                    }
                 }
-                Ok(())
             }
         }
     }
@@ -261,8 +301,7 @@ pub fn run_hub(c: HubConfig, control_path: PathBuf, log: Logger) -> Result<(), S
     let ctl = control_listener(&control_path, &io)?;
     info!(log, "mpvpn hub up"; "tun" => &c.tun, "address" => %hub_addr, "network" => %c.network, "mtu" => mtu,
         "peers_configured" => c.peers.len());
-    let mut buf = vec![0u8; 65536];
-    let mut out = vec![0u8; 65536];
+    let mut bufs = IoBuffers::new();
     loop {
         let deadline = [core.poll_timeout(), tunnel.poll_timeout(), Some(Instant::now() + Duration::from_secs(1))]
             .into_iter()
@@ -272,9 +311,9 @@ pub fn run_hub(c: HubConfig, control_path: PathBuf, log: Logger) -> Result<(), S
         while let Some(token) = io.next_ready() {
             let now = Instant::now();
             let pending = match (token, &mut tunnel) {
-                (TUN, _) => read_tun(&dev, &mut buf, |p| core.handle_tun_packet(p)),
+                (TUN, _) => read_tun(&dev, &mut bufs.tun_in, |p| core.handle_tun_packet(p)),
                 (UDP, HubTunnel::Udp(sock)) => {
-                    read_udp(sock, &mut buf, |from, d| core.handle_datagram(now, wall_ms(), from, d))
+                    read_udp(sock, &mut bufs.rx, |from, d| core.handle_datagram(now, wall_ms(), from, d))
                 }
                 (EMBEDDED, HubTunnel::Embedded(t)) => t.read_listen(|inbound| {
                     if let mpserver::Inbound::Forward(slot, d) = inbound {
@@ -293,12 +332,12 @@ pub fn run_hub(c: HubConfig, control_path: PathBuf, log: Logger) -> Result<(), S
             if pending {
                 io.still_pending(token);
             }
-            flush_hub(&mut core, &mut tunnel, &dev, &mut out, &log);
+            flush_hub(&mut core, &mut tunnel, &dev, &mut bufs, &log);
         }
         let now = Instant::now();
         tunnel.handle_timeout(now);
         core.handle_timeout(now);
-        flush_hub(&mut core, &mut tunnel, &dev, &mut out, &log);
+        flush_hub(&mut core, &mut tunnel, &dev, &mut bufs, &log);
     }
 }
 
@@ -319,12 +358,12 @@ fn hub_status(core: &Hub, tun: &str, addr: Ipv4Addr) -> VpnStatus {
 }
 
 /// Sends what the core queued (through `out`, reused) and logs its events.
-fn flush_hub(core: &mut Hub, tunnel: &mut HubTunnel, dev: &tun::Device, out: &mut [u8], log: &Logger) {
-    while let Some((to, n)) = core.poll_transmit(out) {
-        if let Err(e) = tunnel.send(to, &out[..n]) {
-            trace!(log, "send failed"; "to" => %to, "error" => %e);
-        }
+fn flush_hub(core: &mut Hub, tunnel: &mut HubTunnel, dev: &tun::Device, bufs: &mut IoBuffers, log: &Logger) {
+    let failed = tunnel.transmit(core, &mut bufs.tx);
+    if failed > 0 {
+        trace!(log, "sends to mpserver failed"; "datagrams" => failed);
     }
+    let out = &mut bufs.out;
     while let Some(n) = core.poll_tun(out) {
         let _ = dev.send(&out[..n]);
     }
@@ -355,12 +394,33 @@ enum PeerTunnel {
 const EMBEDDED_APP: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1));
 
 impl PeerTunnel {
-    fn send(&mut self, d: &[u8]) -> std::io::Result<()> {
-        match self {
-            Self::Udp(s) => s.send(d).map(|_| ()),
-            Self::Embedded(mp) => {
-                mp.send(Instant::now(), EMBEDDED_APP, d);
-                Ok(())
+    /// Sends what the core has for the tunnel, a batch (`tx`) at a time: to mpclient with
+    /// one `sendmmsg` (GSO where it can), or sealed in place by the embedded client.
+    /// Returns how many datagrams could not be sent.
+    fn transmit(&mut self, core: &mut Peer, tx: &mut RecvBatch) -> usize {
+        // the embedded client seals in the slot: room for its header before, tag after
+        let (headroom, tailroom) = match self {
+            Self::Udp(_) => (0, 0),
+            Self::Embedded(_) => (DATA_PAYLOAD_OFFSET, AEAD_TAG_LEN),
+        };
+        let mut failed = 0;
+        loop {
+            tx.clear();
+            while !tx.is_full()
+                && tx.push_with(headroom, |room| {
+                    let room_len = room.len() - tailroom;
+                    core.poll_transmit(&mut room[..room_len]).map(|n| (EMBEDDED_APP, n))
+                })
+            {}
+            if tx.is_empty() {
+                return failed;
+            }
+            match self {
+                Self::Udp(s) => {
+                    let all = batch::all_of(tx);
+                    failed += all.len() - batch::send_batch(s.as_raw_fd(), tx, all, None);
+                }
+                Self::Embedded(mp) => mp.send_batch(Instant::now(), tx),
             }
         }
     }
@@ -425,8 +485,7 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: Logger) -> Result<(),
     let mut tunnel = open_peer_tunnel(&c, &io, &log)?;
     let ctl = control_listener(&control_path, &io)?;
     info!(log, "mpvpn peer starting"; "name" => &c.name, "tun" => &c.tun, "routes" => c.routes.len());
-    let mut buf = vec![0u8; 65536];
-    let mut out = vec![0u8; 65536];
+    let mut bufs = IoBuffers::new();
     let mut installed: Vec<Prefix> = Vec::new();
     loop {
         let deadline =
@@ -438,8 +497,8 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: Logger) -> Result<(),
         while let Some(token) = io.next_ready() {
             let now = Instant::now();
             let pending = match (token, &mut tunnel) {
-                (TUN, _) => read_tun(&dev, &mut buf, |p| core.handle_tun_packet(p)),
-                (UDP, PeerTunnel::Udp(sock)) => read_udp(sock, &mut buf, |_, d| core.handle_datagram(now, d)),
+                (TUN, _) => read_tun(&dev, &mut bufs.tun_in, |p| core.handle_tun_packet(p)),
+                (UDP, PeerTunnel::Udp(sock)) => read_udp(sock, &mut bufs.rx, |_, d| core.handle_datagram(now, d)),
                 (CONTROL, _) => {
                     let report = || peer_status(&core, &c.name, &c.tun);
                     if let Err(e) = control::serve_pending(&ctl, report) {
@@ -456,12 +515,12 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: Logger) -> Result<(),
             if pending {
                 io.still_pending(token);
             }
-            flush_peer(&mut core, &mut tunnel, &dev, &mut out, &c.tun, &mut installed, &log)?;
+            flush_peer(&mut core, &mut tunnel, &dev, &mut bufs, &c.tun, &mut installed, &log)?;
         }
         let now = Instant::now();
         tunnel.handle_timeout(now);
         core.handle_timeout(now, wall_ms());
-        flush_peer(&mut core, &mut tunnel, &dev, &mut out, &c.tun, &mut installed, &log)?;
+        flush_peer(&mut core, &mut tunnel, &dev, &mut bufs, &c.tun, &mut installed, &log)?;
     }
 }
 
@@ -503,16 +562,16 @@ fn flush_peer(
     core: &mut Peer,
     tunnel: &mut PeerTunnel,
     dev: &tun::Device,
-    out: &mut [u8],
+    bufs: &mut IoBuffers,
     tun: &str,
     installed: &mut Vec<Prefix>,
     log: &Logger,
 ) -> Result<(), String> {
-    while let Some(n) = core.poll_transmit(out) {
-        if let Err(e) = tunnel.send(&out[..n]) {
-            trace!(log, "send to mpclient failed"; "error" => %e);
-        }
+    let failed = tunnel.transmit(core, &mut bufs.tx);
+    if failed > 0 {
+        trace!(log, "sends to mpclient failed"; "datagrams" => failed);
     }
+    let out = &mut bufs.out;
     while let Some(n) = core.poll_tun(out) {
         let _ = dev.send(&out[..n]);
     }

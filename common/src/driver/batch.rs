@@ -111,6 +111,32 @@ impl RecvBatch {
         self.lens[i] = len;
     }
 
+    /// Empties the batch, to fill it with `push_with` for sending.
+    pub fn clear(&mut self) {
+        self.n = 0;
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.n == BATCH
+    }
+
+    /// Adds the datagram `fill` writes into the next free slot, `headroom` bytes in (room
+    /// to seal it in place). `fill` gets the slot's room after the headroom and returns
+    /// the datagram's address (kept as its `source`) and length, or `None` when it has
+    /// nothing to add; the result says whether a datagram was added.
+    pub fn push_with(&mut self, headroom: usize, fill: impl FnOnce(&mut [u8]) -> Option<(SocketAddr, usize)>) -> bool {
+        assert!(!self.is_full(), "a free slot");
+        let i = self.n;
+        let Some((addr, len)) = fill(&mut self.slot_mut(i)[headroom..]) else { return false };
+        self.set_datagram(i, headroom, len);
+        let a = socket2::SockAddr::from(addr);
+        self.addr_lens[i] = a.len();
+        self.addrs[i] = a.as_storage();
+        self.n += 1;
+        true
+    }
+
+    /// Where datagram `i` came from (received), or the address it was pushed with.
     pub fn source(&self, i: usize) -> Option<SocketAddr> {
         // SAFETY: the kernel filled addrs[i] with addr_lens[i] valid bytes.
         let a = unsafe { socket2::SockAddr::new(self.addrs[i], self.addr_lens[i]) };
@@ -210,6 +236,38 @@ pub fn send_batch(fd: RawFd, batch: &RecvBatch, which: &[usize], to: Option<Sock
     sent
 }
 
+/// `0, 1, .., BATCH - 1`: the indices of a batch's datagrams.
+const INDICES: [usize; BATCH] = {
+    let mut a = [0; BATCH];
+    let mut i = 0;
+    while i < BATCH {
+        a[i] = i;
+        i += 1;
+    }
+    a
+};
+
+/// Every datagram of `batch`, in order, as `which` for `send_batch`.
+pub fn all_of(batch: &RecvBatch) -> &'static [usize] {
+    &INDICES[..batch.len()]
+}
+
+/// Sends every datagram of `batch` to its address (`source`, as pushed) from the
+/// unconnected socket `fd`: each run of datagrams to one address goes with `send_batch`.
+/// Returns how many could not be sent.
+pub fn send_to_sources(fd: RawFd, batch: &RecvBatch) -> usize {
+    let mut failed = 0;
+    let mut start = 0;
+    while start < batch.len() {
+        let to = batch.source(start);
+        let end = (start..batch.len()).find(|&i| batch.source(i) != to).unwrap_or(batch.len());
+        let run = &INDICES[start..end];
+        failed += run.len() - send_batch(fd, batch, run, to);
+        start = end;
+    }
+    failed
+}
+
 /// Attaches a UDP_SEGMENT control message (GSO segment size) to `h`, in `control`.
 fn set_segment_size(h: &mut libc::msghdr, control: &mut [u64; 4], size: u16) {
     // SAFETY: `control` is 8-byte aligned and 32 bytes, more than CMSG_SPACE(2) (24);
@@ -260,6 +318,50 @@ mod tests {
             assert_eq!(&buf[..7], b"header:");
             assert_eq!(&buf[7..n], &[want; 5]);
         }
+    }
+
+    #[test]
+    fn pushed_datagrams_keep_headroom_and_address() {
+        let to: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let mut b = RecvBatch::new();
+        assert!(b.push_with(3, |room| {
+            room[..2].copy_from_slice(b"ab");
+            Some((to, 2))
+        }));
+        assert!(!b.push_with(3, |_| None), "nothing to add leaves the slot free");
+        assert_eq!(b.len(), 1);
+        assert_eq!(b.datagram(0), b"ab");
+        assert_eq!(&b.slot_mut(0)[3..5], b"ab");
+        assert_eq!(b.source(0), Some(to));
+        while !b.is_full() {
+            b.push_with(0, |_| Some((to, 1)));
+        }
+        assert_eq!(b.len(), BATCH);
+        b.clear();
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn each_datagram_goes_to_its_own_address() {
+        let rx_a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rx_b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (a, b_addr) = (rx_a.local_addr().unwrap(), rx_b.local_addr().unwrap());
+        let mut batch = RecvBatch::new();
+        for (to, byte) in [(a, 1u8), (a, 2), (b_addr, 3), (a, 4)] {
+            batch.push_with(0, |room| {
+                room[..10].fill(byte);
+                Some((to, 10))
+            });
+        }
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(send_to_sources(tx.as_raw_fd(), &batch), 0);
+        let mut buf = [0u8; 64];
+        for want in [1u8, 2, 4] {
+            assert_eq!(rx_a.recv(&mut buf).unwrap(), 10);
+            assert_eq!(buf[0], want);
+        }
+        assert_eq!(rx_b.recv(&mut buf).unwrap(), 10);
+        assert_eq!(buf[0], 3);
     }
 
     #[test]
