@@ -15,7 +15,6 @@ use common::PathMask;
 use mio::net::{UdpSocket, UnixListener};
 use mio::{Interest, Registry, Token};
 use slog::{debug, info, o, trace, warn, Logger};
-use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -116,6 +115,9 @@ pub struct Multipath {
     pub core: Client,
     paths: Vec<UdpSocket>,
     token_base: usize,
+    /// Datagrams read from a path.
+    rx: RecvBatch,
+    /// What the core sends on its own (handshakes, probes, held datagrams).
     buf: Vec<u8>,
     log: Logger,
     pub send_errors: u64,
@@ -148,6 +150,7 @@ impl Multipath {
             core: Client::new(psk, core_cfg, Instant::now()),
             paths,
             token_base,
+            rx: RecvBatch::new(),
             buf: vec![0; MAX_DATAGRAM],
             log,
             send_errors: 0,
@@ -198,13 +201,14 @@ impl Multipath {
         self.flush(now);
     }
 
-    /// Reads datagrams arriving on path `i`, handing each delivered payload to
-    /// `deliver(app, payload)`; true if the read budget ran out first.
+    /// Reads datagrams arriving on path `i` (`recvmmsg`) and opens them in place, handing
+    /// each delivered payload to `deliver(app, payload)`; true if the read budget ran out
+    /// first.
     pub fn read_path(&mut self, i: usize, mut deliver: impl FnMut(SocketAddr, &[u8])) -> bool {
-        for _ in 0..READ_BUDGET {
-            let n = match self.paths[i].recv(&mut self.buf) {
+        for _ in 0..READ_BUDGET / BATCH {
+            let n = match self.rx.recv(self.paths[i].as_raw_fd()) {
+                Ok(0) => return false,
                 Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
                 Err(e) if driver::is_transient(&e) => continue,
                 Err(e) => {
                     warn!(self.log, "reading from path"; "path" => i, "error" => %e);
@@ -212,10 +216,13 @@ impl Multipath {
                 }
             };
             let now = Instant::now();
-            match self.core.handle_path_datagram(now, i, &mut self.buf[..n]) {
-                ClientRecv::Deliver { app, payload } => deliver(app, &self.buf[payload]),
-                ClientRecv::Consumed => {}
-                ClientRecv::Dropped(reason) => trace!(self.log, "dropped"; "path" => i, "reason" => ?reason),
+            for k in 0..n {
+                let d = self.rx.datagram_mut(k);
+                match self.core.handle_path_datagram(now, i, d) {
+                    ClientRecv::Deliver { app, payload } => deliver(app, &d[payload]),
+                    ClientRecv::Consumed => {}
+                    ClientRecv::Dropped(reason) => trace!(self.log, "dropped"; "path" => i, "reason" => ?reason),
+                }
             }
             self.flush(now);
         }
@@ -266,10 +273,19 @@ impl Multipath {
     }
 }
 
+/// Sends `batch` to the applications and empties it. A full socket buffer or a vanished
+/// application loses the datagram, as UDP may.
+fn send_to_apps(app: &UdpSocket, batch: &mut RecvBatch) {
+    batch::send_to_sources(app.as_raw_fd(), batch);
+    batch.clear();
+}
+
 struct Driver {
     mp: Multipath,
     app: UdpSocket,
     app_batch: RecvBatch,
+    /// Payloads delivered from the paths, sent to their applications a batch at a time.
+    to_apps: RecvBatch,
     control: UnixListener,
     listen_name: String,
 }
@@ -285,7 +301,14 @@ pub fn run(rt: ClientRuntime, psk: Psk, log: Logger) -> Result<(), String> {
     io.registry().register(&mut control, CONTROL, Interest::READABLE).map_err(|e| e.to_string())?;
     info!(log, "mpclient listening"; "listen" => %rt.listen, "paths" => rt.paths.len(), "cipher" => rt.cipher.name(), "control" => %rt.control.display());
     let mp = Multipath::open(&rt, psk, io.registry(), PATH_TOKEN_BASE, log.clone())?;
-    let mut d = Driver { mp, app, app_batch: RecvBatch::new(), control, listen_name: rt.listen.to_string() };
+    let mut d = Driver {
+        mp,
+        app,
+        app_batch: RecvBatch::new(),
+        to_apps: RecvBatch::new(),
+        control,
+        listen_name: rt.listen.to_string(),
+    };
     d.event_loop(&mut io, rt.stats_interval, &log)
 }
 
@@ -306,14 +329,7 @@ impl Driver {
                         false
                     }
                     t => match self.mp.path_of(t) {
-                        Some(i) => {
-                            let app = &self.app;
-                            let mp = &mut self.mp;
-                            mp.read_path(i, |to, payload| {
-                                // a full socket buffer or a vanished application: the datagram is lost, as UDP may
-                                let _ = app.send_to(payload, to);
-                            })
-                        }
+                        Some(i) => self.read_path(i),
                         None => false,
                     },
                 };
@@ -330,6 +346,23 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Reads path `i` and sends the delivered payloads to their applications, a batch
+    /// at a time; true if the budget ran out first.
+    fn read_path(&mut self, i: usize) -> bool {
+        let (app, to_apps) = (&self.app, &mut self.to_apps);
+        let pending = self.mp.read_path(i, |to, payload| {
+            if to_apps.is_full() {
+                send_to_apps(app, to_apps);
+            }
+            to_apps.push_with(0, |room| {
+                room[..payload.len()].copy_from_slice(payload);
+                Some((to, payload.len()))
+            });
+        });
+        send_to_apps(app, to_apps);
+        pending
     }
 
     /// Reads local application datagrams, a batch at a time; true if the budget ran out

@@ -6,16 +6,16 @@
 
 use common::config::{ServerConfig, DEFAULT_STATS_INTERVAL_SECS};
 use common::crypto::{Cipher, Psk};
-use common::driver::batch::{RecvBatch, BATCH};
+use common::driver::batch::{self, RecvBatch, BATCH};
 use common::driver::Readiness;
 use common::driver::{self, control};
 use common::server::{Server, ServerCoreConfig, ServerEvent, ServerRecv, SessionSlot};
-use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET, HANDSHAKE_RESP_LEN, MAX_DATAGRAM};
+use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET, HANDSHAKE_RESP_LEN};
+use common::PathMask;
 use mio::net::{UdpSocket, UnixListener};
 use mio::{Interest, Registry, Token};
 use slog::{debug, info, o, trace, warn, Logger};
 use std::collections::HashMap;
-use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -92,7 +92,6 @@ pub struct TunnelServer {
     pub core: Server,
     listen: UdpSocket,
     rb: RecvBatch,
-    buf: Vec<u8>,
     reply: [u8; HANDSHAKE_RESP_LEN],
     log: Logger,
     pub send_errors: u64,
@@ -114,7 +113,6 @@ impl TunnelServer {
             core: Server::new(psk, core, Instant::now()),
             listen,
             rb: RecvBatch::new(),
-            buf: vec![0; MAX_DATAGRAM],
             reply: [0; HANDSHAKE_RESP_LEN],
             log,
             send_errors: 0,
@@ -157,30 +155,57 @@ impl TunnelServer {
         true
     }
 
-    /// Where a target's datagram goes before `send_in_place`.
-    pub fn payload_buf(&mut self) -> &mut [u8] {
-        let room = self.buf.len() - AEAD_TAG_LEN;
-        &mut self.buf[DATA_PAYLOAD_OFFSET..room]
-    }
-
-    /// Seals the `n` bytes in `payload_buf()` for session `slot` and sends the copies.
-    pub fn send_in_place(&mut self, now: Instant, slot: SessionSlot, n: usize) {
-        if let Some((len, paths)) = self.core.encapsulate(now, slot, &mut self.buf, n) {
-            for p in paths.iter() {
-                let Some(addr) = self.core.path_addr(slot, p) else { continue };
-                if let Err(e) = self.listen.send_to(&self.buf[..len], addr) {
-                    self.send_errors += 1;
-                    trace!(self.log, "send to client failed"; "to" => %addr, "error" => %e);
+    /// Seals in place the datagrams of `batch` (received with `recv_leaving(fd,
+    /// DATA_PAYLOAD_OFFSET, AEAD_TAG_LEN)`, or pushed with that room), each for the
+    /// session `slot_of` names, and sends the copies: one `sendmmsg` (GSO where it can) per
+    /// run of copies to one client address, so one per path per batch when a batch is
+    /// one session's.
+    pub fn send_batch(
+        &mut self,
+        now: Instant,
+        batch: &mut RecvBatch,
+        slot_of: impl Fn(&RecvBatch, usize) -> Option<SessionSlot>,
+    ) {
+        let mut sealed = [None::<(SessionSlot, PathMask)>; BATCH];
+        let mut all_paths = PathMask::EMPTY;
+        for (i, sealed) in sealed.iter_mut().enumerate().take(batch.len()) {
+            let Some(slot) = slot_of(batch, i) else { continue };
+            let n = batch.datagram(i).len();
+            if let Some((len, paths)) = self.core.encapsulate(now, slot, batch.slot_mut(i), n) {
+                batch.set_datagram(i, 0, len);
+                *sealed = Some((slot, paths));
+                for p in paths.iter() {
+                    all_paths.insert(p);
                 }
+            }
+        }
+        // path by path, so the copies of one session's datagrams to one address are a run
+        let mut which = [0usize; BATCH];
+        for p in all_paths.iter() {
+            let (mut k, mut to) = (0, None);
+            for (i, sealed) in sealed.iter().enumerate().take(batch.len()) {
+                let Some((slot, paths)) = *sealed else { continue };
+                let Some(addr) = paths.contains(p).then(|| self.core.path_addr(slot, p)).flatten() else { continue };
+                if k > 0 && to != Some(addr) {
+                    self.send_run(batch, &which[..k], to);
+                    k = 0;
+                }
+                to = Some(addr);
+                which[k] = i;
+                k += 1;
+            }
+            if k > 0 {
+                self.send_run(batch, &which[..k], to);
             }
         }
     }
 
-    /// Copies `payload` in and sends it to session `slot` (for in-process targets).
-    pub fn send(&mut self, now: Instant, slot: SessionSlot, payload: &[u8]) {
-        let n = payload.len().min(self.payload_buf().len());
-        self.payload_buf()[..n].copy_from_slice(&payload[..n]);
-        self.send_in_place(now, slot, n);
+    fn send_run(&mut self, batch: &RecvBatch, which: &[usize], to: Option<SocketAddr>) {
+        let sent = batch::send_batch(self.listen.as_raw_fd(), batch, which, to);
+        if sent < which.len() {
+            self.send_errors += (which.len() - sent) as u64;
+            trace!(self.log, "send to client failed"; "to" => ?to, "datagrams" => which.len() - sent);
+        }
     }
 
     pub fn poll_timeout(&self) -> Instant {
@@ -278,6 +303,7 @@ pub fn run(rt: ServerRuntime, psk: Psk, log: Logger) -> Result<(), String> {
         "named_targets" => rt.core.targets.len(), "control" => %rt.control.display());
     let mut server = TunnelServer::open(rt.listen, rt.core, psk, io.registry(), LISTEN, log.clone())?;
     let mut upstreams = Upstreams { socks: Vec::new(), log: log.clone() };
+    let mut upstream_rx = RecvBatch::new();
     let listen_name = rt.listen.to_string();
     let mut next_stats = rt.stats_interval.map(|d| Instant::now() + d);
     loop {
@@ -296,7 +322,7 @@ pub fn run(rt: ServerRuntime, psk: Psk, log: Logger) -> Result<(), String> {
                     }
                     false
                 }
-                Token(t) => read_upstream(&upstreams, &mut server, t - UPSTREAM_TOKEN_BASE, &log),
+                Token(t) => read_upstream(&upstreams, &mut server, &mut upstream_rx, t - UPSTREAM_TOKEN_BASE, &log),
             };
             if pending {
                 io.still_pending(token);
@@ -314,22 +340,28 @@ pub fn run(rt: ServerRuntime, psk: Psk, log: Logger) -> Result<(), String> {
     }
 }
 
-/// Reads a session's target replies and sends them back to the client.
-fn read_upstream(upstreams: &Upstreams, server: &mut TunnelServer, slot: usize, log: &Logger) -> bool {
+/// Reads a session's target replies (`recvmmsg`, into `rx`) and sends them back to the
+/// client, a batch at a time; true if the read budget ran out first.
+fn read_upstream(
+    upstreams: &Upstreams,
+    server: &mut TunnelServer,
+    rx: &mut RecvBatch,
+    slot: usize,
+    log: &Logger,
+) -> bool {
     let Some(sock) = upstreams.socks.get(slot).and_then(Option::as_ref) else {
         return false;
     };
-    for _ in 0..READ_BUDGET {
-        let n = match sock.recv(server.payload_buf()) {
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+    for _ in 0..READ_BUDGET / BATCH {
+        match rx.recv_leaving(sock.as_raw_fd(), DATA_PAYLOAD_OFFSET, AEAD_TAG_LEN) {
+            Ok(0) => return false,
+            Ok(_) => server.send_batch(Instant::now(), rx, |_, _| Some(slot)),
             Err(e) if driver::is_transient(&e) => continue,
             Err(e) => {
                 warn!(log, "reading from target"; "slot" => slot, "error" => %e);
                 return false;
             }
-        };
-        server.send_in_place(Instant::now(), slot, n);
+        }
     }
     true
 }

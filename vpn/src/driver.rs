@@ -180,6 +180,31 @@ impl IoBuffers {
     }
 }
 
+/// Bytes kept free before and after each datagram of a batch for the tunnel.
+type Room = (usize, usize);
+/// Datagrams go out as they are.
+const NO_ROOM: Room = (0, 0);
+/// An embedded client or server seals each datagram in its slot: its header goes before,
+/// the AEAD tag after.
+const SEALING_ROOM: Room = (DATA_PAYLOAD_OFFSET, AEAD_TAG_LEN);
+
+/// Refills `tx` from `poll` (a core's `poll_transmit`), leaving `room` around each
+/// datagram; false when the core had nothing.
+fn fill_batch(
+    tx: &mut RecvBatch,
+    (headroom, tailroom): Room,
+    mut poll: impl FnMut(&mut [u8]) -> Option<(SocketAddr, usize)>,
+) -> bool {
+    tx.clear();
+    while !tx.is_full()
+        && tx.push_with(headroom, |buf| {
+            let len = buf.len() - tailroom;
+            poll(&mut buf[..len])
+        })
+    {}
+    !tx.is_empty()
+}
+
 /// How the hub exchanges datagrams with the tunnel.
 enum HubTunnel {
     /// A separate mpserver forwards each session from its own socket to `listen`.
@@ -206,28 +231,21 @@ fn addr_slot(a: SocketAddr) -> Option<usize> {
 
 impl HubTunnel {
     /// Sends what the core has for the tunnel, a batch (`tx`) at a time: over UDP, each run
-    /// to one session goes with one `sendmmsg` (GSO where it can). Returns how many
-    /// datagrams could not be sent.
+    /// to one session goes with one `sendmmsg` (GSO where it can); the embedded server
+    /// seals in the batch slots. Returns how many datagrams could not be sent over UDP.
     fn transmit(&mut self, core: &mut Hub, tx: &mut RecvBatch) -> usize {
+        let room = match self {
+            Self::Udp(_) => NO_ROOM,
+            Self::Embedded(_) => SEALING_ROOM,
+        };
         let mut failed = 0;
-        loop {
-            tx.clear();
-            while !tx.is_full() && tx.push_with(0, |room| core.poll_transmit(room)) {}
-            if tx.is_empty() {
-                return failed;
-            }
+        while fill_batch(tx, room, |buf| core.poll_transmit(buf)) {
             match self {
                 Self::Udp(s) => failed += batch::send_to_sources(s.as_raw_fd(), tx),
-                Self::Embedded(t) => {
-                    let now = Instant::now();
-                    for i in 0..tx.len() {
-                        if let Some(slot) = tx.source(i).and_then(addr_slot) {
-                            t.send(now, slot, tx.datagram(i));
-                        }
-                    }
-                }
+                Self::Embedded(t) => t.send_batch(Instant::now(), tx, |b, i| b.source(i).and_then(addr_slot)),
             }
         }
+        failed
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
@@ -395,26 +413,15 @@ const EMBEDDED_APP: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4
 
 impl PeerTunnel {
     /// Sends what the core has for the tunnel, a batch (`tx`) at a time: to mpclient with
-    /// one `sendmmsg` (GSO where it can), or sealed in place by the embedded client.
-    /// Returns how many datagrams could not be sent.
+    /// one `sendmmsg` (GSO where it can), or sealed in the batch slots by the embedded
+    /// client. Returns how many datagrams could not be sent to mpclient.
     fn transmit(&mut self, core: &mut Peer, tx: &mut RecvBatch) -> usize {
-        // the embedded client seals in the slot: room for its header before, tag after
-        let (headroom, tailroom) = match self {
-            Self::Udp(_) => (0, 0),
-            Self::Embedded(_) => (DATA_PAYLOAD_OFFSET, AEAD_TAG_LEN),
+        let room = match self {
+            Self::Udp(_) => NO_ROOM,
+            Self::Embedded(_) => SEALING_ROOM,
         };
         let mut failed = 0;
-        loop {
-            tx.clear();
-            while !tx.is_full()
-                && tx.push_with(headroom, |room| {
-                    let room_len = room.len() - tailroom;
-                    core.poll_transmit(&mut room[..room_len]).map(|n| (EMBEDDED_APP, n))
-                })
-            {}
-            if tx.is_empty() {
-                return failed;
-            }
+        while fill_batch(tx, room, |buf| core.poll_transmit(buf).map(|n| (EMBEDDED_APP, n))) {
             match self {
                 Self::Udp(s) => {
                     let all = batch::all_of(tx);
@@ -423,6 +430,7 @@ impl PeerTunnel {
                 Self::Embedded(mp) => mp.send_batch(Instant::now(), tx),
             }
         }
+        failed
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
