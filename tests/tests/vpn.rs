@@ -138,14 +138,27 @@ fn vpn_with_embedded_tunnel() {
 fn vpn_numbers() {
     let Some(_serial) = lab_or_skip() else { return };
     for embedded in [false, true] {
-        for loss in [0, 10] {
+        for loss in [0, 10, 20] {
             let v = VpnLab::start("n", loss, embedded);
             v.wait_peer_up("a", Duration::from_secs(20));
             let b = v.wait_peer_up("b", Duration::from_secs(20));
             std::thread::sleep(Duration::from_millis(500));
+            let rr = tests::tcp_request_response(
+                &v.peer_ns[0],
+                SocketAddr::from((b, 7002)),
+                &v.peer_ns[1],
+                SocketAddr::from((b, 7002)),
+                500,
+                Duration::from_millis(10),
+            );
             let (p50, p99, mbit) = measure(&v, b, 32 << 20);
             let mode = if embedded { "embedded" } else { "separate processes" };
-            println!("{mode}, {loss}% loss per path and direction: ping p50 {p50:.2} ms p99 {p99:.2} ms; TCP goodput {mbit:.1} Mbit/s");
+            println!(
+                "{mode}, {loss}% loss per path and direction: ping p50 {p50:.2} ms p99 {p99:.2} ms; \
+                 TCP request/response p99 {:.2} ms ({} of 500 answered); TCP goodput {mbit:.1} Mbit/s",
+                percentile(&rr, 0.99),
+                rr.len()
+            );
         }
     }
 }
