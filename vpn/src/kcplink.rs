@@ -20,6 +20,11 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 pub const KCP_INTERVAL: Duration = Duration::from_millis(10);
+/// Floor of KCP's retransmission timeout (fast mode's default is 30 ms). Below it the
+/// timeout is the smoothed RTT plus the larger of `KCP_INTERVAL` and 4 RTT deviations,
+/// so long or jittery paths still get theirs; on short paths a segment the redundant
+/// paths all lost is resent after about RTT + 10 ms instead of 30.
+pub const KCP_MIN_RTO: Duration = Duration::from_millis(10);
 pub const KCP_WINDOW: u16 = 1024;
 /// KCP segment header.
 pub const KCP_HEADER_LEN: usize = 24;
@@ -76,6 +81,7 @@ impl KcpLink {
         let out = OutQueue::default();
         let mut kcp = Kcp::new(conv, out.clone());
         kcp.set_nodelay(true, KCP_INTERVAL.as_millis() as i32, 2, true);
+        kcp.set_rx_minrto(KCP_MIN_RTO.as_millis() as u32);
         kcp.set_wndsize(KCP_WINDOW, KCP_WINDOW);
         kcp.set_mtu(kcp_mtu(tunnel_payload)).expect("mtu above the KCP minimum");
         kcp.set_maximum_resend_times(KCP_DEAD_LINK_RESENDS);
