@@ -7,7 +7,7 @@ use common::driver::Readiness;
 use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
 use slog::{info, trace, warn, Logger};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,9 @@ struct Driver {
     to: SocketAddr,
     table: FlowTable,
     socks: Vec<Option<UdpSocket>>,
+    /// Per flow: our address its client sends to, when `listen` is a wildcard; answers go
+    /// out from it (a host with several addresses would otherwise pick its own).
+    locals: Vec<Option<IpAddr>>,
     lab: Option<LabLine>,
     rb: RecvBatch,
     log: Logger,
@@ -42,6 +45,10 @@ pub fn run(rt: BridgeRuntime, log: Logger) -> Result<(), String> {
     let mut io = Readiness::new(1024).map_err(|e| format!("poll: {e}"))?;
     let mut listen = driver::udp_socket(rt.listen, None, None).map_err(|e| format!("listen {}: {e}", rt.listen))?;
     io.registry().register(&mut listen, LISTEN, Interest::READABLE).map_err(|e| e.to_string())?;
+    if rt.listen.ip().is_unspecified() {
+        batch::receive_local_addresses(listen.as_raw_fd(), rt.listen.is_ipv6())
+            .map_err(|e| format!("listen {}: packet info: {e}", rt.listen))?;
+    }
     info!(log, "mpbridge relaying"; "listen" => %rt.listen, "to" => %rt.to, "idle_timeout_s" => rt.idle_timeout.as_secs(), "max_flows" => rt.max_flows);
     let lab = rt.lab.is_active().then(|| {
         warn!(log, "LAB IMPAIRMENT ON: this relay drops and delays traffic on purpose";
@@ -54,6 +61,7 @@ pub fn run(rt: BridgeRuntime, log: Logger) -> Result<(), String> {
         to: rt.to,
         table: FlowTable::new(rt.idle_timeout, rt.max_flows),
         socks: Vec::new(),
+        locals: Vec::new(),
         lab,
         rb: RecvBatch::new(),
         log,
@@ -111,7 +119,7 @@ impl Driver {
                 None => return,
             },
             Hop::ToClient(slot) => match self.table.client(slot) {
-                Some(c) => self.listen.send_to(data, c),
+                Some(c) => batch::send_one(self.listen.as_raw_fd(), data, c, self.local(slot)).map(|_| data.len()),
                 None => return,
             },
         };
@@ -139,16 +147,20 @@ impl Driver {
         }
         let sent = match hop {
             Hop::ToTarget(slot) => match self.socks.get(slot).and_then(Option::as_ref) {
-                Some(s) => batch::send_batch(s.as_raw_fd(), &self.rb, which, None),
+                Some(s) => batch::send_batch(s.as_raw_fd(), &self.rb, which, None, None),
                 None => return,
             },
             Hop::ToClient(slot) => match self.table.client(slot) {
-                Some(c) => batch::send_batch(self.listen.as_raw_fd(), &self.rb, which, Some(c)),
+                Some(c) => batch::send_batch(self.listen.as_raw_fd(), &self.rb, which, Some(c), self.local(slot)),
                 None => return,
             },
         };
         self.forwarded += sent as u64;
         self.send_errors += (which.len() - sent) as u64;
+    }
+
+    fn local(&self, slot: usize) -> Option<IpAddr> {
+        self.locals.get(slot).copied().flatten()
     }
 
     fn release_delayed(&mut self, now: Instant) {
@@ -176,6 +188,10 @@ impl Driver {
             for i in 0..n {
                 let Some(from) = self.rb.source(i) else { continue };
                 let Some(slot) = self.flow_socket(now, from, registry) else { continue };
+                if self.locals.len() <= slot {
+                    self.locals.resize(slot + 1, None);
+                }
+                self.locals[slot] = self.rb.local(i);
                 if self.lab.is_some() {
                     // lab mode only: the delay line keeps its own copy
                     let d = self.rb.datagram(i).to_vec();

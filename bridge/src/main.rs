@@ -13,7 +13,8 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
-    /// Address clients send to.
+    /// Address clients send to; on a wildcard (0.0.0.0 or [::]) each client is answered
+    /// from the address it sent to.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: SocketAddr,
     /// Where to relay to.

@@ -23,7 +23,7 @@ use crate::wire::{
 use crate::{PathMask, SessionId, MAX_PATHS};
 use ring::rand::{SecureRandom, SystemRandom};
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -83,6 +83,10 @@ pub enum ServerRecv {
 
 struct ServerPath {
     addr: SocketAddr,
+    /// Our address the client's last fresh datagram on this path went to, when the
+    /// socket is bound to a wildcard: answers go out from it, or a client that sent to
+    /// one of several server addresses would drop them.
+    local: Option<IpAddr>,
     client_path_id: Option<u8>,
     challenge: u64,
     validated: bool,
@@ -168,8 +172,22 @@ impl Server {
         buf: &mut [u8],
         out: &mut [u8; HANDSHAKE_RESP_LEN],
     ) -> ServerRecv {
+        self.handle_datagram_to(now, from, None, buf, out)
+    }
+
+    /// `handle_datagram` for a socket bound to a wildcard address: `local` is the address
+    /// the datagram was sent to (IP_PKTINFO). A path remembers it from its fresh,
+    /// authenticated datagrams, for `path_local`.
+    pub fn handle_datagram_to(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        local: Option<IpAddr>,
+        buf: &mut [u8],
+        out: &mut [u8; HANDSHAKE_RESP_LEN],
+    ) -> ServerRecv {
         match wire::message_type(buf) {
-            Ok(TYPE_TRANSPORT) => self.recv_transport(now, from, buf, out),
+            Ok(TYPE_TRANSPORT) => self.recv_transport(now, from, local, buf, out),
             Ok(TYPE_HANDSHAKE_INIT) => self.recv_init(now, from, buf, out),
             Ok(TYPE_HANDSHAKE_RESP) => self.drop_global(DropReason::Unexpected),
             _ => self.drop_global(DropReason::Malformed),
@@ -256,6 +274,7 @@ impl Server {
         &mut self,
         now: Instant,
         from: SocketAddr,
+        local: Option<IpAddr>,
         buf: &mut [u8],
         out: &mut [u8; HANDSHAKE_RESP_LEN],
     ) -> ServerRecv {
@@ -303,6 +322,7 @@ impl Server {
         if let Some(i) = path {
             let p = &mut s.paths[i];
             p.last_rx = now;
+            p.local = local;
             p.rx.add(datagram_len);
         }
         let plain = &buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + plain_len];
@@ -406,6 +426,12 @@ impl Server {
 
     pub fn path_addr(&self, slot: SessionSlot, path: usize) -> Option<SocketAddr> {
         self.sessions.get(slot)?.as_ref()?.paths.get(path).map(|p| p.addr)
+    }
+
+    /// The local address to send this path's datagrams from (see `handle_datagram_to`);
+    /// `None`: the kernel's choice.
+    pub fn path_local(&self, slot: SessionSlot, path: usize) -> Option<IpAddr> {
+        self.sessions.get(slot)?.as_ref()?.paths.get(path)?.local
     }
 
     pub fn session_target(&self, slot: SessionSlot) -> Option<SocketAddr> {
@@ -528,6 +554,7 @@ impl ServerSession {
         let challenge = u64::from_ne_bytes(b).max(1);
         self.paths.push(ServerPath {
             addr: from,
+            local: None,
             client_path_id: None,
             challenge,
             validated: false,

@@ -191,7 +191,7 @@ impl Multipath {
                 }
             }
             if k > 0 {
-                let sent = batch::send_batch(sock.as_raw_fd(), batch, &which[..k], None);
+                let sent = batch::send_batch(sock.as_raw_fd(), batch, &which[..k], None, None);
                 if sent < k {
                     self.send_errors += (k - sent) as u64;
                     trace!(self.log, "path send failed"; "path" => p, "datagrams" => k - sent);

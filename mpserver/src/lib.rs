@@ -16,7 +16,7 @@ use mio::net::{UdpSocket, UnixListener};
 use mio::{Interest, Registry, Token};
 use slog::{debug, info, o, trace, warn, Logger};
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -109,6 +109,11 @@ impl TunnelServer {
         let mut listen =
             driver::udp_socket(listen_addr, None, None).map_err(|e| format!("listen {listen_addr}: {e}"))?;
         registry.register(&mut listen, token, Interest::READABLE).map_err(|e| e.to_string())?;
+        if listen_addr.ip().is_unspecified() {
+            // on a host with several addresses, answer each client from the one it used
+            batch::receive_local_addresses(listen.as_raw_fd(), listen_addr.is_ipv6())
+                .map_err(|e| format!("listen {listen_addr}: packet info: {e}"))?;
+        }
         Ok(Self {
             core: Server::new(psk, core, Instant::now()),
             listen,
@@ -138,12 +143,14 @@ impl TunnelServer {
             let now = Instant::now();
             for i in 0..n {
                 let Some(from) = self.rb.source(i) else { continue };
-                let r = self.core.handle_datagram(now, from, self.rb.datagram_mut(i), &mut self.reply);
+                let local = self.rb.local(i);
+                let r = self.core.handle_datagram_to(now, from, local, self.rb.datagram_mut(i), &mut self.reply);
                 self.drain_events(&mut out);
                 match r {
                     ServerRecv::Forward { slot, payload } => out(Inbound::Forward(slot, &self.rb.datagram(i)[payload])),
                     ServerRecv::Reply { len } => {
-                        if let Err(e) = self.listen.send_to(&self.reply[..len], from) {
+                        let fd = self.listen.as_raw_fd();
+                        if let Err(e) = batch::send_one(fd, &self.reply[..len], from, local) {
                             self.send_errors += 1;
                             trace!(self.log, "reply failed"; "to" => %from, "error" => %e);
                         }
@@ -182,26 +189,29 @@ impl TunnelServer {
         // path by path, so the copies of one session's datagrams to one address are a run
         let mut which = [0usize; BATCH];
         for p in all_paths.iter() {
-            let (mut k, mut to) = (0, None);
+            let (mut k, mut hop) = (0, None);
             for (i, sealed) in sealed.iter().enumerate().take(batch.len()) {
                 let Some((slot, paths)) = *sealed else { continue };
                 let Some(addr) = paths.contains(p).then(|| self.core.path_addr(slot, p)).flatten() else { continue };
-                if k > 0 && to != Some(addr) {
-                    self.send_run(batch, &which[..k], to);
+                let this = Some((addr, self.core.path_local(slot, p)));
+                if k > 0 && hop != this {
+                    self.send_run(batch, &which[..k], hop);
                     k = 0;
                 }
-                to = Some(addr);
+                hop = this;
                 which[k] = i;
                 k += 1;
             }
             if k > 0 {
-                self.send_run(batch, &which[..k], to);
+                self.send_run(batch, &which[..k], hop);
             }
         }
     }
 
-    fn send_run(&mut self, batch: &RecvBatch, which: &[usize], to: Option<SocketAddr>) {
-        let sent = batch::send_batch(self.listen.as_raw_fd(), batch, which, to);
+    /// Sends a run of datagrams to one client address, from the local address it used.
+    fn send_run(&mut self, batch: &RecvBatch, which: &[usize], hop: Option<(SocketAddr, Option<IpAddr>)>) {
+        let (to, from) = (hop.map(|h| h.0), hop.and_then(|h| h.1));
+        let sent = batch::send_batch(self.listen.as_raw_fd(), batch, which, to, from);
         if sent < which.len() {
             self.send_errors += (which.len() - sent) as u64;
             trace!(self.log, "send to client failed"; "to" => ?to, "datagrams" => which.len() - sent);

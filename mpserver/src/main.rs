@@ -15,7 +15,8 @@ use std::path::PathBuf;
 struct Cli {
     #[command(subcommand)]
     command: Option<DaemonCommand>,
-    /// UDP port to listen on (all addresses).
+    /// UDP port to listen on (all addresses; each client is answered from the one it
+    /// sent to).
     #[arg(conflicts_with = "config", required_unless_present = "config", requires = "target_host")]
     listen_port: Option<u16>,
     /// Where sessions are forwarded to.

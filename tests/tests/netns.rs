@@ -180,6 +180,14 @@ fn throughput_of_1400_byte_datagrams() {
 /// Multipath over two local uplinks with no relay: one path chosen by source address
 /// (`bind`), the other by interface (`interface`, SO_BINDTODEVICE), both to the same
 /// server address. Cutting one uplink leaves the other carrying everything.
+/// `status --json` of the mpclient or mpserver behind control socket `sock`.
+fn status(sock: &str) -> serde_json::Value {
+    // both programs answer the same control request
+    let out =
+        tests::run(std::process::Command::new(tests::bin("mpserver")).args(["status", "--json", "--control", sock]));
+    serde_json::from_str(&out).unwrap()
+}
+
 #[test]
 fn two_local_uplinks_by_bind_address_and_interface() {
     let Some(_serial) = lab_or_skip() else { return };
@@ -222,15 +230,6 @@ fn two_local_uplinks_by_bind_address_and_interface() {
     let to = CLIENT_LISTEN.parse().unwrap();
     let r = udp_stream(&c, true, to, 1, 1000, 500, 1000, Duration::from_millis(800)).join().unwrap();
     assert_eq!(r.echoed.len(), 1000);
-    let status = |sock: &str| -> serde_json::Value {
-        let out = tests::run(std::process::Command::new(tests::bin("mpserver")).args([
-            "status",
-            "--json",
-            "--control",
-            sock,
-        ]));
-        serde_json::from_str(&out).unwrap()
-    };
     let server = status(&sctl);
     let mut sources: Vec<String> = server["sessions"][0]["paths"]
         .as_array()
@@ -251,4 +250,74 @@ fn two_local_uplinks_by_bind_address_and_interface() {
         client["sessions"][0]["paths"].as_array().unwrap().iter().map(|p| p["state"].as_str().unwrap()).collect();
     assert_eq!(states, ["down", "up"]);
     drop(echo);
+}
+
+/// A host with two addresses on the client's link, listening on 0.0.0.0; the client has a
+/// path to each address. With the first address blocked the second carries everything,
+/// which needs the host to answer each path from the address it was sent to: from its
+/// primary address, the client's path socket (connected to the second) would drop them.
+fn second_address_carries_alone(tag: &str, through_bridge: bool) {
+    let Some(_serial) = lab_or_skip() else { return };
+    let mut lab = tests::Lab::new(tag);
+    let c = lab.add_ns("c");
+    let s = lab.add_ns("s");
+    let key = lab.dir.join("k");
+    tests::run(std::process::Command::new(tests::bin("mpserver")).arg("genkey").arg(&key));
+    let key_s = key.display().to_string();
+    let cctl = lab.dir.join("c.sock").display().to_string();
+    // the host with two addresses: the server itself, or a bridge in front of it
+    let two_addresses = if through_bridge {
+        let b = lab.add_ns("b");
+        lab.link(&c, "wan", "10.77.0.1", &b, "b0", "10.77.0.2");
+        lab.link(&b, "b1", "10.77.1.1", &s, "s0", "10.77.1.2");
+        lab.spawn(&b, "mpbridge", &tests::bin("mpbridge"), &["--listen", "0.0.0.0:4000", "--to", "10.77.1.2:4000"]);
+        b
+    } else {
+        lab.link(&c, "wan", "10.77.0.1", &s, "s0", "10.77.0.2");
+        s.clone()
+    };
+    let dev = if through_bridge { "b0" } else { "s0" };
+    lab.sh(&two_addresses, &format!("ip addr add 10.77.0.3/24 dev {dev}"));
+    let echo = tests::Echo::start(&s, tests::ECHO_ADDR.parse().unwrap());
+    let server_yaml = lab.dir.join("server.yaml");
+    std::fs::write(&server_yaml, format!("listen: 0.0.0.0:4000\ntarget: 127.0.0.1:7000\nkey_file: {key_s}\n")).unwrap();
+    lab.spawn(&s, "mpserver", &tests::bin("mpserver"), &["-c", &server_yaml.display().to_string()]);
+    let yaml = lab.dir.join("client.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "listen: {CLIENT_LISTEN}\nkey_file: {key_s}\ncontrol_socket: {cctl}\npaths:\n  - remote: 10.77.0.2:4000\n  - remote: 10.77.0.3:4000\n"
+        ),
+    )
+    .unwrap();
+    lab.spawn(&c, "mpclient", &tests::bin("mpclient"), &["-c", &yaml.display().to_string()]);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let to = CLIENT_LISTEN.parse().unwrap();
+    let r = udp_stream(&c, true, to, 1, 1000, 500, 1000, Duration::from_millis(800)).join().unwrap();
+    assert_eq!(r.echoed.len(), 1000);
+
+    lab.nft(
+        &c,
+        "table inet block_first {\n  chain out { type filter hook output priority 0; ip daddr 10.77.0.2 drop; }\n  \
+         chain in { type filter hook input priority 0; ip saddr 10.77.0.2 drop; }\n}\n",
+    );
+    std::thread::sleep(Duration::from_millis(1300));
+    let r = udp_stream(&c, true, to, 5000, 1000, 500, 1000, Duration::from_millis(800)).join().unwrap();
+    assert_eq!(r.echoed.len(), 1000, "the path to the second address alone carries everything");
+    let client = status(&cctl);
+    let states: Vec<&str> =
+        client["sessions"][0]["paths"].as_array().unwrap().iter().map(|p| p["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["down", "up"]);
+    drop(echo);
+}
+
+#[test]
+fn server_on_a_wildcard_answers_from_the_address_each_path_used() {
+    second_address_carries_alone("w", false);
+}
+
+#[test]
+fn bridge_on_a_wildcard_answers_from_the_address_each_client_used() {
+    second_address_carries_alone("x", true);
 }

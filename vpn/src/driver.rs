@@ -425,7 +425,7 @@ impl PeerTunnel {
             match self {
                 Self::Udp(s) => {
                     let all = batch::all_of(tx);
-                    failed += all.len() - batch::send_batch(s.as_raw_fd(), tx, all, None);
+                    failed += all.len() - batch::send_batch(s.as_raw_fd(), tx, all, None, None);
                 }
                 Self::Embedded(mp) => mp.send_batch(Instant::now(), tx),
             }

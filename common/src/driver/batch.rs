@@ -2,7 +2,7 @@
 //! datagrams. System calls per copy, not crypto, bound the tunnel on small machines.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -19,8 +19,15 @@ pub struct RecvBatch {
     lens: [usize; BATCH],
     addrs: Box<[libc::sockaddr_storage; BATCH]>,
     addr_lens: [libc::socklen_t; BATCH],
+    /// The local address each datagram was sent to, where the socket reports it
+    /// (`receive_local_addresses`).
+    locals: [Option<IpAddr>; BATCH],
     n: usize,
 }
+
+/// Room for the control messages of one datagram: a UDP_SEGMENT (24 bytes) and an
+/// IPv6 packet info (40 bytes), 8-byte aligned.
+type Control = [u64; 8];
 
 impl Default for RecvBatch {
     fn default() -> Self {
@@ -37,6 +44,7 @@ impl RecvBatch {
             // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
             addrs: Box::new(unsafe { std::mem::zeroed() }),
             addr_lens: [0; BATCH],
+            locals: [None; BATCH],
             n: 0,
         }
     }
@@ -54,7 +62,8 @@ impl RecvBatch {
         // self's buffers, which outlive the call.
         let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
         let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-        for (i, (v, m)) in iov.iter_mut().zip(msgs.iter_mut()).enumerate() {
+        let mut controls = [[0u64; 8]; BATCH];
+        for (i, ((v, m), c)) in iov.iter_mut().zip(msgs.iter_mut()).zip(controls.iter_mut()).enumerate() {
             v.iov_base = self.data[i * SLOT_BYTES + headroom..].as_mut_ptr().cast();
             v.iov_len = SLOT_BYTES - headroom - tailroom;
             let h = &mut m.msg_hdr;
@@ -62,6 +71,8 @@ impl RecvBatch {
             h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_iov = v;
             h.msg_iovlen = 1;
+            h.msg_control = c.as_mut_ptr().cast();
+            h.msg_controllen = std::mem::size_of::<Control>();
         }
         // SAFETY: msgs holds BATCH initialised headers as described above.
         let r = unsafe {
@@ -77,6 +88,7 @@ impl RecvBatch {
             self.starts[i] = headroom;
             self.lens[i] = m.msg_len as usize;
             self.addr_lens[i] = m.msg_hdr.msg_namelen;
+            self.locals[i] = local_address(&m.msg_hdr);
         }
         Ok(self.n)
     }
@@ -129,11 +141,17 @@ impl RecvBatch {
         let i = self.n;
         let Some((addr, len)) = fill(&mut self.slot_mut(i)[headroom..]) else { return false };
         self.set_datagram(i, headroom, len);
+        self.locals[i] = None;
         let a = socket2::SockAddr::from(addr);
         self.addr_lens[i] = a.len();
         self.addrs[i] = a.as_storage();
         self.n += 1;
         true
+    }
+
+    /// The local address datagram `i` was sent to, on a socket that reports it.
+    pub fn local(&self, i: usize) -> Option<IpAddr> {
+        self.locals[i]
     }
 
     /// Where datagram `i` came from (received), or the address it was pushed with.
@@ -155,11 +173,17 @@ const GSO_MAX_SEGMENT_BYTES: usize = 1_452;
 static GSO_USABLE: AtomicBool = AtomicBool::new(true);
 
 /// Sends the datagrams `which` of `batch` with `sendmmsg`, to `to` (or, with `None`, on a
-/// connected socket). Runs of equal-sized datagrams go as one UDP GSO message each (one
+/// connected socket), from the local address `from` (or the kernel's choice). Runs of equal-sized datagrams go as one UDP GSO message each (one
 /// pass through the stack, segmented below it); the kernel sends the segments in order.
 /// Returns how many datagrams went out; a message the kernel refuses is skipped (a GSO
 /// message it cannot segment is first retried as plain datagrams).
-pub fn send_batch(fd: RawFd, batch: &RecvBatch, which: &[usize], to: Option<SocketAddr>) -> usize {
+pub fn send_batch(
+    fd: RawFd,
+    batch: &RecvBatch,
+    which: &[usize],
+    to: Option<SocketAddr>,
+    from: Option<IpAddr>,
+) -> usize {
     let dest = to.map(socket2::SockAddr::from);
     let mut sent = 0;
     let mut start = 0;
@@ -172,8 +196,7 @@ pub fn send_batch(fd: RawFd, batch: &RecvBatch, which: &[usize], to: Option<Sock
         // the arrays here, which outlive the call; the kernel only reads them.
         let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
         let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-        // room for one cmsghdr carrying a u16, 8-byte aligned
-        let mut controls = [[0u64; 4]; BATCH];
+        let mut controls = [[0u64; 8]; BATCH];
         let mut runs = [0usize; BATCH];
         let (mut m, mut k) = (0, 0);
         while k < chunk.len() {
@@ -206,9 +229,7 @@ pub fn send_batch(fd: RawFd, batch: &RecvBatch, which: &[usize], to: Option<Sock
             }
             h.msg_iov = &mut iov[k];
             h.msg_iovlen = run;
-            if run > 1 {
-                set_segment_size(h, &mut controls[m], first as u16);
-            }
+            set_control(h, &mut controls[m], (run > 1).then_some(first as u16), from);
             runs[m] = run;
             m += 1;
             k += run;
@@ -262,25 +283,147 @@ pub fn send_to_sources(fd: RawFd, batch: &RecvBatch) -> usize {
         let to = batch.source(start);
         let end = (start..batch.len()).find(|&i| batch.source(i) != to).unwrap_or(batch.len());
         let run = &INDICES[start..end];
-        failed += run.len() - send_batch(fd, batch, run, to);
+        failed += run.len() - send_batch(fd, batch, run, to, None);
         start = end;
     }
     failed
 }
 
-/// Attaches a UDP_SEGMENT control message (GSO segment size) to `h`, in `control`.
-fn set_segment_size(h: &mut libc::msghdr, control: &mut [u64; 4], size: u16) {
-    // SAFETY: `control` is 8-byte aligned and 32 bytes, more than CMSG_SPACE(2) (24);
-    // CMSG_FIRSTHDR/CMSG_DATA point inside it once msg_control/msg_controllen are set.
+/// Sends one datagram to `to` from the local address `from` (or the kernel's choice).
+pub fn send_one(fd: RawFd, data: &[u8], to: SocketAddr, from: Option<IpAddr>) -> io::Result<()> {
+    let dest = socket2::SockAddr::from(to);
+    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+    let mut control: Control = [0; 8];
+    // SAFETY: a zeroed msghdr is valid; its pointers reference locals that outlive the
+    // call, and the kernel only reads them.
+    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+    h.msg_name = dest.as_ptr() as *mut libc::c_void;
+    h.msg_namelen = dest.len();
+    h.msg_iov = &mut iov;
+    h.msg_iovlen = 1;
+    set_control(&mut h, &mut control, None, from);
+    // SAFETY: h is initialised as described above.
+    if unsafe { libc::sendmsg(fd, &h, libc::MSG_DONTWAIT) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Attaches to `h`, in `control`, a UDP_SEGMENT message (GSO segment size) and a packet
+/// info message choosing the source address, each if asked for.
+fn set_control(h: &mut libc::msghdr, control: &mut Control, segment: Option<u16>, from: Option<IpAddr>) {
+    // a v4-mapped address (a dual-stack socket) is sent from as IPv4
+    let from = from.map(|a| match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, IpAddr::V4),
+        v4 => v4,
+    });
+    let space = |len: usize| unsafe { libc::CMSG_SPACE(len as u32) as usize };
+    let segment_space = segment.map_or(0, |_| space(std::mem::size_of::<u16>()));
+    let from_space = match from {
+        None => 0,
+        Some(IpAddr::V4(_)) => space(std::mem::size_of::<libc::in_pktinfo>()),
+        Some(IpAddr::V6(_)) => space(std::mem::size_of::<libc::in6_pktinfo>()),
+    };
+    if segment_space + from_space == 0 {
+        return;
+    }
+    // SAFETY: `control` is 8-byte aligned and 64 bytes, at least the 24 + 40 bytes the two
+    // messages take; CMSG_FIRSTHDR/CMSG_NXTHDR/CMSG_DATA stay inside it once
+    // msg_control/msg_controllen are set, and it was zeroed by the caller.
     unsafe {
-        let space = libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) as usize;
         h.msg_control = control.as_mut_ptr().cast();
-        h.msg_controllen = space;
-        let c = libc::CMSG_FIRSTHDR(h);
-        (*c).cmsg_level = libc::SOL_UDP;
-        (*c).cmsg_type = libc::UDP_SEGMENT;
-        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), size);
+        h.msg_controllen = segment_space + from_space;
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        if let Some(size) = segment {
+            (*c).cmsg_level = libc::SOL_UDP;
+            (*c).cmsg_type = libc::UDP_SEGMENT;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), size);
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+        match from {
+            None => {}
+            Some(IpAddr::V4(a)) => {
+                (*c).cmsg_level = libc::IPPROTO_IP;
+                (*c).cmsg_type = libc::IP_PKTINFO;
+                (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in_pktinfo>() as u32) as usize;
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr { s_addr: u32::from(a).to_be() },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>(), info);
+            }
+            Some(IpAddr::V6(a)) => {
+                (*c).cmsg_level = libc::IPPROTO_IPV6;
+                (*c).cmsg_type = libc::IPV6_PKTINFO;
+                (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in6_pktinfo>() as u32) as usize;
+                let info = libc::in6_pktinfo { ipi6_addr: libc::in6_addr { s6_addr: a.octets() }, ipi6_ifindex: 0 };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::in6_pktinfo>(), info);
+            }
+        }
+    }
+}
+
+/// The destination address in a received message's packet info, if the socket asked for
+/// it (IP_PKTINFO / IPV6_RECVPKTINFO); v4-mapped addresses come back as IPv4.
+fn local_address(h: &libc::msghdr) -> Option<IpAddr> {
+    if h.msg_controllen == 0 {
+        return None;
+    }
+    // SAFETY: the kernel wrote msg_controllen bytes of control messages at msg_control;
+    // CMSG_FIRSTHDR/CMSG_NXTHDR stay inside them and CMSG_DATA of a packet info message
+    // holds that struct.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            match ((*c).cmsg_level, (*c).cmsg_type) {
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                    let info = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>());
+                    return Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr))));
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    let info = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in6_pktinfo>());
+                    let a = Ipv6Addr::from(info.ipi6_addr.s6_addr);
+                    return Some(a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4));
+                }
+                _ => {}
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    None
+}
+
+/// Asks the kernel to report, with each datagram `fd` receives, the local address it was
+/// sent to (`RecvBatch::local`): needed to answer from that address on a socket bound to
+/// a wildcard address of a host with several.
+pub fn receive_local_addresses(fd: RawFd, ipv6: bool) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    let set = |level, name| {
+        // SAFETY: `on` is a c_int that outlives the call, as the option expects.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    if ipv6 {
+        set(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)?;
+        // IPv4 clients of a dual-stack socket; refused on an IPv6-only one, which is fine
+        let _ = set(libc::IPPROTO_IP, libc::IP_PKTINFO);
+        Ok(())
+    } else {
+        set(libc::IPPROTO_IP, libc::IP_PKTINFO)
     }
 }
 
@@ -311,7 +454,7 @@ mod tests {
         }
         let out = UdpSocket::bind("127.0.0.1:0").unwrap();
         out.connect(rx.local_addr().unwrap()).unwrap();
-        assert_eq!(send_batch(out.as_raw_fd(), &b, &[2, 0], None), 2);
+        assert_eq!(send_batch(out.as_raw_fd(), &b, &[2, 0], None, None), 2);
         let mut buf = [0u8; 64];
         for want in [2u8, 0] {
             let n = rx.recv(&mut buf).unwrap();
@@ -365,6 +508,37 @@ mod tests {
     }
 
     #[test]
+    fn a_wildcard_socket_learns_and_answers_from_the_address_it_was_sent_to() {
+        let wild = UdpSocket::bind("0.0.0.0:0").unwrap();
+        receive_local_addresses(wild.as_raw_fd(), false).unwrap();
+        let port = wild.local_addr().unwrap().port();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // 127.0.0.2 is another address of this host (all of 127/8 is on lo)
+        client.send_to(b"hi", ("127.0.0.2", port)).unwrap();
+        let mut b = RecvBatch::new();
+        assert_eq!(b.recv(wild.as_raw_fd()).unwrap(), 1);
+        let local = b.local(0);
+        assert_eq!(local, Some("127.0.0.2".parse().unwrap()));
+        let to = b.source(0).unwrap();
+
+        // one datagram, and a GSO run of three
+        send_one(wild.as_raw_fd(), b"one", to, local).unwrap();
+        let mut out = RecvBatch::new();
+        for _ in 0..3 {
+            out.push_with(0, |room| {
+                room[..100].fill(7);
+                Some((to, 100))
+            });
+        }
+        assert_eq!(send_batch(wild.as_raw_fd(), &out, all_of(&out), Some(to), local), 3);
+        let mut buf = [0u8; 256];
+        for want in [3, 100, 100, 100] {
+            let (n, from) = client.recv_from(&mut buf).unwrap();
+            assert_eq!((n, from), (want, SocketAddr::from(([127, 0, 0, 2], port))));
+        }
+    }
+
+    #[test]
     fn gso_runs_arrive_as_separate_datagrams_in_order() {
         let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -379,7 +553,7 @@ mod tests {
         assert_eq!(b.recv(rx.as_raw_fd()).unwrap(), sizes.len());
         let out = UdpSocket::bind("127.0.0.1:0").unwrap();
         let which: Vec<usize> = (0..sizes.len()).collect();
-        assert_eq!(send_batch(out.as_raw_fd(), &b, &which, Some(rx.local_addr().unwrap())), sizes.len());
+        assert_eq!(send_batch(out.as_raw_fd(), &b, &which, Some(rx.local_addr().unwrap()), None), sizes.len());
         let mut buf = [0u8; 2048];
         for (k, &size) in sizes.iter().enumerate() {
             let n = rx.recv(&mut buf).unwrap();
