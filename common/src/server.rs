@@ -376,7 +376,8 @@ impl Server {
     /// Seals a datagram from the session's target (payload at
     /// `buf[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + payload_len]`). Returns the
     /// datagram length and the paths to send `buf[..len]` on; look their addresses up
-    /// with `path_addr` before calling anything else.
+    /// with `path_addr`/`path_local` before the next `handle_datagram` or
+    /// `handle_timeout`, which may learn or drop paths (sealing more does not).
     pub fn encapsulate(
         &mut self,
         now: Instant,

@@ -375,7 +375,7 @@ fn hub_status(core: &Hub, tun: &str, addr: Ipv4Addr) -> VpnStatus {
     }
 }
 
-/// Sends what the core queued (through `out`, reused) and logs its events.
+/// Sends what the core queued (through `bufs`) and logs its events.
 fn flush_hub(core: &mut Hub, tunnel: &mut HubTunnel, dev: &tun::Device, bufs: &mut IoBuffers, log: &Logger) {
     let failed = tunnel.transmit(core, &mut bufs.tx);
     if failed > 0 {
@@ -421,6 +421,8 @@ impl PeerTunnel {
             Self::Embedded(_) => SEALING_ROOM,
         };
         let mut failed = 0;
+        // the embedded client takes the address as the session's application; mpclient's
+        // socket is connected
         while fill_batch(tx, room, |buf| core.poll_transmit(buf).map(|n| (EMBEDDED_APP, n))) {
             match self {
                 Self::Udp(s) => {
@@ -564,7 +566,7 @@ fn peer_status(core: &Peer, name: &str, tun: &str) -> VpnStatus {
     }
 }
 
-/// Sends what the core queued (through `out`, reused), applies its configuration and
+/// Sends what the core queued (through `bufs`), applies its configuration and
 /// logs its events.
 fn flush_peer(
     core: &mut Peer,
