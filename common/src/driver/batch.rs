@@ -418,10 +418,8 @@ pub fn receive_local_addresses(fd: RawFd, ipv6: bool) -> io::Result<()> {
         }
     };
     if ipv6 {
-        set(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)?;
-        // IPv4 clients of a dual-stack socket; refused on an IPv6-only one, which is fine
-        let _ = set(libc::IPPROTO_IP, libc::IP_PKTINFO);
-        Ok(())
+        // also covers IPv4 clients of a dual-stack socket (as v4-mapped addresses)
+        set(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
     } else {
         set(libc::IPPROTO_IP, libc::IP_PKTINFO)
     }
@@ -536,6 +534,22 @@ mod tests {
             let (n, from) = client.recv_from(&mut buf).unwrap();
             assert_eq!((n, from), (want, SocketAddr::from(([127, 0, 0, 2], port))));
         }
+    }
+
+    #[test]
+    fn a_dual_stack_wildcard_socket_answers_ipv4_clients_from_the_right_address() {
+        let Ok(wild) = UdpSocket::bind("[::]:0") else { return }; // no IPv6 here
+        receive_local_addresses(wild.as_raw_fd(), true).unwrap();
+        let port = wild.local_addr().unwrap().port();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"hi", ("127.0.0.2", port)).unwrap();
+        let mut b = RecvBatch::new();
+        assert_eq!(b.recv(wild.as_raw_fd()).unwrap(), 1);
+        assert_eq!(b.local(0), Some("127.0.0.2".parse().unwrap()));
+        send_one(wild.as_raw_fd(), b"one", b.source(0).unwrap(), b.local(0)).unwrap();
+        let mut buf = [0u8; 16];
+        let (n, from) = client.recv_from(&mut buf).unwrap();
+        assert_eq!((n, from), (3, SocketAddr::from(([127, 0, 0, 2], port))));
     }
 
     #[test]
