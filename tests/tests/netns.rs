@@ -188,6 +188,42 @@ fn status(sock: &str) -> serde_json::Value {
     serde_json::from_str(&out).unwrap()
 }
 
+/// Starts mpserver in `s` (config `server_settings`, forwarding to the echo target) and
+/// mpclient in `c` with `paths` (YAML list items), and checks that 1000 datagrams come
+/// back. Returns the client's control socket.
+fn start_tunnel(lab: &mut tests::Lab, c: &str, s: &str, server_settings: &str, paths: &str) -> String {
+    let key = lab.dir.join("k");
+    tests::run(std::process::Command::new(tests::bin("mpserver")).arg("genkey").arg(&key));
+    let key = key.display().to_string();
+    let cctl = lab.dir.join("c.sock").display().to_string();
+    let server_yaml = lab.dir.join("server.yaml");
+    std::fs::write(&server_yaml, format!("{server_settings}target: 127.0.0.1:7000\nkey_file: {key}\n")).unwrap();
+    lab.spawn(s, "mpserver", &tests::bin("mpserver"), &["-c", &server_yaml.display().to_string()]);
+    let yaml = lab.dir.join("client.yaml");
+    std::fs::write(&yaml, format!("listen: {CLIENT_LISTEN}\nkey_file: {key}\ncontrol_socket: {cctl}\npaths:\n{paths}"))
+        .unwrap();
+    lab.spawn(c, "mpclient", &tests::bin("mpclient"), &["-c", &yaml.display().to_string()]);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = udp_stream(c, true, CLIENT_LISTEN.parse().unwrap(), 1, 1000, 500, 1000, Duration::from_millis(800))
+        .join()
+        .unwrap();
+    assert_eq!(r.echoed.len(), 1000);
+    cctl
+}
+
+/// After the first of two paths was cut: once the client noticed, the second carries all
+/// 1000 datagrams and the client shows the paths down and up.
+fn second_path_carries_alone(c: &str, cctl: &str, what: &str) {
+    std::thread::sleep(Duration::from_millis(1300));
+    let to = CLIENT_LISTEN.parse().unwrap();
+    let r = udp_stream(c, true, to, 5000, 1000, 500, 1000, Duration::from_millis(800)).join().unwrap();
+    assert_eq!(r.echoed.len(), 1000, "{what}");
+    let client = status(cctl);
+    let states: Vec<&str> =
+        client["sessions"][0]["paths"].as_array().unwrap().iter().map(|p| p["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["down", "up"]);
+}
+
 #[test]
 fn two_local_uplinks_by_bind_address_and_interface() {
     let Some(_serial) = lab_or_skip() else { return };
@@ -201,35 +237,15 @@ fn two_local_uplinks_by_bind_address_and_interface() {
     lab.sh(&c, "ip route add 10.80.0.1/32 via 10.79.1.2 dev wan1 metric 100");
     lab.sh(&c, "ip route add 10.80.0.1/32 via 10.79.2.2 dev wan2 metric 200");
     let echo = tests::Echo::start(&s, tests::ECHO_ADDR.parse().unwrap());
-    let key = lab.dir.join("k");
-    tests::run(std::process::Command::new(tests::bin("mpserver")).arg("genkey").arg(&key));
-    let (key_s, sctl, cctl) = (
-        key.display().to_string(),
-        lab.dir.join("s.sock").display().to_string(),
-        lab.dir.join("c.sock").display().to_string(),
-    );
+    let sctl = lab.dir.join("s.sock").display().to_string();
     // bound to the service address: replies must come from the address clients talk to
-    let server_yaml = lab.dir.join("server.yaml");
-    std::fs::write(
-        &server_yaml,
-        format!("listen: 10.80.0.1:4000\ntarget: 127.0.0.1:7000\nkey_file: {key_s}\ncontrol_socket: {sctl}\n"),
-    )
-    .unwrap();
-    lab.spawn(&s, "mpserver", &tests::bin("mpserver"), &["-c", &server_yaml.display().to_string()]);
-    let yaml = lab.dir.join("client.yaml");
-    std::fs::write(
-        &yaml,
-        format!(
-            "listen: {CLIENT_LISTEN}\nkey_file: {key_s}\ncontrol_socket: {cctl}\npaths:\n  - remote: 10.80.0.1:4000\n    bind: 10.79.1.1\n    name: uplink-a\n  - remote: 10.80.0.1:4000\n    interface: wan2\n    name: uplink-b\n"
-        ),
-    )
-    .unwrap();
-    lab.spawn(&c, "mpclient", &tests::bin("mpclient"), &["-c", &yaml.display().to_string()]);
-    std::thread::sleep(Duration::from_millis(300));
-
-    let to = CLIENT_LISTEN.parse().unwrap();
-    let r = udp_stream(&c, true, to, 1, 1000, 500, 1000, Duration::from_millis(800)).join().unwrap();
-    assert_eq!(r.echoed.len(), 1000);
+    let cctl = start_tunnel(
+        &mut lab,
+        &c,
+        &s,
+        &format!("listen: 10.80.0.1:4000\ncontrol_socket: {sctl}\n"),
+        "  - remote: 10.80.0.1:4000\n    bind: 10.79.1.1\n    name: uplink-a\n  - remote: 10.80.0.1:4000\n    interface: wan2\n    name: uplink-b\n",
+    );
     let server = status(&sctl);
     let mut sources: Vec<String> = server["sessions"][0]["paths"]
         .as_array()
@@ -242,13 +258,7 @@ fn two_local_uplinks_by_bind_address_and_interface() {
 
     // uplink a dies: uplink b carries everything
     lab.link_loss(&c, "wan1", 100, 100);
-    std::thread::sleep(Duration::from_millis(1300));
-    let r = udp_stream(&c, true, to, 5000, 1000, 500, 1000, Duration::from_millis(800)).join().unwrap();
-    assert_eq!(r.echoed.len(), 1000, "uplink b alone carries everything");
-    let client = status(&cctl);
-    let states: Vec<&str> =
-        client["sessions"][0]["paths"].as_array().unwrap().iter().map(|p| p["state"].as_str().unwrap()).collect();
-    assert_eq!(states, ["down", "up"]);
+    second_path_carries_alone(&c, &cctl, "uplink b alone carries everything");
     drop(echo);
 }
 
@@ -261,54 +271,28 @@ fn second_address_carries_alone(tag: &str, through_bridge: bool) {
     let mut lab = tests::Lab::new(tag);
     let c = lab.add_ns("c");
     let s = lab.add_ns("s");
-    let key = lab.dir.join("k");
-    tests::run(std::process::Command::new(tests::bin("mpserver")).arg("genkey").arg(&key));
-    let key_s = key.display().to_string();
-    let cctl = lab.dir.join("c.sock").display().to_string();
     // the host with two addresses: the server itself, or a bridge in front of it
-    let two_addresses = if through_bridge {
+    let (two_addresses, dev) = if through_bridge {
         let b = lab.add_ns("b");
         lab.link(&c, "wan", "10.77.0.1", &b, "b0", "10.77.0.2");
         lab.link(&b, "b1", "10.77.1.1", &s, "s0", "10.77.1.2");
         lab.spawn(&b, "mpbridge", &tests::bin("mpbridge"), &["--listen", "0.0.0.0:4000", "--to", "10.77.1.2:4000"]);
-        b
+        (b, "b0")
     } else {
         lab.link(&c, "wan", "10.77.0.1", &s, "s0", "10.77.0.2");
-        s.clone()
+        (s.clone(), "s0")
     };
-    let dev = if through_bridge { "b0" } else { "s0" };
     lab.sh(&two_addresses, &format!("ip addr add 10.77.0.3/24 dev {dev}"));
     let echo = tests::Echo::start(&s, tests::ECHO_ADDR.parse().unwrap());
-    let server_yaml = lab.dir.join("server.yaml");
-    std::fs::write(&server_yaml, format!("listen: 0.0.0.0:4000\ntarget: 127.0.0.1:7000\nkey_file: {key_s}\n")).unwrap();
-    lab.spawn(&s, "mpserver", &tests::bin("mpserver"), &["-c", &server_yaml.display().to_string()]);
-    let yaml = lab.dir.join("client.yaml");
-    std::fs::write(
-        &yaml,
-        format!(
-            "listen: {CLIENT_LISTEN}\nkey_file: {key_s}\ncontrol_socket: {cctl}\npaths:\n  - remote: 10.77.0.2:4000\n  - remote: 10.77.0.3:4000\n"
-        ),
-    )
-    .unwrap();
-    lab.spawn(&c, "mpclient", &tests::bin("mpclient"), &["-c", &yaml.display().to_string()]);
-    std::thread::sleep(Duration::from_millis(300));
-
-    let to = CLIENT_LISTEN.parse().unwrap();
-    let r = udp_stream(&c, true, to, 1, 1000, 500, 1000, Duration::from_millis(800)).join().unwrap();
-    assert_eq!(r.echoed.len(), 1000);
+    let paths = "  - remote: 10.77.0.2:4000\n  - remote: 10.77.0.3:4000\n";
+    let cctl = start_tunnel(&mut lab, &c, &s, "listen: 0.0.0.0:4000\n", paths);
 
     lab.nft(
         &c,
         "table inet block_first {\n  chain out { type filter hook output priority 0; ip daddr 10.77.0.2 drop; }\n  \
          chain in { type filter hook input priority 0; ip saddr 10.77.0.2 drop; }\n}\n",
     );
-    std::thread::sleep(Duration::from_millis(1300));
-    let r = udp_stream(&c, true, to, 5000, 1000, 500, 1000, Duration::from_millis(800)).join().unwrap();
-    assert_eq!(r.echoed.len(), 1000, "the path to the second address alone carries everything");
-    let client = status(&cctl);
-    let states: Vec<&str> =
-        client["sessions"][0]["paths"].as_array().unwrap().iter().map(|p| p["state"].as_str().unwrap()).collect();
-    assert_eq!(states, ["down", "up"]);
+    second_path_carries_alone(&c, &cctl, "the path to the second address alone carries everything");
     drop(echo);
 }
 

@@ -142,6 +142,14 @@ fn read_tun(dev: &tun::Device, buf: &mut [u8], mut each: impl FnMut(&[u8])) -> b
     true
 }
 
+/// Writes the packets `poll` (a core's `poll_tun`) fills into `out` to the TUN device; a
+/// full TUN queue drops them, as the kernel would.
+fn write_tun(dev: &tun::Device, out: &mut [u8], mut poll: impl FnMut(&mut [u8]) -> Option<usize>) {
+    while let Some(n) = poll(out) {
+        let _ = dev.send(&out[..n]);
+    }
+}
+
 /// Reads datagrams (`recvmmsg`, into `rx`) until empty or the budget is spent; true if
 /// data may remain.
 fn read_udp(sock: &UdpSocket, rx: &mut RecvBatch, mut each: impl FnMut(SocketAddr, &[u8])) -> bool {
@@ -381,10 +389,7 @@ fn flush_hub(core: &mut Hub, tunnel: &mut HubTunnel, dev: &tun::Device, bufs: &m
     if failed > 0 {
         trace!(log, "sends to mpserver failed"; "datagrams" => failed);
     }
-    let out = &mut bufs.out;
-    while let Some(n) = core.poll_tun(out) {
-        let _ = dev.send(&out[..n]);
-    }
+    write_tun(dev, &mut bufs.out, |out| core.poll_tun(out));
     while let Some(ev) = core.poll_event() {
         match ev {
             HubEvent::PeerUp { name, addr, tunnel } => {
@@ -581,10 +586,7 @@ fn flush_peer(
     if failed > 0 {
         trace!(log, "sends to mpclient failed"; "datagrams" => failed);
     }
-    let out = &mut bufs.out;
-    while let Some(n) = core.poll_tun(out) {
-        let _ = dev.send(&out[..n]);
-    }
+    write_tun(dev, &mut bufs.out, |out| core.poll_tun(out));
     while let Some(ev) = core.poll_event() {
         match ev {
             PeerEvent::Configured { addr, prefix_len, hub_addr, mtu } => {

@@ -505,19 +505,24 @@ mod tests {
         assert_eq!(buf[0], 3);
     }
 
+    /// A client on 127.0.0.1 sends one datagram to 127.0.0.2 (another address of this
+    /// host: all of 127/8 is on lo) at `wild`, which reports local addresses; returns the
+    /// client and the datagram as `wild` received it, its local address checked.
+    fn sent_to_second_address(wild: &UdpSocket, ipv6: bool) -> (UdpSocket, RecvBatch) {
+        receive_local_addresses(wild.as_raw_fd(), ipv6).unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"hi", ("127.0.0.2", wild.local_addr().unwrap().port())).unwrap();
+        let mut b = RecvBatch::new();
+        assert_eq!(b.recv(wild.as_raw_fd()).unwrap(), 1);
+        assert_eq!(b.local(0), Some("127.0.0.2".parse().unwrap()));
+        (client, b)
+    }
+
     #[test]
     fn a_wildcard_socket_learns_and_answers_from_the_address_it_was_sent_to() {
         let wild = UdpSocket::bind("0.0.0.0:0").unwrap();
-        receive_local_addresses(wild.as_raw_fd(), false).unwrap();
-        let port = wild.local_addr().unwrap().port();
-        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-        // 127.0.0.2 is another address of this host (all of 127/8 is on lo)
-        client.send_to(b"hi", ("127.0.0.2", port)).unwrap();
-        let mut b = RecvBatch::new();
-        assert_eq!(b.recv(wild.as_raw_fd()).unwrap(), 1);
-        let local = b.local(0);
-        assert_eq!(local, Some("127.0.0.2".parse().unwrap()));
-        let to = b.source(0).unwrap();
+        let (client, b) = sent_to_second_address(&wild, false);
+        let (to, local) = (b.source(0).unwrap(), b.local(0));
 
         // one datagram, and a GSO run of three
         send_one(wild.as_raw_fd(), b"one", to, local).unwrap();
@@ -530,6 +535,7 @@ mod tests {
         }
         assert_eq!(send_batch(wild.as_raw_fd(), &out, all_of(&out), Some(to), local), 3);
         let mut buf = [0u8; 256];
+        let port = wild.local_addr().unwrap().port();
         for want in [3, 100, 100, 100] {
             let (n, from) = client.recv_from(&mut buf).unwrap();
             assert_eq!((n, from), (want, SocketAddr::from(([127, 0, 0, 2], port))));
@@ -539,17 +545,11 @@ mod tests {
     #[test]
     fn a_dual_stack_wildcard_socket_answers_ipv4_clients_from_the_right_address() {
         let Ok(wild) = UdpSocket::bind("[::]:0") else { return }; // no IPv6 here
-        receive_local_addresses(wild.as_raw_fd(), true).unwrap();
-        let port = wild.local_addr().unwrap().port();
-        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-        client.send_to(b"hi", ("127.0.0.2", port)).unwrap();
-        let mut b = RecvBatch::new();
-        assert_eq!(b.recv(wild.as_raw_fd()).unwrap(), 1);
-        assert_eq!(b.local(0), Some("127.0.0.2".parse().unwrap()));
+        let (client, b) = sent_to_second_address(&wild, true);
         send_one(wild.as_raw_fd(), b"one", b.source(0).unwrap(), b.local(0)).unwrap();
         let mut buf = [0u8; 16];
         let (n, from) = client.recv_from(&mut buf).unwrap();
-        assert_eq!((n, from), (3, SocketAddr::from(([127, 0, 0, 2], port))));
+        assert_eq!((n, from), (3, SocketAddr::from(([127, 0, 0, 2], wild.local_addr().unwrap().port()))));
     }
 
     #[test]
