@@ -1,10 +1,10 @@
-//! The mpbridge mio loop: one listening socket, one connected socket per flow.
+//! The mpbridge driver: one listening socket, one connected socket per flow, run by the
+//! shared event loop.
 
-use crate::{FlowTable, Hop, Impairment, LabLine, Verdict};
-use common::driver;
-use common::driver::batch::{self, RecvBatch, BATCH};
-use common::driver::Readiness;
-use mio::net::UdpSocket;
+use crate::{FlowSlot, FlowTable, Hop, Impairment, LabLine, Verdict};
+use common::driver::batch::{self, BatchSocket, RecvBatch, BATCH};
+use common::driver::event_loop::{read_batches, EventLoop, Service, NO_ROOM};
+use common::driver::{self, DriverError, IoContext};
 use mio::{Interest, Registry, Token};
 use slog::{info, trace, warn, Logger};
 use std::net::{IpAddr, SocketAddr};
@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 const LISTEN: Token = Token(0);
 const FLOW_TOKEN_BASE: usize = 1;
-const READ_BUDGET: usize = 256;
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const STATS_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -25,29 +24,42 @@ pub struct BridgeRuntime {
     pub lab: Impairment,
 }
 
+/// mpbridge as the event loop runs it: the receive buffer and the relay state.
 struct Driver {
-    listen: UdpSocket,
+    rb: RecvBatch,
+    relay: Relay,
+}
+
+/// Flows, their sockets and counters.
+struct Relay {
+    listen: BatchSocket,
     to: SocketAddr,
     table: FlowTable,
-    socks: Vec<Option<UdpSocket>>,
+    socks: Vec<Option<BatchSocket>>,
     /// Per flow: our address its client sends to, when `listen` is a wildcard; answers go
     /// out from it (a host with several addresses would otherwise pick its own).
     locals: Vec<Option<IpAddr>>,
     lab: Option<LabLine>,
-    rb: RecvBatch,
+    /// Datagram indices of the batch going to one hop.
+    which: Vec<usize>,
+    expired: Vec<FlowSlot>,
+    next_sweep: Instant,
     log: Logger,
     forwarded: u64,
     refused_flows: u64,
     send_errors: u64,
 }
 
-pub fn run(rt: BridgeRuntime, log: Logger) -> Result<(), String> {
-    let mut io = Readiness::new(1024).map_err(|e| format!("poll: {e}"))?;
-    let mut listen = driver::udp_socket(rt.listen, None, None).map_err(|e| format!("listen {}: {e}", rt.listen))?;
-    io.registry().register(&mut listen, LISTEN, Interest::READABLE).map_err(|e| e.to_string())?;
+/// Runs the relay until SIGTERM/SIGINT or a fatal error.
+pub fn run(rt: BridgeRuntime, log: &Logger) -> Result<(), DriverError> {
+    let mut el = EventLoop::new(log.clone())?;
+    el.log_stats_every(Some(STATS_INTERVAL));
+    let what = || format!("listen {}", rt.listen);
+    let mut listen = driver::udp_socket(rt.listen, None, None).context(what)?;
+    el.registry().register(&mut listen, LISTEN, Interest::READABLE).context(what)?;
     if rt.listen.ip().is_unspecified() {
         batch::receive_local_addresses(listen.as_raw_fd(), rt.listen.is_ipv6())
-            .map_err(|e| format!("listen {}: packet info: {e}", rt.listen))?;
+            .context(|| format!("listen {}: packet info", rt.listen))?;
     }
     info!(log, "mpbridge relaying"; "listen" => %rt.listen, "to" => %rt.to, "idle_timeout_s" => rt.idle_timeout.as_secs(), "max_flows" => rt.max_flows);
     let lab = rt.lab.is_active().then(|| {
@@ -56,61 +68,92 @@ pub fn run(rt: BridgeRuntime, log: Logger) -> Result<(), String> {
         let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
         LabLine::new(rt.lab, seed)
     });
-    let mut d = Driver {
+    let relay = Relay {
         listen,
         to: rt.to,
         table: FlowTable::new(rt.idle_timeout, rt.max_flows),
         socks: Vec::new(),
         locals: Vec::new(),
         lab,
-        rb: RecvBatch::new(),
-        log,
+        which: Vec::with_capacity(BATCH),
+        expired: Vec::new(),
+        next_sweep: Instant::now() + SWEEP_INTERVAL,
+        log: log.clone(),
         forwarded: 0,
         refused_flows: 0,
         send_errors: 0,
     };
-    d.event_loop(&mut io)
+    el.run(&mut Driver { rb: RecvBatch::new(), relay })
 }
 
-impl Driver {
-    fn event_loop(&mut self, io: &mut Readiness) -> Result<(), String> {
-        let mut next_sweep = Instant::now() + SWEEP_INTERVAL;
-        let mut next_stats = Instant::now() + STATS_INTERVAL;
-        let mut expired = Vec::new();
-        loop {
-            let lab_due = self.lab.as_ref().and_then(LabLine::next_due);
-            let deadline = [Some(next_sweep), Some(next_stats), lab_due].into_iter().flatten().min();
-            io.wait(deadline).map_err(|e| format!("poll: {e}"))?;
-            while let Some(token) = io.next_ready() {
-                let pending = match token {
-                    LISTEN => self.read_clients(io.registry()),
-                    Token(t) => self.read_flow(t - FLOW_TOKEN_BASE),
+impl Service for Driver {
+    type Status = ();
+    type Error = DriverError;
+
+    fn handle_ready(&mut self, registry: &Registry, token: Token) -> Result<bool, DriverError> {
+        let (rb, relay) = (&mut self.rb, &mut self.relay);
+        Ok(match token {
+            LISTEN => {
+                let (fd, log) = (relay.listen.as_raw_fd(), relay.log.clone());
+                read_batches(fd, rb, NO_ROOM, &log, "clients", |rb, now| relay.relay_from_clients(rb, now, registry))
+            }
+            Token(t) => {
+                let slot = t - FLOW_TOKEN_BASE;
+                let Some(fd) = relay.socks.get(slot).and_then(Option::as_ref).map(|s| s.as_raw_fd()) else {
+                    return Ok(false);
                 };
-                if pending {
-                    io.still_pending(token);
-                }
+                let log = relay.log.clone();
+                read_batches(fd, rb, NO_ROOM, &log, "target", |rb, now| relay.relay_from_target(rb, now, slot))
             }
-            let now = Instant::now();
-            self.release_delayed(now);
-            if now >= next_sweep {
-                next_sweep = now + SWEEP_INTERVAL;
-                expired.clear();
-                self.table.expire(now, &mut expired);
-                for &slot in &expired {
-                    if let Some(mut s) = self.socks.get_mut(slot).and_then(Option::take) {
-                        let _ = io.registry().deregister(&mut s);
-                    }
+        })
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.relay.poll_timeout()
+    }
+
+    fn handle_timeout(&mut self, registry: &Registry, now: Instant) -> Result<(), DriverError> {
+        self.relay.handle_timeout(registry, now);
+        Ok(())
+    }
+
+    fn status(&self, _: Instant) {}
+
+    fn stats_line(&self, _: Instant) -> String {
+        self.relay.stats_line()
+    }
+}
+
+impl Relay {
+    fn poll_timeout(&self) -> Option<Instant> {
+        let lab_due = self.lab.as_ref().and_then(LabLine::next_due);
+        Some(lab_due.map_or(self.next_sweep, |d| d.min(self.next_sweep)))
+    }
+
+    fn handle_timeout(&mut self, registry: &Registry, now: Instant) {
+        self.release_delayed(now);
+        if now >= self.next_sweep {
+            self.next_sweep = now + SWEEP_INTERVAL;
+            self.expired.clear();
+            self.table.expire(now, &mut self.expired);
+            for &slot in &self.expired {
+                if let Some(mut s) = self.socks.get_mut(slot).and_then(Option::take) {
+                    let _ = registry.deregister(&mut s);
                 }
-            }
-            if now >= next_stats {
-                next_stats = now + STATS_INTERVAL;
-                let lab_dropped = self.lab.as_ref().map_or(0, |l| l.dropped);
-                info!(self.log, "stats"; "flows" => self.table.len(), "forwarded" => self.forwarded,
-                    "refused_flows" => self.refused_flows, "send_errors" => self.send_errors, "lab_dropped" => lab_dropped);
             }
         }
     }
 
+    fn stats_line(&self) -> String {
+        let lab_dropped = self.lab.as_ref().map_or(0, |l| l.dropped);
+        format!(
+            "flows={} forwarded={} refused_flows={} send_errors={} lab_dropped={lab_dropped}",
+            self.table.len(),
+            self.forwarded,
+            self.refused_flows,
+            self.send_errors
+        )
+    }
     /// Sends one datagram (released by the lab delay line).
     fn send(&mut self, hop: Hop, data: &[u8]) {
         let r = match hop {
@@ -119,7 +162,7 @@ impl Driver {
                 None => return,
             },
             Hop::ToClient(slot) => match self.table.client(slot) {
-                Some(c) => batch::send_one(self.listen.as_raw_fd(), data, c, self.local(slot)).map(|_| data.len()),
+                Some(c) => self.listen.send_one(data, c, self.local(slot)).map(|_| data.len()),
                 None => return,
             },
         };
@@ -132,7 +175,7 @@ impl Driver {
         }
     }
 
-    /// Lab impairment decides; `true` = send now.
+    /// Lab impairment decides; `true` = send now (the delay line keeps its own copy).
     fn admit(&mut self, now: Instant, hop: Hop, datagram: &[u8]) -> bool {
         match self.lab.as_mut() {
             None => true,
@@ -140,18 +183,19 @@ impl Driver {
         }
     }
 
-    /// Sends `which` datagrams of the batch to `hop` in one system call.
-    fn send_batch(&mut self, hop: Hop, which: &[usize]) {
+    /// Sends the `which` datagrams of `rb` to `hop` in one system call.
+    fn send_batch(&mut self, rb: &RecvBatch, hop: Hop) {
+        let which = &self.which;
         if which.is_empty() {
             return;
         }
         let sent = match hop {
             Hop::ToTarget(slot) => match self.socks.get(slot).and_then(Option::as_ref) {
-                Some(s) => batch::send_batch(s.as_raw_fd(), &self.rb, which, None, None),
+                Some(s) => s.send_batch(rb, which, None, None),
                 None => return,
             },
             Hop::ToClient(slot) => match self.table.client(slot) {
-                Some(c) => batch::send_batch(self.listen.as_raw_fd(), &self.rb, which, Some(c), self.local(slot)),
+                Some(c) => self.listen.send_batch(rb, which, Some(c), self.local(slot)),
                 None => return,
             },
         };
@@ -169,50 +213,34 @@ impl Driver {
         }
     }
 
-    fn read_clients(&mut self, registry: &Registry) -> bool {
-        let mut group: Vec<usize> = Vec::with_capacity(BATCH);
-        for _ in 0..READ_BUDGET / BATCH {
-            let n = match self.rb.recv(self.listen.as_raw_fd()) {
-                Ok(0) => return false,
-                Ok(n) => n,
-                Err(e) if driver::is_transient(&e) => continue,
-                Err(e) => {
-                    warn!(self.log, "reading from clients"; "error" => %e);
-                    return false;
-                }
-            };
-            let now = Instant::now();
-            // consecutive datagrams of one flow go out in one sendmmsg
-            let mut group_slot = None;
-            group.clear();
-            for i in 0..n {
-                let Some(from) = self.rb.source(i) else { continue };
-                let Some(slot) = self.flow_socket(now, from, registry) else { continue };
-                if self.locals.len() <= slot {
-                    self.locals.resize(slot + 1, None);
-                }
-                self.locals[slot] = self.rb.local(i);
-                if self.lab.is_some() {
-                    // lab mode only: the delay line keeps its own copy
-                    let d = self.rb.datagram(i).to_vec();
-                    if !self.admit(now, Hop::ToTarget(slot), &d) {
-                        continue;
-                    }
-                }
-                if group_slot != Some(slot) {
-                    if let Some(g) = group_slot {
-                        self.send_batch(Hop::ToTarget(g), &group);
-                        group.clear();
-                    }
-                    group_slot = Some(slot);
-                }
-                group.push(i);
+    /// Relays a batch from clients, each datagram through its flow's socket.
+    fn relay_from_clients(&mut self, rb: &RecvBatch, now: Instant, registry: &Registry) {
+        // consecutive datagrams of one flow go out in one sendmmsg
+
+        let mut group_slot = None;
+        self.which.clear();
+        for i in 0..rb.len() {
+            let Some(from) = rb.source(i) else { continue };
+            let Some(slot) = self.flow_socket(now, from, registry) else { continue };
+            if self.locals.len() <= slot {
+                self.locals.resize(slot + 1, None);
             }
-            if let Some(g) = group_slot {
-                self.send_batch(Hop::ToTarget(g), &group);
+            self.locals[slot] = rb.local(i);
+            if !self.admit(now, Hop::ToTarget(slot), rb.datagram(i)) {
+                continue;
             }
+            if group_slot != Some(slot) {
+                if let Some(g) = group_slot {
+                    self.send_batch(rb, Hop::ToTarget(g));
+                    self.which.clear();
+                }
+                group_slot = Some(slot);
+            }
+            self.which.push(i);
         }
-        true
+        if let Some(g) = group_slot {
+            self.send_batch(rb, Hop::ToTarget(g));
+        }
     }
 
     /// The flow of `from`, opening its socket if new; `None` if the table is full.
@@ -239,35 +267,15 @@ impl Driver {
         Some(slot)
     }
 
-    fn read_flow(&mut self, slot: usize) -> bool {
-        let mut which: Vec<usize> = Vec::with_capacity(BATCH);
-        for _ in 0..READ_BUDGET / BATCH {
-            let Some(fd) = self.socks.get(slot).and_then(Option::as_ref).map(|s| s.as_raw_fd()) else {
-                return false;
-            };
-            let n = match self.rb.recv(fd) {
-                Ok(0) => return false,
-                Ok(n) => n,
-                Err(e) if driver::is_transient(&e) => continue,
-                Err(e) => {
-                    warn!(self.log, "reading from target"; "error" => %e);
-                    return false;
-                }
-            };
-            let now = Instant::now();
-            self.table.touch(slot, now);
-            which.clear();
-            for i in 0..n {
-                if self.lab.is_some() {
-                    let d = self.rb.datagram(i).to_vec();
-                    if !self.admit(now, Hop::ToClient(slot), &d) {
-                        continue;
-                    }
-                }
-                which.push(i);
+    /// Relays a batch of the target's answers to the flow's client.
+    fn relay_from_target(&mut self, rb: &RecvBatch, now: Instant, slot: FlowSlot) {
+        self.table.touch(slot, now);
+        self.which.clear();
+        for i in 0..rb.len() {
+            if self.admit(now, Hop::ToClient(slot), rb.datagram(i)) {
+                self.which.push(i);
             }
-            self.send_batch(Hop::ToClient(slot), &which);
         }
-        true
+        self.send_batch(rb, Hop::ToClient(slot));
     }
 }

@@ -10,7 +10,6 @@
 
 pub mod driver;
 
-use common::sim::SimRng;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
@@ -125,13 +124,37 @@ pub enum Verdict {
     Delayed,
 }
 
+/// The lab line's own small random source (xorshift64*): loss and jitter need no more,
+/// and labs want a seed.
+#[derive(Debug, Clone)]
+struct LabRng(u64);
+
+impl LabRng {
+    fn new(seed: u64) -> Self {
+        // xorshift never leaves 0
+        Self(seed | 1)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn chance(&mut self, p: f64) -> bool {
+        p > 0.0 && self.unit() < p
+    }
+}
+
 /// Due time, a tie-breaking order, where to, the bytes.
 type Delayed = (Instant, u64, Hop, Vec<u8>);
 
 /// Loss and a delay line driven by `now`.
 pub struct LabLine {
     imp: Impairment,
-    rng: SimRng,
+    rng: LabRng,
     queue: BinaryHeap<Reverse<Delayed>>,
     order: u64,
     pub dropped: u64,
@@ -139,7 +162,7 @@ pub struct LabLine {
 
 impl LabLine {
     pub fn new(imp: Impairment, seed: u64) -> Self {
-        Self { imp, rng: SimRng::new(seed), queue: BinaryHeap::new(), order: 0, dropped: 0 }
+        Self { imp, rng: LabRng::new(seed), queue: BinaryHeap::new(), order: 0, dropped: 0 }
     }
 
     pub fn admit(&mut self, now: Instant, hop: Hop, datagram: &[u8]) -> Verdict {

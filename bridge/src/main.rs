@@ -3,13 +3,14 @@
 use bridge::driver::{run, BridgeRuntime};
 use bridge::Impairment;
 use clap::Parser;
-use common::driver::{exit_with_error, resolve};
+use common::driver::{exit_with_error, resolve, run_daemon};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Relays UDP between many clients and one destination (usually an mpserver), with a
 /// separate socket and an idle timeout per client flow. socat works as a bridge too;
 /// this one serves many flows in one process and can impair traffic for labs.
+/// SIGTERM or SIGINT stops it cleanly (with a final stats line).
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
@@ -49,9 +50,6 @@ fn main() {
     if cli.idle_timeout == 0 || cli.max_flows == 0 {
         fail("--idle-timeout and --max-flows must be > 0".into());
     }
-    if !common::config::validate_log_level(&cli.log_level) {
-        fail(format!("--log-level: `{}` is not one of error, warn, info, debug, trace", cli.log_level));
-    }
     let to = resolve(&cli.to).unwrap_or_else(|e| fail(format!("--to: {e}")));
     let rt = BridgeRuntime {
         listen: cli.listen,
@@ -64,11 +62,5 @@ fn main() {
             jitter: Duration::from_millis(cli.lab_jitter),
         },
     };
-    let (log, guard) = common::log::init(&cli.log_level);
-    let log = log.new(slog::o!("prog" => "mpbridge"));
-    if let Err(e) = run(rt, log.clone()) {
-        slog::crit!(log, "{}", e);
-        drop(guard);
-        fail(e);
-    }
+    run_daemon("mpbridge", &cli.log_level, |log| run(rt, log));
 }

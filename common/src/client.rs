@@ -14,6 +14,7 @@
 //!   any state (the replay window is marked only after the AEAD opened a datagram).
 
 use crate::crypto::{Cipher, ClientHandshake, HandshakeError, Psk, SessionKeys};
+use crate::entropy::Entropy;
 use crate::path::ProbeTracker;
 use crate::replay::{ReplayVerdict, ReplayWindow};
 use crate::stats::{DropCounters, DropReason, PathState, PathStatus, SessionStatus, StatusReport, Traffic};
@@ -22,7 +23,6 @@ use crate::wire::{
     INNER_DATA, MAX_APP_PAYLOAD, TRANSPORT_HEADER_LEN, TYPE_HANDSHAKE_INIT, TYPE_HANDSHAKE_RESP, TYPE_TRANSPORT,
 };
 use crate::{PathMask, SessionId, MAX_PATHS};
-use ring::rand::{SecureRandom, SystemRandom};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -139,7 +139,7 @@ struct ClientSession {
 /// The client core. See the module docs.
 pub struct Client {
     psk: Psk,
-    rng: SystemRandom,
+    entropy: Box<dyn Entropy>,
     cfg: ClientCoreConfig,
     epoch: Instant,
     sessions: Vec<Option<ClientSession>>,
@@ -152,11 +152,12 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(psk: Psk, cfg: ClientCoreConfig, now: Instant) -> Self {
+    /// A client core drawing session ids and handshake keys from `entropy`.
+    pub fn new(psk: Psk, cfg: ClientCoreConfig, now: Instant, entropy: Box<dyn Entropy>) -> Self {
         assert!(!cfg.path_names.is_empty() && cfg.path_names.len() <= MAX_PATHS, "validated by config");
         Self {
             psk,
-            rng: SystemRandom::new(),
+            entropy,
             cfg,
             epoch: now,
             sessions: Vec::new(),
@@ -176,15 +177,14 @@ impl Client {
         now.saturating_duration_since(self.epoch).as_micros() as u32
     }
 
-    fn new_session_id(&self) -> SessionId {
-        let mut b = [0u8; 8];
-        self.rng.fill(&mut b).expect("system random source");
-        SessionId(u64::from_ne_bytes(b))
+    fn new_session_id(&mut self) -> SessionId {
+        SessionId(self.entropy.next_u64())
     }
 
-    fn handshake(&self, id: SessionId, now: Instant) -> SessionState {
+    fn handshake(&mut self, id: SessionId, now: Instant) -> SessionState {
+        let key = self.entropy.x25519_key();
         SessionState::Handshaking {
-            hs: Box::new(ClientHandshake::new(&self.psk, &self.rng, id, self.cfg.cipher, &self.cfg.target)),
+            hs: Box::new(ClientHandshake::new(&self.psk, key, id, self.cfg.cipher, &self.cfg.target)),
             next_retry: now + HANDSHAKE_RETRY_MIN,
             retry: HANDSHAKE_RETRY_MIN,
             due: true,

@@ -8,7 +8,7 @@ use crate::crypto::Cipher;
 use crate::MAX_PATHS;
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub const DEFAULT_CLIENT_LISTEN: &str = "127.0.0.1:3000";
 pub const DEFAULT_LOG_LEVEL: &str = "info";
@@ -187,18 +187,6 @@ pub struct ServerConfig {
     pub stats_interval_secs: u64,
 }
 
-/// Reads `path` and parses it with `parse(file_name, text)`.
-pub fn load_with<T>(path: &Path, parse: fn(&str, &str) -> Result<T, ConfigError>) -> Result<T, ConfigError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: file.clone(),
-        line: None,
-        field: String::new(),
-        message: e.to_string(),
-    })?;
-    parse(&file, &text)
-}
-
 /// The first line of `text` that mentions `needle` (1-based), to point at a field.
 pub fn line_of(text: &str, needle: &str) -> Option<usize> {
     if needle.is_empty() {
@@ -311,10 +299,6 @@ impl ClientConfig {
         check_log_level(&c.log_level, file, text)?;
         Ok(c)
     }
-
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        load_with(path, Self::parse)
-    }
 }
 
 impl ServerConfig {
@@ -325,10 +309,6 @@ impl ServerConfig {
     /// For a server embedded in `mpvpn hub`, whose sessions all go to the hub: no target.
     pub fn parse_embedded(file: &str, text: &str) -> Result<Self, ConfigError> {
         Self::parse_for(file, text, false)
-    }
-
-    pub fn load_embedded(path: &Path) -> Result<Self, ConfigError> {
-        load_with(path, Self::parse_embedded)
     }
 
     fn parse_for(file: &str, text: &str, needs_target: bool) -> Result<Self, ConfigError> {
@@ -378,10 +358,6 @@ impl ServerConfig {
         )?;
         check_log_level(&c.log_level, file, text)?;
         Ok(c)
-    }
-
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        load_with(path, Self::parse)
     }
 }
 

@@ -9,24 +9,16 @@
 //! AEAD nonce = 4-byte direction || 8-byte sequence number; the AAD is the transport
 //! header. Both are identical in every copy of a datagram (seal once, send N copies).
 
+use crate::entropy::Entropy;
 use crate::wire::{
     self, HandshakeInitRepr, HandshakeRespRepr, HandshakeStatus, AEAD_TAG_LEN, HANDSHAKE_INIT_MAX_LEN,
     HANDSHAKE_MAC_LEN, HANDSHAKE_RESP_BODY_LEN, HANDSHAKE_RESP_LEN, TRANSPORT_HEADER_LEN,
 };
 use crate::SessionId;
 use base64::Engine as _;
-use ring::{aead, agreement, digest, hkdf, hmac, rand::SecureRandom, rand::SystemRandom};
-use std::path::Path;
+use ring::{aead, agreement, digest, hkdf, hmac};
 
 pub const PSK_LEN: usize = 32;
-
-#[derive(Debug, thiserror::Error)]
-pub enum KeyError {
-    #[error("cannot read key file {path}: {source}")]
-    Io { path: String, source: std::io::Error },
-    #[error("key file {path}: expected one line of base64 encoding {PSK_LEN} bytes (make one with `genkey`)")]
-    Format { path: String },
-}
 
 /// The pre-shared key both ends hold.
 #[derive(Clone)]
@@ -39,9 +31,9 @@ impl std::fmt::Debug for Psk {
 }
 
 impl Psk {
-    pub fn generate() -> Self {
+    pub fn generate(entropy: &mut dyn Entropy) -> Self {
         let mut k = [0u8; PSK_LEN];
-        SystemRandom::new().fill(&mut k).expect("system random source");
+        entropy.fill(&mut k);
         Self(k)
     }
 
@@ -62,40 +54,6 @@ impl Psk {
         let v = base64::engine::general_purpose::STANDARD.decode(s.trim()).ok()?;
         let k: [u8; PSK_LEN] = v.try_into().ok()?;
         Some(Self(k))
-    }
-
-    /// Reads a key file. Returns the key and, if the file is readable by group or others,
-    /// a warning to show the operator.
-    pub fn load(path: &Path) -> Result<(Self, Option<String>), KeyError> {
-        let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io { path: p.clone(), source })?;
-        let key = Self::from_base64(&text).ok_or(KeyError::Format { path: p.clone() })?;
-        let mut warning = None;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            if let Ok(meta) = std::fs::metadata(path) {
-                let mode = meta.permissions().mode() & 0o777;
-                if mode & 0o077 != 0 {
-                    warning = Some(format!("key file {p} has loose permissions {mode:o}; run `chmod 600 {p}`"));
-                }
-            }
-        }
-        Ok((key, warning))
-    }
-
-    /// Writes the key as base64 to a new file readable only by its owner.
-    pub fn write_new(&self, path: &Path) -> std::io::Result<()> {
-        use std::io::Write;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(path)?;
-        writeln!(f, "{}", self.to_base64())
     }
 
     fn mac_key(&self) -> hmac::Key {
@@ -275,9 +233,15 @@ pub struct ClientHandshake {
 }
 
 impl ClientHandshake {
-    /// Starts a handshake for `session`; the init datagram is `self.init()`.
-    pub fn new(psk: &Psk, rng: &dyn SecureRandom, session: SessionId, cipher: Cipher, target: &str) -> Self {
-        let private = agreement::EphemeralPrivateKey::generate(&agreement::X25519, rng).expect("x25519 keygen");
+    /// Starts a handshake for `session` with the fresh key `private`; the init datagram
+    /// is `self.init()`.
+    pub fn new(
+        psk: &Psk,
+        private: agreement::EphemeralPrivateKey,
+        session: SessionId,
+        cipher: Cipher,
+        target: &str,
+    ) -> Self {
         let public = private.compute_public_key().expect("x25519 public key");
         let mut pk = [0u8; 32];
         pk.copy_from_slice(public.as_ref());
@@ -287,10 +251,6 @@ impl ClientHandshake {
         let tag = hmac::sign(&psk.mac_key(), &init[..body]);
         init[body..body + HANDSHAKE_MAC_LEN].copy_from_slice(tag.as_ref());
         Self { session, cipher, private: Some(private), init, init_len: body + HANDSHAKE_MAC_LEN }
-    }
-
-    pub fn session(&self) -> SessionId {
-        self.session
     }
 
     pub fn init(&self) -> &[u8] {
@@ -340,7 +300,7 @@ pub fn verify_init<'a>(psk: &Psk, init: &'a [u8]) -> Result<AcceptedInit<'a>, Ha
 /// returns the session keys; otherwise the response is a signed refusal.
 pub fn respond(
     psk: &Psk,
-    rng: &dyn SecureRandom,
+    entropy: &mut dyn Entropy,
     init: &[u8],
     status: HandshakeStatus,
     out: &mut [u8; HANDSHAKE_RESP_LEN],
@@ -352,8 +312,7 @@ pub fn respond(
     let mut private = None;
     if status == HandshakeStatus::Ok {
         let cipher = Cipher::from_id(repr.cipher).ok_or(HandshakeError::UnknownCipher)?;
-        let p =
-            agreement::EphemeralPrivateKey::generate(&agreement::X25519, rng).map_err(|_| HandshakeError::Agreement)?;
+        let p = entropy.x25519_key();
         public.copy_from_slice(p.compute_public_key().map_err(|_| HandshakeError::Agreement)?.as_ref());
         private = Some((p, cipher));
     }
@@ -379,17 +338,22 @@ pub fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::entropy::OsEntropy;
     use crate::wire::emit_transport_header;
 
+    fn client_handshake(psk: &Psk, e: &mut OsEntropy, id: u64, cipher: Cipher, target: &str) -> ClientHandshake {
+        ClientHandshake::new(psk, e.x25519_key(), SessionId(id), cipher, target)
+    }
+
     fn pair(cipher: Cipher) -> (SessionKeys, SessionKeys) {
-        let psk = Psk::generate();
-        let rng = SystemRandom::new();
-        let mut hs = ClientHandshake::new(&psk, &rng, SessionId(42), cipher, "");
+        let psk = Psk::generate(&mut OsEntropy::new());
+        let mut rng = OsEntropy::new();
+        let mut hs = client_handshake(&psk, &mut rng, 42, cipher, "");
         let init = hs.init().to_vec();
         let acc = verify_init(&psk, &init).unwrap();
         assert_eq!(acc.session, SessionId(42));
         let mut resp = [0u8; HANDSHAKE_RESP_LEN];
-        let server = respond(&psk, &rng, &init, HandshakeStatus::Ok, &mut resp).unwrap().unwrap();
+        let server = respond(&psk, &mut rng, &init, HandshakeStatus::Ok, &mut resp).unwrap().unwrap();
         let client = hs.finish(&psk, &resp).unwrap();
         (client, server)
     }
@@ -434,10 +398,10 @@ mod tests {
 
     #[test]
     fn wrong_psk_and_tampered_handshake() {
-        let psk = Psk::generate();
-        let other = Psk::generate();
-        let rng = SystemRandom::new();
-        let mut hs = ClientHandshake::new(&psk, &rng, SessionId(1), Cipher::Aes256Gcm, "ssh");
+        let psk = Psk::generate(&mut OsEntropy::new());
+        let other = Psk::generate(&mut OsEntropy::new());
+        let mut rng = OsEntropy::new();
+        let mut hs = client_handshake(&psk, &mut rng, 1, Cipher::Aes256Gcm, "ssh");
         let init = hs.init().to_vec();
         assert_eq!(verify_init(&other, &init).err(), Some(HandshakeError::BadMac));
         let mut t = init.clone();
@@ -446,17 +410,17 @@ mod tests {
         assert_eq!(verify_init(&psk, &init).unwrap().target, "ssh");
 
         let mut resp = [0u8; HANDSHAKE_RESP_LEN];
-        respond(&other, &rng, &init, HandshakeStatus::Ok, &mut resp).unwrap();
+        respond(&other, &mut rng, &init, HandshakeStatus::Ok, &mut resp).unwrap();
         assert_eq!(hs.finish(&psk, &resp).err(), Some(HandshakeError::BadMac));
         // a response to a different init (same session id) is rejected too
-        let hs2 = ClientHandshake::new(&psk, &rng, SessionId(1), Cipher::Aes256Gcm, "ssh");
-        respond(&psk, &rng, hs2.init(), HandshakeStatus::Ok, &mut resp).unwrap();
+        let hs2 = client_handshake(&psk, &mut rng, 1, Cipher::Aes256Gcm, "ssh");
+        respond(&psk, &mut rng, hs2.init(), HandshakeStatus::Ok, &mut resp).unwrap();
         assert_eq!(hs.finish(&psk, &resp).err(), Some(HandshakeError::BadMac));
         // a signed refusal is reported
-        respond(&psk, &rng, &init, HandshakeStatus::UnknownTarget, &mut resp).unwrap();
+        respond(&psk, &mut rng, &init, HandshakeStatus::UnknownTarget, &mut resp).unwrap();
         assert_eq!(hs.finish(&psk, &resp).err(), Some(HandshakeError::Refused(HandshakeStatus::UnknownTarget)));
         // the real answer still works after the rejected ones
-        respond(&psk, &rng, &init, HandshakeStatus::Ok, &mut resp).unwrap();
+        respond(&psk, &mut rng, &init, HandshakeStatus::Ok, &mut resp).unwrap();
         assert!(hs.finish(&psk, &resp).is_ok());
     }
 
@@ -464,15 +428,15 @@ mod tests {
     fn replayed_init_gives_different_keys() {
         // The server answers a replayed init with a fresh ephemeral key, so the keys it
         // derives differ from the original session's: a replay reaches nothing.
-        let psk = Psk::generate();
-        let rng = SystemRandom::new();
-        let mut hs = ClientHandshake::new(&psk, &rng, SessionId(5), Cipher::Aes256Gcm, "");
+        let psk = Psk::generate(&mut OsEntropy::new());
+        let mut rng = OsEntropy::new();
+        let mut hs = client_handshake(&psk, &mut rng, 5, Cipher::Aes256Gcm, "");
         let init = hs.init().to_vec();
         let mut resp = [0u8; HANDSHAKE_RESP_LEN];
-        let s1 = respond(&psk, &rng, &init, HandshakeStatus::Ok, &mut resp).unwrap().unwrap();
+        let s1 = respond(&psk, &mut rng, &init, HandshakeStatus::Ok, &mut resp).unwrap().unwrap();
         let c = hs.finish(&psk, &resp).unwrap();
         let mut resp2 = [0u8; HANDSHAKE_RESP_LEN];
-        let s2 = respond(&psk, &rng, &init, HandshakeStatus::Ok, &mut resp2).unwrap().unwrap();
+        let s2 = respond(&psk, &mut rng, &init, HandshakeStatus::Ok, &mut resp2).unwrap().unwrap();
         let mut buf = [0u8; 64];
         emit_transport_header(&mut buf, SessionId(5), 0);
         buf[17] = 9;
@@ -480,28 +444,5 @@ mod tests {
         let mut copy = buf;
         assert!(s1.open(0, &mut buf[..n]).is_ok());
         assert!(s2.open(0, &mut copy[..n]).is_err());
-    }
-
-    #[test]
-    fn key_file_round_trip_and_permissions() {
-        let dir = std::env::temp_dir().join(format!("mpt-key-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("k");
-        let k = Psk::generate();
-        k.write_new(&path).unwrap();
-        let (loaded, warn) = Psk::load(&path).unwrap();
-        assert_eq!(loaded.0, k.0);
-        assert!(warn.is_none());
-        assert!(k.write_new(&path).is_err(), "must not overwrite an existing key");
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-            assert!(Psk::load(&path).unwrap().1.is_some());
-        }
-        std::fs::write(&path, "not base64!").unwrap();
-        assert!(matches!(Psk::load(&path), Err(KeyError::Format { .. })));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

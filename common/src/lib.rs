@@ -1,19 +1,29 @@
 //! Sans-IO core of the multipath redundant UDP tunnel.
 //!
-//! Nothing here touches a socket or a clock: state machines take `now` and bytes in and
-//! give datagrams, deadlines and events out (`handle_*` in, `poll_*` out). The binaries
-//! (`mpclient`, `mpserver`, `mpbridge`) only move bytes and time; the helpers they share
-//! (sockets, the control socket, key handling) are in `driver`, behind the `driver` feature.
+//! Nothing in the core touches a socket, a file, a clock or the system's random source:
+//! state machines take `now`, bytes and an injected `Entropy` in and give datagrams,
+//! deadlines and events out (`handle_*` in, `poll_*` out). Built without features, the
+//! crate depends on none of mio, libc, socket2, slog-term or slog-async and forbids
+//! `unsafe`, so the compiler keeps it pure.
+//!
+//! The one driver skeleton every daemon shares (the mio event loop, batched sockets, the
+//! control socket, signals, logging setup, key and config files) is `driver`, behind the
+//! `driver` feature. The seeded simulator is `sim`, behind the test-only `sim` feature.
+
+#![cfg_attr(not(feature = "driver"), forbid(unsafe_code))]
+#![cfg_attr(feature = "driver", deny(unsafe_code))]
 
 pub mod client;
 pub mod config;
 pub mod crypto;
 #[cfg(feature = "driver")]
+#[allow(unsafe_code)]
 pub mod driver;
-pub mod log;
+pub mod entropy;
 pub mod path;
 pub mod replay;
 pub mod server;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod stats;
 pub mod wire;

@@ -12,6 +12,7 @@
 //!   cached response; any other init for a live id is dropped.
 
 use crate::crypto::{self, Cipher, Psk, SessionKeys};
+use crate::entropy::Entropy;
 use crate::path::ProbeReceipts;
 use crate::replay::{ReplayVerdict, ReplayWindow};
 use crate::stats::{DropCounters, DropReason, PathState, PathStatus, SessionStatus, StatusReport, Traffic};
@@ -21,7 +22,6 @@ use crate::wire::{
     PROBE_REPLY_FLAG_VALIDATED, TRANSPORT_HEADER_LEN, TYPE_HANDSHAKE_INIT, TYPE_HANDSHAKE_RESP, TYPE_TRANSPORT,
 };
 use crate::{PathMask, SessionId, MAX_PATHS};
-use ring::rand::{SecureRandom, SystemRandom};
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -126,7 +126,7 @@ struct ServerSession {
 
 pub struct Server {
     psk: Psk,
-    rng: SystemRandom,
+    entropy: Box<dyn Entropy>,
     cfg: ServerCoreConfig,
     epoch: Instant,
     sessions: Vec<Option<ServerSession>>,
@@ -138,11 +138,12 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(psk: Psk, cfg: ServerCoreConfig, now: Instant) -> Self {
+    /// A server core drawing handshake keys and path challenges from `entropy`.
+    pub fn new(psk: Psk, cfg: ServerCoreConfig, now: Instant, entropy: Box<dyn Entropy>) -> Self {
         assert!(cfg.max_paths_per_session >= 1 && cfg.max_paths_per_session <= MAX_PATHS, "validated by config");
         Self {
             psk,
-            rng: SystemRandom::new(),
+            entropy,
             cfg,
             epoch: now,
             sessions: Vec::new(),
@@ -227,7 +228,7 @@ impl Server {
             _ => HandshakeStatus::Ok,
         };
         let id = accepted.session;
-        let keys = match crypto::respond(&self.psk, &self.rng, buf, status, out) {
+        let keys = match crypto::respond(&self.psk, &mut *self.entropy, buf, status, out) {
             Ok(k) => k,
             Err(_) => return self.drop_global(DropReason::Malformed),
         };
@@ -312,7 +313,7 @@ impl Server {
         let path = match known_path {
             Some(i) => Some(i),
             None => {
-                let i = s.learn_path(now, from, &self.rng, max_paths, slot, &mut self.events);
+                let i = s.learn_path(now, from, &mut *self.entropy, max_paths, slot, &mut self.events);
                 if let Some(i) = i {
                     s.paths[i].heard_bytes += datagram_len as u64;
                 }
@@ -536,7 +537,7 @@ impl ServerSession {
         &mut self,
         now: Instant,
         from: SocketAddr,
-        rng: &SystemRandom,
+        entropy: &mut dyn Entropy,
         max_paths: usize,
         slot: SessionSlot,
         events: &mut VecDeque<ServerEvent>,
@@ -549,10 +550,8 @@ impl ServerSession {
             events.push_back(ServerEvent::PathRemoved { slot, addr: oldest.addr });
             self.paths.swap_remove(i);
         }
-        let mut b = [0u8; 8];
-        rng.fill(&mut b).expect("system random source");
         // never 0: a client that has no challenge yet echoes 0
-        let challenge = u64::from_ne_bytes(b).max(1);
+        let challenge = entropy.next_u64().max(1);
         self.paths.push(ServerPath {
             addr: from,
             local: None,

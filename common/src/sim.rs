@@ -3,11 +3,15 @@
 //! One `Client` and one `Server` joined by N links (one per client path). Each link has
 //! per-direction loss, delay, jitter (which reorders) and duplication, and can be cut or
 //! have its server-side address changed (a restarted relay). The target behind the server
-//! echoes every datagram, or just records it. Everything random comes from one seed, so a
-//! failing run replays exactly.
+//! echoes every datagram, or just records it. Everything random comes from one seed (the
+//! network's choices and both cores' `Entropy`: session ids, challenges, ephemeral keys),
+//! so a failing run replays exactly, byte for byte; `trace` records what happened.
+//!
+//! Test-only: compiled with the `sim` feature, which only dev-dependencies turn on.
 
 use crate::client::{Client, ClientCoreConfig, ClientRecv, ClientSend};
 use crate::crypto::{Cipher, Psk};
+use crate::entropy::Entropy;
 use crate::server::{Server, ServerCoreConfig, ServerRecv, SessionSlot};
 use crate::wire::{DATA_PAYLOAD_OFFSET, HANDSHAKE_RESP_LEN, MAX_DATAGRAM};
 use std::cmp::Reverse;
@@ -39,6 +43,32 @@ impl SimRng {
 
     pub fn chance(&mut self, p: f64) -> bool {
         p > 0.0 && self.unit() < p
+    }
+}
+
+/// A core's random source drawn from a seed: deterministic, for the simulator only.
+pub struct SimEntropy(SimRng);
+
+impl SimEntropy {
+    pub fn new(seed: u64) -> Self {
+        Self(SimRng::new(seed))
+    }
+}
+
+impl Entropy for SimEntropy {
+    fn fill(&mut self, dest: &mut [u8]) {
+        for chunk in dest.chunks_mut(8) {
+            let b = self.0.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&b[..chunk.len()]);
+        }
+    }
+
+    #[allow(deprecated)] // ring's fixed-bytes random source: meant for tests, as here
+    fn x25519_key(&mut self) -> ring::agreement::EphemeralPrivateKey {
+        let mut seed = [0u8; 32];
+        self.fill(&mut seed);
+        let fixed = ring::test::rand::FixedSliceRandom { bytes: &seed };
+        ring::agreement::EphemeralPrivateKey::generate(&ring::agreement::X25519, &fixed).expect("x25519 from 32 bytes")
     }
 }
 
@@ -103,6 +133,10 @@ pub struct Sim {
     /// Datagrams delivered to local applications.
     pub app_received: Vec<(SocketAddr, Vec<u8>)>,
     pub counters: SimCounters,
+    /// What happened, in order: core events and deliveries with their time since the
+    /// start and a digest of the bytes. The same seed gives the same trace.
+    pub trace: Vec<String>,
+    start: Instant,
     in_flight: BinaryHeap<Reverse<InFlight>>,
     order: u64,
     buf: Vec<u8>,
@@ -140,11 +174,12 @@ impl Sim {
                 cut: false,
             })
             .collect();
+        let mut rng = SimRng::new(seed);
         Self {
-            client: Client::new(psk.clone(), client_cfg.clone(), now),
-            server: Server::new(psk.clone(), server_cfg.clone(), now),
+            client: Client::new(psk.clone(), client_cfg.clone(), now, Box::new(SimEntropy::new(rng.next_u64()))),
+            server: Server::new(psk.clone(), server_cfg.clone(), now, Box::new(SimEntropy::new(rng.next_u64()))),
             now,
-            rng: SimRng::new(seed),
+            rng,
             psk,
             client_cfg,
             server_cfg,
@@ -154,6 +189,8 @@ impl Sim {
             target_received: Vec::new(),
             app_received: Vec::new(),
             counters: SimCounters::default(),
+            trace: Vec::new(),
+            start: now,
             in_flight: BinaryHeap::new(),
             order: 0,
             buf: vec![0; MAX_DATAGRAM],
@@ -162,12 +199,14 @@ impl Sim {
 
     /// Forgets all server state, as a `kill -9` and restart would.
     pub fn restart_server(&mut self) {
-        self.server = Server::new(self.psk.clone(), self.server_cfg.clone(), self.now);
+        let entropy = Box::new(SimEntropy::new(self.rng.next_u64()));
+        self.server = Server::new(self.psk.clone(), self.server_cfg.clone(), self.now, entropy);
     }
 
     /// Forgets all client state.
     pub fn restart_client(&mut self) {
-        self.client = Client::new(self.psk.clone(), self.client_cfg.clone(), self.now);
+        let entropy = Box::new(SimEntropy::new(self.rng.next_u64()));
+        self.client = Client::new(self.psk.clone(), self.client_cfg.clone(), self.now, entropy);
     }
 
     /// The relay of `link` restarted: the server sees a new source port.
@@ -246,11 +285,24 @@ impl Sim {
                 None => break,
             }
         }
-        while self.client.poll_event().is_some() {}
-        while self.server.poll_event().is_some() {}
+        let at = self.now - self.start;
+        while let Some(ev) = self.client.poll_event() {
+            self.trace.push(format!("{at:?} client {ev:?}"));
+        }
+        while let Some(ev) = self.server.poll_event() {
+            self.trace.push(format!("{at:?} server {ev:?}"));
+        }
+    }
+
+    fn record(&mut self, what: &str, bytes: &[u8]) {
+        // FNV-1a: equal bytes, equal digest; enough to tell two runs apart
+        let digest = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let at = self.now - self.start;
+        self.trace.push(format!("{at:?} {what} {} bytes {digest:016x}", bytes.len()));
     }
 
     fn deliver(&mut self, hop: Hop, mut bytes: Vec<u8>) {
+        self.record(if matches!(hop, Hop::ToServer { .. }) { "to-server" } else { "to-client" }, &bytes);
         match hop {
             Hop::ToServer { from, .. } => {
                 if !self.server_up {

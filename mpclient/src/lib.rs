@@ -5,26 +5,26 @@
 //! only moves bytes and time; every decision is the core's.
 
 use common::client::{Client, ClientCoreConfig, ClientEvent, ClientRecv, ClientSend};
-use common::config::{ClientConfig, DEFAULT_STATS_INTERVAL_SECS};
+use common::config::{ClientConfig, ConfigError, DEFAULT_STATS_INTERVAL_SECS};
 use common::crypto::{Cipher, Psk};
-use common::driver::batch::{self, RecvBatch, BATCH};
-use common::driver::Readiness;
-use common::driver::{self, control};
+use common::driver::batch::{BatchSocket, RecvBatch, BATCH};
+use common::driver::event_loop::{read_batches, EventLoop, Room, Service, NO_ROOM};
+use common::driver::{self, control, DriverError, IoContext};
+use common::entropy::OsEntropy;
+use common::stats::StatusReport;
 use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET, MAX_DATAGRAM};
 use common::PathMask;
-use mio::net::{UdpSocket, UnixListener};
 use mio::{Interest, Registry, Token};
-use slog::{debug, info, o, trace, warn, Logger};
+use slog::{debug, info, trace, warn, Logger};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const APP: Token = Token(0);
-const CONTROL: Token = Token(1);
-const PATH_TOKEN_BASE: usize = 2;
-/// Datagrams read from one socket per wake-up before the others get a turn.
-const READ_BUDGET: usize = 256;
+const PATH_TOKEN_BASE: usize = 1;
+/// Application datagrams are read with room to seal them in place.
+const SEALING_ROOM: Room = (DATA_PAYLOAD_OFFSET, AEAD_TAG_LEN);
 
 /// One path, resolved.
 #[derive(Debug, Clone)]
@@ -50,17 +50,20 @@ pub struct ClientRuntime {
 
 impl ClientRuntime {
     /// From a YAML config; resolves host names now, so errors show at startup.
-    pub fn from_config(file: &str, c: &ClientConfig) -> Result<Self, String> {
+    pub fn from_config(file: &str, c: &ClientConfig) -> Result<Self, ConfigError> {
+        let err = |field: String, message: String| ConfigError { file: file.into(), line: None, field, message };
         let mut paths = Vec::new();
         for (i, p) in c.paths.iter().enumerate() {
-            let remote = driver::resolve(&p.remote).map_err(|e| format!("{file}: paths[{i}].remote: {e}"))?;
+            let remote = driver::resolve(&p.remote).map_err(|e| err(format!("paths[{i}].remote"), e.to_string()))?;
             let bind = match &p.bind {
                 None => None,
                 Some(b) => Some(match b.parse::<SocketAddr>() {
                     Ok(a) => a,
-                    Err(_) => {
-                        SocketAddr::new(b.parse().map_err(|_| format!("{file}: paths[{i}].bind: bad address"))?, 0)
-                    }
+                    Err(_) => SocketAddr::new(
+                        b.parse()
+                            .map_err(|_| err(format!("paths[{i}].bind"), format!("`{b}` is not ip or ip:port")))?,
+                        0,
+                    ),
                 }),
             };
             paths.push(PathSpec {
@@ -71,7 +74,7 @@ impl ClientRuntime {
             });
         }
         Ok(Self {
-            listen: c.listen.parse().map_err(|_| format!("{file}: listen: bad address"))?,
+            listen: c.listen.parse().map_err(|_| err("listen".into(), format!("`{}` is not ip:port", c.listen)))?,
             cipher: c.cipher,
             target: c.target.clone(),
             paths,
@@ -83,11 +86,20 @@ impl ClientRuntime {
     }
 
     /// From an mptunnel bridges file's entries.
-    pub fn from_bridges(file: &str, bridges: &[common::config::Bridge], listen: SocketAddr) -> Result<Self, String> {
+    pub fn from_bridges(
+        file: &str,
+        bridges: &[common::config::Bridge],
+        listen: SocketAddr,
+    ) -> Result<Self, ConfigError> {
         let mut paths = Vec::new();
         for b in bridges {
             let hp = format!("{}:{}", b.host, b.port);
-            let remote = driver::resolve(&hp).map_err(|e| format!("{file}:{}: {e}", b.line))?;
+            let remote = driver::resolve(&hp).map_err(|e| ConfigError {
+                file: file.into(),
+                line: Some(b.line),
+                field: String::new(),
+                message: e.to_string(),
+            })?;
             paths.push(PathSpec { name: hp, remote, bind: None, interface: None });
         }
         Ok(Self {
@@ -103,7 +115,7 @@ impl ClientRuntime {
     }
 }
 
-fn path_socket(p: &PathSpec) -> std::io::Result<UdpSocket> {
+fn path_socket(p: &PathSpec) -> std::io::Result<BatchSocket> {
     let bind = p.bind.unwrap_or_else(|| driver::any_addr_for(p.remote));
     driver::udp_socket(bind, p.interface.as_deref(), Some(p.remote))
 }
@@ -113,10 +125,8 @@ fn path_socket(p: &PathSpec) -> std::io::Result<UdpSocket> {
 /// `mpvpn peer` in embedded mode feeds it VPN datagrams directly.
 pub struct Multipath {
     pub core: Client,
-    paths: Vec<UdpSocket>,
+    paths: Vec<BatchSocket>,
     token_base: usize,
-    /// Datagrams read from a path.
-    rx: RecvBatch,
     /// What the core sends on its own (handshakes, probes, held datagrams).
     buf: Vec<u8>,
     log: Logger,
@@ -131,7 +141,7 @@ impl Multipath {
         registry: &Registry,
         token_base: usize,
         log: Logger,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, DriverError> {
         let core_cfg = ClientCoreConfig {
             cipher: rt.cipher,
             target: rt.target.clone(),
@@ -141,16 +151,16 @@ impl Multipath {
         };
         let mut paths = Vec::new();
         for (i, p) in rt.paths.iter().enumerate() {
-            let mut s = path_socket(p).map_err(|e| format!("path {} ({}): {e}", i, p.name))?;
-            registry.register(&mut s, Token(token_base + i), Interest::READABLE).map_err(|e| e.to_string())?;
+            let what = || format!("path {i} ({})", p.name);
+            let mut s = path_socket(p).context(what)?;
+            registry.register(&mut s, Token(token_base + i), Interest::READABLE).context(what)?;
             info!(log, "path"; "name" => &p.name, "remote" => %p.remote, "bind" => ?p.bind, "interface" => ?p.interface);
             paths.push(s);
         }
         Ok(Self {
-            core: Client::new(psk, core_cfg, Instant::now()),
+            core: Client::new(psk, core_cfg, Instant::now(), Box::new(OsEntropy::new())),
             paths,
             token_base,
-            rx: RecvBatch::new(),
             buf: vec![0; MAX_DATAGRAM],
             log,
             send_errors: 0,
@@ -191,7 +201,7 @@ impl Multipath {
                 }
             }
             if k > 0 {
-                let sent = batch::send_batch(sock.as_raw_fd(), batch, &which[..k], None, None);
+                let sent = sock.send_batch(batch, &which[..k], None, None);
                 if sent < k {
                     self.send_errors += (k - sent) as u64;
                     trace!(self.log, "path send failed"; "path" => p, "datagrams" => k - sent);
@@ -201,23 +211,15 @@ impl Multipath {
         self.flush(now);
     }
 
-    /// Reads datagrams arriving on path `i` (`recvmmsg`) and opens them in place, handing
+    /// Reads datagrams arriving on path `i` (`recvmmsg`, into `rx`) and opens them in place, handing
     /// each delivered payload to `deliver(app, payload)`; true if the read budget ran out
     /// first.
-    pub fn read_path(&mut self, i: usize, mut deliver: impl FnMut(SocketAddr, &[u8])) -> bool {
-        for _ in 0..READ_BUDGET / BATCH {
-            let n = match self.rx.recv(self.paths[i].as_raw_fd()) {
-                Ok(0) => return false,
-                Ok(n) => n,
-                Err(e) if driver::is_transient(&e) => continue,
-                Err(e) => {
-                    warn!(self.log, "reading from path"; "path" => i, "error" => %e);
-                    return false;
-                }
-            };
-            let now = Instant::now();
-            for k in 0..n {
-                let d = self.rx.datagram_mut(k);
+    pub fn read_path(&mut self, i: usize, rx: &mut RecvBatch, mut deliver: impl FnMut(SocketAddr, &[u8])) -> bool {
+        let fd = self.paths[i].as_raw_fd();
+        let log = self.log.clone();
+        read_batches(fd, rx, NO_ROOM, &log, "path", |rx, now| {
+            for k in 0..rx.len() {
+                let d = rx.datagram_mut(k);
                 match self.core.handle_path_datagram(now, i, d) {
                     ClientRecv::Deliver { app, payload } => deliver(app, &d[payload]),
                     ClientRecv::Consumed => {}
@@ -225,8 +227,7 @@ impl Multipath {
                 }
             }
             self.flush(now);
-        }
-        true
+        })
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
@@ -275,84 +276,81 @@ impl Multipath {
 
 /// Sends `batch` to the applications and empties it. A full socket buffer or a vanished
 /// application loses the datagram, as UDP may.
-fn send_to_apps(app: &UdpSocket, batch: &mut RecvBatch) {
-    batch::send_to_sources(app.as_raw_fd(), batch);
+fn send_to_apps(app: &BatchSocket, batch: &mut RecvBatch) {
+    app.send_to_sources(batch);
     batch.clear();
 }
 
+/// `mpclient` as the event loop runs it: the application socket in front of `Multipath`.
 struct Driver {
     mp: Multipath,
-    app: UdpSocket,
+    app: BatchSocket,
     app_batch: RecvBatch,
+    /// Datagrams read from a path.
+    path_rx: RecvBatch,
     /// Payloads delivered from the paths, sent to their applications a batch at a time.
     to_apps: RecvBatch,
-    control: UnixListener,
     listen_name: String,
+    log: Logger,
 }
 
-/// Runs the client until a fatal error.
-pub fn run(rt: ClientRuntime, psk: Psk, log: Logger) -> Result<(), String> {
-    let mut io = Readiness::new(256).map_err(|e| format!("poll: {e}"))?;
-    let mut app = driver::udp_socket(rt.listen, None, None).map_err(|e| format!("listen {}: {e}", rt.listen))?;
-    io.registry().register(&mut app, APP, Interest::READABLE).map_err(|e| e.to_string())?;
-    control::prepare_control_path(&rt.control)?;
-    let mut control =
-        UnixListener::bind(&rt.control).map_err(|e| format!("control socket {}: {e}", rt.control.display()))?;
-    io.registry().register(&mut control, CONTROL, Interest::READABLE).map_err(|e| e.to_string())?;
+/// Runs the client until SIGTERM/SIGINT or a fatal error.
+pub fn run(rt: ClientRuntime, psk: Psk, log: &Logger) -> Result<(), DriverError> {
+    let mut el = EventLoop::new(log.clone())?;
+    el.serve_control(&rt.control)?;
+    el.log_stats_every(rt.stats_interval);
+    let listen = || format!("listen {}", rt.listen);
+    let mut app = driver::udp_socket(rt.listen, None, None).context(listen)?;
+    el.registry().register(&mut app, APP, Interest::READABLE).context(listen)?;
     info!(log, "mpclient listening"; "listen" => %rt.listen, "paths" => rt.paths.len(), "cipher" => rt.cipher.name(), "control" => %rt.control.display());
-    let mp = Multipath::open(&rt, psk, io.registry(), PATH_TOKEN_BASE, log.clone())?;
+    let mp = Multipath::open(&rt, psk, el.registry(), PATH_TOKEN_BASE, log.clone())?;
     let mut d = Driver {
         mp,
         app,
         app_batch: RecvBatch::new(),
+        path_rx: RecvBatch::new(),
         to_apps: RecvBatch::new(),
-        control,
         listen_name: rt.listen.to_string(),
+        log: log.clone(),
     };
-    d.event_loop(&mut io, rt.stats_interval, &log)
+    el.run(&mut d)
+}
+
+impl Service for Driver {
+    type Status = StatusReport;
+    type Error = DriverError;
+
+    fn handle_ready(&mut self, _: &Registry, token: Token) -> Result<bool, DriverError> {
+        Ok(match token {
+            APP => self.read_app(),
+            t => self.mp.path_of(t).is_some_and(|i| self.read_path(i)),
+        })
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.mp.poll_timeout()
+    }
+
+    fn handle_timeout(&mut self, _: &Registry, now: Instant) -> Result<(), DriverError> {
+        self.mp.handle_timeout(now);
+        Ok(())
+    }
+
+    fn status(&self, now: Instant) -> StatusReport {
+        self.mp.core.status(now, &self.listen_name)
+    }
+
+    fn stats_line(&self, now: Instant) -> String {
+        format!("{} send_errors={}", self.status(now).summary_line(), self.mp.send_errors)
+    }
 }
 
 impl Driver {
-    fn event_loop(&mut self, io: &mut Readiness, stats_interval: Option<Duration>, log: &Logger) -> Result<(), String> {
-        let mut next_stats = stats_interval.map(|d| Instant::now() + d);
-        loop {
-            let deadline = [self.mp.poll_timeout(), next_stats].into_iter().flatten().min();
-            io.wait(deadline).map_err(|e| format!("poll: {e}"))?;
-            while let Some(token) = io.next_ready() {
-                let pending = match token {
-                    APP => self.read_app(log),
-                    CONTROL => {
-                        let (core, listen) = (&self.mp.core, &self.listen_name);
-                        if let Err(e) = control::serve_pending(&self.control, || core.status(Instant::now(), listen)) {
-                            warn!(log, "control socket"; "error" => %e);
-                        }
-                        false
-                    }
-                    t => match self.mp.path_of(t) {
-                        Some(i) => self.read_path(i),
-                        None => false,
-                    },
-                };
-                if pending {
-                    io.still_pending(token);
-                }
-            }
-            let now = Instant::now();
-            self.mp.handle_timeout(now);
-            if let (Some(at), Some(every)) = (next_stats, stats_interval) {
-                if now >= at {
-                    info!(log, "stats"; "summary" => self.mp.core.status(now, &self.listen_name).summary_line(), "send_errors" => self.mp.send_errors);
-                    next_stats = Some(now + every);
-                }
-            }
-        }
-    }
-
     /// Reads path `i` and sends the delivered payloads to their applications, a batch
     /// at a time; true if the budget ran out first.
     fn read_path(&mut self, i: usize) -> bool {
         let (app, to_apps) = (&self.app, &mut self.to_apps);
-        let pending = self.mp.read_path(i, |to, payload| {
+        let pending = self.mp.read_path(i, &mut self.path_rx, |to, payload| {
             if to_apps.is_full() {
                 send_to_apps(app, to_apps);
             }
@@ -367,24 +365,10 @@ impl Driver {
 
     /// Reads local application datagrams, a batch at a time; true if the budget ran out
     /// first.
-    fn read_app(&mut self, log: &Logger) -> bool {
-        for _ in 0..READ_BUDGET / BATCH {
-            match self.app_batch.recv_leaving(self.app.as_raw_fd(), DATA_PAYLOAD_OFFSET, AEAD_TAG_LEN) {
-                Ok(0) => return false,
-                Ok(_) => self.mp.send_batch(Instant::now(), &mut self.app_batch),
-                Err(e) if driver::is_transient(&e) => continue,
-                Err(e) => {
-                    warn!(log, "reading from applications"; "error" => %e);
-                    return false;
-                }
-            }
-        }
-        true
+    fn read_app(&mut self) -> bool {
+        let (mp, fd) = (&mut self.mp, self.app.as_raw_fd());
+        read_batches(fd, &mut self.app_batch, SEALING_ROOM, &self.log, "applications", |batch, now| {
+            mp.send_batch(now, batch)
+        })
     }
-}
-
-/// Builds the logger for a daemon, keyed by program name.
-pub fn logger(level: &str) -> (Logger, common::log::LogGuard) {
-    let (log, guard) = common::log::init(level);
-    (log.new(o!("prog" => "mpclient")), guard)
 }

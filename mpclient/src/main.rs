@@ -1,8 +1,10 @@
 //! `mpclient`: the client end of the multipath tunnel. See `--help`.
 
 use clap::Parser;
-use common::config::{parse_bridges, ClientConfig};
-use common::driver::{exit_with_error, require_key, DaemonCommand};
+use common::config::{parse_bridges, ClientConfig, ConfigError, DEFAULT_CLIENT_LISTEN, DEFAULT_LOG_LEVEL};
+use common::driver::files::load_config;
+use common::driver::{exit_with_error, require_key, run_daemon, DaemonCommand};
+use mpclient::ClientRuntime;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -11,6 +13,7 @@ use std::path::PathBuf;
 ///
 /// Drop-in for mptunnel: `mpclient bridges.conf` with lines of `host port`.
 /// Or: `mpclient -c client.yaml` for everything else (see conf/client.yaml).
+/// SIGTERM or SIGINT stops it cleanly (final stats line, control socket removed).
 #[derive(Parser)]
 #[command(version, args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -36,8 +39,18 @@ struct Cli {
     log_level: Option<String>,
 }
 
-fn fail<T>(message: String) -> T {
-    exit_with_error("mpclient", &message)
+/// The runtime, key file and log level from a YAML config or a bridges file.
+fn load(cli: &Cli) -> Result<(ClientRuntime, Option<PathBuf>, String), ConfigError> {
+    if let Some(path) = &cli.config {
+        let c = load_config(path, ClientConfig::parse)?;
+        let rt = ClientRuntime::from_config(&path.display().to_string(), &c)?;
+        return Ok((rt, cli.key_file.clone().or(c.key_file), c.log_level));
+    }
+    let path = cli.bridges_file.as_ref().expect("clap requires a bridges file or a config");
+    let bridges = load_config(path, parse_bridges)?;
+    let listen = DEFAULT_CLIENT_LISTEN.parse().expect("constant");
+    let rt = ClientRuntime::from_bridges(&path.display().to_string(), &bridges, listen)?;
+    Ok((rt, cli.key_file.clone(), DEFAULT_LOG_LEVEL.into()))
 }
 
 fn main() {
@@ -45,37 +58,15 @@ fn main() {
     if let Some(command) = cli.command {
         command.run("mpclient");
     }
-    let (mut rt, key_file, level) = if let Some(path) = &cli.config {
-        let file = path.display().to_string();
-        let c = ClientConfig::load(path).unwrap_or_else(|e| fail(e.to_string()));
-        let rt = mpclient::ClientRuntime::from_config(&file, &c).unwrap_or_else(fail);
-        (rt, cli.key_file.clone().or(c.key_file.clone()), c.log_level.clone())
-    } else {
-        let path = cli.bridges_file.as_ref().expect("clap requires a bridges file or a config");
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).unwrap_or_else(|e| fail(format!("{file}: {e}")));
-        let bridges = parse_bridges(&file, &text).unwrap_or_else(|e| fail(e.to_string()));
-        let listen = common::config::DEFAULT_CLIENT_LISTEN.parse().expect("constant");
-        (
-            mpclient::ClientRuntime::from_bridges(&file, &bridges, listen).unwrap_or_else(fail),
-            cli.key_file.clone(),
-            "info".into(),
-        )
-    };
+    let (mut rt, key_file, level) = load(&cli).unwrap_or_else(|e| exit_with_error("mpclient", &e.to_string()));
     rt.listen = cli.listen.unwrap_or(rt.listen);
     rt.control = cli.control.unwrap_or(rt.control);
-    let level = cli.log_level.unwrap_or(level);
-    if !common::config::validate_log_level(&level) {
-        fail::<()>(format!("--log-level: `{level}` is not one of error, warn, info, debug, trace"));
-    }
-    let (psk, warning) = require_key("mpclient", key_file.as_deref()).unwrap_or_else(fail);
-    let (log, _guard) = mpclient::logger(&level);
-    if let Some(w) = warning {
-        slog::warn!(log, "{}", w);
-    }
-    if let Err(e) = mpclient::run(rt, psk, log.clone()) {
-        slog::crit!(log, "{}", e);
-        drop(_guard);
-        fail::<()>(e);
-    }
+    let key =
+        require_key("mpclient", key_file.as_deref()).unwrap_or_else(|e| exit_with_error("mpclient", &e.to_string()));
+    run_daemon("mpclient", &cli.log_level.unwrap_or(level), |log| {
+        if let Some(w) = &key.warning {
+            slog::warn!(log, "{}", w);
+        }
+        mpclient::run(rt, key.key, log)
+    });
 }

@@ -4,17 +4,18 @@
 //! connected to that session's target, so the target sees one address per client.
 //! The loop only moves bytes and time; every decision is the core's.
 
-use common::config::{ServerConfig, DEFAULT_STATS_INTERVAL_SECS};
+use common::config::{ConfigError, ServerConfig, DEFAULT_STATS_INTERVAL_SECS};
 use common::crypto::{Cipher, Psk};
-use common::driver::batch::{self, RecvBatch, BATCH};
-use common::driver::Readiness;
-use common::driver::{self, control};
+use common::driver::batch::{self, BatchSocket, RecvBatch, BATCH};
+use common::driver::event_loop::{read_batches, EventLoop, Room, Service, NO_ROOM};
+use common::driver::{self, control, DriverError, IoContext};
+use common::entropy::OsEntropy;
 use common::server::{Server, ServerCoreConfig, ServerEvent, ServerRecv, SessionSlot};
+use common::stats::StatusReport;
 use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET, HANDSHAKE_RESP_LEN};
 use common::PathMask;
-use mio::net::{UdpSocket, UnixListener};
 use mio::{Interest, Registry, Token};
-use slog::{debug, info, o, trace, warn, Logger};
+use slog::{debug, info, trace, warn, Logger};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -22,10 +23,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const LISTEN: Token = Token(0);
-const CONTROL: Token = Token(1);
-const UPSTREAM_TOKEN_BASE: usize = 2;
-/// Datagrams read from one socket per wake-up before the others get a turn.
-const READ_BUDGET: usize = 256;
+const UPSTREAM_TOKEN_BASE: usize = 1;
+/// Target replies are read with room to seal them in place.
+const SEALING_ROOM: Room = (DATA_PAYLOAD_OFFSET, AEAD_TAG_LEN);
 
 #[derive(Debug, Clone)]
 pub struct ServerRuntime {
@@ -37,7 +37,7 @@ pub struct ServerRuntime {
 
 impl ServerRuntime {
     /// mptunnel's form: `mpserver <listen-port> <target-host> <target-port>`.
-    pub fn from_args(listen_port: u16, target_host: &str, target_port: u16) -> Result<Self, String> {
+    pub fn from_args(listen_port: u16, target_host: &str, target_port: u16) -> Result<Self, DriverError> {
         let target = driver::resolve(&format!("{target_host}:{target_port}"))?;
         Ok(Self {
             listen: SocketAddr::from(([0, 0, 0, 0], listen_port)),
@@ -54,17 +54,19 @@ impl ServerRuntime {
         })
     }
 
-    pub fn from_config(file: &str, c: &ServerConfig) -> Result<Self, String> {
+    pub fn from_config(file: &str, c: &ServerConfig) -> Result<Self, ConfigError> {
+        let err = |field: String, message: String| ConfigError { file: file.into(), line: None, field, message };
         let default_target = match &c.target {
-            Some(t) => Some(driver::resolve(t).map_err(|e| format!("{file}: target: {e}"))?),
+            Some(t) => Some(driver::resolve(t).map_err(|e| err("target".into(), e.to_string()))?),
             None => None,
         };
         let mut targets = HashMap::new();
         for (name, t) in &c.targets {
-            targets.insert(name.clone(), driver::resolve(t).map_err(|e| format!("{file}: targets.{name}: {e}"))?);
+            let addr = driver::resolve(t).map_err(|e| err(format!("targets.{name}"), e.to_string()))?;
+            targets.insert(name.clone(), addr);
         }
         Ok(Self {
-            listen: c.listen.parse().map_err(|_| format!("{file}: listen: bad address"))?,
+            listen: c.listen.parse().map_err(|_| err("listen".into(), format!("`{}` is not ip:port", c.listen)))?,
             core: ServerCoreConfig {
                 default_target,
                 targets,
@@ -90,7 +92,7 @@ pub enum Inbound<'a> {
 /// embedded mode hands sessions' datagrams to the hub directly.
 pub struct TunnelServer {
     pub core: Server,
-    listen: UdpSocket,
+    listen: BatchSocket,
     rb: RecvBatch,
     reply: [u8; HANDSHAKE_RESP_LEN],
     log: Logger,
@@ -105,17 +107,17 @@ impl TunnelServer {
         registry: &Registry,
         token: Token,
         log: Logger,
-    ) -> Result<Self, String> {
-        let mut listen =
-            driver::udp_socket(listen_addr, None, None).map_err(|e| format!("listen {listen_addr}: {e}"))?;
-        registry.register(&mut listen, token, Interest::READABLE).map_err(|e| e.to_string())?;
+    ) -> Result<Self, DriverError> {
+        let what = || format!("listen {listen_addr}");
+        let mut listen = driver::udp_socket(listen_addr, None, None).context(what)?;
+        registry.register(&mut listen, token, Interest::READABLE).context(what)?;
         if listen_addr.ip().is_unspecified() {
             // on a host with several addresses, answer each client from the one it used
             batch::receive_local_addresses(listen.as_raw_fd(), listen_addr.is_ipv6())
-                .map_err(|e| format!("listen {listen_addr}: packet info: {e}"))?;
+                .context(|| format!("listen {listen_addr}: packet info"))?;
         }
         Ok(Self {
-            core: Server::new(psk, core, Instant::now()),
+            core: Server::new(psk, core, Instant::now(), Box::new(OsEntropy::new())),
             listen,
             rb: RecvBatch::new(),
             reply: [0; HANDSHAKE_RESP_LEN],
@@ -130,27 +132,17 @@ impl TunnelServer {
     pub fn read_listen(&mut self, mut out: impl FnMut(Inbound)) -> bool {
         // recvmmsg: with N paths most datagrams are copies that die at the replay
         // window, so reading them in batches saves most of the server's system calls
-        for _ in 0..READ_BUDGET / BATCH {
-            let n = match self.rb.recv(self.listen.as_raw_fd()) {
-                Ok(0) => return false,
-                Ok(n) => n,
-                Err(e) if driver::is_transient(&e) => continue,
-                Err(e) => {
-                    warn!(self.log, "reading from clients"; "error" => %e);
-                    return false;
-                }
-            };
-            let now = Instant::now();
-            for i in 0..n {
-                let Some(from) = self.rb.source(i) else { continue };
-                let local = self.rb.local(i);
-                let r = self.core.handle_datagram_to(now, from, local, self.rb.datagram_mut(i), &mut self.reply);
-                self.drain_events(&mut out);
+        let (fd, log) = (self.listen.as_raw_fd(), self.log.clone());
+        read_batches(fd, &mut self.rb, NO_ROOM, &log, "clients", |rb, now| {
+            for i in 0..rb.len() {
+                let Some(from) = rb.source(i) else { continue };
+                let local = rb.local(i);
+                let r = self.core.handle_datagram_to(now, from, local, rb.datagram_mut(i), &mut self.reply);
+                Self::drain_events(&mut self.core, &self.log, &mut out);
                 match r {
-                    ServerRecv::Forward { slot, payload } => out(Inbound::Forward(slot, &self.rb.datagram(i)[payload])),
+                    ServerRecv::Forward { slot, payload } => out(Inbound::Forward(slot, &rb.datagram(i)[payload])),
                     ServerRecv::Reply { len } => {
-                        let fd = self.listen.as_raw_fd();
-                        if let Err(e) = batch::send_one(fd, &self.reply[..len], from, local) {
+                        if let Err(e) = self.listen.send_one(&self.reply[..len], from, local) {
                             self.send_errors += 1;
                             trace!(self.log, "reply failed"; "to" => %from, "error" => %e);
                         }
@@ -158,8 +150,7 @@ impl TunnelServer {
                     ServerRecv::Dropped(reason) => trace!(self.log, "dropped"; "from" => %from, "reason" => ?reason),
                 }
             }
-        }
-        true
+        })
     }
 
     /// Seals in place the datagrams of `batch` (received with `recv_leaving(fd,
@@ -211,7 +202,7 @@ impl TunnelServer {
     /// Sends a run of datagrams to one client address, from the local address it used.
     fn send_run(&mut self, batch: &RecvBatch, which: &[usize], hop: Option<(SocketAddr, Option<IpAddr>)>) {
         let (to, from) = (hop.map(|h| h.0), hop.and_then(|h| h.1));
-        let sent = batch::send_batch(self.listen.as_raw_fd(), batch, which, to, from);
+        let sent = self.listen.send_batch(batch, which, to, from);
         if sent < which.len() {
             self.send_errors += (which.len() - sent) as u64;
             trace!(self.log, "send to client failed"; "to" => ?to, "datagrams" => which.len() - sent);
@@ -224,28 +215,28 @@ impl TunnelServer {
 
     pub fn handle_timeout(&mut self, now: Instant, mut out: impl FnMut(Inbound)) {
         self.core.handle_timeout(now);
-        self.drain_events(&mut out);
+        Self::drain_events(&mut self.core, &self.log, &mut out);
     }
 
-    fn drain_events(&mut self, out: &mut impl FnMut(Inbound)) {
-        while let Some(ev) = self.core.poll_event() {
+    fn drain_events(core: &mut Server, log: &Logger, out: &mut impl FnMut(Inbound)) {
+        while let Some(ev) = core.poll_event() {
             out(Inbound::Event(&ev));
             match ev {
                 ServerEvent::SessionOpened { id, target, cipher, .. } => {
-                    info!(self.log, "session opened"; "session" => %id, "target" => %target, "cipher" => cipher.name())
+                    info!(log, "session opened"; "session" => %id, "target" => %target, "cipher" => cipher.name())
                 }
-                ServerEvent::SessionClosed { id, .. } => info!(self.log, "session closed"; "session" => %id),
+                ServerEvent::SessionClosed { id, .. } => info!(log, "session closed"; "session" => %id),
                 ServerEvent::PathAdded { slot, addr } => {
-                    debug!(self.log, "path learned"; "slot" => slot, "addr" => %addr)
+                    debug!(log, "path learned"; "slot" => slot, "addr" => %addr)
                 }
                 ServerEvent::PathValidated { slot, addr } => {
-                    info!(self.log, "path validated"; "slot" => slot, "addr" => %addr)
+                    info!(log, "path validated"; "slot" => slot, "addr" => %addr)
                 }
                 ServerEvent::PathRemoved { slot, addr } => {
-                    info!(self.log, "path expired"; "slot" => slot, "addr" => %addr)
+                    info!(log, "path expired"; "slot" => slot, "addr" => %addr)
                 }
                 ServerEvent::Refused { from, status } => {
-                    warn!(self.log, "handshake refused"; "from" => %from, "status" => ?status)
+                    warn!(log, "handshake refused"; "from" => %from, "status" => ?status)
                 }
             }
         }
@@ -254,7 +245,7 @@ impl TunnelServer {
 
 /// One socket per session towards its target, indexed by session slot.
 struct Upstreams {
-    socks: Vec<Option<UdpSocket>>,
+    socks: Vec<Option<BatchSocket>>,
     log: Logger,
 }
 
@@ -303,80 +294,75 @@ impl Upstreams {
     }
 }
 
-pub fn run(rt: ServerRuntime, psk: Psk, log: Logger) -> Result<(), String> {
-    let mut io = Readiness::new(1024).map_err(|e| format!("poll: {e}"))?;
-    control::prepare_control_path(&rt.control)?;
-    let mut control =
-        UnixListener::bind(&rt.control).map_err(|e| format!("control socket {}: {e}", rt.control.display()))?;
-    io.registry().register(&mut control, CONTROL, Interest::READABLE).map_err(|e| e.to_string())?;
+/// `mpserver` as the event loop runs it: the tunnel server and one upstream socket per
+/// session.
+struct Driver {
+    server: TunnelServer,
+    upstreams: Upstreams,
+    /// Target replies read from an upstream socket.
+    upstream_rx: RecvBatch,
+    listen_name: String,
+}
+
+/// Runs the server until SIGTERM/SIGINT or a fatal error.
+pub fn run(rt: ServerRuntime, psk: Psk, log: &Logger) -> Result<(), DriverError> {
+    let mut el = EventLoop::new(log.clone())?;
+    el.serve_control(&rt.control)?;
+    el.log_stats_every(rt.stats_interval);
     info!(log, "mpserver listening"; "listen" => %rt.listen, "default_target" => ?rt.core.default_target,
         "named_targets" => rt.core.targets.len(), "control" => %rt.control.display());
-    let mut server = TunnelServer::open(rt.listen, rt.core, psk, io.registry(), LISTEN, log.clone())?;
-    let mut upstreams = Upstreams { socks: Vec::new(), log: log.clone() };
-    let mut upstream_rx = RecvBatch::new();
-    let listen_name = rt.listen.to_string();
-    let mut next_stats = rt.stats_interval.map(|d| Instant::now() + d);
-    loop {
-        let deadline = [Some(server.poll_timeout()), next_stats].into_iter().flatten().min();
-        io.wait(deadline).map_err(|e| format!("poll: {e}"))?;
-        while let Some(token) = io.next_ready() {
-            let pending = match token {
-                LISTEN => {
-                    let registry = io.registry();
-                    server.read_listen(|inbound| upstreams.handle(registry, inbound))
-                }
-                CONTROL => {
-                    let core = &server.core;
-                    if let Err(e) = control::serve_pending(&control, || core.status(Instant::now(), &listen_name)) {
-                        warn!(log, "control socket"; "error" => %e);
-                    }
-                    false
-                }
-                Token(t) => read_upstream(&upstreams, &mut server, &mut upstream_rx, t - UPSTREAM_TOKEN_BASE, &log),
-            };
-            if pending {
-                io.still_pending(token);
-            }
-        }
-        let now = Instant::now();
-        let registry = io.registry();
-        server.handle_timeout(now, |inbound| upstreams.handle(registry, inbound));
-        if let (Some(at), Some(every)) = (next_stats, rt.stats_interval) {
-            if now >= at {
-                info!(log, "stats"; "summary" => server.core.status(now, &listen_name).summary_line(), "send_errors" => server.send_errors);
-                next_stats = Some(now + every);
-            }
-        }
-    }
-}
-
-/// Reads a session's target replies (`recvmmsg`, into `rx`) and sends them back to the
-/// client, a batch at a time; true if the read budget ran out first.
-fn read_upstream(
-    upstreams: &Upstreams,
-    server: &mut TunnelServer,
-    rx: &mut RecvBatch,
-    slot: usize,
-    log: &Logger,
-) -> bool {
-    let Some(sock) = upstreams.socks.get(slot).and_then(Option::as_ref) else {
-        return false;
+    let server = TunnelServer::open(rt.listen, rt.core, psk, el.registry(), LISTEN, log.clone())?;
+    let mut d = Driver {
+        server,
+        upstreams: Upstreams { socks: Vec::new(), log: log.clone() },
+        upstream_rx: RecvBatch::new(),
+        listen_name: rt.listen.to_string(),
     };
-    for _ in 0..READ_BUDGET / BATCH {
-        match rx.recv_leaving(sock.as_raw_fd(), DATA_PAYLOAD_OFFSET, AEAD_TAG_LEN) {
-            Ok(0) => return false,
-            Ok(_) => server.send_batch(Instant::now(), rx, |_, _| Some(slot)),
-            Err(e) if driver::is_transient(&e) => continue,
-            Err(e) => {
-                warn!(log, "reading from target"; "slot" => slot, "error" => %e);
-                return false;
-            }
-        }
-    }
-    true
+    el.run(&mut d)
 }
 
-pub fn logger(level: &str) -> (Logger, common::log::LogGuard) {
-    let (log, guard) = common::log::init(level);
-    (log.new(o!("prog" => "mpserver")), guard)
+impl Service for Driver {
+    type Status = StatusReport;
+    type Error = DriverError;
+
+    fn handle_ready(&mut self, registry: &Registry, token: Token) -> Result<bool, DriverError> {
+        let upstreams = &mut self.upstreams;
+        Ok(match token {
+            LISTEN => self.server.read_listen(|inbound| upstreams.handle(registry, inbound)),
+            Token(t) => self.read_upstream(t - UPSTREAM_TOKEN_BASE),
+        })
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        Some(self.server.poll_timeout())
+    }
+
+    fn handle_timeout(&mut self, registry: &Registry, now: Instant) -> Result<(), DriverError> {
+        let upstreams = &mut self.upstreams;
+        self.server.handle_timeout(now, |inbound| upstreams.handle(registry, inbound));
+        Ok(())
+    }
+
+    fn status(&self, now: Instant) -> StatusReport {
+        self.server.core.status(now, &self.listen_name)
+    }
+
+    fn stats_line(&self, now: Instant) -> String {
+        format!("{} send_errors={}", self.status(now).summary_line(), self.server.send_errors)
+    }
+}
+
+impl Driver {
+    /// Reads a session's target replies and sends them back to the client, a batch at a
+    /// time; true if the read budget ran out first.
+    fn read_upstream(&mut self, slot: SessionSlot) -> bool {
+        let Some(sock) = self.upstreams.socks.get(slot).and_then(Option::as_ref) else {
+            return false;
+        };
+        let server = &mut self.server;
+        let log = &self.upstreams.log;
+        read_batches(sock.as_raw_fd(), &mut self.upstream_rx, SEALING_ROOM, log, "target", |rx, now| {
+            server.send_batch(now, rx, |_, _| Some(slot))
+        })
+    }
 }

@@ -1,8 +1,10 @@
 //! `mpserver`: the server end of the multipath tunnel. See `--help`.
 
 use clap::Parser;
-use common::config::ServerConfig;
-use common::driver::{exit_with_error, require_key, DaemonCommand};
+use common::config::{ServerConfig, DEFAULT_LOG_LEVEL};
+use common::driver::files::load_config;
+use common::driver::{exit_with_error, require_key, run_daemon, DaemonCommand, DriverError};
+use mpserver::ServerRuntime;
 use std::path::PathBuf;
 
 /// Accepts multipath tunnel sessions from many mpclients on one UDP port, removes the
@@ -10,6 +12,7 @@ use std::path::PathBuf;
 ///
 /// Drop-in for mptunnel: `mpserver <listen-port> <target-host> <target-port>`.
 /// Or: `mpserver -c server.yaml` for named targets, limits and ciphers (see conf/server.yaml).
+/// SIGTERM or SIGINT stops it cleanly (final stats line, control socket removed).
 #[derive(Parser)]
 #[command(version, args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -37,8 +40,20 @@ struct Cli {
     log_level: Option<String>,
 }
 
-fn fail<T>(message: String) -> T {
-    exit_with_error("mpserver", &message)
+/// The runtime, key file and log level from a YAML config or mptunnel's arguments.
+fn load(cli: &Cli) -> Result<(ServerRuntime, Option<PathBuf>, String), DriverError> {
+    if let Some(path) = &cli.config {
+        let c = load_config(path, ServerConfig::parse)?;
+        let rt = ServerRuntime::from_config(&path.display().to_string(), &c)?;
+        return Ok((rt, cli.key_file.clone().or(c.key_file), c.log_level));
+    }
+    let (Some(port), Some(host), Some(target_port)) = (cli.listen_port, &cli.target_host, cli.target_port) else {
+        exit_with_error(
+            "mpserver",
+            "usage: mpserver <listen-port> <target-host> <target-port>, or mpserver -c server.yaml",
+        )
+    };
+    Ok((ServerRuntime::from_args(port, host, target_port)?, cli.key_file.clone(), DEFAULT_LOG_LEVEL.into()))
 }
 
 fn main() {
@@ -46,36 +61,14 @@ fn main() {
     if let Some(command) = cli.command {
         command.run("mpserver");
     }
-    let (mut rt, key_file, level) = if let Some(path) = &cli.config {
-        let c = ServerConfig::load(path).unwrap_or_else(|e| fail(e.to_string()));
-        let rt = mpserver::ServerRuntime::from_config(&path.display().to_string(), &c).unwrap_or_else(fail);
-        (rt, cli.key_file.clone().or(c.key_file.clone()), c.log_level.clone())
-    } else {
-        let (Some(port), Some(host), Some(tport)) = (cli.listen_port, &cli.target_host, cli.target_port) else {
-            exit_with_error(
-                "mpserver",
-                "usage: mpserver <listen-port> <target-host> <target-port>, or mpserver -c server.yaml",
-            )
-        };
-        (
-            mpserver::ServerRuntime::from_args(port, host, tport).unwrap_or_else(fail),
-            cli.key_file.clone(),
-            "info".into(),
-        )
-    };
+    let (mut rt, key_file, level) = load(&cli).unwrap_or_else(|e| exit_with_error("mpserver", &e.to_string()));
     rt.control = cli.control.unwrap_or(rt.control);
-    let level = cli.log_level.unwrap_or(level);
-    if !common::config::validate_log_level(&level) {
-        fail::<()>(format!("--log-level: `{level}` is not one of error, warn, info, debug, trace"));
-    }
-    let (psk, warning) = require_key("mpserver", key_file.as_deref()).unwrap_or_else(fail);
-    let (log, guard) = mpserver::logger(&level);
-    if let Some(w) = warning {
-        slog::warn!(log, "{}", w);
-    }
-    if let Err(e) = mpserver::run(rt, psk, log.clone()) {
-        slog::crit!(log, "{}", e);
-        drop(guard);
-        fail::<()>(e);
-    }
+    let key =
+        require_key("mpserver", key_file.as_deref()).unwrap_or_else(|e| exit_with_error("mpserver", &e.to_string()));
+    run_daemon("mpserver", &cli.log_level.unwrap_or(level), |log| {
+        if let Some(w) = &key.warning {
+            slog::warn!(log, "{}", w);
+        }
+        mpserver::run(rt, key.key, log)
+    });
 }

@@ -2,11 +2,12 @@
 
 use crate::ip::Prefix;
 use crate::TUN_MTU;
-use common::config::{check, check_log_level, from_yaml, load_with, ConfigError, DEFAULT_LOG_LEVEL};
+use common::config::{check, check_log_level, from_yaml, ConfigError, DEFAULT_LOG_LEVEL};
 use common::crypto::Psk;
+use common::driver::files::{load_key, KeyError};
 use serde::Deserialize;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub const DEFAULT_HUB_LISTEN: &str = "127.0.0.1:5000";
 pub const DEFAULT_TUNNEL: &str = "127.0.0.1:3000";
@@ -116,13 +117,35 @@ fn valid_tun(n: &str) -> bool {
 }
 
 /// A key given inline or by file; `None` if neither.
-pub fn resolve_key(key: &Option<String>, key_file: &Option<PathBuf>) -> Result<Option<[u8; 32]>, String> {
+/// Why a `key` / `key_file` pair gives no key.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerKeyError {
+    #[error("give `key` or `key_file`, not both")]
+    Both,
+    #[error("`key` is not 32 bytes of base64")]
+    BadInline,
+    #[error(transparent)]
+    File(#[from] KeyError),
+}
+
+/// A peer key, and a warning for the operator when its file is readable by others.
+pub struct ResolvedKey {
+    pub key: [u8; 32],
+    pub warning: Option<String>,
+}
+
+/// The key given inline (`key`) or in a file (`key_file`); `None` if neither is given.
+pub fn resolve_key(key: &Option<String>, key_file: &Option<PathBuf>) -> Result<Option<ResolvedKey>, PeerKeyError> {
     match (key, key_file) {
-        (Some(_), Some(_)) => Err("give `key` or `key_file`, not both".into()),
+        (Some(_), Some(_)) => Err(PeerKeyError::Both),
         (Some(k), None) => {
-            Psk::from_base64(k).map(|p| Some(p.bytes())).ok_or_else(|| "`key` is not 32 bytes of base64".into())
+            let key = Psk::from_base64(k).ok_or(PeerKeyError::BadInline)?.bytes();
+            Ok(Some(ResolvedKey { key, warning: None }))
         }
-        (None, Some(f)) => Psk::load(f).map(|(p, _)| Some(p.bytes())).map_err(|e| e.to_string()),
+        (None, Some(f)) => {
+            let loaded = load_key(f)?;
+            Ok(Some(ResolvedKey { key: loaded.key.bytes(), warning: loaded.warning }))
+        }
         (None, None) => Ok(None),
     }
 }
@@ -170,7 +193,7 @@ impl HubConfig {
             check(!dup, file, text, &format!("{field}.name"), &p.name, format!("`{}` appears twice", p.name))?;
             let key = resolve_key(&p.key, &p.key_file);
             let ok = matches!(key, Ok(Some(_)));
-            let msg = key.err().unwrap_or_else(|| "needs `key` or `key_file`".into());
+            let msg = key.err().map_or_else(|| "needs `key` or `key_file`".into(), |e| e.to_string());
             check(ok, file, text, &format!("{field}.key"), &p.name, msg)?;
             if let Some(a) = p.address {
                 check(
@@ -186,10 +209,6 @@ impl HubConfig {
         Ok(c)
     }
 
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        load_with(path, Self::parse)
-    }
-
     pub fn hub_addr(&self) -> Ipv4Addr {
         self.address.or_else(|| self.network.nth(1)).expect("validated prefix has hosts")
     }
@@ -201,7 +220,9 @@ impl PeerConfig {
         check(valid_name(&c.name), file, text, "name", "name", "1-32 of a-z A-Z 0-9 - _ .".into())?;
         let key = resolve_key(&c.key, &c.key_file);
         let ok = matches!(key, Ok(Some(_)));
-        let msg = key.err().unwrap_or_else(|| "needs `key` or `key_file` (make one with `mpvpn genkey`)".into());
+        let msg = key
+            .err()
+            .map_or_else(|| "needs `key` or `key_file` (make one with `mpvpn genkey`)".into(), |e| e.to_string());
         check(ok, file, text, "key", "key", msg)?;
         check(
             common::config::valid_host_port(&c.tunnel),
@@ -215,10 +236,6 @@ impl PeerConfig {
         check(c.routes.len() <= crate::wire::MAX_ROUTES, file, text, "routes", "routes", "at most 32".into())?;
         check_log_level(&c.log_level, file, text)?;
         Ok(c)
-    }
-
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        load_with(path, Self::parse)
     }
 }
 

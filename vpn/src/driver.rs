@@ -1,4 +1,5 @@
-//! The mpvpn driver: a TUN device and a UDP socket around the hub or peer core.
+//! The mpvpn driver: a TUN device and a UDP socket around the hub or peer core, run by
+//! the shared event loop (`common::driver::event_loop`).
 //!
 //! The TUN fd is registered readable only (it is always writable; the kernel drops when
 //! its queue is full). Addresses, MTU and routes are set with iproute2 (`ip`), which also
@@ -9,29 +10,33 @@ use crate::hub::{Hub, HubCoreConfig, HubDrops, HubEvent, PeerSpec, PeerStatus};
 use crate::ip::{self, Prefix};
 use crate::peer::{Peer, PeerCoreConfig, PeerDrops, PeerEvent};
 use crate::wire::PeerKey;
-use crate::{TUNNEL_PAYLOAD, TUN_MTU};
+use crate::{VpnError, TUNNEL_PAYLOAD, TUN_MTU};
 use common::config::{ClientConfig, ServerConfig};
-use common::driver::batch::{self, RecvBatch, BATCH};
-use common::driver::{self, control, Readiness};
+use common::driver::batch::{BatchSocket, RecvBatch};
+use common::driver::event_loop::{read_batches, EventLoop, Room, Service, NO_ROOM, READ_BUDGET};
+use common::driver::files::load_config;
+use common::driver::{self, IoContext};
+use common::entropy::{Entropy, OsEntropy};
 use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET};
-use mio::net::{UdpSocket, UnixListener};
 use mio::unix::SourceFd;
-use mio::{Interest, Token};
+use mio::{Interest, Registry, Token};
 use serde::{Deserialize, Serialize};
 use slog::{error, info, trace, warn, Logger};
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const TUN: Token = Token(0);
 const UDP: Token = Token(1);
-const CONTROL: Token = Token(2);
 /// The embedded server's listening socket, or the first of the embedded client's paths.
-const EMBEDDED: Token = Token(3);
-const READ_BUDGET: usize = 256;
+const EMBEDDED: Token = Token(2);
+/// The hub's and the peer's stats line.
+const STATS_INTERVAL: Duration = Duration::from_secs(30);
+/// The cores run their timers at least this often.
+const TICK: Duration = Duration::from_secs(1);
 
 /// What `mpvpn status` shows, on a hub or a peer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -52,6 +57,18 @@ pub struct VpnStatus {
 }
 
 impl VpnStatus {
+    /// One line for the stats log: state, peers, bytes, drops.
+    pub fn summary_line(&self) -> String {
+        format!(
+            "state={} peers={} tx_bytes={} rx_bytes={} drops={}",
+            self.state,
+            self.peers.len(),
+            self.tx_bytes,
+            self.rx_bytes,
+            self.drops
+        )
+    }
+
     pub fn to_table(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
@@ -95,26 +112,26 @@ fn wall_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-fn ip_cmd(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("running ip {}: {e}", args.join(" ")))?;
+fn ip_cmd(args: &[&str]) -> Result<(), VpnError> {
+    let out =
+        Command::new("ip").args(args).output().map_err(|source| VpnError::IpSpawn { args: args.join(" "), source })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        Err(VpnError::IpFailed { args: args.join(" "), stderr: String::from_utf8_lossy(&out.stderr).trim().into() })
     }
 }
 
-fn open_tun(name: &str) -> Result<tun::Device, String> {
+fn open_tun(name: &str) -> Result<tun::Device, VpnError> {
     let mut cfg = tun::configure();
     cfg.tun_name(name);
-    let dev =
-        tun::create(&cfg).map_err(|e| format!("creating TUN device {name}: {e} (needs root or CAP_NET_ADMIN)"))?;
-    dev.set_nonblock().map_err(|e| format!("TUN {name}: {e}"))?;
+    let dev = tun::create(&cfg).map_err(|source| VpnError::TunCreate { name: name.into(), source })?;
+    dev.set_nonblock().map_err(|source| VpnError::Tun { name: name.into(), source: source.into() })?;
     Ok(dev)
 }
 
 /// Address (and its IPv6 mapping), MTU, up.
-fn configure_tun(name: &str, addr: Ipv4Addr, prefix_len: u8, mtu: u16) -> Result<(), String> {
+fn configure_tun(name: &str, addr: Ipv4Addr, prefix_len: u8, mtu: u16) -> Result<(), VpnError> {
     // no IPv6 link-local address: its router solicitations would only be dropped
     ip_cmd(&["link", "set", "dev", name, "addrgenmode", "none"])?;
     ip_cmd(&["addr", "flush", "dev", name])?;
@@ -123,20 +140,17 @@ fn configure_tun(name: &str, addr: Ipv4Addr, prefix_len: u8, mtu: u16) -> Result
     ip_cmd(&["link", "set", "dev", name, "mtu", &mtu.to_string(), "up"])
 }
 
-fn control_listener(path: &Path, io: &Readiness) -> Result<UnixListener, String> {
-    control::prepare_control_path(path)?;
-    let mut l = UnixListener::bind(path).map_err(|e| format!("control socket {}: {e}", path.display()))?;
-    io.registry().register(&mut l, CONTROL, Interest::READABLE).map_err(|e| e.to_string())?;
-    Ok(l)
-}
-
 /// Reads TUN packets until empty or the budget is spent; true if data may remain.
-fn read_tun(dev: &tun::Device, buf: &mut [u8], mut each: impl FnMut(&[u8])) -> bool {
+fn read_tun(dev: &tun::Device, buf: &mut [u8], log: &Logger, mut each: impl FnMut(&[u8])) -> bool {
     for _ in 0..READ_BUDGET {
         match dev.recv(buf) {
             Ok(n) => each(&buf[..n]),
             Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
-            Err(_) => return false,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                warn!(log, "TUN read failed"; "error" => %e);
+                return false;
+            }
         }
     }
     true
@@ -150,24 +164,16 @@ fn write_tun(dev: &tun::Device, out: &mut [u8], mut poll: impl FnMut(&mut [u8]) 
     }
 }
 
-/// Reads datagrams (`recvmmsg`, into `rx`) until empty or the budget is spent; true if
-/// data may remain.
-fn read_udp(sock: &UdpSocket, rx: &mut RecvBatch, mut each: impl FnMut(SocketAddr, &[u8])) -> bool {
-    for _ in 0..READ_BUDGET / BATCH {
-        match rx.recv(sock.as_raw_fd()) {
-            Ok(0) => return false,
-            Ok(n) => {
-                for i in 0..n {
-                    if let Some(from) = rx.source(i) {
-                        each(from, rx.datagram(i));
-                    }
-                }
+/// Reads datagrams from the local mpclient/mpserver (`recvmmsg`, into `rx`) until empty
+/// or the budget is spent; true if data may remain.
+fn read_udp(sock: &BatchSocket, rx: &mut RecvBatch, log: &Logger, mut each: impl FnMut(SocketAddr, &[u8])) -> bool {
+    read_batches(sock.as_raw_fd(), rx, NO_ROOM, log, "tunnel", |rx, _| {
+        for i in 0..rx.len() {
+            if let Some(from) = rx.source(i) {
+                each(from, rx.datagram(i));
             }
-            Err(e) if driver::is_transient(&e) => continue,
-            Err(_) => return false,
         }
-    }
-    true
+    })
 }
 
 /// The driver's reused buffers: nothing is allocated per packet.
@@ -188,10 +194,6 @@ impl IoBuffers {
     }
 }
 
-/// Bytes kept free before and after each datagram of a batch for the tunnel.
-type Room = (usize, usize);
-/// Datagrams go out as they are.
-const NO_ROOM: Room = (0, 0);
 /// An embedded client or server seals each datagram in its slot: its header goes before,
 /// the AEAD tag after.
 const SEALING_ROOM: Room = (DATA_PAYLOAD_OFFSET, AEAD_TAG_LEN);
@@ -216,7 +218,7 @@ fn fill_batch(
 /// How the hub exchanges datagrams with the tunnel.
 enum HubTunnel {
     /// A separate mpserver forwards each session from its own socket to `listen`.
-    Udp(UdpSocket),
+    Udp(BatchSocket),
     /// The multipath server runs in this process; a session is a slot.
     Embedded(Box<mpserver::TunnelServer>),
 }
@@ -249,7 +251,7 @@ impl HubTunnel {
         let mut failed = 0;
         while fill_batch(tx, room, |buf| core.poll_transmit(buf)) {
             match self {
-                Self::Udp(s) => failed += batch::send_to_sources(s.as_raw_fd(), tx),
+                Self::Udp(s) => failed += s.send_to_sources(tx),
                 Self::Embedded(t) => t.send_batch(Instant::now(), tx, |b, i| b.source(i).and_then(addr_slot)),
             }
         }
@@ -273,42 +275,59 @@ impl HubTunnel {
 /// Where sessions of an embedded server "go": the hub in this process.
 const EMBEDDED_TARGET: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
 
-fn open_hub_tunnel(c: &HubConfig, io: &Readiness, log: &Logger) -> Result<HubTunnel, String> {
+fn open_hub_tunnel(c: &HubConfig, registry: &Registry, log: &Logger) -> Result<HubTunnel, VpnError> {
     match &c.embedded_server {
         None => {
-            let listen: SocketAddr = c.listen.parse().map_err(|_| "listen: bad address")?;
-            let mut sock = driver::udp_socket(listen, None, None).map_err(|e| format!("listen {listen}: {e}"))?;
-            io.registry().register(&mut sock, UDP, Interest::READABLE).map_err(|e| e.to_string())?;
+            // validated by HubConfig::parse
+            let listen: SocketAddr = c.listen.parse().expect("validated listen address");
+            let what = || format!("listen {listen}");
+            let mut sock = driver::udp_socket(listen, None, None).context(what)?;
+            registry.register(&mut sock, UDP, Interest::READABLE).context(what)?;
             info!(log, "taking datagrams from mpserver"; "listen" => %listen);
             Ok(HubTunnel::Udp(sock))
         }
         Some(path) => {
-            let sc = ServerConfig::load_embedded(path).map_err(|e| e.to_string())?;
+            let sc = load_config(path, ServerConfig::parse_embedded)?;
             let mut rt = mpserver::ServerRuntime::from_config(&path.display().to_string(), &sc)?;
             rt.core.default_target = Some(EMBEDDED_TARGET);
             rt.core.targets.clear();
-            let (psk, warning) = driver::require_key("mpvpn", sc.key_file.as_deref())?;
-            if let Some(w) = warning {
+            let key = driver::require_key("mpvpn", sc.key_file.as_deref())?;
+            if let Some(w) = key.warning {
                 warn!(log, "{}", w);
             }
             info!(log, "multipath server embedded"; "listen" => %rt.listen);
-            let t = mpserver::TunnelServer::open(rt.listen, rt.core, psk, io.registry(), EMBEDDED, log.clone())?;
+            let t = mpserver::TunnelServer::open(rt.listen, rt.core, key.key, registry, EMBEDDED, log.clone())?;
             Ok(HubTunnel::Embedded(Box::new(t)))
         }
     }
 }
 
-pub fn run_hub(c: HubConfig, control_path: PathBuf, log: Logger) -> Result<(), String> {
+/// `mpvpn hub` as the event loop runs it.
+struct HubDriver {
+    core: Hub,
+    tunnel: HubTunnel,
+    dev: tun::Device,
+    bufs: IoBuffers,
+    tun_name: String,
+    hub_addr: Ipv4Addr,
+    log: Logger,
+}
+
+/// Runs the hub until SIGTERM/SIGINT or a fatal error.
+pub fn run_hub(c: HubConfig, control_path: PathBuf, log: &Logger) -> Result<(), VpnError> {
     let mut peers = Vec::new();
     for p in &c.peers {
-        let key = resolve_key(&p.key, &p.key_file)?.ok_or_else(|| format!("peer {}: no key", p.name))?;
-        peers.push(PeerSpec { name: p.name.clone(), key: PeerKey::new(&key), fixed_addr: p.address });
+        // validated by HubConfig::parse, which read every key
+        let key = resolve_key(&p.key, &p.key_file)?.ok_or_else(|| VpnError::NoPeerKey(p.name.clone()))?;
+        if let Some(w) = key.warning {
+            warn!(log, "{}", w; "peer" => &p.name);
+        }
+        peers.push(PeerSpec { name: p.name.clone(), key: PeerKey::new(&key.key), fixed_addr: p.address });
     }
     let hub_addr = c.hub_addr();
     let mtu = c.mtu.unwrap_or(TUN_MTU);
-    let mut first_id = [0u8; 4];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut first_id).map_err(|_| "random source")?;
-    let mut core = Hub::new(
+    let first_id = OsEntropy::new().next_u64() as u32 >> 1;
+    let core = Hub::new(
         HubCoreConfig {
             network: c.network,
             hub_addr,
@@ -317,57 +336,65 @@ pub fn run_hub(c: HubConfig, control_path: PathBuf, log: Logger) -> Result<(), S
             peers,
             peer_timeout: Duration::from_secs(c.peer_timeout_secs),
         },
-        u32::from_ne_bytes(first_id) >> 1,
+        first_id,
     );
-    let mut io = Readiness::new(1024).map_err(|e| format!("poll: {e}"))?;
+    let mut el = EventLoop::new(log.clone())?;
+    el.serve_control(&control_path)?;
+    el.log_stats_every(Some(STATS_INTERVAL));
     let dev = open_tun(&c.tun)?;
     configure_tun(&c.tun, hub_addr, c.network.len, mtu)?;
-    io.registry().register(&mut SourceFd(&dev.as_raw_fd()), TUN, Interest::READABLE).map_err(|e| e.to_string())?;
-    let mut tunnel = open_hub_tunnel(&c, &io, &log)?;
-    let ctl = control_listener(&control_path, &io)?;
+    el.registry().register(&mut SourceFd(&dev.as_raw_fd()), TUN, Interest::READABLE).context(|| "TUN".into())?;
+    let tunnel = open_hub_tunnel(&c, el.registry(), log)?;
     info!(log, "mpvpn hub up"; "tun" => &c.tun, "address" => %hub_addr, "network" => %c.network, "mtu" => mtu,
-        "peers_configured" => c.peers.len());
-    let mut bufs = IoBuffers::new();
-    loop {
-        let deadline = [core.poll_timeout(), tunnel.poll_timeout(), Some(Instant::now() + Duration::from_secs(1))]
-            .into_iter()
-            .flatten()
-            .min();
-        io.wait(deadline).map_err(|e| format!("poll: {e}"))?;
-        while let Some(token) = io.next_ready() {
-            let now = Instant::now();
-            let pending = match (token, &mut tunnel) {
-                (TUN, _) => read_tun(&dev, &mut bufs.tun_in, |p| core.handle_tun_packet(p)),
-                (UDP, HubTunnel::Udp(sock)) => {
-                    read_udp(sock, &mut bufs.rx, |from, d| core.handle_datagram(now, wall_ms(), from, d))
-                }
-                (EMBEDDED, HubTunnel::Embedded(t)) => t.read_listen(|inbound| {
-                    if let mpserver::Inbound::Forward(slot, d) = inbound {
-                        core.handle_datagram(now, wall_ms(), slot_addr(slot), d);
-                    }
-                }),
-                (CONTROL, _) => {
-                    let report = || hub_status(&core, &c.tun, hub_addr);
-                    if let Err(e) = control::serve_pending(&ctl, report) {
-                        warn!(log, "control socket"; "error" => %e);
-                    }
-                    false
-                }
-                _ => false,
-            };
-            if pending {
-                io.still_pending(token);
-            }
-            flush_hub(&mut core, &mut tunnel, &dev, &mut bufs, &log);
-        }
+        "peers_configured" => c.peers.len(), "control" => %control_path.display());
+    let mut d = HubDriver { core, tunnel, dev, bufs: IoBuffers::new(), tun_name: c.tun, hub_addr, log: log.clone() };
+    el.run(&mut d)
+}
+
+impl Service for HubDriver {
+    type Status = VpnStatus;
+    type Error = VpnError;
+
+    fn handle_ready(&mut self, _: &Registry, token: Token) -> Result<bool, VpnError> {
+        let Self { core, tunnel, dev, bufs, log, .. } = self;
         let now = Instant::now();
-        tunnel.handle_timeout(now);
-        core.handle_timeout(now);
-        flush_hub(&mut core, &mut tunnel, &dev, &mut bufs, &log);
+        let pending = match (token, &mut *tunnel) {
+            (TUN, _) => read_tun(dev, &mut bufs.tun_in, log, |p| core.handle_tun_packet(p)),
+            (UDP, HubTunnel::Udp(sock)) => {
+                read_udp(sock, &mut bufs.rx, log, |from, d| core.handle_datagram(now, wall_ms(), from, d))
+            }
+            (EMBEDDED, HubTunnel::Embedded(t)) => t.read_listen(|inbound| {
+                if let mpserver::Inbound::Forward(slot, d) = inbound {
+                    core.handle_datagram(now, wall_ms(), slot_addr(slot), d);
+                }
+            }),
+            _ => false,
+        };
+        self.flush();
+        Ok(pending)
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        [self.core.poll_timeout(), self.tunnel.poll_timeout(), Some(Instant::now() + TICK)].into_iter().flatten().min()
+    }
+
+    fn handle_timeout(&mut self, _: &Registry, now: Instant) -> Result<(), VpnError> {
+        self.tunnel.handle_timeout(now);
+        self.core.handle_timeout(now);
+        self.flush();
+        Ok(())
+    }
+
+    fn status(&self, now: Instant) -> VpnStatus {
+        hub_status(&self.core, now, &self.tun_name, self.hub_addr)
+    }
+
+    fn stats_line(&self, now: Instant) -> String {
+        self.status(now).summary_line()
     }
 }
 
-fn hub_status(core: &Hub, tun: &str, addr: Ipv4Addr) -> VpnStatus {
+fn hub_status(core: &Hub, now: Instant, tun: &str, addr: Ipv4Addr) -> VpnStatus {
     VpnStatus {
         role: "hub".into(),
         name: String::new(),
@@ -378,29 +405,32 @@ fn hub_status(core: &Hub, tun: &str, addr: Ipv4Addr) -> VpnStatus {
         last_heartbeat_s: None,
         tx_bytes: 0,
         rx_bytes: 0,
-        peers: core.status(Instant::now()),
+        peers: core.status(now),
         drops: serde_json::to_value::<&HubDrops>(&core.drops).unwrap_or_default(),
     }
 }
 
-/// Sends what the core queued (through `bufs`) and logs its events.
-fn flush_hub(core: &mut Hub, tunnel: &mut HubTunnel, dev: &tun::Device, bufs: &mut IoBuffers, log: &Logger) {
-    let failed = tunnel.transmit(core, &mut bufs.tx);
-    if failed > 0 {
-        trace!(log, "sends to mpserver failed"; "datagrams" => failed);
-    }
-    write_tun(dev, &mut bufs.out, |out| core.poll_tun(out));
-    while let Some(ev) = core.poll_event() {
-        match ev {
-            HubEvent::PeerUp { name, addr, tunnel } => {
-                info!(log, "peer up"; "name" => name, "address" => %addr, "tunnel" => %tunnel)
+impl HubDriver {
+    /// Sends what the core queued (through `bufs`) and logs its events.
+    fn flush(&mut self) {
+        let Self { core, tunnel, dev, bufs, log, .. } = self;
+        let failed = tunnel.transmit(core, &mut bufs.tx);
+        if failed > 0 {
+            trace!(log, "sends to mpserver failed"; "datagrams" => failed);
+        }
+        write_tun(dev, &mut bufs.out, |out| core.poll_tun(out));
+        while let Some(ev) = core.poll_event() {
+            match ev {
+                HubEvent::PeerUp { name, addr, tunnel } => {
+                    info!(log, "peer up"; "name" => name, "address" => %addr, "tunnel" => %tunnel)
+                }
+                HubEvent::PeerMoved { name, tunnel } => info!(log, "peer moved"; "name" => name, "tunnel" => %tunnel),
+                HubEvent::PeerGone { name, addr } => {
+                    warn!(log, "peer gone (heartbeats stopped)"; "name" => name, "address" => %addr)
+                }
+                HubEvent::Refused { name, reason } => warn!(log, "peer refused"; "name" => name, "reason" => ?reason),
+                HubEvent::LinkBroken { name } => warn!(log, "peer's KCP link broke; dropped"; "name" => name),
             }
-            HubEvent::PeerMoved { name, tunnel } => info!(log, "peer moved"; "name" => name, "tunnel" => %tunnel),
-            HubEvent::PeerGone { name, addr } => {
-                warn!(log, "peer gone (heartbeats stopped)"; "name" => name, "address" => %addr)
-            }
-            HubEvent::Refused { name, reason } => warn!(log, "peer refused"; "name" => name, "reason" => ?reason),
-            HubEvent::LinkBroken { name } => warn!(log, "peer's KCP link broke; dropped"; "name" => name),
         }
     }
 }
@@ -408,7 +438,7 @@ fn flush_hub(core: &mut Hub, tunnel: &mut HubTunnel, dev: &tun::Device, bufs: &m
 /// How a peer exchanges datagrams with the tunnel.
 enum PeerTunnel {
     /// A separate mpclient at `tunnel`.
-    Udp(UdpSocket),
+    Udp(BatchSocket),
     /// The multipath client runs in this process.
     Embedded(Box<mpclient::Multipath>),
 }
@@ -431,8 +461,8 @@ impl PeerTunnel {
         while fill_batch(tx, room, |buf| core.poll_transmit(buf).map(|n| (EMBEDDED_APP, n))) {
             match self {
                 Self::Udp(s) => {
-                    let all = batch::all_of(tx);
-                    failed += all.len() - batch::send_batch(s.as_raw_fd(), tx, all, None, None);
+                    let all = common::driver::batch::all_of(tx);
+                    failed += all.len() - s.send_batch(tx, all, None, None);
                 }
                 Self::Embedded(mp) => mp.send_batch(Instant::now(), tx),
             }
@@ -454,93 +484,124 @@ impl PeerTunnel {
     }
 }
 
-fn open_peer_tunnel(c: &PeerConfig, io: &Readiness, log: &Logger) -> Result<PeerTunnel, String> {
+fn open_peer_tunnel(c: &PeerConfig, registry: &Registry, log: &Logger) -> Result<PeerTunnel, VpnError> {
     match &c.embedded_client {
         None => {
-            let tunnel = driver::resolve(&c.tunnel).map_err(|e| format!("tunnel: {e}"))?;
-            let mut sock = driver::udp_socket(driver::any_addr_for(tunnel), None, Some(tunnel))
-                .map_err(|e| format!("tunnel socket: {e}"))?;
-            io.registry().register(&mut sock, UDP, Interest::READABLE).map_err(|e| e.to_string())?;
+            let tunnel = driver::resolve(&c.tunnel)?;
+            let what = || format!("tunnel socket to {tunnel}");
+            let mut sock = driver::udp_socket(driver::any_addr_for(tunnel), None, Some(tunnel)).context(what)?;
+            registry.register(&mut sock, UDP, Interest::READABLE).context(what)?;
             info!(log, "talking to mpclient"; "tunnel" => %tunnel);
             Ok(PeerTunnel::Udp(sock))
         }
         Some(path) => {
-            let file = path.display().to_string();
-            let cc = ClientConfig::load(path).map_err(|e| e.to_string())?;
-            let rt = mpclient::ClientRuntime::from_config(&file, &cc)?;
-            let (psk, warning) = driver::require_key("mpvpn", cc.key_file.as_deref())?;
-            if let Some(w) = warning {
+            let cc = load_config(path, ClientConfig::parse)?;
+            let rt = mpclient::ClientRuntime::from_config(&path.display().to_string(), &cc)?;
+            let key = driver::require_key("mpvpn", cc.key_file.as_deref())?;
+            if let Some(w) = key.warning {
                 warn!(log, "{}", w);
             }
             info!(log, "multipath client embedded"; "paths" => rt.paths.len());
-            let mp = mpclient::Multipath::open(&rt, psk, io.registry(), EMBEDDED.0, log.clone())?;
+            let mp = mpclient::Multipath::open(&rt, key.key, registry, EMBEDDED.0, log.clone())?;
             Ok(PeerTunnel::Embedded(Box::new(mp)))
         }
     }
 }
 
-pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: Logger) -> Result<(), String> {
-    let key = resolve_key(&c.key, &c.key_file)?.ok_or("no key")?;
-    let mut seed = [0u8; 8];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed).map_err(|_| "random source")?;
-    let mut core = Peer::new(
+/// `mpvpn peer` as the event loop runs it.
+struct PeerDriver {
+    core: Peer,
+    tunnel: PeerTunnel,
+    dev: tun::Device,
+    bufs: IoBuffers,
+    name: String,
+    tun_name: String,
+    /// Routes from other peers this peer put on its TUN device.
+    installed: Vec<Prefix>,
+    log: Logger,
+}
+
+/// Runs the peer until SIGTERM/SIGINT or a fatal error.
+pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<(), VpnError> {
+    let key = resolve_key(&c.key, &c.key_file)?.ok_or_else(|| VpnError::NoPeerKey(c.name.clone()))?;
+    if let Some(w) = &key.warning {
+        warn!(log, "{}", w);
+    }
+    let core = Peer::new(
         PeerCoreConfig {
             name: c.name.clone(),
-            key: PeerKey::new(&key),
+            key: PeerKey::new(&key.key),
             mtu: c.mtu,
             routes: c.routes.clone(),
             tunnel_payload: TUNNEL_PAYLOAD,
         },
         Instant::now(),
-        u64::from_ne_bytes(seed),
+        OsEntropy::new().next_u64(),
     );
-    let mut io = Readiness::new(1024).map_err(|e| format!("poll: {e}"))?;
+    let mut el = EventLoop::new(log.clone())?;
+    el.serve_control(&control_path)?;
+    el.log_stats_every(Some(STATS_INTERVAL));
     let dev = open_tun(&c.tun)?;
-    io.registry().register(&mut SourceFd(&dev.as_raw_fd()), TUN, Interest::READABLE).map_err(|e| e.to_string())?;
-    let mut tunnel = open_peer_tunnel(&c, &io, &log)?;
-    let ctl = control_listener(&control_path, &io)?;
-    info!(log, "mpvpn peer starting"; "name" => &c.name, "tun" => &c.tun, "routes" => c.routes.len());
-    let mut bufs = IoBuffers::new();
-    let mut installed: Vec<Prefix> = Vec::new();
-    loop {
-        let deadline =
-            [Some(core.poll_timeout()), tunnel.poll_timeout(), Some(Instant::now() + Duration::from_secs(1))]
-                .into_iter()
-                .flatten()
-                .min();
-        io.wait(deadline).map_err(|e| format!("poll: {e}"))?;
-        while let Some(token) = io.next_ready() {
-            let now = Instant::now();
-            let pending = match (token, &mut tunnel) {
-                (TUN, _) => read_tun(&dev, &mut bufs.tun_in, |p| core.handle_tun_packet(p)),
-                (UDP, PeerTunnel::Udp(sock)) => read_udp(sock, &mut bufs.rx, |_, d| core.handle_datagram(now, d)),
-                (CONTROL, _) => {
-                    let report = || peer_status(&core, &c.name, &c.tun);
-                    if let Err(e) = control::serve_pending(&ctl, report) {
-                        warn!(log, "control socket"; "error" => %e);
-                    }
-                    false
-                }
-                (t, PeerTunnel::Embedded(mp)) => match mp.path_of(t) {
-                    Some(i) => mp.read_path(i, |_, d| core.handle_datagram(now, d)),
-                    None => false,
-                },
-                _ => false,
-            };
-            if pending {
-                io.still_pending(token);
-            }
-            flush_peer(&mut core, &mut tunnel, &dev, &mut bufs, &c.tun, &mut installed, &log)?;
-        }
+    el.registry().register(&mut SourceFd(&dev.as_raw_fd()), TUN, Interest::READABLE).context(|| "TUN".into())?;
+    let tunnel = open_peer_tunnel(&c, el.registry(), log)?;
+    info!(log, "mpvpn peer starting"; "name" => &c.name, "tun" => &c.tun, "routes" => c.routes.len(),
+        "control" => %control_path.display());
+    let mut d = PeerDriver {
+        core,
+        tunnel,
+        dev,
+        bufs: IoBuffers::new(),
+        name: c.name,
+        tun_name: c.tun,
+        installed: Vec::new(),
+        log: log.clone(),
+    };
+    el.run(&mut d)
+}
+
+impl Service for PeerDriver {
+    type Status = VpnStatus;
+    type Error = VpnError;
+
+    fn handle_ready(&mut self, _: &Registry, token: Token) -> Result<bool, VpnError> {
+        let Self { core, tunnel, dev, bufs, log, .. } = self;
         let now = Instant::now();
-        tunnel.handle_timeout(now);
-        core.handle_timeout(now, wall_ms());
-        flush_peer(&mut core, &mut tunnel, &dev, &mut bufs, &c.tun, &mut installed, &log)?;
+        let pending = match (token, &mut *tunnel) {
+            (TUN, _) => read_tun(dev, &mut bufs.tun_in, log, |p| core.handle_tun_packet(p)),
+            (UDP, PeerTunnel::Udp(sock)) => read_udp(sock, &mut bufs.rx, log, |_, d| core.handle_datagram(now, d)),
+            (t, PeerTunnel::Embedded(mp)) => match mp.path_of(t) {
+                Some(i) => mp.read_path(i, &mut bufs.rx, |_, d| core.handle_datagram(now, d)),
+                None => false,
+            },
+            _ => false,
+        };
+        self.flush()?;
+        Ok(pending)
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        [Some(self.core.poll_timeout()), self.tunnel.poll_timeout(), Some(Instant::now() + TICK)]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn handle_timeout(&mut self, _: &Registry, now: Instant) -> Result<(), VpnError> {
+        self.tunnel.handle_timeout(now);
+        self.core.handle_timeout(now, wall_ms());
+        self.flush()
+    }
+
+    fn status(&self, now: Instant) -> VpnStatus {
+        peer_status(&self.core, now, &self.name, &self.tun_name)
+    }
+
+    fn stats_line(&self, now: Instant) -> String {
+        self.status(now).summary_line()
     }
 }
 
-fn peer_status(core: &Peer, name: &str, tun: &str) -> VpnStatus {
-    let now = Instant::now();
+fn peer_status(core: &Peer, now: Instant, name: &str, tun: &str) -> VpnStatus {
     VpnStatus {
         role: "peer".into(),
         name: name.into(),
@@ -571,51 +632,46 @@ fn peer_status(core: &Peer, name: &str, tun: &str) -> VpnStatus {
     }
 }
 
-/// Sends what the core queued (through `bufs`), applies its configuration and
-/// logs its events.
-fn flush_peer(
-    core: &mut Peer,
-    tunnel: &mut PeerTunnel,
-    dev: &tun::Device,
-    bufs: &mut IoBuffers,
-    tun: &str,
-    installed: &mut Vec<Prefix>,
-    log: &Logger,
-) -> Result<(), String> {
-    let failed = tunnel.transmit(core, &mut bufs.tx);
-    if failed > 0 {
-        trace!(log, "sends to mpclient failed"; "datagrams" => failed);
-    }
-    write_tun(dev, &mut bufs.out, |out| core.poll_tun(out));
-    while let Some(ev) = core.poll_event() {
-        match ev {
-            PeerEvent::Configured { addr, prefix_len, hub_addr, mtu } => {
-                configure_tun(tun, addr, prefix_len, mtu)?;
-                // routes were lost with the addresses; put them back
-                for r in installed.iter() {
-                    ip_cmd(&["route", "replace", &r.to_string(), "dev", tun])?;
-                }
-                info!(log, "registered"; "address" => %addr, "prefix_len" => prefix_len, "hub" => %hub_addr, "mtu" => mtu);
-            }
-            PeerEvent::Routes { add, remove } => {
-                for r in &remove {
-                    if let Err(e) = ip_cmd(&["route", "del", &r.to_string(), "dev", tun]) {
-                        warn!(log, "removing route"; "error" => e);
-                    }
-                    installed.retain(|x| x != r);
-                }
-                for r in add {
-                    ip_cmd(&["route", "replace", &r.to_string(), "dev", tun])?;
-                    installed.push(r);
-                }
-                info!(log, "routes from other peers"; "installed" => ?installed.iter().map(|r| r.to_string()).collect::<Vec<_>>());
-            }
-            PeerEvent::HubLost => {
-                error!(log, "hub lost: no heartbeat answers after retries at 1, 3 and 7 s; not taking packets, registering again")
-            }
-            PeerEvent::Refused(reason) => warn!(log, "hub refused for now; retrying"; "reason" => ?reason),
-            PeerEvent::Fatal(msg) => return Err(msg),
+impl PeerDriver {
+    /// Sends what the core queued (through `bufs`), applies its configuration and logs
+    /// its events.
+    fn flush(&mut self) -> Result<(), VpnError> {
+        let Self { core, tunnel, dev, bufs, tun_name: tun, installed, log, .. } = self;
+        let failed = tunnel.transmit(core, &mut bufs.tx);
+        if failed > 0 {
+            trace!(log, "sends to mpclient failed"; "datagrams" => failed);
         }
+        write_tun(dev, &mut bufs.out, |out| core.poll_tun(out));
+        while let Some(ev) = core.poll_event() {
+            match ev {
+                PeerEvent::Configured { addr, prefix_len, hub_addr, mtu } => {
+                    configure_tun(tun, addr, prefix_len, mtu)?;
+                    // routes were lost with the addresses; put them back
+                    for r in installed.iter() {
+                        ip_cmd(&["route", "replace", &r.to_string(), "dev", tun])?;
+                    }
+                    info!(log, "registered"; "address" => %addr, "prefix_len" => prefix_len, "hub" => %hub_addr, "mtu" => mtu);
+                }
+                PeerEvent::Routes { add, remove } => {
+                    for r in &remove {
+                        if let Err(e) = ip_cmd(&["route", "del", &r.to_string(), "dev", tun]) {
+                            warn!(log, "removing route"; "error" => %e);
+                        }
+                        installed.retain(|x| x != r);
+                    }
+                    for r in add {
+                        ip_cmd(&["route", "replace", &r.to_string(), "dev", tun])?;
+                        installed.push(r);
+                    }
+                    info!(log, "routes from other peers"; "installed" => ?installed.iter().map(|r| r.to_string()).collect::<Vec<_>>());
+                }
+                PeerEvent::HubLost => {
+                    error!(log, "hub lost: no heartbeat answers after retries at 1, 3 and 7 s; not taking packets, registering again")
+                }
+                PeerEvent::Refused(reason) => warn!(log, "hub refused for now; retrying"; "reason" => ?reason),
+                PeerEvent::Fatal(msg) => return Err(VpnError::Hub(msg)),
+            }
+        }
+        Ok(())
     }
-    Ok(())
 }

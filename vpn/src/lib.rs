@@ -13,6 +13,33 @@ pub mod peer;
 pub mod queue;
 pub mod wire;
 
+use common::config::ConfigError;
+use common::driver::DriverError;
+
+/// What stops `mpvpn hub` or `mpvpn peer`.
+#[derive(Debug, thiserror::Error)]
+pub enum VpnError {
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Key(#[from] config::PeerKeyError),
+    #[error("peer {0}: no key")]
+    NoPeerKey(String),
+    #[error("creating TUN device {name}: {source} (needs root or CAP_NET_ADMIN)")]
+    TunCreate { name: String, source: tun::Error },
+    #[error("TUN {name}: {source}")]
+    Tun { name: String, source: tun::Error },
+    #[error("running ip {args}: {source}")]
+    IpSpawn { args: String, source: std::io::Error },
+    #[error("ip {args}: {stderr}")]
+    IpFailed { args: String, stderr: String },
+    /// The hub refused this peer for good (e.g. an MTU mismatch).
+    #[error("{0}")]
+    Hub(String),
+}
+
 /// TUN MTU: one inner packet must fit one tunnel datagram inside a 1500-byte outer MTU.
 /// 1500 - 20 (IPv4) - 8 (UDP) = 1472 bytes of UDP payload between tunnel hosts, minus the
 /// tunnel's own overhead, is what one tunnel datagram carries ...

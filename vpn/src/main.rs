@@ -1,14 +1,16 @@
 //! `mpvpn`: the VPN over the multipath tunnel. See `--help`.
 
 use clap::{Parser, Subcommand};
-use common::driver::{control, exit_with_error, genkey};
-use std::path::PathBuf;
+use common::driver::files::{load_config, loose_permissions};
+use common::driver::{control, exit_with_error, genkey, print_stdout, run_daemon, DriverError};
+use std::path::{Path, PathBuf};
 use vpn::config::{HubConfig, PeerConfig};
 use vpn::driver::{run_hub, run_peer, VpnStatus};
 
 /// One flat private network over lossy links: peers send IP packets from a TUN device
 /// through KCP and the multipath tunnel (mpclient -> bridges -> mpserver) to the hub,
 /// which keeps the peer registry and routes between peers and its own TUN.
+/// SIGTERM or SIGINT stops a hub or peer cleanly (final stats line, control socket removed).
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
@@ -22,7 +24,8 @@ enum Command {
     Hub {
         #[arg(short, long)]
         config: PathBuf,
-        /// Control socket for `mpvpn status` [default: /run/mptunnel/mpvpn.sock].
+        /// Control socket for `mpvpn status` [default: the config's control_socket, else
+        /// /run/mptunnel/mpvpn.sock].
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
     },
@@ -30,13 +33,17 @@ enum Command {
     Peer {
         #[arg(short, long)]
         config: PathBuf,
+        /// Control socket for `mpvpn status` [default: the config's control_socket, else
+        /// /run/mptunnel/mpvpn.sock].
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
     },
     /// Show the hub's or peer's view: peers, addresses, state, heartbeats, RTT, bytes.
     Status {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// The daemon's control socket [default: /run/mptunnel/mpvpn.sock].
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
     },
@@ -44,43 +51,46 @@ enum Command {
     Genkey { file: Option<PathBuf> },
 }
 
-fn fail<T>(message: String) -> T {
-    exit_with_error("mpvpn", &message)
+fn fail<T>(e: impl std::fmt::Display) -> T {
+    exit_with_error("mpvpn", &e.to_string())
 }
 
-/// Runs a daemon with logging at `level` under `prog`; a fatal error is logged, then the
-/// process exits non-zero.
-fn daemon(level: &str, prog: &'static str, run: impl FnOnce(slog::Logger) -> Result<(), String>) {
-    let (log, guard) = common::log::init(level);
-    let log = log.new(slog::o!("prog" => prog));
-    if let Err(e) = run(log.clone()) {
-        slog::crit!(log, "{}", e);
-        drop(guard);
-        fail::<()>(e);
+/// `--control`, else the config's `control_socket`, else the default.
+fn control_path(flag: Option<PathBuf>, config: &Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| config.clone()).unwrap_or_else(|| control::default_control_path("mpvpn"))
+}
+
+fn status(json: bool, path: &Path) -> Result<(), DriverError> {
+    let report: VpnStatus = control::fetch(path)?;
+    if json {
+        print_stdout(&(serde_json::to_string_pretty(&report).map_err(DriverError::BadStatus)? + "\n"))
+    } else {
+        print_stdout(&report.to_table())
     }
 }
 
 fn main() {
-    let default_control = || control::default_control_path("mpvpn");
     match Cli::parse().command {
-        Command::Genkey { file } => genkey(file.as_deref()).unwrap_or_else(fail::<()>),
-        Command::Status { json, control: c } => {
-            let report: VpnStatus = control::fetch(&c.unwrap_or_else(default_control)).unwrap_or_else(fail);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
-            } else {
-                print!("{}", report.to_table());
-            }
+        Command::Genkey { file } => genkey(file.as_deref()).unwrap_or_else(fail),
+        Command::Status { json, control } => status(json, &control_path(control, &None)).unwrap_or_else(fail),
+        Command::Hub { config, control } => {
+            let cfg = load_config(&config, HubConfig::parse).unwrap_or_else(fail);
+            let control = control_path(control, &cfg.control_socket);
+            // inline keys are only as private as the file that holds them
+            let inline_keys = cfg.peers.iter().any(|p| p.key.is_some());
+            let exposed = loose_permissions(&config).filter(|mode| inline_keys && mode & 0o007 != 0);
+            run_daemon("mpvpn-hub", &cfg.log_level.clone(), |log| {
+                if let Some(mode) = exposed {
+                    let p = config.display();
+                    slog::warn!(log, "{p} holds peer keys and is world-readable (mode {mode:o}); run `chmod 600 {p}`");
+                }
+                run_hub(cfg, control, log)
+            })
         }
-        Command::Hub { config, control: c } => {
-            let cfg = HubConfig::load(&config).unwrap_or_else(|e| fail(e.to_string()));
-            let level = cfg.log_level.clone();
-            daemon(&level, "mpvpn-hub", |log| run_hub(cfg, c.unwrap_or_else(default_control), log));
-        }
-        Command::Peer { config, control: c } => {
-            let cfg = PeerConfig::load(&config).unwrap_or_else(|e| fail(e.to_string()));
-            let level = cfg.log_level.clone();
-            daemon(&level, "mpvpn-peer", |log| run_peer(cfg, c.unwrap_or_else(default_control), log));
+        Command::Peer { config, control } => {
+            let cfg = load_config(&config, PeerConfig::parse).unwrap_or_else(fail);
+            let control = control_path(control, &cfg.control_socket);
+            run_daemon("mpvpn-peer", &cfg.log_level.clone(), |log| run_peer(cfg, control, log))
         }
     }
 }

@@ -1,10 +1,10 @@
 //! Batched UDP receive and send (recvmmsg/sendmmsg): one system call for up to `BATCH`
 //! datagrams. System calls per copy, not crypto, bound the tunnel on small machines.
 
+use std::cell::Cell;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsRawFd, RawFd};
 
 /// Datagrams per system call.
 pub const BATCH: usize = 32;
@@ -28,6 +28,89 @@ pub struct RecvBatch {
 /// Room for the control messages of one datagram: a UDP_SEGMENT (24 bytes) and an
 /// IPv6 packet info (40 bytes), 8-byte aligned.
 type Control = [u64; 8];
+
+// SAFETY: CMSG_SPACE only computes an aligned length.
+const _: () = assert!(
+    std::mem::size_of::<Control>()
+        >= unsafe {
+            libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32)
+                + libc::CMSG_SPACE(std::mem::size_of::<libc::in6_pktinfo>() as u32)
+        } as usize,
+    "a segment size and an IPv6 packet info fit one datagram's control buffer"
+);
+
+/// A non-blocking UDP socket and what its sends learned: whether its route takes UDP
+/// GSO. A socket whose kernel path refuses GSO (a device that cannot segment, a route with
+/// a small MTU) sends plain datagrams from then on; other sockets are not affected.
+pub struct BatchSocket {
+    socket: mio::net::UdpSocket,
+    gso: Cell<bool>,
+}
+
+impl BatchSocket {
+    pub fn new(socket: mio::net::UdpSocket) -> Self {
+        Self { socket, gso: Cell::new(true) }
+    }
+
+    /// False once the kernel refused a GSO send on this socket.
+    pub fn gso_enabled(&self) -> bool {
+        self.gso.get()
+    }
+
+    /// See the free function `send_batch`.
+    pub fn send_batch(
+        &self,
+        batch: &RecvBatch,
+        which: &[usize],
+        to: Option<SocketAddr>,
+        from: Option<IpAddr>,
+    ) -> usize {
+        send_batch(self.socket.as_raw_fd(), &self.gso, batch, which, to, from)
+    }
+
+    /// Sends every datagram of `batch` to its address (`source`, as pushed) from this
+    /// unconnected socket: each run of datagrams to one address goes with one
+    /// `send_batch`. Returns how many could not be sent.
+    pub fn send_to_sources(&self, batch: &RecvBatch) -> usize {
+        let mut failed = 0;
+        let mut start = 0;
+        while start < batch.len() {
+            let to = batch.source(start);
+            let end = (start..batch.len()).find(|&i| batch.source(i) != to).unwrap_or(batch.len());
+            let run = &INDICES[start..end];
+            failed += run.len() - self.send_batch(batch, run, to, None);
+            start = end;
+        }
+        failed
+    }
+
+    /// Sends one datagram to `to` from the local address `from` (or the kernel's choice).
+    pub fn send_one(&self, data: &[u8], to: SocketAddr, from: Option<IpAddr>) -> io::Result<()> {
+        send_one(self.socket.as_raw_fd(), data, to, from)
+    }
+}
+
+impl std::ops::Deref for BatchSocket {
+    type Target = mio::net::UdpSocket;
+
+    fn deref(&self) -> &mio::net::UdpSocket {
+        &self.socket
+    }
+}
+
+impl mio::event::Source for BatchSocket {
+    fn register(&mut self, r: &mio::Registry, t: mio::Token, i: mio::Interest) -> io::Result<()> {
+        self.socket.register(r, t, i)
+    }
+
+    fn reregister(&mut self, r: &mio::Registry, t: mio::Token, i: mio::Interest) -> io::Result<()> {
+        self.socket.reregister(r, t, i)
+    }
+
+    fn deregister(&mut self, r: &mio::Registry) -> io::Result<()> {
+        self.socket.deregister(r)
+    }
+}
 
 impl Default for RecvBatch {
     fn default() -> Self {
@@ -169,16 +252,16 @@ const GSO_MAX_BYTES: usize = 65_507;
 /// Larger datagrams are not segmented: they would exceed a 1500-byte path MTU, and the
 /// kernel refuses to fragment GSO segments.
 const GSO_MAX_SEGMENT_BYTES: usize = 1_452;
-/// Cleared the first time a device cannot segment (EIO): plain sends from then on.
-static GSO_USABLE: AtomicBool = AtomicBool::new(true);
-
 /// Sends the datagrams `which` of `batch` with `sendmmsg`, to `to` (or, with `None`, on a
-/// connected socket), from the local address `from` (or the kernel's choice). Runs of equal-sized datagrams go as one UDP GSO message each (one
+/// connected socket), from the local address `from` (or the kernel's choice). While
+/// `gso_usable` holds, runs of equal-sized datagrams go as one UDP GSO message each (one
 /// pass through the stack, segmented below it); the kernel sends the segments in order.
-/// Returns how many datagrams went out; a message the kernel refuses is skipped (a GSO
-/// message it cannot segment is first retried as plain datagrams).
-pub fn send_batch(
+/// Returns how many datagrams went out; a message the kernel refuses is skipped. A GSO
+/// message it cannot segment (EIO: the device; EINVAL: the route's MTU or the socket's
+/// options) is retried as plain datagrams, and `gso_usable` is cleared.
+fn send_batch(
     fd: RawFd,
+    gso_usable: &Cell<bool>,
     batch: &RecvBatch,
     which: &[usize],
     to: Option<SocketAddr>,
@@ -191,7 +274,7 @@ pub fn send_batch(
     let mut plain_until = 0;
     while start < which.len() {
         let chunk = &which[start..which.len().min(start + BATCH)];
-        let gso = GSO_USABLE.load(Ordering::Relaxed);
+        let gso = gso_usable.get();
         // SAFETY: zeroed iovec/mmsghdr are valid; pointers reference `batch`, `dest` and
         // the arrays here, which outlive the call; the kernel only reads them.
         let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
@@ -245,8 +328,8 @@ pub fn send_batch(
         // the first message failed
         let e = io::Error::last_os_error().raw_os_error();
         if runs[0] > 1 && !matches!(e, Some(libc::EAGAIN | libc::ENOBUFS)) {
-            if e == Some(libc::EIO) {
-                GSO_USABLE.store(false, Ordering::Relaxed);
+            if matches!(e, Some(libc::EIO | libc::EINVAL)) {
+                gso_usable.set(false);
             }
             plain_until = start + runs[0];
         } else {
@@ -273,24 +356,8 @@ pub fn all_of(batch: &RecvBatch) -> &'static [usize] {
     &INDICES[..batch.len()]
 }
 
-/// Sends every datagram of `batch` to its address (`source`, as pushed) from the
-/// unconnected socket `fd`: each run of datagrams to one address goes with `send_batch`.
-/// Returns how many could not be sent.
-pub fn send_to_sources(fd: RawFd, batch: &RecvBatch) -> usize {
-    let mut failed = 0;
-    let mut start = 0;
-    while start < batch.len() {
-        let to = batch.source(start);
-        let end = (start..batch.len()).find(|&i| batch.source(i) != to).unwrap_or(batch.len());
-        let run = &INDICES[start..end];
-        failed += run.len() - send_batch(fd, batch, run, to, None);
-        start = end;
-    }
-    failed
-}
-
 /// Sends one datagram to `to` from the local address `from` (or the kernel's choice).
-pub fn send_one(fd: RawFd, data: &[u8], to: SocketAddr, from: Option<IpAddr>) -> io::Result<()> {
+fn send_one(fd: RawFd, data: &[u8], to: SocketAddr, from: Option<IpAddr>) -> io::Result<()> {
     let dest = socket2::SockAddr::from(to);
     let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
     let mut control: Control = [0; 8];
@@ -317,6 +384,7 @@ fn set_control(h: &mut libc::msghdr, control: &mut Control, segment: Option<u16>
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, IpAddr::V4),
         v4 => v4,
     });
+    // SAFETY: CMSG_SPACE only computes an aligned length.
     let space = |len: usize| unsafe { libc::CMSG_SPACE(len as u32) as usize };
     let segment_space = segment.map_or(0, |_| space(std::mem::size_of::<u16>()));
     let from_space = match from {
@@ -327,19 +395,26 @@ fn set_control(h: &mut libc::msghdr, control: &mut Control, segment: Option<u16>
     if segment_space + from_space == 0 {
         return;
     }
-    // SAFETY: `control` is 8-byte aligned and 64 bytes, at least the 24 + 40 bytes the two
-    // messages take; CMSG_FIRSTHDR/CMSG_NXTHDR/CMSG_DATA stay inside it once
-    // msg_control/msg_controllen are set, and it was zeroed by the caller.
+    // SAFETY: `control` is 8-byte aligned and large enough for both messages (asserted at
+    // compile time above); CMSG_FIRSTHDR/CMSG_NXTHDR return a header inside
+    // msg_control..+msg_controllen or null, and each is checked before it is written;
+    // CMSG_DATA of a header with room for `len` bytes holds them. `control` was zeroed.
     unsafe {
         h.msg_control = control.as_mut_ptr().cast();
         h.msg_controllen = segment_space + from_space;
         let mut c = libc::CMSG_FIRSTHDR(h);
         if let Some(size) = segment {
+            if c.is_null() {
+                return;
+            }
             (*c).cmsg_level = libc::SOL_UDP;
             (*c).cmsg_type = libc::UDP_SEGMENT;
             (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
             std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), size);
             c = libc::CMSG_NXTHDR(h, c);
+        }
+        if c.is_null() {
+            return;
         }
         match from {
             None => {}
@@ -429,7 +504,49 @@ pub fn receive_local_addresses(fd: RawFd, ipv6: bool) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::net::UdpSocket;
-    use std::os::fd::AsRawFd;
+
+    fn batch_socket(addr: &str) -> BatchSocket {
+        let s = UdpSocket::bind(addr).unwrap();
+        s.set_nonblocking(true).unwrap();
+        BatchSocket::new(mio::net::UdpSocket::from_std(s))
+    }
+
+    /// A socket the kernel refuses GSO on (SO_NO_CHECK: no UDP checksum, which GSO needs)
+    /// falls back to plain datagrams and remembers it; another socket keeps GSO.
+    #[test]
+    fn gso_refusal_is_remembered_per_socket() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        let refusing = batch_socket("127.0.0.1:0");
+        let on: libc::c_int = 1;
+        // SAFETY: `on` is a c_int that outlives the call, as the option expects.
+        let r = unsafe {
+            libc::setsockopt(
+                refusing.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NO_CHECK,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0);
+        let other = batch_socket("127.0.0.1:0");
+        let mut out = RecvBatch::new();
+        for _ in 0..3 {
+            out.push_with(0, |room| {
+                room[..200].fill(9);
+                Some((to, 200))
+            });
+        }
+        assert_eq!(refusing.send_batch(&out, all_of(&out), Some(to), None), 3, "retried as plain datagrams");
+        assert!(!refusing.gso_enabled());
+        assert_eq!(other.send_batch(&out, all_of(&out), Some(to), None), 3);
+        assert!(other.gso_enabled(), "one socket's refusal does not turn GSO off for all");
+        let mut buf = [0u8; 512];
+        for _ in 0..6 {
+            assert_eq!(rx.recv(&mut buf).unwrap(), 200);
+        }
+    }
 
     #[test]
     fn headroom_rewrite_and_batched_send() {
@@ -452,7 +569,7 @@ mod tests {
         }
         let out = UdpSocket::bind("127.0.0.1:0").unwrap();
         out.connect(rx.local_addr().unwrap()).unwrap();
-        assert_eq!(send_batch(out.as_raw_fd(), &b, &[2, 0], None, None), 2);
+        assert_eq!(send_batch(out.as_raw_fd(), &Cell::new(true), &b, &[2, 0], None, None), 2);
         let mut buf = [0u8; 64];
         for want in [2u8, 0] {
             let n = rx.recv(&mut buf).unwrap();
@@ -494,8 +611,8 @@ mod tests {
                 Some((to, 10))
             });
         }
-        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
-        assert_eq!(send_to_sources(tx.as_raw_fd(), &batch), 0);
+        let tx = batch_socket("127.0.0.1:0");
+        assert_eq!(tx.send_to_sources(&batch), 0);
         let mut buf = [0u8; 64];
         for want in [1u8, 2, 4] {
             assert_eq!(rx_a.recv(&mut buf).unwrap(), 10);
@@ -526,6 +643,7 @@ mod tests {
 
         // one datagram, and a GSO run of three
         send_one(wild.as_raw_fd(), b"one", to, local).unwrap();
+        let gso = Cell::new(true);
         let mut out = RecvBatch::new();
         for _ in 0..3 {
             out.push_with(0, |room| {
@@ -533,7 +651,7 @@ mod tests {
                 Some((to, 100))
             });
         }
-        assert_eq!(send_batch(wild.as_raw_fd(), &out, all_of(&out), Some(to), local), 3);
+        assert_eq!(send_batch(wild.as_raw_fd(), &gso, &out, all_of(&out), Some(to), local), 3);
         let mut buf = [0u8; 256];
         let port = wild.local_addr().unwrap().port();
         for want in [3, 100, 100, 100] {
@@ -567,7 +685,9 @@ mod tests {
         assert_eq!(b.recv(rx.as_raw_fd()).unwrap(), sizes.len());
         let out = UdpSocket::bind("127.0.0.1:0").unwrap();
         let which: Vec<usize> = (0..sizes.len()).collect();
-        assert_eq!(send_batch(out.as_raw_fd(), &b, &which, Some(rx.local_addr().unwrap()), None), sizes.len());
+        let gso = Cell::new(true);
+        assert_eq!(send_batch(out.as_raw_fd(), &gso, &b, &which, Some(rx.local_addr().unwrap()), None), sizes.len());
+        assert!(gso.get(), "loopback takes GSO");
         let mut buf = [0u8; 2048];
         for (k, &size) in sizes.iter().enumerate() {
             let n = rx.recv(&mut buf).unwrap();

@@ -1,17 +1,33 @@
-//! The local control socket behind `status` commands (driver helper; the sans-IO cores
-//! never use it).
+//! The local control socket behind `status` commands.
 //!
-//! The daemon listens on a Unix stream socket; each connection gets one JSON
-//! `StatusReport` and is closed. Only local users that can open the socket file
-//! (root by default: it lives in /run/mptunnel) can read it.
+//! The daemon listens on a Unix stream socket; each connection gets one JSON status
+//! report and is closed. Only local users that can open the socket file (root by default:
+//! it lives in /run/mptunnel) can connect.
+//!
+//! Served inside the event loop without ever blocking it: the report is written
+//! non-blocking from a per-connection buffer (at most `CONTROL_OUTPUT_MAX` bytes) as the
+//! socket takes it; a reader slower than `CONTROL_WRITE_TIMEOUT`, or one beyond
+//! `MAX_CONTROL_CONNECTIONS`, is dropped. A local client that connects and never reads
+//! costs one slot for two seconds, never forwarding time.
 
+use super::event_loop::{CONTROL_CONNECTION_BASE, CONTROL_LISTENER};
+use super::{DriverError, IoContext};
 use crate::stats::StatusReport;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use mio::net::{UnixListener, UnixStream};
+use mio::{Interest, Registry, Token};
+use slog::{debug, warn, Logger};
+use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-const CONTROL_IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a status reader may take to read its report.
+pub const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Status connections served at once; more are closed at once.
+pub const MAX_CONTROL_CONNECTIONS: usize = 16;
+/// The largest report one connection buffers.
+pub const CONTROL_OUTPUT_MAX: usize = 8 << 20;
+/// How long `status` waits for the daemon's report.
+const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `/run/mptunnel/<role>.sock` for root, `/tmp/mptunnel-<uid>/<role>.sock` otherwise.
 pub fn default_control_path(role: &str) -> PathBuf {
@@ -26,68 +42,168 @@ pub fn default_control_path(role: &str) -> PathBuf {
 
 /// Prepares `path` for binding: creates its directory and removes a stale socket file.
 /// Fails if another live process is listening there.
-pub fn prepare_control_path(path: &Path) -> Result<(), String> {
+fn prepare_control_path(path: &Path) -> Result<(), DriverError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("control socket directory {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).context(|| format!("control socket directory {}", dir.display()))?;
     }
     if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(format!(
-                "control socket {} is in use by another running instance; pass --control PATH",
-                path.display()
-            ));
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DriverError::ControlInUse(path.to_owned()));
         }
-        std::fs::remove_file(path).map_err(|e| format!("removing stale control socket {}: {e}", path.display()))?;
+        std::fs::remove_file(path).context(|| format!("removing stale control socket {}", path.display()))?;
     }
     Ok(())
 }
 
-/// Writes the report to a freshly accepted control connection (blocking, with timeout).
-fn serve_status<T: serde::Serialize>(mut stream: UnixStream, report: &T) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_write_timeout(Some(CONTROL_IO_TIMEOUT));
-    if let Ok(json) = serde_json::to_vec(report) {
-        let _ = stream.write_all(&json);
+/// One status reader: its socket and the part of the report it has not taken yet.
+struct Connection {
+    stream: UnixStream,
+    out: Vec<u8>,
+    sent: usize,
+    deadline: Instant,
+    registered: bool,
+}
+
+impl Connection {
+    /// Writes what the socket takes; true when the report is out or the reader is gone.
+    fn write_some(&mut self) -> bool {
+        while self.sent < self.out.len() {
+            match self.stream.write(&self.out[self.sent..]) {
+                Ok(0) => return true,
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return true,
+            }
+        }
+        true
     }
 }
 
-/// Answers every pending connection on a non-blocking listener with `report()`.
-pub fn serve_pending<T: serde::Serialize>(
-    listener: &mio::net::UnixListener,
-    report: impl Fn() -> T,
-) -> std::io::Result<()> {
-    use std::os::fd::{FromRawFd, IntoRawFd};
-    loop {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                // SAFETY: the fd was just released by the mio stream and is owned here only.
-                let stream = unsafe { UnixStream::from_raw_fd(stream.into_raw_fd()) };
-                serve_status(stream, &report());
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) => return Err(e),
+/// The listening socket and its connections; removes the socket file when dropped.
+pub struct ControlServer {
+    path: PathBuf,
+    listener: UnixListener,
+    connections: Vec<Option<Connection>>,
+}
+
+impl ControlServer {
+    pub(super) fn bind(path: &Path, registry: &Registry) -> Result<Self, DriverError> {
+        prepare_control_path(path)?;
+        let mut listener = UnixListener::bind(path).context(|| format!("control socket {}", path.display()))?;
+        registry
+            .register(&mut listener, CONTROL_LISTENER, Interest::READABLE)
+            .context(|| format!("control socket {}", path.display()))?;
+        let connections = (0..MAX_CONTROL_CONNECTIONS).map(|_| None).collect();
+        Ok(Self { path: path.to_owned(), listener, connections })
+    }
+
+    /// The earliest deadline of a connection still being written.
+    pub(super) fn poll_timeout(&self) -> Option<Instant> {
+        self.connections.iter().flatten().map(|c| c.deadline).min()
+    }
+
+    /// Serves a ready control token: new connections get `report()` (serialized once per
+    /// wake-up), writable ones get more of theirs.
+    pub(super) fn handle_ready<T: serde::Serialize>(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        report: impl FnOnce() -> T,
+        log: &Logger,
+    ) {
+        if token == CONTROL_LISTENER {
+            self.accept_all(registry, report, log);
+            return;
         }
+        let i = CONTROL_CONNECTION_BASE - token.0;
+        if let Some(slot) = self.connections.get_mut(i) {
+            if slot.as_mut().is_some_and(Connection::write_some) {
+                close(registry, slot);
+            }
+        }
+    }
+
+    fn accept_all<T: serde::Serialize>(&mut self, registry: &Registry, report: impl FnOnce() -> T, log: &Logger) {
+        let mut report = Some(report);
+        let mut json: Option<Vec<u8>> = None;
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!(log, "control socket accept failed"; "error" => %e);
+                    return;
+                }
+            };
+            let Some(i) = self.connections.iter().position(Option::is_none) else {
+                debug!(log, "too many status readers; closing a new one");
+                continue;
+            };
+            let out = json
+                .get_or_insert_with(|| {
+                    let r = report.take().map(|f| f());
+                    match serde_json::to_vec(&r) {
+                        Ok(v) if v.len() <= CONTROL_OUTPUT_MAX => v,
+                        _ => br#"{"error":"status report too large"}"#.to_vec(),
+                    }
+                })
+                .clone();
+            let deadline = Instant::now() + CONTROL_WRITE_TIMEOUT;
+            let mut c = Connection { stream, out, sent: 0, deadline, registered: false };
+            if c.write_some() {
+                continue;
+            }
+            let token = Token(CONTROL_CONNECTION_BASE - i);
+            if registry.register(&mut c.stream, token, Interest::WRITABLE).is_ok() {
+                c.registered = true;
+                self.connections[i] = Some(c);
+            }
+        }
+    }
+
+    /// Drops readers that did not take their report in time.
+    pub(super) fn expire(&mut self, registry: &Registry, now: Instant, log: &Logger) {
+        for slot in &mut self.connections {
+            if slot.as_ref().is_some_and(|c| now >= c.deadline) {
+                debug!(log, "slow status reader dropped");
+                close(registry, slot);
+            }
+        }
+    }
+}
+
+fn close(registry: &Registry, slot: &mut Option<Connection>) {
+    if let Some(mut c) = slot.take() {
+        if c.registered {
+            let _ = registry.deregister(&mut c.stream);
+        }
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
 /// Fetches the daemon's report.
-pub fn fetch<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
-    let mut s = UnixStream::connect(path).map_err(|e| {
-        format!("cannot reach the daemon's control socket {}: {e} (is it running? pass --control PATH)", path.display())
-    })?;
-    s.set_read_timeout(Some(CONTROL_IO_TIMEOUT)).map_err(|e| e.to_string())?;
+pub fn fetch<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, DriverError> {
+    let mut s = std::os::unix::net::UnixStream::connect(path)
+        .map_err(|source| DriverError::ControlUnreachable { path: path.to_owned(), source })?;
+    s.set_read_timeout(Some(CONTROL_READ_TIMEOUT)).context(|| "control socket".into())?;
     let mut body = Vec::new();
-    s.read_to_end(&mut body).map_err(|e| format!("reading status: {e}"))?;
-    serde_json::from_slice(&body).map_err(|e| format!("bad status from daemon: {e}"))
+    s.read_to_end(&mut body).context(|| "reading status".into())?;
+    serde_json::from_slice(&body).map_err(DriverError::BadStatus)
 }
 
 /// The `status` subcommand: fetch the report and print it as a table or JSON.
-pub fn print_status(path: &Path, json: bool) -> Result<(), String> {
+pub fn print_status(path: &Path, json: bool) -> Result<(), DriverError> {
     let report: StatusReport = fetch(path)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+        super::print_stdout(&(serde_json::to_string_pretty(&report).map_err(DriverError::BadStatus)? + "\n"))
     } else {
-        print!("{}", report.to_table());
+        super::print_stdout(&report.to_table())
     }
-    Ok(())
 }

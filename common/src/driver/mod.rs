@@ -1,75 +1,84 @@
-//! Helpers shared by the binaries' drivers: sockets, the control socket, keys, exits.
-//! Nothing in the sans-IO cores uses this module.
+//! The driver skeleton every daemon shares: the event loop (`event_loop`), batched UDP
+//! sockets (`batch`), the control socket (`control`), key and config files (`files`),
+//! logging setup (`log`), and the CLI pieces every daemon has. Nothing in the sans-IO
+//! cores uses this module; it exists only with the `driver` feature.
 
 pub mod batch;
 pub mod control;
+pub mod event_loop;
+pub mod files;
+pub mod log;
 
+use crate::config::ConfigError;
 use crate::crypto::Psk;
+use crate::entropy::OsEntropy;
+use files::KeyError;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// What can stop a daemon from starting or running, or a CLI command from finishing.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// A system call failed; `what` names what it was for.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("cannot resolve `{host_port}`: {reason}")]
+    Resolve { host_port: String, reason: String },
+    #[error(
+        "no key given: pass --key-file FILE (or key_file: in the YAML config). \
+         Make one with `{program} genkey /etc/mptunnel/tunnel.key` and copy that file to both ends"
+    )]
+    NoKey { program: String },
+    #[error(
+        "control socket {} is in use by another running instance; pass --control PATH \
+         (or control_socket: in the config)", .0.display()
+    )]
+    ControlInUse(PathBuf),
+    #[error("cannot reach the daemon's control socket {}: {source} (is it running? pass --control PATH)", .path.display())]
+    ControlUnreachable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bad status from the daemon: {0}")]
+    BadStatus(#[source] serde_json::Error),
+}
+
+/// Adds what an I/O call was for to its error.
+pub trait IoContext<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T, DriverError>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T, DriverError> {
+        self.map_err(|source| DriverError::Io { what: what(), source })
+    }
+}
+
+/// Writes `text` to stdout. A closed pipe (`status | head -3`) is not an error: the
+/// reader has what it wanted, so the command ends quietly, as every Unix tool does.
+pub fn print_stdout(text: &str) -> Result<(), DriverError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(DriverError::Io { what: "stdout".into(), source: e })
+        }
+        _ => Ok(()),
+    }
+}
 
 /// Kernel socket buffer we ask for: bursts of full-size datagrams on every path must not
 /// overflow while the loop is busy elsewhere.
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
-
-/// The wait step shared by the drivers' mio loops.
-///
-/// mio is edge-triggered: a source must be read until `WouldBlock`. Drivers cap the
-/// datagrams read per source per wake-up so one busy socket cannot starve the others; a
-/// source that hit its cap is put back with `still_pending` and the next `wait` does not
-/// block, so it is served again right after the others.
-pub struct Readiness {
-    poll: mio::Poll,
-    events: mio::Events,
-    ready: std::collections::VecDeque<mio::Token>,
-    backlog: Vec<mio::Token>,
-}
-
-impl Readiness {
-    pub fn new(event_capacity: usize) -> std::io::Result<Self> {
-        Ok(Self {
-            poll: mio::Poll::new()?,
-            events: mio::Events::with_capacity(event_capacity),
-            ready: std::collections::VecDeque::new(),
-            backlog: Vec::new(),
-        })
-    }
-
-    pub fn registry(&self) -> &mio::Registry {
-        self.poll.registry()
-    }
-
-    /// Blocks until a source is ready or `deadline` passes (not at all while a source is
-    /// pending); then `next_ready` yields each ready source once.
-    pub fn wait(&mut self, deadline: Option<std::time::Instant>) -> std::io::Result<()> {
-        let timeout = if self.backlog.is_empty() {
-            deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()))
-        } else {
-            Some(std::time::Duration::ZERO)
-        };
-        match self.poll.poll(&mut self.events, timeout) {
-            Err(e) if e.kind() != std::io::ErrorKind::Interrupted => return Err(e),
-            _ => {}
-        }
-        self.ready.clear();
-        self.ready.extend(self.backlog.drain(..));
-        for ev in self.events.iter() {
-            if !self.ready.contains(&ev.token()) {
-                self.ready.push_back(ev.token());
-            }
-        }
-        Ok(())
-    }
-
-    pub fn next_ready(&mut self) -> Option<mio::Token> {
-        self.ready.pop_front()
-    }
-
-    /// `token` stopped at its read budget with data left: serve it again without waiting.
-    pub fn still_pending(&mut self, token: mio::Token) {
-        self.backlog.push(token);
-    }
-}
 
 /// Errors on a UDP socket that are about one datagram or one peer (ICMP errors surface
 /// on connected sockets when a relay or target is down), not about the socket itself.
@@ -85,7 +94,7 @@ pub fn udp_socket(
     bind: SocketAddr,
     device: Option<&str>,
     connect: Option<SocketAddr>,
-) -> std::io::Result<mio::net::UdpSocket> {
+) -> std::io::Result<batch::BatchSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
     // Best effort: the kernel clamps to its maximum, which is fine.
@@ -100,7 +109,7 @@ pub fn udp_socket(
     if let Some(to) = connect {
         sock.connect(&to.into())?;
     }
-    Ok(mio::net::UdpSocket::from_std(sock.into()))
+    Ok(batch::BatchSocket::new(mio::net::UdpSocket::from_std(sock.into())))
 }
 
 /// The unspecified address of `peer`'s family, port 0: where to bind a socket that
@@ -113,22 +122,19 @@ pub fn any_addr_for(peer: SocketAddr) -> SocketAddr {
 }
 
 /// Resolves `host:port` (first address), with an error naming what failed.
-pub fn resolve(host_port: &str) -> Result<SocketAddr, String> {
+pub fn resolve(host_port: &str) -> Result<SocketAddr, DriverError> {
     use std::net::ToSocketAddrs;
-    host_port
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve `{host_port}`: {e}"))?
-        .next()
-        .ok_or_else(|| format!("`{host_port}` resolves to no address"))
+    let err = |reason: String| DriverError::Resolve { host_port: host_port.into(), reason };
+    host_port.to_socket_addrs().map_err(|e| err(e.to_string()))?.next().ok_or_else(|| err("no address".into()))
 }
 
 /// `genkey [FILE]`: prints a new key, or writes it to a new owner-only file.
-pub fn genkey(path: Option<&Path>) -> Result<(), String> {
-    let key = Psk::generate();
+pub fn genkey(path: Option<&Path>) -> Result<(), DriverError> {
+    let key = Psk::generate(&mut OsEntropy::new());
     match path {
-        None => println!("{}", key.to_base64()),
+        None => print_stdout(&format!("{}\n", key.to_base64()))?,
         Some(p) => {
-            key.write_new(p).map_err(|e| format!("writing key file {}: {e}", p.display()))?;
+            files::write_new_key(&key, p).context(|| format!("writing key file {}", p.display()))?;
             eprintln!("wrote a new key to {} (mode 600); copy it to the other end", p.display());
         }
     }
@@ -136,14 +142,9 @@ pub fn genkey(path: Option<&Path>) -> Result<(), String> {
 }
 
 /// Loads the key or explains how to make one; encryption is never silently off.
-pub fn require_key(program: &str, path: Option<&Path>) -> Result<(Psk, Option<String>), String> {
-    let Some(path) = path else {
-        return Err(format!(
-            "no key given: pass --key-file FILE (or key_file: in the YAML config). \
-             Make one with `{program} genkey /etc/mptunnel/tunnel.key` and copy that file to both ends"
-        ));
-    };
-    Psk::load(path).map_err(|e| e.to_string())
+pub fn require_key(program: &str, path: Option<&Path>) -> Result<files::LoadedKey, DriverError> {
+    let path = path.ok_or_else(|| DriverError::NoKey { program: program.into() })?;
+    Ok(files::load_key(path)?)
 }
 
 /// The subcommands every daemon has.
@@ -174,8 +175,33 @@ impl DaemonCommand {
         };
         match result {
             Ok(()) => std::process::exit(0),
-            Err(e) => exit_with_error(program, &e),
+            Err(e) => exit_with_error(program, &e.to_string()),
         }
+    }
+}
+
+/// Runs a daemon's `main`: logging at `level` (validated: a bad level is a one-line error),
+/// then `run`. Exits 0 after a clean stop (SIGTERM/SIGINT); a fatal error is logged and
+/// printed as one line, and the exit status is 1.
+pub fn run_daemon<E: std::fmt::Display>(
+    program: &'static str,
+    level: &str,
+    run: impl FnOnce(&slog::Logger) -> Result<(), E>,
+) -> ! {
+    if !crate::config::validate_log_level(level) {
+        exit_with_error(program, &format!("log level `{level}` is not one of error, warn, info, debug, trace"));
+    }
+    let (log, guard) = log::init(level, program);
+    let result = run(&log);
+    if let Err(e) = &result {
+        slog::crit!(log, "{}", e);
+    }
+    // flush the log before the process ends
+    drop(log);
+    drop(guard);
+    match result {
+        Ok(()) => std::process::exit(0),
+        Err(e) => exit_with_error(program, &e.to_string()),
     }
 }
 

@@ -9,7 +9,7 @@ pub struct LogGuard(#[allow(dead_code)] slog_async::AsyncGuard);
 
 /// Builds the root logger. `level` is one of error, warn, info, debug, trace (validated
 /// by the config); anything else means info.
-pub fn init(level: &str) -> (slog::Logger, LogGuard) {
+pub fn init(level: &str, program: &'static str) -> (slog::Logger, LogGuard) {
     let level = match level {
         "error" => slog::Level::Error,
         "warn" => slog::Level::Warning,
@@ -21,5 +21,5 @@ pub fn init(level: &str) -> (slog::Logger, LogGuard) {
     let drain = slog_term::FullFormat::new(decorator).build().fuse();
     let (drain, guard) = slog_async::Async::new(drain).chan_size(4096).build_with_guard();
     let drain = drain.filter_level(level).fuse();
-    (slog::Logger::root(drain, slog::o!()), LogGuard(guard))
+    (slog::Logger::root(drain, slog::o!("prog" => program)), LogGuard(guard))
 }

@@ -1,0 +1,188 @@
+//! The daemons as an operator runs them, on loopback: SIGTERM and SIGINT end them cleanly,
+//! a local status reader that never reads stalls nothing, and `status | head` ends
+//! quietly.
+
+use std::io::Read;
+use std::net::UdpSocket;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use tests::bin;
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mpt-daemons-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A daemon started by a test, its log, and its directory; killed if the test fails.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(program: &str, args: &[&str], dir: &Path) -> Self {
+        let log = dir.join(format!("{program}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin(program))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        Self { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log mentions `what` (the daemon is up).
+    fn wait_log(&mut self, what: &str) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !self.log().contains(what) {
+            assert!(self.child.try_wait().unwrap().is_none(), "exited early:\n{}", self.log());
+            assert!(Instant::now() < until, "no `{what}` in the log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` and waits (bounded) for the exit.
+    fn stop(&mut self, signal: libc::c_int) -> ExitStatus {
+        // SAFETY: kill has no memory preconditions; the PID is our own child's.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < until, "still running 5 s after signal {signal}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn write_key(dir: &Path) -> String {
+    let key = dir.join("tunnel.key");
+    assert!(key.exists() || Command::new(bin("mpclient")).arg("genkey").arg(&key).status().unwrap().success());
+    key.display().to_string()
+}
+
+/// An mpclient on loopback with `paths` paths to nowhere (discard ports), listening on
+/// `listen`, answering status on `control`.
+fn client(dir: &Path, paths: usize, listen: &str, control: &Path) -> Daemon {
+    let bridges: String = (0..paths).map(|i| format!("127.0.0.1 {}\n", 9 + i)).collect();
+    std::fs::write(dir.join("bridges.conf"), bridges).unwrap();
+    let (key, ctl, b) = (write_key(dir), control.display().to_string(), dir.join("bridges.conf"));
+    let args = ["--key-file", &key, "--control", &ctl, "--listen", listen, &b.display().to_string()];
+    let mut d = Daemon::start("mpclient", &args, dir);
+    d.wait_log("mpclient listening");
+    d
+}
+
+fn assert_clean_stop(d: &mut Daemon, signal: libc::c_int, control: Option<&Path>) {
+    let status = d.stop(signal);
+    let log = d.log();
+    assert!(status.success(), "exit {status:?} after signal {signal}:\n{log}");
+    assert!(log.contains("stopping") && log.contains("stats"), "no final stats line:\n{log}");
+    if let Some(c) = control {
+        assert!(!c.exists(), "control socket {} left behind", c.display());
+    }
+}
+
+#[test]
+fn sigterm_and_sigint_end_each_daemon_cleanly() {
+    let dir = tmpdir("signals");
+    let ctl = dir.join("mpclient.sock");
+    let mut c = client(&dir, 2, &format!("127.0.0.1:{}", free_udp_port()), &ctl);
+    assert!(ctl.exists());
+    assert_clean_stop(&mut c, libc::SIGTERM, Some(&ctl));
+
+    let ctl = dir.join("mpserver.sock");
+    let (key, port) = (write_key(&dir), free_udp_port().to_string());
+    let args = ["--key-file", &key, "--control", &ctl.display().to_string(), &port, "127.0.0.1", "9"];
+    let mut s = Daemon::start("mpserver", &args, &dir);
+    s.wait_log("mpserver listening");
+    assert_clean_stop(&mut s, libc::SIGINT, Some(&ctl));
+
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let mut b = Daemon::start("mpbridge", &["--listen", &listen, "--to", "127.0.0.1:9"], &dir);
+    b.wait_log("mpbridge relaying");
+    assert_clean_stop(&mut b, libc::SIGTERM, None);
+}
+
+/// Before: the report was written blocking (2 s timeout) inside the event loop, so each
+/// local client that connected and never read stalled the daemon for 2 s once the report
+/// outgrew the socket buffer; eight of them kept a status request from being answered.
+#[test]
+fn status_readers_that_never_read_stall_nothing() {
+    let dir = tmpdir("slowreader");
+    let ctl = dir.join("mpclient.sock");
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let mut c = client(&dir, 32, &listen, &ctl);
+    // 256 application sessions with 32 paths each: a report of a few MB
+    let apps: Vec<UdpSocket> = (0..256).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+    for a in &apps {
+        a.send_to(b"hello", &listen).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let hogs: Vec<UnixStream> = (0..8).map(|_| UnixStream::connect(&ctl).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(100));
+
+    let started = Instant::now();
+    let out = Command::new(bin("mpclient")).args(["status", "--json", "--control"]).arg(&ctl).output().unwrap();
+    let took = started.elapsed();
+    assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sessions = report["sessions"].as_array().map_or(0, Vec::len);
+    assert_eq!(sessions, 256, "every application has a session");
+    assert!(
+        out.stdout.len() > 1 << 20,
+        "the report ({} bytes) must outgrow the socket buffer for this test to mean anything",
+        out.stdout.len()
+    );
+    assert!(took < Duration::from_secs(2), "status took {took:?} with 8 readers that never read");
+    // the daemon lives on and the hogs, once past their time, are gone
+    std::thread::sleep(Duration::from_millis(2500));
+    for mut h in hogs {
+        h.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        assert!(h.read_to_end(&mut Vec::new()).is_ok(), "a reader past its time is closed by the daemon");
+    }
+    assert_clean_stop(&mut c, libc::SIGTERM, Some(&ctl));
+}
+
+/// Before: `println!` panicked with "failed printing to stdout: Broken pipe" and a
+/// backtrace, exit status 101.
+#[test]
+fn a_closed_stdout_pipe_ends_the_cli_quietly() {
+    let dir = tmpdir("pipe");
+    let ctl = dir.join("mpclient.sock");
+    let mut c = client(&dir, 3, &format!("127.0.0.1:{}", free_udp_port()), &ctl);
+    let run_into_closed_pipe = |args: &[&str]| {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(bin("mpclient")).args(args).stdout(writer).stderr(Stdio::piped()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success() && err.is_empty(), "{args:?} into a closed pipe: {:?}\n{err}", out.status);
+    };
+    let ctl_s = ctl.display().to_string();
+    run_into_closed_pipe(&["status", "--control", &ctl_s]);
+    run_into_closed_pipe(&["status", "--json", "--control", &ctl_s]);
+    run_into_closed_pipe(&["genkey"]);
+    assert_clean_stop(&mut c, libc::SIGTERM, Some(&ctl));
+}
