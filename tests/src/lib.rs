@@ -204,6 +204,22 @@ impl Lab {
         kill9_tree(&mut self.procs[idx].child);
     }
 
+    /// Sends `signal` to a process this lab started and waits (at most 10 s) for its exit.
+    pub fn stop(&mut self, idx: usize, signal: libc::c_int) -> std::process::ExitStatus {
+        let child = &mut self.procs[idx].child;
+        // SAFETY: kill has no memory preconditions; the PID is our own child's (`ip netns
+        // exec` execs the program in place).
+        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < until, "{} still running 10 s after signal {signal}", self.procs[idx].name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The PID of a process this lab started.
     pub fn pid(&self, idx: usize) -> u32 {
         self.procs[idx].child.id()
@@ -665,10 +681,11 @@ impl VpnLab {
         std::fs::write(
             &hub_yaml,
             format!(
-                "listen: 127.0.0.1:5000\ntun: mpvpn0\nnetwork: {VPN_NETWORK}\n{embedded_server}peers:\n  - name: a\n    key_file: {}\n  - name: b\n    key_file: {}\n  - name: c\n    key_file: {}\n",
+                "listen: 127.0.0.1:5000\ntun: mpvpn0\nnetwork: {VPN_NETWORK}\ncontrol_socket: {}\n{embedded_server}peers:\n  - name: a\n    key_file: {}\n  - name: b\n    key_file: {}\n  - name: c\n    key_file: {}\n",
+                dir.join("hub.sock").display(),
                 ka.display(),
                 kb.display(),
-                kc.display()
+                kc.display(),
             ),
         )
         .expect("hub.yaml");
@@ -701,8 +718,9 @@ impl VpnLab {
             std::fs::write(
                 &yaml,
                 format!(
-                    "name: {name}\nkey_file: {}\ntunnel: 127.0.0.1:3000\ntun: mpvpn0\n{routes}{embedded_client}",
-                    key.display()
+                    "name: {name}\nkey_file: {}\ntunnel: 127.0.0.1:3000\ntun: mpvpn0\ncontrol_socket: {}\n{routes}{embedded_client}",
+                    key.display(),
+                    dir.join(format!("peer-{name}.sock")).display(),
                 ),
             )
             .expect("peer yaml");
@@ -721,27 +739,31 @@ impl VpnLab {
         self.loss_pct
     }
 
+    /// Starts the hub; its control socket is the one `hub.yaml` names (`control_of("hub")`).
     pub fn start_hub(&mut self) -> usize {
-        let ctl = self.lab.dir.join("hub.sock").display().to_string();
         let (ns, yaml) = (self.server_ns.clone(), self.hub_yaml.display().to_string());
-        self.lab.spawn(&ns, "mpvpn-hub", &bin("mpvpn"), &["hub", "-c", &yaml, "--control", &ctl])
+        self.lab.spawn(&ns, "mpvpn-hub", &bin("mpvpn"), &["hub", "-c", &yaml])
     }
 
+    /// Starts a peer on peer host `i`; `yaml` names its control socket, `control_of(name)`.
     pub fn spawn_peer(&mut self, i: usize, name: &str, yaml: &Path) -> usize {
-        let ctl = self.lab.dir.join(format!("peer-{name}.sock")).display().to_string();
         let ns = self.peer_ns[i].clone();
-        self.lab.spawn(
-            &ns,
-            &format!("mpvpn-{name}"),
-            &bin("mpvpn"),
-            &["peer", "-c", &yaml.display().to_string(), "--control", &ctl],
-        )
+        self.lab.spawn(&ns, &format!("mpvpn-{name}"), &bin("mpvpn"), &["peer", "-c", &yaml.display().to_string()])
+    }
+
+    /// The control socket of the hub ("hub") or a peer ("a", "b", ...); all of them are
+    /// on this one host (the namespaces share the file system).
+    pub fn control_of(&self, who: &str) -> PathBuf {
+        if who == "hub" {
+            self.lab.dir.join("hub.sock")
+        } else {
+            self.lab.dir.join(format!("peer-{who}.sock"))
+        }
     }
 
     /// `mpvpn status --json` of the hub ("hub") or a peer ("a", "b", ...).
     pub fn status(&self, who: &str) -> serde_json::Value {
-        let sock =
-            if who == "hub" { self.lab.dir.join("hub.sock") } else { self.lab.dir.join(format!("peer-{who}.sock")) };
+        let sock = self.control_of(who);
         let out = Command::new(bin("mpvpn"))
             .args(["status", "--json", "--control"])
             .arg(sock)
@@ -751,8 +773,7 @@ impl VpnLab {
     }
 
     pub fn status_table(&self, who: &str) -> String {
-        let sock =
-            if who == "hub" { self.lab.dir.join("hub.sock") } else { self.lab.dir.join(format!("peer-{who}.sock")) };
+        let sock = self.control_of(who);
         let out = Command::new(bin("mpvpn")).args(["status", "--control"]).arg(sock).output().expect("mpvpn status");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }

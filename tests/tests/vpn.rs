@@ -57,7 +57,11 @@ fn vpn_across_lossy_bridges() {
     tests::run(std::process::Command::new(tests::bin("mpvpn")).arg("genkey").arg(&wrong_key));
     std::fs::write(
         &wrong,
-        format!("name: c\nkey_file: {}\ntunnel: 127.0.0.1:3000\ntun: mpvpn1\n", wrong_key.display()),
+        format!(
+            "name: c\nkey_file: {}\ntunnel: 127.0.0.1:3000\ntun: mpvpn1\ncontrol_socket: {}\n",
+            wrong_key.display(),
+            v.control_of("c").display()
+        ),
     )
     .unwrap();
     v.spawn_peer(0, "c", &wrong);
@@ -114,6 +118,14 @@ fn vpn_across_lossy_bridges() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(v.ping(0, &b.to_string(), 20, "0.02", &[]).len(), 20, "traffic flows again");
     assert_eq!(v.ping(0, "192.168.50.1", 5, "0.05", &[]).len(), 5, "routes are back");
+
+    // SIGTERM ends a peer and the hub cleanly: exit 0, control socket gone, final stats
+    for (idx, who) in [(v.peers[0], "a"), (v.hub, "hub")] {
+        let status = v.lab.stop(idx, libc::SIGTERM);
+        assert!(status.success(), "{who} exited {status:?}:\n{}", v.lab.log_of(idx));
+        assert!(!v.control_of(who).exists(), "{who} left its control socket behind");
+        assert!(v.lab.log_of(idx).contains("stopping"), "{who}: no final stats line");
+    }
 }
 
 /// Embedded mode: the hub and the peers run the multipath server/client in-process (no
