@@ -135,10 +135,6 @@ impl<T: AsRef<[u8]>> TransportPacket<T> {
     pub fn seq(&self) -> u64 {
         be_u64(&self.buffer.as_ref()[9..17])
     }
-
-    pub fn header(&self) -> &[u8] {
-        &self.buffer.as_ref()[..TRANSPORT_HEADER_LEN]
-    }
 }
 
 /// Writes a transport header into `buf[..TRANSPORT_HEADER_LEN]`.

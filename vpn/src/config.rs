@@ -4,7 +4,7 @@ use crate::ip::Prefix;
 use crate::TUN_MTU;
 use common::config::{check, check_log_level, from_yaml, ConfigError, DEFAULT_LOG_LEVEL};
 use common::crypto::Psk;
-use common::driver::files::{load_key, KeyError};
+use common::driver::files::{load_key, loose_permissions, KeyError};
 use serde::Deserialize;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -209,6 +209,16 @@ impl HubConfig {
         Ok(c)
     }
 
+    /// A warning when this config, read from `path`, holds inline peer keys (`key:`) and
+    /// others may read it: inline keys are only as private as the file that holds them.
+    pub fn inline_key_warning(&self, path: &std::path::Path) -> Option<String> {
+        let mode = loose_permissions(path).filter(|m| m & 0o007 != 0)?;
+        self.peers.iter().any(|p| p.key.is_some()).then(|| {
+            let p = path.display();
+            format!("{p} holds peer keys and is world-readable (mode {mode:o}); run `chmod 600 {p}`")
+        })
+    }
+
     pub fn hub_addr(&self) -> Ipv4Addr {
         self.address.or_else(|| self.network.nth(1)).expect("validated prefix has hosts")
     }
@@ -244,6 +254,37 @@ mod tests {
     use super::*;
 
     const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+    /// Before: `resolve_key` dropped the loose-permission warning of key files, and
+    /// inline keys in a world-readable hub.yaml were never checked.
+    #[test]
+    fn keys_others_can_read_are_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("mpvpn-keyperm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let chmod = |p: &std::path::Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        let key_file = dir.join("a.key");
+        std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
+        chmod(&key_file, 0o644);
+        let resolved = resolve_key(&None, &Some(key_file.clone())).unwrap().unwrap();
+        assert!(resolved.warning.is_some_and(|w| w.contains("chmod 600")));
+        chmod(&key_file, 0o600);
+        assert!(resolve_key(&None, &Some(key_file.clone())).unwrap().unwrap().warning.is_none());
+
+        let hub_yaml = dir.join("hub.yaml");
+        let text = format!("network: 10.99.0.0/24\npeers:\n  - name: a\n    key: {KEY}\n");
+        std::fs::write(&hub_yaml, &text).unwrap();
+        let c = HubConfig::parse("hub.yaml", &text).unwrap();
+        chmod(&hub_yaml, 0o644);
+        assert!(c.inline_key_warning(&hub_yaml).is_some_and(|w| w.contains("world-readable")));
+        chmod(&hub_yaml, 0o640);
+        assert!(c.inline_key_warning(&hub_yaml).is_none(), "group-readable is the operator's choice");
+        let by_file = format!("network: 10.99.0.0/24\npeers:\n  - name: a\n    key_file: {}\n", key_file.display());
+        chmod(&hub_yaml, 0o644);
+        assert!(HubConfig::parse("hub.yaml", &by_file).unwrap().inline_key_warning(&hub_yaml).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn hub_config() {

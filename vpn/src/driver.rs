@@ -74,30 +74,33 @@ impl VpnStatus {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "mpvpn {} {}  tun {}  address {}  state {}{}  drops {}",
+            "mpvpn {} {}  tun {}  address {}  state {}{}  tx {} B  rx {} B  drops {}",
             self.role,
             self.name,
             self.tun,
             self.addr.map_or("-".into(), |a| a.to_string()),
             self.state,
             self.hub_rtt_ms.map_or(String::new(), |r| format!("  hub rtt {r:.2} ms")),
+            self.tx_bytes,
+            self.rx_bytes,
             self.drops
         );
         let _ = writeln!(
             s,
-            "  {:<16} {:<6} {:<15} {:<9} {:>9} {:>9} {:>12} {:>12}  ROUTES",
-            "NAME", "ID", "ADDRESS", "STATE", "LAST HB s", "RTT ms", "TX BYTES", "RX BYTES"
+            "  {:<16} {:<10} {:<15} {:<9} {:>9} {:>9} {:>9} {:>12} {:>12}  ROUTES",
+            "NAME", "ID", "ADDRESS", "STATE", "LAST HB s", "LAST RX s", "RTT ms", "TX BYTES", "RX BYTES"
         );
         for p in &self.peers {
             let routes: Vec<String> = p.routes.iter().map(|r| r.to_string()).collect();
             let _ = writeln!(
                 s,
-                "  {:<16} {:<6} {:<15} {:<9} {:>9.1} {:>9} {:>12} {:>12}  {}",
+                "  {:<16} {:<10} {:<15} {:<9} {:>9} {:>9} {:>9} {:>12} {:>12}  {}",
                 p.name,
                 p.id,
                 p.addr,
                 p.state,
-                p.last_heartbeat_s,
+                p.last_heartbeat_s.map_or("-".into(), |s| format!("{s:.1}")),
+                p.last_rx_s.map_or("-".into(), |s| format!("{s:.1}")),
                 p.rtt_ms.map_or("-".into(), |r| format!("{r:.2}")),
                 p.tx_bytes,
                 p.rx_bytes,
@@ -395,6 +398,8 @@ impl Service for HubDriver {
 }
 
 fn hub_status(core: &Hub, now: Instant, tun: &str, addr: Ipv4Addr) -> VpnStatus {
+    // the hub's own traffic is what it carries for its peers: their tx is its rx
+    let peers = core.status(now);
     VpnStatus {
         role: "hub".into(),
         name: String::new(),
@@ -403,9 +408,9 @@ fn hub_status(core: &Hub, now: Instant, tun: &str, addr: Ipv4Addr) -> VpnStatus 
         state: "up".into(),
         hub_rtt_ms: None,
         last_heartbeat_s: None,
-        tx_bytes: 0,
-        rx_bytes: 0,
-        peers: core.status(now),
+        tx_bytes: peers.iter().map(|p| p.rx_bytes).sum(),
+        rx_bytes: peers.iter().map(|p| p.tx_bytes).sum(),
+        peers,
         drops: serde_json::to_value::<&HubDrops>(&core.drops).unwrap_or_default(),
     }
 }
@@ -612,22 +617,7 @@ fn peer_status(core: &Peer, now: Instant, name: &str, tun: &str) -> VpnStatus {
         last_heartbeat_s: core.last_ack().map(|t| now.saturating_duration_since(t).as_secs_f64()),
         tx_bytes: core.tx_bytes,
         rx_bytes: core.rx_bytes,
-        peers: core
-            .peers()
-            .iter()
-            .map(|p| PeerStatus {
-                id: p.id,
-                name: p.name.clone(),
-                addr: p.addr,
-                state: "listed".into(),
-                tunnel: String::new(),
-                routes: p.routes.clone(),
-                last_heartbeat_s: 0.0,
-                rtt_ms: None,
-                tx_bytes: 0,
-                rx_bytes: 0,
-            })
-            .collect(),
+        peers: core.peer_status(now),
         drops: serde_json::to_value::<&PeerDrops>(&core.drops).unwrap_or_default(),
     }
 }

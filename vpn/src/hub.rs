@@ -26,6 +26,9 @@ use std::time::{Duration, Instant};
 /// (replays after a hub restart).
 pub const MAX_CLOCK_SKEW_MS: u64 = 10 * 60 * 1000;
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(15);
+/// A peer whose last heartbeat is older than this shows as `silent` (heartbeats go every
+/// second; a peer retries at 1, 3 and 7 s before it gives up on the hub).
+pub const PEER_SILENT_AFTER: Duration = Duration::from_secs(3);
 
 /// A peer the hub knows from its config.
 pub struct PeerSpec {
@@ -70,10 +73,15 @@ pub struct PeerStatus {
     pub id: u32,
     pub name: String,
     pub addr: Ipv4Addr,
+    /// On the hub: `up`, or `silent` once heartbeats stopped; on a peer: how traffic to
+    /// that peer goes (`via-hub`).
     pub state: String,
     pub tunnel: String,
     pub routes: Vec<Prefix>,
-    pub last_heartbeat_s: f64,
+    /// Seconds since the last heartbeat (the hub's view only).
+    pub last_heartbeat_s: Option<f64>,
+    /// Seconds since the last packet from that peer.
+    pub last_rx_s: Option<f64>,
     pub rtt_ms: Option<f64>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
@@ -86,6 +94,7 @@ struct HubPeer {
     routes: Vec<Prefix>,
     tunnel: SocketAddr,
     last_seen: Instant,
+    last_heartbeat: Instant,
     last_heartbeat_ts: u64,
     rtt_us: u32,
     link: KcpLink,
@@ -128,10 +137,6 @@ impl Hub {
             drops: HubDrops::default(),
             buf: vec![0; 65536],
         }
-    }
-
-    pub fn mtu(&self) -> u16 {
-        self.cfg.mtu
     }
 
     /// One datagram from the tunnel (from mpserver's upstream socket of some session).
@@ -240,6 +245,7 @@ impl Hub {
                 routes: reg.routes,
                 tunnel: from,
                 last_seen: now,
+                last_heartbeat: now,
                 last_heartbeat_ts: reg.timestamp_ms,
                 rtt_us: 0,
                 link: KcpLink::new(id, now, self.cfg.tunnel_payload),
@@ -271,6 +277,7 @@ impl Hub {
         }
         p.last_heartbeat_ts = hb.timestamp_ms;
         p.last_seen = now;
+        p.last_heartbeat = now;
         p.rtt_us = hb.rtt_us;
         if p.tunnel != from {
             // the peer's tunnel session changed (mpclient or mpserver restarted)
@@ -460,10 +467,16 @@ impl Hub {
                 id: p.id,
                 name: p.name.clone(),
                 addr: p.addr,
-                state: "up".into(),
+                state: if now.saturating_duration_since(p.last_heartbeat) < PEER_SILENT_AFTER {
+                    "up"
+                } else {
+                    "silent"
+                }
+                .into(),
                 tunnel: p.tunnel.to_string(),
                 routes: p.routes.clone(),
-                last_heartbeat_s: now.saturating_duration_since(p.last_seen).as_secs_f64(),
+                last_heartbeat_s: Some(now.saturating_duration_since(p.last_heartbeat).as_secs_f64()),
+                last_rx_s: Some(now.saturating_duration_since(p.last_seen).as_secs_f64()),
                 rtt_ms: (p.rtt_us > 0).then(|| f64::from(p.rtt_us) / 1000.0),
                 tx_bytes: p.tx_bytes,
                 rx_bytes: p.rx_bytes,

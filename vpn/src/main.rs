@@ -1,7 +1,7 @@
 //! `mpvpn`: the VPN over the multipath tunnel. See `--help`.
 
 use clap::{Parser, Subcommand};
-use common::driver::files::{load_config, loose_permissions};
+use common::driver::files::load_config;
 use common::driver::{control, exit_with_error, genkey, print_stdout, run_daemon, DriverError};
 use std::path::{Path, PathBuf};
 use vpn::config::{HubConfig, PeerConfig};
@@ -76,13 +76,10 @@ fn main() {
         Command::Hub { config, control } => {
             let cfg = load_config(&config, HubConfig::parse).unwrap_or_else(fail);
             let control = control_path(control, &cfg.control_socket);
-            // inline keys are only as private as the file that holds them
-            let inline_keys = cfg.peers.iter().any(|p| p.key.is_some());
-            let exposed = loose_permissions(&config).filter(|mode| inline_keys && mode & 0o007 != 0);
+            let exposed = cfg.inline_key_warning(&config);
             run_daemon("mpvpn-hub", &cfg.log_level.clone(), |log| {
-                if let Some(mode) = exposed {
-                    let p = config.display();
-                    slog::warn!(log, "{p} holds peer keys and is world-readable (mode {mode:o}); run `chmod 600 {p}`");
+                if let Some(w) = exposed {
+                    slog::warn!(log, "{}", w);
                 }
                 run_hub(cfg, control, log)
             })

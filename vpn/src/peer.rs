@@ -6,6 +6,7 @@
 //! peer stops taking packets from its TUN (they are dropped and counted), and registers
 //! again every `REREGISTER_INTERVAL`, asking for the address it had.
 
+use crate::hub::PeerStatus;
 use crate::ip::{self, Prefix};
 use crate::kcplink::{KcpLink, LinkError};
 use crate::queue::PacketQueue;
@@ -69,6 +70,14 @@ enum State {
     Up(Box<Session>),
 }
 
+/// What this peer exchanged with one other peer (through the hub, today).
+#[derive(Debug, Clone, Copy, Default)]
+struct PeerTraffic {
+    tx_bytes: u64,
+    rx_bytes: u64,
+    last_rx: Option<Instant>,
+}
+
 struct Session {
     id: u32,
     link: KcpLink,
@@ -87,6 +96,8 @@ pub struct Peer {
     hub_addr: Ipv4Addr,
     mtu: u16,
     peers: Vec<PeerEntry>,
+    /// Traffic with each listed peer, index for index with `peers`.
+    peer_traffic: Vec<PeerTraffic>,
     installed_routes: BTreeSet<Prefix>,
     rtt_us: u32,
     last_ack: Option<Instant>,
@@ -111,6 +122,7 @@ impl Peer {
             hub_addr: Ipv4Addr::UNSPECIFIED,
             mtu: 0,
             peers: Vec::new(),
+            peer_traffic: Vec::new(),
             installed_routes: BTreeSet::new(),
             rtt_us: 0,
             last_ack: None,
@@ -276,6 +288,11 @@ impl Peer {
             match self.buf[..n].first() {
                 Some(&INNER_IP) => {
                     self.rx_bytes += (n - 1) as u64;
+                    if let Some(i) = ip::addresses(&self.buf[1..n]).and_then(|(src, _)| self.peer_index(src)) {
+                        let t = &mut self.peer_traffic[i];
+                        t.rx_bytes += (n - 1) as u64;
+                        t.last_rx = Some(now);
+                    }
                     self.to_tun.push(&[&self.buf[1..n]]);
                 }
                 Some(&INNER_PEERS) => match wire::parse_peer_list(&self.buf[..n]) {
@@ -296,7 +313,53 @@ impl Peer {
             self.events.push_back(PeerEvent::Routes { add, remove });
         }
         self.installed_routes = wanted;
+        // counters follow the peer (by id) across list changes
+        self.peer_traffic = list
+            .iter()
+            .map(|p| {
+                self.peers.iter().position(|q| q.id == p.id).map_or_else(Default::default, |i| self.peer_traffic[i])
+            })
+            .collect();
         self.peers = list;
+    }
+
+    /// The listed peer an inner address belongs to: its own address, else the longest
+    /// announced route that covers it.
+    fn peer_index(&self, a: IpAddr) -> Option<usize> {
+        let a = match a {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(a) => ip::v4_of(a)?,
+        };
+        if let Some(i) = self.peers.iter().position(|p| p.addr == a) {
+            return Some(i);
+        }
+        self.peers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| p.routes.iter().filter(|r| r.contains(a)).map(move |r| (r.len, i)))
+            .max()
+            .map(|(_, i)| i)
+    }
+
+    /// The other peers as this one sees them: address, routes, and the traffic with each.
+    pub fn peer_status(&self, now: Instant) -> Vec<PeerStatus> {
+        self.peers
+            .iter()
+            .zip(&self.peer_traffic)
+            .map(|(p, t)| PeerStatus {
+                id: p.id,
+                name: p.name.clone(),
+                addr: p.addr,
+                state: if p.addr == self.addr { "self" } else { "via-hub" }.into(),
+                tunnel: String::new(),
+                routes: p.routes.clone(),
+                last_heartbeat_s: None,
+                last_rx_s: t.last_rx.map(|r| now.saturating_duration_since(r).as_secs_f64()),
+                rtt_ms: None,
+                tx_bytes: t.tx_bytes,
+                rx_bytes: t.rx_bytes,
+            })
+            .collect()
     }
 
     /// An IP packet read from the TUN device.
@@ -305,12 +368,17 @@ impl Peer {
             self.drops.hub_lost += 1;
             return;
         };
-        if ip::addresses(packet).is_none() {
+        let Some((_, dst)) = ip::addresses(packet) else {
             self.drops.malformed += 1;
             return;
-        }
+        };
         match s.link.send_ip(packet) {
-            Ok(()) => self.tx_bytes += packet.len() as u64,
+            Ok(()) => {
+                self.tx_bytes += packet.len() as u64;
+                if let Some(i) = self.peer_index(dst) {
+                    self.peer_traffic[i].tx_bytes += packet.len() as u64;
+                }
+            }
             Err(_) => self.drops.queue_full += 1,
         }
     }
@@ -420,16 +488,6 @@ impl Peer {
             State::Up(_) => "up",
             State::Registering { lost: true, .. } => "hub lost",
             State::Registering { .. } => "registering",
-        }
-    }
-
-    /// Is an inner destination one we route into the VPN (for tests and the driver)?
-    pub fn routes_to_vpn(&self, dst: IpAddr) -> bool {
-        match dst {
-            IpAddr::V4(a) => {
-                a == self.hub_addr || self.peers.iter().any(|p| p.addr == a || p.routes.iter().any(|r| r.contains(a)))
-            }
-            IpAddr::V6(a) => ip::v4_of(a).is_some(),
         }
     }
 }

@@ -198,6 +198,38 @@ fn packets_are_routed_between_peers_and_to_the_hub() {
     assert_eq!(net.peers[0].tun_rx.len(), 1);
 }
 
+/// Before: a peer listed every other peer as `listed` with no traffic and a heartbeat age
+/// of 0; the hub showed every peer `up` whatever its heartbeats did.
+#[test]
+fn status_shows_real_traffic_and_heartbeat_state() {
+    let mut net = Net::new(&["a", "b"]);
+    net.run_for(Duration::from_millis(200));
+    let (a, b) = (net.addr(0), net.addr(1));
+    for i in 0..50u8 {
+        net.peers[0].core.handle_tun_packet(&ipv4(a, b, 1000, i));
+    }
+    net.run_for(Duration::from_millis(100));
+    let now = net.now;
+    let view_of = |p: &Peer, name: &str| p.peer_status(now).into_iter().find(|s| s.name == name).unwrap();
+    let b_from_a = view_of(&net.peers[0].core, "b");
+    assert_eq!((b_from_a.tx_bytes, b_from_a.rx_bytes, b_from_a.state.as_str()), (50_000, 0, "via-hub"));
+    assert_eq!(b_from_a.last_heartbeat_s, None, "a peer does not see other peers' heartbeats");
+    let a_from_b = view_of(&net.peers[1].core, "a");
+    assert_eq!((a_from_b.tx_bytes, a_from_b.rx_bytes), (0, 50_000));
+    assert!(a_from_b.last_rx_s.is_some_and(|s| s < 0.2), "{a_from_b:?}");
+    assert_eq!(view_of(&net.peers[0].core, "a").state, "self");
+
+    let hub_view = net.hub.status(now);
+    assert!(hub_view.iter().all(|p| p.state == "up" && p.last_heartbeat_s.is_some_and(|s| s < 1.5)), "{hub_view:?}");
+    // heartbeats stop reaching the hub: the peers show as silent before they expire
+    net.hub_up = false;
+    net.run_for(Duration::from_secs(4));
+    net.hub_up = true;
+    let hub_view = net.hub.status(net.now);
+    assert_eq!(hub_view.len(), 2);
+    assert!(hub_view.iter().all(|p| p.state == "silent"), "{hub_view:?}");
+}
+
 #[test]
 fn lossy_tunnel_still_delivers_everything_through_kcp() {
     let mut net = Net::new(&["a", "b"]);
