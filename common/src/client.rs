@@ -260,8 +260,8 @@ impl Client {
             None => match self.open_session(now, from) {
                 Some(s) => s,
                 None => {
-                    self.drops.count(DropReason::QueueFull);
-                    return ClientSend::Dropped(DropReason::QueueFull);
+                    self.drops.count(DropReason::TooManySessions);
+                    return ClientSend::Dropped(DropReason::TooManySessions);
                 }
             },
         };
@@ -534,11 +534,10 @@ impl Client {
                 id: s.id.to_string(),
                 peer: s.app.to_string(),
                 state: match &s.state {
-                    SessionState::Handshaking { .. } => "handshaking",
-                    SessionState::Established { .. } => "established",
-                    SessionState::Refused { .. } => "refused",
-                }
-                .into(),
+                    SessionState::Handshaking { .. } => crate::stats::SessionState::Handshaking,
+                    SessionState::Established { .. } => crate::stats::SessionState::Established,
+                    SessionState::Refused { .. } => crate::stats::SessionState::Refused,
+                },
                 cipher: self.cfg.cipher.name().into(),
                 age_s: now.saturating_duration_since(s.created).as_secs(),
                 idle_s: now.saturating_duration_since(s.last_app_activity).as_secs(),

@@ -15,7 +15,9 @@ use crate::crypto::{self, Cipher, Psk, SessionKeys};
 use crate::entropy::Entropy;
 use crate::path::ProbeReceipts;
 use crate::replay::{ReplayVerdict, ReplayWindow};
-use crate::stats::{DropCounters, DropReason, PathState, PathStatus, SessionStatus, StatusReport, Traffic};
+use crate::stats::{
+    DropCounters, DropReason, PathState, PathStatus, SessionState, SessionStatus, StatusReport, Traffic,
+};
 use crate::wire::{
     self, emit_transport_header, HandshakeStatus, InnerRepr, ProbeReplyRepr, TransportPacket, DATA_PAYLOAD_OFFSET,
     HANDSHAKE_INIT_MAX_LEN, HANDSHAKE_RESP_LEN, INNER_DATA, MAX_APP_PAYLOAD, PROBE_FLAG_PATH_DOWN,
@@ -335,8 +337,8 @@ impl Server {
             Ok(InnerRepr::Probe(probe)) => {
                 let Some(i) = path else {
                     // no room for another path: nowhere we may answer
-                    s.drops.count(DropReason::QueueFull);
-                    return ServerRecv::Dropped(DropReason::QueueFull);
+                    s.drops.count(DropReason::NoPathSlot);
+                    return ServerRecv::Dropped(DropReason::NoPathSlot);
                 };
                 let p = &mut s.paths[i];
                 p.client_path_id = Some(probe.path_id);
@@ -411,7 +413,7 @@ impl Server {
             paths = validated;
         }
         if paths.is_empty() {
-            s.drops.count(DropReason::QueueFull);
+            s.drops.count(DropReason::NoPath);
             return None;
         }
         let n = s.send_seq;
@@ -488,7 +490,7 @@ impl Server {
             .map(|s| SessionStatus {
                 id: s.id.to_string(),
                 peer: s.target.to_string(),
-                state: if s.last_rx.is_some() { "established" } else { "half-open" }.into(),
+                state: if s.last_rx.is_some() { SessionState::Established } else { SessionState::HalfOpen },
                 cipher: s.keys.cipher().name().into(),
                 age_s: now.saturating_duration_since(s.created).as_secs(),
                 idle_s: now.saturating_duration_since(s.last_rx.unwrap_or(s.created)).as_secs(),

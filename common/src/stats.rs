@@ -18,8 +18,15 @@ pub enum DropReason {
     Duplicate,
     /// Older than the replay window.
     TooOld,
-    /// A queue was full (handshake pending queue, path cap ...).
+    /// The queue of datagrams waiting for a handshake was full.
     QueueFull,
+    /// A new application would exceed `max_sessions` (client).
+    TooManySessions,
+    /// No live or validated path to send on (server).
+    NoPath,
+    /// A new path would exceed the session's path cap, and none is silent enough to
+    /// replace (server): nowhere we may answer its probe.
+    NoPathSlot,
     /// A handshake refused by the server, or one we cannot serve.
     Refused,
     /// An unexpected message for the current state (e.g. a stray response).
@@ -35,6 +42,12 @@ pub struct DropCounters {
     pub duplicate: u64,
     pub too_old: u64,
     pub queue_full: u64,
+    #[serde(default)]
+    pub too_many_sessions: u64,
+    #[serde(default)]
+    pub no_path: u64,
+    #[serde(default)]
+    pub no_path_slot: u64,
     pub refused: u64,
     pub unexpected: u64,
 }
@@ -49,6 +62,9 @@ impl DropCounters {
             DropReason::Duplicate => &mut self.duplicate,
             DropReason::TooOld => &mut self.too_old,
             DropReason::QueueFull => &mut self.queue_full,
+            DropReason::TooManySessions => &mut self.too_many_sessions,
+            DropReason::NoPath => &mut self.no_path,
+            DropReason::NoPathSlot => &mut self.no_path_slot,
             DropReason::Refused => &mut self.refused,
             DropReason::Unexpected => &mut self.unexpected,
         };
@@ -63,6 +79,9 @@ impl DropCounters {
         self.duplicate += o.duplicate;
         self.too_old += o.too_old;
         self.queue_full += o.queue_full;
+        self.too_many_sessions += o.too_many_sessions;
+        self.no_path += o.no_path;
+        self.no_path_slot += o.no_path_slot;
         self.refused += o.refused;
         self.unexpected += o.unexpected;
     }
@@ -75,6 +94,9 @@ impl DropCounters {
             + self.auth_failed
             + self.too_old
             + self.queue_full
+            + self.too_many_sessions
+            + self.no_path
+            + self.no_path_slot
             + self.refused
             + self.unexpected
     }
@@ -88,6 +110,9 @@ impl DropCounters {
             ("auth", self.auth_failed),
             ("old", self.too_old),
             ("queue", self.queue_full),
+            ("too-many-sessions", self.too_many_sessions),
+            ("no-path", self.no_path),
+            ("no-path-slot", self.no_path_slot),
             ("refused", self.refused),
             ("unexpected", self.unexpected),
         ];
@@ -139,12 +164,36 @@ pub struct PathStatus {
     pub rx: Traffic,
 }
 
+/// Where a session is in its life, as `status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SessionState {
+    /// Client: the handshake is under way.
+    Handshaking,
+    /// Server: answered a handshake, no data from the client yet.
+    HalfOpen,
+    Established,
+    /// Client: the server refused; retried after a back-off.
+    Refused,
+}
+
+impl std::fmt::Display for SessionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Handshaking => "handshaking",
+            Self::HalfOpen => "half-open",
+            Self::Established => "established",
+            Self::Refused => "refused",
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionStatus {
     pub id: String,
     /// The local application (client) or the target (server).
     pub peer: String,
-    pub state: String,
+    pub state: SessionState,
     pub cipher: String,
     pub age_s: u64,
     pub idle_s: u64,

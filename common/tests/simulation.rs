@@ -225,7 +225,7 @@ fn named_targets_come_only_from_the_allow_list() {
     sim.run_for(Duration::from_millis(500));
     assert!(sim.target_received.is_empty());
     let st = sim.client.status(sim.now, "x");
-    assert_eq!(st.sessions[0].state, "refused");
+    assert_eq!(st.sessions[0].state, common::stats::SessionState::Refused);
     assert_eq!(sim.server.session_count(), 0);
 
     // a name on the allow-list works
@@ -242,7 +242,7 @@ fn named_targets_come_only_from_the_allow_list() {
     sim.app_send(app(), &numbered(3));
     sim.run_for(Duration::from_millis(500));
     assert_eq!(sim.target_received.len(), 1);
-    assert_eq!(sim.client.status(sim.now, "x").sessions[0].state, "refused");
+    assert_eq!(sim.client.status(sim.now, "x").sessions[0].state, common::stats::SessionState::Refused);
 }
 
 #[test]
@@ -254,7 +254,7 @@ fn cipher_not_allowed_by_the_server_is_refused() {
     sim.app_send(app(), &numbered(1));
     sim.run_for(Duration::from_millis(500));
     assert!(sim.target_received.is_empty());
-    assert_eq!(sim.client.status(sim.now, "x").sessions[0].state, "refused");
+    assert_eq!(sim.client.status(sim.now, "x").sessions[0].state, common::stats::SessionState::Refused);
 }
 
 /// One run with loss, reordering, duplication and both ends restarting; its trace.
@@ -278,4 +278,20 @@ fn a_seed_replays_a_run_exactly() {
     // session ids, challenges, ephemeral keys and so every ciphertext come from the seed
     assert_eq!(first, traced_run(7), "the same seed gives the same trace, byte for byte");
     assert_ne!(first, traced_run(8), "another seed gives another run");
+}
+
+/// Before, this was `QueueFull`, as were a full handshake queue and a path with no slot.
+#[test]
+fn one_application_too_many_is_dropped_as_too_many_sessions() {
+    use common::stats::DropReason;
+    let dir = LinkDir::lossy(0.0, 3);
+    let mut sim = Sim::new(9, vec![(dir, dir); 2], Cipher::Aes256Gcm);
+    let max = sim.client_cfg.max_sessions as u16;
+    for i in 0..max {
+        let app = SocketAddr::from(([127, 0, 0, 1], 7000 + i));
+        assert_eq!(sim.app_send(app, b"hello"), ClientSend::Queued, "application {i}");
+    }
+    let one_more = SocketAddr::from(([127, 0, 0, 1], 7000 + max));
+    assert_eq!(sim.app_send(one_more, b"hello"), ClientSend::Dropped(DropReason::TooManySessions));
+    assert_eq!(sim.client.status(sim.now, "x").drops.too_many_sessions, 1);
 }

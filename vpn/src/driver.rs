@@ -659,7 +659,7 @@ impl PeerDriver {
                     error!(log, "hub lost: no heartbeat answers after retries at 1, 3 and 7 s; not taking packets, registering again")
                 }
                 PeerEvent::Refused(reason) => warn!(log, "hub refused for now; retrying"; "reason" => ?reason),
-                PeerEvent::Fatal(msg) => return Err(VpnError::Hub(msg)),
+                PeerEvent::Fatal(refusal) => return Err(refusal.into()),
             }
         }
         Ok(())

@@ -68,14 +68,38 @@ pub struct HubDrops {
     pub queue_full: u64,
 }
 
+/// A listed peer's state in `mpvpn status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PeerState {
+    /// The hub's view: heartbeats arrive.
+    Up,
+    /// The hub's view: no heartbeat for `PEER_SILENT_AFTER`; removed after the timeout.
+    Silent,
+    /// A peer's view of another: traffic goes through the hub.
+    ViaHub,
+    /// A peer's view of itself in the list.
+    #[serde(rename = "self")]
+    Own,
+}
+
+impl std::fmt::Display for PeerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Up => "up",
+            Self::Silent => "silent",
+            Self::ViaHub => "via-hub",
+            Self::Own => "self",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PeerStatus {
     pub id: u32,
     pub name: String,
     pub addr: Ipv4Addr,
-    /// On the hub: `up`, or `silent` once heartbeats stopped; on a peer: how traffic to
-    /// that peer goes (`via-hub`).
-    pub state: String,
+    pub state: PeerState,
     pub tunnel: String,
     pub routes: Vec<Prefix>,
     /// Seconds since the last heartbeat (the hub's view only).
@@ -468,11 +492,10 @@ impl Hub {
                 name: p.name.clone(),
                 addr: p.addr,
                 state: if now.saturating_duration_since(p.last_heartbeat) < PEER_SILENT_AFTER {
-                    "up"
+                    PeerState::Up
                 } else {
-                    "silent"
-                }
-                .into(),
+                    PeerState::Silent
+                },
                 tunnel: p.tunnel.to_string(),
                 routes: p.routes.clone(),
                 last_heartbeat_s: Some(now.saturating_duration_since(p.last_heartbeat).as_secs_f64()),

@@ -90,19 +90,32 @@ impl std::fmt::Display for Prefix {
     }
 }
 
+/// Why text is not a prefix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrefixError {
+    #[error("`{0}` is not addr/len")]
+    NoLength(String),
+    #[error("`{0}` is not an IPv4 address")]
+    Address(String),
+    #[error("`{0}` is not a prefix length")]
+    Length(String),
+    #[error("prefix length {0} > 32")]
+    TooLong(u8),
+}
+
 impl std::str::FromStr for Prefix {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, l) = s.split_once('/').ok_or_else(|| format!("`{s}` is not addr/len"))?;
-        let addr: Ipv4Addr = a.parse().map_err(|_| format!("`{a}` is not an IPv4 address"))?;
-        let len: u8 = l.parse().map_err(|_| format!("`{l}` is not a prefix length"))?;
-        Prefix::new(addr, len).ok_or_else(|| format!("prefix length {len} > 32"))
+    type Err = PrefixError;
+    fn from_str(s: &str) -> Result<Self, PrefixError> {
+        let (a, l) = s.split_once('/').ok_or_else(|| PrefixError::NoLength(s.into()))?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| PrefixError::Address(a.into()))?;
+        let len: u8 = l.parse().map_err(|_| PrefixError::Length(l.into()))?;
+        Prefix::new(addr, len).ok_or(PrefixError::TooLong(len))
     }
 }
 
 impl TryFrom<String> for Prefix {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = PrefixError;
+    fn try_from(s: String) -> Result<Self, PrefixError> {
         s.parse()
     }
 }

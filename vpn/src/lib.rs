@@ -36,8 +36,8 @@ pub enum VpnError {
     #[error("ip {args}: {stderr}")]
     IpFailed { args: String, stderr: String },
     /// The hub refused this peer for good (e.g. an MTU mismatch).
-    #[error("{0}")]
-    Hub(String),
+    #[error(transparent)]
+    Hub(#[from] peer::HubRefusal),
 }
 
 /// TUN MTU: one inner packet must fit one tunnel datagram inside a 1500-byte outer MTU.

@@ -6,7 +6,7 @@
 //! peer stops taking packets from its TUN (they are dropped and counted), and registers
 //! again every `REREGISTER_INTERVAL`, asking for the address it had.
 
-use crate::hub::PeerStatus;
+use crate::hub::{PeerState, PeerStatus};
 use crate::ip::{self, Prefix};
 use crate::kcplink::{KcpLink, LinkError};
 use crate::queue::PacketQueue;
@@ -52,9 +52,20 @@ pub enum PeerEvent {
     },
     HubLost,
     /// The hub refused us for good (config mismatch): stop with this error.
-    Fatal(String),
+    Fatal(HubRefusal),
     /// The hub refused us for now (e.g. pool exhausted); we keep trying.
     Refused(RefusalReason),
+}
+
+/// Why the hub will never take this peer as configured.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HubRefusal {
+    #[error("hub announces MTU {hub} but this peer is set to {ours}")]
+    WelcomeMtu { hub: u16, ours: u16 },
+    #[error("hub refused: its TUN MTU is {hub}, this peer is set to {ours} (remove `mtu` or set it to {hub})")]
+    MtuMismatch { hub: u16, ours: u16 },
+    #[error("hub refused the announced routes (they overlap the VPN network or are too wide)")]
+    RoutesNotAllowed,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -200,8 +211,7 @@ impl Peer {
         }
         if let Some(mtu) = self.cfg.mtu {
             if mtu != w.mtu {
-                self.events
-                    .push_back(PeerEvent::Fatal(format!("hub announces MTU {} but this peer is set to {mtu}", w.mtu)));
+                self.events.push_back(PeerEvent::Fatal(HubRefusal::WelcomeMtu { hub: w.mtu, ours: mtu }));
                 return;
             }
         }
@@ -233,15 +243,13 @@ impl Peer {
         };
         match (&self.state, r.reason) {
             (State::Registering { nonce, .. }, _) if *nonce != r.nonce => {}
-            (_, RefusalReason::MtuMismatch) => self.events.push_back(PeerEvent::Fatal(format!(
-                "hub refused: its TUN MTU is {}, this peer is set to {} (remove `mtu` or set it to {})",
-                r.hub_mtu,
-                self.cfg.mtu.unwrap_or(0),
-                r.hub_mtu
-            ))),
-            (_, RefusalReason::RouteNotAllowed) => self.events.push_back(PeerEvent::Fatal(
-                "hub refused the announced routes (they overlap the VPN network or are too wide)".into(),
-            )),
+            (_, RefusalReason::MtuMismatch) => self.events.push_back(PeerEvent::Fatal(HubRefusal::MtuMismatch {
+                hub: r.hub_mtu,
+                ours: self.cfg.mtu.unwrap_or(0),
+            })),
+            (_, RefusalReason::RouteNotAllowed) => {
+                self.events.push_back(PeerEvent::Fatal(HubRefusal::RoutesNotAllowed))
+            }
             (_, reason) => self.events.push_back(PeerEvent::Refused(reason)),
         }
     }
@@ -350,7 +358,7 @@ impl Peer {
                 id: p.id,
                 name: p.name.clone(),
                 addr: p.addr,
-                state: if p.addr == self.addr { "self" } else { "via-hub" }.into(),
+                state: if p.addr == self.addr { PeerState::Own } else { PeerState::ViaHub },
                 tunnel: String::new(),
                 routes: p.routes.clone(),
                 last_heartbeat_s: None,

@@ -4,7 +4,7 @@
 use common::sim::SimRng;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
-use vpn::hub::{Hub, HubCoreConfig, PeerSpec, DEFAULT_PEER_TIMEOUT};
+use vpn::hub::{Hub, HubCoreConfig, PeerSpec, PeerState, DEFAULT_PEER_TIMEOUT};
 use vpn::ip::Prefix;
 use vpn::peer::{Peer, PeerCoreConfig, PeerEvent};
 use vpn::wire::PeerKey;
@@ -212,22 +212,25 @@ fn status_shows_real_traffic_and_heartbeat_state() {
     let now = net.now;
     let view_of = |p: &Peer, name: &str| p.peer_status(now).into_iter().find(|s| s.name == name).unwrap();
     let b_from_a = view_of(&net.peers[0].core, "b");
-    assert_eq!((b_from_a.tx_bytes, b_from_a.rx_bytes, b_from_a.state.as_str()), (50_000, 0, "via-hub"));
+    assert_eq!((b_from_a.tx_bytes, b_from_a.rx_bytes, b_from_a.state), (50_000, 0, PeerState::ViaHub));
     assert_eq!(b_from_a.last_heartbeat_s, None, "a peer does not see other peers' heartbeats");
     let a_from_b = view_of(&net.peers[1].core, "a");
     assert_eq!((a_from_b.tx_bytes, a_from_b.rx_bytes), (0, 50_000));
     assert!(a_from_b.last_rx_s.is_some_and(|s| s < 0.2), "{a_from_b:?}");
-    assert_eq!(view_of(&net.peers[0].core, "a").state, "self");
+    assert_eq!(view_of(&net.peers[0].core, "a").state, PeerState::Own);
 
     let hub_view = net.hub.status(now);
-    assert!(hub_view.iter().all(|p| p.state == "up" && p.last_heartbeat_s.is_some_and(|s| s < 1.5)), "{hub_view:?}");
+    assert!(
+        hub_view.iter().all(|p| p.state == PeerState::Up && p.last_heartbeat_s.is_some_and(|s| s < 1.5)),
+        "{hub_view:?}"
+    );
     // heartbeats stop reaching the hub: the peers show as silent before they expire
     net.hub_up = false;
     net.run_for(Duration::from_secs(4));
     net.hub_up = true;
     let hub_view = net.hub.status(net.now);
     assert_eq!(hub_view.len(), 2);
-    assert!(hub_view.iter().all(|p| p.state == "silent"), "{hub_view:?}");
+    assert!(hub_view.iter().all(|p| p.state == PeerState::Silent), "{hub_view:?}");
 }
 
 #[test]
@@ -317,7 +320,7 @@ fn mtu_mismatch_is_a_clear_error() {
     net.peers.push(Net::peer("a", Some(1400), vec![], 0, now));
     net.run_for(Duration::from_millis(100));
     let fatal = net.peers[0].events.iter().find_map(|e| match e {
-        PeerEvent::Fatal(m) => Some(m.clone()),
+        PeerEvent::Fatal(m) => Some(m.to_string()),
         _ => None,
     });
     let m = fatal.expect("a fatal error");
