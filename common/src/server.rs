@@ -19,9 +19,10 @@ use crate::stats::{
     DropCounters, DropReason, PathState, PathStatus, SessionState, SessionStatus, StatusReport, Traffic,
 };
 use crate::wire::{
-    self, emit_transport_header, HandshakeStatus, InnerRepr, ProbeReplyRepr, TransportPacket, DATA_PAYLOAD_OFFSET,
-    HANDSHAKE_INIT_MAX_LEN, HANDSHAKE_RESP_LEN, INNER_DATA, MAX_APP_PAYLOAD, PROBE_FLAG_PATH_DOWN,
-    PROBE_REPLY_FLAG_VALIDATED, TRANSPORT_HEADER_LEN, TYPE_HANDSHAKE_INIT, TYPE_HANDSHAKE_RESP, TYPE_TRANSPORT,
+    self, emit_transport_header, HandshakeStatus, InnerRepr, ProbeReplyRepr, TransportPacket, AEAD_TAG_LEN,
+    DATA_PAYLOAD_OFFSET, HANDSHAKE_INIT_MAX_LEN, HANDSHAKE_RESP_LEN, INNER_DATA, MAX_APP_PAYLOAD, PROBE_FLAG_PATH_DOWN,
+    PROBE_LEN, PROBE_REPLY_FLAG_VALIDATED, PROBE_REPLY_LEN, TRANSPORT_HEADER_LEN, TYPE_HANDSHAKE_INIT,
+    TYPE_HANDSHAKE_RESP, TYPE_TRANSPORT,
 };
 use crate::{PathMask, SessionId, MAX_PATHS};
 use std::collections::{HashMap, VecDeque};
@@ -125,6 +126,14 @@ struct ServerSession {
     rx: Traffic,
     drops: DropCounters,
 }
+
+/// Probe replies are sealed into the buffer a handshake response uses.
+const _: () = assert!(
+    TRANSPORT_HEADER_LEN + PROBE_REPLY_LEN + AEAD_TAG_LEN <= HANDSHAKE_RESP_LEN,
+    "a sealed probe reply fits a handshake response's buffer"
+);
+// ... and is never larger than the probe it answers: no amplification.
+const _: () = assert!(PROBE_REPLY_LEN <= PROBE_LEN);
 
 pub struct Server {
     psk: Psk,
@@ -360,6 +369,8 @@ impl Server {
                 let n = s.send_seq;
                 s.send_seq += 1;
                 emit_transport_header(out, s.id, n);
+                // a sealed probe reply fits the handshake-response-sized buffer (asserted
+                // at compile time below)
                 let plain = reply.emit(&mut out[TRANSPORT_HEADER_LEN..]).expect("reply fits");
                 let len = s.keys.seal(n, out, plain);
                 s.paths[i].tx.add(len);

@@ -35,6 +35,94 @@
 
 use crate::SessionId;
 
+/// Byte ranges of every field, as the layout above shows them; code names fields, never
+/// offsets.
+pub mod field {
+    pub type Field = core::ops::Range<usize>;
+
+    /// Every message: its type byte.
+    pub const TYPE: usize = 0;
+
+    pub mod init {
+        use super::Field;
+        pub const CIPHER: usize = 1;
+        pub const SESSION: Field = 2..10;
+        pub const PUBLIC: Field = 10..42;
+        pub const TARGET_LEN: usize = 42;
+        /// The target name starts here; the MAC follows it.
+        pub const TARGET: usize = 43;
+    }
+
+    pub mod resp {
+        use super::Field;
+        pub const STATUS: usize = 1;
+        pub const SESSION: Field = 2..10;
+        pub const PUBLIC: Field = 10..42;
+        pub const MAC: Field = 42..74;
+    }
+
+    pub mod transport {
+        use super::Field;
+        pub const SESSION: Field = 1..9;
+        pub const SEQ: Field = 9..17;
+    }
+
+    /// Inner messages, kind byte at 0.
+    pub mod probe {
+        use super::Field;
+        pub const PATH_ID: usize = 1;
+        pub const FLAGS: usize = 2;
+        pub const SEQ: Field = 3..7;
+        pub const TX_TIME: Field = 7..11;
+        pub const ECHO_CHALLENGE: Field = 11..19;
+        /// Zero padding up to the reply's size.
+        pub const PADDING: usize = 19;
+    }
+
+    pub mod probe_reply {
+        use super::Field;
+        pub const PATH_ID: usize = 1;
+        pub const SEQ: Field = 2..6;
+        pub const TX_TIME: Field = 6..10;
+        pub const CHALLENGE: Field = 10..18;
+        pub const RX_HIGHEST: Field = 18..22;
+        pub const RX_BITMAP: Field = 22..30;
+        pub const FLAGS: usize = 30;
+    }
+}
+
+/// Big-endian integers at a field's bytes: the one way both wire formats (tunnel and
+/// VPN) read and write them. The caller has checked the length (`new_checked`).
+pub mod be {
+    use super::field::Field;
+
+    pub fn u16_at(b: &[u8], f: Field) -> u16 {
+        u16::from_be_bytes(b[f].try_into().expect("a 2-byte field"))
+    }
+
+    pub fn u32_at(b: &[u8], f: Field) -> u32 {
+        u32::from_be_bytes(b[f].try_into().expect("a 4-byte field"))
+    }
+
+    pub fn u64_at(b: &[u8], f: Field) -> u64 {
+        u64::from_be_bytes(b[f].try_into().expect("an 8-byte field"))
+    }
+
+    pub fn put_u16(b: &mut [u8], f: Field, v: u16) {
+        b[f].copy_from_slice(&v.to_be_bytes());
+    }
+
+    pub fn put_u32(b: &mut [u8], f: Field, v: u32) {
+        b[f].copy_from_slice(&v.to_be_bytes());
+    }
+
+    pub fn put_u64(b: &mut [u8], f: Field, v: u64) {
+        b[f].copy_from_slice(&v.to_be_bytes());
+    }
+}
+
+use be::{put_u32, put_u64, u32_at, u64_at};
+
 pub const TYPE_HANDSHAKE_INIT: u8 = 0x11;
 pub const TYPE_HANDSHAKE_RESP: u8 = 0x12;
 pub const TYPE_TRANSPORT: u8 = 0x13;
@@ -42,17 +130,22 @@ pub const TYPE_TRANSPORT: u8 = 0x13;
 pub const X25519_PUBLIC_LEN: usize = 32;
 pub const HANDSHAKE_MAC_LEN: usize = 32;
 pub const MAX_TARGET_NAME_LEN: usize = 64;
-const INIT_FIXED_LEN: usize = 43;
+const INIT_FIXED_LEN: usize = field::init::TARGET;
 pub const HANDSHAKE_INIT_MIN_LEN: usize = INIT_FIXED_LEN + HANDSHAKE_MAC_LEN;
 pub const HANDSHAKE_INIT_MAX_LEN: usize = HANDSHAKE_INIT_MIN_LEN + MAX_TARGET_NAME_LEN;
 /// Bytes of a response covered by its MAC (everything but the MAC).
-pub const HANDSHAKE_RESP_BODY_LEN: usize = 42;
+pub const HANDSHAKE_RESP_BODY_LEN: usize = field::resp::MAC.start;
 pub const HANDSHAKE_RESP_LEN: usize = HANDSHAKE_RESP_BODY_LEN + HANDSHAKE_MAC_LEN;
 // A response never outweighs the init it answers: no amplification.
 const _: () = assert!(HANDSHAKE_RESP_LEN < HANDSHAKE_INIT_MIN_LEN);
+const _: () = assert!(HANDSHAKE_RESP_LEN == field::resp::MAC.end);
+const _: () = assert!(
+    field::init::PUBLIC.end - field::init::PUBLIC.start == X25519_PUBLIC_LEN
+        && field::resp::PUBLIC.end - field::resp::PUBLIC.start == X25519_PUBLIC_LEN
+);
 
 /// Transport header: type, session id, sequence number. This is the AEAD's AAD.
-pub const TRANSPORT_HEADER_LEN: usize = 17;
+pub const TRANSPORT_HEADER_LEN: usize = field::transport::SEQ.end;
 pub const AEAD_TAG_LEN: usize = 16;
 /// The inner kind byte that precedes every inner message.
 pub const INNER_KIND_LEN: usize = 1;
@@ -73,8 +166,8 @@ pub const INNER_PROBE_REPLY: u8 = 0x02;
 /// Probes are padded to the size of a reply, so answering one never sends more bytes
 /// than were received (no amplification, even on an unvalidated path).
 pub const PROBE_LEN: usize = PROBE_REPLY_LEN;
-const PROBE_BODY_LEN: usize = 1 + 1 + 1 + 4 + 4 + 8;
-pub const PROBE_REPLY_LEN: usize = 1 + 1 + 4 + 4 + 8 + 4 + 8 + 1;
+pub const PROBE_REPLY_LEN: usize = field::probe_reply::FLAGS + 1;
+const _: () = assert!(field::probe::PADDING <= PROBE_LEN, "a probe's fields fit the reply's size");
 /// ProbeReply flag: the server has validated this path (the client echoed its challenge).
 pub const PROBE_REPLY_FLAG_VALIDATED: u8 = 0x01;
 
@@ -86,18 +179,6 @@ pub enum WireError {
     UnknownType,
     #[error("field out of range")]
     BadField,
-}
-
-fn be_u64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
-}
-
-fn be_u32(b: &[u8]) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[..4]);
-    u32::from_be_bytes(a)
 }
 
 /// The message type of a datagram, without validating the rest.
@@ -122,26 +203,26 @@ impl<T: AsRef<[u8]>> TransportPacket<T> {
         if b.len() < TRANSPORT_HEADER_LEN + INNER_KIND_LEN + AEAD_TAG_LEN {
             return Err(WireError::Truncated);
         }
-        if b[0] != TYPE_TRANSPORT {
+        if b[field::TYPE] != TYPE_TRANSPORT {
             return Err(WireError::UnknownType);
         }
         Ok(Self { buffer })
     }
 
     pub fn session_id(&self) -> SessionId {
-        SessionId(be_u64(&self.buffer.as_ref()[1..9]))
+        SessionId(u64_at(self.buffer.as_ref(), field::transport::SESSION))
     }
 
     pub fn seq(&self) -> u64 {
-        be_u64(&self.buffer.as_ref()[9..17])
+        u64_at(self.buffer.as_ref(), field::transport::SEQ)
     }
 }
 
 /// Writes a transport header into `buf[..TRANSPORT_HEADER_LEN]`.
 pub fn emit_transport_header(buf: &mut [u8], session: SessionId, seq: u64) {
-    buf[0] = TYPE_TRANSPORT;
-    buf[1..9].copy_from_slice(&session.0.to_be_bytes());
-    buf[9..17].copy_from_slice(&seq.to_be_bytes());
+    buf[field::TYPE] = TYPE_TRANSPORT;
+    put_u64(buf, field::transport::SESSION, session.0);
+    put_u64(buf, field::transport::SEQ, seq);
 }
 
 /// The parsed fixed part of a handshake init (the MAC is checked by `crypto`).
@@ -159,10 +240,10 @@ impl<'a> HandshakeInitRepr<'a> {
         if b.len() < HANDSHAKE_INIT_MIN_LEN {
             return Err(WireError::Truncated);
         }
-        if b[0] != TYPE_HANDSHAKE_INIT {
+        if b[field::TYPE] != TYPE_HANDSHAKE_INIT {
             return Err(WireError::UnknownType);
         }
-        let n = b[42] as usize;
+        let n = b[field::init::TARGET_LEN] as usize;
         if n > MAX_TARGET_NAME_LEN {
             return Err(WireError::BadField);
         }
@@ -172,8 +253,9 @@ impl<'a> HandshakeInitRepr<'a> {
         }
         let target = std::str::from_utf8(&b[INIT_FIXED_LEN..body_len]).map_err(|_| WireError::BadField)?;
         let mut public = [0u8; X25519_PUBLIC_LEN];
-        public.copy_from_slice(&b[10..42]);
-        Ok((Self { cipher: b[1], session: SessionId(be_u64(&b[2..10])), public, target }, body_len))
+        public.copy_from_slice(&b[field::init::PUBLIC]);
+        let session = SessionId(u64_at(b, field::init::SESSION));
+        Ok((Self { cipher: b[field::init::CIPHER], session, public, target }, body_len))
     }
 
     /// Length of the body (without MAC).
@@ -190,11 +272,11 @@ impl<'a> HandshakeInitRepr<'a> {
         if b.len() < len + HANDSHAKE_MAC_LEN {
             return Err(WireError::Truncated);
         }
-        b[0] = TYPE_HANDSHAKE_INIT;
-        b[1] = self.cipher;
-        b[2..10].copy_from_slice(&self.session.0.to_be_bytes());
-        b[10..42].copy_from_slice(&self.public);
-        b[42] = self.target.len() as u8;
+        b[field::TYPE] = TYPE_HANDSHAKE_INIT;
+        b[field::init::CIPHER] = self.cipher;
+        put_u64(b, field::init::SESSION, self.session.0);
+        b[field::init::PUBLIC].copy_from_slice(&self.public);
+        b[field::init::TARGET_LEN] = self.target.len() as u8;
         b[INIT_FIXED_LEN..len].copy_from_slice(self.target.as_bytes());
         Ok(len)
     }
@@ -234,20 +316,21 @@ impl HandshakeRespRepr {
         if b.len() != HANDSHAKE_RESP_LEN {
             return Err(WireError::Truncated);
         }
-        if b[0] != TYPE_HANDSHAKE_RESP {
+        if b[field::TYPE] != TYPE_HANDSHAKE_RESP {
             return Err(WireError::UnknownType);
         }
         let mut public = [0u8; X25519_PUBLIC_LEN];
-        public.copy_from_slice(&b[10..42]);
-        Ok(Self { status: HandshakeStatus::from_u8(b[1])?, session: SessionId(be_u64(&b[2..10])), public })
+        public.copy_from_slice(&b[field::resp::PUBLIC]);
+        let status = HandshakeStatus::from_u8(b[field::resp::STATUS])?;
+        Ok(Self { status, session: SessionId(u64_at(b, field::resp::SESSION)), public })
     }
 
     /// Writes the MAC-covered body (`HANDSHAKE_RESP_BODY_LEN` bytes).
     pub fn emit_body(&self, b: &mut [u8; HANDSHAKE_RESP_BODY_LEN]) {
-        b[0] = TYPE_HANDSHAKE_RESP;
-        b[1] = self.status as u8;
-        b[2..10].copy_from_slice(&self.session.0.to_be_bytes());
-        b[10..42].copy_from_slice(&self.public);
+        b[field::TYPE] = TYPE_HANDSHAKE_RESP;
+        b[field::resp::STATUS] = self.status as u8;
+        put_u64(b, field::resp::SESSION, self.session.0);
+        b[field::resp::PUBLIC].copy_from_slice(&self.public);
     }
 }
 
@@ -294,6 +377,7 @@ pub enum InnerRepr<'a> {
 
 impl<'a> InnerRepr<'a> {
     pub fn parse(b: &'a [u8]) -> Result<Self, WireError> {
+        use field::{probe, probe_reply};
         let (&kind, body) = b.split_first().ok_or(WireError::Truncated)?;
         match kind {
             INNER_DATA => Ok(Self::Data(body)),
@@ -302,11 +386,11 @@ impl<'a> InnerRepr<'a> {
                     return Err(WireError::Truncated);
                 }
                 Ok(Self::Probe(ProbeRepr {
-                    path_id: body[0],
-                    flags: body[1],
-                    probe_seq: be_u32(&body[2..6]),
-                    tx_time_us: be_u32(&body[6..10]),
-                    echo_challenge: be_u64(&body[10..18]),
+                    path_id: b[probe::PATH_ID],
+                    flags: b[probe::FLAGS],
+                    probe_seq: u32_at(b, probe::SEQ),
+                    tx_time_us: u32_at(b, probe::TX_TIME),
+                    echo_challenge: u64_at(b, probe::ECHO_CHALLENGE),
                 }))
             }
             INNER_PROBE_REPLY => {
@@ -314,13 +398,13 @@ impl<'a> InnerRepr<'a> {
                     return Err(WireError::Truncated);
                 }
                 Ok(Self::ProbeReply(ProbeReplyRepr {
-                    path_id: body[0],
-                    probe_seq: be_u32(&body[1..5]),
-                    tx_time_us: be_u32(&body[5..9]),
-                    challenge: be_u64(&body[9..17]),
-                    rx_highest: be_u32(&body[17..21]),
-                    rx_bitmap: be_u64(&body[21..29]),
-                    flags: body[29],
+                    path_id: b[probe_reply::PATH_ID],
+                    probe_seq: u32_at(b, probe_reply::SEQ),
+                    tx_time_us: u32_at(b, probe_reply::TX_TIME),
+                    challenge: u64_at(b, probe_reply::CHALLENGE),
+                    rx_highest: u32_at(b, probe_reply::RX_HIGHEST),
+                    rx_bitmap: u64_at(b, probe_reply::RX_BITMAP),
+                    flags: b[probe_reply::FLAGS],
                 }))
             }
             _ => Err(WireError::UnknownType),
@@ -337,6 +421,7 @@ impl<'a> InnerRepr<'a> {
 
     /// Writes the message into `b`; returns its length.
     pub fn emit(&self, b: &mut [u8]) -> Result<usize, WireError> {
+        use field::{probe, probe_reply};
         let len = self.buffer_len();
         if b.len() < len {
             return Err(WireError::Truncated);
@@ -344,26 +429,26 @@ impl<'a> InnerRepr<'a> {
         match self {
             Self::Data(d) => {
                 b[0] = INNER_DATA;
-                b[1..len].copy_from_slice(d);
+                b[INNER_KIND_LEN..len].copy_from_slice(d);
             }
             Self::Probe(p) => {
                 b[0] = INNER_PROBE;
-                b[1] = p.path_id;
-                b[2] = p.flags;
-                b[3..7].copy_from_slice(&p.probe_seq.to_be_bytes());
-                b[7..11].copy_from_slice(&p.tx_time_us.to_be_bytes());
-                b[11..19].copy_from_slice(&p.echo_challenge.to_be_bytes());
-                b[PROBE_BODY_LEN..PROBE_LEN].fill(0);
+                b[probe::PATH_ID] = p.path_id;
+                b[probe::FLAGS] = p.flags;
+                put_u32(b, probe::SEQ, p.probe_seq);
+                put_u32(b, probe::TX_TIME, p.tx_time_us);
+                put_u64(b, probe::ECHO_CHALLENGE, p.echo_challenge);
+                b[probe::PADDING..PROBE_LEN].fill(0);
             }
             Self::ProbeReply(r) => {
                 b[0] = INNER_PROBE_REPLY;
-                b[1] = r.path_id;
-                b[2..6].copy_from_slice(&r.probe_seq.to_be_bytes());
-                b[6..10].copy_from_slice(&r.tx_time_us.to_be_bytes());
-                b[10..18].copy_from_slice(&r.challenge.to_be_bytes());
-                b[18..22].copy_from_slice(&r.rx_highest.to_be_bytes());
-                b[22..30].copy_from_slice(&r.rx_bitmap.to_be_bytes());
-                b[30] = r.flags;
+                b[probe_reply::PATH_ID] = r.path_id;
+                put_u32(b, probe_reply::SEQ, r.probe_seq);
+                put_u32(b, probe_reply::TX_TIME, r.tx_time_us);
+                put_u64(b, probe_reply::CHALLENGE, r.challenge);
+                put_u32(b, probe_reply::RX_HIGHEST, r.rx_highest);
+                put_u64(b, probe_reply::RX_BITMAP, r.rx_bitmap);
+                b[probe_reply::FLAGS] = r.flags;
             }
         }
         Ok(len)

@@ -14,8 +14,8 @@ use crate::ip::{self, Prefix};
 use crate::kcplink::{KcpLink, LinkError};
 use crate::queue::PacketQueue;
 use crate::wire::{
-    self, HeartbeatAckRepr, HeartbeatRepr, PeerEntry, PeerKey, RefusalReason, RefusalRepr, RegisterRepr, WelcomeRepr,
-    INNER_IP, MSG_HEARTBEAT, MSG_KCP, MSG_REGISTER,
+    self, field, HeartbeatAckRepr, HeartbeatRepr, PeerEntry, PeerKey, RefusalReason, RefusalRepr, RegisterRepr,
+    WelcomeRepr, INNER_IP, MSG_HEARTBEAT, MSG_KCP, MSG_REGISTER,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -168,7 +168,7 @@ impl Hub {
         match d.first() {
             Some(&MSG_REGISTER) => self.on_register(now, wall_ms, from, d),
             Some(&MSG_HEARTBEAT) => self.on_heartbeat(now, from, d),
-            Some(&MSG_KCP) => self.on_kcp(now, from, &d[1..]),
+            Some(&MSG_KCP) => self.on_kcp(now, from, &d[field::kcp::SEGMENT..]),
             _ => self.drops.malformed += 1,
         }
     }
@@ -341,9 +341,9 @@ impl Hub {
             match buf[..n].first() {
                 Some(&INNER_IP) => {
                     if let Some(p) = self.peers.get_mut(&id) {
-                        p.rx_bytes += (n - 1) as u64;
+                        p.rx_bytes += (n - field::inner::BODY) as u64;
                     }
-                    self.route_from_peer(id, &buf[1..n]);
+                    self.route_from_peer(id, &buf[field::inner::BODY..n]);
                 }
                 _ => self.drops.malformed += 1,
             }

@@ -205,15 +205,30 @@ fn guarded<T>(broken: &mut bool, f: impl FnOnce() -> Result<T, LinkError>) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::field;
 
     fn pump(a: &mut KcpLink, b: &mut KcpLink, now: Instant) {
         let mut d = [0u8; 2048];
         while let Some(n) = a.poll_transmit(&mut d) {
-            let _ = b.input(now, &d[1..n]);
+            let _ = b.input(now, &d[field::kcp::SEGMENT..n]);
         }
         while let Some(n) = b.poll_transmit(&mut d) {
-            let _ = a.input(now, &d[1..n]);
+            let _ = a.input(now, &d[field::kcp::SEGMENT..n]);
         }
+    }
+
+    /// Golden framing of a tunnel datagram carrying KCP: `MSG_KCP`, then the segment
+    /// (conv little-endian first, as KCP writes it), whose data is `INNER_IP` + the packet.
+    #[test]
+    fn kcp_datagram_golden() {
+        let t0 = Instant::now();
+        let mut a = KcpLink::new(0x0102_0304, t0, 1438);
+        a.send_ip(&[0x45, 0xaa]).unwrap();
+        let mut d = [0u8; 2048];
+        let n = a.poll_transmit(&mut d).unwrap();
+        assert_eq!(&d[..5], &[MSG_KCP, 4, 3, 2, 1]);
+        assert_eq!(n, field::kcp::SEGMENT + KCP_HEADER_LEN + 3);
+        assert_eq!(&d[n - 3..n], &[INNER_IP, 0x45, 0xaa]);
     }
 
     #[test]

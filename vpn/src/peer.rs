@@ -11,8 +11,8 @@ use crate::ip::{self, Prefix};
 use crate::kcplink::{KcpLink, LinkError};
 use crate::queue::PacketQueue;
 use crate::wire::{
-    self, HeartbeatAckRepr, HeartbeatRepr, PeerEntry, PeerKey, RefusalReason, RefusalRepr, RegisterRepr, WelcomeRepr,
-    INNER_IP, INNER_PEERS, MSG_HEARTBEAT_ACK, MSG_KCP, MSG_REFUSAL, MSG_WELCOME,
+    self, field, HeartbeatAckRepr, HeartbeatRepr, PeerEntry, PeerKey, RefusalReason, RefusalRepr, RegisterRepr,
+    WelcomeRepr, INNER_IP, INNER_PEERS, MSG_HEARTBEAT_ACK, MSG_KCP, MSG_REFUSAL, MSG_WELCOME,
 };
 use std::collections::{BTreeSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
@@ -193,7 +193,7 @@ impl Peer {
             Some(&MSG_WELCOME) => self.on_welcome(now, d),
             Some(&MSG_REFUSAL) => self.on_refusal(d),
             Some(&MSG_HEARTBEAT_ACK) => self.on_ack(now, d),
-            Some(&MSG_KCP) => self.on_kcp(now, &d[1..]),
+            Some(&MSG_KCP) => self.on_kcp(now, &d[field::kcp::SEGMENT..]),
             _ => self.drops.malformed += 1,
         }
     }
@@ -295,13 +295,15 @@ impl Peer {
             let Some(n) = s.link.recv(&mut self.buf) else { break };
             match self.buf[..n].first() {
                 Some(&INNER_IP) => {
-                    self.rx_bytes += (n - 1) as u64;
-                    if let Some(i) = ip::addresses(&self.buf[1..n]).and_then(|(src, _)| self.peer_index(src)) {
+                    self.rx_bytes += (n - field::inner::BODY) as u64;
+                    if let Some(i) =
+                        ip::addresses(&self.buf[field::inner::BODY..n]).and_then(|(src, _)| self.peer_index(src))
+                    {
                         let t = &mut self.peer_traffic[i];
-                        t.rx_bytes += (n - 1) as u64;
+                        t.rx_bytes += (n - field::inner::BODY) as u64;
                         t.last_rx = Some(now);
                     }
-                    self.to_tun.push(&[&self.buf[1..n]]);
+                    self.to_tun.push(&[&self.buf[field::inner::BODY..n]]);
                 }
                 Some(&INNER_PEERS) => match wire::parse_peer_list(&self.buf[..n]) {
                     Ok((_, list)) => self.set_peer_list(list),

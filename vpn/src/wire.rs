@@ -17,6 +17,7 @@
 //! `0x01` an IP packet, `0x02` the peer list.
 
 use crate::ip::Prefix;
+use common::wire::be::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
 use ring::hmac;
 use std::net::Ipv4Addr;
 
@@ -27,18 +28,109 @@ pub const MSG_HEARTBEAT: u8 = 0x24;
 pub const MSG_HEARTBEAT_ACK: u8 = 0x25;
 pub const MSG_KCP: u8 = 0x26;
 
+pub const INNER_IP: u8 = 0x01;
+pub const INNER_PEERS: u8 = 0x02;
+
+/// Byte ranges of every field, as the layout above shows them. Variable-length parts
+/// (names, route lists) are located by `Fields` offsets relative to where they end.
+pub mod field {
+    pub use common::wire::field::{Field, TYPE};
+
+    pub mod register {
+        use super::Field;
+        pub const NAME_LEN: usize = 1;
+        pub const NAME: usize = 2;
+        /// After the name, relative to its end.
+        pub const TIMESTAMP: Field = 0..8;
+        pub const NONCE: Field = 8..16;
+        pub const WANT_ADDR: Field = 16..20;
+        pub const MTU: Field = 20..22;
+        /// The route list (`route`), then the MAC.
+        pub const ROUTES: usize = 22;
+    }
+
+    /// A route list: a count, then `route::LEN`-byte entries.
+    pub mod route {
+        use super::Field;
+        pub const COUNT: usize = 0;
+        pub const FIRST: usize = 1;
+        /// One entry, relative to its start.
+        pub const ADDR: Field = 0..4;
+        pub const PREFIX_LEN: usize = 4;
+        pub const LEN: usize = 5;
+    }
+
+    pub mod welcome {
+        use super::Field;
+        pub const PEER_ID: Field = 1..5;
+        pub const ADDR: Field = 5..9;
+        pub const PREFIX_LEN: usize = 9;
+        pub const HUB_ADDR: Field = 10..14;
+        pub const MTU: Field = 14..16;
+        pub const NONCE: Field = 16..24;
+        pub const MAC: Field = 24..56;
+    }
+
+    pub mod refusal {
+        use super::Field;
+        pub const REASON: usize = 1;
+        pub const HUB_MTU: Field = 2..4;
+        pub const NONCE: Field = 4..12;
+        pub const MAC: Field = 12..44;
+    }
+
+    pub mod heartbeat {
+        use super::Field;
+        pub const PEER_ID: Field = 1..5;
+        pub const SEQ: Field = 5..9;
+        pub const TIMESTAMP: Field = 9..17;
+        pub const RTT: Field = 17..21;
+        pub const MAC: Field = 21..37;
+    }
+
+    pub mod heartbeat_ack {
+        use super::Field;
+        pub const PEER_ID: Field = 1..5;
+        pub const SEQ: Field = 5..9;
+        pub const PEERS_VERSION: Field = 9..13;
+    }
+
+    /// Messages inside the KCP stream: the body follows the kind byte.
+    pub mod inner {
+        pub const BODY: usize = 1;
+    }
+
+    /// `MSG_KCP`: the segment follows the type byte.
+    pub mod kcp {
+        pub const SEGMENT: usize = 1;
+    }
+
+    pub mod peer_list {
+        use super::Field;
+        pub const VERSION: Field = 1..5;
+        pub const COUNT: Field = 5..7;
+        pub const ENTRIES: usize = 7;
+        /// One entry, relative to its start: id, name length, name ...
+        pub const ID: Field = 0..4;
+        pub const NAME_LEN: usize = 4;
+        pub const NAME: usize = 5;
+        /// ... then, relative to the end of the name, the address and a route list.
+        pub const ADDR: Field = 0..4;
+        pub const ROUTES: usize = 4;
+    }
+}
+
 pub const MAC_LEN: usize = 32;
 pub const HEARTBEAT_MAC_LEN: usize = 16;
 pub const MAX_NAME_LEN: usize = 32;
 pub const MAX_ROUTES: usize = 32;
-const HEARTBEAT_BODY_LEN: usize = 1 + 4 + 4 + 8 + 4;
-pub const HEARTBEAT_LEN: usize = HEARTBEAT_BODY_LEN + HEARTBEAT_MAC_LEN;
-pub const HEARTBEAT_ACK_LEN: usize = 1 + 4 + 4 + 4;
-pub const WELCOME_LEN: usize = 1 + 4 + 4 + 1 + 4 + 2 + 8 + MAC_LEN;
-pub const REFUSAL_LEN: usize = 1 + 1 + 2 + 8 + MAC_LEN;
-
-pub const INNER_IP: u8 = 0x01;
-pub const INNER_PEERS: u8 = 0x02;
+pub const WELCOME_LEN: usize = field::welcome::MAC.end;
+pub const REFUSAL_LEN: usize = field::refusal::MAC.end;
+pub const HEARTBEAT_LEN: usize = field::heartbeat::MAC.end;
+pub const HEARTBEAT_ACK_LEN: usize = field::heartbeat_ack::PEERS_VERSION.end;
+const _: () = assert!(field::welcome::MAC.end - field::welcome::MAC.start == MAC_LEN);
+const _: () = assert!(field::refusal::MAC.end - field::refusal::MAC.start == MAC_LEN);
+const _: () = assert!(field::heartbeat::MAC.end - field::heartbeat::MAC.start == HEARTBEAT_MAC_LEN);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum VpnWireError {
@@ -81,57 +173,58 @@ impl PeerKey {
     }
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    pos: usize,
+/// The fixed-size message `b` of type `msg` and length `len`, or why not: the checked
+/// view every fixed-size parse starts from.
+fn checked(b: &[u8], msg: u8, len: usize) -> Result<&[u8], VpnWireError> {
+    match b.first() {
+        None => Err(VpnWireError::Truncated),
+        Some(&t) if t != msg => Err(VpnWireError::Unknown),
+        Some(_) if b.len() != len => Err(VpnWireError::Truncated),
+        Some(_) => Ok(b),
+    }
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], VpnWireError> {
-        let end = self.pos.checked_add(n).ok_or(VpnWireError::Truncated)?;
-        let s = self.b.get(self.pos..end).ok_or(VpnWireError::Truncated)?;
-        self.pos = end;
-        Ok(s)
+/// `len` bytes of `b` from `at`, or `Truncated`: for fields after a variable-length part.
+fn region(b: &[u8], at: usize, len: usize) -> Result<&[u8], VpnWireError> {
+    at.checked_add(len).and_then(|end| b.get(at..end)).ok_or(VpnWireError::Truncated)
+}
+
+fn ipv4_at(b: &[u8], f: field::Field) -> Ipv4Addr {
+    Ipv4Addr::from(u32_at(b, f))
+}
+
+/// A length-prefixed name at `at`; returns it and where it ends.
+fn name_at(b: &[u8], len_at: usize) -> Result<(&str, usize), VpnWireError> {
+    let n = *b.get(len_at).ok_or(VpnWireError::Truncated)? as usize;
+    if n == 0 || n > MAX_NAME_LEN {
+        return Err(VpnWireError::BadField);
     }
-    fn u8(&mut self) -> Result<u8, VpnWireError> {
-        Ok(self.take(1)?[0])
+    let name = std::str::from_utf8(region(b, len_at + 1, n)?).map_err(|_| VpnWireError::BadField)?;
+    Ok((name, len_at + 1 + n))
+}
+
+/// A route list at `at`; returns the routes and where the list ends.
+fn routes_at(b: &[u8], at: usize) -> Result<(Vec<Prefix>, usize), VpnWireError> {
+    use field::route;
+    let n = *b.get(at + route::COUNT).ok_or(VpnWireError::Truncated)? as usize;
+    if n > MAX_ROUTES {
+        return Err(VpnWireError::BadField);
     }
-    fn u16(&mut self) -> Result<u16, VpnWireError> {
-        Ok(u16::from_be_bytes(self.take(2)?.try_into().expect("2 bytes")))
-    }
-    fn u32(&mut self) -> Result<u32, VpnWireError> {
-        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
-    }
-    fn u64(&mut self) -> Result<u64, VpnWireError> {
-        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
-    }
-    fn ipv4(&mut self) -> Result<Ipv4Addr, VpnWireError> {
-        Ok(Ipv4Addr::from(self.u32()?))
-    }
-    fn name(&mut self) -> Result<&'a str, VpnWireError> {
-        let n = self.u8()? as usize;
-        if n == 0 || n > MAX_NAME_LEN {
-            return Err(VpnWireError::BadField);
-        }
-        std::str::from_utf8(self.take(n)?).map_err(|_| VpnWireError::BadField)
-    }
-    fn routes(&mut self) -> Result<Vec<Prefix>, VpnWireError> {
-        let n = self.u8()? as usize;
-        if n > MAX_ROUTES {
-            return Err(VpnWireError::BadField);
-        }
-        (0..n).map(|_| Prefix::new(self.ipv4()?, self.u8()?).ok_or(VpnWireError::BadField)).collect()
-    }
-    fn rest(&self) -> &'a [u8] {
-        &self.b[self.pos..]
-    }
+    let list = region(b, at + route::FIRST, n * route::LEN)?;
+    let routes = list
+        .chunks_exact(route::LEN)
+        .map(|e| Prefix::new(ipv4_at(e, route::ADDR), e[route::PREFIX_LEN]).ok_or(VpnWireError::BadField))
+        .collect::<Result<_, _>>()?;
+    Ok((routes, at + route::FIRST + n * route::LEN))
 }
 
 fn put_routes(out: &mut Vec<u8>, routes: &[Prefix]) {
     out.push(routes.len() as u8);
     for r in routes {
-        out.extend_from_slice(&r.addr.octets());
-        out.push(r.len);
+        let mut e = [0u8; field::route::LEN];
+        e[field::route::ADDR].copy_from_slice(&r.addr.octets());
+        e[field::route::PREFIX_LEN] = r.len;
+        out.extend_from_slice(&e);
     }
 }
 
@@ -149,12 +242,15 @@ pub struct RegisterRepr {
 
 impl RegisterRepr {
     pub fn emit(&self, key: &PeerKey) -> Vec<u8> {
+        use field::register as f;
         let mut out = vec![MSG_REGISTER, self.name.len() as u8];
         out.extend_from_slice(self.name.as_bytes());
-        out.extend_from_slice(&self.timestamp_ms.to_be_bytes());
-        out.extend_from_slice(&self.nonce.to_be_bytes());
-        out.extend_from_slice(&self.want_addr.octets());
-        out.extend_from_slice(&self.mtu.to_be_bytes());
+        let mut fixed = [0u8; f::ROUTES];
+        put_u64(&mut fixed, f::TIMESTAMP, self.timestamp_ms);
+        put_u64(&mut fixed, f::NONCE, self.nonce);
+        fixed[f::WANT_ADDR].copy_from_slice(&self.want_addr.octets());
+        put_u16(&mut fixed, f::MTU, self.mtu);
+        out.extend_from_slice(&fixed);
         put_routes(&mut out, &self.routes);
         let tag = key.tag(&[&out]);
         out.extend_from_slice(tag.as_ref());
@@ -164,23 +260,26 @@ impl RegisterRepr {
     /// Parses without checking the MAC (the key depends on the name); returns the repr
     /// and the MAC-covered length.
     pub fn parse(b: &[u8]) -> Result<(Self, usize), VpnWireError> {
-        let mut r = Reader { b, pos: 0 };
-        if r.u8()? != MSG_REGISTER {
-            return Err(VpnWireError::Unknown);
+        use field::register as f;
+        match b.first() {
+            None => return Err(VpnWireError::Truncated),
+            Some(&MSG_REGISTER) => {}
+            Some(_) => return Err(VpnWireError::Unknown),
         }
-        let name = r.name()?.to_string();
-        let repr = Self {
-            name,
-            timestamp_ms: r.u64()?,
-            nonce: r.u64()?,
-            want_addr: r.ipv4()?,
-            mtu: r.u16()?,
-            routes: r.routes()?,
-        };
-        let body = r.pos;
-        if r.rest().len() != MAC_LEN {
+        let (name, name_end) = name_at(b, f::NAME_LEN)?;
+        let fixed = region(b, name_end, f::ROUTES)?;
+        let (routes, body) = routes_at(b, name_end + f::ROUTES)?;
+        if b.len() - body != MAC_LEN {
             return Err(VpnWireError::Truncated);
         }
+        let repr = Self {
+            name: name.to_string(),
+            timestamp_ms: u64_at(fixed, f::TIMESTAMP),
+            nonce: u64_at(fixed, f::NONCE),
+            want_addr: ipv4_at(fixed, f::WANT_ADDR),
+            mtu: u16_at(fixed, f::MTU),
+            routes,
+        };
         Ok((repr, body))
     }
 
@@ -201,35 +300,31 @@ pub struct WelcomeRepr {
 
 impl WelcomeRepr {
     pub fn emit(&self, key: &PeerKey) -> [u8; WELCOME_LEN] {
+        use field::welcome as f;
         let mut b = [0u8; WELCOME_LEN];
-        b[0] = MSG_WELCOME;
-        b[1..5].copy_from_slice(&self.peer_id.to_be_bytes());
-        b[5..9].copy_from_slice(&self.addr.octets());
-        b[9] = self.prefix_len;
-        b[10..14].copy_from_slice(&self.hub_addr.octets());
-        b[14..16].copy_from_slice(&self.mtu.to_be_bytes());
-        b[16..24].copy_from_slice(&self.nonce.to_be_bytes());
-        let tag = key.tag(&[&b[..24]]);
-        b[24..].copy_from_slice(tag.as_ref());
+        b[field::TYPE] = MSG_WELCOME;
+        put_u32(&mut b, f::PEER_ID, self.peer_id);
+        b[f::ADDR].copy_from_slice(&self.addr.octets());
+        b[f::PREFIX_LEN] = self.prefix_len;
+        b[f::HUB_ADDR].copy_from_slice(&self.hub_addr.octets());
+        put_u16(&mut b, f::MTU, self.mtu);
+        put_u64(&mut b, f::NONCE, self.nonce);
+        let tag = key.tag(&[&b[..f::MAC.start]]);
+        b[f::MAC].copy_from_slice(tag.as_ref());
         b
     }
 
     pub fn parse(b: &[u8], key: &PeerKey) -> Result<Self, VpnWireError> {
-        if b.len() != WELCOME_LEN {
-            return Err(VpnWireError::Truncated);
-        }
-        if b[0] != MSG_WELCOME {
-            return Err(VpnWireError::Unknown);
-        }
-        key.verify(&[&b[..24]], &b[24..])?;
-        let mut r = Reader { b, pos: 1 };
+        use field::welcome as f;
+        let b = checked(b, MSG_WELCOME, WELCOME_LEN)?;
+        key.verify(&[&b[..f::MAC.start]], &b[f::MAC])?;
         let w = Self {
-            peer_id: r.u32()?,
-            addr: r.ipv4()?,
-            prefix_len: r.u8()?,
-            hub_addr: r.ipv4()?,
-            mtu: r.u16()?,
-            nonce: r.u64()?,
+            peer_id: u32_at(b, f::PEER_ID),
+            addr: ipv4_at(b, f::ADDR),
+            prefix_len: b[f::PREFIX_LEN],
+            hub_addr: ipv4_at(b, f::HUB_ADDR),
+            mtu: u16_at(b, f::MTU),
+            nonce: u64_at(b, f::NONCE),
         };
         if w.prefix_len > 32 {
             return Err(VpnWireError::BadField);
@@ -256,29 +351,28 @@ pub struct RefusalRepr {
 
 impl RefusalRepr {
     pub fn emit(&self, key: &PeerKey) -> [u8; REFUSAL_LEN] {
+        use field::refusal as f;
         let mut b = [0u8; REFUSAL_LEN];
-        b[0] = MSG_REFUSAL;
-        b[1] = self.reason as u8;
-        b[2..4].copy_from_slice(&self.hub_mtu.to_be_bytes());
-        b[4..12].copy_from_slice(&self.nonce.to_be_bytes());
-        let tag = key.tag(&[&b[..12]]);
-        b[12..].copy_from_slice(tag.as_ref());
+        b[field::TYPE] = MSG_REFUSAL;
+        b[f::REASON] = self.reason as u8;
+        put_u16(&mut b, f::HUB_MTU, self.hub_mtu);
+        put_u64(&mut b, f::NONCE, self.nonce);
+        let tag = key.tag(&[&b[..f::MAC.start]]);
+        b[f::MAC].copy_from_slice(tag.as_ref());
         b
     }
 
     pub fn parse(b: &[u8], key: &PeerKey) -> Result<Self, VpnWireError> {
-        if b.len() != REFUSAL_LEN || b[0] != MSG_REFUSAL {
-            return Err(VpnWireError::Truncated);
-        }
-        key.verify(&[&b[..12]], &b[12..])?;
-        let reason = match b[1] {
+        use field::refusal as f;
+        let b = checked(b, MSG_REFUSAL, REFUSAL_LEN)?;
+        key.verify(&[&b[..f::MAC.start]], &b[f::MAC])?;
+        let reason = match b[f::REASON] {
             1 => RefusalReason::MtuMismatch,
             2 => RefusalReason::PoolExhausted,
             3 => RefusalReason::RouteNotAllowed,
             _ => return Err(VpnWireError::BadField),
         };
-        let mut r = Reader { b, pos: 2 };
-        Ok(Self { reason, hub_mtu: r.u16()?, nonce: r.u64()? })
+        Ok(Self { reason, hub_mtu: u16_at(b, f::HUB_MTU), nonce: u64_at(b, f::NONCE) })
     }
 }
 
@@ -293,28 +387,34 @@ pub struct HeartbeatRepr {
 
 impl HeartbeatRepr {
     pub fn emit(&self, key: &PeerKey) -> [u8; HEARTBEAT_LEN] {
+        use field::heartbeat as f;
         let mut b = [0u8; HEARTBEAT_LEN];
-        b[0] = MSG_HEARTBEAT;
-        b[1..5].copy_from_slice(&self.peer_id.to_be_bytes());
-        b[5..9].copy_from_slice(&self.seq.to_be_bytes());
-        b[9..17].copy_from_slice(&self.timestamp_ms.to_be_bytes());
-        b[17..21].copy_from_slice(&self.rtt_us.to_be_bytes());
-        let tag = key.tag(&[&b[..HEARTBEAT_BODY_LEN]]);
-        b[HEARTBEAT_BODY_LEN..].copy_from_slice(&tag.as_ref()[..HEARTBEAT_MAC_LEN]);
+        b[field::TYPE] = MSG_HEARTBEAT;
+        put_u32(&mut b, f::PEER_ID, self.peer_id);
+        put_u32(&mut b, f::SEQ, self.seq);
+        put_u64(&mut b, f::TIMESTAMP, self.timestamp_ms);
+        put_u32(&mut b, f::RTT, self.rtt_us);
+        let tag = key.tag(&[&b[..f::MAC.start]]);
+        b[f::MAC].copy_from_slice(&tag.as_ref()[..HEARTBEAT_MAC_LEN]);
         b
     }
 
     /// Parses; the MAC is checked with `verify` once the peer is known.
     pub fn parse(b: &[u8]) -> Result<Self, VpnWireError> {
-        if b.len() != HEARTBEAT_LEN || b[0] != MSG_HEARTBEAT {
-            return Err(VpnWireError::Truncated);
-        }
-        let mut r = Reader { b, pos: 1 };
-        Ok(Self { peer_id: r.u32()?, seq: r.u32()?, timestamp_ms: r.u64()?, rtt_us: r.u32()? })
+        use field::heartbeat as f;
+        let b = checked(b, MSG_HEARTBEAT, HEARTBEAT_LEN)?;
+        Ok(Self {
+            peer_id: u32_at(b, f::PEER_ID),
+            seq: u32_at(b, f::SEQ),
+            timestamp_ms: u64_at(b, f::TIMESTAMP),
+            rtt_us: u32_at(b, f::RTT),
+        })
     }
 
     pub fn verify(b: &[u8], key: &PeerKey) -> Result<(), VpnWireError> {
-        key.verify(&[&b[..HEARTBEAT_BODY_LEN]], &b[HEARTBEAT_BODY_LEN..])
+        use field::heartbeat as f;
+        let b = checked(b, MSG_HEARTBEAT, HEARTBEAT_LEN)?;
+        key.verify(&[&b[..f::MAC.start]], &b[f::MAC])
     }
 }
 
@@ -327,20 +427,19 @@ pub struct HeartbeatAckRepr {
 
 impl HeartbeatAckRepr {
     pub fn emit(&self) -> [u8; HEARTBEAT_ACK_LEN] {
+        use field::heartbeat_ack as f;
         let mut b = [0u8; HEARTBEAT_ACK_LEN];
-        b[0] = MSG_HEARTBEAT_ACK;
-        b[1..5].copy_from_slice(&self.peer_id.to_be_bytes());
-        b[5..9].copy_from_slice(&self.seq.to_be_bytes());
-        b[9..13].copy_from_slice(&self.peers_version.to_be_bytes());
+        b[field::TYPE] = MSG_HEARTBEAT_ACK;
+        put_u32(&mut b, f::PEER_ID, self.peer_id);
+        put_u32(&mut b, f::SEQ, self.seq);
+        put_u32(&mut b, f::PEERS_VERSION, self.peers_version);
         b
     }
 
     pub fn parse(b: &[u8]) -> Result<Self, VpnWireError> {
-        if b.len() != HEARTBEAT_ACK_LEN || b[0] != MSG_HEARTBEAT_ACK {
-            return Err(VpnWireError::Truncated);
-        }
-        let mut r = Reader { b, pos: 1 };
-        Ok(Self { peer_id: r.u32()?, seq: r.u32()?, peers_version: r.u32()? })
+        use field::heartbeat_ack as f;
+        let b = checked(b, MSG_HEARTBEAT_ACK, HEARTBEAT_ACK_LEN)?;
+        Ok(Self { peer_id: u32_at(b, f::PEER_ID), seq: u32_at(b, f::SEQ), peers_version: u32_at(b, f::PEERS_VERSION) })
     }
 }
 
@@ -355,9 +454,11 @@ pub struct PeerEntry {
 
 /// `INNER_PEERS` message body: version, then entries.
 pub fn emit_peer_list(version: u32, peers: &[PeerEntry]) -> Vec<u8> {
-    let mut out = vec![INNER_PEERS];
-    out.extend_from_slice(&version.to_be_bytes());
-    out.extend_from_slice(&(peers.len() as u16).to_be_bytes());
+    use field::peer_list as f;
+    let mut out = vec![0u8; f::ENTRIES];
+    out[field::TYPE] = INNER_PEERS;
+    put_u32(&mut out, f::VERSION, version);
+    put_u16(&mut out, f::COUNT, peers.len() as u16);
     for p in peers {
         out.extend_from_slice(&p.id.to_be_bytes());
         out.push(p.name.len() as u8);
@@ -369,17 +470,25 @@ pub fn emit_peer_list(version: u32, peers: &[PeerEntry]) -> Vec<u8> {
 }
 
 pub fn parse_peer_list(b: &[u8]) -> Result<(u32, Vec<PeerEntry>), VpnWireError> {
-    let mut r = Reader { b, pos: 0 };
-    if r.u8()? != INNER_PEERS {
-        return Err(VpnWireError::Unknown);
+    use field::peer_list as f;
+    match b.first() {
+        None => return Err(VpnWireError::Truncated),
+        Some(&INNER_PEERS) => {}
+        Some(_) => return Err(VpnWireError::Unknown),
     }
-    let version = r.u32()?;
-    let n = r.u16()? as usize;
+    let head = region(b, 0, f::ENTRIES)?;
+    let (version, n) = (u32_at(head, f::VERSION), u16_at(head, f::COUNT) as usize);
     let mut peers = Vec::with_capacity(n.min(1024));
+    let mut at = f::ENTRIES;
     for _ in 0..n {
-        peers.push(PeerEntry { id: r.u32()?, name: r.name()?.to_string(), addr: r.ipv4()?, routes: r.routes()? });
+        let id = u32_at(region(b, at, f::NAME_LEN)?, f::ID);
+        let (name, name_end) = name_at(b, at + f::NAME_LEN)?;
+        let addr = ipv4_at(region(b, name_end, f::ROUTES)?, f::ADDR);
+        let (routes, end) = routes_at(b, name_end + f::ROUTES)?;
+        peers.push(PeerEntry { id, name: name.to_string(), addr, routes });
+        at = end;
     }
-    if !r.rest().is_empty() {
+    if at != b.len() {
         return Err(VpnWireError::BadField);
     }
     Ok((version, peers))
@@ -451,6 +560,9 @@ mod tests {
         t[30] ^= 1;
         assert!(HeartbeatRepr::verify(&t, &key()).is_err());
 
+        // the MAC itself: HMAC-SHA256 under the peer key over the body, truncated
+        // (checked against Python's hmac module)
+        assert_eq!(&b[21..], &[82, 253, 11, 76, 102, 207, 162, 202, 126, 87, 115, 168, 33, 247, 212, 204]);
         let a = HeartbeatAckRepr { peer_id: 1, seq: 2, peers_version: 3 };
         assert_eq!(a.emit(), [0x25, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3]);
         assert_eq!(HeartbeatAckRepr::parse(&a.emit()).unwrap(), a);
@@ -468,7 +580,13 @@ mod tests {
             },
         ];
         let b = emit_peer_list(5, &peers);
-        assert_eq!(&b[..7], &[0x02, 0, 0, 0, 5, 0, 2]);
+        #[rustfmt::skip]
+        let golden = [
+            0x02, 0, 0, 0, 5, 0, 2,                      // kind, version, count
+            0, 0, 0, 2, 1, b'a', 10, 99, 0, 2, 0,        // id, name, address, no routes
+            0, 0, 0, 3, 1, b'b', 10, 99, 0, 3, 1, 192, 168, 50, 0, 24,
+        ];
+        assert_eq!(b, golden);
         assert_eq!(parse_peer_list(&b).unwrap(), (5, peers));
         assert!(parse_peer_list(&b[..b.len() - 1]).is_err());
         let mut extra = b.clone();
