@@ -52,10 +52,12 @@ fn residual_loss_at_20_percent_on_three_paths() {
     let json: serde_json::Value = serde_json::from_str(&t.status("mpclient", true)).unwrap();
     let paths = json["sessions"][0]["paths"].as_array().unwrap().clone();
     assert_eq!(paths.len(), 3);
-    for p in &paths {
-        let up = p["loss_up"].as_f64().unwrap();
-        assert!((0.05..0.40).contains(&up), "probe loss up {up} for 20%");
-    }
+    // ~35 probes per path in this run: one path's estimate spreads widely (σ ≈ 7%),
+    // the mean of three is within ±3σ (σ ≈ 4%) of the real 20%
+    let ups: Vec<f64> = paths.iter().map(|p| p["loss_up"].as_f64().unwrap()).collect();
+    assert!(ups.iter().all(|up| (0.02..0.5).contains(up)), "probe loss up {ups:?} for 20%");
+    let mean = ups.iter().sum::<f64>() / 3.0;
+    assert!((0.08..0.34).contains(&mean), "mean probe loss up {mean} for 20% ({ups:?})");
 }
 
 #[test]
