@@ -134,10 +134,11 @@ struct Results {
     targets: Vec<Target>,
 }
 
-const SINK_PORT: u16 = 7000;
+use tests::tunnel::{
+    bridge_addr, server_addr_via, Topology, CLIENT_LISTEN, ECHO_PORT as SINK_PORT, SERVER_PORT as TUNNEL_PORT,
+};
+/// The one-relay baseline: socat on bridge 1, straight to the sink.
 const RELAY_PORT: u16 = 5000;
-const TUNNEL_PORT: u16 = 4000;
-const CLIENT_LISTEN: &str = "127.0.0.1:3000";
 /// The TCP cells' listener (server host or VPN peer B).
 const TCP_PORT: u16 = 7102;
 const KCPTUN_PORT: u16 = 29900;
@@ -171,31 +172,23 @@ struct BenchLab {
 impl BenchLab {
     fn start() -> Self {
         let mut lab = Lab::new("bench");
-        let c = lab.add_ns("c");
-        let s = lab.add_ns("s");
+        let Topology { client_ns: c, bridge_ns, server_ns: s } = Topology::build(&mut lab);
+        // the direct link, beside the three paths
         lab.link(&c, "cd", "10.90.0.1", &s, "sd", "10.90.0.2");
-        let mut relay = 0;
         let mut bridges = Vec::new();
-        let mut bridge_ns = Vec::new();
-        for i in 1..=3 {
-            let b = lab.add_ns(&format!("b{i}"));
-            bridge_ns.push(b.clone());
-            lab.link(&c, &format!("c{i}"), &format!("10.77.{i}.1"), &b, "toc", &format!("10.77.{i}.2"));
-            lab.link(&b, "tos", &format!("10.78.{i}.1"), &s, &format!("s{i}"), &format!("10.78.{i}.2"));
-            let to = format!("10.78.{i}.2:{TUNNEL_PORT}");
-            let bridge = lab.spawn(
-                &b,
-                &format!("mpbridge-b{i}"),
+        for (i, b) in bridge_ns.iter().enumerate() {
+            let to = format!("{}:{TUNNEL_PORT}", server_addr_via(i + 1));
+            let listen = format!("0.0.0.0:{TUNNEL_PORT}");
+            bridges.push(lab.spawn(
+                b,
+                &format!("mpbridge-b{}", i + 1),
                 &bin("mpbridge"),
-                &["--listen", &format!("0.0.0.0:{TUNNEL_PORT}"), "--to", &to],
-            );
-            bridges.push(bridge);
-            if i == 1 {
-                let listen = format!("UDP4-LISTEN:{RELAY_PORT},fork,reuseaddr");
-                let to = format!("UDP4:10.78.1.2:{SINK_PORT}");
-                relay = lab.spawn(&b, "socat-relay", Path::new("socat"), &["-T", "60", &listen, &to]);
-            }
+                &["--listen", &listen, "--to", &to],
+            ));
         }
+        let listen = format!("UDP4-LISTEN:{RELAY_PORT},fork,reuseaddr");
+        let to = format!("UDP4:{}:{SINK_PORT}", server_addr_via(1));
+        let relay = lab.spawn(&bridge_ns[0], "socat-relay", Path::new("socat"), &["-T", "60", &listen, &to]);
         let sink = Echo::start(&s, SocketAddr::from(([0, 0, 0, 0], SINK_PORT)));
         let key = lab.dir.join("tunnel.key");
         run(std::process::Command::new(bin("mpserver")).arg("genkey").arg(&key));
@@ -223,7 +216,7 @@ impl BenchLab {
             self.lab.kill9(old);
         }
         let yaml = self.lab.dir.join("client.yaml");
-        let list: String = (1..=paths).map(|i| format!("  - remote: 10.77.{i}.2:{TUNNEL_PORT}\n")).collect();
+        let list: String = (1..=paths).map(|i| format!("  - remote: {}:{TUNNEL_PORT}\n", bridge_addr(i))).collect();
         let ctl = self.lab.dir.join("mpclient.sock");
         std::fs::write(
             &yaml,
@@ -251,7 +244,7 @@ impl BenchLab {
         for (i, d) in delays_ms.iter().enumerate() {
             self.lab.kill9(self.bridges[i]);
             let ns = self.bridge_ns[i].clone();
-            let to = format!("10.78.{}.2:{TUNNEL_PORT}", i + 1);
+            let to = format!("{}:{TUNNEL_PORT}", server_addr_via(i + 1));
             let listen = format!("0.0.0.0:{TUNNEL_PORT}");
             let delay = d.to_string();
             let mut args = vec!["--listen", &listen, "--to", &to];
@@ -574,14 +567,21 @@ impl Runner {
                 self.bl.client(3, "aes-256-gcm");
             }
 
-            self.progress(&format!("VPN, 2 peers, 3 paths each, {loss}% loss: starting"));
-            let v = tests::VpnLab::start(&format!("bv{loss}"), loss, false);
-            v.wait_peer_up("a", Duration::from_secs(20));
-            let b = v.wait_peer_up("b", Duration::from_secs(20));
-            std::thread::sleep(Duration::from_millis(500));
-            let p = cell("VPN peer to peer, 3 paths each", "vpn", 3);
-            let (from, to) = (v.peer_ns[0].clone(), v.peer_ns[1].clone());
-            cells.push(self.tcp_cell(p, &from, &to, SocketAddr::from((b, TCP_PORT)), any, Some(&b.to_string())));
+            // beside mpclient/mpserver processes (what users run), and with the tunnel
+            // embedded in mpvpn (no loopback hop)
+            for (embedded, name, setup) in [
+                (false, "VPN peer to peer, 3 paths each", "vpn"),
+                (true, "VPN peer to peer, 3 paths each, tunnel embedded", "vpn-embedded"),
+            ] {
+                self.progress(&format!("{name}, {loss}% loss: starting"));
+                let v = tests::VpnLab::start(&format!("bv{}{loss}", u8::from(embedded)), loss, embedded);
+                v.wait_peer_up("a", Duration::from_secs(20));
+                let b = v.wait_peer_up("b", Duration::from_secs(20));
+                std::thread::sleep(Duration::from_millis(500));
+                let p = cell(name, setup, 3);
+                let (from, to) = (v.peer_ns[0].clone(), v.peer_ns[1].clone());
+                cells.push(self.tcp_cell(p, &from, &to, SocketAddr::from((b, TCP_PORT)), any, Some(&b.to_string())));
+            }
         }
         self.bl.loss(0);
     }

@@ -136,49 +136,6 @@ fn kill_9_and_restart_of_each_process_recovers_within_two_seconds() {
     }
 }
 
-/// Not a pass/fail test: prints delivered throughput of 1400-byte datagrams through the
-/// three paths (no loss) at several offered rates. Run with
-/// `cargo test --release -p tests --test netns -- --ignored --nocapture throughput`.
-#[test]
-#[ignore]
-fn throughput_of_1400_byte_datagrams() {
-    let Some(_serial) = lab_or_skip() else { return };
-    let t = TunnelLab::start("t");
-    t.wait_ready(Duration::from_secs(10));
-    t.echo.reply.store(false, std::sync::atomic::Ordering::Relaxed);
-    let mut first = 10_000_000u64;
-    for mbit in [100u64, 200, 400, 800, 1600] {
-        let pps = mbit * 1_000_000 / (1400 * 8);
-        let secs = 3;
-        let (p0, b0) = (
-            t.echo.packets.load(std::sync::atomic::Ordering::Relaxed),
-            t.echo.bytes.load(std::sync::atomic::Ordering::Relaxed),
-        );
-        let _ = udp_stream(
-            &t.client_ns,
-            true,
-            CLIENT_LISTEN.parse().unwrap(),
-            first,
-            pps * secs,
-            1400,
-            pps,
-            Duration::from_millis(500),
-        )
-        .join()
-        .unwrap();
-        let got = t.echo.packets.load(std::sync::atomic::Ordering::Relaxed) - p0;
-        let bytes = t.echo.bytes.load(std::sync::atomic::Ordering::Relaxed) - b0;
-        println!(
-            "offered {mbit:>5} Mbit/s: delivered {:>7.1} Mbit/s ({:.1}% of {} datagrams)",
-            bytes as f64 * 8.0 / secs as f64 / 1e6,
-            got as f64 * 100.0 / (pps * secs) as f64,
-            pps * secs
-        );
-        first += pps * secs + 10;
-    }
-    println!("{}", t.status("mpserver", false));
-}
-
 /// Multipath over two local uplinks with no relay: one path chosen by source address
 /// (`bind`), the other by interface (`interface`, SO_BINDTODEVICE), both to the same
 /// server address. Cutting one uplink leaves the other carrying everything.

@@ -141,36 +141,3 @@ fn vpn_with_embedded_tunnel() {
     println!("embedded, 10% loss per path and direction: ping p50 {p50:.2} ms p99 {p99:.2} ms; TCP {mbit:.1} Mbit/s");
     assert_eq!(v.ping(0, "192.168.50.1", 10, "0.02", &[]).len(), 10);
 }
-
-/// Not pass/fail: ping and TCP numbers at 0% and 10% loss, with separate processes and
-/// embedded, for the record. Run with
-/// `cargo test --release -p tests --test vpn -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn vpn_numbers() {
-    let Some(_serial) = lab_or_skip() else { return };
-    for embedded in [false, true] {
-        for loss in [0, 10, 20] {
-            let v = VpnLab::start("n", loss, embedded);
-            v.wait_peer_up("a", Duration::from_secs(20));
-            let b = v.wait_peer_up("b", Duration::from_secs(20));
-            std::thread::sleep(Duration::from_millis(500));
-            let rr = tests::tcp_request_response(
-                &v.peer_ns[0],
-                SocketAddr::from((b, 7002)),
-                &v.peer_ns[1],
-                SocketAddr::from((b, 7002)),
-                500,
-                Duration::from_millis(10),
-            );
-            let (p50, p99, mbit) = measure(&v, b, 32 << 20);
-            let mode = if embedded { "embedded" } else { "separate processes" };
-            println!(
-                "{mode}, {loss}% loss per path and direction: ping p50 {p50:.2} ms p99 {p99:.2} ms; \
-                 TCP request/response p99 {:.2} ms ({} of 500 answered); TCP goodput {mbit:.1} Mbit/s",
-                percentile(&rr, 0.99),
-                rr.len()
-            );
-        }
-    }
-}
