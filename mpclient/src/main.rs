@@ -3,7 +3,7 @@
 use clap::Parser;
 use common::config::{parse_bridges, ClientConfig, ConfigError, DEFAULT_CLIENT_LISTEN, DEFAULT_LOG_LEVEL};
 use common::driver::files::load_config;
-use common::driver::{exit_with_error, require_key, run_daemon, DaemonCommand};
+use common::driver::{exit_with_error, DaemonArgs, DaemonCommand};
 use mpclient::ClientRuntime;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,15 +28,8 @@ struct Cli {
     /// Local address applications send to [default: 127.0.0.1:3000, or the config's].
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<SocketAddr>,
-    /// The shared key (make one with `mpclient genkey FILE`).
-    #[arg(long, env = "MPT_KEY_FILE", value_name = "FILE")]
-    key_file: Option<PathBuf>,
-    /// Control socket for `mpclient status` [default: /run/mptunnel/mpclient.sock].
-    #[arg(long, value_name = "PATH")]
-    control: Option<PathBuf>,
-    /// error, warn, info, debug or trace [default: info, or the config's].
-    #[arg(long)]
-    log_level: Option<String>,
+    #[command(flatten)]
+    daemon: DaemonArgs,
 }
 
 /// The runtime, key file and log level from a YAML config or a bridges file.
@@ -44,13 +37,13 @@ fn load(cli: &Cli) -> Result<(ClientRuntime, Option<PathBuf>, String), ConfigErr
     if let Some(path) = &cli.config {
         let c = load_config(path, ClientConfig::parse)?;
         let rt = ClientRuntime::from_config(&path.display().to_string(), &c)?;
-        return Ok((rt, cli.key_file.clone().or(c.key_file), c.log_level));
+        return Ok((rt, c.key_file, c.log_level));
     }
     let path = cli.bridges_file.as_ref().expect("clap requires a bridges file or a config");
     let bridges = load_config(path, parse_bridges)?;
     let listen = DEFAULT_CLIENT_LISTEN.parse().expect("constant");
     let rt = ClientRuntime::from_bridges(&path.display().to_string(), &bridges, listen)?;
-    Ok((rt, cli.key_file.clone(), DEFAULT_LOG_LEVEL.into()))
+    Ok((rt, None, DEFAULT_LOG_LEVEL.into()))
 }
 
 fn main() {
@@ -60,13 +53,6 @@ fn main() {
     }
     let (mut rt, key_file, level) = load(&cli).unwrap_or_else(|e| exit_with_error("mpclient", &e.to_string()));
     rt.listen = cli.listen.unwrap_or(rt.listen);
-    rt.control = cli.control.unwrap_or(rt.control);
-    let key =
-        require_key("mpclient", key_file.as_deref()).unwrap_or_else(|e| exit_with_error("mpclient", &e.to_string()));
-    run_daemon("mpclient", &cli.log_level.unwrap_or(level), |log| {
-        if let Some(w) = &key.warning {
-            slog::warn!(log, "{}", w);
-        }
-        mpclient::run(rt, key.key, log)
-    });
+    rt.control = cli.daemon.control.clone().unwrap_or(rt.control);
+    cli.daemon.run("mpclient", key_file, level, |log, key| mpclient::run(rt, key, log));
 }

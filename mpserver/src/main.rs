@@ -3,7 +3,7 @@
 use clap::Parser;
 use common::config::{ServerConfig, DEFAULT_LOG_LEVEL};
 use common::driver::files::load_config;
-use common::driver::{exit_with_error, require_key, run_daemon, DaemonCommand, DriverError};
+use common::driver::{exit_with_error, DaemonArgs, DaemonCommand, DriverError};
 use mpserver::ServerRuntime;
 use std::path::PathBuf;
 
@@ -29,15 +29,8 @@ struct Cli {
     /// YAML config (listen, key_file, target, targets allow-list, limits ...).
     #[arg(short, long)]
     config: Option<PathBuf>,
-    /// The shared key (make one with `mpserver genkey FILE`).
-    #[arg(long, env = "MPT_KEY_FILE", value_name = "FILE")]
-    key_file: Option<PathBuf>,
-    /// Control socket for `mpserver status` [default: /run/mptunnel/mpserver.sock].
-    #[arg(long, value_name = "PATH")]
-    control: Option<PathBuf>,
-    /// error, warn, info, debug or trace [default: info, or the config's].
-    #[arg(long)]
-    log_level: Option<String>,
+    #[command(flatten)]
+    daemon: DaemonArgs,
 }
 
 /// The runtime, key file and log level from a YAML config or mptunnel's arguments.
@@ -45,7 +38,7 @@ fn load(cli: &Cli) -> Result<(ServerRuntime, Option<PathBuf>, String), DriverErr
     if let Some(path) = &cli.config {
         let c = load_config(path, ServerConfig::parse)?;
         let rt = ServerRuntime::from_config(&path.display().to_string(), &c)?;
-        return Ok((rt, cli.key_file.clone().or(c.key_file), c.log_level));
+        return Ok((rt, c.key_file, c.log_level));
     }
     let (Some(port), Some(host), Some(target_port)) = (cli.listen_port, &cli.target_host, cli.target_port) else {
         exit_with_error(
@@ -53,7 +46,7 @@ fn load(cli: &Cli) -> Result<(ServerRuntime, Option<PathBuf>, String), DriverErr
             "usage: mpserver <listen-port> <target-host> <target-port>, or mpserver -c server.yaml",
         )
     };
-    Ok((ServerRuntime::from_args(port, host, target_port)?, cli.key_file.clone(), DEFAULT_LOG_LEVEL.into()))
+    Ok((ServerRuntime::from_args(port, host, target_port)?, None, DEFAULT_LOG_LEVEL.into()))
 }
 
 fn main() {
@@ -62,13 +55,6 @@ fn main() {
         command.run("mpserver");
     }
     let (mut rt, key_file, level) = load(&cli).unwrap_or_else(|e| exit_with_error("mpserver", &e.to_string()));
-    rt.control = cli.control.unwrap_or(rt.control);
-    let key =
-        require_key("mpserver", key_file.as_deref()).unwrap_or_else(|e| exit_with_error("mpserver", &e.to_string()));
-    run_daemon("mpserver", &cli.log_level.unwrap_or(level), |log| {
-        if let Some(w) = &key.warning {
-            slog::warn!(log, "{}", w);
-        }
-        mpserver::run(rt, key.key, log)
-    });
+    rt.control = cli.daemon.control.clone().unwrap_or(rt.control);
+    cli.daemon.run("mpserver", key_file, level, |log, key| mpserver::run(rt, key, log));
 }

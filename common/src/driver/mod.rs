@@ -147,6 +147,43 @@ pub fn require_key(program: &str, path: Option<&Path>) -> Result<files::LoadedKe
     Ok(files::load_key(path)?)
 }
 
+/// The flags every tunnel daemon (mpclient, mpserver) takes besides its own.
+#[derive(clap::Args)]
+pub struct DaemonArgs {
+    /// The shared key (make one with `genkey FILE`) [default: the config's key_file].
+    #[arg(long, env = "MPT_KEY_FILE", value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Control socket for `status` [default: the config's control_socket, else
+    /// /run/mptunnel/<program>.sock].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// error, warn, info, debug or trace [default: info, or the config's].
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+impl DaemonArgs {
+    /// Loads the key (`--key-file`, else the config's `key_file`) and runs the daemon
+    /// with `run_daemon` at `--log-level`, else the config's; never returns.
+    pub fn run<E: std::fmt::Display>(
+        self,
+        program: &'static str,
+        config_key_file: Option<PathBuf>,
+        config_log_level: String,
+        run: impl FnOnce(&slog::Logger, Psk) -> Result<(), E>,
+    ) -> ! {
+        let key_file = self.key_file.or(config_key_file);
+        let key =
+            require_key(program, key_file.as_deref()).unwrap_or_else(|e| exit_with_error(program, &e.to_string()));
+        run_daemon(program, &self.log_level.unwrap_or(config_log_level), |log| {
+            if let Some(w) = &key.warning {
+                slog::warn!(log, "{}", w);
+            }
+            run(log, key.key)
+        })
+    }
+}
+
 /// The subcommands every daemon has.
 #[derive(clap::Subcommand)]
 pub enum DaemonCommand {
