@@ -186,3 +186,34 @@ fn a_closed_stdout_pipe_ends_the_cli_quietly() {
     run_into_closed_pipe(&["genkey"]);
     assert_clean_stop(&mut c, libc::SIGTERM, Some(&ctl));
 }
+
+/// Before: the socket took the process umask's mode (0777 under `umask 000`, as some
+/// service managers and containers run): any local user could read every session.
+#[test]
+fn the_control_socket_is_owner_only_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tmpdir("umask");
+    let ctl = dir.join("mpclient.sock");
+    std::fs::write(dir.join("bridges.conf"), "127.0.0.1 9\n").unwrap();
+    let key = write_key(&dir);
+    let log = std::fs::File::create(dir.join("mpclient.log")).unwrap();
+    let mut cmd = Command::new(bin("mpclient"));
+    cmd.args(["--key-file", &key, "--control"])
+        .arg(&ctl)
+        .args(["--listen", &format!("127.0.0.1:{}", free_udp_port())])
+        .arg(dir.join("bridges.conf"))
+        .stderr(log);
+    // SAFETY: umask is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let mut d = Daemon { child: cmd.spawn().unwrap(), log: dir.join("mpclient.log") };
+    d.wait_log("mpclient listening");
+    let mode = std::fs::metadata(&ctl).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket mode {mode:o}");
+    assert_clean_stop(&mut d, libc::SIGTERM, Some(&ctl));
+}

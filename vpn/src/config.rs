@@ -164,7 +164,8 @@ impl HubConfig {
         check(valid_tun(&c.tun), file, text, "tun", "tun", format!("`{}` is not an interface name", c.tun))?;
         check((8..=30).contains(&c.network.len), file, text, "network", "network", "prefix length 8-30".into())?;
         if let Some(a) = c.address {
-            check(c.network.contains(a), file, text, "address", "address", format!("{a} is not in {}", c.network))?;
+            let why = format!("{a} is not a host address of {} (not its network or broadcast address)", c.network);
+            check(c.network.is_host(a), file, text, "address", "address", why)?;
         }
         if let Some(m) = c.mtu {
             check(
@@ -196,14 +197,20 @@ impl HubConfig {
             let msg = key.err().map_or_else(|| "needs `key` or `key_file`".into(), |e| e.to_string());
             check(ok, file, text, &format!("{field}.key"), &p.name, msg)?;
             if let Some(a) = p.address {
-                check(
-                    c.network.contains(a),
-                    file,
-                    text,
-                    &format!("{field}.address"),
-                    &a.to_string(),
-                    format!("{a} is not in {}", c.network),
-                )?;
+                let (field, at) = (format!("{field}.address"), format!("address: {a}"));
+                let why = if !c.network.contains(a) {
+                    Some(format!("{a} is not in {}", c.network))
+                } else if !c.network.is_host(a) {
+                    Some(format!("{a} is the network or broadcast address of {}", c.network))
+                } else if a == c.hub_addr() {
+                    Some(format!("{a} is the hub's own address"))
+                } else {
+                    c.peers[..i]
+                        .iter()
+                        .find(|q| q.address == Some(a))
+                        .map(|q| format!("{a} is also peer `{}`'s address", q.name))
+                };
+                check(why.is_none(), file, text, &field, &at, why.unwrap_or_default())?;
             }
         }
         Ok(c)
@@ -291,6 +298,22 @@ mod tests {
         let text = format!("network: 10.99.0.0/24\npeers:\n  - name: a\n    key: {KEY}\n  - name: b\n    key: {KEY}\n    address: 10.99.0.9\n");
         let c = HubConfig::parse("h.yaml", &text).unwrap();
         assert_eq!(c.hub_addr(), Ipv4Addr::new(10, 99, 0, 1));
+        for (addr, why) in [
+            ("10.99.0.1", "the hub's own address"),
+            ("10.99.0.0", "network or broadcast"),
+            ("10.99.0.255", "network or broadcast"),
+        ] {
+            let e = HubConfig::parse("h.yaml", &text.replace("10.99.0.9", addr)).unwrap_err().to_string();
+            assert!(e.starts_with("h.yaml:7: peers[1].address: ") && e.contains(why), "{e}");
+        }
+        let twice = text.replace(
+            &format!("    key: {KEY}\n  - name: b"),
+            &format!("    key: {KEY}\n    address: 10.99.0.9\n  - name: b"),
+        );
+        let e = HubConfig::parse("h.yaml", &twice).unwrap_err().to_string();
+        assert!(e.contains("peers[1].address") && e.contains("also peer `a`'s address"), "{e}");
+        let e = HubConfig::parse("h.yaml", &format!("address: 10.99.0.255\n{text}")).unwrap_err().to_string();
+        assert!(e.contains("address: 10.99.0.255 is not a host address"), "{e}");
         let bad = text.replace("10.99.0.9", "10.98.0.9");
         let e = HubConfig::parse("h.yaml", &bad).unwrap_err();
         assert_eq!(e.to_string(), "h.yaml:7: peers[1].address: 10.98.0.9 is not in 10.99.0.0/24");

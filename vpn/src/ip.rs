@@ -79,6 +79,16 @@ impl Prefix {
         (u64::from(n) < size).then(|| Ipv4Addr::from(u32::from(self.addr) + n))
     }
 
+    /// The prefix's last address (its broadcast address on a LAN).
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) | !Self::mask(self.len))
+    }
+
+    /// A host address: inside, and neither the network nor the broadcast address.
+    pub fn is_host(&self, a: Ipv4Addr) -> bool {
+        self.contains(a) && a != self.addr && a != self.broadcast()
+    }
+
     pub fn size(&self) -> u64 {
         1u64 << (32 - self.len as u32)
     }

@@ -40,11 +40,40 @@ pub fn default_control_path(role: &str) -> PathBuf {
     }
 }
 
-/// Prepares `path` for binding: creates its directory and removes a stale socket file.
-/// Fails if another live process is listening there.
+/// Why a directory must not hold our control socket: someone else could replace or
+/// intercept it there.
+fn unsafe_directory(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).ok()?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let (owner, mode) = (meta.uid(), meta.mode());
+    if owner != me && owner != 0 {
+        return Some(format!("it belongs to uid {owner}, not to this user ({me}) or root"));
+    }
+    // writable by others without the sticky bit (as /tmp has): they could swap the socket
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Some(format!("others may write to it (mode {:o})", mode & 0o7777));
+    }
+    None
+}
+
+/// Prepares `path` for binding: creates its directory private (0700) if missing, refuses
+/// a directory others control, and removes a stale socket file. Fails if another live
+/// process is listening there.
 fn prepare_control_path(path: &Path) -> Result<(), DriverError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).context(|| format!("control socket directory {}", dir.display()))?;
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .context(|| format!("control socket directory {}", dir.display()))?;
+        }
+        if let Some(why) = unsafe_directory(dir) {
+            return Err(DriverError::ControlDirUnsafe { dir: dir.to_owned(), why });
+        }
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -90,7 +119,14 @@ pub struct ControlServer {
 impl ControlServer {
     pub(super) fn bind(path: &Path, registry: &Registry) -> Result<Self, DriverError> {
         prepare_control_path(path)?;
-        let mut listener = UnixListener::bind(path).context(|| format!("control socket {}", path.display()))?;
+        // the socket is created owner-only (0600) whatever the process umask: whoever can
+        // connect reads every session's addresses and counters
+        // SAFETY: umask has no preconditions; it is restored right after the bind.
+        let umask = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above.
+        unsafe { libc::umask(umask) };
+        let mut listener = bound.context(|| format!("control socket {}", path.display()))?;
         registry
             .register(&mut listener, CONTROL_LISTENER, Interest::READABLE)
             .context(|| format!("control socket {}", path.display()))?;
@@ -205,5 +241,37 @@ pub fn print_status(path: &Path, json: bool) -> Result<(), DriverError> {
         super::print_stdout(&(serde_json::to_string_pretty(&report).map_err(DriverError::BadStatus)? + "\n"))
     } else {
         super::print_stdout(&report.to_table())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn directories_others_control_are_refused() {
+        let base = std::env::temp_dir().join(format!("mpt-ctl-dir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        // created private when missing
+        let sock = base.join("new").join("d.sock");
+        prepare_control_path(&sock).unwrap();
+        let mode = std::fs::metadata(base.join("new")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        // /tmp: world-writable but sticky, owned by root
+        assert!(unsafe_directory(&std::env::temp_dir()).is_none());
+        let open = base.join("open");
+        std::fs::create_dir_all(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(prepare_control_path(&open.join("d.sock")), Err(DriverError::ControlDirUnsafe { .. })));
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let theirs = base.join("theirs");
+            std::fs::create_dir_all(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+            let e = prepare_control_path(&theirs.join("d.sock")).unwrap_err().to_string();
+            assert!(e.contains("belongs to uid 65534"), "{e}");
+        }
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

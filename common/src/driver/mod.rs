@@ -42,6 +42,8 @@ pub enum DriverError {
          (or control_socket: in the config)", .0.display()
     )]
     ControlInUse(PathBuf),
+    #[error("control socket directory {}: {why}; choose another with --control PATH", .dir.display())]
+    ControlDirUnsafe { dir: PathBuf, why: String },
     #[error("cannot reach the daemon's control socket {}: {source} (is it running? pass --control PATH)", .path.display())]
     ControlUnreachable {
         path: PathBuf,
