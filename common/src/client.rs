@@ -43,6 +43,10 @@ pub const PENDING_MAX_DATAGRAMS: usize = 4096;
 pub const PENDING_MAX_BYTES: usize = 4 << 20;
 pub const DEFAULT_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 pub const DEFAULT_MAX_SESSIONS: usize = 256;
+/// A flow that never got a reply gives its session up after this long idle (as conntrack
+/// does for unreplied UDP): one-shot flows (a DNS query from a fresh port each time) must
+/// not hold the table for the whole idle timeout.
+pub const UNREPLIED_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the client core needs to know (the driver's config is richer).
 #[derive(Debug, Clone)]
@@ -60,13 +64,40 @@ pub struct ClientCoreConfig {
 /// Something the driver may want to log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientEvent {
-    SessionStarted { app: SocketAddr, id: SessionId },
-    Established { app: SocketAddr, id: SessionId, cipher: Cipher },
-    Refused { app: SocketAddr, status: HandshakeStatus },
-    ServerLost { app: SocketAddr, old: SessionId },
-    PathUp { app: SocketAddr, path: usize },
-    PathDown { app: SocketAddr, path: usize },
-    SessionClosed { app: SocketAddr, id: SessionId },
+    SessionStarted {
+        app: SocketAddr,
+        id: SessionId,
+    },
+    Established {
+        app: SocketAddr,
+        id: SessionId,
+        cipher: Cipher,
+    },
+    Refused {
+        app: SocketAddr,
+        status: HandshakeStatus,
+    },
+    ServerLost {
+        app: SocketAddr,
+        old: SessionId,
+    },
+    PathUp {
+        app: SocketAddr,
+        path: usize,
+    },
+    PathDown {
+        app: SocketAddr,
+        path: usize,
+    },
+    SessionClosed {
+        app: SocketAddr,
+        id: SessionId,
+    },
+    /// The table was full: the longest-idle session made room for a new flow.
+    SessionEvicted {
+        app: SocketAddr,
+        id: SessionId,
+    },
 }
 
 /// Result of handing the core one datagram from the local application.
@@ -149,6 +180,8 @@ pub struct Client {
     events: VecDeque<ClientEvent>,
     /// Drops that belong to no session.
     drops: DropCounters,
+    /// Sessions closed to make room for a new flow.
+    evicted_sessions: u64,
 }
 
 impl Client {
@@ -166,6 +199,7 @@ impl Client {
             ready: VecDeque::new(),
             events: VecDeque::new(),
             drops: DropCounters::default(),
+            evicted_sessions: 0,
         }
     }
 
@@ -200,9 +234,23 @@ impl Client {
         }
     }
 
-    fn open_session(&mut self, now: Instant, app: SocketAddr) -> Option<usize> {
+    /// Forgets the session in `slot`; returns its application and id.
+    fn close_session(&mut self, slot: usize) -> Option<(SocketAddr, SessionId)> {
+        let s = self.sessions[slot].take()?;
+        self.by_app.remove(&s.app);
+        self.by_id.remove(&s.id);
+        Some((s.app, s.id))
+    }
+
+    /// A session for a new application flow; when the table is full, the longest-idle
+    /// session makes room (a new flow is never refused for an old one).
+    fn open_session(&mut self, now: Instant, app: SocketAddr) -> usize {
         if self.by_app.len() >= self.cfg.max_sessions {
-            return None;
+            let oldest = self.sessions.iter().enumerate().filter_map(|(i, s)| Some((s.as_ref()?.last_app_activity, i)));
+            if let Some((app, id)) = oldest.min().and_then(|(_, slot)| self.close_session(slot)) {
+                self.evicted_sessions += 1;
+                self.events.push_back(ClientEvent::SessionEvicted { app, id });
+            }
         }
         let id = self.new_session_id();
         let n = self.path_count();
@@ -238,7 +286,7 @@ impl Client {
         self.by_id.insert(id, slot);
         self.events.push_back(ClientEvent::SessionStarted { app, id });
         self.mark_ready(slot);
-        Some(slot)
+        slot
     }
 
     /// A datagram from the local application at `from`. Its payload must already be at
@@ -257,13 +305,7 @@ impl Client {
         }
         let slot = match self.by_app.get(&from) {
             Some(&s) => s,
-            None => match self.open_session(now, from) {
-                Some(s) => s,
-                None => {
-                    self.drops.count(DropReason::TooManySessions);
-                    return ClientSend::Dropped(DropReason::TooManySessions);
-                }
-            },
+            None => self.open_session(now, from),
         };
         let s = self.sessions[slot].as_mut().expect("indexed session exists");
         s.last_app_activity = now;
@@ -454,7 +496,7 @@ impl Client {
 
     /// The earliest instant at which `handle_timeout` has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.sessions.iter().flatten().map(|s| s.next_deadline(self.cfg.session_idle_timeout)).min()
+        self.sessions.iter().flatten().map(|s| s.next_deadline(s.idle_timeout(self.cfg.session_idle_timeout))).min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -463,12 +505,10 @@ impl Client {
                 continue;
             };
             let app = s.app;
-            if now.saturating_duration_since(s.last_app_activity) >= self.cfg.session_idle_timeout {
-                let id = s.id;
-                self.sessions[slot] = None;
-                self.by_app.remove(&app);
-                self.by_id.remove(&id);
-                self.events.push_back(ClientEvent::SessionClosed { app, id });
+            if now.saturating_duration_since(s.last_app_activity) >= s.idle_timeout(self.cfg.session_idle_timeout) {
+                if let Some((app, id)) = self.close_session(slot) {
+                    self.events.push_back(ClientEvent::SessionClosed { app, id });
+                }
                 continue;
             }
             let mut wants_tx = false;
@@ -567,6 +607,7 @@ impl Client {
             listen: listen.into(),
             uptime_s: now.saturating_duration_since(self.epoch).as_secs(),
             drops: self.drops.clone(),
+            evicted_sessions: self.evicted_sessions,
             sessions,
         }
     }
@@ -641,6 +682,16 @@ impl ClientSession {
                 self.counters[i].tx.add(len);
                 Some(Transmit { len, paths: PathMask::single(i) })
             }
+        }
+    }
+
+    /// How long this session may stay idle: `configured`, or at most
+    /// `UNREPLIED_IDLE_TIMEOUT` while its application never got a reply.
+    fn idle_timeout(&self, configured: Duration) -> Duration {
+        if self.rx.packets == 0 {
+            configured.min(UNREPLIED_IDLE_TIMEOUT)
+        } else {
+            configured
         }
     }
 

@@ -538,6 +538,7 @@ impl Server {
             listen: listen.into(),
             uptime_s: now.saturating_duration_since(self.epoch).as_secs(),
             drops: self.drops.clone(),
+            evicted_sessions: 0,
             sessions,
         }
     }

@@ -20,8 +20,6 @@ pub enum DropReason {
     TooOld,
     /// The queue of datagrams waiting for a handshake was full.
     QueueFull,
-    /// A new application would exceed `max_sessions` (client).
-    TooManySessions,
     /// No live or validated path to send on (server).
     NoPath,
     /// A new path would exceed the session's path cap, and none is silent enough to
@@ -43,8 +41,6 @@ pub struct DropCounters {
     pub too_old: u64,
     pub queue_full: u64,
     #[serde(default)]
-    pub too_many_sessions: u64,
-    #[serde(default)]
     pub no_path: u64,
     #[serde(default)]
     pub no_path_slot: u64,
@@ -62,7 +58,6 @@ impl DropCounters {
             DropReason::Duplicate => &mut self.duplicate,
             DropReason::TooOld => &mut self.too_old,
             DropReason::QueueFull => &mut self.queue_full,
-            DropReason::TooManySessions => &mut self.too_many_sessions,
             DropReason::NoPath => &mut self.no_path,
             DropReason::NoPathSlot => &mut self.no_path_slot,
             DropReason::Refused => &mut self.refused,
@@ -79,7 +74,6 @@ impl DropCounters {
         self.duplicate += o.duplicate;
         self.too_old += o.too_old;
         self.queue_full += o.queue_full;
-        self.too_many_sessions += o.too_many_sessions;
         self.no_path += o.no_path;
         self.no_path_slot += o.no_path_slot;
         self.refused += o.refused;
@@ -94,7 +88,6 @@ impl DropCounters {
             + self.auth_failed
             + self.too_old
             + self.queue_full
-            + self.too_many_sessions
             + self.no_path
             + self.no_path_slot
             + self.refused
@@ -110,7 +103,6 @@ impl DropCounters {
             ("auth", self.auth_failed),
             ("old", self.too_old),
             ("queue", self.queue_full),
-            ("too-many-sessions", self.too_many_sessions),
             ("no-path", self.no_path),
             ("no-path-slot", self.no_path_slot),
             ("refused", self.refused),
@@ -210,6 +202,9 @@ pub struct StatusReport {
     pub uptime_s: u64,
     /// Drops not attributable to a session (unknown session, bad MAC, malformed ...).
     pub drops: DropCounters,
+    /// Client: sessions closed to make room for new flows in a full table.
+    #[serde(default)]
+    pub evicted_sessions: u64,
     pub sessions: Vec<SessionStatus>,
 }
 
@@ -227,11 +222,12 @@ impl StatusReport {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "{} on {}  up {}s  sessions {}  drops (no session): {}",
+            "{} on {}  up {}s  sessions {}  evicted {}  drops (no session): {}",
             self.role,
             self.listen,
             self.uptime_s,
             self.sessions.len(),
+            self.evicted_sessions,
             self.drops.compact()
         );
         for sess in &self.sessions {
@@ -293,8 +289,9 @@ impl StatusReport {
             up += sess.paths.iter().filter(|p| p.state == PathState::Up).count();
         }
         format!(
-            "sessions={} paths_up={}/{} tx={}p/{}B rx={}p/{}B dup={} bad_drops={}",
+            "sessions={} evicted={} paths_up={}/{} tx={}p/{}B rx={}p/{}B dup={} bad_drops={}",
             self.sessions.len(),
+            self.evicted_sessions,
             up,
             total,
             tx.packets,

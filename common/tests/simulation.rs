@@ -280,18 +280,48 @@ fn a_seed_replays_a_run_exactly() {
     assert_ne!(first, traced_run(8), "another seed gives another run");
 }
 
-/// Before, this was `QueueFull`, as were a full handshake queue and a path with no slot.
+/// Before, a full table refused every new flow (counted as `queue`) until an old session
+/// had been idle for the whole idle timeout.
 #[test]
-fn one_application_too_many_is_dropped_as_too_many_sessions() {
-    use common::stats::DropReason;
+fn a_full_table_makes_room_by_evicting_the_longest_idle_session() {
     let dir = LinkDir::lossy(0.0, 3);
     let mut sim = Sim::new(9, vec![(dir, dir); 2], Cipher::Aes256Gcm);
+    // room on the server for the evicted session (it expires there later) and the new one
+    sim.server_cfg.max_sessions = 64;
+    sim.restart_server();
     let max = sim.client_cfg.max_sessions as u16;
+    let app_at = |i: u16| SocketAddr::from(([127, 0, 0, 1], 7000 + i));
     for i in 0..max {
-        let app = SocketAddr::from(([127, 0, 0, 1], 7000 + i));
-        assert_eq!(sim.app_send(app, b"hello"), ClientSend::Queued, "application {i}");
+        assert_eq!(sim.app_send(app_at(i), &numbered(i as u32)), ClientSend::Queued, "application {i}");
+        sim.run_for(Duration::from_millis(10));
     }
-    let one_more = SocketAddr::from(([127, 0, 0, 1], 7000 + max));
-    assert_eq!(sim.app_send(one_more, b"hello"), ClientSend::Dropped(DropReason::TooManySessions));
-    assert_eq!(sim.client.status(sim.now, "x").drops.too_many_sessions, 1);
+    sim.run_for(Duration::from_millis(500));
+    // application 0 stays busy; application 1 is now the longest idle
+    sim.app_send(app_at(0), &numbered(1000));
+    sim.run_for(Duration::from_millis(10));
+    let one_more = app_at(max);
+    assert!(matches!(sim.app_send(one_more, &numbered(2000)), ClientSend::Queued | ClientSend::Sealed { .. }));
+    sim.run_for(Duration::from_secs(1));
+    let st = sim.client.status(sim.now, "x");
+    assert_eq!((st.sessions.len(), st.evicted_sessions), (max as usize, 1));
+    let peers: Vec<&str> = st.sessions.iter().map(|s| s.peer.as_str()).collect();
+    assert!(!peers.contains(&app_at(1).to_string().as_str()), "the longest-idle flow made room");
+    assert!(peers.contains(&app_at(0).to_string().as_str()) && peers.contains(&one_more.to_string().as_str()));
+    assert!(sim.app_received.iter().any(|(a, d)| *a == one_more && number(d) == 2000), "the new flow works");
+}
+
+/// A flow that never got an answer gives its session up after UNREPLIED_IDLE_TIMEOUT; a
+/// replied one keeps it for the configured idle timeout.
+#[test]
+fn unreplied_flows_expire_sooner() {
+    let dir = LinkDir::lossy(0.0, 3);
+    let mut sim = Sim::new(10, vec![(dir, dir); 2], Cipher::Aes256Gcm);
+    let (replied, unreplied) = (app(), SocketAddr::from(([127, 0, 0, 1], 5999)));
+    sim.app_send(replied, &numbered(1));
+    sim.run_for(Duration::from_secs(1));
+    sim.echo = false;
+    sim.app_send(unreplied, &numbered(2));
+    sim.run_for(common::client::UNREPLIED_IDLE_TIMEOUT + Duration::from_secs(1));
+    let peers: Vec<String> = sim.client.status(sim.now, "x").sessions.iter().map(|s| s.peer.clone()).collect();
+    assert_eq!(peers, vec![replied.to_string()], "only the replied flow keeps its session");
 }

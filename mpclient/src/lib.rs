@@ -266,6 +266,9 @@ impl Multipath {
                 }
                 ClientEvent::PathUp { app, path } => info!(self.log, "path up"; "app" => %app, "path" => path),
                 ClientEvent::PathDown { app, path } => warn!(self.log, "path down"; "app" => %app, "path" => path),
+                ClientEvent::SessionEvicted { app, id } => {
+                    debug!(self.log, "session table full: longest-idle session closed"; "app" => %app, "session" => %id)
+                }
                 ClientEvent::SessionClosed { app, id } => {
                     info!(self.log, "session idle, closed"; "app" => %app, "session" => %id)
                 }

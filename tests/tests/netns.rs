@@ -264,3 +264,67 @@ fn server_on_a_wildcard_answers_from_the_address_each_path_used() {
 fn bridge_on_a_wildcard_answers_from_the_address_each_client_used() {
     second_address_carries_alone("x", true);
 }
+
+/// 3 000 one-shot flows (a fresh source port each, one datagram, as DNS queries are)
+/// through one mpclient with its default table of 256 sessions, while a long-lived flow
+/// sends throughout. Before, flow 257 and every later one was dropped (counted as
+/// `queue`) until an old session had idled for 180 s.
+#[test]
+fn one_shot_flows_crowd_out_neither_new_nor_long_lived_flows() {
+    use std::net::UdpSocket;
+    let Some(_serial) = lab_or_skip() else { return };
+    let mut t = TunnelLab::start("o");
+    // a server with room for every one-shot session: its own table is not under test
+    t.lab.kill9(t.server);
+    let yaml = t.lab.dir.join("server.yaml");
+    let ctl = t.lab.dir.join("mpserver.sock");
+    std::fs::write(
+        &yaml,
+        format!(
+            "listen: 0.0.0.0:{}\nkey_file: {}\ntarget: {}\nmax_sessions: 8192\ncontrol_socket: {}\n",
+            tests::SERVER_PORT,
+            t.key.display(),
+            tests::ECHO_ADDR,
+            ctl.display()
+        ),
+    )
+    .unwrap();
+    let ns = t.server_ns.clone();
+    t.server = t.lab.spawn(&ns, "mpserver", &tests::bin("mpserver"), &["-c", &yaml.display().to_string()]);
+    t.wait_ready(Duration::from_secs(10));
+    const FLOWS: u32 = 3000;
+    const LATE: u32 = 50;
+    let run = tests::spawn_in_ns(&t.client_ns, move || {
+        let long = UdpSocket::bind("127.0.0.1:0").unwrap();
+        long.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        long.connect(CLIENT_LISTEN).unwrap();
+        let (mut long_sent, mut long_echoed, mut late_echoed) = (0, 0, 0);
+        let mut buf = [0u8; 256];
+        for i in 0..FLOWS {
+            let one = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let mut d = [0u8; 64];
+            d[..8].copy_from_slice(&(u64::from(i) + 50_000_000).to_be_bytes());
+            one.send_to(&d, CLIENT_LISTEN).unwrap();
+            if i >= FLOWS - LATE {
+                one.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                late_echoed += u32::from(one.recv(&mut buf).is_ok());
+            }
+            if i % 30 == 0 {
+                d[..8].copy_from_slice(&(u64::from(i) + 60_000_000).to_be_bytes());
+                long.send(&d).unwrap();
+                long_sent += 1;
+                long_echoed += u32::from(long.recv(&mut buf).is_ok());
+            }
+        }
+        (long.local_addr().unwrap(), long_sent, long_echoed, late_echoed)
+    });
+    let (long_addr, long_sent, long_echoed, late_echoed) = run.join().unwrap();
+    let status: serde_json::Value = serde_json::from_str(&t.status("mpclient", true)).unwrap();
+    let evicted = status["evicted_sessions"].as_u64().unwrap();
+    let peers: Vec<&str> = status["sessions"].as_array().unwrap().iter().filter_map(|s| s["peer"].as_str()).collect();
+    println!("{FLOWS} one-shot flows: {evicted} sessions evicted; long-lived flow {long_echoed}/{long_sent} echoed; last {LATE} one-shots {late_echoed} echoed");
+    assert_eq!(long_echoed, long_sent, "the long-lived flow lost echoes");
+    assert!(peers.contains(&long_addr.to_string().as_str()), "the long-lived flow lost its session");
+    assert!(late_echoed >= LATE - 2, "late one-shot flows refused: {late_echoed} of {LATE}");
+    assert!(evicted >= u64::from(FLOWS) - 300, "evictions counted: {evicted}");
+}
