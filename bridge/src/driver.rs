@@ -1,12 +1,12 @@
 //! The mpbridge driver: one listening socket, one connected socket per flow, run by the
 //! shared event loop.
 
-use crate::{FlowSlot, FlowTable, Hop, Impairment, LabLine, Verdict};
+use crate::{FlowEntry, FlowSlot, FlowTable, Hop, Impairment, LabLine, Verdict};
 use common::driver::batch::{self, BatchSocket, RecvBatch, BATCH};
 use common::driver::event_loop::{read_batches, EventLoop, Service, NO_ROOM};
 use common::driver::{self, DriverError, IoContext};
 use mio::{Interest, Registry, Token};
-use slog::{info, trace, warn, Logger};
+use slog::{debug, info, trace, warn, Logger};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -15,6 +15,11 @@ const LISTEN: Token = Token(0);
 const FLOW_TOKEN_BASE: usize = 1;
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const STATS_INTERVAL: Duration = Duration::from_secs(30);
+/// Repeated warnings (flow sockets that cannot be opened) at most this often.
+const WARNING_INTERVAL: Duration = Duration::from_secs(10);
+/// Descriptors kept for everything but flow sockets (listening socket, poll, signals,
+/// logging).
+const FD_RESERVE: usize = 64;
 
 pub struct BridgeRuntime {
     pub listen: SocketAddr,
@@ -47,6 +52,11 @@ struct Relay {
     log: Logger,
     forwarded: u64,
     refused_flows: u64,
+    /// Unanswered flows that made room for new ones.
+    evicted_flows: u64,
+    /// Flow sockets that could not be opened.
+    socket_failures: u64,
+    last_socket_warning: Option<Instant>,
     send_errors: u64,
 }
 
@@ -61,7 +71,14 @@ pub fn run(rt: BridgeRuntime, log: &Logger) -> Result<(), DriverError> {
         batch::receive_local_addresses(listen.as_raw_fd(), rt.listen.is_ipv6())
             .context(|| format!("listen {}: packet info", rt.listen))?;
     }
-    info!(log, "mpbridge relaying"; "listen" => %rt.listen, "to" => %rt.to, "idle_timeout_s" => rt.idle_timeout.as_secs(), "max_flows" => rt.max_flows);
+    // one descriptor per flow: make room for max_flows, or fewer flows if the hard limit
+    // is lower (refused, not black-holed, beyond it)
+    let files = driver::raise_open_files_limit(rt.max_flows + FD_RESERVE).context(|| "RLIMIT_NOFILE".into())?;
+    let max_flows = rt.max_flows.min(files.saturating_sub(FD_RESERVE)).max(1);
+    if max_flows < rt.max_flows {
+        warn!(log, "the open-files limit allows fewer flows than --max-flows"; "max_flows" => max_flows, "open_files_limit" => files);
+    }
+    info!(log, "mpbridge relaying"; "listen" => %rt.listen, "to" => %rt.to, "idle_timeout_s" => rt.idle_timeout.as_secs(), "max_flows" => max_flows);
     let lab = rt.lab.is_active().then(|| {
         warn!(log, "LAB IMPAIRMENT ON: this relay drops and delays traffic on purpose";
             "loss_pct" => rt.lab.loss * 100.0, "delay_ms" => rt.lab.delay.as_millis() as u64, "jitter_ms" => rt.lab.jitter.as_millis() as u64);
@@ -71,7 +88,7 @@ pub fn run(rt: BridgeRuntime, log: &Logger) -> Result<(), DriverError> {
     let relay = Relay {
         listen,
         to: rt.to,
-        table: FlowTable::new(rt.idle_timeout, rt.max_flows),
+        table: FlowTable::new(rt.idle_timeout, max_flows),
         socks: Vec::new(),
         locals: Vec::new(),
         lab,
@@ -81,6 +98,9 @@ pub fn run(rt: BridgeRuntime, log: &Logger) -> Result<(), DriverError> {
         log: log.clone(),
         forwarded: 0,
         refused_flows: 0,
+        evicted_flows: 0,
+        socket_failures: 0,
+        last_socket_warning: None,
         send_errors: 0,
     };
     el.run(&mut Driver { rb: RecvBatch::new(), relay })
@@ -147,10 +167,13 @@ impl Relay {
     fn stats_line(&self) -> String {
         let lab_dropped = self.lab.as_ref().map_or(0, |l| l.dropped);
         format!(
-            "flows={} forwarded={} refused_flows={} send_errors={} lab_dropped={lab_dropped}",
+            "flows={} forwarded={} refused_flows={} evicted_flows={} socket_failures={} send_errors={} \
+             lab_dropped={lab_dropped}",
             self.table.len(),
             self.forwarded,
             self.refused_flows,
+            self.evicted_flows,
+            self.socket_failures,
             self.send_errors
         )
     }
@@ -243,33 +266,56 @@ impl Relay {
         }
     }
 
-    /// The flow of `from`, opening its socket if new; `None` if the table is full.
-    fn flow_socket(&mut self, now: Instant, from: SocketAddr, registry: &Registry) -> Option<usize> {
-        let Some((slot, new)) = self.table.flow_for(now, from) else {
-            self.refused_flows += 1;
-            return None;
-        };
-        if new {
-            match driver::udp_socket(driver::any_addr_for(self.to), None, Some(self.to)) {
-                Ok(mut s) => {
-                    if let Err(e) = registry.register(&mut s, Token(FLOW_TOKEN_BASE + slot), Interest::READABLE) {
-                        warn!(self.log, "register flow socket"; "error" => %e);
-                    }
-                    if self.socks.len() <= slot {
-                        self.socks.resize_with(slot + 1, || None);
-                    }
-                    self.socks[slot] = Some(s);
-                    info!(self.log, "new flow"; "client" => %from, "flows" => self.table.len());
+    /// The flow of `from`, opening its socket if new; `None` if the table is full of
+    /// answered flows or no socket could be opened (then the flow is not kept).
+    fn flow_socket(&mut self, now: Instant, from: SocketAddr, registry: &Registry) -> Option<FlowSlot> {
+        let slot = match self.table.flow_for(now, from) {
+            None => {
+                self.refused_flows += 1;
+                return None;
+            }
+            Some(FlowEntry::Existing(slot)) => return Some(slot),
+            Some(FlowEntry::New { slot, evicted }) => {
+                self.evicted_flows += u64::from(evicted.is_some());
+                // the slot's old socket (an evicted flow's) goes first: its descriptor is
+                // this flow's
+                if let Some(mut old) = self.socks.get_mut(slot).and_then(Option::take) {
+                    let _ = registry.deregister(&mut old);
                 }
-                Err(e) => warn!(self.log, "cannot open flow socket"; "client" => %from, "error" => %e),
+                slot
+            }
+        };
+        let opened = driver::udp_socket(driver::any_addr_for(self.to), None, Some(self.to)).and_then(|mut s| {
+            registry.register(&mut s, Token(FLOW_TOKEN_BASE + slot), Interest::READABLE)?;
+            Ok(s)
+        });
+        match opened {
+            Ok(s) => {
+                if self.socks.len() <= slot {
+                    self.socks.resize_with(slot + 1, || None);
+                }
+                self.socks[slot] = Some(s);
+                debug!(self.log, "new flow"; "client" => %from, "flows" => self.table.len());
+                Some(slot)
+            }
+            Err(e) => {
+                // a flow without a socket would black-hole its client: forget it, so its
+                // next datagram tries again
+                self.table.remove(slot);
+                self.socket_failures += 1;
+                if self.last_socket_warning.is_none_or(|t| now.saturating_duration_since(t) >= WARNING_INTERVAL) {
+                    self.last_socket_warning = Some(now);
+                    warn!(self.log, "cannot open flow sockets; new flows are not relayed";
+                        "client" => %from, "error" => %e, "failures_so_far" => self.socket_failures);
+                }
+                None
             }
         }
-        Some(slot)
     }
 
     /// Relays a batch of the target's answers to the flow's client.
     fn relay_from_target(&mut self, rb: &RecvBatch, now: Instant, slot: FlowSlot) {
-        self.table.touch(slot, now);
+        self.table.answered(slot, now);
         self.which.clear();
         for i in 0..rb.len() {
             if self.admit(now, Hop::ToClient(slot), rb.datagram(i)) {

@@ -22,10 +22,32 @@ pub const LAB_QUEUE_MAX: usize = 65_536;
 
 pub type FlowSlot = usize;
 
-/// The flow table: client address -> slot, with idle expiry.
+/// One client flow: its address, when it last sent or was answered, and whether the
+/// destination ever answered it.
+#[derive(Debug, Clone, Copy)]
+struct Flow {
+    client: SocketAddr,
+    last: Instant,
+    replied: bool,
+}
+
+/// What `FlowTable::flow_for` found or made room for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowEntry {
+    /// The client's flow exists.
+    Existing(FlowSlot),
+    /// A new flow; with `evicted`, a flow the destination never answered gave up its slot
+    /// (close its socket first).
+    New { slot: FlowSlot, evicted: Option<SocketAddr> },
+}
+
+/// The flow table: client address -> slot, with idle expiry. When full, a new flow takes
+/// the slot of the oldest flow the destination never answered, so a flood of spoofed
+/// sources (which no real server answers) can neither evict answered flows nor lock out
+/// new real clients.
 #[derive(Debug)]
 pub struct FlowTable {
-    flows: Vec<Option<(SocketAddr, Instant)>>,
+    flows: Vec<Option<Flow>>,
     by_client: HashMap<SocketAddr, FlowSlot>,
     free: Vec<FlowSlot>,
     idle_timeout: Duration,
@@ -37,37 +59,62 @@ impl FlowTable {
         Self { flows: Vec::new(), by_client: HashMap::new(), free: Vec::new(), idle_timeout, max_flows }
     }
 
-    /// The flow of `client`, created if new (`true`). `None` when the table is full.
-    pub fn flow_for(&mut self, now: Instant, client: SocketAddr) -> Option<(FlowSlot, bool)> {
+    /// The flow of `client`, created if new. `None` when the table is full of answered
+    /// flows.
+    pub fn flow_for(&mut self, now: Instant, client: SocketAddr) -> Option<FlowEntry> {
         if let Some(&slot) = self.by_client.get(&client) {
             self.touch(slot, now);
-            return Some((slot, false));
+            return Some(FlowEntry::Existing(slot));
         }
+        let mut evicted = None;
         if self.by_client.len() >= self.max_flows {
-            return None;
+            let (_, victim) = self
+                .flows
+                .iter()
+                .enumerate()
+                .filter_map(|(i, f)| f.filter(|f| !f.replied).map(|f| (f.last, i)))
+                .min()?;
+            evicted = self.remove(victim);
         }
+        let flow = Some(Flow { client, last: now, replied: false });
         let slot = match self.free.pop() {
             Some(s) => {
-                self.flows[s] = Some((client, now));
+                self.flows[s] = flow;
                 s
             }
             None => {
-                self.flows.push(Some((client, now)));
+                self.flows.push(flow);
                 self.flows.len() - 1
             }
         };
         self.by_client.insert(client, slot);
-        Some((slot, true))
+        Some(FlowEntry::New { slot, evicted })
     }
 
     pub fn touch(&mut self, slot: FlowSlot, now: Instant) {
-        if let Some(Some((_, t))) = self.flows.get_mut(slot) {
-            *t = now;
+        if let Some(Some(f)) = self.flows.get_mut(slot) {
+            f.last = now;
         }
     }
 
+    /// The destination answered the flow: it is a real one, kept until idle.
+    pub fn answered(&mut self, slot: FlowSlot, now: Instant) {
+        if let Some(Some(f)) = self.flows.get_mut(slot) {
+            f.last = now;
+            f.replied = true;
+        }
+    }
+
+    /// Forgets a flow (its socket could not be opened, or it made room); returns its client.
+    pub fn remove(&mut self, slot: FlowSlot) -> Option<SocketAddr> {
+        let f = self.flows.get_mut(slot)?.take()?;
+        self.by_client.remove(&f.client);
+        self.free.push(slot);
+        Some(f.client)
+    }
+
     pub fn client(&self, slot: FlowSlot) -> Option<SocketAddr> {
-        self.flows.get(slot).copied().flatten().map(|(c, _)| c)
+        self.flows.get(slot).copied().flatten().map(|f| f.client)
     }
 
     pub fn len(&self) -> usize {
@@ -80,14 +127,11 @@ impl FlowTable {
 
     /// Removes idle flows; returns their slots.
     pub fn expire(&mut self, now: Instant, out: &mut Vec<FlowSlot>) {
-        for (slot, f) in self.flows.iter_mut().enumerate() {
-            if let Some((client, last)) = *f {
-                if now.saturating_duration_since(last) >= self.idle_timeout {
-                    *f = None;
-                    self.by_client.remove(&client);
-                    self.free.push(slot);
-                    out.push(slot);
-                }
+        for slot in 0..self.flows.len() {
+            let idle = self.flows[slot].is_some_and(|f| now.saturating_duration_since(f.last) >= self.idle_timeout);
+            if idle {
+                self.remove(slot);
+                out.push(slot);
             }
         }
     }
@@ -203,16 +247,42 @@ mod tests {
         let a: SocketAddr = "10.0.0.1:1".parse().unwrap();
         let b: SocketAddr = "10.0.0.2:1".parse().unwrap();
         let c: SocketAddr = "10.0.0.3:1".parse().unwrap();
-        assert_eq!(t.flow_for(t0, a), Some((0, true)));
-        assert_eq!(t.flow_for(t0, a), Some((0, false)));
-        assert_eq!(t.flow_for(t0, b), Some((1, true)));
-        assert_eq!(t.flow_for(t0, c), None, "table full");
+        assert_eq!(t.flow_for(t0, a), Some(FlowEntry::New { slot: 0, evicted: None }));
+        assert_eq!(t.flow_for(t0, a), Some(FlowEntry::Existing(0)));
+        assert_eq!(t.flow_for(t0, b), Some(FlowEntry::New { slot: 1, evicted: None }));
+        t.answered(0, t0);
+        t.answered(1, t0);
+        assert_eq!(t.flow_for(t0, c), None, "table full of answered flows");
         t.touch(0, t0 + Duration::from_secs(5));
         let mut out = Vec::new();
         t.expire(t0 + Duration::from_secs(11), &mut out);
         assert_eq!(out, vec![1]);
-        assert_eq!(t.flow_for(t0, c), Some((1, true)), "slot reused");
+        assert_eq!(t.flow_for(t0, c), Some(FlowEntry::New { slot: 1, evicted: None }), "slot reused");
         assert_eq!(t.client(1), Some(c));
+    }
+
+    /// A flood of sources nobody answers takes only slots of flows nobody answered: an
+    /// answered flow is never evicted, and a new client always finds room.
+    #[test]
+    fn unanswered_flows_make_room_answered_ones_stay() {
+        let t0 = Instant::now();
+        let mut t = FlowTable::new(Duration::from_secs(120), 4);
+        let real: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        let Some(FlowEntry::New { slot, .. }) = t.flow_for(t0, real) else { panic!() };
+        t.answered(slot, t0);
+        for port in 2..1000u16 {
+            let spoofed = SocketAddr::from(([10, 0, 9, 9], port));
+            let now = t0 + Duration::from_millis(u64::from(port));
+            assert!(matches!(t.flow_for(now, spoofed), Some(FlowEntry::New { .. })), "room for {spoofed}");
+            assert_eq!(t.len(), (port as usize).min(4));
+        }
+        assert_eq!(t.flow_for(t0, real), Some(FlowEntry::Existing(slot)), "the answered flow survived");
+        let newcomer: SocketAddr = "10.0.0.2:1".parse().unwrap();
+        let Some(FlowEntry::New { evicted: Some(oldest), .. }) = t.flow_for(t0 + Duration::from_secs(2), newcomer)
+        else {
+            panic!("a new client finds room")
+        };
+        assert_eq!(oldest, SocketAddr::from(([10, 0, 9, 9], 997)), "the oldest unanswered flow made room");
     }
 
     #[test]

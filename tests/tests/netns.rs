@@ -328,3 +328,66 @@ fn one_shot_flows_crowd_out_neither_new_nor_long_lived_flows() {
     assert!(late_echoed >= LATE - 2, "late one-shot flows refused: {late_echoed} of {LATE}");
     assert!(evicted >= u64::from(FLOWS) - 300, "evictions counted: {evicted}");
 }
+
+/// mpbridge under `ulimit -n 256` flooded from thousands of source ports nobody answers,
+/// while a real client's only path runs through it. Before, sockets ran out after ~190
+/// flows, every later flow was kept without one (black-holed, a warning each), and a
+/// restarted client could no longer get through.
+#[test]
+fn a_bridge_flooded_from_spoofed_sources_still_relays_real_clients() {
+    use std::net::UdpSocket;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let Some(_serial) = lab_or_skip() else { return };
+    let mut t = TunnelLab::start("f");
+    t.wait_ready(Duration::from_secs(10));
+    // only path 2 (mpbridge b2) carries traffic, and that bridge has 256 descriptors
+    t.set_loss(0, 100, 100);
+    t.set_loss(2, 100, 100);
+    t.lab.kill9(t.bridges[1]);
+    let script = format!(
+        "ulimit -n 256; exec {} --listen 0.0.0.0:{} --to {}:{}",
+        tests::bin("mpbridge").display(),
+        tests::BRIDGE_PORT,
+        tests::server_addr_via(2),
+        tests::SERVER_PORT
+    );
+    let ns = t.bridge_ns[1].clone();
+    t.bridges[1] = t.lab.spawn(&ns, "mpbridge-b2-limited", std::path::Path::new("sh"), &["-c", &script]);
+    t.wait_ready(Duration::from_secs(10));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (bridge, flooding) = (format!("{}:{}", tests::bridge_addr(2), tests::BRIDGE_PORT), stop.clone());
+    let flood = tests::spawn_in_ns(&t.client_ns, move || {
+        let mut sent = 0u32;
+        // bounded: at most 20 000 sources, and it stops when told
+        while sent < 20_000 && !flooding.load(Ordering::Relaxed) {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            let _ = s.send_to(&[0x13; 64], &bridge);
+            sent += 1;
+            if sent.is_multiple_of(100) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        sent
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // the running client keeps its flow: everything arrives
+    let r = stream(&t, 70_000_000, 1000, 200, 1000);
+    // a restarted client (a new source port at the bridge) gets through during the flood
+    t.lab.kill9(t.client);
+    t.client = t.start_client();
+    let back = t.wait_ready(Duration::from_secs(5));
+    assert!(!flood.is_finished(), "the flood ran out before the restarted client came back");
+    stop.store(true, Ordering::Relaxed);
+    let sources = flood.join().unwrap();
+    assert!(t.lab.alive(t.bridges[1]), "mpbridge died under the flood");
+    let log = t.lab.log_of(t.bridges[1]);
+    println!(
+        "{sources} spoofed sources: running client {}/1000 echoed; restarted client through in {back:?}",
+        r.echoed.len()
+    );
+    assert!(sources >= 2000, "the flood was real: {sources} sources");
+    assert!(r.echoed.len() >= 990, "the running client's flow suffered: {} of 1000", r.echoed.len());
+    assert!(log.matches("cannot open").count() <= 2, "a warning per flow:\n{log}");
+}

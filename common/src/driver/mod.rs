@@ -114,6 +114,25 @@ pub fn udp_socket(
     Ok(batch::BatchSocket::new(mio::net::UdpSocket::from_std(sock.into())))
 }
 
+/// Raises the soft limit on open files towards `want` (at most to the hard limit); returns
+/// the soft limit now in effect.
+pub fn raise_open_files_limit(want: usize) -> std::io::Result<usize> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid rlimit for the kernel to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let want = want as libc::rlim_t;
+    if lim.rlim_cur < want {
+        let raised = libc::rlimit { rlim_cur: want.min(lim.rlim_max), rlim_max: lim.rlim_max };
+        // SAFETY: as above; raising the soft limit up to the hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    Ok(usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX))
+}
+
 /// The unspecified address of `peer`'s family, port 0: where to bind a socket that
 /// talks to `peer`.
 pub fn any_addr_for(peer: SocketAddr) -> SocketAddr {
