@@ -97,8 +97,9 @@ struct ServerPath {
     last_rx: Instant,
     rx: Traffic,
     tx: Traffic,
-    /// Every byte received from this address for this session, duplicates included:
-    /// the anti-amplification budget before validation.
+    /// Authenticated bytes received from this address for this session (forged datagrams
+    /// and unverified duplicate copies do not count): the anti-amplification budget
+    /// before validation.
     heard_bytes: u64,
     receipts: ProbeReceipts,
 }
@@ -301,9 +302,6 @@ impl Server {
         let s = self.sessions[slot].as_mut().expect("indexed session exists");
         let datagram_len = buf.len();
         let known_path = s.paths.iter().position(|p| p.addr == from);
-        if let Some(i) = known_path {
-            s.paths[i].heard_bytes += datagram_len as u64;
-        }
         match s.replay.check(seq) {
             ReplayVerdict::Fresh => {}
             ReplayVerdict::Duplicate => {
@@ -323,16 +321,12 @@ impl Server {
         s.last_rx = Some(now);
         let path = match known_path {
             Some(i) => Some(i),
-            None => {
-                let i = s.learn_path(now, from, &mut *self.entropy, max_paths, slot, &mut self.events);
-                if let Some(i) = i {
-                    s.paths[i].heard_bytes += datagram_len as u64;
-                }
-                i
-            }
+            None => s.learn_path(now, from, &mut *self.entropy, max_paths, slot, &mut self.events),
         };
         if let Some(i) = path {
             let p = &mut s.paths[i];
+            // only bytes that authenticated earn an unvalidated address a reply budget
+            p.heard_bytes += datagram_len as u64;
             p.last_rx = now;
             p.local = local;
             p.rx.add(datagram_len);

@@ -77,3 +77,40 @@ proptest! {
         prop_assert_eq!(r, ServerRecv::Dropped(common::stats::DropReason::Duplicate));
     }
 }
+
+/// Before, every datagram from a known but unvalidated path's address counted towards its
+/// anti-amplification budget before it was authenticated: forged datagrams spoofing that
+/// address bought replies to it.
+#[test]
+fn forged_datagrams_buy_no_reply_budget_on_an_unvalidated_path() {
+    use common::wire::{emit_transport_header, DATA_PAYLOAD_OFFSET};
+    use common::SessionId;
+    let dir = LinkDir::lossy(0.0, 2);
+    // path 1 hears nothing back: the client never learns its challenge, it stays unvalidated
+    let mut links = vec![(dir, dir); 2];
+    links[1].1 = LinkDir::lossy(1.0, 2);
+    let mut sim = Sim::new(22, links, Cipher::Aes256Gcm);
+    sim.app_send("127.0.0.1:5000".parse().unwrap(), b"hello");
+    sim.run_for(Duration::from_millis(500));
+    let status = sim.server.status(sim.now, "x");
+    let session = &status.sessions[0];
+    let victim = sim.links[1].server_side_addr;
+    assert!(session.paths.iter().any(|p| p.name.starts_with(&victim.to_string())), "path 1 is known: {session:?}");
+    let id = SessionId(u64::from_str_radix(&session.id, 16).unwrap());
+    // room for one more full datagram to path 1?
+    let reaches_victim = |sim: &mut Sim| {
+        let mut buf = vec![0u8; 2048];
+        let (_, paths) = sim.server.encapsulate(sim.now, 0, &mut buf, 1400).expect("sealed");
+        paths.iter().any(|p| sim.server.path_addr(0, p) == Some(victim))
+    };
+    let before = reaches_victim(&mut sim);
+    // 200 forged 1400-byte transport datagrams "from" the unvalidated path
+    let mut out = [0u8; HANDSHAKE_RESP_LEN];
+    for k in 0..200u64 {
+        let mut d = vec![0xa5u8; DATA_PAYLOAD_OFFSET + 1400];
+        emit_transport_header(&mut d, id, 1_000_000 + k);
+        assert!(matches!(sim.server.handle_datagram(sim.now, victim, &mut d, &mut out), ServerRecv::Dropped(_)));
+    }
+    assert!(!before, "an unvalidated path gets no 1400-byte datagram on a few probes' budget");
+    assert!(!reaches_victim(&mut sim), "forged bytes bought a reply budget");
+}
