@@ -487,6 +487,23 @@ impl Server {
         }
     }
 
+    /// The front end could not serve the session it was just told about (its upstream
+    /// socket failed): the session is closed and `out` gets a signed refusal of the init
+    /// that opened it, to send instead of the response. False if there is no such session.
+    pub fn refuse_opened(
+        &mut self,
+        slot: SessionSlot,
+        status: HandshakeStatus,
+        out: &mut [u8; HANDSHAKE_RESP_LEN],
+    ) -> bool {
+        let Some(s) = self.sessions.get_mut(slot).and_then(Option::take) else { return false };
+        self.by_id.remove(&s.id);
+        self.free.push(slot);
+        self.drops.count(DropReason::Refused);
+        self.events.push_back(ServerEvent::SessionClosed { slot, id: s.id });
+        crypto::respond(&self.psk, &mut *self.entropy, &s.init[..s.init_len], status, out).is_ok()
+    }
+
     pub fn status(&self, now: Instant, listen: &str) -> StatusReport {
         let sessions = self
             .sessions

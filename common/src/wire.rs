@@ -290,6 +290,8 @@ pub enum HandshakeStatus {
     UnknownTarget = 1,
     ServerFull = 2,
     CipherRefused = 3,
+    /// The server could not reach the session's target (its upstream socket failed).
+    TargetUnavailable = 4,
 }
 
 impl HandshakeStatus {
@@ -299,6 +301,7 @@ impl HandshakeStatus {
             1 => Self::UnknownTarget,
             2 => Self::ServerFull,
             3 => Self::CipherRefused,
+            4 => Self::TargetUnavailable,
             _ => return Err(WireError::BadField),
         })
     }

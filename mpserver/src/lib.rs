@@ -12,6 +12,7 @@ use common::driver::{self, control, DriverError, IoContext};
 use common::entropy::OsEntropy;
 use common::server::{Server, ServerCoreConfig, ServerEvent, ServerRecv, SessionSlot};
 use common::stats::StatusReport;
+use common::wire::HandshakeStatus;
 use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET, HANDSHAKE_RESP_LEN};
 use common::PathMask;
 use mio::{Interest, Registry, Token};
@@ -81,7 +82,8 @@ impl ServerRuntime {
     }
 }
 
-/// What the tunnel hands its front end: core events and datagrams for targets.
+/// What the tunnel hands its front end: core events and datagrams for targets. The front
+/// end answers `false` to a `SessionOpened` it cannot serve (the client is refused).
 pub enum Inbound<'a> {
     Event(&'a ServerEvent),
     Forward(SessionSlot, &'a [u8]),
@@ -129,7 +131,7 @@ impl TunnelServer {
     /// Reads client datagrams. Core events reach `out` first (a new session's resources
     /// exist before anything is forwarded to it), then each datagram for a target. True
     /// if the read budget ran out first.
-    pub fn read_listen(&mut self, mut out: impl FnMut(Inbound)) -> bool {
+    pub fn read_listen(&mut self, mut out: impl FnMut(Inbound) -> bool) -> bool {
         // recvmmsg: with N paths most datagrams are copies that die at the replay
         // window, so reading them in batches saves most of the server's system calls
         let (fd, log) = (self.listen.as_raw_fd(), self.log.clone());
@@ -138,10 +140,18 @@ impl TunnelServer {
                 let Some(from) = rb.source(i) else { continue };
                 let local = rb.local(i);
                 let r = self.core.handle_datagram_to(now, from, local, rb.datagram_mut(i), &mut self.reply);
-                Self::drain_events(&mut self.core, &self.log, &mut out);
+                let unserved = Self::drain_events(&mut self.core, &self.log, &mut out);
                 match r {
-                    ServerRecv::Forward { slot, payload } => out(Inbound::Forward(slot, &rb.datagram(i)[payload])),
+                    ServerRecv::Forward { slot, payload } => {
+                        out(Inbound::Forward(slot, &rb.datagram(i)[payload]));
+                    }
                     ServerRecv::Reply { len } => {
+                        if let Some(slot) = unserved {
+                            // a clear refusal instead of a session that drops everything
+                            warn!(self.log, "refusing a session: no upstream socket for it"; "from" => %from);
+                            self.core.refuse_opened(slot, HandshakeStatus::TargetUnavailable, &mut self.reply);
+                            Self::drain_events(&mut self.core, &self.log, &mut out);
+                        }
                         if let Err(e) = self.listen.send_one(&self.reply[..len], from, local) {
                             self.send_errors += 1;
                             trace!(self.log, "reply failed"; "to" => %from, "error" => %e);
@@ -213,14 +223,20 @@ impl TunnelServer {
         self.core.poll_timeout()
     }
 
-    pub fn handle_timeout(&mut self, now: Instant, mut out: impl FnMut(Inbound)) {
+    pub fn handle_timeout(&mut self, now: Instant, mut out: impl FnMut(Inbound) -> bool) {
         self.core.handle_timeout(now);
         Self::drain_events(&mut self.core, &self.log, &mut out);
     }
 
-    fn drain_events(core: &mut Server, log: &Logger, out: &mut impl FnMut(Inbound)) {
+    /// Hands the core's events to `out`; returns a session `out` could not serve.
+    fn drain_events(core: &mut Server, log: &Logger, out: &mut impl FnMut(Inbound) -> bool) -> Option<SessionSlot> {
+        let mut unserved = None;
         while let Some(ev) = core.poll_event() {
-            out(Inbound::Event(&ev));
+            if !out(Inbound::Event(&ev)) {
+                if let ServerEvent::SessionOpened { slot, .. } = ev {
+                    unserved = Some(slot);
+                }
+            }
             match ev {
                 ServerEvent::SessionOpened { id, target, cipher, .. } => {
                     info!(log, "session opened"; "session" => %id, "target" => %target, "cipher" => cipher.name())
@@ -240,6 +256,7 @@ impl TunnelServer {
                 }
             }
         }
+        unserved
     }
 }
 
@@ -250,30 +267,35 @@ struct Upstreams {
 }
 
 impl Upstreams {
-    fn handle(&mut self, registry: &Registry, inbound: Inbound) {
+    /// False for a session whose upstream socket could not be opened.
+    fn handle(&mut self, registry: &Registry, inbound: Inbound) -> bool {
         match inbound {
             Inbound::Event(ev) => self.on_event(registry, ev),
-            Inbound::Forward(slot, payload) => self.forward(slot, payload),
+            Inbound::Forward(slot, payload) => {
+                self.forward(slot, payload);
+                true
+            }
         }
     }
 
-    fn on_event(&mut self, registry: &Registry, ev: &ServerEvent) {
+    fn on_event(&mut self, registry: &Registry, ev: &ServerEvent) -> bool {
         match *ev {
             ServerEvent::SessionOpened { slot, id, target, .. } => {
-                match driver::udp_socket(driver::any_addr_for(target), None, Some(target)) {
-                    Ok(mut sock) => {
-                        if let Err(e) =
-                            registry.register(&mut sock, Token(UPSTREAM_TOKEN_BASE + slot), Interest::READABLE)
-                        {
-                            warn!(self.log, "registering upstream socket"; "error" => %e);
-                        }
+                let opened = driver::udp_socket(driver::any_addr_for(target), None, Some(target)).and_then(|mut s| {
+                    registry.register(&mut s, Token(UPSTREAM_TOKEN_BASE + slot), Interest::READABLE)?;
+                    Ok(s)
+                });
+                match opened {
+                    Ok(sock) => {
                         if self.socks.len() <= slot {
                             self.socks.resize_with(slot + 1, || None);
                         }
                         self.socks[slot] = Some(sock);
+                        true
                     }
                     Err(e) => {
-                        warn!(self.log, "cannot open upstream socket"; "session" => %id, "target" => %target, "error" => %e)
+                        warn!(self.log, "cannot open upstream socket"; "session" => %id, "target" => %target, "error" => %e);
+                        false
                     }
                 }
             }
@@ -281,8 +303,9 @@ impl Upstreams {
                 if let Some(mut sock) = self.socks.get_mut(slot).and_then(Option::take) {
                     let _ = registry.deregister(&mut sock);
                 }
+                true
             }
-            _ => {}
+            _ => true,
         }
     }
 

@@ -391,3 +391,30 @@ fn a_bridge_flooded_from_spoofed_sources_still_relays_real_clients() {
     assert!(r.echoed.len() >= 990, "the running client's flow suffered: {} of 1000", r.echoed.len());
     assert!(log.matches("cannot open").count() <= 2, "a warning per flow:\n{log}");
 }
+
+/// A session whose upstream socket cannot be opened (here: no route to the target) is
+/// refused with a clear status. Before, the session was established and every datagram
+/// of it silently dropped.
+#[test]
+fn a_session_without_an_upstream_socket_is_refused() {
+    let Some(_serial) = lab_or_skip() else { return };
+    let mut t = TunnelLab::start("u");
+    t.lab.kill9(t.server);
+    // TEST-NET-1: the server host has no route there, so connecting its socket fails
+    let (key, ctl) = (t.key.display().to_string(), t.lab.dir.join("mpserver.sock").display().to_string());
+    let (ns, port) = (t.server_ns.clone(), tests::SERVER_PORT.to_string());
+    let args = ["--key-file", &key, "--control", &ctl, &port, "192.0.2.1", "7000"];
+    t.server = t.lab.spawn(&ns, "mpserver", &tests::bin("mpserver"), &args);
+    std::thread::sleep(Duration::from_millis(300));
+    let to = CLIENT_LISTEN.parse().unwrap();
+    let r = udp_stream(&t.client_ns, false, to, 80_000_000, 20, 100, 50, Duration::from_millis(500)).join().unwrap();
+    assert!(r.echoed.is_empty());
+    let client_log = t.lab.log_of(t.client);
+    assert!(
+        client_log.contains("server refused the session") && client_log.contains("TargetUnavailable"),
+        "the client was not told:\n{client_log}"
+    );
+    assert!(t.lab.log_of(t.server).contains("cannot open upstream socket"));
+    let status: serde_json::Value = serde_json::from_str(&t.status("mpserver", true)).unwrap();
+    assert_eq!(status["sessions"].as_array().unwrap().len(), 0, "a session that drops everything: {status}");
+}

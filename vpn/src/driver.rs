@@ -270,7 +270,7 @@ impl HubTunnel {
 
     fn handle_timeout(&mut self, now: Instant) {
         if let Self::Embedded(t) = self {
-            t.handle_timeout(now, |_| {});
+            t.handle_timeout(now, |_| true);
         }
     }
 }
@@ -370,6 +370,7 @@ impl Service for HubDriver {
                 if let mpserver::Inbound::Forward(slot, d) = inbound {
                     core.handle_datagram(now, wall_ms(), slot_addr(slot), d);
                 }
+                true
             }),
             _ => false,
         };
