@@ -7,6 +7,7 @@
 use common::client::{Client, ClientCoreConfig, ClientEvent, ClientRecv, ClientSend};
 use common::config::{ClientConfig, ConfigError, DEFAULT_STATS_INTERVAL_SECS};
 use common::crypto::{Cipher, Psk};
+use common::driver::address_watch::AddressWatch;
 use common::driver::batch::{BatchSocket, RecvBatch, BATCH};
 use common::driver::event_loop::{read_batches, EventLoop, Room, Service, NO_ROOM};
 use common::driver::{self, control, DriverError, IoContext};
@@ -120,12 +121,62 @@ fn path_socket(p: &PathSpec) -> std::io::Result<BatchSocket> {
     driver::udp_socket(bind, p.interface.as_deref(), Some(p.remote))
 }
 
+/// A path silent this long gets a fresh socket (its source address may be gone); the
+/// wait doubles while the silence lasts, up to `PATH_REOPEN_MAX`.
+pub const PATH_REOPEN_SILENT: Duration = Duration::from_secs(3);
+pub const PATH_REOPEN_MAX: Duration = Duration::from_secs(60);
+/// A path's socket is re-opened at most this often.
+const PATH_REOPEN_MIN_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Send errors that mean the socket itself is stale (its source address or interface is
+/// gone, or its route changed), not that one datagram or the remote failed.
+fn socket_is_stale(errno: i32) -> bool {
+    matches!(errno, libc::EINVAL | libc::EADDRNOTAVAIL | libc::ENETUNREACH | libc::ENODEV | libc::ENXIO)
+}
+
+/// Whether a fresh socket for `spec` would send from another address than `sock` does
+/// (its address went away, or the route to the remote changed). False when no fresh
+/// socket can be opened now: then the old one is as good as any.
+fn source_moved(sock: &BatchSocket, spec: &PathSpec) -> bool {
+    let Ok(current) = sock.local_addr() else { return true };
+    path_socket(spec).and_then(|probe| probe.local_addr()).is_ok_and(|fresh| fresh.ip() != current.ip())
+}
+
+/// One path's socket and what decides when it is re-opened.
+struct PathLink {
+    sock: BatchSocket,
+    opened: Instant,
+    last_rx: Instant,
+    /// Silence that makes us re-open now.
+    reopen_after: Duration,
+}
+
+impl PathLink {
+    fn open(spec: &PathSpec, registry: &Registry, token: Token, now: Instant) -> std::io::Result<Self> {
+        let mut sock = path_socket(spec)?;
+        registry.register(&mut sock, token, Interest::READABLE)?;
+        Ok(Self { sock, opened: now, last_rx: now, reopen_after: PATH_REOPEN_SILENT })
+    }
+
+    fn silent_until(&self) -> Instant {
+        self.last_rx.max(self.opened) + self.reopen_after
+    }
+}
+
 /// The client's half of the tunnel without its application socket: the core and one
 /// socket per path. `mpclient` puts a UDP socket for local applications in front of it;
 /// `mpvpn peer` in embedded mode feeds it VPN datagrams directly.
+///
+/// A path's socket is re-opened (a new source port and address, the same remote) when
+/// its sends fail because the socket is stale, when the host's addresses or routes change
+/// (netlink), and when it stays silent: a client whose addresses are renumbered keeps
+/// going, and the server learns the new path from its first authenticated datagram.
 pub struct Multipath {
     pub core: Client,
-    paths: Vec<BatchSocket>,
+    specs: Vec<PathSpec>,
+    paths: Vec<PathLink>,
+    /// The host's address and route changes; token `token_base + paths.len()`.
+    watch: Option<AddressWatch>,
     token_base: usize,
     /// What the core sends on its own (handshakes, probes, held datagrams).
     buf: Vec<u8>,
@@ -149,17 +200,25 @@ impl Multipath {
             session_idle_timeout: rt.session_idle_timeout,
             max_sessions: rt.max_sessions,
         };
+        let now = Instant::now();
         let mut paths = Vec::new();
         for (i, p) in rt.paths.iter().enumerate() {
-            let what = || format!("path {i} ({})", p.name);
-            let mut s = path_socket(p).context(what)?;
-            registry.register(&mut s, Token(token_base + i), Interest::READABLE).context(what)?;
+            let link =
+                PathLink::open(p, registry, Token(token_base + i), now).context(|| format!("path {i} ({})", p.name))?;
             info!(log, "path"; "name" => &p.name, "remote" => %p.remote, "bind" => ?p.bind, "interface" => ?p.interface);
-            paths.push(s);
+            paths.push(link);
         }
+        // best effort: without it, stale sockets are still found by their send errors
+        let watch = AddressWatch::open().and_then(|mut w| {
+            registry.register(&mut w, Token(token_base + paths.len()), Interest::READABLE)?;
+            Ok(w)
+        });
+        let watch = watch.map_err(|e| warn!(log, "no address change notifications"; "error" => %e)).ok();
         Ok(Self {
-            core: Client::new(psk, core_cfg, Instant::now(), Box::new(OsEntropy::new())),
+            core: Client::new(psk, core_cfg, now, Box::new(OsEntropy::new())),
+            specs: rt.paths.clone(),
             paths,
+            watch,
             token_base,
             buf: vec![0; MAX_DATAGRAM],
             log,
@@ -167,9 +226,81 @@ impl Multipath {
         })
     }
 
-    /// The path a token belongs to.
-    pub fn path_of(&self, token: Token) -> Option<usize> {
-        token.0.checked_sub(self.token_base).filter(|&i| i < self.paths.len())
+    /// Whether `token` is one of this tunnel's (a path or the address watch).
+    pub fn owns(&self, token: Token) -> bool {
+        token.0.checked_sub(self.token_base).is_some_and(|i| i <= self.paths.len())
+    }
+
+    /// Serves one of this tunnel's ready tokens: reads a path (delivering payloads as
+    /// `read_path`), or takes address changes (re-opening every path socket). True if a
+    /// read budget ran out first.
+    pub fn handle_ready(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        rx: &mut RecvBatch,
+        deliver: impl FnMut(SocketAddr, &[u8]),
+    ) -> bool {
+        match token.0.checked_sub(self.token_base) {
+            Some(i) if i < self.paths.len() => self.read_path(i, rx, deliver),
+            Some(i) if i == self.paths.len() => {
+                if self.watch.as_ref().is_some_and(AddressWatch::changed) {
+                    // only paths a fresh socket would send from another address: most
+                    // changes (an IPv6 link-local address appearing) concern none
+                    let moved =
+                        self.reopen_paths(registry, Instant::now(), |link, spec| source_moved(&link.sock, spec));
+                    if moved > 0 {
+                        info!(self.log, "addresses or routes changed; new path sockets"; "paths" => moved);
+                    }
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// Re-opens the sockets of the paths `due` picks (and may re-open now); returns how
+    /// many it re-opened.
+    fn reopen_paths(
+        &mut self,
+        registry: &Registry,
+        now: Instant,
+        mut due: impl FnMut(&PathLink, &PathSpec) -> bool,
+    ) -> usize {
+        let mut reopened = 0;
+        for (i, link) in self.paths.iter_mut().enumerate() {
+            if now.saturating_duration_since(link.opened) < PATH_REOPEN_MIN_INTERVAL || !due(link, &self.specs[i]) {
+                continue;
+            }
+            let token = Token(self.token_base + i);
+            let _ = registry.deregister(&mut link.sock);
+            match PathLink::open(&self.specs[i], registry, token, now) {
+                Ok(mut fresh) => {
+                    // a path that stays silent is tried less and less often
+                    let silent = now >= link.silent_until();
+                    fresh.reopen_after =
+                        if silent { (link.reopen_after * 2).min(PATH_REOPEN_MAX) } else { PATH_REOPEN_SILENT };
+                    fresh.last_rx = link.last_rx;
+                    debug!(self.log, "path socket re-opened"; "path" => &self.specs[i].name);
+                    *link = fresh;
+                    reopened += 1;
+                }
+                Err(e) => {
+                    // keep the old one (registered again) and try later
+                    let _ = registry.register(&mut link.sock, token, Interest::READABLE);
+                    link.opened = now;
+                    debug!(self.log, "cannot re-open path socket"; "path" => &self.specs[i].name, "error" => %e);
+                }
+            }
+        }
+        reopened
+    }
+
+    /// Re-opens path sockets whose sends failed as stale or that stayed silent.
+    fn maintain_paths(&mut self, registry: &Registry, now: Instant) {
+        self.reopen_paths(registry, now, |link, _| {
+            link.sock.take_send_error().is_some_and(socket_is_stale) || now >= link.silent_until()
+        });
     }
 
     /// Seals in place the application datagrams of `batch` (received with
@@ -192,7 +323,7 @@ impl Multipath {
             }
         }
         let mut which = [0usize; BATCH];
-        for (p, sock) in self.paths.iter().enumerate() {
+        for (p, link) in self.paths.iter().enumerate() {
             let mut k = 0;
             for (i, mask) in masks.iter().enumerate().take(batch.len()) {
                 if mask.contains(p) {
@@ -201,7 +332,7 @@ impl Multipath {
                 }
             }
             if k > 0 {
-                let sent = sock.send_batch(batch, &which[..k], None, None);
+                let sent = link.sock.send_batch(batch, &which[..k], None, None);
                 if sent < k {
                     self.send_errors += (k - sent) as u64;
                     trace!(self.log, "path send failed"; "path" => p, "datagrams" => k - sent);
@@ -214,10 +345,13 @@ impl Multipath {
     /// Reads datagrams arriving on path `i` (`recvmmsg`, into `rx`) and opens them in place, handing
     /// each delivered payload to `deliver(app, payload)`; true if the read budget ran out
     /// first.
-    pub fn read_path(&mut self, i: usize, rx: &mut RecvBatch, mut deliver: impl FnMut(SocketAddr, &[u8])) -> bool {
-        let fd = self.paths[i].as_raw_fd();
+    fn read_path(&mut self, i: usize, rx: &mut RecvBatch, mut deliver: impl FnMut(SocketAddr, &[u8])) -> bool {
+        let fd = self.paths[i].sock.as_raw_fd();
         let log = self.log.clone();
         read_batches(fd, rx, NO_ROOM, &log, "path", |rx, now| {
+            let link = &mut self.paths[i];
+            link.last_rx = now;
+            link.reopen_after = PATH_REOPEN_SILENT;
             for k in 0..rx.len() {
                 let d = rx.datagram_mut(k);
                 match self.core.handle_path_datagram(now, i, d) {
@@ -231,12 +365,14 @@ impl Multipath {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.core.poll_timeout()
+        let reopen = self.paths.iter().map(PathLink::silent_until).min();
+        [self.core.poll_timeout(), reopen].into_iter().flatten().min()
     }
 
-    pub fn handle_timeout(&mut self, now: Instant) {
+    pub fn handle_timeout(&mut self, registry: &Registry, now: Instant) {
         self.core.handle_timeout(now);
         self.flush(now);
+        self.maintain_paths(registry, now);
     }
 
     /// Sends what the core queued (handshakes, probes, datagrams held during a handshake)
@@ -244,7 +380,7 @@ impl Multipath {
     fn flush(&mut self, now: Instant) {
         while let Some(t) = self.core.poll_transmit(now, &mut self.buf) {
             for p in t.paths.iter() {
-                if let Err(e) = self.paths[p].send(&self.buf[..t.len]) {
+                if let Err(e) = self.paths[p].sock.send(&self.buf[..t.len]) {
                     self.send_errors += 1;
                     trace!(self.log, "path send failed"; "path" => p, "error" => %e);
                 }
@@ -323,10 +459,10 @@ impl Service for Driver {
     type Status = StatusReport;
     type Error = DriverError;
 
-    fn handle_ready(&mut self, _: &Registry, token: Token) -> Result<bool, DriverError> {
+    fn handle_ready(&mut self, registry: &Registry, token: Token) -> Result<bool, DriverError> {
         Ok(match token {
             APP => self.read_app(),
-            t => self.mp.path_of(t).is_some_and(|i| self.read_path(i)),
+            t => self.read_paths(registry, t),
         })
     }
 
@@ -334,8 +470,8 @@ impl Service for Driver {
         self.mp.poll_timeout()
     }
 
-    fn handle_timeout(&mut self, _: &Registry, now: Instant) -> Result<(), DriverError> {
-        self.mp.handle_timeout(now);
+    fn handle_timeout(&mut self, registry: &Registry, now: Instant) -> Result<(), DriverError> {
+        self.mp.handle_timeout(registry, now);
         Ok(())
     }
 
@@ -349,11 +485,11 @@ impl Service for Driver {
 }
 
 impl Driver {
-    /// Reads path `i` and sends the delivered payloads to their applications, a batch
-    /// at a time; true if the budget ran out first.
-    fn read_path(&mut self, i: usize) -> bool {
+    /// Serves a ready path (or address-change) token and sends the delivered payloads to
+    /// their applications, a batch at a time; true if the budget ran out first.
+    fn read_paths(&mut self, registry: &Registry, token: Token) -> bool {
         let (app, to_apps) = (&self.app, &mut self.to_apps);
-        let pending = self.mp.read_path(i, &mut self.path_rx, |to, payload| {
+        let pending = self.mp.handle_ready(registry, token, &mut self.path_rx, |to, payload| {
             if to_apps.is_full() {
                 send_to_apps(app, to_apps);
             }

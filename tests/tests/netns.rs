@@ -418,3 +418,38 @@ fn a_session_without_an_upstream_socket_is_refused() {
     let status: serde_json::Value = serde_json::from_str(&t.status("mpserver", true)).unwrap();
     assert_eq!(status["sessions"].as_array().unwrap().len(), 0, "a session that drops everything: {status}");
 }
+
+/// With traffic flowing, the client host's addresses on all three path interfaces are
+/// renumbered (a new address added, the old one removed), as a laptop or a 4G uplink
+/// sees. Before, every path stayed silent until mpclient was restarted (0 of the next
+/// 2 200 probes answered): its connected sockets kept the removed source address.
+#[test]
+fn renumbered_client_addresses_recover_within_two_seconds() {
+    let Some(_serial) = lab_or_skip() else { return };
+    let t = TunnelLab::start("r");
+    t.wait_ready(Duration::from_secs(10));
+    for i in 1..=3 {
+        // the new address takes over when the old one goes (a secondary would go with it)
+        t.lab.sh(&t.client_ns, &format!("sysctl -qw net.ipv4.conf.c{i}.promote_secondaries=1"));
+    }
+    let to = CLIENT_LISTEN.parse().unwrap();
+    let flow = udp_stream(&t.client_ns, false, to, 90_000_000, 1400, 100, 200, Duration::from_millis(1000));
+    std::thread::sleep(Duration::from_secs(2));
+    let changed_at = Duration::from_secs(2);
+    for i in 1..=3 {
+        t.lab.sh(&t.client_ns, &format!("ip addr add 10.77.{i}.11/24 dev c{i} && ip addr del 10.77.{i}.1/24 dev c{i}"));
+    }
+    let r = flow.join().unwrap();
+    let mut times: Vec<Duration> = r.arrivals.iter().map(|(at, _)| *at).collect();
+    times.sort();
+    let first_after = times.iter().find(|&&at| at > changed_at + Duration::from_millis(100));
+    let gap = times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    println!(
+        "addresses renumbered at {changed_at:?}: {} of {} echoed, longest gap {gap:?}, first echo after at {first_after:?}",
+        r.echoed.len(),
+        r.sent
+    );
+    println!("{}", t.status("mpclient", false));
+    assert!(first_after.is_some(), "no traffic after the change");
+    assert!(gap < Duration::from_secs(2), "traffic stopped for {gap:?}");
+}

@@ -483,9 +483,9 @@ impl PeerTunnel {
         }
     }
 
-    fn handle_timeout(&mut self, now: Instant) {
+    fn handle_timeout(&mut self, registry: &Registry, now: Instant) {
         if let Self::Embedded(mp) = self {
-            mp.handle_timeout(now);
+            mp.handle_timeout(registry, now);
         }
     }
 }
@@ -569,16 +569,15 @@ impl Service for PeerDriver {
     type Status = VpnStatus;
     type Error = VpnError;
 
-    fn handle_ready(&mut self, _: &Registry, token: Token) -> Result<bool, VpnError> {
+    fn handle_ready(&mut self, registry: &Registry, token: Token) -> Result<bool, VpnError> {
         let Self { core, tunnel, dev, bufs, log, .. } = self;
         let now = Instant::now();
         let pending = match (token, &mut *tunnel) {
             (TUN, _) => read_tun(dev, &mut bufs.tun_in, log, |p| core.handle_tun_packet(p)),
             (UDP, PeerTunnel::Udp(sock)) => read_udp(sock, &mut bufs.rx, log, |_, d| core.handle_datagram(now, d)),
-            (t, PeerTunnel::Embedded(mp)) => match mp.path_of(t) {
-                Some(i) => mp.read_path(i, &mut bufs.rx, |_, d| core.handle_datagram(now, d)),
-                None => false,
-            },
+            (t, PeerTunnel::Embedded(mp)) if mp.owns(t) => {
+                mp.handle_ready(registry, t, &mut bufs.rx, |_, d| core.handle_datagram(now, d))
+            }
             _ => false,
         };
         self.flush()?;
@@ -592,8 +591,8 @@ impl Service for PeerDriver {
             .min()
     }
 
-    fn handle_timeout(&mut self, _: &Registry, now: Instant) -> Result<(), VpnError> {
-        self.tunnel.handle_timeout(now);
+    fn handle_timeout(&mut self, registry: &Registry, now: Instant) -> Result<(), VpnError> {
+        self.tunnel.handle_timeout(registry, now);
         self.core.handle_timeout(now, wall_ms());
         self.flush()
     }

@@ -45,11 +45,18 @@ const _: () = assert!(
 pub struct BatchSocket {
     socket: mio::net::UdpSocket,
     gso: Cell<bool>,
+    /// The errno of the last send the kernel refused, until `take_send_error`.
+    send_error: Cell<Option<i32>>,
 }
 
 impl BatchSocket {
     pub fn new(socket: mio::net::UdpSocket) -> Self {
-        Self { socket, gso: Cell::new(true) }
+        Self { socket, gso: Cell::new(true), send_error: Cell::new(None) }
+    }
+
+    /// The errno of the last refused send since the last call, if any.
+    pub fn take_send_error(&self) -> Option<i32> {
+        self.send_error.take()
     }
 
     /// False once the kernel refused a GSO send on this socket.
@@ -65,7 +72,20 @@ impl BatchSocket {
         to: Option<SocketAddr>,
         from: Option<IpAddr>,
     ) -> usize {
-        send_batch(self.socket.as_raw_fd(), &self.gso, batch, which, to, from)
+        let (sent, error) = send_batch(self.socket.as_raw_fd(), &self.gso, batch, which, to, from);
+        if error.is_some() {
+            self.send_error.set(error);
+        }
+        sent
+    }
+
+    /// One datagram on this connected socket; a refusal is remembered as by `send_batch`.
+    pub fn send(&self, data: &[u8]) -> io::Result<usize> {
+        let r = self.socket.send(data);
+        if let Err(e) = &r {
+            self.send_error.set(e.raw_os_error());
+        }
+        r
     }
 
     /// Sends every datagram of `batch` to its address (`source`, as pushed) from this
@@ -256,7 +276,8 @@ const GSO_MAX_SEGMENT_BYTES: usize = 1_452;
 /// connected socket), from the local address `from` (or the kernel's choice). While
 /// `gso_usable` holds, runs of equal-sized datagrams go as one UDP GSO message each (one
 /// pass through the stack, segmented below it); the kernel sends the segments in order.
-/// Returns how many datagrams went out; a message the kernel refuses is skipped. A GSO
+/// Returns how many datagrams went out and the errno of the last refusal; a message the
+/// kernel refuses is skipped. A GSO
 /// message it cannot segment (EIO: the device; EINVAL: the route's MTU or the socket's
 /// options) is retried as plain datagrams, and `gso_usable` is cleared.
 fn send_batch(
@@ -266,9 +287,10 @@ fn send_batch(
     which: &[usize],
     to: Option<SocketAddr>,
     from: Option<IpAddr>,
-) -> usize {
+) -> (usize, Option<i32>) {
     let dest = to.map(socket2::SockAddr::from);
     let mut sent = 0;
+    let mut refused = None;
     let mut start = 0;
     // datagrams before this index of `which` go without GSO (a GSO message failed)
     let mut plain_until = 0;
@@ -327,6 +349,7 @@ fn send_batch(
         }
         // the first message failed
         let e = io::Error::last_os_error().raw_os_error();
+        refused = e.or(refused);
         if runs[0] > 1 && !matches!(e, Some(libc::EAGAIN | libc::ENOBUFS)) {
             if matches!(e, Some(libc::EIO | libc::EINVAL)) {
                 gso_usable.set(false);
@@ -337,7 +360,7 @@ fn send_batch(
             start += runs[0];
         }
     }
-    sent
+    (sent, refused)
 }
 
 /// `0, 1, .., BATCH - 1`: the indices of a batch's datagrams.
@@ -569,7 +592,7 @@ mod tests {
         }
         let out = UdpSocket::bind("127.0.0.1:0").unwrap();
         out.connect(rx.local_addr().unwrap()).unwrap();
-        assert_eq!(send_batch(out.as_raw_fd(), &Cell::new(true), &b, &[2, 0], None, None), 2);
+        assert_eq!(send_batch(out.as_raw_fd(), &Cell::new(true), &b, &[2, 0], None, None).0, 2);
         let mut buf = [0u8; 64];
         for want in [2u8, 0] {
             let n = rx.recv(&mut buf).unwrap();
@@ -651,7 +674,7 @@ mod tests {
                 Some((to, 100))
             });
         }
-        assert_eq!(send_batch(wild.as_raw_fd(), &gso, &out, all_of(&out), Some(to), local), 3);
+        assert_eq!(send_batch(wild.as_raw_fd(), &gso, &out, all_of(&out), Some(to), local).0, 3);
         let mut buf = [0u8; 256];
         let port = wild.local_addr().unwrap().port();
         for want in [3, 100, 100, 100] {
@@ -686,7 +709,7 @@ mod tests {
         let out = UdpSocket::bind("127.0.0.1:0").unwrap();
         let which: Vec<usize> = (0..sizes.len()).collect();
         let gso = Cell::new(true);
-        assert_eq!(send_batch(out.as_raw_fd(), &gso, &b, &which, Some(rx.local_addr().unwrap()), None), sizes.len());
+        assert_eq!(send_batch(out.as_raw_fd(), &gso, &b, &which, Some(rx.local_addr().unwrap()), None).0, sizes.len());
         assert!(gso.get(), "loopback takes GSO");
         let mut buf = [0u8; 2048];
         for (k, &size) in sizes.iter().enumerate() {

@@ -3,6 +3,7 @@
 //! logging setup (`log`), and the CLI pieces every daemon has. Nothing in the sans-IO
 //! cores uses this module; it exists only with the `driver` feature.
 
+pub mod address_watch;
 pub mod batch;
 pub mod control;
 pub mod event_loop;
