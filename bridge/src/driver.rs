@@ -4,7 +4,7 @@
 use crate::{FlowEntry, FlowSlot, FlowTable, Hop, Impairment, LabLine, Verdict};
 use common::driver::batch::{self, BatchSocket, RecvBatch, BATCH};
 use common::driver::event_loop::{read_batches, EventLoop, Service, NO_ROOM};
-use common::driver::{self, DriverError, IoContext};
+use common::driver::{self, DriverError, IoContext, RateLimitedLog};
 use mio::{Interest, Registry, Token};
 use slog::{debug, info, trace, warn, Logger};
 use std::net::{IpAddr, SocketAddr};
@@ -56,7 +56,7 @@ struct Relay {
     evicted_flows: u64,
     /// Flow sockets that could not be opened.
     socket_failures: u64,
-    last_socket_warning: Option<Instant>,
+    socket_warnings: RateLimitedLog,
     send_errors: u64,
 }
 
@@ -100,7 +100,7 @@ pub fn run(rt: BridgeRuntime, log: &Logger) -> Result<(), DriverError> {
         refused_flows: 0,
         evicted_flows: 0,
         socket_failures: 0,
-        last_socket_warning: None,
+        socket_warnings: RateLimitedLog::new(WARNING_INTERVAL),
         send_errors: 0,
     };
     el.run(&mut Driver { rb: RecvBatch::new(), relay })
@@ -303,8 +303,7 @@ impl Relay {
                 // next datagram tries again
                 self.table.remove(slot);
                 self.socket_failures += 1;
-                if self.last_socket_warning.is_none_or(|t| now.saturating_duration_since(t) >= WARNING_INTERVAL) {
-                    self.last_socket_warning = Some(now);
+                if self.socket_warnings.allow(now).is_some() {
                     warn!(self.log, "cannot open flow sockets; new flows are not relayed";
                         "client" => %from, "error" => %e, "failures_so_far" => self.socket_failures);
                 }

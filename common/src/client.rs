@@ -182,11 +182,14 @@ pub struct Client {
     drops: DropCounters,
     /// Sessions closed to make room for a new flow.
     evicted_sessions: u64,
+    /// The wall clock at `epoch` (ms since the Unix epoch): inits carry it.
+    wall_at_epoch_ms: u64,
 }
 
 impl Client {
-    /// A client core drawing session ids and handshake keys from `entropy`.
-    pub fn new(psk: Psk, cfg: ClientCoreConfig, now: Instant, entropy: Box<dyn Entropy>) -> Self {
+    /// A client core drawing session ids and handshake keys from `entropy`; `wall_ms` is
+    /// the wall clock at `now` (ms since the Unix epoch), which inits carry for freshness.
+    pub fn new(psk: Psk, cfg: ClientCoreConfig, now: Instant, wall_ms: u64, entropy: Box<dyn Entropy>) -> Self {
         assert!(!cfg.path_names.is_empty() && cfg.path_names.len() <= MAX_PATHS, "validated by config");
         Self {
             psk,
@@ -200,6 +203,7 @@ impl Client {
             events: VecDeque::new(),
             drops: DropCounters::default(),
             evicted_sessions: 0,
+            wall_at_epoch_ms: wall_ms,
         }
     }
 
@@ -217,8 +221,9 @@ impl Client {
 
     fn handshake(&mut self, id: SessionId, now: Instant) -> SessionState {
         let key = self.entropy.x25519_key();
+        let wall_ms = self.wall_at_epoch_ms + now.saturating_duration_since(self.epoch).as_millis() as u64;
         SessionState::Handshaking {
-            hs: Box::new(ClientHandshake::new(&self.psk, key, id, self.cfg.cipher, &self.cfg.target)),
+            hs: Box::new(ClientHandshake::new(&self.psk, key, id, self.cfg.cipher, &self.cfg.target, wall_ms)),
             next_retry: now + HANDSHAKE_RETRY_MIN,
             retry: HANDSHAKE_RETRY_MIN,
             due: true,
@@ -608,6 +613,7 @@ impl Client {
             uptime_s: now.saturating_duration_since(self.epoch).as_secs(),
             drops: self.drops.clone(),
             evicted_sessions: self.evicted_sessions,
+            max_sessions: self.cfg.max_sessions,
             sessions,
         }
     }

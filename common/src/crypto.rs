@@ -241,11 +241,12 @@ impl ClientHandshake {
         session: SessionId,
         cipher: Cipher,
         target: &str,
+        timestamp_ms: u64,
     ) -> Self {
         let public = private.compute_public_key().expect("x25519 public key");
         let mut pk = [0u8; 32];
         pk.copy_from_slice(public.as_ref());
-        let repr = HandshakeInitRepr { cipher: cipher.id(), session, public: pk, target };
+        let repr = HandshakeInitRepr { cipher: cipher.id(), session, public: pk, timestamp_ms, target };
         let mut init = [0u8; HANDSHAKE_INIT_MAX_LEN];
         let body = repr.emit_body(&mut init).expect("target name length is validated by config");
         let tag = hmac::sign(&psk.mac_key(), &init[..body]);
@@ -286,6 +287,8 @@ impl ClientHandshake {
 pub struct AcceptedInit<'a> {
     pub session: SessionId,
     pub cipher: Option<Cipher>,
+    /// The client's wall clock when it made the init (ms since the Unix epoch).
+    pub timestamp_ms: u64,
     pub target: &'a str,
 }
 
@@ -293,7 +296,12 @@ pub struct AcceptedInit<'a> {
 pub fn verify_init<'a>(psk: &Psk, init: &'a [u8]) -> Result<AcceptedInit<'a>, HandshakeError> {
     let (repr, body_len) = HandshakeInitRepr::parse(init)?;
     hmac::verify(&psk.mac_key(), &init[..body_len], &init[body_len..]).map_err(|_| HandshakeError::BadMac)?;
-    Ok(AcceptedInit { session: repr.session, cipher: Cipher::from_id(repr.cipher), target: repr.target })
+    Ok(AcceptedInit {
+        session: repr.session,
+        cipher: Cipher::from_id(repr.cipher),
+        timestamp_ms: repr.timestamp_ms,
+        target: repr.target,
+    })
 }
 
 /// Builds the server's response to a verified init. With `HandshakeStatus::Ok` it also
@@ -342,7 +350,7 @@ mod tests {
     use crate::wire::emit_transport_header;
 
     fn client_handshake(psk: &Psk, e: &mut OsEntropy, id: u64, cipher: Cipher, target: &str) -> ClientHandshake {
-        ClientHandshake::new(psk, e.x25519_key(), SessionId(id), cipher, target)
+        ClientHandshake::new(psk, e.x25519_key(), SessionId(id), cipher, target, 1_800_000_000_000)
     }
 
     fn pair(cipher: Cipher) -> (SessionKeys, SessionKeys) {

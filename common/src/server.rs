@@ -25,7 +25,7 @@ use crate::wire::{
     TYPE_HANDSHAKE_RESP, TYPE_TRANSPORT,
 };
 use crate::{PathMask, SessionId, MAX_PATHS};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -42,6 +42,12 @@ pub const DEFAULT_MAX_SESSIONS: usize = 1024;
 pub const DEFAULT_MAX_PATHS_PER_SESSION: usize = 8;
 /// How often expiry is checked.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+/// An init is taken only if its timestamp is within this of the server's wall clock: a
+/// captured init is worthless after that, also across server restarts.
+pub const INIT_FRESHNESS: Duration = Duration::from_secs(120);
+/// Sessions opened within twice the freshness window are remembered, so a replay of
+/// their init (after the session closed, or the server restarted) opens nothing.
+const RECENT_INITS_KEPT: Duration = Duration::from_secs(2 * 120);
 
 #[derive(Debug, Clone)]
 pub struct ServerCoreConfig {
@@ -147,11 +153,17 @@ pub struct Server {
     events: VecDeque<ServerEvent>,
     drops: DropCounters,
     next_sweep: Instant,
+    /// The wall clock at `epoch` (ms since the Unix epoch).
+    wall_at_epoch_ms: u64,
+    /// Session ids opened within `RECENT_INITS_KEPT`, oldest first.
+    recent_inits: VecDeque<(Instant, SessionId)>,
+    recent_ids: HashSet<SessionId>,
 }
 
 impl Server {
     /// A server core drawing handshake keys and path challenges from `entropy`.
-    pub fn new(psk: Psk, cfg: ServerCoreConfig, now: Instant, entropy: Box<dyn Entropy>) -> Self {
+    /// `wall_ms` is the wall clock at `now` (ms since the Unix epoch), for init freshness.
+    pub fn new(psk: Psk, cfg: ServerCoreConfig, now: Instant, wall_ms: u64, entropy: Box<dyn Entropy>) -> Self {
         assert!(cfg.max_paths_per_session >= 1 && cfg.max_paths_per_session <= MAX_PATHS, "validated by config");
         Self {
             psk,
@@ -164,6 +176,9 @@ impl Server {
             events: VecDeque::new(),
             drops: DropCounters::default(),
             next_sweep: now + SWEEP_INTERVAL,
+            wall_at_epoch_ms: wall_ms,
+            recent_inits: VecDeque::new(),
+            recent_ids: HashSet::new(),
         }
     }
 
@@ -228,12 +243,20 @@ impl Server {
             }
             return self.drop_global(DropReason::Unexpected);
         }
+        let wall_ms = self.wall_at_epoch_ms + now.saturating_duration_since(self.epoch).as_millis() as u64;
+        let fresh = accepted.timestamp_ms.abs_diff(wall_ms) <= INIT_FRESHNESS.as_millis() as u64;
+        if fresh && self.recent_ids.contains(&accepted.session) {
+            // a session opened by this very init already came and went
+            return self.drop_global(DropReason::ReplayedInit);
+        }
         let target = if accepted.target.is_empty() {
             self.cfg.default_target
         } else {
             self.cfg.targets.get(accepted.target).copied()
         };
         let status = match (target, accepted.cipher) {
+            // signed, so a client with a wrong clock learns why; no state is kept
+            _ if !fresh => HandshakeStatus::StaleInit,
             (None, _) => HandshakeStatus::UnknownTarget,
             (_, c) if c.is_none_or(|c| !self.cfg.ciphers.contains(&c)) => HandshakeStatus::CipherRefused,
             _ if self.by_id.len() >= self.cfg.max_sessions => HandshakeStatus::ServerFull,
@@ -279,6 +302,8 @@ impl Server {
             }
         };
         self.by_id.insert(id, slot);
+        self.recent_ids.insert(id);
+        self.recent_inits.push_back((now, id));
         self.events.push_back(ServerEvent::SessionOpened { slot, id, target, cipher });
         ServerRecv::Reply { len: HANDSHAKE_RESP_LEN }
     }
@@ -461,6 +486,13 @@ impl Server {
             return;
         }
         self.next_sweep = now + SWEEP_INTERVAL;
+        while let Some(&(at, id)) = self.recent_inits.front() {
+            if now.saturating_duration_since(at) < RECENT_INITS_KEPT {
+                break;
+            }
+            self.recent_inits.pop_front();
+            self.recent_ids.remove(&id);
+        }
         for slot in 0..self.sessions.len() {
             let Some(s) = self.sessions[slot].as_mut() else {
                 continue;
@@ -550,6 +582,7 @@ impl Server {
             uptime_s: now.saturating_duration_since(self.epoch).as_secs(),
             drops: self.drops.clone(),
             evicted_sessions: 0,
+            max_sessions: self.cfg.max_sessions,
             sessions,
         }
     }

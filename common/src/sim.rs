@@ -132,6 +132,8 @@ pub struct Sim {
     pub target_received: Vec<(SessionSlot, Vec<u8>)>,
     /// Datagrams delivered to local applications.
     pub app_received: Vec<(SocketAddr, Vec<u8>)>,
+    /// Every handshake init that reached the server, as an eavesdropper would capture it.
+    pub inits_seen: Vec<Vec<u8>>,
     pub counters: SimCounters,
     /// What happened, in order: core events and deliveries with their time since the
     /// start and a digest of the bytes. The same seed gives the same trace.
@@ -143,6 +145,8 @@ pub struct Sim {
 }
 
 pub const SIM_TARGET: &str = "10.9.9.9:9000";
+/// The simulated wall clock at the start of a run (ms since the Unix epoch).
+pub const SIM_WALL_START_MS: u64 = 1_800_000_000_000;
 
 impl Sim {
     /// A client with `links.len()` paths and a server with a default echo target.
@@ -176,8 +180,20 @@ impl Sim {
             .collect();
         let mut rng = SimRng::new(seed);
         Self {
-            client: Client::new(psk.clone(), client_cfg.clone(), now, Box::new(SimEntropy::new(rng.next_u64()))),
-            server: Server::new(psk.clone(), server_cfg.clone(), now, Box::new(SimEntropy::new(rng.next_u64()))),
+            client: Client::new(
+                psk.clone(),
+                client_cfg.clone(),
+                now,
+                SIM_WALL_START_MS,
+                Box::new(SimEntropy::new(rng.next_u64())),
+            ),
+            server: Server::new(
+                psk.clone(),
+                server_cfg.clone(),
+                now,
+                SIM_WALL_START_MS,
+                Box::new(SimEntropy::new(rng.next_u64())),
+            ),
             now,
             rng,
             psk,
@@ -188,6 +204,7 @@ impl Sim {
             echo: true,
             target_received: Vec::new(),
             app_received: Vec::new(),
+            inits_seen: Vec::new(),
             counters: SimCounters::default(),
             trace: Vec::new(),
             start: now,
@@ -197,16 +214,28 @@ impl Sim {
         }
     }
 
+    /// The simulated wall clock now (ms since the Unix epoch).
+    pub fn wall_ms(&self) -> u64 {
+        SIM_WALL_START_MS + (self.now - self.start).as_millis() as u64
+    }
+
     /// Forgets all server state, as a `kill -9` and restart would.
     pub fn restart_server(&mut self) {
         let entropy = Box::new(SimEntropy::new(self.rng.next_u64()));
-        self.server = Server::new(self.psk.clone(), self.server_cfg.clone(), self.now, entropy);
+        self.server = Server::new(self.psk.clone(), self.server_cfg.clone(), self.now, self.wall_ms(), entropy);
+    }
+
+    /// Forgets all client state; the new client's wall clock is off by `offset_ms`.
+    pub fn restart_client_with_clock(&mut self, offset_ms: i64) {
+        let entropy = Box::new(SimEntropy::new(self.rng.next_u64()));
+        let wall = self.wall_ms().saturating_add_signed(offset_ms);
+        self.client = Client::new(self.psk.clone(), self.client_cfg.clone(), self.now, wall, entropy);
     }
 
     /// Forgets all client state.
     pub fn restart_client(&mut self) {
         let entropy = Box::new(SimEntropy::new(self.rng.next_u64()));
-        self.client = Client::new(self.psk.clone(), self.client_cfg.clone(), self.now, entropy);
+        self.client = Client::new(self.psk.clone(), self.client_cfg.clone(), self.now, self.wall_ms(), entropy);
     }
 
     /// The relay of `link` restarted: the server sees a new source port.
@@ -307,6 +336,9 @@ impl Sim {
             Hop::ToServer { from, .. } => {
                 if !self.server_up {
                     return;
+                }
+                if bytes.first() == Some(&crate::wire::TYPE_HANDSHAKE_INIT) {
+                    self.inits_seen.push(bytes.clone());
                 }
                 let mut out = [0u8; HANDSHAKE_RESP_LEN];
                 let n = bytes.len();

@@ -27,6 +27,8 @@ pub enum DropReason {
     NoPathSlot,
     /// A handshake refused by the server, or one we cannot serve.
     Refused,
+    /// An authentic init seen before (a replay within the freshness window).
+    ReplayedInit,
     /// An unexpected message for the current state (e.g. a stray response).
     Unexpected,
 }
@@ -45,6 +47,8 @@ pub struct DropCounters {
     #[serde(default)]
     pub no_path_slot: u64,
     pub refused: u64,
+    #[serde(default)]
+    pub replayed_init: u64,
     pub unexpected: u64,
 }
 
@@ -61,6 +65,7 @@ impl DropCounters {
             DropReason::NoPath => &mut self.no_path,
             DropReason::NoPathSlot => &mut self.no_path_slot,
             DropReason::Refused => &mut self.refused,
+            DropReason::ReplayedInit => &mut self.replayed_init,
             DropReason::Unexpected => &mut self.unexpected,
         };
         *c += 1;
@@ -77,6 +82,7 @@ impl DropCounters {
         self.no_path += o.no_path;
         self.no_path_slot += o.no_path_slot;
         self.refused += o.refused;
+        self.replayed_init += o.replayed_init;
         self.unexpected += o.unexpected;
     }
 
@@ -91,6 +97,7 @@ impl DropCounters {
             + self.no_path
             + self.no_path_slot
             + self.refused
+            + self.replayed_init
             + self.unexpected
     }
 
@@ -106,6 +113,7 @@ impl DropCounters {
             ("no-path", self.no_path),
             ("no-path-slot", self.no_path_slot),
             ("refused", self.refused),
+            ("replayed-init", self.replayed_init),
             ("unexpected", self.unexpected),
         ];
         let parts: Vec<String> = pairs.iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("{k}={v}")).collect();
@@ -205,6 +213,9 @@ pub struct StatusReport {
     /// Client: sessions closed to make room for new flows in a full table.
     #[serde(default)]
     pub evicted_sessions: u64,
+    /// The most sessions this daemon keeps (`max_sessions`).
+    #[serde(default)]
+    pub max_sessions: usize,
     pub sessions: Vec<SessionStatus>,
 }
 
@@ -222,11 +233,12 @@ impl StatusReport {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "{} on {}  up {}s  sessions {}  evicted {}  drops (no session): {}",
+            "{} on {}  up {}s  sessions {}/{}  evicted {}  drops (no session): {}",
             self.role,
             self.listen,
             self.uptime_s,
             self.sessions.len(),
+            self.max_sessions,
             self.evicted_sessions,
             self.drops.compact()
         );

@@ -4,13 +4,15 @@
 //! version (`0x1_` = version 1). All integers are big-endian.
 //!
 //! ```text
-//! HandshakeInit (client -> server, sent on every path; >= 75 bytes)
+//! HandshakeInit (client -> server, sent on every path; >= 83 bytes)
 //!   0     type = 0x11
 //!   1     cipher id
 //!   2..10 session id
 //!  10..42 client ephemeral X25519 public key
-//!  42     target name length n (<= MAX_TARGET_NAME_LEN)
-//!  43..   target name (UTF-8, n bytes; empty = the server's default target)
+//!  42..50 the client's wall clock, ms since the Unix epoch (freshness: a captured init
+//!         is refused once it is older than the server's window)
+//!  50     target name length n (<= MAX_TARGET_NAME_LEN)
+//!  51..   target name (UTF-8, n bytes; empty = the server's default target)
 //!  then   HMAC-SHA256 over everything before it, keyed from the PSK (32 bytes)
 //!
 //! HandshakeResp (server -> client; 74 bytes, never longer than an init: no amplification)
@@ -48,9 +50,10 @@ pub mod field {
         pub const CIPHER: usize = 1;
         pub const SESSION: Field = 2..10;
         pub const PUBLIC: Field = 10..42;
-        pub const TARGET_LEN: usize = 42;
+        pub const TIMESTAMP: Field = 42..50;
+        pub const TARGET_LEN: usize = 50;
         /// The target name starts here; the MAC follows it.
-        pub const TARGET: usize = 43;
+        pub const TARGET: usize = 51;
     }
 
     pub mod resp {
@@ -231,6 +234,8 @@ pub struct HandshakeInitRepr<'a> {
     pub cipher: u8,
     pub session: SessionId,
     pub public: [u8; X25519_PUBLIC_LEN],
+    /// The client's wall clock when it made the init (ms since the Unix epoch).
+    pub timestamp_ms: u64,
     pub target: &'a str,
 }
 
@@ -255,7 +260,8 @@ impl<'a> HandshakeInitRepr<'a> {
         let mut public = [0u8; X25519_PUBLIC_LEN];
         public.copy_from_slice(&b[field::init::PUBLIC]);
         let session = SessionId(u64_at(b, field::init::SESSION));
-        Ok((Self { cipher: b[field::init::CIPHER], session, public, target }, body_len))
+        let timestamp_ms = u64_at(b, field::init::TIMESTAMP);
+        Ok((Self { cipher: b[field::init::CIPHER], session, public, timestamp_ms, target }, body_len))
     }
 
     /// Length of the body (without MAC).
@@ -276,6 +282,7 @@ impl<'a> HandshakeInitRepr<'a> {
         b[field::init::CIPHER] = self.cipher;
         put_u64(b, field::init::SESSION, self.session.0);
         b[field::init::PUBLIC].copy_from_slice(&self.public);
+        put_u64(b, field::init::TIMESTAMP, self.timestamp_ms);
         b[field::init::TARGET_LEN] = self.target.len() as u8;
         b[INIT_FIXED_LEN..len].copy_from_slice(self.target.as_bytes());
         Ok(len)
@@ -292,6 +299,9 @@ pub enum HandshakeStatus {
     CipherRefused = 3,
     /// The server could not reach the session's target (its upstream socket failed).
     TargetUnavailable = 4,
+    /// The init's timestamp is outside the server's freshness window: a replay, or the
+    /// two clocks disagree by more than `INIT_FRESHNESS`.
+    StaleInit = 5,
 }
 
 impl HandshakeStatus {
@@ -302,6 +312,7 @@ impl HandshakeStatus {
             2 => Self::ServerFull,
             3 => Self::CipherRefused,
             4 => Self::TargetUnavailable,
+            5 => Self::StaleInit,
             _ => return Err(WireError::BadField),
         })
     }
@@ -479,12 +490,19 @@ mod tests {
 
     #[test]
     fn handshake_init_golden() {
-        let repr = HandshakeInitRepr { cipher: 1, session: SID, public: [0xaa; 32], target: "ssh" };
+        let repr = HandshakeInitRepr {
+            cipher: 1,
+            session: SID,
+            public: [0xaa; 32],
+            timestamp_ms: 0x0000_0193_0a0b_0c0d,
+            target: "ssh",
+        };
         let mut b = [0u8; HANDSHAKE_INIT_MAX_LEN];
         let n = repr.emit_body(&mut b).unwrap();
-        assert_eq!(n, 46);
+        assert_eq!(n, 54);
         let mut expected = vec![0x11, 1, 1, 2, 3, 4, 5, 6, 7, 8];
         expected.extend_from_slice(&[0xaa; 32]);
+        expected.extend_from_slice(&[0, 0, 0x01, 0x93, 0x0a, 0x0b, 0x0c, 0x0d]);
         expected.extend_from_slice(&[3, b's', b's', b'h']);
         assert_eq!(&b[..n], &expected[..]);
         let (parsed, body) = HandshakeInitRepr::parse(&b[..n + HANDSHAKE_MAC_LEN]).unwrap();
@@ -493,10 +511,10 @@ mod tests {
         // wrong total length, oversized name, bad utf-8, short
         assert!(HandshakeInitRepr::parse(&b[..n + HANDSHAKE_MAC_LEN + 1]).is_err());
         let mut bad = b;
-        bad[42] = 65;
+        bad[field::init::TARGET_LEN] = 65;
         assert_eq!(HandshakeInitRepr::parse(&bad[..]).unwrap_err(), WireError::BadField);
         let mut bad = b;
-        bad[43] = 0xff;
+        bad[field::init::TARGET] = 0xff;
         assert_eq!(HandshakeInitRepr::parse(&bad[..n + 32]).unwrap_err(), WireError::BadField);
         assert_eq!(HandshakeInitRepr::parse(&b[..10]).unwrap_err(), WireError::Truncated);
     }

@@ -325,3 +325,54 @@ fn unreplied_flows_expire_sooner() {
     let peers: Vec<String> = sim.client.status(sim.now, "x").sessions.iter().map(|s| s.peer.clone()).collect();
     assert_eq!(peers, vec![replied.to_string()], "only the replied flow keeps its session");
 }
+
+/// Before, an init carried no freshness: one captured init opened a session (an X25519,
+/// a slot, an upstream socket for 10 s) every time it was replayed, forever, also after
+/// server restarts; 1024 of them replayed every 10 s filled `max_sessions`.
+#[test]
+fn a_captured_init_opens_at_most_one_session_and_nothing_once_stale() {
+    use common::server::{ServerRecv, INIT_FRESHNESS};
+    use common::wire::HANDSHAKE_RESP_LEN;
+    let dir = LinkDir::lossy(0.0, 3);
+    let mut sim = Sim::new(12, vec![(dir, dir); 2], Cipher::Aes256Gcm);
+    establish(&mut sim);
+    let captured = sim.inits_seen[0].clone();
+    let attacker: SocketAddr = "10.66.6.6:6666".parse().unwrap();
+    let mut out = [0u8; HANDSHAKE_RESP_LEN];
+    let mut replay = |sim: &mut Sim| {
+        let mut d = captured.clone();
+        sim.server.handle_datagram(sim.now, attacker, &mut d, &mut out)
+    };
+    // the server restarts; the replays come every second for 30 s
+    sim.restart_server();
+    sim.echo = false;
+    let mut most = 0;
+    for _ in 0..30 {
+        replay(&mut sim);
+        most = most.max(sim.server.session_count());
+        sim.run_for(Duration::from_secs(1));
+    }
+    // (the real client handshook again on its own: one session is its)
+    let replayed = sim.server.status(sim.now, "x").drops.replayed_init;
+    assert!(most <= 2, "replays opened {most} sessions");
+    assert!(replayed >= 15, "replays after the first session expired were not refused: {replayed}");
+    // once stale, a replay opens nothing and costs no key agreement: a signed refusal
+    sim.run_for(INIT_FRESHNESS + Duration::from_secs(10));
+    let before = sim.server.session_count();
+    assert!(matches!(replay(&mut sim), ServerRecv::Reply { .. }), "a stale init gets a signed refusal");
+    assert_eq!(sim.server.session_count(), before);
+}
+
+/// A client whose clock is far off is refused with a signed StaleInit, so it can say why.
+#[test]
+fn a_client_with_a_wrong_clock_is_told() {
+    use common::stats::SessionState;
+    let dir = LinkDir::lossy(0.0, 3);
+    let mut sim = Sim::new(13, vec![(dir, dir); 2], Cipher::Aes256Gcm);
+    sim.restart_client_with_clock(-10 * 60 * 1000);
+    sim.app_send(app(), &numbered(1));
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(sim.server.session_count(), 0);
+    assert_eq!(sim.client.status(sim.now, "x").sessions[0].state, SessionState::Refused);
+    assert!(sim.trace.iter().any(|l| l.contains("StaleInit")), "the refusal names its reason");
+}

@@ -215,7 +215,7 @@ impl Multipath {
         });
         let watch = watch.map_err(|e| warn!(log, "no address change notifications"; "error" => %e)).ok();
         Ok(Self {
-            core: Client::new(psk, core_cfg, now, Box::new(OsEntropy::new())),
+            core: Client::new(psk, core_cfg, now, driver::wall_ms(), Box::new(OsEntropy::new())),
             specs: rt.paths.clone(),
             paths,
             watch,

@@ -8,7 +8,7 @@ use common::config::{ConfigError, ServerConfig, DEFAULT_STATS_INTERVAL_SECS};
 use common::crypto::{Cipher, Psk};
 use common::driver::batch::{self, BatchSocket, RecvBatch, BATCH};
 use common::driver::event_loop::{read_batches, EventLoop, Room, Service, NO_ROOM};
-use common::driver::{self, control, DriverError, IoContext};
+use common::driver::{self, control, DriverError, IoContext, RateLimitedLog};
 use common::entropy::OsEntropy;
 use common::server::{Server, ServerCoreConfig, ServerEvent, ServerRecv, SessionSlot};
 use common::stats::StatusReport;
@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 const LISTEN: Token = Token(0);
 const UPSTREAM_TOKEN_BASE: usize = 1;
+/// Refused handshakes are logged at most this often.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Target replies are read with room to seal them in place.
 const SEALING_ROOM: Room = (DATA_PAYLOAD_OFFSET, AEAD_TAG_LEN);
 
@@ -97,6 +99,8 @@ pub struct TunnelServer {
     listen: BatchSocket,
     rb: RecvBatch,
     reply: [u8; HANDSHAKE_RESP_LEN],
+    /// Refused handshakes are logged at most every `REFUSAL_LOG_INTERVAL`.
+    refusals: RateLimitedLog,
     log: Logger,
     pub send_errors: u64,
 }
@@ -119,10 +123,11 @@ impl TunnelServer {
                 .context(|| format!("listen {listen_addr}: packet info"))?;
         }
         Ok(Self {
-            core: Server::new(psk, core, Instant::now(), Box::new(OsEntropy::new())),
+            core: Server::new(psk, core, Instant::now(), driver::wall_ms(), Box::new(OsEntropy::new())),
             listen,
             rb: RecvBatch::new(),
             reply: [0; HANDSHAKE_RESP_LEN],
+            refusals: RateLimitedLog::new(REFUSAL_LOG_INTERVAL),
             log,
             send_errors: 0,
         })
@@ -140,7 +145,7 @@ impl TunnelServer {
                 let Some(from) = rb.source(i) else { continue };
                 let local = rb.local(i);
                 let r = self.core.handle_datagram_to(now, from, local, rb.datagram_mut(i), &mut self.reply);
-                let unserved = Self::drain_events(&mut self.core, &self.log, &mut out);
+                let unserved = Self::drain_events(&mut self.core, &self.log, &mut self.refusals, &mut out);
                 match r {
                     ServerRecv::Forward { slot, payload } => {
                         out(Inbound::Forward(slot, &rb.datagram(i)[payload]));
@@ -150,7 +155,7 @@ impl TunnelServer {
                             // a clear refusal instead of a session that drops everything
                             warn!(self.log, "refusing a session: no upstream socket for it"; "from" => %from);
                             self.core.refuse_opened(slot, HandshakeStatus::TargetUnavailable, &mut self.reply);
-                            Self::drain_events(&mut self.core, &self.log, &mut out);
+                            Self::drain_events(&mut self.core, &self.log, &mut self.refusals, &mut out);
                         }
                         if let Err(e) = self.listen.send_one(&self.reply[..len], from, local) {
                             self.send_errors += 1;
@@ -225,11 +230,16 @@ impl TunnelServer {
 
     pub fn handle_timeout(&mut self, now: Instant, mut out: impl FnMut(Inbound) -> bool) {
         self.core.handle_timeout(now);
-        Self::drain_events(&mut self.core, &self.log, &mut out);
+        Self::drain_events(&mut self.core, &self.log, &mut self.refusals, &mut out);
     }
 
     /// Hands the core's events to `out`; returns a session `out` could not serve.
-    fn drain_events(core: &mut Server, log: &Logger, out: &mut impl FnMut(Inbound) -> bool) -> Option<SessionSlot> {
+    fn drain_events(
+        core: &mut Server,
+        log: &Logger,
+        refusals: &mut RateLimitedLog,
+        out: &mut impl FnMut(Inbound) -> bool,
+    ) -> Option<SessionSlot> {
         let mut unserved = None;
         while let Some(ev) = core.poll_event() {
             if !out(Inbound::Event(&ev)) {
@@ -252,7 +262,10 @@ impl TunnelServer {
                     info!(log, "path expired"; "slot" => slot, "addr" => %addr)
                 }
                 ServerEvent::Refused { from, status } => {
-                    warn!(log, "handshake refused"; "from" => %from, "status" => ?status)
+                    // replayed or flooded inits are refused by the thousand: one line per while
+                    if let Some(left_out) = refusals.allow(Instant::now()) {
+                        warn!(log, "handshake refused"; "from" => %from, "status" => ?status, "similar_left_out" => left_out)
+                    }
                 }
             }
         }

@@ -15,7 +15,7 @@ use common::config::{ClientConfig, ServerConfig};
 use common::driver::batch::{BatchSocket, RecvBatch};
 use common::driver::event_loop::{read_batches, EventLoop, Room, Service, NO_ROOM, READ_BUDGET};
 use common::driver::files::load_config;
-use common::driver::{self, IoContext};
+use common::driver::{self, wall_ms, IoContext};
 use common::entropy::{Entropy, OsEntropy};
 use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET};
 use mio::unix::SourceFd;
@@ -27,7 +27,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 const TUN: Token = Token(0);
 const UDP: Token = Token(1);
@@ -109,10 +109,6 @@ impl VpnStatus {
         }
         s
     }
-}
-
-fn wall_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn ip_cmd(args: &[&str]) -> Result<(), VpnError> {

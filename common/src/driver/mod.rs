@@ -115,6 +115,35 @@ pub fn udp_socket(
     Ok(batch::BatchSocket::new(mio::net::UdpSocket::from_std(sock.into())))
 }
 
+/// A log line that may repeat per packet (a refused handshake, a failed socket) written
+/// at most once per `every`, with how many were left out since.
+pub struct RateLimitedLog {
+    every: std::time::Duration,
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    pub const fn new(every: std::time::Duration) -> Self {
+        Self { every, last: None, suppressed: 0 }
+    }
+
+    /// `Some(left out since the last line)` when a line may be written now.
+    pub fn allow(&mut self, now: std::time::Instant) -> Option<u64> {
+        if self.last.is_some_and(|t| now.saturating_duration_since(t) < self.every) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// The wall clock, ms since the Unix epoch (what the cores stamp into handshakes).
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Raises the soft limit on open files towards `want` (at most to the hard limit); returns
 /// the soft limit now in effect.
 pub fn raise_open_files_limit(want: usize) -> std::io::Result<usize> {
