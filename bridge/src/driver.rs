@@ -4,7 +4,7 @@
 use crate::{FlowEntry, FlowSlot, FlowTable, Hop, Impairment, LabLine, Verdict};
 use common::driver::batch::{self, BatchSocket, RecvBatch, BATCH};
 use common::driver::event_loop::{read_batches, EventLoop, Service, NO_ROOM};
-use common::driver::{self, DriverError, IoContext, RateLimitedLog};
+use common::driver::{self, DriverError, IoContext, RateLimitedLog, SlotSockets};
 use mio::{Interest, Registry, Token};
 use slog::{debug, info, trace, warn, Logger};
 use std::net::{IpAddr, SocketAddr};
@@ -40,7 +40,7 @@ struct Relay {
     listen: BatchSocket,
     to: SocketAddr,
     table: FlowTable,
-    socks: Vec<Option<BatchSocket>>,
+    socks: SlotSockets,
     /// Per flow: our address its client sends to, when `listen` is a wildcard; answers go
     /// out from it (a host with several addresses would otherwise pick its own).
     locals: Vec<Option<IpAddr>>,
@@ -89,7 +89,7 @@ pub fn run(rt: BridgeRuntime, log: &Logger) -> Result<(), DriverError> {
         listen,
         to: rt.to,
         table: FlowTable::new(rt.idle_timeout, max_flows),
-        socks: Vec::new(),
+        socks: SlotSockets::new(FLOW_TOKEN_BASE),
         locals: Vec::new(),
         lab,
         which: Vec::with_capacity(BATCH),
@@ -117,11 +117,9 @@ impl Service for Driver {
                 let (fd, log) = (relay.listen.as_raw_fd(), relay.log.clone());
                 read_batches(fd, rb, NO_ROOM, &log, "clients", |rb, now| relay.relay_from_clients(rb, now, registry))
             }
-            Token(t) => {
-                let slot = t - FLOW_TOKEN_BASE;
-                let Some(fd) = relay.socks.get(slot).and_then(Option::as_ref).map(|s| s.as_raw_fd()) else {
-                    return Ok(false);
-                };
+            t => {
+                let Some(slot) = relay.socks.slot_of(t) else { return Ok(false) };
+                let Some(fd) = relay.socks.get(slot).map(|s| s.as_raw_fd()) else { return Ok(false) };
                 let log = relay.log.clone();
                 read_batches(fd, rb, NO_ROOM, &log, "target", |rb, now| relay.relay_from_target(rb, now, slot))
             }
@@ -157,9 +155,7 @@ impl Relay {
             self.expired.clear();
             self.table.expire(now, &mut self.expired);
             for &slot in &self.expired {
-                if let Some(mut s) = self.socks.get_mut(slot).and_then(Option::take) {
-                    let _ = registry.deregister(&mut s);
-                }
+                self.socks.close(registry, slot);
             }
         }
     }
@@ -180,7 +176,7 @@ impl Relay {
     /// Sends one datagram (released by the lab delay line).
     fn send(&mut self, hop: Hop, data: &[u8]) {
         let r = match hop {
-            Hop::ToTarget(slot) => match self.socks.get(slot).and_then(Option::as_ref) {
+            Hop::ToTarget(slot) => match self.socks.get(slot) {
                 Some(s) => s.send(data),
                 None => return,
             },
@@ -213,7 +209,7 @@ impl Relay {
             return;
         }
         let sent = match hop {
-            Hop::ToTarget(slot) => match self.socks.get(slot).and_then(Option::as_ref) {
+            Hop::ToTarget(slot) => match self.socks.get(slot) {
                 Some(s) => s.send_batch(rb, which, None, None),
                 None => return,
             },
@@ -277,24 +273,12 @@ impl Relay {
             Some(FlowEntry::Existing(slot)) => return Some(slot),
             Some(FlowEntry::New { slot, evicted }) => {
                 self.evicted_flows += u64::from(evicted.is_some());
-                // the slot's old socket (an evicted flow's) goes first: its descriptor is
-                // this flow's
-                if let Some(mut old) = self.socks.get_mut(slot).and_then(Option::take) {
-                    let _ = registry.deregister(&mut old);
-                }
                 slot
             }
         };
-        let opened = driver::udp_socket(driver::any_addr_for(self.to), None, Some(self.to)).and_then(|mut s| {
-            registry.register(&mut s, Token(FLOW_TOKEN_BASE + slot), Interest::READABLE)?;
-            Ok(s)
-        });
-        match opened {
-            Ok(s) => {
-                if self.socks.len() <= slot {
-                    self.socks.resize_with(slot + 1, || None);
-                }
-                self.socks[slot] = Some(s);
+        // (an evicted flow's socket in this slot is closed first: its descriptor is ours)
+        match self.socks.open(registry, slot, self.to) {
+            Ok(()) => {
                 debug!(self.log, "new flow"; "client" => %from, "flows" => self.table.len());
                 Some(slot)
             }

@@ -8,7 +8,7 @@ use common::config::{ConfigError, ServerConfig, DEFAULT_STATS_INTERVAL_SECS};
 use common::crypto::{Cipher, Psk};
 use common::driver::batch::{self, BatchSocket, RecvBatch, BATCH};
 use common::driver::event_loop::{read_batches, EventLoop, Room, Service, NO_ROOM};
-use common::driver::{self, control, DriverError, IoContext, RateLimitedLog};
+use common::driver::{self, control, DriverError, IoContext, RateLimitedLog, SlotSockets};
 use common::entropy::OsEntropy;
 use common::server::{Server, ServerCoreConfig, ServerEvent, ServerRecv, SessionSlot};
 use common::stats::StatusReport;
@@ -275,7 +275,7 @@ impl TunnelServer {
 
 /// One socket per session towards its target, indexed by session slot.
 struct Upstreams {
-    socks: Vec<Option<BatchSocket>>,
+    socks: SlotSockets,
     log: Logger,
 }
 
@@ -293,29 +293,15 @@ impl Upstreams {
 
     fn on_event(&mut self, registry: &Registry, ev: &ServerEvent) -> bool {
         match *ev {
-            ServerEvent::SessionOpened { slot, id, target, .. } => {
-                let opened = driver::udp_socket(driver::any_addr_for(target), None, Some(target)).and_then(|mut s| {
-                    registry.register(&mut s, Token(UPSTREAM_TOKEN_BASE + slot), Interest::READABLE)?;
-                    Ok(s)
-                });
-                match opened {
-                    Ok(sock) => {
-                        if self.socks.len() <= slot {
-                            self.socks.resize_with(slot + 1, || None);
-                        }
-                        self.socks[slot] = Some(sock);
-                        true
-                    }
-                    Err(e) => {
-                        warn!(self.log, "cannot open upstream socket"; "session" => %id, "target" => %target, "error" => %e);
-                        false
-                    }
+            ServerEvent::SessionOpened { slot, id, target, .. } => match self.socks.open(registry, slot, target) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(self.log, "cannot open upstream socket"; "session" => %id, "target" => %target, "error" => %e);
+                    false
                 }
-            }
+            },
             ServerEvent::SessionClosed { slot, .. } => {
-                if let Some(mut sock) = self.socks.get_mut(slot).and_then(Option::take) {
-                    let _ = registry.deregister(&mut sock);
-                }
+                self.socks.close(registry, slot);
                 true
             }
             _ => true,
@@ -323,7 +309,7 @@ impl Upstreams {
     }
 
     fn forward(&self, slot: SessionSlot, payload: &[u8]) {
-        if let Some(sock) = self.socks.get(slot).and_then(Option::as_ref) {
+        if let Some(sock) = self.socks.get(slot) {
             // a target that is down: the datagram is lost, as UDP may
             let _ = sock.send(payload);
         }
@@ -350,7 +336,7 @@ pub fn run(rt: ServerRuntime, psk: Psk, log: &Logger) -> Result<(), DriverError>
     let server = TunnelServer::open(rt.listen, rt.core, psk, el.registry(), LISTEN, log.clone())?;
     let mut d = Driver {
         server,
-        upstreams: Upstreams { socks: Vec::new(), log: log.clone() },
+        upstreams: Upstreams { socks: SlotSockets::new(UPSTREAM_TOKEN_BASE), log: log.clone() },
         upstream_rx: RecvBatch::new(),
         listen_name: rt.listen.to_string(),
     };
@@ -365,7 +351,7 @@ impl Service for Driver {
         let upstreams = &mut self.upstreams;
         Ok(match token {
             LISTEN => self.server.read_listen(|inbound| upstreams.handle(registry, inbound)),
-            Token(t) => self.read_upstream(t - UPSTREAM_TOKEN_BASE),
+            t => self.upstreams.socks.slot_of(t).is_some_and(|slot| self.read_upstream(slot)),
         })
     }
 
@@ -392,7 +378,7 @@ impl Driver {
     /// Reads a session's target replies and sends them back to the client, a batch at a
     /// time; true if the read budget ran out first.
     fn read_upstream(&mut self, slot: SessionSlot) -> bool {
-        let Some(sock) = self.upstreams.socks.get(slot).and_then(Option::as_ref) else {
+        let Some(sock) = self.upstreams.socks.get(slot) else {
             return false;
         };
         let server = &mut self.server;

@@ -163,6 +163,46 @@ pub fn raise_open_files_limit(want: usize) -> std::io::Result<usize> {
     Ok(usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX))
 }
 
+/// One socket per slot (a relay flow, a server session), each connected to its
+/// destination and registered readable as `token_base + slot`.
+pub struct SlotSockets {
+    socks: Vec<Option<batch::BatchSocket>>,
+    token_base: usize,
+}
+
+impl SlotSockets {
+    pub fn new(token_base: usize) -> Self {
+        Self { socks: Vec::new(), token_base }
+    }
+
+    /// Opens slot `slot`'s socket to `to` (closing one it had).
+    pub fn open(&mut self, registry: &mio::Registry, slot: usize, to: SocketAddr) -> std::io::Result<()> {
+        self.close(registry, slot);
+        let mut s = udp_socket(any_addr_for(to), None, Some(to))?;
+        registry.register(&mut s, mio::Token(self.token_base + slot), mio::Interest::READABLE)?;
+        if self.socks.len() <= slot {
+            self.socks.resize_with(slot + 1, || None);
+        }
+        self.socks[slot] = Some(s);
+        Ok(())
+    }
+
+    pub fn close(&mut self, registry: &mio::Registry, slot: usize) {
+        if let Some(mut s) = self.socks.get_mut(slot).and_then(Option::take) {
+            let _ = registry.deregister(&mut s);
+        }
+    }
+
+    pub fn get(&self, slot: usize) -> Option<&batch::BatchSocket> {
+        self.socks.get(slot).and_then(Option::as_ref)
+    }
+
+    /// The slot a token belongs to.
+    pub fn slot_of(&self, token: mio::Token) -> Option<usize> {
+        token.0.checked_sub(self.token_base)
+    }
+}
+
 /// The unspecified address of `peer`'s family, port 0: where to bind a socket that
 /// talks to `peer`.
 pub fn any_addr_for(peer: SocketAddr) -> SocketAddr {
