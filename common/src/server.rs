@@ -103,9 +103,9 @@ struct ServerPath {
     last_rx: Instant,
     rx: Traffic,
     tx: Traffic,
-    /// Authenticated bytes received from this address for this session (forged datagrams
-    /// and unverified duplicate copies do not count): the anti-amplification budget
-    /// before validation.
+    /// Authenticated bytes received from this address for this session, duplicate copies
+    /// included once they open (forged datagrams never count): the anti-amplification
+    /// budget before validation.
     heard_bytes: u64,
     receipts: ProbeReceipts,
 }
@@ -330,6 +330,13 @@ impl Server {
         match s.replay.check(seq) {
             ReplayVerdict::Fresh => {}
             ReplayVerdict::Duplicate => {
+                // a copy on a path not validated yet earns it reply budget once it
+                // authenticates (the copy that won came on another path)
+                if let Some(p) = known_path.map(|i| &mut s.paths[i]).filter(|p| !p.validated) {
+                    if s.keys.open(seq, buf).is_ok() {
+                        p.heard_bytes += datagram_len as u64;
+                    }
+                }
                 s.drops.count(DropReason::Duplicate);
                 return ServerRecv::Dropped(DropReason::Duplicate);
             }

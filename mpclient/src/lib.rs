@@ -226,6 +226,11 @@ impl Multipath {
         })
     }
 
+    /// The remote end of every path.
+    pub fn remotes(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.specs.iter().map(|p| p.remote)
+    }
+
     /// Whether `token` is one of this tunnel's (a path or the address watch).
     pub fn owns(&self, token: Token) -> bool {
         token.0.checked_sub(self.token_base).is_some_and(|i| i <= self.paths.len())

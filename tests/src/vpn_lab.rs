@@ -72,7 +72,7 @@ impl VpnLab {
         std::fs::write(
             &hub_yaml,
             format!(
-                "listen: 127.0.0.1:5000\ntun: mpvpn0\nnetwork: {VPN_NETWORK}\ncontrol_socket: {}\n{embedded_server}peers:\n  - name: a\n    key_file: {}\n  - name: b\n    key_file: {}\n  - name: c\n    key_file: {}\n",
+                "listen: 127.0.0.1:5000\ntun: mpvpn0\nnetwork: {VPN_NETWORK}\ncontrol_socket: {}\n{embedded_server}peers:\n  - name: a\n    key_file: {}\n  - name: b\n    key_file: {}\n    routes: [{PEER_B_SUBNET}]\n  - name: c\n    key_file: {}\n",
                 dir.join("hub.sock").display(),
                 ka.display(),
                 kb.display(),

@@ -71,6 +71,48 @@ fn vpn_across_lossy_bridges() {
     assert!(hub["peers"].as_array().unwrap().iter().all(|p| p["name"] != "c"));
     assert!(hub["drops"]["bad_mac"].as_u64().unwrap() > 0);
 
+    // routes are policy: c (a valid peer hub.yaml allows nothing) announces b's subnet, a
+    // more specific part of it and a /8 covering the bridges; all are refused, a's routing
+    // table does not change, the VPN keeps working
+    // (c runs on a's host: its own TUN's routes are not a's)
+    let a_routes = |v: &VpnLab| v.lab.sh(&v.peer_ns[0], "ip -4 route show | grep -v mpvpn3 || true");
+    let routes_before = a_routes(&v);
+    let hijacker = v.lab.dir.join("peer-c-routes.yaml");
+    let c_control = v.lab.dir.join("peer-c2.sock");
+    std::fs::write(
+        &hijacker,
+        format!(
+            "name: c\nkey_file: {}\ntunnel: 127.0.0.1:3000\ntun: mpvpn3\ncontrol_socket: {}\n\
+             routes: [192.168.50.0/24, 192.168.50.128/25, 10.0.0.0/8]\n",
+            v.lab.dir.join("c.key").display(),
+            c_control.display()
+        ),
+    )
+    .unwrap();
+    let ns = v.peer_ns[0].clone();
+    let c = v.lab.spawn(&ns, "mpvpn-c-routes", &tests::bin("mpvpn"), &["peer", "-c", &hijacker.display().to_string()]);
+    let c_status = || -> serde_json::Value {
+        let out = std::process::Command::new(tests::bin("mpvpn"))
+            .args(["status", "--json", "--control"])
+            .arg(&c_control)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while c_status()["refused_routes"].as_array().map_or(0, Vec::len) < 3 {
+        assert!(std::time::Instant::now() < until, "c was not told: {}\n{}", c_status(), v.lab.log_of(c));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(500)); // any push would have arrived
+    assert_eq!(a_routes(&v), routes_before, "a's routing table changed");
+    // and c, offered b's subnet, does not replace the route a installed for it
+    let skipped = c_status()["skipped_routes"].clone();
+    assert!(skipped.to_string().contains("192.168.50.0/24"), "{skipped}");
+    assert!(v.status("hub")["drops"]["route_refused"].as_u64().unwrap() >= 3);
+    assert_eq!(v.ping(0, "192.168.50.1", 10, "0.02", &[]).len(), 10, "b's subnet is still b's");
+    assert!(v.lab.stop(c, libc::SIGTERM).success());
+
     // a peer set to another MTU than the hub announces stops with a clear error
     let mtu_yaml = v.lab.dir.join("peer-mtu.yaml");
     let a_key = v.lab.dir.join("a.key");

@@ -44,6 +44,10 @@ pub struct HubPeerConfig {
     /// A fixed VPN address; otherwise one from the pool, kept for the name.
     #[serde(default)]
     pub address: Option<Ipv4Addr>,
+    /// Subnets this peer may announce (default: none). Announcements outside them are
+    /// refused. 0.0.0.0/0 makes it an exit node and must be listed explicitly.
+    #[serde(default)]
+    pub routes: Vec<Prefix>,
 }
 
 /// `mpvpn hub -c hub.yaml`.
@@ -212,6 +216,21 @@ impl HubConfig {
                 };
                 check(why.is_none(), file, text, &field, &at, why.unwrap_or_default())?;
             }
+            for r in &p.routes {
+                let (field, at) = (format!("{field}.routes"), r.to_string());
+                let why = if r.len > 0 && r.overlaps(&c.network) {
+                    Some(format!("{r} overlaps the VPN network {}", c.network))
+                } else {
+                    // the default route only clashes with another default route
+                    c.peers[..i].iter().find_map(|q| {
+                        q.routes
+                            .iter()
+                            .find(|o| (o.len == 0) == (r.len == 0) && o.overlaps(r))
+                            .map(|o| format!("{r} overlaps peer `{}`'s {o}", q.name))
+                    })
+                };
+                check(why.is_none(), file, text, &field, &at, why.unwrap_or_default())?;
+            }
         }
         Ok(c)
     }
@@ -314,6 +333,22 @@ mod tests {
         assert!(e.contains("peers[1].address") && e.contains("also peer `a`'s address"), "{e}");
         let e = HubConfig::parse("h.yaml", &format!("address: 10.99.0.255\n{text}")).unwrap_err().to_string();
         assert!(e.contains("address: 10.99.0.255 is not a host address"), "{e}");
+        // route allowances: never into the VPN, never two peers' overlapping
+        let with_routes = |a: &str, b: &str| {
+            text.replace(
+                &format!("    key: {KEY}\n  - name: b"),
+                &format!("    key: {KEY}\n    routes: [{a}]\n  - name: b"),
+            )
+            .replace("    address: 10.99.0.9\n", &format!("    address: 10.99.0.9\n    routes: [{b}]\n"))
+        };
+        assert!(HubConfig::parse("h.yaml", &with_routes("192.168.1.0/24", "192.168.2.0/24")).is_ok());
+        assert!(HubConfig::parse("h.yaml", &with_routes("0.0.0.0/0", "192.168.2.0/24")).is_ok(), "an exit node");
+        let e = HubConfig::parse("h.yaml", &with_routes("192.168.0.0/16", "192.168.2.0/24")).unwrap_err().to_string();
+        assert!(e.contains("peers[1].routes") && e.contains("overlaps peer `a`'s 192.168.0.0/16"), "{e}");
+        let e = HubConfig::parse("h.yaml", &with_routes("10.0.0.0/8", "192.168.2.0/24")).unwrap_err().to_string();
+        assert!(e.contains("peers[0].routes") && e.contains("overlaps the VPN network"), "{e}");
+        let e = HubConfig::parse("h.yaml", &with_routes("0.0.0.0/0", "0.0.0.0/0")).unwrap_err().to_string();
+        assert!(e.contains("overlaps peer `a`'s 0.0.0.0/0"), "two exit nodes: {e}");
         let bad = text.replace("10.99.0.9", "10.98.0.9");
         let e = HubConfig::parse("h.yaml", &bad).unwrap_err();
         assert_eq!(e.to_string(), "h.yaml:7: peers[1].address: 10.98.0.9 is not in 10.99.0.0/24");

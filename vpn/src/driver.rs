@@ -54,6 +54,12 @@ pub struct VpnStatus {
     pub rx_bytes: u64,
     pub peers: Vec<PeerStatus>,
     pub drops: serde_json::Value,
+    /// Peer: announced routes the hub refused, with why.
+    #[serde(default)]
+    pub refused_routes: Vec<String>,
+    /// Peer: routes from other peers it did not install, with why.
+    #[serde(default)]
+    pub skipped_routes: Vec<String>,
 }
 
 impl VpnStatus {
@@ -90,6 +96,12 @@ impl VpnStatus {
             "  {:<16} {:<10} {:<15} {:<9} {:>9} {:>9} {:>9} {:>12} {:>12}  ROUTES",
             "NAME", "ID", "ADDRESS", "STATE", "LAST HB s", "LAST RX s", "RTT ms", "TX BYTES", "RX BYTES"
         );
+        for r in &self.refused_routes {
+            let _ = writeln!(s, "  route refused by the hub: {r}");
+        }
+        for r in &self.skipped_routes {
+            let _ = writeln!(s, "  route not installed: {r}");
+        }
         for p in &self.peers {
             let routes: Vec<String> = p.routes.iter().map(|r| r.to_string()).collect();
             let _ = writeln!(
@@ -321,7 +333,12 @@ pub fn run_hub(c: HubConfig, control_path: PathBuf, log: &Logger) -> Result<(), 
         if let Some(w) = key.warning {
             warn!(log, "{}", w; "peer" => &p.name);
         }
-        peers.push(PeerSpec { name: p.name.clone(), key: PeerKey::new(&key.key), fixed_addr: p.address });
+        peers.push(PeerSpec {
+            name: p.name.clone(),
+            key: PeerKey::new(&key.key),
+            fixed_addr: p.address,
+            allowed_routes: p.routes.clone(),
+        });
     }
     let hub_addr = c.hub_addr();
     let mtu = c.mtu.unwrap_or(TUN_MTU);
@@ -409,6 +426,8 @@ fn hub_status(core: &Hub, now: Instant, tun: &str, addr: Ipv4Addr) -> VpnStatus 
         rx_bytes: peers.iter().map(|p| p.tx_bytes).sum(),
         peers,
         drops: serde_json::to_value::<&HubDrops>(&core.drops).unwrap_or_default(),
+        refused_routes: Vec::new(),
+        skipped_routes: Vec::new(),
     }
 }
 
@@ -431,10 +450,46 @@ impl HubDriver {
                     warn!(log, "peer gone (heartbeats stopped)"; "name" => name, "address" => %addr)
                 }
                 HubEvent::Refused { name, reason } => warn!(log, "peer refused"; "name" => name, "reason" => ?reason),
+                HubEvent::RoutesRefused { name, routes } => {
+                    let routes: Vec<String> = routes.iter().map(|(r, why)| format!("{r} ({why:?})")).collect();
+                    warn!(log, "announced routes refused (not in hub.yaml's routes for this peer)"; "name" => name, "routes" => routes.join(", "))
+                }
                 HubEvent::LinkBroken { name } => warn!(log, "peer's KCP link broke; dropped"; "name" => name),
             }
         }
     }
+}
+
+/// Addresses a route from another peer must not cover: the way out of this host (its
+/// default gateways) and the tunnel's own remote ends (an embedded client's paths), or
+/// the tunnel would be carried into itself.
+fn protected_addresses(tunnel: &PeerTunnel) -> Vec<Ipv4Addr> {
+    let mut out: Vec<Ipv4Addr> = Command::new("ip")
+        .args(["-4", "route", "show", "default"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "via").nth(1)?.parse().ok())
+        .collect();
+    if let PeerTunnel::Embedded(mp) = tunnel {
+        out.extend(mp.remotes().filter_map(|a| match a.ip() {
+            std::net::IpAddr::V4(v4) => Some(v4),
+            std::net::IpAddr::V6(_) => None,
+        }));
+    }
+    out
+}
+
+/// Why `r` must not be installed, if it must not.
+fn route_hazard(r: &Prefix, protected: &[Ipv4Addr]) -> Option<String> {
+    let special = [("loopback", "127.0.0.0/8"), ("link-local", "169.254.0.0/16"), ("multicast", "224.0.0.0/4")];
+    for (what, range) in special {
+        if r.overlaps(&range.parse().expect("literal")) {
+            return Some(format!("it covers {what} addresses"));
+        }
+    }
+    protected.iter().find(|a| r.contains(**a)).map(|a| format!("it covers {a}, which carries the tunnel"))
 }
 
 /// How a peer exchanges datagrams with the tunnel.
@@ -520,6 +575,8 @@ struct PeerDriver {
     tun_name: String,
     /// Routes from other peers this peer put on its TUN device.
     installed: Vec<Prefix>,
+    /// Routes from other peers it refused to install, and why.
+    skipped: Vec<(Prefix, String)>,
     log: Logger,
 }
 
@@ -556,6 +613,7 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
         name: c.name,
         tun_name: c.tun,
         installed: Vec::new(),
+        skipped: Vec::new(),
         log: log.clone(),
     };
     el.run(&mut d)
@@ -594,7 +652,7 @@ impl Service for PeerDriver {
     }
 
     fn status(&self, now: Instant) -> VpnStatus {
-        peer_status(&self.core, now, &self.name, &self.tun_name)
+        peer_status(&self.core, now, &self.name, &self.tun_name, &self.skipped)
     }
 
     fn stats_line(&self, now: Instant) -> String {
@@ -602,7 +660,7 @@ impl Service for PeerDriver {
     }
 }
 
-fn peer_status(core: &Peer, now: Instant, name: &str, tun: &str) -> VpnStatus {
+fn peer_status(core: &Peer, now: Instant, name: &str, tun: &str, skipped: &[(Prefix, String)]) -> VpnStatus {
     VpnStatus {
         role: "peer".into(),
         name: name.into(),
@@ -615,6 +673,8 @@ fn peer_status(core: &Peer, now: Instant, name: &str, tun: &str) -> VpnStatus {
         rx_bytes: core.rx_bytes,
         peers: core.peer_status(now),
         drops: serde_json::to_value::<&PeerDrops>(&core.drops).unwrap_or_default(),
+        refused_routes: core.refused_routes().iter().map(|(r, why)| format!("{r}: {why:?}")).collect(),
+        skipped_routes: skipped.iter().map(|(r, why)| format!("{r}: {why}")).collect(),
     }
 }
 
@@ -622,7 +682,7 @@ impl PeerDriver {
     /// Sends what the core queued (through `bufs`), applies its configuration and logs
     /// its events.
     fn flush(&mut self) -> Result<(), VpnError> {
-        let Self { core, tunnel, dev, bufs, tun_name: tun, installed, log, .. } = self;
+        let Self { core, tunnel, dev, bufs, tun_name: tun, installed, skipped, log, .. } = self;
         let failed = tunnel.transmit(core, &mut bufs.tx);
         if failed > 0 {
             trace!(log, "sends to mpclient failed"; "datagrams" => failed);
@@ -640,14 +700,29 @@ impl PeerDriver {
                 }
                 PeerEvent::Routes { add, remove } => {
                     for r in &remove {
+                        skipped.retain(|(x, _)| x != r);
+                        if !installed.contains(r) {
+                            continue;
+                        }
                         if let Err(e) = ip_cmd(&["route", "del", &r.to_string(), "dev", tun]) {
                             warn!(log, "removing route"; "error" => %e);
                         }
                         installed.retain(|x| x != r);
                     }
+                    let protected = protected_addresses(tunnel);
                     for r in add {
-                        ip_cmd(&["route", "replace", &r.to_string(), "dev", tun])?;
-                        installed.push(r);
+                        // `add`, never `replace`: a route this peer did not install stays
+                        let why = route_hazard(&r, &protected).map_or_else(
+                            || ip_cmd(&["route", "add", &r.to_string(), "dev", tun]).err().map(|e| e.to_string()),
+                            Some,
+                        );
+                        match why {
+                            None => installed.push(r),
+                            Some(why) => {
+                                warn!(log, "not installing a route from another peer"; "route" => %r, "why" => &why);
+                                skipped.push((r, why));
+                            }
+                        }
                     }
                     info!(log, "routes from other peers"; "installed" => ?installed.iter().map(|r| r.to_string()).collect::<Vec<_>>());
                 }
@@ -655,6 +730,9 @@ impl PeerDriver {
                     error!(log, "hub lost: no heartbeat answers after retries at 1, 3 and 7 s; not taking packets, registering again")
                 }
                 PeerEvent::Refused(reason) => warn!(log, "hub refused for now; retrying"; "reason" => ?reason),
+                PeerEvent::RouteRefused { route, reason } => {
+                    warn!(log, "the hub refused an announced route (hub.yaml allows this peer other subnets)"; "route" => %route, "reason" => ?reason)
+                }
                 PeerEvent::Fatal(refusal) => return Err(refusal.into()),
             }
         }

@@ -15,7 +15,7 @@ use crate::kcplink::{KcpLink, LinkError};
 use crate::queue::PacketQueue;
 use crate::wire::{
     self, field, HeartbeatAckRepr, HeartbeatRepr, PeerEntry, PeerKey, RefusalReason, RefusalRepr, RegisterRepr,
-    WelcomeRepr, INNER_IP, MSG_HEARTBEAT, MSG_KCP, MSG_REGISTER,
+    RouteRefusalReason, WelcomeRepr, INNER_IP, MSG_HEARTBEAT, MSG_KCP, MSG_REGISTER,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -35,6 +35,9 @@ pub struct PeerSpec {
     pub name: String,
     pub key: PeerKey,
     pub fixed_addr: Option<Ipv4Addr>,
+    /// The subnets this peer may announce (hub.yaml `routes:`); an announcement inside
+    /// one of them is taken, any other refused. 0.0.0.0/0 (an exit node) only if listed.
+    pub allowed_routes: Vec<Prefix>,
 }
 
 pub struct HubCoreConfig {
@@ -49,11 +52,31 @@ pub struct HubCoreConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HubEvent {
-    PeerUp { name: String, addr: Ipv4Addr, tunnel: SocketAddr },
-    PeerMoved { name: String, tunnel: SocketAddr },
-    PeerGone { name: String, addr: Ipv4Addr },
-    Refused { name: String, reason: RefusalReason },
-    LinkBroken { name: String },
+    PeerUp {
+        name: String,
+        addr: Ipv4Addr,
+        tunnel: SocketAddr,
+    },
+    PeerMoved {
+        name: String,
+        tunnel: SocketAddr,
+    },
+    PeerGone {
+        name: String,
+        addr: Ipv4Addr,
+    },
+    Refused {
+        name: String,
+        reason: RefusalReason,
+    },
+    /// Announced routes this peer may not have (refused, told, never pushed).
+    RoutesRefused {
+        name: String,
+        routes: Vec<(Prefix, RouteRefusalReason)>,
+    },
+    LinkBroken {
+        name: String,
+    },
 }
 
 /// Why a datagram or packet was dropped; counted.
@@ -66,6 +89,22 @@ pub struct HubDrops {
     pub spoofed_source: u64,
     pub no_route: u64,
     pub queue_full: u64,
+    /// Announced routes refused by policy.
+    #[serde(default)]
+    pub route_refused: u64,
+}
+
+/// Whether a peer allowed `allowed` may announce `route` in a VPN on `network`.
+pub fn route_verdict(allowed: &[Prefix], network: Prefix, route: &Prefix) -> Result<(), RouteRefusalReason> {
+    // an exit node's default route necessarily spans the VPN; any other may not touch it
+    if route.len > 0 && route.overlaps(&network) {
+        return Err(RouteRefusalReason::OverlapsNetwork);
+    }
+    if allowed.iter().any(|a| a.covers(route)) {
+        Ok(())
+    } else {
+        Err(RouteRefusalReason::NotAllowed)
+    }
 }
 
 /// A listed peer's state in `mpvpn status`.
@@ -221,12 +260,7 @@ impl Hub {
         self.last_register_ts.insert(reg.name.clone(), reg.timestamp_ms);
         let ki = self.keys[&reg.name];
         let net = self.cfg.network;
-        let mut refusal = None;
-        if reg.mtu != 0 && reg.mtu != self.cfg.mtu {
-            refusal = Some(RefusalReason::MtuMismatch);
-        } else if reg.routes.iter().any(|r| r.len < 8 || net.contains(r.addr) || r.contains(net.addr)) {
-            refusal = Some(RefusalReason::RouteNotAllowed);
-        }
+        let refusal = (reg.mtu != 0 && reg.mtu != self.cfg.mtu).then_some(RefusalReason::MtuMismatch);
         let addr = if refusal.is_none() { self.address_for(&reg.name, reg.want_addr) } else { None };
         let Some(addr) = addr else {
             let reason = refusal.unwrap_or(RefusalReason::PoolExhausted);
@@ -243,6 +277,16 @@ impl Hub {
         }
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
+        // announcements are policy: only what hub.yaml allows this peer is taken; the
+        // Welcome tells the peer which were refused and why
+        let mut routes = Vec::new();
+        let mut refused = Vec::new();
+        for r in reg.routes {
+            match route_verdict(&self.cfg.peers[ki].allowed_routes, net, &r) {
+                Ok(()) => routes.push(r),
+                Err(reason) => refused.push((r, reason)),
+            }
+        }
         let welcome = WelcomeRepr {
             peer_id: id,
             addr,
@@ -250,9 +294,14 @@ impl Hub {
             hub_addr: self.cfg.hub_addr,
             mtu: self.cfg.mtu,
             nonce: reg.nonce,
+            refused: refused.clone(),
         }
         .emit(&self.cfg.peers[ki].key);
-        self.transmit.push_back((from, welcome.to_vec()));
+        self.transmit.push_back((from, welcome));
+        if !refused.is_empty() {
+            self.drops.route_refused += refused.len() as u64;
+            self.events.push_back(HubEvent::RoutesRefused { name: reg.name.clone(), routes: refused });
+        }
         self.assigned.insert(reg.name.clone(), addr);
         if let Some(other) = self.by_tunnel.insert(from, id) {
             // the tunnel address belonged to another peer before (session reuse): unbind it
@@ -266,7 +315,7 @@ impl Hub {
                 id,
                 name: reg.name.clone(),
                 addr,
-                routes: reg.routes,
+                routes,
                 tunnel: from,
                 last_seen: now,
                 last_heartbeat: now,
@@ -355,6 +404,10 @@ impl Hub {
     fn peer_for(&self, dst: Ipv4Addr) -> Option<u32> {
         if let Some(p) = self.peers.values().find(|p| p.addr == dst) {
             return Some(p.id);
+        }
+        // the VPN's own addresses are never reached through a route (an exit node's /0)
+        if self.cfg.network.contains(dst) {
+            return None;
         }
         self.peers
             .values()
@@ -522,7 +575,12 @@ pub fn fuzz_peer_input(data: &[u8]) {
             hub_addr: Ipv4Addr::new(10, 99, 0, 1),
             mtu: crate::TUN_MTU,
             tunnel_payload: crate::TUNNEL_PAYLOAD,
-            peers: vec![PeerSpec { name: "a".into(), key: PeerKey::new(&key), fixed_addr: None }],
+            peers: vec![PeerSpec {
+                name: "a".into(),
+                key: PeerKey::new(&key),
+                fixed_addr: None,
+                allowed_routes: vec!["192.168.0.0/16".parse().expect("literal")],
+            }],
             peer_timeout: DEFAULT_PEER_TIMEOUT,
         },
         1,

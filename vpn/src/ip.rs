@@ -79,6 +79,16 @@ impl Prefix {
         (u64::from(n) < size).then(|| Ipv4Addr::from(u32::from(self.addr) + n))
     }
 
+    /// Every address of `other` is in this prefix.
+    pub fn covers(&self, other: &Prefix) -> bool {
+        self.len <= other.len && self.contains(other.addr)
+    }
+
+    /// Some address is in both.
+    pub fn overlaps(&self, other: &Prefix) -> bool {
+        self.covers(other) || other.covers(self)
+    }
+
     /// The prefix's last address (its broadcast address on a LAN).
     pub fn broadcast(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.addr) | !Self::mask(self.len))

@@ -12,7 +12,7 @@ use crate::kcplink::{KcpLink, LinkError};
 use crate::queue::PacketQueue;
 use crate::wire::{
     self, field, HeartbeatAckRepr, HeartbeatRepr, PeerEntry, PeerKey, RefusalReason, RefusalRepr, RegisterRepr,
-    WelcomeRepr, INNER_IP, INNER_PEERS, MSG_HEARTBEAT_ACK, MSG_KCP, MSG_REFUSAL, MSG_WELCOME,
+    RouteRefusalReason, WelcomeRepr, INNER_IP, INNER_PEERS, MSG_HEARTBEAT_ACK, MSG_KCP, MSG_REFUSAL, MSG_WELCOME,
 };
 use std::collections::{BTreeSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
@@ -55,6 +55,11 @@ pub enum PeerEvent {
     Fatal(HubRefusal),
     /// The hub refused us for now (e.g. pool exhausted); we keep trying.
     Refused(RefusalReason),
+    /// The hub did not take one of our announced routes.
+    RouteRefused {
+        route: Prefix,
+        reason: RouteRefusalReason,
+    },
 }
 
 /// Why the hub will never take this peer as configured.
@@ -64,8 +69,6 @@ pub enum HubRefusal {
     WelcomeMtu { hub: u16, ours: u16 },
     #[error("hub refused: its TUN MTU is {hub}, this peer is set to {ours} (remove `mtu` or set it to {hub})")]
     MtuMismatch { hub: u16, ours: u16 },
-    #[error("hub refused the announced routes (they overlap the VPN network or are too wide)")]
-    RoutesNotAllowed,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -109,6 +112,8 @@ pub struct Peer {
     peers: Vec<PeerEntry>,
     /// Traffic with each listed peer, index for index with `peers`.
     peer_traffic: Vec<PeerTraffic>,
+    /// Our announced routes the hub refused this registration.
+    refused_routes: Vec<(Prefix, RouteRefusalReason)>,
     installed_routes: BTreeSet<Prefix>,
     rtt_us: u32,
     last_ack: Option<Instant>,
@@ -134,6 +139,7 @@ impl Peer {
             mtu: 0,
             peers: Vec::new(),
             peer_traffic: Vec::new(),
+            refused_routes: Vec::new(),
             installed_routes: BTreeSet::new(),
             rtt_us: 0,
             last_ack: None,
@@ -219,6 +225,10 @@ impl Peer {
         self.hub_addr = w.hub_addr;
         self.mtu = w.mtu;
         self.last_ack = Some(now);
+        for &(route, reason) in &w.refused {
+            self.events.push_back(PeerEvent::RouteRefused { route, reason });
+        }
+        self.refused_routes = w.refused;
         self.state = State::Up(Box::new(Session {
             id: w.peer_id,
             link: KcpLink::new(w.peer_id, now, self.cfg.tunnel_payload),
@@ -236,20 +246,26 @@ impl Peer {
         });
     }
 
+    /// Our announced routes the hub did not take, and why.
+    pub fn refused_routes(&self) -> &[(Prefix, RouteRefusalReason)] {
+        &self.refused_routes
+    }
+
     fn on_refusal(&mut self, d: &[u8]) {
         let Ok(r) = RefusalRepr::parse(d, &self.cfg.key) else {
             self.drops.malformed += 1;
             return;
         };
+        // only an answer to our own pending Register counts
         match (&self.state, r.reason) {
-            (State::Registering { nonce, .. }, _) if *nonce != r.nonce => {}
+            (State::Registering { nonce, .. }, _) if *nonce == r.nonce => {}
+            _ => return,
+        }
+        match (&self.state, r.reason) {
             (_, RefusalReason::MtuMismatch) => self.events.push_back(PeerEvent::Fatal(HubRefusal::MtuMismatch {
                 hub: r.hub_mtu,
                 ours: self.cfg.mtu.unwrap_or(0),
             })),
-            (_, RefusalReason::RouteNotAllowed) => {
-                self.events.push_back(PeerEvent::Fatal(HubRefusal::RoutesNotAllowed))
-            }
             (_, reason) => self.events.push_back(PeerEvent::Refused(reason)),
         }
     }

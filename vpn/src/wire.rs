@@ -3,7 +3,9 @@
 //! ```text
 //! Register  0x21 | name_len u8 | name | timestamp_ms u64 | nonce u64 | want_addr u32
 //!                | mtu u16 (0 = take the hub's) | n_routes u8 | (addr u32, len u8)* | mac[32]
-//! Welcome   0x22 | peer_id u32 | addr u32 | prefix_len u8 | hub_addr u32 | mtu u16 | nonce u64 | mac[32]
+//! Welcome   0x22 | peer_id u32 | addr u32 | prefix_len u8 | hub_addr u32 | mtu u16 | nonce u64
+//!                | n_refused u8 | (addr u32, prefix_len u8, reason u8)* | mac[32]
+//!           (the announced routes the hub refused, at most MAX_REFUSED_IN_WELCOME)
 //! Refusal   0x23 | reason u8 | hub_mtu u16 | nonce u64 | mac[32]
 //! Heartbeat 0x24 | peer_id u32 | seq u32 | timestamp_ms u64 | rtt_us u32 | mac[16]
 //! HbAck     0x25 | peer_id u32 | seq u32 | peers_version u32
@@ -68,7 +70,14 @@ pub mod field {
         pub const HUB_ADDR: Field = 10..14;
         pub const MTU: Field = 14..16;
         pub const NONCE: Field = 16..24;
-        pub const MAC: Field = 24..56;
+        /// How many refused routes follow, then the MAC.
+        pub const N_REFUSED: usize = 24;
+        pub const REFUSED: usize = 25;
+        /// One refused route, relative to its start.
+        pub const REFUSED_ADDR: Field = 0..4;
+        pub const REFUSED_PREFIX_LEN: usize = 4;
+        pub const REFUSED_REASON: usize = 5;
+        pub const REFUSED_LEN: usize = 6;
     }
 
     pub mod refusal {
@@ -124,11 +133,14 @@ pub const MAC_LEN: usize = 32;
 pub const HEARTBEAT_MAC_LEN: usize = 16;
 pub const MAX_NAME_LEN: usize = 32;
 pub const MAX_ROUTES: usize = 32;
-pub const WELCOME_LEN: usize = field::welcome::MAC.end;
+/// A Welcome without refused routes.
+pub const WELCOME_LEN: usize = field::welcome::REFUSED + MAC_LEN;
+/// Refused routes a Welcome lists at most (a Welcome stays smaller than the Register it
+/// answers, so the tunnel can carry it before the path is validated).
+pub const MAX_REFUSED_IN_WELCOME: usize = 16;
 pub const REFUSAL_LEN: usize = field::refusal::MAC.end;
 pub const HEARTBEAT_LEN: usize = field::heartbeat::MAC.end;
 pub const HEARTBEAT_ACK_LEN: usize = field::heartbeat_ack::PEERS_VERSION.end;
-const _: () = assert!(field::welcome::MAC.end - field::welcome::MAC.start == MAC_LEN);
 const _: () = assert!(field::refusal::MAC.end - field::refusal::MAC.start == MAC_LEN);
 const _: () = assert!(field::heartbeat::MAC.end - field::heartbeat::MAC.start == HEARTBEAT_MAC_LEN);
 
@@ -288,7 +300,7 @@ impl RegisterRepr {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WelcomeRepr {
     pub peer_id: u32,
     pub addr: Ipv4Addr,
@@ -296,12 +308,15 @@ pub struct WelcomeRepr {
     pub hub_addr: Ipv4Addr,
     pub mtu: u16,
     pub nonce: u64,
+    /// Announced routes the hub did not take, and why (at most MAX_REFUSED_IN_WELCOME).
+    pub refused: Vec<(Prefix, RouteRefusalReason)>,
 }
 
 impl WelcomeRepr {
-    pub fn emit(&self, key: &PeerKey) -> [u8; WELCOME_LEN] {
+    pub fn emit(&self, key: &PeerKey) -> Vec<u8> {
         use field::welcome as f;
-        let mut b = [0u8; WELCOME_LEN];
+        let refused = &self.refused[..self.refused.len().min(MAX_REFUSED_IN_WELCOME)];
+        let mut b = vec![0u8; f::REFUSED];
         b[field::TYPE] = MSG_WELCOME;
         put_u32(&mut b, f::PEER_ID, self.peer_id);
         b[f::ADDR].copy_from_slice(&self.addr.octets());
@@ -309,22 +324,56 @@ impl WelcomeRepr {
         b[f::HUB_ADDR].copy_from_slice(&self.hub_addr.octets());
         put_u16(&mut b, f::MTU, self.mtu);
         put_u64(&mut b, f::NONCE, self.nonce);
-        let tag = key.tag(&[&b[..f::MAC.start]]);
-        b[f::MAC].copy_from_slice(tag.as_ref());
+        b[f::N_REFUSED] = refused.len() as u8;
+        for (route, reason) in refused {
+            let mut e = [0u8; f::REFUSED_LEN];
+            e[f::REFUSED_ADDR].copy_from_slice(&route.addr.octets());
+            e[f::REFUSED_PREFIX_LEN] = route.len;
+            e[f::REFUSED_REASON] = *reason as u8;
+            b.extend_from_slice(&e);
+        }
+        let tag = key.tag(&[&b]);
+        b.extend_from_slice(tag.as_ref());
         b
     }
 
     pub fn parse(b: &[u8], key: &PeerKey) -> Result<Self, VpnWireError> {
         use field::welcome as f;
-        let b = checked(b, MSG_WELCOME, WELCOME_LEN)?;
-        key.verify(&[&b[..f::MAC.start]], &b[f::MAC])?;
+        match b.first() {
+            None => return Err(VpnWireError::Truncated),
+            Some(&MSG_WELCOME) => {}
+            Some(_) => return Err(VpnWireError::Unknown),
+        }
+        let head = region(b, 0, f::REFUSED)?;
+        let n = head[f::N_REFUSED] as usize;
+        if n > MAX_REFUSED_IN_WELCOME {
+            return Err(VpnWireError::BadField);
+        }
+        let body = f::REFUSED + n * f::REFUSED_LEN;
+        if b.len() != body + MAC_LEN {
+            return Err(VpnWireError::Truncated);
+        }
+        key.verify(&[&b[..body]], &b[body..])?;
+        let refused = b[f::REFUSED..body]
+            .chunks_exact(f::REFUSED_LEN)
+            .map(|e| {
+                let route = Prefix::new(ipv4_at(e, f::REFUSED_ADDR), e[f::REFUSED_PREFIX_LEN]);
+                let reason = match e[f::REFUSED_REASON] {
+                    1 => Some(RouteRefusalReason::NotAllowed),
+                    2 => Some(RouteRefusalReason::OverlapsNetwork),
+                    _ => None,
+                };
+                route.zip(reason).ok_or(VpnWireError::BadField)
+            })
+            .collect::<Result<_, _>>()?;
         let w = Self {
-            peer_id: u32_at(b, f::PEER_ID),
-            addr: ipv4_at(b, f::ADDR),
-            prefix_len: b[f::PREFIX_LEN],
-            hub_addr: ipv4_at(b, f::HUB_ADDR),
-            mtu: u16_at(b, f::MTU),
-            nonce: u64_at(b, f::NONCE),
+            peer_id: u32_at(head, f::PEER_ID),
+            addr: ipv4_at(head, f::ADDR),
+            prefix_len: head[f::PREFIX_LEN],
+            hub_addr: ipv4_at(head, f::HUB_ADDR),
+            mtu: u16_at(head, f::MTU),
+            nonce: u64_at(head, f::NONCE),
+            refused,
         };
         if w.prefix_len > 32 {
             return Err(VpnWireError::BadField);
@@ -339,7 +388,6 @@ impl WelcomeRepr {
 pub enum RefusalReason {
     MtuMismatch = 1,
     PoolExhausted = 2,
-    RouteNotAllowed = 3,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -369,11 +417,21 @@ impl RefusalRepr {
         let reason = match b[f::REASON] {
             1 => RefusalReason::MtuMismatch,
             2 => RefusalReason::PoolExhausted,
-            3 => RefusalReason::RouteNotAllowed,
             _ => return Err(VpnWireError::BadField),
         };
         Ok(Self { reason, hub_mtu: u16_at(b, f::HUB_MTU), nonce: u64_at(b, f::NONCE) })
     }
+}
+
+/// Why the hub did not take an announced route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[repr(u8)]
+pub enum RouteRefusalReason {
+    /// hub.yaml does not allow this peer that subnet (`routes:` under its entry).
+    NotAllowed = 1,
+    /// It overlaps the VPN network itself.
+    OverlapsNetwork = 2,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -540,11 +598,27 @@ mod tests {
             hub_addr: Ipv4Addr::new(10, 99, 0, 1),
             mtu: 1412,
             nonce: 9,
+            refused: vec![],
         };
         let b = w.emit(&key());
-        assert_eq!(&b[..24], &[0x22, 0, 0, 0, 3, 10, 99, 0, 3, 24, 10, 99, 0, 1, 0x05, 0x84, 0, 0, 0, 0, 0, 0, 0, 9]);
+        assert_eq!(b.len(), WELCOME_LEN);
+        assert_eq!(
+            &b[..25],
+            &[0x22, 0, 0, 0, 3, 10, 99, 0, 3, 24, 10, 99, 0, 1, 0x05, 0x84, 0, 0, 0, 0, 0, 0, 0, 9, 0]
+        );
         assert_eq!(WelcomeRepr::parse(&b, &key()).unwrap(), w);
         assert!(WelcomeRepr::parse(&b, &PeerKey::new(&[0; 32])).is_err());
+        let with_refused = WelcomeRepr {
+            refused: vec![
+                ("10.0.0.0/8".parse().unwrap(), RouteRefusalReason::OverlapsNetwork),
+                ("192.168.50.0/24".parse().unwrap(), RouteRefusalReason::NotAllowed),
+            ],
+            ..w
+        };
+        let b = with_refused.emit(&key());
+        assert_eq!(&b[24..37], &[2, 10, 0, 0, 0, 8, 2, 192, 168, 50, 0, 24, 1]);
+        assert_eq!(WelcomeRepr::parse(&b, &key()).unwrap(), with_refused);
+        assert!(WelcomeRepr::parse(&b[..b.len() - 1], &key()).is_err());
 
         let f = RefusalRepr { reason: RefusalReason::MtuMismatch, hub_mtu: 1412, nonce: 1 };
         let b = f.emit(&key());

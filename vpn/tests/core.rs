@@ -30,6 +30,8 @@ fn hub_config(names: &[&str]) -> HubCoreConfig {
                 name: n.to_string(),
                 key: PeerKey::new(&key_of(n)),
                 fixed_addr: (*n == "fixed").then(|| Ipv4Addr::new(10, 99, 0, 77)),
+                // hub.yaml lets b announce the subnet behind it, and nobody else anything
+                allowed_routes: if *n == "b" { vec!["192.168.50.0/24".parse().unwrap()] } else { vec![] },
             })
             .collect(),
         peer_timeout: DEFAULT_PEER_TIMEOUT,
@@ -371,4 +373,66 @@ fn replayed_register_is_refused() {
     net.hub.handle_datagram(net.now, wall, attacker, &reg);
     assert_eq!(net.hub.drops.replayed, 1);
     assert_eq!(net.hub.status(net.now)[0].tunnel, from.to_string());
+}
+
+/// Before, any peer could announce up to 32 prefixes anywhere but the VPN network, and
+/// every other peer installed them (`ip route replace`): c could take over b's subnet,
+/// a more specific part of it, or a /8 covering the bridges.
+#[test]
+fn announcements_outside_the_hub_yaml_allowance_are_refused_and_never_pushed() {
+    use vpn::wire::RouteRefusalReason;
+    let mut net = Net::new(&["a"]);
+    let now = net.now;
+    net.peers.push(Net::peer("b", None, vec!["192.168.50.0/24".parse().unwrap()], 1, now));
+    let hijack: Vec<Prefix> = ["192.168.50.0/24", "192.168.50.128/25", "10.0.0.0/8", "10.99.0.0/25"]
+        .iter()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    net.peers.push(Net::peer("c", None, hijack.clone(), 2, now));
+    net.run_for(Duration::from_millis(300));
+    assert!(net.peers.iter().all(|p| p.core.is_up()), "c registers; only its routes are refused");
+    let refused = net.peers[2].core.refused_routes().to_vec();
+    assert_eq!(refused.len(), 4, "{refused:?}");
+    assert!(refused.contains(&(hijack[3], RouteRefusalReason::OverlapsNetwork)));
+    assert!(refused.contains(&(hijack[0], RouteRefusalReason::NotAllowed)), "b's subnet is not c's");
+    assert!(refused.contains(&(hijack[2], RouteRefusalReason::OverlapsNetwork)), "a /8 around the VPN");
+    assert!(net.peers[2].events.iter().any(|e| matches!(e, PeerEvent::RouteRefused { .. })));
+    assert_eq!(net.hub.drops.route_refused, 4);
+    // a installs b's subnet and nothing of c's
+    let b_route: Prefix = "192.168.50.0/24".parse().unwrap();
+    let added: Vec<Prefix> = net.peers[0]
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            PeerEvent::Routes { add, .. } => Some(add.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(added, vec![b_route]);
+    let listed_c = net.peers[0].core.peers().iter().find(|p| p.name == "c").unwrap().routes.clone();
+    assert!(listed_c.is_empty(), "c's refused routes were pushed: {listed_c:?}");
+    // traffic for b's subnet still reaches b, and c may not send from it
+    let (a, c) = (net.addr(0), net.addr(2));
+    net.peers[0].core.handle_tun_packet(&ipv4(a, Ipv4Addr::new(192, 168, 50, 200), 100, 1));
+    net.peers[2].core.handle_tun_packet(&ipv4(Ipv4Addr::new(192, 168, 50, 200), a, 100, 2));
+    net.run_for(Duration::from_millis(100));
+    assert_eq!((net.peers[1].tun_rx.len(), net.peers[2].tun_rx.len()), (1, 0));
+    assert!(net.peers[0].tun_rx.is_empty(), "a took a packet spoofed from b's subnet by {c}");
+}
+
+/// An exit node's default route: only where explicitly allowed; it never captures the
+/// VPN's own addresses.
+#[test]
+fn route_verdicts() {
+    use vpn::hub::route_verdict;
+    use vpn::wire::RouteRefusalReason::*;
+    let net: Prefix = "10.99.0.0/24".parse().unwrap();
+    let p = |s: &str| -> Prefix { s.parse().unwrap() };
+    assert_eq!(route_verdict(&[p("192.168.0.0/16")], net, &p("192.168.50.0/24")), Ok(()));
+    assert_eq!(route_verdict(&[p("192.168.50.0/24")], net, &p("192.168.0.0/16")), Err(NotAllowed));
+    assert_eq!(route_verdict(&[], net, &p("0.0.0.0/0")), Err(NotAllowed));
+    assert_eq!(route_verdict(&[p("0.0.0.0/0")], net, &p("0.0.0.0/0")), Ok(()));
+    assert_eq!(route_verdict(&[p("0.0.0.0/0")], net, &p("10.99.0.128/25")), Err(OverlapsNetwork));
+    assert_eq!(route_verdict(&[p("10.0.0.0/8")], net, &p("10.0.0.0/8")), Err(OverlapsNetwork));
 }
