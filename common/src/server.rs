@@ -48,6 +48,65 @@ pub const INIT_FRESHNESS: Duration = Duration::from_secs(120);
 /// Sessions opened within twice the freshness window are remembered, so a replay of
 /// their init (after the session closed, or the server restarted) opens nothing.
 const RECENT_INITS_KEPT: Duration = Duration::from_secs(2 * 120);
+/// Inits one source (an IPv4 address, an IPv6 /64) may make the server verify, per second
+/// and at once: a flood from one place costs at most this many MACs (about 1 µs each).
+/// Generous, since every client behind one bridge shares its address, and one client
+/// opening a session per DNS query sends an init per path for each.
+pub const INIT_RATE_PER_SOURCE: f64 = 2000.0;
+pub const INIT_BURST_PER_SOURCE: f64 = 4000.0;
+/// Sources tracked at most. An untracked source is let through: filling the table must
+/// not lock everybody out.
+const INIT_SOURCES_TRACKED: usize = 4096;
+/// How often sources whose buckets filled up again are forgotten.
+const SOURCE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Token buckets on handshake inits, one per source.
+#[derive(Default)]
+struct InitLimiter {
+    buckets: HashMap<IpAddr, (f64, Instant)>,
+}
+
+impl InitLimiter {
+    /// The bucket a source draws from: its IPv4 address, or its IPv6 /64.
+    fn source(a: IpAddr) -> IpAddr {
+        match a {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+            },
+            v4 => v4,
+        }
+    }
+
+    fn allow(&mut self, now: Instant, from: IpAddr) -> bool {
+        let key = Self::source(from);
+        match self.buckets.get_mut(&key) {
+            Some((tokens, last)) => {
+                let refill = now.saturating_duration_since(*last).as_secs_f64() * INIT_RATE_PER_SOURCE;
+                *tokens = (*tokens + refill).min(INIT_BURST_PER_SOURCE);
+                *last = now;
+                let allowed = *tokens >= 1.0;
+                if allowed {
+                    *tokens -= 1.0;
+                }
+                allowed
+            }
+            None => {
+                if self.buckets.len() < INIT_SOURCES_TRACKED {
+                    self.buckets.insert(key, (INIT_BURST_PER_SOURCE - 1.0, now));
+                }
+                true
+            }
+        }
+    }
+
+    /// Forgets sources whose bucket has filled up again.
+    fn sweep(&mut self, now: Instant) {
+        self.buckets.retain(|_, (tokens, last)| {
+            *tokens + now.saturating_duration_since(*last).as_secs_f64() * INIT_RATE_PER_SOURCE < INIT_BURST_PER_SOURCE
+        });
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ServerCoreConfig {
@@ -158,6 +217,8 @@ pub struct Server {
     /// Session ids opened within `RECENT_INITS_KEPT`, oldest first.
     recent_inits: VecDeque<(Instant, SessionId)>,
     recent_ids: HashSet<SessionId>,
+    init_limiter: InitLimiter,
+    next_source_sweep: Instant,
 }
 
 impl Server {
@@ -179,6 +240,8 @@ impl Server {
             wall_at_epoch_ms: wall_ms,
             recent_inits: VecDeque::new(),
             recent_ids: HashSet::new(),
+            init_limiter: InitLimiter::default(),
+            next_source_sweep: now + SOURCE_SWEEP_INTERVAL,
         }
     }
 
@@ -229,6 +292,10 @@ impl Server {
         buf: &[u8],
         out: &mut [u8; HANDSHAKE_RESP_LEN],
     ) -> ServerRecv {
+        // before any MAC: a flood from one source costs a hash lookup
+        if !self.init_limiter.allow(now, from.ip()) {
+            return self.drop_global(DropReason::RateLimited);
+        }
         let accepted = match crypto::verify_init(&self.psk, buf) {
             Ok(a) => a,
             Err(crypto::HandshakeError::BadMac) => return self.drop_global(DropReason::BadMac),
@@ -493,6 +560,10 @@ impl Server {
             return;
         }
         self.next_sweep = now + SWEEP_INTERVAL;
+        if now >= self.next_source_sweep {
+            self.init_limiter.sweep(now);
+            self.next_source_sweep = now + SOURCE_SWEEP_INTERVAL;
+        }
         while let Some(&(at, id)) = self.recent_inits.front() {
             if now.saturating_duration_since(at) < RECENT_INITS_KEPT {
                 break;

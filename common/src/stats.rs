@@ -29,6 +29,8 @@ pub enum DropReason {
     Refused,
     /// An authentic init seen before (a replay within the freshness window).
     ReplayedInit,
+    /// An init beyond its source's rate (checked before the MAC).
+    RateLimited,
     /// An unexpected message for the current state (e.g. a stray response).
     Unexpected,
 }
@@ -49,6 +51,8 @@ pub struct DropCounters {
     pub refused: u64,
     #[serde(default)]
     pub replayed_init: u64,
+    #[serde(default)]
+    pub rate_limited: u64,
     pub unexpected: u64,
 }
 
@@ -66,6 +70,7 @@ impl DropCounters {
             DropReason::NoPathSlot => &mut self.no_path_slot,
             DropReason::Refused => &mut self.refused,
             DropReason::ReplayedInit => &mut self.replayed_init,
+            DropReason::RateLimited => &mut self.rate_limited,
             DropReason::Unexpected => &mut self.unexpected,
         };
         *c += 1;
@@ -83,6 +88,7 @@ impl DropCounters {
         self.no_path_slot += o.no_path_slot;
         self.refused += o.refused;
         self.replayed_init += o.replayed_init;
+        self.rate_limited += o.rate_limited;
         self.unexpected += o.unexpected;
     }
 
@@ -98,6 +104,7 @@ impl DropCounters {
             + self.no_path_slot
             + self.refused
             + self.replayed_init
+            + self.rate_limited
             + self.unexpected
     }
 
@@ -114,6 +121,7 @@ impl DropCounters {
             ("no-path-slot", self.no_path_slot),
             ("refused", self.refused),
             ("replayed-init", self.replayed_init),
+            ("rate-limited", self.rate_limited),
             ("unexpected", self.unexpected),
         ];
         let parts: Vec<String> = pairs.iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("{k}={v}")).collect();

@@ -114,3 +114,36 @@ fn forged_datagrams_buy_no_reply_budget_on_an_unvalidated_path() {
     assert!(!before, "an unvalidated path gets no 1400-byte datagram on a few probes' budget");
     assert!(!reaches_victim(&mut sim), "forged bytes bought a reply budget");
 }
+
+/// Before, every init from anywhere cost an HMAC: a flood from one source was verified in
+/// full. Now each source has a token bucket, checked before the MAC; other sources are
+/// not affected.
+#[test]
+fn an_init_flood_from_one_source_is_cut_before_the_mac() {
+    use common::server::INIT_BURST_PER_SOURCE;
+    let mut sim = established();
+    let mut out = [0u8; HANDSHAKE_RESP_LEN];
+    let flooder: SocketAddr = "10.66.0.9:4444".parse().unwrap();
+    let mut forged = sim.inits_seen[0].clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1; // a bad MAC: only verifying it tells
+    let sent = INIT_BURST_PER_SOURCE as u64 + 1000;
+    for _ in 0..sent {
+        let mut d = forged.clone();
+        assert!(matches!(sim.server.handle_datagram(sim.now, flooder, &mut d, &mut out), ServerRecv::Dropped(_)));
+    }
+    let drops = sim.server.status(sim.now, "x").drops;
+    assert!(drops.bad_mac <= INIT_BURST_PER_SOURCE as u64, "{} MACs verified for one source", drops.bad_mac);
+    assert!(drops.rate_limited >= sent - INIT_BURST_PER_SOURCE as u64 - 1);
+    // another source, and the same one a second later, are verified again
+    let mut d = forged.clone();
+    sim.server.handle_datagram(sim.now, "10.66.0.10:1".parse().unwrap(), &mut d, &mut out);
+    sim.run_for(Duration::from_secs(1));
+    let mut d = forged.clone();
+    sim.server.handle_datagram(sim.now, flooder, &mut d, &mut out);
+    assert_eq!(sim.server.status(sim.now, "x").drops.bad_mac, drops.bad_mac + 2);
+    // and the real client still works
+    sim.app_send("127.0.0.1:5000".parse().unwrap(), b"again");
+    sim.run_for(Duration::from_millis(300));
+    assert_eq!(sim.app_received.len(), 2);
+}
