@@ -38,6 +38,14 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl ConfigError {
+    /// A problem with `field` that no line of the file points at (a name that does not
+    /// resolve, an address that does not parse).
+    pub fn field(file: &str, field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { file: file.into(), line: None, field: field.into(), message: message.into() }
+    }
+}
+
 /// One relay (or direct server address) from a bridges file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bridge {

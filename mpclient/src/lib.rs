@@ -52,7 +52,7 @@ pub struct ClientRuntime {
 impl ClientRuntime {
     /// From a YAML config; resolves host names now, so errors show at startup.
     pub fn from_config(file: &str, c: &ClientConfig) -> Result<Self, ConfigError> {
-        let err = |field: String, message: String| ConfigError { file: file.into(), line: None, field, message };
+        let err = |field: String, message: String| ConfigError::field(file, field, message);
         let mut paths = Vec::new();
         for (i, p) in c.paths.iter().enumerate() {
             let remote = driver::resolve(&p.remote).map_err(|e| err(format!("paths[{i}].remote"), e.to_string()))?;
@@ -95,12 +95,8 @@ impl ClientRuntime {
         let mut paths = Vec::new();
         for b in bridges {
             let hp = format!("{}:{}", b.host, b.port);
-            let remote = driver::resolve(&hp).map_err(|e| ConfigError {
-                file: file.into(),
-                line: Some(b.line),
-                field: String::new(),
-                message: e.to_string(),
-            })?;
+            let remote = driver::resolve(&hp)
+                .map_err(|e| ConfigError { line: Some(b.line), ..ConfigError::field(file, "", e.to_string()) })?;
             paths.push(PathSpec { name: hp, remote, bind: None, interface: None });
         }
         Ok(Self {

@@ -58,7 +58,7 @@ impl ServerRuntime {
     }
 
     pub fn from_config(file: &str, c: &ServerConfig) -> Result<Self, ConfigError> {
-        let err = |field: String, message: String| ConfigError { file: file.into(), line: None, field, message };
+        let err = |field: String, message: String| ConfigError::field(file, field, message);
         let default_target = match &c.target {
             Some(t) => Some(driver::resolve(t).map_err(|e| err("target".into(), e.to_string()))?),
             None => None,

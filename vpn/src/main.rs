@@ -2,8 +2,8 @@
 
 use clap::{Parser, Subcommand};
 use common::driver::files::load_config;
-use common::driver::{control, exit_with_error, genkey, print_stdout, run_daemon, DriverError};
-use std::path::{Path, PathBuf};
+use common::driver::{control, exit_with_error, genkey, run_daemon};
+use std::path::PathBuf;
 use vpn::config::{HubConfig, PeerConfig};
 use vpn::driver::{run_hub, run_peer, VpnStatus};
 
@@ -60,19 +60,12 @@ fn control_path(flag: Option<PathBuf>, config: &Option<PathBuf>) -> PathBuf {
     flag.or_else(|| config.clone()).unwrap_or_else(|| control::default_control_path("mpvpn"))
 }
 
-fn status(json: bool, path: &Path) -> Result<(), DriverError> {
-    let report: VpnStatus = control::fetch(path)?;
-    if json {
-        print_stdout(&(serde_json::to_string_pretty(&report).map_err(DriverError::BadStatus)? + "\n"))
-    } else {
-        print_stdout(&report.to_table())
-    }
-}
-
 fn main() {
     match Cli::parse().command {
         Command::Genkey { file } => genkey(file.as_deref()).unwrap_or_else(fail),
-        Command::Status { json, control } => status(json, &control_path(control, &None)).unwrap_or_else(fail),
+        Command::Status { json, control } => {
+            control::print_status(&control_path(control, &None), json, VpnStatus::to_table).unwrap_or_else(fail)
+        }
         Command::Hub { config, control } => {
             let cfg = load_config(&config, HubConfig::parse).unwrap_or_else(fail);
             let control = control_path(control, &cfg.control_socket);

@@ -12,7 +12,6 @@
 
 use super::event_loop::{CONTROL_CONNECTION_BASE, CONTROL_LISTENER};
 use super::{DriverError, IoContext};
-use crate::stats::StatusReport;
 use mio::net::{UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
 use slog::{debug, warn, Logger};
@@ -162,6 +161,7 @@ impl ControlServer {
 
     fn accept_all<T: serde::Serialize>(&mut self, registry: &Registry, report: impl FnOnce() -> T, log: &Logger) {
         let mut report = Some(report);
+        // serialized once, for the first reader of this wake-up
         let mut json: Option<Vec<u8>> = None;
         loop {
             let stream = match self.listener.accept() {
@@ -179,7 +179,7 @@ impl ControlServer {
             };
             let out = json
                 .get_or_insert_with(|| {
-                    let r = report.take().map(|f| f());
+                    let r = report.take().expect("serialized once")();
                     match serde_json::to_vec(&r) {
                         Ok(v) if v.len() <= CONTROL_OUTPUT_MAX => v,
                         _ => br#"{"error":"status report too large"}"#.to_vec(),
@@ -234,13 +234,18 @@ pub fn fetch<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, DriverErr
     serde_json::from_slice(&body).map_err(DriverError::BadStatus)
 }
 
-/// The `status` subcommand: fetch the report and print it as a table or JSON.
-pub fn print_status(path: &Path, json: bool) -> Result<(), DriverError> {
-    let report: StatusReport = fetch(path)?;
+/// The `status` subcommand: fetch the daemon's report and print it as JSON, or as the
+/// table `to_table` makes of it.
+pub fn print_status<T: serde::de::DeserializeOwned + serde::Serialize>(
+    path: &Path,
+    json: bool,
+    to_table: impl FnOnce(&T) -> String,
+) -> Result<(), DriverError> {
+    let report: T = fetch(path)?;
     if json {
         super::print_stdout(&(serde_json::to_string_pretty(&report).map_err(DriverError::BadStatus)? + "\n"))
     } else {
-        super::print_stdout(&report.to_table())
+        super::print_stdout(&to_table(&report))
     }
 }
 

@@ -47,12 +47,7 @@ pub fn write_new_key(key: &Psk, path: &Path) -> std::io::Result<()> {
 /// Reads `path` and parses it with `parse(file_name, text)` (e.g. `ClientConfig::parse`).
 pub fn load_config<T>(path: &Path, parse: fn(&str, &str) -> Result<T, ConfigError>) -> Result<T, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: file.clone(),
-        line: None,
-        field: String::new(),
-        message: e.to_string(),
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::field(&file, "", e.to_string()))?;
     parse(&file, &text)
 }
 

@@ -298,7 +298,7 @@ impl DaemonCommand {
             Self::Genkey { file } => genkey(file.as_deref()),
             Self::Status { json, control: path } => {
                 let path = path.unwrap_or_else(|| control::default_control_path(program));
-                control::print_status(&path, json)
+                control::print_status(&path, json, crate::stats::StatusReport::to_table)
             }
         };
         match result {
