@@ -133,13 +133,14 @@ fn socket_is_stale(errno: i32) -> bool {
 /// Whether a fresh socket for `spec` would send from another address than `sock` does
 /// (its address went away, or the route to the remote changed). False when no fresh
 /// socket can be opened now: then the old one is as good as any.
-fn source_moved(sock: &BatchSocket, spec: &PathSpec) -> bool {
-    let Ok(current) = sock.local_addr() else { return true };
-    path_socket(spec).and_then(|probe| probe.local_addr()).is_ok_and(|fresh| fresh.ip() != current.ip())
+fn source_moved(link: &PathLink) -> bool {
+    let Ok(current) = link.sock.local_addr() else { return true };
+    path_socket(&link.spec).and_then(|probe| probe.local_addr()).is_ok_and(|fresh| fresh.ip() != current.ip())
 }
 
-/// One path's socket and what decides when it is re-opened.
+/// One path: what it is, its socket, and what decides when the socket is re-opened.
 struct PathLink {
+    spec: PathSpec,
     sock: BatchSocket,
     opened: Instant,
     last_rx: Instant,
@@ -148,10 +149,35 @@ struct PathLink {
 }
 
 impl PathLink {
-    fn open(spec: &PathSpec, registry: &Registry, token: Token, now: Instant) -> std::io::Result<Self> {
-        let mut sock = path_socket(spec)?;
+    fn open(spec: PathSpec, registry: &Registry, token: Token, now: Instant) -> std::io::Result<Self> {
+        let mut sock = path_socket(&spec)?;
         registry.register(&mut sock, token, Interest::READABLE)?;
-        Ok(Self { sock, opened: now, last_rx: now, reopen_after: PATH_REOPEN_SILENT })
+        Ok(Self { spec, sock, opened: now, last_rx: now, reopen_after: PATH_REOPEN_SILENT })
+    }
+
+    /// A fresh socket in place of this one; on failure the old one stays (registered
+    /// again) and is tried later.
+    fn reopen(&mut self, registry: &Registry, token: Token, now: Instant) -> std::io::Result<()> {
+        let _ = registry.deregister(&mut self.sock);
+        let fresh = path_socket(&self.spec).and_then(|mut s| {
+            registry.register(&mut s, token, Interest::READABLE)?;
+            Ok(s)
+        });
+        // a path that stays silent is tried less and less often
+        let silent = now >= self.silent_until();
+        self.opened = now;
+        match fresh {
+            Ok(sock) => {
+                self.sock = sock;
+                self.reopen_after =
+                    if silent { (self.reopen_after * 2).min(PATH_REOPEN_MAX) } else { PATH_REOPEN_SILENT };
+                Ok(())
+            }
+            Err(e) => {
+                let _ = registry.register(&mut self.sock, token, Interest::READABLE);
+                Err(e)
+            }
+        }
     }
 
     fn silent_until(&self) -> Instant {
@@ -169,7 +195,6 @@ impl PathLink {
 /// going, and the server learns the new path from its first authenticated datagram.
 pub struct Multipath {
     pub core: Client,
-    specs: Vec<PathSpec>,
     paths: Vec<PathLink>,
     /// The host's address and route changes; token `token_base + paths.len()`.
     watch: Option<AddressWatch>,
@@ -199,8 +224,8 @@ impl Multipath {
         let now = Instant::now();
         let mut paths = Vec::new();
         for (i, p) in rt.paths.iter().enumerate() {
-            let link =
-                PathLink::open(p, registry, Token(token_base + i), now).context(|| format!("path {i} ({})", p.name))?;
+            let link = PathLink::open(p.clone(), registry, Token(token_base + i), now)
+                .context(|| format!("path {i} ({})", p.name))?;
             info!(log, "path"; "name" => &p.name, "remote" => %p.remote, "bind" => ?p.bind, "interface" => ?p.interface);
             paths.push(link);
         }
@@ -212,7 +237,6 @@ impl Multipath {
         let watch = watch.map_err(|e| warn!(log, "no address change notifications"; "error" => %e)).ok();
         Ok(Self {
             core: Client::new(psk, core_cfg, now, driver::wall_ms(), Box::new(OsEntropy::new())),
-            specs: rt.paths.clone(),
             paths,
             watch,
             token_base,
@@ -224,7 +248,7 @@ impl Multipath {
 
     /// The remote end of every path.
     pub fn remotes(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.specs.iter().map(|p| p.remote)
+        self.paths.iter().map(|p| p.spec.remote)
     }
 
     /// Whether `token` is one of this tunnel's (a path or the address watch).
@@ -248,8 +272,7 @@ impl Multipath {
                 if self.watch.as_ref().is_some_and(AddressWatch::changed) {
                     // only paths a fresh socket would send from another address: most
                     // changes (an IPv6 link-local address appearing) concern none
-                    let moved =
-                        self.reopen_paths(registry, Instant::now(), |link, spec| source_moved(&link.sock, spec));
+                    let moved = self.reopen_paths(registry, Instant::now(), source_moved);
                     if moved > 0 {
                         info!(self.log, "addresses or routes changed; new path sockets"; "paths" => moved);
                     }
@@ -262,36 +285,18 @@ impl Multipath {
 
     /// Re-opens the sockets of the paths `due` picks (and may re-open now); returns how
     /// many it re-opened.
-    fn reopen_paths(
-        &mut self,
-        registry: &Registry,
-        now: Instant,
-        mut due: impl FnMut(&PathLink, &PathSpec) -> bool,
-    ) -> usize {
+    fn reopen_paths(&mut self, registry: &Registry, now: Instant, mut due: impl FnMut(&PathLink) -> bool) -> usize {
         let mut reopened = 0;
         for (i, link) in self.paths.iter_mut().enumerate() {
-            if now.saturating_duration_since(link.opened) < PATH_REOPEN_MIN_INTERVAL || !due(link, &self.specs[i]) {
+            if now.saturating_duration_since(link.opened) < PATH_REOPEN_MIN_INTERVAL || !due(link) {
                 continue;
             }
-            let token = Token(self.token_base + i);
-            let _ = registry.deregister(&mut link.sock);
-            match PathLink::open(&self.specs[i], registry, token, now) {
-                Ok(mut fresh) => {
-                    // a path that stays silent is tried less and less often
-                    let silent = now >= link.silent_until();
-                    fresh.reopen_after =
-                        if silent { (link.reopen_after * 2).min(PATH_REOPEN_MAX) } else { PATH_REOPEN_SILENT };
-                    fresh.last_rx = link.last_rx;
-                    debug!(self.log, "path socket re-opened"; "path" => &self.specs[i].name);
-                    *link = fresh;
+            match link.reopen(registry, Token(self.token_base + i), now) {
+                Ok(()) => {
+                    debug!(self.log, "path socket re-opened"; "path" => &link.spec.name);
                     reopened += 1;
                 }
-                Err(e) => {
-                    // keep the old one (registered again) and try later
-                    let _ = registry.register(&mut link.sock, token, Interest::READABLE);
-                    link.opened = now;
-                    debug!(self.log, "cannot re-open path socket"; "path" => &self.specs[i].name, "error" => %e);
-                }
+                Err(e) => debug!(self.log, "cannot re-open path socket"; "path" => &link.spec.name, "error" => %e),
             }
         }
         reopened
@@ -299,7 +304,7 @@ impl Multipath {
 
     /// Re-opens path sockets whose sends failed as stale or that stayed silent.
     fn maintain_paths(&mut self, registry: &Registry, now: Instant) {
-        self.reopen_paths(registry, now, |link, _| {
+        self.reopen_paths(registry, now, |link| {
             link.sock.take_send_error().is_some_and(socket_is_stale) || now >= link.silent_until()
         });
     }

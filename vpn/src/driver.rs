@@ -373,15 +373,16 @@ impl Service for HubDriver {
 
     fn handle_ready(&mut self, _: &Registry, token: Token) -> Result<bool, VpnError> {
         let Self { core, tunnel, dev, bufs, log, .. } = self;
-        let now = Instant::now();
+        // one clock reading per wake-up, not per datagram
+        let (now, wall) = (Instant::now(), wall_ms());
         let pending = match (token, &mut *tunnel) {
             (TUN, _) => read_tun(dev, &mut bufs.tun_in, log, |p| core.handle_tun_packet(p)),
             (UDP, HubTunnel::Udp(sock)) => {
-                read_udp(sock, &mut bufs.rx, log, |from, d| core.handle_datagram(now, wall_ms(), from, d))
+                read_udp(sock, &mut bufs.rx, log, |from, d| core.handle_datagram(now, wall, from, d))
             }
             (EMBEDDED, HubTunnel::Embedded(t)) => t.read_listen(|inbound| {
                 if let mpserver::Inbound::Forward(slot, d) = inbound {
-                    core.handle_datagram(now, wall_ms(), slot_addr(slot), d);
+                    core.handle_datagram(now, wall, slot_addr(slot), d);
                 }
                 true
             }),
