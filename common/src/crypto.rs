@@ -146,22 +146,32 @@ impl SessionKeys {
     /// the header already written at `buf[..TRANSPORT_HEADER_LEN]` as AAD, and appends the
     /// tag. Returns the datagram length. `buf` must have room for the tag.
     pub fn seal(&self, seq: u64, buf: &mut [u8], plain_len: usize) -> usize {
-        let (header, rest) = buf.split_at_mut(TRANSPORT_HEADER_LEN);
-        let tag = self
-            .seal
-            .seal_in_place_separate_tag(nonce(self.seal_dir, seq), aead::Aad::from(&*header), &mut rest[..plain_len])
-            .expect("in-place seal of a bounded buffer");
-        rest[plain_len..plain_len + AEAD_TAG_LEN].copy_from_slice(tag.as_ref());
-        TRANSPORT_HEADER_LEN + plain_len + AEAD_TAG_LEN
+        self.seal_after(TRANSPORT_HEADER_LEN, seq, buf, plain_len)
     }
 
     /// Opens a transport datagram in place; returns the plaintext length, which starts at
     /// `buf[TRANSPORT_HEADER_LEN]`.
     pub fn open(&self, seq: u64, buf: &mut [u8]) -> Result<usize, OpenError> {
-        if buf.len() < TRANSPORT_HEADER_LEN + AEAD_TAG_LEN {
+        self.open_after(TRANSPORT_HEADER_LEN, seq, buf)
+    }
+
+    /// `seal` for a message whose header (the AAD) is `header_len` bytes long.
+    pub fn seal_after(&self, header_len: usize, seq: u64, buf: &mut [u8], plain_len: usize) -> usize {
+        let (header, rest) = buf.split_at_mut(header_len);
+        let tag = self
+            .seal
+            .seal_in_place_separate_tag(nonce(self.seal_dir, seq), aead::Aad::from(&*header), &mut rest[..plain_len])
+            .expect("in-place seal of a bounded buffer");
+        rest[plain_len..plain_len + AEAD_TAG_LEN].copy_from_slice(tag.as_ref());
+        header_len + plain_len + AEAD_TAG_LEN
+    }
+
+    /// `open` for a message whose header (the AAD) is `header_len` bytes long.
+    pub fn open_after(&self, header_len: usize, seq: u64, buf: &mut [u8]) -> Result<usize, OpenError> {
+        if buf.len() < header_len + AEAD_TAG_LEN {
             return Err(OpenError);
         }
-        let (header, rest) = buf.split_at_mut(TRANSPORT_HEADER_LEN);
+        let (header, rest) = buf.split_at_mut(header_len);
         let plain = self
             .open
             .open_in_place(nonce(self.open_dir, seq), aead::Aad::from(&*header), rest)
@@ -180,11 +190,14 @@ impl hkdf::KeyType for OkmLen {
 
 fn derive_keys(psk: &Psk, shared: &[u8], transcript: &[u8], cipher: Cipher, is_client: bool) -> SessionKeys {
     let th = digest::digest(&digest::SHA256, transcript);
-    let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, &psk.0);
-    let prk = salt.extract(shared);
-    let info = [b"mpt v1 session keys".as_slice(), th.as_ref()];
+    expand_keys(&psk.0, shared, &[b"mpt v1 session keys".as_slice(), th.as_ref()], cipher, is_client)
+}
+
+/// Two directional AEAD keys from HKDF-SHA256 (`salt`, the shared secret, `info`).
+fn expand_keys(salt: &[u8], shared: &[u8], info: &[&[u8]], cipher: Cipher, is_client: bool) -> SessionKeys {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(shared);
     let mut okm = [0u8; 64];
-    prk.expand(&info, OkmLen(64)).expect("hkdf length").fill(&mut okm).expect("hkdf fill");
+    prk.expand(info, OkmLen(64)).expect("hkdf length").fill(&mut okm).expect("hkdf fill");
     let alg = cipher.algorithm();
     let c2s = aead::LessSafeKey::new(aead::UnboundKey::new(alg, &okm[..32]).expect("key length"));
     let s2c = aead::LessSafeKey::new(aead::UnboundKey::new(alg, &okm[32..]).expect("key length"));
@@ -205,6 +218,30 @@ fn derive_keys(psk: &Psk, shared: &[u8], transcript: &[u8], cipher: Cipher, is_c
             open_dir: Direction::ClientToServer,
         }
     }
+}
+
+/// Keys for a channel other than the tunnel's own (the VPN's per-registration keys):
+/// X25519 of `private` with `peer_public`, then HKDF-SHA256 with `salt` (the long-term
+/// key both sides hold) and `info` (what binds the keys to this exchange). The
+/// `initiator` seals as `ClientToServer`.
+pub fn agree_channel_keys(
+    private: agreement::EphemeralPrivateKey,
+    peer_public: &[u8; 32],
+    salt: &[u8],
+    info: &[&[u8]],
+    cipher: Cipher,
+    initiator: bool,
+) -> Result<SessionKeys, HandshakeError> {
+    let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, peer_public);
+    agreement::agree_ephemeral(private, &peer, |shared| expand_keys(salt, shared, info, cipher, initiator))
+        .map_err(|_| HandshakeError::Agreement)
+}
+
+/// The public half of an ephemeral key, as 32 bytes.
+pub fn x25519_public(private: &agreement::EphemeralPrivateKey) -> [u8; 32] {
+    let mut pk = [0u8; 32];
+    pk.copy_from_slice(private.compute_public_key().expect("x25519 public key").as_ref());
+    pk
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -243,9 +280,7 @@ impl ClientHandshake {
         target: &str,
         timestamp_ms: u64,
     ) -> Self {
-        let public = private.compute_public_key().expect("x25519 public key");
-        let mut pk = [0u8; 32];
-        pk.copy_from_slice(public.as_ref());
+        let pk = x25519_public(&private);
         let repr = HandshakeInitRepr { cipher: cipher.id(), session, public: pk, timestamp_ms, target };
         let mut init = [0u8; HANDSHAKE_INIT_MAX_LEN];
         let body = repr.emit_body(&mut init).expect("target name length is validated by config");

@@ -132,16 +132,31 @@ fn vpn_across_lossy_bridges() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("1412") && err.contains("1400"), "{err}");
+    assert!(err.contains(&vpn::TUN_MTU.to_string()) && err.contains("1400"), "{err}");
     // (refused before anything changed: a stays registered)
     v.wait_peer_up("a", Duration::from_secs(30));
 
     // kill -9 the hub and start it again: peers notice, come back, same addresses
+    let before_restart_ms = wall_ms();
     v.lab.kill9(v.hub);
     std::thread::sleep(Duration::from_millis(300));
     v.hub = v.start_hub();
     // the new hub knows nobody until the peers notice and register again
     let restarted = std::time::Instant::now();
+    // a's Register as it was before the restart, replayed through a tunnel of the
+    // attacker's own (any host has the tunnel key): before, it bound the name a to the
+    // attacker's session; now it makes a registration nobody can use
+    while v.status("hub").is_null() {
+        assert!(restarted.elapsed() < Duration::from_secs(10), "the restarted hub has no control socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    replay_register_of_a(&mut v, before_restart_ms);
+    std::thread::sleep(Duration::from_secs(1));
+    let hub_now = v.status("hub");
+    assert!(
+        hub_now["peers"].as_array().is_some_and(|ps| ps.iter().all(|p| p["name"] != "a")),
+        "a replayed Register registered a: {hub_now}"
+    );
     loop {
         let names: Vec<String> = v.status("hub")["peers"]
             .as_array()
@@ -157,6 +172,8 @@ fn vpn_across_lossy_bridges() {
     let a2 = v.wait_peer_up("a", Duration::from_secs(30));
     let b2 = v.wait_peer_up("b", Duration::from_secs(30));
     assert_eq!((a2, b2), (a, b), "same addresses after the hub restart");
+    let unconfirmed = v.status("hub")["drops"]["unconfirmed"].as_u64();
+    assert_eq!(unconfirmed, Some(1), "the replayed Register reached the hub and was replaced by a's own");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(v.ping(0, &b.to_string(), 20, "0.02", &[]).len(), 20, "traffic flows again");
     assert_eq!(v.ping(0, "192.168.50.1", 5, "0.05", &[]).len(), 5, "routes are back");
@@ -168,6 +185,44 @@ fn vpn_across_lossy_bridges() {
         assert!(!v.control_of(who).exists(), "{who} left its control socket behind");
         assert!(v.lab.log_of(idx).contains("stopping"), "{who}: no final stats line");
     }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_millis() as u64
+}
+
+/// Sends a Register of peer a made as a captured one is (a's key, a timestamp from
+/// `at_ms`, a nonce and an ephemeral key nobody has the secret of) from a's host through
+/// an mpclient of its own.
+fn replay_register_of_a(v: &mut VpnLab, at_ms: u64) {
+    let text = std::fs::read_to_string(v.lab.dir.join("a.key")).expect("a.key");
+    let key = common::crypto::Psk::from_base64(&text).expect("a's key");
+    let reg = vpn::wire::RegisterRepr {
+        name: "a".into(),
+        timestamp_ms: at_ms,
+        nonce: 0x5eed,
+        want_addr: std::net::Ipv4Addr::UNSPECIFIED,
+        mtu: 0,
+        public: [9; 32],
+        routes: vec![],
+    }
+    .emit(&vpn::wire::PeerKey::new(&key.bytes()));
+    let dir = v.lab.dir.display().to_string();
+    let ns = v.peer_ns[0].clone();
+    let (key_file, ctl, bridges) =
+        (format!("{dir}/tunnel.key"), format!("{dir}/mpclient-replay.sock"), format!("{dir}/bridges-a.conf"));
+    let args = ["--listen", "127.0.0.1:3999", "--key-file", &key_file, "--control", &ctl, &bridges];
+    v.lab.spawn(&ns, "mpclient-replay", &tests::bin("mpclient"), &args);
+    std::thread::sleep(Duration::from_millis(300));
+    tests::spawn_in_ns(&ns, move || {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        for _ in 0..3 {
+            sock.send_to(&reg, "127.0.0.1:3999").expect("send to the attacker's mpclient");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .join()
+    .expect("replay thread");
 }
 
 /// Embedded mode: the hub and the peers run the multipath server/client in-process (no

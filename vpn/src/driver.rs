@@ -16,7 +16,7 @@ use common::driver::batch::{BatchSocket, RecvBatch};
 use common::driver::event_loop::{read_batches, EventLoop, Room, Service, NO_ROOM, READ_BUDGET};
 use common::driver::files::load_config;
 use common::driver::{self, wall_ms, IoContext};
-use common::entropy::{Entropy, OsEntropy};
+use common::entropy::OsEntropy;
 use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
@@ -342,7 +342,6 @@ pub fn run_hub(c: HubConfig, control_path: PathBuf, log: &Logger) -> Result<(), 
     }
     let hub_addr = c.hub_addr();
     let mtu = c.mtu.unwrap_or(TUN_MTU);
-    let first_id = OsEntropy::new().next_u64() as u32 >> 1;
     let core = Hub::new(
         HubCoreConfig {
             network: c.network,
@@ -352,7 +351,7 @@ pub fn run_hub(c: HubConfig, control_path: PathBuf, log: &Logger) -> Result<(), 
             peers,
             peer_timeout: Duration::from_secs(c.peer_timeout_secs),
         },
-        first_id,
+        Box::new(OsEntropy::new()),
     );
     let mut el = EventLoop::new(log.clone())?;
     el.serve_control(&control_path)?;
@@ -596,7 +595,7 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
             tunnel_payload: TUNNEL_PAYLOAD,
         },
         Instant::now(),
-        OsEntropy::new().next_u64(),
+        Box::new(OsEntropy::new()),
     );
     let mut el = EventLoop::new(log.clone())?;
     el.serve_control(&control_path)?;

@@ -3,20 +3,31 @@
 //! Invariants:
 //! - Nothing from an unknown or unauthenticated source gets an answer or changes state:
 //!   a Register must carry a valid MAC from the named peer's key and a timestamp newer than
-//!   any seen for that name (and within `MAX_CLOCK_SKEW` of ours); afterwards the peer's
-//!   tunnel address is bound to it, and an authenticated heartbeat may move the binding.
+//!   any seen for that name (and within `MAX_CLOCK_SKEW` of ours).
+//! - A Register only makes a *pending* registration with its own channel keys
+//!   (`channel`); it replaces the peer's working one when the first datagram sealed under
+//!   the new keys arrives, which only the real peer can send. So a replayed Register
+//!   (also after a hub restart) disturbs nobody and yields nothing. Every Register with
+//!   the same nonce gets the same Welcome: resent or queued copies converge on one id.
+//! - Every other datagram is sealed under a registration's channel and found by its peer
+//!   id, never by tunnel address; liveness and the address the hub answers to are
+//!   learned only from datagrams that opened.
 //! - A packet from a peer is routed only if its inner source is the peer's address (or
 //!   its IPv6 mapping) or inside a route it announced; otherwise it is dropped and counted.
 //! - Every change of the peer list bumps its version and is pushed to every peer over
 //!   its KCP link (reliable and ordered).
 
+use crate::channel::{Agreement, Channel, OpenFailure};
 use crate::ip::{self, Prefix};
 use crate::kcplink::{KcpLink, LinkError};
 use crate::queue::PacketQueue;
 use crate::wire::{
-    self, field, HeartbeatAckRepr, HeartbeatRepr, PeerEntry, PeerKey, RefusalReason, RefusalRepr, RegisterRepr,
-    RouteRefusalReason, WelcomeRepr, INNER_IP, MSG_HEARTBEAT, MSG_KCP, MSG_REGISTER,
+    self, field, sealed_kind, HeartbeatAckRepr, HeartbeatRepr, PeerEntry, PeerKey, RefusalReason, RefusalRepr,
+    RegisterRepr, RouteRefusalReason, SealedHeader, WelcomeRepr, INNER_IP, MSG_REGISTER, MSG_SEALED, SEALED_HEADER_LEN,
+    SEALED_OVERHEAD,
 };
+use common::crypto::x25519_public;
+use common::entropy::Entropy;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -86,6 +97,10 @@ pub struct HubDrops {
     pub unknown_peer: u64,
     pub bad_mac: u64,
     pub replayed: u64,
+    /// Registrations never confirmed by a sealed datagram before they expired or a newer
+    /// Register replaced them (replayed Registers, or a peer that went away at once).
+    #[serde(default)]
+    pub unconfirmed: u64,
     pub spoofed_source: u64,
     pub no_route: u64,
     pub queue_full: u64,
@@ -150,15 +165,33 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
 }
 
+/// Where a peer's datagrams go before any arrived (tunnel addresses are learned from
+/// authenticated datagrams only).
+const UNBOUND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+
+/// A registration the hub answered but the peer has not yet used.
+struct Pending {
+    name: String,
+    nonce: u64,
+    addr: Ipv4Addr,
+    routes: Vec<Prefix>,
+    /// The Welcome, resent as it was to every Register with the same nonce.
+    welcome: Vec<u8>,
+    channel: Channel,
+    since: Instant,
+}
+
 struct HubPeer {
     id: u32,
     name: String,
+    /// The Register nonce of this registration (its late copies are not new ones).
+    nonce: u64,
     addr: Ipv4Addr,
     routes: Vec<Prefix>,
     tunnel: SocketAddr,
+    channel: Channel,
     last_seen: Instant,
     last_heartbeat: Instant,
-    last_heartbeat_ts: u64,
     rtt_us: u32,
     link: KcpLink,
     tx_bytes: u64,
@@ -169,7 +202,9 @@ pub struct Hub {
     cfg: HubCoreConfig,
     keys: HashMap<String, usize>,
     peers: BTreeMap<u32, HubPeer>,
-    by_tunnel: HashMap<SocketAddr, u32>,
+    /// At most one per configured peer, by the id its Welcome gave.
+    pending: BTreeMap<u32, Pending>,
+    entropy: Box<dyn Entropy>,
     /// Addresses handed out, by peer name: a returning peer gets its address back.
     assigned: HashMap<String, Ipv4Addr>,
     last_register_ts: HashMap<String, u64>,
@@ -179,17 +214,24 @@ pub struct Hub {
     to_tun: PacketQueue,
     events: VecDeque<HubEvent>,
     pub drops: HubDrops,
+    /// Where sealed datagrams are opened.
     buf: Vec<u8>,
+    /// Where messages of the KCP stream are taken.
+    inner_buf: Vec<u8>,
 }
 
 impl Hub {
-    pub fn new(cfg: HubCoreConfig, first_peer_id: u32) -> Self {
+    /// `entropy` makes the registrations' ephemeral keys and the first peer id.
+    pub fn new(cfg: HubCoreConfig, mut entropy: Box<dyn Entropy>) -> Self {
         let keys = cfg.peers.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+        // ids are not secret; random ones keep a restarted hub's from meeting old ones
+        let first_peer_id = (entropy.next_u64() as u32) >> 1;
         Self {
             cfg,
             keys,
             peers: BTreeMap::new(),
-            by_tunnel: HashMap::new(),
+            pending: BTreeMap::new(),
+            entropy,
             assigned: HashMap::new(),
             last_register_ts: HashMap::new(),
             next_id: first_peer_id.max(1),
@@ -199,6 +241,7 @@ impl Hub {
             events: VecDeque::new(),
             drops: HubDrops::default(),
             buf: vec![0; 65536],
+            inner_buf: vec![0; 65536],
         }
     }
 
@@ -206,8 +249,7 @@ impl Hub {
     pub fn handle_datagram(&mut self, now: Instant, wall_ms: u64, from: SocketAddr, d: &[u8]) {
         match d.first() {
             Some(&MSG_REGISTER) => self.on_register(now, wall_ms, from, d),
-            Some(&MSG_HEARTBEAT) => self.on_heartbeat(now, from, d),
-            Some(&MSG_KCP) => self.on_kcp(now, from, &d[field::kcp::SEGMENT..]),
+            Some(&MSG_SEALED) => self.on_sealed(now, from, d),
             _ => self.drops.malformed += 1,
         }
     }
@@ -220,6 +262,7 @@ impl Hub {
         let taken = |a: Ipv4Addr| {
             a == self.cfg.hub_addr
                 || self.peers.values().any(|p| p.addr == a && p.name != name)
+                || self.pending.values().any(|p| p.addr == a && p.name != name)
                 || self.cfg.peers.iter().any(|s| s.fixed_addr == Some(a) && s.name != name)
                 || self.assigned.iter().any(|(n, &x)| x == a && n != name)
         };
@@ -252,6 +295,14 @@ impl Hub {
             self.drops.bad_mac += 1;
             return;
         }
+        // a copy of the Register already answered: the same answer, nothing new
+        if let Some(p) = self.pending.values().find(|p| p.name == reg.name && p.nonce == reg.nonce) {
+            self.transmit.push_back((from, p.welcome.clone()));
+            return;
+        }
+        if self.peers.values().any(|p| p.name == reg.name && p.nonce == reg.nonce) {
+            return; // a late copy; that registration is already in use
+        }
         let last = self.last_register_ts.get(&reg.name).copied().unwrap_or(0);
         if reg.timestamp_ms <= last || reg.timestamp_ms.abs_diff(wall_ms) > MAX_CLOCK_SKEW_MS {
             self.drops.replayed += 1;
@@ -269,12 +320,6 @@ impl Hub {
             self.events.push_back(HubEvent::Refused { name: reg.name, reason });
             return;
         };
-        // a re-registration replaces the old entry (new id, fresh KCP state)
-        if let Some(old) = self.peers.values().find(|p| p.name == reg.name).map(|p| p.id) {
-            if let Some(p) = self.peers.remove(&old) {
-                self.by_tunnel.remove(&p.tunnel);
-            }
-        }
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
         // announcements are policy: only what hub.yaml allows this peer is taken; the
@@ -287,6 +332,14 @@ impl Hub {
                 Err(reason) => refused.push((r, reason)),
             }
         }
+        let private = self.entropy.x25519_key();
+        let public = x25519_public(&private);
+        let key = &self.cfg.peers[ki].key;
+        let agreement = Agreement { key, nonce: reg.nonce, peer_id: id, peer_public: &reg.public, hub_public: &public };
+        let Ok(channel) = Channel::establish(&agreement, private, false) else {
+            self.drops.malformed += 1; // a public key X25519 refuses
+            return;
+        };
         let welcome = WelcomeRepr {
             peer_id: id,
             addr,
@@ -294,84 +347,125 @@ impl Hub {
             hub_addr: self.cfg.hub_addr,
             mtu: self.cfg.mtu,
             nonce: reg.nonce,
+            public,
             refused: refused.clone(),
         }
-        .emit(&self.cfg.peers[ki].key);
-        self.transmit.push_back((from, welcome));
+        .emit(key, &reg.public);
+        self.transmit.push_back((from, welcome.clone()));
         if !refused.is_empty() {
             self.drops.route_refused += refused.len() as u64;
             self.events.push_back(HubEvent::RoutesRefused { name: reg.name.clone(), routes: refused });
         }
-        self.assigned.insert(reg.name.clone(), addr);
-        if let Some(other) = self.by_tunnel.insert(from, id) {
-            // the tunnel address belonged to another peer before (session reuse): unbind it
-            if let Some(p) = self.peers.get_mut(&other) {
-                p.tunnel = SocketAddr::from(([0, 0, 0, 0], 0));
+        // one pending registration per peer: a newer Register replaces an older one
+        let before = self.pending.len();
+        self.pending.retain(|_, p| p.name != reg.name);
+        self.drops.unconfirmed += (before - self.pending.len()) as u64;
+        self.pending
+            .insert(id, Pending { name: reg.name, nonce: reg.nonce, addr, routes, welcome, channel, since: now });
+    }
+
+    /// A sealed datagram: opened under the channel its peer id names, then dispatched.
+    fn on_sealed(&mut self, now: Instant, from: SocketAddr, d: &[u8]) {
+        let Ok(h) = SealedHeader::parse(d) else {
+            self.drops.malformed += 1;
+            return;
+        };
+        let mut buf = std::mem::take(&mut self.buf);
+        let channel = match (self.peers.get_mut(&h.peer_id), self.pending.get_mut(&h.peer_id)) {
+            (Some(p), _) => Some(&mut p.channel),
+            (None, Some(p)) => Some(&mut p.channel),
+            (None, None) => None,
+        };
+        let opened = match channel.map(|c| c.open(d, &mut buf)) {
+            None => Err(None),
+            Some(Ok(m)) => Ok(m.len()),
+            Some(Err(e)) => Err(Some(e)),
+        };
+        match opened {
+            Ok(n) => {
+                // the message sits after the header in `buf`; move it to the front
+                buf.copy_within(SEALED_HEADER_LEN..SEALED_HEADER_LEN + n, 0);
+                if self.pending.contains_key(&h.peer_id) {
+                    self.confirm(now, h.peer_id, from);
+                }
+                self.on_message(now, h.peer_id, from, &buf[..n]);
             }
+            Err(None) => self.drops.unknown_peer += 1,
+            Err(Some(OpenFailure::Replayed)) => self.drops.replayed += 1,
+            Err(Some(OpenFailure::BadMac)) => self.drops.bad_mac += 1,
+            Err(Some(OpenFailure::Malformed)) => self.drops.malformed += 1,
         }
+        self.buf = buf;
+    }
+
+    /// The first datagram under a pending registration's keys: it becomes the peer's
+    /// registration (replacing the one it had: the peer restarted or lost us).
+    fn confirm(&mut self, now: Instant, id: u32, from: SocketAddr) {
+        let Some(p) = self.pending.remove(&id) else { return };
+        if let Some(old) = self.peers.values().find(|q| q.name == p.name).map(|q| q.id) {
+            self.peers.remove(&old);
+        }
+        self.assigned.insert(p.name.clone(), p.addr);
         self.peers.insert(
             id,
             HubPeer {
                 id,
-                name: reg.name.clone(),
-                addr,
-                routes,
-                tunnel: from,
+                name: p.name.clone(),
+                nonce: p.nonce,
+                addr: p.addr,
+                routes: p.routes,
+                tunnel: UNBOUND,
+                channel: p.channel,
                 last_seen: now,
                 last_heartbeat: now,
-                last_heartbeat_ts: reg.timestamp_ms,
                 rtt_us: 0,
                 link: KcpLink::new(id, now, self.cfg.tunnel_payload),
                 tx_bytes: 0,
                 rx_bytes: 0,
             },
         );
-        self.events.push_back(HubEvent::PeerUp { name: reg.name, addr, tunnel: from });
+        self.events.push_back(HubEvent::PeerUp { name: p.name, addr: p.addr, tunnel: from });
         self.push_peer_list();
     }
 
-    fn on_heartbeat(&mut self, now: Instant, from: SocketAddr, d: &[u8]) {
-        let Ok(hb) = HeartbeatRepr::parse(d) else {
+    /// An opened message from peer `id`, which arrived from `from`.
+    fn on_message(&mut self, now: Instant, id: u32, from: SocketAddr, m: &[u8]) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        p.last_seen = now;
+        if p.tunnel != from {
+            let first = p.tunnel == UNBOUND;
+            p.tunnel = from;
+            if !first {
+                // the peer's tunnel session changed (mpclient or mpserver restarted)
+                self.events.push_back(HubEvent::PeerMoved { name: p.name.clone(), tunnel: from });
+            }
+            // an address is one peer's: whoever had it before has moved on
+            for q in self.peers.values_mut().filter(|q| q.id != id && q.tunnel == from) {
+                q.tunnel = UNBOUND;
+            }
+        }
+        match m.first() {
+            Some(&sealed_kind::HEARTBEAT) => self.on_heartbeat(now, id, m),
+            Some(&sealed_kind::KCP) => self.on_kcp(now, id, &m[field::kcp::SEGMENT..]),
+            _ => self.drops.malformed += 1,
+        }
+    }
+
+    fn on_heartbeat(&mut self, now: Instant, id: u32, m: &[u8]) {
+        let Ok(hb) = HeartbeatRepr::parse(m) else {
             self.drops.malformed += 1;
             return;
         };
-        let Some(p) = self.peers.get_mut(&hb.peer_id) else {
-            self.drops.unknown_peer += 1;
-            return;
-        };
-        let key = &self.cfg.peers[self.keys[&p.name]].key;
-        if HeartbeatRepr::verify(d, key).is_err() {
-            self.drops.bad_mac += 1;
-            return;
-        }
-        if hb.timestamp_ms <= p.last_heartbeat_ts {
-            self.drops.replayed += 1;
-            return;
-        }
-        p.last_heartbeat_ts = hb.timestamp_ms;
-        p.last_seen = now;
+        let Some(p) = self.peers.get_mut(&id) else { return };
         p.last_heartbeat = now;
         p.rtt_us = hb.rtt_us;
-        if p.tunnel != from {
-            // the peer's tunnel session changed (mpclient or mpserver restarted)
-            self.by_tunnel.remove(&p.tunnel);
-            p.tunnel = from;
-            self.by_tunnel.insert(from, p.id);
-            self.events.push_back(HubEvent::PeerMoved { name: p.name.clone(), tunnel: from });
-        }
-        let ack = HeartbeatAckRepr { peer_id: hb.peer_id, seq: hb.seq, peers_version: self.peers_version };
-        self.transmit.push_back((from, ack.emit().to_vec()));
+        let ack = HeartbeatAckRepr { seq: hb.seq, peers_version: self.peers_version }.emit();
+        let d = p.channel.seal_message(&ack);
+        self.transmit.push_back((p.tunnel, d));
     }
 
-    fn on_kcp(&mut self, now: Instant, from: SocketAddr, segment: &[u8]) {
-        let Some(&id) = self.by_tunnel.get(&from) else {
-            self.drops.unknown_peer += 1;
-            return;
-        };
-        let Some(p) = self.peers.get_mut(&id) else {
-            self.drops.unknown_peer += 1;
-            return;
-        };
+    fn on_kcp(&mut self, now: Instant, id: u32, segment: &[u8]) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
         match p.link.input(now, segment) {
             Ok(()) => {}
             Err(LinkError::Broken) => {
@@ -384,20 +478,24 @@ impl Hub {
                 return;
             }
         }
-        p.last_seen = now;
-        let mut buf = std::mem::take(&mut self.buf);
-        while let Some(n) = self.peers.get_mut(&id).and_then(|p| p.link.recv(&mut buf)) {
-            match buf[..n].first() {
+        // the message buffer is in use by the caller: inner messages go through their own
+        let mut inner = std::mem::take(&mut self.inner_buf);
+        while let Some(n) = self.peers.get_mut(&id).and_then(|p| p.link.recv(now, &mut inner)) {
+            match inner[..n].first() {
                 Some(&INNER_IP) => {
                     if let Some(p) = self.peers.get_mut(&id) {
                         p.rx_bytes += (n - field::inner::BODY) as u64;
                     }
-                    self.route_from_peer(id, &buf[field::inner::BODY..n]);
+                    self.route_from_peer(id, &inner[field::inner::BODY..n]);
                 }
                 _ => self.drops.malformed += 1,
             }
         }
-        self.buf = buf;
+        self.inner_buf = inner;
+        if self.peers.get(&id).is_some_and(|p| p.link.is_broken()) {
+            self.events.push_back(HubEvent::LinkBroken { name: self.peers[&id].name.clone() });
+            self.remove_peer(id);
+        }
     }
 
     /// The peer whose address or announced route covers `dst` (longest prefix wins).
@@ -487,7 +585,6 @@ impl Hub {
 
     fn remove_peer(&mut self, id: u32) {
         if let Some(p) = self.peers.remove(&id) {
-            self.by_tunnel.remove(&p.tunnel);
             self.events.push_back(HubEvent::PeerGone { name: p.name, addr: p.addr });
             self.push_peer_list();
         }
@@ -501,9 +598,14 @@ impl Hub {
             out[..n].copy_from_slice(&d[..n]);
             return Some((to, n));
         }
+        let room = out.len().checked_sub(SEALED_OVERHEAD)?;
         for p in self.peers.values_mut() {
-            if let Some(n) = p.link.poll_transmit(out) {
-                return Some((p.tunnel, n));
+            // a peer nothing authenticated arrived from yet has no address to send to
+            if p.tunnel == UNBOUND {
+                continue;
+            }
+            if let Some(n) = p.link.poll_transmit(&mut out[SEALED_HEADER_LEN..SEALED_HEADER_LEN + room]) {
+                return Some((p.tunnel, p.channel.seal(out, n)));
             }
         }
         None
@@ -521,7 +623,8 @@ impl Hub {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let kcp = self.peers.values().map(|p| p.link.poll_timeout()).min();
         let expiry = self.peers.values().map(|p| p.last_seen + self.cfg.peer_timeout).min();
-        [kcp, expiry].into_iter().flatten().min()
+        let unconfirmed = self.pending.values().map(|p| p.since + self.cfg.peer_timeout).min();
+        [kcp, expiry, unconfirmed].into_iter().flatten().min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -535,6 +638,10 @@ impl Hub {
         for id in gone {
             self.remove_peer(id);
         }
+        let before = self.pending.len();
+        let timeout = self.cfg.peer_timeout;
+        self.pending.retain(|_, p| now.saturating_duration_since(p.since) < timeout);
+        self.drops.unconfirmed += (before - self.pending.len()) as u64;
     }
 
     pub fn status(&self, now: Instant) -> Vec<PeerStatus> {
@@ -563,12 +670,15 @@ impl Hub {
 
 /// The fuzzing harness (cargo fuzz target `hub_peer_input`, and a bounded run in the unit
 /// tests): a hub with one genuinely registered peer, then `data` cut into datagrams that
-/// all come from that peer's tunnel address, half of them as KCP segments. Any panic is
-/// a bug; afterwards the hub must still answer a valid heartbeat.
+/// all come from that peer's tunnel address: half of them sealed under the peer's channel
+/// as KCP segments (so they reach KCP), half raw. Any panic is a bug; afterwards the hub
+/// must still answer a valid heartbeat.
 pub fn fuzz_peer_input(data: &[u8]) {
-    let key = [7u8; 32];
+    use common::entropy::OsEntropy;
+    let key = PeerKey::new(&[7u8; 32]);
     let t0 = Instant::now();
     let wall = 1_800_000_000_000u64;
+    let mut entropy = OsEntropy::new();
     let mut hub = Hub::new(
         HubCoreConfig {
             network: "10.99.0.0/24".parse().expect("literal"),
@@ -577,24 +687,38 @@ pub fn fuzz_peer_input(data: &[u8]) {
             tunnel_payload: crate::TUNNEL_PAYLOAD,
             peers: vec![PeerSpec {
                 name: "a".into(),
-                key: PeerKey::new(&key),
+                key: PeerKey::new(&[7u8; 32]),
                 fixed_addr: None,
                 allowed_routes: vec!["192.168.0.0/16".parse().expect("literal")],
             }],
             peer_timeout: DEFAULT_PEER_TIMEOUT,
         },
-        1,
+        Box::new(OsEntropy::new()),
     );
     let from = SocketAddr::from(([127, 0, 0, 1], 40000));
+    let private = entropy.x25519_key();
+    let public = x25519_public(&private);
     let reg = RegisterRepr {
         name: "a".into(),
         timestamp_ms: wall,
         nonce: 1,
         want_addr: Ipv4Addr::UNSPECIFIED,
         mtu: 0,
+        public,
         routes: vec!["192.168.50.0/24".parse().expect("literal")],
     };
-    hub.handle_datagram(t0, wall, from, &reg.emit(&PeerKey::new(&key)));
+    hub.handle_datagram(t0, wall, from, &reg.emit(&key));
+    let mut out = vec![0u8; 65536];
+    let (_, n) = hub.poll_transmit(&mut out).expect("a Welcome");
+    let w = WelcomeRepr::parse(&out[..n], &key, &public).expect("a valid Welcome");
+    let agreement = Agreement { key: &key, nonce: 1, peer_id: w.peer_id, peer_public: &public, hub_public: &w.public };
+    let mut channel = Channel::establish(&agreement, private, true).expect("channel");
+    let mut seq = 0;
+    let mut heartbeat = |channel: &mut Channel| {
+        seq += 1;
+        channel.seal_message(&HeartbeatRepr { seq, rtt_us: 0 }.emit())
+    };
+    hub.handle_datagram(t0, wall, from, &heartbeat(&mut channel));
     assert_eq!(hub.status(t0).len(), 1);
     let mut now = t0;
     let mut rest = data;
@@ -605,25 +729,22 @@ pub fn fuzz_peer_input(data: &[u8]) {
         rest = tail;
         n += 1;
         if n.is_multiple_of(2) {
-            let mut d = Vec::with_capacity(chunk.len() + 1);
-            d.push(MSG_KCP);
-            d.extend_from_slice(chunk);
-            hub.handle_datagram(now, wall, from, &d);
+            let mut m = Vec::with_capacity(chunk.len() + 1);
+            m.push(sealed_kind::KCP);
+            m.extend_from_slice(chunk);
+            hub.handle_datagram(now, wall, from, &channel.seal_message(&m));
         } else {
             hub.handle_datagram(now, wall, from, chunk);
         }
         now += Duration::from_millis(u64::from(len % 16));
         hub.handle_timeout(now);
-        let mut out = [0u8; 65536];
         while hub.poll_transmit(&mut out).is_some() {}
         while hub.poll_tun(&mut out).is_some() {}
         while hub.poll_event().is_some() {}
     }
     // still serving: a valid heartbeat from the peer (if it survived) gets an ack
-    if let Some(p) = hub.peers.values().next() {
-        let hb =
-            HeartbeatRepr { peer_id: p.id, seq: 1, timestamp_ms: u64::MAX - 1, rtt_us: 0 }.emit(&PeerKey::new(&key));
-        hub.handle_datagram(now, wall, from, &hb);
-        assert!(hub.poll_transmit(&mut [0u8; 2048]).is_some(), "hub stopped answering its peer");
+    if !hub.peers.is_empty() {
+        hub.handle_datagram(now, wall, from, &heartbeat(&mut channel));
+        assert!(hub.poll_transmit(&mut out).is_some(), "hub stopped answering its peer");
     }
 }

@@ -11,7 +11,7 @@
 //! is reported broken so the caller can drop it: one bad peer cannot take the hub down.
 
 use crate::queue::PacketQueue;
-use crate::wire::{INNER_IP, MSG_KCP};
+use crate::wire::{sealed_kind, INNER_IP, SEALED_OVERHEAD};
 use kcp::Kcp;
 use std::cell::RefCell;
 use std::io::Write;
@@ -32,19 +32,33 @@ pub const KCP_HEADER_LEN: usize = 24;
 pub const KCP_MAX_WAIT_SEGMENTS: usize = 2 * KCP_WINDOW as usize;
 /// Resends before the link counts as dead (the heartbeat logic decides what to do).
 const KCP_DEAD_LINK_RESENDS: u32 = 60;
+/// What one link may hold at most, in bytes: every segment it can queue to send or wait
+/// for an ACK on, and every segment its receive window and queue can hold.
+pub const KCP_MEMORY_BUDGET_BYTES: usize = 8 << 20;
+/// A message whose first fragments arrived but which is still incomplete after this long
+/// (its sender's window cannot fit it, or the sender is hostile) breaks the link: the
+/// caller drops it and the peer registers again, instead of a stall that lasts forever.
+pub const KCP_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The largest KCP datagram (header + data); one tunnel datagram minus our type byte.
+/// The largest KCP datagram (header + data): one tunnel datagram minus the sealing and
+/// the kind byte.
 pub fn kcp_mtu(tunnel_payload: usize) -> usize {
-    tunnel_payload - 1
+    tunnel_payload - SEALED_OVERHEAD - 1
 }
 
-/// Collects KCP's output datagrams, each prefixed with `MSG_KCP`.
+/// Segments a link holds at most: the send queue and window (`KCP_MAX_WAIT_SEGMENTS`),
+/// the receive window and the receive queue KCP fills up to the window.
+const KCP_MAX_HELD_SEGMENTS: usize = KCP_MAX_WAIT_SEGMENTS + 2 * KCP_WINDOW as usize;
+// one tunnel datagram at most per segment (`kcp_mtu` of a 1500-byte payload bounds it)
+const _: () = assert!(KCP_MAX_HELD_SEGMENTS * 1500 <= KCP_MEMORY_BUDGET_BYTES);
+
+/// Collects KCP's output datagrams, each prefixed with the sealed kind `KCP`.
 #[derive(Clone, Default)]
 struct OutQueue(Rc<RefCell<PacketQueue>>);
 
 impl Write for OutQueue {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.borrow_mut().push(&[&[MSG_KCP], buf]);
+        self.0.borrow_mut().push(&[&[sealed_kind::KCP], buf]);
         Ok(buf.len())
     }
 
@@ -74,6 +88,8 @@ pub struct KcpLink {
     unflushed: bool,
     /// Reused to frame IP packets as `INNER_IP` messages (no allocation per packet).
     scratch: Vec<u8>,
+    /// Since when the next message has been waiting for fragments (`KCP_STALL_TIMEOUT`).
+    incomplete_since: Option<Instant>,
 }
 
 impl KcpLink {
@@ -87,7 +103,17 @@ impl KcpLink {
         kcp.set_maximum_resend_times(KCP_DEAD_LINK_RESENDS);
         // flush() refuses to run before the first update()
         let _ = kcp.update(0);
-        Self { kcp, out, epoch: now, next_update: now, conv, broken: false, unflushed: false, scratch: Vec::new() }
+        Self {
+            kcp,
+            out,
+            epoch: now,
+            next_update: now,
+            conv,
+            broken: false,
+            unflushed: false,
+            scratch: Vec::new(),
+            incomplete_since: None,
+        }
     }
 
     fn ms(&self, now: Instant) -> u32 {
@@ -132,7 +158,7 @@ impl KcpLink {
         r
     }
 
-    /// One KCP segment from the other side (without our `MSG_KCP` byte). Its ACK goes
+    /// One KCP segment from the other side (without our kind byte). Its ACK goes
     /// out at the next `poll_transmit` (the end of the caller's batch), not at the next
     /// interval: the tunnel below already adds a hop.
     pub fn input(&mut self, now: Instant, segment: &[u8]) -> Result<(), LinkError> {
@@ -153,10 +179,25 @@ impl KcpLink {
         })
     }
 
-    /// The next complete message, into `buf`.
-    pub fn recv(&mut self, buf: &mut [u8]) -> Option<usize> {
+    /// The next complete message, into `buf`. A message larger than `buf` can never be
+    /// taken: it breaks the link rather than blocking every message behind it.
+    pub fn recv(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
         if self.broken {
             return None;
+        }
+        match self.kcp.peeksize() {
+            Ok(n) if n > buf.len() => {
+                self.broken = true;
+                return None;
+            }
+            Err(kcp::Error::ExpectingFragment) => {
+                let since = *self.incomplete_since.get_or_insert(now);
+                if now.saturating_duration_since(since) >= KCP_STALL_TIMEOUT {
+                    self.broken = true;
+                }
+                return None;
+            }
+            _ => self.incomplete_since = None,
         }
         let kcp = &mut self.kcp;
         guarded(&mut self.broken, || Ok(kcp.recv(buf).ok())).ok().flatten()
@@ -217,7 +258,7 @@ mod tests {
         }
     }
 
-    /// Golden framing of a tunnel datagram carrying KCP: `MSG_KCP`, then the segment
+    /// Golden framing of a message carrying KCP: the kind byte, then the segment
     /// (conv little-endian first, as KCP writes it), whose data is `INNER_IP` + the packet.
     #[test]
     fn kcp_datagram_golden() {
@@ -226,7 +267,7 @@ mod tests {
         a.send_ip(&[0x45, 0xaa]).unwrap();
         let mut d = [0u8; 2048];
         let n = a.poll_transmit(&mut d).unwrap();
-        assert_eq!(&d[..5], &[MSG_KCP, 4, 3, 2, 1]);
+        assert_eq!(&d[..5], &[sealed_kind::KCP, 4, 3, 2, 1]);
         assert_eq!(n, field::kcp::SEGMENT + KCP_HEADER_LEN + 3);
         assert_eq!(&d[n - 3..n], &[INNER_IP, 0x45, 0xaa]);
     }
@@ -236,9 +277,9 @@ mod tests {
         let t0 = Instant::now();
         let mut a = KcpLink::new(7, t0, 1438);
         let mut b = KcpLink::new(7, t0, 1438);
-        assert_eq!(a.mss(), 1413);
+        assert_eq!(a.mss(), 1384);
         for i in 0..100u32 {
-            let mut m = vec![0u8; 1413];
+            let mut m = vec![0u8; 1384];
             m[..4].copy_from_slice(&i.to_be_bytes());
             a.send(&m).unwrap();
         }
@@ -247,8 +288,8 @@ mod tests {
         let mut buf = vec![0u8; 4096];
         for _ in 0..50 {
             pump(&mut a, &mut b, now);
-            while let Some(n) = b.recv(&mut buf) {
-                assert_eq!(n, 1413);
+            while let Some(n) = b.recv(now, &mut buf) {
+                assert_eq!(n, 1384);
                 got.push(u32::from_be_bytes(buf[..4].try_into().unwrap()));
             }
             now += Duration::from_millis(10);
@@ -277,7 +318,7 @@ mod tests {
                 }
                 let r = l.input(now, &seg);
                 assert!(!matches!(r, Err(LinkError::Broken)), "a {len}-byte segment broke the link: {seg:02x?}");
-                while l.recv(&mut buf).is_some() {}
+                while l.recv(now, &mut buf).is_some() {}
                 now += Duration::from_millis(20);
                 l.handle_timeout(now);
                 assert!(!l.is_broken(), "a timer after a {len}-byte segment broke the link");

@@ -4,6 +4,7 @@
 //! and events out); `driver` runs them on a TUN device and a UDP socket towards the local
 //! mpclient/mpserver.
 
+pub mod channel;
 pub mod config;
 pub mod driver;
 pub mod hub;
@@ -44,8 +45,9 @@ pub enum VpnError {
 /// 1500 - 20 (IPv4) - 8 (UDP) = 1472 bytes of UDP payload between tunnel hosts, minus the
 /// tunnel's own overhead, is what one tunnel datagram carries ...
 pub const TUNNEL_PAYLOAD: usize = 1500 - 20 - 8 - common::wire::TUNNEL_OVERHEAD;
-/// ... minus our message type byte, the KCP header and the inner kind byte.
-pub const VPN_OVERHEAD: usize = 1 + kcplink::KCP_HEADER_LEN + 1;
+/// ... minus the sealing of the peer's channel (header and tag), the sealed kind byte,
+/// the KCP header and the inner kind byte.
+pub const VPN_OVERHEAD: usize = wire::SEALED_OVERHEAD + 1 + kcplink::KCP_HEADER_LEN + 1;
 pub const TUN_MTU: u16 = (TUNNEL_PAYLOAD - VPN_OVERHEAD) as u16;
 
 #[cfg(test)]
@@ -53,6 +55,6 @@ mod tests {
     #[test]
     fn mtu_is_derived() {
         assert_eq!(super::TUNNEL_PAYLOAD, 1438);
-        assert_eq!(super::TUN_MTU, 1412);
+        assert_eq!(super::TUN_MTU, 1383);
     }
 }

@@ -5,15 +5,25 @@
 //! 1, 3 and 7 s after it; if none is answered by `HUB_LOST_AFTER` the hub is lost: the
 //! peer stops taking packets from its TUN (they are dropped and counted), and registers
 //! again every `REREGISTER_INTERVAL`, asking for the address it had.
+//!
+//! Each registration has its own ephemeral key and nonce; every resend of its Register
+//! carries both, so however many copies reach the hub they get one Welcome. Once welcomed,
+//! everything goes sealed under the registration's channel (the first heartbeat at once:
+//! it is what makes the hub switch to it), and only what opens under it is taken.
 
+use crate::channel::{Agreement, Channel};
 use crate::hub::{PeerState, PeerStatus};
 use crate::ip::{self, Prefix};
 use crate::kcplink::{KcpLink, LinkError};
 use crate::queue::PacketQueue;
 use crate::wire::{
-    self, field, HeartbeatAckRepr, HeartbeatRepr, PeerEntry, PeerKey, RefusalReason, RefusalRepr, RegisterRepr,
-    RouteRefusalReason, WelcomeRepr, INNER_IP, INNER_PEERS, MSG_HEARTBEAT_ACK, MSG_KCP, MSG_REFUSAL, MSG_WELCOME,
+    self, field, sealed_kind, HeartbeatAckRepr, HeartbeatRepr, PeerEntry, PeerKey, RefusalReason, RefusalRepr,
+    RegisterRepr, RouteRefusalReason, SealedHeader, WelcomeRepr, INNER_IP, INNER_PEERS, MSG_REFUSAL, MSG_SEALED,
+    MSG_WELCOME, PUBLIC_KEY_LEN, SEALED_HEADER_LEN, SEALED_OVERHEAD,
 };
+use common::crypto::x25519_public;
+use common::entropy::Entropy;
+use ring::agreement::EphemeralPrivateKey;
 use std::collections::{BTreeSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
@@ -77,10 +87,28 @@ pub struct PeerDrops {
     pub queue_full: u64,
     pub malformed: u64,
     pub not_registered: u64,
+    /// Sealed datagrams that did not open under our channel (forged, replayed, or for a
+    /// registration we no longer have).
+    #[serde(default)]
+    pub unauthenticated: u64,
+}
+
+/// One registration attempt: its nonce and ephemeral key stay the same in every resend.
+struct Attempt {
+    nonce: u64,
+    private: Option<EphemeralPrivateKey>,
+    public: [u8; PUBLIC_KEY_LEN],
+}
+
+impl Attempt {
+    fn new(entropy: &mut dyn Entropy) -> Self {
+        let private = entropy.x25519_key();
+        Self { nonce: entropy.next_u64(), public: x25519_public(&private), private: Some(private) }
+    }
 }
 
 enum State {
-    Registering { nonce: u64, next_try: Instant, lost: bool },
+    Registering { attempt: Attempt, next_try: Instant, lost: bool },
     Up(Box<Session>),
 }
 
@@ -94,6 +122,7 @@ struct PeerTraffic {
 
 struct Session {
     id: u32,
+    channel: Channel,
     link: KcpLink,
     hb_seq: u32,
     next_heartbeat: Instant,
@@ -124,16 +153,19 @@ pub struct Peer {
     pub drops: PeerDrops,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
+    /// Where sealed datagrams are opened.
     buf: Vec<u8>,
-    nonce_seed: u64,
+    /// Where messages of the KCP stream are taken.
+    inner_buf: Vec<u8>,
+    entropy: Box<dyn Entropy>,
 }
 
 impl Peer {
-    /// `nonce_seed`: random, so Register nonces differ across restarts.
-    pub fn new(cfg: PeerCoreConfig, now: Instant, nonce_seed: u64) -> Self {
+    /// `entropy` makes each registration's nonce and ephemeral key.
+    pub fn new(cfg: PeerCoreConfig, now: Instant, mut entropy: Box<dyn Entropy>) -> Self {
         Self {
             cfg,
-            state: State::Registering { nonce: nonce_seed, next_try: now, lost: false },
+            state: State::Registering { attempt: Attempt::new(&mut *entropy), next_try: now, lost: false },
             addr: Ipv4Addr::UNSPECIFIED,
             hub_addr: Ipv4Addr::UNSPECIFIED,
             mtu: 0,
@@ -151,7 +183,8 @@ impl Peer {
             tx_bytes: 0,
             rx_bytes: 0,
             buf: vec![0; 65536],
-            nonce_seed,
+            inner_buf: vec![0; 65536],
+            entropy,
         }
     }
 
@@ -175,19 +208,22 @@ impl Peer {
         self.last_ack
     }
 
-    /// Strictly increasing wall-clock milliseconds (Register/heartbeat anti-replay).
+    /// Strictly increasing wall-clock milliseconds (Register anti-replay).
     fn timestamp(&mut self, wall_ms: u64) -> u64 {
         self.last_ts = wall_ms.max(self.last_ts + 1);
         self.last_ts
     }
 
-    fn send_register(&mut self, wall_ms: u64, nonce: u64) {
+    fn send_register(&mut self, wall_ms: u64) {
+        let State::Registering { attempt, .. } = &self.state else { return };
+        let (nonce, public) = (attempt.nonce, attempt.public);
         let reg = RegisterRepr {
             name: self.cfg.name.clone(),
             timestamp_ms: self.timestamp(wall_ms),
             nonce,
             want_addr: self.addr,
             mtu: self.cfg.mtu.unwrap_or(0),
+            public,
             routes: self.cfg.routes.clone(),
         };
         self.transmit.push_back(reg.emit(&self.cfg.key));
@@ -198,21 +234,20 @@ impl Peer {
         match d.first() {
             Some(&MSG_WELCOME) => self.on_welcome(now, d),
             Some(&MSG_REFUSAL) => self.on_refusal(d),
-            Some(&MSG_HEARTBEAT_ACK) => self.on_ack(now, d),
-            Some(&MSG_KCP) => self.on_kcp(now, &d[field::kcp::SEGMENT..]),
+            Some(&MSG_SEALED) => self.on_sealed(now, d),
             _ => self.drops.malformed += 1,
         }
     }
 
     fn on_welcome(&mut self, now: Instant, d: &[u8]) {
-        let State::Registering { nonce, .. } = self.state else {
+        let State::Registering { attempt, .. } = &mut self.state else {
             return; // a late copy
         };
-        let Ok(w) = WelcomeRepr::parse(d, &self.cfg.key) else {
+        let Ok(w) = WelcomeRepr::parse(d, &self.cfg.key, &attempt.public) else {
             self.drops.malformed += 1;
             return;
         };
-        if w.nonce != nonce {
+        if w.nonce != attempt.nonce {
             return; // answers an older Register
         }
         if let Some(mtu) = self.cfg.mtu {
@@ -221,6 +256,19 @@ impl Peer {
                 return;
             }
         }
+        let agreement = Agreement {
+            key: &self.cfg.key,
+            nonce: attempt.nonce,
+            peer_id: w.peer_id,
+            peer_public: &attempt.public,
+            hub_public: &w.public,
+        };
+        let Some(Ok(channel)) = attempt.private.take().map(|k| Channel::establish(&agreement, k, true)) else {
+            // a public key X25519 refuses: a new attempt, the hub gets a new Register
+            self.drops.malformed += 1;
+            self.state = State::Registering { attempt: Attempt::new(&mut *self.entropy), next_try: now, lost: false };
+            return;
+        };
         self.addr = w.addr;
         self.hub_addr = w.hub_addr;
         self.mtu = w.mtu;
@@ -231,13 +279,16 @@ impl Peer {
         self.refused_routes = w.refused;
         self.state = State::Up(Box::new(Session {
             id: w.peer_id,
+            channel,
             link: KcpLink::new(w.peer_id, now, self.cfg.tunnel_payload),
             hb_seq: 0,
-            next_heartbeat: now + HEARTBEAT_INTERVAL,
+            next_heartbeat: now,
             first_miss: None,
             retries_sent: 0,
             pending_hb: None,
         }));
+        // the first sealed datagram is what makes the hub use this registration: now
+        self.send_heartbeat(now);
         self.events.push_back(PeerEvent::Configured {
             addr: w.addr,
             prefix_len: w.prefix_len,
@@ -258,7 +309,7 @@ impl Peer {
         };
         // only an answer to our own pending Register counts
         match (&self.state, r.reason) {
-            (State::Registering { nonce, .. }, _) if *nonce == r.nonce => {}
+            (State::Registering { attempt, .. }, _) if attempt.nonce == r.nonce => {}
             _ => return,
         }
         match (&self.state, r.reason) {
@@ -270,15 +321,39 @@ impl Peer {
         }
     }
 
-    fn on_ack(&mut self, now: Instant, d: &[u8]) {
-        let Ok(ack) = HeartbeatAckRepr::parse(d) else {
+    /// A sealed datagram: taken only if it opens under our registration's channel.
+    fn on_sealed(&mut self, now: Instant, d: &[u8]) {
+        let State::Up(s) = &mut self.state else {
+            self.drops.not_registered += 1;
+            return;
+        };
+        if SealedHeader::parse(d).map_or(true, |h| h.peer_id != s.id) {
+            self.drops.unauthenticated += 1;
+            return;
+        }
+        let n = match s.channel.open(d, &mut self.buf) {
+            Ok(m) => m.len(),
+            Err(_) => {
+                self.drops.unauthenticated += 1;
+                return;
+            }
+        };
+        let buf = std::mem::take(&mut self.buf);
+        let m = &buf[SEALED_HEADER_LEN..SEALED_HEADER_LEN + n];
+        match m.first() {
+            Some(&sealed_kind::HEARTBEAT_ACK) => self.on_ack(now, m),
+            Some(&sealed_kind::KCP) => self.on_kcp(now, &m[field::kcp::SEGMENT..]),
+            _ => self.drops.malformed += 1,
+        }
+        self.buf = buf;
+    }
+
+    fn on_ack(&mut self, now: Instant, m: &[u8]) {
+        let Ok(ack) = HeartbeatAckRepr::parse(m) else {
             self.drops.malformed += 1;
             return;
         };
         let State::Up(s) = &mut self.state else { return };
-        if ack.peer_id != s.id {
-            return;
-        }
         if let Some((seq, sent)) = s.pending_hb {
             if seq == ack.seq {
                 self.rtt_us = now.saturating_duration_since(sent).as_micros().min(u32::MAX as u128) as u32;
@@ -291,10 +366,7 @@ impl Peer {
     }
 
     fn on_kcp(&mut self, now: Instant, segment: &[u8]) {
-        let State::Up(s) = &mut self.state else {
-            self.drops.not_registered += 1;
-            return;
-        };
+        let State::Up(s) = &mut self.state else { return };
         match s.link.input(now, segment) {
             Ok(()) => {}
             Err(LinkError::Broken) => {
@@ -308,20 +380,25 @@ impl Peer {
         }
         loop {
             let State::Up(s) = &mut self.state else { return };
-            let Some(n) = s.link.recv(&mut self.buf) else { break };
-            match self.buf[..n].first() {
+            let Some(n) = s.link.recv(now, &mut self.inner_buf) else {
+                if s.link.is_broken() {
+                    self.lose_hub(now); // a message that can never be taken: start over
+                }
+                break;
+            };
+            let m = &self.inner_buf[..n];
+            match m.first() {
                 Some(&INNER_IP) => {
-                    self.rx_bytes += (n - field::inner::BODY) as u64;
-                    if let Some(i) =
-                        ip::addresses(&self.buf[field::inner::BODY..n]).and_then(|(src, _)| self.peer_index(src))
-                    {
+                    let packet = &m[field::inner::BODY..];
+                    self.rx_bytes += packet.len() as u64;
+                    if let Some(i) = ip::addresses(packet).and_then(|(src, _)| self.peer_index(src)) {
                         let t = &mut self.peer_traffic[i];
-                        t.rx_bytes += (n - field::inner::BODY) as u64;
+                        t.rx_bytes += packet.len() as u64;
                         t.last_rx = Some(now);
                     }
-                    self.to_tun.push(&[&self.buf[field::inner::BODY..n]]);
+                    self.to_tun.push(&[packet]);
                 }
-                Some(&INNER_PEERS) => match wire::parse_peer_list(&self.buf[..n]) {
+                Some(&INNER_PEERS) => match wire::parse_peer_list(m) {
                     Ok((_, list)) => self.set_peer_list(list),
                     Err(_) => self.drops.malformed += 1,
                 },
@@ -410,9 +487,20 @@ impl Peer {
     }
 
     fn lose_hub(&mut self, now: Instant) {
-        self.nonce_seed = self.nonce_seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        self.state = State::Registering { nonce: self.nonce_seed, next_try: now, lost: true };
+        self.state = State::Registering { attempt: Attempt::new(&mut *self.entropy), next_try: now, lost: true };
         self.events.push_back(PeerEvent::HubLost);
+    }
+
+    /// Queues a sealed heartbeat (the first one also confirms a new registration).
+    fn send_heartbeat(&mut self, now: Instant) {
+        let State::Up(s) = &mut self.state else { return };
+        s.hb_seq = s.hb_seq.wrapping_add(1);
+        s.next_heartbeat = now + HEARTBEAT_INTERVAL;
+        if s.pending_hb.is_none() || s.first_miss.is_some() {
+            s.pending_hb = Some((s.hb_seq, now));
+        }
+        let hb = HeartbeatRepr { seq: s.hb_seq, rtt_us: self.rtt_us }.emit();
+        self.transmit.push_back(s.channel.seal_message(&hb));
     }
 
     /// Next datagram for the tunnel, into `out` (at least a tunnel payload); returns its
@@ -423,8 +511,12 @@ impl Peer {
             out[..n].copy_from_slice(&d[..n]);
             return Some(n);
         }
+        let room = out.len().checked_sub(SEALED_OVERHEAD)?;
         match &mut self.state {
-            State::Up(s) => s.link.poll_transmit(out),
+            State::Up(s) => {
+                let n = s.link.poll_transmit(&mut out[SEALED_HEADER_LEN..SEALED_HEADER_LEN + room])?;
+                Some(s.channel.seal(out, n))
+            }
             State::Registering { .. } => None,
         }
     }
@@ -456,11 +548,10 @@ impl Peer {
 
     pub fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
         match &mut self.state {
-            State::Registering { nonce, next_try, lost } => {
+            State::Registering { next_try, lost, .. } => {
                 if now >= *next_try {
                     *next_try = now + if *lost { REREGISTER_INTERVAL } else { REGISTER_RETRY };
-                    let nonce = *nonce;
-                    self.send_register(wall_ms, nonce);
+                    self.send_register(wall_ms);
                 }
             }
             State::Up(s) => {
@@ -494,15 +585,7 @@ impl Peer {
                     },
                 };
                 if due {
-                    s.hb_seq = s.hb_seq.wrapping_add(1);
-                    s.next_heartbeat = now + HEARTBEAT_INTERVAL;
-                    if s.pending_hb.is_none() || s.first_miss.is_some() {
-                        s.pending_hb = Some((s.hb_seq, now));
-                    }
-                    let (id, seq, rtt) = (s.id, s.hb_seq, self.rtt_us);
-                    let ts = self.timestamp(wall_ms);
-                    let hb = HeartbeatRepr { peer_id: id, seq, timestamp_ms: ts, rtt_us: rtt };
-                    self.transmit.push_back(hb.emit(&self.cfg.key).to_vec());
+                    self.send_heartbeat(now);
                 }
             }
         }

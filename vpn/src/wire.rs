@@ -2,21 +2,25 @@
 //!
 //! ```text
 //! Register  0x21 | name_len u8 | name | timestamp_ms u64 | nonce u64 | want_addr u32
-//!                | mtu u16 (0 = take the hub's) | n_routes u8 | (addr u32, len u8)* | mac[32]
+//!                | mtu u16 (0 = take the hub's) | public [32] | n_routes u8
+//!                | (addr u32, len u8)* | mac[32]
 //! Welcome   0x22 | peer_id u32 | addr u32 | prefix_len u8 | hub_addr u32 | mtu u16 | nonce u64
-//!                | n_refused u8 | (addr u32, prefix_len u8, reason u8)* | mac[32]
+//!                | public [32] | n_refused u8 | (addr u32, prefix_len u8, reason u8)* | mac[32]
 //!           (the announced routes the hub refused, at most MAX_REFUSED_IN_WELCOME)
 //! Refusal   0x23 | reason u8 | hub_mtu u16 | nonce u64 | mac[32]
-//! Heartbeat 0x24 | peer_id u32 | seq u32 | timestamp_ms u64 | rtt_us u32 | mac[16]
-//! HbAck     0x25 | peer_id u32 | seq u32 | peers_version u32
-//! Kcp       0x26 | one KCP segment (conv = peer id)
+//! Sealed    0x27 | peer_id u32 | seq u64 | AEAD(kind u8 | body) | tag[16]
 //! ```
-//! MACs are HMAC-SHA256 with the peer's own key over everything before them (truncated to
-//! 16 bytes in heartbeats); Welcome and Refusal also cover the Register's nonce, so they
-//! answer exactly that Register. Timestamps only ever grow per peer: replays are refused.
+//! Register, Welcome and Refusal are the handshake: HMAC-SHA256 with the peer's own key
+//! over everything before the MAC; Welcome and Refusal carry the Register's nonce, and
+//! the Welcome's MAC also covers the Register's public key, so they answer exactly that
+//! Register. The two X25519 public keys give the registration its own channel keys
+//! (`channel`); everything after the Welcome, both ways, is `Sealed` under them.
+//!
+//! Sealed kinds: `0x01` heartbeat (seq u32 | rtt_us u32), `0x02` heartbeat ack
+//! (seq u32 | peers_version u32), `0x03` one KCP segment (conv = peer id).
 //!
 //! Messages inside the KCP stream (reliable, ordered) start with a kind byte:
-//! `0x01` an IP packet, `0x02` the peer list.
+//! `0x01` an IP packet, `0x02` one chunk of the peer list.
 
 use crate::ip::Prefix;
 use common::wire::be::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
@@ -26,9 +30,14 @@ use std::net::Ipv4Addr;
 pub const MSG_REGISTER: u8 = 0x21;
 pub const MSG_WELCOME: u8 = 0x22;
 pub const MSG_REFUSAL: u8 = 0x23;
-pub const MSG_HEARTBEAT: u8 = 0x24;
-pub const MSG_HEARTBEAT_ACK: u8 = 0x25;
-pub const MSG_KCP: u8 = 0x26;
+pub const MSG_SEALED: u8 = 0x27;
+
+/// What a `Sealed` message holds: its first plaintext byte.
+pub mod sealed_kind {
+    pub const HEARTBEAT: u8 = 0x01;
+    pub const HEARTBEAT_ACK: u8 = 0x02;
+    pub const KCP: u8 = 0x03;
+}
 
 pub const INNER_IP: u8 = 0x01;
 pub const INNER_PEERS: u8 = 0x02;
@@ -47,8 +56,9 @@ pub mod field {
         pub const NONCE: Field = 8..16;
         pub const WANT_ADDR: Field = 16..20;
         pub const MTU: Field = 20..22;
+        pub const PUBLIC: Field = 22..54;
         /// The route list (`route`), then the MAC.
-        pub const ROUTES: usize = 22;
+        pub const ROUTES: usize = 54;
     }
 
     /// A route list: a count, then `route::LEN`-byte entries.
@@ -70,9 +80,10 @@ pub mod field {
         pub const HUB_ADDR: Field = 10..14;
         pub const MTU: Field = 14..16;
         pub const NONCE: Field = 16..24;
+        pub const PUBLIC: Field = 24..56;
         /// How many refused routes follow, then the MAC.
-        pub const N_REFUSED: usize = 24;
-        pub const REFUSED: usize = 25;
+        pub const N_REFUSED: usize = 56;
+        pub const REFUSED: usize = 57;
         /// One refused route, relative to its start.
         pub const REFUSED_ADDR: Field = 0..4;
         pub const REFUSED_PREFIX_LEN: usize = 4;
@@ -88,20 +99,25 @@ pub mod field {
         pub const MAC: Field = 12..44;
     }
 
-    pub mod heartbeat {
+    pub mod sealed {
         use super::Field;
         pub const PEER_ID: Field = 1..5;
-        pub const SEQ: Field = 5..9;
-        pub const TIMESTAMP: Field = 9..17;
-        pub const RTT: Field = 17..21;
-        pub const MAC: Field = 21..37;
+        pub const SEQ: Field = 5..13;
+        /// The AEAD-sealed message (kind byte, body), then the tag.
+        pub const BODY: usize = 13;
+    }
+
+    /// Sealed messages, relative to the kind byte.
+    pub mod heartbeat {
+        use super::Field;
+        pub const SEQ: Field = 1..5;
+        pub const RTT: Field = 5..9;
     }
 
     pub mod heartbeat_ack {
         use super::Field;
-        pub const PEER_ID: Field = 1..5;
-        pub const SEQ: Field = 5..9;
-        pub const PEERS_VERSION: Field = 9..13;
+        pub const SEQ: Field = 1..5;
+        pub const PEERS_VERSION: Field = 5..9;
     }
 
     /// Messages inside the KCP stream: the body follows the kind byte.
@@ -109,7 +125,7 @@ pub mod field {
         pub const BODY: usize = 1;
     }
 
-    /// `MSG_KCP`: the segment follows the type byte.
+    /// `sealed_kind::KCP`: the segment follows the kind byte.
     pub mod kcp {
         pub const SEGMENT: usize = 1;
     }
@@ -130,7 +146,7 @@ pub mod field {
 }
 
 pub const MAC_LEN: usize = 32;
-pub const HEARTBEAT_MAC_LEN: usize = 16;
+pub const PUBLIC_KEY_LEN: usize = 32;
 pub const MAX_NAME_LEN: usize = 32;
 pub const MAX_ROUTES: usize = 32;
 /// A Welcome without refused routes.
@@ -139,10 +155,15 @@ pub const WELCOME_LEN: usize = field::welcome::REFUSED + MAC_LEN;
 /// answers, so the tunnel can carry it before the path is validated).
 pub const MAX_REFUSED_IN_WELCOME: usize = 16;
 pub const REFUSAL_LEN: usize = field::refusal::MAC.end;
-pub const HEARTBEAT_LEN: usize = field::heartbeat::MAC.end;
+pub const HEARTBEAT_LEN: usize = field::heartbeat::RTT.end;
 pub const HEARTBEAT_ACK_LEN: usize = field::heartbeat_ack::PEERS_VERSION.end;
+/// The clear header of a `Sealed` datagram (its AEAD's associated data).
+pub const SEALED_HEADER_LEN: usize = field::sealed::BODY;
+/// What sealing adds to a message: the clear header and the AEAD tag.
+pub const SEALED_OVERHEAD: usize = SEALED_HEADER_LEN + common::wire::AEAD_TAG_LEN;
 const _: () = assert!(field::refusal::MAC.end - field::refusal::MAC.start == MAC_LEN);
-const _: () = assert!(field::heartbeat::MAC.end - field::heartbeat::MAC.start == HEARTBEAT_MAC_LEN);
+const _: () = assert!(field::register::PUBLIC.end - field::register::PUBLIC.start == PUBLIC_KEY_LEN);
+const _: () = assert!(field::welcome::PUBLIC.end - field::welcome::PUBLIC.start == PUBLIC_KEY_LEN);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum VpnWireError {
@@ -162,6 +183,11 @@ pub struct PeerKey(hmac::Key);
 impl PeerKey {
     pub fn new(bytes: &[u8]) -> Self {
         Self(hmac::Key::new(hmac::HMAC_SHA256, bytes))
+    }
+
+    /// The HKDF salt of this peer's channel keys: derived from the key, never the key.
+    pub fn channel_salt(&self) -> hmac::Tag {
+        self.tag(&[b"mpvpn v1 channel salt"])
     }
 
     fn tag(&self, parts: &[&[u8]]) -> hmac::Tag {
@@ -203,6 +229,12 @@ fn region(b: &[u8], at: usize, len: usize) -> Result<&[u8], VpnWireError> {
 
 fn ipv4_at(b: &[u8], f: field::Field) -> Ipv4Addr {
     Ipv4Addr::from(u32_at(b, f))
+}
+
+fn public_at(b: &[u8], f: field::Field) -> [u8; PUBLIC_KEY_LEN] {
+    let mut k = [0u8; PUBLIC_KEY_LEN];
+    k.copy_from_slice(&b[f]);
+    k
 }
 
 /// A length-prefixed name at `at`; returns it and where it ends.
@@ -249,6 +281,8 @@ pub struct RegisterRepr {
     pub want_addr: Ipv4Addr,
     /// The TUN MTU the peer is configured for; 0 = whatever the hub announces.
     pub mtu: u16,
+    /// The peer's ephemeral X25519 key for this registration.
+    pub public: [u8; PUBLIC_KEY_LEN],
     pub routes: Vec<Prefix>,
 }
 
@@ -262,6 +296,7 @@ impl RegisterRepr {
         put_u64(&mut fixed, f::NONCE, self.nonce);
         fixed[f::WANT_ADDR].copy_from_slice(&self.want_addr.octets());
         put_u16(&mut fixed, f::MTU, self.mtu);
+        fixed[f::PUBLIC].copy_from_slice(&self.public);
         out.extend_from_slice(&fixed);
         put_routes(&mut out, &self.routes);
         let tag = key.tag(&[&out]);
@@ -290,6 +325,7 @@ impl RegisterRepr {
             nonce: u64_at(fixed, f::NONCE),
             want_addr: ipv4_at(fixed, f::WANT_ADDR),
             mtu: u16_at(fixed, f::MTU),
+            public: public_at(fixed, f::PUBLIC),
             routes,
         };
         Ok((repr, body))
@@ -308,12 +344,15 @@ pub struct WelcomeRepr {
     pub hub_addr: Ipv4Addr,
     pub mtu: u16,
     pub nonce: u64,
+    /// The hub's ephemeral X25519 key for this registration.
+    pub public: [u8; PUBLIC_KEY_LEN],
     /// Announced routes the hub did not take, and why (at most MAX_REFUSED_IN_WELCOME).
     pub refused: Vec<(Prefix, RouteRefusalReason)>,
 }
 
 impl WelcomeRepr {
-    pub fn emit(&self, key: &PeerKey) -> Vec<u8> {
+    /// `register_public`: the public key of the Register this answers (the MAC covers it).
+    pub fn emit(&self, key: &PeerKey, register_public: &[u8; PUBLIC_KEY_LEN]) -> Vec<u8> {
         use field::welcome as f;
         let refused = &self.refused[..self.refused.len().min(MAX_REFUSED_IN_WELCOME)];
         let mut b = vec![0u8; f::REFUSED];
@@ -324,6 +363,7 @@ impl WelcomeRepr {
         b[f::HUB_ADDR].copy_from_slice(&self.hub_addr.octets());
         put_u16(&mut b, f::MTU, self.mtu);
         put_u64(&mut b, f::NONCE, self.nonce);
+        b[f::PUBLIC].copy_from_slice(&self.public);
         b[f::N_REFUSED] = refused.len() as u8;
         for (route, reason) in refused {
             let mut e = [0u8; f::REFUSED_LEN];
@@ -332,12 +372,13 @@ impl WelcomeRepr {
             e[f::REFUSED_REASON] = *reason as u8;
             b.extend_from_slice(&e);
         }
-        let tag = key.tag(&[&b]);
+        let tag = key.tag(&[&b, register_public]);
         b.extend_from_slice(tag.as_ref());
         b
     }
 
-    pub fn parse(b: &[u8], key: &PeerKey) -> Result<Self, VpnWireError> {
+    /// Parses a Welcome that must answer the Register with `register_public`.
+    pub fn parse(b: &[u8], key: &PeerKey, register_public: &[u8; PUBLIC_KEY_LEN]) -> Result<Self, VpnWireError> {
         use field::welcome as f;
         match b.first() {
             None => return Err(VpnWireError::Truncated),
@@ -353,7 +394,7 @@ impl WelcomeRepr {
         if b.len() != body + MAC_LEN {
             return Err(VpnWireError::Truncated);
         }
-        key.verify(&[&b[..body]], &b[body..])?;
+        key.verify(&[&b[..body], register_public], &b[body..])?;
         let refused = b[f::REFUSED..body]
             .chunks_exact(f::REFUSED_LEN)
             .map(|e| {
@@ -373,6 +414,7 @@ impl WelcomeRepr {
             hub_addr: ipv4_at(head, f::HUB_ADDR),
             mtu: u16_at(head, f::MTU),
             nonce: u64_at(head, f::NONCE),
+            public: public_at(head, f::PUBLIC),
             refused,
         };
         if w.prefix_len > 32 {
@@ -434,51 +476,34 @@ pub enum RouteRefusalReason {
     OverlapsNetwork = 2,
 }
 
+/// Sealed kind `HEARTBEAT`: the peer's liveness probe (the hub answers with an ack).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeartbeatRepr {
-    pub peer_id: u32,
     pub seq: u32,
-    pub timestamp_ms: u64,
     /// The peer's last measured heartbeat round trip (for the hub's status).
     pub rtt_us: u32,
 }
 
 impl HeartbeatRepr {
-    pub fn emit(&self, key: &PeerKey) -> [u8; HEARTBEAT_LEN] {
+    pub fn emit(&self) -> [u8; HEARTBEAT_LEN] {
         use field::heartbeat as f;
         let mut b = [0u8; HEARTBEAT_LEN];
-        b[field::TYPE] = MSG_HEARTBEAT;
-        put_u32(&mut b, f::PEER_ID, self.peer_id);
+        b[field::TYPE] = sealed_kind::HEARTBEAT;
         put_u32(&mut b, f::SEQ, self.seq);
-        put_u64(&mut b, f::TIMESTAMP, self.timestamp_ms);
         put_u32(&mut b, f::RTT, self.rtt_us);
-        let tag = key.tag(&[&b[..f::MAC.start]]);
-        b[f::MAC].copy_from_slice(&tag.as_ref()[..HEARTBEAT_MAC_LEN]);
         b
     }
 
-    /// Parses; the MAC is checked with `verify` once the peer is known.
     pub fn parse(b: &[u8]) -> Result<Self, VpnWireError> {
         use field::heartbeat as f;
-        let b = checked(b, MSG_HEARTBEAT, HEARTBEAT_LEN)?;
-        Ok(Self {
-            peer_id: u32_at(b, f::PEER_ID),
-            seq: u32_at(b, f::SEQ),
-            timestamp_ms: u64_at(b, f::TIMESTAMP),
-            rtt_us: u32_at(b, f::RTT),
-        })
-    }
-
-    pub fn verify(b: &[u8], key: &PeerKey) -> Result<(), VpnWireError> {
-        use field::heartbeat as f;
-        let b = checked(b, MSG_HEARTBEAT, HEARTBEAT_LEN)?;
-        key.verify(&[&b[..f::MAC.start]], &b[f::MAC])
+        let b = checked(b, sealed_kind::HEARTBEAT, HEARTBEAT_LEN)?;
+        Ok(Self { seq: u32_at(b, f::SEQ), rtt_us: u32_at(b, f::RTT) })
     }
 }
 
+/// Sealed kind `HEARTBEAT_ACK`: the hub's answer, with the version of its peer list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeartbeatAckRepr {
-    pub peer_id: u32,
     pub seq: u32,
     pub peers_version: u32,
 }
@@ -487,8 +512,7 @@ impl HeartbeatAckRepr {
     pub fn emit(&self) -> [u8; HEARTBEAT_ACK_LEN] {
         use field::heartbeat_ack as f;
         let mut b = [0u8; HEARTBEAT_ACK_LEN];
-        b[field::TYPE] = MSG_HEARTBEAT_ACK;
-        put_u32(&mut b, f::PEER_ID, self.peer_id);
+        b[field::TYPE] = sealed_kind::HEARTBEAT_ACK;
         put_u32(&mut b, f::SEQ, self.seq);
         put_u32(&mut b, f::PEERS_VERSION, self.peers_version);
         b
@@ -496,8 +520,37 @@ impl HeartbeatAckRepr {
 
     pub fn parse(b: &[u8]) -> Result<Self, VpnWireError> {
         use field::heartbeat_ack as f;
-        let b = checked(b, MSG_HEARTBEAT_ACK, HEARTBEAT_ACK_LEN)?;
-        Ok(Self { peer_id: u32_at(b, f::PEER_ID), seq: u32_at(b, f::SEQ), peers_version: u32_at(b, f::PEERS_VERSION) })
+        let b = checked(b, sealed_kind::HEARTBEAT_ACK, HEARTBEAT_ACK_LEN)?;
+        Ok(Self { seq: u32_at(b, f::SEQ), peers_version: u32_at(b, f::PEERS_VERSION) })
+    }
+}
+
+/// The clear header of a `Sealed` datagram: which registration, which sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SealedHeader {
+    pub peer_id: u32,
+    pub seq: u64,
+}
+
+impl SealedHeader {
+    pub fn emit(&self, out: &mut [u8]) {
+        use field::sealed as f;
+        out[field::TYPE] = MSG_SEALED;
+        put_u32(out, f::PEER_ID, self.peer_id);
+        put_u64(out, f::SEQ, self.seq);
+    }
+
+    pub fn parse(b: &[u8]) -> Result<Self, VpnWireError> {
+        use field::sealed as f;
+        match b.first() {
+            None => return Err(VpnWireError::Truncated),
+            Some(&MSG_SEALED) => {}
+            Some(_) => return Err(VpnWireError::Unknown),
+        }
+        if b.len() < SEALED_OVERHEAD + 1 {
+            return Err(VpnWireError::Truncated);
+        }
+        Ok(Self { peer_id: u32_at(b, f::PEER_ID), seq: u64_at(b, f::SEQ) })
     }
 }
 
@@ -567,17 +620,17 @@ mod tests {
             timestamp_ms: 0x0102,
             nonce: 7,
             want_addr: Ipv4Addr::new(10, 99, 0, 5),
-            mtu: 1412,
+            mtu: 1383,
+            public: [0xee; 32],
             routes: vec!["192.168.50.0/24".parse().unwrap()],
         };
         let b = r.emit(&key());
         assert_eq!(
-            &b[..b.len() - MAC_LEN],
-            &[
-                0x21, 2, b'a', b'b', 0, 0, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0, 0, 0, 7, 10, 99, 0, 5, 0x05, 0x84, 1, 192,
-                168, 50, 0, 24
-            ]
+            &b[..26],
+            &[0x21, 2, b'a', b'b', 0, 0, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0, 0, 0, 7, 10, 99, 0, 5, 0x05, 0x67]
         );
+        assert_eq!(&b[26..58], &[0xee; 32]);
+        assert_eq!(&b[58..b.len() - MAC_LEN], &[1, 192, 168, 50, 0, 24]);
         let (p, body) = RegisterRepr::parse(&b).unwrap();
         assert_eq!(p, r);
         assert!(RegisterRepr::verify(&b, body, &key()).is_ok());
@@ -596,18 +649,21 @@ mod tests {
             addr: Ipv4Addr::new(10, 99, 0, 3),
             prefix_len: 24,
             hub_addr: Ipv4Addr::new(10, 99, 0, 1),
-            mtu: 1412,
+            mtu: 1383,
             nonce: 9,
+            public: [0xdd; 32],
             refused: vec![],
         };
-        let b = w.emit(&key());
+        let reg_public = [0xee; 32];
+        let b = w.emit(&key(), &reg_public);
         assert_eq!(b.len(), WELCOME_LEN);
-        assert_eq!(
-            &b[..25],
-            &[0x22, 0, 0, 0, 3, 10, 99, 0, 3, 24, 10, 99, 0, 1, 0x05, 0x84, 0, 0, 0, 0, 0, 0, 0, 9, 0]
-        );
-        assert_eq!(WelcomeRepr::parse(&b, &key()).unwrap(), w);
-        assert!(WelcomeRepr::parse(&b, &PeerKey::new(&[0; 32])).is_err());
+        assert_eq!(&b[..24], &[0x22, 0, 0, 0, 3, 10, 99, 0, 3, 24, 10, 99, 0, 1, 0x05, 0x67, 0, 0, 0, 0, 0, 0, 0, 9]);
+        assert_eq!(&b[24..56], &[0xdd; 32]);
+        assert_eq!(b[56], 0);
+        assert_eq!(WelcomeRepr::parse(&b, &key(), &reg_public).unwrap(), w);
+        assert!(WelcomeRepr::parse(&b, &PeerKey::new(&[0; 32]), &reg_public).is_err());
+        // it answers exactly the Register with that public key
+        assert_eq!(WelcomeRepr::parse(&b, &key(), &[0xef; 32]), Err(VpnWireError::BadMac));
         let with_refused = WelcomeRepr {
             refused: vec![
                 ("10.0.0.0/8".parse().unwrap(), RouteRefusalReason::OverlapsNetwork),
@@ -615,31 +671,34 @@ mod tests {
             ],
             ..w
         };
-        let b = with_refused.emit(&key());
-        assert_eq!(&b[24..37], &[2, 10, 0, 0, 0, 8, 2, 192, 168, 50, 0, 24, 1]);
-        assert_eq!(WelcomeRepr::parse(&b, &key()).unwrap(), with_refused);
-        assert!(WelcomeRepr::parse(&b[..b.len() - 1], &key()).is_err());
+        let b = with_refused.emit(&key(), &reg_public);
+        assert_eq!(&b[56..69], &[2, 10, 0, 0, 0, 8, 2, 192, 168, 50, 0, 24, 1]);
+        assert_eq!(WelcomeRepr::parse(&b, &key(), &reg_public).unwrap(), with_refused);
+        assert!(WelcomeRepr::parse(&b[..b.len() - 1], &key(), &reg_public).is_err());
 
-        let f = RefusalRepr { reason: RefusalReason::MtuMismatch, hub_mtu: 1412, nonce: 1 };
+        let f = RefusalRepr { reason: RefusalReason::MtuMismatch, hub_mtu: 1383, nonce: 1 };
         let b = f.emit(&key());
-        assert_eq!(&b[..12], &[0x23, 1, 0x05, 0x84, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(&b[..12], &[0x23, 1, 0x05, 0x67, 0, 0, 0, 0, 0, 0, 0, 1]);
         assert_eq!(RefusalRepr::parse(&b, &key()).unwrap(), f);
-
-        let h = HeartbeatRepr { peer_id: 1, seq: 2, timestamp_ms: 3, rtt_us: 4 };
-        let b = h.emit(&key());
-        assert_eq!(&b[..21], &[0x24, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 4]);
-        assert_eq!(HeartbeatRepr::parse(&b).unwrap(), h);
-        assert!(HeartbeatRepr::verify(&b, &key()).is_ok());
-        let mut t = b;
-        t[30] ^= 1;
-        assert!(HeartbeatRepr::verify(&t, &key()).is_err());
-
-        // the MAC itself: HMAC-SHA256 under the peer key over the body, truncated
+        // the MAC itself: HMAC-SHA256 under the peer key over the body
         // (checked against Python's hmac module)
-        assert_eq!(&b[21..], &[82, 253, 11, 76, 102, 207, 162, 202, 126, 87, 115, 168, 33, 247, 212, 204]);
-        let a = HeartbeatAckRepr { peer_id: 1, seq: 2, peers_version: 3 };
-        assert_eq!(a.emit(), [0x25, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3]);
+        assert_eq!(&b[12..20], &[0xc0, 0x36, 0xfe, 0xae, 0xb7, 0x8b, 0x7d, 0x58]);
+
+        let h = HeartbeatRepr { seq: 2, rtt_us: 4 };
+        assert_eq!(h.emit(), [0x01, 0, 0, 0, 2, 0, 0, 0, 4]);
+        assert_eq!(HeartbeatRepr::parse(&h.emit()).unwrap(), h);
+        assert!(HeartbeatRepr::parse(&h.emit()[..8]).is_err());
+        let a = HeartbeatAckRepr { seq: 2, peers_version: 3 };
+        assert_eq!(a.emit(), [0x02, 0, 0, 0, 2, 0, 0, 0, 3]);
         assert_eq!(HeartbeatAckRepr::parse(&a.emit()).unwrap(), a);
+        assert_eq!(HeartbeatAckRepr::parse(&h.emit()), Err(VpnWireError::Unknown));
+
+        let s = SealedHeader { peer_id: 0x0102_0304, seq: 5 };
+        let mut d = [0u8; SEALED_OVERHEAD + 1];
+        s.emit(&mut d);
+        assert_eq!(&d[..SEALED_HEADER_LEN], &[0x27, 1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 5]);
+        assert_eq!(SealedHeader::parse(&d).unwrap(), s);
+        assert_eq!(SealedHeader::parse(&d[..SEALED_OVERHEAD]), Err(VpnWireError::Truncated));
     }
 
     #[test]

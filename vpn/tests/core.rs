@@ -1,7 +1,7 @@
 //! Hub and peers driven together with a fake clock: registry, pool, routing,
 //! anti-spoofing, peer-list push, heartbeats, hub loss and return, MTU rules, keys.
 
-use common::sim::SimRng;
+use common::sim::{SimEntropy, SimRng};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 use vpn::hub::{Hub, HubCoreConfig, PeerSpec, PeerState, DEFAULT_PEER_TIMEOUT};
@@ -54,8 +54,14 @@ struct Net {
     loss: f64,
     rng: SimRng,
     hub_tun_rx: Vec<Vec<u8>>,
+    /// Everything the peers sent towards the hub, with where from (for replays).
+    captured: Vec<(SocketAddr, Vec<u8>)>,
     /// Where the cores write what they send.
     out: Vec<u8>,
+}
+
+fn hub(seed: u64) -> Hub {
+    Hub::new(hub_config(&["a", "b", "c", "fixed"]), Box::new(SimEntropy::new(seed)))
 }
 
 impl Net {
@@ -64,12 +70,13 @@ impl Net {
         Self {
             t0: now,
             now,
-            hub: Hub::new(hub_config(&["a", "b", "c", "fixed"]), 100),
+            hub: hub(100),
             hub_up: true,
             peers: names.iter().enumerate().map(|(i, n)| Self::peer(n, None, vec![], i, now)).collect(),
             loss: 0.0,
             rng: SimRng::new(1),
             hub_tun_rx: Vec::new(),
+            captured: Vec::new(),
             out: vec![0; 65536],
         }
     }
@@ -83,7 +90,7 @@ impl Net {
             tunnel_payload: TUNNEL_PAYLOAD,
         };
         TestPeer {
-            core: Peer::new(cfg, now, 1000 + i as u64),
+            core: Peer::new(cfg, now, Box::new(SimEntropy::new(1000 + i as u64))),
             tunnel: SocketAddr::from(([127, 0, 0, 1], 40000 + i as u16)),
             events: Vec::new(),
             tun_rx: Vec::new(),
@@ -101,6 +108,7 @@ impl Net {
             for p in &mut self.peers {
                 while let Some(n) = p.core.poll_transmit(&mut self.out) {
                     moved = true;
+                    self.captured.push((p.tunnel, self.out[..n].to_vec()));
                     if self.hub_up && !self.rng.chance(self.loss) {
                         self.hub.handle_datagram(self.now, wall, p.tunnel, &self.out[..n]);
                     }
@@ -187,12 +195,12 @@ fn packets_are_routed_between_peers_and_to_the_hub() {
     net.run_for(Duration::from_millis(200));
     let (a, b) = (net.addr(0), net.addr(1));
     for i in 0..200u8 {
-        net.peers[0].core.handle_tun_packet(&ipv4(a, b, 1412, i));
+        net.peers[0].core.handle_tun_packet(&ipv4(a, b, TUN_MTU as usize, i));
     }
     net.peers[1].core.handle_tun_packet(&ipv4(b, Ipv4Addr::new(10, 99, 0, 1), 100, 7));
     net.run_for(Duration::from_millis(100));
     assert_eq!(net.peers[1].tun_rx.len(), 200, "every packet arrives, once, in order");
-    assert!(net.peers[1].tun_rx.iter().enumerate().all(|(i, p)| p[30] == i as u8 && p.len() == 1412));
+    assert!(net.peers[1].tun_rx.iter().enumerate().all(|(i, p)| p[30] == i as u8 && p.len() == TUN_MTU as usize));
     assert_eq!(net.hub_tun_rx.len(), 1, "to the hub's own address");
     // and from the hub host to a peer
     net.hub.handle_tun_packet(&ipv4(Ipv4Addr::new(10, 99, 0, 1), a, 64, 9));
@@ -307,7 +315,7 @@ fn hub_loss_is_detected_after_retries_and_the_address_survives_a_hub_restart() {
     net.peers[0].core.handle_tun_packet(&ipv4(before[0], before[1], 100, 1));
     assert_eq!(net.peers[0].core.drops.hub_lost, 1);
     // a new hub (restarted: empty registry) comes up; peers come back with the same addresses
-    net.hub = Hub::new(hub_config(&["a", "b", "c", "fixed"]), 500);
+    net.hub = hub(500);
     net.hub_up = true;
     net.run_for(Duration::from_secs(3));
     let after: Vec<Ipv4Addr> = (0..2).map(|i| net.addr(i)).collect();
@@ -326,7 +334,7 @@ fn mtu_mismatch_is_a_clear_error() {
         _ => None,
     });
     let m = fatal.expect("a fatal error");
-    assert!(m.contains("1412") && m.contains("1400"), "{m}");
+    assert!(m.contains(&TUN_MTU.to_string()) && m.contains("1400"), "{m}");
     assert!(!net.peers[0].core.is_up());
 }
 
@@ -344,7 +352,7 @@ fn wrong_key_and_unknown_names_get_nothing() {
             tunnel_payload: TUNNEL_PAYLOAD,
         },
         now,
-        5,
+        Box::new(SimEntropy::new(5)),
     );
     net.peers.push(p);
     net.peers.push(Net::peer("stranger", None, vec![], 1, now));
@@ -354,25 +362,139 @@ fn wrong_key_and_unknown_names_get_nothing() {
     assert!(net.hub.status(net.now).is_empty());
 }
 
+/// Everything a peer sent, replayed from another address while the peer is registered:
+/// the hub's view of the peer does not change (before, a replayed Register was only
+/// refused by the in-memory timestamp, and KCP was trusted by tunnel address).
 #[test]
-fn replayed_register_is_refused() {
-    let mut net = Net::new(&["a"]);
-    let mut first = None;
-    let (now, wall) = (net.now, net.wall_ms());
-    net.peers[0].core.handle_timeout(now, wall);
-    let mut out = [0u8; 2048];
-    if let Some(n) = net.peers[0].core.poll_transmit(&mut out) {
-        first = Some(out[..n].to_vec());
+fn replayed_traffic_changes_nothing() {
+    let mut net = Net::new(&["a", "b"]);
+    net.run_for(Duration::from_millis(500));
+    let (a, b) = (net.addr(0), net.addr(1));
+    net.peers[0].core.handle_tun_packet(&ipv4(a, b, 100, 1));
+    net.run_for(Duration::from_millis(100));
+    assert_eq!(net.peers[1].tun_rx.len(), 1);
+    let before = net.hub.status(net.now);
+    let attacker: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+    let wall = net.wall_ms();
+    let captured: Vec<Vec<u8>> =
+        net.captured.iter().filter(|(from, _)| *from == net.peers[0].tunnel).map(|(_, d)| d.clone()).collect();
+    assert!(captured.len() > 3, "a Register, heartbeats and KCP");
+    for d in &captured {
+        net.hub.handle_datagram(net.now, wall, attacker, d);
     }
-    let reg = first.unwrap();
+    net.exchange();
+    let after = net.hub.status(net.now);
+    assert_eq!(
+        before.iter().map(|p| (p.id, &p.tunnel)).collect::<Vec<_>>(),
+        after.iter().map(|p| (p.id, &p.tunnel)).collect::<Vec<_>>()
+    );
+    assert_eq!(net.peers[1].tun_rx.len(), 1, "a replayed IP packet was delivered again");
+    assert!(net.hub.drops.replayed as usize >= captured.len() - 1, "{:?}", net.hub.drops);
+}
+
+/// A hub restarts; an attacker replays everything a peer sent before (its Register
+/// within the clock-skew window included). Before: the Register re-bound the peer's name
+/// to the attacker's tunnel address. Now it makes a registration nobody can use, the
+/// peer's own re-registration wins, and nothing replayed is delivered.
+#[test]
+fn register_replayed_after_a_hub_restart_yields_nothing() {
+    let mut net = Net::new(&["a", "b"]);
+    net.run_for(Duration::from_millis(500));
+    let (a, b) = (net.addr(0), net.addr(1));
+    net.peers[0].core.handle_tun_packet(&ipv4(a, b, 100, 1));
+    net.run_for(Duration::from_millis(100));
+    let captured: Vec<Vec<u8>> =
+        net.captured.iter().filter(|(from, _)| *from == net.peers[0].tunnel).map(|(_, d)| d.clone()).collect();
+    net.hub = hub(777);
+    let attacker: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+    let wall = net.wall_ms();
+    for d in &captured {
+        net.hub.handle_datagram(net.now, wall, attacker, d);
+    }
+    let mut out = [0u8; 2048];
+    let mut answers = 0;
+    while let Some((to, _)) = net.hub.poll_transmit(&mut out) {
+        assert_eq!(to, attacker);
+        answers += 1;
+    }
+    assert_eq!(answers, 1, "one Welcome, to a registration only the peer's key and ephemeral secret can use");
+    assert!(net.hub.status(net.now).is_empty(), "a replayed Register registered a peer");
+    // the real peers notice the restart and come back; nothing replayed reached b
+    net.run_for(Duration::from_secs(12));
+    let st = net.hub.status(net.now);
+    assert_eq!(st.len(), 2);
+    let a_now = st.iter().find(|p| p.name == "a").unwrap();
+    assert_eq!(a_now.tunnel, net.peers[0].tunnel.to_string());
+    assert_eq!(net.peers[1].tun_rx.len(), 1);
+    assert_eq!(net.hub.drops.unconfirmed, 1, "the peer's own Register replaced the replayed one");
+}
+
+/// A peer is gone; its last tunnel address keeps sending what it sent before (a reused
+/// session slot, or an attacker). Liveness is refreshed only by what opens: the peer
+/// expires on time.
+#[test]
+fn replayed_traffic_never_keeps_a_peer_alive() {
+    let mut net = Net::new(&["a", "b"]);
+    net.run_for(Duration::from_millis(500));
+    let a_tunnel = net.peers[0].tunnel;
+    let captured: Vec<Vec<u8>> =
+        net.captured.iter().filter(|(from, _)| *from == a_tunnel).map(|(_, d)| d.clone()).collect();
+    net.peers.remove(0);
+    let mut replays = captured.iter().cycle();
+    let end = net.now + DEFAULT_PEER_TIMEOUT + Duration::from_secs(1);
+    while net.now < end {
+        let wall = net.wall_ms();
+        let d = replays.next().unwrap();
+        net.hub.handle_datagram(net.now, wall, a_tunnel, d);
+        net.run_for(Duration::from_millis(50));
+    }
+    let st = net.hub.status(net.now);
+    assert_eq!(st.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["b"], "{st:?}");
+}
+
+/// Registers resent every 500 ms while the round trip is longer (or released together
+/// from a queue) all reach the hub before any Welcome reaches the peer. Before, each got
+/// a new peer id and the peer kept the first while the hub kept the last: it never came
+/// up. Now every copy gets the same Welcome.
+#[test]
+fn concurrent_registers_converge_on_one_id() {
+    let mut net = Net::new(&[]);
+    let now = net.now;
+    net.peers.push(Net::peer("a", None, vec![], 0, now));
+    let mut registers = Vec::new();
+    for _ in 0..4 {
+        let wall = net.wall_ms();
+        net.peers[0].core.handle_timeout(net.now, wall);
+        while let Some(n) = net.peers[0].core.poll_transmit(&mut net.out) {
+            registers.push(net.out[..n].to_vec());
+        }
+        net.now += vpn::peer::REGISTER_RETRY;
+    }
+    assert_eq!(registers.len(), 4);
     let wall = net.wall_ms();
     let from = net.peers[0].tunnel;
-    net.hub.handle_datagram(net.now, wall, from, &reg);
-    assert_eq!(net.hub.status(net.now).len(), 1);
-    let attacker: SocketAddr = "127.0.0.1:50000".parse().unwrap();
-    net.hub.handle_datagram(net.now, wall, attacker, &reg);
-    assert_eq!(net.hub.drops.replayed, 1);
-    assert_eq!(net.hub.status(net.now)[0].tunnel, from.to_string());
+    let mut welcomes = Vec::new();
+    for r in &registers {
+        net.hub.handle_datagram(net.now, wall, from, r);
+        while let Some((_, n)) = net.hub.poll_transmit(&mut net.out) {
+            welcomes.push(net.out[..n].to_vec());
+        }
+    }
+    assert_eq!(welcomes.len(), 4);
+    assert!(welcomes.windows(2).all(|w| w[0] == w[1]), "one registration, one Welcome");
+    for w in &welcomes {
+        net.peers[0].core.handle_datagram(net.now, w);
+    }
+    net.run_for(Duration::from_millis(100));
+    assert!(net.peers[0].core.is_up());
+    let st = net.hub.status(net.now);
+    assert_eq!(st.len(), 1);
+    assert_eq!(st[0].state, PeerState::Up);
+    // and it carries traffic
+    let a = net.addr(0);
+    net.peers[0].core.handle_tun_packet(&ipv4(a, Ipv4Addr::new(10, 99, 0, 1), 64, 3));
+    net.run_for(Duration::from_millis(50));
+    assert_eq!(net.hub_tun_rx.len(), 1);
 }
 
 /// Before, any peer could announce up to 32 prefixes anywhere but the VPN network, and
