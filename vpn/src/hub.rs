@@ -14,8 +14,10 @@
 //!   learned only from datagrams that opened.
 //! - A packet from a peer is routed only if its inner source is the peer's address (or
 //!   its IPv6 mapping) or inside a route it announced; otherwise it is dropped and counted.
-//! - Every change of the peer list bumps its version and is pushed to every peer over
-//!   its KCP link (reliable and ordered).
+//! - Every change of the peer list bumps its version; every peer gets the current
+//!   version over its KCP link (reliable and ordered), at most every
+//!   `PEER_LIST_PUSH_INTERVAL` (a burst of registrations makes one push, not one each),
+//!   and a peer whose link had no room for it gets it in a later round.
 
 use crate::channel::{Agreement, Channel, OpenFailure};
 use crate::ip::{self, Prefix};
@@ -40,6 +42,8 @@ pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(15);
 /// A peer whose last heartbeat is older than this shows as `silent` (heartbeats go every
 /// second; a peer retries at 1, 3 and 7 s before it gives up on the hub).
 pub const PEER_SILENT_AFTER: Duration = Duration::from_secs(3);
+/// The peer list goes out at most this often.
+pub const PEER_LIST_PUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A peer the hub knows from its config.
 pub struct PeerSpec {
@@ -194,6 +198,8 @@ struct HubPeer {
     last_heartbeat: Instant,
     rtt_us: u32,
     link: KcpLink,
+    /// The peer-list version this peer's link has taken (0: none yet).
+    list_version: u32,
     tx_bytes: u64,
     rx_bytes: u64,
 }
@@ -210,6 +216,9 @@ pub struct Hub {
     last_register_ts: HashMap<String, u64>,
     next_id: u32,
     peers_version: u32,
+    /// Some peer's link has not taken `peers_version` yet.
+    list_pending: bool,
+    list_pushed_at: Option<Instant>,
     transmit: VecDeque<(SocketAddr, Vec<u8>)>,
     to_tun: PacketQueue,
     events: VecDeque<HubEvent>,
@@ -236,6 +245,8 @@ impl Hub {
             last_register_ts: HashMap::new(),
             next_id: first_peer_id.max(1),
             peers_version: 1,
+            list_pending: false,
+            list_pushed_at: None,
             transmit: VecDeque::new(),
             to_tun: PacketQueue::default(),
             events: VecDeque::new(),
@@ -252,6 +263,7 @@ impl Hub {
             Some(&MSG_SEALED) => self.on_sealed(now, from, d),
             _ => self.drops.malformed += 1,
         }
+        self.flush_peer_list(now);
     }
 
     fn spec(&self, name: &str) -> Option<&PeerSpec> {
@@ -420,6 +432,7 @@ impl Hub {
                 last_heartbeat: now,
                 rtt_us: 0,
                 link: KcpLink::new(id, now, self.cfg.tunnel_payload),
+                list_version: 0,
                 tx_bytes: 0,
                 rx_bytes: 0,
             },
@@ -573,14 +586,30 @@ impl Hub {
             .collect()
     }
 
+    /// The list changed: every peer is due the new version.
     fn push_peer_list(&mut self) {
-        self.peers_version = self.peers_version.wrapping_add(1);
-        let msg = wire::emit_peer_list(self.peers_version, &self.entries());
-        for p in self.peers.values_mut() {
-            if p.link.send(&msg).is_err() {
-                self.drops.queue_full += 1;
+        self.peers_version = self.peers_version.wrapping_add(1).max(1);
+        self.list_pending = true;
+    }
+
+    /// Sends the current list to every peer whose link has not taken it, whole or not at
+    /// all: a link without room for every chunk is tried again in the next round.
+    fn flush_peer_list(&mut self, now: Instant) {
+        if !self.list_pending || self.list_pushed_at.is_some_and(|t| now < t + PEER_LIST_PUSH_INTERVAL) {
+            return;
+        }
+        self.list_pushed_at = Some(now);
+        let version = self.peers_version;
+        let chunks = wire::emit_peer_list(version, &self.entries());
+        let mut incomplete = false;
+        for p in self.peers.values_mut().filter(|p| p.list_version != version) {
+            if p.link.has_room_for(&chunks) && chunks.iter().all(|c| p.link.send(c).is_ok()) {
+                p.list_version = version;
+            } else {
+                incomplete = true;
             }
         }
+        self.list_pending = incomplete;
     }
 
     fn remove_peer(&mut self, id: u32) {
@@ -624,7 +653,9 @@ impl Hub {
         let kcp = self.peers.values().map(|p| p.link.poll_timeout()).min();
         let expiry = self.peers.values().map(|p| p.last_seen + self.cfg.peer_timeout).min();
         let unconfirmed = self.pending.values().map(|p| p.since + self.cfg.peer_timeout).min();
-        [kcp, expiry, unconfirmed].into_iter().flatten().min()
+        let list =
+            self.list_pending.then(|| self.list_pushed_at.map_or(Instant::now(), |t| t + PEER_LIST_PUSH_INTERVAL));
+        [kcp, expiry, unconfirmed, list].into_iter().flatten().min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -642,6 +673,7 @@ impl Hub {
         let timeout = self.cfg.peer_timeout;
         self.pending.retain(|_, p| now.saturating_duration_since(p.since) < timeout);
         self.drops.unconfirmed += (before - self.pending.len()) as u64;
+        self.flush_peer_list(now);
     }
 
     pub fn status(&self, now: Instant) -> Vec<PeerStatus> {

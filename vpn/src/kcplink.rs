@@ -147,6 +147,13 @@ impl KcpLink {
         guarded(&mut self.broken, || kcp.send(msg).map(|_| ()).map_err(|_| LinkError::Malformed))
     }
 
+    /// Whether `send` would take every one of `msgs` now.
+    pub fn has_room_for(&self, msgs: &[Vec<u8>]) -> bool {
+        let mss = self.kcp.mss().max(1);
+        let segments: usize = msgs.iter().map(|m| m.len().div_ceil(mss).max(1)).sum();
+        !self.broken && self.kcp.wait_snd() + segments <= KCP_MAX_WAIT_SEGMENTS
+    }
+
     /// Sends one IP packet as an `INNER_IP` message.
     pub fn send_ip(&mut self, packet: &[u8]) -> Result<(), LinkError> {
         let mut msg = std::mem::take(&mut self.scratch);

@@ -17,9 +17,9 @@ use crate::ip::{self, Prefix};
 use crate::kcplink::{KcpLink, LinkError};
 use crate::queue::PacketQueue;
 use crate::wire::{
-    self, field, sealed_kind, HeartbeatAckRepr, HeartbeatRepr, PeerEntry, PeerKey, RefusalReason, RefusalRepr,
-    RegisterRepr, RouteRefusalReason, SealedHeader, WelcomeRepr, INNER_IP, INNER_PEERS, MSG_REFUSAL, MSG_SEALED,
-    MSG_WELCOME, PUBLIC_KEY_LEN, SEALED_HEADER_LEN, SEALED_OVERHEAD,
+    self, field, sealed_kind, HeartbeatAckRepr, HeartbeatRepr, PeerEntry, PeerKey, PeerListChunk, RefusalReason,
+    RefusalRepr, RegisterRepr, RouteRefusalReason, SealedHeader, WelcomeRepr, INNER_IP, INNER_PEERS, MSG_REFUSAL,
+    MSG_SEALED, MSG_WELCOME, PUBLIC_KEY_LEN, SEALED_HEADER_LEN, SEALED_OVERHEAD,
 };
 use common::crypto::x25519_public;
 use common::entropy::Entropy;
@@ -87,6 +87,9 @@ pub struct PeerDrops {
     pub queue_full: u64,
     pub malformed: u64,
     pub not_registered: u64,
+    /// Packets whose inner source cannot have come from where they came from.
+    #[serde(default)]
+    pub spoofed_source: u64,
     /// Sealed datagrams that did not open under our channel (forged, replayed, or for a
     /// registration we no longer have).
     #[serde(default)]
@@ -136,9 +139,13 @@ pub struct Peer {
     cfg: PeerCoreConfig,
     state: State,
     addr: Ipv4Addr,
+    /// The VPN network (from the Welcome).
+    network: Option<Prefix>,
     hub_addr: Ipv4Addr,
     mtu: u16,
     peers: Vec<PeerEntry>,
+    /// A peer list being received: its version, the next chunk due, the entries so far.
+    list_assembly: Option<(u32, u16, Vec<PeerEntry>)>,
     /// Traffic with each listed peer, index for index with `peers`.
     peer_traffic: Vec<PeerTraffic>,
     /// Our announced routes the hub refused this registration.
@@ -167,9 +174,11 @@ impl Peer {
             cfg,
             state: State::Registering { attempt: Attempt::new(&mut *entropy), next_try: now, lost: false },
             addr: Ipv4Addr::UNSPECIFIED,
+            network: None,
             hub_addr: Ipv4Addr::UNSPECIFIED,
             mtu: 0,
             peers: Vec::new(),
+            list_assembly: None,
             peer_traffic: Vec::new(),
             refused_routes: Vec::new(),
             installed_routes: BTreeSet::new(),
@@ -270,6 +279,7 @@ impl Peer {
             return;
         };
         self.addr = w.addr;
+        self.network = Prefix::new(w.addr, w.prefix_len);
         self.hub_addr = w.hub_addr;
         self.mtu = w.mtu;
         self.last_ack = Some(now);
@@ -390,8 +400,16 @@ impl Peer {
             match m.first() {
                 Some(&INNER_IP) => {
                     let packet = &m[field::inner::BODY..];
+                    let Some((src, _)) = ip::addresses(packet) else {
+                        self.drops.malformed += 1;
+                        continue;
+                    };
+                    if !self.source_allowed_from_hub(src) {
+                        self.drops.spoofed_source += 1;
+                        continue;
+                    }
                     self.rx_bytes += packet.len() as u64;
-                    if let Some(i) = ip::addresses(packet).and_then(|(src, _)| self.peer_index(src)) {
+                    if let Some(i) = self.peer_index(src) {
                         let t = &mut self.peer_traffic[i];
                         t.rx_bytes += packet.len() as u64;
                         t.last_rx = Some(now);
@@ -399,10 +417,34 @@ impl Peer {
                     self.to_tun.push(&[packet]);
                 }
                 Some(&INNER_PEERS) => match wire::parse_peer_list(m) {
-                    Ok((_, list)) => self.set_peer_list(list),
+                    Ok(chunk) => self.on_peer_list_chunk(chunk),
                     Err(_) => self.drops.malformed += 1,
                 },
                 _ => self.drops.malformed += 1,
+            }
+        }
+    }
+
+    /// One chunk of a peer list; the list is taken when its last chunk arrives (KCP keeps
+    /// them in order; a chunk 0 starts a list afresh).
+    fn on_peer_list_chunk(&mut self, c: PeerListChunk) {
+        if c.chunk == 0 {
+            self.list_assembly = Some((c.version, 0, Vec::new()));
+        }
+        match &mut self.list_assembly {
+            Some((version, next, entries)) if *version == c.version && *next == c.chunk => {
+                entries.extend(c.entries);
+                *next += 1;
+            }
+            _ => {
+                self.drops.malformed += 1;
+                self.list_assembly = None;
+                return;
+            }
+        }
+        if c.chunk + 1 == c.chunks {
+            if let Some((_, _, list)) = self.list_assembly.take() {
+                self.set_peer_list(list);
             }
         }
     }
@@ -424,6 +466,27 @@ impl Peer {
             })
             .collect();
         self.peers = list;
+    }
+
+    /// Whether a packet the hub sent may carry `src`: the hub's own address, another
+    /// listed peer's, one inside another peer's routes, or one from beyond the hub (the
+    /// hub host's side) — never an address of this peer, of its own routes, or a VPN
+    /// address nobody has.
+    fn source_allowed_from_hub(&self, src: IpAddr) -> bool {
+        let v4 = match src {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(a) => match ip::v4_of(a) {
+                Some(a) => a,
+                None => return true, // not a VPN address: from beyond the hub
+            },
+        };
+        if v4 == self.addr || self.cfg.routes.iter().any(|r| r.contains(v4)) {
+            return false;
+        }
+        match self.network {
+            Some(net) if net.contains(v4) => v4 == self.hub_addr || self.peers.iter().any(|p| p.addr == v4),
+            _ => true,
+        }
     }
 
     /// The listed peer an inner address belongs to: its own address, else the longest

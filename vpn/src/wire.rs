@@ -20,7 +20,11 @@
 //! (seq u32 | peers_version u32), `0x03` one KCP segment (conv = peer id).
 //!
 //! Messages inside the KCP stream (reliable, ordered) start with a kind byte:
-//! `0x01` an IP packet, `0x02` one chunk of the peer list.
+//! `0x01` an IP packet, `0x02` one chunk of the peer list
+//! (version u32 | chunk u16 | chunks u16 | count u16 | entries: id u32, name_len u8, name,
+//! addr u32, route list). A list is cut into chunks of at most `PEER_LIST_CHUNK_BYTES`,
+//! so however many peers there are, every message fits KCP's window and the receive
+//! buffer.
 
 use crate::ip::Prefix;
 use common::wire::be::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
@@ -130,11 +134,14 @@ pub mod field {
         pub const SEGMENT: usize = 1;
     }
 
+    /// One chunk of the peer list: which version, which chunk of how many, its entries.
     pub mod peer_list {
         use super::Field;
         pub const VERSION: Field = 1..5;
-        pub const COUNT: Field = 5..7;
-        pub const ENTRIES: usize = 7;
+        pub const CHUNK: Field = 5..7;
+        pub const CHUNKS: Field = 7..9;
+        pub const COUNT: Field = 9..11;
+        pub const ENTRIES: usize = 11;
         /// One entry, relative to its start: id, name length, name ...
         pub const ID: Field = 0..4;
         pub const NAME_LEN: usize = 4;
@@ -563,24 +570,63 @@ pub struct PeerEntry {
     pub routes: Vec<Prefix>,
 }
 
-/// `INNER_PEERS` message body: version, then entries.
-pub fn emit_peer_list(version: u32, peers: &[PeerEntry]) -> Vec<u8> {
-    use field::peer_list as f;
-    let mut out = vec![0u8; f::ENTRIES];
-    out[field::TYPE] = INNER_PEERS;
-    put_u32(&mut out, f::VERSION, version);
-    put_u16(&mut out, f::COUNT, peers.len() as u16);
-    for p in peers {
-        out.extend_from_slice(&p.id.to_be_bytes());
-        out.push(p.name.len() as u8);
-        out.extend_from_slice(p.name.as_bytes());
-        out.extend_from_slice(&p.addr.octets());
-        put_routes(&mut out, &p.routes);
-    }
-    out
+/// The most one peer-list message holds (KCP carries it in a dozen segments).
+pub const PEER_LIST_CHUNK_BYTES: usize = 16 * 1024;
+/// The most chunks one list may have (a receiver refuses more).
+pub const MAX_PEER_LIST_CHUNKS: u16 = 1024;
+
+/// One chunk of the peer list the hub pushes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerListChunk {
+    pub version: u32,
+    pub chunk: u16,
+    pub chunks: u16,
+    pub entries: Vec<PeerEntry>,
 }
 
-pub fn parse_peer_list(b: &[u8]) -> Result<(u32, Vec<PeerEntry>), VpnWireError> {
+fn put_peer_entry(out: &mut Vec<u8>, p: &PeerEntry) {
+    out.extend_from_slice(&p.id.to_be_bytes());
+    out.push(p.name.len() as u8);
+    out.extend_from_slice(p.name.as_bytes());
+    out.extend_from_slice(&p.addr.octets());
+    put_routes(out, &p.routes);
+}
+
+/// The peer list `version` as `INNER_PEERS` messages of at most `PEER_LIST_CHUNK_BYTES`
+/// (an empty list is one chunk without entries).
+pub fn emit_peer_list(version: u32, peers: &[PeerEntry]) -> Vec<Vec<u8>> {
+    use field::peer_list as f;
+    let mut bodies: Vec<(u16, Vec<u8>)> = vec![(0, Vec::new())];
+    let mut entry = Vec::new();
+    for p in peers {
+        entry.clear();
+        put_peer_entry(&mut entry, p);
+        let last = bodies.last_mut().expect("one chunk at least");
+        if f::ENTRIES + last.1.len() + entry.len() > PEER_LIST_CHUNK_BYTES && last.0 > 0 {
+            bodies.push((0, Vec::new()));
+        }
+        let last = bodies.last_mut().expect("one chunk at least");
+        last.0 += 1;
+        last.1.extend_from_slice(&entry);
+    }
+    let chunks = bodies.len() as u16;
+    bodies
+        .into_iter()
+        .enumerate()
+        .map(|(i, (count, body))| {
+            let mut out = vec![0u8; f::ENTRIES];
+            out[field::TYPE] = INNER_PEERS;
+            put_u32(&mut out, f::VERSION, version);
+            put_u16(&mut out, f::CHUNK, i as u16);
+            put_u16(&mut out, f::CHUNKS, chunks);
+            put_u16(&mut out, f::COUNT, count);
+            out.extend_from_slice(&body);
+            out
+        })
+        .collect()
+}
+
+pub fn parse_peer_list(b: &[u8]) -> Result<PeerListChunk, VpnWireError> {
     use field::peer_list as f;
     match b.first() {
         None => return Err(VpnWireError::Truncated),
@@ -588,21 +634,25 @@ pub fn parse_peer_list(b: &[u8]) -> Result<(u32, Vec<PeerEntry>), VpnWireError> 
         Some(_) => return Err(VpnWireError::Unknown),
     }
     let head = region(b, 0, f::ENTRIES)?;
-    let (version, n) = (u32_at(head, f::VERSION), u16_at(head, f::COUNT) as usize);
-    let mut peers = Vec::with_capacity(n.min(1024));
+    let (version, chunk, chunks) = (u32_at(head, f::VERSION), u16_at(head, f::CHUNK), u16_at(head, f::CHUNKS));
+    if chunk >= chunks || chunks > MAX_PEER_LIST_CHUNKS {
+        return Err(VpnWireError::BadField);
+    }
+    let n = u16_at(head, f::COUNT) as usize;
+    let mut entries = Vec::with_capacity(n.min(1024));
     let mut at = f::ENTRIES;
     for _ in 0..n {
         let id = u32_at(region(b, at, f::NAME_LEN)?, f::ID);
         let (name, name_end) = name_at(b, at + f::NAME_LEN)?;
         let addr = ipv4_at(region(b, name_end, f::ROUTES)?, f::ADDR);
         let (routes, end) = routes_at(b, name_end + f::ROUTES)?;
-        peers.push(PeerEntry { id, name: name.to_string(), addr, routes });
+        entries.push(PeerEntry { id, name: name.to_string(), addr, routes });
         at = end;
     }
     if at != b.len() {
         return Err(VpnWireError::BadField);
     }
-    Ok((version, peers))
+    Ok(PeerListChunk { version, chunk, chunks, entries })
 }
 
 #[cfg(test)]
@@ -715,15 +765,42 @@ mod tests {
         let b = emit_peer_list(5, &peers);
         #[rustfmt::skip]
         let golden = [
-            0x02, 0, 0, 0, 5, 0, 2,                      // kind, version, count
+            0x02, 0, 0, 0, 5, 0, 0, 0, 1, 0, 2,          // kind, version, chunk 0 of 1, count
             0, 0, 0, 2, 1, b'a', 10, 99, 0, 2, 0,        // id, name, address, no routes
             0, 0, 0, 3, 1, b'b', 10, 99, 0, 3, 1, 192, 168, 50, 0, 24,
         ];
-        assert_eq!(b, golden);
-        assert_eq!(parse_peer_list(&b).unwrap(), (5, peers));
-        assert!(parse_peer_list(&b[..b.len() - 1]).is_err());
-        let mut extra = b.clone();
+        assert_eq!(b, [golden.to_vec()]);
+        let want = PeerListChunk { version: 5, chunk: 0, chunks: 1, entries: peers };
+        assert_eq!(parse_peer_list(&b[0]).unwrap(), want);
+        assert!(parse_peer_list(&b[0][..b[0].len() - 1]).is_err());
+        let mut extra = b[0].clone();
         extra.push(0);
         assert!(parse_peer_list(&extra).is_err());
+        let mut beyond = b[0].clone();
+        beyond[6] = 1; // chunk 1 of 1
+        assert_eq!(parse_peer_list(&beyond), Err(VpnWireError::BadField));
+        assert_eq!(emit_peer_list(1, &[]).len(), 1, "an empty list is still a message");
+    }
+
+    /// Before, the list was one message: with 1000 peers of 32 routes (≈ 200 KB) it took
+    /// more fragments than KCP sends (its send failed: nobody got the list), and from
+    /// 64 KB it no longer fitted the receive buffer. Now every chunk fits both.
+    #[test]
+    fn large_peer_lists_are_chunked() {
+        let routes: Vec<Prefix> =
+            (0..MAX_ROUTES as u32).map(|i| Prefix::new(Ipv4Addr::from(i << 8), 24).unwrap()).collect();
+        let peers: Vec<PeerEntry> = (0..1000u32)
+            .map(|i| PeerEntry { id: i, name: format!("{i:0>32}"), addr: Ipv4Addr::from(i), routes: routes.clone() })
+            .collect();
+        let chunks = emit_peer_list(9, &peers);
+        assert!(chunks.len() > 10);
+        assert!(chunks.iter().all(|c| c.len() <= PEER_LIST_CHUNK_BYTES));
+        let mut back = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            let p = parse_peer_list(c).unwrap();
+            assert_eq!((p.version, p.chunk as usize, p.chunks as usize), (9, i, chunks.len()));
+            back.extend(p.entries);
+        }
+        assert_eq!(back, peers);
     }
 }
