@@ -112,8 +112,7 @@ impl ClientRuntime {
     }
 }
 
-fn path_socket(p: &PathSpec) -> std::io::Result<BatchSocket> {
-    let bind = p.bind.unwrap_or_else(|| driver::any_addr_for(p.remote));
+fn path_socket(p: &PathSpec, bind: SocketAddr) -> std::io::Result<BatchSocket> {
     driver::udp_socket(bind, p.interface.as_deref(), Some(p.remote))
 }
 
@@ -135,12 +134,17 @@ fn socket_is_stale(errno: i32) -> bool {
 /// socket can be opened now: then the old one is as good as any.
 fn source_moved(link: &PathLink) -> bool {
     let Ok(current) = link.sock.local_addr() else { return true };
-    path_socket(&link.spec).and_then(|probe| probe.local_addr()).is_ok_and(|fresh| fresh.ip() != current.ip())
+    path_socket(&link.spec, link.bind_now())
+        .and_then(|probe| probe.local_addr())
+        .is_ok_and(|fresh| fresh.ip() != current.ip())
 }
 
 /// One path: what it is, its socket, and what decides when the socket is re-opened.
 struct PathLink {
     spec: PathSpec,
+    /// The interface a `bind:` path follows to its new address when the host is
+    /// renumbered (`interface:`, else the one that held the address at start).
+    bind_interface: Option<String>,
     sock: BatchSocket,
     opened: Instant,
     last_rx: Instant,
@@ -150,16 +154,28 @@ struct PathLink {
 
 impl PathLink {
     fn open(spec: PathSpec, registry: &Registry, token: Token, now: Instant) -> std::io::Result<Self> {
-        let mut sock = path_socket(&spec)?;
+        let bind_interface = spec.bind.and_then(|b| spec.interface.clone().or_else(|| driver::interface_of(b.ip())));
+        let bind = spec.bind.unwrap_or_else(|| driver::any_addr_for(spec.remote));
+        let mut sock = path_socket(&spec, bind)?;
         registry.register(&mut sock, token, Interest::READABLE)?;
-        Ok(Self { spec, sock, opened: now, last_rx: now, reopen_after: PATH_REOPEN_SILENT })
+        Ok(Self { spec, bind_interface, sock, opened: now, last_rx: now, reopen_after: PATH_REOPEN_SILENT })
+    }
+
+    /// Where the path's socket binds now: its `bind:` address, or what its interface
+    /// holds instead once that address is gone.
+    fn bind_now(&self) -> SocketAddr {
+        match (self.spec.bind, &self.bind_interface) {
+            (Some(b), Some(dev)) => driver::follow_interface(b, dev),
+            (Some(b), None) => b,
+            (None, _) => driver::any_addr_for(self.spec.remote),
+        }
     }
 
     /// A fresh socket in place of this one; on failure the old one stays (registered
     /// again) and is tried later.
     fn reopen(&mut self, registry: &Registry, token: Token, now: Instant) -> std::io::Result<()> {
         let _ = registry.deregister(&mut self.sock);
-        let fresh = path_socket(&self.spec).and_then(|mut s| {
+        let fresh = path_socket(&self.spec, self.bind_now()).and_then(|mut s| {
             registry.register(&mut s, token, Interest::READABLE)?;
             Ok(s)
         });

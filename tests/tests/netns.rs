@@ -5,7 +5,7 @@
 //! lock because they share two cores and measure loss.
 
 use std::time::Duration;
-use tests::{lab_or_skip, udp_stream, TunnelLab, CLIENT_LISTEN};
+use tests::{bridge_addr, lab_or_skip, udp_stream, TunnelLab, BRIDGE_PORT, CLIENT_LISTEN};
 
 fn stream(t: &TunnelLab, first: u64, count: u64, size: usize, pps: u64) -> tests::StreamResult {
     udp_stream(&t.client_ns, true, CLIENT_LISTEN.parse().unwrap(), first, count, size, pps, Duration::from_millis(1500))
@@ -427,6 +427,36 @@ fn a_session_without_an_upstream_socket_is_refused() {
 fn renumbered_client_addresses_recover_within_two_seconds() {
     let Some(_serial) = lab_or_skip() else { return };
     let t = TunnelLab::start("r");
+    renumber_mid_stream(&t);
+}
+
+/// The same with paths bound to the client's addresses (`bind:` in client.yaml). Before,
+/// a re-opened socket bound the vanished address again (EADDRNOTAVAIL) and the path
+/// stayed dead; now it follows its interface to the new address.
+#[test]
+fn renumbered_bind_paths_follow_their_interfaces() {
+    let Some(_serial) = lab_or_skip() else { return };
+    let mut t = TunnelLab::start("rb");
+    // (just started: it may not have its signal handler yet, so its exit status is moot)
+    let _ = t.lab.stop(t.client, libc::SIGTERM);
+    let paths: String =
+        (1..=3).map(|i| format!("  - remote: {}:{BRIDGE_PORT}\n    bind: 10.77.{i}.1\n", bridge_addr(i))).collect();
+    let yaml = t.lab.dir.join("client-bind.yaml");
+    let control = t.lab.dir.join("mpclient.sock");
+    let text = format!(
+        "listen: {CLIENT_LISTEN}\nkey_file: {}\ncontrol_socket: {}\npaths:\n{paths}",
+        t.key.display(),
+        control.display()
+    );
+    std::fs::write(&yaml, text).unwrap();
+    let ns = t.client_ns.clone();
+    t.client = t.lab.spawn(&ns, "mpclient-bind", &tests::bin("mpclient"), &["-c", &yaml.display().to_string()]);
+    renumber_mid_stream(&t);
+}
+
+/// With a stream flowing, every client address is renumbered (new one added, old one
+/// removed); traffic must resume within 2 s.
+fn renumber_mid_stream(t: &TunnelLab) {
     t.wait_ready(Duration::from_secs(10));
     for i in 1..=3 {
         // the new address takes over when the old one goes (a secondary would go with it)

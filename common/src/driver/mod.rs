@@ -14,7 +14,7 @@ use crate::config::ConfigError;
 use crate::crypto::Psk;
 use crate::entropy::OsEntropy;
 use files::KeyError;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 /// What can stop a daemon from starting or running, or a CLI command from finishing.
@@ -210,6 +210,27 @@ pub fn any_addr_for(peer: SocketAddr) -> SocketAddr {
         SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
         SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
     }
+}
+
+/// The interface that holds the local address `ip`, if one does.
+pub fn interface_of(ip: IpAddr) -> Option<String> {
+    if_addrs::get_if_addrs().ok()?.into_iter().find(|i| i.ip() == ip).map(|i| i.name)
+}
+
+/// Where a socket bound to `bind` (an address of `interface`) should be bound now: `bind`
+/// while the host has that address, else the interface's current address of the same
+/// family (not link-local), same port: a `bind:` path follows its interface when the
+/// host is renumbered. `bind` when there is none (the bind then fails and is retried).
+pub fn follow_interface(bind: SocketAddr, interface: &str) -> SocketAddr {
+    let Ok(all) = if_addrs::get_if_addrs() else { return bind };
+    if all.iter().any(|i| i.ip() == bind.ip()) {
+        return bind;
+    }
+    all.iter()
+        .filter(|i| i.name == interface && i.ip().is_ipv4() == bind.is_ipv4() && !i.is_link_local())
+        .map(|i| SocketAddr::new(i.ip(), bind.port()))
+        .next()
+        .unwrap_or(bind)
 }
 
 /// Resolves `host:port` (first address), with an error naming what failed.
