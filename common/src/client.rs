@@ -614,6 +614,7 @@ impl Client {
             drops: self.drops.clone(),
             evicted_sessions: self.evicted_sessions,
             max_sessions: self.cfg.max_sessions,
+            remotes: Vec::new(),
             sessions,
         }
     }

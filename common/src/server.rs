@@ -661,6 +661,7 @@ impl Server {
             drops: self.drops.clone(),
             evicted_sessions: 0,
             max_sessions: self.cfg.max_sessions,
+            remotes: Vec::new(),
             sessions,
         }
     }

@@ -224,6 +224,9 @@ pub struct StatusReport {
     /// The most sessions this daemon keeps (`max_sessions`).
     #[serde(default)]
     pub max_sessions: usize,
+    /// Client: the remote end of each path (bridges, or the server), by path.
+    #[serde(default)]
+    pub remotes: Vec<String>,
     pub sessions: Vec<SessionStatus>,
 }
 

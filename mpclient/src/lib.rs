@@ -498,7 +498,9 @@ impl Service for Driver {
     }
 
     fn status(&self, now: Instant) -> StatusReport {
-        self.mp.core.status(now, &self.listen_name)
+        let mut report = self.mp.core.status(now, &self.listen_name);
+        report.remotes = self.mp.remotes().map(|a| a.to_string()).collect();
+        report
     }
 
     fn stats_line(&self, now: Instant) -> String {

@@ -24,6 +24,9 @@ pub const VPN_NETWORK: &str = "10.99.0.0/24";
 pub const HUB_VPN_ADDR: &str = "10.99.0.1";
 /// Peer B announces this subnet (its loopback holds 192.168.50.1).
 pub const PEER_B_SUBNET: &str = "192.168.50.0/24";
+/// hub.yaml allows peer C this subnet: it covers b's first bridge (10.82.1.2), more
+/// specifically than b's own route to it.
+pub const PEER_C_SUBNET: &str = "10.82.1.0/25";
 
 impl VpnLab {
     /// `embedded`: the hub and peers run the multipath server/client in-process instead
@@ -72,7 +75,7 @@ impl VpnLab {
         std::fs::write(
             &hub_yaml,
             format!(
-                "listen: 127.0.0.1:5000\ntun: mpvpn0\nnetwork: {VPN_NETWORK}\ncontrol_socket: {}\n{embedded_server}peers:\n  - name: a\n    key_file: {}\n  - name: b\n    key_file: {}\n    routes: [{PEER_B_SUBNET}]\n  - name: c\n    key_file: {}\n",
+                "listen: 127.0.0.1:5000\ntun: mpvpn0\nnetwork: {VPN_NETWORK}\ncontrol_socket: {}\n{embedded_server}peers:\n  - name: a\n    key_file: {}\n  - name: b\n    key_file: {}\n    routes: [{PEER_B_SUBNET}]\n  - name: c\n    key_file: {}\n    routes: [{PEER_C_SUBNET}]\n",
                 dir.join("hub.sock").display(),
                 ka.display(),
                 kb.display(),
@@ -87,6 +90,7 @@ impl VpnLab {
         for (i, (name, key)) in [("a", &ka), ("b", &kb)].into_iter().enumerate() {
             let ns = me.peer_ns[i].clone();
             let net = if i == 0 { 81 } else { 82 };
+            let mut tunnel_control = String::new();
             let embedded_client = if embedded {
                 let client_yaml = dir.join(format!("client-{name}.yaml"));
                 let paths: String = (1..=3).map(|j| format!("  - remote: 10.{net}.{j}.2:{BRIDGE_PORT}\n")).collect();
@@ -102,6 +106,7 @@ impl VpnLab {
                 let cctl = dir.join(format!("mpclient-{name}.sock")).display().to_string();
                 let args = ["--key-file", &tk, "--control", &cctl, &bridges.display().to_string()];
                 me.lab.spawn(&ns, &format!("mpclient-{name}"), &bin("mpclient"), &args);
+                tunnel_control = format!("tunnel_control: {cctl}\n");
                 String::new()
             };
             let routes = if name == "b" { format!("routes: [{PEER_B_SUBNET}]\n") } else { String::new() };
@@ -109,7 +114,7 @@ impl VpnLab {
             std::fs::write(
                 &yaml,
                 format!(
-                    "name: {name}\nkey_file: {}\ntunnel: 127.0.0.1:3000\ntun: mpvpn0\ncontrol_socket: {}\n{routes}{embedded_client}",
+                    "name: {name}\nkey_file: {}\ntunnel: 127.0.0.1:3000\n{tunnel_control}tun: mpvpn0\ncontrol_socket: {}\n{routes}{embedded_client}",
                     key.display(),
                     dir.join(format!("peer-{name}.sock")).display(),
                 ),

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::time::Duration;
-use tests::{lab_or_skip, tcp_transfer, VpnLab, HUB_VPN_ADDR};
+use tests::{lab_or_skip, tcp_transfer, VpnLab, HUB_VPN_ADDR, PEER_C_SUBNET};
 
 fn percentile(v: &[f64], p: f64) -> f64 {
     let mut s = v.to_vec();
@@ -111,6 +111,30 @@ fn vpn_across_lossy_bridges() {
     assert!(skipped.to_string().contains("192.168.50.0/24"), "{skipped}");
     assert!(v.status("hub")["drops"]["route_refused"].as_u64().unwrap() >= 3);
     assert_eq!(v.ping(0, "192.168.50.1", 10, "0.02", &[]).len(), 10, "b's subnet is still b's");
+    assert!(v.lab.stop(c, libc::SIGTERM).success());
+
+    // c's allowed subnet covers b's first bridge: b (whose mpclient is a separate process,
+    // asked through tunnel_control in peer-b.yaml) skips it; before, it installed it and
+    // sent that path's tunnel traffic into its own TUN
+    let allowed = v.lab.dir.join("peer-c-allowed.yaml");
+    std::fs::write(
+        &allowed,
+        format!(
+            "name: c\nkey_file: {}\ntunnel: 127.0.0.1:3000\ntun: mpvpn3\ncontrol_socket: {}\nroutes: [{PEER_C_SUBNET}]\n",
+            v.lab.dir.join("c.key").display(),
+            c_control.display()
+        ),
+    )
+    .unwrap();
+    let c = v.lab.spawn(&ns, "mpvpn-c-allowed", &tests::bin("mpvpn"), &["peer", "-c", &allowed.display().to_string()]);
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while !v.status("b")["skipped_routes"].to_string().contains(PEER_C_SUBNET) {
+        assert!(std::time::Instant::now() < until, "b did not skip c's route: {}", v.status("b"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let b_routes = v.lab.sh(&v.peer_ns[1], "ip -4 route show");
+    assert!(!b_routes.contains(PEER_C_SUBNET), "{b_routes}");
+    assert!(v.lab.sh(&v.peer_ns[0], "ip -4 route show").contains(PEER_C_SUBNET), "a installs c's allowed route");
     assert!(v.lab.stop(c, libc::SIGTERM).success());
 
     // a peer set to another MTU than the hub announces stops with a clear error

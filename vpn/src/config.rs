@@ -92,6 +92,11 @@ pub struct PeerConfig {
     /// The local mpclient's listen address.
     #[serde(default = "default_tunnel")]
     pub tunnel: String,
+    /// The local mpclient's control socket (its `control_socket`): asked for the paths'
+    /// remote addresses, so that no route from another peer covers a bridge. Default:
+    /// mpclient's default control socket.
+    #[serde(default)]
+    pub tunnel_control: Option<PathBuf>,
     #[serde(default = "default_tun")]
     pub tun: String,
     /// Expect this TUN MTU; the hub's must match (default: take the hub's).

@@ -463,7 +463,7 @@ impl HubDriver {
 /// Addresses a route from another peer must not cover: the way out of this host (its
 /// default gateways) and the tunnel's own remote ends (an embedded client's paths), or
 /// the tunnel would be carried into itself.
-fn protected_addresses(tunnel: &PeerTunnel) -> Vec<Ipv4Addr> {
+fn protected_addresses(tunnel: &PeerTunnel, log: &Logger) -> Vec<Ipv4Addr> {
     let mut out: Vec<Ipv4Addr> = Command::new("ip")
         .args(["-4", "route", "show", "default"])
         .output()
@@ -472,12 +472,23 @@ fn protected_addresses(tunnel: &PeerTunnel) -> Vec<Ipv4Addr> {
         .lines()
         .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "via").nth(1)?.parse().ok())
         .collect();
-    if let PeerTunnel::Embedded(mp) = tunnel {
-        out.extend(mp.remotes().filter_map(|a| match a.ip() {
-            std::net::IpAddr::V4(v4) => Some(v4),
-            std::net::IpAddr::V6(_) => None,
-        }));
-    }
+    let remotes: Vec<SocketAddr> = match tunnel {
+        PeerTunnel::Embedded(mp) => mp.remotes().collect(),
+        // a separate mpclient says where its paths go
+        PeerTunnel::Udp { control, .. } => match common::driver::control::fetch::<common::stats::StatusReport>(control)
+        {
+            Ok(report) => report.remotes.iter().filter_map(|r| r.parse().ok()).collect(),
+            Err(e) => {
+                warn!(log, "cannot ask the local mpclient where its paths go: routes covering its bridges are not detected (set tunnel_control)";
+                    "control" => %control.display(), "error" => %e);
+                Vec::new()
+            }
+        },
+    };
+    out.extend(remotes.iter().filter_map(|a| match a.ip() {
+        std::net::IpAddr::V4(v4) => Some(v4),
+        std::net::IpAddr::V6(_) => None,
+    }));
     out
 }
 
@@ -494,8 +505,8 @@ fn route_hazard(r: &Prefix, protected: &[Ipv4Addr]) -> Option<String> {
 
 /// How a peer exchanges datagrams with the tunnel.
 enum PeerTunnel {
-    /// A separate mpclient at `tunnel`.
-    Udp(BatchSocket),
+    /// A separate mpclient at `tunnel`, with its control socket.
+    Udp { sock: BatchSocket, control: PathBuf },
     /// The multipath client runs in this process.
     Embedded(Box<mpclient::Multipath>),
 }
@@ -509,7 +520,7 @@ impl PeerTunnel {
     /// client. Returns how many datagrams could not be sent to mpclient.
     fn transmit(&mut self, core: &mut Peer, tx: &mut RecvBatch) -> usize {
         let room = match self {
-            Self::Udp(_) => NO_ROOM,
+            Self::Udp { .. } => NO_ROOM,
             Self::Embedded(_) => SEALING_ROOM,
         };
         let mut failed = 0;
@@ -517,7 +528,7 @@ impl PeerTunnel {
         // socket is connected
         while fill_batch(tx, room, |buf| core.poll_transmit(buf).map(|n| (EMBEDDED_APP, n))) {
             match self {
-                Self::Udp(s) => {
+                Self::Udp { sock: s, .. } => {
                     let all = common::driver::batch::all_of(tx);
                     failed += all.len() - s.send_batch(tx, all, None, None);
                 }
@@ -529,7 +540,7 @@ impl PeerTunnel {
 
     fn poll_timeout(&self) -> Option<Instant> {
         match self {
-            Self::Udp(_) => None,
+            Self::Udp { .. } => None,
             Self::Embedded(mp) => mp.poll_timeout(),
         }
     }
@@ -548,8 +559,10 @@ fn open_peer_tunnel(c: &PeerConfig, registry: &Registry, log: &Logger) -> Result
             let what = || format!("tunnel socket to {tunnel}");
             let mut sock = driver::udp_socket(driver::any_addr_for(tunnel), None, Some(tunnel)).context(what)?;
             registry.register(&mut sock, UDP, Interest::READABLE).context(what)?;
-            info!(log, "talking to mpclient"; "tunnel" => %tunnel);
-            Ok(PeerTunnel::Udp(sock))
+            let control =
+                c.tunnel_control.clone().unwrap_or_else(|| common::driver::control::default_control_path("mpclient"));
+            info!(log, "talking to mpclient"; "tunnel" => %tunnel, "its control socket" => %control.display());
+            Ok(PeerTunnel::Udp { sock, control })
         }
         Some(path) => {
             let cc = load_config(path, ClientConfig::parse)?;
@@ -628,7 +641,9 @@ impl Service for PeerDriver {
         let now = Instant::now();
         let pending = match (token, &mut *tunnel) {
             (TUN, _) => read_tun(dev, &mut bufs.tun_in, log, |p| core.handle_tun_packet(p)),
-            (UDP, PeerTunnel::Udp(sock)) => read_udp(sock, &mut bufs.rx, log, |_, d| core.handle_datagram(now, d)),
+            (UDP, PeerTunnel::Udp { sock, .. }) => {
+                read_udp(sock, &mut bufs.rx, log, |_, d| core.handle_datagram(now, d))
+            }
             (t, PeerTunnel::Embedded(mp)) if mp.owns(t) => {
                 mp.handle_ready(registry, t, &mut bufs.rx, |_, d| core.handle_datagram(now, d))
             }
@@ -709,7 +724,7 @@ impl PeerDriver {
                         }
                         installed.retain(|x| x != r);
                     }
-                    let protected = protected_addresses(tunnel);
+                    let protected = protected_addresses(tunnel, log);
                     for r in add {
                         // `add`, never `replace`: a route this peer did not install stays
                         let why = route_hazard(&r, &protected).map_or_else(
