@@ -333,6 +333,57 @@ mod tests {
         }
     }
 
+    /// Before, a message larger than the receiver's buffer stayed at the head of KCP's
+    /// queue forever and everything behind it waited: now it breaks the link (the peer
+    /// registers again).
+    #[test]
+    fn a_message_larger_than_the_receive_buffer_breaks_the_link() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (KcpLink::new(7, t0, 1438), KcpLink::new(7, t0, 1438));
+        a.send(&vec![1u8; 70_000]).unwrap();
+        a.send_ip(&[0x45; 40]).unwrap();
+        let mut buf = vec![0u8; 65536];
+        let mut now = t0;
+        for _ in 0..20 {
+            pump(&mut a, &mut b, now);
+            assert_eq!(b.recv(now, &mut buf), None);
+            now += Duration::from_millis(10);
+            a.handle_timeout(now);
+            b.handle_timeout(now);
+        }
+        assert!(b.is_broken());
+    }
+
+    /// A message whose last fragment never arrives (a hostile or broken sender) breaks
+    /// the link after `KCP_STALL_TIMEOUT` instead of blocking it forever.
+    #[test]
+    fn a_message_stuck_without_its_last_fragment_breaks_the_link() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (KcpLink::new(7, t0, 1438), KcpLink::new(7, t0, 1438));
+        a.send(&vec![2u8; 5000]).unwrap(); // four fragments
+        let mut buf = vec![0u8; 65536];
+        let mut d = [0u8; 2048];
+        let mut now = t0;
+        while now < t0 + KCP_STALL_TIMEOUT + Duration::from_secs(1) {
+            while let Some(n) = a.poll_transmit(&mut d) {
+                let seg = &d[field::kcp::SEGMENT..n];
+                // KCP header: conv u32, cmd u8, frg u8 (little-endian layout)
+                let last_fragment = seg.len() > KCP_HEADER_LEN && seg[5] == 0;
+                if !last_fragment {
+                    let _ = b.input(now, seg);
+                }
+            }
+            while let Some(n) = b.poll_transmit(&mut d) {
+                let _ = a.input(now, &d[field::kcp::SEGMENT..n]);
+            }
+            assert_eq!(b.recv(now, &mut buf), None);
+            now += Duration::from_millis(50);
+            a.handle_timeout(now);
+            b.handle_timeout(now);
+        }
+        assert!(b.is_broken());
+    }
+
     /// A bounded run of the fuzz harness on seeded random input (the real fuzzer is
     /// `cargo fuzz run hub_peer_input` in vpn/fuzz).
     #[test]
