@@ -158,6 +158,12 @@ impl Net {
     fn addr(&self, i: usize) -> Ipv4Addr {
         self.peers[i].core.addr()
     }
+
+    /// Every datagram peer `i` sent so far (what an attacker on its path captured).
+    fn sent_by(&self, i: usize) -> Vec<Vec<u8>> {
+        let from = self.peers[i].tunnel;
+        self.captured.iter().filter(|(f, _)| *f == from).map(|(_, d)| d.clone()).collect()
+    }
 }
 
 fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, len: usize, tag: u8) -> Vec<u8> {
@@ -376,8 +382,7 @@ fn replayed_traffic_changes_nothing() {
     let before = net.hub.status(net.now);
     let attacker: SocketAddr = "127.0.0.1:50000".parse().unwrap();
     let wall = net.wall_ms();
-    let captured: Vec<Vec<u8>> =
-        net.captured.iter().filter(|(from, _)| *from == net.peers[0].tunnel).map(|(_, d)| d.clone()).collect();
+    let captured = net.sent_by(0);
     assert!(captured.len() > 3, "a Register, heartbeats and KCP");
     for d in &captured {
         net.hub.handle_datagram(net.now, wall, attacker, d);
@@ -403,8 +408,7 @@ fn register_replayed_after_a_hub_restart_yields_nothing() {
     let (a, b) = (net.addr(0), net.addr(1));
     net.peers[0].core.handle_tun_packet(&ipv4(a, b, 100, 1));
     net.run_for(Duration::from_millis(100));
-    let captured: Vec<Vec<u8>> =
-        net.captured.iter().filter(|(from, _)| *from == net.peers[0].tunnel).map(|(_, d)| d.clone()).collect();
+    let captured = net.sent_by(0);
     net.hub = hub(777);
     let attacker: SocketAddr = "127.0.0.1:50000".parse().unwrap();
     let wall = net.wall_ms();
@@ -437,8 +441,7 @@ fn replayed_traffic_never_keeps_a_peer_alive() {
     let mut net = Net::new(&["a", "b"]);
     net.run_for(Duration::from_millis(500));
     let a_tunnel = net.peers[0].tunnel;
-    let captured: Vec<Vec<u8>> =
-        net.captured.iter().filter(|(from, _)| *from == a_tunnel).map(|(_, d)| d.clone()).collect();
+    let captured = net.sent_by(0);
     net.peers.remove(0);
     let mut replays = captured.iter().cycle();
     let end = net.now + DEFAULT_PEER_TIMEOUT + Duration::from_secs(1);
