@@ -81,7 +81,7 @@ impl ClientRuntime {
             paths,
             session_idle_timeout: Duration::from_secs(c.session_idle_timeout_secs),
             max_sessions: c.max_sessions,
-            control: c.control_socket.clone().unwrap_or_else(|| control::default_control_path("mpclient")),
+            control: c.control_socket.clone().unwrap_or_else(|| instance_control_path(file)),
             stats_interval: (c.stats_interval_secs > 0).then(|| Duration::from_secs(c.stats_interval_secs)),
         })
     }
@@ -106,10 +106,16 @@ impl ClientRuntime {
             paths,
             session_idle_timeout: common::client::DEFAULT_SESSION_IDLE_TIMEOUT,
             max_sessions: common::client::DEFAULT_MAX_SESSIONS,
-            control: control::default_control_path("mpclient"),
+            control: instance_control_path(file),
             stats_interval: Some(Duration::from_secs(DEFAULT_STATS_INTERVAL_SECS)),
         })
     }
+}
+
+/// The default control socket of the mpclient configured by `file` (YAML or bridges):
+/// `/run/mptunnel/mpclient-<file name>.sock`.
+fn instance_control_path(file: &str) -> std::path::PathBuf {
+    control::instance_control_path("mpclient", control::instance_of(std::path::Path::new(file)).as_deref())
 }
 
 fn path_socket(p: &PathSpec, bind: SocketAddr) -> std::io::Result<BatchSocket> {

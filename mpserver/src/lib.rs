@@ -78,7 +78,9 @@ impl ServerRuntime {
                 max_paths_per_session: c.max_paths_per_session,
                 session_timeout: Duration::from_secs(c.session_timeout_secs),
             },
-            control: c.control_socket.clone().unwrap_or_else(|| control::default_control_path("mpserver")),
+            control: c.control_socket.clone().unwrap_or_else(|| {
+                control::instance_control_path("mpserver", control::instance_of(std::path::Path::new(file)).as_deref())
+            }),
             stats_interval: (c.stats_interval_secs > 0).then(|| Duration::from_secs(c.stats_interval_secs)),
         })
     }

@@ -217,3 +217,67 @@ fn the_control_socket_is_owner_only_whatever_the_umask() {
     assert_eq!(mode, 0o600, "control socket mode {mode:o}");
     assert_clean_stop(&mut d, libc::SIGTERM, Some(&ctl));
 }
+
+/// Two mpclients on one host with nothing but their config files (no control flags, no
+/// control_socket): before, the second failed with "control socket in use". Now each
+/// has its instance's socket; `status NAME` asks one, `status` alone lists both, and a
+/// SIGHUP is not a stop for a daemon with nothing to reload.
+#[test]
+fn two_instances_on_one_host_need_no_flags() {
+    let dir = tmpdir("instances");
+    let key = write_key(&dir);
+    let tag = std::process::id();
+    let mut daemons = Vec::new();
+    let mut names = Vec::new();
+    for site in ["office", "home"] {
+        let name = format!("{site}{tag}");
+        let yaml = dir.join(format!("{name}.yaml"));
+        let listen = format!("127.0.0.1:{}", free_udp_port());
+        let remote = format!("127.0.0.1:{}", free_udp_port());
+        std::fs::write(&yaml, format!("listen: {listen}\nkey_file: {key}\npaths:\n  - remote: {remote}\n")).unwrap();
+        let mut d = Daemon::start("mpclient", &["-c", &yaml.display().to_string()], &dir);
+        d.wait_log("control");
+        daemons.push(d);
+        names.push(name);
+    }
+    let status = |args: &[&str]| {
+        let out = Command::new(bin("mpclient")).arg("status").args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    for (d, name) in daemons.iter_mut().zip(&names) {
+        let (ok, out) = status(&[name]);
+        assert!(ok && out.contains("mpclient on 127.0.0.1:"), "status {name}: {out}\n{}", d.log());
+    }
+    let (ok, listing) = status(&[]);
+    assert!(ok, "{listing}");
+    for name in &names {
+        assert!(listing.contains(name.as_str()), "`mpclient status` does not list {name}:\n{listing}");
+    }
+    let (_, json) = status(&["--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(v["instances"].as_array().is_some_and(|a| a.len() >= 2), "{json}");
+    // `status --watch` redraws until its reader goes: `| head` ends it quietly
+    let watch = format!("{} status {} --watch | head -3", bin("mpclient").display(), names[0]);
+    let mut w = Command::new("sh").args(["-c", &watch]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while w.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < until, "status --watch | head did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = w.wait_with_output().unwrap();
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).matches("mpclient on").count(), 2, "not redrawn: {out:?}");
+    // SIGHUP: logged, not fatal
+    // SAFETY: kill has no memory preconditions; the PID is our own child's.
+    unsafe { libc::kill(daemons[0].child.id() as libc::pid_t, libc::SIGHUP) };
+    daemons[0].wait_log("nothing to reload");
+    assert!(daemons[0].child.try_wait().unwrap().is_none(), "SIGHUP stopped it");
+    for d in &mut daemons {
+        assert!(d.stop(libc::SIGTERM).success());
+    }
+    let (ok, out) = status(&[&names[0]]);
+    assert!(!ok && out.contains("error"), "{out}");
+}

@@ -262,3 +262,65 @@ fn vpn_with_embedded_tunnel() {
     println!("embedded, 10% loss per path and direction: ping p50 {p50:.2} ms p99 {p99:.2} ms; TCP {mbit:.1} Mbit/s");
     assert_eq!(v.ping(0, "192.168.50.1", 10, "0.02", &[]).len(), 10);
 }
+
+/// Onboarding and reload, as an operator does it: `mpvpn hub add-peer` and `mpvpn
+/// reload` let a new peer join a running hub; taking it out of hub.yaml and reloading
+/// drops it; a broken hub.yaml is refused and the running config stays. a keeps
+/// pinging b throughout.
+#[test]
+fn hub_reload_adds_and_drops_peers_while_others_keep_pinging() {
+    let Some(_serial) = lab_or_skip() else { return };
+    let mut v = VpnLab::start("h", 0, false);
+    v.wait_peer_up("a", Duration::from_secs(20));
+    let b = v.wait_peer_up("b", Duration::from_secs(20));
+    let hub_yaml = v.lab.dir.join("hub.yaml");
+    let original = std::fs::read_to_string(&hub_yaml).unwrap();
+    let ns_a = v.peer_ns[0].clone();
+    let pinger = std::thread::spawn(move || tests::ping(&ns_a, &b.to_string(), 300, "0.05", &[]).len());
+    let mpvpn = |args: &[&str]| {
+        let out = std::process::Command::new(tests::bin("mpvpn")).args(args).output().unwrap();
+        assert!(out.status.success(), "mpvpn {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let hub_ctl = v.control_of("hub").display().to_string();
+    let hub_peers = |v: &VpnLab| -> Vec<String> {
+        v.status("hub")["peers"]
+            .as_array()
+            .map(|ps| ps.iter().filter_map(|p| p["name"].as_str().map(String::from)).collect())
+            .unwrap_or_default()
+    };
+
+    // a new peer d: added to hub.yaml (the others' entries and comments stay), reloaded, up
+    let peer_yaml = mpvpn(&["hub", "add-peer", "d", "-c", &hub_yaml.display().to_string()]);
+    let edited = std::fs::read_to_string(&hub_yaml).unwrap();
+    assert!(edited.starts_with(&original), "add-peer rewrote what was there:\n{edited}");
+    let d_yaml = v.lab.dir.join("peer-d.yaml");
+    let d_ctl = v.control_of("d");
+    let d_text = peer_yaml.replace("tun: mpvpn0", "tun: mpvpn4") + &format!("control_socket: {}\n", d_ctl.display());
+    std::fs::write(&d_yaml, d_text).unwrap();
+    mpvpn(&["reload", "--control", &hub_ctl]);
+    v.spawn_peer(0, "d", &d_yaml);
+    v.wait_peer_up("d", Duration::from_secs(20));
+    assert!(hub_peers(&v).contains(&"d".to_string()));
+
+    // a hub.yaml with an error is refused: everyone stays
+    std::fs::write(&hub_yaml, "network: [this is not a prefix\n").unwrap();
+    mpvpn(&["reload", "--control", &hub_ctl]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(hub_peers(&v).len(), 3, "a broken config changed the running hub");
+    assert!(v.lab.log_of(v.hub).contains("reload refused"), "{}", v.lab.log_of(v.hub));
+
+    // d taken out again: dropped at once, its routes and address withdrawn from the list
+    std::fs::write(&hub_yaml, &original).unwrap();
+    mpvpn(&["reload", "--control", &hub_ctl]);
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    while hub_peers(&v).contains(&"d".to_string()) {
+        assert!(std::time::Instant::now() < until, "d still listed after the reload");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let a_list = v.status("a")["peers"].to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!v.status("a")["peers"].to_string().contains("\"d\""), "a still lists d: {a_list}");
+    let answered = pinger.join().unwrap();
+    assert!(answered >= 299, "a's pings to b: {answered} of 300 answered across the reloads");
+}

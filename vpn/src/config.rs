@@ -93,8 +93,8 @@ pub struct PeerConfig {
     #[serde(default = "default_tunnel")]
     pub tunnel: String,
     /// The local mpclient's control socket (its `control_socket`): asked for the paths'
-    /// remote addresses, so that no route from another peer covers a bridge. Default:
-    /// mpclient's default control socket.
+    /// remote addresses, so that no route from another peer covers a bridge. Default: the
+    /// only mpclient running on this host.
     #[serde(default)]
     pub tunnel_control: Option<PathBuf>,
     #[serde(default = "default_tun")]

@@ -13,7 +13,7 @@ use crate::wire::PeerKey;
 use crate::{VpnError, TUNNEL_PAYLOAD, TUN_MTU};
 use common::config::{ClientConfig, ServerConfig};
 use common::driver::batch::{BatchSocket, RecvBatch};
-use common::driver::event_loop::{read_batches, EventLoop, Room, Service, NO_ROOM, READ_BUDGET};
+use common::driver::event_loop::{read_batches, EventLoop, Reload, Room, Service, NO_ROOM, READ_BUDGET};
 use common::driver::files::load_config;
 use common::driver::{self, wall_ms, IoContext};
 use common::entropy::OsEntropy;
@@ -42,6 +42,9 @@ const TICK: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct VpnStatus {
     pub role: String,
+    /// The daemon's process id (`mpvpn reload` signals it).
+    #[serde(default)]
+    pub pid: u32,
     pub name: String,
     pub tun: String,
     pub addr: Option<Ipv4Addr>,
@@ -321,11 +324,14 @@ struct HubDriver {
     bufs: IoBuffers,
     tun_name: String,
     hub_addr: Ipv4Addr,
+    /// hub.yaml, and the config read from it last (for reloads).
+    config_path: PathBuf,
+    config: HubConfig,
     log: Logger,
 }
 
-/// Runs the hub until SIGTERM/SIGINT or a fatal error.
-pub fn run_hub(c: HubConfig, control_path: PathBuf, log: &Logger) -> Result<(), VpnError> {
+/// The hub core's view of hub.yaml's `peers`, keys read.
+fn peer_specs(c: &HubConfig, log: &Logger) -> Result<Vec<PeerSpec>, VpnError> {
     let mut peers = Vec::new();
     for p in &c.peers {
         // validated by HubConfig::parse, which read every key
@@ -340,6 +346,13 @@ pub fn run_hub(c: HubConfig, control_path: PathBuf, log: &Logger) -> Result<(), 
             allowed_routes: p.routes.clone(),
         });
     }
+    Ok(peers)
+}
+
+/// Runs the hub (configured by `c`, read from `config_path`) until SIGTERM/SIGINT or a
+/// fatal error; SIGHUP re-reads `config_path`'s peers.
+pub fn run_hub(c: HubConfig, config_path: PathBuf, control_path: PathBuf, log: &Logger) -> Result<(), VpnError> {
+    let peers = peer_specs(&c, log)?;
     let hub_addr = c.hub_addr();
     let mtu = c.mtu.unwrap_or(TUN_MTU);
     let core = Hub::new(
@@ -362,7 +375,18 @@ pub fn run_hub(c: HubConfig, control_path: PathBuf, log: &Logger) -> Result<(), 
     let tunnel = open_hub_tunnel(&c, el.registry(), log)?;
     info!(log, "mpvpn hub up"; "tun" => &c.tun, "address" => %hub_addr, "network" => %c.network, "mtu" => mtu,
         "peers_configured" => c.peers.len(), "control" => %control_path.display());
-    let mut d = HubDriver { core, tunnel, dev, bufs: IoBuffers::new(), tun_name: c.tun, hub_addr, log: log.clone() };
+    let tun_name = c.tun.clone();
+    let mut d = HubDriver {
+        core,
+        tunnel,
+        dev,
+        bufs: IoBuffers::new(),
+        tun_name,
+        hub_addr,
+        config_path,
+        config: c,
+        log: log.clone(),
+    };
     el.run(&mut d)
 }
 
@@ -409,6 +433,42 @@ impl Service for HubDriver {
     fn stats_line(&self, now: Instant) -> String {
         self.status(now).summary_line()
     }
+
+    /// Re-reads hub.yaml: its peers take effect at once (see `Hub::reconfigure`); other
+    /// changed settings are named as needing a restart and keep their running values.
+    fn reload(&mut self, _: &Registry, now: Instant) -> Reload {
+        let c = match load_config(&self.config_path, HubConfig::parse) {
+            Ok(c) => c,
+            Err(e) => return Reload::Refused(e.to_string()),
+        };
+        let peers = match peer_specs(&c, &self.log) {
+            Ok(p) => p,
+            Err(e) => return Reload::Refused(e.to_string()),
+        };
+        let old = &self.config;
+        let restart: Vec<&str> = [
+            ("listen", old.listen != c.listen),
+            ("tun", old.tun != c.tun),
+            ("network", old.network != c.network),
+            ("address", old.address != c.address),
+            ("mtu", old.mtu != c.mtu),
+            ("peer_timeout_secs", old.peer_timeout_secs != c.peer_timeout_secs),
+            ("control_socket", old.control_socket != c.control_socket),
+            ("log_level", old.log_level != c.log_level),
+            ("embedded_server", old.embedded_server != c.embedded_server),
+        ]
+        .into_iter()
+        .filter_map(|(field, changed)| changed.then_some(field))
+        .collect();
+        if !restart.is_empty() {
+            warn!(self.log, "changed settings take effect after a restart; running with the old ones"; "fields" => restart.join(", "));
+        }
+        let changes = self.core.reconfigure(peers);
+        self.core.handle_timeout(now);
+        self.flush();
+        self.config.peers = c.peers;
+        Reload::Done(changes.to_string())
+    }
 }
 
 fn hub_status(core: &Hub, now: Instant, tun: &str, addr: Ipv4Addr) -> VpnStatus {
@@ -416,6 +476,7 @@ fn hub_status(core: &Hub, now: Instant, tun: &str, addr: Ipv4Addr) -> VpnStatus 
     let peers = core.status(now);
     VpnStatus {
         role: "hub".into(),
+        pid: std::process::id(),
         name: String::new(),
         tun: tun.into(),
         addr: Some(addr),
@@ -446,15 +507,14 @@ impl HubDriver {
                     info!(log, "peer up"; "name" => name, "address" => %addr, "tunnel" => %tunnel)
                 }
                 HubEvent::PeerMoved { name, tunnel } => info!(log, "peer moved"; "name" => name, "tunnel" => %tunnel),
-                HubEvent::PeerGone { name, addr } => {
-                    warn!(log, "peer gone (heartbeats stopped)"; "name" => name, "address" => %addr)
+                HubEvent::PeerGone { name, addr, why } => {
+                    warn!(log, "peer gone"; "name" => name, "address" => %addr, "why" => why)
                 }
                 HubEvent::Refused { name, reason } => warn!(log, "peer refused"; "name" => name, "reason" => ?reason),
                 HubEvent::RoutesRefused { name, routes } => {
                     let routes: Vec<String> = routes.iter().map(|(r, why)| format!("{r} ({why:?})")).collect();
                     warn!(log, "announced routes refused (not in hub.yaml's routes for this peer)"; "name" => name, "routes" => routes.join(", "))
                 }
-                HubEvent::LinkBroken { name } => warn!(log, "peer's KCP link broke; dropped"; "name" => name),
             }
         }
     }
@@ -475,12 +535,13 @@ fn protected_addresses(tunnel: &PeerTunnel, log: &Logger) -> Vec<Ipv4Addr> {
     let remotes: Vec<SocketAddr> = match tunnel {
         PeerTunnel::Embedded(mp) => mp.remotes().collect(),
         // a separate mpclient says where its paths go
-        PeerTunnel::Udp { control, .. } => match common::driver::control::fetch::<common::stats::StatusReport>(control)
-        {
+        PeerTunnel::Udp { control, .. } => match common::driver::control::fetch::<common::stats::StatusReport>(
+            &control.clone().unwrap_or_else(only_mpclient),
+        ) {
             Ok(report) => report.remotes.iter().filter_map(|r| r.parse().ok()).collect(),
             Err(e) => {
                 warn!(log, "cannot ask the local mpclient where its paths go: routes covering its bridges are not detected (set tunnel_control)";
-                    "control" => %control.display(), "error" => %e);
+                    "error" => %e);
                 Vec::new()
             }
         },
@@ -490,6 +551,16 @@ fn protected_addresses(tunnel: &PeerTunnel, log: &Logger) -> Vec<Ipv4Addr> {
         std::net::IpAddr::V6(_) => None,
     }));
     out
+}
+
+/// The control socket of the only mpclient running on this host (its default one when
+/// none or several run).
+fn only_mpclient() -> PathBuf {
+    use common::driver::control;
+    match control::running_instances("mpclient").as_slice() {
+        [(_, only)] => only.clone(),
+        _ => control::default_control_path("mpclient"),
+    }
 }
 
 /// Why `r` must not be installed, if it must not.
@@ -505,8 +576,9 @@ fn route_hazard(r: &Prefix, protected: &[Ipv4Addr]) -> Option<String> {
 
 /// How a peer exchanges datagrams with the tunnel.
 enum PeerTunnel {
-    /// A separate mpclient at `tunnel`, with its control socket.
-    Udp { sock: BatchSocket, control: PathBuf },
+    /// A separate mpclient at `tunnel`, with its control socket (`tunnel_control`; else
+    /// the only mpclient running).
+    Udp { sock: BatchSocket, control: Option<PathBuf> },
     /// The multipath client runs in this process.
     Embedded(Box<mpclient::Multipath>),
 }
@@ -559,10 +631,8 @@ fn open_peer_tunnel(c: &PeerConfig, registry: &Registry, log: &Logger) -> Result
             let what = || format!("tunnel socket to {tunnel}");
             let mut sock = driver::udp_socket(driver::any_addr_for(tunnel), None, Some(tunnel)).context(what)?;
             registry.register(&mut sock, UDP, Interest::READABLE).context(what)?;
-            let control =
-                c.tunnel_control.clone().unwrap_or_else(|| common::driver::control::default_control_path("mpclient"));
-            info!(log, "talking to mpclient"; "tunnel" => %tunnel, "its control socket" => %control.display());
-            Ok(PeerTunnel::Udp { sock, control })
+            info!(log, "talking to mpclient"; "tunnel" => %tunnel, "its control socket" => ?c.tunnel_control);
+            Ok(PeerTunnel::Udp { sock, control: c.tunnel_control.clone() })
         }
         Some(path) => {
             let cc = load_config(path, ClientConfig::parse)?;
@@ -678,6 +748,7 @@ impl Service for PeerDriver {
 fn peer_status(core: &Peer, now: Instant, name: &str, tun: &str, skipped: &[(Prefix, String)]) -> VpnStatus {
     VpnStatus {
         role: "peer".into(),
+        pid: std::process::id(),
         name: name.into(),
         tun: tun.into(),
         addr: core.is_up().then(|| core.addr()),

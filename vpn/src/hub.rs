@@ -79,6 +79,7 @@ pub enum HubEvent {
     PeerGone {
         name: String,
         addr: Ipv4Addr,
+        why: &'static str,
     },
     Refused {
         name: String,
@@ -88,9 +89,6 @@ pub enum HubEvent {
     RoutesRefused {
         name: String,
         routes: Vec<(Prefix, RouteRefusalReason)>,
-    },
-    LinkBroken {
-        name: String,
     },
 }
 
@@ -111,6 +109,22 @@ pub struct HubDrops {
     /// Announced routes refused by policy.
     #[serde(default)]
     pub route_refused: u64,
+}
+
+/// What `Hub::reconfigure` changed, by peer name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerConfigChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Another key, fixed address or route allowance.
+    pub changed: Vec<String>,
+}
+
+impl std::fmt::Display for PeerConfigChanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |v: &[String]| if v.is_empty() { "-".to_string() } else { v.join(",") };
+        write!(f, "peers added {}, removed {}, changed {}", list(&self.added), list(&self.removed), list(&self.changed))
+    }
 }
 
 /// Whether a peer allowed `allowed` may announce `route` in a VPN on `network`.
@@ -178,6 +192,8 @@ struct Pending {
     name: String,
     nonce: u64,
     addr: Ipv4Addr,
+    /// What the Register announced, and what of it hub.yaml allows.
+    announced: Vec<Prefix>,
     routes: Vec<Prefix>,
     /// The Welcome, resent as it was to every Register with the same nonce.
     welcome: Vec<u8>,
@@ -191,6 +207,7 @@ struct HubPeer {
     /// The Register nonce of this registration (its late copies are not new ones).
     nonce: u64,
     addr: Ipv4Addr,
+    announced: Vec<Prefix>,
     routes: Vec<Prefix>,
     tunnel: SocketAddr,
     channel: Channel,
@@ -324,6 +341,11 @@ impl Hub {
         let ki = self.keys[&reg.name];
         let net = self.cfg.network;
         let refusal = (reg.mtu != 0 && reg.mtu != self.cfg.mtu).then_some(RefusalReason::MtuMismatch);
+        // a peer asking for the address it had gets it back from a registration nobody has
+        // used yet (a replayed Register after a hub restart must not take it)
+        let before = self.pending.len();
+        self.pending.retain(|_, p| p.name == reg.name || p.addr != reg.want_addr);
+        self.drops.unconfirmed += (before - self.pending.len()) as u64;
         let addr = if refusal.is_none() { self.address_for(&reg.name, reg.want_addr) } else { None };
         let Some(addr) = addr else {
             let reason = refusal.unwrap_or(RefusalReason::PoolExhausted);
@@ -338,10 +360,10 @@ impl Hub {
         // Welcome tells the peer which were refused and why
         let mut routes = Vec::new();
         let mut refused = Vec::new();
-        for r in reg.routes {
-            match route_verdict(&self.cfg.peers[ki].allowed_routes, net, &r) {
-                Ok(()) => routes.push(r),
-                Err(reason) => refused.push((r, reason)),
+        for r in &reg.routes {
+            match route_verdict(&self.cfg.peers[ki].allowed_routes, net, r) {
+                Ok(()) => routes.push(*r),
+                Err(reason) => refused.push((*r, reason)),
             }
         }
         let private = self.entropy.x25519_key();
@@ -372,8 +394,19 @@ impl Hub {
         let before = self.pending.len();
         self.pending.retain(|_, p| p.name != reg.name);
         self.drops.unconfirmed += (before - self.pending.len()) as u64;
-        self.pending
-            .insert(id, Pending { name: reg.name, nonce: reg.nonce, addr, routes, welcome, channel, since: now });
+        self.pending.insert(
+            id,
+            Pending {
+                name: reg.name,
+                nonce: reg.nonce,
+                addr,
+                announced: reg.routes,
+                routes,
+                welcome,
+                channel,
+                since: now,
+            },
+        );
     }
 
     /// A sealed datagram: opened under the channel its peer id names, then dispatched.
@@ -425,6 +458,7 @@ impl Hub {
                 name: p.name.clone(),
                 nonce: p.nonce,
                 addr: p.addr,
+                announced: p.announced,
                 routes: p.routes,
                 tunnel: UNBOUND,
                 channel: p.channel,
@@ -482,8 +516,7 @@ impl Hub {
         match p.link.input(now, segment) {
             Ok(()) => {}
             Err(LinkError::Broken) => {
-                self.events.push_back(HubEvent::LinkBroken { name: p.name.clone() });
-                self.remove_peer(id);
+                self.remove_peer(id, "its KCP link broke");
                 return;
             }
             Err(_) => {
@@ -506,9 +539,60 @@ impl Hub {
         }
         self.inner_buf = inner;
         if self.peers.get(&id).is_some_and(|p| p.link.is_broken()) {
-            self.events.push_back(HubEvent::LinkBroken { name: self.peers[&id].name.clone() });
-            self.remove_peer(id);
+            self.remove_peer(id, "its KCP link broke");
         }
+    }
+
+    /// hub.yaml's peers were read again. Newly listed peers may register; a peer no
+    /// longer listed, or whose key or fixed address changed, is dropped (its routes are
+    /// withdrawn; a changed one registers again by itself); a peer whose allowance
+    /// changed keeps what it announced that is now allowed. Nobody else is disturbed.
+    pub fn reconfigure(&mut self, peers: Vec<PeerSpec>) -> PeerConfigChanges {
+        let mut changes = PeerConfigChanges::default();
+        let old = std::mem::take(&mut self.cfg.peers);
+        let spec_of = |name: &str| peers.iter().find(|s| s.name == name);
+        for s in &peers {
+            match old.iter().find(|o| o.name == s.name) {
+                None => changes.added.push(s.name.clone()),
+                Some(o) if !o.key.same_key(&s.key) || o.fixed_addr != s.fixed_addr => {
+                    changes.changed.push(s.name.clone())
+                }
+                Some(o) if o.allowed_routes != s.allowed_routes => changes.changed.push(s.name.clone()),
+                Some(_) => {}
+            }
+        }
+        changes.removed = old.iter().filter(|o| spec_of(&o.name).is_none()).map(|o| o.name.clone()).collect();
+        // who must register again: gone from the config, another key, another fixed address
+        let must_leave = |name: &str, addr: Ipv4Addr| match spec_of(name) {
+            None => true,
+            Some(s) => {
+                let o = old.iter().find(|o| o.name == name);
+                o.is_none_or(|o| !o.key.same_key(&s.key)) || s.fixed_addr.is_some_and(|f| f != addr)
+            }
+        };
+        let leaving: Vec<u32> = self.peers.values().filter(|p| must_leave(&p.name, p.addr)).map(|p| p.id).collect();
+        self.pending.retain(|_, p| !must_leave(&p.name, p.addr));
+        let net = self.cfg.network;
+        let mut list_changed = false;
+        for p in self.peers.values_mut() {
+            let Some(s) = spec_of(&p.name) else { continue };
+            let routes: Vec<Prefix> =
+                p.announced.iter().copied().filter(|r| route_verdict(&s.allowed_routes, net, r).is_ok()).collect();
+            if routes != p.routes {
+                p.routes = routes;
+                list_changed = true;
+            }
+        }
+        self.assigned.retain(|name, _| spec_of(name).is_some());
+        self.keys = peers.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+        self.cfg.peers = peers;
+        for id in leaving {
+            self.remove_peer(id, "hub.yaml changed: no longer listed, or another key or address");
+        }
+        if list_changed {
+            self.push_peer_list();
+        }
+        changes
     }
 
     /// The peer whose address or announced route covers `dst` (longest prefix wins).
@@ -612,9 +696,9 @@ impl Hub {
         self.list_pending = incomplete;
     }
 
-    fn remove_peer(&mut self, id: u32) {
+    fn remove_peer(&mut self, id: u32, why: &'static str) {
         if let Some(p) = self.peers.remove(&id) {
-            self.events.push_back(HubEvent::PeerGone { name: p.name, addr: p.addr });
+            self.events.push_back(HubEvent::PeerGone { name: p.name, addr: p.addr, why });
             self.push_peer_list();
         }
     }
@@ -662,12 +746,14 @@ impl Hub {
         let mut gone = Vec::new();
         for p in self.peers.values_mut() {
             p.link.handle_timeout(now);
-            if now.saturating_duration_since(p.last_seen) >= self.cfg.peer_timeout || p.link.is_broken() {
-                gone.push(p.id);
+            if p.link.is_broken() {
+                gone.push((p.id, "its KCP link broke"));
+            } else if now.saturating_duration_since(p.last_seen) >= self.cfg.peer_timeout {
+                gone.push((p.id, "nothing authenticated from it within the peer timeout"));
             }
         }
-        for id in gone {
-            self.remove_peer(id);
+        for (id, why) in gone {
+            self.remove_peer(id, why);
         }
         let before = self.pending.len();
         let timeout = self.cfg.peer_timeout;

@@ -10,6 +10,7 @@ pub mod driver;
 pub mod hub;
 pub mod ip;
 pub mod kcplink;
+pub mod onboard;
 pub mod peer;
 pub mod queue;
 pub mod wire;

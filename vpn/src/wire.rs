@@ -192,6 +192,11 @@ impl PeerKey {
         Self(hmac::Key::new(hmac::HMAC_SHA256, bytes))
     }
 
+    /// Whether `other` is the same key (compared through a value derived from both).
+    pub fn same_key(&self, other: &PeerKey) -> bool {
+        self.channel_salt().as_ref() == other.channel_salt().as_ref()
+    }
+
     /// The HKDF salt of this peer's channel keys: derived from the key, never the key.
     pub fn channel_salt(&self) -> hmac::Tag {
         self.tag(&[b"mpvpn v1 channel salt"])

@@ -28,15 +28,149 @@ pub const CONTROL_OUTPUT_MAX: usize = 8 << 20;
 /// How long `status` waits for the daemon's report.
 const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `/run/mptunnel/<role>.sock` for root, `/tmp/mptunnel-<uid>/<role>.sock` otherwise.
-pub fn default_control_path(role: &str) -> PathBuf {
+/// Where default control sockets live: `/run/mptunnel` for root, `/tmp/mptunnel-<uid>`
+/// otherwise.
+pub fn control_dir() -> PathBuf {
     // SAFETY: getuid has no preconditions and cannot fail.
     let uid = unsafe { libc::getuid() };
     if uid == 0 {
-        PathBuf::from(format!("/run/mptunnel/{role}.sock"))
+        PathBuf::from("/run/mptunnel")
     } else {
-        PathBuf::from(format!("/tmp/mptunnel-{uid}/{role}.sock"))
+        PathBuf::from(format!("/tmp/mptunnel-{uid}"))
     }
+}
+
+/// `<control_dir>/<program>.sock`: the default of a daemon started without a config file.
+pub fn default_control_path(program: &str) -> PathBuf {
+    instance_control_path(program, None)
+}
+
+/// `<control_dir>/<program>-<instance>.sock`, or `<program>.sock` without an instance.
+pub fn instance_control_path(program: &str, instance: Option<&str>) -> PathBuf {
+    match instance {
+        Some(i) => control_dir().join(format!("{program}-{i}.sock")),
+        None => control_dir().join(format!("{program}.sock")),
+    }
+}
+
+/// The instance a config file makes: its name without the extension
+/// (`/etc/mptunnel/office.yaml` is `office`), so that several daemons of one program run
+/// side by side with nothing more than their config files.
+pub fn instance_of(config: &Path) -> Option<String> {
+    let stem = config.file_stem()?.to_str()?;
+    (!stem.is_empty() && stem.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c)))
+        .then(|| stem.to_string())
+}
+
+/// The running instances of `program` in `control_dir()`: every socket there named after
+/// it that a daemon answers on, by instance name ("" for the one without an instance).
+pub fn running_instances(program: &str) -> Vec<(String, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(control_dir()) else { return Vec::new() };
+    let mut out: Vec<(String, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let stem = name.strip_suffix(".sock")?;
+            let instance = if stem == program { "" } else { stem.strip_prefix(program)?.strip_prefix('-')? };
+            Some((instance.to_string(), e.path()))
+        })
+        .filter(|(_, path)| std::os::unix::net::UnixStream::connect(path).is_ok())
+        .collect();
+    out.sort();
+    out
+}
+
+/// The control socket a command means: `control`, else the named instance's, else the
+/// only running instance's (or the default one when none runs); `Err` with the list
+/// when several run and none was named.
+pub fn which_instance(
+    program: &str,
+    instance: Option<&str>,
+    control: Option<&Path>,
+) -> Result<PathBuf, Vec<(String, PathBuf)>> {
+    match (control, instance) {
+        (Some(p), _) => Ok(p.to_owned()),
+        (None, Some(name)) => Ok(instance_control_path(program, Some(name))),
+        (None, None) => {
+            let mut running = running_instances(program);
+            match running.len() {
+                0 => Ok(default_control_path(program)),
+                1 => Ok(running.remove(0).1),
+                _ => Err(running),
+            }
+        }
+    }
+}
+
+/// What `status` asks for.
+pub struct StatusRequest {
+    /// An instance name (`status office`).
+    pub instance: Option<String>,
+    /// An explicit socket (`--control`); wins over the name.
+    pub control: Option<PathBuf>,
+    pub json: bool,
+    /// Redraw every second until interrupted.
+    pub watch: bool,
+}
+
+/// How often `status --watch` redraws.
+pub const STATUS_WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The `status` subcommand of `program`: the named instance, the only running one, or
+/// (when several run) the list of them; as a table (`to_table`) or JSON, once or, with
+/// `watch`, every second: redrawn in place on a terminal, appended otherwise.
+pub fn run_status<T: serde::de::DeserializeOwned + serde::Serialize>(
+    program: &str,
+    req: &StatusRequest,
+    to_table: impl Fn(&T) -> String,
+) -> Result<(), DriverError> {
+    use std::io::IsTerminal;
+    let path = match which_instance(program, req.instance.as_deref(), req.control.as_deref()) {
+        Ok(path) => path,
+        Err(several) => return print_instances(program, &several, req.json),
+    };
+    if req.instance.is_none() && req.control.is_none() && !path.exists() {
+        return Err(DriverError::NoInstance { program: program.into(), dir: control_dir() });
+    }
+    let terminal = std::io::stdout().is_terminal();
+    loop {
+        let report: T = fetch(&path)?;
+        let mut text = if req.json {
+            serde_json::to_string_pretty(&report).map_err(DriverError::BadStatus)? + "\n"
+        } else {
+            to_table(&report)
+        };
+        if !req.watch {
+            return super::print_stdout(&text);
+        }
+        if terminal {
+            // home and clear, as `watch` does
+            text.insert_str(0, "\x1b[H\x1b[2J");
+        } else {
+            text.push('\n');
+        }
+        if !super::write_stdout(&text)? {
+            return Ok(()); // the reader went away (`| head`)
+        }
+        std::thread::sleep(STATUS_WATCH_INTERVAL);
+    }
+}
+
+fn print_instances(program: &str, instances: &[(String, PathBuf)], json: bool) -> Result<(), DriverError> {
+    let label = |i: &str| if i.is_empty() { "(default)".to_string() } else { i.to_string() };
+    if json {
+        let list: Vec<serde_json::Value> = instances
+            .iter()
+            .map(|(i, p)| serde_json::json!({ "instance": i, "control": p.display().to_string() }))
+            .collect();
+        let v = serde_json::json!({ "instances": list });
+        return super::print_stdout(&(serde_json::to_string_pretty(&v).map_err(DriverError::BadStatus)? + "\n"));
+    }
+    let mut s = format!("{} {program} instances are running; `{program} status NAME` shows one:\n", instances.len());
+    for (i, p) in instances {
+        s.push_str(&format!("  {:<16} {}\n", label(i), p.display()));
+    }
+    super::print_stdout(&s)
 }
 
 /// Why a directory must not hold our control socket: someone else could replace or
@@ -232,21 +366,6 @@ pub fn fetch<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, DriverErr
     let mut body = Vec::new();
     s.read_to_end(&mut body).context(|| "reading status".into())?;
     serde_json::from_slice(&body).map_err(DriverError::BadStatus)
-}
-
-/// The `status` subcommand: fetch the daemon's report and print it as JSON, or as the
-/// table `to_table` makes of it.
-pub fn print_status<T: serde::de::DeserializeOwned + serde::Serialize>(
-    path: &Path,
-    json: bool,
-    to_table: impl FnOnce(&T) -> String,
-) -> Result<(), DriverError> {
-    let report: T = fetch(path)?;
-    if json {
-        super::print_stdout(&(serde_json::to_string_pretty(&report).map_err(DriverError::BadStatus)? + "\n"))
-    } else {
-        super::print_stdout(&to_table(&report))
-    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use super::batch::{RecvBatch, BATCH};
 use super::control::ControlServer;
 use super::{is_transient, DriverError, IoContext};
 use mio::{Events, Interest, Poll, Registry, Token};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slog::{info, warn, Logger};
 use std::collections::VecDeque;
@@ -56,6 +56,23 @@ pub trait Service {
 
     /// One line for the periodic and the final stats log entry.
     fn stats_line(&self, now: Instant) -> String;
+
+    /// SIGHUP: re-read the configuration. One whose new config has an error keeps running
+    /// as it was; the loop logs the outcome.
+    fn reload(&mut self, _registry: &Registry, _now: Instant) -> Reload {
+        Reload::Unsupported
+    }
+}
+
+/// What a SIGHUP did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reload {
+    /// This daemon re-reads nothing.
+    Unsupported,
+    /// The new config is in effect; what changed.
+    Done(String),
+    /// The new config was refused (why); the running one stays.
+    Refused(String),
 }
 
 /// The loop: readiness, signals, the control socket, the stats tick.
@@ -68,10 +85,10 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    /// Sets up polling and catches SIGTERM and SIGINT from now on.
+    /// Sets up polling and catches SIGTERM, SIGINT and SIGHUP from now on.
     pub fn new(log: Logger) -> Result<Self, DriverError> {
         let io = Readiness::new()?;
-        let mut signals = Signals::new([SIGTERM, SIGINT]).context(|| "signal handlers".into())?;
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).context(|| "signal handlers".into())?;
         io.poll.registry().register(&mut signals, SIGNAL, Interest::READABLE).context(|| "signal handlers".into())?;
         Ok(Self { io, signals, control: None, stats_interval: None, log })
     }
@@ -99,12 +116,16 @@ impl EventLoop {
             let control_due = self.control.as_ref().and_then(ControlServer::poll_timeout);
             let deadline = [service.poll_timeout(), next_stats, control_due].into_iter().flatten().min();
             self.io.wait(deadline)?;
-            let mut stop = None;
+            let (mut stop, mut reload) = (None, false);
             while let Some(token) = self.io.next_ready() {
                 match token {
                     SIGNAL => {
                         for signal in self.signals.pending() {
-                            stop = Some(signal);
+                            if signal == SIGHUP {
+                                reload = true;
+                            } else {
+                                stop = Some(signal);
+                            }
                         }
                     }
                     Token(t) if t >= RESERVED_TOKENS => {
@@ -129,6 +150,13 @@ impl EventLoop {
                 let name = if signal == SIGTERM { "SIGTERM" } else { "SIGINT" };
                 info!(self.log, "stopping"; "signal" => name, "stats" => service.stats_line(now));
                 return Ok(());
+            }
+            if reload {
+                match service.reload(self.io.poll.registry(), now) {
+                    Reload::Unsupported => info!(self.log, "SIGHUP: this daemon has nothing to reload"),
+                    Reload::Done(what) => info!(self.log, "reloaded"; "changes" => what),
+                    Reload::Refused(why) => warn!(self.log, "reload refused; the running config stays"; "error" => why),
+                }
             }
             service.handle_timeout(self.io.poll.registry(), now)?;
             if let Some(c) = self.control.as_mut() {

@@ -51,6 +51,8 @@ pub enum DriverError {
         #[source]
         source: std::io::Error,
     },
+    #[error("no {program} is running (no control socket of one in {}); pass NAME or --control PATH", .dir.display())]
+    NoInstance { program: String, dir: PathBuf },
     #[error("bad status from the daemon: {0}")]
     BadStatus(#[source] serde_json::Error),
 }
@@ -69,13 +71,17 @@ impl<T> IoContext<T> for std::io::Result<T> {
 /// Writes `text` to stdout. A closed pipe (`status | head -3`) is not an error: the
 /// reader has what it wanted, so the command ends quietly, as every Unix tool does.
 pub fn print_stdout(text: &str) -> Result<(), DriverError> {
+    write_stdout(text).map(|_| ())
+}
+
+/// `print_stdout` that tells whether the reader is still there (false: the pipe closed).
+pub fn write_stdout(text: &str) -> Result<bool, DriverError> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(DriverError::Io { what: "stdout".into(), source: e })
-        }
-        _ => Ok(()),
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(DriverError::Io { what: "stdout".into(), source: e }),
     }
 }
 
@@ -266,7 +272,7 @@ pub struct DaemonArgs {
     #[arg(long, env = "MPT_KEY_FILE", value_name = "FILE")]
     pub key_file: Option<PathBuf>,
     /// Control socket for `status` [default: the config's control_socket, else
-    /// /run/mptunnel/<program>.sock].
+    /// /run/mptunnel/<program>-<config file name>.sock].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
     /// error, warn, info, debug or trace [default: info, or the config's].
@@ -301,12 +307,19 @@ impl DaemonArgs {
 pub enum DaemonCommand {
     /// Print a new random key, or write it to FILE (mode 600).
     Genkey { file: Option<std::path::PathBuf> },
-    /// Show sessions and paths of the running daemon.
+    /// Show sessions and paths of a running daemon: the instance NAME (started with
+    /// `-c .../NAME.yaml`), else the only one running, else the list of them.
     Status {
+        /// The instance: its config file's name without `.yaml`.
+        #[arg(value_name = "NAME")]
+        instance: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// The daemon's control socket [default: /run/mptunnel/<program>.sock].
+        /// Redraw every second (plain output, appended, when not on a terminal).
+        #[arg(long)]
+        watch: bool,
+        /// The daemon's control socket [default: /run/mptunnel/<program>-NAME.sock].
         #[arg(long, value_name = "PATH")]
         control: Option<std::path::PathBuf>,
     },
@@ -317,9 +330,9 @@ impl DaemonCommand {
     pub fn run(self, program: &str) -> ! {
         let result = match self {
             Self::Genkey { file } => genkey(file.as_deref()),
-            Self::Status { json, control: path } => {
-                let path = path.unwrap_or_else(|| control::default_control_path(program));
-                control::print_status(&path, json, crate::stats::StatusReport::to_table)
+            Self::Status { instance, json, watch, control } => {
+                let req = control::StatusRequest { instance, control, json, watch };
+                control::run_status(program, &req, crate::stats::StatusReport::to_table)
             }
         };
         match result {
@@ -351,6 +364,17 @@ pub fn run_daemon<E: std::fmt::Display>(
     match result {
         Ok(()) => std::process::exit(0),
         Err(e) => exit_with_error(program, &e.to_string()),
+    }
+}
+
+/// Sends SIGHUP (re-read the configuration) to process `pid`.
+pub fn send_sighup(pid: u32) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: kill has no memory preconditions; a bad pid is an error return.
+    if pid > 0 && unsafe { libc::kill(pid, libc::SIGHUP) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
