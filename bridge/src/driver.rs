@@ -4,6 +4,7 @@
 use crate::{FlowEntry, FlowSlot, FlowTable, Hop, Impairment, LabLine, Verdict};
 use common::driver::batch::{self, BatchSocket, RecvBatch, BATCH};
 use common::driver::event_loop::{read_batches, EventLoop, Service, NO_ROOM};
+use common::driver::metrics::Metrics;
 use common::driver::{self, DriverError, IoContext, RateLimitedLog, SlotSockets};
 use mio::{Interest, Registry, Token};
 use slog::{debug, info, trace, warn, Logger};
@@ -26,6 +27,8 @@ pub struct BridgeRuntime {
     pub to: SocketAddr,
     pub idle_timeout: Duration,
     pub max_flows: usize,
+    /// Where `GET /metrics` is served, if anywhere.
+    pub metrics: Option<SocketAddr>,
     pub lab: Impairment,
 }
 
@@ -64,6 +67,7 @@ struct Relay {
 pub fn run(rt: BridgeRuntime, log: &Logger) -> Result<(), DriverError> {
     let mut el = EventLoop::new(log.clone())?;
     el.log_stats_every(Some(STATS_INTERVAL));
+    el.serve_metrics(rt.metrics)?;
     let what = || format!("listen {}", rt.listen);
     let mut listen = driver::udp_socket(rt.listen, None, None).context(what)?;
     el.registry().register(&mut listen, LISTEN, Interest::READABLE).context(what)?;
@@ -139,6 +143,27 @@ impl Service for Driver {
 
     fn stats_line(&self, _: Instant) -> String {
         self.relay.stats_line()
+    }
+
+    fn metrics(&self, _: Instant, m: &mut Metrics) {
+        let r = &self.relay;
+        let none = || Vec::new();
+        m.gauge("bridge_flows", "Client flows relayed now", None, [(none(), r.table.len() as f64)]);
+        m.counter("bridge_forwarded", "Datagrams relayed, both ways", None, [(none(), r.forwarded)]);
+        let events = [
+            ("refused", r.refused_flows),
+            ("evicted", r.evicted_flows),
+            ("socket_failure", r.socket_failures),
+            ("send_error", r.send_errors),
+            ("lab_dropped", r.lab.as_ref().map_or(0, |l| l.dropped)),
+        ];
+        let samples = events.map(|(what, n)| (vec![("event".to_string(), what.to_string())], n));
+        m.counter(
+            "bridge_flow_events",
+            "Flows refused or evicted, sockets that failed, sends that failed",
+            None,
+            samples,
+        );
     }
 }
 

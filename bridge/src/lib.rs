@@ -10,6 +10,58 @@
 
 pub mod driver;
 
+/// `mpbridge -c bridge.yaml`: the same settings as the flags (lab impairment stays a
+/// command-line-only matter).
+#[derive(Debug, Clone, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeConfig {
+    /// Where clients send to (`ip:port`).
+    pub listen: SocketAddr,
+    /// Where to relay to (`host:port`).
+    pub to: String,
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+    #[serde(default = "default_max_flows")]
+    pub max_flows: usize,
+    /// `ip:port` to serve Prometheus metrics on (`GET /metrics`); none by default.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+fn default_idle_timeout_secs() -> u64 {
+    DEFAULT_IDLE_TIMEOUT.as_secs()
+}
+
+fn default_max_flows() -> usize {
+    DEFAULT_MAX_FLOWS
+}
+
+fn default_log_level() -> String {
+    common::config::DEFAULT_LOG_LEVEL.into()
+}
+
+impl BridgeConfig {
+    pub fn parse(file: &str, text: &str) -> Result<Self, common::config::ConfigError> {
+        use common::config::ConfigError;
+        let c: Self = common::config::from_yaml(file, text)?;
+        let field = |f: &str, m: &str| {
+            Err(ConfigError { line: common::config::line_of(text, f), ..ConfigError::field(file, f, m.to_string()) })
+        };
+        if c.idle_timeout_secs == 0 {
+            return field("idle_timeout_secs", "must be > 0");
+        }
+        if c.max_flows == 0 {
+            return field("max_flows", "must be > 0");
+        }
+        if !common::config::validate_log_level(&c.log_level) {
+            return field("log_level", "is not one of error, warn, info, debug, trace");
+        }
+        Ok(c)
+    }
+}
+
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;

@@ -75,3 +75,20 @@ fn relays_both_ways_with_lab_delay() {
     assert_eq!(got, 200, "every reply came back through the relay");
     assert!(elapsed >= Duration::from_millis(40), "20 ms each way: {elapsed:?}");
 }
+
+/// conf/bridge.yaml parses; a bad field is a one-line error naming it and its line;
+/// `-c` and the flags do not mix.
+#[test]
+fn yaml_config_parses_and_errors_name_the_field() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/bridge.yaml");
+    let text = std::fs::read_to_string(example).unwrap();
+    let c = bridge::BridgeConfig::parse(example, &text).unwrap();
+    assert_eq!((c.max_flows, c.idle_timeout_secs), (4096, 120));
+    let bad = "listen: 0.0.0.0:4000\nto: 127.0.0.1:9\nmax_flows: 0\n";
+    let e = bridge::BridgeConfig::parse("b.yaml", bad).unwrap_err().to_string();
+    assert!(e.contains("max_flows") && e.contains("b.yaml:3"), "{e}");
+    let unknown = bridge::BridgeConfig::parse("b.yaml", "listen: 0.0.0.0:4000\nto: x:1\nfoo: 1\n");
+    assert!(unknown.unwrap_err().to_string().contains("foo"));
+    let out = mpbridge().args(["-c", example, "--listen", "127.0.0.1:0"]).output().unwrap();
+    assert!(!out.status.success());
+}

@@ -158,6 +158,9 @@ pub struct ClientConfig {
     pub max_sessions: usize,
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
+    /// `ip:port` to serve Prometheus metrics on (`GET /metrics`); none by default.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     #[serde(default = "default_log_level")]
     pub log_level: String,
     /// Seconds between one-line stats logs; 0 = off.
@@ -189,6 +192,9 @@ pub struct ServerConfig {
     pub session_timeout_secs: u64,
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
+    /// `ip:port` to serve Prometheus metrics on (`GET /metrics`); none by default.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     #[serde(default = "default_log_level")]
     pub log_level: String,
     #[serde(default = "default_stats_interval")]

@@ -108,23 +108,41 @@ impl DropCounters {
             + self.unexpected
     }
 
-    fn compact(&self) -> String {
-        let pairs = [
-            ("dup", self.duplicate),
+    /// Every counter with its reason's name (as in the JSON), zeros included.
+    pub fn by_reason(&self) -> impl Iterator<Item = (&'static str, u64)> {
+        [
+            ("duplicate", self.duplicate),
             ("malformed", self.malformed),
-            ("unknown-session", self.unknown_session),
-            ("bad-mac", self.bad_mac),
-            ("auth", self.auth_failed),
-            ("old", self.too_old),
-            ("queue", self.queue_full),
-            ("no-path", self.no_path),
-            ("no-path-slot", self.no_path_slot),
+            ("unknown_session", self.unknown_session),
+            ("bad_mac", self.bad_mac),
+            ("auth_failed", self.auth_failed),
+            ("too_old", self.too_old),
+            ("queue_full", self.queue_full),
+            ("no_path", self.no_path),
+            ("no_path_slot", self.no_path_slot),
             ("refused", self.refused),
-            ("replayed-init", self.replayed_init),
-            ("rate-limited", self.rate_limited),
+            ("replayed_init", self.replayed_init),
+            ("rate_limited", self.rate_limited),
             ("unexpected", self.unexpected),
-        ];
-        let parts: Vec<String> = pairs.iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+        ]
+        .into_iter()
+    }
+
+    fn compact(&self) -> String {
+        let short = |k: &'static str| -> &'static str {
+            match k {
+                "duplicate" => "dup",
+                "auth_failed" => "auth",
+                "too_old" => "old",
+                "queue_full" => "queue",
+                other => other,
+            }
+        };
+        let parts: Vec<String> = self
+            .by_reason()
+            .filter(|(_, v)| *v > 0)
+            .map(|(k, v)| format!("{}={v}", short(k).replace('_', "-")))
+            .collect();
         if parts.is_empty() {
             "-".into()
         } else {
@@ -158,6 +176,20 @@ pub enum PathState {
     Unvalidated,
 }
 
+impl PathState {
+    pub const ALL: [PathState; 4] = [Self::Probing, Self::Up, Self::Down, Self::Unvalidated];
+
+    /// As in the JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Probing => "probing",
+            Self::Up => "up",
+            Self::Down => "down",
+            Self::Unvalidated => "unvalidated",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PathStatus {
     pub name: String,
@@ -185,14 +217,23 @@ pub enum SessionState {
     Refused,
 }
 
-impl std::fmt::Display for SessionState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl SessionState {
+    pub const ALL: [SessionState; 4] = [Self::Handshaking, Self::HalfOpen, Self::Established, Self::Refused];
+
+    /// As `status` shows it.
+    pub fn name(self) -> &'static str {
+        match self {
             Self::Handshaking => "handshaking",
             Self::HalfOpen => "half-open",
             Self::Established => "established",
             Self::Refused => "refused",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for SessionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 

@@ -10,6 +10,7 @@ use common::crypto::{Cipher, Psk};
 use common::driver::address_watch::AddressWatch;
 use common::driver::batch::{BatchSocket, RecvBatch, BATCH};
 use common::driver::event_loop::{read_batches, EventLoop, Room, Service, NO_ROOM};
+use common::driver::metrics::Metrics;
 use common::driver::{self, control, DriverError, IoContext};
 use common::entropy::OsEntropy;
 use common::stats::StatusReport;
@@ -46,6 +47,8 @@ pub struct ClientRuntime {
     pub session_idle_timeout: Duration,
     pub max_sessions: usize,
     pub control: PathBuf,
+    /// Where `GET /metrics` is served (`metrics_listen`), if anywhere.
+    pub metrics: Option<SocketAddr>,
     pub stats_interval: Option<Duration>,
 }
 
@@ -82,6 +85,7 @@ impl ClientRuntime {
             session_idle_timeout: Duration::from_secs(c.session_idle_timeout_secs),
             max_sessions: c.max_sessions,
             control: c.control_socket.clone().unwrap_or_else(|| instance_control_path(file)),
+            metrics: c.metrics_listen,
             stats_interval: (c.stats_interval_secs > 0).then(|| Duration::from_secs(c.stats_interval_secs)),
         })
     }
@@ -107,6 +111,7 @@ impl ClientRuntime {
             session_idle_timeout: common::client::DEFAULT_SESSION_IDLE_TIMEOUT,
             max_sessions: common::client::DEFAULT_MAX_SESSIONS,
             control: instance_control_path(file),
+            metrics: None,
             stats_interval: Some(Duration::from_secs(DEFAULT_STATS_INTERVAL_SECS)),
         })
     }
@@ -465,6 +470,7 @@ struct Driver {
 pub fn run(rt: ClientRuntime, psk: Psk, log: &Logger) -> Result<(), DriverError> {
     let mut el = EventLoop::new(log.clone())?;
     el.serve_control(&rt.control)?;
+    el.serve_metrics(rt.metrics)?;
     el.log_stats_every(rt.stats_interval);
     let listen = || format!("listen {}", rt.listen);
     let mut app = driver::udp_socket(rt.listen, None, None).context(listen)?;
@@ -511,6 +517,10 @@ impl Service for Driver {
 
     fn stats_line(&self, now: Instant) -> String {
         format!("{} send_errors={}", self.status(now).summary_line(), self.mp.send_errors)
+    }
+
+    fn metrics(&self, now: Instant, m: &mut Metrics) {
+        common::driver::metrics::tunnel_metrics(&self.status(now), m);
     }
 }
 

@@ -8,6 +8,7 @@ use common::config::{ConfigError, ServerConfig, DEFAULT_STATS_INTERVAL_SECS};
 use common::crypto::{Cipher, Psk};
 use common::driver::batch::{self, BatchSocket, RecvBatch, BATCH};
 use common::driver::event_loop::{read_batches, EventLoop, Room, Service, NO_ROOM};
+use common::driver::metrics::Metrics;
 use common::driver::{self, control, DriverError, IoContext, RateLimitedLog, SlotSockets};
 use common::entropy::OsEntropy;
 use common::server::{Server, ServerCoreConfig, ServerEvent, ServerRecv, SessionSlot};
@@ -35,6 +36,8 @@ pub struct ServerRuntime {
     pub listen: SocketAddr,
     pub core: ServerCoreConfig,
     pub control: PathBuf,
+    /// Where `GET /metrics` is served (`metrics_listen`), if anywhere.
+    pub metrics: Option<SocketAddr>,
     pub stats_interval: Option<Duration>,
 }
 
@@ -53,6 +56,7 @@ impl ServerRuntime {
                 session_timeout: common::server::DEFAULT_SESSION_TIMEOUT,
             },
             control: control::default_control_path("mpserver"),
+            metrics: None,
             stats_interval: Some(Duration::from_secs(DEFAULT_STATS_INTERVAL_SECS)),
         })
     }
@@ -81,6 +85,7 @@ impl ServerRuntime {
             control: c.control_socket.clone().unwrap_or_else(|| {
                 control::instance_control_path("mpserver", control::instance_of(std::path::Path::new(file)).as_deref())
             }),
+            metrics: c.metrics_listen,
             stats_interval: (c.stats_interval_secs > 0).then(|| Duration::from_secs(c.stats_interval_secs)),
         })
     }
@@ -332,6 +337,7 @@ struct Driver {
 pub fn run(rt: ServerRuntime, psk: Psk, log: &Logger) -> Result<(), DriverError> {
     let mut el = EventLoop::new(log.clone())?;
     el.serve_control(&rt.control)?;
+    el.serve_metrics(rt.metrics)?;
     el.log_stats_every(rt.stats_interval);
     info!(log, "mpserver listening"; "listen" => %rt.listen, "default_target" => ?rt.core.default_target,
         "named_targets" => rt.core.targets.len(), "control" => %rt.control.display());
@@ -373,6 +379,10 @@ impl Service for Driver {
 
     fn stats_line(&self, now: Instant) -> String {
         format!("{} send_errors={}", self.status(now).summary_line(), self.server.send_errors)
+    }
+
+    fn metrics(&self, now: Instant, m: &mut Metrics) {
+        common::driver::metrics::tunnel_metrics(&self.status(now), m);
     }
 }
 

@@ -384,3 +384,64 @@ pub fn tcp_goodput(
     let (n, secs) = receiver.join().expect("receiver");
     n as f64 * 8.0 / secs.max(1e-6) / 1e6
 }
+
+/// `GET path` over HTTP/1.1 from this network namespace: the status line and the body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut all = String::new();
+    s.read_to_string(&mut all)?;
+    let (head, body) = all.split_once("\r\n\r\n").unwrap_or((&all, ""));
+    Ok((head.lines().next().unwrap_or("").to_string(), body.to_string()))
+}
+
+/// `promtool check metrics` on `text`: `Ok(false)` when promtool is not installed (and
+/// this is not CI, where .ci/run installs it), else whether it passed, with its output.
+pub fn promtool_check(text: &str) -> Result<bool, String> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(_) if std::env::var_os("CI").is_none() => return Ok(false),
+        Err(e) => return Err(format!("promtool: {e} (Debian package prometheus)")),
+    };
+    child.stdin.take().expect("stdin").write_all(text.as_bytes()).map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(true)
+    } else {
+        Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// The metric names conf/grafana-dashboard.json draws (from its queries).
+pub fn dashboard_metrics() -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/grafana-dashboard.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("JSON");
+    let mut names: Vec<String> = dash["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(String::from))
+        .flat_map(|e| {
+            e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("mptunnel_"))
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() > 10, "{names:?}");
+    names
+}

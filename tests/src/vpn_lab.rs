@@ -21,6 +21,8 @@ pub struct VpnLab {
 }
 
 pub const VPN_NETWORK: &str = "10.99.0.0/24";
+/// The hub's `metrics_listen`, inside the hub's namespace.
+pub const HUB_METRICS: &str = "127.0.0.1:9109";
 pub const HUB_VPN_ADDR: &str = "10.99.0.1";
 /// Peer B announces this subnet (its loopback holds 192.168.50.1).
 pub const PEER_B_SUBNET: &str = "192.168.50.0/24";
@@ -75,7 +77,7 @@ impl VpnLab {
         std::fs::write(
             &hub_yaml,
             format!(
-                "listen: 127.0.0.1:5000\ntun: mpvpn0\nnetwork: {VPN_NETWORK}\ncontrol_socket: {}\n{embedded_server}peers:\n  - name: a\n    key_file: {}\n  - name: b\n    key_file: {}\n    routes: [{PEER_B_SUBNET}]\n  - name: c\n    key_file: {}\n    routes: [{PEER_C_SUBNET}]\n",
+                "listen: 127.0.0.1:5000\ntun: mpvpn0\nnetwork: {VPN_NETWORK}\ncontrol_socket: {}\nmetrics_listen: {HUB_METRICS}\n{embedded_server}peers:\n  - name: a\n    key_file: {}\n  - name: b\n    key_file: {}\n    routes: [{PEER_B_SUBNET}]\n  - name: c\n    key_file: {}\n    routes: [{PEER_C_SUBNET}]\n",
                 dir.join("hub.sock").display(),
                 ka.display(),
                 kb.display(),

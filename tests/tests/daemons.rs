@@ -281,3 +281,81 @@ fn two_instances_on_one_host_need_no_flags() {
     let (ok, out) = status(&[&names[0]]);
     assert!(!ok && out.contains("error"), "{out}");
 }
+
+/// `metrics_listen` in client.yaml and `--metrics-listen` on mpbridge: `GET /metrics`
+/// answers Prometheus text that promtool accepts, with the paths' state; another path is
+/// a 404; a scraper that connects and never asks holds up neither other scrapers nor
+/// status.
+#[test]
+fn metrics_are_served_without_blocking_and_pass_promtool() {
+    let dir = tmpdir("metrics");
+    let key = write_key(&dir);
+    let (listen, metrics) = (format!("127.0.0.1:{}", free_udp_port()), format!("127.0.0.1:{}", free_udp_port()));
+    // a server on loopback, so that the client's first path has answers (RTT, loss)
+    let server_port = free_udp_port();
+    let sctl = dir.join("s.sock").display().to_string();
+    let sargs = ["--key-file", &key, "--control", &sctl, &server_port.to_string(), "127.0.0.1", "9"];
+    let mut server = Daemon::start("mpserver", &sargs, &dir);
+    server.wait_log("listening");
+    let control = dir.join("c.sock");
+    let yaml = dir.join("client.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "listen: {listen}\nkey_file: {key}\ncontrol_socket: {}\nmetrics_listen: {metrics}\npaths:\n  - remote: 127.0.0.1:{server_port}\n    name: direct\n  - remote: 127.0.0.1:9\n    name: nowhere\n",
+            control.display()
+        ),
+    )
+    .unwrap();
+    let mut c = Daemon::start("mpclient", &["-c", &yaml.display().to_string()], &dir);
+    c.wait_log("metrics");
+    UdpSocket::bind("127.0.0.1:0").unwrap().send_to(b"hello", &listen).unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    let silent = std::net::TcpStream::connect(&metrics).unwrap(); // never sends a request
+    let addr = metrics.parse().unwrap();
+    let (status, client_body) = tests::http_get(addr, "/metrics").unwrap();
+    let body = &client_body;
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    assert!(
+        ["probing", "down"].iter().any(|st| body.contains(&format!("path=\"nowhere\",state=\"{st}\"}} 1"))),
+        "{body}"
+    );
+    assert!(body.contains("path=\"direct\",state=\"up\"} 1"), "{body}");
+    assert!(body.contains("mptunnel_path_rtt_seconds{") && body.contains("mptunnel_path_packets_total{"), "{body}");
+    match tests::promtool_check(body) {
+        Ok(true) => {}
+        Ok(false) => eprintln!("promtool not installed: format not checked"),
+        Err(e) => panic!("promtool check metrics: {e}\n{body}"),
+    }
+    assert!(tests::http_get(addr, "/other").unwrap().0.starts_with("HTTP/1.1 404"));
+    let out = Command::new(bin("mpclient")).args(["status", "--control"]).arg(&control).output().unwrap();
+    assert!(out.status.success(), "status while a scraper stalls: {out:?}");
+    drop(silent);
+    assert_clean_stop(&mut c, libc::SIGTERM, Some(&control));
+
+    let bridge_metrics = format!("127.0.0.1:{}", free_udp_port());
+    let bl = format!("127.0.0.1:{}", free_udp_port());
+    let args = ["--listen", &bl, "--to", "127.0.0.1:9", "--metrics-listen", &bridge_metrics];
+    let mut b = Daemon::start("mpbridge", &args, &dir);
+    b.wait_log("metrics");
+    UdpSocket::bind("127.0.0.1:0").unwrap().send_to(b"x", &bl).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, body) = tests::http_get(bridge_metrics.parse().unwrap(), "/metrics").unwrap();
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(body.contains("mptunnel_bridge_flows 1"), "{body}");
+    if let Err(e) = tests::promtool_check(&body) {
+        panic!("promtool: {e}\n{body}");
+    }
+    assert!(b.stop(libc::SIGTERM).success());
+    assert!(server.stop(libc::SIGTERM).success());
+
+    // every tunnel or bridge metric the Grafana dashboard draws exists (the VPN's are
+    // checked against a hub in tests/tests/vpn.rs)
+    let served = format!("{client_body}{body}");
+    for name in tests::dashboard_metrics().iter().filter(|n| !n.starts_with("mptunnel_vpn_")) {
+        assert!(
+            served.contains(&format!("\n{name}{{")) || served.contains(&format!("\n{name} ")),
+            "the dashboard draws {name}, which nobody serves"
+        );
+    }
+}

@@ -249,6 +249,14 @@ fn replay_register_of_a(v: &mut VpnLab, at_ms: u64) {
     .expect("replay thread");
 }
 
+/// `GET /metrics` of the lab's hub, from inside its namespace.
+fn hub_metrics(v: &VpnLab) -> (String, String) {
+    tests::spawn_in_ns(&v.server_ns, || tests::http_get(tests::HUB_METRICS.parse().unwrap(), "/metrics"))
+        .join()
+        .expect("metrics thread")
+        .expect("GET /metrics of the hub")
+}
+
 /// Embedded mode: the hub and the peers run the multipath server/client in-process (no
 /// mpserver or mpclient processes, no loopback hop).
 #[test]
@@ -302,6 +310,21 @@ fn hub_reload_adds_and_drops_peers_while_others_keep_pinging() {
     v.spawn_peer(0, "d", &d_yaml);
     v.wait_peer_up("d", Duration::from_secs(20));
     assert!(hub_peers(&v).contains(&"d".to_string()));
+    // the hub's metrics list d too, and pass promtool
+    let (status, body) = hub_metrics(&v);
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    for p in ["a", "b", "d"] {
+        let up = format!("mptunnel_vpn_peer_state{{peer=\"{p}\",");
+        assert!(
+            body.lines().any(|l| l.starts_with(&up) && l.contains("state=\"up\"") && l.ends_with(" 1.0")),
+            "{p}: {body}"
+        );
+    }
+    assert!(body.contains("mptunnel_vpn_peer_bytes_total{"), "{body}");
+
+    if let Err(e) = tests::promtool_check(&body) {
+        panic!("promtool: {e}\n{body}");
+    }
 
     // a hub.yaml with an error is refused: everyone stays
     std::fs::write(&hub_yaml, "network: [this is not a prefix\n").unwrap();
@@ -323,4 +346,9 @@ fn hub_reload_adds_and_drops_peers_while_others_keep_pinging() {
     assert!(!v.status("a")["peers"].to_string().contains("\"d\""), "a still lists d: {a_list}");
     let answered = pinger.join().unwrap();
     assert!(answered >= 299, "a's pings to b: {answered} of 300 answered across the reloads");
+    // every VPN metric the Grafana dashboard draws is served (RTTs once peers measured one)
+    let (_, body) = hub_metrics(&v);
+    for name in tests::dashboard_metrics().iter().filter(|n| n.starts_with("mptunnel_vpn_")) {
+        assert!(body.contains(&format!("\n{name}{{")), "the dashboard draws {name}, which the hub does not serve");
+    }
 }

@@ -71,6 +71,9 @@ pub struct HubConfig {
     pub peer_timeout_secs: u64,
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
+    /// `ip:port` to serve Prometheus metrics on (`GET /metrics`); none by default.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     #[serde(default = "default_log_level")]
     pub log_level: String,
     pub peers: Vec<HubPeerConfig>,
@@ -107,6 +110,9 @@ pub struct PeerConfig {
     pub routes: Vec<Prefix>,
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
+    /// `ip:port` to serve Prometheus metrics on (`GET /metrics`); none by default.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     #[serde(default = "default_log_level")]
     pub log_level: String,
     /// Run the multipath client in this process (an mpclient YAML config: paths, key,

@@ -6,7 +6,7 @@
 //! covers IPv6. The loop only moves bytes and time.
 
 use crate::config::{resolve_key, HubConfig, PeerConfig};
-use crate::hub::{Hub, HubCoreConfig, HubDrops, HubEvent, PeerSpec, PeerStatus};
+use crate::hub::{Hub, HubCoreConfig, HubDrops, HubEvent, PeerSpec, PeerState, PeerStatus};
 use crate::ip::{self, Prefix};
 use crate::peer::{Peer, PeerCoreConfig, PeerDrops, PeerEvent};
 use crate::wire::PeerKey;
@@ -15,6 +15,7 @@ use common::config::{ClientConfig, ServerConfig};
 use common::driver::batch::{BatchSocket, RecvBatch};
 use common::driver::event_loop::{read_batches, EventLoop, Reload, Room, Service, NO_ROOM, READ_BUDGET};
 use common::driver::files::load_config;
+use common::driver::metrics::{Labels, Metrics};
 use common::driver::{self, wall_ms, IoContext};
 use common::entropy::OsEntropy;
 use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET};
@@ -368,6 +369,7 @@ pub fn run_hub(c: HubConfig, config_path: PathBuf, control_path: PathBuf, log: &
     );
     let mut el = EventLoop::new(log.clone())?;
     el.serve_control(&control_path)?;
+    el.serve_metrics(c.metrics_listen)?;
     el.log_stats_every(Some(STATS_INTERVAL));
     let dev = open_tun(&c.tun)?;
     configure_tun(&c.tun, hub_addr, c.network.len, mtu)?;
@@ -434,6 +436,10 @@ impl Service for HubDriver {
         self.status(now).summary_line()
     }
 
+    fn metrics(&self, now: Instant, m: &mut Metrics) {
+        vpn_metrics(&self.status(now), m);
+    }
+
     /// Re-reads hub.yaml: its peers take effect at once (see `Hub::reconfigure`); other
     /// changed settings are named as needing a restart and keep their running values.
     fn reload(&mut self, _: &Registry, now: Instant) -> Reload {
@@ -469,6 +475,60 @@ impl Service for HubDriver {
         self.config.peers = c.peers;
         Reload::Done(changes.to_string())
     }
+}
+
+/// The metrics of a hub or peer, from its status: its own state and traffic, every
+/// listed peer's state, bytes, heartbeat age and RTT, and drops by reason.
+fn vpn_metrics(st: &VpnStatus, m: &mut Metrics) {
+    use common::driver::metrics::Unit;
+    let own = || -> Labels { vec![("role".into(), st.role.clone()), ("name".into(), st.name.clone())] };
+    let up = f64::from(u8::from(st.state == "up"));
+    m.gauge("vpn_up", "1 while the hub runs, or while a peer is registered", None, [(own(), up)]);
+    m.counter(
+        "vpn_tun",
+        "Bytes of IP packets through the TUN device",
+        Some(Unit::Bytes),
+        [
+            ([own(), vec![("direction".into(), "tx".into())]].concat(), st.tx_bytes),
+            ([own(), vec![("direction".into(), "rx".into())]].concat(), st.rx_bytes),
+        ],
+    );
+    m.gauge(
+        "vpn_hub_rtt",
+        "A peer's heartbeat round trip to the hub",
+        Some(Unit::Seconds),
+        st.hub_rtt_ms.map(|v| (own(), v / 1000.0)),
+    );
+    let peer =
+        |p: &PeerStatus| -> Labels { vec![("peer".into(), p.name.clone()), ("address".into(), p.addr.to_string())] };
+    let mut state = Vec::new();
+    for p in &st.peers {
+        for s in [PeerState::Up, PeerState::Silent, PeerState::ViaHub, PeerState::Own] {
+            state.push(([peer(p), vec![("state".into(), s.to_string())]].concat(), f64::from(u8::from(p.state == s))));
+        }
+    }
+    m.gauge("vpn_peer_state", "1 for the state each listed peer is in", None, state);
+    let bytes = st.peers.iter().flat_map(|p| {
+        [("tx", p.tx_bytes), ("rx", p.rx_bytes)]
+            .map(|(dir, n)| ([peer(p), vec![("direction".into(), dir.into())]].concat(), n))
+    });
+    m.counter("vpn_peer", "Bytes of IP packets to (tx) and from (rx) each peer", Some(Unit::Bytes), bytes);
+    let hb = st.peers.iter().filter_map(|p| p.last_heartbeat_s.map(|s| (peer(p), s)));
+    m.gauge(
+        "vpn_peer_last_heartbeat_age",
+        "Seconds since a peer's last heartbeat (the hub's view)",
+        Some(Unit::Seconds),
+        hb,
+    );
+    let rtt = st.peers.iter().filter_map(|p| p.rtt_ms.map(|v| (peer(p), v / 1000.0)));
+    m.gauge("vpn_peer_rtt", "A peer's heartbeat round trip (the hub's view)", Some(Unit::Seconds), rtt);
+    let drops = st
+        .drops
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(why, n)| n.as_u64().map(|n| ([own(), vec![("reason".into(), why.clone())]].concat(), n)));
+    m.counter("vpn_drops", "Datagrams and packets dropped, by reason", None, drops);
 }
 
 fn hub_status(core: &Hub, now: Instant, tun: &str, addr: Ipv4Addr) -> VpnStatus {
@@ -682,6 +742,7 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
     );
     let mut el = EventLoop::new(log.clone())?;
     el.serve_control(&control_path)?;
+    el.serve_metrics(c.metrics_listen)?;
     el.log_stats_every(Some(STATS_INTERVAL));
     let dev = open_tun(&c.tun)?;
     el.registry().register(&mut SourceFd(&dev.as_raw_fd()), TUN, Interest::READABLE).context(|| "TUN".into())?;
@@ -742,6 +803,10 @@ impl Service for PeerDriver {
 
     fn stats_line(&self, now: Instant) -> String {
         self.status(now).summary_line()
+    }
+
+    fn metrics(&self, now: Instant, m: &mut Metrics) {
+        vpn_metrics(&self.status(now), m);
     }
 }
 

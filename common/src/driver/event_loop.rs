@@ -11,12 +11,14 @@
 
 use super::batch::{RecvBatch, BATCH};
 use super::control::ControlServer;
+use super::metrics::{Metrics, MetricsServer};
 use super::{is_transient, DriverError, IoContext};
 use mio::{Events, Interest, Poll, Registry, Token};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slog::{info, warn, Logger};
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -35,6 +37,10 @@ const SIGNAL: Token = Token(usize::MAX - 1);
 pub(super) const CONTROL_LISTENER: Token = Token(usize::MAX - 2);
 /// Control connection `i` has token `CONTROL_CONNECTION_BASE - i`.
 pub(super) const CONTROL_CONNECTION_BASE: usize = usize::MAX - 3;
+pub(super) const METRICS_LISTENER: Token = Token(usize::MAX - 3 - super::control::MAX_CONTROL_CONNECTIONS);
+/// Metrics connection `i` has token `METRICS_CONNECTION_BASE - i`.
+pub(super) const METRICS_CONNECTION_BASE: usize = METRICS_LISTENER.0 - 1;
+const _: () = assert!(METRICS_CONNECTION_BASE - super::metrics::MAX_METRICS_CONNECTIONS >= RESERVED_TOKENS);
 
 /// A daemon's sockets and cores, as the loop drives them.
 pub trait Service {
@@ -62,6 +68,9 @@ pub trait Service {
     fn reload(&mut self, _registry: &Registry, _now: Instant) -> Reload {
         Reload::Unsupported
     }
+
+    /// What `GET /metrics` shows (see `metrics`).
+    fn metrics(&self, now: Instant, m: &mut Metrics);
 }
 
 /// What a SIGHUP did.
@@ -80,6 +89,7 @@ pub struct EventLoop {
     io: Readiness,
     signals: Signals,
     control: Option<ControlServer>,
+    metrics: Option<MetricsServer>,
     stats_interval: Option<Duration>,
     log: Logger,
 }
@@ -90,7 +100,7 @@ impl EventLoop {
         let io = Readiness::new()?;
         let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).context(|| "signal handlers".into())?;
         io.poll.registry().register(&mut signals, SIGNAL, Interest::READABLE).context(|| "signal handlers".into())?;
-        Ok(Self { io, signals, control: None, stats_interval: None, log })
+        Ok(Self { io, signals, control: None, metrics: None, stats_interval: None, log })
     }
 
     /// Where the service registers its sockets (tokens below `RESERVED_TOKENS`).
@@ -104,6 +114,15 @@ impl EventLoop {
         Ok(())
     }
 
+    /// Serves `GET /metrics` on `addr` (the config's `metrics_listen`) from now on.
+    pub fn serve_metrics(&mut self, addr: Option<SocketAddr>) -> Result<(), DriverError> {
+        if let Some(addr) = addr {
+            self.metrics = Some(MetricsServer::bind(addr, self.io.poll.registry())?);
+            info!(self.log, "metrics"; "listen" => %addr, "path" => "/metrics");
+        }
+        Ok(())
+    }
+
     /// Logs the service's stats line every `interval` (never with `None`).
     pub fn log_stats_every(&mut self, interval: Option<Duration>) {
         self.stats_interval = interval;
@@ -114,7 +133,8 @@ impl EventLoop {
         let mut next_stats = self.stats_interval.map(|d| Instant::now() + d);
         loop {
             let control_due = self.control.as_ref().and_then(ControlServer::poll_timeout);
-            let deadline = [service.poll_timeout(), next_stats, control_due].into_iter().flatten().min();
+            let metrics_due = self.metrics.as_ref().and_then(MetricsServer::poll_timeout);
+            let deadline = [service.poll_timeout(), next_stats, control_due, metrics_due].into_iter().flatten().min();
             self.io.wait(deadline)?;
             let (mut stop, mut reload) = (None, false);
             while let Some(token) = self.io.next_ready() {
@@ -126,6 +146,19 @@ impl EventLoop {
                             } else {
                                 stop = Some(signal);
                             }
+                        }
+                    }
+                    Token(t)
+                        if (METRICS_CONNECTION_BASE - super::metrics::MAX_METRICS_CONNECTIONS..=METRICS_LISTENER.0)
+                            .contains(&t) =>
+                    {
+                        if let Some(m) = self.metrics.as_mut() {
+                            let encode = || {
+                                let mut all = Metrics::new();
+                                service.metrics(Instant::now(), &mut all);
+                                all.encode()
+                            };
+                            m.handle_ready(self.io.poll.registry(), token, encode, &self.log);
                         }
                     }
                     Token(t) if t >= RESERVED_TOKENS => {
@@ -161,6 +194,9 @@ impl EventLoop {
             service.handle_timeout(self.io.poll.registry(), now)?;
             if let Some(c) = self.control.as_mut() {
                 c.expire(self.io.poll.registry(), now, &self.log);
+            }
+            if let Some(m) = self.metrics.as_mut() {
+                m.expire(self.io.poll.registry(), now);
             }
             if let (Some(at), Some(every)) = (next_stats, self.stats_interval) {
                 if now >= at {

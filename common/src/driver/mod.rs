@@ -9,6 +9,7 @@ pub mod control;
 pub mod event_loop;
 pub mod files;
 pub mod log;
+pub mod metrics;
 
 use crate::config::ConfigError;
 use crate::crypto::Psk;
