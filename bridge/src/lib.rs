@@ -8,6 +8,7 @@
 //! this kernel has no netem. Delayed datagrams are copied into a queue; that allocation
 //! per datagram exists only in lab mode.
 
+pub mod cli;
 pub mod driver;
 
 /// `mpbridge -c bridge.yaml`: the same settings as the flags (lab impairment stays a

@@ -4,6 +4,8 @@
 //! optionally bound to a local address or interface), and the control socket. The loop
 //! only moves bytes and time; every decision is the core's.
 
+pub mod cli;
+
 use common::client::{Client, ClientCoreConfig, ClientEvent, ClientRecv, ClientSend};
 use common::config::{ClientConfig, ConfigError, DEFAULT_STATS_INTERVAL_SECS};
 use common::crypto::{Cipher, Psk};

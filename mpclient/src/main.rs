@@ -2,35 +2,11 @@
 
 use clap::Parser;
 use common::config::{parse_bridges, ClientConfig, ConfigError, DEFAULT_CLIENT_LISTEN, DEFAULT_LOG_LEVEL};
+use common::driver::exit_with_error;
 use common::driver::files::load_config;
-use common::driver::{exit_with_error, DaemonArgs, DaemonCommand};
+use mpclient::cli::Cli;
 use mpclient::ClientRuntime;
-use std::net::SocketAddr;
 use std::path::PathBuf;
-
-/// Sends every datagram from local applications over all paths (relays or local uplinks)
-/// to an mpserver, sealed once and duplicated; the first copy of each reply wins.
-///
-/// Drop-in for mptunnel: `mpclient bridges.conf` with lines of `host port`.
-/// Or: `mpclient -c client.yaml` for everything else (see conf/client.yaml).
-/// SIGTERM or SIGINT stops it cleanly (final stats line, control socket removed).
-#[derive(Parser)]
-#[command(version, args_conflicts_with_subcommands = true)]
-struct Cli {
-    #[command(subcommand)]
-    command: Option<DaemonCommand>,
-    /// mptunnel bridges file: one `host port` per line, `#` comments.
-    #[arg(conflicts_with = "config", required_unless_present = "config")]
-    bridges_file: Option<PathBuf>,
-    /// YAML config (listen, key_file, cipher, target, paths with bind/interface ...).
-    #[arg(short, long)]
-    config: Option<PathBuf>,
-    /// Local address applications send to [default: 127.0.0.1:3000, or the config's].
-    #[arg(long, value_name = "ADDR:PORT")]
-    listen: Option<SocketAddr>,
-    #[command(flatten)]
-    daemon: DaemonArgs,
-}
 
 /// The runtime, key file and log level from a YAML config or a bridges file.
 fn load(cli: &Cli) -> Result<(ClientRuntime, Option<PathBuf>, String), ConfigError> {

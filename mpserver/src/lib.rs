@@ -4,6 +4,8 @@
 //! connected to that session's target, so the target sees one address per client.
 //! The loop only moves bytes and time; every decision is the core's.
 
+pub mod cli;
+
 use common::config::{ConfigError, ServerConfig, DEFAULT_STATS_INTERVAL_SECS};
 use common::crypto::{Cipher, Psk};
 use common::driver::batch::{self, BatchSocket, RecvBatch, BATCH};

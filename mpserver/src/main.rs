@@ -3,35 +3,10 @@
 use clap::Parser;
 use common::config::{ServerConfig, DEFAULT_LOG_LEVEL};
 use common::driver::files::load_config;
-use common::driver::{exit_with_error, DaemonArgs, DaemonCommand, DriverError};
+use common::driver::{exit_with_error, DriverError};
+use mpserver::cli::Cli;
 use mpserver::ServerRuntime;
 use std::path::PathBuf;
-
-/// Accepts multipath tunnel sessions from many mpclients on one UDP port, removes the
-/// duplicate copies, and forwards each session to its target from its own socket.
-///
-/// Drop-in for mptunnel: `mpserver <listen-port> <target-host> <target-port>`.
-/// Or: `mpserver -c server.yaml` for named targets, limits and ciphers (see conf/server.yaml).
-/// SIGTERM or SIGINT stops it cleanly (final stats line, control socket removed).
-#[derive(Parser)]
-#[command(version, args_conflicts_with_subcommands = true)]
-struct Cli {
-    #[command(subcommand)]
-    command: Option<DaemonCommand>,
-    /// UDP port to listen on (all addresses; each client is answered from the one it
-    /// sent to).
-    #[arg(conflicts_with = "config", required_unless_present = "config", requires = "target_host")]
-    listen_port: Option<u16>,
-    /// Where sessions are forwarded to.
-    #[arg(requires = "target_port")]
-    target_host: Option<String>,
-    target_port: Option<u16>,
-    /// YAML config (listen, key_file, target, targets allow-list, limits ...).
-    #[arg(short, long)]
-    config: Option<PathBuf>,
-    #[command(flatten)]
-    daemon: DaemonArgs,
-}
 
 /// The runtime, key file and log level from a YAML config or mptunnel's arguments.
 fn load(cli: &Cli) -> Result<(ServerRuntime, Option<PathBuf>, String), DriverError> {

@@ -359,3 +359,35 @@ fn metrics_are_served_without_blocking_and_pass_promtool() {
         );
     }
 }
+
+/// Started by systemd (`Type=notify`): the daemon says READY=1 on $NOTIFY_SOCKET once its
+/// sockets are open, and STOPPING=1 when it stops.
+#[test]
+fn readiness_goes_to_the_notify_socket() {
+    let dir = tmpdir("notify");
+    let sock_path = dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let key = write_key(&dir);
+    let ctl = dir.join("c.sock").display().to_string();
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    std::fs::write(dir.join("bridges.conf"), "127.0.0.1 9\n").unwrap();
+    let bridges = dir.join("bridges.conf").display().to_string();
+    let log = std::fs::File::create(dir.join("mpclient.log")).unwrap();
+    let mut child = Command::new(bin("mpclient"))
+        .args(["--key-file", &key, "--control", &ctl, "--listen", &listen, &bridges])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("no READY=1 within 10 s");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    assert!(UnixStream::connect(&ctl).is_ok(), "ready before its control socket was");
+    // SAFETY: kill has no memory preconditions; the PID is our own child's.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let n = sock.recv(&mut buf).expect("no STOPPING=1");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert!(child.wait().unwrap().success());
+}

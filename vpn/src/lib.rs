@@ -5,6 +5,7 @@
 //! mpclient/mpserver.
 
 pub mod channel;
+pub mod cli;
 pub mod config;
 pub mod driver;
 pub mod hub;

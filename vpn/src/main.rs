@@ -1,98 +1,12 @@
 //! `mpvpn`: the VPN over the multipath tunnel. See `--help`.
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use common::driver::files::load_config;
 use common::driver::{control, exit_with_error, genkey, run_daemon};
 use std::path::PathBuf;
+use vpn::cli::{Cli, Command, HubAction};
 use vpn::config::{HubConfig, PeerConfig};
 use vpn::driver::{run_hub, run_peer, VpnStatus};
-
-/// One flat private network over lossy links: peers send IP packets from a TUN device
-/// through KCP and the multipath tunnel (mpclient -> bridges -> mpserver) to the hub,
-/// which keeps the peer registry and routes between peers and its own TUN.
-/// SIGTERM or SIGINT stops a hub or peer cleanly (final stats line, control socket removed).
-#[derive(Parser)]
-#[command(version)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the hub (beside mpserver, whose target is the hub's `listen`); or, with
-    /// `add-peer`, add a peer to its hub.yaml.
-    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
-    Hub {
-        #[command(subcommand)]
-        action: Option<HubAction>,
-        #[arg(short, long, required = true)]
-        config: Option<PathBuf>,
-        /// Control socket for `mpvpn status` [default: the config's control_socket, else
-        /// /run/mptunnel/mpvpn-<config file name>.sock].
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
-    },
-    /// Run a peer (beside mpclient, whose listen address is the peer's `tunnel`).
-    Peer {
-        #[arg(short, long)]
-        config: PathBuf,
-        /// Control socket for `mpvpn status` [default: the config's control_socket, else
-        /// /run/mptunnel/mpvpn-<config file name>.sock].
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
-    },
-    /// Show the hub's or peer's view: peers, addresses, state, heartbeats, RTT, bytes; of
-    /// the instance NAME (started with `-c .../NAME.yaml`), else the only one running,
-    /// else the list of them.
-    Status {
-        /// The instance: its config file's name without `.yaml`.
-        #[arg(value_name = "NAME")]
-        instance: Option<String>,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Redraw every second (plain output, appended, when not on a terminal).
-        #[arg(long)]
-        watch: bool,
-        /// The daemon's control socket [default: /run/mptunnel/mpvpn-NAME.sock].
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
-    },
-    /// Print a new peer key, or write it to FILE (mode 600).
-    Genkey { file: Option<PathBuf> },
-    /// Make the running hub re-read hub.yaml (as SIGHUP does): added peers may join,
-    /// removed ones are dropped; a config with an error is refused and the running one
-    /// stays (see the hub's log).
-    Reload {
-        /// The hub's instance: its config file's name without `.yaml`.
-        #[arg(value_name = "NAME")]
-        instance: Option<String>,
-        /// The hub's control socket [default: /run/mptunnel/mpvpn-NAME.sock].
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
-    },
-}
-
-#[derive(Subcommand)]
-enum HubAction {
-    /// Make a key for a new peer, add the peer to hub.yaml (its comments and order kept)
-    /// and print the peer.yaml to copy to that host. `mpvpn reload` lets a running hub
-    /// take it.
-    AddPeer {
-        /// The peer's name (letters, digits, `-`, `_`, `.`).
-        name: String,
-        /// The hub's hub.yaml.
-        #[arg(short, long)]
-        config: PathBuf,
-        /// A fixed VPN address for it [default: one from the pool when it registers].
-        #[arg(long, value_name = "ADDR")]
-        address: Option<std::net::Ipv4Addr>,
-        /// Subnets behind it that it may announce, comma-separated.
-        #[arg(long, value_name = "PREFIX,...", value_delimiter = ',')]
-        routes: Vec<vpn::ip::Prefix>,
-    },
-}
 
 /// `mpvpn hub add-peer`: hub.yaml gains the peer (written to a temporary file beside it,
 /// same permissions, then renamed over it); its peer.yaml goes to stdout.
@@ -108,12 +22,15 @@ fn add_peer(
     let key = common::crypto::Psk::generate(&mut common::entropy::OsEntropy::new()).to_base64();
     let peer = vpn::onboard::NewPeer { name, key: &key, address, routes };
     let new = vpn::onboard::add_peer(&file, &text, &peer).map_err(|e| e.to_string())?;
-    let mode = std::fs::metadata(config).map_err(|e| format!("{file}: {e}"))?.permissions().mode();
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(config).map_err(|e| format!("{file}: {e}"))?;
     let tmp = config.with_extension("yaml.new");
     let write = || -> std::io::Result<()> {
         std::fs::write(&tmp, &new)?;
-        // the file holds keys: never more open than it was, and never readable by others
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode & 0o7770))?;
+        // the file holds keys: never more open than it was, never readable by others, and
+        // still the hub's (a hub running as the mptunnel user must read it)
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(meta.permissions().mode() & 0o7770))?;
+        std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()))?;
         std::fs::rename(&tmp, config)
     };
     write().map_err(|e| {

@@ -28,9 +28,15 @@ pub const CONTROL_OUTPUT_MAX: usize = 8 << 20;
 /// How long `status` waits for the daemon's report.
 const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where default control sockets live: `/run/mptunnel` for root, `/tmp/mptunnel-<uid>`
-/// otherwise.
+/// Where default control sockets live: the directory systemd made for the service
+/// (`RuntimeDirectory=mptunnel`, so `$RUNTIME_DIRECTORY` is `/run/mptunnel`), else
+/// `/run/mptunnel` for root, else `/tmp/mptunnel-<uid>`.
 pub fn control_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY").filter(|d| !d.is_empty()) {
+        // several directories are separated by ':'; ours is the first
+        let first = dir.to_string_lossy().split(':').next().unwrap_or_default().to_string();
+        return PathBuf::from(first);
+    }
     // SAFETY: getuid has no preconditions and cannot fail.
     let uid = unsafe { libc::getuid() };
     if uid == 0 {

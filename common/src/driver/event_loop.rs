@@ -131,6 +131,10 @@ impl EventLoop {
     /// Runs `service` until SIGTERM/SIGINT (`Ok`) or a fatal error.
     pub fn run<S: Service>(mut self, service: &mut S) -> Result<(), S::Error> {
         let mut next_stats = self.stats_interval.map(|d| Instant::now() + d);
+        // started by systemd (Type=notify): the sockets are open, the service is up
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            warn!(self.log, "could not tell systemd we are ready"; "error" => %e);
+        }
         loop {
             let control_due = self.control.as_ref().and_then(ControlServer::poll_timeout);
             let metrics_due = self.metrics.as_ref().and_then(MetricsServer::poll_timeout);
@@ -181,6 +185,7 @@ impl EventLoop {
             let now = Instant::now();
             if let Some(signal) = stop {
                 let name = if signal == SIGTERM { "SIGTERM" } else { "SIGINT" };
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
                 info!(self.log, "stopping"; "signal" => name, "stats" => service.stats_line(now));
                 return Ok(());
             }

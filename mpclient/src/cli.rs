@@ -1,0 +1,31 @@
+//! The command line of this program (clap), in the library so that man pages and shell
+//! completions are generated from the same definitions.
+
+use clap::Parser;
+use common::driver::{DaemonArgs, DaemonCommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Sends every datagram from local applications over all paths (relays or local uplinks)
+/// to an mpserver, sealed once and duplicated; the first copy of each reply wins.
+///
+/// Drop-in for mptunnel: `mpclient bridges.conf` with lines of `host port`.
+/// Or: `mpclient -c client.yaml` for everything else (see conf/client.yaml).
+/// SIGTERM or SIGINT stops it cleanly (final stats line, control socket removed).
+#[derive(Parser)]
+#[command(version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<DaemonCommand>,
+    /// mptunnel bridges file: one `host port` per line, `#` comments.
+    #[arg(conflicts_with = "config", required_unless_present = "config")]
+    pub bridges_file: Option<PathBuf>,
+    /// YAML config (listen, key_file, cipher, target, paths with bind/interface ...).
+    #[arg(short, long)]
+    pub config: Option<PathBuf>,
+    /// Local address applications send to [default: 127.0.0.1:3000, or the config's].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
