@@ -100,6 +100,16 @@ impl Lab {
         ns
     }
 
+    /// Gives `ns` its own /etc/hosts (`ip netns exec` bind-mounts /etc/netns/<ns>/hosts
+    /// over it), so what a daemon there writes stays in the lab; removed with the lab.
+    pub fn private_hosts(&mut self, ns: &str) -> PathBuf {
+        let dir = PathBuf::from(format!("/etc/netns/{ns}"));
+        std::fs::create_dir_all(&dir).expect("/etc/netns/<ns>");
+        let hosts = dir.join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n::1 localhost\n").expect("hosts");
+        hosts
+    }
+
     /// A veth pair `a_if` in `a` (address `a_ip`/24) to `b_if` in `b` (`b_ip`/24), both up.
     /// Like a real wire, it carries one MTU-sized packet per frame: no GSO super-packets,
     /// so loss hits TCP segments one at a time, as on a lossy Internet path.
@@ -288,6 +298,8 @@ impl Drop for Lab {
         }
         for ns in &self.namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            // names are unique to this run: a /etc/netns/<ns> is this lab's own
+            let _ = std::fs::remove_dir_all(format!("/etc/netns/{ns}"));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

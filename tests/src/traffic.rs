@@ -445,3 +445,29 @@ pub fn dashboard_metrics() -> Vec<String> {
     assert!(names.len() > 10, "{names:?}");
     names
 }
+
+/// Asks `server` (a DNS server, `ip:port`) for the A records of `name` from this network
+/// namespace: the addresses, or the response code when it is not NOERROR.
+pub fn dns_query_a(server: &str, name: &str) -> Result<Vec<std::net::Ipv4Addr>, String> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    use std::str::FromStr;
+    let mut q = Message::new(0x4d50, MessageType::Query, OpCode::Query);
+    q.add_query(Query::query(Name::from_str(name).map_err(|e| e.to_string())?, RecordType::A));
+    let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+    sock.send_to(&q.to_vec().map_err(|e| e.to_string())?, server).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 1500];
+    let n = sock.recv(&mut buf).map_err(|e| format!("no answer: {e}"))?;
+    let r = Message::from_vec(&buf[..n]).map_err(|e| e.to_string())?;
+    if r.metadata.response_code != ResponseCode::NoError {
+        return Err(format!("{:?}", r.metadata.response_code));
+    }
+    Ok(r.answers
+        .iter()
+        .filter_map(|a| match &a.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect())
+}

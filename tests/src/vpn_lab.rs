@@ -21,6 +21,8 @@ pub struct VpnLab {
 }
 
 pub const VPN_NETWORK: &str = "10.99.0.0/24";
+/// hub.yaml's `dns: {domain}`: peer b is b.mpvpn.
+pub const VPN_DOMAIN: &str = "mpvpn";
 /// The hub's `metrics_listen`, inside the hub's namespace.
 pub const HUB_METRICS: &str = "127.0.0.1:9109";
 pub const HUB_VPN_ADDR: &str = "10.99.0.1";
@@ -37,6 +39,9 @@ impl VpnLab {
         let mut lab = Lab::new(tag);
         let server_ns = lab.add_ns("s");
         let peer_ns = vec![lab.add_ns("pa"), lab.add_ns("pb")];
+        for ns in &peer_ns {
+            lab.private_hosts(ns);
+        }
         for i in 1..=3 {
             let b = lab.add_ns(&format!("b{i}"));
             lab.link(&peer_ns[0], &format!("p{i}"), &format!("10.81.{i}.1"), &b, "toa", &format!("10.81.{i}.2"));
@@ -77,7 +82,7 @@ impl VpnLab {
         std::fs::write(
             &hub_yaml,
             format!(
-                "listen: 127.0.0.1:5000\ntun: mpvpn0\nnetwork: {VPN_NETWORK}\ncontrol_socket: {}\nmetrics_listen: {HUB_METRICS}\n{embedded_server}peers:\n  - name: a\n    key_file: {}\n  - name: b\n    key_file: {}\n    routes: [{PEER_B_SUBNET}]\n  - name: c\n    key_file: {}\n    routes: [{PEER_C_SUBNET}]\n",
+                "listen: 127.0.0.1:5000\ntun: mpvpn0\nnetwork: {VPN_NETWORK}\ncontrol_socket: {}\nmetrics_listen: {HUB_METRICS}\ndns:\n  domain: {VPN_DOMAIN}\n{embedded_server}peers:\n  - name: a\n    key_file: {}\n  - name: b\n    key_file: {}\n    routes: [{PEER_B_SUBNET}]\n  - name: c\n    key_file: {}\n    routes: [{PEER_C_SUBNET}]\n",
                 dir.join("hub.sock").display(),
                 ka.display(),
                 kb.display(),

@@ -284,12 +284,29 @@ fn hub_reload_adds_and_drops_peers_while_others_keep_pinging() {
     let hub_yaml = v.lab.dir.join("hub.yaml");
     let original = std::fs::read_to_string(&hub_yaml).unwrap();
     let ns_a = v.peer_ns[0].clone();
-    let pinger = std::thread::spawn(move || tests::ping(&ns_a, &b.to_string(), 300, "0.05", &[]).len());
+    // (bound to a's TUN: d, started on a's host below, brings a second route to the VPN)
+    let pinger = std::thread::spawn(move || tests::ping(&ns_a, &b.to_string(), 300, "0.05", &["-I", "mpvpn0"]).len());
     let mpvpn = |args: &[&str]| {
         let out = std::process::Command::new(tests::bin("mpvpn")).args(args).output().unwrap();
         assert!(out.status.success(), "mpvpn {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
+    // names: from a, b is b.mpvpn (a's /etc/hosts block) and the hub answers DNS for it
+    let ns_a = v.peer_ns[0].clone();
+    let hosts_a = format!("/etc/netns/{ns_a}/hosts");
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&hosts_a).unwrap().contains(&format!("{b} b.mpvpn")) {
+        assert!(std::time::Instant::now() < until, "no b.mpvpn in a's hosts file");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(v.ping(0, "b.mpvpn", 3, "0.05", &[]).len(), 3, "ping b.mpvpn from a");
+    let (answer, nx) = tests::spawn_in_ns(&ns_a, || {
+        (tests::dns_query_a("10.99.0.1:53", "b.mpvpn"), tests::dns_query_a("10.99.0.1:53", "nobody.mpvpn"))
+    })
+    .join()
+    .unwrap();
+    assert_eq!(answer, Ok(vec![b]), "the hub's DNS answer for b.mpvpn");
+    assert_eq!(nx, Err("NXDomain".to_string()));
     let hub_ctl = v.control_of("hub").display().to_string();
     let hub_peers = |v: &VpnLab| -> Vec<String> {
         v.status("hub")["peers"]
@@ -347,6 +364,10 @@ fn hub_reload_adds_and_drops_peers_while_others_keep_pinging() {
     let answered = pinger.join().unwrap();
     assert!(answered >= 299, "a's pings to b: {answered} of 300 answered across the reloads");
     // every VPN metric the Grafana dashboard draws is served (RTTs once peers measured one)
+    // a peer that stops takes its names out of the hosts file
+    assert!(v.lab.stop(v.peers[0], libc::SIGTERM).success());
+    let hosts = std::fs::read_to_string(&hosts_a).unwrap();
+    assert!(!hosts.contains("peer on mpvpn0"), "a left its block behind:\n{hosts}");
     let (_, body) = hub_metrics(&v);
     for name in tests::dashboard_metrics().iter().filter(|n| n.starts_with("mptunnel_vpn_")) {
         assert!(body.contains(&format!("\n{name}{{")), "the dashboard draws {name}, which the hub does not serve");

@@ -77,10 +77,22 @@ pub struct HubConfig {
     #[serde(default = "default_log_level")]
     pub log_level: String,
     pub peers: Vec<HubPeerConfig>,
+    /// Names: the hub answers DNS for `<peer>.<domain>` on its VPN address (port 53), and
+    /// peers point their resolver at it for that domain.
+    #[serde(default)]
+    pub dns: Option<HubDnsConfig>,
     /// Run the multipath server in this process (an mpserver YAML config; its `target`
     /// is not needed) instead of taking datagrams from a separate mpserver on `listen`.
     #[serde(default)]
     pub embedded_server: Option<PathBuf>,
+}
+
+/// `dns:` in hub.yaml.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HubDnsConfig {
+    /// E.g. `mpvpn`: peer `beta` is `beta.mpvpn`.
+    pub domain: String,
 }
 
 /// `mpvpn peer -c peer.yaml`.
@@ -193,6 +205,10 @@ impl HubConfig {
             )?;
         }
         check(c.peer_timeout_secs >= 3, file, text, "peer_timeout_secs", "peer_timeout_secs", "at least 3".into())?;
+        if let Some(d) = &c.dns {
+            let why = format!("`{}` is not a DNS domain (labels of a-z 0-9 -)", d.domain);
+            check(crate::dns::valid_domain(&d.domain), file, text, "dns.domain", "domain", why)?;
+        }
         check_log_level(&c.log_level, file, text)?;
         check(!c.peers.is_empty(), file, text, "peers", "peers", "at least one peer".into())?;
         for (i, p) in c.peers.iter().enumerate() {
@@ -321,6 +337,15 @@ mod tests {
         chmod(&hub_yaml, 0o644);
         assert!(HubConfig::parse("hub.yaml", &by_file).unwrap().inline_key_warning(&hub_yaml).is_none());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn dns_domain_is_checked() {
+        let ok = format!("network: 10.99.0.0/24\ndns:\n  domain: vpn.example\npeers:\n  - name: a\n    key: {KEY}\n");
+        assert_eq!(HubConfig::parse("hub.yaml", &ok).unwrap().dns.unwrap().domain, "vpn.example");
+        let bad = ok.replace("vpn.example", "bad_domain");
+        let e = HubConfig::parse("hub.yaml", &bad).unwrap_err().to_string();
+        assert!(e.contains("dns.domain") && e.contains("hub.yaml:3"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::config::{resolve_key, HubConfig, PeerConfig};
 use crate::hub::{Hub, HubCoreConfig, HubDrops, HubEvent, PeerSpec, PeerState, PeerStatus};
 use crate::ip::{self, Prefix};
 use crate::peer::{Peer, PeerCoreConfig, PeerDrops, PeerEvent};
+use crate::resolver::SystemResolver;
 use crate::wire::PeerKey;
 use crate::{VpnError, TUNNEL_PAYLOAD, TUN_MTU};
 use common::config::{ClientConfig, ServerConfig};
@@ -34,6 +35,8 @@ const TUN: Token = Token(0);
 const UDP: Token = Token(1);
 /// The embedded server's listening socket, or the first of the embedded client's paths.
 const EMBEDDED: Token = Token(2);
+/// The hub's DNS socket (`dns:` in hub.yaml), on its VPN address.
+const DNS: Token = Token(common::driver::event_loop::RESERVED_TOKENS - 1);
 /// The hub's and the peer's stats line.
 const STATS_INTERVAL: Duration = Duration::from_secs(30);
 /// The cores run their timers at least this often.
@@ -321,6 +324,7 @@ fn open_hub_tunnel(c: &HubConfig, registry: &Registry, log: &Logger) -> Result<H
 struct HubDriver {
     core: Hub,
     tunnel: HubTunnel,
+    dns: Option<DnsServer>,
     dev: tun::Device,
     bufs: IoBuffers,
     tun_name: String,
@@ -329,6 +333,41 @@ struct HubDriver {
     config_path: PathBuf,
     config: HubConfig,
     log: Logger,
+}
+
+/// The hub's DNS responder: `<peer>.<domain>` on its VPN address (see `crate::dns`).
+struct DnsServer {
+    sock: mio::net::UdpSocket,
+    domain: String,
+    buf: Vec<u8>,
+    /// Queries not answered (malformed, or the send failed).
+    dropped: u64,
+}
+
+impl DnsServer {
+    fn open(addr: SocketAddr, domain: &str, registry: &Registry, log: &Logger) -> Result<Self, VpnError> {
+        let what = || format!("DNS on {addr} (dns: in hub.yaml; binding port 53 needs root or CAP_NET_BIND_SERVICE)");
+        let mut sock = mio::net::UdpSocket::bind(addr).context(what)?;
+        registry.register(&mut sock, DNS, Interest::READABLE).context(what)?;
+        info!(log, "answering names"; "domain" => domain, "on" => %addr);
+        Ok(Self { sock, domain: domain.to_string(), buf: vec![0; 1500], dropped: 0 })
+    }
+
+    /// Answers what arrived, at most `READ_BUDGET` queries; true if more may wait.
+    fn serve(&mut self, lookup: impl Fn(&str) -> Option<Ipv4Addr>) -> bool {
+        for _ in 0..READ_BUDGET {
+            let (n, from) = match self.sock.recv_from(&mut self.buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+                Err(_) => continue,
+            };
+            match crate::dns::answer(&self.buf[..n], &self.domain, &lookup) {
+                Some(a) if self.sock.send_to(&a, from).is_ok() => {}
+                _ => self.dropped += 1,
+            }
+        }
+        true
+    }
 }
 
 /// The hub core's view of hub.yaml's `peers`, keys read.
@@ -364,6 +403,7 @@ pub fn run_hub(c: HubConfig, config_path: PathBuf, control_path: PathBuf, log: &
             tunnel_payload: TUNNEL_PAYLOAD,
             peers,
             peer_timeout: Duration::from_secs(c.peer_timeout_secs),
+            dns_domain: c.dns.as_ref().map(|d| d.domain.clone()),
         },
         Box::new(OsEntropy::new()),
     );
@@ -375,12 +415,17 @@ pub fn run_hub(c: HubConfig, config_path: PathBuf, control_path: PathBuf, log: &
     configure_tun(&c.tun, hub_addr, c.network.len, mtu)?;
     el.registry().register(&mut SourceFd(&dev.as_raw_fd()), TUN, Interest::READABLE).context(|| "TUN".into())?;
     let tunnel = open_hub_tunnel(&c, el.registry(), log)?;
+    let dns = match &c.dns {
+        Some(d) => Some(DnsServer::open(SocketAddr::new(hub_addr.into(), 53), &d.domain, el.registry(), log)?),
+        None => None,
+    };
     info!(log, "mpvpn hub up"; "tun" => &c.tun, "address" => %hub_addr, "network" => %c.network, "mtu" => mtu,
         "peers_configured" => c.peers.len(), "control" => %control_path.display());
     let tun_name = c.tun.clone();
     let mut d = HubDriver {
         core,
         tunnel,
+        dns,
         dev,
         bufs: IoBuffers::new(),
         tun_name,
@@ -397,10 +442,11 @@ impl Service for HubDriver {
     type Error = VpnError;
 
     fn handle_ready(&mut self, _: &Registry, token: Token) -> Result<bool, VpnError> {
-        let Self { core, tunnel, dev, bufs, log, .. } = self;
+        let Self { core, tunnel, dev, bufs, log, dns, .. } = self;
         // one clock reading per wake-up, not per datagram
         let (now, wall) = (Instant::now(), wall_ms());
         let pending = match (token, &mut *tunnel) {
+            (DNS, _) => dns.as_mut().is_some_and(|d| d.serve(|name| core.address_of(name))),
             (TUN, _) => read_tun(dev, &mut bufs.tun_in, log, |p| core.handle_tun_packet(p)),
             (UDP, HubTunnel::Udp(sock)) => {
                 read_udp(sock, &mut bufs.rx, log, |from, d| core.handle_datagram(now, wall, from, d))
@@ -720,6 +766,8 @@ struct PeerDriver {
     installed: Vec<Prefix>,
     /// Routes from other peers it refused to install, and why.
     skipped: Vec<(Prefix, String)>,
+    /// Where names in the VPN's domain resolve, once the hub named one.
+    resolver: Option<SystemResolver>,
     log: Logger,
 }
 
@@ -758,9 +806,15 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
         tun_name: c.tun,
         installed: Vec::new(),
         skipped: Vec::new(),
+        resolver: None,
         log: log.clone(),
     };
-    el.run(&mut d)
+    let result = el.run(&mut d);
+    // the host's resolver is taken back whatever ended the peer
+    if let Some(r) = d.resolver.as_mut() {
+        r.remove(&d.log);
+    }
+    result
 }
 
 impl Service for PeerDriver {
@@ -833,7 +887,7 @@ impl PeerDriver {
     /// Sends what the core queued (through `bufs`), applies its configuration and logs
     /// its events.
     fn flush(&mut self) -> Result<(), VpnError> {
-        let Self { core, tunnel, dev, bufs, tun_name: tun, installed, skipped, log, .. } = self;
+        let Self { core, tunnel, dev, bufs, tun_name: tun, installed, skipped, resolver, log, .. } = self;
         let failed = tunnel.transmit(core, &mut bufs.tx);
         if failed > 0 {
             trace!(log, "sends to mpclient failed"; "datagrams" => failed);
@@ -841,8 +895,11 @@ impl PeerDriver {
         write_tun(dev, &mut bufs.out, |out| core.poll_tun(out));
         while let Some(ev) = core.poll_event() {
             match ev {
-                PeerEvent::Configured { addr, prefix_len, hub_addr, mtu } => {
+                PeerEvent::Configured { addr, prefix_len, hub_addr, mtu, dns_domain } => {
                     configure_tun(tun, addr, prefix_len, mtu)?;
+                    if let (Some(domain), None) = (dns_domain, &resolver) {
+                        *resolver = Some(SystemResolver::point(tun, hub_addr, &domain, log));
+                    }
                     // routes were lost with the addresses; put them back
                     for r in installed.iter() {
                         ip_cmd(&["route", "replace", &r.to_string(), "dev", tun])?;
@@ -886,6 +943,9 @@ impl PeerDriver {
                 }
                 PeerEvent::Fatal(refusal) => return Err(refusal.into()),
             }
+        }
+        if let Some(r) = resolver.as_mut() {
+            r.update(core.peers(), log);
         }
         Ok(())
     }

@@ -63,6 +63,8 @@ pub struct HubCoreConfig {
     pub tunnel_payload: usize,
     pub peers: Vec<PeerSpec>,
     pub peer_timeout: Duration,
+    /// The DNS domain the hub answers `<peer>.<domain>` for (told to peers in the Welcome).
+    pub dns_domain: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -383,6 +385,7 @@ impl Hub {
             nonce: reg.nonce,
             public,
             refused: refused.clone(),
+            dns_domain: self.cfg.dns_domain.clone(),
         }
         .emit(key, &reg.public);
         self.transmit.push_back((from, welcome.clone()));
@@ -593,6 +596,13 @@ impl Hub {
             self.push_peer_list();
         }
         changes
+    }
+
+    /// The VPN address of the registered peer `name` (or of the hub, as `hub` when no
+    /// peer has that name): what `<name>.<domain>` resolves to.
+    pub fn address_of(&self, name: &str) -> Option<Ipv4Addr> {
+        let peer = self.peers.values().find(|p| p.name.eq_ignore_ascii_case(name)).map(|p| p.addr);
+        peer.or_else(|| name.eq_ignore_ascii_case("hub").then_some(self.cfg.hub_addr))
     }
 
     /// The peer whose address or announced route covers `dst` (longest prefix wins).
@@ -810,6 +820,7 @@ pub fn fuzz_peer_input(data: &[u8]) {
                 allowed_routes: vec!["192.168.0.0/16".parse().expect("literal")],
             }],
             peer_timeout: DEFAULT_PEER_TIMEOUT,
+            dns_domain: None,
         },
         Box::new(OsEntropy::new()),
     );

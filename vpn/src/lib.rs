@@ -7,6 +7,7 @@
 pub mod channel;
 pub mod cli;
 pub mod config;
+pub mod dns;
 pub mod driver;
 pub mod hub;
 pub mod ip;
@@ -14,6 +15,7 @@ pub mod kcplink;
 pub mod onboard;
 pub mod peer;
 pub mod queue;
+pub mod resolver;
 pub mod wire;
 
 use common::config::ConfigError;

@@ -54,6 +54,8 @@ pub enum PeerEvent {
         prefix_len: u8,
         hub_addr: Ipv4Addr,
         mtu: u16,
+        /// The hub answers `<peer>.<domain>` on `hub_addr`.
+        dns_domain: Option<String>,
     },
     /// Routes announced by other peers to install / remove.
     Routes {
@@ -304,6 +306,7 @@ impl Peer {
             prefix_len: w.prefix_len,
             hub_addr: w.hub_addr,
             mtu: w.mtu,
+            dns_domain: w.dns_domain,
         });
     }
 

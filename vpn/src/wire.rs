@@ -5,8 +5,10 @@
 //!                | mtu u16 (0 = take the hub's) | public [32] | n_routes u8
 //!                | (addr u32, len u8)* | mac[32]
 //! Welcome   0x22 | peer_id u32 | addr u32 | prefix_len u8 | hub_addr u32 | mtu u16 | nonce u64
-//!                | public [32] | n_refused u8 | (addr u32, prefix_len u8, reason u8)* | mac[32]
-//!           (the announced routes the hub refused, at most MAX_REFUSED_IN_WELCOME)
+//!                | public [32] | n_refused u8 | (addr u32, prefix_len u8, reason u8)*
+//!                | dns_len u8 | dns domain | mac[32]
+//!           (the announced routes the hub refused, at most MAX_REFUSED_IN_WELCOME; the DNS
+//!           domain the hub answers for on its address, empty for none)
 //! Refusal   0x23 | reason u8 | hub_mtu u16 | nonce u64 | mac[32]
 //! Sealed    0x27 | peer_id u32 | seq u64 | AEAD(kind u8 | body) | tag[16]
 //! ```
@@ -156,8 +158,10 @@ pub const MAC_LEN: usize = 32;
 pub const PUBLIC_KEY_LEN: usize = 32;
 pub const MAX_NAME_LEN: usize = 32;
 pub const MAX_ROUTES: usize = 32;
-/// A Welcome without refused routes.
-pub const WELCOME_LEN: usize = field::welcome::REFUSED + MAC_LEN;
+/// A Welcome without refused routes or DNS domain.
+pub const WELCOME_LEN: usize = field::welcome::REFUSED + 1 + MAC_LEN;
+/// The longest DNS domain a Welcome carries.
+pub const MAX_DNS_DOMAIN_LEN: usize = 253;
 /// Refused routes a Welcome lists at most (a Welcome stays smaller than the Register it
 /// answers, so the tunnel can carry it before the path is validated).
 pub const MAX_REFUSED_IN_WELCOME: usize = 16;
@@ -360,6 +364,8 @@ pub struct WelcomeRepr {
     pub public: [u8; PUBLIC_KEY_LEN],
     /// Announced routes the hub did not take, and why (at most MAX_REFUSED_IN_WELCOME).
     pub refused: Vec<(Prefix, RouteRefusalReason)>,
+    /// The domain whose names (`<peer>.<domain>`) the hub answers on its address.
+    pub dns_domain: Option<String>,
 }
 
 impl WelcomeRepr {
@@ -384,6 +390,10 @@ impl WelcomeRepr {
             e[f::REFUSED_REASON] = *reason as u8;
             b.extend_from_slice(&e);
         }
+        let dns = self.dns_domain.as_deref().unwrap_or("").as_bytes();
+        let dns = &dns[..dns.len().min(MAX_DNS_DOMAIN_LEN)];
+        b.push(dns.len() as u8);
+        b.extend_from_slice(dns);
         let tag = key.tag(&[&b, register_public]);
         b.extend_from_slice(tag.as_ref());
         b
@@ -402,12 +412,18 @@ impl WelcomeRepr {
         if n > MAX_REFUSED_IN_WELCOME {
             return Err(VpnWireError::BadField);
         }
-        let body = f::REFUSED + n * f::REFUSED_LEN;
+        let refused_end = f::REFUSED + n * f::REFUSED_LEN;
+        let dns_len = *b.get(refused_end).ok_or(VpnWireError::Truncated)? as usize;
+        if dns_len > MAX_DNS_DOMAIN_LEN {
+            return Err(VpnWireError::BadField);
+        }
+        let body = refused_end + 1 + dns_len;
         if b.len() != body + MAC_LEN {
             return Err(VpnWireError::Truncated);
         }
         key.verify(&[&b[..body], register_public], &b[body..])?;
-        let refused = b[f::REFUSED..body]
+        let dns = std::str::from_utf8(&b[refused_end + 1..body]).map_err(|_| VpnWireError::BadField)?;
+        let refused = b[f::REFUSED..refused_end]
             .chunks_exact(f::REFUSED_LEN)
             .map(|e| {
                 let route = Prefix::new(ipv4_at(e, f::REFUSED_ADDR), e[f::REFUSED_PREFIX_LEN]);
@@ -428,6 +444,7 @@ impl WelcomeRepr {
             nonce: u64_at(head, f::NONCE),
             public: public_at(head, f::PUBLIC),
             refused,
+            dns_domain: (!dns.is_empty()).then(|| dns.to_string()),
         };
         if w.prefix_len > 32 {
             return Err(VpnWireError::BadField);
@@ -708,6 +725,7 @@ mod tests {
             nonce: 9,
             public: [0xdd; 32],
             refused: vec![],
+            dns_domain: None,
         };
         let reg_public = [0xee; 32];
         let b = w.emit(&key(), &reg_public);
@@ -724,12 +742,16 @@ mod tests {
                 ("10.0.0.0/8".parse().unwrap(), RouteRefusalReason::OverlapsNetwork),
                 ("192.168.50.0/24".parse().unwrap(), RouteRefusalReason::NotAllowed),
             ],
-            ..w
+            ..w.clone()
         };
         let b = with_refused.emit(&key(), &reg_public);
         assert_eq!(&b[56..69], &[2, 10, 0, 0, 0, 8, 2, 192, 168, 50, 0, 24, 1]);
         assert_eq!(WelcomeRepr::parse(&b, &key(), &reg_public).unwrap(), with_refused);
         assert!(WelcomeRepr::parse(&b[..b.len() - 1], &key(), &reg_public).is_err());
+        let named = WelcomeRepr { dns_domain: Some("mpvpn".into()), ..w.clone() };
+        let b = named.emit(&key(), &reg_public);
+        assert_eq!(&b[56..63], &[0, 5, b'm', b'p', b'v', b'p', b'n']);
+        assert_eq!(WelcomeRepr::parse(&b, &key(), &reg_public).unwrap(), named);
 
         let f = RefusalRepr { reason: RefusalReason::MtuMismatch, hub_mtu: 1383, nonce: 1 };
         let b = f.emit(&key());

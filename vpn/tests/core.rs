@@ -35,6 +35,7 @@ fn hub_config(names: &[&str]) -> HubCoreConfig {
             })
             .collect(),
         peer_timeout: DEFAULT_PEER_TIMEOUT,
+        dns_domain: Some("mpvpn".into()),
     }
 }
 
