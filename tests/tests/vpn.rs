@@ -283,8 +283,11 @@ fn hub_reload_adds_and_drops_peers_while_others_keep_pinging() {
     let b = v.wait_peer_up("b", Duration::from_secs(20));
     let hub_yaml = v.lab.dir.join("hub.yaml");
     let original = std::fs::read_to_string(&hub_yaml).unwrap();
+    // settled first: what is measured is the reloads, not the peers' start
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(v.ping(0, &b.to_string(), 3, "0.05", &[]).len(), 3);
     let ns_a = v.peer_ns[0].clone();
-    // (bound to a's TUN: d, started on a's host below, brings a second route to the VPN)
+    // (bound to a's TUN, the VPN's route there)
     let pinger = std::thread::spawn(move || tests::ping(&ns_a, &b.to_string(), 300, "0.05", &["-I", "mpvpn0"]).len());
     let mpvpn = |args: &[&str]| {
         let out = std::process::Command::new(tests::bin("mpvpn")).args(args).output().unwrap();
@@ -321,10 +324,15 @@ fn hub_reload_adds_and_drops_peers_while_others_keep_pinging() {
     assert!(edited.starts_with(&original), "add-peer rewrote what was there:\n{edited}");
     let d_yaml = v.lab.dir.join("peer-d.yaml");
     let d_ctl = v.control_of("d");
-    let d_text = peer_yaml.replace("tun: mpvpn0", "tun: mpvpn4") + &format!("control_socket: {}\n", d_ctl.display());
+    // d runs on the hub's host, straight into the hub's listen socket (as datagrams from
+    // a local mpserver arrive): its TUN and routes touch neither a's nor b's host
+    let d_text =
+        peer_yaml.replace("tun: mpvpn0", "tun: mpvpn4").replace("tunnel: 127.0.0.1:3000", "tunnel: 127.0.0.1:5000")
+            + &format!("control_socket: {}\n", d_ctl.display());
     std::fs::write(&d_yaml, d_text).unwrap();
     mpvpn(&["reload", "--control", &hub_ctl]);
-    v.spawn_peer(0, "d", &d_yaml);
+    let server_ns = v.server_ns.clone();
+    v.lab.spawn(&server_ns, "mpvpn-d", &tests::bin("mpvpn"), &["peer", "-c", &d_yaml.display().to_string()]);
     v.wait_peer_up("d", Duration::from_secs(20));
     assert!(hub_peers(&v).contains(&"d".to_string()));
     // the hub's metrics list d too, and pass promtool
