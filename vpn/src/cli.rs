@@ -42,20 +42,7 @@ pub enum Command {
     /// Show the hub's or peer's view: peers, addresses, state, heartbeats, RTT, bytes; of
     /// the instance NAME (started with `-c .../NAME.yaml`), else the only one running,
     /// else the list of them.
-    Status {
-        /// The instance: its config file's name without `.yaml`.
-        #[arg(value_name = "NAME")]
-        instance: Option<String>,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Redraw every second (plain output, appended, when not on a terminal).
-        #[arg(long)]
-        watch: bool,
-        /// The daemon's control socket [default: /run/mptunnel/mpvpn-NAME.sock].
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
-    },
+    Status(common::driver::control::StatusRequest),
     /// Print a new peer key, or write it to FILE (mode 600).
     Genkey { file: Option<PathBuf> },
     /// Make the running hub re-read hub.yaml (as SIGHUP does): added peers may join,

@@ -71,10 +71,7 @@ fn main() {
     match Cli::parse().command {
         Command::Genkey { file } => genkey(file.as_deref()).unwrap_or_else(fail),
         Command::Reload { instance, control } => reload(instance, control).unwrap_or_else(fail),
-        Command::Status { instance, json, watch, control } => {
-            let req = control::StatusRequest { instance, control, json, watch };
-            control::run_status("mpvpn", &req, VpnStatus::to_table).unwrap_or_else(fail)
-        }
+        Command::Status(req) => control::run_status("mpvpn", &req, VpnStatus::to_table).unwrap_or_else(fail),
         Command::Hub { action: Some(HubAction::AddPeer { name, config, address, routes }), .. } => {
             add_peer(&name, &config, address, &routes).unwrap_or_else(fail)
         }

@@ -108,15 +108,22 @@ pub fn which_instance(
     }
 }
 
-/// What `status` asks for.
+/// What `status` asks for: its command-line arguments, the same for every program.
+#[derive(clap::Args)]
 pub struct StatusRequest {
-    /// An instance name (`status office`).
+    /// The instance: its config file's name without `.yaml`.
+    #[arg(value_name = "NAME")]
     pub instance: Option<String>,
-    /// An explicit socket (`--control`); wins over the name.
-    pub control: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
     pub json: bool,
-    /// Redraw every second until interrupted.
+    /// Redraw every second (plain output, appended, when not on a terminal).
+    #[arg(long)]
     pub watch: bool,
+    /// The daemon's control socket [default: /run/mptunnel/<program>-NAME.sock]; wins
+    /// over NAME.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 /// How often `status --watch` redraws.

@@ -310,20 +310,7 @@ pub enum DaemonCommand {
     Genkey { file: Option<std::path::PathBuf> },
     /// Show sessions and paths of a running daemon: the instance NAME (started with
     /// `-c .../NAME.yaml`), else the only one running, else the list of them.
-    Status {
-        /// The instance: its config file's name without `.yaml`.
-        #[arg(value_name = "NAME")]
-        instance: Option<String>,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Redraw every second (plain output, appended, when not on a terminal).
-        #[arg(long)]
-        watch: bool,
-        /// The daemon's control socket [default: /run/mptunnel/<program>-NAME.sock].
-        #[arg(long, value_name = "PATH")]
-        control: Option<std::path::PathBuf>,
-    },
+    Status(control::StatusRequest),
 }
 
 impl DaemonCommand {
@@ -331,10 +318,7 @@ impl DaemonCommand {
     pub fn run(self, program: &str) -> ! {
         let result = match self {
             Self::Genkey { file } => genkey(file.as_deref()),
-            Self::Status { instance, json, watch, control } => {
-                let req = control::StatusRequest { instance, control, json, watch };
-                control::run_status(program, &req, crate::stats::StatusReport::to_table)
-            }
+            Self::Status(req) => control::run_status(program, &req, crate::stats::StatusReport::to_table),
         };
         match result {
             Ok(()) => std::process::exit(0),
