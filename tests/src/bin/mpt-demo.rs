@@ -135,6 +135,9 @@ fn vpn_demo() {
     }
     let lan = v.ping(0, "192.168.50.1", 10, "0.05", &[]);
     println!("  $ ping -c 10 192.168.50.1   (a subnet behind peer b, announced by it): {} of 10 answered", lan.len());
+    // names: the hub answers <peer>.mpvpn; peer a keeps them in its (lab-private) hosts file
+    let by_name = v.ping(0, "b.mpvpn", 5, "0.05", &[]);
+    println!("  $ ping -c 5 b.mpvpn   (peers by name): {} of 5 answered", by_name.len());
     let (n, same, secs) =
         tests::tcp_transfer(&v.peer_ns[0], &v.peer_ns[1], std::net::SocketAddr::from((b, 7001)), 8 << 20);
     println!(
