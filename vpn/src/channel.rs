@@ -12,7 +12,7 @@
 //! nonce = direction || seq); the receiver checks the replay window before opening and
 //! marks it only after the AEAD opened, so forged datagrams never move it.
 
-use crate::wire::{PeerKey, SealedHeader, VpnWireError, PUBLIC_KEY_LEN, SEALED_HEADER_LEN};
+use crate::wire::{PeerKey, SealedHeader, PUBLIC_KEY_LEN, SEALED_HEADER_LEN};
 use common::crypto::{self, Cipher, SessionKeys};
 use common::replay::{ReplayVerdict, ReplayWindow};
 use common::wire::AEAD_TAG_LEN;
@@ -86,10 +86,9 @@ impl Channel {
         d
     }
 
-    /// Opens the sealed datagram `d` (whose header names this channel) through
-    /// `scratch`; returns the message.
-    pub fn open<'s>(&mut self, d: &[u8], scratch: &'s mut [u8]) -> Result<&'s [u8], OpenFailure> {
-        let h = SealedHeader::parse(d).map_err(|_: VpnWireError| OpenFailure::Malformed)?;
+    /// Opens the sealed datagram `d`, whose header the caller parsed as `h` (to find this
+    /// channel), through `scratch`; returns the message.
+    pub fn open<'s>(&mut self, h: SealedHeader, d: &[u8], scratch: &'s mut [u8]) -> Result<&'s [u8], OpenFailure> {
         if h.peer_id != self.peer_id || d.len() > scratch.len() {
             return Err(OpenFailure::Malformed);
         }
@@ -110,6 +109,12 @@ mod tests {
     use common::entropy::Entropy;
     use common::sim::SimEntropy;
 
+    /// Parses the header, as the hub and the peer do, then opens.
+    fn open<'s>(c: &mut Channel, d: &[u8], scratch: &'s mut [u8]) -> Result<&'s [u8], OpenFailure> {
+        let h = SealedHeader::parse(d).map_err(|_| OpenFailure::Malformed)?;
+        c.open(h, d, scratch)
+    }
+
     fn pair(key: &PeerKey, e: &mut SimEntropy) -> (Channel, Channel) {
         let (p, h) = (e.x25519_key(), e.x25519_key());
         let (pp, hp) = (crypto::x25519_public(&p), crypto::x25519_public(&h));
@@ -126,25 +131,25 @@ mod tests {
         let d = peer.seal_message(b"\x01hello");
         assert_eq!(d.len(), SEALED_HEADER_LEN + 6 + AEAD_TAG_LEN);
         assert_eq!(&d[..5], &[crate::wire::MSG_SEALED, 0, 0, 0, 3]);
-        assert_eq!(hub.open(&d, &mut scratch), Ok(&b"\x01hello"[..]));
+        assert_eq!(open(&mut hub, &d, &mut scratch), Ok(&b"\x01hello"[..]));
         // a replay, a datagram sealed the other way, a flipped bit
-        assert_eq!(hub.open(&d, &mut scratch), Err(OpenFailure::Replayed));
+        assert_eq!(open(&mut hub, &d, &mut scratch), Err(OpenFailure::Replayed));
         let back = hub.seal_message(b"\x02ack");
         let own = peer.seal_message(b"\x01y");
-        assert_eq!(peer.open(&own, &mut scratch), Err(OpenFailure::BadMac));
-        assert_eq!(peer.open(&back, &mut scratch), Ok(&b"\x02ack"[..]));
+        assert_eq!(open(&mut peer, &own, &mut scratch), Err(OpenFailure::BadMac));
+        assert_eq!(open(&mut peer, &back, &mut scratch), Ok(&b"\x02ack"[..]));
         let mut forged = peer.seal_message(b"\x01x");
         let last = forged.len() - 1;
         forged[last] ^= 1;
-        assert_eq!(hub.open(&forged, &mut scratch), Err(OpenFailure::BadMac));
+        assert_eq!(open(&mut hub, &forged, &mut scratch), Err(OpenFailure::BadMac));
         // the forged datagram did not move the window: its sequence number still opens
         let mut again = forged.clone();
         again[last] ^= 1;
-        assert_eq!(hub.open(&again, &mut scratch), Ok(&b"\x01x"[..]));
+        assert_eq!(open(&mut hub, &again, &mut scratch), Ok(&b"\x01x"[..]));
         // another registration of the same peer (same key, fresh ephemerals) opens nothing
         let (mut other_peer, _) = pair(&key, &mut e);
         let d = (0..5).map(|_| other_peer.seal_message(b"\x01hello")).last().unwrap();
-        assert_eq!(hub.open(&d, &mut scratch), Err(OpenFailure::BadMac));
-        assert_eq!(hub.open(&d[..SEALED_HEADER_LEN], &mut scratch), Err(OpenFailure::Malformed));
+        assert_eq!(open(&mut hub, &d, &mut scratch), Err(OpenFailure::BadMac));
+        assert_eq!(open(&mut hub, &d[..SEALED_HEADER_LEN], &mut scratch), Err(OpenFailure::Malformed));
     }
 }

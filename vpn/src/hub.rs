@@ -424,19 +424,17 @@ impl Hub {
             (None, Some(p)) => Some(&mut p.channel),
             (None, None) => None,
         };
-        let opened = match channel.map(|c| c.open(d, &mut buf)) {
+        let opened = match channel.map(|c| c.open(h, d, &mut buf)) {
             None => Err(None),
             Some(Ok(m)) => Ok(m.len()),
             Some(Err(e)) => Err(Some(e)),
         };
         match opened {
             Ok(n) => {
-                // the message sits after the header in `buf`; move it to the front
-                buf.copy_within(SEALED_HEADER_LEN..SEALED_HEADER_LEN + n, 0);
                 if self.pending.contains_key(&h.peer_id) {
                     self.confirm(now, h.peer_id, from);
                 }
-                self.on_message(now, h.peer_id, from, &buf[..n]);
+                self.on_message(now, h.peer_id, from, &buf[SEALED_HEADER_LEN..SEALED_HEADER_LEN + n]);
             }
             Err(None) => self.drops.unknown_peer += 1,
             Err(Some(OpenFailure::Replayed)) => self.drops.replayed += 1,

@@ -126,7 +126,7 @@ struct PeerTraffic {
 }
 
 struct Session {
-    id: u32,
+    /// The registration's keys (its peer id is the KCP conversation's).
     channel: Channel,
     link: KcpLink,
     hb_seq: u32,
@@ -290,7 +290,6 @@ impl Peer {
         }
         self.refused_routes = w.refused;
         self.state = State::Up(Box::new(Session {
-            id: w.peer_id,
             channel,
             link: KcpLink::new(w.peer_id, now, self.cfg.tunnel_payload),
             hb_seq: 0,
@@ -340,11 +339,12 @@ impl Peer {
             self.drops.not_registered += 1;
             return;
         };
-        if SealedHeader::parse(d).map_or(true, |h| h.peer_id != s.id) {
+        // another registration's id is refused by the channel
+        let Ok(h) = SealedHeader::parse(d) else {
             self.drops.unauthenticated += 1;
             return;
-        }
-        let n = match s.channel.open(d, &mut self.buf) {
+        };
+        let n = match s.channel.open(h, d, &mut self.buf) {
             Ok(m) => m.len(),
             Err(_) => {
                 self.drops.unauthenticated += 1;
