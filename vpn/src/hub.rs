@@ -345,9 +345,7 @@ impl Hub {
         let refusal = (reg.mtu != 0 && reg.mtu != self.cfg.mtu).then_some(RefusalReason::MtuMismatch);
         // a peer asking for the address it had gets it back from a registration nobody has
         // used yet (a replayed Register after a hub restart must not take it)
-        let before = self.pending.len();
-        self.pending.retain(|_, p| p.name == reg.name || p.addr != reg.want_addr);
-        self.drops.unconfirmed += (before - self.pending.len()) as u64;
+        self.drop_unconfirmed(|p| p.name != reg.name && p.addr == reg.want_addr);
         let addr = if refusal.is_none() { self.address_for(&reg.name, reg.want_addr) } else { None };
         let Some(addr) = addr else {
             let reason = refusal.unwrap_or(RefusalReason::PoolExhausted);
@@ -394,9 +392,7 @@ impl Hub {
             self.events.push_back(HubEvent::RoutesRefused { name: reg.name.clone(), routes: refused });
         }
         // one pending registration per peer: a newer Register replaces an older one
-        let before = self.pending.len();
-        self.pending.retain(|_, p| p.name != reg.name);
-        self.drops.unconfirmed += (before - self.pending.len()) as u64;
+        self.drop_unconfirmed(|p| p.name == reg.name);
         self.pending.insert(
             id,
             Pending {
@@ -410,6 +406,13 @@ impl Hub {
                 since: now,
             },
         );
+    }
+
+    /// Drops the pending registrations `gone` picks, counted as never confirmed.
+    fn drop_unconfirmed(&mut self, gone: impl Fn(&Pending) -> bool) {
+        let before = self.pending.len();
+        self.pending.retain(|_, p| !gone(p));
+        self.drops.unconfirmed += (before - self.pending.len()) as u64;
     }
 
     /// A sealed datagram: opened under the channel its peer id names, then dispatched.
@@ -763,10 +766,8 @@ impl Hub {
         for (id, why) in gone {
             self.remove_peer(id, why);
         }
-        let before = self.pending.len();
         let timeout = self.cfg.peer_timeout;
-        self.pending.retain(|_, p| now.saturating_duration_since(p.since) < timeout);
-        self.drops.unconfirmed += (before - self.pending.len()) as u64;
+        self.drop_unconfirmed(|p| now.saturating_duration_since(p.since) >= timeout);
         self.flush_peer_list(now);
     }
 
