@@ -932,6 +932,11 @@ impl PeerDriver {
                     }
                     info!(log, "routes from other peers"; "installed" => ?installed.iter().map(|r| r.to_string()).collect::<Vec<_>>());
                 }
+                PeerEvent::PeerList => {
+                    if let Some(r) = resolver.as_mut() {
+                        r.update(core.peers(), log);
+                    }
+                }
                 PeerEvent::HubLost => {
                     error!(log, "hub lost: no heartbeat answers after retries at 1, 3 and 7 s; not taking packets, registering again")
                 }
@@ -941,9 +946,6 @@ impl PeerDriver {
                 }
                 PeerEvent::Fatal(refusal) => return Err(refusal.into()),
             }
-        }
-        if let Some(r) = resolver.as_mut() {
-            r.update(core.peers(), log);
         }
         Ok(())
     }

@@ -63,6 +63,8 @@ pub enum PeerEvent {
         remove: Vec<Prefix>,
     },
     HubLost,
+    /// A new peer list is in (`peers()`).
+    PeerList,
     /// The hub refused us for good (config mismatch): stop with this error.
     Fatal(HubRefusal),
     /// The hub refused us for now (e.g. pool exhausted); we keep trying.
@@ -469,6 +471,7 @@ impl Peer {
             })
             .collect();
         self.peers = list;
+        self.events.push_back(PeerEvent::PeerList);
     }
 
     /// Whether a packet the hub sent may carry `src`: the hub's own address, another

@@ -84,7 +84,7 @@ impl SystemResolver {
         Self::Hosts { path: HOSTS_FILE.into(), tun: tun.into(), domain: domain.into(), written: Vec::new() }
     }
 
-    /// Keeps the hosts block to the peer list (systemd-resolved asks the hub itself).
+    /// Keeps the hosts block to a new peer list (systemd-resolved asks the hub itself).
     pub fn update(&mut self, peers: &[PeerEntry], log: &Logger) {
         let Self::Hosts { path, tun, domain, written } = self else { return };
         let names: Vec<(String, Ipv4Addr)> = peers.iter().map(|p| (p.name.to_ascii_lowercase(), p.addr)).collect();
