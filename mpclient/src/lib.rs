@@ -122,7 +122,7 @@ impl ClientRuntime {
 /// The default control socket of the mpclient configured by `file` (YAML or bridges):
 /// `/run/mptunnel/mpclient-<file name>.sock`.
 fn instance_control_path(file: &str) -> std::path::PathBuf {
-    control::instance_control_path("mpclient", control::instance_of(std::path::Path::new(file)).as_deref())
+    control::config_control_path("mpclient", std::path::Path::new(file))
 }
 
 fn path_socket(p: &PathSpec, bind: SocketAddr) -> std::io::Result<BatchSocket> {

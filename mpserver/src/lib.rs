@@ -84,9 +84,10 @@ impl ServerRuntime {
                 max_paths_per_session: c.max_paths_per_session,
                 session_timeout: Duration::from_secs(c.session_timeout_secs),
             },
-            control: c.control_socket.clone().unwrap_or_else(|| {
-                control::instance_control_path("mpserver", control::instance_of(std::path::Path::new(file)).as_deref())
-            }),
+            control: c
+                .control_socket
+                .clone()
+                .unwrap_or_else(|| control::config_control_path("mpserver", std::path::Path::new(file))),
             metrics: c.metrics_listen,
             stats_interval: (c.stats_interval_secs > 0).then(|| Duration::from_secs(c.stats_interval_secs)),
         })

@@ -63,8 +63,7 @@ fn fail<T>(e: impl std::fmt::Display) -> T {
 /// `--control`, else the config's `control_socket`, else the instance's default (named
 /// after the config file).
 fn control_path(flag: Option<PathBuf>, config_file: &std::path::Path, config: &Option<PathBuf>) -> PathBuf {
-    flag.or_else(|| config.clone())
-        .unwrap_or_else(|| control::instance_control_path("mpvpn", control::instance_of(config_file).as_deref()))
+    flag.or_else(|| config.clone()).unwrap_or_else(|| control::config_control_path("mpvpn", config_file))
 }
 
 fn main() {

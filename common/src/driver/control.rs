@@ -59,10 +59,15 @@ pub fn instance_control_path(program: &str, instance: Option<&str>) -> PathBuf {
     }
 }
 
-/// The instance a config file makes: its name without the extension
-/// (`/etc/mptunnel/office.yaml` is `office`), so that several daemons of one program run
-/// side by side with nothing more than their config files.
-pub fn instance_of(config: &Path) -> Option<String> {
+/// The default control socket of `program` configured by `config`:
+/// `<control_dir>/<program>-<instance>.sock`, the instance being the file's name without
+/// its extension (`/etc/mptunnel/office.yaml` is `office`), so that several daemons of one
+/// program run side by side with nothing more than their config files.
+pub fn config_control_path(program: &str, config: &Path) -> PathBuf {
+    instance_control_path(program, instance_of(config).as_deref())
+}
+
+fn instance_of(config: &Path) -> Option<String> {
     let stem = config.file_stem()?.to_str()?;
     (!stem.is_empty() && stem.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c)))
         .then(|| stem.to_string())
