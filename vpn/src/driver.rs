@@ -16,7 +16,7 @@ use common::config::{ClientConfig, ServerConfig};
 use common::driver::batch::{BatchSocket, RecvBatch};
 use common::driver::event_loop::{read_batches, EventLoop, Reload, Room, Service, NO_ROOM, READ_BUDGET};
 use common::driver::files::load_config;
-use common::driver::metrics::{Labels, Metrics};
+use common::driver::metrics::{with_label, Labels, Metrics};
 use common::driver::{self, wall_ms, IoContext};
 use common::entropy::OsEntropy;
 use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET};
@@ -532,10 +532,7 @@ fn vpn_metrics(st: &VpnStatus, m: &mut Metrics) {
         "vpn_tun",
         "Bytes of IP packets through the TUN device",
         Some(Unit::Bytes),
-        [
-            ([own(), vec![("direction".into(), "tx".into())]].concat(), st.tx_bytes),
-            ([own(), vec![("direction".into(), "rx".into())]].concat(), st.rx_bytes),
-        ],
+        [(with_label(own(), "direction", "tx"), st.tx_bytes), (with_label(own(), "direction", "rx"), st.rx_bytes)],
     );
     m.gauge(
         "vpn_hub_rtt",
@@ -548,13 +545,12 @@ fn vpn_metrics(st: &VpnStatus, m: &mut Metrics) {
     let mut state = Vec::new();
     for p in &st.peers {
         for s in [PeerState::Up, PeerState::Silent, PeerState::ViaHub, PeerState::Own] {
-            state.push(([peer(p), vec![("state".into(), s.to_string())]].concat(), f64::from(u8::from(p.state == s))));
+            state.push((with_label(peer(p), "state", s.to_string()), f64::from(u8::from(p.state == s))));
         }
     }
     m.gauge("vpn_peer_state", "1 for the state each listed peer is in", None, state);
     let bytes = st.peers.iter().flat_map(|p| {
-        [("tx", p.tx_bytes), ("rx", p.rx_bytes)]
-            .map(|(dir, n)| ([peer(p), vec![("direction".into(), dir.into())]].concat(), n))
+        [("tx", p.tx_bytes), ("rx", p.rx_bytes)].map(|(dir, n)| (with_label(peer(p), "direction", dir), n))
     });
     m.counter("vpn_peer", "Bytes of IP packets to (tx) and from (rx) each peer", Some(Unit::Bytes), bytes);
     let hb = st.peers.iter().filter_map(|p| p.last_heartbeat_s.map(|s| (peer(p), s)));
@@ -571,7 +567,7 @@ fn vpn_metrics(st: &VpnStatus, m: &mut Metrics) {
         .as_object()
         .into_iter()
         .flatten()
-        .filter_map(|(why, n)| n.as_u64().map(|n| ([own(), vec![("reason".into(), why.clone())]].concat(), n)));
+        .filter_map(|(why, n)| n.as_u64().map(|n| (with_label(own(), "reason", why.clone()), n)));
     m.counter("vpn_drops", "Datagrams and packets dropped, by reason", None, drops);
 }
 

@@ -95,6 +95,12 @@ impl Metrics {
     }
 }
 
+/// `labels` and one more.
+pub fn with_label(mut labels: Labels, key: &str, value: impl Into<String>) -> Labels {
+    labels.push((key.to_string(), value.into()));
+    labels
+}
+
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
