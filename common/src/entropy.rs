@@ -16,6 +16,10 @@ pub trait Entropy: Send {
     /// A fresh X25519 private key for one handshake.
     fn x25519_key(&mut self) -> EphemeralPrivateKey;
 
+    /// An independent source for another core (one per direct session of the mesh):
+    /// the system's again, or, seeded from this one, the simulator's.
+    fn fork(&mut self) -> Box<dyn Entropy>;
+
     fn next_u64(&mut self) -> u64 {
         let mut b = [0u8; 8];
         self.fill(&mut b);
@@ -46,6 +50,10 @@ impl Entropy for OsEntropy {
 
     fn x25519_key(&mut self) -> EphemeralPrivateKey {
         EphemeralPrivateKey::generate(&agreement::X25519, &self.0).expect("the system's random source")
+    }
+
+    fn fork(&mut self) -> Box<dyn Entropy> {
+        Box::new(OsEntropy::new())
     }
 }
 

@@ -70,6 +70,10 @@ impl Entropy for SimEntropy {
         let fixed = ring::test::rand::FixedSliceRandom { bytes: &seed };
         ring::agreement::EphemeralPrivateKey::generate(&ring::agreement::X25519, &fixed).expect("x25519 from 32 bytes")
     }
+
+    fn fork(&mut self) -> Box<dyn Entropy> {
+        Box::new(SimEntropy::new(self.0.next_u64()))
+    }
 }
 
 /// One direction of a link.

@@ -85,6 +85,45 @@ pub struct HubConfig {
     /// is not needed) instead of taking datagrams from a separate mpserver on `listen`.
     #[serde(default)]
     pub embedded_server: Option<PathBuf>,
+    /// The mesh's rendezvous port (public `ip:port`, e.g. `0.0.0.0:5200`): peers' mesh
+    /// sockets ask it where they are seen from (their server-reflexive candidates).
+    #[serde(default)]
+    pub rendezvous: Option<SocketAddr>,
+}
+
+/// One address or a list of them.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(SocketAddr),
+    Many(Vec<SocketAddr>),
+}
+
+impl OneOrMany {
+    pub fn to_vec(&self) -> Vec<SocketAddr> {
+        match self {
+            Self::One(a) => vec![*a],
+            Self::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// `mesh:` in peer.yaml: direct sessions with other peers.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerMeshConfig {
+    /// The mesh socket's address (`0.0.0.0:5100`), or one per local uplink.
+    pub listen: OneOrMany,
+    /// The hub's rendezvous port as this peer reaches it (`rendezvous:` in hub.yaml).
+    pub rendezvous: String,
+    /// `fallback` (default): the hub relays only while no direct path is up; `always`:
+    /// the relay carries a copy too (first copy wins).
+    #[serde(default)]
+    pub relay: crate::mesh::RelayMode,
+    /// `on-demand` (default): punch at the first packet for a peer; `always`: to every
+    /// peer with a mesh socket at once.
+    #[serde(default)]
+    pub connect: crate::mesh::ConnectMode,
 }
 
 /// `dns:` in hub.yaml.
@@ -131,6 +170,10 @@ pub struct PeerConfig {
     /// cipher) instead of talking to a separate mpclient at `tunnel`.
     #[serde(default)]
     pub embedded_client: Option<PathBuf>,
+    /// Direct sessions with other peers (the mesh); without it, everything goes through
+    /// the hub.
+    #[serde(default)]
+    pub mesh: Option<PeerMeshConfig>,
 }
 
 fn valid_name(n: &str) -> bool {
@@ -297,6 +340,19 @@ impl PeerConfig {
         )?;
         check(valid_tun(&c.tun), file, text, "tun", "tun", format!("`{}` is not an interface name", c.tun))?;
         check(c.routes.len() <= crate::wire::MAX_ROUTES, file, text, "routes", "routes", "at most 32".into())?;
+        if let Some(m) = &c.mesh {
+            let n = m.listen.to_vec().len();
+            let max = crate::hub::MAX_MESH_SOCKETS;
+            check((1..=max).contains(&n), file, text, "mesh.listen", "listen", format!("1 to {max} addresses"))?;
+            check(
+                common::config::valid_host_port(&m.rendezvous),
+                file,
+                text,
+                "mesh.rendezvous",
+                "rendezvous",
+                format!("`{}` is not host:port", m.rendezvous),
+            )?;
+        }
         check_log_level(&c.log_level, file, text)?;
         Ok(c)
     }

@@ -37,6 +37,12 @@ const UDP: Token = Token(1);
 const EMBEDDED: Token = Token(2);
 /// The hub's DNS socket (`dns:` in hub.yaml), on its VPN address.
 const DNS: Token = Token(common::driver::event_loop::RESERVED_TOKENS - 1);
+/// The hub's rendezvous socket (`rendezvous:` in hub.yaml).
+const RENDEZVOUS: Token = Token(common::driver::event_loop::RESERVED_TOKENS - 2);
+/// A peer's mesh socket `i` has token `MESH_BASE - i`.
+const MESH_BASE: usize = common::driver::event_loop::RESERVED_TOKENS - 3;
+/// How often a peer looks at its interfaces for new host candidates.
+const CANDIDATE_SCAN_INTERVAL: Duration = Duration::from_secs(5);
 /// The hub's and the peer's stats line.
 const STATS_INTERVAL: Duration = Duration::from_secs(30);
 /// The cores run their timers at least this often.
@@ -98,10 +104,21 @@ impl VpnStatus {
             self.rx_bytes,
             self.drops
         );
+        let hub = self.role == "hub";
         let _ = writeln!(
             s,
-            "  {:<16} {:<10} {:<15} {:<9} {:>9} {:>9} {:>9} {:>12} {:>12}  ROUTES",
-            "NAME", "ID", "ADDRESS", "STATE", "LAST HB s", "LAST RX s", "RTT ms", "TX BYTES", "RX BYTES"
+            "  {:<16} {:<10} {:<15} {:<9} {:<6} {:>9} {:>9} {:>9} {:>12} {:>12} {:>12}  ROUTES",
+            "NAME",
+            "ID",
+            "ADDRESS",
+            "STATE",
+            "VIA",
+            "LAST HB s",
+            "LAST RX s",
+            "RTT ms",
+            "TX BYTES",
+            "RX BYTES",
+            if hub { "RELAYED" } else { "" }
         );
         for r in &self.refused_routes {
             let _ = writeln!(s, "  route refused by the hub: {r}");
@@ -113,18 +130,33 @@ impl VpnStatus {
             let routes: Vec<String> = p.routes.iter().map(|r| r.to_string()).collect();
             let _ = writeln!(
                 s,
-                "  {:<16} {:<10} {:<15} {:<9} {:>9} {:>9} {:>9} {:>12} {:>12}  {}",
+                "  {:<16} {:<10} {:<15} {:<9} {:<6} {:>9} {:>9} {:>9} {:>12} {:>12} {:>12}  {}",
                 p.name,
                 p.id,
                 p.addr,
                 p.state,
+                p.via.map_or("-".into(), |v| v.to_string()),
                 p.last_heartbeat_s.map_or("-".into(), |s| format!("{s:.1}")),
                 p.last_rx_s.map_or("-".into(), |s| format!("{s:.1}")),
                 p.rtt_ms.map_or("-".into(), |r| format!("{r:.2}")),
                 p.tx_bytes,
                 p.rx_bytes,
+                if hub { p.relayed_bytes.to_string() } else { String::new() },
                 routes.join(",")
             );
+            for x in &p.paths {
+                let pct = |l: Option<f64>| l.map_or("-".into(), |l| format!("{:.0}%", l * 100.0));
+                let _ = writeln!(
+                    s,
+                    "      path {} -> {}  {}  rtt {}  loss up {} down {}",
+                    x.local,
+                    x.remote,
+                    x.state.name(),
+                    x.rtt_ms.map_or("-".into(), |r| format!("{r:.2} ms")),
+                    pct(x.loss_up),
+                    pct(x.loss_down)
+                );
+            }
         }
         s
     }
@@ -325,6 +357,7 @@ struct HubDriver {
     core: Hub,
     tunnel: HubTunnel,
     dns: Option<DnsServer>,
+    rendezvous: Option<mio::net::UdpSocket>,
     dev: tun::Device,
     bufs: IoBuffers,
     tun_name: String,
@@ -366,6 +399,23 @@ impl DnsServer {
         }
         true
     }
+}
+
+/// Answers what arrived on the rendezvous port, at most `READ_BUDGET` questions; true if
+/// more may wait.
+fn serve_rendezvous(sock: &mio::net::UdpSocket, core: &mut Hub, buf: &mut [u8]) -> bool {
+    let mut answer = Vec::new();
+    for _ in 0..READ_BUDGET {
+        let (n, from) = match sock.recv_from(buf) {
+            Ok(r) => r,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+            Err(_) => continue,
+        };
+        if let Some(len) = core.handle_rendezvous(from, &buf[..n], &mut answer) {
+            let _ = sock.send_to(&answer[..len], from);
+        }
+    }
+    true
 }
 
 /// The hub core's view of hub.yaml's `peers`, keys read.
@@ -417,6 +467,16 @@ pub fn run_hub(c: HubConfig, config_path: PathBuf, control_path: PathBuf, log: &
         Some(d) => Some(DnsServer::open(SocketAddr::new(hub_addr.into(), 53), &d.domain, el.registry(), log)?),
         None => None,
     };
+    let rendezvous = match c.rendezvous {
+        Some(addr) => {
+            let what = || format!("rendezvous {addr} (rendezvous: in hub.yaml)");
+            let mut sock = mio::net::UdpSocket::bind(addr).context(what)?;
+            el.registry().register(&mut sock, RENDEZVOUS, Interest::READABLE).context(what)?;
+            info!(log, "mesh rendezvous"; "listen" => %addr);
+            Some(sock)
+        }
+        None => None,
+    };
     info!(log, "mpvpn hub up"; "tun" => &c.tun, "address" => %hub_addr, "network" => %c.network, "mtu" => mtu,
         "peers_configured" => c.peers.len(), "control" => %control_path.display());
     let tun_name = c.tun.clone();
@@ -424,6 +484,7 @@ pub fn run_hub(c: HubConfig, config_path: PathBuf, control_path: PathBuf, log: &
         core,
         tunnel,
         dns,
+        rendezvous,
         dev,
         bufs: IoBuffers::new(),
         tun_name,
@@ -440,11 +501,12 @@ impl Service for HubDriver {
     type Error = VpnError;
 
     fn handle_ready(&mut self, _: &Registry, token: Token) -> Result<bool, VpnError> {
-        let Self { core, tunnel, dev, bufs, log, dns, .. } = self;
+        let Self { core, tunnel, dev, bufs, log, dns, rendezvous, .. } = self;
         // one clock reading per wake-up, not per datagram
         let (now, wall) = (Instant::now(), wall_ms());
         let pending = match (token, &mut *tunnel) {
             (DNS, _) => dns.as_mut().is_some_and(|d| d.serve(|name| core.address_of(name))),
+            (RENDEZVOUS, _) => rendezvous.as_mut().is_some_and(|sock| serve_rendezvous(sock, core, &mut bufs.out)),
             (TUN, _) => read_tun(dev, &mut bufs.tun_in, log, |p| core.handle_tun_packet(p)),
             (UDP, HubTunnel::Udp(sock)) => {
                 read_udp(sock, &mut bufs.rx, log, |from, d| core.handle_datagram(now, wall, from, d))
@@ -498,6 +560,7 @@ impl Service for HubDriver {
         let old = &self.config;
         let restart: Vec<&str> = [
             ("listen", old.listen != c.listen),
+            ("rendezvous", old.rendezvous != c.rendezvous),
             ("tun", old.tun != c.tun),
             ("network", old.network != c.network),
             ("address", old.address != c.address),
@@ -748,10 +811,98 @@ fn open_peer_tunnel(c: &PeerConfig, registry: &Registry, log: &Logger) -> Result
     }
 }
 
+/// A peer's mesh sockets (`mesh:` in peer.yaml).
+struct MeshSockets {
+    socks: Vec<mio::net::UdpSocket>,
+    /// Their local addresses, as bound.
+    locals: Vec<SocketAddr>,
+    /// The hub's rendezvous port.
+    rendezvous: SocketAddr,
+    /// Where direct datagrams are read and built.
+    buf: Vec<u8>,
+    next_scan: Instant,
+}
+
+impl MeshSockets {
+    fn open(m: &crate::config::PeerMeshConfig, registry: &Registry, log: &Logger) -> Result<Self, VpnError> {
+        let rendezvous = driver::resolve(&m.rendezvous)?;
+        let mut socks = Vec::new();
+        let mut locals = Vec::new();
+        for (i, addr) in m.listen.to_vec().into_iter().enumerate() {
+            let what = || format!("mesh socket {addr} (mesh.listen in peer.yaml)");
+            let mut sock = mio::net::UdpSocket::bind(addr).context(what)?;
+            registry.register(&mut sock, Token(MESH_BASE - i), Interest::READABLE).context(what)?;
+            locals.push(sock.local_addr().context(what)?);
+            socks.push(sock);
+        }
+        info!(log, "mesh sockets open"; "listen" => ?locals, "rendezvous" => %rendezvous, "relay" => ?m.relay,
+            "connect" => ?m.connect);
+        Ok(Self { socks, locals, rendezvous, buf: vec![0; 65536], next_scan: Instant::now() })
+    }
+
+    fn socket_of(&self, token: Token) -> Option<usize> {
+        MESH_BASE.checked_sub(token.0).filter(|&i| i < self.socks.len())
+    }
+
+    /// Reads mesh socket `i` until empty or the budget is spent; true if data may remain.
+    fn read(&mut self, i: usize, core: &mut Peer, now: Instant) -> bool {
+        for _ in 0..READ_BUDGET {
+            match self.socks[i].recv_from(&mut self.buf) {
+                Ok((n, from)) => core.handle_mesh_datagram(now, i, from, &mut self.buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+                Err(_) => {}
+            }
+        }
+        true
+    }
+
+    /// Sends what the mesh has: direct datagrams, and the questions for the rendezvous
+    /// port (copies for the relay go into the tunnel's queue).
+    fn transmit(&mut self, core: &mut Peer, now: Instant) {
+        for (i, d) in core.poll_rendezvous(now) {
+            let _ = self.socks[i].send_to(&d, self.rendezvous);
+        }
+        while let Some((len, dests)) = core.poll_mesh_transmit(now, &mut self.buf) {
+            for d in dests {
+                if let crate::mesh::MeshAddr::Direct { socket, addr } = *d {
+                    // a full socket buffer or an unreachable address loses one copy
+                    let _ = self.socks[socket].send_to(&self.buf[..len], addr);
+                }
+            }
+        }
+    }
+
+    /// This host's addresses the mesh sockets may be reached on (host candidates): not
+    /// loopback, not link-local, not on the VPN's TUN.
+    fn host_candidates(&self, tun: &str) -> Vec<SocketAddr> {
+        let ifs = if_addrs::get_if_addrs().unwrap_or_default();
+        let mut out = Vec::new();
+        for local in &self.locals {
+            if !local.ip().is_unspecified() {
+                out.push(*local);
+                continue;
+            }
+            for i in ifs.iter().filter(|i| i.name != tun && !i.is_loopback()) {
+                let ip = i.ip();
+                let link_local = match ip {
+                    std::net::IpAddr::V4(a) => a.is_link_local(),
+                    std::net::IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80,
+                };
+                if ip.is_ipv4() == local.is_ipv4() && !link_local {
+                    out.push(SocketAddr::new(ip, local.port()));
+                }
+            }
+        }
+        out.dedup();
+        out
+    }
+}
+
 /// `mpvpn peer` as the event loop runs it.
 struct PeerDriver {
     core: Peer,
     tunnel: PeerTunnel,
+    mesh: Option<MeshSockets>,
     dev: tun::Device,
     bufs: IoBuffers,
     name: String,
@@ -771,6 +922,11 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
     if let Some(w) = &key.warning {
         warn!(log, "{}", w);
     }
+    let mut el = EventLoop::new(log.clone())?;
+    let mesh = match &c.mesh {
+        Some(m) => Some(MeshSockets::open(m, el.registry(), log)?),
+        None => None,
+    };
     let core = Peer::new(
         PeerCoreConfig {
             name: c.name.clone(),
@@ -778,11 +934,16 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
             mtu: c.mtu,
             routes: c.routes.clone(),
             tunnel_payload: TUNNEL_PAYLOAD,
+            mesh: c.mesh.as_ref().zip(mesh.as_ref()).map(|(m, s)| crate::mesh::MeshConfig {
+                name: c.name.clone(),
+                sockets: s.locals.clone(),
+                relay: m.relay,
+                connect: m.connect,
+            }),
         },
         Instant::now(),
         Box::new(OsEntropy::new()),
     );
-    let mut el = EventLoop::new(log.clone())?;
     el.serve_control(&control_path)?;
     el.serve_metrics(c.metrics_listen)?;
     el.log_stats_every(Some(STATS_INTERVAL));
@@ -794,6 +955,7 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
     let mut d = PeerDriver {
         core,
         tunnel,
+        mesh,
         dev,
         bufs: IoBuffers::new(),
         name: c.name,
@@ -816,10 +978,15 @@ impl Service for PeerDriver {
     type Error = VpnError;
 
     fn handle_ready(&mut self, registry: &Registry, token: Token) -> Result<bool, VpnError> {
-        let Self { core, tunnel, dev, bufs, log, .. } = self;
+        let Self { core, tunnel, dev, bufs, log, mesh, .. } = self;
         let now = Instant::now();
+        if let Some((m, i)) = mesh.as_mut().and_then(|m| m.socket_of(token).map(|i| (m, i))) {
+            let pending = m.read(i, core, now);
+            self.flush()?;
+            return Ok(pending);
+        }
         let pending = match (token, &mut *tunnel) {
-            (TUN, _) => read_tun(dev, &mut bufs.tun_in, log, |p| core.handle_tun_packet(p)),
+            (TUN, _) => read_tun(dev, &mut bufs.tun_in, log, |p| core.handle_tun_packet(now, p)),
             (UDP, PeerTunnel::Udp { sock, .. }) => {
                 read_udp(sock, &mut bufs.rx, log, |_, d| core.handle_datagram(now, d))
             }
@@ -841,6 +1008,10 @@ impl Service for PeerDriver {
 
     fn handle_timeout(&mut self, registry: &Registry, now: Instant) -> Result<(), VpnError> {
         self.tunnel.handle_timeout(registry, now);
+        if let Some(m) = self.mesh.as_mut().filter(|m| now >= m.next_scan) {
+            m.next_scan = now + CANDIDATE_SCAN_INTERVAL;
+            self.core.set_host_candidates(m.host_candidates(&self.tun_name));
+        }
         self.core.handle_timeout(now, wall_ms());
         self.flush()
     }
@@ -881,7 +1052,11 @@ impl PeerDriver {
     /// Sends what the core queued (through `bufs`), applies its configuration and logs
     /// its events.
     fn flush(&mut self) -> Result<(), VpnError> {
-        let Self { core, tunnel, dev, bufs, tun_name: tun, installed, skipped, resolver, log, .. } = self;
+        let Self { core, tunnel, dev, bufs, tun_name: tun, installed, skipped, resolver, log, mesh, .. } = self;
+        // first: the mesh's copies for the relay join the tunnel's queue
+        if let Some(m) = mesh.as_mut() {
+            m.transmit(core, Instant::now());
+        }
         let failed = tunnel.transmit(core, &mut bufs.tx);
         if failed > 0 {
             trace!(log, "sends to mpclient failed"; "datagrams" => failed);

@@ -18,18 +18,26 @@
 //!   version over its KCP link (reliable and ordered), at most every
 //!   `PEER_LIST_PUSH_INTERVAL` (a burst of registrations makes one push, not one each),
 //!   and a peer whose link had no room for it gets it in a later round.
+//! - The mesh (`crate::mesh`): a peer's candidates are its host addresses (which it
+//!   tells over its link) and what the rendezvous port saw its mesh sockets come from,
+//!   asked under its channel; the answer is never longer than the question and only a
+//!   registered peer gets one. A pair key is derived from a secret of this hub and both
+//!   registrations, and goes to each of the two sealed under its own channel. Relayed
+//!   datagrams go only from one registered peer to another; their bytes are counted.
 
 use crate::channel::{Agreement, Channel, OpenFailure};
 use crate::ip::{self, Prefix};
 use crate::kcplink::{KcpLink, LinkError};
+use crate::mesh::{MeshPathStatus, Via};
 use crate::queue::PacketQueue;
 use crate::wire::{
-    self, field, sealed_kind, HeartbeatAckRepr, HeartbeatRepr, PeerEntry, PeerKey, RefusalReason, RefusalRepr,
-    RegisterRepr, RouteRefusalReason, SealedHeader, WelcomeRepr, INNER_IP, MSG_REGISTER, MSG_SEALED, SEALED_HEADER_LEN,
-    SEALED_OVERHEAD,
+    self, field, sealed_kind, HeartbeatAckRepr, HeartbeatRepr, IntroRepr, PeerEntry, PeerKey, RefusalReason,
+    RefusalRepr, RegisterRepr, RouteRefusalReason, SealedHeader, WelcomeRepr, INNER_CANDIDATES, INNER_INTRO_REQUEST,
+    INNER_IP, MAX_CANDIDATES, MSG_REGISTER, MSG_SEALED, SEALED_HEADER_LEN, SEALED_OVERHEAD,
 };
 use common::crypto::x25519_public;
 use common::entropy::Entropy;
+use ring::hmac;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -44,6 +52,12 @@ pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(15);
 pub const PEER_SILENT_AFTER: Duration = Duration::from_secs(3);
 /// The peer list goes out at most this often.
 pub const PEER_LIST_PUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// A pair is introduced at most this often (both of its peers may ask at once).
+pub const INTRO_INTERVAL: Duration = Duration::from_secs(1);
+/// Datagrams waiting to go out at most (relayed ones beyond it are dropped and counted).
+pub const TRANSMIT_QUEUE_MAX: usize = 8192;
+/// Mesh sockets per peer whose reflexive address the hub keeps.
+pub const MAX_MESH_SOCKETS: usize = 4;
 
 /// A peer the hub knows from its config.
 pub struct PeerSpec {
@@ -111,6 +125,10 @@ pub struct HubDrops {
     /// Announced routes refused by policy.
     #[serde(default)]
     pub route_refused: u64,
+    /// Relayed datagrams for a peer that is not registered (or to oneself), or beyond the
+    /// transmit queue.
+    #[serde(default)]
+    pub relay_refused: u64,
 }
 
 /// What `Hub::reconfigure` changed, by peer name.
@@ -183,6 +201,16 @@ pub struct PeerStatus {
     pub rtt_ms: Option<f64>,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
+    /// A peer's view of another: how it is reached (the mesh; without it, `relay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<Via>,
+    /// A peer's view of another: the direct paths of the pair.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<MeshPathStatus>,
+    /// The hub's view: bytes from this peer it passed on to other peers (IP packets it
+    /// routed and datagrams of direct sessions it relayed).
+    #[serde(default)]
+    pub relayed_bytes: u64,
 }
 
 /// Where a peer's datagrams go before any arrived (tunnel addresses are learned from
@@ -221,6 +249,27 @@ struct HubPeer {
     list_version: u32,
     tx_bytes: u64,
     rx_bytes: u64,
+    /// It told its host candidates: it has a mesh socket.
+    mesh: bool,
+    host_candidates: Vec<SocketAddr>,
+    /// Where the rendezvous port saw each of its mesh sockets come from.
+    reflexive: BTreeMap<u8, SocketAddr>,
+    relayed_bytes: u64,
+}
+
+impl HubPeer {
+    /// Its candidates as the list carries them: server-reflexive first (what works
+    /// across NATs), then host addresses.
+    fn candidates(&self) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = self.reflexive.values().copied().collect();
+        for c in &self.host_candidates {
+            if !out.contains(c) {
+                out.push(*c);
+            }
+        }
+        out.truncate(MAX_CANDIDATES);
+        out
+    }
 }
 
 pub struct Hub {
@@ -246,6 +295,10 @@ pub struct Hub {
     buf: Vec<u8>,
     /// Where messages of the KCP stream are taken.
     inner_buf: Vec<u8>,
+    /// Pair keys derive from it; a new one each run (pairs are bound to registrations).
+    pair_secret: hmac::Key,
+    /// When each pair (lower id, higher id) was last introduced.
+    introduced: HashMap<(u32, u32), Instant>,
 }
 
 impl Hub {
@@ -254,6 +307,8 @@ impl Hub {
         let keys = cfg.peers.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
         // ids are not secret; random ones keep a restarted hub's from meeting old ones
         let first_peer_id = (entropy.next_u64() as u32) >> 1;
+        let mut secret = [0u8; 32];
+        entropy.fill(&mut secret);
         Self {
             cfg,
             keys,
@@ -272,6 +327,8 @@ impl Hub {
             drops: HubDrops::default(),
             buf: vec![0; 65536],
             inner_buf: vec![0; 65536],
+            pair_secret: hmac::Key::new(hmac::HMAC_SHA256, &secret),
+            introduced: HashMap::new(),
         }
     }
 
@@ -473,6 +530,10 @@ impl Hub {
                 list_version: 0,
                 tx_bytes: 0,
                 rx_bytes: 0,
+                mesh: false,
+                host_candidates: Vec::new(),
+                reflexive: BTreeMap::new(),
+                relayed_bytes: 0,
             },
         );
         self.events.push_back(HubEvent::PeerUp { name: p.name, addr: p.addr, tunnel: from });
@@ -498,7 +559,92 @@ impl Hub {
         match m.first() {
             Some(&sealed_kind::HEARTBEAT) => self.on_heartbeat(now, id, m),
             Some(&sealed_kind::KCP) => self.on_kcp(now, id, &m[field::kcp::SEGMENT..]),
+            Some(&sealed_kind::RELAY) => self.relay(id, m),
             _ => self.drops.malformed += 1,
+        }
+    }
+
+    /// A datagram of a direct session from peer `from` for another registered peer:
+    /// passed on sealed under that peer's channel, with who sent it.
+    fn relay(&mut self, from: u32, m: &[u8]) {
+        if m.len() <= field::relay::DATAGRAM {
+            self.drops.malformed += 1;
+            return;
+        }
+        let to = common::wire::be::u32_at(m, field::relay::PEER_ID);
+        let datagram = &m[field::relay::DATAGRAM..];
+        let full = self.transmit.len() >= TRANSMIT_QUEUE_MAX;
+        match self.peers.get_mut(&to) {
+            Some(q) if to != from && q.tunnel != UNBOUND && !full => {
+                let mut out = Vec::with_capacity(field::relay::DATAGRAM + datagram.len());
+                out.push(sealed_kind::RELAY);
+                out.extend_from_slice(&from.to_be_bytes());
+                out.extend_from_slice(datagram);
+                let d = q.channel.seal_message(&out);
+                self.transmit.push_back((q.tunnel, d));
+                if let Some(p) = self.peers.get_mut(&from) {
+                    p.relayed_bytes += datagram.len() as u64;
+                }
+            }
+            _ => self.drops.relay_refused += 1,
+        }
+    }
+
+    /// A "where am I" on the rendezvous port from `from`: if it opens under a registered
+    /// peer's channel, `from` is that mesh socket's reflexive candidate (a change is
+    /// pushed to everyone) and `out` gets the answer, sealed. Returns its length.
+    pub fn handle_rendezvous(&mut self, from: SocketAddr, d: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+        let h = SealedHeader::parse(d).ok()?;
+        let p = self.peers.get_mut(&h.peer_id)?;
+        let n = p.channel.open(h, d, &mut self.buf).ok()?.len();
+        let socket = wire::parse_where_am_i(&self.buf[SEALED_HEADER_LEN..SEALED_HEADER_LEN + n]).ok()?;
+        if usize::from(socket) >= MAX_MESH_SOCKETS {
+            return None;
+        }
+        let moved = p.reflexive.insert(socket, from) != Some(from);
+        let answer = p.channel.seal_message(&wire::emit_you_are(socket, from));
+        if moved && p.mesh {
+            self.push_peer_list();
+        }
+        // never more than the question: the rendezvous port amplifies nothing
+        if answer.len() > d.len() {
+            return None;
+        }
+        out.clear();
+        out.extend_from_slice(&answer);
+        Some(answer.len())
+    }
+
+    /// Peer `id` asks to be introduced to `to`: both get the pair's key, each sealed
+    /// under its own channel (over its link), at most every `INTRO_INTERVAL` per pair.
+    fn introduce(&mut self, now: Instant, id: u32, to: u32) {
+        let pair = (id.min(to), id.max(to));
+        let ok = id != to && [id, to].iter().all(|i| self.peers.get(i).is_some_and(|p| p.mesh));
+        if !ok || self.introduced.get(&pair).is_some_and(|&t| now < t + INTRO_INTERVAL) {
+            return;
+        }
+        self.introduced.insert(pair, now);
+        let (lo, hi) = (&self.peers[&pair.0], &self.peers[&pair.1]);
+        let mut ctx = hmac::Context::with_key(&self.pair_secret);
+        for part in [
+            b"mpvpn v1 pair key".as_slice(),
+            &lo.id.to_be_bytes(),
+            &hi.id.to_be_bytes(),
+            lo.name.as_bytes(),
+            &[0],
+            hi.name.as_bytes(),
+        ] {
+            ctx.update(part);
+        }
+        let mut key = [0u8; wire::PAIR_KEY_LEN];
+        key.copy_from_slice(&ctx.sign().as_ref()[..wire::PAIR_KEY_LEN]);
+        for (a, b) in [(id, to), (to, id)] {
+            let intro = IntroRepr { peer_id: b, key }.emit();
+            if let Some(p) = self.peers.get_mut(&a) {
+                if p.link.send(&intro).is_err() {
+                    self.drops.queue_full += 1;
+                }
+            }
         }
     }
 
@@ -538,12 +684,44 @@ impl Hub {
                     }
                     self.route_from_peer(id, &inner[field::inner::BODY..n]);
                 }
+                Some(&INNER_CANDIDATES) => match wire::parse_candidates(&inner[..n]) {
+                    Ok(c) => self.set_host_candidates(id, c),
+                    Err(_) => self.drops.malformed += 1,
+                },
+                Some(&INNER_INTRO_REQUEST) => match wire::parse_intro_request(&inner[..n]) {
+                    Ok(to) => self.introduce(now, id, to),
+                    Err(_) => self.drops.malformed += 1,
+                },
                 _ => self.drops.malformed += 1,
             }
         }
         self.inner_buf = inner;
         if self.peers.get(&id).is_some_and(|p| p.link.is_broken()) {
             self.remove_peer(id, "its KCP link broke");
+        }
+    }
+
+    /// Peer `id` has a mesh socket, reachable at these host addresses (only addresses a
+    /// host can have are kept).
+    fn set_host_candidates(&mut self, id: u32, mut c: Vec<SocketAddr>) {
+        c.retain(|a| {
+            a.port() != 0
+                && match a.ip() {
+                    IpAddr::V4(v4) => {
+                        !(v4.is_loopback()
+                            || v4.is_unspecified()
+                            || v4.is_multicast()
+                            || v4.is_broadcast()
+                            || self.cfg.network.contains(v4))
+                    }
+                    IpAddr::V6(v6) => !(v6.is_loopback() || v6.is_unspecified() || v6.is_multicast()),
+                }
+        });
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        if !p.mesh || p.host_candidates != c {
+            p.mesh = true;
+            p.host_candidates = c;
+            self.push_peer_list();
         }
     }
 
@@ -646,7 +824,12 @@ impl Hub {
         let target = Self::v4_dst(dst);
         match target.and_then(|d| self.peer_for(d)) {
             Some(to) if to == from_id => self.drops.no_route += 1,
-            Some(to) => self.send_ip(to, packet),
+            Some(to) => {
+                if let Some(p) = self.peers.get_mut(&from_id) {
+                    p.relayed_bytes += packet.len() as u64;
+                }
+                self.send_ip(to, packet)
+            }
             None => {
                 if target.is_some_and(|d| self.cfg.network.contains(d) && d != self.cfg.hub_addr) {
                     self.drops.no_route += 1; // a VPN address nobody has
@@ -677,7 +860,13 @@ impl Hub {
     fn entries(&self) -> Vec<PeerEntry> {
         self.peers
             .values()
-            .map(|p| PeerEntry { id: p.id, name: p.name.clone(), addr: p.addr, routes: p.routes.clone() })
+            .map(|p| PeerEntry {
+                id: p.id,
+                name: p.name.clone(),
+                addr: p.addr,
+                routes: p.routes.clone(),
+                candidates: if p.mesh { p.candidates() } else { Vec::new() },
+            })
             .collect()
     }
 
@@ -790,6 +979,9 @@ impl Hub {
                 rtt_ms: (p.rtt_us > 0).then(|| f64::from(p.rtt_us) / 1000.0),
                 tx_bytes: p.tx_bytes,
                 rx_bytes: p.rx_bytes,
+                via: None,
+                paths: Vec::new(),
+                relayed_bytes: p.relayed_bytes,
             })
             .collect()
     }

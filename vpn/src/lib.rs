@@ -12,6 +12,7 @@ pub mod driver;
 pub mod hub;
 pub mod ip;
 pub mod kcplink;
+pub mod mesh;
 pub mod onboard;
 pub mod peer;
 pub mod queue;

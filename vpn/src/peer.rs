@@ -15,17 +15,18 @@ use crate::channel::{Agreement, Channel};
 use crate::hub::{PeerState, PeerStatus};
 use crate::ip::{self, Prefix};
 use crate::kcplink::{KcpLink, LinkError};
+use crate::mesh::{Mesh, MeshAddr, MeshConfig, Via};
 use crate::queue::PacketQueue;
 use crate::wire::{
-    self, field, sealed_kind, HeartbeatAckRepr, HeartbeatRepr, PeerEntry, PeerKey, PeerListChunk, RefusalReason,
-    RefusalRepr, RegisterRepr, RouteRefusalReason, SealedHeader, WelcomeRepr, INNER_IP, INNER_PEERS, MSG_REFUSAL,
-    MSG_SEALED, MSG_WELCOME, PUBLIC_KEY_LEN, SEALED_HEADER_LEN, SEALED_OVERHEAD,
+    self, field, sealed_kind, HeartbeatAckRepr, HeartbeatRepr, IntroRepr, PeerEntry, PeerKey, PeerListChunk,
+    RefusalReason, RefusalRepr, RegisterRepr, RouteRefusalReason, SealedHeader, WelcomeRepr, INNER_INTRO, INNER_IP,
+    INNER_PEERS, MSG_REFUSAL, MSG_SEALED, MSG_WELCOME, PUBLIC_KEY_LEN, SEALED_HEADER_LEN, SEALED_OVERHEAD,
 };
 use common::crypto::x25519_public;
 use common::entropy::Entropy;
 use ring::agreement::EphemeralPrivateKey;
 use std::collections::{BTreeSet, VecDeque};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -35,6 +36,9 @@ pub const HEARTBEAT_RETRIES: [Duration; 3] = [Duration::from_secs(1), Duration::
 pub const HUB_LOST_AFTER: Duration = Duration::from_secs(8);
 pub const REGISTER_RETRY: Duration = Duration::from_millis(500);
 pub const REREGISTER_INTERVAL: Duration = Duration::from_secs(2);
+/// Each mesh socket asks the hub's rendezvous port where it is this often: a NAT
+/// mapping that changed is in the hub's list within about this.
+pub const RENDEZVOUS_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct PeerCoreConfig {
     pub name: String,
@@ -44,6 +48,8 @@ pub struct PeerCoreConfig {
     pub routes: Vec<Prefix>,
     /// Payload bytes one tunnel datagram carries.
     pub tunnel_payload: usize,
+    /// Direct sessions with other peers (`mesh:` in peer.yaml).
+    pub mesh: Option<MeshConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +104,9 @@ pub struct PeerDrops {
     /// registration we no longer have).
     #[serde(default)]
     pub unauthenticated: u64,
+    /// The mesh's (`mesh::MeshDrops`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<crate::mesh::MeshDrops>,
 }
 
 /// One registration attempt: its nonce and ephemeral key stay the same in every resend.
@@ -169,11 +178,24 @@ pub struct Peer {
     /// Where messages of the KCP stream are taken.
     inner_buf: Vec<u8>,
     entropy: Box<dyn Entropy>,
+    /// This registration's id (the hub's list names us by it).
+    id: u32,
+    mesh: Option<Mesh>,
+    /// Where our mesh sockets are reachable on this host (the driver finds them).
+    host_candidates: Vec<SocketAddr>,
+    /// What the rendezvous port last saw each mesh socket come from.
+    reflexive: Vec<Option<SocketAddr>>,
+    next_rendezvous: Instant,
+    /// Where the mesh datagram `poll_mesh_transmit` returned goes (directly).
+    mesh_dests: Vec<MeshAddr>,
+    mesh_all_dests: Vec<MeshAddr>,
 }
 
 impl Peer {
     /// `entropy` makes each registration's nonce and ephemeral key.
-    pub fn new(cfg: PeerCoreConfig, now: Instant, mut entropy: Box<dyn Entropy>) -> Self {
+    pub fn new(mut cfg: PeerCoreConfig, now: Instant, mut entropy: Box<dyn Entropy>) -> Self {
+        let mesh = cfg.mesh.take().map(|m| Mesh::new(m, now, 0, entropy.fork()));
+        let sockets = mesh.as_ref().map_or(0, |m| m.socket_count());
         Self {
             cfg,
             state: State::Registering { attempt: Attempt::new(&mut *entropy), next_try: now, lost: false },
@@ -198,7 +220,35 @@ impl Peer {
             buf: vec![0; 65536],
             inner_buf: vec![0; 65536],
             entropy,
+            id: 0,
+            mesh,
+            host_candidates: Vec::new(),
+            reflexive: vec![None; sockets],
+            next_rendezvous: now,
+            mesh_dests: Vec::new(),
+            mesh_all_dests: Vec::new(),
         }
+    }
+
+    /// Where our mesh sockets are reachable on this host: told to the hub now and with
+    /// every registration.
+    pub fn set_host_candidates(&mut self, c: Vec<SocketAddr>) {
+        if c != self.host_candidates {
+            self.host_candidates = c;
+            self.send_candidates();
+        }
+    }
+
+    fn send_candidates(&mut self) {
+        let (State::Up(s), Some(_)) = (&mut self.state, &self.mesh) else { return };
+        if s.link.send(&wire::emit_candidates(&self.host_candidates)).is_err() {
+            self.drops.queue_full += 1;
+        }
+    }
+
+    /// What the hub's rendezvous port saw each mesh socket come from.
+    pub fn reflexive(&self) -> &[Option<SocketAddr>] {
+        &self.reflexive
     }
 
     pub fn is_up(&self) -> bool {
@@ -300,6 +350,13 @@ impl Peer {
             retries_sent: 0,
             pending_hb: None,
         }));
+        self.id = w.peer_id;
+        // pairs were bound to the registration before
+        if let Some(m) = self.mesh.as_mut() {
+            m.reset();
+        }
+        self.send_candidates();
+        self.next_rendezvous = now;
         // the first sealed datagram is what makes the hub use this registration: now
         self.send_heartbeat(now);
         self.events.push_back(PeerEvent::Configured {
@@ -353,11 +410,18 @@ impl Peer {
                 return;
             }
         };
-        let buf = std::mem::take(&mut self.buf);
-        let m = &buf[SEALED_HEADER_LEN..SEALED_HEADER_LEN + n];
+        let mut buf = std::mem::take(&mut self.buf);
+        let m = &mut buf[SEALED_HEADER_LEN..SEALED_HEADER_LEN + n];
         match m.first() {
             Some(&sealed_kind::HEARTBEAT_ACK) => self.on_ack(now, m),
             Some(&sealed_kind::KCP) => self.on_kcp(now, &m[field::kcp::SEGMENT..]),
+            Some(&sealed_kind::RELAY) if m.len() > field::relay::DATAGRAM => {
+                let from = common::wire::be::u32_at(m, field::relay::PEER_ID);
+                match self.mesh.as_mut() {
+                    Some(mesh) => mesh.handle_datagram(now, MeshAddr::Relay(from), &mut m[field::relay::DATAGRAM..]),
+                    None => self.drops.malformed += 1,
+                }
+            }
             _ => self.drops.malformed += 1,
         }
         self.buf = buf;
@@ -422,8 +486,12 @@ impl Peer {
                     self.to_tun.push(&[packet]);
                 }
                 Some(&INNER_PEERS) => match wire::parse_peer_list(m) {
-                    Ok(chunk) => self.on_peer_list_chunk(chunk),
+                    Ok(chunk) => self.on_peer_list_chunk(now, chunk),
                     Err(_) => self.drops.malformed += 1,
+                },
+                Some(&INNER_INTRO) => match (IntroRepr::parse(m), self.mesh.as_mut()) {
+                    (Ok(intro), Some(mesh)) => mesh.on_intro(now, &intro),
+                    _ => self.drops.malformed += 1,
                 },
                 _ => self.drops.malformed += 1,
             }
@@ -432,7 +500,7 @@ impl Peer {
 
     /// One chunk of a peer list; the list is taken when its last chunk arrives (KCP keeps
     /// them in order; a chunk 0 starts a list afresh).
-    fn on_peer_list_chunk(&mut self, c: PeerListChunk) {
+    fn on_peer_list_chunk(&mut self, now: Instant, c: PeerListChunk) {
         if c.chunk == 0 {
             self.list_assembly = Some((c.version, 0, Vec::new()));
         }
@@ -449,12 +517,15 @@ impl Peer {
         }
         if c.chunk + 1 == c.chunks {
             if let Some((_, _, list)) = self.list_assembly.take() {
-                self.set_peer_list(list);
+                self.set_peer_list(now, list);
             }
         }
     }
 
-    fn set_peer_list(&mut self, list: Vec<PeerEntry>) {
+    fn set_peer_list(&mut self, now: Instant, list: Vec<PeerEntry>) {
+        if let Some(m) = self.mesh.as_mut() {
+            m.set_peer_list(now, self.id, &list);
+        }
         let wanted: BTreeSet<Prefix> =
             list.iter().filter(|p| p.addr != self.addr).flat_map(|p| p.routes.iter().copied()).collect();
         let add: Vec<Prefix> = wanted.difference(&self.installed_routes).copied().collect();
@@ -518,32 +589,57 @@ impl Peer {
         self.peers
             .iter()
             .zip(&self.peer_traffic)
-            .map(|(p, t)| PeerStatus {
-                id: p.id,
-                name: p.name.clone(),
-                addr: p.addr,
-                state: if p.addr == self.addr { PeerState::Own } else { PeerState::ViaHub },
-                tunnel: String::new(),
-                routes: p.routes.clone(),
-                last_heartbeat_s: None,
-                last_rx_s: t.last_rx.map(|r| now.saturating_duration_since(r).as_secs_f64()),
-                rtt_ms: None,
-                tx_bytes: t.tx_bytes,
-                rx_bytes: t.rx_bytes,
+            .map(|(p, t)| {
+                let own = p.addr == self.addr;
+                let (mesh_tx, mesh_rx) = self.mesh.as_ref().map_or((0, 0), |m| m.traffic(p.id));
+                let paths = self.mesh.as_ref().map_or_else(Vec::new, |m| m.paths(now, p.id));
+                PeerStatus {
+                    id: p.id,
+                    name: p.name.clone(),
+                    addr: p.addr,
+                    state: if own { PeerState::Own } else { PeerState::ViaHub },
+                    tunnel: p.candidates.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","),
+                    routes: p.routes.clone(),
+                    last_heartbeat_s: None,
+                    last_rx_s: t.last_rx.map(|r| now.saturating_duration_since(r).as_secs_f64()),
+                    rtt_ms: paths
+                        .iter()
+                        .filter(|x| x.state == common::stats::PathState::Up)
+                        .filter_map(|x| x.rtt_ms)
+                        .reduce(f64::min),
+                    tx_bytes: t.tx_bytes + mesh_tx,
+                    rx_bytes: t.rx_bytes + mesh_rx,
+                    via: (!own).then(|| self.mesh.as_ref().map_or(Via::Relay, |m| m.via(p.id))),
+                    paths,
+                    relayed_bytes: 0,
+                }
             })
             .collect()
     }
 
     /// An IP packet read from the TUN device.
-    pub fn handle_tun_packet(&mut self, packet: &[u8]) {
-        let State::Up(s) = &mut self.state else {
+    pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8]) {
+        if !self.is_up() {
             self.drops.hub_lost += 1;
             return;
-        };
+        }
         let Some((_, dst)) = ip::addresses(packet) else {
             self.drops.malformed += 1;
             return;
         };
+        let to = self.peer_index(dst).map(|i| self.peers[i].id);
+        if let (Some(mesh), Some(id)) = (self.mesh.as_mut(), to) {
+            if mesh.is_ready(id) {
+                match mesh.send_ip(id, packet) {
+                    Ok(()) => self.tx_bytes += packet.len() as u64,
+                    Err(_) => self.drops.queue_full += 1,
+                }
+                return;
+            }
+            // through the hub until the pair is up
+            mesh.want(now, id);
+        }
+        let State::Up(s) = &mut self.state else { return };
         match s.link.send_ip(packet) {
             Ok(()) => {
                 self.tx_bytes += packet.len() as u64;
@@ -556,6 +652,9 @@ impl Peer {
     }
 
     fn lose_hub(&mut self, now: Instant) {
+        if let Some(m) = self.mesh.as_mut() {
+            m.reset();
+        }
         self.state = State::Registering { attempt: Attempt::new(&mut *self.entropy), next_try: now, lost: true };
         self.events.push_back(PeerEvent::HubLost);
     }
@@ -583,6 +682,11 @@ impl Peer {
         let room = out.len().checked_sub(SEALED_OVERHEAD)?;
         match &mut self.state {
             State::Up(s) => {
+                while let Some(id) = self.mesh.as_mut().and_then(Mesh::poll_intro_request) {
+                    if s.link.send(&wire::emit_intro_request(id)).is_err() {
+                        self.drops.queue_full += 1;
+                    }
+                }
                 let n = s.link.poll_transmit(&mut out[SEALED_HEADER_LEN..SEALED_HEADER_LEN + room])?;
                 Some(s.channel.seal(out, n))
             }
@@ -592,7 +696,76 @@ impl Peer {
 
     /// Next IP packet for the TUN, into `out`; returns its length.
     pub fn poll_tun(&mut self, out: &mut [u8]) -> Option<usize> {
-        self.to_tun.pop_into(out)
+        self.to_tun.pop_into(out).or_else(|| self.mesh.as_mut()?.poll_tun(out))
+    }
+
+    /// One datagram on mesh socket `socket` from `from` (opened in place): the hub's
+    /// rendezvous answer, or a direct session's.
+    pub fn handle_mesh_datagram(&mut self, now: Instant, socket: usize, from: SocketAddr, d: &mut [u8]) {
+        if d.first() == Some(&MSG_SEALED) {
+            self.on_rendezvous_answer(d);
+            return;
+        }
+        match self.mesh.as_mut() {
+            Some(m) => m.handle_datagram(now, MeshAddr::Direct { socket, addr: from }, d),
+            None => self.drops.malformed += 1,
+        }
+    }
+
+    fn on_rendezvous_answer(&mut self, d: &[u8]) {
+        let State::Up(s) = &mut self.state else { return };
+        let Ok(h) = SealedHeader::parse(d) else { return };
+        let Ok(m) = s.channel.open(h, d, &mut self.buf) else {
+            self.drops.unauthenticated += 1;
+            return;
+        };
+        let n = m.len();
+        match wire::parse_you_are(&self.buf[SEALED_HEADER_LEN..SEALED_HEADER_LEN + n]) {
+            Ok((socket, addr)) => {
+                if let Some(r) = self.reflexive.get_mut(usize::from(socket)) {
+                    *r = Some(addr);
+                }
+            }
+            Err(_) => self.drops.malformed += 1,
+        }
+    }
+
+    /// The "where am I" questions due, one per mesh socket every `RENDEZVOUS_INTERVAL`:
+    /// (socket, datagram for the hub's rendezvous port).
+    pub fn poll_rendezvous(&mut self, now: Instant) -> Vec<(usize, Vec<u8>)> {
+        let State::Up(s) = &mut self.state else { return Vec::new() };
+        if self.mesh.is_none() || now < self.next_rendezvous {
+            return Vec::new();
+        }
+        self.next_rendezvous = now + RENDEZVOUS_INTERVAL;
+        (0..self.reflexive.len()).map(|i| (i, s.channel.seal_message(&wire::emit_where_am_i(i as u8)))).collect()
+    }
+
+    /// The next datagram of a direct session, in `out` (at least 64 KiB): its length and
+    /// the mesh sockets and addresses to send it to. Copies for the hub's relay are
+    /// sealed into the tunnel's queue (`poll_transmit`).
+    pub fn poll_mesh_transmit(&mut self, now: Instant, out: &mut [u8]) -> Option<(usize, &[MeshAddr])> {
+        let mesh = self.mesh.as_mut()?;
+        loop {
+            let len = mesh.poll_transmit(now, out, &mut self.mesh_all_dests)?;
+            self.mesh_dests.clear();
+            for &d in &self.mesh_all_dests {
+                match d {
+                    MeshAddr::Relay(to) => {
+                        let State::Up(s) = &mut self.state else { continue };
+                        let mut m = Vec::with_capacity(field::relay::DATAGRAM + len);
+                        m.push(sealed_kind::RELAY);
+                        m.extend_from_slice(&to.to_be_bytes());
+                        m.extend_from_slice(&out[..len]);
+                        self.transmit.push_back(s.channel.seal_message(&m));
+                    }
+                    direct => self.mesh_dests.push(direct),
+                }
+            }
+            if !self.mesh_dests.is_empty() {
+                return Some((len, &self.mesh_dests));
+            }
+        }
     }
 
     pub fn poll_event(&mut self) -> Option<PeerEvent> {
@@ -610,7 +783,9 @@ impl Peer {
                         None => t + HUB_LOST_AFTER,
                     },
                 };
-                hb.min(s.link.poll_timeout())
+                let mesh = self.mesh.as_ref().and_then(Mesh::poll_timeout);
+                let rendezvous = self.mesh.as_ref().map(|_| self.next_rendezvous);
+                [Some(hb), Some(s.link.poll_timeout()), mesh, rendezvous].into_iter().flatten().min().unwrap_or(hb)
             }
         }
     }
@@ -624,6 +799,9 @@ impl Peer {
                 }
             }
             State::Up(s) => {
+                if let Some(m) = self.mesh.as_mut() {
+                    m.handle_timeout(now, wall_ms);
+                }
                 s.link.handle_timeout(now);
                 if s.link.is_broken() {
                     self.lose_hub(now);

@@ -19,19 +19,28 @@
 //! (`channel`); everything after the Welcome, both ways, is `Sealed` under them.
 //!
 //! Sealed kinds: `0x01` heartbeat (seq u32 | rtt_us u32), `0x02` heartbeat ack
-//! (seq u32 | peers_version u32), `0x03` one KCP segment (conv = peer id).
+//! (seq u32 | peers_version u32), `0x03` one KCP segment (conv = peer id), and for the
+//! mesh (`crate::mesh`): `0x04` a datagram of a direct session relayed by the hub
+//! (peer id u32 | datagram: to whom from a peer, from whom from the hub), `0x05` "where
+//! am I" (socket u8 | zero padding, on the hub's rendezvous port) and `0x06` its answer
+//! (socket u8 | address), never longer than the question.
 //!
 //! Messages inside the KCP stream (reliable, ordered) start with a kind byte:
 //! `0x01` an IP packet, `0x02` one chunk of the peer list
 //! (version u32 | chunk u16 | chunks u16 | count u16 | entries: id u32, name_len u8, name,
-//! addr u32, route list). A list is cut into chunks of at most `PEER_LIST_CHUNK_BYTES`,
-//! so however many peers there are, every message fits KCP's window and the receive
-//! buffer.
+//! addr u32, route list, candidate list). A list is cut into chunks of at most
+//! `PEER_LIST_CHUNK_BYTES`, so however many peers there are, every message fits KCP's
+//! window and the receive buffer. Mesh: `0x03` a peer's host candidates (peer to hub;
+//! sending it says the peer has a mesh socket), `0x04` "introduce me to" (peer id u32),
+//! `0x05` an introduction (peer id u32 | pair key [32]), sent by the hub to both peers.
+//!
+//! An address (a candidate) is `family u8 (4 or 6) | ip [4 or 16] | port u16`; a
+//! candidate list is `count u8 | address*`.
 
 use crate::ip::Prefix;
 use common::wire::be::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
 use ring::hmac;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 pub const MSG_REGISTER: u8 = 0x21;
 pub const MSG_WELCOME: u8 = 0x22;
@@ -43,10 +52,16 @@ pub mod sealed_kind {
     pub const HEARTBEAT: u8 = 0x01;
     pub const HEARTBEAT_ACK: u8 = 0x02;
     pub const KCP: u8 = 0x03;
+    pub const RELAY: u8 = 0x04;
+    pub const WHERE_AM_I: u8 = 0x05;
+    pub const YOU_ARE: u8 = 0x06;
 }
 
 pub const INNER_IP: u8 = 0x01;
 pub const INNER_PEERS: u8 = 0x02;
+pub const INNER_CANDIDATES: u8 = 0x03;
+pub const INNER_INTRO_REQUEST: u8 = 0x04;
+pub const INNER_INTRO: u8 = 0x05;
 
 /// Byte ranges of every field, as the layout above shows them. Variable-length parts
 /// (names, route lists) are located by `Fields` offsets relative to where they end.
@@ -136,6 +151,27 @@ pub mod field {
         pub const SEGMENT: usize = 1;
     }
 
+    /// `sealed_kind::RELAY`: the other peer's id, then the datagram.
+    pub mod relay {
+        use super::Field;
+        pub const PEER_ID: Field = 1..5;
+        pub const DATAGRAM: usize = 5;
+    }
+
+    /// `sealed_kind::WHERE_AM_I` and `YOU_ARE`: which mesh socket asks, then padding or
+    /// the address the hub saw.
+    pub mod rendezvous {
+        pub const SOCKET: usize = 1;
+        pub const ADDR: usize = 2;
+    }
+
+    /// `INNER_INTRO_REQUEST` and `INNER_INTRO`.
+    pub mod intro {
+        use super::Field;
+        pub const PEER_ID: Field = 1..5;
+        pub const KEY: Field = 5..37;
+    }
+
     /// One chunk of the peer list: which version, which chunk of how many, its entries.
     pub mod peer_list {
         use super::Field;
@@ -156,6 +192,18 @@ pub mod field {
 
 pub const MAC_LEN: usize = 32;
 pub const PUBLIC_KEY_LEN: usize = 32;
+pub const PAIR_KEY_LEN: usize = 32;
+/// Candidates one peer-list entry (or one candidates message) carries at most.
+pub const MAX_CANDIDATES: usize = 8;
+/// The longest encoded address.
+pub const ADDR_MAX_LEN: usize = 1 + 16 + 2;
+/// "Where am I" is padded to this length: its answer (socket and an address) is never
+/// longer, so the rendezvous port amplifies nothing.
+pub const WHERE_AM_I_LEN: usize = field::rendezvous::ADDR + ADDR_MAX_LEN + 8;
+pub const INTRO_REQUEST_LEN: usize = field::intro::PEER_ID.end;
+pub const INTRO_LEN: usize = field::intro::KEY.end;
+/// What relaying adds inside the sealed message: the kind and the other peer's id.
+pub const RELAY_HEADER_LEN: usize = field::relay::DATAGRAM;
 pub const MAX_NAME_LEN: usize = 32;
 pub const MAX_ROUTES: usize = 32;
 /// A Welcome without refused routes or DNS domain.
@@ -173,6 +221,8 @@ pub const SEALED_HEADER_LEN: usize = field::sealed::BODY;
 /// What sealing adds to a message: the clear header and the AEAD tag.
 pub const SEALED_OVERHEAD: usize = SEALED_HEADER_LEN + common::wire::AEAD_TAG_LEN;
 const _: () = assert!(field::refusal::MAC.end - field::refusal::MAC.start == MAC_LEN);
+const _: () = assert!(field::rendezvous::ADDR + ADDR_MAX_LEN <= WHERE_AM_I_LEN, "answers are never longer");
+const _: () = assert!(field::intro::KEY.end - field::intro::KEY.start == PAIR_KEY_LEN);
 const _: () = assert!(field::register::PUBLIC.end - field::register::PUBLIC.start == PUBLIC_KEY_LEN);
 const _: () = assert!(field::welcome::PUBLIC.end - field::welcome::PUBLIC.start == PUBLIC_KEY_LEN);
 
@@ -590,6 +640,10 @@ pub struct PeerEntry {
     pub name: String,
     pub addr: Ipv4Addr,
     pub routes: Vec<Prefix>,
+    /// Where its mesh sockets may be reached (host and server-reflexive); empty: the peer
+    /// has no mesh socket (or none known yet).
+    #[serde(default)]
+    pub candidates: Vec<SocketAddr>,
 }
 
 /// The most one peer-list message holds (KCP carries it in a dozen segments).
@@ -612,6 +666,161 @@ fn put_peer_entry(out: &mut Vec<u8>, p: &PeerEntry) {
     out.extend_from_slice(p.name.as_bytes());
     out.extend_from_slice(&p.addr.octets());
     put_routes(out, &p.routes);
+    put_candidates(out, &p.candidates);
+}
+
+/// Appends `a` as `family | ip | port`.
+pub fn put_addr(out: &mut Vec<u8>, a: SocketAddr) {
+    match a.ip() {
+        IpAddr::V4(v4) => {
+            out.push(4);
+            out.extend_from_slice(&v4.octets());
+        }
+        IpAddr::V6(v6) => {
+            out.push(6);
+            out.extend_from_slice(&v6.octets());
+        }
+    }
+    out.extend_from_slice(&a.port().to_be_bytes());
+}
+
+/// The address at `at`, and where it ends.
+pub fn addr_at(b: &[u8], at: usize) -> Result<(SocketAddr, usize), VpnWireError> {
+    let (ip, end): (IpAddr, usize) = match b.get(at) {
+        None => return Err(VpnWireError::Truncated),
+        Some(4) => {
+            let o: [u8; 4] = region(b, at + 1, 4)?.try_into().map_err(|_| VpnWireError::Truncated)?;
+            (Ipv4Addr::from(o).into(), at + 5)
+        }
+        Some(6) => {
+            let o: [u8; 16] = region(b, at + 1, 16)?.try_into().map_err(|_| VpnWireError::Truncated)?;
+            (Ipv6Addr::from(o).into(), at + 17)
+        }
+        Some(_) => return Err(VpnWireError::BadField),
+    };
+    let port = u16::from_be_bytes(region(b, end, 2)?.try_into().map_err(|_| VpnWireError::Truncated)?);
+    Ok((SocketAddr::new(ip, port), end + 2))
+}
+
+fn put_candidates(out: &mut Vec<u8>, c: &[SocketAddr]) {
+    let c = &c[..c.len().min(MAX_CANDIDATES)];
+    out.push(c.len() as u8);
+    for a in c {
+        put_addr(out, *a);
+    }
+}
+
+fn candidates_at(b: &[u8], at: usize) -> Result<(Vec<SocketAddr>, usize), VpnWireError> {
+    let n = *b.get(at).ok_or(VpnWireError::Truncated)? as usize;
+    if n > MAX_CANDIDATES {
+        return Err(VpnWireError::BadField);
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut at = at + 1;
+    for _ in 0..n {
+        let (a, end) = addr_at(b, at)?;
+        out.push(a);
+        at = end;
+    }
+    Ok((out, at))
+}
+
+/// `INNER_CANDIDATES`: a peer's host candidates, for the hub.
+pub fn emit_candidates(c: &[SocketAddr]) -> Vec<u8> {
+    let mut out = vec![INNER_CANDIDATES];
+    put_candidates(&mut out, c);
+    out
+}
+
+pub fn parse_candidates(b: &[u8]) -> Result<Vec<SocketAddr>, VpnWireError> {
+    match b.first() {
+        Some(&INNER_CANDIDATES) => {}
+        Some(_) => return Err(VpnWireError::Unknown),
+        None => return Err(VpnWireError::Truncated),
+    }
+    let (c, end) = candidates_at(b, 1)?;
+    if end != b.len() {
+        return Err(VpnWireError::BadField);
+    }
+    Ok(c)
+}
+
+/// `INNER_INTRO_REQUEST`: introduce me to the peer `peer_id`.
+pub fn emit_intro_request(peer_id: u32) -> [u8; INTRO_REQUEST_LEN] {
+    let mut b = [0u8; INTRO_REQUEST_LEN];
+    b[field::TYPE] = INNER_INTRO_REQUEST;
+    put_u32(&mut b, field::intro::PEER_ID, peer_id);
+    b
+}
+
+pub fn parse_intro_request(b: &[u8]) -> Result<u32, VpnWireError> {
+    let b = checked(b, INNER_INTRO_REQUEST, INTRO_REQUEST_LEN)?;
+    Ok(u32_at(b, field::intro::PEER_ID))
+}
+
+/// `INNER_INTRO`: the hub introduces the peer `peer_id`, with the pair's key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IntroRepr {
+    pub peer_id: u32,
+    pub key: [u8; PAIR_KEY_LEN],
+}
+
+impl std::fmt::Debug for IntroRepr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntroRepr").field("peer_id", &self.peer_id).finish_non_exhaustive()
+    }
+}
+
+impl IntroRepr {
+    pub fn emit(&self) -> [u8; INTRO_LEN] {
+        let mut b = [0u8; INTRO_LEN];
+        b[field::TYPE] = INNER_INTRO;
+        put_u32(&mut b, field::intro::PEER_ID, self.peer_id);
+        b[field::intro::KEY].copy_from_slice(&self.key);
+        b
+    }
+
+    pub fn parse(b: &[u8]) -> Result<Self, VpnWireError> {
+        let b = checked(b, INNER_INTRO, INTRO_LEN)?;
+        let mut key = [0u8; PAIR_KEY_LEN];
+        key.copy_from_slice(&b[field::intro::KEY]);
+        Ok(Self { peer_id: u32_at(b, field::intro::PEER_ID), key })
+    }
+}
+
+/// `sealed_kind::WHERE_AM_I` from mesh socket `socket`, padded to `WHERE_AM_I_LEN`.
+pub fn emit_where_am_i(socket: u8) -> [u8; WHERE_AM_I_LEN] {
+    let mut b = [0u8; WHERE_AM_I_LEN];
+    b[field::TYPE] = sealed_kind::WHERE_AM_I;
+    b[field::rendezvous::SOCKET] = socket;
+    b
+}
+
+/// The asking socket of a "where am I".
+pub fn parse_where_am_i(b: &[u8]) -> Result<u8, VpnWireError> {
+    let b = checked(b, sealed_kind::WHERE_AM_I, WHERE_AM_I_LEN)?;
+    Ok(b[field::rendezvous::SOCKET])
+}
+
+/// `sealed_kind::YOU_ARE`: mesh socket `socket` is seen from `addr`.
+pub fn emit_you_are(socket: u8, addr: SocketAddr) -> Vec<u8> {
+    let mut b = vec![sealed_kind::YOU_ARE, socket];
+    put_addr(&mut b, addr);
+    b
+}
+
+pub fn parse_you_are(b: &[u8]) -> Result<(u8, SocketAddr), VpnWireError> {
+    match b.first() {
+        Some(&sealed_kind::YOU_ARE) => {}
+        Some(_) => return Err(VpnWireError::Unknown),
+        None => return Err(VpnWireError::Truncated),
+    }
+    let socket = *b.get(field::rendezvous::SOCKET).ok_or(VpnWireError::Truncated)?;
+    let (addr, end) = addr_at(b, field::rendezvous::ADDR)?;
+    if end != b.len() {
+        return Err(VpnWireError::BadField);
+    }
+    Ok((socket, addr))
 }
 
 /// The peer list `version` as `INNER_PEERS` messages of at most `PEER_LIST_CHUNK_BYTES`
@@ -667,8 +876,9 @@ pub fn parse_peer_list(b: &[u8]) -> Result<PeerListChunk, VpnWireError> {
         let id = u32_at(region(b, at, f::NAME_LEN)?, f::ID);
         let (name, name_end) = name_at(b, at + f::NAME_LEN)?;
         let addr = ipv4_at(region(b, name_end, f::ROUTES)?, f::ADDR);
-        let (routes, end) = routes_at(b, name_end + f::ROUTES)?;
-        entries.push(PeerEntry { id, name: name.to_string(), addr, routes });
+        let (routes, routes_end) = routes_at(b, name_end + f::ROUTES)?;
+        let (candidates, end) = candidates_at(b, routes_end)?;
+        entries.push(PeerEntry { id, name: name.to_string(), addr, routes, candidates });
         at = end;
     }
     if at != b.len() {
@@ -781,20 +991,29 @@ mod tests {
     #[test]
     fn peer_list_round_trip() {
         let peers = vec![
-            PeerEntry { id: 2, name: "a".into(), addr: Ipv4Addr::new(10, 99, 0, 2), routes: vec![] },
+            PeerEntry {
+                id: 2,
+                name: "a".into(),
+                addr: Ipv4Addr::new(10, 99, 0, 2),
+                routes: vec![],
+                candidates: vec![],
+            },
             PeerEntry {
                 id: 3,
                 name: "b".into(),
                 addr: Ipv4Addr::new(10, 99, 0, 3),
                 routes: vec!["192.168.50.0/24".parse().unwrap()],
+                candidates: vec!["192.0.2.7:5100".parse().unwrap(), "[2001:db8::1]:5100".parse().unwrap()],
             },
         ];
         let b = emit_peer_list(5, &peers);
         #[rustfmt::skip]
         let golden = [
             0x02, 0, 0, 0, 5, 0, 0, 0, 1, 0, 2,          // kind, version, chunk 0 of 1, count
-            0, 0, 0, 2, 1, b'a', 10, 99, 0, 2, 0,        // id, name, address, no routes
+            0, 0, 0, 2, 1, b'a', 10, 99, 0, 2, 0, 0,     // id, name, address, no routes, no candidates
             0, 0, 0, 3, 1, b'b', 10, 99, 0, 3, 1, 192, 168, 50, 0, 24,
+            2, 4, 192, 0, 2, 7, 0x13, 0xec,              // two candidates: IPv4 ...
+            6, 0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0x13, 0xec, // ... and IPv6
         ];
         assert_eq!(b, [golden.to_vec()]);
         let want = PeerListChunk { version: 5, chunk: 0, chunks: 1, entries: peers };
@@ -809,6 +1028,28 @@ mod tests {
         assert_eq!(emit_peer_list(1, &[]).len(), 1, "an empty list is still a message");
     }
 
+    #[test]
+    fn mesh_messages_round_trip() {
+        let c: Vec<SocketAddr> = vec!["10.0.0.2:5100".parse().unwrap(), "[fd00::2]:5101".parse().unwrap()];
+        assert_eq!(parse_candidates(&emit_candidates(&c)).unwrap(), c);
+        let too_many: Vec<SocketAddr> = (0..20).map(|i| SocketAddr::from(([10, 0, 0, i], 1))).collect();
+        assert_eq!(parse_candidates(&emit_candidates(&too_many)).unwrap().len(), MAX_CANDIDATES);
+        let mut bad = emit_candidates(&c);
+        bad[2] = 5; // no such family
+        assert_eq!(parse_candidates(&bad), Err(VpnWireError::BadField));
+        assert!(parse_candidates(&emit_candidates(&c)[..5]).is_err());
+        assert_eq!(parse_intro_request(&emit_intro_request(7)).unwrap(), 7);
+        let i = IntroRepr { peer_id: 9, key: [3; 32] };
+        assert_eq!(IntroRepr::parse(&i.emit()).unwrap(), i);
+        assert!(IntroRepr::parse(&i.emit()[..30]).is_err());
+        assert_eq!(parse_where_am_i(&emit_where_am_i(2)).unwrap(), 2);
+        for a in &c {
+            let answer = emit_you_are(1, *a);
+            assert!(answer.len() <= WHERE_AM_I_LEN, "no amplification");
+            assert_eq!(parse_you_are(&answer).unwrap(), (1, *a));
+        }
+    }
+
     /// Before, the list was one message: with 1000 peers of 32 routes (≈ 200 KB) it took
     /// more fragments than KCP sends (its send failed: nobody got the list), and from
     /// 64 KB it no longer fitted the receive buffer. Now every chunk fits both.
@@ -817,7 +1058,13 @@ mod tests {
         let routes: Vec<Prefix> =
             (0..MAX_ROUTES as u32).map(|i| Prefix::new(Ipv4Addr::from(i << 8), 24).unwrap()).collect();
         let peers: Vec<PeerEntry> = (0..1000u32)
-            .map(|i| PeerEntry { id: i, name: format!("{i:0>32}"), addr: Ipv4Addr::from(i), routes: routes.clone() })
+            .map(|i| PeerEntry {
+                id: i,
+                name: format!("{i:0>32}"),
+                addr: Ipv4Addr::from(i),
+                routes: routes.clone(),
+                candidates: vec![],
+            })
             .collect();
         let chunks = emit_peer_list(9, &peers);
         assert!(chunks.len() > 10);

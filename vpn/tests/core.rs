@@ -89,6 +89,7 @@ impl Net {
             mtu,
             routes,
             tunnel_payload: TUNNEL_PAYLOAD,
+            mesh: None,
         };
         TestPeer {
             core: Peer::new(cfg, now, Box::new(SimEntropy::new(1000 + i as u64))),
@@ -202,9 +203,9 @@ fn packets_are_routed_between_peers_and_to_the_hub() {
     net.run_for(Duration::from_millis(200));
     let (a, b) = (net.addr(0), net.addr(1));
     for i in 0..200u8 {
-        net.peers[0].core.handle_tun_packet(&ipv4(a, b, TUN_MTU as usize, i));
+        net.peers[0].core.handle_tun_packet(net.now, &ipv4(a, b, TUN_MTU as usize, i));
     }
-    net.peers[1].core.handle_tun_packet(&ipv4(b, Ipv4Addr::new(10, 99, 0, 1), 100, 7));
+    net.peers[1].core.handle_tun_packet(net.now, &ipv4(b, Ipv4Addr::new(10, 99, 0, 1), 100, 7));
     net.run_for(Duration::from_millis(100));
     assert_eq!(net.peers[1].tun_rx.len(), 200, "every packet arrives, once, in order");
     assert!(net.peers[1].tun_rx.iter().enumerate().all(|(i, p)| p[30] == i as u8 && p.len() == TUN_MTU as usize));
@@ -223,7 +224,7 @@ fn status_shows_real_traffic_and_heartbeat_state() {
     net.run_for(Duration::from_millis(200));
     let (a, b) = (net.addr(0), net.addr(1));
     for i in 0..50u8 {
-        net.peers[0].core.handle_tun_packet(&ipv4(a, b, 1000, i));
+        net.peers[0].core.handle_tun_packet(net.now, &ipv4(a, b, 1000, i));
     }
     net.run_for(Duration::from_millis(100));
     let now = net.now;
@@ -258,7 +259,7 @@ fn lossy_tunnel_still_delivers_everything_through_kcp() {
     assert!(net.peers.iter().all(|p| p.core.is_up()));
     let (a, b) = (net.addr(0), net.addr(1));
     for i in 0..500u32 {
-        net.peers[0].core.handle_tun_packet(&ipv4(a, b, 200, (i % 251) as u8));
+        net.peers[0].core.handle_tun_packet(net.now, &ipv4(a, b, 200, (i % 251) as u8));
         net.run_for(TICK);
     }
     net.run_for(Duration::from_secs(3));
@@ -271,8 +272,8 @@ fn spoofed_inner_sources_are_dropped() {
     net.run_for(Duration::from_millis(200));
     let (b, c) = (net.addr(1), net.addr(2));
     // a claims to be b
-    net.peers[0].core.handle_tun_packet(&ipv4(b, c, 100, 1));
-    net.peers[0].core.handle_tun_packet(&ipv4(Ipv4Addr::new(192, 168, 9, 9), c, 100, 1));
+    net.peers[0].core.handle_tun_packet(net.now, &ipv4(b, c, 100, 1));
+    net.peers[0].core.handle_tun_packet(net.now, &ipv4(Ipv4Addr::new(192, 168, 9, 9), c, 100, 1));
     net.run_for(Duration::from_millis(100));
     assert!(net.peers[2].tun_rx.is_empty());
     assert_eq!(net.hub.drops.spoofed_source, 2);
@@ -289,8 +290,8 @@ fn announced_routes_are_pushed_installed_and_removed() {
     assert!(!net.peers[1].events.iter().any(|e| matches!(e, PeerEvent::Routes { .. })), "not its own route");
     // a host behind b is reachable from a, and b may send from it
     let a = net.addr(0);
-    net.peers[0].core.handle_tun_packet(&ipv4(a, Ipv4Addr::new(192, 168, 50, 10), 100, 1));
-    net.peers[1].core.handle_tun_packet(&ipv4(Ipv4Addr::new(192, 168, 50, 10), a, 100, 2));
+    net.peers[0].core.handle_tun_packet(net.now, &ipv4(a, Ipv4Addr::new(192, 168, 50, 10), 100, 1));
+    net.peers[1].core.handle_tun_packet(net.now, &ipv4(Ipv4Addr::new(192, 168, 50, 10), a, 100, 2));
     net.run_for(Duration::from_millis(100));
     assert_eq!(net.peers[1].tun_rx.len(), 1);
     assert_eq!(net.peers[0].tun_rx.len(), 1);
@@ -319,7 +320,7 @@ fn hub_loss_is_detected_after_retries_and_the_address_survives_a_hub_restart() {
     // last answered heartbeat, then retries at +1, +3, +7 s and lost at +8 s
     assert!(lost >= Duration::from_secs(8) && lost <= Duration::from_secs(10), "{lost:?}");
     // TUN packets are not taken while the hub is lost
-    net.peers[0].core.handle_tun_packet(&ipv4(before[0], before[1], 100, 1));
+    net.peers[0].core.handle_tun_packet(net.now, &ipv4(before[0], before[1], 100, 1));
     assert_eq!(net.peers[0].core.drops.hub_lost, 1);
     // a new hub (restarted: empty registry) comes up; peers come back with the same addresses
     net.hub = hub(500);
@@ -357,6 +358,7 @@ fn wrong_key_and_unknown_names_get_nothing() {
             mtu: None,
             routes: vec![],
             tunnel_payload: TUNNEL_PAYLOAD,
+            mesh: None,
         },
         now,
         Box::new(SimEntropy::new(5)),
@@ -377,7 +379,7 @@ fn replayed_traffic_changes_nothing() {
     let mut net = Net::new(&["a", "b"]);
     net.run_for(Duration::from_millis(500));
     let (a, b) = (net.addr(0), net.addr(1));
-    net.peers[0].core.handle_tun_packet(&ipv4(a, b, 100, 1));
+    net.peers[0].core.handle_tun_packet(net.now, &ipv4(a, b, 100, 1));
     net.run_for(Duration::from_millis(100));
     assert_eq!(net.peers[1].tun_rx.len(), 1);
     let before = net.hub.status(net.now);
@@ -407,7 +409,7 @@ fn register_replayed_after_a_hub_restart_yields_nothing() {
     let mut net = Net::new(&["a", "b"]);
     net.run_for(Duration::from_millis(500));
     let (a, b) = (net.addr(0), net.addr(1));
-    net.peers[0].core.handle_tun_packet(&ipv4(a, b, 100, 1));
+    net.peers[0].core.handle_tun_packet(net.now, &ipv4(a, b, 100, 1));
     net.run_for(Duration::from_millis(100));
     let captured = net.sent_by(0);
     net.hub = hub(777);
@@ -496,7 +498,7 @@ fn concurrent_registers_converge_on_one_id() {
     assert_eq!(st[0].state, PeerState::Up);
     // and it carries traffic
     let a = net.addr(0);
-    net.peers[0].core.handle_tun_packet(&ipv4(a, Ipv4Addr::new(10, 99, 0, 1), 64, 3));
+    net.peers[0].core.handle_tun_packet(net.now, &ipv4(a, Ipv4Addr::new(10, 99, 0, 1), 64, 3));
     net.run_for(Duration::from_millis(50));
     assert_eq!(net.hub_tun_rx.len(), 1);
 }
@@ -540,8 +542,8 @@ fn announcements_outside_the_hub_yaml_allowance_are_refused_and_never_pushed() {
     assert!(listed_c.is_empty(), "c's refused routes were pushed: {listed_c:?}");
     // traffic for b's subnet still reaches b, and c may not send from it
     let (a, c) = (net.addr(0), net.addr(2));
-    net.peers[0].core.handle_tun_packet(&ipv4(a, Ipv4Addr::new(192, 168, 50, 200), 100, 1));
-    net.peers[2].core.handle_tun_packet(&ipv4(Ipv4Addr::new(192, 168, 50, 200), a, 100, 2));
+    net.peers[0].core.handle_tun_packet(net.now, &ipv4(a, Ipv4Addr::new(192, 168, 50, 200), 100, 1));
+    net.peers[2].core.handle_tun_packet(net.now, &ipv4(Ipv4Addr::new(192, 168, 50, 200), a, 100, 2));
     net.run_for(Duration::from_millis(100));
     assert_eq!((net.peers[1].tun_rx.len(), net.peers[2].tun_rx.len()), (1, 0));
     assert!(net.peers[0].tun_rx.is_empty(), "a took a packet spoofed from b's subnet by {c}");
@@ -601,7 +603,7 @@ fn a_peer_list_larger_than_a_receive_buffer_arrives_whole() {
     }
     // and IP traffic still flows behind the list
     let (a, b) = (net.addr(0), net.addr(N - 1));
-    net.peers[0].core.handle_tun_packet(&ipv4(a, b, 100, 1));
+    net.peers[0].core.handle_tun_packet(net.now, &ipv4(a, b, 100, 1));
     net.run_for(Duration::from_millis(100));
     assert_eq!(net.peers[N - 1].tun_rx.len(), 1);
 }
@@ -661,7 +663,7 @@ fn reconfigure_adds_drops_and_narrows_without_disturbing_others() {
         .events
         .contains(&PeerEvent::Routes { add: vec![], remove: vec!["192.168.50.0/24".parse().unwrap()] }));
     let (a, b) = (net.addr(0), net.addr(2));
-    net.peers[0].core.handle_tun_packet(&ipv4(a, b, 100, 1));
+    net.peers[0].core.handle_tun_packet(net.now, &ipv4(a, b, 100, 1));
     net.run_for(Duration::from_millis(100));
     assert_eq!(net.peers[2].tun_rx.len(), 1);
 }

@@ -1,0 +1,856 @@
+//! The mesh: peers exchange traffic directly; the hub introduces them, helps them punch
+//! holes through their NATs, and relays only as a last resort.
+//!
+//! A pair of peers the hub introduced (`IntroRepr`: a key only the two of them and the
+//! hub hold, bound to both registrations) runs two multipath tunnel sessions, one each
+//! way, with the tunnel's own cores: our `Client` sends to their `Server`, their `Client`
+//! to our `Server`. The pair key is the PSK of the usual PSK + ephemeral X25519
+//! handshake; the tunnel key every host shares never authenticates peer-to-peer traffic.
+//! Sealed once, a datagram goes out on every live path; the receiver keeps the first copy
+//! by sequence number. A client's path 0 is the relay (the datagram sealed to the hub,
+//! which passes it on to the other peer); paths 1.. are (our mesh socket × one of their
+//! candidates). KCP between the two peers runs on top, exactly as between peer and hub.
+//!
+//! Both sides initiate (each runs a client), so the roles are fixed by construction, each
+//! side measures every path (RTT, loss both ways), and both send probes at once: the
+//! simultaneous probes are the hole punch.
+//!
+//! Invariants:
+//! - Datagrams go only to the relay and to candidates the hub announced for that peer
+//!   (paths are built from the peer list, never from where a datagram came from).
+//! - A direct path that is not up gets datagrams only inside a punch window
+//!   (`PUNCH_WINDOW` after an introduction, a candidate change or the loss of every
+//!   direct path; again `PUNCH_RETRY` after a window that found none), at most one per
+//!   `PUNCH_INTERVAL`. Up paths are probed every 200 ms, which also holds NAT mappings.
+//! - Only what opens under one of the pair's sessions is taken, and an IP packet from the
+//!   pair only if its source is that peer's address or inside its routes.
+//! - `relay: fallback`: data skips the relay while a direct path is up, and takes it again
+//!   as soon as the last one is down (1 s without answers); the relay path's probes never
+//!   stop, so it is always ready. `relay: always`: the relay carries a copy of everything.
+
+use crate::ip::{self, Prefix};
+use crate::kcplink::{KcpLink, LinkError};
+use crate::queue::PacketQueue;
+use crate::wire::{field, IntroRepr, PeerEntry, INNER_IP, RELAY_HEADER_LEN, SEALED_OVERHEAD};
+use common::client::{Client, ClientCoreConfig, ClientEvent, ClientRecv, ClientSend};
+use common::crypto::{Cipher, Psk};
+use common::entropy::Entropy;
+use common::server::{Server, ServerCoreConfig, ServerEvent, ServerRecv};
+use common::stats::PathState;
+use common::wire::{
+    message_type, HandshakeInitRepr, HandshakeRespRepr, TransportPacket, DATA_PAYLOAD_OFFSET, HANDSHAKE_RESP_LEN,
+    TUNNEL_OVERHEAD, TYPE_HANDSHAKE_INIT, TYPE_HANDSHAKE_RESP, TYPE_TRANSPORT,
+};
+use common::{PathMask, SessionId, MAX_PATHS};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// A punch lasts this long ...
+pub const PUNCH_WINDOW: Duration = Duration::from_secs(10);
+/// ... sending to each direct path that is not up at most this often ...
+pub const PUNCH_INTERVAL: Duration = Duration::from_millis(200);
+/// ... and, when it found no direct path, is tried again after this.
+pub const PUNCH_RETRY: Duration = Duration::from_secs(60);
+/// An introduction asked for and not received is asked for again after this.
+pub const INTRO_RETRY: Duration = Duration::from_secs(2);
+/// Each pair client's path to the relay.
+pub const RELAY_PATH: usize = 0;
+/// Direct paths one pair has at most (mesh sockets × candidates).
+pub const MAX_DIRECT_PATHS: usize = MAX_PATHS - 1;
+/// What one datagram of a pair session carries: sealed, plus the relay's header and the
+/// hub's sealing, it still fits one datagram of the tunnel to the hub.
+pub const PAIR_PAYLOAD: usize = crate::TUNNEL_PAYLOAD - SEALED_OVERHEAD - RELAY_HEADER_LEN - TUNNEL_OVERHEAD;
+/// A pair session never closes for being idle: the pair lives as long as both peers
+/// are registered (probes keep its paths measured and NAT mappings open).
+const PAIR_IDLE_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+/// A pair's client counts a flow that never got data back as gone after 30 s idle (the
+/// server side only answers probes): an empty datagram this often keeps it.
+pub const PAIR_KEEPALIVE: Duration = Duration::from_secs(20);
+/// The "application" of a pair's client: it has one.
+const PAIR_APP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1);
+
+/// Whether the hub's relay carries a copy while a direct path is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RelayMode {
+    /// Only while no direct path is up.
+    #[default]
+    Fallback,
+    /// Always: one more redundant path, first copy wins.
+    Always,
+}
+
+/// When a peer asks the hub to introduce it to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConnectMode {
+    /// At the first packet for that peer.
+    #[default]
+    OnDemand,
+    /// To every listed peer that has a mesh socket, at once.
+    Always,
+}
+
+pub struct MeshConfig {
+    pub name: String,
+    /// The local address of each mesh socket (its index is the socket's).
+    pub sockets: Vec<SocketAddr>,
+    pub relay: RelayMode,
+    pub connect: ConnectMode,
+}
+
+/// Where a datagram of the mesh comes from or goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshAddr {
+    /// Through the hub, from or to this peer.
+    Relay(u32),
+    /// Mesh socket `socket`, from or to `addr`.
+    Direct { socket: usize, addr: SocketAddr },
+}
+
+/// How another peer is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Via {
+    Direct,
+    Relay,
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Direct => "direct",
+            Self::Relay => "relay",
+        })
+    }
+}
+
+/// One direct path of a pair, as `mpvpn status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeshPathStatus {
+    pub local: String,
+    pub remote: String,
+    pub state: PathState,
+    pub rtt_ms: Option<f64>,
+    pub loss_up: Option<f64>,
+    pub loss_down: Option<f64>,
+}
+
+/// Dropped and counted.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MeshDrops {
+    /// Not a mesh datagram, or one that does not parse.
+    pub malformed: u64,
+    /// For no pair we have (a session we do not know, an init naming nobody).
+    pub unknown: u64,
+    /// From a place that is none of the pair's paths, or did not open.
+    pub unauthenticated: u64,
+    /// An IP packet whose source is not the sending peer's.
+    pub spoofed_source: u64,
+    pub queue_full: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// Our client's session (answers come back on it).
+    Client,
+    /// Their client's session with our server (their data arrives on it).
+    Server,
+}
+
+struct Pair {
+    name: String,
+    addr: Ipv4Addr,
+    routes: Vec<Prefix>,
+    candidates: Vec<SocketAddr>,
+    psk: Psk,
+    client: Client,
+    server: Server,
+    /// Client path `i >= 1` goes from mesh socket `direct[i - 1].0` to `direct[i - 1].1`.
+    direct: Vec<(usize, SocketAddr)>,
+    client_session: Option<SessionId>,
+    established: bool,
+    /// Client paths an authenticated answer came back on lately.
+    up: PathMask,
+    /// Per client path: the earliest the punch may send there again.
+    next_punch: Vec<Instant>,
+    punch_until: Option<Instant>,
+    retry_at: Option<Instant>,
+    link: KcpLink,
+    /// When our client last sent data (`PAIR_KEEPALIVE`).
+    last_data: Instant,
+    tx_bytes: u64,
+    rx_bytes: u64,
+}
+
+impl Pair {
+    fn direct_up(&self) -> bool {
+        self.up.0 & !1 != 0
+    }
+
+    /// A client's session starts with the first datagram of its application: an empty
+    /// one (their server takes it and passes nothing on).
+    fn open_session(&mut self, now: Instant) {
+        let mut buf = [0u8; DATA_PAYLOAD_OFFSET + common::wire::AEAD_TAG_LEN];
+        let _ = self.client.handle_app_datagram(now, PAIR_APP, &mut buf, 0);
+    }
+
+    fn start_punch(&mut self, now: Instant) {
+        if self.direct.is_empty() {
+            return;
+        }
+        self.punch_until = Some(now + PUNCH_WINDOW);
+        self.retry_at = None;
+        self.next_punch.iter_mut().for_each(|t| *t = now);
+    }
+
+    /// Which of `paths` a control datagram (init, probe) of our client may go on.
+    fn control_paths(&mut self, now: Instant, paths: PathMask) -> PathMask {
+        let punching = self.punch_until.is_some_and(|t| now < t);
+        let mut out = PathMask::EMPTY;
+        for i in paths.iter() {
+            if i == RELAY_PATH || self.up.contains(i) {
+                out.insert(i);
+            } else if punching && self.next_punch.get(i).is_some_and(|&t| now >= t) {
+                self.next_punch[i] = now + PUNCH_INTERVAL;
+                out.insert(i);
+            }
+        }
+        out
+    }
+
+    /// Which of `paths` data may go on.
+    fn data_paths(&self, relay: RelayMode, paths: PathMask) -> PathMask {
+        let mut out = PathMask::EMPTY;
+        for i in paths.iter() {
+            let take =
+                if i == RELAY_PATH { relay == RelayMode::Always || !self.direct_up() } else { self.up.contains(i) };
+            if take {
+                out.insert(i);
+            }
+        }
+        if out.is_empty() {
+            out.insert(RELAY_PATH);
+        }
+        out
+    }
+
+    fn path_of(&self, from: MeshAddr) -> Option<usize> {
+        match from {
+            MeshAddr::Relay(_) => Some(RELAY_PATH),
+            MeshAddr::Direct { socket, addr } => {
+                self.direct.iter().position(|&(s, a)| s == socket && a == addr).map(|i| i + 1)
+            }
+        }
+    }
+
+    fn source_allowed(&self, src: IpAddr) -> bool {
+        match src {
+            IpAddr::V4(a) => a == self.addr || self.routes.iter().any(|r| r.contains(a)),
+            IpAddr::V6(a) => ip::v4_of(a) == Some(self.addr),
+        }
+    }
+}
+
+/// The mesh of one peer. See the module docs.
+pub struct Mesh {
+    cfg: MeshConfig,
+    /// By the other peer's id.
+    pairs: BTreeMap<u32, Pair>,
+    /// Every live session of every pair, both sides.
+    sessions: HashMap<SessionId, (u32, Side)>,
+    /// The other peers of the latest list, by id.
+    listed: BTreeMap<u32, PeerEntry>,
+    /// Introductions asked for, and when.
+    asked: HashMap<u32, Instant>,
+    intro_requests: VecDeque<u32>,
+    /// Answers of our servers (handshake responses, probe replies), to whom.
+    replies: VecDeque<(MeshAddr, Vec<u8>)>,
+    to_tun: PacketQueue,
+    /// Where the pair links' messages are taken.
+    inner_buf: Vec<u8>,
+    entropy: Box<dyn Entropy>,
+    /// The wall clock at `epoch` (pair sessions' inits carry it).
+    epoch: Instant,
+    wall_at_epoch_ms: u64,
+    /// Where `poll_transmit` starts: pairs take turns.
+    next_pair: u32,
+    pub drops: MeshDrops,
+}
+
+/// The address a pair's server knows the relay path by: in 100::/64, which is never
+/// anybody's.
+fn relay_addr(peer_id: u32) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, (peer_id >> 16) as u16, peer_id as u16)), 0)
+}
+
+/// The KCP conversation of a pair: from its key, so both sides agree and a new
+/// introduction never meets an old link.
+fn pair_conv(key: &[u8; 32]) -> u32 {
+    u32::from_be_bytes([key[0], key[1], key[2], key[3]])
+}
+
+impl Mesh {
+    pub fn new(cfg: MeshConfig, now: Instant, wall_ms: u64, entropy: Box<dyn Entropy>) -> Self {
+        Self {
+            cfg,
+            pairs: BTreeMap::new(),
+            sessions: HashMap::new(),
+            listed: BTreeMap::new(),
+            asked: HashMap::new(),
+            intro_requests: VecDeque::new(),
+            replies: VecDeque::new(),
+            to_tun: PacketQueue::default(),
+            inner_buf: vec![0; 65536],
+            entropy,
+            epoch: now,
+            wall_at_epoch_ms: wall_ms,
+            next_pair: 0,
+            drops: MeshDrops::default(),
+        }
+    }
+
+    pub fn socket_count(&self) -> usize {
+        self.cfg.sockets.len()
+    }
+
+    fn wall_ms(&self, now: Instant) -> u64 {
+        self.wall_at_epoch_ms + now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// Our registration changed (a new one, or the hub was lost): the pairs were bound
+    /// to the old one.
+    pub fn reset(&mut self) {
+        self.pairs.clear();
+        self.sessions.clear();
+        self.listed.clear();
+        self.asked.clear();
+        self.intro_requests.clear();
+        self.replies.clear();
+    }
+
+    /// The hub's latest peer list (`own` is our id). Pairs whose peer left or registered
+    /// again go; a pair whose candidates changed rebuilds its paths and punches again.
+    pub fn set_peer_list(&mut self, now: Instant, own: u32, list: &[PeerEntry]) {
+        self.listed = list.iter().filter(|p| p.id != own).map(|p| (p.id, p.clone())).collect();
+        let gone: Vec<u32> = self.pairs.keys().copied().filter(|id| !self.listed.contains_key(id)).collect();
+        for id in gone {
+            self.remove_pair(id);
+        }
+        let changed: Vec<u32> = self
+            .pairs
+            .iter()
+            .filter(|(id, p)| {
+                let e = &self.listed[id];
+                e.candidates != p.candidates || e.routes != p.routes || e.addr != p.addr
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in changed {
+            let e = &self.listed[&id];
+            let wall = self.wall_ms(now);
+            let Some(p) = self.pairs.get_mut(&id) else { continue };
+            p.addr = e.addr;
+            p.routes = e.routes.clone();
+            if p.candidates != e.candidates {
+                // new paths: a new client (a handshake on the relay, a punch on the rest);
+                // the link above keeps its state
+                p.candidates = e.candidates.clone();
+                if let Some(old) = p.client_session.take() {
+                    self.sessions.remove(&old);
+                }
+                p.direct = direct_paths(&self.cfg.sockets, &p.candidates);
+                p.next_punch = vec![now; p.direct.len() + 1];
+                p.client = pair_client(&p.psk, &self.cfg.name, &p.direct, now, wall, self.entropy.fork());
+                p.established = false;
+                p.up = PathMask::EMPTY;
+                p.start_punch(now);
+                p.open_session(now);
+                Self::drain_client_events(&mut self.sessions, now, id, p);
+            }
+        }
+        if self.cfg.connect == ConnectMode::Always {
+            let ids: Vec<u32> = self.listed.values().filter(|e| !e.candidates.is_empty()).map(|e| e.id).collect();
+            for id in ids {
+                self.want(now, id);
+            }
+        }
+    }
+
+    /// We have traffic for peer `id`: ask the hub to introduce us, unless a pair exists or
+    /// we asked within `INTRO_RETRY`.
+    pub fn want(&mut self, now: Instant, id: u32) {
+        if self.pairs.contains_key(&id) || self.listed.get(&id).is_none_or(|e| e.candidates.is_empty()) {
+            return;
+        }
+        if self.asked.get(&id).is_some_and(|&t| now < t + INTRO_RETRY) {
+            return;
+        }
+        self.asked.insert(id, now);
+        self.intro_requests.push_back(id);
+    }
+
+    /// The next introduction to ask the hub for.
+    pub fn poll_intro_request(&mut self) -> Option<u32> {
+        self.intro_requests.pop_front()
+    }
+
+    /// The hub introduced us to a listed peer: a fresh pair (both sides get the
+    /// introduction at once, so both start over together), and a punch.
+    pub fn on_intro(&mut self, now: Instant, intro: &IntroRepr) {
+        let Some(e) = self.listed.get(&intro.peer_id).cloned() else {
+            self.drops.unknown += 1; // not (yet) in our list: it will ask again
+            return;
+        };
+        self.remove_pair(intro.peer_id);
+        self.asked.remove(&intro.peer_id);
+        let psk = Psk::from_bytes(intro.key);
+        let direct = direct_paths(&self.cfg.sockets, &e.candidates);
+        let wall = self.wall_ms(now);
+        let client = pair_client(&psk, &self.cfg.name, &direct, now, wall, self.entropy.fork());
+        let server = Server::new(
+            psk.clone(),
+            ServerCoreConfig {
+                default_target: None,
+                targets: [(e.name.clone(), PAIR_APP)].into_iter().collect(),
+                ciphers: vec![Cipher::Aes256Gcm, Cipher::ChaCha20Poly1305],
+                // their client may start over while its old session lingers
+                max_sessions: 4,
+                max_paths_per_session: MAX_PATHS,
+                session_timeout: Duration::from_secs(30),
+            },
+            now,
+            wall,
+            self.entropy.fork(),
+        );
+        let mut pair = Pair {
+            name: e.name.clone(),
+            addr: e.addr,
+            routes: e.routes.clone(),
+            candidates: e.candidates.clone(),
+            psk,
+            client,
+            server,
+            next_punch: vec![now; direct.len() + 1],
+            direct,
+            client_session: None,
+            established: false,
+            up: PathMask::EMPTY,
+            punch_until: None,
+            retry_at: None,
+            link: KcpLink::new(pair_conv(&intro.key), now, PAIR_PAYLOAD + SEALED_OVERHEAD),
+            last_data: now,
+            tx_bytes: 0,
+            rx_bytes: 0,
+        };
+        pair.start_punch(now);
+        pair.open_session(now);
+        Self::drain_client_events(&mut self.sessions, now, intro.peer_id, &mut pair);
+        self.pairs.insert(intro.peer_id, pair);
+    }
+
+    fn remove_pair(&mut self, id: u32) {
+        if self.pairs.remove(&id).is_some() {
+            self.sessions.retain(|_, (p, _)| *p != id);
+        }
+    }
+
+    /// Whether IP packets for peer `id` go over its pair (its session is up, on the
+    /// relay at least); otherwise they go through the hub as before.
+    pub fn is_ready(&self, id: u32) -> bool {
+        self.pairs.get(&id).is_some_and(|p| p.established && !p.link.is_broken())
+    }
+
+    /// How peer `id` is reached: directly while one of the pair's direct paths is up.
+    pub fn via(&self, id: u32) -> Via {
+        match self.pairs.get(&id) {
+            Some(p) if p.established && p.direct_up() => Via::Direct,
+            _ => Via::Relay,
+        }
+    }
+
+    /// Sends an IP packet to peer `id` over its pair (`is_ready`).
+    pub fn send_ip(&mut self, id: u32, packet: &[u8]) -> Result<(), LinkError> {
+        let p = self.pairs.get_mut(&id).ok_or(LinkError::Broken)?;
+        p.link.send_ip(packet)?;
+        p.tx_bytes += packet.len() as u64;
+        Ok(())
+    }
+
+    /// One datagram of the mesh (from a mesh socket, or relayed by the hub), opened in
+    /// place in `d`.
+    pub fn handle_datagram(&mut self, now: Instant, from: MeshAddr, d: &mut [u8]) {
+        match message_type(d) {
+            Ok(TYPE_HANDSHAKE_INIT) => self.on_init(now, from, d),
+            Ok(TYPE_HANDSHAKE_RESP) => match HandshakeRespRepr::parse(d) {
+                Ok(r) => self.on_client_datagram(now, r.session, from, d),
+                Err(_) => self.drops.malformed += 1,
+            },
+            Ok(TYPE_TRANSPORT) => {
+                let Ok(t) = TransportPacket::new_checked(&d[..]) else {
+                    self.drops.malformed += 1;
+                    return;
+                };
+                match self.sessions.get(&t.session_id()) {
+                    Some(&(_, Side::Client)) => self.on_client_datagram(now, t.session_id(), from, d),
+                    Some(&(id, Side::Server)) => self.on_server_datagram(now, id, from, d),
+                    None => self.drops.unknown += 1,
+                }
+            }
+            _ => self.drops.malformed += 1,
+        }
+    }
+
+    /// An init from their client names us as its target and them as the sender... the
+    /// target field carries the sender's name; only that pair's key can have made it.
+    fn on_init(&mut self, now: Instant, from: MeshAddr, d: &mut [u8]) {
+        let Ok((init, _)) = HandshakeInitRepr::parse(d) else {
+            self.drops.malformed += 1;
+            return;
+        };
+        let Some((&id, _)) = self.pairs.iter().find(|(_, p)| p.name == init.target) else {
+            self.drops.unknown += 1;
+            return;
+        };
+        self.on_server_datagram(now, id, from, d);
+    }
+
+    fn on_server_datagram(&mut self, now: Instant, id: u32, from: MeshAddr, d: &mut [u8]) {
+        let Some(p) = self.pairs.get_mut(&id) else { return };
+        let addr = match from {
+            MeshAddr::Relay(r) if r == id => relay_addr(r),
+            MeshAddr::Relay(_) => {
+                self.drops.unauthenticated += 1;
+                return;
+            }
+            MeshAddr::Direct { addr, .. } => addr,
+        };
+        let mut out = [0u8; HANDSHAKE_RESP_LEN];
+        match p.server.handle_datagram(now, addr, d, &mut out) {
+            ServerRecv::Reply { len } => self.replies.push_back((from, out[..len].to_vec())),
+            ServerRecv::Forward { payload, .. } => {
+                match d[payload].split_first() {
+                    // the empty datagram that opened their session
+                    None => {}
+                    Some((&crate::wire::sealed_kind::KCP, seg)) => {
+                        if p.link.input(now, seg).is_err() {
+                            self.drops.malformed += 1;
+                        }
+                    }
+                    _ => self.drops.malformed += 1,
+                }
+                self.take_messages(now, id);
+            }
+            ServerRecv::Dropped(_) => self.drops.unauthenticated += 1,
+        }
+        let Some(p) = self.pairs.get_mut(&id) else { return };
+        while let Some(ev) = p.server.poll_event() {
+            match ev {
+                ServerEvent::SessionOpened { id: s, .. } => {
+                    self.sessions.insert(s, (id, Side::Server));
+                }
+                ServerEvent::SessionClosed { id: s, .. } => {
+                    self.sessions.remove(&s);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn on_client_datagram(&mut self, now: Instant, session: SessionId, from: MeshAddr, d: &mut [u8]) {
+        let Some(&(id, _)) = self.sessions.get(&session) else {
+            self.drops.unknown += 1;
+            return;
+        };
+        let Some(p) = self.pairs.get_mut(&id) else { return };
+        let path = match from {
+            MeshAddr::Relay(r) if r != id => None,
+            _ => p.path_of(from),
+        };
+        let Some(path) = path else {
+            self.drops.unauthenticated += 1;
+            return;
+        };
+        match p.client.handle_path_datagram(now, path, d) {
+            ClientRecv::Deliver { .. } | ClientRecv::Consumed => {}
+            ClientRecv::Dropped(_) => self.drops.unauthenticated += 1,
+        }
+        Self::drain_client_events(&mut self.sessions, now, id, p);
+    }
+
+    /// Follows our client's events: its session ids, whether it is established, which
+    /// paths are up; the loss of the last direct path starts a punch.
+    fn drain_client_events(sessions: &mut HashMap<SessionId, (u32, Side)>, now: Instant, id: u32, p: &mut Pair) {
+        let now_up = p.direct_up();
+        let mut reopen = false;
+        while let Some(ev) = p.client.poll_event() {
+            match ev {
+                ClientEvent::SessionStarted { id: s, .. } => {
+                    if let Some(old) = p.client_session.replace(s) {
+                        // started over (their side restarted or lost us): the direct
+                        // paths must prove themselves again, so they get a punch window
+                        sessions.remove(&old);
+                        p.start_punch(now);
+                    }
+                    sessions.insert(s, (id, Side::Client));
+                    p.established = false;
+                    p.up = PathMask::EMPTY;
+                }
+                ClientEvent::Established { .. } => p.established = true,
+                ClientEvent::PathUp { path, .. } => p.up.insert(path),
+                ClientEvent::PathDown { path, .. } => p.up.0 &= !(1u32 << path),
+                ClientEvent::ServerLost { old, .. } => {
+                    sessions.remove(&old);
+                    p.established = false;
+                }
+                ClientEvent::SessionClosed { id: s, .. } | ClientEvent::SessionEvicted { id: s, .. } => {
+                    sessions.remove(&s);
+                    p.client_session = None;
+                    p.established = false;
+                    reopen = true;
+                }
+                ClientEvent::Refused { .. } => {}
+            }
+        }
+        if reopen {
+            p.open_session(now);
+            p.start_punch(now);
+        }
+        if now_up && !p.direct_up() {
+            // every direct path went down (an expired NAT mapping, a new address): punch
+            // again now rather than in a minute
+            p.start_punch(now);
+        }
+    }
+
+    /// Takes the complete messages of pair `id`'s link.
+    fn take_messages(&mut self, now: Instant, id: u32) {
+        let Some(p) = self.pairs.get_mut(&id) else { return };
+        while let Some(n) = p.link.recv(now, &mut self.inner_buf) {
+            let m = &self.inner_buf[..n];
+            if m.first() != Some(&INNER_IP) {
+                self.drops.malformed += 1;
+                continue;
+            }
+            let packet = &m[field::inner::BODY..];
+            match ip::addresses(packet) {
+                Some((src, _)) if p.source_allowed(src) => {
+                    p.rx_bytes += packet.len() as u64;
+                    self.to_tun.push(&[packet]);
+                }
+                Some(_) => self.drops.spoofed_source += 1,
+                None => self.drops.malformed += 1,
+            }
+        }
+    }
+
+    /// The next datagram of the mesh, built in `out` (at least 64 KiB); `to` gets every
+    /// place to send `out[..len]` to. Returns the length.
+    pub fn poll_transmit(&mut self, now: Instant, out: &mut [u8], to: &mut Vec<MeshAddr>) -> Option<usize> {
+        to.clear();
+        if let Some((dest, d)) = self.replies.pop_front() {
+            out[..d.len()].copy_from_slice(&d);
+            to.push(dest);
+            return Some(d.len());
+        }
+        // pairs take turns: from the one after the last served, then from the start
+        let start = self.next_pair;
+        for (&id, p) in self.pairs.range_mut(start..) {
+            if let Some((len, again)) =
+                Self::poll_pair(&mut self.sessions, &mut self.drops, self.cfg.relay, now, id, p, out, to)
+            {
+                self.next_pair = if again { id } else { id.wrapping_add(1) };
+                return Some(len);
+            }
+        }
+        for (&id, p) in self.pairs.range_mut(..start) {
+            if let Some((len, again)) =
+                Self::poll_pair(&mut self.sessions, &mut self.drops, self.cfg.relay, now, id, p, out, to)
+            {
+                self.next_pair = if again { id } else { id.wrapping_add(1) };
+                return Some(len);
+            }
+        }
+        None
+    }
+
+    /// The next datagram of one pair: our client's own (inits, probes; `true`: it may
+    /// have more) or a segment of the link.
+    #[allow(clippy::too_many_arguments)]
+    fn poll_pair(
+        sessions: &mut HashMap<SessionId, (u32, Side)>,
+        drops: &mut MeshDrops,
+        relay: RelayMode,
+        now: Instant,
+        id: u32,
+        p: &mut Pair,
+        out: &mut [u8],
+        to: &mut Vec<MeshAddr>,
+    ) -> Option<(usize, bool)> {
+        while let Some(t) = p.client.poll_transmit(now, out) {
+            let paths = p.control_paths(now, t.paths);
+            Self::drain_client_events(sessions, now, id, p);
+            if !paths.is_empty() {
+                Self::fill_dests(p, id, paths, to);
+                return Some((t.len, true));
+            }
+        }
+        if !p.established {
+            return None;
+        }
+        let n = match p.link.poll_transmit(&mut out[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + PAIR_PAYLOAD]) {
+            Some(n) => n,
+            // nothing to send for a while: an empty datagram keeps the session
+            None if now >= p.last_data + PAIR_KEEPALIVE => 0,
+            None => return None,
+        };
+        p.last_data = now;
+        match p.client.handle_app_datagram(now, PAIR_APP, out, n) {
+            ClientSend::Sealed { len, paths } => {
+                let paths = p.data_paths(relay, paths);
+                Self::fill_dests(p, id, paths, to);
+                Some((len, true))
+            }
+            ClientSend::Queued => None,
+            ClientSend::Dropped(_) => {
+                drops.queue_full += 1;
+                None
+            }
+        }
+    }
+
+    fn fill_dests(p: &Pair, id: u32, paths: PathMask, to: &mut Vec<MeshAddr>) {
+        for i in paths.iter() {
+            if i == RELAY_PATH {
+                to.push(MeshAddr::Relay(id));
+            } else if let Some(&(socket, addr)) = p.direct.get(i - 1) {
+                to.push(MeshAddr::Direct { socket, addr });
+            }
+        }
+    }
+
+    /// Next IP packet from another peer for the TUN, into `out`.
+    pub fn poll_tun(&mut self, out: &mut [u8]) -> Option<usize> {
+        self.to_tun.pop_into(out)
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.pairs
+            .values()
+            .flat_map(|p| {
+                [
+                    p.client.poll_timeout(),
+                    Some(p.server.poll_timeout()),
+                    Some(p.link.poll_timeout()),
+                    p.punch_until,
+                    p.retry_at,
+                    Some(p.last_data + PAIR_KEEPALIVE),
+                ]
+            })
+            .flatten()
+            .min()
+    }
+
+    /// Runs the pairs' timers; `wall_ms` is the wall clock now (new sessions' inits
+    /// carry it).
+    pub fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
+        self.epoch = now;
+        self.wall_at_epoch_ms = wall_ms;
+        let mut broken = Vec::new();
+        for (&id, p) in self.pairs.iter_mut() {
+            p.client.handle_timeout(now);
+            p.server.handle_timeout(now);
+            while let Some(ev) = p.server.poll_event() {
+                if let ServerEvent::SessionClosed { id: s, .. } = ev {
+                    self.sessions.remove(&s);
+                }
+            }
+            Self::drain_client_events(&mut self.sessions, now, id, p);
+            p.link.handle_timeout(now);
+            if p.link.is_broken() {
+                broken.push(id);
+                continue;
+            }
+            if p.punch_until.is_some_and(|t| now >= t) {
+                p.punch_until = None;
+                if !p.direct_up() {
+                    p.retry_at = Some(now + PUNCH_RETRY);
+                }
+            }
+            if p.retry_at.is_some_and(|t| now >= t) {
+                p.start_punch(now);
+            }
+        }
+        // a link that broke starts over with a new introduction (the next packet asks)
+        for id in broken {
+            self.remove_pair(id);
+        }
+        let ids: Vec<u32> = self.pairs.keys().copied().collect();
+        for id in ids {
+            self.take_messages(now, id);
+        }
+    }
+
+    /// The direct paths of the pair with peer `id`, for status.
+    pub fn paths(&self, now: Instant, id: u32) -> Vec<MeshPathStatus> {
+        let Some(p) = self.pairs.get(&id) else { return Vec::new() };
+        let report = p.client.status(now, "");
+        let Some(s) = report.sessions.first() else { return Vec::new() };
+        p.direct
+            .iter()
+            .zip(s.paths.iter().skip(1))
+            .map(|(&(socket, remote), st)| MeshPathStatus {
+                local: self.cfg.sockets.get(socket).map_or_else(String::new, |a| a.to_string()),
+                remote: remote.to_string(),
+                state: st.state,
+                rtt_ms: st.rtt_ms,
+                loss_up: st.loss_up,
+                loss_down: st.loss_down,
+            })
+            .collect()
+    }
+
+    /// Bytes of IP packets sent to and received from peer `id` over its pair.
+    pub fn traffic(&self, id: u32) -> (u64, u64) {
+        self.pairs.get(&id).map_or((0, 0), |p| (p.tx_bytes, p.rx_bytes))
+    }
+}
+
+/// Every (mesh socket × candidate) of the same address family, at most
+/// `MAX_DIRECT_PATHS`.
+pub fn direct_paths(sockets: &[SocketAddr], candidates: &[SocketAddr]) -> Vec<(usize, SocketAddr)> {
+    sockets
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| candidates.iter().filter(|c| c.is_ipv4() == s.is_ipv4()).map(move |&c| (i, c)))
+        .take(MAX_DIRECT_PATHS)
+        .collect()
+}
+
+fn pair_client(
+    psk: &Psk,
+    our_name: &str,
+    direct: &[(usize, SocketAddr)],
+    now: Instant,
+    wall_ms: u64,
+    entropy: Box<dyn Entropy>,
+) -> Client {
+    let mut path_names = vec!["relay".to_string()];
+    path_names.extend(direct.iter().map(|(s, a)| format!("{s}:{a}")));
+    Client::new(
+        psk.clone(),
+        ClientCoreConfig {
+            cipher: Cipher::Aes256Gcm,
+            // their server finds the pair by our name
+            target: our_name.to_string(),
+            path_names,
+            session_idle_timeout: PAIR_IDLE_TIMEOUT,
+            max_sessions: 1,
+        },
+        now,
+        wall_ms,
+        entropy,
+    )
+}
