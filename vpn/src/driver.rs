@@ -607,7 +607,7 @@ fn vpn_metrics(st: &VpnStatus, m: &mut Metrics) {
         |p: &PeerStatus| -> Labels { vec![("peer".into(), p.name.clone()), ("address".into(), p.addr.to_string())] };
     let mut state = Vec::new();
     for p in &st.peers {
-        for s in [PeerState::Up, PeerState::Silent, PeerState::ViaHub, PeerState::Own] {
+        for s in [PeerState::Up, PeerState::Silent, PeerState::ViaHub, PeerState::Direct, PeerState::Own] {
             state.push((with_label(peer(p), "state", s.to_string()), f64::from(u8::from(p.state == s))));
         }
     }
@@ -813,7 +813,7 @@ fn open_peer_tunnel(c: &PeerConfig, registry: &Registry, log: &Logger) -> Result
 
 /// A peer's mesh sockets (`mesh:` in peer.yaml).
 struct MeshSockets {
-    socks: Vec<mio::net::UdpSocket>,
+    socks: Vec<BatchSocket>,
     /// Their local addresses, as bound.
     locals: Vec<SocketAddr>,
     /// The hub's rendezvous port.
@@ -830,7 +830,9 @@ impl MeshSockets {
         let mut locals = Vec::new();
         for (i, addr) in m.listen.to_vec().into_iter().enumerate() {
             let what = || format!("mesh socket {addr} (mesh.listen in peer.yaml)");
-            let mut sock = mio::net::UdpSocket::bind(addr).context(what)?;
+            // large socket buffers, as the tunnel's: a burst of a fast transfer must not
+            // overflow them
+            let mut sock = driver::udp_socket(addr, None, None).context(what)?;
             registry.register(&mut sock, Token(MESH_BASE - i), Interest::READABLE).context(what)?;
             locals.push(sock.local_addr().context(what)?);
             socks.push(sock);

@@ -170,6 +170,8 @@ pub enum PeerState {
     Silent,
     /// A peer's view of another: traffic goes through the hub.
     ViaHub,
+    /// A peer's view of another: traffic goes over a direct path of the mesh.
+    Direct,
     /// A peer's view of itself in the list.
     #[serde(rename = "self")]
     Own,
@@ -181,6 +183,7 @@ impl std::fmt::Display for PeerState {
             Self::Up => "up",
             Self::Silent => "silent",
             Self::ViaHub => "via-hub",
+            Self::Direct => "direct",
             Self::Own => "self",
         })
     }

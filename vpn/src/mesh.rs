@@ -181,6 +181,8 @@ struct Pair {
     link: KcpLink,
     /// When our client last sent data (`PAIR_KEEPALIVE`).
     last_data: Instant,
+    /// When the last IP packet from the pair arrived.
+    last_rx: Option<Instant>,
     tx_bytes: u64,
     rx_bytes: u64,
 }
@@ -442,6 +444,7 @@ impl Mesh {
             retry_at: None,
             link: KcpLink::new(pair_conv(&intro.key), now, PAIR_PAYLOAD + SEALED_OVERHEAD),
             last_data: now,
+            last_rx: None,
             tx_bytes: 0,
             rx_bytes: 0,
         };
@@ -638,6 +641,7 @@ impl Mesh {
             match ip::addresses(packet) {
                 Some((src, _)) if p.source_allowed(src) => {
                     p.rx_bytes += packet.len() as u64;
+                    p.last_rx = Some(now);
                     self.to_tun.push(&[packet]);
                 }
                 Some(_) => self.drops.spoofed_source += 1,
@@ -812,9 +816,10 @@ impl Mesh {
             .collect()
     }
 
-    /// Bytes of IP packets sent to and received from peer `id` over its pair.
-    pub fn traffic(&self, id: u32) -> (u64, u64) {
-        self.pairs.get(&id).map_or((0, 0), |p| (p.tx_bytes, p.rx_bytes))
+    /// Bytes of IP packets sent to and received from peer `id` over its pair, and when
+    /// the last one arrived.
+    pub fn traffic(&self, id: u32) -> (u64, u64, Option<Instant>) {
+        self.pairs.get(&id).map_or((0, 0, None), |p| (p.tx_bytes, p.rx_bytes, p.last_rx))
     }
 }
 

@@ -591,17 +591,23 @@ impl Peer {
             .zip(&self.peer_traffic)
             .map(|(p, t)| {
                 let own = p.addr == self.addr;
-                let (mesh_tx, mesh_rx) = self.mesh.as_ref().map_or((0, 0), |m| m.traffic(p.id));
+                let (mesh_tx, mesh_rx, mesh_last_rx) = self.mesh.as_ref().map_or((0, 0, None), |m| m.traffic(p.id));
+                let via = self.mesh.as_ref().map_or(Via::Relay, |m| m.via(p.id));
+                let last_rx = t.last_rx.max(mesh_last_rx);
                 let paths = self.mesh.as_ref().map_or_else(Vec::new, |m| m.paths(now, p.id));
                 PeerStatus {
                     id: p.id,
                     name: p.name.clone(),
                     addr: p.addr,
-                    state: if own { PeerState::Own } else { PeerState::ViaHub },
+                    state: match (own, via) {
+                        (true, _) => PeerState::Own,
+                        (false, Via::Direct) => PeerState::Direct,
+                        (false, Via::Relay) => PeerState::ViaHub,
+                    },
                     tunnel: p.candidates.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","),
                     routes: p.routes.clone(),
                     last_heartbeat_s: None,
-                    last_rx_s: t.last_rx.map(|r| now.saturating_duration_since(r).as_secs_f64()),
+                    last_rx_s: last_rx.map(|r| now.saturating_duration_since(r).as_secs_f64()),
                     rtt_ms: paths
                         .iter()
                         .filter(|x| x.state == common::stats::PathState::Up)
@@ -609,7 +615,7 @@ impl Peer {
                         .reduce(f64::min),
                     tx_bytes: t.tx_bytes + mesh_tx,
                     rx_bytes: t.rx_bytes + mesh_rx,
-                    via: (!own).then(|| self.mesh.as_ref().map_or(Via::Relay, |m| m.via(p.id))),
+                    via: (!own).then_some(via),
                     paths,
                     relayed_bytes: 0,
                 }
@@ -696,7 +702,12 @@ impl Peer {
 
     /// Next IP packet for the TUN, into `out`; returns its length.
     pub fn poll_tun(&mut self, out: &mut [u8]) -> Option<usize> {
-        self.to_tun.pop_into(out).or_else(|| self.mesh.as_mut()?.poll_tun(out))
+        if let Some(n) = self.to_tun.pop_into(out) {
+            return Some(n);
+        }
+        let n = self.mesh.as_mut()?.poll_tun(out)?;
+        self.rx_bytes += n as u64;
+        Some(n)
     }
 
     /// One datagram on mesh socket `socket` from `from` (opened in place): the hub's

@@ -299,6 +299,11 @@ fn public_peers_go_direct_after_relaying_the_first_packets() {
     assert_eq!(b.paths[0].state, PathState::Up);
     assert_eq!(b.paths[0].remote, "198.51.100.2:5100");
     assert!(b.paths[0].rtt_ms.is_some());
+    eprintln!("{:?}", b.paths[0]);
+    net.run_for(Duration::from_secs(15));
+    let st = net.peers[0].core.peer_status(net.now);
+    let b = st.iter().find(|p| p.name == "b").unwrap();
+    eprintln!("{:?}", b.paths[0]);
 }
 
 #[test]

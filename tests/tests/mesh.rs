@@ -1,0 +1,151 @@
+//! The mesh end to end: a hub on a public network and two peers, public or behind NAT
+//! routers built with nftables, real TUN devices and real processes in namespaces.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tests::{lab_or_skip, tcp_transfer, MeshLab, MeshOptions, Nat};
+
+const TRANSFER_BYTES: usize = 8 << 20;
+
+/// A bounded TCP transfer a -> b over the VPN: complete and intact. Returns Mbit/s.
+fn transfer(m: &MeshLab, b: &str, port: u16) -> f64 {
+    let to = SocketAddr::new(b.parse().unwrap(), port);
+    let (n, same, secs) = tcp_transfer(&m.peer_ns[0], &m.peer_ns[1], to, TRANSFER_BYTES);
+    assert_eq!(n, TRANSFER_BYTES, "transfer incomplete");
+    assert!(same, "transfer corrupted");
+    n as f64 * 8.0 / secs / 1e6
+}
+
+/// Both peers go direct, and a transfer between them costs the hub (almost) nothing.
+fn direct_case(tag: &str, nats: [Nat; 2]) -> MeshLab {
+    let m = MeshLab::start(tag, MeshOptions { nats, ..MeshOptions::default() });
+    let [_, b] = m.wait_up(Duration::from_secs(20));
+    let took = m.wait_via("a", "direct", Duration::from_secs(15));
+    m.wait_via("b", "direct", Duration::from_secs(5));
+    let before = m.relayed("a") + m.relayed("b");
+    let mbit = transfer(&m, &b, 7001);
+    let relayed = m.relayed("a") + m.relayed("b") - before;
+    println!("{nats:?}: direct after {took:?}; {mbit:.0} Mbit/s; hub relayed {relayed} B of {TRANSFER_BYTES}");
+    println!("{}", m.status_table("a"));
+    // the relay path's probes, nothing of the transfer
+    assert!(relayed < (TRANSFER_BYTES / 100) as u64, "the hub relayed {relayed} bytes of a direct transfer");
+    let st = m.status("a");
+    let b_entry = st["peers"].as_array().unwrap().iter().find(|p| p["name"] == "b").unwrap().clone();
+    let paths = b_entry["paths"].as_array().expect("paths[]");
+    let up = paths.iter().find(|p| p["state"] == "up").unwrap_or_else(|| panic!("no path up: {b_entry}"));
+    for field in ["local", "remote", "rtt_ms", "loss_up", "loss_down"] {
+        assert!(!up[field].is_null(), "paths[].{field} in {up}");
+    }
+    m
+}
+
+#[test]
+fn public_peers_talk_directly() {
+    let Some(_serial) = lab_or_skip() else { return };
+    direct_case("ma", [Nat::Public, Nat::Public]);
+}
+
+#[test]
+fn peers_behind_masquerade_nats_punch_through_and_keep_their_mappings() {
+    let Some(_serial) = lab_or_skip() else { return };
+    let m = direct_case("mb", [Nat::Masquerade, Nat::Masquerade]);
+    // the reflexive candidate is the NAT's wan address
+    let st = m.status("a");
+    let b_entry = st["peers"].as_array().unwrap().iter().find(|p| p["name"] == "b").unwrap().clone();
+    assert!(
+        b_entry["paths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["state"] == "up" && p["remote"].as_str().unwrap().starts_with("10.200.2.1:")),
+        "{b_entry}"
+    );
+    // mappings expire after 5 s without packets; an idle pair keeps them
+    for r in m.nat_ns.iter().flatten() {
+        m.lab.sh(
+            r,
+            "sysctl -qw net.netfilter.nf_conntrack_udp_timeout=5 net.netfilter.nf_conntrack_udp_timeout_stream=5",
+        );
+    }
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(m.via("a"), "direct");
+    assert_eq!(m.via("b"), "direct");
+    let [_, b] = m.wait_up(Duration::from_secs(1));
+    transfer(&m, &b, 7002);
+    println!("{}", m.status_table("a"));
+}
+
+#[test]
+fn peers_behind_symmetric_nats_use_the_relay() {
+    let Some(_serial) = lab_or_skip() else { return };
+    let m = MeshLab::start("mc", MeshOptions { nats: [Nat::Random, Nat::Random], ..MeshOptions::default() });
+    let [_, b] = m.wait_up(Duration::from_secs(20));
+    // a punch window passes without a direct path
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(m.via("a"), "relay", "{}", m.status_table("a"));
+    let before = m.relayed("a");
+    let mbit = transfer(&m, &b, 7003);
+    let relayed = m.relayed("a") - before;
+    println!("symmetric NATs: relay, {mbit:.0} Mbit/s; hub relayed {relayed} B");
+    assert!(relayed >= TRANSFER_BYTES as u64, "the transfer went through the hub's relay");
+    assert_eq!(m.via("a"), "relay");
+}
+
+#[test]
+fn a_blackholed_direct_path_falls_back_and_recovers() {
+    let Some(_serial) = lab_or_skip() else { return };
+    let m = MeshLab::start("md", MeshOptions::default());
+    let [_, b] = m.wait_up(Duration::from_secs(20));
+    m.wait_via("a", "direct", Duration::from_secs(15));
+    let peer_ns = (m.peer_ns[0].clone(), m.peer_ns[1].clone());
+    let to = SocketAddr::new(b.parse().unwrap(), 7004);
+    let t = std::thread::spawn(move || tcp_transfer(&peer_ns.0, &peer_ns.1, to, 32 << 20));
+    std::thread::sleep(Duration::from_millis(300));
+    m.blackhole_direct(true);
+    let cut = Instant::now();
+    let fell_back = m.wait_via("a", "relay", Duration::from_secs(5));
+    println!("fell back to the relay {fell_back:?} after the cut ({:?})", cut.elapsed());
+    assert!(fell_back <= Duration::from_millis(1500), "fallback took {fell_back:?}");
+    std::thread::sleep(Duration::from_millis(700));
+    m.blackhole_direct(false);
+    let back = m.wait_via("a", "direct", Duration::from_secs(10));
+    println!("direct again {back:?} after healing");
+    let (n, same, _) = t.join().expect("transfer");
+    assert_eq!(n, 32 << 20, "transfer incomplete across the fallback");
+    assert!(same, "transfer corrupted across the fallback");
+}
+
+#[test]
+fn a_nat_that_maps_anew_is_punched_again_within_three_seconds() {
+    let Some(_serial) = lab_or_skip() else { return };
+    let m = MeshLab::start("me", MeshOptions { nats: [Nat::Public, Nat::Masquerade], ..MeshOptions::default() });
+    let [_, b] = m.wait_up(Duration::from_secs(20));
+    m.wait_via("a", "direct", Duration::from_secs(15));
+    // keep traffic flowing while the NAT moves
+    let ns = m.peer_ns[0].clone();
+    let pinger = std::thread::spawn(move || tests::ping(&ns, &b, 300, "0.02", &[]));
+    std::thread::sleep(Duration::from_millis(500));
+    m.renumber_nat(1);
+    let moved = Instant::now();
+    let mut direct_again = None;
+    while moved.elapsed() < Duration::from_secs(10) {
+        let st = m.status("a");
+        let on_new = st["peers"].as_array().and_then(|ps| ps.iter().find(|p| p["name"] == "b")).is_some_and(|p| {
+            p["paths"].as_array().is_some_and(|ps| {
+                ps.iter()
+                    .any(|x| x["state"] == "up" && x["remote"].as_str().is_some_and(|r| r.starts_with("10.200.2.3:")))
+            })
+        });
+        if on_new {
+            direct_again = Some(moved.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let direct_again =
+        direct_again.unwrap_or_else(|| panic!("not direct on the new mapping:\n{}", m.status_table("a")));
+    println!("direct again on the NAT's new address after {direct_again:?}");
+    assert!(direct_again <= Duration::from_secs(3), "took {direct_again:?}");
+    let answered = pinger.join().expect("ping").len();
+    assert!(answered >= 280, "{answered} of 300 pings answered across the move");
+}
