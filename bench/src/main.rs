@@ -131,6 +131,9 @@ struct Results {
     /// Full mode: the VPN between two peers (3 paths each) beside TCP over one lossy
     /// path without a tunnel and beside kcptun (fast3) over one lossy path.
     vpn: Vec<Cell>,
+    /// The mesh: peer to peer directly, through the hub (20 ms away), and the direct
+    /// link's own RTT.
+    mesh: Vec<Cell>,
     targets: Vec<Target>,
 }
 
@@ -146,6 +149,14 @@ const KCPTUN_LOCAL_PORT: u16 = 12948;
 const OPENVPN_PORT: u16 = 1194;
 const OPENVPN_SERVER_ADDR: &str = "10.200.0.1";
 const OPENVPN_CLIENT_ADDR: &str = "10.200.0.2";
+/// The mesh bench's hub is this far from both peers (one way, an mpbridge's lab delay).
+const MESH_HUB_DELAY_MS: u64 = 20;
+/// The mesh's targets: added RTT p50 of a direct path over the link's own (ms, at most),
+/// and direct TCP over through-hub TCP (at least).
+const MESH_TARGETS: [(&str, f64, bool); 2] = [
+    ("mesh: direct RTT p50 over the direct link's own (ms)", 0.5, false),
+    ("mesh: direct TCP / through-hub TCP (hub 20 ms away)", 2.0, true),
+];
 /// Loss per path and direction of the TCP/VPN comparison (full mode).
 const VPN_LOSSES: [u32; 4] = [0, 5, 10, 20];
 const PINGS: u32 = 200;
@@ -586,6 +597,51 @@ impl Runner {
         self.bl.loss(0);
     }
 
+    /// The mesh, in its own lab (a hub `MESH_HUB_DELAY_MS` away from both peers, the
+    /// peers next to each other): ping and single-stream TCP peer to peer over a direct
+    /// path, then with the same lab without `mesh:` (everything through the hub), and the
+    /// direct link's own RTT. Returns the two targets' measurements: added RTT p50 of
+    /// the direct path over the link's own, and direct TCP / through-hub TCP.
+    fn mesh(&mut self, cells: &mut Vec<Cell>) -> [Option<f64>; 2] {
+        let any = SocketAddr::from(([0, 0, 0, 0], TCP_PORT));
+        let mut tcp = [None, None];
+        let mut rtt = [None, None];
+        for (k, mesh) in [true, false].into_iter().enumerate() {
+            let what = if mesh { "direct" } else { "through the hub" };
+            self.progress(&format!("mesh: peer to peer {what}: starting"));
+            let o = tests::MeshOptions { hub_delay_ms: MESH_HUB_DELAY_MS, mesh, ..tests::MeshOptions::default() };
+            let m = tests::MeshLab::start(&format!("bm{k}"), o);
+            let [_, b] = m.wait_up(Duration::from_secs(30));
+            if mesh {
+                m.wait_via("a", "direct", Duration::from_secs(15));
+                let mut own = Cell {
+                    name: "mesh: the direct link itself (underlay ping)".into(),
+                    setup: "mesh-link".into(),
+                    ..Cell::default()
+                };
+                let mut ms = tests::ping(&m.peer_ns[0], &m.wan_addr_of(1), PINGS, "0.01", &[]);
+                own.probe_loss = Some(1.0 - ms.len() as f64 / f64::from(PINGS));
+                own.rtt_ms = percentiles(&mut ms);
+                rtt[1] = own.rtt_ms.map(|p| p.p50);
+                cells.push(own);
+            } else {
+                std::thread::sleep(Duration::from_millis(500)); // the peer list
+            }
+            let name = format!("mesh: peer to peer {what}, hub {MESH_HUB_DELAY_MS} ms away each way");
+            let c = Cell { name, setup: if mesh { "mesh-direct" } else { "mesh-hub" }.into(), ..Cell::default() };
+            let (from, to) = (m.peer_ns[0].clone(), m.peer_ns[1].clone());
+            let b_addr: std::net::Ipv4Addr = b.parse().expect("peer address");
+            let c = self.tcp_cell(c, &from, &to, SocketAddr::from((b_addr, TCP_PORT)), any, Some(&b));
+            tcp[k] = c.tcp_mbit;
+            if mesh {
+                rtt[0] = c.rtt_ms.map(|p| p.p50);
+                assert_eq!(m.via("a"), "direct", "the transfer moved off the direct path");
+            }
+            cells.push(c);
+        }
+        [rtt[0].zip(rtt[1]).map(|(d, l)| d - l), tcp[0].zip(tcp[1]).map(|(d, h)| d / h.max(1e-9))]
+    }
+
     /// One round of the target measurements, interleaved so that the ratios compare
     /// cells measured moments apart: one socat relay and the tunnel over 3 paths (RTT,
     /// 1 Gbit/s offered with CPU), then the tunnel's residual loss at 20% per path.
@@ -758,7 +814,7 @@ fn bench(scale: Scale, date: &str, profile: Option<&Path>) -> Results {
     let tunnel_cells = 3 * scale.losses.len() + 1;
     let vpn_steps = if scale.name == "full" { VPN_LOSSES.len() * 6 } else { 0 };
     let steps = (2 + tunnel_cells + 3) * (scale.offered_mbit.len() + 2)
-        + 2
+        + 6
         + 5 * scale.target_rounds
         + vpn_steps
         + usize::from(profile.is_some());
@@ -874,6 +930,8 @@ fn bench(scale: Scale, date: &str, profile: Option<&Path>) -> Results {
     if scale.name == "full" {
         r.vpn_and_tcp(&mut vpn);
     }
+    let mut mesh = Vec::new();
+    let mesh_measured = r.mesh(&mut mesh);
     eprintln!();
     r.bl.client(3, "aes-256-gcm");
     let mut rounds = Vec::new();
@@ -887,8 +945,22 @@ fn bench(scale: Scale, date: &str, profile: Option<&Path>) -> Results {
         cells,
         failover,
         vpn,
-        targets: targets(&rounds),
+        mesh,
+        targets: targets(&rounds).into_iter().chain(mesh_targets(mesh_measured)).collect(),
     }
+}
+
+/// The mesh's targets, from one measurement each.
+fn mesh_targets(measured: [Option<f64>; 2]) -> Vec<Target> {
+    MESH_TARGETS
+        .iter()
+        .zip(measured)
+        .filter_map(|(&(what, limit, at_least), m)| {
+            let measured = m?;
+            let met = if at_least { measured >= limit } else { measured < limit };
+            Some(Target { what: what.into(), measured, rounds: vec![measured], limit, met })
+        })
+        .collect()
 }
 
 fn find(cells: &[Cell], f: impl Fn(&Cell) -> bool) -> Option<&Cell> {
@@ -994,15 +1066,18 @@ fn markdown(r: &Results) -> String {
     for (k, v) in &r.failover {
         let _ = writeln!(s, "- {k}: {v:.1}");
     }
-    if !r.vpn.is_empty() {
+    for (title, cells) in [("TCP through each setup", &r.vpn), ("The mesh: peer to peer", &r.mesh)] {
+        if cells.is_empty() {
+            continue;
+        }
         let _ = writeln!(
             s,
-            "\n## TCP through each setup (single stream, {TCP_SECS} s; request/response: {RR_COUNT} x 64 bytes, \
+            "\n## {title} (single stream, {TCP_SECS} s; request/response: {RR_COUNT} x 64 bytes, \
              one every {} ms)\n\n| cell | ping p50 / p99 ms | ping loss | TCP req/resp p50 / p99 / p99.9 ms | \
              answered | TCP Mbit/s |\n|---|---|---|---|---|---|",
             RR_INTERVAL.as_millis()
         );
-        for c in &r.vpn {
+        for c in cells {
             let rtt = c.rtt_ms.map_or("-".into(), |p| format!("{:.2} / {:.2}", p.p50, p.p99));
             let pl = c.probe_loss.map_or("-".into(), |l| format!("{:.1}%", l * 100.0));
             let rr = c.rr_ms.map_or("-".into(), |p| format!("{:.2} / {:.2} / {:.2}", p.p50, p.p99, p.p999));

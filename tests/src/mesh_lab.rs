@@ -40,11 +40,13 @@ pub struct MeshOptions {
     pub connect: &'static str,
     /// One-way delay (ms) between the peers and the hub, by an mpbridge on the wan.
     pub hub_delay_ms: u64,
+    /// `mesh:` in peer.yaml; without it everything between the peers crosses the hub.
+    pub mesh: bool,
 }
 
 impl Default for MeshOptions {
     fn default() -> Self {
-        Self { nats: [Nat::Public, Nat::Public], relay: "fallback", connect: "always", hub_delay_ms: 0 }
+        Self { nats: [Nat::Public, Nat::Public], relay: "fallback", connect: "always", hub_delay_ms: 0, mesh: true }
     }
 }
 
@@ -140,15 +142,21 @@ impl MeshLab {
             std::fs::write(&client_yaml, format!("key_file: {tk}\npaths:\n  - remote: {tunnel_remote}\n"))
                 .expect("client");
             let yaml = dir.join(format!("peer-{name}.yaml"));
+            let mesh = if o.mesh {
+                format!(
+                    "mesh:\n  listen: 0.0.0.0:{MESH_PORT}\n  rendezvous: {HUB_WAN}:{RENDEZVOUS_PORT}\n  relay: {}\n  connect: {}\n",
+                    o.relay, o.connect
+                )
+            } else {
+                String::new()
+            };
             std::fs::write(
                 &yaml,
                 format!(
-                    "name: {name}\nkey_file: {}\ntun: mpvpn0\ncontrol_socket: {}\nembedded_client: {}\nmesh:\n  listen: 0.0.0.0:{MESH_PORT}\n  rendezvous: {HUB_WAN}:{RENDEZVOUS_PORT}\n  relay: {}\n  connect: {}\n",
+                    "name: {name}\nkey_file: {}\ntun: mpvpn0\ncontrol_socket: {}\nembedded_client: {}\n{mesh}",
                     key.display(),
                     dir.join(format!("peer-{name}.sock")).display(),
                     client_yaml.display(),
-                    o.relay,
-                    o.connect,
                 ),
             )
             .expect("peer yaml");
@@ -228,6 +236,12 @@ impl MeshLab {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The other peer's underlay address as peer `i` reaches it (its wan side, or its
+    /// NAT's): what a ping of the direct link goes to.
+    pub fn wan_addr_of(&self, i: usize) -> String {
+        format!("10.200.{}.1", i + 1)
     }
 
     /// Bytes the hub passed on from `who` to the other peer.

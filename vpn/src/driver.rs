@@ -1044,7 +1044,7 @@ fn peer_status(core: &Peer, now: Instant, name: &str, tun: &str, skipped: &[(Pre
         tx_bytes: core.tx_bytes,
         rx_bytes: core.rx_bytes,
         peers: core.peer_status(now),
-        drops: serde_json::to_value::<&PeerDrops>(&core.drops).unwrap_or_default(),
+        drops: serde_json::to_value::<PeerDrops>(core.drop_counts()).unwrap_or_default(),
         refused_routes: core.refused_routes().iter().map(|(r, why)| format!("{r}: {why:?}")).collect(),
         skipped_routes: skipped.iter().map(|(r, why)| format!("{r}: {why}")).collect(),
     }

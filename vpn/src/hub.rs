@@ -990,29 +990,28 @@ impl Hub {
     }
 }
 
-/// The fuzzing harness (cargo fuzz target `hub_peer_input`, and a bounded run in the unit
-/// tests): a hub with one genuinely registered peer, then `data` cut into datagrams that
-/// all come from that peer's tunnel address: half of them sealed under the peer's channel
-/// as KCP segments (so they reach KCP), half raw. Any panic is a bug; afterwards the hub
-/// must still answer a valid heartbeat.
-pub fn fuzz_peer_input(data: &[u8]) {
+/// A hub on 10.99.0.0/24 with peers `a` (key 7s) and `b` (key 8s), and `name` genuinely
+/// registered from 127.0.0.1:40000 (confirmed by one heartbeat): the hub, that peer's
+/// channel, its tunnel address, the clocks used.
+fn hub_with_one_peer(name: &str) -> (Hub, Channel, SocketAddr, Instant, u64) {
     use common::entropy::OsEntropy;
-    let key = PeerKey::new(&[7u8; 32]);
+    let key_of = |n: &str| PeerKey::new(&[if n == "a" { 7u8 } else { 8u8 }; 32]);
     let t0 = Instant::now();
     let wall = 1_800_000_000_000u64;
     let mut entropy = OsEntropy::new();
+    let spec = |n: &str| PeerSpec {
+        name: n.into(),
+        key: key_of(n),
+        fixed_addr: None,
+        allowed_routes: vec!["192.168.0.0/16".parse().expect("literal")],
+    };
     let mut hub = Hub::new(
         HubCoreConfig {
             network: "10.99.0.0/24".parse().expect("literal"),
             hub_addr: Ipv4Addr::new(10, 99, 0, 1),
             mtu: crate::TUN_MTU,
             tunnel_payload: crate::TUNNEL_PAYLOAD,
-            peers: vec![PeerSpec {
-                name: "a".into(),
-                key: PeerKey::new(&[7u8; 32]),
-                fixed_addr: None,
-                allowed_routes: vec!["192.168.0.0/16".parse().expect("literal")],
-            }],
+            peers: vec![spec("a"), spec("b")],
             peer_timeout: DEFAULT_PEER_TIMEOUT,
             dns_domain: None,
         },
@@ -1022,7 +1021,7 @@ pub fn fuzz_peer_input(data: &[u8]) {
     let private = entropy.x25519_key();
     let public = x25519_public(&private);
     let reg = RegisterRepr {
-        name: "a".into(),
+        name: name.into(),
         timestamp_ms: wall,
         nonce: 1,
         want_addr: Ipv4Addr::UNSPECIFIED,
@@ -1030,19 +1029,32 @@ pub fn fuzz_peer_input(data: &[u8]) {
         public,
         routes: vec!["192.168.50.0/24".parse().expect("literal")],
     };
+    let key = key_of(name);
     hub.handle_datagram(t0, wall, from, &reg.emit(&key));
     let mut out = vec![0u8; 65536];
     let (_, n) = hub.poll_transmit(&mut out).expect("a Welcome");
     let w = WelcomeRepr::parse(&out[..n], &key, &public).expect("a valid Welcome");
     let agreement = Agreement { key: &key, nonce: 1, peer_id: w.peer_id, peer_public: &public, hub_public: &w.public };
     let mut channel = Channel::establish(&agreement, private, true).expect("channel");
-    let mut seq = 0;
+    hub.handle_datagram(t0, wall, from, &channel.seal_message(&HeartbeatRepr { seq: 1, rtt_us: 0 }.emit()));
+    assert_eq!(hub.status(t0).len(), 1);
+    while hub.poll_transmit(&mut out).is_some() {}
+    (hub, channel, from, t0, wall)
+}
+
+/// The fuzzing harness (cargo fuzz target `hub_peer_input`, and a bounded run in the unit
+/// tests): a hub with one genuinely registered peer, then `data` cut into datagrams that
+/// all come from that peer's tunnel address: half of them sealed under the peer's channel
+/// as KCP segments (so they reach KCP), half raw. Any panic is a bug; afterwards the hub
+/// must still answer a valid heartbeat.
+pub fn fuzz_peer_input(data: &[u8]) {
+    let (mut hub, mut channel, from, t0, wall) = hub_with_one_peer("a");
+    let mut seq = 1;
     let mut heartbeat = |channel: &mut Channel| {
         seq += 1;
         channel.seal_message(&HeartbeatRepr { seq, rtt_us: 0 }.emit())
     };
-    hub.handle_datagram(t0, wall, from, &heartbeat(&mut channel));
-    assert_eq!(hub.status(t0).len(), 1);
+    let mut out = vec![0u8; 65536];
     let mut now = t0;
     let mut rest = data;
     let mut n = 0u32;
@@ -1069,5 +1081,53 @@ pub fn fuzz_peer_input(data: &[u8]) {
     if !hub.peers.is_empty() {
         hub.handle_datagram(now, wall, from, &heartbeat(&mut channel));
         assert!(hub.poll_transmit(&mut out).is_some(), "hub stopped answering its peer");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The relay passes datagrams only between two registered peers, and the rendezvous
+    /// port answers only a registered peer, never with more than it was sent.
+    #[test]
+    fn relay_and_rendezvous_serve_only_registered_peers() {
+        let (mut hub, mut channel, from, t0, wall) = hub_with_one_peer("a");
+        let own = hub.status(t0)[0].id;
+        let mut out = vec![0u8; 65536];
+        let relay_to = |to: u32| {
+            let mut m = vec![sealed_kind::RELAY];
+            m.extend_from_slice(&to.to_be_bytes());
+            m.extend_from_slice(&[0x13; 60]);
+            m
+        };
+        for to in [own + 1000, own] {
+            hub.handle_datagram(t0, wall, from, &channel.seal_message(&relay_to(to)));
+            assert!(hub.poll_transmit(&mut out).is_none(), "relayed to {to}");
+        }
+        assert_eq!(hub.drops.relay_refused, 2);
+        assert_eq!(hub.status(t0)[0].relayed_bytes, 0);
+
+        let mut answer = Vec::new();
+        let mesh_socket = SocketAddr::from(([192, 0, 2, 1], 5100));
+        let q = channel.seal_message(&wire::emit_where_am_i(0));
+        let n = hub.handle_rendezvous(mesh_socket, &q, &mut answer).expect("an answer");
+        assert!(n <= q.len());
+        // garbage, a replay and a question sealed under nobody's channel get nothing
+        assert!(hub.handle_rendezvous(mesh_socket, &[0x27; 60], &mut answer).is_none());
+        assert!(hub.handle_rendezvous(mesh_socket, &q, &mut answer).is_none());
+        let (_, mut other, ..) = hub_with_one_peer("b");
+        let foreign = other.seal_message(&wire::emit_where_am_i(0));
+        assert!(hub.handle_rendezvous(mesh_socket, &foreign, &mut answer).is_none());
+        // a peer that told no host candidates has no mesh: it lists no candidates
+        assert!(hub.entries()[0].candidates.is_empty());
+        let mut c = vec![INNER_CANDIDATES, 2];
+        wire::put_addr(&mut c, "127.0.0.1:5100".parse().expect("literal"));
+        wire::put_addr(&mut c, "198.51.100.9:5100".parse().expect("literal"));
+        c[1] = 2;
+        hub.set_host_candidates(own, wire::parse_candidates(&c).expect("parses"));
+        // the reflexive one first; loopback is no candidate
+        let want: Vec<SocketAddr> = vec![mesh_socket, "198.51.100.9:5100".parse().expect("literal")];
+        assert_eq!(hub.entries()[0].candidates, want);
     }
 }

@@ -859,3 +859,31 @@ fn pair_client(
         entropy,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pair's datagram, relayed, still fits one datagram of the tunnel to the hub; and
+    /// a full-sized packet takes two KCP segments.
+    #[test]
+    fn pair_datagrams_fit_the_relay() {
+        assert_eq!(PAIR_PAYLOAD + TUNNEL_OVERHEAD + RELAY_HEADER_LEN + SEALED_OVERHEAD, crate::TUNNEL_PAYLOAD);
+        let link = KcpLink::new(1, Instant::now(), PAIR_PAYLOAD + SEALED_OVERHEAD);
+        assert_eq!(link.mss(), 1345);
+        assert_eq!((1 + crate::TUN_MTU as usize).div_ceil(link.mss()), 2);
+    }
+
+    #[test]
+    fn direct_paths_pair_sockets_and_candidates_of_one_family() {
+        let sockets: Vec<SocketAddr> = vec!["0.0.0.0:5100".parse().unwrap(), "[::]:5101".parse().unwrap()];
+        let c: Vec<SocketAddr> = vec![
+            "198.51.100.2:5100".parse().unwrap(),
+            "[2001:db8::2]:5100".parse().unwrap(),
+            "10.0.0.2:5100".parse().unwrap(),
+        ];
+        assert_eq!(direct_paths(&sockets, &c), vec![(0, c[0]), (0, c[2]), (1, c[1])]);
+        let many: Vec<SocketAddr> = (0..40).map(|i| SocketAddr::from(([10, 0, 0, i], 1))).collect();
+        assert_eq!(direct_paths(&sockets, &many).len(), MAX_DIRECT_PATHS);
+    }
+}

@@ -246,6 +246,11 @@ impl Peer {
         }
     }
 
+    /// What was dropped and counted, the mesh's drops included.
+    pub fn drop_counts(&self) -> PeerDrops {
+        PeerDrops { mesh: self.mesh.as_ref().map(|m| m.drops.clone()), ..self.drops.clone() }
+    }
+
     /// What the hub's rendezvous port saw each mesh socket come from.
     pub fn reflexive(&self) -> &[Option<SocketAddr>] {
         &self.reflexive
