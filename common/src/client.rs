@@ -184,6 +184,8 @@ pub struct Client {
     evicted_sessions: u64,
     /// The wall clock at `epoch` (ms since the Unix epoch): inits carry it.
     wall_at_epoch_ms: u64,
+    /// Paths left alone for now (`set_paused_paths`).
+    paused: PathMask,
 }
 
 impl Client {
@@ -204,7 +206,20 @@ impl Client {
             drops: DropCounters::default(),
             evicted_sessions: 0,
             wall_at_epoch_ms: wall_ms,
+            paused: PathMask::EMPTY,
         }
+    }
+
+    /// Paths to leave alone until further notice: no handshake copies, probes or data go
+    /// there, and their probes are not due (the mesh's direct paths between hole-punch
+    /// windows: their trackers count only probes that went out).
+    pub fn set_paused_paths(&mut self, paused: PathMask) {
+        self.paused = paused;
+    }
+
+    /// The paths that are not paused.
+    fn active_paths(&self) -> PathMask {
+        PathMask(PathMask::first_n(self.path_count()).0 & !self.paused.0)
     }
 
     pub fn path_count(&self) -> usize {
@@ -316,7 +331,7 @@ impl Client {
         s.last_app_activity = now;
         match &s.state {
             SessionState::Established { keys, .. } => {
-                let paths = data_paths(&s.probes);
+                let paths = data_paths(&s.probes, self.paused);
                 let len = seal_data(keys, s.id, &mut s.send_seq, buf, payload_len);
                 s.tx.add(payload_len);
                 for p in paths.iter() {
@@ -480,7 +495,7 @@ impl Client {
     /// Next control or queued datagram to send, built in `buf` (at least `MAX_DATAGRAM`).
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
         let now_us = self.now_us(now);
-        let all = PathMask::first_n(self.path_count());
+        let all = self.active_paths();
         while let Some(&slot) = self.ready.front() {
             let Some(s) = self.sessions[slot].as_mut() else {
                 self.ready.pop_front();
@@ -501,10 +516,16 @@ impl Client {
 
     /// The earliest instant at which `handle_timeout` has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.sessions.iter().flatten().map(|s| s.next_deadline(s.idle_timeout(self.cfg.session_idle_timeout))).min()
+        let active = self.active_paths();
+        self.sessions
+            .iter()
+            .flatten()
+            .map(|s| s.next_deadline(s.idle_timeout(self.cfg.session_idle_timeout), active))
+            .min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        let active = self.active_paths();
         for slot in 0..self.sessions.len() {
             let Some(s) = self.sessions[slot].as_mut() else {
                 continue;
@@ -538,7 +559,7 @@ impl Client {
                             if p.check_down(now) {
                                 self.events.push_back(ClientEvent::PathDown { app, path: i });
                             }
-                            wants_tx |= p.next_probe_at() <= now;
+                            wants_tx |= active.contains(i) && p.next_probe_at() <= now;
                         }
                     }
                 }
@@ -620,18 +641,19 @@ impl Client {
     }
 }
 
-/// Paths that carry data: all but those found down (a path still being probed gets
-/// copies too: losing redundancy while a path proves itself costs more than a copy).
-/// If every path is down, all of them: better a copy into a dead path than none.
-fn data_paths(probes: &[ProbeTracker]) -> PathMask {
+/// Paths that carry data: all but those found down or paused (a path still being
+/// probed gets copies too: losing redundancy while a path proves itself costs more than
+/// a copy). If every path is down, all that are not paused: better a copy into a dead
+/// path than none.
+fn data_paths(probes: &[ProbeTracker], paused: PathMask) -> PathMask {
     let mut live = PathMask::EMPTY;
     for (i, p) in probes.iter().enumerate() {
-        if p.state() != PathState::Down {
+        if p.state() != PathState::Down && !paused.contains(i) {
             live.insert(i);
         }
     }
     if live.is_empty() {
-        PathMask::first_n(probes.len())
+        PathMask(PathMask::first_n(probes.len()).0 & !paused.0)
     } else {
         live
     }
@@ -674,7 +696,7 @@ impl ClientSession {
             SessionState::Established { keys, .. } => {
                 if let Some(d) = self.pending.pop_front() {
                     self.pending_bytes -= d.len();
-                    let paths = data_paths(&self.probes);
+                    let paths = data_paths(&self.probes, PathMask(!all.0));
                     buf[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + d.len()].copy_from_slice(&d);
                     let len = seal_data(keys, self.id, &mut self.send_seq, buf, d.len());
                     self.tx.add(d.len());
@@ -683,7 +705,8 @@ impl ClientSession {
                     }
                     return Some(Transmit { len, paths });
                 }
-                let (i, p) = self.probes.iter_mut().enumerate().find(|(_, p)| p.next_probe_at() <= now)?;
+                let (i, p) =
+                    self.probes.iter_mut().enumerate().find(|(i, p)| all.contains(*i) && p.next_probe_at() <= now)?;
                 let probe = InnerRepr::Probe(p.make_probe(now, now_us));
                 let len = seal_inner(keys, self.id, &mut self.send_seq, buf, &probe);
                 self.counters[i].tx.add(len);
@@ -702,14 +725,21 @@ impl ClientSession {
         }
     }
 
-    fn next_deadline(&self, idle_timeout: Duration) -> Instant {
+    fn next_deadline(&self, idle_timeout: Duration, active: PathMask) -> Instant {
         let idle = self.last_app_activity + idle_timeout;
         let state = match &self.state {
             SessionState::Handshaking { next_retry, .. } => *next_retry,
             SessionState::Refused { until } => *until,
             SessionState::Established { since, .. } => {
                 let silent = self.last_server_rx.max(*since) + SERVER_SILENT_AFTER;
-                let probe = self.probes.iter().map(|p| p.next_probe_at()).min().unwrap_or(silent);
+                let probe = self
+                    .probes
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| active.contains(*i))
+                    .map(|(_, p)| p.next_probe_at())
+                    .min()
+                    .unwrap_or(silent);
                 silent.min(probe)
             }
         };

@@ -376,3 +376,26 @@ fn a_client_with_a_wrong_clock_is_told() {
     assert_eq!(sim.client.status(sim.now, "x").sessions[0].state, SessionState::Refused);
     assert!(sim.trace.iter().any(|l| l.contains("StaleInit")), "the refusal names its reason");
 }
+
+/// A paused path (the mesh's direct paths between punches) gets nothing at all: no
+/// copies, no probes; its tracker counts nothing as lost; unpaused it carries again.
+#[test]
+fn paused_paths_get_nothing_and_count_nothing_lost() {
+    let dir = LinkDir::lossy(0.0, 5);
+    let mut sim = Sim::new(4, vec![(dir, dir); 3], Cipher::Aes256Gcm);
+    establish(&mut sim);
+    sim.client.set_paused_paths(common::PathMask::single(2));
+    let tx_of = |sim: &Sim| sim.client.status(sim.now, "x").sessions[0].paths[2].tx.packets;
+    let before = tx_of(&sim);
+    stream(&mut sim, 300, Duration::from_millis(2));
+    sim.run_for(Duration::from_secs(2));
+    assert_eq!(unique(&sim.app_received.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>()).0, 300);
+    assert_eq!(tx_of(&sim), before, "datagrams went to a paused path");
+    let st = sim.client.status(sim.now, "x");
+    assert_ne!(st.sessions[0].paths[2].state, PathState::Down, "not probed, so not found down");
+    assert_eq!(st.sessions[0].paths[2].loss_up.unwrap_or(0.0), 0.0);
+    sim.client.set_paused_paths(common::PathMask::EMPTY);
+    sim.run_for(Duration::from_millis(500));
+    assert!(tx_of(&sim) > before, "probed again once unpaused");
+    assert_eq!(sim.client.status(sim.now, "x").sessions[0].paths[2].state, PathState::Up);
+}

@@ -176,6 +176,8 @@ struct Pair {
     up: PathMask,
     /// Per client path: the earliest the punch may send there again.
     next_punch: Vec<Instant>,
+    /// The client paths paused now (`refresh_paused`).
+    paused: PathMask,
     punch_until: Option<Instant>,
     retry_at: Option<Instant>,
     link: KcpLink,
@@ -208,19 +210,30 @@ impl Pair {
         self.next_punch.iter_mut().for_each(|t| *t = now);
     }
 
-    /// Which of `paths` a control datagram (init, probe) of our client may go on.
-    fn control_paths(&mut self, now: Instant, paths: PathMask) -> PathMask {
+    /// Pauses, in our client, the direct paths that are not up and not due a punch now
+    /// (outside a punch window, or within `PUNCH_INTERVAL` of the last): they get no
+    /// datagram, and their trackers count only the probes that went out.
+    fn refresh_paused(&mut self, now: Instant) {
         let punching = self.punch_until.is_some_and(|t| now < t);
-        let mut out = PathMask::EMPTY;
-        for i in paths.iter() {
-            if i == RELAY_PATH || self.up.contains(i) {
-                out.insert(i);
-            } else if punching && self.next_punch.get(i).is_some_and(|&t| now >= t) {
-                self.next_punch[i] = now + PUNCH_INTERVAL;
-                out.insert(i);
+        let mut paused = PathMask::EMPTY;
+        for i in 1..=self.direct.len() {
+            let due = punching && self.next_punch.get(i).is_some_and(|&t| now >= t);
+            if !self.up.contains(i) && !due {
+                paused.insert(i);
             }
         }
-        out
+        self.paused = paused;
+        self.client.set_paused_paths(paused);
+    }
+
+    /// Our client sent on `paths`: the ones being punched wait `PUNCH_INTERVAL`.
+    fn punched(&mut self, now: Instant, paths: PathMask) {
+        for i in paths.iter().filter(|&i| i != RELAY_PATH && !self.up.contains(i)) {
+            if let Some(t) = self.next_punch.get_mut(i) {
+                *t = now + PUNCH_INTERVAL;
+            }
+        }
+        self.refresh_paused(now);
     }
 
     /// Which of `paths` data may go on.
@@ -436,6 +449,7 @@ impl Mesh {
             client,
             server,
             next_punch: vec![now; direct.len() + 1],
+            paused: PathMask::EMPTY,
             direct,
             client_session: None,
             established: false,
@@ -626,6 +640,7 @@ impl Mesh {
             // again now rather than in a minute
             p.start_punch(now);
         }
+        p.refresh_paused(now);
     }
 
     /// Takes the complete messages of pair `id`'s link.
@@ -693,13 +708,12 @@ impl Mesh {
         out: &mut [u8],
         to: &mut Vec<MeshAddr>,
     ) -> Option<(usize, bool)> {
-        while let Some(t) = p.client.poll_transmit(now, out) {
-            let paths = p.control_paths(now, t.paths);
+        p.refresh_paused(now);
+        if let Some(t) = p.client.poll_transmit(now, out) {
+            p.punched(now, t.paths);
             Self::drain_client_events(sessions, now, id, p);
-            if !paths.is_empty() {
-                Self::fill_dests(p, id, paths, to);
-                return Some((t.len, true));
-            }
+            Self::fill_dests(p, id, t.paths, to);
+            return Some((t.len, true));
         }
         if !p.established {
             return None;
@@ -764,6 +778,7 @@ impl Mesh {
         self.wall_at_epoch_ms = wall_ms;
         let mut broken = Vec::new();
         for (&id, p) in self.pairs.iter_mut() {
+            p.refresh_paused(now);
             p.client.handle_timeout(now);
             p.server.handle_timeout(now);
             while let Some(ev) = p.server.poll_event() {
@@ -805,10 +820,16 @@ impl Mesh {
         p.direct
             .iter()
             .zip(s.paths.iter().skip(1))
-            .map(|(&(socket, remote), st)| MeshPathStatus {
+            .enumerate()
+            .map(|(k, (&(socket, remote), st))| MeshPathStatus {
                 local: self.cfg.sockets.get(socket).map_or_else(String::new, |a| a.to_string()),
                 remote: remote.to_string(),
-                state: st.state,
+                // a path left alone between punches is not being probed: it is down
+                state: if p.paused.contains(k + 1) && st.state == PathState::Probing {
+                    PathState::Down
+                } else {
+                    st.state
+                },
                 rtt_ms: st.rtt_ms,
                 loss_up: st.loss_up,
                 loss_down: st.loss_down,
