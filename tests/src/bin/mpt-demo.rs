@@ -108,6 +108,8 @@ fn demo() {
     drop(t);
     check_stop();
     vpn_demo();
+    check_stop();
+    mesh_demo();
     println!("\ndone; deleting the namespaces");
 }
 
@@ -147,4 +149,33 @@ fn vpn_demo() {
         if same { "matches" } else { "DIFFERS" }
     );
     println!("\n$ mpvpn status   (on the hub)\n{}", v.status_table("hub"));
+}
+
+/// The mesh: two peers behind their own NAT routers punch through and talk directly.
+fn mesh_demo() {
+    println!(
+        "\n=== the mesh: a hub on a public network, peers a and b each behind a NAT router (nftables masquerade) ==="
+    );
+    let o =
+        tests::MeshOptions { nats: [tests::Nat::Masquerade, tests::Nat::Masquerade], ..tests::MeshOptions::default() };
+    let m = tests::MeshLab::start("demom", o);
+    let [_, b] = m.wait_up(Duration::from_secs(20));
+    let took = m.wait_via("a", "direct", Duration::from_secs(15));
+    println!("  a reaches b directly {took:.2?} after both registered (hole punched through both NATs)");
+    let mut rtts = tests::ping(&m.peer_ns[0], &b, 100, "0.01", &[]);
+    rtts.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    if let Some(p50) = rtts.get(rtts.len() / 2) {
+        println!("  $ ping -c 100 {b}   (from peer a): {} of 100 answered, rtt p50 {p50:.2} ms", rtts.len());
+    }
+    let before = m.relayed("a");
+    let (n, same, secs) =
+        tests::tcp_transfer(&m.peer_ns[0], &m.peer_ns[1], format!("{b}:7001").parse().unwrap(), 8 << 20);
+    println!(
+        "  TCP a -> b: {} MiB in {secs:.2}s ({:.1} Mbit/s), hash {}; the hub relayed {} bytes of it",
+        n >> 20,
+        n as f64 * 8.0 / secs / 1e6,
+        if same { "matches" } else { "DIFFERS" },
+        m.relayed("a") - before
+    );
+    println!("\n$ mpvpn status   (on peer a)\n{}", m.status_table("a"));
 }
