@@ -92,11 +92,36 @@ pub struct HubConfig {
 }
 
 /// One address or a list of them.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum OneOrMany {
     One(SocketAddr),
     Many(Vec<SocketAddr>),
+}
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        fn addr<E: serde::de::Error>(s: &str) -> Result<SocketAddr, E> {
+            s.parse().map_err(|_| E::custom(format!("`{s}` is not ip:port")))
+        }
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("ip:port or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<OneOrMany, E> {
+                addr(s).map(OneOrMany::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
+                let mut v = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    v.push(addr(&s)?);
+                }
+                Ok(OneOrMany::Many(v))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 impl OneOrMany {

@@ -41,6 +41,8 @@ const DNS: Token = Token(common::driver::event_loop::RESERVED_TOKENS - 1);
 const RENDEZVOUS: Token = Token(common::driver::event_loop::RESERVED_TOKENS - 2);
 /// A peer's mesh socket `i` has token `MESH_BASE - i`.
 const MESH_BASE: usize = common::driver::event_loop::RESERVED_TOKENS - 3;
+/// A registered peer whose rendezvous questions got no answer this long says so.
+const RENDEZVOUS_SILENT_AFTER: Duration = Duration::from_secs(5);
 /// How often a peer looks at its interfaces for new host candidates.
 const CANDIDATE_SCAN_INTERVAL: Duration = Duration::from_secs(5);
 /// The hub's and the peer's stats line.
@@ -73,6 +75,16 @@ pub struct VpnStatus {
     /// Peer: routes from other peers it did not install, with why.
     #[serde(default)]
     pub skipped_routes: Vec<String>,
+    /// Peer: its mesh sockets, and where the hub's rendezvous port sees each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mesh_sockets: Vec<MeshSocketStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MeshSocketStatus {
+    pub local: String,
+    /// Its server-reflexive address; `None`: the rendezvous port has not answered.
+    pub reflexive: Option<String>,
 }
 
 impl VpnStatus {
@@ -120,6 +132,10 @@ impl VpnStatus {
             "RX BYTES",
             if hub { "RELAYED" } else { "" }
         );
+        for m in &self.mesh_sockets {
+            let seen = m.reflexive.as_deref().unwrap_or("- (no answer from the hub's rendezvous port)");
+            let _ = writeln!(s, "  mesh socket {}  seen by the hub as {seen}", m.local);
+        }
         for r in &self.refused_routes {
             let _ = writeln!(s, "  route refused by the hub: {r}");
         }
@@ -624,13 +640,34 @@ fn vpn_metrics(st: &VpnStatus, m: &mut Metrics) {
         hb,
     );
     let rtt = st.peers.iter().filter_map(|p| p.rtt_ms.map(|v| (peer(p), v / 1000.0)));
-    m.gauge("vpn_peer_rtt", "A peer's heartbeat round trip (the hub's view)", Some(Unit::Seconds), rtt);
-    let drops = st
-        .drops
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(why, n)| n.as_u64().map(|n| (with_label(own(), "reason", why.clone()), n)));
+    m.gauge(
+        "vpn_peer_rtt",
+        "Round trip to a peer: its heartbeats (the hub's view) or its best direct path (a peer's view)",
+        Some(Unit::Seconds),
+        rtt,
+    );
+    if st.role == "hub" {
+        let relayed = st.peers.iter().map(|p| (peer(p), p.relayed_bytes));
+        m.counter(
+            "vpn_peer_relayed",
+            "Bytes from a peer the hub passed on to other peers (routed packets, relayed datagrams)",
+            Some(Unit::Bytes),
+            relayed,
+        );
+    }
+    let mut drops = Vec::new();
+    for (why, n) in st.drops.as_object().into_iter().flatten() {
+        match (n.as_u64(), n.as_object()) {
+            (Some(n), _) => drops.push((with_label(own(), "reason", why.clone()), n)),
+            // the mesh's own, as mesh_<reason>
+            (None, Some(inner)) => drops.extend(
+                inner
+                    .iter()
+                    .filter_map(|(w, n)| Some((with_label(own(), "reason", format!("{why}_{w}")), n.as_u64()?))),
+            ),
+            _ => {}
+        }
+    }
     m.counter("vpn_drops", "Datagrams and packets dropped, by reason", None, drops);
 }
 
@@ -652,6 +689,7 @@ fn hub_status(core: &Hub, now: Instant, tun: &str, addr: Ipv4Addr) -> VpnStatus 
         drops: serde_json::to_value::<&HubDrops>(&core.drops).unwrap_or_default(),
         refused_routes: Vec::new(),
         skipped_routes: Vec::new(),
+        mesh_sockets: Vec::new(),
     }
 }
 
@@ -821,6 +859,9 @@ struct MeshSockets {
     /// Where direct datagrams are read and built.
     buf: Vec<u8>,
     next_scan: Instant,
+    /// When this registration came up, until the rendezvous port answered (or we said
+    /// it did not).
+    awaiting_rendezvous: Option<Instant>,
 }
 
 impl MeshSockets {
@@ -839,7 +880,14 @@ impl MeshSockets {
         }
         info!(log, "mesh sockets open"; "listen" => ?locals, "rendezvous" => %rendezvous, "relay" => ?m.relay,
             "connect" => ?m.connect);
-        Ok(Self { socks, locals, rendezvous, buf: vec![0; 65536], next_scan: Instant::now() })
+        Ok(Self {
+            socks,
+            locals,
+            rendezvous,
+            buf: vec![0; 65536],
+            next_scan: Instant::now(),
+            awaiting_rendezvous: None,
+        })
     }
 
     fn socket_of(&self, token: Token) -> Option<usize> {
@@ -1010,16 +1058,34 @@ impl Service for PeerDriver {
 
     fn handle_timeout(&mut self, registry: &Registry, now: Instant) -> Result<(), VpnError> {
         self.tunnel.handle_timeout(registry, now);
-        if let Some(m) = self.mesh.as_mut().filter(|m| now >= m.next_scan) {
-            m.next_scan = now + CANDIDATE_SCAN_INTERVAL;
-            self.core.set_host_candidates(m.host_candidates(&self.tun_name));
+        if let Some(m) = self.mesh.as_mut() {
+            if now >= m.next_scan {
+                m.next_scan = now + CANDIDATE_SCAN_INTERVAL;
+                self.core.set_host_candidates(m.host_candidates(&self.tun_name));
+            }
+            if self.core.reflexive().iter().any(Option::is_some) {
+                m.awaiting_rendezvous = None;
+            } else if m.awaiting_rendezvous.is_some_and(|t| now >= t + RENDEZVOUS_SILENT_AFTER) {
+                m.awaiting_rendezvous = None;
+                warn!(self.log, "mesh: the hub's rendezvous port does not answer (rendezvous: in hub.yaml, or a firewall); only host candidates are announced";
+                    "rendezvous" => %m.rendezvous);
+            }
         }
         self.core.handle_timeout(now, wall_ms());
         self.flush()
     }
 
     fn status(&self, now: Instant) -> VpnStatus {
-        peer_status(&self.core, now, &self.name, &self.tun_name, &self.skipped)
+        let mut st = peer_status(&self.core, now, &self.name, &self.tun_name, &self.skipped);
+        if let Some(m) = &self.mesh {
+            st.mesh_sockets = m
+                .locals
+                .iter()
+                .zip(self.core.reflexive())
+                .map(|(l, r)| MeshSocketStatus { local: l.to_string(), reflexive: r.map(|r| r.to_string()) })
+                .collect();
+        }
+        st
     }
 
     fn stats_line(&self, now: Instant) -> String {
@@ -1047,6 +1113,7 @@ fn peer_status(core: &Peer, now: Instant, name: &str, tun: &str, skipped: &[(Pre
         drops: serde_json::to_value::<PeerDrops>(core.drop_counts()).unwrap_or_default(),
         refused_routes: core.refused_routes().iter().map(|(r, why)| format!("{r}: {why:?}")).collect(),
         skipped_routes: skipped.iter().map(|(r, why)| format!("{r}: {why}")).collect(),
+        mesh_sockets: Vec::new(),
     }
 }
 
@@ -1068,6 +1135,9 @@ impl PeerDriver {
             match ev {
                 PeerEvent::Configured { addr, prefix_len, hub_addr, mtu, dns_domain } => {
                     configure_tun(tun, addr, prefix_len, mtu)?;
+                    if let Some(m) = mesh.as_mut() {
+                        m.awaiting_rendezvous = Some(Instant::now());
+                    }
                     if let (Some(domain), None) = (dns_domain, &resolver) {
                         *resolver = Some(SystemResolver::point(tun, hub_addr, &domain, log));
                     }
@@ -1110,6 +1180,17 @@ impl PeerDriver {
                         r.update(core.peers(), log);
                     }
                 }
+                PeerEvent::Mesh(e) => match e {
+                    crate::mesh::MeshEvent::Introduced { peer } => {
+                        info!(log, "mesh: introduced by the hub, punching"; "peer" => peer)
+                    }
+                    crate::mesh::MeshEvent::Direct { peer, remote } => {
+                        info!(log, "mesh: direct"; "peer" => peer, "remote" => %remote)
+                    }
+                    crate::mesh::MeshEvent::Relay { peer } => {
+                        warn!(log, "mesh: no direct path answers; through the hub's relay"; "peer" => peer)
+                    }
+                },
                 PeerEvent::HubLost => {
                     error!(log, "hub lost: no heartbeat answers after retries at 1, 3 and 7 s; not taking packets, registering again")
                 }

@@ -210,6 +210,9 @@ pub struct PeerStatus {
     /// A peer's view of another: the direct paths of the pair.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<MeshPathStatus>,
+    /// Where its mesh sockets may be reached, as the hub lists them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<SocketAddr>,
     /// The hub's view: bytes from this peer it passed on to other peers (IP packets it
     /// routed and datagrams of direct sessions it relayed).
     #[serde(default)]
@@ -984,6 +987,7 @@ impl Hub {
                 rx_bytes: p.rx_bytes,
                 via: None,
                 paths: Vec::new(),
+                candidates: if p.mesh { p.candidates() } else { Vec::new() },
                 relayed_bytes: p.relayed_bytes,
             })
             .collect()

@@ -127,6 +127,17 @@ impl std::fmt::Display for Via {
     }
 }
 
+/// What the driver logs: a pair's way changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MeshEvent {
+    /// The hub introduced us to `peer`; we punch.
+    Introduced { peer: String },
+    /// `peer` is reached directly (first at `remote`).
+    Direct { peer: String, remote: SocketAddr },
+    /// `peer` is reached through the hub's relay only.
+    Relay { peer: String },
+}
+
 /// One direct path of a pair, as `mpvpn status` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MeshPathStatus {
@@ -185,6 +196,8 @@ struct Pair {
     last_data: Instant,
     /// When the last IP packet from the pair arrived.
     last_rx: Option<Instant>,
+    /// The way last told (`MeshEvent`); `None`: not yet.
+    reported: Option<Via>,
     tx_bytes: u64,
     rx_bytes: u64,
 }
@@ -192,6 +205,14 @@ struct Pair {
 impl Pair {
     fn direct_up(&self) -> bool {
         self.up.0 & !1 != 0
+    }
+
+    fn via(&self) -> Via {
+        if self.established && self.direct_up() {
+            Via::Direct
+        } else {
+            Via::Relay
+        }
     }
 
     /// A client's session starts with the first datagram of its application: an empty
@@ -459,6 +480,7 @@ impl Mesh {
             link: KcpLink::new(pair_conv(&intro.key), now, PAIR_PAYLOAD + SEALED_OVERHEAD),
             last_data: now,
             last_rx: None,
+            reported: None,
             tx_bytes: 0,
             rx_bytes: 0,
         };
@@ -482,10 +504,30 @@ impl Mesh {
 
     /// How peer `id` is reached: directly while one of the pair's direct paths is up.
     pub fn via(&self, id: u32) -> Via {
-        match self.pairs.get(&id) {
-            Some(p) if p.established && p.direct_up() => Via::Direct,
-            _ => Via::Relay,
+        self.pairs.get(&id).map_or(Via::Relay, Pair::via)
+    }
+
+    /// The next change worth a log line: an introduction, a pair going direct or back
+    /// to the relay.
+    pub fn poll_event(&mut self) -> Option<MeshEvent> {
+        for p in self.pairs.values_mut() {
+            let via = p.via();
+            if p.reported == Some(via) {
+                continue;
+            }
+            let first = p.reported.is_none();
+            p.reported = Some(via);
+            let peer = p.name.clone();
+            return Some(match via {
+                Via::Direct => {
+                    let remote = p.up.iter().find_map(|i| p.direct.get(i.checked_sub(1)?)).map(|&(_, a)| a);
+                    MeshEvent::Direct { peer, remote: remote.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))) }
+                }
+                Via::Relay if first => MeshEvent::Introduced { peer },
+                Via::Relay => MeshEvent::Relay { peer },
+            });
         }
+        None
     }
 
     /// Sends an IP packet to peer `id` over its pair (`is_ready`).

@@ -71,6 +71,8 @@ pub enum PeerEvent {
     HubLost,
     /// A new peer list is in (`peers()`).
     PeerList,
+    /// The way to another peer changed (the mesh).
+    Mesh(crate::mesh::MeshEvent),
     /// The hub refused us for good (config mismatch): stop with this error.
     Fatal(HubRefusal),
     /// The hub refused us for now (e.g. pool exhausted); we keep trying.
@@ -609,7 +611,7 @@ impl Peer {
                         (false, Via::Direct) => PeerState::Direct,
                         (false, Via::Relay) => PeerState::ViaHub,
                     },
-                    tunnel: p.candidates.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","),
+                    tunnel: String::new(),
                     routes: p.routes.clone(),
                     last_heartbeat_s: None,
                     last_rx_s: last_rx.map(|r| now.saturating_duration_since(r).as_secs_f64()),
@@ -622,6 +624,7 @@ impl Peer {
                     rx_bytes: t.rx_bytes + mesh_rx,
                     via: (!own).then_some(via),
                     paths,
+                    candidates: p.candidates.clone(),
                     relayed_bytes: 0,
                 }
             })
@@ -785,7 +788,7 @@ impl Peer {
     }
 
     pub fn poll_event(&mut self) -> Option<PeerEvent> {
-        self.events.pop_front()
+        self.events.pop_front().or_else(|| self.mesh.as_mut()?.poll_event().map(PeerEvent::Mesh))
     }
 
     pub fn poll_timeout(&self) -> Instant {
