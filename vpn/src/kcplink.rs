@@ -25,6 +25,8 @@ pub const KCP_INTERVAL: Duration = Duration::from_millis(10);
 /// so long or jittery paths still get theirs; on short paths a segment the redundant
 /// paths all lost is resent after about RTT + 10 ms instead of 30.
 pub const KCP_MIN_RTO: Duration = Duration::from_millis(10);
+/// An idle link's timer (nothing to send, nothing unacknowledged) runs this often.
+pub const KCP_IDLE_UPDATE_INTERVAL: Duration = Duration::from_secs(1);
 pub const KCP_WINDOW: u16 = 1024;
 /// KCP segment header.
 pub const KCP_HEADER_LEN: usize = 24;
@@ -222,8 +224,15 @@ impl KcpLink {
         self.out.0.borrow_mut().pop_into(out)
     }
 
+    /// When `handle_timeout` has work: KCP's next interval while anything waits to be
+    /// sent or acknowledged; an idle link only once a second (a pair or a peer that says
+    /// nothing must not wake its process every 10 ms).
     pub fn poll_timeout(&self) -> Instant {
-        self.next_update
+        if self.kcp.wait_snd() == 0 && !self.unflushed {
+            self.next_update + KCP_IDLE_UPDATE_INTERVAL
+        } else {
+            self.next_update
+        }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {

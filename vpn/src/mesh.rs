@@ -183,6 +183,10 @@ struct Pair {
     direct: Vec<(usize, SocketAddr)>,
     client_session: Option<SessionId>,
     established: bool,
+    /// The link carries the pair's packets since our client first got through: from
+    /// then on they stay on it (also while the client starts over), so they never
+    /// overtake each other on two ways.
+    in_use: bool,
     /// Client paths an authenticated answer came back on lately.
     up: PathMask,
     /// Per client path: the earliest the punch may send there again.
@@ -474,6 +478,7 @@ impl Mesh {
             direct,
             client_session: None,
             established: false,
+            in_use: false,
             up: PathMask::EMPTY,
             punch_until: None,
             retry_at: None,
@@ -496,10 +501,10 @@ impl Mesh {
         }
     }
 
-    /// Whether IP packets for peer `id` go over its pair (its session is up, on the
+    /// Whether IP packets for peer `id` go over its pair (its session came up, on the
     /// relay at least); otherwise they go through the hub as before.
     pub fn is_ready(&self, id: u32) -> bool {
-        self.pairs.get(&id).is_some_and(|p| p.established && !p.link.is_broken())
+        self.pairs.get(&id).is_some_and(|p| p.in_use && !p.link.is_broken())
     }
 
     /// How peer `id` is reached: directly while one of the pair's direct paths is up.
@@ -657,7 +662,10 @@ impl Mesh {
                     p.established = false;
                     p.up = PathMask::EMPTY;
                 }
-                ClientEvent::Established { .. } => p.established = true,
+                ClientEvent::Established { .. } => {
+                    p.established = true;
+                    p.in_use = true;
+                }
                 ClientEvent::PathUp { path, .. } => p.up.insert(path),
                 ClientEvent::PathDown { path, .. } => p.up.0 &= !(1u32 << path),
                 ClientEvent::ServerLost { old, .. } => {
@@ -806,7 +814,7 @@ impl Mesh {
                     Some(p.link.poll_timeout()),
                     p.punch_until,
                     p.retry_at,
-                    Some(p.last_data + PAIR_KEEPALIVE),
+                    p.established.then_some(p.last_data + PAIR_KEEPALIVE),
                 ]
             })
             .flatten()
@@ -935,6 +943,43 @@ mod tests {
         let link = KcpLink::new(1, Instant::now(), PAIR_PAYLOAD + SEALED_OVERHEAD);
         assert_eq!(link.mss(), 1345);
         assert_eq!((1 + crate::TUN_MTU as usize).div_ceil(link.mss()), 2);
+    }
+
+    /// A pair that hears nothing at all (relay and direct paths dead) never asks to be
+    /// woken in the past: the driver would spin.
+    #[test]
+    fn a_silent_pair_never_spins() {
+        let now0 = Instant::now();
+        let cfg = MeshConfig {
+            name: "a".into(),
+            sockets: vec!["0.0.0.0:5100".parse().unwrap()],
+            relay: RelayMode::Fallback,
+            connect: ConnectMode::Always,
+        };
+        let mut mesh = Mesh::new(cfg, now0, 1_800_000_000_000, Box::new(common::sim::SimEntropy::new(1)));
+        let b = PeerEntry {
+            id: 2,
+            name: "b".into(),
+            addr: Ipv4Addr::new(10, 99, 0, 3),
+            routes: vec![],
+            candidates: vec!["198.51.100.2:5100".parse().unwrap()],
+        };
+        mesh.set_peer_list(now0, 1, &[b]);
+        assert_eq!(mesh.poll_intro_request(), Some(2));
+        mesh.on_intro(now0, &IntroRepr { peer_id: 2, key: [5; 32] });
+        let (mut out, mut to) = (vec![0u8; 65536], Vec::new());
+        let mut now = now0;
+        let mut wakeups = 0;
+        while now < now0 + Duration::from_secs(90) {
+            mesh.handle_timeout(now, 1_800_000_000_000 + (now - now0).as_millis() as u64);
+            while mesh.poll_transmit(now, &mut out, &mut to).is_some() {}
+            let next = mesh.poll_timeout().expect("a pair has timers");
+            assert!(next > now, "asked to be woken at {:?}, now {:?}", next - now0, now - now0);
+            now = next;
+            wakeups += 1;
+        }
+        // probes on the relay path, its retries, KCP's timer: a few per second, not a spin
+        assert!(wakeups < 90 * 100, "{wakeups} wake-ups in 90 s");
     }
 
     #[test]
