@@ -30,6 +30,8 @@ pub enum Nat {
     Masquerade,
     /// Behind `masquerade random`: a mapping per destination ("symmetric").
     Random,
+    /// Behind one `masquerade` router shared by both peers (each on its own LAN port).
+    Shared,
 }
 
 pub struct MeshOptions {
@@ -84,18 +86,27 @@ impl MeshLab {
                     lab.sh(&ns, &format!("ip route add default via {router}"));
                     nat_ns.push(None);
                 }
-                Nat::Masquerade | Nat::Random => {
-                    let r = lab.add_ns(&format!("n{name}"));
-                    lab.link(&r, "w", &wan_ip, &wan, &format!("n{name}"), &router);
-                    lab.link(&ns, "lan", &format!("192.168.{n}.2"), &r, "lan", &format!("192.168.{n}.1"));
+                Nat::Masquerade | Nat::Random | Nat::Shared => {
+                    // the shared router is the first peer's, on the wan as 10.200.1.1
+                    let shared = (*nat == Nat::Shared).then(|| nat_ns.first().cloned().flatten()).flatten();
+                    let r = match shared {
+                        Some(r) => r,
+                        None => {
+                            let r = lab.add_ns(&format!("n{name}"));
+                            lab.link(&r, "w", &wan_ip, &wan, &format!("n{name}"), &router);
+                            lab.sh(&r, &format!("ip route add default via {router}"));
+                            lab.sh(&r, "sysctl -qw net.ipv4.ip_forward=1");
+                            let random = if *nat == Nat::Random { " random" } else { "" };
+                            // a home router: masquerade out of the wan side; nothing
+                            // unsolicited in; its LAN ports talk to each other
+                            lab.nft(&r, &format!(
+                                "table ip nat {{\n  chain post {{\n    type nat hook postrouting priority 100;\n    oifname \"w\" masquerade{random}\n  }}\n}}\ntable ip filter {{\n  chain input {{\n    type filter hook input priority 0; policy drop;\n    ct state established,related accept\n    iifname {{ \"l*\", \"lo\" }} accept\n  }}\n  chain forward {{\n    type filter hook forward priority 0; policy drop;\n    ct state established,related accept\n    iifname \"l*\" accept\n  }}\n}}\n"
+                            ));
+                            r
+                        }
+                    };
+                    lab.link(&ns, "lan", &format!("192.168.{n}.2"), &r, &format!("l{name}"), &format!("192.168.{n}.1"));
                     lab.sh(&ns, &format!("ip route add default via 192.168.{n}.1"));
-                    lab.sh(&r, &format!("ip route add default via {router}"));
-                    lab.sh(&r, "sysctl -qw net.ipv4.ip_forward=1");
-                    let random = if *nat == Nat::Random { " random" } else { "" };
-                    // a home router: masquerade out of the wan side; nothing unsolicited in
-                    lab.nft(&r, &format!(
-                        "table ip nat {{\n  chain post {{\n    type nat hook postrouting priority 100;\n    oifname \"w\" masquerade{random}\n  }}\n}}\ntable ip filter {{\n  chain input {{\n    type filter hook input priority 0; policy drop;\n    ct state established,related accept\n    iifname {{ \"lan\", \"lo\" }} accept\n  }}\n  chain forward {{\n    type filter hook forward priority 0; policy drop;\n    ct state established,related accept\n    iifname \"lan\" accept\n  }}\n}}\n"
-                    ));
                     nat_ns.push(Some(r));
                 }
             }

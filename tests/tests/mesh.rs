@@ -76,6 +76,18 @@ fn peers_behind_masquerade_nats_punch_through_and_keep_their_mappings() {
 }
 
 #[test]
+fn peers_behind_one_nat_go_direct_over_their_host_candidates() {
+    let Some(_serial) = lab_or_skip() else { return };
+    let m = direct_case("mf", [Nat::Shared, Nat::Shared]);
+    let st = m.status("a");
+    let b_entry = st["peers"].as_array().unwrap().iter().find(|p| p["name"] == "b").unwrap().clone();
+    assert!(
+        b_entry["paths"].as_array().unwrap().iter().any(|p| p["state"] == "up" && p["remote"] == "192.168.2.2:5100"),
+        "{b_entry}"
+    );
+}
+
+#[test]
 fn peers_behind_symmetric_nats_use_the_relay() {
     let Some(_serial) = lab_or_skip() else { return };
     let m = MeshLab::start("mc", MeshOptions { nats: [Nat::Random, Nat::Random], ..MeshOptions::default() });
