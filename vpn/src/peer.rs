@@ -3,8 +3,10 @@
 //!
 //! Heartbeats go every `HEARTBEAT_INTERVAL`. When one goes unanswered the peer retries
 //! 1, 3 and 7 s after it; if none is answered by `HUB_LOST_AFTER` the hub is lost: the
-//! peer stops taking packets from its TUN (they are dropped and counted), and registers
-//! again every `REREGISTER_INTERVAL`, asking for the address it had.
+//! peer stops taking packets from its TUN (they are dropped and counted) except those for
+//! a peer it has a direct session with (`mesh`: those go on), and registers again every
+//! `REREGISTER_INTERVAL`, asking for the address it had. A new registration ends the
+//! direct sessions of the old one (their keys were bound to it).
 //!
 //! Each registration has its own ephemeral key and nonce; every resend of its Register
 //! carries both, so however many copies reach the hub they get one Welcome. Once welcomed,
@@ -633,7 +635,7 @@ impl Peer {
 
     /// An IP packet read from the TUN device.
     pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8]) {
-        if !self.is_up() {
+        if !self.is_up() && self.mesh.is_none() {
             self.drops.hub_lost += 1;
             return;
         }
@@ -653,7 +655,10 @@ impl Peer {
             // through the hub until the pair is up
             mesh.want(now, id);
         }
-        let State::Up(s) = &mut self.state else { return };
+        let State::Up(s) = &mut self.state else {
+            self.drops.hub_lost += 1;
+            return;
+        };
         match s.link.send_ip(packet) {
             Ok(()) => {
                 self.tx_bytes += packet.len() as u64;
@@ -665,10 +670,9 @@ impl Peer {
         }
     }
 
+    /// The hub is gone (or broke our link): register again. Direct sessions go on
+    /// meanwhile; the next registration's list replaces them.
     fn lose_hub(&mut self, now: Instant) {
-        if let Some(m) = self.mesh.as_mut() {
-            m.reset();
-        }
         self.state = State::Registering { attempt: Attempt::new(&mut *self.entropy), next_try: now, lost: true };
         self.events.push_back(PeerEvent::HubLost);
     }
@@ -792,7 +796,9 @@ impl Peer {
     }
 
     pub fn poll_timeout(&self) -> Instant {
-        match &self.state {
+        // the pairs run on while the hub is lost
+        let mesh = self.mesh.as_ref().and_then(Mesh::poll_timeout);
+        let own = match &self.state {
             State::Registering { next_try, .. } => *next_try,
             State::Up(s) => {
                 let hb = match s.first_miss {
@@ -802,14 +808,17 @@ impl Peer {
                         None => t + HUB_LOST_AFTER,
                     },
                 };
-                let mesh = self.mesh.as_ref().and_then(Mesh::poll_timeout);
                 let rendezvous = self.mesh.as_ref().map(|_| self.next_rendezvous);
-                [Some(hb), Some(s.link.poll_timeout()), mesh, rendezvous].into_iter().flatten().min().unwrap_or(hb)
+                [Some(hb), Some(s.link.poll_timeout()), rendezvous].into_iter().flatten().min().unwrap_or(hb)
             }
-        }
+        };
+        mesh.map_or(own, |m| m.min(own))
     }
 
     pub fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
+        if let Some(m) = self.mesh.as_mut() {
+            m.handle_timeout(now, wall_ms);
+        }
         match &mut self.state {
             State::Registering { next_try, lost, .. } => {
                 if now >= *next_try {
@@ -818,9 +827,6 @@ impl Peer {
                 }
             }
             State::Up(s) => {
-                if let Some(m) = self.mesh.as_mut() {
-                    m.handle_timeout(now, wall_ms);
-                }
                 s.link.handle_timeout(now);
                 if s.link.is_broken() {
                     self.lose_hub(now);

@@ -53,6 +53,8 @@ struct MeshNet {
     peers: Vec<SimPeer>,
     /// Every direct datagram between peers is lost.
     direct_blocked: bool,
+    /// Everything between the peers and the hub (tunnel and rendezvous) is lost.
+    hub_down: bool,
     /// Direct datagrams sent by each peer, by when.
     direct_sent: Vec<Vec<Instant>>,
     out: Vec<u8>,
@@ -119,6 +121,7 @@ impl MeshNet {
             hub,
             peers,
             direct_blocked: false,
+            hub_down: false,
             direct_sent: vec![Vec::new(); nats.len()],
             out: vec![0; 65536],
         }
@@ -159,6 +162,9 @@ impl MeshNet {
                 let now = self.now;
                 for (socket, q) in self.peers[i].core.poll_rendezvous(now) {
                     moved = true;
+                    if self.hub_down {
+                        continue;
+                    }
                     let from = self.source_for(i, RENDEZVOUS);
                     let mut answer = Vec::new();
                     if let Some(n) = self.hub.handle_rendezvous(from, &q, &mut answer) {
@@ -188,11 +194,16 @@ impl MeshNet {
                 }
                 while let Some(n) = self.peers[i].core.poll_transmit(&mut self.out) {
                     moved = true;
-                    self.hub.handle_datagram(now, wall, self.peers[i].tunnel, &self.out[..n]);
+                    if !self.hub_down {
+                        self.hub.handle_datagram(now, wall, self.peers[i].tunnel, &self.out[..n]);
+                    }
                 }
             }
             while let Some((to, n)) = self.hub.poll_transmit(&mut self.out) {
                 moved = true;
+                if self.hub_down {
+                    continue;
+                }
                 if let Some(p) = self.peers.iter_mut().find(|p| p.tunnel == to) {
                     p.core.handle_datagram(self.now, &self.out[..n]);
                 }
@@ -451,4 +462,25 @@ fn direct_traffic_must_come_from_the_sending_peers_addresses() {
     net.run_for(Duration::from_millis(100));
     assert!(net.peers[1].tun_rx.is_empty(), "a packet from an address a does not have");
     assert_eq!(net.peers[1].core.drop_counts().mesh.unwrap().spoofed_source, 1);
+}
+
+#[test]
+fn direct_sessions_outlive_a_lost_hub_until_the_peers_register_again() {
+    let mut net = MeshNet::new(&[Nat::None, Nat::None], RelayMode::Fallback, ConnectMode::Always);
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(net.via(0, 1), Some(Via::Direct));
+    net.hub_down = true;
+    net.run_for(Duration::from_secs(10));
+    assert!(!net.peers[0].core.is_up(), "the hub is lost");
+    net.stream(0, 1, 0..200);
+    net.run_for(Duration::from_millis(300));
+    assert_exactly_once(&net.received(1), 0..200);
+    // the hub is back: new registrations, new pairs, direct again
+    net.hub_down = false;
+    net.run_for(Duration::from_secs(5));
+    assert!(net.peers.iter().all(|p| p.core.is_up()));
+    assert_eq!(net.via(0, 1), Some(Via::Direct));
+    net.stream(0, 1, 200..300);
+    net.run_for(Duration::from_millis(500));
+    assert_exactly_once(&net.received(1), 0..300);
 }
