@@ -613,7 +613,11 @@ impl Runner {
             let m = tests::MeshLab::start(&format!("bm{k}"), o);
             let [_, b] = m.wait_up(Duration::from_secs(30));
             if mesh {
-                m.wait_via("a", "direct", Duration::from_secs(15));
+                // the bench reports; it does not gate (a pair still on the relay is said)
+                let since = Instant::now();
+                while m.via("a") != "direct" && since.elapsed() < Duration::from_secs(15) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
                 let mut own = Cell {
                     name: "mesh: the direct link itself (underlay ping)".into(),
                     setup: "mesh-link".into(),
@@ -635,7 +639,9 @@ impl Runner {
             tcp[k] = c.tcp_mbit;
             if mesh {
                 rtt[0] = c.rtt_ms.map(|p| p.p50);
-                assert_eq!(m.via("a"), "direct", "the transfer moved off the direct path");
+                if m.via("a") != "direct" {
+                    eprintln!("\nmesh: peer a is not reached directly: the direct cell measured the relay");
+                }
             }
             cells.push(c);
         }

@@ -922,29 +922,11 @@ impl MeshSockets {
         }
     }
 
-    /// This host's addresses the mesh sockets may be reached on (host candidates): not
-    /// loopback, not link-local, not on the VPN's TUN.
+    /// This host's addresses the mesh sockets may be reached on (`mesh::host_candidates`).
     fn host_candidates(&self, tun: &str) -> Vec<SocketAddr> {
-        let ifs = if_addrs::get_if_addrs().unwrap_or_default();
-        let mut out = Vec::new();
-        for local in &self.locals {
-            if !local.ip().is_unspecified() {
-                out.push(*local);
-                continue;
-            }
-            for i in ifs.iter().filter(|i| i.name != tun && !i.is_loopback()) {
-                let ip = i.ip();
-                let link_local = match ip {
-                    std::net::IpAddr::V4(a) => a.is_link_local(),
-                    std::net::IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80,
-                };
-                if ip.is_ipv4() == local.is_ipv4() && !link_local {
-                    out.push(SocketAddr::new(ip, local.port()));
-                }
-            }
-        }
-        out.dedup();
-        out
+        let ifs: Vec<(String, std::net::IpAddr)> =
+            if_addrs::get_if_addrs().unwrap_or_default().into_iter().map(|i| (i.name.clone(), i.ip())).collect();
+        crate::mesh::host_candidates(&self.locals, &ifs, tun)
     }
 }
 
