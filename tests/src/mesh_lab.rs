@@ -183,30 +183,16 @@ impl MeshLab {
     }
 
     pub fn control_of(&self, who: &str) -> PathBuf {
-        if who == "hub" {
-            self.lab.dir.join("hub.sock")
-        } else {
-            self.lab.dir.join(format!("peer-{who}.sock"))
-        }
+        crate::vpn_lab::control_in(&self.lab.dir, who)
     }
 
     /// `mpvpn status --json` of "hub", "a" or "b".
     pub fn status(&self, who: &str) -> serde_json::Value {
-        let out = Command::new(bin("mpvpn"))
-            .args(["status", "--json", "--control"])
-            .arg(self.control_of(who))
-            .output()
-            .expect("mpvpn status");
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+        crate::vpn_lab::mpvpn_status(&self.control_of(who))
     }
 
     pub fn status_table(&self, who: &str) -> String {
-        let out = Command::new(bin("mpvpn"))
-            .args(["status", "--control"])
-            .arg(self.control_of(who))
-            .output()
-            .expect("status");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        crate::vpn_lab::mpvpn_status_table(&self.control_of(who))
     }
 
     /// Waits until both peers are up; returns their VPN addresses.

@@ -157,28 +157,16 @@ impl VpnLab {
     /// The control socket of the hub ("hub") or a peer ("a", "b", ...); all of them are
     /// on this one host (the namespaces share the file system).
     pub fn control_of(&self, who: &str) -> PathBuf {
-        if who == "hub" {
-            self.lab.dir.join("hub.sock")
-        } else {
-            self.lab.dir.join(format!("peer-{who}.sock"))
-        }
+        control_in(&self.lab.dir, who)
     }
 
     /// `mpvpn status --json` of the hub ("hub") or a peer ("a", "b", ...).
     pub fn status(&self, who: &str) -> serde_json::Value {
-        let sock = self.control_of(who);
-        let out = Command::new(bin("mpvpn"))
-            .args(["status", "--json", "--control"])
-            .arg(sock)
-            .output()
-            .expect("mpvpn status");
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+        mpvpn_status(&self.control_of(who))
     }
 
     pub fn status_table(&self, who: &str) -> String {
-        let sock = self.control_of(who);
-        let out = Command::new(bin("mpvpn")).args(["status", "--control"]).arg(sock).output().expect("mpvpn status");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        mpvpn_status_table(&self.control_of(who))
     }
 
     /// Waits until peer `who` is up; returns its VPN address.
@@ -200,4 +188,26 @@ impl VpnLab {
     pub fn ping(&self, i: usize, dst: &str, count: u32, interval: &str, extra: &[&str]) -> Vec<f64> {
         ping(&self.peer_ns[i], dst, count, interval, extra)
     }
+}
+
+/// The control socket a lab's hub.yaml ("hub") or peer-<who>.yaml names, in `dir`.
+pub fn control_in(dir: &Path, who: &str) -> PathBuf {
+    if who == "hub" {
+        dir.join("hub.sock")
+    } else {
+        dir.join(format!("peer-{who}.sock"))
+    }
+}
+
+/// `mpvpn status --json --control sock` (Null when it does not answer).
+pub fn mpvpn_status(sock: &Path) -> serde_json::Value {
+    let out =
+        Command::new(bin("mpvpn")).args(["status", "--json", "--control"]).arg(sock).output().expect("mpvpn status");
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// `mpvpn status --control sock`, the table.
+pub fn mpvpn_status_table(sock: &Path) -> String {
+    let out = Command::new(bin("mpvpn")).args(["status", "--control"]).arg(sock).output().expect("mpvpn status");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
