@@ -10,10 +10,9 @@
 //! The peers reach the hub's embedded multipath server directly (or through an mpbridge
 //! on the wan with a lab delay: a hub far away), and its rendezvous port.
 
-use crate::lab::{bin, run, Lab};
+use crate::lab::{bin, Lab};
 use crate::tunnel::{BRIDGE_PORT, SERVER_PORT};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub const HUB_WAN: &str = "10.200.0.1";
@@ -113,14 +112,8 @@ impl MeshLab {
             peer_ns.push(ns);
         }
         let dir = lab.dir.clone();
-        let tunnel_key = dir.join("tunnel.key");
-        run(Command::new(bin("mpserver")).arg("genkey").arg(&tunnel_key));
-        let key = |name: &str| {
-            let p = dir.join(format!("{name}.key"));
-            run(Command::new(bin("mpvpn")).arg("genkey").arg(&p));
-            p
-        };
-        let (ka, kb) = (key("a"), key("b"));
+        let (tunnel_key, peer_keys) = crate::vpn_lab::lab_keys(&dir, ["a", "b"]);
+        let [ka, kb] = peer_keys;
         let tk = tunnel_key.display().to_string();
         let server_yaml = dir.join("server.yaml");
         std::fs::write(&server_yaml, format!("listen: 0.0.0.0:{SERVER_PORT}\nkey_file: {tk}\n")).expect("server.yaml");

@@ -57,14 +57,8 @@ impl VpnLab {
             }
         }
         let dir = lab.dir.clone();
-        let tunnel_key = dir.join("tunnel.key");
-        run(Command::new(bin("mpserver")).arg("genkey").arg(&tunnel_key));
-        let key = |name: &str| {
-            let p = dir.join(format!("{name}.key"));
-            run(Command::new(bin("mpvpn")).arg("genkey").arg(&p));
-            p
-        };
-        let (ka, kb, kc) = (key("a"), key("b"), key("c"));
+        let (tunnel_key, peer_keys) = crate::vpn_lab::lab_keys(&dir, ["a", "b", "c"]);
+        let [ka, kb, kc] = peer_keys;
         let tk = tunnel_key.display().to_string();
         let hub_yaml = dir.join("hub.yaml");
         let embedded_server = if embedded {
@@ -210,4 +204,16 @@ pub fn mpvpn_status(sock: &Path) -> serde_json::Value {
 pub fn mpvpn_status_table(sock: &Path) -> String {
     let out = Command::new(bin("mpvpn")).args(["status", "--control"]).arg(sock).output().expect("mpvpn status");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A tunnel key (`tunnel.key`) and one peer key per name (`<name>.key`) in `dir`.
+pub fn lab_keys<const N: usize>(dir: &Path, names: [&str; N]) -> (PathBuf, [PathBuf; N]) {
+    let tunnel_key = dir.join("tunnel.key");
+    run(Command::new(bin("mpserver")).arg("genkey").arg(&tunnel_key));
+    let peer_keys = names.map(|name| {
+        let p = dir.join(format!("{name}.key"));
+        run(Command::new(bin("mpvpn")).arg("genkey").arg(&p));
+        p
+    });
+    (tunnel_key, peer_keys)
 }
