@@ -43,11 +43,21 @@ pub struct MeshOptions {
     pub hub_delay_ms: u64,
     /// `mesh:` in peer.yaml; without it everything between the peers crosses the hub.
     pub mesh: bool,
+    /// Peer a (public) has a second uplink to the wan, 10.200.11.1, and a mesh socket on
+    /// each (`mesh.listen` lists both).
+    pub a_second_uplink: bool,
 }
 
 impl Default for MeshOptions {
     fn default() -> Self {
-        Self { nats: [Nat::Public, Nat::Public], relay: "fallback", connect: "always", hub_delay_ms: 0, mesh: true }
+        Self {
+            nats: [Nat::Public, Nat::Public],
+            relay: "fallback",
+            connect: "always",
+            hub_delay_ms: 0,
+            mesh: true,
+            a_second_uplink: false,
+        }
     }
 }
 
@@ -83,6 +93,11 @@ impl MeshLab {
                 Nat::Public => {
                     lab.link(&ns, "w", &wan_ip, &wan, &format!("p{name}"), &router);
                     lab.sh(&ns, &format!("ip route add default via {router}"));
+                    if i == 0 && o.a_second_uplink {
+                        // what leaves from the second address goes out of the second uplink
+                        lab.link(&ns, "w2", "10.200.11.1", &wan, "pa2", "10.200.11.254");
+                        lab.sh(&ns, "ip rule add from 10.200.11.1 table 11 && ip route add default via 10.200.11.254 dev w2 table 11");
+                    }
                     nat_ns.push(None);
                 }
                 Nat::Masquerade | Nat::Random | Nat::Shared => {
@@ -146,9 +161,14 @@ impl MeshLab {
             std::fs::write(&client_yaml, format!("key_file: {tk}\npaths:\n  - remote: {tunnel_remote}\n"))
                 .expect("client");
             let yaml = dir.join(format!("peer-{name}.yaml"));
+            let listen = if i == 0 && o.a_second_uplink {
+                format!("[10.200.1.1:{MESH_PORT}, 10.200.11.1:{MESH_PORT}]")
+            } else {
+                format!("0.0.0.0:{MESH_PORT}")
+            };
             let mesh = if o.mesh {
                 format!(
-                    "mesh:\n  listen: 0.0.0.0:{MESH_PORT}\n  rendezvous: {HUB_WAN}:{RENDEZVOUS_PORT}\n  relay: {}\n  connect: {}\n",
+                    "mesh:\n  listen: {listen}\n  rendezvous: {HUB_WAN}:{RENDEZVOUS_PORT}\n  relay: {}\n  connect: {}\n",
                     o.relay, o.connect
                 )
             } else {

@@ -161,3 +161,50 @@ fn a_nat_that_maps_anew_is_punched_again_within_three_seconds() {
     let answered = pinger.join().expect("ping").len();
     assert!(answered >= 280, "{answered} of 300 pings answered across the move");
 }
+
+/// The direct paths of `who`'s pair with the other peer: (local, remote, state).
+fn paths_of(m: &MeshLab, who: &str) -> Vec<(String, String, String)> {
+    let other = if who == "a" { "b" } else { "a" };
+    let st = m.status(who);
+    let p = st["peers"].as_array().and_then(|ps| ps.iter().find(|p| p["name"] == other).cloned());
+    let paths = p.and_then(|p| p["paths"].as_array().cloned()).unwrap_or_default();
+    paths
+        .iter()
+        .map(|x| {
+            let s = |k: &str| x[k].as_str().unwrap_or("").to_string();
+            (s("local"), s("remote"), s("state"))
+        })
+        .collect()
+}
+
+#[test]
+fn a_peer_with_two_uplinks_has_a_direct_path_on_each_and_loses_none_when_one_dies() {
+    let Some(_serial) = lab_or_skip() else { return };
+    let m = MeshLab::start("mu", MeshOptions { a_second_uplink: true, ..MeshOptions::default() });
+    let [_, b] = m.wait_up(Duration::from_secs(20));
+    m.wait_via("a", "direct", Duration::from_secs(15));
+    let start = Instant::now();
+    while paths_of(&m, "a").iter().filter(|p| p.2 == "up").count() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(5), "both uplinks' paths up:\n{}", m.status_table("a"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let locals: Vec<String> = paths_of(&m, "a").into_iter().map(|p| p.0).collect();
+    assert!(locals.contains(&"10.200.1.1:5100".into()) && locals.contains(&"10.200.11.1:5100".into()), "{locals:?}");
+    // the first uplink's direct path dies; the second carries on, nothing falls back
+    let ns = m.peer_ns[0].clone();
+    let dst = b.clone();
+    let pinger = std::thread::spawn(move || tests::ping(&ns, &dst, 150, "0.02", &[]));
+    std::thread::sleep(Duration::from_millis(300));
+    m.blackhole_direct(true);
+    let cut = Instant::now();
+    while cut.elapsed() < Duration::from_secs(2) {
+        assert_eq!(m.via("a"), "direct", "fell back with a second uplink up:\n{}", m.status_table("a"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let paths = paths_of(&m, "a");
+    assert!(paths.iter().any(|p| p.0 == "10.200.1.1:5100" && p.2 == "down"), "{paths:?}");
+    assert!(paths.iter().any(|p| p.0 == "10.200.11.1:5100" && p.2 == "up"), "{paths:?}");
+    let answered = pinger.join().expect("ping").len();
+    println!("two uplinks, one cut: {answered} of 150 pings answered\n{}", m.status_table("a"));
+    assert!(answered >= 148, "{answered} of 150 answered");
+}
