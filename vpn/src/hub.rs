@@ -207,8 +207,8 @@ pub struct PeerStatus {
     /// A peer's view of another: how it is reached (the mesh; without it, `relay`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<Via>,
-    /// A peer's view of another: the direct paths of the pair.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// A peer's view of another: the direct paths of the pair (none without the mesh).
+    #[serde(default)]
     pub paths: Vec<MeshPathStatus>,
     /// Where its mesh sockets may be reached, as the hub lists them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
