@@ -1049,7 +1049,8 @@ fn hub_with_one_peer(name: &str) -> (Hub, Channel, SocketAddr, Instant, u64) {
 /// The fuzzing harness (cargo fuzz target `hub_peer_input`, and a bounded run in the unit
 /// tests): a hub with one genuinely registered peer, then `data` cut into datagrams that
 /// all come from that peer's tunnel address: half of them sealed under the peer's channel
-/// as KCP segments (so they reach KCP), half raw. Any panic is a bug; afterwards the hub
+/// (most as KCP segments, so they reach KCP; some as they are: relay requests and the
+/// like), the others raw, some of those to the rendezvous port (raw and sealed). Any panic is a bug; afterwards the hub
 /// must still answer a valid heartbeat.
 pub fn fuzz_peer_input(data: &[u8]) {
     let (mut hub, mut channel, from, t0, wall) = hub_with_one_peer("a");
@@ -1059,6 +1060,7 @@ pub fn fuzz_peer_input(data: &[u8]) {
         channel.seal_message(&HeartbeatRepr { seq, rtt_us: 0 }.emit())
     };
     let mut out = vec![0u8; 65536];
+    let mut answer = Vec::new();
     let mut now = t0;
     let mut rest = data;
     let mut n = 0u32;
@@ -1068,10 +1070,17 @@ pub fn fuzz_peer_input(data: &[u8]) {
         rest = tail;
         n += 1;
         if n.is_multiple_of(2) {
+            // sealed: a KCP segment, or as it comes (a relay request, a candidate list ...)
             let mut m = Vec::with_capacity(chunk.len() + 1);
-            m.push(sealed_kind::KCP);
+            if len % 4 != 1 {
+                m.push(sealed_kind::KCP);
+            }
             m.extend_from_slice(chunk);
             hub.handle_datagram(now, wall, from, &channel.seal_message(&m));
+        } else if len % 8 == 3 {
+            // the rendezvous port: raw, and sealed under the peer's channel
+            let _ = hub.handle_rendezvous(from, chunk, &mut answer);
+            let _ = hub.handle_rendezvous(from, &channel.seal_message(chunk), &mut answer);
         } else {
             hub.handle_datagram(now, wall, from, chunk);
         }

@@ -484,3 +484,31 @@ fn direct_sessions_outlive_a_lost_hub_until_the_peers_register_again() {
     net.run_for(Duration::from_millis(500));
     assert_exactly_once(&net.received(1), 0..300);
 }
+
+/// Garbage on a mesh socket (and garbage that looks like each message type, from
+/// anywhere) is dropped and counted; the pair goes on.
+#[test]
+fn garbage_on_the_mesh_socket_changes_nothing() {
+    let mut net = MeshNet::new(&[Nat::None, Nat::None], RelayMode::Fallback, ConnectMode::Always);
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(net.via(0, 1), Some(Via::Direct));
+    let mut rng = common::sim::SimRng::new(99);
+    let a = net.peers[0].local;
+    let now = net.now;
+    for i in 0..20_000u32 {
+        let len = (rng.next_u64() % 1500) as usize;
+        let mut d: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        if let Some(first) = d.first_mut() {
+            *first = [0x11, 0x12, 0x13, 0x27, 0x00][i as usize % 5];
+        }
+        // from a's own address half the time: it must not help
+        let from = if i % 2 == 0 { a } else { SocketAddr::from(([203, 0, 113, 9], 4000 + (i % 100) as u16)) };
+        net.peers[1].core.handle_mesh_datagram(now, 0, from, &mut d);
+    }
+    let drops = net.peers[1].core.drop_counts().mesh.unwrap();
+    assert!(drops.malformed + drops.unknown + drops.unauthenticated > 10_000, "{drops:?}");
+    net.stream(0, 1, 0..100);
+    net.run_for(Duration::from_millis(300));
+    assert_exactly_once(&net.received(1), 0..100);
+    assert_eq!(net.via(0, 1), Some(Via::Direct));
+}
