@@ -567,8 +567,8 @@ impl Mesh {
         }
     }
 
-    /// An init from their client names us as its target and them as the sender... the
-    /// target field carries the sender's name; only that pair's key can have made it.
+    /// An init of their client: its target field is the sender's name, which picks the
+    /// pair (and so the key its MAC must verify under).
     fn on_init(&mut self, now: Instant, from: MeshAddr, d: &mut [u8]) {
         let Ok((init, _)) = HandshakeInitRepr::parse(d) else {
             self.drops.malformed += 1;
