@@ -724,29 +724,27 @@ impl Mesh {
             to.push(dest);
             return Some(d.len());
         }
-        // pairs take turns: from the one after the last served, then from the start
+        // pairs take turns, a datagram each: from the one after the last served, then
+        // from the start
         let start = self.next_pair;
+        let (sessions, drops, relay) = (&mut self.sessions, &mut self.drops, self.cfg.relay);
         for (&id, p) in self.pairs.range_mut(start..) {
-            if let Some((len, again)) =
-                Self::poll_pair(&mut self.sessions, &mut self.drops, self.cfg.relay, now, id, p, out, to)
-            {
-                self.next_pair = if again { id } else { id.wrapping_add(1) };
+            if let Some(len) = Self::poll_pair(sessions, drops, relay, now, id, p, out, to) {
+                self.next_pair = id.wrapping_add(1);
                 return Some(len);
             }
         }
         for (&id, p) in self.pairs.range_mut(..start) {
-            if let Some((len, again)) =
-                Self::poll_pair(&mut self.sessions, &mut self.drops, self.cfg.relay, now, id, p, out, to)
-            {
-                self.next_pair = if again { id } else { id.wrapping_add(1) };
+            if let Some(len) = Self::poll_pair(sessions, drops, relay, now, id, p, out, to) {
+                self.next_pair = id.wrapping_add(1);
                 return Some(len);
             }
         }
         None
     }
 
-    /// The next datagram of one pair: our client's own (inits, probes; `true`: it may
-    /// have more) or a segment of the link.
+    /// The next datagram of one pair: our client's own (inits, probes) or a segment of
+    /// the link.
     #[allow(clippy::too_many_arguments)]
     fn poll_pair(
         sessions: &mut HashMap<SessionId, (u32, Side)>,
@@ -757,13 +755,13 @@ impl Mesh {
         p: &mut Pair,
         out: &mut [u8],
         to: &mut Vec<MeshAddr>,
-    ) -> Option<(usize, bool)> {
+    ) -> Option<usize> {
         p.refresh_paused(now);
         if let Some(t) = p.client.poll_transmit(now, out) {
             p.punched(now, t.paths);
             Self::drain_client_events(sessions, now, id, p);
             Self::fill_dests(p, id, t.paths, to);
-            return Some((t.len, true));
+            return Some(t.len);
         }
         if !p.established {
             return None;
@@ -779,7 +777,7 @@ impl Mesh {
             ClientSend::Sealed { len, paths } => {
                 let paths = p.data_paths(relay, paths);
                 Self::fill_dests(p, id, paths, to);
-                Some((len, true))
+                Some(len)
             }
             ClientSend::Queued => None,
             ClientSend::Dropped(_) => {
