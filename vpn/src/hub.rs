@@ -516,6 +516,7 @@ impl Hub {
         let Some(p) = self.pending.remove(&id) else { return };
         if let Some(old) = self.peers.values().find(|q| q.name == p.name).map(|q| q.id) {
             self.peers.remove(&old);
+            self.introduced.retain(|&(a, b), _| a != old && b != old);
         }
         self.assigned.insert(p.name.clone(), p.addr);
         self.peers.insert(
@@ -903,6 +904,7 @@ impl Hub {
     }
 
     fn remove_peer(&mut self, id: u32, why: &'static str) {
+        self.introduced.retain(|&(a, b), _| a != id && b != id);
         if let Some(p) = self.peers.remove(&id) {
             self.events.push_back(HubEvent::PeerGone { name: p.name, addr: p.addr, why });
             self.push_peer_list();
