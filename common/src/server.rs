@@ -532,6 +532,19 @@ impl Server {
         Some((len, paths))
     }
 
+    /// The paths of `slot` that carry data now: validated, heard from within
+    /// `PATH_SILENT_AFTER`, and not reported down by the client.
+    pub fn live_paths(&self, now: Instant, slot: SessionSlot) -> PathMask {
+        let mut live = PathMask::EMPTY;
+        let Some(s) = self.sessions.get(slot).and_then(Option::as_ref) else { return live };
+        for (i, p) in s.paths.iter().enumerate() {
+            if p.validated && !p.client_says_down && now.saturating_duration_since(p.last_rx) < PATH_SILENT_AFTER {
+                live.insert(i);
+            }
+        }
+        live
+    }
+
     pub fn path_addr(&self, slot: SessionSlot, path: usize) -> Option<SocketAddr> {
         self.sessions.get(slot)?.as_ref()?.paths.get(path).map(|p| p.addr)
     }

@@ -88,6 +88,21 @@ fn peers_behind_one_nat_go_direct_over_their_host_candidates() {
 }
 
 #[test]
+fn a_peer_behind_a_symmetric_nat_reaches_a_public_one_directly_both_ways() {
+    let Some(_serial) = lab_or_skip() else { return };
+    let m = direct_case("mg", [Nat::Random, Nat::Public]);
+    // and back: b's data to a goes on the mapping a's NAT made for b
+    let [a, _] = m.wait_up(Duration::from_secs(1));
+    let before = m.relayed("b");
+    let to = SocketAddr::new(a.parse().unwrap(), 7005);
+    let (n, same, _) = tcp_transfer(&m.peer_ns[1], &m.peer_ns[0], to, TRANSFER_BYTES);
+    assert!(n == TRANSFER_BYTES && same, "b -> a transfer");
+    let relayed = m.relayed("b") - before;
+    assert!(relayed < (TRANSFER_BYTES / 100) as u64, "the hub relayed {relayed} bytes of b's transfer to a");
+    assert_eq!(m.via("b"), "direct");
+}
+
+#[test]
 fn peers_behind_symmetric_nats_use_the_relay() {
     let Some(_serial) = lab_or_skip() else { return };
     let m = MeshLab::start("mc", MeshOptions { nats: [Nat::Random, Nat::Random], ..MeshOptions::default() });

@@ -189,6 +189,14 @@ struct Pair {
     in_use: bool,
     /// Client paths an authenticated answer came back on lately.
     up: PathMask,
+    /// Their client's session with our server (the latest), and whether it has a live
+    /// direct path: then our data can go back on it when our own client has none (their
+    /// NAT maps a new port for us that no candidate names: a symmetric NAT).
+    server_slot: Option<common::server::SessionSlot>,
+    server_direct: bool,
+    /// Which mesh socket each address their client reached our server from came in on
+    /// (the latest `MAX_PATHS`): answers go back out of it.
+    server_sockets: VecDeque<(SocketAddr, usize)>,
     /// Per client path: the earliest the punch may send there again.
     next_punch: Vec<Instant>,
     /// The client paths paused now (`refresh_paused`).
@@ -212,11 +220,23 @@ impl Pair {
     }
 
     fn via(&self) -> Via {
-        if self.established && self.direct_up() {
+        if self.established && (self.direct_up() || self.server_direct) {
             Via::Direct
         } else {
             Via::Relay
         }
+    }
+
+    /// Our server's live direct paths back to their client (not the relay's).
+    fn server_direct_paths(&self, now: Instant) -> PathMask {
+        let Some(slot) = self.server_slot else { return PathMask::EMPTY };
+        let mut out = PathMask::EMPTY;
+        for i in self.server.live_paths(now, slot).iter() {
+            if self.server.path_addr(slot, i).is_some_and(|a| !is_relay_addr(a)) {
+                out.insert(i);
+            }
+        }
+        out
     }
 
     /// A client's session starts with the first datagram of its application: an empty
@@ -324,6 +344,10 @@ pub struct Mesh {
 /// anybody's.
 fn relay_addr(peer_id: u32) -> SocketAddr {
     SocketAddr::new(IpAddr::V6(Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, (peer_id >> 16) as u16, peer_id as u16)), 0)
+}
+
+fn is_relay_addr(a: SocketAddr) -> bool {
+    matches!(a.ip(), IpAddr::V6(v6) if v6.segments()[..6] == [0x100, 0, 0, 0, 0, 0])
 }
 
 /// The KCP conversation of a pair: from its key, so both sides agree and a new
@@ -480,6 +504,9 @@ impl Mesh {
             established: false,
             in_use: false,
             up: PathMask::EMPTY,
+            server_slot: None,
+            server_direct: false,
+            server_sockets: VecDeque::new(),
             punch_until: None,
             retry_at: None,
             link: KcpLink::new(pair_conv(&intro.key), now, PAIR_PAYLOAD + SEALED_OVERHEAD),
@@ -589,22 +616,22 @@ impl Mesh {
                 self.drops.unauthenticated += 1;
                 return;
             }
-            MeshAddr::Direct { addr, .. } => addr,
+            MeshAddr::Direct { addr, socket } => {
+                if !p.server_sockets.iter().any(|&(a, s)| (a, s) == (addr, socket)) {
+                    p.server_sockets.retain(|&(a, _)| a != addr);
+                    if p.server_sockets.len() >= MAX_PATHS {
+                        p.server_sockets.pop_front();
+                    }
+                    p.server_sockets.push_back((addr, socket));
+                }
+                addr
+            }
         };
         let mut out = [0u8; HANDSHAKE_RESP_LEN];
         match p.server.handle_datagram(now, addr, d, &mut out) {
             ServerRecv::Reply { len } => self.replies.push_back((from, out[..len].to_vec())),
             ServerRecv::Forward { payload, .. } => {
-                match d[payload].split_first() {
-                    // the empty datagram that opened their session
-                    None => {}
-                    Some((&crate::wire::sealed_kind::KCP, seg)) => {
-                        if p.link.input(now, seg).is_err() {
-                            self.drops.malformed += 1;
-                        }
-                    }
-                    _ => self.drops.malformed += 1,
-                }
+                Self::link_input(&mut self.drops, now, p, &d[payload]);
                 self.take_messages(now, id);
             }
             ServerRecv::Dropped(_) => self.drops.unauthenticated += 1,
@@ -612,11 +639,15 @@ impl Mesh {
         let Some(p) = self.pairs.get_mut(&id) else { return };
         while let Some(ev) = p.server.poll_event() {
             match ev {
-                ServerEvent::SessionOpened { id: s, .. } => {
+                ServerEvent::SessionOpened { id: s, slot, .. } => {
                     self.sessions.insert(s, (id, Side::Server));
+                    p.server_slot = Some(slot);
                 }
-                ServerEvent::SessionClosed { id: s, .. } => {
+                ServerEvent::SessionClosed { id: s, slot } => {
                     self.sessions.remove(&s);
+                    if p.server_slot == Some(slot) {
+                        p.server_slot = None;
+                    }
                 }
                 _ => {}
             }
@@ -638,10 +669,31 @@ impl Mesh {
             return;
         };
         match p.client.handle_path_datagram(now, path, d) {
-            ClientRecv::Deliver { .. } | ClientRecv::Consumed => {}
+            // their data, sent back on our client's session (see `server_direct`)
+            ClientRecv::Deliver { payload, .. } => {
+                Self::link_input(&mut self.drops, now, p, &d[payload]);
+                Self::drain_client_events(&mut self.sessions, now, id, p);
+                self.take_messages(now, id);
+                return;
+            }
+            ClientRecv::Consumed => {}
             ClientRecv::Dropped(_) => self.drops.unauthenticated += 1,
         }
         Self::drain_client_events(&mut self.sessions, now, id, p);
+    }
+
+    /// A datagram of their client's data: a KCP segment for the pair's link.
+    fn link_input(drops: &mut MeshDrops, now: Instant, p: &mut Pair, datagram: &[u8]) {
+        match datagram.split_first() {
+            // the empty datagram that opens a session or keeps it
+            None => {}
+            Some((&crate::wire::sealed_kind::KCP, seg)) => {
+                if p.link.input(now, seg).is_err() {
+                    drops.malformed += 1;
+                }
+            }
+            _ => drops.malformed += 1,
+        }
     }
 
     /// Follows our client's events: its session ids, whether it is established, which
@@ -773,6 +825,24 @@ impl Mesh {
             None => return None,
         };
         p.last_data = now;
+        // our client has no direct path, but their client reaches our server directly:
+        // back on that path (where their NAT let them out), sealed in their session
+        if relay == RelayMode::Fallback && !p.direct_up() {
+            let back = p.server_direct_paths(now);
+            if let (false, Some(slot)) = (back.is_empty(), p.server_slot) {
+                if let Some((len, paths)) = p.server.encapsulate(now, slot, out, n) {
+                    for i in paths.iter().filter(|&i| back.contains(i)) {
+                        let Some(addr) = p.server.path_addr(slot, i) else { continue };
+                        if let Some(&(_, socket)) = p.server_sockets.iter().find(|(a, _)| *a == addr) {
+                            to.push(MeshAddr::Direct { socket, addr });
+                        }
+                    }
+                    if !to.is_empty() {
+                        return Some(len);
+                    }
+                }
+            }
+        }
         match p.client.handle_app_datagram(now, PAIR_APP, out, n) {
             ClientSend::Sealed { len, paths } => {
                 let paths = p.data_paths(relay, paths);
@@ -830,10 +900,14 @@ impl Mesh {
             p.client.handle_timeout(now);
             p.server.handle_timeout(now);
             while let Some(ev) = p.server.poll_event() {
-                if let ServerEvent::SessionClosed { id: s, .. } = ev {
+                if let ServerEvent::SessionClosed { id: s, slot } = ev {
                     self.sessions.remove(&s);
+                    if p.server_slot == Some(slot) {
+                        p.server_slot = None;
+                    }
                 }
             }
+            p.server_direct = !p.server_direct_paths(now).is_empty();
             Self::drain_client_events(&mut self.sessions, now, id, p);
             p.link.handle_timeout(now);
             if p.link.is_broken() {

@@ -512,3 +512,24 @@ fn garbage_on_the_mesh_socket_changes_nothing() {
     assert_exactly_once(&net.received(1), 0..100);
     assert_eq!(net.via(0, 1), Some(Via::Direct));
 }
+
+/// One peer behind a symmetric NAT, the other public: the symmetric side's probes get
+/// through (the public side's server learns the mapping made for it), the public side's
+/// to the symmetric one's candidates do not; its data goes back on the mapping its server
+/// learned. Both directions are direct.
+#[test]
+fn a_symmetric_nat_facing_a_public_peer_goes_direct_both_ways() {
+    let mut net = MeshNet::new(&[Nat::Symmetric, Nat::None], RelayMode::Fallback, ConnectMode::Always);
+    net.run_for(Duration::from_secs(3));
+    assert_eq!(net.via(0, 1), Some(Via::Direct), "a's own paths to b");
+    assert_eq!(net.via(1, 0), Some(Via::Direct), "b back on what a's NAT mapped for it");
+    let before = net.relayed("b");
+    net.stream(1, 0, 0..300);
+    net.stream(0, 1, 0..300);
+    net.run_for(Duration::from_millis(500));
+    assert_exactly_once(&net.received(0), 0..300);
+    assert_exactly_once(&net.received(1), 0..300);
+    // what the hub relays is the relay path's probes, not the 60 kB of data
+    let relayed = net.relayed("b") - before;
+    assert!(relayed < 300 * 200 / 10, "the hub relayed {relayed} bytes of b's direct traffic");
+}
