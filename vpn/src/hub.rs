@@ -622,6 +622,27 @@ impl Hub {
         Some(answer.len())
     }
 
+    /// The key of the pair of registrations `a` and `b` (in either order): HMAC-SHA256
+    /// under this hub's secret over both ids and names, lower id first.
+    fn pair_key(&self, a: u32, b: u32) -> Option<[u8; wire::PAIR_KEY_LEN]> {
+        let (lo, hi) = (self.peers.get(&a.min(b))?, self.peers.get(&a.max(b))?);
+        let mut ctx = hmac::Context::with_key(&self.pair_secret);
+        let parts: [&[u8]; 6] = [
+            b"mpvpn v1 pair key",
+            &lo.id.to_be_bytes(),
+            &hi.id.to_be_bytes(),
+            lo.name.as_bytes(),
+            &[0],
+            hi.name.as_bytes(),
+        ];
+        for part in parts {
+            ctx.update(part);
+        }
+        let mut key = [0u8; wire::PAIR_KEY_LEN];
+        key.copy_from_slice(&ctx.sign().as_ref()[..wire::PAIR_KEY_LEN]);
+        Some(key)
+    }
+
     /// Peer `id` asks to be introduced to `to`: both get the pair's key, each sealed
     /// under its own channel (over its link), at most every `INTRO_INTERVAL` per pair.
     fn introduce(&mut self, now: Instant, id: u32, to: u32) {
@@ -631,20 +652,7 @@ impl Hub {
             return;
         }
         self.introduced.insert(pair, now);
-        let (lo, hi) = (&self.peers[&pair.0], &self.peers[&pair.1]);
-        let mut ctx = hmac::Context::with_key(&self.pair_secret);
-        for part in [
-            b"mpvpn v1 pair key".as_slice(),
-            &lo.id.to_be_bytes(),
-            &hi.id.to_be_bytes(),
-            lo.name.as_bytes(),
-            &[0],
-            hi.name.as_bytes(),
-        ] {
-            ctx.update(part);
-        }
-        let mut key = [0u8; wire::PAIR_KEY_LEN];
-        key.copy_from_slice(&ctx.sign().as_ref()[..wire::PAIR_KEY_LEN]);
+        let Some(key) = self.pair_key(id, to) else { return };
         for (a, b) in [(id, to), (to, id)] {
             let intro = IntroRepr { peer_id: b, key }.emit();
             if let Some(p) = self.peers.get_mut(&a) {
@@ -996,22 +1004,16 @@ impl Hub {
     }
 }
 
-/// A hub on 10.99.0.0/24 with peers `a` (key 7s) and `b` (key 8s), and `name` genuinely
-/// registered from 127.0.0.1:40000 (confirmed by one heartbeat): the hub, that peer's
-/// channel, its tunnel address, the clocks used.
-fn hub_with_one_peer(name: &str) -> (Hub, Channel, SocketAddr, Instant, u64) {
+/// A hub on 10.99.0.0/24 that knows peers `a` (key 7s) and `b` (key 8s).
+fn test_hub() -> Hub {
     use common::entropy::OsEntropy;
-    let key_of = |n: &str| PeerKey::new(&[if n == "a" { 7u8 } else { 8u8 }; 32]);
-    let t0 = Instant::now();
-    let wall = 1_800_000_000_000u64;
-    let mut entropy = OsEntropy::new();
     let spec = |n: &str| PeerSpec {
         name: n.into(),
-        key: key_of(n),
+        key: test_key(n),
         fixed_addr: None,
         allowed_routes: vec!["192.168.0.0/16".parse().expect("literal")],
     };
-    let mut hub = Hub::new(
+    Hub::new(
         HubCoreConfig {
             network: "10.99.0.0/24".parse().expect("literal"),
             hub_addr: Ipv4Addr::new(10, 99, 0, 1),
@@ -1022,29 +1024,48 @@ fn hub_with_one_peer(name: &str) -> (Hub, Channel, SocketAddr, Instant, u64) {
             dns_domain: None,
         },
         Box::new(OsEntropy::new()),
-    );
-    let from = SocketAddr::from(([127, 0, 0, 1], 40000));
+    )
+}
+
+fn test_key(name: &str) -> PeerKey {
+    PeerKey::new(&[if name == "a" { 7u8 } else { 8u8 }; 32])
+}
+
+/// Registers `name` from `from` (Register `nonce`, at `wall`) and confirms it with a
+/// heartbeat: its channel.
+fn register(hub: &mut Hub, name: &str, from: SocketAddr, nonce: u64, t0: Instant, wall: u64) -> Channel {
+    let mut entropy = common::entropy::OsEntropy::new();
     let private = entropy.x25519_key();
     let public = x25519_public(&private);
     let reg = RegisterRepr {
         name: name.into(),
         timestamp_ms: wall,
-        nonce: 1,
+        nonce,
         want_addr: Ipv4Addr::UNSPECIFIED,
         mtu: 0,
         public,
         routes: vec!["192.168.50.0/24".parse().expect("literal")],
     };
-    let key = key_of(name);
+    let key = test_key(name);
     hub.handle_datagram(t0, wall, from, &reg.emit(&key));
     let mut out = vec![0u8; 65536];
     let (_, n) = hub.poll_transmit(&mut out).expect("a Welcome");
     let w = WelcomeRepr::parse(&out[..n], &key, &public).expect("a valid Welcome");
-    let agreement = Agreement { key: &key, nonce: 1, peer_id: w.peer_id, peer_public: &public, hub_public: &w.public };
+    let agreement = Agreement { key: &key, nonce, peer_id: w.peer_id, peer_public: &public, hub_public: &w.public };
     let mut channel = Channel::establish(&agreement, private, true).expect("channel");
     hub.handle_datagram(t0, wall, from, &channel.seal_message(&HeartbeatRepr { seq: 1, rtt_us: 0 }.emit()));
-    assert_eq!(hub.status(t0).len(), 1);
     while hub.poll_transmit(&mut out).is_some() {}
+    channel
+}
+
+/// `test_hub` with `name` genuinely registered from 127.0.0.1:40000: the hub, that peer's
+/// channel, its tunnel address, the clocks used.
+fn hub_with_one_peer(name: &str) -> (Hub, Channel, SocketAddr, Instant, u64) {
+    let (t0, wall) = (Instant::now(), 1_800_000_000_000u64);
+    let mut hub = test_hub();
+    let from = SocketAddr::from(([127, 0, 0, 1], 40000));
+    let channel = register(&mut hub, name, from, 1, t0, wall);
+    assert_eq!(hub.status(t0).len(), 1);
     (hub, channel, from, t0, wall)
 }
 
@@ -1105,6 +1126,42 @@ mod tests {
 
     /// The relay passes datagrams only between two registered peers, and the rendezvous
     /// port answers only a registered peer, never with more than it was sent.
+    /// A pair's key is one for both of its peers, another for every other pair, and
+    /// another once either registers again; introductions go to both, and only between
+    /// peers with a mesh socket.
+    #[test]
+    fn pair_keys_are_per_pair_and_per_registration() {
+        let (t0, wall) = (Instant::now(), 1_800_000_000_000u64);
+        let mut hub = test_hub();
+        let (fa, fb) = (SocketAddr::from(([127, 0, 0, 1], 40000)), SocketAddr::from(([127, 0, 0, 1], 40001)));
+        register(&mut hub, "a", fa, 1, t0, wall);
+        register(&mut hub, "b", fb, 1, t0, wall);
+        let id = |hub: &Hub, n: &str| hub.status(t0).iter().find(|p| p.name == n).map(|p| p.id).expect("registered");
+        let (a, b) = (id(&hub, "a"), id(&hub, "b"));
+        let k = hub.pair_key(a, b).expect("both registered");
+        assert_eq!(hub.pair_key(b, a), Some(k));
+        assert_ne!(hub.pair_key(a, a), Some(k));
+        // no mesh socket told yet: no introduction
+        let mut out = vec![0u8; 65536];
+        hub.introduce(t0, a, b);
+        assert!(hub.poll_transmit(&mut out).is_none());
+        for p in [a, b] {
+            hub.set_host_candidates(p, vec!["198.51.100.9:5100".parse().expect("literal")]);
+        }
+        hub.introduce(t0, a, b);
+        let mut to = Vec::new();
+        while let Some((addr, _)) = hub.poll_transmit(&mut out) {
+            to.push(addr);
+        }
+        assert!(to.contains(&fa) && to.contains(&fb), "both introduced: {to:?}");
+        // a registers again: a new id, a new key
+        register(&mut hub, "a", fa, 2, t0, wall + 1);
+        let a2 = id(&hub, "a");
+        assert_ne!(a2, a);
+        assert!(hub.pair_key(a, b).is_none(), "the old registration is gone");
+        assert_ne!(hub.pair_key(a2, b), Some(k));
+    }
+
     #[test]
     fn relay_and_rendezvous_serve_only_registered_peers() {
         let (mut hub, mut channel, from, t0, wall) = hub_with_one_peer("a");
