@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 /// One flat private network over lossy links: peers send IP packets from a TUN device
 /// through KCP and the multipath tunnel (mpclient -> bridges -> mpserver) to the hub,
-/// which keeps the peer registry and routes between peers and its own TUN.
+/// which keeps the peer registry and routes between peers and its own TUN. With `mesh:`
+/// in peer.yaml (and `rendezvous:` in hub.yaml) peers talk to each other directly, the hub
+/// helping them through NATs and relaying only when that fails.
 /// SIGTERM or SIGINT stops a hub or peer cleanly (final stats line, control socket removed).
 #[derive(Parser)]
 #[command(name = "mpvpn", version)]
@@ -30,7 +32,8 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
     },
-    /// Run a peer (beside mpclient, whose listen address is the peer's `tunnel`).
+    /// Run a peer (beside mpclient, whose listen address is the peer's `tunnel`); with
+    /// `mesh:` in its config, also direct sessions with other peers.
     Peer {
         #[arg(short, long)]
         config: PathBuf,
@@ -39,7 +42,8 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
     },
-    /// Show the hub's or peer's view: peers, addresses, state, heartbeats, RTT, bytes; of
+    /// Show the hub's or peer's view: peers, addresses, state, how each is reached (direct
+    /// paths or the hub's relay), heartbeats, RTT, bytes; of
     /// the instance NAME (started with `-c .../NAME.yaml`), else the only one running,
     /// else the list of them.
     Status(common::driver::control::StatusRequest),
