@@ -209,7 +209,11 @@ impl KcpLink {
             _ => self.incomplete_since = None,
         }
         let kcp = &mut self.kcp;
-        guarded(&mut self.broken, || Ok(kcp.recv(buf).ok())).ok().flatten()
+        let n = guarded(&mut self.broken, || Ok(kcp.recv(buf).ok())).ok().flatten();
+        // taking a message may reopen a full receive window: KCP tells the sender at its
+        // next flush, which must not wait for an idle link's timer
+        self.unflushed |= n.is_some();
+        n
     }
 
     /// Next datagram for the tunnel, into `out`; returns its length. Flushes what `send`
