@@ -16,8 +16,11 @@
 //! simultaneous probes are the hole punch.
 //!
 //! Invariants:
-//! - Datagrams go only to the relay and to candidates the hub announced for that peer
-//!   (paths are built from the peer list, never from where a datagram came from).
+//! - Our client sends only to the relay and to candidates the hub announced for that
+//!   peer (its paths are built from the peer list). Our server answers, and sends data
+//!   when our client has no direct path, only on addresses their client proved with
+//!   authenticated datagrams (the tunnel server's own rule; this is what gets data back
+//!   through a symmetric NAT, whose mappings no candidate names).
 //! - A direct path that is not up gets datagrams only inside a punch window
 //!   (`PUNCH_WINDOW` after an introduction, a candidate change or the loss of every
 //!   direct path; again `PUNCH_RETRY` after a window that found none), at most one per
