@@ -116,6 +116,10 @@ impl VpnStatus {
             self.rx_bytes,
             self.drops
         );
+        for m in &self.mesh_sockets {
+            let seen = m.reflexive.as_deref().unwrap_or("- (no answer from the hub's rendezvous port)");
+            let _ = writeln!(s, "  mesh socket {}  seen by the hub as {seen}", m.local);
+        }
         let hub = self.role == "hub";
         let _ = writeln!(
             s,
@@ -132,10 +136,6 @@ impl VpnStatus {
             "RX BYTES",
             if hub { "RELAYED" } else { "" }
         );
-        for m in &self.mesh_sockets {
-            let seen = m.reflexive.as_deref().unwrap_or("- (no answer from the hub's rendezvous port)");
-            let _ = writeln!(s, "  mesh socket {}  seen by the hub as {seen}", m.local);
-        }
         for r in &self.refused_routes {
             let _ = writeln!(s, "  route refused by the hub: {r}");
         }

@@ -161,9 +161,24 @@ pub struct MeshDrops {
     pub unknown: u64,
     /// From a place that is none of the pair's paths, or did not open.
     pub unauthenticated: u64,
+    /// Later copies of a datagram that already arrived on another path (the relay and a
+    /// direct path both carry some), or too old for the replay window: normal.
+    #[serde(default)]
+    pub duplicate: u64,
     /// An IP packet whose source is not the sending peer's.
     pub spoofed_source: u64,
     pub queue_full: u64,
+}
+
+impl MeshDrops {
+    /// A datagram one of the pair's cores dropped.
+    fn count(&mut self, why: common::stats::DropReason) {
+        use common::stats::DropReason;
+        match why {
+            DropReason::Duplicate | DropReason::TooOld => self.duplicate += 1,
+            _ => self.unauthenticated += 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -637,7 +652,7 @@ impl Mesh {
                 Self::link_input(&mut self.drops, now, p, &d[payload]);
                 self.take_messages(now, id);
             }
-            ServerRecv::Dropped(_) => self.drops.unauthenticated += 1,
+            ServerRecv::Dropped(why) => self.drops.count(why),
         }
         let Some(p) = self.pairs.get_mut(&id) else { return };
         while let Some(ev) = p.server.poll_event() {
@@ -680,7 +695,7 @@ impl Mesh {
                 return;
             }
             ClientRecv::Consumed => {}
-            ClientRecv::Dropped(_) => self.drops.unauthenticated += 1,
+            ClientRecv::Dropped(why) => self.drops.count(why),
         }
         Self::drain_client_events(&mut self.sessions, now, id, p);
     }
