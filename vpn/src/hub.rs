@@ -54,8 +54,8 @@ pub const PEER_SILENT_AFTER: Duration = Duration::from_secs(3);
 pub const PEER_LIST_PUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// A pair is introduced at most this often (both of its peers may ask at once).
 pub const INTRO_INTERVAL: Duration = Duration::from_secs(1);
-/// Datagrams waiting to go out at most (relayed ones beyond it are dropped and counted).
-pub const TRANSMIT_QUEUE_MAX: usize = 8192;
+/// Relayed datagrams waiting for one peer at most (beyond it they are dropped and counted).
+pub const RELAY_QUEUE_MAX: usize = 8192;
 /// Mesh sockets per peer whose reflexive address the hub keeps.
 pub const MAX_MESH_SOCKETS: usize = 4;
 
@@ -261,6 +261,9 @@ struct HubPeer {
     /// Where the rendezvous port saw each of its mesh sockets come from.
     reflexive: BTreeMap<u8, SocketAddr>,
     relayed_bytes: u64,
+    /// Datagrams of direct sessions relayed to this peer, as the messages to seal (in
+    /// `poll_transmit`, into the caller's buffer).
+    relay_out: PacketQueue,
 }
 
 impl HubPeer {
@@ -541,6 +544,7 @@ impl Hub {
                 host_candidates: Vec::new(),
                 reflexive: BTreeMap::new(),
                 relayed_bytes: 0,
+                relay_out: PacketQueue::default(),
             },
         );
         self.events.push_back(HubEvent::PeerUp { name: p.name, addr: p.addr, tunnel: from });
@@ -580,15 +584,9 @@ impl Hub {
         }
         let to = common::wire::be::u32_at(m, field::relay::PEER_ID);
         let datagram = &m[field::relay::DATAGRAM..];
-        let full = self.transmit.len() >= TRANSMIT_QUEUE_MAX;
         match self.peers.get_mut(&to) {
-            Some(q) if to != from && q.tunnel != UNBOUND && !full => {
-                let mut out = Vec::with_capacity(field::relay::DATAGRAM + datagram.len());
-                out.push(sealed_kind::RELAY);
-                out.extend_from_slice(&from.to_be_bytes());
-                out.extend_from_slice(datagram);
-                let d = q.channel.seal_message(&out);
-                self.transmit.push_back((q.tunnel, d));
+            Some(q) if to != from && q.tunnel != UNBOUND && q.relay_out.len() < RELAY_QUEUE_MAX => {
+                q.relay_out.push(&[&[sealed_kind::RELAY], &from.to_be_bytes(), datagram]);
                 if let Some(p) = self.peers.get_mut(&from) {
                     p.relayed_bytes += datagram.len() as u64;
                 }
@@ -933,7 +931,8 @@ impl Hub {
             if p.tunnel == UNBOUND {
                 continue;
             }
-            if let Some(n) = p.link.poll_transmit(&mut out[SEALED_HEADER_LEN..SEALED_HEADER_LEN + room]) {
+            let body = &mut out[SEALED_HEADER_LEN..SEALED_HEADER_LEN + room];
+            if let Some(n) = p.relay_out.pop_into(body).or_else(|| p.link.poll_transmit(body)) {
                 return Some((p.tunnel, p.channel.seal(out, n)));
             }
         }

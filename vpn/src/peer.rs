@@ -193,6 +193,9 @@ pub struct Peer {
     /// Where the mesh datagram `poll_mesh_transmit` returned goes (directly).
     mesh_dests: Vec<MeshAddr>,
     mesh_all_dests: Vec<MeshAddr>,
+    /// Copies of mesh datagrams for the hub's relay, as the messages to seal (in
+    /// `poll_transmit`, into the caller's buffer).
+    relay_out: PacketQueue,
 }
 
 impl Peer {
@@ -231,6 +234,7 @@ impl Peer {
             next_rendezvous: now,
             mesh_dests: Vec::new(),
             mesh_all_dests: Vec::new(),
+            relay_out: PacketQueue::default(),
         }
     }
 
@@ -643,8 +647,8 @@ impl Peer {
             self.drops.malformed += 1;
             return;
         };
-        let to = self.peer_index(dst).map(|i| self.peers[i].id);
-        if let (Some(mesh), Some(id)) = (self.mesh.as_mut(), to) {
+        let index = self.peer_index(dst);
+        if let (Some(mesh), Some(id)) = (self.mesh.as_mut(), index.map(|i| self.peers[i].id)) {
             if mesh.is_ready(id) {
                 match mesh.send_ip(id, packet) {
                     Ok(()) => self.tx_bytes += packet.len() as u64,
@@ -662,7 +666,7 @@ impl Peer {
         match s.link.send_ip(packet) {
             Ok(()) => {
                 self.tx_bytes += packet.len() as u64;
-                if let Some(i) = self.peer_index(dst) {
+                if let Some(i) = index {
                     self.peer_traffic[i].tx_bytes += packet.len() as u64;
                 }
             }
@@ -673,6 +677,7 @@ impl Peer {
     /// The hub is gone (or broke our link): register again. Direct sessions go on
     /// meanwhile; the next registration's list replaces them.
     fn lose_hub(&mut self, now: Instant) {
+        self.relay_out.clear();
         self.state = State::Registering { attempt: Attempt::new(&mut *self.entropy), next_try: now, lost: true };
         self.events.push_back(PeerEvent::HubLost);
     }
@@ -705,7 +710,8 @@ impl Peer {
                         self.drops.queue_full += 1;
                     }
                 }
-                let n = s.link.poll_transmit(&mut out[SEALED_HEADER_LEN..SEALED_HEADER_LEN + room])?;
+                let body = &mut out[SEALED_HEADER_LEN..SEALED_HEADER_LEN + room];
+                let n = self.relay_out.pop_into(body).or_else(|| s.link.poll_transmit(body))?;
                 Some(s.channel.seal(out, n))
             }
             State::Registering { .. } => None,
@@ -769,19 +775,17 @@ impl Peer {
     /// sealed into the tunnel's queue (`poll_transmit`).
     pub fn poll_mesh_transmit(&mut self, now: Instant, out: &mut [u8]) -> Option<(usize, &[MeshAddr])> {
         let mesh = self.mesh.as_mut()?;
+        let up = matches!(self.state, State::Up(_));
         loop {
             let len = mesh.poll_transmit(now, out, &mut self.mesh_all_dests)?;
             self.mesh_dests.clear();
             for &d in &self.mesh_all_dests {
                 match d {
-                    MeshAddr::Relay(to) => {
-                        let State::Up(s) = &mut self.state else { continue };
-                        let mut m = Vec::with_capacity(field::relay::DATAGRAM + len);
-                        m.push(sealed_kind::RELAY);
-                        m.extend_from_slice(&to.to_be_bytes());
-                        m.extend_from_slice(&out[..len]);
-                        self.transmit.push_back(s.channel.seal_message(&m));
+                    // without the hub, nothing to relay through
+                    MeshAddr::Relay(to) if up => {
+                        self.relay_out.push(&[&[sealed_kind::RELAY], &to.to_be_bytes(), &out[..len]])
                     }
+                    MeshAddr::Relay(_) => {}
                     direct => self.mesh_dests.push(direct),
                 }
             }

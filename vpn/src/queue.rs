@@ -35,6 +35,16 @@ impl PacketQueue {
     pub fn is_empty(&self) -> bool {
         self.lens.is_empty()
     }
+
+    /// Packets queued.
+    pub fn len(&self) -> usize {
+        self.lens.len()
+    }
+
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.lens.clear();
+    }
 }
 
 #[cfg(test)]
