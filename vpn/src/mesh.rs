@@ -765,11 +765,24 @@ impl Mesh {
 
     /// Takes the complete messages of pair `id`'s link.
     fn take_messages(&mut self, now: Instant, id: u32) {
-        let Some(p) = self.pairs.get_mut(&id) else { return };
-        while let Some(n) = p.link.recv(now, &mut self.inner_buf) {
-            let m = &self.inner_buf[..n];
+        if let Some(p) = self.pairs.get_mut(&id) {
+            Self::take_messages_of(p, now, &mut self.inner_buf, &mut self.to_tun, &mut self.drops);
+        }
+    }
+
+    /// Takes pair `p`'s complete messages (through `inner_buf`): IP packets from its
+    /// peer's addresses go to `to_tun`.
+    fn take_messages_of(
+        p: &mut Pair,
+        now: Instant,
+        inner_buf: &mut [u8],
+        to_tun: &mut PacketQueue,
+        drops: &mut MeshDrops,
+    ) {
+        while let Some(n) = p.link.recv(now, inner_buf) {
+            let m = &inner_buf[..n];
             if m.first() != Some(&INNER_IP) {
-                self.drops.malformed += 1;
+                drops.malformed += 1;
                 continue;
             }
             let packet = &m[field::inner::BODY..];
@@ -777,10 +790,10 @@ impl Mesh {
                 Some((src, _)) if p.source_allowed(src) => {
                     p.rx_bytes += packet.len() as u64;
                     p.last_rx = Some(now);
-                    self.to_tun.push(&[packet]);
+                    to_tun.push(&[packet]);
                 }
-                Some(_) => self.drops.spoofed_source += 1,
-                None => self.drops.malformed += 1,
+                Some(_) => drops.spoofed_source += 1,
+                None => drops.malformed += 1,
             }
         }
     }
@@ -928,6 +941,8 @@ impl Mesh {
             p.server_direct = !p.server_direct_paths(now).is_empty();
             Self::drain_client_events(&mut self.sessions, now, id, p);
             p.link.handle_timeout(now);
+            // also what finds a message stuck without its last fragment
+            Self::take_messages_of(p, now, &mut self.inner_buf, &mut self.to_tun, &mut self.drops);
             if p.link.is_broken() {
                 broken.push(id);
                 continue;
@@ -945,10 +960,6 @@ impl Mesh {
         // a link that broke starts over with a new introduction (the next packet asks)
         for id in broken {
             self.remove_pair(id);
-        }
-        let ids: Vec<u32> = self.pairs.keys().copied().collect();
-        for id in ids {
-            self.take_messages(now, id);
         }
     }
 
