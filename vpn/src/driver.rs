@@ -894,16 +894,16 @@ impl MeshSockets {
         MESH_BASE.checked_sub(token.0).filter(|&i| i < self.socks.len())
     }
 
-    /// Reads mesh socket `i` until empty or the budget is spent; true if data may remain.
-    fn read(&mut self, i: usize, core: &mut Peer, now: Instant) -> bool {
-        for _ in 0..READ_BUDGET {
-            match self.socks[i].recv_from(&mut self.buf) {
-                Ok((n, from)) => core.handle_mesh_datagram(now, i, from, &mut self.buf[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
-                Err(_) => {}
+    /// Reads mesh socket `i` (`recvmmsg`, into `rx`) until empty or the budget is spent;
+    /// true if data may remain.
+    fn read(&mut self, i: usize, core: &mut Peer, rx: &mut RecvBatch, log: &Logger) -> bool {
+        read_batches(self.socks[i].as_raw_fd(), rx, NO_ROOM, log, "mesh", |rx, now| {
+            for k in 0..rx.len() {
+                if let Some(from) = rx.source(k) {
+                    core.handle_mesh_datagram(now, i, from, rx.datagram_mut(k));
+                }
             }
-        }
-        true
+        })
     }
 
     /// Sends what the mesh has: direct datagrams, and the questions for the rendezvous
@@ -1013,7 +1013,7 @@ impl Service for PeerDriver {
         let Self { core, tunnel, dev, bufs, log, mesh, .. } = self;
         let now = Instant::now();
         if let Some((m, i)) = mesh.as_mut().and_then(|m| m.socket_of(token).map(|i| (m, i))) {
-            let pending = m.read(i, core, now);
+            let pending = m.read(i, core, &mut bufs.rx, log);
             self.flush()?;
             return Ok(pending);
         }
