@@ -13,6 +13,13 @@
 //! everything goes sealed under the registration's channel (the first heartbeat at once:
 //! it is what makes the hub switch to it), and only what opens under it is taken.
 
+mod heartbeat;
+mod mesh_link;
+mod peer_list;
+mod registration;
+
+use registration::Attempt;
+
 use crate::channel::{Agreement, Channel};
 use crate::hub::{PeerState, PeerStatus};
 use crate::ip::{self, Prefix};
@@ -111,20 +118,6 @@ pub struct PeerDrops {
     /// The mesh's (`mesh::MeshDrops`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<crate::mesh::MeshDrops>,
-}
-
-/// One registration attempt: its nonce and ephemeral key stay the same in every resend.
-struct Attempt {
-    nonce: u64,
-    private: Option<EphemeralPrivateKey>,
-    public: [u8; PUBLIC_KEY_LEN],
-}
-
-impl Attempt {
-    fn new(entropy: &mut dyn Entropy) -> Self {
-        let private = entropy.x25519_key();
-        Self { nonce: entropy.next_u64(), public: x25519_public(&private), private: Some(private) }
-    }
 }
 
 enum State {
@@ -238,30 +231,9 @@ impl Peer {
         }
     }
 
-    /// Where our mesh sockets are reachable on this host: told to the hub now and with
-    /// every registration.
-    pub fn set_host_candidates(&mut self, c: Vec<SocketAddr>) {
-        if c != self.host_candidates {
-            self.host_candidates = c;
-            self.send_candidates();
-        }
-    }
-
-    fn send_candidates(&mut self) {
-        let (State::Up(s), Some(_)) = (&mut self.state, &self.mesh) else { return };
-        if s.link.send(&wire::emit_candidates(&self.host_candidates)).is_err() {
-            self.drops.queue_full += 1;
-        }
-    }
-
     /// What was dropped and counted, the mesh's drops included.
     pub fn drop_counts(&self) -> PeerDrops {
         PeerDrops { mesh: self.mesh.as_ref().map(|m| m.drops.clone()), ..self.drops.clone() }
-    }
-
-    /// What the hub's rendezvous port saw each mesh socket come from.
-    pub fn reflexive(&self) -> &[Option<SocketAddr>] {
-        &self.reflexive
     }
 
     pub fn is_up(&self) -> bool {
@@ -284,27 +256,6 @@ impl Peer {
         self.last_ack
     }
 
-    /// Strictly increasing wall-clock milliseconds (Register anti-replay).
-    fn timestamp(&mut self, wall_ms: u64) -> u64 {
-        self.last_ts = wall_ms.max(self.last_ts + 1);
-        self.last_ts
-    }
-
-    fn send_register(&mut self, wall_ms: u64) {
-        let State::Registering { attempt, .. } = &self.state else { return };
-        let (nonce, public) = (attempt.nonce, attempt.public);
-        let reg = RegisterRepr {
-            name: self.cfg.name.clone(),
-            timestamp_ms: self.timestamp(wall_ms),
-            nonce,
-            want_addr: self.addr,
-            mtu: self.cfg.mtu.unwrap_or(0),
-            public,
-            routes: self.cfg.routes.clone(),
-        };
-        self.transmit.push_back(reg.emit(&self.cfg.key));
-    }
-
     /// One datagram from the tunnel (the local mpclient).
     pub fn handle_datagram(&mut self, now: Instant, d: &[u8]) {
         match d.first() {
@@ -312,96 +263,6 @@ impl Peer {
             Some(&MSG_REFUSAL) => self.on_refusal(d),
             Some(&MSG_SEALED) => self.on_sealed(now, d),
             _ => self.drops.malformed += 1,
-        }
-    }
-
-    fn on_welcome(&mut self, now: Instant, d: &[u8]) {
-        let State::Registering { attempt, .. } = &mut self.state else {
-            return; // a late copy
-        };
-        let Ok(w) = WelcomeRepr::parse(d, &self.cfg.key, &attempt.public) else {
-            self.drops.malformed += 1;
-            return;
-        };
-        if w.nonce != attempt.nonce {
-            return; // answers an older Register
-        }
-        if let Some(mtu) = self.cfg.mtu {
-            if mtu != w.mtu {
-                self.events.push_back(PeerEvent::Fatal(HubRefusal::WelcomeMtu { hub: w.mtu, ours: mtu }));
-                return;
-            }
-        }
-        let agreement = Agreement {
-            key: &self.cfg.key,
-            nonce: attempt.nonce,
-            peer_id: w.peer_id,
-            peer_public: &attempt.public,
-            hub_public: &w.public,
-        };
-        let Some(Ok(channel)) = attempt.private.take().map(|k| Channel::establish(&agreement, k, true)) else {
-            // a public key X25519 refuses: a new attempt, the hub gets a new Register
-            self.drops.malformed += 1;
-            self.state = State::Registering { attempt: Attempt::new(&mut *self.entropy), next_try: now, lost: false };
-            return;
-        };
-        self.addr = w.addr;
-        self.network = Prefix::new(w.addr, w.prefix_len);
-        self.hub_addr = w.hub_addr;
-        self.mtu = w.mtu;
-        self.last_ack = Some(now);
-        for &(route, reason) in &w.refused {
-            self.events.push_back(PeerEvent::RouteRefused { route, reason });
-        }
-        self.refused_routes = w.refused;
-        self.state = State::Up(Box::new(Session {
-            channel,
-            link: KcpLink::new(w.peer_id, now, self.cfg.tunnel_payload),
-            hb_seq: 0,
-            next_heartbeat: now,
-            first_miss: None,
-            retries_sent: 0,
-            pending_hb: None,
-        }));
-        self.id = w.peer_id;
-        // pairs were bound to the registration before
-        if let Some(m) = self.mesh.as_mut() {
-            m.reset();
-        }
-        self.send_candidates();
-        self.next_rendezvous = now;
-        // the first sealed datagram is what makes the hub use this registration: now
-        self.send_heartbeat(now);
-        self.events.push_back(PeerEvent::Configured {
-            addr: w.addr,
-            prefix_len: w.prefix_len,
-            hub_addr: w.hub_addr,
-            mtu: w.mtu,
-            dns_domain: w.dns_domain,
-        });
-    }
-
-    /// Our announced routes the hub did not take, and why.
-    pub fn refused_routes(&self) -> &[(Prefix, RouteRefusalReason)] {
-        &self.refused_routes
-    }
-
-    fn on_refusal(&mut self, d: &[u8]) {
-        let Ok(r) = RefusalRepr::parse(d, &self.cfg.key) else {
-            self.drops.malformed += 1;
-            return;
-        };
-        // only an answer to our own pending Register counts
-        match (&self.state, r.reason) {
-            (State::Registering { attempt, .. }, _) if attempt.nonce == r.nonce => {}
-            _ => return,
-        }
-        match (&self.state, r.reason) {
-            (_, RefusalReason::MtuMismatch) => self.events.push_back(PeerEvent::Fatal(HubRefusal::MtuMismatch {
-                hub: r.hub_mtu,
-                ours: self.cfg.mtu.unwrap_or(0),
-            })),
-            (_, reason) => self.events.push_back(PeerEvent::Refused(reason)),
         }
     }
 
@@ -438,23 +299,6 @@ impl Peer {
             _ => self.drops.malformed += 1,
         }
         self.buf = buf;
-    }
-
-    fn on_ack(&mut self, now: Instant, m: &[u8]) {
-        let Ok(ack) = HeartbeatAckRepr::parse(m) else {
-            self.drops.malformed += 1;
-            return;
-        };
-        let State::Up(s) = &mut self.state else { return };
-        if let Some((seq, sent)) = s.pending_hb {
-            if seq == ack.seq {
-                self.rtt_us = now.saturating_duration_since(sent).as_micros().min(u32::MAX as u128) as u32;
-            }
-        }
-        s.first_miss = None;
-        s.retries_sent = 0;
-        s.pending_hb = None;
-        self.last_ack = Some(now);
     }
 
     fn on_kcp(&mut self, now: Instant, segment: &[u8]) {
@@ -511,132 +355,6 @@ impl Peer {
         }
     }
 
-    /// One chunk of a peer list; the list is taken when its last chunk arrives (KCP keeps
-    /// them in order; a chunk 0 starts a list afresh).
-    fn on_peer_list_chunk(&mut self, now: Instant, c: PeerListChunk) {
-        if c.chunk == 0 {
-            self.list_assembly = Some((c.version, 0, Vec::new()));
-        }
-        match &mut self.list_assembly {
-            Some((version, next, entries)) if *version == c.version && *next == c.chunk => {
-                entries.extend(c.entries);
-                *next += 1;
-            }
-            _ => {
-                self.drops.malformed += 1;
-                self.list_assembly = None;
-                return;
-            }
-        }
-        if c.chunk + 1 == c.chunks {
-            if let Some((_, _, list)) = self.list_assembly.take() {
-                self.set_peer_list(now, list);
-            }
-        }
-    }
-
-    fn set_peer_list(&mut self, now: Instant, list: Vec<PeerEntry>) {
-        if let Some(m) = self.mesh.as_mut() {
-            m.set_peer_list(now, self.id, &list);
-        }
-        let wanted: BTreeSet<Prefix> =
-            list.iter().filter(|p| p.addr != self.addr).flat_map(|p| p.routes.iter().copied()).collect();
-        let add: Vec<Prefix> = wanted.difference(&self.installed_routes).copied().collect();
-        let remove: Vec<Prefix> = self.installed_routes.difference(&wanted).copied().collect();
-        if !add.is_empty() || !remove.is_empty() {
-            self.events.push_back(PeerEvent::Routes { add, remove });
-        }
-        self.installed_routes = wanted;
-        // counters follow the peer (by id) across list changes
-        self.peer_traffic = list
-            .iter()
-            .map(|p| {
-                self.peers.iter().position(|q| q.id == p.id).map_or_else(Default::default, |i| self.peer_traffic[i])
-            })
-            .collect();
-        self.peers = list;
-        self.events.push_back(PeerEvent::PeerList);
-    }
-
-    /// Whether a packet the hub sent may carry `src`: the hub's own address, another
-    /// listed peer's, one inside another peer's routes, or one from beyond the hub (the
-    /// hub host's side) — never an address of this peer, of its own routes, or a VPN
-    /// address nobody has.
-    fn source_allowed_from_hub(&self, src: IpAddr) -> bool {
-        let v4 = match src {
-            IpAddr::V4(a) => a,
-            IpAddr::V6(a) => match ip::v4_of(a) {
-                Some(a) => a,
-                None => return true, // not a VPN address: from beyond the hub
-            },
-        };
-        if v4 == self.addr || self.cfg.routes.iter().any(|r| r.contains(v4)) {
-            return false;
-        }
-        match self.network {
-            Some(net) if net.contains(v4) => v4 == self.hub_addr || self.peers.iter().any(|p| p.addr == v4),
-            _ => true,
-        }
-    }
-
-    /// The listed peer an inner address belongs to: its own address, else the longest
-    /// announced route that covers it.
-    fn peer_index(&self, a: IpAddr) -> Option<usize> {
-        let a = match a {
-            IpAddr::V4(a) => a,
-            IpAddr::V6(a) => ip::v4_of(a)?,
-        };
-        if let Some(i) = self.peers.iter().position(|p| p.addr == a) {
-            return Some(i);
-        }
-        self.peers
-            .iter()
-            .enumerate()
-            .flat_map(|(i, p)| p.routes.iter().filter(|r| r.contains(a)).map(move |r| (r.len, i)))
-            .max()
-            .map(|(_, i)| i)
-    }
-
-    /// The other peers as this one sees them: address, routes, and the traffic with each.
-    pub fn peer_status(&self, now: Instant) -> Vec<PeerStatus> {
-        self.peers
-            .iter()
-            .zip(&self.peer_traffic)
-            .map(|(p, t)| {
-                let own = p.addr == self.addr;
-                let (mesh_tx, mesh_rx, mesh_last_rx) = self.mesh.as_ref().map_or((0, 0, None), |m| m.traffic(p.id));
-                let via = self.mesh.as_ref().map_or(Via::Relay, |m| m.via(p.id));
-                let last_rx = t.last_rx.max(mesh_last_rx);
-                let paths = self.mesh.as_ref().map_or_else(Vec::new, |m| m.paths(now, p.id));
-                PeerStatus {
-                    id: p.id,
-                    name: p.name.clone(),
-                    addr: p.addr,
-                    state: match (own, via) {
-                        (true, _) => PeerState::Own,
-                        (false, Via::Direct) => PeerState::Direct,
-                        (false, Via::Relay) => PeerState::ViaHub,
-                    },
-                    tunnel: String::new(),
-                    routes: p.routes.clone(),
-                    last_heartbeat_s: None,
-                    last_rx_s: last_rx.map(|r| now.saturating_duration_since(r).as_secs_f64()),
-                    rtt_ms: paths
-                        .iter()
-                        .filter(|x| x.state == common::stats::PathState::Up)
-                        .filter_map(|x| x.rtt_ms)
-                        .reduce(f64::min),
-                    tx_bytes: t.tx_bytes + mesh_tx,
-                    rx_bytes: t.rx_bytes + mesh_rx,
-                    via: (!own).then_some(via),
-                    paths,
-                    candidates: p.candidates.clone(),
-                    relayed_bytes: 0,
-                }
-            })
-            .collect()
-    }
-
     /// An IP packet read from the TUN device.
     pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8]) {
         if !self.is_up() && self.mesh.is_none() {
@@ -674,26 +392,6 @@ impl Peer {
         }
     }
 
-    /// The hub is gone (or broke our link): register again. Direct sessions go on
-    /// meanwhile; the next registration's list replaces them.
-    fn lose_hub(&mut self, now: Instant) {
-        self.relay_out.clear();
-        self.state = State::Registering { attempt: Attempt::new(&mut *self.entropy), next_try: now, lost: true };
-        self.events.push_back(PeerEvent::HubLost);
-    }
-
-    /// Queues a sealed heartbeat (the first one also confirms a new registration).
-    fn send_heartbeat(&mut self, now: Instant) {
-        let State::Up(s) = &mut self.state else { return };
-        s.hb_seq = s.hb_seq.wrapping_add(1);
-        s.next_heartbeat = now + HEARTBEAT_INTERVAL;
-        if s.pending_hb.is_none() || s.first_miss.is_some() {
-            s.pending_hb = Some((s.hb_seq, now));
-        }
-        let hb = HeartbeatRepr { seq: s.hb_seq, rtt_us: self.rtt_us }.emit();
-        self.transmit.push_back(s.channel.seal_message(&hb));
-    }
-
     /// Next datagram for the tunnel, into `out` (at least a tunnel payload); returns its
     /// length.
     pub fn poll_transmit(&mut self, out: &mut [u8]) -> Option<usize> {
@@ -726,73 +424,6 @@ impl Peer {
         let n = self.mesh.as_mut()?.poll_tun(out)?;
         self.rx_bytes += n as u64;
         Some(n)
-    }
-
-    /// One datagram on mesh socket `socket` from `from` (opened in place): the hub's
-    /// rendezvous answer, or a direct session's.
-    pub fn handle_mesh_datagram(&mut self, now: Instant, socket: usize, from: SocketAddr, d: &mut [u8]) {
-        if d.first() == Some(&MSG_SEALED) {
-            self.on_rendezvous_answer(d);
-            return;
-        }
-        match self.mesh.as_mut() {
-            Some(m) => m.handle_datagram(now, MeshAddr::Direct { socket, addr: from }, d),
-            None => self.drops.malformed += 1,
-        }
-    }
-
-    fn on_rendezvous_answer(&mut self, d: &[u8]) {
-        let State::Up(s) = &mut self.state else { return };
-        let Ok(h) = SealedHeader::parse(d) else { return };
-        let Ok(m) = s.channel.open(h, d, &mut self.buf) else {
-            self.drops.unauthenticated += 1;
-            return;
-        };
-        let n = m.len();
-        match wire::parse_you_are(&self.buf[SEALED_HEADER_LEN..SEALED_HEADER_LEN + n]) {
-            Ok((socket, addr)) => {
-                if let Some(r) = self.reflexive.get_mut(usize::from(socket)) {
-                    *r = Some(addr);
-                }
-            }
-            Err(_) => self.drops.malformed += 1,
-        }
-    }
-
-    /// The "where am I" questions due, one per mesh socket every `RENDEZVOUS_INTERVAL`:
-    /// (socket, datagram for the hub's rendezvous port).
-    pub fn poll_rendezvous(&mut self, now: Instant) -> Vec<(usize, Vec<u8>)> {
-        let State::Up(s) = &mut self.state else { return Vec::new() };
-        if self.mesh.is_none() || now < self.next_rendezvous {
-            return Vec::new();
-        }
-        self.next_rendezvous = now + RENDEZVOUS_INTERVAL;
-        (0..self.reflexive.len()).map(|i| (i, s.channel.seal_message(&wire::emit_where_am_i(i as u8)))).collect()
-    }
-
-    /// The next datagram of a direct session, in `out` (at least 64 KiB): its length and
-    /// the mesh sockets and addresses to send it to. Copies for the hub's relay are
-    /// sealed into the tunnel's queue (`poll_transmit`).
-    pub fn poll_mesh_transmit(&mut self, now: Instant, out: &mut [u8]) -> Option<(usize, &[MeshAddr])> {
-        let mesh = self.mesh.as_mut()?;
-        let up = matches!(self.state, State::Up(_));
-        loop {
-            let len = mesh.poll_transmit(now, out, &mut self.mesh_all_dests)?;
-            self.mesh_dests.clear();
-            for &d in &self.mesh_all_dests {
-                match d {
-                    // without the hub, nothing to relay through
-                    MeshAddr::Relay(to) if up => {
-                        self.relay_out.push(&[&[sealed_kind::RELAY], &to.to_be_bytes(), &out[..len]])
-                    }
-                    MeshAddr::Relay(_) => {}
-                    direct => self.mesh_dests.push(direct),
-                }
-            }
-            if !self.mesh_dests.is_empty() {
-                return Some((len, &self.mesh_dests));
-            }
-        }
     }
 
     pub fn poll_event(&mut self) -> Option<PeerEvent> {

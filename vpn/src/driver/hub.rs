@@ -1,0 +1,351 @@
+//! `mpvpn hub`: the hub core on a TUN device, the tunnel (a UDP socket towards mpserver, or
+//! the embedded server), the DNS responder and the rendezvous port.
+
+use super::*;
+
+/// How the hub exchanges datagrams with the tunnel.
+pub(super) enum HubTunnel {
+    /// A separate mpserver forwards each session from its own socket to `listen`.
+    Udp(BatchSocket),
+    /// The multipath server runs in this process; a session is a slot.
+    Embedded(Box<mpserver::TunnelServer>),
+}
+
+/// In embedded mode a session slot stands in for the tunnel address the hub binds a
+/// peer to: 127.254.x.y, port 1 + the high bits.
+pub(super) fn slot_addr(slot: usize) -> SocketAddr {
+    SocketAddr::from(([127, 254, (slot >> 8) as u8, slot as u8], 1 + (slot >> 16) as u16))
+}
+
+pub(super) fn addr_slot(a: SocketAddr) -> Option<usize> {
+    match a {
+        SocketAddr::V4(v4) if v4.ip().octets()[..2] == [127, 254] && v4.port() > 0 => {
+            let o = v4.ip().octets();
+            Some(((v4.port() as usize - 1) << 16) | (o[2] as usize) << 8 | o[3] as usize)
+        }
+        _ => None,
+    }
+}
+
+impl HubTunnel {
+    /// Sends what the core has for the tunnel, a batch (`tx`) at a time: over UDP, each run
+    /// to one session goes with one `sendmmsg` (GSO where it can); the embedded server
+    /// seals in the batch slots. Returns how many datagrams could not be sent over UDP.
+    fn transmit(&mut self, core: &mut Hub, tx: &mut RecvBatch) -> usize {
+        let room = match self {
+            Self::Udp(_) => NO_ROOM,
+            Self::Embedded(_) => SEALING_ROOM,
+        };
+        let mut failed = 0;
+        while fill_batch(tx, room, |buf| core.poll_transmit(buf)) {
+            match self {
+                Self::Udp(s) => failed += s.send_to_sources(tx),
+                Self::Embedded(t) => t.send_batch(Instant::now(), tx, |b, i| b.source(i).and_then(addr_slot)),
+            }
+        }
+        failed
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        match self {
+            Self::Udp(_) => None,
+            Self::Embedded(t) => Some(t.poll_timeout()),
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        if let Self::Embedded(t) = self {
+            t.handle_timeout(now, |_| true);
+        }
+    }
+}
+
+/// Where sessions of an embedded server "go": the hub in this process.
+pub(super) const EMBEDDED_TARGET: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+
+pub(super) fn open_hub_tunnel(c: &HubConfig, registry: &Registry, log: &Logger) -> Result<HubTunnel, VpnError> {
+    match &c.embedded_server {
+        None => {
+            // validated by HubConfig::parse
+            let listen: SocketAddr = c.listen.parse().expect("validated listen address");
+            let what = || format!("listen {listen}");
+            let mut sock = driver::udp_socket(listen, None, None).context(what)?;
+            registry.register(&mut sock, UDP, Interest::READABLE).context(what)?;
+            info!(log, "taking datagrams from mpserver"; "listen" => %listen);
+            Ok(HubTunnel::Udp(sock))
+        }
+        Some(path) => {
+            let sc = load_config(path, ServerConfig::parse_embedded)?;
+            let mut rt = mpserver::ServerRuntime::from_config(&path.display().to_string(), &sc)?;
+            rt.core.default_target = Some(EMBEDDED_TARGET);
+            rt.core.targets.clear();
+            let key = driver::require_key("mpvpn", sc.key_file.as_deref())?;
+            if let Some(w) = key.warning {
+                warn!(log, "{}", w);
+            }
+            info!(log, "multipath server embedded"; "listen" => %rt.listen);
+            let t = mpserver::TunnelServer::open(rt.listen, rt.core, key.key, registry, EMBEDDED, log.clone())?;
+            Ok(HubTunnel::Embedded(Box::new(t)))
+        }
+    }
+}
+
+/// `mpvpn hub` as the event loop runs it.
+pub(super) struct HubDriver {
+    core: Hub,
+    tunnel: HubTunnel,
+    dns: Option<DnsServer>,
+    rendezvous: Option<mio::net::UdpSocket>,
+    dev: tun::Device,
+    bufs: IoBuffers,
+    tun_name: String,
+    hub_addr: Ipv4Addr,
+    /// hub.yaml, and the config read from it last (for reloads).
+    config_path: PathBuf,
+    config: HubConfig,
+    log: Logger,
+}
+
+/// The hub's DNS responder: `<peer>.<domain>` on its VPN address (see `crate::dns`).
+pub(super) struct DnsServer {
+    sock: mio::net::UdpSocket,
+    domain: String,
+    buf: Vec<u8>,
+}
+
+impl DnsServer {
+    fn open(addr: SocketAddr, domain: &str, registry: &Registry, log: &Logger) -> Result<Self, VpnError> {
+        let what = || format!("DNS on {addr} (dns: in hub.yaml; binding port 53 needs root or CAP_NET_BIND_SERVICE)");
+        let mut sock = mio::net::UdpSocket::bind(addr).context(what)?;
+        registry.register(&mut sock, DNS, Interest::READABLE).context(what)?;
+        info!(log, "answering names"; "domain" => domain, "on" => %addr);
+        Ok(Self { sock, domain: domain.to_string(), buf: vec![0; 1500] })
+    }
+
+    /// Answers what arrived, at most `READ_BUDGET` queries; true if more may wait.
+    fn serve(&mut self, lookup: impl Fn(&str) -> Option<Ipv4Addr>) -> bool {
+        for _ in 0..READ_BUDGET {
+            let (n, from) = match self.sock.recv_from(&mut self.buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+                Err(_) => continue,
+            };
+            // what is not a query to answer gets nothing; a failed send is not retried
+            if let Some(a) = crate::dns::answer(&self.buf[..n], &self.domain, &lookup) {
+                let _ = self.sock.send_to(&a, from);
+            }
+        }
+        true
+    }
+}
+
+/// Answers what arrived on the rendezvous port, at most `READ_BUDGET` questions; true if
+/// more may wait.
+pub(super) fn serve_rendezvous(sock: &mio::net::UdpSocket, core: &mut Hub, buf: &mut [u8]) -> bool {
+    let mut answer = Vec::new();
+    for _ in 0..READ_BUDGET {
+        let (n, from) = match sock.recv_from(buf) {
+            Ok(r) => r,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+            Err(_) => continue,
+        };
+        if let Some(len) = core.handle_rendezvous(from, &buf[..n], &mut answer) {
+            let _ = sock.send_to(&answer[..len], from);
+        }
+    }
+    true
+}
+
+/// The hub core's view of hub.yaml's `peers`, keys read.
+pub(super) fn peer_specs(c: &HubConfig, log: &Logger) -> Result<Vec<PeerSpec>, VpnError> {
+    let mut peers = Vec::new();
+    for p in &c.peers {
+        // validated by HubConfig::parse, which read every key
+        let key = resolve_key(&p.key, &p.key_file)?.ok_or_else(|| VpnError::NoPeerKey(p.name.clone()))?;
+        if let Some(w) = key.warning {
+            warn!(log, "{}", w; "peer" => &p.name);
+        }
+        peers.push(PeerSpec {
+            name: p.name.clone(),
+            key: PeerKey::new(&key.key),
+            fixed_addr: p.address,
+            allowed_routes: p.routes.clone(),
+        });
+    }
+    Ok(peers)
+}
+
+/// Runs the hub (configured by `c`, read from `config_path`) until SIGTERM/SIGINT or a
+/// fatal error; SIGHUP re-reads `config_path`'s peers.
+pub fn run_hub(c: HubConfig, config_path: PathBuf, control_path: PathBuf, log: &Logger) -> Result<(), VpnError> {
+    let peers = peer_specs(&c, log)?;
+    let hub_addr = c.hub_addr();
+    let mtu = c.mtu.unwrap_or(TUN_MTU);
+    let core = Hub::new(
+        HubCoreConfig {
+            network: c.network,
+            hub_addr,
+            mtu,
+            tunnel_payload: TUNNEL_PAYLOAD,
+            peers,
+            peer_timeout: Duration::from_secs(c.peer_timeout_secs),
+            dns_domain: c.dns.as_ref().map(|d| d.domain.clone()),
+        },
+        Box::new(OsEntropy::new()),
+    );
+    let mut el = EventLoop::new(log.clone())?;
+    el.serve_control(&control_path)?;
+    el.serve_metrics(c.metrics_listen)?;
+    el.log_stats_every(Some(STATS_INTERVAL));
+    let dev = open_tun(&c.tun)?;
+    configure_tun(&c.tun, hub_addr, c.network.len, mtu)?;
+    el.registry().register(&mut SourceFd(&dev.as_raw_fd()), TUN, Interest::READABLE).context(|| "TUN".into())?;
+    let tunnel = open_hub_tunnel(&c, el.registry(), log)?;
+    let dns = match &c.dns {
+        Some(d) => Some(DnsServer::open(SocketAddr::new(hub_addr.into(), 53), &d.domain, el.registry(), log)?),
+        None => None,
+    };
+    let rendezvous = match c.rendezvous {
+        Some(addr) => {
+            let what = || format!("rendezvous {addr} (rendezvous: in hub.yaml)");
+            let mut sock = mio::net::UdpSocket::bind(addr).context(what)?;
+            el.registry().register(&mut sock, RENDEZVOUS, Interest::READABLE).context(what)?;
+            info!(log, "mesh rendezvous"; "listen" => %addr);
+            Some(sock)
+        }
+        None => None,
+    };
+    info!(log, "mpvpn hub up"; "tun" => &c.tun, "address" => %hub_addr, "network" => %c.network, "mtu" => mtu,
+        "peers_configured" => c.peers.len(), "control" => %control_path.display());
+    let tun_name = c.tun.clone();
+    let mut d = HubDriver {
+        core,
+        tunnel,
+        dns,
+        rendezvous,
+        dev,
+        bufs: IoBuffers::new(),
+        tun_name,
+        hub_addr,
+        config_path,
+        config: c,
+        log: log.clone(),
+    };
+    el.run(&mut d)
+}
+
+impl Service for HubDriver {
+    type Status = VpnStatus;
+    type Error = VpnError;
+
+    fn handle_ready(&mut self, _: &Registry, token: Token) -> Result<bool, VpnError> {
+        let Self { core, tunnel, dev, bufs, log, dns, rendezvous, .. } = self;
+        // one clock reading per wake-up, not per datagram
+        let (now, wall) = (Instant::now(), wall_ms());
+        let pending = match (token, &mut *tunnel) {
+            (DNS, _) => dns.as_mut().is_some_and(|d| d.serve(|name| core.address_of(name))),
+            (RENDEZVOUS, _) => rendezvous.as_mut().is_some_and(|sock| serve_rendezvous(sock, core, &mut bufs.out)),
+            (TUN, _) => read_tun(dev, &mut bufs.tun_in, log, |p| core.handle_tun_packet(p)),
+            (UDP, HubTunnel::Udp(sock)) => {
+                read_udp(sock, &mut bufs.rx, log, |from, d| core.handle_datagram(now, wall, from, d))
+            }
+            (EMBEDDED, HubTunnel::Embedded(t)) => t.read_listen(|inbound| {
+                if let mpserver::Inbound::Forward(slot, d) = inbound {
+                    core.handle_datagram(now, wall, slot_addr(slot), d);
+                }
+                true
+            }),
+            _ => false,
+        };
+        self.flush();
+        Ok(pending)
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        [self.core.poll_timeout(), self.tunnel.poll_timeout(), Some(Instant::now() + TICK)].into_iter().flatten().min()
+    }
+
+    fn handle_timeout(&mut self, _: &Registry, now: Instant) -> Result<(), VpnError> {
+        self.tunnel.handle_timeout(now);
+        self.core.handle_timeout(now);
+        self.flush();
+        Ok(())
+    }
+
+    fn status(&self, now: Instant) -> VpnStatus {
+        hub_status(&self.core, now, &self.tun_name, self.hub_addr)
+    }
+
+    fn stats_line(&self, now: Instant) -> String {
+        self.status(now).summary_line()
+    }
+
+    fn metrics(&self, now: Instant, m: &mut Metrics) {
+        vpn_metrics(&self.status(now), m);
+    }
+
+    /// Re-reads hub.yaml: its peers take effect at once (see `Hub::reconfigure`); other
+    /// changed settings are named as needing a restart and keep their running values.
+    fn reload(&mut self, _: &Registry, now: Instant) -> Reload {
+        let c = match load_config(&self.config_path, HubConfig::parse) {
+            Ok(c) => c,
+            Err(e) => return Reload::Refused(e.to_string()),
+        };
+        let peers = match peer_specs(&c, &self.log) {
+            Ok(p) => p,
+            Err(e) => return Reload::Refused(e.to_string()),
+        };
+        let old = &self.config;
+        let restart: Vec<&str> = [
+            ("listen", old.listen != c.listen),
+            ("rendezvous", old.rendezvous != c.rendezvous),
+            ("tun", old.tun != c.tun),
+            ("network", old.network != c.network),
+            ("address", old.address != c.address),
+            ("mtu", old.mtu != c.mtu),
+            ("peer_timeout_secs", old.peer_timeout_secs != c.peer_timeout_secs),
+            ("control_socket", old.control_socket != c.control_socket),
+            ("log_level", old.log_level != c.log_level),
+            ("embedded_server", old.embedded_server != c.embedded_server),
+        ]
+        .into_iter()
+        .filter_map(|(field, changed)| changed.then_some(field))
+        .collect();
+        if !restart.is_empty() {
+            warn!(self.log, "changed settings take effect after a restart; running with the old ones"; "fields" => restart.join(", "));
+        }
+        let changes = self.core.reconfigure(peers);
+        self.core.handle_timeout(now);
+        self.flush();
+        self.config.peers = c.peers;
+        Reload::Done(changes.to_string())
+    }
+}
+
+impl HubDriver {
+    /// Sends what the core queued (through `bufs`) and logs its events.
+    fn flush(&mut self) {
+        let Self { core, tunnel, dev, bufs, log, .. } = self;
+        let failed = tunnel.transmit(core, &mut bufs.tx);
+        if failed > 0 {
+            trace!(log, "sends to mpserver failed"; "datagrams" => failed);
+        }
+        write_tun(dev, &mut bufs.out, |out| core.poll_tun(out));
+        while let Some(ev) = core.poll_event() {
+            match ev {
+                HubEvent::PeerUp { name, addr, tunnel } => {
+                    info!(log, "peer up"; "name" => name, "address" => %addr, "tunnel" => %tunnel)
+                }
+                HubEvent::PeerMoved { name, tunnel } => info!(log, "peer moved"; "name" => name, "tunnel" => %tunnel),
+                HubEvent::PeerGone { name, addr, why } => {
+                    warn!(log, "peer gone"; "name" => name, "address" => %addr, "why" => why)
+                }
+                HubEvent::Refused { name, reason } => warn!(log, "peer refused"; "name" => name, "reason" => ?reason),
+                HubEvent::RoutesRefused { name, routes } => {
+                    let routes: Vec<String> = routes.iter().map(|(r, why)| format!("{r} ({why:?})")).collect();
+                    warn!(log, "announced routes refused (not in hub.yaml's routes for this peer)"; "name" => name, "routes" => routes.join(", "))
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The mpvpn driver: a TUN device and a UDP socket around the hub or peer core, run by
+//! the shared event loop (`common::driver::event_loop`).
+//!
+//! The TUN fd is registered readable only (it is always writable; the kernel drops when
+//! its queue is full). Addresses, MTU and routes are set with iproute2 (`ip`), which also
+//! covers IPv6. The loop only moves bytes and time.
+
+mod hub;
+mod peer;
+mod status;
+mod system;
+
+pub use hub::run_hub;
+pub use peer::run_peer;
+use status::{hub_status, peer_status, vpn_metrics};
+pub use status::{MeshSocketStatus, VpnStatus};
+use system::{configure_tun, ip_cmd, open_tun, protected_addresses, route_hazard};
+
+use crate::config::{resolve_key, HubConfig, PeerConfig};
+use crate::hub::{Hub, HubCoreConfig, HubDrops, HubEvent, PeerSpec, PeerState, PeerStatus};
+use crate::ip::{self, Prefix};
+use crate::peer::{Peer, PeerCoreConfig, PeerDrops, PeerEvent};
+use crate::resolver::SystemResolver;
+use crate::wire::PeerKey;
+use crate::{VpnError, TUNNEL_PAYLOAD, TUN_MTU};
+use common::config::{ClientConfig, ServerConfig};
+use common::driver::batch::{BatchSocket, RecvBatch};
+use common::driver::event_loop::{read_batches, EventLoop, Reload, Room, Service, NO_ROOM, READ_BUDGET};
+use common::driver::files::load_config;
+use common::driver::metrics::{with_label, Labels, Metrics};
+use common::driver::{self, wall_ms, IoContext};
+use common::entropy::OsEntropy;
+use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET};
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+use serde::{Deserialize, Serialize};
+use slog::{error, info, trace, warn, Logger};
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub(super) const TUN: Token = Token(0);
+pub(super) const UDP: Token = Token(1);
+/// The embedded server's listening socket, or the first of the embedded client's paths.
+pub(super) const EMBEDDED: Token = Token(2);
+/// The hub's DNS socket (`dns:` in hub.yaml), on its VPN address.
+pub(super) const DNS: Token = Token(common::driver::event_loop::RESERVED_TOKENS - 1);
+/// The hub's rendezvous socket (`rendezvous:` in hub.yaml).
+pub(super) const RENDEZVOUS: Token = Token(common::driver::event_loop::RESERVED_TOKENS - 2);
+/// A peer's mesh socket `i` has token `MESH_BASE - i`.
+pub(super) const MESH_BASE: usize = common::driver::event_loop::RESERVED_TOKENS - 3;
+/// A registered peer whose rendezvous questions got no answer this long says so.
+pub(super) const RENDEZVOUS_SILENT_AFTER: Duration = Duration::from_secs(5);
+/// How often a peer looks at its interfaces for new host candidates.
+pub(super) const CANDIDATE_SCAN_INTERVAL: Duration = Duration::from_secs(5);
+/// The hub's and the peer's stats line.
+pub(super) const STATS_INTERVAL: Duration = Duration::from_secs(30);
+/// The cores run their timers at least this often.
+pub(super) const TICK: Duration = Duration::from_secs(1);
+
+/// Reads TUN packets until empty or the budget is spent; true if data may remain.
+pub(super) fn read_tun(dev: &tun::Device, buf: &mut [u8], log: &Logger, mut each: impl FnMut(&[u8])) -> bool {
+    for _ in 0..READ_BUDGET {
+        match dev.recv(buf) {
+            Ok(n) => each(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                warn!(log, "TUN read failed"; "error" => %e);
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Writes the packets `poll` (a core's `poll_tun`) fills into `out` to the TUN device; a
+/// full TUN queue drops them, as the kernel would.
+pub(super) fn write_tun(dev: &tun::Device, out: &mut [u8], mut poll: impl FnMut(&mut [u8]) -> Option<usize>) {
+    while let Some(n) = poll(out) {
+        let _ = dev.send(&out[..n]);
+    }
+}
+
+/// Reads datagrams from the local mpclient/mpserver (`recvmmsg`, into `rx`) until empty
+/// or the budget is spent; true if data may remain.
+pub(super) fn read_udp(
+    sock: &BatchSocket,
+    rx: &mut RecvBatch,
+    log: &Logger,
+    mut each: impl FnMut(SocketAddr, &[u8]),
+) -> bool {
+    read_batches(sock.as_raw_fd(), rx, NO_ROOM, log, "tunnel", |rx, _| {
+        for i in 0..rx.len() {
+            if let Some(from) = rx.source(i) {
+                each(from, rx.datagram(i));
+            }
+        }
+    })
+}
+
+/// The driver's reused buffers: nothing is allocated per packet.
+pub(super) struct IoBuffers {
+    /// One packet read from the TUN device.
+    tun_in: Vec<u8>,
+    /// Datagrams read from the tunnel socket.
+    rx: RecvBatch,
+    /// Datagrams for the tunnel, filled by the core.
+    tx: RecvBatch,
+    /// One packet for the TUN device, filled by the core.
+    out: Vec<u8>,
+}
+
+impl IoBuffers {
+    fn new() -> Self {
+        Self { tun_in: vec![0; 65536], rx: RecvBatch::new(), tx: RecvBatch::new(), out: vec![0; 65536] }
+    }
+}
+
+/// An embedded client or server seals each datagram in its slot: its header goes before,
+/// the AEAD tag after.
+pub(super) const SEALING_ROOM: Room = (DATA_PAYLOAD_OFFSET, AEAD_TAG_LEN);
+
+/// Refills `tx` from `poll` (a core's `poll_transmit`), leaving `room` around each
+/// datagram; false when the core had nothing.
+pub(super) fn fill_batch(
+    tx: &mut RecvBatch,
+    (headroom, tailroom): Room,
+    mut poll: impl FnMut(&mut [u8]) -> Option<(SocketAddr, usize)>,
+) -> bool {
+    tx.clear();
+    while !tx.is_full()
+        && tx.push_with(headroom, |buf| {
+            let len = buf.len() - tailroom;
+            poll(&mut buf[..len])
+        })
+    {}
+    !tx.is_empty()
+}

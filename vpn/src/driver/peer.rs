@@ -1,0 +1,396 @@
+//! `mpvpn peer`: the peer core on a TUN device, the tunnel (a UDP socket towards mpclient,
+//! or the embedded client) and the mesh sockets.
+
+use super::*;
+
+/// How a peer exchanges datagrams with the tunnel.
+pub(super) enum PeerTunnel {
+    /// A separate mpclient at `tunnel`, with its control socket (`tunnel_control`; else
+    /// the only mpclient running).
+    Udp { sock: BatchSocket, control: Option<PathBuf> },
+    /// The multipath client runs in this process.
+    Embedded(Box<mpclient::Multipath>),
+}
+
+/// The "application" address of the peer's one session in an embedded client.
+pub(super) const EMBEDDED_APP: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1));
+
+impl PeerTunnel {
+    /// Sends what the core has for the tunnel, a batch (`tx`) at a time: to mpclient with
+    /// one `sendmmsg` (GSO where it can), or sealed in the batch slots by the embedded
+    /// client. Returns how many datagrams could not be sent to mpclient.
+    fn transmit(&mut self, core: &mut Peer, tx: &mut RecvBatch) -> usize {
+        let room = match self {
+            Self::Udp { .. } => NO_ROOM,
+            Self::Embedded(_) => SEALING_ROOM,
+        };
+        let mut failed = 0;
+        // the embedded client takes the address as the session's application; mpclient's
+        // socket is connected
+        while fill_batch(tx, room, |buf| core.poll_transmit(buf).map(|n| (EMBEDDED_APP, n))) {
+            match self {
+                Self::Udp { sock: s, .. } => {
+                    let all = common::driver::batch::all_of(tx);
+                    failed += all.len() - s.send_batch(tx, all, None, None);
+                }
+                Self::Embedded(mp) => mp.send_batch(Instant::now(), tx),
+            }
+        }
+        failed
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        match self {
+            Self::Udp { .. } => None,
+            Self::Embedded(mp) => mp.poll_timeout(),
+        }
+    }
+
+    fn handle_timeout(&mut self, registry: &Registry, now: Instant) {
+        if let Self::Embedded(mp) = self {
+            mp.handle_timeout(registry, now);
+        }
+    }
+}
+
+pub(super) fn open_peer_tunnel(c: &PeerConfig, registry: &Registry, log: &Logger) -> Result<PeerTunnel, VpnError> {
+    match &c.embedded_client {
+        None => {
+            let tunnel = driver::resolve(&c.tunnel)?;
+            let what = || format!("tunnel socket to {tunnel}");
+            let mut sock = driver::udp_socket(driver::any_addr_for(tunnel), None, Some(tunnel)).context(what)?;
+            registry.register(&mut sock, UDP, Interest::READABLE).context(what)?;
+            info!(log, "talking to mpclient"; "tunnel" => %tunnel, "its control socket" => ?c.tunnel_control);
+            Ok(PeerTunnel::Udp { sock, control: c.tunnel_control.clone() })
+        }
+        Some(path) => {
+            let cc = load_config(path, ClientConfig::parse)?;
+            let rt = mpclient::ClientRuntime::from_config(&path.display().to_string(), &cc)?;
+            let key = driver::require_key("mpvpn", cc.key_file.as_deref())?;
+            if let Some(w) = key.warning {
+                warn!(log, "{}", w);
+            }
+            info!(log, "multipath client embedded"; "paths" => rt.paths.len());
+            let mp = mpclient::Multipath::open(&rt, key.key, registry, EMBEDDED.0, log.clone())?;
+            Ok(PeerTunnel::Embedded(Box::new(mp)))
+        }
+    }
+}
+
+/// A peer's mesh sockets (`mesh:` in peer.yaml).
+pub(super) struct MeshSockets {
+    socks: Vec<BatchSocket>,
+    /// Their local addresses, as bound.
+    locals: Vec<SocketAddr>,
+    /// The hub's rendezvous port.
+    rendezvous: SocketAddr,
+    /// Where direct datagrams are read and built.
+    buf: Vec<u8>,
+    next_scan: Instant,
+    /// When this registration came up, until the rendezvous port answered (or we said
+    /// it did not).
+    awaiting_rendezvous: Option<Instant>,
+}
+
+impl MeshSockets {
+    fn open(m: &crate::config::PeerMeshConfig, registry: &Registry, log: &Logger) -> Result<Self, VpnError> {
+        let rendezvous = driver::resolve(&m.rendezvous)?;
+        let mut socks = Vec::new();
+        let mut locals = Vec::new();
+        for (i, addr) in m.listen.to_vec().into_iter().enumerate() {
+            let what = || format!("mesh socket {addr} (mesh.listen in peer.yaml)");
+            // large socket buffers, as the tunnel's: a burst of a fast transfer must not
+            // overflow them
+            let mut sock = driver::udp_socket(addr, None, None).context(what)?;
+            registry.register(&mut sock, Token(MESH_BASE - i), Interest::READABLE).context(what)?;
+            locals.push(sock.local_addr().context(what)?);
+            socks.push(sock);
+        }
+        info!(log, "mesh sockets open"; "listen" => ?locals, "rendezvous" => %rendezvous, "relay" => ?m.relay,
+            "connect" => ?m.connect);
+        Ok(Self {
+            socks,
+            locals,
+            rendezvous,
+            buf: vec![0; 65536],
+            next_scan: Instant::now(),
+            awaiting_rendezvous: None,
+        })
+    }
+
+    fn socket_of(&self, token: Token) -> Option<usize> {
+        MESH_BASE.checked_sub(token.0).filter(|&i| i < self.socks.len())
+    }
+
+    /// Reads mesh socket `i` (`recvmmsg`, into `rx`) until empty or the budget is spent;
+    /// true if data may remain.
+    fn read(&mut self, i: usize, core: &mut Peer, rx: &mut RecvBatch, log: &Logger) -> bool {
+        read_batches(self.socks[i].as_raw_fd(), rx, NO_ROOM, log, "mesh", |rx, now| {
+            for k in 0..rx.len() {
+                if let Some(from) = rx.source(k) {
+                    core.handle_mesh_datagram(now, i, from, rx.datagram_mut(k));
+                }
+            }
+        })
+    }
+
+    /// Sends what the mesh has: direct datagrams, and the questions for the rendezvous
+    /// port (copies for the relay go into the tunnel's queue).
+    fn transmit(&mut self, core: &mut Peer, now: Instant) {
+        for (i, d) in core.poll_rendezvous(now) {
+            let _ = self.socks[i].send_to(&d, self.rendezvous);
+        }
+        while let Some((len, dests)) = core.poll_mesh_transmit(now, &mut self.buf) {
+            for d in dests {
+                if let crate::mesh::MeshAddr::Direct { socket, addr } = *d {
+                    // a full socket buffer or an unreachable address loses one copy
+                    let _ = self.socks[socket].send_to(&self.buf[..len], addr);
+                }
+            }
+        }
+    }
+
+    /// This host's addresses the mesh sockets may be reached on (`mesh::host_candidates`).
+    fn host_candidates(&self, tun: &str) -> Vec<SocketAddr> {
+        let ifs: Vec<(String, std::net::IpAddr)> =
+            if_addrs::get_if_addrs().unwrap_or_default().into_iter().map(|i| (i.name.clone(), i.ip())).collect();
+        crate::mesh::host_candidates(&self.locals, &ifs, tun)
+    }
+}
+
+/// `mpvpn peer` as the event loop runs it.
+pub(super) struct PeerDriver {
+    core: Peer,
+    tunnel: PeerTunnel,
+    mesh: Option<MeshSockets>,
+    dev: tun::Device,
+    bufs: IoBuffers,
+    name: String,
+    tun_name: String,
+    /// Routes from other peers this peer put on its TUN device.
+    installed: Vec<Prefix>,
+    /// Routes from other peers it refused to install, and why.
+    skipped: Vec<(Prefix, String)>,
+    /// Where names in the VPN's domain resolve, once the hub named one.
+    resolver: Option<SystemResolver>,
+    log: Logger,
+}
+
+/// Runs the peer until SIGTERM/SIGINT or a fatal error.
+pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<(), VpnError> {
+    let key = resolve_key(&c.key, &c.key_file)?.ok_or_else(|| VpnError::NoPeerKey(c.name.clone()))?;
+    if let Some(w) = &key.warning {
+        warn!(log, "{}", w);
+    }
+    let mut el = EventLoop::new(log.clone())?;
+    let mesh = match &c.mesh {
+        Some(m) => Some(MeshSockets::open(m, el.registry(), log)?),
+        None => None,
+    };
+    let core = Peer::new(
+        PeerCoreConfig {
+            name: c.name.clone(),
+            key: PeerKey::new(&key.key),
+            mtu: c.mtu,
+            routes: c.routes.clone(),
+            tunnel_payload: TUNNEL_PAYLOAD,
+            mesh: c.mesh.as_ref().zip(mesh.as_ref()).map(|(m, s)| crate::mesh::MeshConfig {
+                name: c.name.clone(),
+                sockets: s.locals.clone(),
+                relay: m.relay,
+                connect: m.connect,
+            }),
+        },
+        Instant::now(),
+        Box::new(OsEntropy::new()),
+    );
+    el.serve_control(&control_path)?;
+    el.serve_metrics(c.metrics_listen)?;
+    el.log_stats_every(Some(STATS_INTERVAL));
+    let dev = open_tun(&c.tun)?;
+    el.registry().register(&mut SourceFd(&dev.as_raw_fd()), TUN, Interest::READABLE).context(|| "TUN".into())?;
+    let tunnel = open_peer_tunnel(&c, el.registry(), log)?;
+    info!(log, "mpvpn peer starting"; "name" => &c.name, "tun" => &c.tun, "routes" => c.routes.len(),
+        "control" => %control_path.display());
+    let mut d = PeerDriver {
+        core,
+        tunnel,
+        mesh,
+        dev,
+        bufs: IoBuffers::new(),
+        name: c.name,
+        tun_name: c.tun,
+        installed: Vec::new(),
+        skipped: Vec::new(),
+        resolver: None,
+        log: log.clone(),
+    };
+    let result = el.run(&mut d);
+    // the host's resolver is taken back whatever ended the peer
+    if let Some(r) = d.resolver.as_mut() {
+        r.remove(&d.log);
+    }
+    result
+}
+
+impl Service for PeerDriver {
+    type Status = VpnStatus;
+    type Error = VpnError;
+
+    fn handle_ready(&mut self, registry: &Registry, token: Token) -> Result<bool, VpnError> {
+        let Self { core, tunnel, dev, bufs, log, mesh, .. } = self;
+        let now = Instant::now();
+        if let Some((m, i)) = mesh.as_mut().and_then(|m| m.socket_of(token).map(|i| (m, i))) {
+            let pending = m.read(i, core, &mut bufs.rx, log);
+            self.flush()?;
+            return Ok(pending);
+        }
+        let pending = match (token, &mut *tunnel) {
+            (TUN, _) => read_tun(dev, &mut bufs.tun_in, log, |p| core.handle_tun_packet(now, p)),
+            (UDP, PeerTunnel::Udp { sock, .. }) => {
+                read_udp(sock, &mut bufs.rx, log, |_, d| core.handle_datagram(now, d))
+            }
+            (t, PeerTunnel::Embedded(mp)) if mp.owns(t) => {
+                mp.handle_ready(registry, t, &mut bufs.rx, |_, d| core.handle_datagram(now, d))
+            }
+            _ => false,
+        };
+        self.flush()?;
+        Ok(pending)
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        [Some(self.core.poll_timeout()), self.tunnel.poll_timeout(), Some(Instant::now() + TICK)]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn handle_timeout(&mut self, registry: &Registry, now: Instant) -> Result<(), VpnError> {
+        self.tunnel.handle_timeout(registry, now);
+        if let Some(m) = self.mesh.as_mut() {
+            if now >= m.next_scan {
+                m.next_scan = now + CANDIDATE_SCAN_INTERVAL;
+                self.core.set_host_candidates(m.host_candidates(&self.tun_name));
+            }
+            if self.core.reflexive().iter().any(Option::is_some) {
+                m.awaiting_rendezvous = None;
+            } else if m.awaiting_rendezvous.is_some_and(|t| now >= t + RENDEZVOUS_SILENT_AFTER) {
+                m.awaiting_rendezvous = None;
+                warn!(self.log, "mesh: the hub's rendezvous port does not answer (rendezvous: in hub.yaml, or a firewall); only host candidates are announced";
+                    "rendezvous" => %m.rendezvous);
+            }
+        }
+        self.core.handle_timeout(now, wall_ms());
+        self.flush()
+    }
+
+    fn status(&self, now: Instant) -> VpnStatus {
+        let mut st = peer_status(&self.core, now, &self.name, &self.tun_name, &self.skipped);
+        if let Some(m) = &self.mesh {
+            st.mesh_sockets = m
+                .locals
+                .iter()
+                .zip(self.core.reflexive())
+                .map(|(l, r)| MeshSocketStatus { local: l.to_string(), reflexive: r.map(|r| r.to_string()) })
+                .collect();
+        }
+        st
+    }
+
+    fn stats_line(&self, now: Instant) -> String {
+        self.status(now).summary_line()
+    }
+
+    fn metrics(&self, now: Instant, m: &mut Metrics) {
+        vpn_metrics(&self.status(now), m);
+    }
+}
+
+impl PeerDriver {
+    /// Sends what the core queued (through `bufs`), applies its configuration and logs
+    /// its events.
+    fn flush(&mut self) -> Result<(), VpnError> {
+        let Self { core, tunnel, dev, bufs, tun_name: tun, installed, skipped, resolver, log, mesh, .. } = self;
+        // first: the mesh's copies for the relay join the tunnel's queue
+        if let Some(m) = mesh.as_mut() {
+            m.transmit(core, Instant::now());
+        }
+        let failed = tunnel.transmit(core, &mut bufs.tx);
+        if failed > 0 {
+            trace!(log, "sends to mpclient failed"; "datagrams" => failed);
+        }
+        write_tun(dev, &mut bufs.out, |out| core.poll_tun(out));
+        while let Some(ev) = core.poll_event() {
+            match ev {
+                PeerEvent::Configured { addr, prefix_len, hub_addr, mtu, dns_domain } => {
+                    configure_tun(tun, addr, prefix_len, mtu)?;
+                    if let Some(m) = mesh.as_mut() {
+                        m.awaiting_rendezvous = Some(Instant::now());
+                    }
+                    if let (Some(domain), None) = (dns_domain, &resolver) {
+                        *resolver = Some(SystemResolver::point(tun, hub_addr, &domain, log));
+                    }
+                    // routes were lost with the addresses; put them back
+                    for r in installed.iter() {
+                        ip_cmd(&["route", "replace", &r.to_string(), "dev", tun])?;
+                    }
+                    info!(log, "registered"; "address" => %addr, "prefix_len" => prefix_len, "hub" => %hub_addr, "mtu" => mtu);
+                }
+                PeerEvent::Routes { add, remove } => {
+                    for r in &remove {
+                        skipped.retain(|(x, _)| x != r);
+                        if !installed.contains(r) {
+                            continue;
+                        }
+                        if let Err(e) = ip_cmd(&["route", "del", &r.to_string(), "dev", tun]) {
+                            warn!(log, "removing route"; "error" => %e);
+                        }
+                        installed.retain(|x| x != r);
+                    }
+                    let protected = protected_addresses(tunnel, log);
+                    for r in add {
+                        // `add`, never `replace`: a route this peer did not install stays
+                        let why = route_hazard(&r, &protected).map_or_else(
+                            || ip_cmd(&["route", "add", &r.to_string(), "dev", tun]).err().map(|e| e.to_string()),
+                            Some,
+                        );
+                        match why {
+                            None => installed.push(r),
+                            Some(why) => {
+                                warn!(log, "not installing a route from another peer"; "route" => %r, "why" => &why);
+                                skipped.push((r, why));
+                            }
+                        }
+                    }
+                    info!(log, "routes from other peers"; "installed" => ?installed.iter().map(|r| r.to_string()).collect::<Vec<_>>());
+                }
+                PeerEvent::PeerList => {
+                    if let Some(r) = resolver.as_mut() {
+                        r.update(core.peers(), log);
+                    }
+                }
+                PeerEvent::Mesh(e) => match e {
+                    crate::mesh::MeshEvent::Introduced { peer } => {
+                        info!(log, "mesh: introduced by the hub, punching"; "peer" => peer)
+                    }
+                    crate::mesh::MeshEvent::Direct { peer, remote } => {
+                        info!(log, "mesh: direct"; "peer" => peer, "remote" => %remote)
+                    }
+                    crate::mesh::MeshEvent::Relay { peer } => {
+                        warn!(log, "mesh: no direct path answers; through the hub's relay"; "peer" => peer)
+                    }
+                },
+                PeerEvent::HubLost => {
+                    error!(log, "hub lost: no heartbeat answers after retries at 1, 3 and 7 s; not taking packets, registering again")
+                }
+                PeerEvent::Refused(reason) => warn!(log, "hub refused for now; retrying"; "reason" => ?reason),
+                PeerEvent::RouteRefused { route, reason } => {
+                    warn!(log, "the hub refused an announced route (hub.yaml allows this peer other subnets)"; "route" => %route, "reason" => ?reason)
+                }
+                PeerEvent::Fatal(refusal) => return Err(refusal.into()),
+            }
+        }
+        Ok(())
+    }
+}

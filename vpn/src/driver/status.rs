@@ -1,0 +1,244 @@
+//! What `mpvpn status` and the metrics show of a hub or a peer.
+
+use super::*;
+
+/// What `mpvpn status` shows, on a hub or a peer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VpnStatus {
+    pub role: String,
+    /// The daemon's process id (`mpvpn reload` signals it).
+    #[serde(default)]
+    pub pid: u32,
+    pub name: String,
+    pub tun: String,
+    pub addr: Option<Ipv4Addr>,
+    pub state: String,
+    /// Peer: heartbeat round trip to the hub.
+    pub hub_rtt_ms: Option<f64>,
+    /// Peer: seconds since the hub last answered.
+    pub last_heartbeat_s: Option<f64>,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub peers: Vec<PeerStatus>,
+    pub drops: serde_json::Value,
+    /// Peer: announced routes the hub refused, with why.
+    #[serde(default)]
+    pub refused_routes: Vec<String>,
+    /// Peer: routes from other peers it did not install, with why.
+    #[serde(default)]
+    pub skipped_routes: Vec<String>,
+    /// Peer: its mesh sockets, and where the hub's rendezvous port sees each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mesh_sockets: Vec<MeshSocketStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MeshSocketStatus {
+    pub local: String,
+    /// Its server-reflexive address; `None`: the rendezvous port has not answered.
+    pub reflexive: Option<String>,
+}
+
+impl VpnStatus {
+    /// One line for the stats log: state, peers, bytes, drops.
+    pub fn summary_line(&self) -> String {
+        format!(
+            "state={} peers={} tx_bytes={} rx_bytes={} drops={}",
+            self.state,
+            self.peers.len(),
+            self.tx_bytes,
+            self.rx_bytes,
+            self.drops
+        )
+    }
+
+    pub fn to_table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "mpvpn {} {}  tun {}  address {}  state {}{}  tx {} B  rx {} B  drops {}",
+            self.role,
+            self.name,
+            self.tun,
+            self.addr.map_or("-".into(), |a| a.to_string()),
+            self.state,
+            self.hub_rtt_ms.map_or(String::new(), |r| format!("  hub rtt {r:.2} ms")),
+            self.tx_bytes,
+            self.rx_bytes,
+            self.drops
+        );
+        for m in &self.mesh_sockets {
+            let seen = m.reflexive.as_deref().unwrap_or("- (no answer from the hub's rendezvous port)");
+            let _ = writeln!(s, "  mesh socket {}  seen by the hub as {seen}", m.local);
+        }
+        let hub = self.role == "hub";
+        let _ = writeln!(
+            s,
+            "  {:<16} {:<10} {:<15} {:<9} {:<6} {:>9} {:>9} {:>9} {:>12} {:>12} {:>12}  ROUTES",
+            "NAME",
+            "ID",
+            "ADDRESS",
+            "STATE",
+            "VIA",
+            "LAST HB s",
+            "LAST RX s",
+            "RTT ms",
+            "TX BYTES",
+            "RX BYTES",
+            if hub { "RELAYED" } else { "" }
+        );
+        for r in &self.refused_routes {
+            let _ = writeln!(s, "  route refused by the hub: {r}");
+        }
+        for r in &self.skipped_routes {
+            let _ = writeln!(s, "  route not installed: {r}");
+        }
+        for p in &self.peers {
+            let routes: Vec<String> = p.routes.iter().map(|r| r.to_string()).collect();
+            let _ = writeln!(
+                s,
+                "  {:<16} {:<10} {:<15} {:<9} {:<6} {:>9} {:>9} {:>9} {:>12} {:>12} {:>12}  {}",
+                p.name,
+                p.id,
+                p.addr,
+                p.state,
+                p.via.map_or("-".into(), |v| v.to_string()),
+                p.last_heartbeat_s.map_or("-".into(), |s| format!("{s:.1}")),
+                p.last_rx_s.map_or("-".into(), |s| format!("{s:.1}")),
+                p.rtt_ms.map_or("-".into(), |r| format!("{r:.2}")),
+                p.tx_bytes,
+                p.rx_bytes,
+                if hub { p.relayed_bytes.to_string() } else { String::new() },
+                routes.join(",")
+            );
+            for x in &p.paths {
+                let pct = |l: Option<f64>| l.map_or("-".into(), |l| format!("{:.0}%", l * 100.0));
+                let _ = writeln!(
+                    s,
+                    "      path {} -> {}  {}  rtt {}  loss up {} down {}",
+                    x.local,
+                    x.remote,
+                    x.state.name(),
+                    x.rtt_ms.map_or("-".into(), |r| format!("{r:.2} ms")),
+                    pct(x.loss_up),
+                    pct(x.loss_down)
+                );
+            }
+        }
+        s
+    }
+}
+
+/// The metrics of a hub or peer, from its status: its own state and traffic, every
+/// listed peer's state, bytes, heartbeat age and RTT, and drops by reason.
+pub(super) fn vpn_metrics(st: &VpnStatus, m: &mut Metrics) {
+    use common::driver::metrics::Unit;
+    let own = || -> Labels { vec![("role".into(), st.role.clone()), ("name".into(), st.name.clone())] };
+    let up = f64::from(u8::from(st.state == "up"));
+    m.gauge("vpn_up", "1 while the hub runs, or while a peer is registered", None, [(own(), up)]);
+    m.counter(
+        "vpn_tun",
+        "Bytes of IP packets through the TUN device",
+        Some(Unit::Bytes),
+        [(with_label(own(), "direction", "tx"), st.tx_bytes), (with_label(own(), "direction", "rx"), st.rx_bytes)],
+    );
+    m.gauge(
+        "vpn_hub_rtt",
+        "A peer's heartbeat round trip to the hub",
+        Some(Unit::Seconds),
+        st.hub_rtt_ms.map(|v| (own(), v / 1000.0)),
+    );
+    let peer =
+        |p: &PeerStatus| -> Labels { vec![("peer".into(), p.name.clone()), ("address".into(), p.addr.to_string())] };
+    let mut state = Vec::new();
+    for p in &st.peers {
+        for s in [PeerState::Up, PeerState::Silent, PeerState::ViaHub, PeerState::Direct, PeerState::Own] {
+            state.push((with_label(peer(p), "state", s.to_string()), f64::from(u8::from(p.state == s))));
+        }
+    }
+    m.gauge("vpn_peer_state", "1 for the state each listed peer is in", None, state);
+    let bytes = st.peers.iter().flat_map(|p| {
+        [("tx", p.tx_bytes), ("rx", p.rx_bytes)].map(|(dir, n)| (with_label(peer(p), "direction", dir), n))
+    });
+    m.counter("vpn_peer", "Bytes of IP packets to (tx) and from (rx) each peer", Some(Unit::Bytes), bytes);
+    let hb = st.peers.iter().filter_map(|p| p.last_heartbeat_s.map(|s| (peer(p), s)));
+    m.gauge(
+        "vpn_peer_last_heartbeat_age",
+        "Seconds since a peer's last heartbeat (the hub's view)",
+        Some(Unit::Seconds),
+        hb,
+    );
+    let rtt = st.peers.iter().filter_map(|p| p.rtt_ms.map(|v| (peer(p), v / 1000.0)));
+    m.gauge(
+        "vpn_peer_rtt",
+        "Round trip to a peer: its heartbeats (the hub's view) or its best direct path (a peer's view)",
+        Some(Unit::Seconds),
+        rtt,
+    );
+    if st.role == "hub" {
+        let relayed = st.peers.iter().map(|p| (peer(p), p.relayed_bytes));
+        m.counter(
+            "vpn_peer_relayed",
+            "Bytes from a peer the hub passed on to other peers (routed packets, relayed datagrams)",
+            Some(Unit::Bytes),
+            relayed,
+        );
+    }
+    let mut drops = Vec::new();
+    for (why, n) in st.drops.as_object().into_iter().flatten() {
+        match (n.as_u64(), n.as_object()) {
+            (Some(n), _) => drops.push((with_label(own(), "reason", why.clone()), n)),
+            // the mesh's own, as mesh_<reason>
+            (None, Some(inner)) => drops.extend(
+                inner
+                    .iter()
+                    .filter_map(|(w, n)| Some((with_label(own(), "reason", format!("{why}_{w}")), n.as_u64()?))),
+            ),
+            _ => {}
+        }
+    }
+    m.counter("vpn_drops", "Datagrams and packets dropped, by reason", None, drops);
+}
+
+pub(super) fn hub_status(core: &Hub, now: Instant, tun: &str, addr: Ipv4Addr) -> VpnStatus {
+    // the hub's own traffic is what it carries for its peers: their tx is its rx
+    let peers = core.status(now);
+    VpnStatus {
+        role: "hub".into(),
+        pid: std::process::id(),
+        name: String::new(),
+        tun: tun.into(),
+        addr: Some(addr),
+        state: "up".into(),
+        hub_rtt_ms: None,
+        last_heartbeat_s: None,
+        tx_bytes: peers.iter().map(|p| p.rx_bytes).sum(),
+        rx_bytes: peers.iter().map(|p| p.tx_bytes).sum(),
+        peers,
+        drops: serde_json::to_value::<&HubDrops>(&core.drops).unwrap_or_default(),
+        refused_routes: Vec::new(),
+        skipped_routes: Vec::new(),
+        mesh_sockets: Vec::new(),
+    }
+}
+
+pub(super) fn peer_status(core: &Peer, now: Instant, name: &str, tun: &str, skipped: &[(Prefix, String)]) -> VpnStatus {
+    VpnStatus {
+        role: "peer".into(),
+        pid: std::process::id(),
+        name: name.into(),
+        tun: tun.into(),
+        addr: core.is_up().then(|| core.addr()),
+        state: core.state_name().into(),
+        hub_rtt_ms: core.rtt_ms(),
+        last_heartbeat_s: core.last_ack().map(|t| now.saturating_duration_since(t).as_secs_f64()),
+        tx_bytes: core.tx_bytes,
+        rx_bytes: core.rx_bytes,
+        peers: core.peer_status(now),
+        drops: serde_json::to_value::<PeerDrops>(core.drop_counts()).unwrap_or_default(),
+        refused_routes: core.refused_routes().iter().map(|(r, why)| format!("{r}: {why:?}")).collect(),
+        skipped_routes: skipped.iter().map(|(r, why)| format!("{r}: {why}")).collect(),
+        mesh_sockets: Vec::new(),
+    }
+}

@@ -1,0 +1,216 @@
+//! The mesh broker: relayed datagrams between peers, the rendezvous port, pair keys and
+//! introductions, host candidates.
+
+use super::*;
+
+impl HubPeer {
+    /// Its candidates as the list carries them: server-reflexive first (what works
+    /// across NATs), then host addresses.
+    pub(super) fn candidates(&self) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = self.reflexive.values().copied().collect();
+        for c in &self.host_candidates {
+            if !out.contains(c) {
+                out.push(*c);
+            }
+        }
+        out.truncate(MAX_CANDIDATES);
+        out
+    }
+}
+
+impl Hub {
+    /// A datagram of a direct session from peer `from` for another registered peer:
+    /// passed on sealed under that peer's channel, with who sent it.
+    pub(super) fn relay(&mut self, from: u32, m: &[u8]) {
+        if m.len() <= field::relay::DATAGRAM {
+            self.drops.malformed += 1;
+            return;
+        }
+        let to = common::wire::be::u32_at(m, field::relay::PEER_ID);
+        let datagram = &m[field::relay::DATAGRAM..];
+        match self.peers.get_mut(&to) {
+            Some(q) if to != from && q.tunnel != UNBOUND && q.relay_out.len() < RELAY_QUEUE_MAX => {
+                q.relay_out.push(&[&[sealed_kind::RELAY], &from.to_be_bytes(), datagram]);
+                if let Some(p) = self.peers.get_mut(&from) {
+                    p.relayed_bytes += datagram.len() as u64;
+                }
+            }
+            _ => self.drops.relay_refused += 1,
+        }
+    }
+
+    /// A "where am I" on the rendezvous port from `from`: if it opens under a registered
+    /// peer's channel, `from` is that mesh socket's reflexive candidate (a change is
+    /// pushed to everyone) and `out` gets the answer, sealed. Returns its length.
+    pub fn handle_rendezvous(&mut self, from: SocketAddr, d: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+        let h = SealedHeader::parse(d).ok()?;
+        let p = self.peers.get_mut(&h.peer_id)?;
+        let n = p.channel.open(h, d, &mut self.buf).ok()?.len();
+        let socket = wire::parse_where_am_i(&self.buf[SEALED_HEADER_LEN..SEALED_HEADER_LEN + n]).ok()?;
+        if usize::from(socket) >= MAX_MESH_SOCKETS {
+            return None;
+        }
+        let moved = p.reflexive.insert(socket, from) != Some(from);
+        let answer = p.channel.seal_message(&wire::emit_you_are(socket, from));
+        if moved && p.mesh {
+            self.push_peer_list();
+        }
+        // never more than the question: the rendezvous port amplifies nothing
+        if answer.len() > d.len() {
+            return None;
+        }
+        out.clear();
+        out.extend_from_slice(&answer);
+        Some(answer.len())
+    }
+
+    /// The key of the pair of registrations `a` and `b` (in either order): HMAC-SHA256
+    /// under this hub's secret over both ids and names, lower id first.
+    pub(super) fn pair_key(&self, a: u32, b: u32) -> Option<[u8; wire::PAIR_KEY_LEN]> {
+        let (lo, hi) = (self.peers.get(&a.min(b))?, self.peers.get(&a.max(b))?);
+        let mut ctx = hmac::Context::with_key(&self.pair_secret);
+        let parts: [&[u8]; 6] = [
+            b"mpvpn v1 pair key",
+            &lo.id.to_be_bytes(),
+            &hi.id.to_be_bytes(),
+            lo.name.as_bytes(),
+            &[0],
+            hi.name.as_bytes(),
+        ];
+        for part in parts {
+            ctx.update(part);
+        }
+        let mut key = [0u8; wire::PAIR_KEY_LEN];
+        key.copy_from_slice(&ctx.sign().as_ref()[..wire::PAIR_KEY_LEN]);
+        Some(key)
+    }
+
+    /// Peer `id` asks to be introduced to `to`: both get the pair's key, each sealed
+    /// under its own channel (over its link), at most every `INTRO_INTERVAL` per pair.
+    pub(super) fn introduce(&mut self, now: Instant, id: u32, to: u32) {
+        let pair = (id.min(to), id.max(to));
+        let ok = id != to && [id, to].iter().all(|i| self.peers.get(i).is_some_and(|p| p.mesh));
+        if !ok || self.introduced.get(&pair).is_some_and(|&t| now < t + INTRO_INTERVAL) {
+            return;
+        }
+        self.introduced.insert(pair, now);
+        let Some(key) = self.pair_key(id, to) else { return };
+        for (a, b) in [(id, to), (to, id)] {
+            let intro = IntroRepr { peer_id: b, key }.emit();
+            if let Some(p) = self.peers.get_mut(&a) {
+                if p.link.send(&intro).is_err() {
+                    self.drops.queue_full += 1;
+                }
+            }
+        }
+    }
+
+    /// Peer `id` has a mesh socket, reachable at these host addresses (only addresses a
+    /// host can have are kept).
+    pub(super) fn set_host_candidates(&mut self, id: u32, mut c: Vec<SocketAddr>) {
+        c.retain(|a| {
+            a.port() != 0
+                && match a.ip() {
+                    IpAddr::V4(v4) => {
+                        !(v4.is_loopback()
+                            || v4.is_unspecified()
+                            || v4.is_multicast()
+                            || v4.is_broadcast()
+                            || self.cfg.network.contains(v4))
+                    }
+                    IpAddr::V6(v6) => !(v6.is_loopback() || v6.is_unspecified() || v6.is_multicast()),
+                }
+        });
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        if !p.mesh || p.host_candidates != c {
+            p.mesh = true;
+            p.host_candidates = c;
+            self.push_peer_list();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::testing::{hub_with_one_peer, register, test_hub};
+
+    /// The relay passes datagrams only between two registered peers, and the rendezvous
+    /// port answers only a registered peer, never with more than it was sent.
+    /// A pair's key is one for both of its peers, another for every other pair, and
+    /// another once either registers again; introductions go to both, and only between
+    /// peers with a mesh socket.
+    #[test]
+    pub(super) fn pair_keys_are_per_pair_and_per_registration() {
+        let (t0, wall) = (Instant::now(), 1_800_000_000_000u64);
+        let mut hub = test_hub();
+        let (fa, fb) = (SocketAddr::from(([127, 0, 0, 1], 40000)), SocketAddr::from(([127, 0, 0, 1], 40001)));
+        register(&mut hub, "a", fa, 1, t0, wall);
+        register(&mut hub, "b", fb, 1, t0, wall);
+        let id = |hub: &Hub, n: &str| hub.status(t0).iter().find(|p| p.name == n).map(|p| p.id).expect("registered");
+        let (a, b) = (id(&hub, "a"), id(&hub, "b"));
+        let k = hub.pair_key(a, b).expect("both registered");
+        assert_eq!(hub.pair_key(b, a), Some(k));
+        assert_ne!(hub.pair_key(a, a), Some(k));
+        // no mesh socket told yet: no introduction
+        let mut out = vec![0u8; 65536];
+        hub.introduce(t0, a, b);
+        assert!(hub.poll_transmit(&mut out).is_none());
+        for p in [a, b] {
+            hub.set_host_candidates(p, vec!["198.51.100.9:5100".parse().expect("literal")]);
+        }
+        hub.introduce(t0, a, b);
+        let mut to = Vec::new();
+        while let Some((addr, _)) = hub.poll_transmit(&mut out) {
+            to.push(addr);
+        }
+        assert!(to.contains(&fa) && to.contains(&fb), "both introduced: {to:?}");
+        // a registers again: a new id, a new key
+        register(&mut hub, "a", fa, 2, t0, wall + 1);
+        let a2 = id(&hub, "a");
+        assert_ne!(a2, a);
+        assert!(hub.pair_key(a, b).is_none(), "the old registration is gone");
+        assert_ne!(hub.pair_key(a2, b), Some(k));
+    }
+
+    #[test]
+    pub(super) fn relay_and_rendezvous_serve_only_registered_peers() {
+        let (mut hub, mut channel, from, t0, wall) = hub_with_one_peer("a");
+        let own = hub.status(t0)[0].id;
+        let mut out = vec![0u8; 65536];
+        let relay_to = |to: u32| {
+            let mut m = vec![sealed_kind::RELAY];
+            m.extend_from_slice(&to.to_be_bytes());
+            m.extend_from_slice(&[0x13; 60]);
+            m
+        };
+        for to in [own + 1000, own] {
+            hub.handle_datagram(t0, wall, from, &channel.seal_message(&relay_to(to)));
+            assert!(hub.poll_transmit(&mut out).is_none(), "relayed to {to}");
+        }
+        assert_eq!(hub.drops.relay_refused, 2);
+        assert_eq!(hub.status(t0)[0].relayed_bytes, 0);
+
+        let mut answer = Vec::new();
+        let mesh_socket = SocketAddr::from(([192, 0, 2, 1], 5100));
+        let q = channel.seal_message(&wire::emit_where_am_i(0));
+        let n = hub.handle_rendezvous(mesh_socket, &q, &mut answer).expect("an answer");
+        assert!(n <= q.len());
+        // garbage, a replay and a question sealed under nobody's channel get nothing
+        assert!(hub.handle_rendezvous(mesh_socket, &[0x27; 60], &mut answer).is_none());
+        assert!(hub.handle_rendezvous(mesh_socket, &q, &mut answer).is_none());
+        let (_, mut other, ..) = hub_with_one_peer("b");
+        let foreign = other.seal_message(&wire::emit_where_am_i(0));
+        assert!(hub.handle_rendezvous(mesh_socket, &foreign, &mut answer).is_none());
+        // a peer that told no host candidates has no mesh: it lists no candidates
+        assert!(hub.entries()[0].candidates.is_empty());
+        let mut c = vec![INNER_CANDIDATES, 2];
+        wire::put_addr(&mut c, "127.0.0.1:5100".parse().expect("literal"));
+        wire::put_addr(&mut c, "198.51.100.9:5100".parse().expect("literal"));
+        c[1] = 2;
+        hub.set_host_candidates(own, wire::parse_candidates(&c).expect("parses"));
+        // the reflexive one first; loopback is no candidate
+        let want: Vec<SocketAddr> = vec![mesh_socket, "198.51.100.9:5100".parse().expect("literal")];
+        assert_eq!(hub.entries()[0].candidates, want);
+    }
+}

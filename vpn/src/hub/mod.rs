@@ -1,0 +1,414 @@
+//! The hub state machine: peer registry, address pool, routing, heartbeats, peer-list push.
+//!
+//! Invariants:
+//! - Nothing from an unknown or unauthenticated source gets an answer or changes state:
+//!   a Register must carry a valid MAC from the named peer's key and a timestamp newer than
+//!   any seen for that name (and within `MAX_CLOCK_SKEW` of ours).
+//! - A Register only makes a *pending* registration with its own channel keys
+//!   (`channel`); it replaces the peer's working one when the first datagram sealed under
+//!   the new keys arrives, which only the real peer can send. So a replayed Register
+//!   (also after a hub restart) disturbs nobody and yields nothing. Every Register with
+//!   the same nonce gets the same Welcome: resent or queued copies converge on one id.
+//! - Every other datagram is sealed under a registration's channel and found by its peer
+//!   id, never by tunnel address; liveness and the address the hub answers to are
+//!   learned only from datagrams that opened.
+//! - A packet from a peer is routed only if its inner source is the peer's address (or
+//!   its IPv6 mapping) or inside a route it announced; otherwise it is dropped and counted.
+//! - Every change of the peer list bumps its version; every peer gets the current
+//!   version over its KCP link (reliable and ordered), at most every
+//!   `PEER_LIST_PUSH_INTERVAL` (a burst of registrations makes one push, not one each),
+//!   and a peer whose link had no room for it gets it in a later round.
+//! - The mesh (`crate::mesh`): a peer's candidates are its host addresses (which it
+//!   tells over its link) and what the rendezvous port saw its mesh sockets come from,
+//!   asked under its channel; the answer is never longer than the question and only a
+//!   registered peer gets one. A pair key is derived from a secret of this hub and both
+//!   registrations, and goes to each of the two sealed under its own channel. Relayed
+//!   datagrams go only from one registered peer to another; their bytes are counted.
+
+mod broker;
+mod peer_list;
+mod registry;
+mod routing;
+mod status;
+#[cfg(any(test, feature = "sim"))]
+pub mod testing;
+
+use registry::Pending;
+pub use registry::{route_verdict, PeerConfigChanges};
+pub use status::{PeerState, PeerStatus};
+
+use crate::channel::{Agreement, Channel, OpenFailure};
+use crate::ip::{self, Prefix};
+use crate::kcplink::{KcpLink, LinkError};
+use crate::mesh::{MeshPathStatus, Via};
+use crate::queue::PacketQueue;
+use crate::wire::{
+    self, field, sealed_kind, HeartbeatAckRepr, HeartbeatRepr, IntroRepr, PeerEntry, PeerKey, RefusalReason,
+    RefusalRepr, RegisterRepr, RouteRefusalReason, SealedHeader, WelcomeRepr, INNER_CANDIDATES, INNER_INTRO_REQUEST,
+    INNER_IP, MAX_CANDIDATES, MSG_REGISTER, MSG_SEALED, SEALED_HEADER_LEN, SEALED_OVERHEAD,
+};
+use common::crypto::x25519_public;
+use common::entropy::Entropy;
+use ring::hmac;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// (replays after a hub restart).
+pub const MAX_CLOCK_SKEW_MS: u64 = 10 * 60 * 1000;
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(15);
+/// A peer whose last heartbeat is older than this shows as `silent` (heartbeats go every
+/// second; a peer retries at 1, 3 and 7 s before it gives up on the hub).
+pub const PEER_SILENT_AFTER: Duration = Duration::from_secs(3);
+/// The peer list goes out at most this often.
+pub const PEER_LIST_PUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// A pair is introduced at most this often (both of its peers may ask at once).
+pub const INTRO_INTERVAL: Duration = Duration::from_secs(1);
+/// Relayed datagrams waiting for one peer at most (beyond it they are dropped and counted).
+pub const RELAY_QUEUE_MAX: usize = 8192;
+/// Mesh sockets per peer whose reflexive address the hub keeps.
+pub const MAX_MESH_SOCKETS: usize = 4;
+
+/// A peer the hub knows from its config.
+pub struct PeerSpec {
+    pub name: String,
+    pub key: PeerKey,
+    pub fixed_addr: Option<Ipv4Addr>,
+    /// The subnets this peer may announce (hub.yaml `routes:`); an announcement inside
+    /// one of them is taken, any other refused. 0.0.0.0/0 (an exit node) only if listed.
+    pub allowed_routes: Vec<Prefix>,
+}
+
+pub struct HubCoreConfig {
+    pub network: Prefix,
+    pub hub_addr: Ipv4Addr,
+    pub mtu: u16,
+    /// Payload bytes one tunnel datagram carries (decides the KCP segment size).
+    pub tunnel_payload: usize,
+    pub peers: Vec<PeerSpec>,
+    pub peer_timeout: Duration,
+    /// The DNS domain the hub answers `<peer>.<domain>` for (told to peers in the Welcome).
+    pub dns_domain: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HubEvent {
+    PeerUp {
+        name: String,
+        addr: Ipv4Addr,
+        tunnel: SocketAddr,
+    },
+    PeerMoved {
+        name: String,
+        tunnel: SocketAddr,
+    },
+    PeerGone {
+        name: String,
+        addr: Ipv4Addr,
+        why: &'static str,
+    },
+    Refused {
+        name: String,
+        reason: RefusalReason,
+    },
+    /// Announced routes this peer may not have (refused, told, never pushed).
+    RoutesRefused {
+        name: String,
+        routes: Vec<(Prefix, RouteRefusalReason)>,
+    },
+}
+
+/// Why a datagram or packet was dropped; counted.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HubDrops {
+    pub malformed: u64,
+    pub unknown_peer: u64,
+    pub bad_mac: u64,
+    pub replayed: u64,
+    /// Registrations never confirmed by a sealed datagram before they expired or a newer
+    /// Register replaced them (replayed Registers, or a peer that went away at once).
+    #[serde(default)]
+    pub unconfirmed: u64,
+    pub spoofed_source: u64,
+    pub no_route: u64,
+    pub queue_full: u64,
+    /// Announced routes refused by policy.
+    #[serde(default)]
+    pub route_refused: u64,
+    /// Relayed datagrams for a peer that is not registered (or to oneself), or beyond the
+    /// transmit queue.
+    #[serde(default)]
+    pub relay_refused: u64,
+}
+
+/// Where a peer's datagrams go before any arrived (tunnel addresses are learned from
+/// authenticated datagrams only).
+const UNBOUND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+
+struct HubPeer {
+    id: u32,
+    name: String,
+    /// The Register nonce of this registration (its late copies are not new ones).
+    nonce: u64,
+    addr: Ipv4Addr,
+    announced: Vec<Prefix>,
+    routes: Vec<Prefix>,
+    tunnel: SocketAddr,
+    channel: Channel,
+    last_seen: Instant,
+    last_heartbeat: Instant,
+    rtt_us: u32,
+    link: KcpLink,
+    /// The peer-list version this peer's link has taken (0: none yet).
+    list_version: u32,
+    tx_bytes: u64,
+    rx_bytes: u64,
+    /// It told its host candidates: it has a mesh socket.
+    mesh: bool,
+    host_candidates: Vec<SocketAddr>,
+    /// Where the rendezvous port saw each of its mesh sockets come from.
+    reflexive: BTreeMap<u8, SocketAddr>,
+    relayed_bytes: u64,
+    /// Datagrams of direct sessions relayed to this peer, as the messages to seal (in
+    /// `poll_transmit`, into the caller's buffer).
+    relay_out: PacketQueue,
+}
+
+pub struct Hub {
+    cfg: HubCoreConfig,
+    keys: HashMap<String, usize>,
+    peers: BTreeMap<u32, HubPeer>,
+    /// At most one per configured peer, by the id its Welcome gave.
+    pending: BTreeMap<u32, Pending>,
+    entropy: Box<dyn Entropy>,
+    /// Addresses handed out, by peer name: a returning peer gets its address back.
+    assigned: HashMap<String, Ipv4Addr>,
+    last_register_ts: HashMap<String, u64>,
+    next_id: u32,
+    peers_version: u32,
+    /// Some peer's link has not taken `peers_version` yet.
+    list_pending: bool,
+    list_pushed_at: Option<Instant>,
+    transmit: VecDeque<(SocketAddr, Vec<u8>)>,
+    to_tun: PacketQueue,
+    events: VecDeque<HubEvent>,
+    pub drops: HubDrops,
+    /// Where sealed datagrams are opened.
+    buf: Vec<u8>,
+    /// Where messages of the KCP stream are taken.
+    inner_buf: Vec<u8>,
+    /// Pair keys derive from it; a new one each run (pairs are bound to registrations).
+    pair_secret: hmac::Key,
+    /// When each pair (lower id, higher id) was last introduced.
+    introduced: HashMap<(u32, u32), Instant>,
+}
+
+impl Hub {
+    /// `entropy` makes the registrations' ephemeral keys and the first peer id.
+    pub fn new(cfg: HubCoreConfig, mut entropy: Box<dyn Entropy>) -> Self {
+        let keys = cfg.peers.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+        // ids are not secret; random ones keep a restarted hub's from meeting old ones
+        let first_peer_id = (entropy.next_u64() as u32) >> 1;
+        let mut secret = [0u8; 32];
+        entropy.fill(&mut secret);
+        Self {
+            cfg,
+            keys,
+            peers: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            entropy,
+            assigned: HashMap::new(),
+            last_register_ts: HashMap::new(),
+            next_id: first_peer_id.max(1),
+            peers_version: 1,
+            list_pending: false,
+            list_pushed_at: None,
+            transmit: VecDeque::new(),
+            to_tun: PacketQueue::default(),
+            events: VecDeque::new(),
+            drops: HubDrops::default(),
+            buf: vec![0; 65536],
+            inner_buf: vec![0; 65536],
+            pair_secret: hmac::Key::new(hmac::HMAC_SHA256, &secret),
+            introduced: HashMap::new(),
+        }
+    }
+
+    /// One datagram from the tunnel (from mpserver's upstream socket of some session).
+    pub fn handle_datagram(&mut self, now: Instant, wall_ms: u64, from: SocketAddr, d: &[u8]) {
+        match d.first() {
+            Some(&MSG_REGISTER) => self.on_register(now, wall_ms, from, d),
+            Some(&MSG_SEALED) => self.on_sealed(now, from, d),
+            _ => self.drops.malformed += 1,
+        }
+        self.flush_peer_list(now);
+    }
+
+    /// A sealed datagram: opened under the channel its peer id names, then dispatched.
+    fn on_sealed(&mut self, now: Instant, from: SocketAddr, d: &[u8]) {
+        let Ok(h) = SealedHeader::parse(d) else {
+            self.drops.malformed += 1;
+            return;
+        };
+        let mut buf = std::mem::take(&mut self.buf);
+        let channel = match (self.peers.get_mut(&h.peer_id), self.pending.get_mut(&h.peer_id)) {
+            (Some(p), _) => Some(&mut p.channel),
+            (None, Some(p)) => Some(&mut p.channel),
+            (None, None) => None,
+        };
+        let opened = match channel.map(|c| c.open(h, d, &mut buf)) {
+            None => Err(None),
+            Some(Ok(m)) => Ok(m.len()),
+            Some(Err(e)) => Err(Some(e)),
+        };
+        match opened {
+            Ok(n) => {
+                if self.pending.contains_key(&h.peer_id) {
+                    self.confirm(now, h.peer_id, from);
+                }
+                self.on_message(now, h.peer_id, from, &buf[SEALED_HEADER_LEN..SEALED_HEADER_LEN + n]);
+            }
+            Err(None) => self.drops.unknown_peer += 1,
+            Err(Some(OpenFailure::Replayed)) => self.drops.replayed += 1,
+            Err(Some(OpenFailure::BadMac)) => self.drops.bad_mac += 1,
+            Err(Some(OpenFailure::Malformed)) => self.drops.malformed += 1,
+        }
+        self.buf = buf;
+    }
+
+    /// An opened message from peer `id`, which arrived from `from`.
+    fn on_message(&mut self, now: Instant, id: u32, from: SocketAddr, m: &[u8]) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        p.last_seen = now;
+        if p.tunnel != from {
+            let first = p.tunnel == UNBOUND;
+            p.tunnel = from;
+            if !first {
+                // the peer's tunnel session changed (mpclient or mpserver restarted)
+                self.events.push_back(HubEvent::PeerMoved { name: p.name.clone(), tunnel: from });
+            }
+            // an address is one peer's: whoever had it before has moved on
+            for q in self.peers.values_mut().filter(|q| q.id != id && q.tunnel == from) {
+                q.tunnel = UNBOUND;
+            }
+        }
+        match m.first() {
+            Some(&sealed_kind::HEARTBEAT) => self.on_heartbeat(now, id, m),
+            Some(&sealed_kind::KCP) => self.on_kcp(now, id, &m[field::kcp::SEGMENT..]),
+            Some(&sealed_kind::RELAY) => self.relay(id, m),
+            _ => self.drops.malformed += 1,
+        }
+    }
+
+    fn on_heartbeat(&mut self, now: Instant, id: u32, m: &[u8]) {
+        let Ok(hb) = HeartbeatRepr::parse(m) else {
+            self.drops.malformed += 1;
+            return;
+        };
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        p.last_heartbeat = now;
+        p.rtt_us = hb.rtt_us;
+        let ack = HeartbeatAckRepr { seq: hb.seq, peers_version: self.peers_version }.emit();
+        let d = p.channel.seal_message(&ack);
+        self.transmit.push_back((p.tunnel, d));
+    }
+
+    fn on_kcp(&mut self, now: Instant, id: u32, segment: &[u8]) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        match p.link.input(now, segment) {
+            Ok(()) => {}
+            Err(LinkError::Broken) => {
+                self.remove_peer(id, "its KCP link broke");
+                return;
+            }
+            Err(_) => {
+                self.drops.malformed += 1;
+                return;
+            }
+        }
+        // the message buffer is in use by the caller: inner messages go through their own
+        let mut inner = std::mem::take(&mut self.inner_buf);
+        while let Some(n) = self.peers.get_mut(&id).and_then(|p| p.link.recv(now, &mut inner)) {
+            match inner[..n].first() {
+                Some(&INNER_IP) => {
+                    if let Some(p) = self.peers.get_mut(&id) {
+                        p.rx_bytes += (n - field::inner::BODY) as u64;
+                    }
+                    self.route_from_peer(id, &inner[field::inner::BODY..n]);
+                }
+                Some(&INNER_CANDIDATES) => match wire::parse_candidates(&inner[..n]) {
+                    Ok(c) => self.set_host_candidates(id, c),
+                    Err(_) => self.drops.malformed += 1,
+                },
+                Some(&INNER_INTRO_REQUEST) => match wire::parse_intro_request(&inner[..n]) {
+                    Ok(to) => self.introduce(now, id, to),
+                    Err(_) => self.drops.malformed += 1,
+                },
+                _ => self.drops.malformed += 1,
+            }
+        }
+        self.inner_buf = inner;
+        if self.peers.get(&id).is_some_and(|p| p.link.is_broken()) {
+            self.remove_peer(id, "its KCP link broke");
+        }
+    }
+
+    /// Next datagram for the tunnel, into `out` (at least a tunnel payload): where to and
+    /// its length.
+    pub fn poll_transmit(&mut self, out: &mut [u8]) -> Option<(SocketAddr, usize)> {
+        if let Some((to, d)) = self.transmit.pop_front() {
+            let n = d.len().min(out.len());
+            out[..n].copy_from_slice(&d[..n]);
+            return Some((to, n));
+        }
+        let room = out.len().checked_sub(SEALED_OVERHEAD)?;
+        for p in self.peers.values_mut() {
+            // a peer nothing authenticated arrived from yet has no address to send to
+            if p.tunnel == UNBOUND {
+                continue;
+            }
+            let body = &mut out[SEALED_HEADER_LEN..SEALED_HEADER_LEN + room];
+            if let Some(n) = p.relay_out.pop_into(body).or_else(|| p.link.poll_transmit(body)) {
+                return Some((p.tunnel, p.channel.seal(out, n)));
+            }
+        }
+        None
+    }
+
+    /// Next IP packet for the hub's TUN, into `out`; returns its length.
+    pub fn poll_tun(&mut self, out: &mut [u8]) -> Option<usize> {
+        self.to_tun.pop_into(out)
+    }
+
+    pub fn poll_event(&mut self) -> Option<HubEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let kcp = self.peers.values().map(|p| p.link.poll_timeout()).min();
+        let expiry = self.peers.values().map(|p| p.last_seen + self.cfg.peer_timeout).min();
+        let unconfirmed = self.pending.values().map(|p| p.since + self.cfg.peer_timeout).min();
+        let list =
+            self.list_pending.then(|| self.list_pushed_at.map_or(Instant::now(), |t| t + PEER_LIST_PUSH_INTERVAL));
+        [kcp, expiry, unconfirmed, list].into_iter().flatten().min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut gone = Vec::new();
+        for p in self.peers.values_mut() {
+            p.link.handle_timeout(now);
+            if p.link.is_broken() {
+                gone.push((p.id, "its KCP link broke"));
+            } else if now.saturating_duration_since(p.last_seen) >= self.cfg.peer_timeout {
+                gone.push((p.id, "nothing authenticated from it within the peer timeout"));
+            }
+        }
+        for (id, why) in gone {
+            self.remove_peer(id, why);
+        }
+        let timeout = self.cfg.peer_timeout;
+        self.drop_unconfirmed(|p| now.saturating_duration_since(p.since) >= timeout);
+        self.flush_peer_list(now);
+    }
+}

@@ -1,0 +1,277 @@
+//! The registry: who may register, the Register/Welcome exchange, pending registrations
+//! and their confirmation, addresses by name, reconfiguration and removal.
+
+use super::*;
+
+/// What `Hub::reconfigure` changed, by peer name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerConfigChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Another key, fixed address or route allowance.
+    pub changed: Vec<String>,
+}
+
+impl std::fmt::Display for PeerConfigChanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |v: &[String]| if v.is_empty() { "-".to_string() } else { v.join(",") };
+        write!(f, "peers added {}, removed {}, changed {}", list(&self.added), list(&self.removed), list(&self.changed))
+    }
+}
+
+/// Whether a peer allowed `allowed` may announce `route` in a VPN on `network`.
+pub fn route_verdict(allowed: &[Prefix], network: Prefix, route: &Prefix) -> Result<(), RouteRefusalReason> {
+    // an exit node's default route necessarily spans the VPN; any other may not touch it
+    if route.len > 0 && route.overlaps(&network) {
+        return Err(RouteRefusalReason::OverlapsNetwork);
+    }
+    if allowed.iter().any(|a| a.covers(route)) {
+        Ok(())
+    } else {
+        Err(RouteRefusalReason::NotAllowed)
+    }
+}
+
+/// A registration the hub answered but the peer has not yet used.
+pub(super) struct Pending {
+    pub(super) name: String,
+    pub(super) nonce: u64,
+    pub(super) addr: Ipv4Addr,
+    /// What the Register announced, and what of it hub.yaml allows.
+    pub(super) announced: Vec<Prefix>,
+    pub(super) routes: Vec<Prefix>,
+    /// The Welcome, resent as it was to every Register with the same nonce.
+    pub(super) welcome: Vec<u8>,
+    pub(super) channel: Channel,
+    pub(super) since: Instant,
+}
+
+impl Hub {
+    pub(super) fn spec(&self, name: &str) -> Option<&PeerSpec> {
+        self.keys.get(name).map(|&i| &self.cfg.peers[i])
+    }
+
+    pub(super) fn address_for(&self, name: &str, want: Ipv4Addr) -> Option<Ipv4Addr> {
+        let taken = |a: Ipv4Addr| {
+            a == self.cfg.hub_addr
+                || self.peers.values().any(|p| p.addr == a && p.name != name)
+                || self.pending.values().any(|p| p.addr == a && p.name != name)
+                || self.cfg.peers.iter().any(|s| s.fixed_addr == Some(a) && s.name != name)
+                || self.assigned.iter().any(|(n, &x)| x == a && n != name)
+        };
+        let usable = |a: Ipv4Addr| {
+            let net = self.cfg.network;
+            net.contains(a) && a != net.addr && Some(a) != net.nth((net.size() - 1) as u32) && !taken(a)
+        };
+        if let Some(a) = self.spec(name).and_then(|s| s.fixed_addr) {
+            return Some(a);
+        }
+        if let Some(&a) = self.assigned.get(name) {
+            return Some(a);
+        }
+        if usable(want) {
+            return Some(want);
+        }
+        (1..self.cfg.network.size().min(1 << 20) as u32).filter_map(|n| self.cfg.network.nth(n)).find(|&a| usable(a))
+    }
+
+    pub(super) fn on_register(&mut self, now: Instant, wall_ms: u64, from: SocketAddr, d: &[u8]) {
+        let Ok((reg, body)) = RegisterRepr::parse(d) else {
+            self.drops.malformed += 1;
+            return;
+        };
+        let Some(spec) = self.spec(&reg.name) else {
+            self.drops.unknown_peer += 1;
+            return;
+        };
+        if RegisterRepr::verify(d, body, &spec.key).is_err() {
+            self.drops.bad_mac += 1;
+            return;
+        }
+        // a copy of the Register already answered: the same answer, nothing new
+        if let Some(p) = self.pending.values().find(|p| p.name == reg.name && p.nonce == reg.nonce) {
+            self.transmit.push_back((from, p.welcome.clone()));
+            return;
+        }
+        if self.peers.values().any(|p| p.name == reg.name && p.nonce == reg.nonce) {
+            return; // a late copy; that registration is already in use
+        }
+        let last = self.last_register_ts.get(&reg.name).copied().unwrap_or(0);
+        if reg.timestamp_ms <= last || reg.timestamp_ms.abs_diff(wall_ms) > MAX_CLOCK_SKEW_MS {
+            self.drops.replayed += 1;
+            return;
+        }
+        self.last_register_ts.insert(reg.name.clone(), reg.timestamp_ms);
+        let ki = self.keys[&reg.name];
+        let net = self.cfg.network;
+        let refusal = (reg.mtu != 0 && reg.mtu != self.cfg.mtu).then_some(RefusalReason::MtuMismatch);
+        // a peer asking for the address it had gets it back from a registration nobody has
+        // used yet (a replayed Register after a hub restart must not take it)
+        self.drop_unconfirmed(|p| p.name != reg.name && p.addr == reg.want_addr);
+        let addr = if refusal.is_none() { self.address_for(&reg.name, reg.want_addr) } else { None };
+        let Some(addr) = addr else {
+            let reason = refusal.unwrap_or(RefusalReason::PoolExhausted);
+            let r = RefusalRepr { reason, hub_mtu: self.cfg.mtu, nonce: reg.nonce }.emit(&self.cfg.peers[ki].key);
+            self.transmit.push_back((from, r.to_vec()));
+            self.events.push_back(HubEvent::Refused { name: reg.name, reason });
+            return;
+        };
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        // announcements are policy: only what hub.yaml allows this peer is taken; the
+        // Welcome tells the peer which were refused and why
+        let mut routes = Vec::new();
+        let mut refused = Vec::new();
+        for r in &reg.routes {
+            match route_verdict(&self.cfg.peers[ki].allowed_routes, net, r) {
+                Ok(()) => routes.push(*r),
+                Err(reason) => refused.push((*r, reason)),
+            }
+        }
+        let private = self.entropy.x25519_key();
+        let public = x25519_public(&private);
+        let key = &self.cfg.peers[ki].key;
+        let agreement = Agreement { key, nonce: reg.nonce, peer_id: id, peer_public: &reg.public, hub_public: &public };
+        let Ok(channel) = Channel::establish(&agreement, private, false) else {
+            self.drops.malformed += 1; // a public key X25519 refuses
+            return;
+        };
+        let welcome = WelcomeRepr {
+            peer_id: id,
+            addr,
+            prefix_len: self.cfg.network.len,
+            hub_addr: self.cfg.hub_addr,
+            mtu: self.cfg.mtu,
+            nonce: reg.nonce,
+            public,
+            refused: refused.clone(),
+            dns_domain: self.cfg.dns_domain.clone(),
+        }
+        .emit(key, &reg.public);
+        self.transmit.push_back((from, welcome.clone()));
+        if !refused.is_empty() {
+            self.drops.route_refused += refused.len() as u64;
+            self.events.push_back(HubEvent::RoutesRefused { name: reg.name.clone(), routes: refused });
+        }
+        // one pending registration per peer: a newer Register replaces an older one
+        self.drop_unconfirmed(|p| p.name == reg.name);
+        self.pending.insert(
+            id,
+            Pending {
+                name: reg.name,
+                nonce: reg.nonce,
+                addr,
+                announced: reg.routes,
+                routes,
+                welcome,
+                channel,
+                since: now,
+            },
+        );
+    }
+
+    /// Drops the pending registrations `gone` picks, counted as never confirmed.
+    pub(super) fn drop_unconfirmed(&mut self, gone: impl Fn(&Pending) -> bool) {
+        let before = self.pending.len();
+        self.pending.retain(|_, p| !gone(p));
+        self.drops.unconfirmed += (before - self.pending.len()) as u64;
+    }
+
+    /// The first datagram under a pending registration's keys: it becomes the peer's
+    /// registration (replacing the one it had: the peer restarted or lost us).
+    pub(super) fn confirm(&mut self, now: Instant, id: u32, from: SocketAddr) {
+        let Some(p) = self.pending.remove(&id) else { return };
+        if let Some(old) = self.peers.values().find(|q| q.name == p.name).map(|q| q.id) {
+            self.peers.remove(&old);
+            self.introduced.retain(|&(a, b), _| a != old && b != old);
+        }
+        self.assigned.insert(p.name.clone(), p.addr);
+        self.peers.insert(
+            id,
+            HubPeer {
+                id,
+                name: p.name.clone(),
+                nonce: p.nonce,
+                addr: p.addr,
+                announced: p.announced,
+                routes: p.routes,
+                tunnel: UNBOUND,
+                channel: p.channel,
+                last_seen: now,
+                last_heartbeat: now,
+                rtt_us: 0,
+                link: KcpLink::new(id, now, self.cfg.tunnel_payload),
+                list_version: 0,
+                tx_bytes: 0,
+                rx_bytes: 0,
+                mesh: false,
+                host_candidates: Vec::new(),
+                reflexive: BTreeMap::new(),
+                relayed_bytes: 0,
+                relay_out: PacketQueue::default(),
+            },
+        );
+        self.events.push_back(HubEvent::PeerUp { name: p.name, addr: p.addr, tunnel: from });
+        self.push_peer_list();
+    }
+
+    /// hub.yaml's peers were read again. Newly listed peers may register; a peer no
+    /// longer listed, or whose key or fixed address changed, is dropped (its routes are
+    /// withdrawn; a changed one registers again by itself); a peer whose allowance
+    /// changed keeps what it announced that is now allowed. Nobody else is disturbed.
+    pub fn reconfigure(&mut self, peers: Vec<PeerSpec>) -> PeerConfigChanges {
+        let mut changes = PeerConfigChanges::default();
+        let old = std::mem::take(&mut self.cfg.peers);
+        let spec_of = |name: &str| peers.iter().find(|s| s.name == name);
+        for s in &peers {
+            match old.iter().find(|o| o.name == s.name) {
+                None => changes.added.push(s.name.clone()),
+                Some(o) if !o.key.same_key(&s.key) || o.fixed_addr != s.fixed_addr => {
+                    changes.changed.push(s.name.clone())
+                }
+                Some(o) if o.allowed_routes != s.allowed_routes => changes.changed.push(s.name.clone()),
+                Some(_) => {}
+            }
+        }
+        changes.removed = old.iter().filter(|o| spec_of(&o.name).is_none()).map(|o| o.name.clone()).collect();
+        // who must register again: gone from the config, another key, another fixed address
+        let must_leave = |name: &str, addr: Ipv4Addr| match spec_of(name) {
+            None => true,
+            Some(s) => {
+                let o = old.iter().find(|o| o.name == name);
+                o.is_none_or(|o| !o.key.same_key(&s.key)) || s.fixed_addr.is_some_and(|f| f != addr)
+            }
+        };
+        let leaving: Vec<u32> = self.peers.values().filter(|p| must_leave(&p.name, p.addr)).map(|p| p.id).collect();
+        self.pending.retain(|_, p| !must_leave(&p.name, p.addr));
+        let net = self.cfg.network;
+        let mut list_changed = false;
+        for p in self.peers.values_mut() {
+            let Some(s) = spec_of(&p.name) else { continue };
+            let routes: Vec<Prefix> =
+                p.announced.iter().copied().filter(|r| route_verdict(&s.allowed_routes, net, r).is_ok()).collect();
+            if routes != p.routes {
+                p.routes = routes;
+                list_changed = true;
+            }
+        }
+        self.assigned.retain(|name, _| spec_of(name).is_some());
+        self.keys = peers.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+        self.cfg.peers = peers;
+        for id in leaving {
+            self.remove_peer(id, "hub.yaml changed: no longer listed, or another key or address");
+        }
+        if list_changed {
+            self.push_peer_list();
+        }
+        changes
+    }
+
+    pub(super) fn remove_peer(&mut self, id: u32, why: &'static str) {
+        self.introduced.retain(|&(a, b), _| a != id && b != id);
+        if let Some(p) = self.peers.remove(&id) {
+            self.events.push_back(HubEvent::PeerGone { name: p.name, addr: p.addr, why });
+            self.push_peer_list();
+        }
+    }
+}

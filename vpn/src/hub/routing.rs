@@ -1,0 +1,86 @@
+//! Routing: IP packets from peers and from the hub's TUN to the peer whose address or
+//! route covers the destination; names to addresses.
+
+use super::*;
+
+impl Hub {
+    /// The VPN address of the registered peer `name` (or of the hub, as `hub` when no
+    /// peer has that name): what `<name>.<domain>` resolves to.
+    pub fn address_of(&self, name: &str) -> Option<Ipv4Addr> {
+        let peer = self.peers.values().find(|p| p.name.eq_ignore_ascii_case(name)).map(|p| p.addr);
+        peer.or_else(|| name.eq_ignore_ascii_case("hub").then_some(self.cfg.hub_addr))
+    }
+
+    /// The peer whose address or announced route covers `dst` (longest prefix wins).
+    pub(super) fn peer_for(&self, dst: Ipv4Addr) -> Option<u32> {
+        if let Some(p) = self.peers.values().find(|p| p.addr == dst) {
+            return Some(p.id);
+        }
+        // the VPN's own addresses are never reached through a route (an exit node's /0)
+        if self.cfg.network.contains(dst) {
+            return None;
+        }
+        self.peers
+            .values()
+            .flat_map(|p| p.routes.iter().filter(|r| r.contains(dst)).map(move |r| (r.len, p.id)))
+            .max()
+            .map(|(_, id)| id)
+    }
+
+    pub(super) fn v4_dst(dst: IpAddr) -> Option<Ipv4Addr> {
+        match dst {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(a) => ip::v4_of(a),
+        }
+    }
+
+    pub(super) fn route_from_peer(&mut self, from_id: u32, packet: &[u8]) {
+        let Some((src, dst)) = ip::addresses(packet) else {
+            self.drops.malformed += 1;
+            return;
+        };
+        let p = &self.peers[&from_id];
+        let src_ok = match src {
+            IpAddr::V4(s) => s == p.addr || p.routes.iter().any(|r| r.contains(s)),
+            IpAddr::V6(s) => ip::v4_of(s) == Some(p.addr),
+        };
+        if !src_ok {
+            self.drops.spoofed_source += 1;
+            return;
+        }
+        let target = Self::v4_dst(dst);
+        match target.and_then(|d| self.peer_for(d)) {
+            Some(to) if to == from_id => self.drops.no_route += 1,
+            Some(to) => {
+                if let Some(p) = self.peers.get_mut(&from_id) {
+                    p.relayed_bytes += packet.len() as u64;
+                }
+                self.send_ip(to, packet)
+            }
+            None => {
+                if target.is_some_and(|d| self.cfg.network.contains(d) && d != self.cfg.hub_addr) {
+                    self.drops.no_route += 1; // a VPN address nobody has
+                } else {
+                    self.to_tun.push(&[packet]); // the hub itself, or beyond it
+                }
+            }
+        }
+    }
+
+    pub(super) fn send_ip(&mut self, to: u32, packet: &[u8]) {
+        let Some(p) = self.peers.get_mut(&to) else { return };
+        match p.link.send_ip(packet) {
+            Ok(()) => p.tx_bytes += packet.len() as u64,
+            Err(_) => self.drops.queue_full += 1,
+        }
+    }
+
+    /// An IP packet the hub host sent into its TUN device.
+    pub fn handle_tun_packet(&mut self, packet: &[u8]) {
+        let dst = ip::addresses(packet).and_then(|(_, d)| Self::v4_dst(d));
+        match dst.and_then(|d| self.peer_for(d)) {
+            Some(to) => self.send_ip(to, packet),
+            None => self.drops.no_route += 1,
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Test support: a hub with genuinely registered peers, and the fuzz harness.
+
+use super::*;
+
+/// A hub on 10.99.0.0/24 that knows peers `a` (key 7s) and `b` (key 8s).
+pub fn test_hub() -> Hub {
+    use common::entropy::OsEntropy;
+    let spec = |n: &str| PeerSpec {
+        name: n.into(),
+        key: test_key(n),
+        fixed_addr: None,
+        allowed_routes: vec!["192.168.0.0/16".parse().expect("literal")],
+    };
+    Hub::new(
+        HubCoreConfig {
+            network: "10.99.0.0/24".parse().expect("literal"),
+            hub_addr: Ipv4Addr::new(10, 99, 0, 1),
+            mtu: crate::TUN_MTU,
+            tunnel_payload: crate::TUNNEL_PAYLOAD,
+            peers: vec![spec("a"), spec("b")],
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
+            dns_domain: None,
+        },
+        Box::new(OsEntropy::new()),
+    )
+}
+
+pub fn test_key(name: &str) -> PeerKey {
+    PeerKey::new(&[if name == "a" { 7u8 } else { 8u8 }; 32])
+}
+
+/// Registers `name` from `from` (Register `nonce`, at `wall`) and confirms it with a
+/// heartbeat: its channel.
+pub fn register(hub: &mut Hub, name: &str, from: SocketAddr, nonce: u64, t0: Instant, wall: u64) -> Channel {
+    let mut entropy = common::entropy::OsEntropy::new();
+    let private = entropy.x25519_key();
+    let public = x25519_public(&private);
+    let reg = RegisterRepr {
+        name: name.into(),
+        timestamp_ms: wall,
+        nonce,
+        want_addr: Ipv4Addr::UNSPECIFIED,
+        mtu: 0,
+        public,
+        routes: vec!["192.168.50.0/24".parse().expect("literal")],
+    };
+    let key = test_key(name);
+    hub.handle_datagram(t0, wall, from, &reg.emit(&key));
+    let mut out = vec![0u8; 65536];
+    let (_, n) = hub.poll_transmit(&mut out).expect("a Welcome");
+    let w = WelcomeRepr::parse(&out[..n], &key, &public).expect("a valid Welcome");
+    let agreement = Agreement { key: &key, nonce, peer_id: w.peer_id, peer_public: &public, hub_public: &w.public };
+    let mut channel = Channel::establish(&agreement, private, true).expect("channel");
+    hub.handle_datagram(t0, wall, from, &channel.seal_message(&HeartbeatRepr { seq: 1, rtt_us: 0 }.emit()));
+    while hub.poll_transmit(&mut out).is_some() {}
+    channel
+}
+
+/// `test_hub` with `name` genuinely registered from 127.0.0.1:40000: the hub, that peer's
+/// channel, its tunnel address, the clocks used.
+pub fn hub_with_one_peer(name: &str) -> (Hub, Channel, SocketAddr, Instant, u64) {
+    let (t0, wall) = (Instant::now(), 1_800_000_000_000u64);
+    let mut hub = test_hub();
+    let from = SocketAddr::from(([127, 0, 0, 1], 40000));
+    let channel = register(&mut hub, name, from, 1, t0, wall);
+    assert_eq!(hub.status(t0).len(), 1);
+    (hub, channel, from, t0, wall)
+}
+
+/// The fuzzing harness (cargo fuzz target `hub_peer_input`, and a bounded run in the unit
+/// tests): a hub with one genuinely registered peer, then `data` cut into datagrams that
+/// all come from that peer's tunnel address: half of them sealed under the peer's channel
+/// (most as KCP segments, so they reach KCP; some as they are: relay requests and the
+/// like), the others raw, some of those to the rendezvous port (raw and sealed). Any panic is a bug; afterwards the hub
+/// must still answer a valid heartbeat.
+pub fn fuzz_peer_input(data: &[u8]) {
+    let (mut hub, mut channel, from, t0, wall) = hub_with_one_peer("a");
+    let mut seq = 1;
+    let mut heartbeat = |channel: &mut Channel| {
+        seq += 1;
+        channel.seal_message(&HeartbeatRepr { seq, rtt_us: 0 }.emit())
+    };
+    let mut out = vec![0u8; 65536];
+    let mut answer = Vec::new();
+    let mut now = t0;
+    let mut rest = data;
+    let mut n = 0u32;
+    while let Some((&len, tail)) = rest.split_first() {
+        let take = (len as usize).min(tail.len());
+        let (chunk, tail) = tail.split_at(take);
+        rest = tail;
+        n += 1;
+        if n.is_multiple_of(2) {
+            // sealed: a KCP segment, or as it comes (a relay request, a candidate list ...)
+            let mut m = Vec::with_capacity(chunk.len() + 1);
+            if len % 4 != 1 {
+                m.push(sealed_kind::KCP);
+            }
+            m.extend_from_slice(chunk);
+            hub.handle_datagram(now, wall, from, &channel.seal_message(&m));
+        } else if len % 8 == 3 {
+            // the rendezvous port: raw, and sealed under the peer's channel
+            let _ = hub.handle_rendezvous(from, chunk, &mut answer);
+            let _ = hub.handle_rendezvous(from, &channel.seal_message(chunk), &mut answer);
+        } else {
+            hub.handle_datagram(now, wall, from, chunk);
+        }
+        now += Duration::from_millis(u64::from(len % 16));
+        hub.handle_timeout(now);
+        while hub.poll_transmit(&mut out).is_some() {}
+        while hub.poll_tun(&mut out).is_some() {}
+        while hub.poll_event().is_some() {}
+    }
+    // still serving: a valid heartbeat from the peer (if it survived) gets an ack
+    if !hub.peers.is_empty() {
+        hub.handle_datagram(now, wall, from, &heartbeat(&mut channel));
+        assert!(hub.poll_transmit(&mut out).is_some(), "hub stopped answering its peer");
+    }
+}

@@ -1,0 +1,87 @@
+//! Host candidates and direct paths: where a peer's mesh sockets may be reached, and
+//! which (socket × candidate) pairs a pair's client tries.
+
+use super::*;
+
+/// The host candidates of mesh sockets bound to `locals`, on a host whose interfaces
+/// have `interfaces` (name, address): a socket bound to one address is reachable there;
+/// one bound to the wildcard on every address of its family but loopback, link-local and
+/// the VPN's own (on `tun`).
+pub fn host_candidates(locals: &[SocketAddr], interfaces: &[(String, IpAddr)], tun: &str) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for local in locals {
+        if !local.ip().is_unspecified() {
+            out.push(*local);
+            continue;
+        }
+        for (name, ip) in interfaces {
+            let link_local = match ip {
+                IpAddr::V4(a) => a.is_link_local(),
+                IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80,
+            };
+            let candidate = SocketAddr::new(*ip, local.port());
+            if name != tun
+                && !ip.is_loopback()
+                && !link_local
+                && ip.is_ipv4() == local.is_ipv4()
+                && !out.contains(&candidate)
+            {
+                out.push(candidate);
+            }
+        }
+    }
+    out
+}
+
+/// Every (mesh socket × candidate) of the same address family, at most
+/// `MAX_DIRECT_PATHS`.
+pub fn direct_paths(sockets: &[SocketAddr], candidates: &[SocketAddr]) -> Vec<(usize, SocketAddr)> {
+    sockets
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| candidates.iter().filter(|c| c.is_ipv4() == s.is_ipv4()).map(move |&c| (i, c)))
+        .take(MAX_DIRECT_PATHS)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_candidates_are_this_hosts_reachable_addresses() {
+        let ifs: Vec<(String, IpAddr)> = [
+            ("lo", "127.0.0.1"),
+            ("eth0", "192.0.2.10"),
+            ("eth0", "fe80::1"),
+            ("eth0", "2001:db8::10"),
+            ("wlan0", "169.254.3.3"),
+            ("wlan0", "10.1.1.5"),
+            ("mpvpn0", "10.99.0.2"),
+        ]
+        .iter()
+        .map(|(n, a)| (n.to_string(), a.parse().unwrap()))
+        .collect();
+        let any4: Vec<SocketAddr> = vec!["0.0.0.0:5100".parse().unwrap()];
+        let want: Vec<SocketAddr> = vec!["192.0.2.10:5100".parse().unwrap(), "10.1.1.5:5100".parse().unwrap()];
+        assert_eq!(host_candidates(&any4, &ifs, "mpvpn0"), want);
+        let any6: Vec<SocketAddr> = vec!["[::]:5101".parse().unwrap()];
+        assert_eq!(host_candidates(&any6, &ifs, "mpvpn0"), vec!["[2001:db8::10]:5101".parse::<SocketAddr>().unwrap()]);
+        // a socket bound to one address is reachable there only
+        let bound: Vec<SocketAddr> = vec!["10.1.1.5:5100".parse().unwrap()];
+        assert_eq!(host_candidates(&bound, &ifs, "mpvpn0"), bound);
+    }
+
+    #[test]
+    fn direct_paths_pair_sockets_and_candidates_of_one_family() {
+        let sockets: Vec<SocketAddr> = vec!["0.0.0.0:5100".parse().unwrap(), "[::]:5101".parse().unwrap()];
+        let c: Vec<SocketAddr> = vec![
+            "198.51.100.2:5100".parse().unwrap(),
+            "[2001:db8::2]:5100".parse().unwrap(),
+            "10.0.0.2:5100".parse().unwrap(),
+        ];
+        assert_eq!(direct_paths(&sockets, &c), vec![(0, c[0]), (0, c[2]), (1, c[1])]);
+        let many: Vec<SocketAddr> = (0..40).map(|i| SocketAddr::from(([10, 0, 0, i], 1))).collect();
+        assert_eq!(direct_paths(&sockets, &many).len(), MAX_DIRECT_PATHS);
+    }
+}

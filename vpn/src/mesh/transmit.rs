@@ -1,0 +1,108 @@
+//! What the mesh sends: our servers' answers, then the pairs' datagrams, pairs taking
+//! turns.
+
+use super::*;
+
+impl Mesh {
+    /// The next datagram of the mesh, built in `out` (at least 64 KiB); `to` gets every
+    /// place to send `out[..len]` to. Returns the length.
+    pub fn poll_transmit(&mut self, now: Instant, out: &mut [u8], to: &mut Vec<MeshAddr>) -> Option<usize> {
+        to.clear();
+        if let Some((dest, d)) = self.replies.pop_front() {
+            out[..d.len()].copy_from_slice(&d);
+            to.push(dest);
+            return Some(d.len());
+        }
+        // pairs take turns, a datagram each: from the one after the last served, then
+        // from the start
+        let start = self.next_pair;
+        let (sessions, drops, relay) = (&mut self.sessions, &mut self.drops, self.cfg.relay);
+        for (&id, p) in self.pairs.range_mut(start..) {
+            if let Some(len) = Self::poll_pair(sessions, drops, relay, now, id, p, out, to) {
+                self.next_pair = id.wrapping_add(1);
+                return Some(len);
+            }
+        }
+        for (&id, p) in self.pairs.range_mut(..start) {
+            if let Some(len) = Self::poll_pair(sessions, drops, relay, now, id, p, out, to) {
+                self.next_pair = id.wrapping_add(1);
+                return Some(len);
+            }
+        }
+        None
+    }
+}
+
+impl Mesh {
+    /// The next datagram of one pair: our client's own (inits, probes) or a segment of
+    /// the link.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn poll_pair(
+        sessions: &mut HashMap<SessionId, (u32, Side)>,
+        drops: &mut MeshDrops,
+        relay: RelayMode,
+        now: Instant,
+        id: u32,
+        p: &mut Pair,
+        out: &mut [u8],
+        to: &mut Vec<MeshAddr>,
+    ) -> Option<usize> {
+        p.refresh_paused(now);
+        if let Some(t) = p.client.poll_transmit(now, out) {
+            p.punched(now, t.paths);
+            Self::drain_client_events(sessions, now, id, p);
+            Self::fill_dests(p, id, t.paths, to);
+            return Some(t.len);
+        }
+        if !p.established {
+            return None;
+        }
+        let n = match p.link.poll_transmit(&mut out[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + PAIR_PAYLOAD]) {
+            Some(n) => n,
+            // nothing to send for a while: an empty datagram keeps the session
+            None if now >= p.last_data + PAIR_KEEPALIVE => 0,
+            None => return None,
+        };
+        p.last_data = now;
+        // our client has no direct path, but their client reaches our server directly:
+        // back on that path (where their NAT let them out), sealed in their session
+        if relay == RelayMode::Fallback && !p.direct_up() {
+            let back = p.server_direct_paths(now);
+            if let (false, Some(slot)) = (back.is_empty(), p.server_slot) {
+                if let Some((len, paths)) = p.server.encapsulate(now, slot, out, n) {
+                    for i in paths.iter().filter(|&i| back.contains(i)) {
+                        let Some(addr) = p.server.path_addr(slot, i) else { continue };
+                        if let Some(&(_, socket)) = p.server_sockets.iter().find(|(a, _)| *a == addr) {
+                            to.push(MeshAddr::Direct { socket, addr });
+                        }
+                    }
+                    if !to.is_empty() {
+                        return Some(len);
+                    }
+                }
+            }
+        }
+        match p.client.handle_app_datagram(now, PAIR_APP, out, n) {
+            ClientSend::Sealed { len, paths } => {
+                let paths = p.data_paths(relay, paths);
+                Self::fill_dests(p, id, paths, to);
+                Some(len)
+            }
+            ClientSend::Queued => None,
+            ClientSend::Dropped(_) => {
+                drops.queue_full += 1;
+                None
+            }
+        }
+    }
+
+    pub(super) fn fill_dests(p: &Pair, id: u32, paths: PathMask, to: &mut Vec<MeshAddr>) {
+        for i in paths.iter() {
+            if i == RELAY_PATH {
+                to.push(MeshAddr::Relay(id));
+            } else if let Some(&(socket, addr)) = p.direct.get(i - 1) {
+                to.push(MeshAddr::Direct { socket, addr });
+            }
+        }
+    }
+}

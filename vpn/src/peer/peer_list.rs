@@ -1,0 +1,134 @@
+//! The hub's peer list as this peer follows it: assembled from chunks, routes to install,
+//! which peer an address belongs to, and the peers' status.
+
+use super::*;
+
+impl Peer {
+    /// One chunk of a peer list; the list is taken when its last chunk arrives (KCP keeps
+    /// them in order; a chunk 0 starts a list afresh).
+    pub(super) fn on_peer_list_chunk(&mut self, now: Instant, c: PeerListChunk) {
+        if c.chunk == 0 {
+            self.list_assembly = Some((c.version, 0, Vec::new()));
+        }
+        match &mut self.list_assembly {
+            Some((version, next, entries)) if *version == c.version && *next == c.chunk => {
+                entries.extend(c.entries);
+                *next += 1;
+            }
+            _ => {
+                self.drops.malformed += 1;
+                self.list_assembly = None;
+                return;
+            }
+        }
+        if c.chunk + 1 == c.chunks {
+            if let Some((_, _, list)) = self.list_assembly.take() {
+                self.set_peer_list(now, list);
+            }
+        }
+    }
+
+    pub(super) fn set_peer_list(&mut self, now: Instant, list: Vec<PeerEntry>) {
+        if let Some(m) = self.mesh.as_mut() {
+            m.set_peer_list(now, self.id, &list);
+        }
+        let wanted: BTreeSet<Prefix> =
+            list.iter().filter(|p| p.addr != self.addr).flat_map(|p| p.routes.iter().copied()).collect();
+        let add: Vec<Prefix> = wanted.difference(&self.installed_routes).copied().collect();
+        let remove: Vec<Prefix> = self.installed_routes.difference(&wanted).copied().collect();
+        if !add.is_empty() || !remove.is_empty() {
+            self.events.push_back(PeerEvent::Routes { add, remove });
+        }
+        self.installed_routes = wanted;
+        // counters follow the peer (by id) across list changes
+        self.peer_traffic = list
+            .iter()
+            .map(|p| {
+                self.peers.iter().position(|q| q.id == p.id).map_or_else(Default::default, |i| self.peer_traffic[i])
+            })
+            .collect();
+        self.peers = list;
+        self.events.push_back(PeerEvent::PeerList);
+    }
+
+    /// Whether a packet the hub sent may carry `src`: the hub's own address, another
+    /// listed peer's, one inside another peer's routes, or one from beyond the hub (the
+    /// hub host's side) — never an address of this peer, of its own routes, or a VPN
+    /// address nobody has.
+    pub(super) fn source_allowed_from_hub(&self, src: IpAddr) -> bool {
+        let v4 = match src {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(a) => match ip::v4_of(a) {
+                Some(a) => a,
+                None => return true, // not a VPN address: from beyond the hub
+            },
+        };
+        if v4 == self.addr || self.cfg.routes.iter().any(|r| r.contains(v4)) {
+            return false;
+        }
+        match self.network {
+            Some(net) if net.contains(v4) => v4 == self.hub_addr || self.peers.iter().any(|p| p.addr == v4),
+            _ => true,
+        }
+    }
+
+    /// The listed peer an inner address belongs to: its own address, else the longest
+    /// announced route that covers it.
+    pub(super) fn peer_index(&self, a: IpAddr) -> Option<usize> {
+        let a = match a {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(a) => ip::v4_of(a)?,
+        };
+        if let Some(i) = self.peers.iter().position(|p| p.addr == a) {
+            return Some(i);
+        }
+        self.peers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| p.routes.iter().filter(|r| r.contains(a)).map(move |r| (r.len, i)))
+            .max()
+            .map(|(_, i)| i)
+    }
+}
+
+impl Peer {
+    /// The other peers as this one sees them: address, routes, and the traffic with each.
+    pub fn peer_status(&self, now: Instant) -> Vec<PeerStatus> {
+        self.peers
+            .iter()
+            .zip(&self.peer_traffic)
+            .map(|(p, t)| {
+                let own = p.addr == self.addr;
+                let (mesh_tx, mesh_rx, mesh_last_rx) = self.mesh.as_ref().map_or((0, 0, None), |m| m.traffic(p.id));
+                let via = self.mesh.as_ref().map_or(Via::Relay, |m| m.via(p.id));
+                let last_rx = t.last_rx.max(mesh_last_rx);
+                let paths = self.mesh.as_ref().map_or_else(Vec::new, |m| m.paths(now, p.id));
+                PeerStatus {
+                    id: p.id,
+                    name: p.name.clone(),
+                    addr: p.addr,
+                    state: match (own, via) {
+                        (true, _) => PeerState::Own,
+                        (false, Via::Direct) => PeerState::Direct,
+                        (false, Via::Relay) => PeerState::ViaHub,
+                    },
+                    tunnel: String::new(),
+                    routes: p.routes.clone(),
+                    last_heartbeat_s: None,
+                    last_rx_s: last_rx.map(|r| now.saturating_duration_since(r).as_secs_f64()),
+                    rtt_ms: paths
+                        .iter()
+                        .filter(|x| x.state == common::stats::PathState::Up)
+                        .filter_map(|x| x.rtt_ms)
+                        .reduce(f64::min),
+                    tx_bytes: t.tx_bytes + mesh_tx,
+                    rx_bytes: t.rx_bytes + mesh_rx,
+                    via: (!own).then_some(via),
+                    paths,
+                    candidates: p.candidates.clone(),
+                    relayed_bytes: 0,
+                }
+            })
+            .collect()
+    }
+}

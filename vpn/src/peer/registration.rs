@@ -1,0 +1,139 @@
+//! Registration: the Register/Welcome exchange, refusals, and starting over when the hub
+//! is lost.
+
+use super::*;
+
+/// One registration attempt: its nonce and ephemeral key stay the same in every resend.
+pub(super) struct Attempt {
+    nonce: u64,
+    private: Option<EphemeralPrivateKey>,
+    public: [u8; PUBLIC_KEY_LEN],
+}
+
+impl Attempt {
+    pub(super) fn new(entropy: &mut dyn Entropy) -> Self {
+        let private = entropy.x25519_key();
+        Self { nonce: entropy.next_u64(), public: x25519_public(&private), private: Some(private) }
+    }
+}
+
+impl Peer {
+    /// Our announced routes the hub did not take, and why.
+    pub fn refused_routes(&self) -> &[(Prefix, RouteRefusalReason)] {
+        &self.refused_routes
+    }
+
+    /// Strictly increasing wall-clock milliseconds (Register anti-replay).
+    pub(super) fn timestamp(&mut self, wall_ms: u64) -> u64 {
+        self.last_ts = wall_ms.max(self.last_ts + 1);
+        self.last_ts
+    }
+
+    pub(super) fn send_register(&mut self, wall_ms: u64) {
+        let State::Registering { attempt, .. } = &self.state else { return };
+        let (nonce, public) = (attempt.nonce, attempt.public);
+        let reg = RegisterRepr {
+            name: self.cfg.name.clone(),
+            timestamp_ms: self.timestamp(wall_ms),
+            nonce,
+            want_addr: self.addr,
+            mtu: self.cfg.mtu.unwrap_or(0),
+            public,
+            routes: self.cfg.routes.clone(),
+        };
+        self.transmit.push_back(reg.emit(&self.cfg.key));
+    }
+
+    pub(super) fn on_welcome(&mut self, now: Instant, d: &[u8]) {
+        let State::Registering { attempt, .. } = &mut self.state else {
+            return; // a late copy
+        };
+        let Ok(w) = WelcomeRepr::parse(d, &self.cfg.key, &attempt.public) else {
+            self.drops.malformed += 1;
+            return;
+        };
+        if w.nonce != attempt.nonce {
+            return; // answers an older Register
+        }
+        if let Some(mtu) = self.cfg.mtu {
+            if mtu != w.mtu {
+                self.events.push_back(PeerEvent::Fatal(HubRefusal::WelcomeMtu { hub: w.mtu, ours: mtu }));
+                return;
+            }
+        }
+        let agreement = Agreement {
+            key: &self.cfg.key,
+            nonce: attempt.nonce,
+            peer_id: w.peer_id,
+            peer_public: &attempt.public,
+            hub_public: &w.public,
+        };
+        let Some(Ok(channel)) = attempt.private.take().map(|k| Channel::establish(&agreement, k, true)) else {
+            // a public key X25519 refuses: a new attempt, the hub gets a new Register
+            self.drops.malformed += 1;
+            self.state = State::Registering { attempt: Attempt::new(&mut *self.entropy), next_try: now, lost: false };
+            return;
+        };
+        self.addr = w.addr;
+        self.network = Prefix::new(w.addr, w.prefix_len);
+        self.hub_addr = w.hub_addr;
+        self.mtu = w.mtu;
+        self.last_ack = Some(now);
+        for &(route, reason) in &w.refused {
+            self.events.push_back(PeerEvent::RouteRefused { route, reason });
+        }
+        self.refused_routes = w.refused;
+        self.state = State::Up(Box::new(Session {
+            channel,
+            link: KcpLink::new(w.peer_id, now, self.cfg.tunnel_payload),
+            hb_seq: 0,
+            next_heartbeat: now,
+            first_miss: None,
+            retries_sent: 0,
+            pending_hb: None,
+        }));
+        self.id = w.peer_id;
+        // pairs were bound to the registration before
+        if let Some(m) = self.mesh.as_mut() {
+            m.reset();
+        }
+        self.send_candidates();
+        self.next_rendezvous = now;
+        // the first sealed datagram is what makes the hub use this registration: now
+        self.send_heartbeat(now);
+        self.events.push_back(PeerEvent::Configured {
+            addr: w.addr,
+            prefix_len: w.prefix_len,
+            hub_addr: w.hub_addr,
+            mtu: w.mtu,
+            dns_domain: w.dns_domain,
+        });
+    }
+
+    pub(super) fn on_refusal(&mut self, d: &[u8]) {
+        let Ok(r) = RefusalRepr::parse(d, &self.cfg.key) else {
+            self.drops.malformed += 1;
+            return;
+        };
+        // only an answer to our own pending Register counts
+        match (&self.state, r.reason) {
+            (State::Registering { attempt, .. }, _) if attempt.nonce == r.nonce => {}
+            _ => return,
+        }
+        match (&self.state, r.reason) {
+            (_, RefusalReason::MtuMismatch) => self.events.push_back(PeerEvent::Fatal(HubRefusal::MtuMismatch {
+                hub: r.hub_mtu,
+                ours: self.cfg.mtu.unwrap_or(0),
+            })),
+            (_, reason) => self.events.push_back(PeerEvent::Refused(reason)),
+        }
+    }
+
+    /// The hub is gone (or broke our link): register again. Direct sessions go on
+    /// meanwhile; the next registration's list replaces them.
+    pub(super) fn lose_hub(&mut self, now: Instant) {
+        self.relay_out.clear();
+        self.state = State::Registering { attempt: Attempt::new(&mut *self.entropy), next_try: now, lost: true };
+        self.events.push_back(PeerEvent::HubLost);
+    }
+}
