@@ -152,10 +152,16 @@ pub const SIM_TARGET: &str = "10.9.9.9:9000";
 /// The simulated wall clock at the start of a run (ms since the Unix epoch).
 pub const SIM_WALL_START_MS: u64 = 1_800_000_000_000;
 
+/// The origin of a simulated clock. `Instant` has no constructor, so a run starts at the
+/// real clock's reading; only offsets from it ever matter, so a run replays exactly.
+pub fn epoch() -> Instant {
+    Instant::now()
+}
+
 impl Sim {
     /// A client with `links.len()` paths and a server with a default echo target.
     pub fn new(seed: u64, links: Vec<(LinkDir, LinkDir)>, cipher: Cipher) -> Self {
-        let now = Instant::now();
+        let now = epoch();
         let psk = Psk::from_bytes([7; 32]);
         let client_cfg = ClientCoreConfig {
             cipher,

@@ -282,7 +282,7 @@ mod tests {
     /// (conv little-endian first, as KCP writes it), whose data is `INNER_IP` + the packet.
     #[test]
     fn kcp_datagram_golden() {
-        let t0 = Instant::now();
+        let t0 = common::sim::epoch();
         let mut a = KcpLink::new(0x0102_0304, t0, 1438);
         a.send_ip(&[0x45, 0xaa]).unwrap();
         let mut d = [0u8; 2048];
@@ -294,7 +294,7 @@ mod tests {
 
     #[test]
     fn messages_arrive_whole_and_in_order() {
-        let t0 = Instant::now();
+        let t0 = common::sim::epoch();
         let mut a = KcpLink::new(7, t0, 1438);
         let mut b = KcpLink::new(7, t0, 1438);
         assert_eq!(a.mss(), 1384);
@@ -325,7 +325,7 @@ mod tests {
     /// could no longer fail.)
     #[test]
     fn hostile_segments_never_panic() {
-        let t0 = Instant::now();
+        let t0 = common::sim::epoch();
         let mut l = KcpLink::new(7, t0, 1438);
         let mut rng = common::sim::SimRng::new(3);
         let mut buf = vec![0u8; 65536];
@@ -351,7 +351,7 @@ mod tests {
     /// registers again).
     #[test]
     fn a_message_larger_than_the_receive_buffer_breaks_the_link() {
-        let t0 = Instant::now();
+        let t0 = common::sim::epoch();
         let (mut a, mut b) = (KcpLink::new(7, t0, 1438), KcpLink::new(7, t0, 1438));
         a.send(&vec![1u8; 70_000]).unwrap();
         a.send_ip(&[0x45; 40]).unwrap();
@@ -371,7 +371,7 @@ mod tests {
     /// the link after `KCP_STALL_TIMEOUT` instead of blocking it forever.
     #[test]
     fn a_message_stuck_without_its_last_fragment_breaks_the_link() {
-        let t0 = Instant::now();
+        let t0 = common::sim::epoch();
         let (mut a, mut b) = (KcpLink::new(7, t0, 1438), KcpLink::new(7, t0, 1438));
         a.send(&vec![2u8; 5000]).unwrap(); // four fragments
         let mut buf = vec![0u8; 65536];

@@ -19,6 +19,8 @@ fn add_peer(
     use std::os::unix::fs::PermissionsExt;
     let file = config.display().to_string();
     let text = std::fs::read_to_string(config).map_err(|e| format!("{file}: {e}"))?;
+    // a new peer's key: the OS's randomness, in the CLI (never in a core)
+    #[allow(clippy::disallowed_methods)]
     let key = common::crypto::Psk::generate(&mut common::entropy::OsEntropy::new()).to_base64();
     let peer = vpn::onboard::NewPeer { name, key: &key, address, routes };
     let new = vpn::onboard::add_peer(&file, &text, &peer).map_err(|e| e.to_string())?;

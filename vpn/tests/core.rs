@@ -67,7 +67,7 @@ fn hub(seed: u64) -> Hub {
 
 impl Net {
     fn new(names: &[&str]) -> Self {
-        let now = Instant::now();
+        let now = common::sim::epoch();
         Self {
             t0: now,
             now,
@@ -92,7 +92,7 @@ impl Net {
             mesh: None,
         };
         TestPeer {
-            core: Peer::new(cfg, now, Box::new(SimEntropy::new(1000 + i as u64))),
+            core: Peer::new(cfg, now, common::sim::SIM_WALL_START_MS, Box::new(SimEntropy::new(1000 + i as u64))),
             tunnel: SocketAddr::from(([127, 0, 0, 1], 40000 + i as u16)),
             events: Vec::new(),
             tun_rx: Vec::new(),
@@ -100,7 +100,7 @@ impl Net {
     }
 
     fn wall_ms(&self) -> u64 {
-        1_800_000_000_000 + self.now.duration_since(self.t0).as_millis() as u64
+        common::sim::SIM_WALL_START_MS + self.now.duration_since(self.t0).as_millis() as u64
     }
 
     fn exchange(&mut self) {
@@ -361,6 +361,7 @@ fn wrong_key_and_unknown_names_get_nothing() {
             mesh: None,
         },
         now,
+        common::sim::SIM_WALL_START_MS,
         Box::new(SimEntropy::new(5)),
     );
     net.peers.push(p);
@@ -646,7 +647,7 @@ fn reconfigure_adds_drops_and_narrows_without_disturbing_others() {
     let ids: Vec<u32> = net.hub.status(net.now).iter().filter(|p| p.name != "c").map(|p| p.id).collect();
     let mut cfg = hub_config(&["a", "b", "d"]);
     cfg.peers.iter_mut().find(|p| p.name == "b").unwrap().allowed_routes.clear();
-    let changes = net.hub.reconfigure(cfg.peers);
+    let changes = net.hub.reconfigure(net.now, cfg.peers);
     assert_eq!(
         (changes.added, changes.removed, changes.changed),
         (vec!["d".to_string()], vec!["c".to_string(), "fixed".to_string()], vec!["b".to_string()])

@@ -63,7 +63,7 @@ struct MeshNet {
 impl MeshNet {
     fn new(nats: &[Nat], relay: RelayMode, connect: ConnectMode) -> Self {
         let names = ["a", "b", "c"];
-        let now = Instant::now();
+        let now = common::sim::epoch();
         let hub = Hub::new(
             HubCoreConfig {
                 network: "10.99.0.0/24".parse().unwrap(),
@@ -101,7 +101,8 @@ impl MeshNet {
                     tunnel_payload: TUNNEL_PAYLOAD,
                     mesh: Some(MeshConfig { name: names[i].into(), sockets: vec![local], relay, connect }),
                 };
-                let mut core = Peer::new(cfg, now, Box::new(SimEntropy::new(100 + i as u64)));
+                let mut core =
+                    Peer::new(cfg, now, common::sim::SIM_WALL_START_MS, Box::new(SimEntropy::new(100 + i as u64)));
                 core.set_host_candidates(vec![local]);
                 SimPeer {
                     core,
@@ -128,7 +129,7 @@ impl MeshNet {
     }
 
     fn wall_ms(&self) -> u64 {
-        1_800_000_000_000 + self.now.duration_since(self.t0).as_millis() as u64
+        common::sim::SIM_WALL_START_MS + self.now.duration_since(self.t0).as_millis() as u64
     }
 
     /// The source peer `i`'s datagram to `to` has once out of its NAT.
@@ -160,14 +161,15 @@ impl MeshNet {
             let mut moved = false;
             for i in 0..self.peers.len() {
                 let now = self.now;
-                for (socket, q) in self.peers[i].core.poll_rendezvous(now) {
+                while let Some((socket, len)) = self.peers[i].core.poll_rendezvous(&mut self.out) {
                     moved = true;
                     if self.hub_down {
                         continue;
                     }
+                    let q = self.out[..len].to_vec();
                     let from = self.source_for(i, RENDEZVOUS);
                     let mut answer = Vec::new();
-                    if let Some(n) = self.hub.handle_rendezvous(from, &q, &mut answer) {
+                    if let Some(n) = self.hub.handle_rendezvous(now, from, &q, &mut answer) {
                         assert!(n <= q.len(), "the rendezvous port never amplifies");
                         let mut a = answer[..n].to_vec();
                         self.peers[i].core.handle_mesh_datagram(now, socket, RENDEZVOUS, &mut a);

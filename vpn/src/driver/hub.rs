@@ -31,7 +31,7 @@ impl HubTunnel {
     /// Sends what the core has for the tunnel, a batch (`tx`) at a time: over UDP, each run
     /// to one session goes with one `sendmmsg` (GSO where it can); the embedded server
     /// seals in the batch slots. Returns how many datagrams could not be sent over UDP.
-    fn transmit(&mut self, core: &mut Hub, tx: &mut RecvBatch) -> usize {
+    fn transmit(&mut self, now: Instant, core: &mut Hub, tx: &mut RecvBatch) -> usize {
         let room = match self {
             Self::Udp(_) => NO_ROOM,
             Self::Embedded(_) => SEALING_ROOM,
@@ -40,7 +40,7 @@ impl HubTunnel {
         while fill_batch(tx, room, |buf| core.poll_transmit(buf)) {
             match self {
                 Self::Udp(s) => failed += s.send_to_sources(tx),
-                Self::Embedded(t) => t.send_batch(Instant::now(), tx, |b, i| b.source(i).and_then(addr_slot)),
+                Self::Embedded(t) => t.send_batch(now, tx, |b, i| b.source(i).and_then(addr_slot)),
             }
         }
         failed
@@ -141,7 +141,7 @@ impl DnsServer {
 
 /// Answers what arrived on the rendezvous port, at most `READ_BUDGET` questions; true if
 /// more may wait.
-pub(super) fn serve_rendezvous(sock: &mio::net::UdpSocket, core: &mut Hub, buf: &mut [u8]) -> bool {
+pub(super) fn serve_rendezvous(now: Instant, sock: &mio::net::UdpSocket, core: &mut Hub, buf: &mut [u8]) -> bool {
     let mut answer = Vec::new();
     for _ in 0..READ_BUDGET {
         let (n, from) = match sock.recv_from(buf) {
@@ -149,7 +149,7 @@ pub(super) fn serve_rendezvous(sock: &mio::net::UdpSocket, core: &mut Hub, buf: 
             Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
             Err(_) => continue,
         };
-        if let Some(len) = core.handle_rendezvous(from, &buf[..n], &mut answer) {
+        if let Some(len) = core.handle_rendezvous(now, from, &buf[..n], &mut answer) {
             let _ = sock.send_to(&answer[..len], from);
         }
     }
@@ -191,7 +191,7 @@ pub fn run_hub(c: HubConfig, config_path: PathBuf, control_path: PathBuf, log: &
             peer_timeout: Duration::from_secs(c.peer_timeout_secs),
             dns_domain: c.dns.as_ref().map(|d| d.domain.clone()),
         },
-        Box::new(OsEntropy::new()),
+        os_entropy(),
     );
     let mut el = EventLoop::new(log.clone())?;
     el.serve_control(&control_path)?;
@@ -241,10 +241,10 @@ impl Service for HubDriver {
     fn handle_ready(&mut self, _: &Registry, token: Token) -> Result<bool, VpnError> {
         let Self { core, tunnel, dev, bufs, log, dns, rendezvous, .. } = self;
         // one clock reading per wake-up, not per datagram
-        let (now, wall) = (Instant::now(), wall_ms());
+        let (now, wall) = clock();
         let pending = match (token, &mut *tunnel) {
             (DNS, _) => dns.as_mut().is_some_and(|d| d.serve(|name| core.address_of(name))),
-            (RENDEZVOUS, _) => rendezvous.as_mut().is_some_and(|sock| serve_rendezvous(sock, core, &mut bufs.out)),
+            (RENDEZVOUS, _) => rendezvous.as_mut().is_some_and(|sock| serve_rendezvous(now, sock, core, &mut bufs.out)),
             (TUN, _) => read_tun(dev, &mut bufs.tun_in, log, |p| core.handle_tun_packet(p)),
             (UDP, HubTunnel::Udp(sock)) => {
                 read_udp(sock, &mut bufs.rx, log, |from, d| core.handle_datagram(now, wall, from, d))
@@ -257,18 +257,19 @@ impl Service for HubDriver {
             }),
             _ => false,
         };
-        self.flush();
+        self.flush(now);
         Ok(pending)
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        [self.core.poll_timeout(), self.tunnel.poll_timeout(), Some(Instant::now() + TICK)].into_iter().flatten().min()
+        // an idle hub wakes only when its core or the embedded server asks
+        [self.core.poll_timeout(), self.tunnel.poll_timeout()].into_iter().flatten().min()
     }
 
     fn handle_timeout(&mut self, _: &Registry, now: Instant) -> Result<(), VpnError> {
         self.tunnel.handle_timeout(now);
         self.core.handle_timeout(now);
-        self.flush();
+        self.flush(now);
         Ok(())
     }
 
@@ -314,9 +315,9 @@ impl Service for HubDriver {
         if !restart.is_empty() {
             warn!(self.log, "changed settings take effect after a restart; running with the old ones"; "fields" => restart.join(", "));
         }
-        let changes = self.core.reconfigure(peers);
+        let changes = self.core.reconfigure(now, peers);
         self.core.handle_timeout(now);
-        self.flush();
+        self.flush(now);
         self.config.peers = c.peers;
         Reload::Done(changes.to_string())
     }
@@ -324,9 +325,9 @@ impl Service for HubDriver {
 
 impl HubDriver {
     /// Sends what the core queued (through `bufs`) and logs its events.
-    fn flush(&mut self) {
+    fn flush(&mut self, now: Instant) {
         let Self { core, tunnel, dev, bufs, log, .. } = self;
-        let failed = tunnel.transmit(core, &mut bufs.tx);
+        let failed = tunnel.transmit(now, core, &mut bufs.tx);
         if failed > 0 {
             trace!(log, "sends to mpserver failed"; "datagrams" => failed);
         }

@@ -14,12 +14,12 @@ pub use hub::run_hub;
 pub use peer::run_peer;
 use status::{hub_status, peer_status, vpn_metrics};
 pub use status::{MeshSocketStatus, VpnStatus};
-use system::{configure_tun, ip_cmd, open_tun, protected_addresses, route_hazard};
+use system::{configure_tun, ip_cmd, open_tun, protected_addresses};
 
 use crate::config::{resolve_key, HubConfig, PeerConfig};
 use crate::hub::{Hub, HubCoreConfig, HubDrops, HubEvent, PeerSpec, PeerState, PeerStatus};
 use crate::ip::{self, Prefix};
-use crate::peer::{Peer, PeerCoreConfig, PeerDrops, PeerEvent};
+use crate::peer::{route_hazard, Peer, PeerCoreConfig, PeerDrops, PeerEvent};
 use crate::resolver::SystemResolver;
 use crate::wire::PeerKey;
 use crate::{VpnError, TUNNEL_PAYLOAD, TUN_MTU};
@@ -28,9 +28,9 @@ use common::driver::batch::{BatchSocket, RecvBatch};
 use common::driver::event_loop::{read_batches, EventLoop, Reload, Room, Service, NO_ROOM, READ_BUDGET};
 use common::driver::files::load_config;
 use common::driver::metrics::{with_label, Labels, Metrics};
-use common::driver::{self, wall_ms, IoContext};
+use common::driver::{self, IoContext};
 use common::entropy::OsEntropy;
-use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET};
+use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET, MAX_DATAGRAM};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use serde::{Deserialize, Serialize};
@@ -52,14 +52,27 @@ pub(super) const DNS: Token = Token(common::driver::event_loop::RESERVED_TOKENS 
 pub(super) const RENDEZVOUS: Token = Token(common::driver::event_loop::RESERVED_TOKENS - 2);
 /// A peer's mesh socket `i` has token `MESH_BASE - i`.
 pub(super) const MESH_BASE: usize = common::driver::event_loop::RESERVED_TOKENS - 3;
-/// A registered peer whose rendezvous questions got no answer this long says so.
-pub(super) const RENDEZVOUS_SILENT_AFTER: Duration = Duration::from_secs(5);
-/// How often a peer looks at its interfaces for new host candidates.
-pub(super) const CANDIDATE_SCAN_INTERVAL: Duration = Duration::from_secs(5);
 /// The hub's and the peer's stats line.
 pub(super) const STATS_INTERVAL: Duration = Duration::from_secs(30);
-/// The cores run their timers at least this often.
-pub(super) const TICK: Duration = Duration::from_secs(1);
+
+/// The one place the VPN's drivers read the clocks (the cores never do: vpn/clippy.toml),
+/// once per wake-up: the monotonic clock and the wall clock in ms.
+#[allow(clippy::disallowed_methods)]
+pub(super) fn clock() -> (Instant, u64) {
+    (Instant::now(), driver::wall_ms())
+}
+
+/// The wall clock in ms, beside the event loop's reading of the monotonic one.
+#[allow(clippy::disallowed_methods)]
+pub(super) fn wall_clock_ms() -> u64 {
+    driver::wall_ms()
+}
+
+/// The OS's randomness, for the cores' keys and ids.
+#[allow(clippy::disallowed_methods)]
+pub(super) fn os_entropy() -> Box<dyn common::entropy::Entropy> {
+    Box::new(OsEntropy::new())
+}
 
 /// Reads TUN packets until empty or the budget is spent; true if data may remain.
 pub(super) fn read_tun(dev: &tun::Device, buf: &mut [u8], log: &Logger, mut each: impl FnMut(&[u8])) -> bool {

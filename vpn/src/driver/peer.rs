@@ -19,7 +19,7 @@ impl PeerTunnel {
     /// Sends what the core has for the tunnel, a batch (`tx`) at a time: to mpclient with
     /// one `sendmmsg` (GSO where it can), or sealed in the batch slots by the embedded
     /// client. Returns how many datagrams could not be sent to mpclient.
-    fn transmit(&mut self, core: &mut Peer, tx: &mut RecvBatch) -> usize {
+    fn transmit(&mut self, now: Instant, core: &mut Peer, tx: &mut RecvBatch) -> usize {
         let room = match self {
             Self::Udp { .. } => NO_ROOM,
             Self::Embedded(_) => SEALING_ROOM,
@@ -33,7 +33,7 @@ impl PeerTunnel {
                     let all = common::driver::batch::all_of(tx);
                     failed += all.len() - s.send_batch(tx, all, None, None);
                 }
-                Self::Embedded(mp) => mp.send_batch(Instant::now(), tx),
+                Self::Embedded(mp) => mp.send_batch(now, tx),
             }
         }
         failed
@@ -86,10 +86,6 @@ pub(super) struct MeshSockets {
     rendezvous: SocketAddr,
     /// Where direct datagrams are read and built.
     buf: Vec<u8>,
-    next_scan: Instant,
-    /// When this registration came up, until the rendezvous port answered (or we said
-    /// it did not).
-    awaiting_rendezvous: Option<Instant>,
 }
 
 impl MeshSockets {
@@ -108,14 +104,7 @@ impl MeshSockets {
         }
         info!(log, "mesh sockets open"; "listen" => ?locals, "rendezvous" => %rendezvous, "relay" => ?m.relay,
             "connect" => ?m.connect);
-        Ok(Self {
-            socks,
-            locals,
-            rendezvous,
-            buf: vec![0; 65536],
-            next_scan: Instant::now(),
-            awaiting_rendezvous: None,
-        })
+        Ok(Self { socks, locals, rendezvous, buf: vec![0; MAX_DATAGRAM] })
     }
 
     fn socket_of(&self, token: Token) -> Option<usize> {
@@ -137,8 +126,8 @@ impl MeshSockets {
     /// Sends what the mesh has: direct datagrams, and the questions for the rendezvous
     /// port (copies for the relay go into the tunnel's queue).
     fn transmit(&mut self, core: &mut Peer, now: Instant) {
-        for (i, d) in core.poll_rendezvous(now) {
-            let _ = self.socks[i].send_to(&d, self.rendezvous);
+        while let Some((i, len)) = core.poll_rendezvous(&mut self.buf) {
+            let _ = self.socks[i].send_to(&self.buf[..len], self.rendezvous);
         }
         while let Some((len, dests)) = core.poll_mesh_transmit(now, &mut self.buf) {
             for d in dests {
@@ -171,6 +160,9 @@ pub(super) struct PeerDriver {
     installed: Vec<Prefix>,
     /// Routes from other peers it refused to install, and why.
     skipped: Vec<(Prefix, String)>,
+    /// What carries the tunnel (no route from another peer may cover it): found once per
+    /// registration.
+    protected: Vec<Ipv4Addr>,
     /// Where names in the VPN's domain resolve, once the hub named one.
     resolver: Option<SystemResolver>,
     log: Logger,
@@ -183,6 +175,7 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
         warn!(log, "{}", w);
     }
     let mut el = EventLoop::new(log.clone())?;
+    let (now, wall) = clock();
     let mesh = match &c.mesh {
         Some(m) => Some(MeshSockets::open(m, el.registry(), log)?),
         None => None,
@@ -201,8 +194,9 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
                 connect: m.connect,
             }),
         },
-        Instant::now(),
-        Box::new(OsEntropy::new()),
+        now,
+        wall,
+        os_entropy(),
     );
     el.serve_control(&control_path)?;
     el.serve_metrics(c.metrics_listen)?;
@@ -222,6 +216,7 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
         tun_name: c.tun,
         installed: Vec::new(),
         skipped: Vec::new(),
+        protected: Vec::new(),
         resolver: None,
         log: log.clone(),
     };
@@ -239,10 +234,10 @@ impl Service for PeerDriver {
 
     fn handle_ready(&mut self, registry: &Registry, token: Token) -> Result<bool, VpnError> {
         let Self { core, tunnel, dev, bufs, log, mesh, .. } = self;
-        let now = Instant::now();
+        let (now, _) = clock();
         if let Some((m, i)) = mesh.as_mut().and_then(|m| m.socket_of(token).map(|i| (m, i))) {
             let pending = m.read(i, core, &mut bufs.rx, log);
-            self.flush()?;
+            self.flush(now)?;
             return Ok(pending);
         }
         let pending = match (token, &mut *tunnel) {
@@ -255,34 +250,19 @@ impl Service for PeerDriver {
             }
             _ => false,
         };
-        self.flush()?;
+        self.flush(now)?;
         Ok(pending)
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        [Some(self.core.poll_timeout()), self.tunnel.poll_timeout(), Some(Instant::now() + TICK)]
-            .into_iter()
-            .flatten()
-            .min()
+        // an idle peer wakes only when its core or the embedded client asks
+        [self.core.poll_timeout(), self.tunnel.poll_timeout()].into_iter().flatten().min()
     }
 
     fn handle_timeout(&mut self, registry: &Registry, now: Instant) -> Result<(), VpnError> {
         self.tunnel.handle_timeout(registry, now);
-        if let Some(m) = self.mesh.as_mut() {
-            if now >= m.next_scan {
-                m.next_scan = now + CANDIDATE_SCAN_INTERVAL;
-                self.core.set_host_candidates(m.host_candidates(&self.tun_name));
-            }
-            if self.core.reflexive().iter().any(Option::is_some) {
-                m.awaiting_rendezvous = None;
-            } else if m.awaiting_rendezvous.is_some_and(|t| now >= t + RENDEZVOUS_SILENT_AFTER) {
-                m.awaiting_rendezvous = None;
-                warn!(self.log, "mesh: the hub's rendezvous port does not answer (rendezvous: in hub.yaml, or a firewall); only host candidates are announced";
-                    "rendezvous" => %m.rendezvous);
-            }
-        }
-        self.core.handle_timeout(now, wall_ms());
-        self.flush()
+        self.core.handle_timeout(now, wall_clock_ms());
+        self.flush(now)
     }
 
     fn status(&self, now: Instant) -> VpnStatus {
@@ -310,24 +290,18 @@ impl Service for PeerDriver {
 impl PeerDriver {
     /// Sends what the core queued (through `bufs`), applies its configuration and logs
     /// its events.
-    fn flush(&mut self) -> Result<(), VpnError> {
-        let Self { core, tunnel, dev, bufs, tun_name: tun, installed, skipped, resolver, log, mesh, .. } = self;
+    fn flush(&mut self, now: Instant) -> Result<(), VpnError> {
+        let Self { core, tunnel, dev, bufs, tun_name: tun, installed, skipped, protected, resolver, log, mesh, .. } =
+            self;
         // first: the mesh's copies for the relay join the tunnel's queue
-        if let Some(m) = mesh.as_mut() {
-            m.transmit(core, Instant::now());
-        }
-        let failed = tunnel.transmit(core, &mut bufs.tx);
-        if failed > 0 {
-            trace!(log, "sends to mpclient failed"; "datagrams" => failed);
-        }
-        write_tun(dev, &mut bufs.out, |out| core.poll_tun(out));
+        send_all(now, core, mesh, tunnel, bufs, dev, log);
+        let mut handled = false;
         while let Some(ev) = core.poll_event() {
+            handled = true;
             match ev {
                 PeerEvent::Configured { addr, prefix_len, hub_addr, mtu, dns_domain } => {
                     configure_tun(tun, addr, prefix_len, mtu)?;
-                    if let Some(m) = mesh.as_mut() {
-                        m.awaiting_rendezvous = Some(Instant::now());
-                    }
+                    *protected = protected_addresses(tunnel, log);
                     if let (Some(domain), None) = (dns_domain, &resolver) {
                         *resolver = Some(SystemResolver::point(tun, hub_addr, &domain, log));
                     }
@@ -348,10 +322,9 @@ impl PeerDriver {
                         }
                         installed.retain(|x| x != r);
                     }
-                    let protected = protected_addresses(tunnel, log);
                     for r in add {
                         // `add`, never `replace`: a route this peer did not install stays
-                        let why = route_hazard(&r, &protected).map_or_else(
+                        let why = route_hazard(&r, protected).map_or_else(
                             || ip_cmd(&["route", "add", &r.to_string(), "dev", tun]).err().map(|e| e.to_string()),
                             Some,
                         );
@@ -381,6 +354,16 @@ impl PeerDriver {
                         warn!(log, "mesh: no direct path answers; through the hub's relay"; "peer" => peer)
                     }
                 },
+                PeerEvent::ScanCandidates => {
+                    if let Some(m) = mesh.as_ref() {
+                        core.set_host_candidates(m.host_candidates(tun));
+                    }
+                }
+                PeerEvent::RendezvousSilent => {
+                    let at = mesh.as_ref().map(|m| m.rendezvous);
+                    warn!(log, "mesh: the hub's rendezvous port does not answer (rendezvous: in hub.yaml, or a firewall); only host candidates are announced";
+                        "rendezvous" => ?at);
+                }
                 PeerEvent::HubLost => {
                     error!(log, "hub lost: no heartbeat answers after retries at 1, 3 and 7 s; not taking packets, registering again")
                 }
@@ -391,6 +374,31 @@ impl PeerDriver {
                 PeerEvent::Fatal(refusal) => return Err(refusal.into()),
             }
         }
+        // what the events made the core queue (candidates told, ...) goes now
+        if handled {
+            send_all(now, core, mesh, tunnel, bufs, dev, log);
+        }
         Ok(())
     }
+}
+
+/// Sends what the core has: the mesh's datagrams first (their copies for the relay join
+/// the tunnel's queue), then the tunnel's, then the TUN's packets.
+fn send_all(
+    now: Instant,
+    core: &mut Peer,
+    mesh: &mut Option<MeshSockets>,
+    tunnel: &mut PeerTunnel,
+    bufs: &mut IoBuffers,
+    dev: &tun::Device,
+    log: &Logger,
+) {
+    if let Some(m) = mesh.as_mut() {
+        m.transmit(core, now);
+    }
+    let failed = tunnel.transmit(now, core, &mut bufs.tx);
+    if failed > 0 {
+        trace!(log, "sends to mpclient failed"; "datagrams" => failed);
+    }
+    write_tun(dev, &mut bufs.out, |out| core.poll_tun(out));
 }

@@ -74,14 +74,3 @@ pub(super) fn only_mpclient() -> PathBuf {
         _ => control::default_control_path("mpclient"),
     }
 }
-
-/// Why `r` must not be installed, if it must not.
-pub(super) fn route_hazard(r: &Prefix, protected: &[Ipv4Addr]) -> Option<String> {
-    let special = [("loopback", "127.0.0.0/8"), ("link-local", "169.254.0.0/16"), ("multicast", "224.0.0.0/4")];
-    for (what, range) in special {
-        if r.overlaps(&range.parse().expect("literal")) {
-            return Some(format!("it covers {what} addresses"));
-        }
-    }
-    protected.iter().find(|a| r.contains(**a)).map(|a| format!("it covers {a}, which carries the tunnel"))
-}

@@ -42,7 +42,7 @@ impl Hub {
     /// A "where am I" on the rendezvous port from `from`: if it opens under a registered
     /// peer's channel, `from` is that mesh socket's reflexive candidate (a change is
     /// pushed to everyone) and `out` gets the answer, sealed. Returns its length.
-    pub fn handle_rendezvous(&mut self, from: SocketAddr, d: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+    pub fn handle_rendezvous(&mut self, now: Instant, from: SocketAddr, d: &[u8], out: &mut Vec<u8>) -> Option<usize> {
         let h = SealedHeader::parse(d).ok()?;
         let p = self.peers.get_mut(&h.peer_id)?;
         let n = p.channel.open(h, d, &mut self.buf).ok()?.len();
@@ -53,7 +53,7 @@ impl Hub {
         let moved = p.reflexive.insert(socket, from) != Some(from);
         let answer = p.channel.seal_message(&wire::emit_you_are(socket, from));
         if moved && p.mesh {
-            self.push_peer_list();
+            self.push_peer_list(now);
         }
         // never more than the question: the rendezvous port amplifies nothing
         if answer.len() > d.len() {
@@ -107,7 +107,7 @@ impl Hub {
 
     /// Peer `id` has a mesh socket, reachable at these host addresses (only addresses a
     /// host can have are kept).
-    pub(super) fn set_host_candidates(&mut self, id: u32, mut c: Vec<SocketAddr>) {
+    pub(super) fn set_host_candidates(&mut self, now: Instant, id: u32, mut c: Vec<SocketAddr>) {
         c.retain(|a| {
             a.port() != 0
                 && match a.ip() {
@@ -125,7 +125,7 @@ impl Hub {
         if !p.mesh || p.host_candidates != c {
             p.mesh = true;
             p.host_candidates = c;
-            self.push_peer_list();
+            self.push_peer_list(now);
         }
     }
 }
@@ -142,7 +142,7 @@ mod tests {
     /// peers with a mesh socket.
     #[test]
     pub(super) fn pair_keys_are_per_pair_and_per_registration() {
-        let (t0, wall) = (Instant::now(), 1_800_000_000_000u64);
+        let (t0, wall) = (common::sim::epoch(), common::sim::SIM_WALL_START_MS);
         let mut hub = test_hub();
         let (fa, fb) = (SocketAddr::from(([127, 0, 0, 1], 40000)), SocketAddr::from(([127, 0, 0, 1], 40001)));
         register(&mut hub, "a", fa, 1, t0, wall);
@@ -157,7 +157,7 @@ mod tests {
         hub.introduce(t0, a, b);
         assert!(hub.poll_transmit(&mut out).is_none());
         for p in [a, b] {
-            hub.set_host_candidates(p, vec!["198.51.100.9:5100".parse().expect("literal")]);
+            hub.set_host_candidates(t0, p, vec!["198.51.100.9:5100".parse().expect("literal")]);
         }
         hub.introduce(t0, a, b);
         let mut to = Vec::new();
@@ -194,21 +194,21 @@ mod tests {
         let mut answer = Vec::new();
         let mesh_socket = SocketAddr::from(([192, 0, 2, 1], 5100));
         let q = channel.seal_message(&wire::emit_where_am_i(0));
-        let n = hub.handle_rendezvous(mesh_socket, &q, &mut answer).expect("an answer");
+        let n = hub.handle_rendezvous(t0, mesh_socket, &q, &mut answer).expect("an answer");
         assert!(n <= q.len());
         // garbage, a replay and a question sealed under nobody's channel get nothing
-        assert!(hub.handle_rendezvous(mesh_socket, &[0x27; 60], &mut answer).is_none());
-        assert!(hub.handle_rendezvous(mesh_socket, &q, &mut answer).is_none());
+        assert!(hub.handle_rendezvous(t0, mesh_socket, &[0x27; 60], &mut answer).is_none());
+        assert!(hub.handle_rendezvous(t0, mesh_socket, &q, &mut answer).is_none());
         let (_, mut other, ..) = hub_with_one_peer("b");
         let foreign = other.seal_message(&wire::emit_where_am_i(0));
-        assert!(hub.handle_rendezvous(mesh_socket, &foreign, &mut answer).is_none());
+        assert!(hub.handle_rendezvous(t0, mesh_socket, &foreign, &mut answer).is_none());
         // a peer that told no host candidates has no mesh: it lists no candidates
         assert!(hub.entries()[0].candidates.is_empty());
         let mut c = vec![INNER_CANDIDATES, 2];
         wire::put_addr(&mut c, "127.0.0.1:5100".parse().expect("literal"));
         wire::put_addr(&mut c, "198.51.100.9:5100".parse().expect("literal"));
         c[1] = 2;
-        hub.set_host_candidates(own, wire::parse_candidates(&c).expect("parses"));
+        hub.set_host_candidates(t0, own, wire::parse_candidates(&c).expect("parses"));
         // the reflexive one first; loopback is no candidate
         let want: Vec<SocketAddr> = vec![mesh_socket, "198.51.100.9:5100".parse().expect("literal")];
         assert_eq!(hub.entries()[0].candidates, want);

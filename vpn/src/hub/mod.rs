@@ -33,6 +33,7 @@ mod status;
 #[cfg(any(test, feature = "sim"))]
 pub mod testing;
 
+use peer_list::ListPush;
 use registry::Pending;
 pub use registry::{route_verdict, PeerConfigChanges};
 pub use status::{PeerState, PeerStatus};
@@ -186,10 +187,8 @@ pub struct Hub {
     assigned: HashMap<String, Ipv4Addr>,
     last_register_ts: HashMap<String, u64>,
     next_id: u32,
-    peers_version: u32,
-    /// Some peer's link has not taken `peers_version` yet.
-    list_pending: bool,
-    list_pushed_at: Option<Instant>,
+    /// The peer list's version and when it next goes out.
+    list: ListPush,
     transmit: VecDeque<(SocketAddr, Vec<u8>)>,
     to_tun: PacketQueue,
     events: VecDeque<HubEvent>,
@@ -221,9 +220,7 @@ impl Hub {
             assigned: HashMap::new(),
             last_register_ts: HashMap::new(),
             next_id: first_peer_id.max(1),
-            peers_version: 1,
-            list_pending: false,
-            list_pushed_at: None,
+            list: ListPush::default(),
             transmit: VecDeque::new(),
             to_tun: PacketQueue::default(),
             events: VecDeque::new(),
@@ -309,7 +306,7 @@ impl Hub {
         let Some(p) = self.peers.get_mut(&id) else { return };
         p.last_heartbeat = now;
         p.rtt_us = hb.rtt_us;
-        let ack = HeartbeatAckRepr { seq: hb.seq, peers_version: self.peers_version }.emit();
+        let ack = HeartbeatAckRepr { seq: hb.seq, peers_version: self.list.version }.emit();
         let d = p.channel.seal_message(&ack);
         self.transmit.push_back((p.tunnel, d));
     }
@@ -319,7 +316,7 @@ impl Hub {
         match p.link.input(now, segment) {
             Ok(()) => {}
             Err(LinkError::Broken) => {
-                self.remove_peer(id, "its KCP link broke");
+                self.remove_peer(now, id, "its KCP link broke");
                 return;
             }
             Err(_) => {
@@ -338,7 +335,7 @@ impl Hub {
                     self.route_from_peer(id, &inner[field::inner::BODY..n]);
                 }
                 Some(&INNER_CANDIDATES) => match wire::parse_candidates(&inner[..n]) {
-                    Ok(c) => self.set_host_candidates(id, c),
+                    Ok(c) => self.set_host_candidates(now, id, c),
                     Err(_) => self.drops.malformed += 1,
                 },
                 Some(&INNER_INTRO_REQUEST) => match wire::parse_intro_request(&inner[..n]) {
@@ -350,7 +347,7 @@ impl Hub {
         }
         self.inner_buf = inner;
         if self.peers.get(&id).is_some_and(|p| p.link.is_broken()) {
-            self.remove_peer(id, "its KCP link broke");
+            self.remove_peer(now, id, "its KCP link broke");
         }
     }
 
@@ -389,8 +386,7 @@ impl Hub {
         let kcp = self.peers.values().map(|p| p.link.poll_timeout()).min();
         let expiry = self.peers.values().map(|p| p.last_seen + self.cfg.peer_timeout).min();
         let unconfirmed = self.pending.values().map(|p| p.since + self.cfg.peer_timeout).min();
-        let list =
-            self.list_pending.then(|| self.list_pushed_at.map_or(Instant::now(), |t| t + PEER_LIST_PUSH_INTERVAL));
+        let list = self.list.poll_timeout();
         [kcp, expiry, unconfirmed, list].into_iter().flatten().min()
     }
 
@@ -405,7 +401,7 @@ impl Hub {
             }
         }
         for (id, why) in gone {
-            self.remove_peer(id, why);
+            self.remove_peer(now, id, why);
         }
         let timeout = self.cfg.peer_timeout;
         self.drop_unconfirmed(|p| now.saturating_duration_since(p.since) >= timeout);

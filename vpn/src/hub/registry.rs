@@ -212,14 +212,14 @@ impl Hub {
             },
         );
         self.events.push_back(HubEvent::PeerUp { name: p.name, addr: p.addr, tunnel: from });
-        self.push_peer_list();
+        self.push_peer_list(now);
     }
 
     /// hub.yaml's peers were read again. Newly listed peers may register; a peer no
     /// longer listed, or whose key or fixed address changed, is dropped (its routes are
     /// withdrawn; a changed one registers again by itself); a peer whose allowance
     /// changed keeps what it announced that is now allowed. Nobody else is disturbed.
-    pub fn reconfigure(&mut self, peers: Vec<PeerSpec>) -> PeerConfigChanges {
+    pub fn reconfigure(&mut self, now: Instant, peers: Vec<PeerSpec>) -> PeerConfigChanges {
         let mut changes = PeerConfigChanges::default();
         let old = std::mem::take(&mut self.cfg.peers);
         let spec_of = |name: &str| peers.iter().find(|s| s.name == name);
@@ -259,19 +259,19 @@ impl Hub {
         self.keys = peers.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
         self.cfg.peers = peers;
         for id in leaving {
-            self.remove_peer(id, "hub.yaml changed: no longer listed, or another key or address");
+            self.remove_peer(now, id, "hub.yaml changed: no longer listed, or another key or address");
         }
         if list_changed {
-            self.push_peer_list();
+            self.push_peer_list(now);
         }
         changes
     }
 
-    pub(super) fn remove_peer(&mut self, id: u32, why: &'static str) {
+    pub(super) fn remove_peer(&mut self, now: Instant, id: u32, why: &'static str) {
         self.introduced.retain(|&(a, b), _| a != id && b != id);
         if let Some(p) = self.peers.remove(&id) {
             self.events.push_back(HubEvent::PeerGone { name: p.name, addr: p.addr, why });
-            self.push_peer_list();
+            self.push_peer_list(now);
         }
     }
 }

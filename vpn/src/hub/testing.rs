@@ -1,10 +1,10 @@
 //! Test support: a hub with genuinely registered peers, and the fuzz harness.
 
 use super::*;
+use common::sim::SimEntropy;
 
 /// A hub on 10.99.0.0/24 that knows peers `a` (key 7s) and `b` (key 8s).
 pub fn test_hub() -> Hub {
-    use common::entropy::OsEntropy;
     let spec = |n: &str| PeerSpec {
         name: n.into(),
         key: test_key(n),
@@ -21,7 +21,7 @@ pub fn test_hub() -> Hub {
             peer_timeout: DEFAULT_PEER_TIMEOUT,
             dns_domain: None,
         },
-        Box::new(OsEntropy::new()),
+        Box::new(SimEntropy::new(7)),
     )
 }
 
@@ -32,7 +32,8 @@ pub fn test_key(name: &str) -> PeerKey {
 /// Registers `name` from `from` (Register `nonce`, at `wall`) and confirms it with a
 /// heartbeat: its channel.
 pub fn register(hub: &mut Hub, name: &str, from: SocketAddr, nonce: u64, t0: Instant, wall: u64) -> Channel {
-    let mut entropy = common::entropy::OsEntropy::new();
+    // seeded by who registers: a run replays exactly
+    let mut entropy = SimEntropy::new(nonce ^ name.bytes().fold(0u64, |h, b| h.wrapping_mul(31) + u64::from(b)));
     let private = entropy.x25519_key();
     let public = x25519_public(&private);
     let reg = RegisterRepr {
@@ -59,7 +60,7 @@ pub fn register(hub: &mut Hub, name: &str, from: SocketAddr, nonce: u64, t0: Ins
 /// `test_hub` with `name` genuinely registered from 127.0.0.1:40000: the hub, that peer's
 /// channel, its tunnel address, the clocks used.
 pub fn hub_with_one_peer(name: &str) -> (Hub, Channel, SocketAddr, Instant, u64) {
-    let (t0, wall) = (Instant::now(), 1_800_000_000_000u64);
+    let (t0, wall) = (common::sim::epoch(), common::sim::SIM_WALL_START_MS);
     let mut hub = test_hub();
     let from = SocketAddr::from(([127, 0, 0, 1], 40000));
     let channel = register(&mut hub, name, from, 1, t0, wall);
@@ -100,8 +101,8 @@ pub fn fuzz_peer_input(data: &[u8]) {
             hub.handle_datagram(now, wall, from, &channel.seal_message(&m));
         } else if len % 8 == 3 {
             // the rendezvous port: raw, and sealed under the peer's channel
-            let _ = hub.handle_rendezvous(from, chunk, &mut answer);
-            let _ = hub.handle_rendezvous(from, &channel.seal_message(chunk), &mut answer);
+            let _ = hub.handle_rendezvous(now, from, chunk, &mut answer);
+            let _ = hub.handle_rendezvous(now, from, &channel.seal_message(chunk), &mut answer);
         } else {
             hub.handle_datagram(now, wall, from, chunk);
         }

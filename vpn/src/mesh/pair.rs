@@ -170,7 +170,7 @@ mod tests {
     #[test]
     fn pair_datagrams_fit_the_relay() {
         assert_eq!(PAIR_PAYLOAD + TUNNEL_OVERHEAD + RELAY_HEADER_LEN + SEALED_OVERHEAD, crate::TUNNEL_PAYLOAD);
-        let link = KcpLink::new(1, Instant::now(), PAIR_PAYLOAD + SEALED_OVERHEAD);
+        let link = KcpLink::new(1, common::sim::epoch(), PAIR_PAYLOAD + SEALED_OVERHEAD);
         assert_eq!(link.mss(), 1345);
         assert_eq!((1 + crate::TUN_MTU as usize).div_ceil(link.mss()), 2);
     }
@@ -179,7 +179,7 @@ mod tests {
     /// woken in the past: the driver would spin.
     #[test]
     fn a_silent_pair_never_spins() {
-        let now0 = Instant::now();
+        let now0 = common::sim::epoch();
         let cfg = MeshConfig {
             name: "a".into(),
             sockets: vec!["0.0.0.0:5100".parse().unwrap()],

@@ -2,20 +2,21 @@
 //! answers, and the mesh sockets' datagrams (direct, or copies for the hub's relay).
 
 use super::*;
+use common::wire::AEAD_TAG_LEN;
 
 impl Peer {
-    /// Where our mesh sockets are reachable on this host: told to the hub now and with
-    /// every registration.
+    /// Where our mesh sockets are reachable on this host (the driver looks when the core
+    /// asks, `PeerEvent::ScanCandidates`): told to the hub now and with every registration.
     pub fn set_host_candidates(&mut self, c: Vec<SocketAddr>) {
-        if c != self.host_candidates {
-            self.host_candidates = c;
+        if c != self.rendezvous.host_candidates {
+            self.rendezvous.host_candidates = c;
             self.send_candidates();
         }
     }
 
     /// What the hub's rendezvous port saw each mesh socket come from.
     pub fn reflexive(&self) -> &[Option<SocketAddr>] {
-        &self.reflexive
+        &self.rendezvous.reflexive
     }
 
     /// One datagram on mesh socket `socket` from `from` (opened in place): the hub's
@@ -31,15 +32,15 @@ impl Peer {
         }
     }
 
-    /// The "where am I" questions due, one per mesh socket every `RENDEZVOUS_INTERVAL`:
-    /// (socket, datagram for the hub's rendezvous port).
-    pub fn poll_rendezvous(&mut self, now: Instant) -> Vec<(usize, Vec<u8>)> {
-        let State::Up(s) = &mut self.state else { return Vec::new() };
-        if self.mesh.is_none() || now < self.next_rendezvous {
-            return Vec::new();
-        }
-        self.next_rendezvous = now + RENDEZVOUS_INTERVAL;
-        (0..self.reflexive.len()).map(|i| (i, s.channel.seal_message(&wire::emit_where_am_i(i as u8)))).collect()
+    /// The next "where am I" due (one per mesh socket every `RENDEZVOUS_INTERVAL`), sealed
+    /// into `out`: the mesh socket to send it from and its length.
+    pub fn poll_rendezvous(&mut self, out: &mut [u8]) -> Option<(usize, usize)> {
+        let State::Up(s) = &mut self.state else { return None };
+        let socket = self.rendezvous.next_question()?;
+        let q = wire::emit_where_am_i(socket as u8);
+        let body = out.get_mut(SEALED_HEADER_LEN..SEALED_HEADER_LEN + q.len() + AEAD_TAG_LEN)?;
+        body[..q.len()].copy_from_slice(&q);
+        Some((socket, s.channel.seal(out, q.len())))
     }
 
     /// The next datagram of a direct session, in `out` (at least 64 KiB): its length and
@@ -71,7 +72,7 @@ impl Peer {
 impl Peer {
     pub(super) fn send_candidates(&mut self) {
         let (State::Up(s), Some(_)) = (&mut self.state, &self.mesh) else { return };
-        if s.link.send(&wire::emit_candidates(&self.host_candidates)).is_err() {
+        if s.link.send(&wire::emit_candidates(&self.rendezvous.host_candidates)).is_err() {
             self.drops.queue_full += 1;
         }
     }
@@ -86,11 +87,85 @@ impl Peer {
         let n = m.len();
         match wire::parse_you_are(&self.buf[SEALED_HEADER_LEN..SEALED_HEADER_LEN + n]) {
             Ok((socket, addr)) => {
-                if let Some(r) = self.reflexive.get_mut(usize::from(socket)) {
+                if let Some(r) = self.rendezvous.reflexive.get_mut(usize::from(socket)) {
                     *r = Some(addr);
                 }
             }
             Err(_) => self.drops.malformed += 1,
         }
+    }
+
+    /// The mesh's own timers: the rendezvous questions, the scan for host candidates, and
+    /// the warning when the rendezvous port stays silent.
+    pub(super) fn rendezvous_timers(&mut self, now: Instant) {
+        if self.mesh.is_none() {
+            return;
+        }
+        let up = self.is_up();
+        let r = &mut self.rendezvous;
+        if now >= r.next_scan {
+            r.next_scan = now + CANDIDATE_SCAN_INTERVAL;
+            self.events.push_back(PeerEvent::ScanCandidates);
+        }
+        if up && now >= r.next_question {
+            r.next_question = now + RENDEZVOUS_INTERVAL;
+            r.questions_due = r.reflexive.len();
+        }
+        if r.reflexive.iter().any(Option::is_some) {
+            r.silent_since = None;
+        } else if r.silent_since.is_some_and(|t| now >= t + RENDEZVOUS_SILENT_AFTER) {
+            r.silent_since = None;
+            self.events.push_back(PeerEvent::RendezvousSilent);
+        }
+    }
+}
+
+/// The peer's side of the rendezvous port: where our mesh sockets are (host candidates,
+/// and what the hub saw), and when we next ask or look.
+pub(super) struct Rendezvous {
+    pub(super) host_candidates: Vec<SocketAddr>,
+    /// What the rendezvous port last saw each mesh socket come from.
+    reflexive: Vec<Option<SocketAddr>>,
+    next_question: Instant,
+    /// Mesh sockets still to ask from this round.
+    questions_due: usize,
+    next_scan: Instant,
+    /// When this registration came up, until the rendezvous port answered (or we said
+    /// it did not).
+    silent_since: Option<Instant>,
+}
+
+impl Rendezvous {
+    pub(super) fn new(now: Instant, sockets: usize) -> Self {
+        Self {
+            host_candidates: Vec::new(),
+            reflexive: vec![None; sockets],
+            next_question: now,
+            questions_due: 0,
+            next_scan: now,
+            silent_since: None,
+        }
+    }
+
+    /// A new registration: ask at once, and expect an answer within
+    /// `RENDEZVOUS_SILENT_AFTER`.
+    pub(super) fn registered(&mut self, now: Instant) {
+        self.next_question = now + RENDEZVOUS_INTERVAL;
+        self.questions_due = self.reflexive.len();
+        self.silent_since = Some(now);
+    }
+
+    /// The mesh socket to ask from next, if a question is due.
+    fn next_question(&mut self) -> Option<usize> {
+        let left = self.questions_due.checked_sub(1)?;
+        self.questions_due = left;
+        Some(self.reflexive.len() - 1 - left)
+    }
+
+    /// When a timer of the rendezvous is next due (`up`: registered).
+    pub(super) fn poll_timeout(&self, up: bool) -> Option<Instant> {
+        let question = up.then_some(self.next_question);
+        let silent = self.silent_since.map(|t| t + RENDEZVOUS_SILENT_AFTER);
+        [Some(self.next_scan), question, silent].into_iter().flatten().min()
     }
 }

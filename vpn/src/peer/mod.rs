@@ -18,6 +18,8 @@ mod mesh_link;
 mod peer_list;
 mod registration;
 
+use mesh_link::Rendezvous;
+pub use peer_list::route_hazard;
 use registration::Attempt;
 
 use crate::channel::{Agreement, Channel};
@@ -48,6 +50,10 @@ pub const REREGISTER_INTERVAL: Duration = Duration::from_secs(2);
 /// Each mesh socket asks the hub's rendezvous port where it is this often: a NAT
 /// mapping that changed is in the hub's list within about this.
 pub const RENDEZVOUS_INTERVAL: Duration = Duration::from_secs(1);
+/// A registered peer whose rendezvous questions got no answer this long says so.
+pub const RENDEZVOUS_SILENT_AFTER: Duration = Duration::from_secs(5);
+/// How often a peer with a mesh looks at its interfaces for new host candidates.
+pub const CANDIDATE_SCAN_INTERVAL: Duration = Duration::from_secs(5);
 
 pub struct PeerCoreConfig {
     pub name: String,
@@ -86,6 +92,12 @@ pub enum PeerEvent {
     Fatal(HubRefusal),
     /// The hub refused us for now (e.g. pool exhausted); we keep trying.
     Refused(RefusalReason),
+    /// Time to look at this host's interfaces for host candidates
+    /// (`Peer::set_host_candidates`).
+    ScanCandidates,
+    /// The hub's rendezvous port has not answered since we registered
+    /// (`RENDEZVOUS_SILENT_AFTER`): only host candidates are announced.
+    RendezvousSilent,
     /// The hub did not take one of our announced routes.
     RouteRefused {
         route: Prefix,
@@ -178,11 +190,8 @@ pub struct Peer {
     /// This registration's id (the hub's list names us by it).
     id: u32,
     mesh: Option<Mesh>,
-    /// Where our mesh sockets are reachable on this host (the driver finds them).
-    host_candidates: Vec<SocketAddr>,
-    /// What the rendezvous port last saw each mesh socket come from.
-    reflexive: Vec<Option<SocketAddr>>,
-    next_rendezvous: Instant,
+    /// Our mesh sockets' candidates and the rendezvous port's timers.
+    rendezvous: Rendezvous,
     /// Where the mesh datagram `poll_mesh_transmit` returned goes (directly).
     mesh_dests: Vec<MeshAddr>,
     mesh_all_dests: Vec<MeshAddr>,
@@ -193,8 +202,9 @@ pub struct Peer {
 
 impl Peer {
     /// `entropy` makes each registration's nonce and ephemeral key.
-    pub fn new(mut cfg: PeerCoreConfig, now: Instant, mut entropy: Box<dyn Entropy>) -> Self {
-        let mesh = cfg.mesh.take().map(|m| Mesh::new(m, now, 0, entropy.fork()));
+    /// `now` and `wall_ms` are the two clocks at the start.
+    pub fn new(mut cfg: PeerCoreConfig, now: Instant, wall_ms: u64, mut entropy: Box<dyn Entropy>) -> Self {
+        let mesh = cfg.mesh.take().map(|m| Mesh::new(m, now, wall_ms, entropy.fork()));
         let sockets = mesh.as_ref().map_or(0, |m| m.socket_count());
         Self {
             cfg,
@@ -222,9 +232,7 @@ impl Peer {
             entropy,
             id: 0,
             mesh,
-            host_candidates: Vec::new(),
-            reflexive: vec![None; sockets],
-            next_rendezvous: now,
+            rendezvous: Rendezvous::new(now, sockets),
             mesh_dests: Vec::new(),
             mesh_all_dests: Vec::new(),
             relay_out: PacketQueue::default(),
@@ -430,7 +438,7 @@ impl Peer {
         self.events.pop_front().or_else(|| self.mesh.as_mut()?.poll_event().map(PeerEvent::Mesh))
     }
 
-    pub fn poll_timeout(&self) -> Instant {
+    pub fn poll_timeout(&self) -> Option<Instant> {
         // the pairs run on while the hub is lost
         let mesh = self.mesh.as_ref().and_then(Mesh::poll_timeout);
         let own = match &self.state {
@@ -443,17 +451,18 @@ impl Peer {
                         None => t + HUB_LOST_AFTER,
                     },
                 };
-                let rendezvous = self.mesh.as_ref().map(|_| self.next_rendezvous);
-                [Some(hb), Some(s.link.poll_timeout()), rendezvous].into_iter().flatten().min().unwrap_or(hb)
+                hb.min(s.link.poll_timeout())
             }
         };
-        mesh.map_or(own, |m| m.min(own))
+        let rendezvous = self.mesh.as_ref().and_then(|_| self.rendezvous.poll_timeout(self.is_up()));
+        [Some(own), mesh, rendezvous].into_iter().flatten().min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
         if let Some(m) = self.mesh.as_mut() {
             m.handle_timeout(now, wall_ms);
         }
+        self.rendezvous_timers(now);
         match &mut self.state {
             State::Registering { next_try, lost, .. } => {
                 if now >= *next_try {

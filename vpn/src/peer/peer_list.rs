@@ -132,3 +132,15 @@ impl Peer {
             .collect()
     }
 }
+
+/// Why a route `r` from another peer must not be installed on this host, if it must not:
+/// it covers special addresses, or one of `protected` (what carries the tunnel).
+pub fn route_hazard(r: &Prefix, protected: &[Ipv4Addr]) -> Option<String> {
+    let special = [("loopback", "127.0.0.0/8"), ("link-local", "169.254.0.0/16"), ("multicast", "224.0.0.0/4")];
+    for (what, range) in special {
+        if r.overlaps(&range.parse().expect("literal")) {
+            return Some(format!("it covers {what} addresses"));
+        }
+    }
+    protected.iter().find(|a| r.contains(**a)).map(|a| format!("it covers {a}, which carries the tunnel"))
+}

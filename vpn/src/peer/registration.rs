@@ -98,7 +98,7 @@ impl Peer {
             m.reset();
         }
         self.send_candidates();
-        self.next_rendezvous = now;
+        self.rendezvous.registered(now);
         // the first sealed datagram is what makes the hub use this registration: now
         self.send_heartbeat(now);
         self.events.push_back(PeerEvent::Configured {
