@@ -10,6 +10,7 @@ use vpn::peer::{Peer, PeerCoreConfig, PeerEvent};
 use vpn::wire::PeerKey;
 use vpn::{TUNNEL_PAYLOAD, TUN_MTU};
 
+/// A short wait in the tests.
 const TICK: Duration = Duration::from_millis(5);
 
 fn key_of(name: &str) -> Vec<u8> {
@@ -59,6 +60,10 @@ struct Net {
     captured: Vec<(SocketAddr, Vec<u8>)>,
     /// Where the cores write what they send.
     out: Vec<u8>,
+    /// When each captured datagram was sent.
+    captured_at: Vec<Instant>,
+    /// How often `run_for` woke the cores.
+    wakeups: u64,
 }
 
 fn hub(seed: u64) -> Hub {
@@ -78,7 +83,9 @@ impl Net {
             rng: SimRng::new(1),
             hub_tun_rx: Vec::new(),
             captured: Vec::new(),
-            out: vec![0; 65536],
+            out: vec![0; common::wire::MAX_DATAGRAM],
+            captured_at: Vec::new(),
+            wakeups: 0,
         }
     }
 
@@ -111,6 +118,7 @@ impl Net {
                 while let Some(n) = p.core.poll_transmit(&mut self.out) {
                     moved = true;
                     self.captured.push((p.tunnel, self.out[..n].to_vec()));
+                    self.captured_at.push(self.now);
                     if self.hub_up && !self.rng.chance(self.loss) {
                         self.hub.handle_datagram(self.now, wall, p.tunnel, &self.out[..n]);
                     }
@@ -142,10 +150,29 @@ impl Net {
         }
     }
 
+    /// The earliest time any core asks to be woken at.
+    fn next_deadline(&self) -> Option<Instant> {
+        let hub = self.hub_up.then(|| self.hub.poll_timeout()).flatten();
+        self.peers.iter().filter_map(|p| p.core.poll_timeout()).chain(hub).min()
+    }
+
+    /// Runs for `d`, stepping the clock to the earliest deadline any core asks for (as a
+    /// driver's event loop would) and waking every core then: a timer a core forgets to
+    /// ask for fires late, and a core that keeps asking for a time already past fails the
+    /// run (it would spin a real daemon).
     fn run_for(&mut self, d: Duration) {
         let end = self.now + d;
-        while self.now < end {
-            self.now += TICK;
+        let mut at_once = 0;
+        loop {
+            let next = self.next_deadline().map_or(end, |t| t.min(end));
+            if next <= self.now {
+                at_once += 1;
+                assert!(at_once < 100, "a core keeps asking to be woken in the past");
+            } else {
+                at_once = 0;
+                self.now = next;
+            }
+            self.wakeups += 1;
             let wall = self.wall_ms();
             for p in &mut self.peers {
                 p.core.handle_timeout(self.now, wall);
@@ -154,6 +181,9 @@ impl Net {
                 self.hub.handle_timeout(self.now);
             }
             self.exchange();
+            if self.now >= end {
+                return;
+            }
         }
     }
 
@@ -689,4 +719,29 @@ fn a_replayed_register_takes_no_address_another_peer_returns_for() {
     let after: Vec<Ipv4Addr> = (0..2).map(|i| net.addr(i)).collect();
     assert!(net.peers.iter().all(|p| p.core.is_up()));
     assert_eq!(before, after, "addresses moved after the hub restart");
+}
+
+/// The simulation wakes the cores only when they ask (`Net::run_for`): an idle peer's
+/// heartbeats still go exactly every `HEARTBEAT_INTERVAL` (a timer missing from a core's
+/// `poll_timeout` would fire late or never), and an idle network asks for few wake-ups.
+#[test]
+fn timers_fire_when_asked_and_an_idle_network_sleeps() {
+    let mut net = Net::new(&["a", "b"]);
+    net.run_for(Duration::from_secs(2));
+    assert!(net.peers.iter().all(|p| p.core.is_up()));
+    let (from, start) = (net.peers[0].tunnel, net.captured.len());
+    let wakeups_before = net.wakeups;
+    net.run_for(Duration::from_secs(10));
+    let heartbeat_len = vpn::wire::SEALED_OVERHEAD + vpn::wire::HEARTBEAT_LEN;
+    let beats: Vec<Instant> = (start..net.captured.len())
+        .filter(|&i| net.captured[i].0 == from && net.captured[i].1.len() == heartbeat_len)
+        .map(|i| net.captured_at[i])
+        .collect();
+    assert_eq!(beats.len(), 10, "one heartbeat a second");
+    for w in beats.windows(2) {
+        assert_eq!(w[1] - w[0], vpn::peer::HEARTBEAT_INTERVAL, "a heartbeat late or early");
+    }
+    let wakeups = net.wakeups - wakeups_before;
+    eprintln!("an idle hub and two peers: {wakeups} wake-ups in 10 s");
+    assert!(wakeups <= 100, "an idle network woke {wakeups} times in 10 s");
 }
