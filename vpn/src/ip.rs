@@ -57,7 +57,7 @@ impl Prefix {
         (len <= 32).then(|| Self { addr: Ipv4Addr::from(u32::from(addr) & Self::mask(len)), len })
     }
 
-    fn mask(len: u8) -> u32 {
+    pub(crate) fn mask(len: u8) -> u32 {
         if len == 0 {
             0
         } else {
@@ -146,6 +146,72 @@ impl From<Prefix> for String {
     }
 }
 
+/// The IPv4 address an inner address stands for: itself, or the one a mapped IPv6
+/// address carries (`v6_of`).
+pub fn v4_in(a: IpAddr) -> Option<Ipv4Addr> {
+    match a {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(a) => v4_of(a),
+    }
+}
+
+/// Whether a packet from a peer whose VPN address is `addr` and whose accepted routes are
+/// `routes` may carry the inner source `src`: its own address (or its IPv6 mapping), or
+/// an IPv4 address inside one of its routes. The one source check of the hub and the mesh.
+pub fn source_of_peer(src: IpAddr, addr: Ipv4Addr, routes: &[Prefix]) -> bool {
+    match src {
+        IpAddr::V4(s) => s == addr || routes.iter().any(|r| r.contains(s)),
+        IpAddr::V6(s) => v4_of(s) == Some(addr),
+    }
+}
+
+/// Where IPv4 destinations go: exact host addresses first, then the longest prefix that
+/// covers the destination. A lookup costs one hash probe per distinct prefix length, not a
+/// scan of every peer. The one table of the hub and the peer.
+#[derive(Debug, Clone)]
+pub struct RouteTable<T> {
+    hosts: std::collections::HashMap<Ipv4Addr, T>,
+    prefixes: std::collections::HashMap<(u8, u32), T>,
+    /// The prefix lengths present, longest first.
+    lengths: Vec<u8>,
+}
+
+impl<T> Default for RouteTable<T> {
+    fn default() -> Self {
+        Self { hosts: Default::default(), prefixes: Default::default(), lengths: Vec::new() }
+    }
+}
+
+impl<T: Copy> RouteTable<T> {
+    /// `addr` is `to`'s own (found before any prefix).
+    pub fn insert_host(&mut self, addr: Ipv4Addr, to: T) {
+        self.hosts.insert(addr, to);
+    }
+
+    /// `p` leads to `to` (the last insert of one prefix wins).
+    pub fn insert_prefix(&mut self, p: Prefix, to: T) {
+        self.prefixes.insert((p.len, u32::from(p.addr)), to);
+        if let Err(i) = self.lengths.binary_search_by(|l| p.len.cmp(l)) {
+            self.lengths.insert(i, p.len);
+        }
+    }
+
+    /// Where `dst` goes: its host, else (unless `dst` is inside `own_network`, whose
+    /// addresses a route never reaches: an exit node's /0) the longest covering prefix.
+    pub fn lookup(&self, dst: Ipv4Addr, own_network: Option<Prefix>) -> Option<T> {
+        if let Some(&to) = self.hosts.get(&dst) {
+            return Some(to);
+        }
+        if own_network.is_some_and(|n| n.contains(dst)) {
+            return None;
+        }
+        self.lengths.iter().find_map(|&len| {
+            let key = u32::from(dst) & Prefix::mask(len);
+            self.prefixes.get(&(len, key)).copied()
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,5 +249,23 @@ mod tests {
         assert_eq!(v4_of(s), Some(Ipv4Addr::new(10, 99, 0, 2)));
         assert_eq!(addresses(&[]), None);
         assert_eq!(addresses(&[0x70; 60]), None);
+    }
+
+    #[test]
+    fn route_table_longest_prefix_and_hosts() {
+        let mut t = RouteTable::default();
+        let p = |s: &str| s.parse::<Prefix>().unwrap();
+        t.insert_prefix(p("0.0.0.0/0"), 1);
+        t.insert_prefix(p("10.82.0.0/16"), 2);
+        t.insert_prefix(p("10.82.1.0/25"), 3);
+        t.insert_host(Ipv4Addr::new(10, 99, 0, 5), 4);
+        let net = Some(p("10.99.0.0/24"));
+        assert_eq!(t.lookup(Ipv4Addr::new(10, 82, 1, 2), net), Some(3));
+        assert_eq!(t.lookup(Ipv4Addr::new(10, 82, 1, 200), net), Some(2));
+        assert_eq!(t.lookup(Ipv4Addr::new(8, 8, 8, 8), net), Some(1));
+        assert_eq!(t.lookup(Ipv4Addr::new(10, 99, 0, 5), net), Some(4));
+        // the VPN's own addresses are never reached through a route
+        assert_eq!(t.lookup(Ipv4Addr::new(10, 99, 0, 6), net), None);
+        assert_eq!(t.lookup(Ipv4Addr::new(10, 99, 0, 6), None), Some(1));
     }
 }

@@ -328,7 +328,7 @@ mod tests {
         let t0 = common::sim::epoch();
         let mut l = KcpLink::new(7, t0, 1438);
         let mut rng = common::sim::SimRng::new(3);
-        let mut buf = vec![0u8; 65536];
+        let mut buf = vec![0u8; common::wire::MAX_DATAGRAM];
         let mut now = t0;
         for len in [0usize, 3, 23, 24, 25, 40, 200, 1500] {
             for _ in 0..300 {
@@ -355,7 +355,7 @@ mod tests {
         let (mut a, mut b) = (KcpLink::new(7, t0, 1438), KcpLink::new(7, t0, 1438));
         a.send(&vec![1u8; 70_000]).unwrap();
         a.send_ip(&[0x45; 40]).unwrap();
-        let mut buf = vec![0u8; 65536];
+        let mut buf = vec![0u8; common::wire::MAX_DATAGRAM];
         let mut now = t0;
         for _ in 0..20 {
             pump(&mut a, &mut b, now);
@@ -374,7 +374,7 @@ mod tests {
         let t0 = common::sim::epoch();
         let (mut a, mut b) = (KcpLink::new(7, t0, 1438), KcpLink::new(7, t0, 1438));
         a.send(&vec![2u8; 5000]).unwrap(); // four fragments
-        let mut buf = vec![0u8; 65536];
+        let mut buf = vec![0u8; common::wire::MAX_DATAGRAM];
         let mut d = [0u8; 2048];
         let mut now = t0;
         while now < t0 + KCP_STALL_TIMEOUT + Duration::from_secs(1) {

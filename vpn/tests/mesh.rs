@@ -124,7 +124,7 @@ impl MeshNet {
             direct_blocked: false,
             hub_down: false,
             direct_sent: vec![Vec::new(); nats.len()],
-            out: vec![0; 65536],
+            out: vec![0; common::wire::MAX_DATAGRAM],
         }
     }
 

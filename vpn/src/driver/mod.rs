@@ -129,7 +129,12 @@ pub(super) struct IoBuffers {
 
 impl IoBuffers {
     fn new() -> Self {
-        Self { tun_in: vec![0; 65536], rx: RecvBatch::new(), tx: RecvBatch::new(), out: vec![0; 65536] }
+        Self {
+            tun_in: vec![0; common::wire::MAX_DATAGRAM],
+            rx: RecvBatch::new(),
+            tx: RecvBatch::new(),
+            out: vec![0; common::wire::MAX_DATAGRAM],
+        }
     }
 }
 

@@ -108,19 +108,7 @@ impl Hub {
     /// Peer `id` has a mesh socket, reachable at these host addresses (only addresses a
     /// host can have are kept).
     pub(super) fn set_host_candidates(&mut self, now: Instant, id: u32, mut c: Vec<SocketAddr>) {
-        c.retain(|a| {
-            a.port() != 0
-                && match a.ip() {
-                    IpAddr::V4(v4) => {
-                        !(v4.is_loopback()
-                            || v4.is_unspecified()
-                            || v4.is_multicast()
-                            || v4.is_broadcast()
-                            || self.cfg.network.contains(v4))
-                    }
-                    IpAddr::V6(v6) => !(v6.is_loopback() || v6.is_unspecified() || v6.is_multicast()),
-                }
-        });
+        c.retain(|&a| crate::mesh::is_host_candidate(a, Some(self.cfg.network)));
         let Some(p) = self.peers.get_mut(&id) else { return };
         if !p.mesh || p.host_candidates != c {
             p.mesh = true;
@@ -153,7 +141,7 @@ mod tests {
         assert_eq!(hub.pair_key(b, a), Some(k));
         assert_ne!(hub.pair_key(a, a), Some(k));
         // no mesh socket told yet: no introduction
-        let mut out = vec![0u8; 65536];
+        let mut out = vec![0u8; common::wire::MAX_DATAGRAM];
         hub.introduce(t0, a, b);
         assert!(hub.poll_transmit(&mut out).is_none());
         for p in [a, b] {
@@ -177,7 +165,7 @@ mod tests {
     pub(super) fn relay_and_rendezvous_serve_only_registered_peers() {
         let (mut hub, mut channel, from, t0, wall) = hub_with_one_peer("a");
         let own = hub.status(t0)[0].id;
-        let mut out = vec![0u8; 65536];
+        let mut out = vec![0u8; common::wire::MAX_DATAGRAM];
         let relay_to = |to: u32| {
             let mut m = vec![sealed_kind::RELAY];
             m.extend_from_slice(&to.to_be_bytes());

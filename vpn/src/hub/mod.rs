@@ -39,7 +39,7 @@ pub use registry::{route_verdict, PeerConfigChanges};
 pub use status::{PeerState, PeerStatus};
 
 use crate::channel::{Agreement, Channel, OpenFailure};
-use crate::ip::{self, Prefix};
+use crate::ip::{self, Prefix, RouteTable};
 use crate::kcplink::{KcpLink, LinkError};
 use crate::mesh::{MeshPathStatus, Via};
 use crate::queue::PacketQueue;
@@ -189,6 +189,8 @@ pub struct Hub {
     next_id: u32,
     /// The peer list's version and when it next goes out.
     list: ListPush,
+    /// Peers' addresses and routes, for every packet routed (rebuilt on every list change).
+    route_table: RouteTable<u32>,
     transmit: VecDeque<(SocketAddr, Vec<u8>)>,
     to_tun: PacketQueue,
     events: VecDeque<HubEvent>,
@@ -221,12 +223,13 @@ impl Hub {
             last_register_ts: HashMap::new(),
             next_id: first_peer_id.max(1),
             list: ListPush::default(),
+            route_table: RouteTable::default(),
             transmit: VecDeque::new(),
             to_tun: PacketQueue::default(),
             events: VecDeque::new(),
             drops: HubDrops::default(),
-            buf: vec![0; 65536],
-            inner_buf: vec![0; 65536],
+            buf: vec![0; common::wire::MAX_DATAGRAM],
+            inner_buf: vec![0; common::wire::MAX_DATAGRAM],
             pair_secret: hmac::Key::new(hmac::HMAC_SHA256, &secret),
             introduced: HashMap::new(),
         }

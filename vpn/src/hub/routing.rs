@@ -12,26 +12,22 @@ impl Hub {
     }
 
     /// The peer whose address or announced route covers `dst` (longest prefix wins).
+    /// The VPN's own addresses are never reached through a route (an exit node's /0).
     pub(super) fn peer_for(&self, dst: Ipv4Addr) -> Option<u32> {
-        if let Some(p) = self.peers.values().find(|p| p.addr == dst) {
-            return Some(p.id);
-        }
-        // the VPN's own addresses are never reached through a route (an exit node's /0)
-        if self.cfg.network.contains(dst) {
-            return None;
-        }
-        self.peers
-            .values()
-            .flat_map(|p| p.routes.iter().filter(|r| r.contains(dst)).map(move |r| (r.len, p.id)))
-            .max()
-            .map(|(_, id)| id)
+        self.route_table.lookup(dst, Some(self.cfg.network))
     }
 
-    pub(super) fn v4_dst(dst: IpAddr) -> Option<Ipv4Addr> {
-        match dst {
-            IpAddr::V4(a) => Some(a),
-            IpAddr::V6(a) => ip::v4_of(a),
+    /// The peers changed (registered, gone, other routes): the table again. Two peers
+    /// announcing one prefix: the higher id has it.
+    pub(super) fn rebuild_routes(&mut self) {
+        let mut t = RouteTable::default();
+        for p in self.peers.values() {
+            t.insert_host(p.addr, p.id);
+            for r in &p.routes {
+                t.insert_prefix(*r, p.id);
+            }
         }
+        self.route_table = t;
     }
 
     pub(super) fn route_from_peer(&mut self, from_id: u32, packet: &[u8]) {
@@ -40,15 +36,11 @@ impl Hub {
             return;
         };
         let p = &self.peers[&from_id];
-        let src_ok = match src {
-            IpAddr::V4(s) => s == p.addr || p.routes.iter().any(|r| r.contains(s)),
-            IpAddr::V6(s) => ip::v4_of(s) == Some(p.addr),
-        };
-        if !src_ok {
+        if !ip::source_of_peer(src, p.addr, &p.routes) {
             self.drops.spoofed_source += 1;
             return;
         }
-        let target = Self::v4_dst(dst);
+        let target = ip::v4_in(dst);
         match target.and_then(|d| self.peer_for(d)) {
             Some(to) if to == from_id => self.drops.no_route += 1,
             Some(to) => {
@@ -77,7 +69,7 @@ impl Hub {
 
     /// An IP packet the hub host sent into its TUN device.
     pub fn handle_tun_packet(&mut self, packet: &[u8]) {
-        let dst = ip::addresses(packet).and_then(|(_, d)| Self::v4_dst(d));
+        let dst = ip::addresses(packet).and_then(|(_, d)| ip::v4_in(d));
         match dst.and_then(|d| self.peer_for(d)) {
             Some(to) => self.send_ip(to, packet),
             None => self.drops.no_route += 1,

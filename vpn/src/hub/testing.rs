@@ -47,7 +47,7 @@ pub fn register(hub: &mut Hub, name: &str, from: SocketAddr, nonce: u64, t0: Ins
     };
     let key = test_key(name);
     hub.handle_datagram(t0, wall, from, &reg.emit(&key));
-    let mut out = vec![0u8; 65536];
+    let mut out = vec![0u8; common::wire::MAX_DATAGRAM];
     let (_, n) = hub.poll_transmit(&mut out).expect("a Welcome");
     let w = WelcomeRepr::parse(&out[..n], &key, &public).expect("a valid Welcome");
     let agreement = Agreement { key: &key, nonce, peer_id: w.peer_id, peer_public: &public, hub_public: &w.public };
@@ -81,7 +81,7 @@ pub fn fuzz_peer_input(data: &[u8]) {
         seq += 1;
         channel.seal_message(&HeartbeatRepr { seq, rtt_us: 0 }.emit())
     };
-    let mut out = vec![0u8; 65536];
+    let mut out = vec![0u8; common::wire::MAX_DATAGRAM];
     let mut answer = Vec::new();
     let mut now = t0;
     let mut rest = data;

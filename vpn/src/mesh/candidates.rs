@@ -15,14 +15,9 @@ pub fn host_candidates(locals: &[SocketAddr], interfaces: &[(String, IpAddr)], t
             continue;
         }
         for (name, ip) in interfaces {
-            let link_local = match ip {
-                IpAddr::V4(a) => a.is_link_local(),
-                IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80,
-            };
             let candidate = SocketAddr::new(*ip, local.port());
             if name != tun
-                && !ip.is_loopback()
-                && !link_local
+                && is_host_candidate(candidate, None)
                 && ip.is_ipv4() == local.is_ipv4()
                 && !out.contains(&candidate)
             {
@@ -31,6 +26,27 @@ pub fn host_candidates(locals: &[SocketAddr], interfaces: &[(String, IpAddr)], t
         }
     }
     out
+}
+
+/// Whether `a` can be a host candidate, on this peer (it lists its addresses) and at the
+/// hub (it takes a peer's list): a port, and an address another host can reach: not
+/// unspecified, loopback, link-local, multicast or broadcast, and not one of the VPN's
+/// own (`vpn_network`; the peer leaves out its TUN device's addresses instead).
+pub fn is_host_candidate(a: SocketAddr, vpn_network: Option<Prefix>) -> bool {
+    let reachable = match a.ip() {
+        IpAddr::V4(v4) => {
+            !(v4.is_unspecified()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || vpn_network.is_some_and(|n| n.contains(v4)))
+        }
+        IpAddr::V6(v6) => {
+            !(v6.is_unspecified() || v6.is_loopback() || v6.is_multicast() || (v6.segments()[0] & 0xffc0) == 0xfe80)
+        }
+    };
+    a.port() != 0 && reachable
 }
 
 /// Every (mesh socket × candidate) of the same address family, at most

@@ -56,7 +56,7 @@ mod punch;
 mod sessions;
 mod transmit;
 
-pub use candidates::{direct_paths, host_candidates};
+pub use candidates::{direct_paths, host_candidates, is_host_candidate};
 use pair::{pair_client, pair_conv, relay_addr, Pair, Side};
 
 /// A punch lasts this long ...
@@ -227,7 +227,7 @@ impl Mesh {
             intro_requests: VecDeque::new(),
             replies: VecDeque::new(),
             to_tun: PacketQueue::default(),
-            inner_buf: vec![0; 65536],
+            inner_buf: vec![0; common::wire::MAX_DATAGRAM],
             entropy,
             epoch: now,
             wall_at_epoch_ms: wall_ms,

@@ -112,10 +112,7 @@ impl Pair {
     }
 
     pub(super) fn source_allowed(&self, src: IpAddr) -> bool {
-        match src {
-            IpAddr::V4(a) => a == self.addr || self.routes.iter().any(|r| r.contains(a)),
-            IpAddr::V6(a) => ip::v4_of(a) == Some(self.addr),
-        }
+        ip::source_of_peer(src, self.addr, &self.routes)
     }
 }
 
@@ -197,7 +194,7 @@ mod tests {
         mesh.set_peer_list(now0, 1, &[b]);
         assert_eq!(mesh.poll_intro_request(), Some(2));
         mesh.on_intro(now0, &IntroRepr { peer_id: 2, key: [5; 32] });
-        let (mut out, mut to) = (vec![0u8; 65536], Vec::new());
+        let (mut out, mut to) = (vec![0u8; common::wire::MAX_DATAGRAM], Vec::new());
         let mut now = now0;
         let mut wakeups = 0;
         while now < now0 + Duration::from_secs(90) {

@@ -24,7 +24,7 @@ use registration::Attempt;
 
 use crate::channel::{Agreement, Channel};
 use crate::hub::{PeerState, PeerStatus};
-use crate::ip::{self, Prefix};
+use crate::ip::{self, Prefix, RouteTable};
 use crate::kcplink::{KcpLink, LinkError};
 use crate::mesh::{Mesh, MeshAddr, MeshConfig, Via};
 use crate::queue::PacketQueue;
@@ -168,6 +168,8 @@ pub struct Peer {
     peers: Vec<PeerEntry>,
     /// A peer list being received: its version, the next chunk due, the entries so far.
     list_assembly: Option<(u32, u16, Vec<PeerEntry>)>,
+    /// Which listed peer (index in `peers`) an address belongs to.
+    route_table: RouteTable<usize>,
     /// Traffic with each listed peer, index for index with `peers`.
     peer_traffic: Vec<PeerTraffic>,
     /// Our announced routes the hub refused this registration.
@@ -215,6 +217,7 @@ impl Peer {
             mtu: 0,
             peers: Vec::new(),
             list_assembly: None,
+            route_table: RouteTable::default(),
             peer_traffic: Vec::new(),
             refused_routes: Vec::new(),
             installed_routes: BTreeSet::new(),
@@ -227,8 +230,8 @@ impl Peer {
             drops: PeerDrops::default(),
             tx_bytes: 0,
             rx_bytes: 0,
-            buf: vec![0; 65536],
-            inner_buf: vec![0; 65536],
+            buf: vec![0; common::wire::MAX_DATAGRAM],
+            inner_buf: vec![0; common::wire::MAX_DATAGRAM],
             entropy,
             id: 0,
             mesh,

@@ -47,6 +47,16 @@ impl Peer {
                 self.peers.iter().position(|q| q.id == p.id).map_or_else(Default::default, |i| self.peer_traffic[i])
             })
             .collect();
+        // who an address belongs to: its own, else the longest route (the higher index
+        // wins a prefix two peers announce)
+        let mut table = RouteTable::default();
+        for (i, p) in list.iter().enumerate() {
+            table.insert_host(p.addr, i);
+            for r in &p.routes {
+                table.insert_prefix(*r, i);
+            }
+        }
+        self.route_table = table;
         self.peers = list;
         self.events.push_back(PeerEvent::PeerList);
     }
@@ -75,19 +85,7 @@ impl Peer {
     /// The listed peer an inner address belongs to: its own address, else the longest
     /// announced route that covers it.
     pub(super) fn peer_index(&self, a: IpAddr) -> Option<usize> {
-        let a = match a {
-            IpAddr::V4(a) => a,
-            IpAddr::V6(a) => ip::v4_of(a)?,
-        };
-        if let Some(i) = self.peers.iter().position(|p| p.addr == a) {
-            return Some(i);
-        }
-        self.peers
-            .iter()
-            .enumerate()
-            .flat_map(|(i, p)| p.routes.iter().filter(|r| r.contains(a)).map(move |r| (r.len, i)))
-            .max()
-            .map(|(_, i)| i)
+        self.route_table.lookup(ip::v4_in(a)?, None)
     }
 }
 
