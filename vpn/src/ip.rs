@@ -196,6 +196,11 @@ impl<T: Copy> RouteTable<T> {
         }
     }
 
+    /// Whether `addr` is someone's own address.
+    pub fn has_host(&self, addr: Ipv4Addr) -> bool {
+        self.hosts.contains_key(&addr)
+    }
+
     /// Where `dst` goes: its host, else (unless `dst` is inside `own_network`, whose
     /// addresses a route never reaches: an exit node's /0) the longest covering prefix.
     pub fn lookup(&self, dst: Ipv4Addr, own_network: Option<Prefix>) -> Option<T> {

@@ -19,8 +19,6 @@ impl Hub {
     /// The list changed: every peer is due the new version.
     pub(super) fn push_peer_list(&mut self, now: Instant) {
         self.list.changed(now);
-        // what the list carries is what routing follows
-        self.rebuild_routes();
     }
 
     /// Sends the current list to every peer whose link has not taken it, whole or not at

@@ -212,6 +212,7 @@ impl Hub {
             },
         );
         self.events.push_back(HubEvent::PeerUp { name: p.name, addr: p.addr, tunnel: from });
+        self.rebuild_routes();
         self.push_peer_list(now);
     }
 
@@ -262,6 +263,7 @@ impl Hub {
             self.remove_peer(now, id, "hub.yaml changed: no longer listed, or another key or address");
         }
         if list_changed {
+            self.rebuild_routes();
             self.push_peer_list(now);
         }
         changes
@@ -271,6 +273,7 @@ impl Hub {
         self.introduced.retain(|&(a, b), _| a != id && b != id);
         if let Some(p) = self.peers.remove(&id) {
             self.events.push_back(HubEvent::PeerGone { name: p.name, addr: p.addr, why });
+            self.rebuild_routes();
             self.push_peer_list(now);
         }
     }

@@ -17,7 +17,8 @@ impl Hub {
         self.route_table.lookup(dst, Some(self.cfg.network))
     }
 
-    /// The peers changed (registered, gone, other routes): the table again. Two peers
+    /// The peers changed (registered, gone, other routes; not their candidates): the table
+    /// again. Two peers
     /// announcing one prefix: the higher id has it.
     pub(super) fn rebuild_routes(&mut self) {
         let mut t = RouteTable::default();

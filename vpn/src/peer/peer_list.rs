@@ -77,7 +77,7 @@ impl Peer {
             return false;
         }
         match self.network {
-            Some(net) if net.contains(v4) => v4 == self.hub_addr || self.peers.iter().any(|p| p.addr == v4),
+            Some(net) if net.contains(v4) => v4 == self.hub_addr || self.route_table.has_host(v4),
             _ => true,
         }
     }
