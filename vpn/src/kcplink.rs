@@ -405,7 +405,7 @@ mod tests {
         for _ in 0..200 {
             let len = (rng.next_u64() % 4096) as usize;
             let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
-            crate::hub::testing::fuzz_peer_input(&data);
+            crate::sim::raw::fuzz_peer_input(&data);
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! `hub` and `peer` are sans-IO state machines (time and bytes in; datagrams, TUN packets
 //! and events out); `driver` runs them on a TUN device and a UDP socket towards the local
-//! mpclient/mpserver.
+//! mpclient/mpserver. `sim` (the test-only `sim` feature) runs the cores together on a
+//! fake clock.
 
 pub mod channel;
 pub mod cli;
@@ -17,6 +18,8 @@ pub mod onboard;
 pub mod peer;
 pub mod queue;
 pub mod resolver;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 pub mod wire;
 
 use common::config::ConfigError;

@@ -1,201 +1,51 @@
 //! Hub and peers driven together with a fake clock: registry, pool, routing,
 //! anti-spoofing, peer-list push, heartbeats, hub loss and return, MTU rules, keys.
 
-use common::sim::{SimEntropy, SimRng};
+use common::sim::SimEntropy;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 use vpn::hub::{Hub, HubCoreConfig, PeerSpec, PeerState, DEFAULT_PEER_TIMEOUT};
 use vpn::ip::Prefix;
 use vpn::peer::{Peer, PeerCoreConfig, PeerEvent};
+use vpn::sim::{self, key_of, Nat, SimPeer, VpnSim};
 use vpn::wire::PeerKey;
 use vpn::{TUNNEL_PAYLOAD, TUN_MTU};
 
 /// A short wait in the tests.
-const TICK: Duration = Duration::from_millis(5);
+const TICK: Duration = vpn::sim::STEP;
 
-fn key_of(name: &str) -> Vec<u8> {
-    let mut k = name.as_bytes().to_vec();
-    k.resize(32, 0x42);
-    k
-}
-
+/// `sim::hub_config` with peer `fixed` at 10.99.0.77, `b` allowed to announce the subnet
+/// behind it (nobody else anything), and DNS.
 fn hub_config(names: &[&str]) -> HubCoreConfig {
-    HubCoreConfig {
-        network: "10.99.0.0/24".parse().unwrap(),
-        hub_addr: Ipv4Addr::new(10, 99, 0, 1),
-        mtu: TUN_MTU,
-        tunnel_payload: TUNNEL_PAYLOAD,
-        peers: names
-            .iter()
-            .map(|n| PeerSpec {
-                name: n.to_string(),
-                key: PeerKey::new(&key_of(n)),
-                fixed_addr: (*n == "fixed").then(|| Ipv4Addr::new(10, 99, 0, 77)),
-                // hub.yaml lets b announce the subnet behind it, and nobody else anything
-                allowed_routes: if *n == "b" { vec!["192.168.50.0/24".parse().unwrap()] } else { vec![] },
-            })
-            .collect(),
-        peer_timeout: DEFAULT_PEER_TIMEOUT,
-        dns_domain: Some("mpvpn".into()),
+    let mut cfg = sim::hub_config(names);
+    for p in &mut cfg.peers {
+        if p.name == "fixed" {
+            p.fixed_addr = Some(Ipv4Addr::new(10, 99, 0, 77));
+        }
+        if p.name == "b" {
+            p.allowed_routes = vec!["192.168.50.0/24".parse().unwrap()];
+        }
     }
-}
-
-struct TestPeer {
-    core: Peer,
-    tunnel: SocketAddr,
-    events: Vec<PeerEvent>,
-    tun_rx: Vec<Vec<u8>>,
-}
-
-struct Net {
-    t0: Instant,
-    now: Instant,
-    hub: Hub,
-    hub_up: bool,
-    peers: Vec<TestPeer>,
-    loss: f64,
-    rng: SimRng,
-    hub_tun_rx: Vec<Vec<u8>>,
-    /// Everything the peers sent towards the hub, with where from (for replays).
-    captured: Vec<(SocketAddr, Vec<u8>)>,
-    /// Where the cores write what they send.
-    out: Vec<u8>,
-    /// When each captured datagram was sent.
-    captured_at: Vec<Instant>,
-    /// How often `run_for` woke the cores.
-    wakeups: u64,
+    cfg.dns_domain = Some("mpvpn".into());
+    cfg
 }
 
 fn hub(seed: u64) -> Hub {
     Hub::new(hub_config(&["a", "b", "c", "fixed"]), Box::new(SimEntropy::new(seed)))
 }
 
-impl Net {
-    fn new(names: &[&str]) -> Self {
-        let now = common::sim::epoch();
-        Self {
-            t0: now,
-            now,
-            hub: hub(100),
-            hub_up: true,
-            peers: names.iter().enumerate().map(|(i, n)| Self::peer(n, None, vec![], i, now)).collect(),
-            loss: 0.0,
-            rng: SimRng::new(1),
-            hub_tun_rx: Vec::new(),
-            captured: Vec::new(),
-            out: vec![0; common::wire::MAX_DATAGRAM],
-            captured_at: Vec::new(),
-            wakeups: 0,
-        }
+/// A hub that knows a, b, c and fixed, and peers `names` (hosts 0, 1, ...).
+fn net(names: &[&str]) -> VpnSim {
+    let mut net = VpnSim::new(hub_config(&["a", "b", "c", "fixed"]), 100);
+    for n in names {
+        net.add_peer(sim::peer_config(n), Nat::None);
     }
+    net
+}
 
-    fn peer(name: &str, mtu: Option<u16>, routes: Vec<Prefix>, i: usize, now: Instant) -> TestPeer {
-        let cfg = PeerCoreConfig {
-            name: name.into(),
-            key: PeerKey::new(&key_of(name)),
-            mtu,
-            routes,
-            tunnel_payload: TUNNEL_PAYLOAD,
-            mesh: None,
-        };
-        TestPeer {
-            core: Peer::new(cfg, now, common::sim::SIM_WALL_START_MS, Box::new(SimEntropy::new(1000 + i as u64))),
-            tunnel: SocketAddr::from(([127, 0, 0, 1], 40000 + i as u16)),
-            events: Vec::new(),
-            tun_rx: Vec::new(),
-        }
-    }
-
-    fn wall_ms(&self) -> u64 {
-        common::sim::SIM_WALL_START_MS + self.now.duration_since(self.t0).as_millis() as u64
-    }
-
-    fn exchange(&mut self) {
-        let wall = self.wall_ms();
-        for _ in 0..100 {
-            let mut moved = false;
-            for p in &mut self.peers {
-                while let Some(n) = p.core.poll_transmit(&mut self.out) {
-                    moved = true;
-                    self.captured.push((p.tunnel, self.out[..n].to_vec()));
-                    self.captured_at.push(self.now);
-                    if self.hub_up && !self.rng.chance(self.loss) {
-                        self.hub.handle_datagram(self.now, wall, p.tunnel, &self.out[..n]);
-                    }
-                }
-            }
-            while let Some((to, n)) = self.hub.poll_transmit(&mut self.out) {
-                moved = true;
-                if let Some(p) = self.peers.iter_mut().find(|p| p.tunnel == to) {
-                    if self.hub_up && !self.rng.chance(self.loss) {
-                        p.core.handle_datagram(self.now, &self.out[..n]);
-                    }
-                }
-            }
-            for p in &mut self.peers {
-                while let Some(ev) = p.core.poll_event() {
-                    p.events.push(ev);
-                }
-                while let Some(n) = p.core.poll_tun(&mut self.out) {
-                    p.tun_rx.push(self.out[..n].to_vec());
-                }
-            }
-            while self.hub.poll_event().is_some() {}
-            while let Some(n) = self.hub.poll_tun(&mut self.out) {
-                self.hub_tun_rx.push(self.out[..n].to_vec());
-            }
-            if !moved {
-                break;
-            }
-        }
-    }
-
-    /// The earliest time any core asks to be woken at.
-    fn next_deadline(&self) -> Option<Instant> {
-        let hub = self.hub_up.then(|| self.hub.poll_timeout()).flatten();
-        self.peers.iter().filter_map(|p| p.core.poll_timeout()).chain(hub).min()
-    }
-
-    /// Runs for `d`, stepping the clock to the earliest deadline any core asks for (as a
-    /// driver's event loop would) and waking every core then: a timer a core forgets to
-    /// ask for fires late, and a core that keeps asking for a time already past fails the
-    /// run (it would spin a real daemon).
-    fn run_for(&mut self, d: Duration) {
-        let end = self.now + d;
-        let mut at_once = 0;
-        loop {
-            let next = self.next_deadline().map_or(end, |t| t.min(end));
-            if next <= self.now {
-                at_once += 1;
-                assert!(at_once < 100, "a core keeps asking to be woken in the past");
-            } else {
-                at_once = 0;
-                self.now = next;
-            }
-            self.wakeups += 1;
-            let wall = self.wall_ms();
-            for p in &mut self.peers {
-                p.core.handle_timeout(self.now, wall);
-            }
-            if self.hub_up {
-                self.hub.handle_timeout(self.now);
-            }
-            self.exchange();
-            if self.now >= end {
-                return;
-            }
-        }
-    }
-
-    fn addr(&self, i: usize) -> Ipv4Addr {
-        self.peers[i].core.addr()
-    }
-
-    /// Every datagram peer `i` sent so far (what an attacker on its path captured).
-    fn sent_by(&self, i: usize) -> Vec<Vec<u8>> {
-        let from = self.peers[i].tunnel;
-        self.captured.iter().filter(|(f, _)| *f == from).map(|(_, d)| d.clone()).collect()
-    }
+/// Host `i` running peer `name` with `mtu` and `routes`.
+fn peer(net: &VpnSim, name: &str, mtu: Option<u16>, routes: Vec<Prefix>, i: usize) -> SimPeer {
+    net.make_peer(PeerCoreConfig { mtu, routes, ..sim::peer_config(name) }, Nat::None, i)
 }
 
 fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, len: usize, tag: u8) -> Vec<u8> {
@@ -210,7 +60,7 @@ fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, len: usize, tag: u8) -> Vec<u8> {
 
 #[test]
 fn peers_register_get_addresses_and_the_list() {
-    let mut net = Net::new(&["a", "b", "fixed"]);
+    let mut net = net(&["a", "b", "fixed"]);
     net.run_for(Duration::from_millis(200));
     for p in &net.peers {
         assert!(p.core.is_up(), "{}", p.core.state_name());
@@ -229,7 +79,7 @@ fn peers_register_get_addresses_and_the_list() {
 
 #[test]
 fn packets_are_routed_between_peers_and_to_the_hub() {
-    let mut net = Net::new(&["a", "b"]);
+    let mut net = net(&["a", "b"]);
     net.run_for(Duration::from_millis(200));
     let (a, b) = (net.addr(0), net.addr(1));
     for i in 0..200u8 {
@@ -250,7 +100,7 @@ fn packets_are_routed_between_peers_and_to_the_hub() {
 /// of 0; the hub showed every peer `up` whatever its heartbeats did.
 #[test]
 fn status_shows_real_traffic_and_heartbeat_state() {
-    let mut net = Net::new(&["a", "b"]);
+    let mut net = net(&["a", "b"]);
     net.run_for(Duration::from_millis(200));
     let (a, b) = (net.addr(0), net.addr(1));
     for i in 0..50u8 {
@@ -273,9 +123,9 @@ fn status_shows_real_traffic_and_heartbeat_state() {
         "{hub_view:?}"
     );
     // heartbeats stop reaching the hub: the peers show as silent before they expire
-    net.hub_up = false;
+    net.hub_cut = true;
     net.run_for(Duration::from_secs(4));
-    net.hub_up = true;
+    net.hub_cut = false;
     let hub_view = net.hub.status(net.now);
     assert_eq!(hub_view.len(), 2);
     assert!(hub_view.iter().all(|p| p.state == PeerState::Silent), "{hub_view:?}");
@@ -283,7 +133,7 @@ fn status_shows_real_traffic_and_heartbeat_state() {
 
 #[test]
 fn lossy_tunnel_still_delivers_everything_through_kcp() {
-    let mut net = Net::new(&["a", "b"]);
+    let mut net = net(&["a", "b"]);
     net.loss = 0.1;
     net.run_for(Duration::from_millis(2000));
     assert!(net.peers.iter().all(|p| p.core.is_up()));
@@ -298,7 +148,7 @@ fn lossy_tunnel_still_delivers_everything_through_kcp() {
 
 #[test]
 fn spoofed_inner_sources_are_dropped() {
-    let mut net = Net::new(&["a", "b", "c"]);
+    let mut net = net(&["a", "b", "c"]);
     net.run_for(Duration::from_millis(200));
     let (b, c) = (net.addr(1), net.addr(2));
     // a claims to be b
@@ -311,9 +161,8 @@ fn spoofed_inner_sources_are_dropped() {
 
 #[test]
 fn announced_routes_are_pushed_installed_and_removed() {
-    let mut net = Net::new(&["a"]);
-    let now = net.now;
-    net.peers.push(Net::peer("b", None, vec!["192.168.50.0/24".parse().unwrap()], 1, now));
+    let mut net = net(&["a"]);
+    net.peers.push(peer(&net, "b", None, vec!["192.168.50.0/24".parse().unwrap()], 1));
     net.run_for(Duration::from_millis(200));
     let route: Prefix = "192.168.50.0/24".parse().unwrap();
     assert!(net.peers[0].events.contains(&PeerEvent::Routes { add: vec![route], remove: vec![] }));
@@ -334,10 +183,10 @@ fn announced_routes_are_pushed_installed_and_removed() {
 
 #[test]
 fn hub_loss_is_detected_after_retries_and_the_address_survives_a_hub_restart() {
-    let mut net = Net::new(&["a", "b"]);
+    let mut net = net(&["a", "b"]);
     net.run_for(Duration::from_millis(200));
     let before: Vec<Ipv4Addr> = (0..2).map(|i| net.addr(i)).collect();
-    net.hub_up = false;
+    net.hub_cut = true;
     let down_at = net.now;
     let mut lost_at = None;
     for _ in 0..2400 {
@@ -354,7 +203,7 @@ fn hub_loss_is_detected_after_retries_and_the_address_survives_a_hub_restart() {
     assert_eq!(net.peers[0].core.drops.hub_lost, 1);
     // a new hub (restarted: empty registry) comes up; peers come back with the same addresses
     net.hub = hub(500);
-    net.hub_up = true;
+    net.hub_cut = false;
     net.run_for(Duration::from_secs(3));
     let after: Vec<Ipv4Addr> = (0..2).map(|i| net.addr(i)).collect();
     assert!(net.peers.iter().all(|p| p.core.is_up()));
@@ -363,9 +212,8 @@ fn hub_loss_is_detected_after_retries_and_the_address_survives_a_hub_restart() {
 
 #[test]
 fn mtu_mismatch_is_a_clear_error() {
-    let mut net = Net::new(&[]);
-    let now = net.now;
-    net.peers.push(Net::peer("a", Some(1400), vec![], 0, now));
+    let mut net = net(&[]);
+    net.peers.push(peer(&net, "a", Some(1400), vec![], 0));
     net.run_for(Duration::from_millis(100));
     let fatal = net.peers[0].events.iter().find_map(|e| match e {
         PeerEvent::Fatal(m) => Some(m.to_string()),
@@ -378,9 +226,9 @@ fn mtu_mismatch_is_a_clear_error() {
 
 #[test]
 fn wrong_key_and_unknown_names_get_nothing() {
-    let mut net = Net::new(&[]);
+    let mut net = net(&[]);
     let now = net.now;
-    let mut p = Net::peer("a", None, vec![], 0, now);
+    let mut p = peer(&net, "a", None, vec![], 0);
     p.core = Peer::new(
         PeerCoreConfig {
             name: "a".into(),
@@ -395,7 +243,7 @@ fn wrong_key_and_unknown_names_get_nothing() {
         Box::new(SimEntropy::new(5)),
     );
     net.peers.push(p);
-    net.peers.push(Net::peer("stranger", None, vec![], 1, now));
+    net.peers.push(peer(&net, "stranger", None, vec![], 1));
     net.run_for(Duration::from_secs(2));
     assert!(net.peers.iter().all(|p| !p.core.is_up() && p.events.is_empty()));
     assert!(net.hub.drops.bad_mac > 0 && net.hub.drops.unknown_peer > 0);
@@ -407,7 +255,7 @@ fn wrong_key_and_unknown_names_get_nothing() {
 /// refused by the in-memory timestamp, and KCP was trusted by tunnel address).
 #[test]
 fn replayed_traffic_changes_nothing() {
-    let mut net = Net::new(&["a", "b"]);
+    let mut net = net(&["a", "b"]);
     net.run_for(Duration::from_millis(500));
     let (a, b) = (net.addr(0), net.addr(1));
     net.peers[0].core.handle_tun_packet(net.now, &ipv4(a, b, 100, 1));
@@ -437,7 +285,7 @@ fn replayed_traffic_changes_nothing() {
 /// peer's own re-registration wins, and nothing replayed is delivered.
 #[test]
 fn register_replayed_after_a_hub_restart_yields_nothing() {
-    let mut net = Net::new(&["a", "b"]);
+    let mut net = net(&["a", "b"]);
     net.run_for(Duration::from_millis(500));
     let (a, b) = (net.addr(0), net.addr(1));
     net.peers[0].core.handle_tun_packet(net.now, &ipv4(a, b, 100, 1));
@@ -449,12 +297,9 @@ fn register_replayed_after_a_hub_restart_yields_nothing() {
     for d in &captured {
         net.hub.handle_datagram(net.now, wall, attacker, d);
     }
-    let mut out = [0u8; 2048];
-    let mut answers = 0;
-    while let Some((to, _)) = net.hub.poll_transmit(&mut out) {
-        assert_eq!(to, attacker);
-        answers += 1;
-    }
+    let answers = net.take_hub_datagrams();
+    assert!(answers.iter().all(|(to, _)| *to == attacker));
+    let answers = answers.len();
     assert_eq!(answers, 1, "one Welcome, to a registration only the peer's key and ephemeral secret can use");
     assert!(net.hub.status(net.now).is_empty(), "a replayed Register registered a peer");
     // the real peers notice the restart and come back; nothing replayed reached b
@@ -472,7 +317,7 @@ fn register_replayed_after_a_hub_restart_yields_nothing() {
 /// expires on time.
 #[test]
 fn replayed_traffic_never_keeps_a_peer_alive() {
-    let mut net = Net::new(&["a", "b"]);
+    let mut net = net(&["a", "b"]);
     net.run_for(Duration::from_millis(500));
     let a_tunnel = net.peers[0].tunnel;
     let captured = net.sent_by(0);
@@ -495,16 +340,13 @@ fn replayed_traffic_never_keeps_a_peer_alive() {
 /// up. Now every copy gets the same Welcome.
 #[test]
 fn concurrent_registers_converge_on_one_id() {
-    let mut net = Net::new(&[]);
-    let now = net.now;
-    net.peers.push(Net::peer("a", None, vec![], 0, now));
+    let mut net = net(&[]);
+    net.peers.push(peer(&net, "a", None, vec![], 0));
     let mut registers = Vec::new();
     for _ in 0..4 {
         let wall = net.wall_ms();
         net.peers[0].core.handle_timeout(net.now, wall);
-        while let Some(n) = net.peers[0].core.poll_transmit(&mut net.out) {
-            registers.push(net.out[..n].to_vec());
-        }
+        registers.extend(net.take_peer_datagrams(0));
         net.now += vpn::peer::REGISTER_RETRY;
     }
     assert_eq!(registers.len(), 4);
@@ -513,9 +355,7 @@ fn concurrent_registers_converge_on_one_id() {
     let mut welcomes = Vec::new();
     for r in &registers {
         net.hub.handle_datagram(net.now, wall, from, r);
-        while let Some((_, n)) = net.hub.poll_transmit(&mut net.out) {
-            welcomes.push(net.out[..n].to_vec());
-        }
+        welcomes.extend(net.take_hub_datagrams().into_iter().map(|(_, d)| d));
     }
     assert_eq!(welcomes.len(), 4);
     assert!(welcomes.windows(2).all(|w| w[0] == w[1]), "one registration, one Welcome");
@@ -540,14 +380,13 @@ fn concurrent_registers_converge_on_one_id() {
 #[test]
 fn announcements_outside_the_hub_yaml_allowance_are_refused_and_never_pushed() {
     use vpn::wire::RouteRefusalReason;
-    let mut net = Net::new(&["a"]);
-    let now = net.now;
-    net.peers.push(Net::peer("b", None, vec!["192.168.50.0/24".parse().unwrap()], 1, now));
+    let mut net = net(&["a"]);
+    net.peers.push(peer(&net, "b", None, vec!["192.168.50.0/24".parse().unwrap()], 1));
     let hijack: Vec<Prefix> = ["192.168.50.0/24", "192.168.50.128/25", "10.0.0.0/8", "10.99.0.0/25"]
         .iter()
         .map(|p| p.parse().unwrap())
         .collect();
-    net.peers.push(Net::peer("c", None, hijack.clone(), 2, now));
+    net.peers.push(peer(&net, "c", None, hijack.clone(), 2));
     net.run_for(Duration::from_millis(300));
     assert!(net.peers.iter().all(|p| p.core.is_up()), "c registers; only its routes are refused");
     let refused = net.peers[2].core.refused_routes().to_vec();
@@ -621,10 +460,9 @@ fn a_peer_list_larger_than_a_receive_buffer_arrives_whole() {
         })
         .collect();
     cfg.network = "10.99.0.0/16".parse().unwrap();
-    let mut net = Net::new(&[]);
+    let mut net = net(&[]);
     net.hub = Hub::new(cfg, Box::new(SimEntropy::new(3)));
-    let now = net.now;
-    net.peers = names.iter().enumerate().map(|(i, n)| Net::peer(n, None, routes_of(i), i, now)).collect();
+    net.peers = names.iter().enumerate().map(|(i, n)| peer(&net, n, None, routes_of(i), i)).collect();
     net.run_for(Duration::from_secs(2));
     assert_eq!(net.hub.status(net.now).len(), N);
     for p in &net.peers {
@@ -644,9 +482,8 @@ fn a_peer_list_larger_than_a_receive_buffer_arrives_whole() {
 /// nobody has is dropped; one from another peer, the hub or beyond the hub is taken.
 #[test]
 fn peers_take_from_the_hub_only_sources_it_can_carry() {
-    let mut net = Net::new(&["a"]);
-    let now = net.now;
-    net.peers.push(Net::peer("b", None, vec!["192.168.50.0/24".parse().unwrap()], 1, now));
+    let mut net = net(&["a"]);
+    net.peers.push(peer(&net, "b", None, vec!["192.168.50.0/24".parse().unwrap()], 1));
     net.run_for(Duration::from_millis(300));
     let (a, b) = (net.addr(0), net.addr(1));
     let hub_addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -668,10 +505,9 @@ fn peers_take_from_the_hub_only_sources_it_can_carry() {
 /// registrations and traffic are untouched.
 #[test]
 fn reconfigure_adds_drops_and_narrows_without_disturbing_others() {
-    let mut net = Net::new(&["a", "c"]);
-    let now = net.now;
-    net.peers.push(Net::peer("b", None, vec!["192.168.50.0/24".parse().unwrap()], 2, now));
-    net.peers.push(Net::peer("d", None, vec![], 3, now));
+    let mut net = net(&["a", "c"]);
+    net.peers.push(peer(&net, "b", None, vec!["192.168.50.0/24".parse().unwrap()], 2));
+    net.peers.push(peer(&net, "d", None, vec![], 3));
     net.run_for(Duration::from_millis(300));
     assert!(!net.peers[3].core.is_up(), "d is not configured yet");
     let ids: Vec<u32> = net.hub.status(net.now).iter().filter(|p| p.name != "c").map(|p| p.id).collect();
@@ -704,11 +540,10 @@ fn reconfigure_adds_drops_and_narrows_without_disturbing_others() {
 /// its unused registration held b's old address and b (then a) came back renumbered.
 #[test]
 fn a_replayed_register_takes_no_address_another_peer_returns_for() {
-    let mut net = Net::new(&[]);
-    let now = net.now;
-    net.peers.push(Net::peer("b", None, vec![], 0, now));
+    let mut net = net(&[]);
+    net.peers.push(peer(&net, "b", None, vec![], 0));
     net.run_for(Duration::from_millis(100));
-    net.peers.push(Net::peer("a", None, vec![], 1, now));
+    net.peers.push(peer(&net, "a", None, vec![], 1));
     net.run_for(Duration::from_millis(300));
     let a_first = net.sent_by(1).remove(0); // a's very first Register: any address
     let before: Vec<Ipv4Addr> = (0..2).map(|i| net.addr(i)).collect();
@@ -721,22 +556,20 @@ fn a_replayed_register_takes_no_address_another_peer_returns_for() {
     assert_eq!(before, after, "addresses moved after the hub restart");
 }
 
-/// The simulation wakes the cores only when they ask (`Net::run_for`): an idle peer's
+/// The simulation wakes the cores only when they ask (`VpnSim::run_for`): an idle peer's
 /// heartbeats still go exactly every `HEARTBEAT_INTERVAL` (a timer missing from a core's
 /// `poll_timeout` would fire late or never), and an idle network asks for few wake-ups.
 #[test]
 fn timers_fire_when_asked_and_an_idle_network_sleeps() {
-    let mut net = Net::new(&["a", "b"]);
+    let mut net = net(&["a", "b"]);
     net.run_for(Duration::from_secs(2));
     assert!(net.peers.iter().all(|p| p.core.is_up()));
     let (from, start) = (net.peers[0].tunnel, net.captured.len());
     let wakeups_before = net.wakeups;
     net.run_for(Duration::from_secs(10));
     let heartbeat_len = vpn::wire::SEALED_OVERHEAD + vpn::wire::HEARTBEAT_LEN;
-    let beats: Vec<Instant> = (start..net.captured.len())
-        .filter(|&i| net.captured[i].0 == from && net.captured[i].1.len() == heartbeat_len)
-        .map(|i| net.captured_at[i])
-        .collect();
+    let beats: Vec<Instant> =
+        net.captured[start..].iter().filter(|(_, f, d)| *f == from && d.len() == heartbeat_len).map(|c| c.0).collect();
     assert_eq!(beats.len(), 10, "one heartbeat a second");
     for w in beats.windows(2) {
         assert_eq!(w[1] - w[0], vpn::peer::HEARTBEAT_INTERVAL, "a heartbeat late or early");
@@ -744,4 +577,24 @@ fn timers_fire_when_asked_and_an_idle_network_sleeps() {
     let wakeups = net.wakeups - wakeups_before;
     eprintln!("an idle hub and two peers: {wakeups} wake-ups in 10 s");
     assert!(wakeups <= 100, "an idle network woke {wakeups} times in 10 s");
+}
+
+/// The hub's expiry timer fires exactly when it asked to: a peer cut off is gone
+/// `DEFAULT_PEER_TIMEOUT` after the last datagram of it the hub took, not a step later
+/// (before, `Hub::poll_timeout` read the real clock and a simulation never noticed).
+#[test]
+fn the_hub_expires_a_silent_peer_exactly_on_time() {
+    let mut net = net(&["a"]);
+    net.run_for(Duration::from_secs(2));
+    assert!(net.peers[0].core.is_up());
+    net.hub_cut = true;
+    let cut = net.now;
+    net.run_for(DEFAULT_PEER_TIMEOUT + Duration::from_secs(2));
+    let last_taken = net.captured.iter().filter(|(at, _, _)| *at <= cut).map(|c| c.0).max().unwrap();
+    let gone = net
+        .hub_events
+        .iter()
+        .find_map(|(at, e)| matches!(e, vpn::hub::HubEvent::PeerGone { .. }).then_some(*at))
+        .expect("a expired");
+    assert_eq!(gone, last_taken + DEFAULT_PEER_TIMEOUT);
 }

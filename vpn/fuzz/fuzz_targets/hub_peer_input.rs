@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    vpn::hub::testing::fuzz_peer_input(data);
+    vpn::sim::raw::fuzz_peer_input(data);
 });

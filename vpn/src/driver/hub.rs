@@ -2,6 +2,7 @@
 //! the embedded server), the DNS responder and the rendezvous port.
 
 use super::*;
+use crate::hub::HubOutput;
 
 /// How the hub exchanges datagrams with the tunnel.
 pub(super) enum HubTunnel {
@@ -28,22 +29,25 @@ pub(super) fn addr_slot(a: SocketAddr) -> Option<usize> {
 }
 
 impl HubTunnel {
-    /// Sends what the core has for the tunnel, a batch (`tx`) at a time: over UDP, each run
-    /// to one session goes with one `sendmmsg` (GSO where it can); the embedded server
-    /// seals in the batch slots. Returns how many datagrams could not be sent over UDP.
-    fn transmit(&mut self, now: Instant, core: &mut Hub, tx: &mut RecvBatch) -> usize {
-        let room = match self {
+    /// Room each tunnel datagram needs around it in a batch slot.
+    fn room(&self) -> Room {
+        match self {
             Self::Udp(_) => NO_ROOM,
             Self::Embedded(_) => SEALING_ROOM,
-        };
-        let mut failed = 0;
-        while fill_batch(tx, room, |buf| core.poll_transmit(buf)) {
-            match self {
-                Self::Udp(s) => failed += s.send_to_sources(tx),
-                Self::Embedded(t) => t.send_batch(now, tx, |b, i| b.source(i).and_then(addr_slot)),
+        }
+    }
+
+    /// Sends a batch of the core's tunnel datagrams: over UDP, each run to one session
+    /// goes with one `sendmmsg` (GSO where it can); the embedded server seals in the
+    /// batch slots. Returns how many datagrams could not be sent over UDP.
+    fn send(&mut self, now: Instant, tx: &mut RecvBatch) -> usize {
+        match self {
+            Self::Udp(s) => s.send_to_sources(tx),
+            Self::Embedded(t) => {
+                t.send_batch(now, tx, |b, i| b.source(i).and_then(addr_slot));
+                0
             }
         }
-        failed
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
@@ -141,15 +145,15 @@ impl DnsServer {
 
 /// Answers what arrived on the rendezvous port, at most `READ_BUDGET` questions; true if
 /// more may wait.
-pub(super) fn serve_rendezvous(now: Instant, sock: &mio::net::UdpSocket, core: &mut Hub, buf: &mut [u8]) -> bool {
-    let mut answer = Vec::new();
+pub(super) fn serve_rendezvous(now: Instant, sock: &mio::net::UdpSocket, core: &mut Hub, bufs: &mut IoBuffers) -> bool {
+    let (buf, answer) = (&mut bufs.tun_in, &mut bufs.out);
     for _ in 0..READ_BUDGET {
         let (n, from) = match sock.recv_from(buf) {
             Ok(r) => r,
             Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
             Err(_) => continue,
         };
-        if let Some(len) = core.handle_rendezvous(now, from, &buf[..n], &mut answer) {
+        if let Some(len) = core.handle_rendezvous(now, from, &buf[..n], answer) {
             let _ = sock.send_to(&answer[..len], from);
         }
     }
@@ -244,7 +248,7 @@ impl Service for HubDriver {
         let (now, wall) = clock();
         let pending = match (token, &mut *tunnel) {
             (DNS, _) => dns.as_mut().is_some_and(|d| d.serve(|name| core.address_of(name))),
-            (RENDEZVOUS, _) => rendezvous.as_mut().is_some_and(|sock| serve_rendezvous(now, sock, core, &mut bufs.out)),
+            (RENDEZVOUS, _) => rendezvous.as_mut().is_some_and(|sock| serve_rendezvous(now, sock, core, bufs)),
             (TUN, _) => read_tun(dev, &mut bufs.tun_in, log, |p| core.handle_tun_packet(p)),
             (UDP, HubTunnel::Udp(sock)) => {
                 read_udp(sock, &mut bufs.rx, log, |from, d| core.handle_datagram(now, wall, from, d))
@@ -324,29 +328,57 @@ impl Service for HubDriver {
 }
 
 impl HubDriver {
-    /// Sends what the core queued (through `bufs`) and logs its events.
+    /// Does what the core has for us (`Hub::poll_output`, in its order) until it has
+    /// nothing more: tunnel datagrams go a batch at a time, TUN packets at once from the
+    /// batch slot the core wrote them in, events are logged.
     fn flush(&mut self, now: Instant) {
         let Self { core, tunnel, dev, bufs, log, .. } = self;
-        let failed = tunnel.transmit(now, core, &mut bufs.tx);
-        if failed > 0 {
-            trace!(log, "sends to mpserver failed"; "datagrams" => failed);
-        }
-        write_tun(dev, &mut bufs.out, |out| core.poll_tun(out));
-        while let Some(ev) = core.poll_event() {
-            match ev {
-                HubEvent::PeerUp { name, addr, tunnel } => {
-                    info!(log, "peer up"; "name" => name, "address" => %addr, "tunnel" => %tunnel)
-                }
-                HubEvent::PeerMoved { name, tunnel } => info!(log, "peer moved"; "name" => name, "tunnel" => %tunnel),
-                HubEvent::PeerGone { name, addr, why } => {
-                    warn!(log, "peer gone"; "name" => name, "address" => %addr, "why" => why)
-                }
-                HubEvent::Refused { name, reason } => warn!(log, "peer refused"; "name" => name, "reason" => ?reason),
-                HubEvent::RoutesRefused { name, routes } => {
-                    let routes: Vec<String> = routes.iter().map(|(r, why)| format!("{r} ({why:?})")).collect();
-                    warn!(log, "announced routes refused (not in hub.yaml's routes for this peer)"; "name" => name, "routes" => routes.join(", "))
-                }
+        let (headroom, tailroom) = tunnel.room();
+        let mut idle = false;
+        while !idle {
+            bufs.tx.clear();
+            while !idle
+                && !bufs.tx.is_full()
+                && bufs.tx.push_with(headroom, |slot| {
+                    let len = slot.len() - tailroom;
+                    let buf = &mut slot[..len];
+                    loop {
+                        match core.poll_output(buf) {
+                            HubOutput::Tunnel { to, len } => return Some((to, len)),
+                            // a full TUN queue drops, as the kernel would
+                            HubOutput::Tun(n) => {
+                                let _ = dev.send(&buf[..n]);
+                            }
+                            HubOutput::Event(ev) => log_event(log, ev),
+                            HubOutput::Timeout(_) => {
+                                idle = true;
+                                return None;
+                            }
+                        }
+                    }
+                })
+            {}
+            let failed = tunnel.send(now, &mut bufs.tx);
+            if failed > 0 {
+                trace!(log, "sends to mpserver failed"; "datagrams" => failed);
             }
+        }
+    }
+}
+
+fn log_event(log: &Logger, ev: HubEvent) {
+    match ev {
+        HubEvent::PeerUp { name, addr, tunnel } => {
+            info!(log, "peer up"; "name" => name, "address" => %addr, "tunnel" => %tunnel)
+        }
+        HubEvent::PeerMoved { name, tunnel } => info!(log, "peer moved"; "name" => name, "tunnel" => %tunnel),
+        HubEvent::PeerGone { name, addr, why } => {
+            warn!(log, "peer gone"; "name" => name, "address" => %addr, "why" => why)
+        }
+        HubEvent::Refused { name, reason } => warn!(log, "peer refused"; "name" => name, "reason" => ?reason),
+        HubEvent::RoutesRefused { name, routes } => {
+            let routes: Vec<String> = routes.iter().map(|(r, why)| format!("{r} ({why:?})")).collect();
+            warn!(log, "announced routes refused (not in hub.yaml's routes for this peer)"; "name" => name, "routes" => routes.join(", "))
         }
     }
 }

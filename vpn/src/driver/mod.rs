@@ -30,7 +30,7 @@ use common::driver::files::load_config;
 use common::driver::metrics::{with_label, Labels, Metrics};
 use common::driver::{self, IoContext};
 use common::entropy::OsEntropy;
-use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET, MAX_DATAGRAM};
+use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use serde::{Deserialize, Serialize};
@@ -90,14 +90,6 @@ pub(super) fn read_tun(dev: &tun::Device, buf: &mut [u8], log: &Logger, mut each
     true
 }
 
-/// Writes the packets `poll` (a core's `poll_tun`) fills into `out` to the TUN device; a
-/// full TUN queue drops them, as the kernel would.
-pub(super) fn write_tun(dev: &tun::Device, out: &mut [u8], mut poll: impl FnMut(&mut [u8]) -> Option<usize>) {
-    while let Some(n) = poll(out) {
-        let _ = dev.send(&out[..n]);
-    }
-}
-
 /// Reads datagrams from the local mpclient/mpserver (`recvmmsg`, into `rx`) until empty
 /// or the budget is spent; true if data may remain.
 pub(super) fn read_udp(
@@ -117,13 +109,14 @@ pub(super) fn read_udp(
 
 /// The driver's reused buffers: nothing is allocated per packet.
 pub(super) struct IoBuffers {
-    /// One packet read from the TUN device.
+    /// One packet read from the TUN device, or one question to the rendezvous port.
     tun_in: Vec<u8>,
     /// Datagrams read from the tunnel socket.
     rx: RecvBatch,
-    /// Datagrams for the tunnel, filled by the core.
+    /// Datagrams for the tunnel, filled by the core; also where it writes everything else
+    /// it outputs (`poll_output`).
     tx: RecvBatch,
-    /// One packet for the TUN device, filled by the core.
+    /// The rendezvous port's answer, built by the core.
     out: Vec<u8>,
 }
 
@@ -141,20 +134,3 @@ impl IoBuffers {
 /// An embedded client or server seals each datagram in its slot: its header goes before,
 /// the AEAD tag after.
 pub(super) const SEALING_ROOM: Room = (DATA_PAYLOAD_OFFSET, AEAD_TAG_LEN);
-
-/// Refills `tx` from `poll` (a core's `poll_transmit`), leaving `room` around each
-/// datagram; false when the core had nothing.
-pub(super) fn fill_batch(
-    tx: &mut RecvBatch,
-    (headroom, tailroom): Room,
-    mut poll: impl FnMut(&mut [u8]) -> Option<(SocketAddr, usize)>,
-) -> bool {
-    tx.clear();
-    while !tx.is_full()
-        && tx.push_with(headroom, |buf| {
-            let len = buf.len() - tailroom;
-            poll(&mut buf[..len])
-        })
-    {}
-    !tx.is_empty()
-}

@@ -2,6 +2,7 @@
 //! or the embedded client) and the mesh sockets.
 
 use super::*;
+use crate::peer::PeerOutput;
 
 /// How a peer exchanges datagrams with the tunnel.
 pub(super) enum PeerTunnel {
@@ -16,27 +17,28 @@ pub(super) enum PeerTunnel {
 pub(super) const EMBEDDED_APP: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1));
 
 impl PeerTunnel {
-    /// Sends what the core has for the tunnel, a batch (`tx`) at a time: to mpclient with
-    /// one `sendmmsg` (GSO where it can), or sealed in the batch slots by the embedded
-    /// client. Returns how many datagrams could not be sent to mpclient.
-    fn transmit(&mut self, now: Instant, core: &mut Peer, tx: &mut RecvBatch) -> usize {
-        let room = match self {
+    /// Room each tunnel datagram needs around it in a batch slot.
+    fn room(&self) -> Room {
+        match self {
             Self::Udp { .. } => NO_ROOM,
             Self::Embedded(_) => SEALING_ROOM,
-        };
-        let mut failed = 0;
-        // the embedded client takes the address as the session's application; mpclient's
-        // socket is connected
-        while fill_batch(tx, room, |buf| core.poll_transmit(buf).map(|n| (EMBEDDED_APP, n))) {
-            match self {
-                Self::Udp { sock: s, .. } => {
-                    let all = common::driver::batch::all_of(tx);
-                    failed += all.len() - s.send_batch(tx, all, None, None);
-                }
-                Self::Embedded(mp) => mp.send_batch(now, tx),
+        }
+    }
+
+    /// Sends a batch of the core's tunnel datagrams: to mpclient with one `sendmmsg` (GSO
+    /// where it can), or sealed in the batch slots by the embedded client. Returns how
+    /// many datagrams could not be sent to mpclient.
+    fn send(&mut self, now: Instant, tx: &mut RecvBatch) -> usize {
+        match self {
+            Self::Udp { sock: s, .. } => {
+                let all = common::driver::batch::all_of(tx);
+                all.len() - s.send_batch(tx, all, None, None)
+            }
+            Self::Embedded(mp) => {
+                mp.send_batch(now, tx);
+                0
             }
         }
-        failed
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
@@ -84,8 +86,6 @@ pub(super) struct MeshSockets {
     locals: Vec<SocketAddr>,
     /// The hub's rendezvous port.
     rendezvous: SocketAddr,
-    /// Where direct datagrams are read and built.
-    buf: Vec<u8>,
 }
 
 impl MeshSockets {
@@ -104,7 +104,7 @@ impl MeshSockets {
         }
         info!(log, "mesh sockets open"; "listen" => ?locals, "rendezvous" => %rendezvous, "relay" => ?m.relay,
             "connect" => ?m.connect);
-        Ok(Self { socks, locals, rendezvous, buf: vec![0; MAX_DATAGRAM] })
+        Ok(Self { socks, locals, rendezvous })
     }
 
     fn socket_of(&self, token: Token) -> Option<usize> {
@@ -123,18 +123,17 @@ impl MeshSockets {
         })
     }
 
-    /// Sends what the mesh has: direct datagrams, and the questions for the rendezvous
-    /// port (copies for the relay go into the tunnel's queue).
-    fn transmit(&mut self, core: &mut Peer, now: Instant) {
-        while let Some((i, len)) = core.poll_rendezvous(&mut self.buf) {
-            let _ = self.socks[i].send_to(&self.buf[..len], self.rendezvous);
-        }
-        while let Some((len, dests)) = core.poll_mesh_transmit(now, &mut self.buf) {
-            for d in dests {
-                if let crate::mesh::MeshAddr::Direct { socket, addr } = *d {
-                    // a full socket buffer or an unreachable address loses one copy
-                    let _ = self.socks[socket].send_to(&self.buf[..len], addr);
-                }
+    /// A "where am I" to the hub's rendezvous port, from mesh socket `socket`.
+    fn send_rendezvous(&self, socket: usize, d: &[u8]) {
+        let _ = self.socks[socket].send_to(d, self.rendezvous);
+    }
+
+    /// A direct datagram to each of `to`; a full socket buffer or an unreachable address
+    /// loses one copy.
+    fn send_direct(&self, d: &[u8], to: &[crate::mesh::MeshAddr]) {
+        for t in to {
+            if let crate::mesh::MeshAddr::Direct { socket, addr } = *t {
+                let _ = self.socks[socket].send_to(d, addr);
             }
         }
     }
@@ -288,117 +287,141 @@ impl Service for PeerDriver {
 }
 
 impl PeerDriver {
-    /// Sends what the core queued (through `bufs`), applies its configuration and logs
-    /// its events.
+    /// Does what the core has for us (`Peer::poll_output`, in its order) until it has
+    /// nothing more: tunnel datagrams go a batch at a time, the rest at once from the
+    /// batch slot the core wrote it in (nothing is allocated).
     fn flush(&mut self, now: Instant) -> Result<(), VpnError> {
-        let Self { core, tunnel, dev, bufs, tun_name: tun, installed, skipped, protected, resolver, log, mesh, .. } =
-            self;
-        // first: the mesh's copies for the relay join the tunnel's queue
-        send_all(now, core, mesh, tunnel, bufs, dev, log);
-        let mut handled = false;
-        while let Some(ev) = core.poll_event() {
-            handled = true;
-            match ev {
-                PeerEvent::Configured { addr, prefix_len, hub_addr, mtu, dns_domain } => {
-                    configure_tun(tun, addr, prefix_len, mtu)?;
-                    *protected = protected_addresses(tunnel, log);
-                    if let (Some(domain), None) = (dns_domain, &resolver) {
-                        *resolver = Some(SystemResolver::point(tun, hub_addr, &domain, log));
-                    }
-                    // routes were lost with the addresses; put them back
-                    for r in installed.iter() {
-                        ip_cmd(&["route", "replace", &r.to_string(), "dev", tun])?;
-                    }
-                    info!(log, "registered"; "address" => %addr, "prefix_len" => prefix_len, "hub" => %hub_addr, "mtu" => mtu);
-                }
-                PeerEvent::Routes { add, remove } => {
-                    for r in &remove {
-                        skipped.retain(|(x, _)| x != r);
-                        if !installed.contains(r) {
-                            continue;
-                        }
-                        if let Err(e) = ip_cmd(&["route", "del", &r.to_string(), "dev", tun]) {
-                            warn!(log, "removing route"; "error" => %e);
-                        }
-                        installed.retain(|x| x != r);
-                    }
-                    for r in add {
-                        // `add`, never `replace`: a route this peer did not install stays
-                        let why = route_hazard(&r, protected).map_or_else(
-                            || ip_cmd(&["route", "add", &r.to_string(), "dev", tun]).err().map(|e| e.to_string()),
-                            Some,
-                        );
-                        match why {
-                            None => installed.push(r),
-                            Some(why) => {
-                                warn!(log, "not installing a route from another peer"; "route" => %r, "why" => &why);
-                                skipped.push((r, why));
+        loop {
+            let Self { core, tunnel, dev, bufs, mesh, log, .. } = self;
+            let (headroom, tailroom) = tunnel.room();
+            let mut next = None;
+            bufs.tx.clear();
+            while next.is_none()
+                && !bufs.tx.is_full()
+                && bufs.tx.push_with(headroom, |slot| {
+                    let len = slot.len() - tailroom;
+                    let buf = &mut slot[..len];
+                    loop {
+                        match core.poll_output(now, buf) {
+                            // the embedded client takes the address as the session's
+                            // application; mpclient's socket is connected
+                            PeerOutput::Tunnel(n) => return Some((EMBEDDED_APP, n)),
+                            PeerOutput::Rendezvous { socket, len } => {
+                                if let Some(m) = mesh.as_ref() {
+                                    m.send_rendezvous(socket, &buf[..len]);
+                                }
+                            }
+                            PeerOutput::Mesh { len, to } => {
+                                if let Some(m) = mesh.as_ref() {
+                                    m.send_direct(&buf[..len], to);
+                                }
+                            }
+                            // a full TUN queue drops, as the kernel would
+                            PeerOutput::Tun(n) => {
+                                let _ = dev.send(&buf[..n]);
+                            }
+                            PeerOutput::Event(ev) => {
+                                next = Some(Some(ev));
+                                return None;
+                            }
+                            PeerOutput::Timeout(_) => {
+                                next = Some(None);
+                                return None;
                             }
                         }
                     }
-                    info!(log, "routes from other peers"; "installed" => ?installed.iter().map(|r| r.to_string()).collect::<Vec<_>>());
-                }
-                PeerEvent::PeerList => {
-                    if let Some(r) = resolver.as_mut() {
-                        r.update(core.peers(), log);
-                    }
-                }
-                PeerEvent::Mesh(e) => match e {
-                    crate::mesh::MeshEvent::Introduced { peer } => {
-                        info!(log, "mesh: introduced by the hub, punching"; "peer" => peer)
-                    }
-                    crate::mesh::MeshEvent::Direct { peer, remote } => {
-                        info!(log, "mesh: direct"; "peer" => peer, "remote" => %remote)
-                    }
-                    crate::mesh::MeshEvent::Relay { peer } => {
-                        warn!(log, "mesh: no direct path answers; through the hub's relay"; "peer" => peer)
-                    }
-                },
-                PeerEvent::ScanCandidates => {
-                    if let Some(m) = mesh.as_ref() {
-                        core.set_host_candidates(m.host_candidates(tun));
-                    }
-                }
-                PeerEvent::RendezvousSilent => {
-                    let at = mesh.as_ref().map(|m| m.rendezvous);
-                    warn!(log, "mesh: the hub's rendezvous port does not answer (rendezvous: in hub.yaml, or a firewall); only host candidates are announced";
-                        "rendezvous" => ?at);
-                }
-                PeerEvent::HubLost => {
-                    error!(log, "hub lost: no heartbeat answers after retries at 1, 3 and 7 s; not taking packets, registering again")
-                }
-                PeerEvent::Refused(reason) => warn!(log, "hub refused for now; retrying"; "reason" => ?reason),
-                PeerEvent::RouteRefused { route, reason } => {
-                    warn!(log, "the hub refused an announced route (hub.yaml allows this peer other subnets)"; "route" => %route, "reason" => ?reason)
-                }
-                PeerEvent::Fatal(refusal) => return Err(refusal.into()),
+                })
+            {}
+            let failed = tunnel.send(now, &mut bufs.tx);
+            if failed > 0 {
+                trace!(log, "sends to mpclient failed"; "datagrams" => failed);
+            }
+            match next {
+                Some(Some(ev)) => self.handle_event(ev)?,
+                Some(None) => return Ok(()),
+                None => {}
             }
         }
-        // what the events made the core queue (candidates told, ...) goes now
-        if handled {
-            send_all(now, core, mesh, tunnel, bufs, dev, log);
+    }
+
+    /// Applies the core's configuration and logs its events.
+    fn handle_event(&mut self, ev: PeerEvent) -> Result<(), VpnError> {
+        let Self { core, tunnel, tun_name: tun, installed, skipped, protected, resolver, log, mesh, .. } = self;
+        match ev {
+            PeerEvent::Configured { addr, prefix_len, hub_addr, mtu, dns_domain } => {
+                configure_tun(tun, addr, prefix_len, mtu)?;
+                *protected = protected_addresses(tunnel, log);
+                if let (Some(domain), None) = (dns_domain, &resolver) {
+                    *resolver = Some(SystemResolver::point(tun, hub_addr, &domain, log));
+                }
+                // routes were lost with the addresses; put them back
+                for r in installed.iter() {
+                    ip_cmd(&["route", "replace", &r.to_string(), "dev", tun])?;
+                }
+                info!(log, "registered"; "address" => %addr, "prefix_len" => prefix_len, "hub" => %hub_addr, "mtu" => mtu);
+            }
+            PeerEvent::Routes { add, remove } => {
+                for r in &remove {
+                    skipped.retain(|(x, _)| x != r);
+                    if !installed.contains(r) {
+                        continue;
+                    }
+                    if let Err(e) = ip_cmd(&["route", "del", &r.to_string(), "dev", tun]) {
+                        warn!(log, "removing route"; "error" => %e);
+                    }
+                    installed.retain(|x| x != r);
+                }
+                for r in add {
+                    // `add`, never `replace`: a route this peer did not install stays
+                    let why = route_hazard(&r, protected).map_or_else(
+                        || ip_cmd(&["route", "add", &r.to_string(), "dev", tun]).err().map(|e| e.to_string()),
+                        Some,
+                    );
+                    match why {
+                        None => installed.push(r),
+                        Some(why) => {
+                            warn!(log, "not installing a route from another peer"; "route" => %r, "why" => &why);
+                            skipped.push((r, why));
+                        }
+                    }
+                }
+                info!(log, "routes from other peers"; "installed" => ?installed.iter().map(|r| r.to_string()).collect::<Vec<_>>());
+            }
+            PeerEvent::PeerList => {
+                if let Some(r) = resolver.as_mut() {
+                    r.update(core.peers(), log);
+                }
+            }
+            PeerEvent::Mesh(e) => match e {
+                crate::mesh::MeshEvent::Introduced { peer } => {
+                    info!(log, "mesh: introduced by the hub, punching"; "peer" => peer)
+                }
+                crate::mesh::MeshEvent::Direct { peer, remote } => {
+                    info!(log, "mesh: direct"; "peer" => peer, "remote" => %remote)
+                }
+                crate::mesh::MeshEvent::Relay { peer } => {
+                    warn!(log, "mesh: no direct path answers; through the hub's relay"; "peer" => peer)
+                }
+            },
+            PeerEvent::ScanCandidates => {
+                if let Some(m) = mesh.as_ref() {
+                    core.set_host_candidates(m.host_candidates(tun));
+                }
+            }
+            PeerEvent::RendezvousSilent => {
+                let at = mesh.as_ref().map(|m| m.rendezvous);
+                warn!(log, "mesh: the hub's rendezvous port does not answer (rendezvous: in hub.yaml, or a firewall); only host candidates are announced";
+                "rendezvous" => ?at);
+            }
+            PeerEvent::HubLost => {
+                error!(log, "hub lost: no heartbeat answers after retries at 1, 3 and 7 s; not taking packets, registering again")
+            }
+            PeerEvent::Refused(reason) => warn!(log, "hub refused for now; retrying"; "reason" => ?reason),
+            PeerEvent::RouteRefused { route, reason } => {
+                warn!(log, "the hub refused an announced route (hub.yaml allows this peer other subnets)"; "route" => %route, "reason" => ?reason)
+            }
+            PeerEvent::Fatal(refusal) => return Err(refusal.into()),
         }
         Ok(())
     }
-}
-
-/// Sends what the core has: the mesh's datagrams first (their copies for the relay join
-/// the tunnel's queue), then the tunnel's, then the TUN's packets.
-fn send_all(
-    now: Instant,
-    core: &mut Peer,
-    mesh: &mut Option<MeshSockets>,
-    tunnel: &mut PeerTunnel,
-    bufs: &mut IoBuffers,
-    dev: &tun::Device,
-    log: &Logger,
-) {
-    if let Some(m) = mesh.as_mut() {
-        m.transmit(core, now);
-    }
-    let failed = tunnel.transmit(now, core, &mut bufs.tx);
-    if failed > 0 {
-        trace!(log, "sends to mpclient failed"; "datagrams" => failed);
-    }
-    write_tun(dev, &mut bufs.out, |out| core.poll_tun(out));
 }

@@ -42,7 +42,7 @@ impl Hub {
     /// A "where am I" on the rendezvous port from `from`: if it opens under a registered
     /// peer's channel, `from` is that mesh socket's reflexive candidate (a change is
     /// pushed to everyone) and `out` gets the answer, sealed. Returns its length.
-    pub fn handle_rendezvous(&mut self, now: Instant, from: SocketAddr, d: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+    pub fn handle_rendezvous(&mut self, now: Instant, from: SocketAddr, d: &[u8], out: &mut [u8]) -> Option<usize> {
         let h = SealedHeader::parse(d).ok()?;
         let p = self.peers.get_mut(&h.peer_id)?;
         let n = p.channel.open(h, d, &mut self.buf).ok()?.len();
@@ -51,17 +51,18 @@ impl Hub {
             return None;
         }
         let moved = p.reflexive.insert(socket, from) != Some(from);
-        let answer = p.channel.seal_message(&wire::emit_you_are(socket, from));
+        let answer = wire::emit_you_are(socket, from);
         if moved && p.mesh {
             self.push_peer_list(now);
         }
         // never more than the question: the rendezvous port amplifies nothing
-        if answer.len() > d.len() {
+        if SEALED_OVERHEAD + answer.len() > d.len() {
             return None;
         }
-        out.clear();
-        out.extend_from_slice(&answer);
-        Some(answer.len())
+        let body = out.get_mut(SEALED_HEADER_LEN..SEALED_OVERHEAD + answer.len())?;
+        body[..answer.len()].copy_from_slice(&answer);
+        let p = self.peers.get_mut(&h.peer_id)?;
+        Some(p.channel.seal(out, answer.len()))
     }
 
     /// The key of the pair of registrations `a` and `b` (in either order): HMAC-SHA256
@@ -121,7 +122,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::testing::{hub_with_one_peer, register, test_hub};
+    use crate::sim::raw::{hub_with_one_peer, register, test_hub};
 
     /// The relay passes datagrams only between two registered peers, and the rendezvous
     /// port answers only a registered peer, never with more than it was sent.
@@ -179,7 +180,7 @@ mod tests {
         assert_eq!(hub.drops.relay_refused, 2);
         assert_eq!(hub.status(t0)[0].relayed_bytes, 0);
 
-        let mut answer = Vec::new();
+        let mut answer = vec![0u8; common::wire::MAX_DATAGRAM];
         let mesh_socket = SocketAddr::from(([192, 0, 2, 1], 5100));
         let q = channel.seal_message(&wire::emit_where_am_i(0));
         let n = hub.handle_rendezvous(t0, mesh_socket, &q, &mut answer).expect("an answer");

@@ -26,13 +26,13 @@
 //!   datagrams go only from one registered peer to another; their bytes are counted.
 
 mod broker;
+mod output;
 mod peer_list;
 mod registry;
 mod routing;
 mod status;
-#[cfg(any(test, feature = "sim"))]
-pub mod testing;
 
+pub use output::HubOutput;
 use peer_list::ListPush;
 use registry::Pending;
 pub use registry::{route_verdict, PeerConfigChanges};
@@ -356,7 +356,7 @@ impl Hub {
 
     /// Next datagram for the tunnel, into `out` (at least a tunnel payload): where to and
     /// its length.
-    pub fn poll_transmit(&mut self, out: &mut [u8]) -> Option<(SocketAddr, usize)> {
+    fn poll_transmit(&mut self, out: &mut [u8]) -> Option<(SocketAddr, usize)> {
         if let Some((to, d)) = self.transmit.pop_front() {
             let n = d.len().min(out.len());
             out[..n].copy_from_slice(&d[..n]);
@@ -377,11 +377,11 @@ impl Hub {
     }
 
     /// Next IP packet for the hub's TUN, into `out`; returns its length.
-    pub fn poll_tun(&mut self, out: &mut [u8]) -> Option<usize> {
+    fn poll_tun(&mut self, out: &mut [u8]) -> Option<usize> {
         self.to_tun.pop_into(out)
     }
 
-    pub fn poll_event(&mut self) -> Option<HubEvent> {
+    fn poll_event(&mut self) -> Option<HubEvent> {
         self.events.pop_front()
     }
 

@@ -34,7 +34,7 @@ impl Peer {
 
     /// The next "where am I" due (one per mesh socket every `RENDEZVOUS_INTERVAL`), sealed
     /// into `out`: the mesh socket to send it from and its length.
-    pub fn poll_rendezvous(&mut self, out: &mut [u8]) -> Option<(usize, usize)> {
+    pub(super) fn poll_rendezvous(&mut self, out: &mut [u8]) -> Option<(usize, usize)> {
         let State::Up(s) = &mut self.state else { return None };
         let socket = self.rendezvous.next_question()?;
         let q = wire::emit_where_am_i(socket as u8);
@@ -43,10 +43,10 @@ impl Peer {
         Some((socket, s.channel.seal(out, q.len())))
     }
 
-    /// The next datagram of a direct session, in `out` (at least 64 KiB): its length and
-    /// the mesh sockets and addresses to send it to. Copies for the hub's relay are
+    /// The next datagram of a direct session, in `out`: its length; the mesh sockets and
+    /// addresses to send it to are in `mesh_dests`. Copies for the hub's relay are
     /// sealed into the tunnel's queue (`poll_transmit`).
-    pub fn poll_mesh_transmit(&mut self, now: Instant, out: &mut [u8]) -> Option<(usize, &[MeshAddr])> {
+    pub(super) fn poll_mesh_transmit(&mut self, now: Instant, out: &mut [u8]) -> Option<usize> {
         let mesh = self.mesh.as_mut()?;
         let up = matches!(self.state, State::Up(_));
         loop {
@@ -63,7 +63,7 @@ impl Peer {
                 }
             }
             if !self.mesh_dests.is_empty() {
-                return Some((len, &self.mesh_dests));
+                return Some(len);
             }
         }
     }

@@ -15,10 +15,12 @@
 
 mod heartbeat;
 mod mesh_link;
+mod output;
 mod peer_list;
 mod registration;
 
 use mesh_link::Rendezvous;
+pub use output::PeerOutput;
 pub use peer_list::route_hazard;
 use registration::Attempt;
 
@@ -405,7 +407,7 @@ impl Peer {
 
     /// Next datagram for the tunnel, into `out` (at least a tunnel payload); returns its
     /// length.
-    pub fn poll_transmit(&mut self, out: &mut [u8]) -> Option<usize> {
+    fn poll_transmit(&mut self, out: &mut [u8]) -> Option<usize> {
         if let Some(d) = self.transmit.pop_front() {
             let n = d.len().min(out.len());
             out[..n].copy_from_slice(&d[..n]);
@@ -428,7 +430,7 @@ impl Peer {
     }
 
     /// Next IP packet for the TUN, into `out`; returns its length.
-    pub fn poll_tun(&mut self, out: &mut [u8]) -> Option<usize> {
+    fn poll_tun(&mut self, out: &mut [u8]) -> Option<usize> {
         if let Some(n) = self.to_tun.pop_into(out) {
             return Some(n);
         }
@@ -437,7 +439,7 @@ impl Peer {
         Some(n)
     }
 
-    pub fn poll_event(&mut self) -> Option<PeerEvent> {
+    fn poll_event(&mut self) -> Option<PeerEvent> {
         self.events.pop_front().or_else(|| self.mesh.as_mut()?.poll_event().map(PeerEvent::Mesh))
     }
 

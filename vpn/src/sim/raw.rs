@@ -1,32 +1,37 @@
-//! Test support: a hub with genuinely registered peers, and the fuzz harness.
+//! A hub driven by hand-made peers: registered genuinely, then sending what a test or
+//! the fuzzer makes (no `Peer` core in the way).
 
-use super::*;
+use crate::channel::{Agreement, Channel};
+use crate::hub::{Hub, HubOutput};
+use crate::wire::{sealed_kind, HeartbeatRepr, PeerKey, RegisterRepr, WelcomeRepr};
+use common::crypto::x25519_public;
+use common::entropy::Entropy;
 use common::sim::SimEntropy;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
 
-/// A hub on 10.99.0.0/24 that knows peers `a` (key 7s) and `b` (key 8s).
+/// The next tunnel datagram the hub sends, the rest of its output skipped.
+pub fn next_datagram(hub: &mut Hub, out: &mut [u8]) -> Option<(SocketAddr, usize)> {
+    loop {
+        match hub.poll_output(out) {
+            HubOutput::Tunnel { to, len } => return Some((to, len)),
+            HubOutput::Timeout(_) => return None,
+            _ => {}
+        }
+    }
+}
+
+/// `super::hub_config` for peers `a` and `b`, each allowed to announce 192.168.0.0/16.
 pub fn test_hub() -> Hub {
-    let spec = |n: &str| PeerSpec {
-        name: n.into(),
-        key: test_key(n),
-        fixed_addr: None,
-        allowed_routes: vec!["192.168.0.0/16".parse().expect("literal")],
-    };
-    Hub::new(
-        HubCoreConfig {
-            network: "10.99.0.0/24".parse().expect("literal"),
-            hub_addr: Ipv4Addr::new(10, 99, 0, 1),
-            mtu: crate::TUN_MTU,
-            tunnel_payload: crate::TUNNEL_PAYLOAD,
-            peers: vec![spec("a"), spec("b")],
-            peer_timeout: DEFAULT_PEER_TIMEOUT,
-            dns_domain: None,
-        },
-        Box::new(SimEntropy::new(7)),
-    )
+    let mut cfg = super::hub_config(&["a", "b"]);
+    for p in &mut cfg.peers {
+        p.allowed_routes = vec!["192.168.0.0/16".parse().expect("literal")];
+    }
+    Hub::new(cfg, Box::new(SimEntropy::new(7)))
 }
 
 pub fn test_key(name: &str) -> PeerKey {
-    PeerKey::new(&[if name == "a" { 7u8 } else { 8u8 }; 32])
+    PeerKey::new(&super::key_of(name))
 }
 
 /// Registers `name` from `from` (Register `nonce`, at `wall`) and confirms it with a
@@ -48,12 +53,12 @@ pub fn register(hub: &mut Hub, name: &str, from: SocketAddr, nonce: u64, t0: Ins
     let key = test_key(name);
     hub.handle_datagram(t0, wall, from, &reg.emit(&key));
     let mut out = vec![0u8; common::wire::MAX_DATAGRAM];
-    let (_, n) = hub.poll_transmit(&mut out).expect("a Welcome");
+    let (_, n) = next_datagram(hub, &mut out).expect("a Welcome");
     let w = WelcomeRepr::parse(&out[..n], &key, &public).expect("a valid Welcome");
     let agreement = Agreement { key: &key, nonce, peer_id: w.peer_id, peer_public: &public, hub_public: &w.public };
     let mut channel = Channel::establish(&agreement, private, true).expect("channel");
     hub.handle_datagram(t0, wall, from, &channel.seal_message(&HeartbeatRepr { seq: 1, rtt_us: 0 }.emit()));
-    while hub.poll_transmit(&mut out).is_some() {}
+    while next_datagram(hub, &mut out).is_some() {}
     channel
 }
 
@@ -82,7 +87,7 @@ pub fn fuzz_peer_input(data: &[u8]) {
         channel.seal_message(&HeartbeatRepr { seq, rtt_us: 0 }.emit())
     };
     let mut out = vec![0u8; common::wire::MAX_DATAGRAM];
-    let mut answer = Vec::new();
+    let mut answer = vec![0u8; common::wire::MAX_DATAGRAM];
     let mut now = t0;
     let mut rest = data;
     let mut n = 0u32;
@@ -108,13 +113,11 @@ pub fn fuzz_peer_input(data: &[u8]) {
         }
         now += Duration::from_millis(u64::from(len % 16));
         hub.handle_timeout(now);
-        while hub.poll_transmit(&mut out).is_some() {}
-        while hub.poll_tun(&mut out).is_some() {}
-        while hub.poll_event().is_some() {}
+        while !matches!(hub.poll_output(&mut out), HubOutput::Timeout(_)) {}
     }
     // still serving: a valid heartbeat from the peer (if it survived) gets an ack
-    if !hub.peers.is_empty() {
+    if !hub.status(now).is_empty() {
         hub.handle_datagram(now, wall, from, &heartbeat(&mut channel));
-        assert!(hub.poll_transmit(&mut out).is_some(), "hub stopped answering its peer");
+        assert!(next_datagram(&mut hub, &mut out).is_some(), "hub stopped answering its peer");
     }
 }

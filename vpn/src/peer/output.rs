@@ -1,0 +1,53 @@
+//! The one way out of the peer core: `poll_output` hands the driver the next thing to do,
+//! in the order the core fixes (see `PeerOutput`).
+
+use super::*;
+
+/// What the peer core has for its driver next. The order is the core's: the rendezvous
+/// questions and the mesh's direct datagrams first (a mesh datagram's copy for the hub's
+/// relay joins the tunnel's queue as it is built), then the tunnel's datagrams, then the
+/// TUN's packets, then events; `Timeout` once there is nothing more.
+#[derive(Debug)]
+pub enum PeerOutput<'a> {
+    /// A "where am I" for the hub's rendezvous port in `buf[..len]`, to send from mesh
+    /// socket `socket`.
+    Rendezvous {
+        socket: usize,
+        len: usize,
+    },
+    /// A direct datagram in `buf[..len]`, to send to each of `to` (all `MeshAddr::Direct`).
+    Mesh {
+        len: usize,
+        to: &'a [MeshAddr],
+    },
+    /// A datagram for the tunnel in `buf[..len]`.
+    Tunnel(usize),
+    /// An IP packet for the TUN device in `buf[..len]`.
+    Tun(usize),
+    Event(PeerEvent),
+    /// Nothing more now: call `handle_timeout` at this time (or when input arrives).
+    Timeout(Option<Instant>),
+}
+
+impl Peer {
+    /// The next output, built in `buf` (a tunnel datagram needs at least a tunnel payload,
+    /// a mesh datagram a pair session's); nothing is allocated.
+    pub fn poll_output(&mut self, now: Instant, buf: &mut [u8]) -> PeerOutput<'_> {
+        if let Some((socket, len)) = self.poll_rendezvous(buf) {
+            return PeerOutput::Rendezvous { socket, len };
+        }
+        if let Some(len) = self.poll_mesh_transmit(now, buf) {
+            return PeerOutput::Mesh { len, to: &self.mesh_dests };
+        }
+        if let Some(len) = self.poll_transmit(buf) {
+            return PeerOutput::Tunnel(len);
+        }
+        if let Some(len) = self.poll_tun(buf) {
+            return PeerOutput::Tun(len);
+        }
+        match self.poll_event() {
+            Some(ev) => PeerOutput::Event(ev),
+            None => PeerOutput::Timeout(self.poll_timeout()),
+        }
+    }
+}
