@@ -246,6 +246,44 @@ pub fn resolve_key(key: &Option<String>, key_file: &Option<PathBuf>) -> Result<O
 }
 
 impl HubConfig {
+    /// The settings `new` changes that a running hub cannot take (a reload takes only
+    /// `peers`): their names in hub.yaml. Every field is named here, so a new one must be
+    /// sorted into "reloads" or "needs a restart".
+    pub fn changes_needing_restart(&self, new: &HubConfig) -> Vec<&'static str> {
+        let HubConfig {
+            listen,
+            tun,
+            network,
+            address,
+            mtu,
+            peer_timeout_secs,
+            control_socket,
+            metrics_listen,
+            log_level,
+            peers: _,
+            dns,
+            embedded_server,
+            rendezvous,
+        } = self;
+        [
+            ("listen", *listen != new.listen),
+            ("tun", *tun != new.tun),
+            ("network", *network != new.network),
+            ("address", *address != new.address),
+            ("mtu", *mtu != new.mtu),
+            ("peer_timeout_secs", *peer_timeout_secs != new.peer_timeout_secs),
+            ("control_socket", *control_socket != new.control_socket),
+            ("metrics_listen", *metrics_listen != new.metrics_listen),
+            ("log_level", *log_level != new.log_level),
+            ("dns", *dns != new.dns),
+            ("embedded_server", *embedded_server != new.embedded_server),
+            ("rendezvous", *rendezvous != new.rendezvous),
+        ]
+        .into_iter()
+        .filter_map(|(field, changed)| changed.then_some(field))
+        .collect()
+    }
+
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
         let c: Self = from_yaml(file, text)?;
         check(
@@ -388,6 +426,23 @@ mod tests {
     use super::*;
 
     const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+    /// Before, a reload that changed `dns:` or `metrics_listen` said nothing: those kept
+    /// their running values silently.
+    #[test]
+    fn a_reload_names_every_setting_that_needs_a_restart() {
+        let yaml = |extra: &str| format!("network: 10.99.0.0/24\npeers:\n  - name: a\n    key: {KEY}\n{extra}");
+        let old = HubConfig::parse("hub.yaml", &yaml("")).unwrap();
+        let peers_only = HubConfig::parse("hub.yaml", &yaml(&format!("  - name: b\n    key: {KEY}\n"))).unwrap();
+        assert_eq!(peers_only.peers.len(), 2);
+        assert!(old.changes_needing_restart(&peers_only).is_empty());
+        let new = HubConfig::parse(
+            "hub.yaml",
+            &yaml("dns:\n  domain: vpn\nmetrics_listen: 127.0.0.1:9100\nrendezvous: 0.0.0.0:5200\ntun: mpvpn9\n"),
+        )
+        .unwrap();
+        assert_eq!(old.changes_needing_restart(&new), ["tun", "metrics_listen", "dns", "rendezvous"]);
+    }
 
     /// Before: `resolve_key` dropped the loose-permission warning of key files, and
     /// inline keys in a world-readable hub.yaml were never checked.

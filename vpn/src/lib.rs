@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod driver;
+mod drops;
 pub mod hub;
 pub mod ip;
 pub mod kcplink;

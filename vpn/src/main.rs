@@ -50,7 +50,7 @@ fn reload(instance: Option<String>, control: Option<PathBuf>) -> Result<(), Stri
         format!("several mpvpn instances run ({}); name one: `mpvpn reload NAME`", names.join(", "))
     })?;
     let status: VpnStatus = control::fetch(&path).map_err(|e| e.to_string())?;
-    if status.role != "hub" {
+    if status.role != vpn::driver::Role::Hub {
         return Err(format!("{} is a {}, not a hub: only a hub reloads", path.display(), status.role));
     }
     common::driver::send_sighup(status.pid).map_err(|e| format!("signalling pid {}: {e}", status.pid))?;

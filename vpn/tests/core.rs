@@ -63,7 +63,7 @@ fn peers_register_get_addresses_and_the_list() {
     let mut net = net(&["a", "b", "fixed"]);
     net.run_for(Duration::from_millis(200));
     for p in &net.peers {
-        assert!(p.core.is_up(), "{}", p.core.state_name());
+        assert!(p.core.is_up(), "{}", p.core.link_state());
         assert!(matches!(p.events[0], PeerEvent::Configured { mtu, prefix_len: 24, .. } if mtu == TUN_MTU));
     }
     assert_eq!(net.addr(2), Ipv4Addr::new(10, 99, 0, 77), "fixed address by name");
@@ -110,7 +110,7 @@ fn status_shows_real_traffic_and_heartbeat_state() {
     let now = net.now;
     let view_of = |p: &Peer, name: &str| p.peer_status(now).into_iter().find(|s| s.name == name).unwrap();
     let b_from_a = view_of(&net.peers[0].core, "b");
-    assert_eq!((b_from_a.tx_bytes, b_from_a.rx_bytes, b_from_a.state), (50_000, 0, PeerState::ViaHub));
+    assert_eq!((b_from_a.tx_bytes, b_from_a.rx_bytes, b_from_a.state), (50_000, 0, PeerState::Relay));
     assert_eq!(b_from_a.last_heartbeat_s, None, "a peer does not see other peers' heartbeats");
     let a_from_b = view_of(&net.peers[1].core, "a");
     assert_eq!((a_from_b.tx_bytes, a_from_b.rx_bytes), (0, 50_000));
@@ -466,7 +466,7 @@ fn a_peer_list_larger_than_a_receive_buffer_arrives_whole() {
     net.run_for(Duration::from_secs(2));
     assert_eq!(net.hub.status(net.now).len(), N);
     for p in &net.peers {
-        assert!(p.core.is_up(), "{}", p.core.state_name());
+        assert!(p.core.is_up(), "{}", p.core.link_state());
         assert_eq!(p.core.peers().len(), N);
         assert_eq!(p.core.drops.malformed, 0);
     }

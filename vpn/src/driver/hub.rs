@@ -300,22 +300,7 @@ impl Service for HubDriver {
             Ok(p) => p,
             Err(e) => return Reload::Refused(e.to_string()),
         };
-        let old = &self.config;
-        let restart: Vec<&str> = [
-            ("listen", old.listen != c.listen),
-            ("rendezvous", old.rendezvous != c.rendezvous),
-            ("tun", old.tun != c.tun),
-            ("network", old.network != c.network),
-            ("address", old.address != c.address),
-            ("mtu", old.mtu != c.mtu),
-            ("peer_timeout_secs", old.peer_timeout_secs != c.peer_timeout_secs),
-            ("control_socket", old.control_socket != c.control_socket),
-            ("log_level", old.log_level != c.log_level),
-            ("embedded_server", old.embedded_server != c.embedded_server),
-        ]
-        .into_iter()
-        .filter_map(|(field, changed)| changed.then_some(field))
-        .collect();
+        let restart = self.config.changes_needing_restart(&c);
         if !restart.is_empty() {
             warn!(self.log, "changed settings take effect after a restart; running with the old ones"; "fields" => restart.join(", "));
         }

@@ -13,13 +13,13 @@ mod system;
 pub use hub::run_hub;
 pub use peer::run_peer;
 use status::{hub_status, peer_status, vpn_metrics};
-pub use status::{MeshSocketStatus, VpnStatus};
+pub use status::{MeshSocketStatus, Role, VpnStatus};
 use system::{configure_tun, ip_cmd, open_tun, protected_addresses};
 
 use crate::config::{resolve_key, HubConfig, PeerConfig};
 use crate::hub::{Hub, HubCoreConfig, HubDrops, HubEvent, PeerSpec, PeerState, PeerStatus};
 use crate::ip::{self, Prefix};
-use crate::peer::{route_hazard, Peer, PeerCoreConfig, PeerDrops, PeerEvent};
+use crate::peer::{route_hazard, LinkState, Peer, PeerCoreConfig, PeerEvent};
 use crate::resolver::SystemResolver;
 use crate::wire::PeerKey;
 use crate::{VpnError, TUNNEL_PAYLOAD, TUN_MTU};

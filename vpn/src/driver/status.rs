@@ -2,17 +2,34 @@
 
 use super::*;
 
+/// Which daemon a status is of.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Hub,
+    Peer,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Hub => "hub",
+            Self::Peer => "peer",
+        })
+    }
+}
+
 /// What `mpvpn status` shows, on a hub or a peer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct VpnStatus {
-    pub role: String,
+    pub role: Role,
     /// The daemon's process id (`mpvpn reload` signals it).
     #[serde(default)]
     pub pid: u32,
     pub name: String,
     pub tun: String,
     pub addr: Option<Ipv4Addr>,
-    pub state: String,
+    pub state: LinkState,
     /// Peer: heartbeat round trip to the hub.
     pub hub_rtt_ms: Option<f64>,
     /// Peer: seconds since the hub last answered.
@@ -20,7 +37,11 @@ pub struct VpnStatus {
     pub tx_bytes: u64,
     pub rx_bytes: u64,
     pub peers: Vec<PeerStatus>,
+    /// The drop counters as the core keeps them (a peer's with its mesh's inside).
     pub drops: serde_json::Value,
+    /// Every drop reason (`ALL` of the daemon's reasons) and its count, for the metrics.
+    #[serde(skip)]
+    pub drop_counts: Vec<(String, u64)>,
     /// Peer: announced routes the hub refused, with why.
     #[serde(default)]
     pub refused_routes: Vec<String>,
@@ -72,7 +93,7 @@ impl VpnStatus {
             let seen = m.reflexive.as_deref().unwrap_or("- (no answer from the hub's rendezvous port)");
             let _ = writeln!(s, "  mesh socket {}  seen by the hub as {seen}", m.local);
         }
-        let hub = self.role == "hub";
+        let hub = self.role == Role::Hub;
         let _ = writeln!(
             s,
             "  {:<16} {:<10} {:<15} {:<9} {:<6} {:>9} {:>9} {:>9} {:>12} {:>12} {:>12}  ROUTES",
@@ -134,8 +155,8 @@ impl VpnStatus {
 /// listed peer's state, bytes, heartbeat age and RTT, and drops by reason.
 pub(super) fn vpn_metrics(st: &VpnStatus, m: &mut Metrics) {
     use common::driver::metrics::Unit;
-    let own = || -> Labels { vec![("role".into(), st.role.clone()), ("name".into(), st.name.clone())] };
-    let up = f64::from(u8::from(st.state == "up"));
+    let own = || -> Labels { vec![("role".into(), st.role.to_string()), ("name".into(), st.name.clone())] };
+    let up = f64::from(u8::from(st.state == LinkState::Up));
     m.gauge("vpn_up", "1 while the hub runs, or while a peer is registered", None, [(own(), up)]);
     m.counter(
         "vpn_tun",
@@ -153,7 +174,7 @@ pub(super) fn vpn_metrics(st: &VpnStatus, m: &mut Metrics) {
         |p: &PeerStatus| -> Labels { vec![("peer".into(), p.name.clone()), ("address".into(), p.addr.to_string())] };
     let mut state = Vec::new();
     for p in &st.peers {
-        for s in [PeerState::Up, PeerState::Silent, PeerState::ViaHub, PeerState::Direct, PeerState::Own] {
+        for s in [PeerState::Up, PeerState::Silent, PeerState::Relay, PeerState::Direct, PeerState::Own] {
             state.push((with_label(peer(p), "state", s.to_string()), f64::from(u8::from(p.state == s))));
         }
     }
@@ -176,7 +197,7 @@ pub(super) fn vpn_metrics(st: &VpnStatus, m: &mut Metrics) {
         Some(Unit::Seconds),
         rtt,
     );
-    if st.role == "hub" {
+    if st.role == Role::Hub {
         let relayed = st.peers.iter().map(|p| (peer(p), p.relayed_bytes));
         m.counter(
             "vpn_peer_relayed",
@@ -185,19 +206,7 @@ pub(super) fn vpn_metrics(st: &VpnStatus, m: &mut Metrics) {
             relayed,
         );
     }
-    let mut drops = Vec::new();
-    for (why, n) in st.drops.as_object().into_iter().flatten() {
-        match (n.as_u64(), n.as_object()) {
-            (Some(n), _) => drops.push((with_label(own(), "reason", why.clone()), n)),
-            // the mesh's own, as mesh_<reason>
-            (None, Some(inner)) => drops.extend(
-                inner
-                    .iter()
-                    .filter_map(|(w, n)| Some((with_label(own(), "reason", format!("{why}_{w}")), n.as_u64()?))),
-            ),
-            _ => {}
-        }
-    }
+    let drops = st.drop_counts.iter().map(|(why, n)| (with_label(own(), "reason", why.as_str()), *n));
     m.counter("vpn_drops", "Datagrams and packets dropped, by reason", None, drops);
 }
 
@@ -205,18 +214,19 @@ pub(super) fn hub_status(core: &Hub, now: Instant, tun: &str, addr: Ipv4Addr) ->
     // the hub's own traffic is what it carries for its peers: their tx is its rx
     let peers = core.status(now);
     VpnStatus {
-        role: "hub".into(),
+        role: Role::Hub,
         pid: std::process::id(),
         name: String::new(),
         tun: tun.into(),
         addr: Some(addr),
-        state: "up".into(),
+        state: LinkState::Up,
         hub_rtt_ms: None,
         last_heartbeat_s: None,
         tx_bytes: peers.iter().map(|p| p.rx_bytes).sum(),
         rx_bytes: peers.iter().map(|p| p.tx_bytes).sum(),
         peers,
         drops: serde_json::to_value::<&HubDrops>(&core.drops).unwrap_or_default(),
+        drop_counts: core.drops.iter().map(|(why, n)| (why.to_string(), n)).collect(),
         refused_routes: Vec::new(),
         skipped_routes: Vec::new(),
         mesh_sockets: Vec::new(),
@@ -224,19 +234,21 @@ pub(super) fn hub_status(core: &Hub, now: Instant, tun: &str, addr: Ipv4Addr) ->
 }
 
 pub(super) fn peer_status(core: &Peer, now: Instant, name: &str, tun: &str, skipped: &[(Prefix, String)]) -> VpnStatus {
+    let drops = core.drop_counts();
     VpnStatus {
-        role: "peer".into(),
+        role: Role::Peer,
         pid: std::process::id(),
         name: name.into(),
         tun: tun.into(),
         addr: core.is_up().then(|| core.addr()),
-        state: core.state_name().into(),
+        state: core.link_state(),
         hub_rtt_ms: core.rtt_ms(),
         last_heartbeat_s: core.last_ack().map(|t| now.saturating_duration_since(t).as_secs_f64()),
         tx_bytes: core.tx_bytes,
         rx_bytes: core.rx_bytes,
         peers: core.peer_status(now),
-        drops: serde_json::to_value::<PeerDrops>(core.drop_counts()).unwrap_or_default(),
+        drops: serde_json::to_value(&drops).unwrap_or_default(),
+        drop_counts: drops.iter().collect(),
         refused_routes: core.refused_routes().iter().map(|(r, why)| format!("{r}: {why:?}")).collect(),
         skipped_routes: skipped.iter().map(|(r, why)| format!("{r}: {why}")).collect(),
         mesh_sockets: Vec::new(),

@@ -120,27 +120,28 @@ pub enum HubEvent {
     },
 }
 
-/// Why a datagram or packet was dropped; counted.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct HubDrops {
-    pub malformed: u64,
-    pub unknown_peer: u64,
-    pub bad_mac: u64,
-    pub replayed: u64,
-    /// Registrations never confirmed by a sealed datagram before they expired or a newer
-    /// Register replaced them (replayed Registers, or a peer that went away at once).
-    #[serde(default)]
-    pub unconfirmed: u64,
-    pub spoofed_source: u64,
-    pub no_route: u64,
-    pub queue_full: u64,
-    /// Announced routes refused by policy.
-    #[serde(default)]
-    pub route_refused: u64,
-    /// Relayed datagrams for a peer that is not registered (or to oneself), or beyond the
-    /// transmit queue.
-    #[serde(default)]
-    pub relay_refused: u64,
+crate::drops::drop_reasons! {
+    /// Why the hub dropped a datagram or packet.
+    HubDropReason;
+    /// The hub's drops, by reason.
+    HubDrops {
+        Malformed => malformed,
+        UnknownPeer => unknown_peer,
+        BadMac => bad_mac,
+        Replayed => replayed,
+        /// Registrations never confirmed by a sealed datagram before they expired or a
+        /// newer Register replaced them (replayed Registers, or a peer that went away at
+        /// once).
+        Unconfirmed => unconfirmed,
+        SpoofedSource => spoofed_source,
+        NoRoute => no_route,
+        QueueFull => queue_full,
+        /// Announced routes refused by policy.
+        RouteRefused => route_refused,
+        /// Relayed datagrams for a peer that is not registered (or to oneself), or beyond
+        /// the transmit queue.
+        RelayRefused => relay_refused,
+    }
 }
 
 /// Where a peer's datagrams go before any arrived (tunnel addresses are learned from

@@ -10,8 +10,9 @@ pub enum PeerState {
     Up,
     /// The hub's view: no heartbeat for `PEER_SILENT_AFTER`; removed after the timeout.
     Silent,
-    /// A peer's view of another: traffic goes through the hub.
-    ViaHub,
+    /// A peer's view of another: traffic goes through the hub (its relay, or its KCP
+    /// link when there is no mesh): `Via::Relay`.
+    Relay,
     /// A peer's view of another: traffic goes over a direct path of the mesh.
     Direct,
     /// A peer's view of itself in the list.
@@ -24,7 +25,7 @@ impl std::fmt::Display for PeerState {
         f.write_str(match self {
             Self::Up => "up",
             Self::Silent => "silent",
-            Self::ViaHub => "via-hub",
+            Self::Relay => "relay",
             Self::Direct => "direct",
             Self::Own => "self",
         })

@@ -161,32 +161,46 @@ pub struct MeshPathStatus {
     pub loss_down: Option<f64>,
 }
 
-/// Dropped and counted.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct MeshDrops {
-    /// Not a mesh datagram, or one that does not parse.
-    pub malformed: u64,
-    /// For no pair we have (a session we do not know, an init naming nobody).
-    pub unknown: u64,
-    /// From a place that is none of the pair's paths, or did not open.
-    pub unauthenticated: u64,
-    /// Later copies of a datagram that already arrived on another path (the relay and a
-    /// direct path both carry some), or too old for the replay window: normal.
-    #[serde(default)]
-    pub duplicate: u64,
-    /// An IP packet whose source is not the sending peer's.
-    pub spoofed_source: u64,
-    pub queue_full: u64,
+crate::drops::drop_reasons! {
+    /// Why the mesh dropped a datagram or packet.
+    MeshDropReason;
+    /// The mesh's drops, by reason.
+    MeshDrops {
+        /// Not a mesh datagram, or one that does not parse.
+        Malformed => malformed,
+        /// For no pair we have (a session we do not know, an init naming nobody).
+        Unknown => unknown,
+        /// From a place that is none of the pair's paths, or did not open.
+        Unauthenticated => unauthenticated,
+        /// Later copies of a datagram that already arrived on another path (the relay and
+        /// a direct path both carry some), or too old for the replay window: normal.
+        Duplicate => duplicate,
+        /// An IP packet whose source is not the sending peer's.
+        SpoofedSource => spoofed_source,
+        QueueFull => queue_full,
+        /// A pair's session had no live path to send on, or no room for a new one.
+        NoPath => no_path,
+        /// Handshakes beyond their source's rate.
+        RateLimited => rate_limited,
+        /// A handshake a pair's server refused, or a message unexpected in its state.
+        Refused => refused,
+    }
 }
 
 impl MeshDrops {
-    /// A datagram one of the pair's cores dropped.
-    fn count(&mut self, why: common::stats::DropReason) {
-        use common::stats::DropReason;
-        match why {
-            DropReason::Duplicate | DropReason::TooOld => self.duplicate += 1,
-            _ => self.unauthenticated += 1,
-        }
+    /// A datagram one of the pair's cores dropped, under the mesh's reason for it.
+    fn count_core(&mut self, why: common::stats::DropReason) {
+        use common::stats::DropReason as Core;
+        self.count(match why {
+            Core::Malformed => MeshDropReason::Malformed,
+            Core::UnknownSession => MeshDropReason::Unknown,
+            Core::BadMac | Core::AuthFailed | Core::ReplayedInit => MeshDropReason::Unauthenticated,
+            Core::Duplicate | Core::TooOld => MeshDropReason::Duplicate,
+            Core::QueueFull => MeshDropReason::QueueFull,
+            Core::NoPath | Core::NoPathSlot => MeshDropReason::NoPath,
+            Core::RateLimited => MeshDropReason::RateLimited,
+            Core::Refused | Core::Unexpected => MeshDropReason::Refused,
+        });
     }
 }
 

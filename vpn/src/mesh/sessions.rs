@@ -70,7 +70,7 @@ impl Mesh {
                 Self::link_input(&mut self.drops, now, p, &d[payload]);
                 self.take_messages(now, id);
             }
-            ServerRecv::Dropped(why) => self.drops.count(why),
+            ServerRecv::Dropped(why) => self.drops.count_core(why),
         }
         let Some(p) = self.pairs.get_mut(&id) else { return };
         while let Some(ev) = p.server.poll_event() {
@@ -113,7 +113,7 @@ impl Mesh {
                 return;
             }
             ClientRecv::Consumed => {}
-            ClientRecv::Dropped(why) => self.drops.count(why),
+            ClientRecv::Dropped(why) => self.drops.count_core(why),
         }
         Self::drain_client_events(&mut self.sessions, now, id, p);
     }

@@ -116,22 +116,63 @@ pub enum HubRefusal {
     MtuMismatch { hub: u16, ours: u16 },
 }
 
+crate::drops::drop_reasons! {
+    /// Why the peer dropped a datagram or packet (its mesh counts its own:
+    /// `mesh::MeshDropReason`).
+    PeerDropReason;
+    /// The peer's drops, by reason.
+    PeerDrops {
+        HubLost => hub_lost,
+        QueueFull => queue_full,
+        Malformed => malformed,
+        NotRegistered => not_registered,
+        /// Packets whose inner source cannot have come from where they came from.
+        SpoofedSource => spoofed_source,
+        /// Sealed datagrams that did not open under our channel (forged, replayed, or for
+        /// a registration we no longer have).
+        Unauthenticated => unauthenticated,
+    }
+}
+
+/// A peer's link to the hub, as status shows it (a hub shows itself `Up`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkState {
+    Registering,
+    Up,
+    /// Heartbeats go unanswered; retrying (`HEARTBEAT_RETRIES`).
+    Retrying,
+    /// No answer to the last retry: not taking packets, registering again.
+    #[serde(rename = "hub lost")]
+    HubLost,
+}
+
+impl std::fmt::Display for LinkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Registering => "registering",
+            Self::Up => "up",
+            Self::Retrying => "retrying",
+            Self::HubLost => "hub lost",
+        })
+    }
+}
+
+/// A peer's drops and its mesh's, as status shows them.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct PeerDrops {
-    pub hub_lost: u64,
-    pub queue_full: u64,
-    pub malformed: u64,
-    pub not_registered: u64,
-    /// Packets whose inner source cannot have come from where they came from.
-    #[serde(default)]
-    pub spoofed_source: u64,
-    /// Sealed datagrams that did not open under our channel (forged, replayed, or for a
-    /// registration we no longer have).
-    #[serde(default)]
-    pub unauthenticated: u64,
-    /// The mesh's (`mesh::MeshDrops`).
+pub struct PeerDropCounts {
+    #[serde(flatten)]
+    pub own: PeerDrops,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<crate::mesh::MeshDrops>,
+}
+
+impl PeerDropCounts {
+    /// Every reason's name (the mesh's as `mesh_<reason>`) and count.
+    pub fn iter(&self) -> impl Iterator<Item = (String, u64)> + '_ {
+        let mesh = self.mesh.iter().flat_map(|m| m.iter().map(|(why, n)| (format!("mesh_{why}"), n)));
+        self.own.iter().map(|(why, n)| (why.to_string(), n)).chain(mesh)
+    }
 }
 
 enum State {
@@ -245,8 +286,8 @@ impl Peer {
     }
 
     /// What was dropped and counted, the mesh's drops included.
-    pub fn drop_counts(&self) -> PeerDrops {
-        PeerDrops { mesh: self.mesh.as_ref().map(|m| m.drops.clone()), ..self.drops.clone() }
+    pub fn drop_counts(&self) -> PeerDropCounts {
+        PeerDropCounts { own: self.drops.clone(), mesh: self.mesh.as_ref().map(|m| m.drops.clone()) }
     }
 
     pub fn is_up(&self) -> bool {
@@ -512,12 +553,12 @@ impl Peer {
         }
     }
 
-    pub fn state_name(&self) -> &'static str {
+    pub fn link_state(&self) -> LinkState {
         match &self.state {
-            State::Up(s) if s.first_miss.is_some() => "retrying",
-            State::Up(_) => "up",
-            State::Registering { lost: true, .. } => "hub lost",
-            State::Registering { .. } => "registering",
+            State::Up(s) if s.first_miss.is_some() => LinkState::Retrying,
+            State::Up(_) => LinkState::Up,
+            State::Registering { lost: true, .. } => LinkState::HubLost,
+            State::Registering { .. } => LinkState::Registering,
         }
     }
 }

@@ -108,7 +108,7 @@ impl Peer {
                     state: match (own, via) {
                         (true, _) => PeerState::Own,
                         (false, Via::Direct) => PeerState::Direct,
-                        (false, Via::Relay) => PeerState::ViaHub,
+                        (false, Via::Relay) => PeerState::Relay,
                     },
                     tunnel: String::new(),
                     routes: p.routes.clone(),
