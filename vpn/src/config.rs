@@ -317,55 +317,55 @@ impl HubConfig {
         }
         check_log_level(&c.log_level, file, text)?;
         check(!c.peers.is_empty(), file, text, "peers", "peers", "at least one peer".into())?;
-        for (i, p) in c.peers.iter().enumerate() {
-            let field = format!("peers[{i}]");
-            check(
-                valid_name(&p.name),
-                file,
-                text,
-                &format!("{field}.name"),
-                &p.name,
-                "1-32 of a-z A-Z 0-9 - _ .".into(),
-            )?;
-            let dup = c.peers.iter().filter(|q| q.name == p.name).count() > 1;
-            check(!dup, file, text, &format!("{field}.name"), &p.name, format!("`{}` appears twice", p.name))?;
-            let key = resolve_key(&p.key, &p.key_file);
-            let ok = matches!(key, Ok(Some(_)));
-            let msg = key.err().map_or_else(|| "needs `key` or `key_file`".into(), |e| e.to_string());
-            check(ok, file, text, &format!("{field}.key"), &p.name, msg)?;
-            if let Some(a) = p.address {
-                let (field, at) = (format!("{field}.address"), format!("address: {a}"));
-                let why = if !c.network.contains(a) {
-                    Some(format!("{a} is not in {}", c.network))
-                } else if !c.network.is_host(a) {
-                    Some(format!("{a} is the network or broadcast address of {}", c.network))
-                } else if a == c.hub_addr() {
-                    Some(format!("{a} is the hub's own address"))
-                } else {
-                    c.peers[..i]
-                        .iter()
-                        .find(|q| q.address == Some(a))
-                        .map(|q| format!("{a} is also peer `{}`'s address", q.name))
-                };
-                check(why.is_none(), file, text, &field, &at, why.unwrap_or_default())?;
-            }
-            for r in &p.routes {
-                let (field, at) = (format!("{field}.routes"), r.to_string());
-                let why = if r.len > 0 && r.overlaps(&c.network) {
-                    Some(format!("{r} overlaps the VPN network {}", c.network))
-                } else {
-                    // the default route only clashes with another default route
-                    c.peers[..i].iter().find_map(|q| {
-                        q.routes
-                            .iter()
-                            .find(|o| (o.len == 0) == (r.len == 0) && o.overlaps(r))
-                            .map(|o| format!("{r} overlaps peer `{}`'s {o}", q.name))
-                    })
-                };
-                check(why.is_none(), file, text, &field, &at, why.unwrap_or_default())?;
-            }
+        for i in 0..c.peers.len() {
+            c.check_peer(i, file, text)?;
         }
         Ok(c)
+    }
+
+    /// hub.yaml's `peers[i]`: its name, key, address and routes, against those before it.
+    fn check_peer(&self, i: usize, file: &str, text: &str) -> Result<(), ConfigError> {
+        let p = &self.peers[i];
+        let field = format!("peers[{i}]");
+        check(valid_name(&p.name), file, text, &format!("{field}.name"), &p.name, "1-32 of a-z A-Z 0-9 - _ .".into())?;
+        let dup = self.peers.iter().filter(|q| q.name == p.name).count() > 1;
+        check(!dup, file, text, &format!("{field}.name"), &p.name, format!("`{}` appears twice", p.name))?;
+        let key = resolve_key(&p.key, &p.key_file);
+        let ok = matches!(key, Ok(Some(_)));
+        let msg = key.err().map_or_else(|| "needs `key` or `key_file`".into(), |e| e.to_string());
+        check(ok, file, text, &format!("{field}.key"), &p.name, msg)?;
+        if let Some(a) = p.address {
+            let (field, at) = (format!("{field}.address"), format!("address: {a}"));
+            let why = if !self.network.contains(a) {
+                Some(format!("{a} is not in {}", self.network))
+            } else if !self.network.is_host(a) {
+                Some(format!("{a} is the network or broadcast address of {}", self.network))
+            } else if a == self.hub_addr() {
+                Some(format!("{a} is the hub's own address"))
+            } else {
+                self.peers[..i]
+                    .iter()
+                    .find(|q| q.address == Some(a))
+                    .map(|q| format!("{a} is also peer `{}`'s address", q.name))
+            };
+            check(why.is_none(), file, text, &field, &at, why.unwrap_or_default())?;
+        }
+        for r in &p.routes {
+            let (field, at) = (format!("{field}.routes"), r.to_string());
+            let why = if r.len > 0 && r.overlaps(&self.network) {
+                Some(format!("{r} overlaps the VPN network {}", self.network))
+            } else {
+                // the default route only clashes with another default route
+                self.peers[..i].iter().find_map(|q| {
+                    q.routes
+                        .iter()
+                        .find(|o| (o.len == 0) == (r.len == 0) && o.overlaps(r))
+                        .map(|o| format!("{r} overlaps peer `{}`'s {o}", q.name))
+                })
+            };
+            check(why.is_none(), file, text, &field, &at, why.unwrap_or_default())?;
+        }
+        Ok(())
     }
 
     /// A warning when this config, read from `path`, holds inline peer keys (`key:`) and

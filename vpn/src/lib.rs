@@ -5,6 +5,8 @@
 //! mpclient/mpserver. `sim` (the test-only `sim` feature) runs the cores together on a
 //! fake clock.
 
+#![warn(clippy::too_many_lines)]
+
 pub mod channel;
 pub mod cli;
 pub mod config;

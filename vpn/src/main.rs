@@ -1,5 +1,7 @@
 //! `mpvpn`: the VPN over the multipath tunnel. See `--help`.
 
+#![warn(clippy::too_many_lines)]
+
 use clap::Parser;
 use common::driver::files::load_config;
 use common::driver::{control, exit_with_error, genkey, run_daemon};

@@ -2,7 +2,7 @@
 //! or the embedded client) and the mesh sockets.
 
 use super::*;
-use crate::peer::PeerOutput;
+use crate::peer::{PeerOutput, HEARTBEAT_RETRIES, HUB_LOST_AFTER};
 
 /// How a peer exchanges datagrams with the tunnel.
 pub(super) enum PeerTunnel {
@@ -346,47 +346,12 @@ impl PeerDriver {
 
     /// Applies the core's configuration and logs its events.
     fn handle_event(&mut self, ev: PeerEvent) -> Result<(), VpnError> {
-        let Self { core, tunnel, tun_name: tun, installed, skipped, protected, resolver, log, mesh, .. } = self;
+        let Self { core, tun_name: tun, resolver, log, mesh, .. } = self;
         match ev {
             PeerEvent::Configured { addr, prefix_len, hub_addr, mtu, dns_domain } => {
-                configure_tun(tun, addr, prefix_len, mtu)?;
-                *protected = protected_addresses(tunnel, log);
-                if let (Some(domain), None) = (dns_domain, &resolver) {
-                    *resolver = Some(SystemResolver::point(tun, hub_addr, &domain, log));
-                }
-                // routes were lost with the addresses; put them back
-                for r in installed.iter() {
-                    ip_cmd(&["route", "replace", &r.to_string(), "dev", tun])?;
-                }
-                info!(log, "registered"; "address" => %addr, "prefix_len" => prefix_len, "hub" => %hub_addr, "mtu" => mtu);
+                self.on_configured(addr, prefix_len, hub_addr, mtu, dns_domain)?
             }
-            PeerEvent::Routes { add, remove } => {
-                for r in &remove {
-                    skipped.retain(|(x, _)| x != r);
-                    if !installed.contains(r) {
-                        continue;
-                    }
-                    if let Err(e) = ip_cmd(&["route", "del", &r.to_string(), "dev", tun]) {
-                        warn!(log, "removing route"; "error" => %e);
-                    }
-                    installed.retain(|x| x != r);
-                }
-                for r in add {
-                    // `add`, never `replace`: a route this peer did not install stays
-                    let why = route_hazard(&r, protected).map_or_else(
-                        || ip_cmd(&["route", "add", &r.to_string(), "dev", tun]).err().map(|e| e.to_string()),
-                        Some,
-                    );
-                    match why {
-                        None => installed.push(r),
-                        Some(why) => {
-                            warn!(log, "not installing a route from another peer"; "route" => %r, "why" => &why);
-                            skipped.push((r, why));
-                        }
-                    }
-                }
-                info!(log, "routes from other peers"; "installed" => ?installed.iter().map(|r| r.to_string()).collect::<Vec<_>>());
-            }
+            PeerEvent::Routes { add, remove } => self.apply_routes(add, remove),
             PeerEvent::PeerList => {
                 if let Some(r) = resolver.as_mut() {
                     r.update(core.peers(), log);
@@ -414,7 +379,9 @@ impl PeerDriver {
                 "rendezvous" => ?at);
             }
             PeerEvent::HubLost => {
-                error!(log, "hub lost: no heartbeat answers after retries at 1, 3 and 7 s; not taking packets, registering again")
+                let retries: Vec<String> = HEARTBEAT_RETRIES.iter().map(|d| format!("{d:?}")).collect();
+                error!(log, "hub lost: no heartbeat answers; not taking packets, registering again";
+                    "retried after" => retries.join(", "), "lost after" => ?HUB_LOST_AFTER)
             }
             PeerEvent::Refused(reason) => warn!(log, "hub refused for now; retrying"; "reason" => ?reason),
             PeerEvent::RouteRefused { route, reason } => {
@@ -423,5 +390,61 @@ impl PeerDriver {
             PeerEvent::Fatal(refusal) => return Err(refusal.into()),
         }
         Ok(())
+    }
+}
+
+impl PeerDriver {
+    /// Registered: the TUN gets its address, names their resolver, and the routes from
+    /// other peers (lost with the address) come back.
+    fn on_configured(
+        &mut self,
+        addr: Ipv4Addr,
+        prefix_len: u8,
+        hub_addr: Ipv4Addr,
+        mtu: u16,
+        dns_domain: Option<String>,
+    ) -> Result<(), VpnError> {
+        let Self { tunnel, tun_name: tun, installed, protected, resolver, log, .. } = self;
+        configure_tun(tun, addr, prefix_len, mtu)?;
+        *protected = protected_addresses(tunnel, log);
+        if let (Some(domain), None) = (dns_domain, &resolver) {
+            *resolver = Some(SystemResolver::point(tun, hub_addr, &domain, log));
+        }
+        for r in installed.iter() {
+            ip_cmd(&["route", "replace", &r.to_string(), "dev", tun])?;
+        }
+        info!(log, "registered"; "address" => %addr, "prefix_len" => prefix_len, "hub" => %hub_addr, "mtu" => mtu);
+        Ok(())
+    }
+
+    /// Other peers' routes changed: what we installed goes, what is new is installed
+    /// unless it would capture what carries the tunnel (`route_hazard`).
+    fn apply_routes(&mut self, add: Vec<Prefix>, remove: Vec<Prefix>) {
+        let Self { tun_name: tun, installed, skipped, protected, log, .. } = self;
+        for r in &remove {
+            skipped.retain(|(x, _)| x != r);
+            if !installed.contains(r) {
+                continue;
+            }
+            if let Err(e) = ip_cmd(&["route", "del", &r.to_string(), "dev", tun]) {
+                warn!(log, "removing route"; "error" => %e);
+            }
+            installed.retain(|x| x != r);
+        }
+        for r in add {
+            // `add`, never `replace`: a route this peer did not install stays
+            let why = route_hazard(&r, protected).map_or_else(
+                || ip_cmd(&["route", "add", &r.to_string(), "dev", tun]).err().map(|e| e.to_string()),
+                Some,
+            );
+            match why {
+                None => installed.push(r),
+                Some(why) => {
+                    warn!(log, "not installing a route from another peer"; "route" => %r, "why" => &why);
+                    skipped.push((r, why));
+                }
+            }
+        }
+        info!(log, "routes from other peers"; "installed" => ?installed.iter().map(|r| r.to_string()).collect::<Vec<_>>());
     }
 }

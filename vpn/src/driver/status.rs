@@ -116,38 +116,47 @@ impl VpnStatus {
             let _ = writeln!(s, "  route not installed: {r}");
         }
         for p in &self.peers {
-            let routes: Vec<String> = p.routes.iter().map(|r| r.to_string()).collect();
-            let _ = writeln!(
-                s,
-                "  {:<16} {:<10} {:<15} {:<9} {:<6} {:>9} {:>9} {:>9} {:>12} {:>12} {:>12}  {}",
-                p.name,
-                p.id,
-                p.addr,
-                p.state,
-                p.via.map_or("-".into(), |v| v.to_string()),
-                p.last_heartbeat_s.map_or("-".into(), |s| format!("{s:.1}")),
-                p.last_rx_s.map_or("-".into(), |s| format!("{s:.1}")),
-                p.rtt_ms.map_or("-".into(), |r| format!("{r:.2}")),
-                p.tx_bytes,
-                p.rx_bytes,
-                if hub { p.relayed_bytes.to_string() } else { String::new() },
-                routes.join(",")
-            );
-            for x in &p.paths {
-                let pct = |l: Option<f64>| l.map_or("-".into(), |l| format!("{:.0}%", l * 100.0));
-                let _ = writeln!(
-                    s,
-                    "      path {} -> {}  {}  rtt {}  loss up {} down {}",
-                    x.local,
-                    x.remote,
-                    x.state.name(),
-                    x.rtt_ms.map_or("-".into(), |r| format!("{r:.2} ms")),
-                    pct(x.loss_up),
-                    pct(x.loss_down)
-                );
-            }
+            p.write_rows(&mut s, hub);
         }
         s
+    }
+}
+
+impl PeerStatus {
+    /// This peer's row of the status table, and one row per path under it.
+    fn write_rows(&self, s: &mut String, hub: bool) {
+        use std::fmt::Write;
+        let p = self;
+        let routes: Vec<String> = p.routes.iter().map(|r| r.to_string()).collect();
+        let _ = writeln!(
+            s,
+            "  {:<16} {:<10} {:<15} {:<9} {:<6} {:>9} {:>9} {:>9} {:>12} {:>12} {:>12}  {}",
+            p.name,
+            p.id,
+            p.addr,
+            p.state,
+            p.via.map_or("-".into(), |v| v.to_string()),
+            p.last_heartbeat_s.map_or("-".into(), |s| format!("{s:.1}")),
+            p.last_rx_s.map_or("-".into(), |s| format!("{s:.1}")),
+            p.rtt_ms.map_or("-".into(), |r| format!("{r:.2}")),
+            p.tx_bytes,
+            p.rx_bytes,
+            if hub { p.relayed_bytes.to_string() } else { String::new() },
+            routes.join(",")
+        );
+        for x in &p.paths {
+            let pct = |l: Option<f64>| l.map_or("-".into(), |l| format!("{:.0}%", l * 100.0));
+            let _ = writeln!(
+                s,
+                "      path {} -> {}  {}  rtt {}  loss up {} down {}",
+                x.local,
+                x.remote,
+                x.state.name(),
+                x.rtt_ms.map_or("-".into(), |r| format!("{r:.2} ms")),
+                pct(x.loss_up),
+                pct(x.loss_down)
+            );
+        }
     }
 }
 

@@ -193,7 +193,7 @@ mod tests {
         assert!(hub.handle_rendezvous(t0, mesh_socket, &foreign, &mut answer).is_none());
         // a peer that told no host candidates has no mesh: it lists no candidates
         assert!(hub.entries()[0].candidates.is_empty());
-        let mut c = vec![INNER_CANDIDATES, 2];
+        let mut c = vec![wire::INNER_CANDIDATES, 2];
         wire::put_addr(&mut c, "127.0.0.1:5100".parse().expect("literal"));
         wire::put_addr(&mut c, "198.51.100.9:5100".parse().expect("literal"));
         c[1] = 2;

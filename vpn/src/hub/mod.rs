@@ -44,9 +44,9 @@ use crate::kcplink::{KcpLink, LinkError};
 use crate::mesh::{MeshPathStatus, Via};
 use crate::queue::PacketQueue;
 use crate::wire::{
-    self, field, sealed_kind, HeartbeatAckRepr, HeartbeatRepr, IntroRepr, PeerEntry, PeerKey, RefusalReason,
-    RefusalRepr, RegisterRepr, RouteRefusalReason, SealedHeader, WelcomeRepr, INNER_CANDIDATES, INNER_INTRO_REQUEST,
-    INNER_IP, MAX_CANDIDATES, MSG_REGISTER, MSG_SEALED, SEALED_HEADER_LEN, SEALED_OVERHEAD,
+    self, field, sealed_kind, HeartbeatAckRepr, HeartbeatRepr, InnerMessage, IntroRepr, PeerEntry, PeerKey,
+    RefusalReason, RefusalRepr, RegisterRepr, RouteRefusalReason, SealedHeader, WelcomeRepr, MAX_CANDIDATES,
+    MSG_REGISTER, MSG_SEALED, SEALED_HEADER_LEN, SEALED_OVERHEAD,
 };
 use common::crypto::x25519_public;
 use common::entropy::Entropy;
@@ -59,8 +59,8 @@ use std::time::{Duration, Instant};
 /// (replays after a hub restart).
 pub const MAX_CLOCK_SKEW_MS: u64 = 10 * 60 * 1000;
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(15);
-/// A peer whose last heartbeat is older than this shows as `silent` (heartbeats go every
-/// second; a peer retries at 1, 3 and 7 s before it gives up on the hub).
+/// A peer whose last heartbeat is older than this shows as `silent`: it missed a few
+/// (`peer::HEARTBEAT_INTERVAL`) and is retrying (`peer::HEARTBEAT_RETRIES`).
 pub const PEER_SILENT_AFTER: Duration = Duration::from_secs(3);
 /// The peer list goes out at most this often.
 pub const PEER_LIST_PUSH_INTERVAL: Duration = Duration::from_millis(100);
@@ -331,22 +331,17 @@ impl Hub {
         // the message buffer is in use by the caller: inner messages go through their own
         let mut inner = std::mem::take(&mut self.inner_buf);
         while let Some(n) = self.peers.get_mut(&id).and_then(|p| p.link.recv(now, &mut inner)) {
-            match inner[..n].first() {
-                Some(&INNER_IP) => {
+            match wire::parse_inner(&inner[..n]) {
+                Ok(InnerMessage::Ip { packet, src, dst }) => {
                     if let Some(p) = self.peers.get_mut(&id) {
-                        p.rx_bytes += (n - field::inner::BODY) as u64;
+                        p.rx_bytes += packet.len() as u64;
                     }
-                    self.route_from_peer(id, &inner[field::inner::BODY..n]);
+                    self.route_from_peer(id, packet, src, dst);
                 }
-                Some(&INNER_CANDIDATES) => match wire::parse_candidates(&inner[..n]) {
-                    Ok(c) => self.set_host_candidates(now, id, c),
-                    Err(_) => self.drops.malformed += 1,
-                },
-                Some(&INNER_INTRO_REQUEST) => match wire::parse_intro_request(&inner[..n]) {
-                    Ok(to) => self.introduce(now, id, to),
-                    Err(_) => self.drops.malformed += 1,
-                },
-                _ => self.drops.malformed += 1,
+                Ok(InnerMessage::Candidates(c)) => self.set_host_candidates(now, id, c),
+                Ok(InnerMessage::IntroRequest(to)) => self.introduce(now, id, to),
+                // what only a hub sends, or what does not parse
+                Ok(InnerMessage::PeerList(_) | InnerMessage::Intro(_)) | Err(_) => self.drops.malformed += 1,
             }
         }
         self.inner_buf = inner;

@@ -75,34 +75,42 @@ impl Hub {
         (1..self.cfg.network.size().min(1 << 20) as u32).filter_map(|n| self.cfg.network.nth(n)).find(|&a| usable(a))
     }
 
-    pub(super) fn on_register(&mut self, now: Instant, wall_ms: u64, from: SocketAddr, d: &[u8]) {
+    /// A Register that is authentic, new and fresh, with its peer's index in the config;
+    /// `None` if it is none of these (counted), or a copy of one already answered (answered
+    /// again, the same way).
+    fn take_register(&mut self, wall_ms: u64, from: SocketAddr, d: &[u8]) -> Option<(RegisterRepr, usize)> {
         let Ok((reg, body)) = RegisterRepr::parse(d) else {
             self.drops.malformed += 1;
-            return;
+            return None;
         };
         let Some(spec) = self.spec(&reg.name) else {
             self.drops.unknown_peer += 1;
-            return;
+            return None;
         };
         if RegisterRepr::verify(d, body, &spec.key).is_err() {
             self.drops.bad_mac += 1;
-            return;
+            return None;
         }
         // a copy of the Register already answered: the same answer, nothing new
         if let Some(p) = self.pending.values().find(|p| p.name == reg.name && p.nonce == reg.nonce) {
             self.transmit.push_back((from, p.welcome.clone()));
-            return;
+            return None;
         }
         if self.peers.values().any(|p| p.name == reg.name && p.nonce == reg.nonce) {
-            return; // a late copy; that registration is already in use
+            return None; // a late copy; that registration is already in use
         }
         let last = self.last_register_ts.get(&reg.name).copied().unwrap_or(0);
         if reg.timestamp_ms <= last || reg.timestamp_ms.abs_diff(wall_ms) > MAX_CLOCK_SKEW_MS {
             self.drops.replayed += 1;
-            return;
+            return None;
         }
         self.last_register_ts.insert(reg.name.clone(), reg.timestamp_ms);
         let ki = self.keys[&reg.name];
+        Some((reg, ki))
+    }
+
+    pub(super) fn on_register(&mut self, now: Instant, wall_ms: u64, from: SocketAddr, d: &[u8]) {
+        let Some((reg, ki)) = self.take_register(wall_ms, from, d) else { return };
         let net = self.cfg.network;
         let refusal = (reg.mtu != 0 && reg.mtu != self.cfg.mtu).then_some(RefusalReason::MtuMismatch);
         // a peer asking for the address it had gets it back from a registration nobody has
@@ -120,14 +128,7 @@ impl Hub {
         self.next_id = self.next_id.wrapping_add(1).max(1);
         // announcements are policy: only what hub.yaml allows this peer is taken; the
         // Welcome tells the peer which were refused and why
-        let mut routes = Vec::new();
-        let mut refused = Vec::new();
-        for r in &reg.routes {
-            match route_verdict(&self.cfg.peers[ki].allowed_routes, net, r) {
-                Ok(()) => routes.push(*r),
-                Err(reason) => refused.push((*r, reason)),
-            }
-        }
+        let (routes, refused) = split_routes(&self.cfg.peers[ki].allowed_routes, net, &reg.routes);
         let private = self.entropy.x25519_key();
         let public = x25519_public(&private);
         let key = &self.cfg.peers[ki].key;
@@ -277,4 +278,21 @@ impl Hub {
             self.push_peer_list(now);
         }
     }
+}
+
+/// `announced` split by `route_verdict`: the routes taken, and the refused with why.
+fn split_routes(
+    allowed: &[Prefix],
+    network: Prefix,
+    announced: &[Prefix],
+) -> (Vec<Prefix>, Vec<(Prefix, RouteRefusalReason)>) {
+    let mut routes = Vec::new();
+    let mut refused = Vec::new();
+    for r in announced {
+        match route_verdict(allowed, network, r) {
+            Ok(()) => routes.push(*r),
+            Err(reason) => refused.push((*r, reason)),
+        }
+    }
+    (routes, refused)
 }

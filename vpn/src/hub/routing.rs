@@ -31,11 +31,7 @@ impl Hub {
         self.route_table = t;
     }
 
-    pub(super) fn route_from_peer(&mut self, from_id: u32, packet: &[u8]) {
-        let Some((src, dst)) = ip::addresses(packet) else {
-            self.drops.malformed += 1;
-            return;
-        };
+    pub(super) fn route_from_peer(&mut self, from_id: u32, packet: &[u8], src: IpAddr, dst: IpAddr) {
         let p = &self.peers[&from_id];
         if !ip::source_of_peer(src, p.addr, &p.routes) {
             self.drops.spoofed_source += 1;

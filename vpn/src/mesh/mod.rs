@@ -34,7 +34,7 @@
 use crate::ip::{self, Prefix};
 use crate::kcplink::{KcpLink, LinkError};
 use crate::queue::PacketQueue;
-use crate::wire::{field, IntroRepr, PeerEntry, INNER_IP, RELAY_HEADER_LEN, SEALED_OVERHEAD};
+use crate::wire::{self, InnerMessage, IntroRepr, PeerEntry, RELAY_HEADER_LEN, SEALED_OVERHEAD};
 use common::client::{Client, ClientCoreConfig, ClientEvent, ClientRecv, ClientSend};
 use common::crypto::{Cipher, Psk};
 use common::entropy::Entropy;
@@ -77,9 +77,11 @@ pub const PAIR_PAYLOAD: usize = crate::TUNNEL_PAYLOAD - SEALED_OVERHEAD - RELAY_
 /// A pair session never closes for being idle: the pair lives as long as both peers
 /// are registered (probes keep its paths measured and NAT mappings open).
 const PAIR_IDLE_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
-/// A pair's client counts a flow that never got data back as gone after 30 s idle (the
-/// server side only answers probes): an empty datagram this often keeps it.
+/// A pair's client counts a session that never got data back as gone once idle for
+/// `common::client::UNREPLIED_IDLE_TIMEOUT` (the server side only answers probes): an
+/// empty datagram this often keeps it.
 pub const PAIR_KEEPALIVE: Duration = Duration::from_secs(20);
+const _: () = assert!(PAIR_KEEPALIVE.as_secs() < common::client::UNREPLIED_IDLE_TIMEOUT.as_secs());
 /// The "application" of a pair's client: it has one.
 const PAIR_APP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1);
 

@@ -203,20 +203,15 @@ impl Mesh {
         drops: &mut MeshDrops,
     ) {
         while let Some(n) = p.link.recv(now, inner_buf) {
-            let m = &inner_buf[..n];
-            if m.first() != Some(&INNER_IP) {
-                drops.malformed += 1;
-                continue;
-            }
-            let packet = &m[field::inner::BODY..];
-            match ip::addresses(packet) {
-                Some((src, _)) if p.source_allowed(src) => {
+            match wire::parse_inner(&inner_buf[..n]) {
+                Ok(InnerMessage::Ip { packet, src, .. }) if p.source_allowed(src) => {
                     p.rx_bytes += packet.len() as u64;
                     p.last_rx = Some(now);
                     to_tun.push(&[packet]);
                 }
-                Some(_) => drops.spoofed_source += 1,
-                None => drops.malformed += 1,
+                Ok(InnerMessage::Ip { .. }) => drops.spoofed_source += 1,
+                // a pair carries IP packets only
+                Ok(_) | Err(_) => drops.malformed += 1,
             }
         }
     }

@@ -16,15 +16,15 @@ impl Mesh {
         // pairs take turns, a datagram each: from the one after the last served, then
         // from the start
         let start = self.next_pair;
-        let (sessions, drops, relay) = (&mut self.sessions, &mut self.drops, self.cfg.relay);
+        let mut ctx = PairContext { sessions: &mut self.sessions, drops: &mut self.drops, relay: self.cfg.relay };
         for (&id, p) in self.pairs.range_mut(start..) {
-            if let Some(len) = Self::poll_pair(sessions, drops, relay, now, id, p, out, to) {
+            if let Some(len) = ctx.poll_pair(now, id, p, out, to) {
                 self.next_pair = id.wrapping_add(1);
                 return Some(len);
             }
         }
         for (&id, p) in self.pairs.range_mut(..start) {
-            if let Some(len) = Self::poll_pair(sessions, drops, relay, now, id, p, out, to) {
+            if let Some(len) = ctx.poll_pair(now, id, p, out, to) {
                 self.next_pair = id.wrapping_add(1);
                 return Some(len);
             }
@@ -33,14 +33,19 @@ impl Mesh {
     }
 }
 
-impl Mesh {
+/// What a pair's transmit needs of the mesh besides the pair: the session map its
+/// events update, the drop counters, the relay mode.
+struct PairContext<'a> {
+    sessions: &'a mut HashMap<SessionId, (u32, Side)>,
+    drops: &'a mut MeshDrops,
+    relay: RelayMode,
+}
+
+impl PairContext<'_> {
     /// The next datagram of one pair: our client's own (inits, probes) or a segment of
     /// the link.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn poll_pair(
-        sessions: &mut HashMap<SessionId, (u32, Side)>,
-        drops: &mut MeshDrops,
-        relay: RelayMode,
+    fn poll_pair(
+        &mut self,
         now: Instant,
         id: u32,
         p: &mut Pair,
@@ -50,7 +55,7 @@ impl Mesh {
         p.refresh_paused(now);
         if let Some(t) = p.client.poll_transmit(now, out) {
             p.punched(now, t.paths);
-            Self::drain_client_events(sessions, now, id, p);
+            Mesh::drain_client_events(self.sessions, now, id, p);
             Self::fill_dests(p, id, t.paths, to);
             return Some(t.len);
         }
@@ -66,7 +71,7 @@ impl Mesh {
         p.last_data = now;
         // our client has no direct path, but their client reaches our server directly:
         // back on that path (where their NAT let them out), sealed in their session
-        if relay == RelayMode::Fallback && !p.direct_up() {
+        if self.relay == RelayMode::Fallback && !p.direct_up() {
             let back = p.server_direct_paths(now);
             if let (false, Some(slot)) = (back.is_empty(), p.server_slot) {
                 if let Some((len, paths)) = p.server.encapsulate(now, slot, out, n) {
@@ -84,19 +89,19 @@ impl Mesh {
         }
         match p.client.handle_app_datagram(now, PAIR_APP, out, n) {
             ClientSend::Sealed { len, paths } => {
-                let paths = p.data_paths(relay, paths);
+                let paths = p.data_paths(self.relay, paths);
                 Self::fill_dests(p, id, paths, to);
                 Some(len)
             }
             ClientSend::Queued => None,
             ClientSend::Dropped(_) => {
-                drops.queue_full += 1;
+                self.drops.queue_full += 1;
                 None
             }
         }
     }
 
-    pub(super) fn fill_dests(p: &Pair, id: u32, paths: PathMask, to: &mut Vec<MeshAddr>) {
+    fn fill_dests(p: &Pair, id: u32, paths: PathMask, to: &mut Vec<MeshAddr>) {
         for i in paths.iter() {
             if i == RELAY_PATH {
                 to.push(MeshAddr::Relay(id));

@@ -2,7 +2,7 @@
 //! hub's peer list.
 //!
 //! Heartbeats go every `HEARTBEAT_INTERVAL`. When one goes unanswered the peer retries
-//! 1, 3 and 7 s after it; if none is answered by `HUB_LOST_AFTER` the hub is lost: the
+//! `HEARTBEAT_RETRIES` after it; if none is answered by `HUB_LOST_AFTER` the hub is lost: the
 //! peer stops taking packets from its TUN (they are dropped and counted) except those for
 //! a peer it has a direct session with (`mesh`: those go on), and registers again every
 //! `REREGISTER_INTERVAL`, asking for the address it had. A new registration ends the
@@ -31,9 +31,9 @@ use crate::kcplink::{KcpLink, LinkError};
 use crate::mesh::{Mesh, MeshAddr, MeshConfig, Via};
 use crate::queue::PacketQueue;
 use crate::wire::{
-    self, field, sealed_kind, HeartbeatAckRepr, HeartbeatRepr, IntroRepr, PeerEntry, PeerKey, PeerListChunk,
-    RefusalReason, RefusalRepr, RegisterRepr, RouteRefusalReason, SealedHeader, WelcomeRepr, INNER_INTRO, INNER_IP,
-    INNER_PEERS, MSG_REFUSAL, MSG_SEALED, MSG_WELCOME, PUBLIC_KEY_LEN, SEALED_HEADER_LEN, SEALED_OVERHEAD,
+    self, field, sealed_kind, HeartbeatAckRepr, HeartbeatRepr, InnerMessage, PeerEntry, PeerKey, PeerListChunk,
+    RefusalReason, RefusalRepr, RegisterRepr, RouteRefusalReason, SealedHeader, WelcomeRepr, MSG_REFUSAL, MSG_SEALED,
+    MSG_WELCOME, PUBLIC_KEY_LEN, SEALED_HEADER_LEN, SEALED_OVERHEAD,
 };
 use common::crypto::x25519_public;
 use common::entropy::Entropy;
@@ -376,14 +376,8 @@ impl Peer {
                 }
                 break;
             };
-            let m = &self.inner_buf[..n];
-            match m.first() {
-                Some(&INNER_IP) => {
-                    let packet = &m[field::inner::BODY..];
-                    let Some((src, _)) = ip::addresses(packet) else {
-                        self.drops.malformed += 1;
-                        continue;
-                    };
+            match wire::parse_inner(&self.inner_buf[..n]) {
+                Ok(InnerMessage::Ip { packet, src, .. }) => {
                     if !self.source_allowed_from_hub(src) {
                         self.drops.spoofed_source += 1;
                         continue;
@@ -396,15 +390,13 @@ impl Peer {
                     }
                     self.to_tun.push(&[packet]);
                 }
-                Some(&INNER_PEERS) => match wire::parse_peer_list(m) {
-                    Ok(chunk) => self.on_peer_list_chunk(now, chunk),
-                    Err(_) => self.drops.malformed += 1,
+                Ok(InnerMessage::PeerList(chunk)) => self.on_peer_list_chunk(now, chunk),
+                Ok(InnerMessage::Intro(intro)) => match self.mesh.as_mut() {
+                    Some(mesh) => mesh.on_intro(now, &intro),
+                    None => self.drops.malformed += 1,
                 },
-                Some(&INNER_INTRO) => match (IntroRepr::parse(m), self.mesh.as_mut()) {
-                    (Ok(intro), Some(mesh)) => mesh.on_intro(now, &intro),
-                    _ => self.drops.malformed += 1,
-                },
-                _ => self.drops.malformed += 1,
+                // what only a peer sends, or what does not parse
+                Ok(InnerMessage::Candidates(_) | InnerMessage::IntroRequest(_)) | Err(_) => self.drops.malformed += 1,
             }
         }
     }
@@ -444,44 +436,6 @@ impl Peer {
             }
             Err(_) => self.drops.queue_full += 1,
         }
-    }
-
-    /// Next datagram for the tunnel, into `out` (at least a tunnel payload); returns its
-    /// length.
-    fn poll_transmit(&mut self, out: &mut [u8]) -> Option<usize> {
-        if let Some(d) = self.transmit.pop_front() {
-            let n = d.len().min(out.len());
-            out[..n].copy_from_slice(&d[..n]);
-            return Some(n);
-        }
-        let room = out.len().checked_sub(SEALED_OVERHEAD)?;
-        match &mut self.state {
-            State::Up(s) => {
-                while let Some(id) = self.mesh.as_mut().and_then(Mesh::poll_intro_request) {
-                    if s.link.send(&wire::emit_intro_request(id)).is_err() {
-                        self.drops.queue_full += 1;
-                    }
-                }
-                let body = &mut out[SEALED_HEADER_LEN..SEALED_HEADER_LEN + room];
-                let n = self.relay_out.pop_into(body).or_else(|| s.link.poll_transmit(body))?;
-                Some(s.channel.seal(out, n))
-            }
-            State::Registering { .. } => None,
-        }
-    }
-
-    /// Next IP packet for the TUN, into `out`; returns its length.
-    fn poll_tun(&mut self, out: &mut [u8]) -> Option<usize> {
-        if let Some(n) = self.to_tun.pop_into(out) {
-            return Some(n);
-        }
-        let n = self.mesh.as_mut()?.poll_tun(out)?;
-        self.rx_bytes += n as u64;
-        Some(n)
-    }
-
-    fn poll_event(&mut self) -> Option<PeerEvent> {
-        self.events.pop_front().or_else(|| self.mesh.as_mut()?.poll_event().map(PeerEvent::Mesh))
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {

@@ -50,4 +50,42 @@ impl Peer {
             None => PeerOutput::Timeout(self.poll_timeout()),
         }
     }
+
+    /// Next datagram for the tunnel, into `out` (at least a tunnel payload); returns its
+    /// length.
+    fn poll_transmit(&mut self, out: &mut [u8]) -> Option<usize> {
+        if let Some(d) = self.transmit.pop_front() {
+            let n = d.len().min(out.len());
+            out[..n].copy_from_slice(&d[..n]);
+            return Some(n);
+        }
+        let room = out.len().checked_sub(SEALED_OVERHEAD)?;
+        match &mut self.state {
+            State::Up(s) => {
+                while let Some(id) = self.mesh.as_mut().and_then(Mesh::poll_intro_request) {
+                    if s.link.send(&wire::emit_intro_request(id)).is_err() {
+                        self.drops.queue_full += 1;
+                    }
+                }
+                let body = &mut out[SEALED_HEADER_LEN..SEALED_HEADER_LEN + room];
+                let n = self.relay_out.pop_into(body).or_else(|| s.link.poll_transmit(body))?;
+                Some(s.channel.seal(out, n))
+            }
+            State::Registering { .. } => None,
+        }
+    }
+
+    /// Next IP packet for the TUN, into `out`; returns its length.
+    fn poll_tun(&mut self, out: &mut [u8]) -> Option<usize> {
+        if let Some(n) = self.to_tun.pop_into(out) {
+            return Some(n);
+        }
+        let n = self.mesh.as_mut()?.poll_tun(out)?;
+        self.rx_bytes += n as u64;
+        Some(n)
+    }
+
+    fn poll_event(&mut self) -> Option<PeerEvent> {
+        self.events.pop_front().or_else(|| self.mesh.as_mut()?.poll_event().map(PeerEvent::Mesh))
+    }
 }

@@ -43,11 +43,13 @@ use ring::hmac;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 mod handshake;
+mod inner;
 mod mesh;
 mod peer_list;
 mod sealed;
 
 pub use handshake::*;
+pub use inner::*;
 pub use mesh::*;
 pub use peer_list::*;
 pub use sealed::*;

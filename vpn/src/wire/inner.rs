@@ -1,0 +1,37 @@
+//! The messages of a VPN KCP stream (the hub link, or a pair session's): one parser
+//! that every receiver's message loop matches on.
+
+use super::*;
+use std::net::IpAddr;
+
+/// One message taken from a KCP stream, parsed.
+#[derive(Debug)]
+pub enum InnerMessage<'a> {
+    /// An IP packet (its addresses read, nothing else checked yet).
+    Ip { packet: &'a [u8], src: IpAddr, dst: IpAddr },
+    /// Hub → peer: a chunk of the peer list.
+    PeerList(PeerListChunk),
+    /// Peer → hub: where its mesh sockets are on its host.
+    Candidates(Vec<SocketAddr>),
+    /// Peer → hub: introduce me to this peer id.
+    IntroRequest(u32),
+    /// Hub → peer: a pair's key and the other side's candidates.
+    Intro(IntroRepr),
+}
+
+/// Parses one message; anything else is an error (dropped and counted as malformed).
+pub fn parse_inner(m: &[u8]) -> Result<InnerMessage<'_>, VpnWireError> {
+    match m.first() {
+        Some(&INNER_IP) => {
+            let packet = m.get(field::inner::BODY..).ok_or(VpnWireError::Truncated)?;
+            let (src, dst) = crate::ip::addresses(packet).ok_or(VpnWireError::BadField)?;
+            Ok(InnerMessage::Ip { packet, src, dst })
+        }
+        Some(&INNER_PEERS) => parse_peer_list(m).map(InnerMessage::PeerList),
+        Some(&INNER_CANDIDATES) => parse_candidates(m).map(InnerMessage::Candidates),
+        Some(&INNER_INTRO_REQUEST) => parse_intro_request(m).map(InnerMessage::IntroRequest),
+        Some(&INNER_INTRO) => IntroRepr::parse(m).map(InnerMessage::Intro),
+        Some(_) => Err(VpnWireError::Unknown),
+        None => Err(VpnWireError::Truncated),
+    }
+}
