@@ -43,10 +43,8 @@ pub enum VpnError {
     TunCreate { name: String, source: tun::Error },
     #[error("TUN {name}: {source}")]
     Tun { name: String, source: tun::Error },
-    #[error("running ip {args}: {source}")]
-    IpSpawn { args: String, source: std::io::Error },
-    #[error("ip {args}: {stderr}")]
-    IpFailed { args: String, stderr: String },
+    #[error("{what}: {source}")]
+    Netlink { what: String, source: std::io::Error },
     /// The hub refused this peer for good (e.g. an MTU mismatch).
     #[error(transparent)]
     Hub(#[from] peer::HubRefusal),

@@ -2,19 +2,21 @@
 //! the shared event loop (`common::driver::event_loop`).
 //!
 //! The TUN fd is registered readable only (it is always writable; the kernel drops when
-//! its queue is full). Addresses, MTU and routes are set with iproute2 (`ip`), which also
-//! covers IPv6. The loop only moves bytes and time.
+//! its queue is full). Addresses, MTU and routes are set over netlink (`netlink`). The
+//! loop only moves bytes and time.
 
 mod hub;
+mod netlink;
 mod peer;
 mod status;
 mod system;
 
 pub use hub::run_hub;
+use netlink::RouteChange;
 pub use peer::run_peer;
 use status::{hub_status, peer_status, vpn_metrics};
 pub use status::{MeshSocketStatus, Role, VpnStatus};
-use system::{configure_tun, ip_cmd, open_tun, protected_addresses};
+use system::{change_route, configure_tun, open_tun, protected_addresses, RemotesQuery};
 
 use crate::config::{resolve_key, HubConfig, PeerConfig};
 use crate::hub::{Hub, HubCoreConfig, HubDrops, HubEvent, PeerSpec, PeerState, PeerStatus};
@@ -39,7 +41,6 @@ use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub(super) const TUN: Token = Token(0);
@@ -50,8 +51,10 @@ pub(super) const EMBEDDED: Token = Token(2);
 pub(super) const DNS: Token = Token(common::driver::event_loop::RESERVED_TOKENS - 1);
 /// The hub's rendezvous socket (`rendezvous:` in hub.yaml).
 pub(super) const RENDEZVOUS: Token = Token(common::driver::event_loop::RESERVED_TOKENS - 2);
+/// A peer's question to its separate mpclient's control socket (`system::RemotesQuery`).
+pub(super) const MPCLIENT_QUERY: Token = Token(common::driver::event_loop::RESERVED_TOKENS - 3);
 /// A peer's mesh socket `i` has token `MESH_BASE - i`.
-pub(super) const MESH_BASE: usize = common::driver::event_loop::RESERVED_TOKENS - 3;
+pub(super) const MESH_BASE: usize = common::driver::event_loop::RESERVED_TOKENS - 4;
 /// The hub's and the peer's stats line.
 pub(super) const STATS_INTERVAL: Duration = Duration::from_secs(30);
 

@@ -1,6 +1,7 @@
 //! `mpvpn peer`: the peer core on a TUN device, the tunnel (a UDP socket towards mpclient,
 //! or the embedded client) and the mesh sockets.
 
+use super::system::only_mpclient;
 use super::*;
 use crate::peer::{PeerOutput, HEARTBEAT_RETRIES, HUB_LOST_AFTER};
 
@@ -12,6 +13,10 @@ pub(super) enum PeerTunnel {
     /// The multipath client runs in this process.
     Embedded(Box<mpclient::Multipath>),
 }
+
+/// How long a peer waits for its separate mpclient's status report before it applies
+/// routes without knowing where the bridges are.
+const MPCLIENT_QUERY_DEADLINE: Duration = Duration::from_secs(2);
 
 /// The "application" address of the peer's one session in an embedded client.
 pub(super) const EMBEDDED_APP: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1));
@@ -162,6 +167,11 @@ pub(super) struct PeerDriver {
     /// What carries the tunnel (no route from another peer may cover it): found once per
     /// registration.
     protected: Vec<Ipv4Addr>,
+    /// A separate mpclient's answer about where its paths go, while awaited (until its
+    /// deadline); routes from other peers wait for it, as they must not cover a bridge.
+    remotes_query: Option<(RemotesQuery, Instant)>,
+    deferred_routes: Vec<(Vec<Prefix>, Vec<Prefix>)>,
+    registry: Registry,
     /// Where names in the VPN's domain resolve, once the hub named one.
     resolver: Option<SystemResolver>,
     log: Logger,
@@ -216,6 +226,9 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
         installed: Vec::new(),
         skipped: Vec::new(),
         protected: Vec::new(),
+        remotes_query: None,
+        deferred_routes: Vec::new(),
+        registry: el.registry().try_clone().context(|| "event loop registry".into())?,
         resolver: None,
         log: log.clone(),
     };
@@ -234,6 +247,10 @@ impl Service for PeerDriver {
     fn handle_ready(&mut self, registry: &Registry, token: Token) -> Result<bool, VpnError> {
         let Self { core, tunnel, dev, bufs, log, mesh, .. } = self;
         let (now, _) = clock();
+        if token == MPCLIENT_QUERY {
+            self.read_remotes();
+            return Ok(false);
+        }
         if let Some((m, i)) = mesh.as_mut().and_then(|m| m.socket_of(token).map(|i| (m, i))) {
             let pending = m.read(i, core, &mut bufs.rx, log);
             self.flush(now)?;
@@ -255,10 +272,14 @@ impl Service for PeerDriver {
 
     fn poll_timeout(&self) -> Option<Instant> {
         // an idle peer wakes only when its core or the embedded client asks
-        [self.core.poll_timeout(), self.tunnel.poll_timeout()].into_iter().flatten().min()
+        let query = self.remotes_query.as_ref().map(|(_, deadline)| *deadline);
+        [self.core.poll_timeout(), self.tunnel.poll_timeout(), query].into_iter().flatten().min()
     }
 
     fn handle_timeout(&mut self, registry: &Registry, now: Instant) -> Result<(), VpnError> {
+        if self.remotes_query.as_ref().is_some_and(|(_, deadline)| now >= *deadline) {
+            self.remotes_answered(Err("no answer within the deadline".into()));
+        }
         self.tunnel.handle_timeout(registry, now);
         self.core.handle_timeout(now, wall_clock_ms());
         self.flush(now)
@@ -404,14 +425,24 @@ impl PeerDriver {
         mtu: u16,
         dns_domain: Option<String>,
     ) -> Result<(), VpnError> {
-        let Self { tunnel, tun_name: tun, installed, protected, resolver, log, .. } = self;
+        let Self { tunnel, tun_name: tun, installed, protected, resolver, log, registry, remotes_query, .. } = self;
         configure_tun(tun, addr, prefix_len, mtu)?;
         *protected = protected_addresses(tunnel, log);
+        if let PeerTunnel::Udp { control, .. } = tunnel {
+            let path = control.clone().unwrap_or_else(only_mpclient);
+            match RemotesQuery::start(&path, registry, MPCLIENT_QUERY) {
+                Ok(q) => *remotes_query = Some((q, clock().0 + MPCLIENT_QUERY_DEADLINE)),
+                Err(e) => {
+                    warn!(log, "cannot ask the local mpclient where its paths go: routes covering its bridges are not detected (set tunnel_control)";
+                    "control" => %path.display(), "error" => %e)
+                }
+            }
+        }
         if let (Some(domain), None) = (dns_domain, &resolver) {
             *resolver = Some(SystemResolver::point(tun, hub_addr, &domain, log));
         }
         for r in installed.iter() {
-            ip_cmd(&["route", "replace", &r.to_string(), "dev", tun])?;
+            change_route(RouteChange::Replace, r, tun)?;
         }
         info!(log, "registered"; "address" => %addr, "prefix_len" => prefix_len, "hub" => %hub_addr, "mtu" => mtu);
         Ok(())
@@ -420,23 +451,25 @@ impl PeerDriver {
     /// Other peers' routes changed: what we installed goes, what is new is installed
     /// unless it would capture what carries the tunnel (`route_hazard`).
     fn apply_routes(&mut self, add: Vec<Prefix>, remove: Vec<Prefix>) {
+        if self.remotes_query.is_some() {
+            self.deferred_routes.push((add, remove));
+            return;
+        }
         let Self { tun_name: tun, installed, skipped, protected, log, .. } = self;
         for r in &remove {
             skipped.retain(|(x, _)| x != r);
             if !installed.contains(r) {
                 continue;
             }
-            if let Err(e) = ip_cmd(&["route", "del", &r.to_string(), "dev", tun]) {
+            if let Err(e) = change_route(RouteChange::Delete, r, tun) {
                 warn!(log, "removing route"; "error" => %e);
             }
             installed.retain(|x| x != r);
         }
         for r in add {
             // `add`, never `replace`: a route this peer did not install stays
-            let why = route_hazard(&r, protected).map_or_else(
-                || ip_cmd(&["route", "add", &r.to_string(), "dev", tun]).err().map(|e| e.to_string()),
-                Some,
-            );
+            let why = route_hazard(&r, protected)
+                .map_or_else(|| change_route(RouteChange::Add, &r, tun).err().map(|e| e.to_string()), Some);
             match why {
                 None => installed.push(r),
                 Some(why) => {
@@ -446,5 +479,31 @@ impl PeerDriver {
             }
         }
         info!(log, "routes from other peers"; "installed" => ?installed.iter().map(|r| r.to_string()).collect::<Vec<_>>());
+    }
+
+    /// mpclient's status report may have arrived.
+    fn read_remotes(&mut self) {
+        let Some((q, _)) = self.remotes_query.as_mut() else { return };
+        if let Some(answer) = q.read() {
+            self.remotes_answered(answer);
+        }
+    }
+
+    /// The question to mpclient is over: its remotes are protected too, and the routes
+    /// that waited are applied.
+    fn remotes_answered(&mut self, answer: Result<Vec<Ipv4Addr>, String>) {
+        if let Some((mut q, _)) = self.remotes_query.take() {
+            q.close(&self.registry);
+        }
+        match answer {
+            Ok(remotes) => self.protected.extend(remotes),
+            Err(e) => {
+                warn!(self.log, "cannot ask the local mpclient where its paths go: routes covering its bridges are not detected (set tunnel_control)";
+                "error" => e)
+            }
+        }
+        for (add, remove) in std::mem::take(&mut self.deferred_routes) {
+            self.apply_routes(add, remove);
+        }
     }
 }

@@ -1,17 +1,16 @@
-//! The host's side: the TUN device, its addresses and routes (iproute2), and which
+//! The host's side: the TUN device, its addresses and routes (over netlink), and which
 //! addresses carry the tunnel.
 
+use super::netlink::{RouteChange, Rtnl};
 use super::peer::PeerTunnel;
 use super::*;
 
-pub(super) fn ip_cmd(args: &[&str]) -> Result<(), VpnError> {
-    let out =
-        Command::new("ip").args(args).output().map_err(|source| VpnError::IpSpawn { args: args.join(" "), source })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(VpnError::IpFailed { args: args.join(" "), stderr: String::from_utf8_lossy(&out.stderr).trim().into() })
-    }
+/// One change of the host's network configuration, over netlink; an error names it.
+fn netlink(
+    what: impl FnOnce() -> String,
+    change: impl FnOnce(&mut Rtnl) -> std::io::Result<()>,
+) -> Result<(), VpnError> {
+    Rtnl::open().and_then(|mut nl| change(&mut nl)).map_err(|source| VpnError::Netlink { what: what(), source })
 }
 
 pub(super) fn open_tun(name: &str) -> Result<tun::Device, VpnError> {
@@ -24,45 +23,99 @@ pub(super) fn open_tun(name: &str) -> Result<tun::Device, VpnError> {
 
 /// Address (and its IPv6 mapping), MTU, up.
 pub(super) fn configure_tun(name: &str, addr: Ipv4Addr, prefix_len: u8, mtu: u16) -> Result<(), VpnError> {
-    // no IPv6 link-local address: its router solicitations would only be dropped
-    ip_cmd(&["link", "set", "dev", name, "addrgenmode", "none"])?;
-    ip_cmd(&["addr", "flush", "dev", name])?;
-    ip_cmd(&["addr", "add", &format!("{addr}/{prefix_len}"), "dev", name])?;
-    ip_cmd(&["-6", "addr", "add", &format!("{}/96", ip::v6_of(addr)), "dev", name, "nodad"])?;
-    ip_cmd(&["link", "set", "dev", name, "mtu", &mtu.to_string(), "up"])
+    let v6 = ip::v6_of(addr);
+    netlink(
+        || format!("configuring TUN {name}: {addr}/{prefix_len}, {v6}/96, mtu {mtu}, up"),
+        |nl| {
+            let index = Rtnl::link_index(name)?;
+            // no IPv6 link-local address: its router solicitations would only be dropped
+            nl.disable_link_local(index)?;
+            nl.flush_addresses(index)?;
+            nl.add_address(index, addr.into(), prefix_len)?;
+            nl.add_address(index, v6.into(), 96)?;
+            nl.set_mtu_up(index, mtu)
+        },
+    )
+}
+
+/// Adds, replaces or deletes the route to `prefix` through TUN `name`.
+pub(super) fn change_route(change: RouteChange, prefix: &Prefix, name: &str) -> Result<(), VpnError> {
+    netlink(
+        || format!("{change:?} route {prefix} dev {name}").to_lowercase(),
+        |nl| nl.change_route(change, prefix, Rtnl::link_index(name)?),
+    )
 }
 
 /// Addresses a route from another peer must not cover: the way out of this host (its
-/// default gateways) and the tunnel's own remote ends (an embedded client's paths), or
-/// the tunnel would be carried into itself.
+/// default gateways) and the tunnel's own remote ends (an embedded client's paths; a
+/// separate mpclient's come from `RemotesQuery`), or the tunnel would be carried into
+/// itself.
 pub(super) fn protected_addresses(tunnel: &PeerTunnel, log: &Logger) -> Vec<Ipv4Addr> {
-    let mut out: Vec<Ipv4Addr> = Command::new("ip")
-        .args(["-4", "route", "show", "default"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "via").nth(1)?.parse().ok())
-        .collect();
-    let remotes: Vec<SocketAddr> = match tunnel {
-        PeerTunnel::Embedded(mp) => mp.remotes().collect(),
-        // a separate mpclient says where its paths go
-        PeerTunnel::Udp { control, .. } => match common::driver::control::fetch::<common::stats::StatusReport>(
-            &control.clone().unwrap_or_else(only_mpclient),
-        ) {
-            Ok(report) => report.remotes.iter().filter_map(|r| r.parse().ok()).collect(),
-            Err(e) => {
-                warn!(log, "cannot ask the local mpclient where its paths go: routes covering its bridges are not detected (set tunnel_control)";
-                    "error" => %e);
-                Vec::new()
-            }
-        },
-    };
-    out.extend(remotes.iter().filter_map(|a| match a.ip() {
+    let mut out = Rtnl::open().and_then(|mut nl| nl.default_gateways_v4()).unwrap_or_else(|e| {
+        warn!(log, "cannot read the default routes: routes covering the gateway are not detected"; "error" => %e);
+        Vec::new()
+    });
+    if let PeerTunnel::Embedded(mp) = tunnel {
+        out.extend(mp.remotes().filter_map(|a| ipv4_of(a.ip())));
+    }
+    out
+}
+
+fn ipv4_of(a: std::net::IpAddr) -> Option<Ipv4Addr> {
+    match a {
         std::net::IpAddr::V4(v4) => Some(v4),
         std::net::IpAddr::V6(_) => None,
-    }));
-    out
+    }
+}
+
+/// The largest status report taken from mpclient.
+const MAX_REPORT_BYTES: usize = 1 << 20;
+
+/// A question to the local mpclient's control socket (it writes its status report and
+/// closes): where its paths go. Read as the event loop finds it readable, never waited on.
+pub(super) struct RemotesQuery {
+    stream: mio::net::UnixStream,
+    body: Vec<u8>,
+}
+
+impl RemotesQuery {
+    /// Connects to `path` and registers with `token`.
+    pub(super) fn start(path: &std::path::Path, registry: &Registry, token: Token) -> std::io::Result<Self> {
+        let mut stream = mio::net::UnixStream::connect(path)?;
+        registry.register(&mut stream, token, Interest::READABLE)?;
+        Ok(Self { stream, body: Vec::new() })
+    }
+
+    /// Stops listening (done, or given up).
+    pub(super) fn close(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.stream);
+    }
+
+    /// Reads what arrived: `None` until mpclient closed the stream, then its paths' remote
+    /// IPv4 addresses (or why there are none).
+    pub(super) fn read(&mut self) -> Option<Result<Vec<Ipv4Addr>, String>> {
+        use std::io::Read;
+        let mut chunk = [0u8; 4096];
+        let done = loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => break Ok(()),
+                Ok(n) if self.body.len() + n > MAX_REPORT_BYTES => break Err("status report too large".to_string()),
+                Ok(n) => self.body.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => break Err(e.to_string()),
+            }
+        };
+        Some(done.and_then(|()| {
+            let report: common::stats::StatusReport = serde_json::from_slice(&self.body).map_err(|e| e.to_string())?;
+            Ok(report
+                .remotes
+                .iter()
+                .filter_map(|r| r.parse::<SocketAddr>().ok())
+                .filter_map(|a| ipv4_of(a.ip()))
+                .collect())
+        }))
+    }
 }
 
 /// The control socket of the only mpclient running on this host (its default one when
