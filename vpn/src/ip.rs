@@ -156,12 +156,25 @@ pub fn v4_in(a: IpAddr) -> Option<Ipv4Addr> {
 }
 
 /// Whether a packet from a peer whose VPN address is `addr` and whose accepted routes are
-/// `routes` may carry the inner source `src`: its own address (or its IPv6 mapping), or
-/// an IPv4 address inside one of its routes. The one source check of the hub and the mesh.
-pub fn source_of_peer(src: IpAddr, addr: Ipv4Addr, routes: &[Prefix]) -> bool {
+/// `routes` may carry the inner source `src`: inside the VPN `network` only its own address
+/// (or its IPv6 mapping); outside it, an address inside one of its routes. Routes vouch
+/// only for what is beyond the peer: an exit node's default route never makes it the hub
+/// or another peer. The one source check of the hub and the mesh.
+pub fn source_of_peer(src: IpAddr, network: Prefix, addr: Ipv4Addr, routes: &[Prefix]) -> bool {
     match src {
-        IpAddr::V4(s) => s == addr || routes.iter().any(|r| r.contains(s)),
+        IpAddr::V4(s) if network.contains(s) => s == addr,
+        IpAddr::V4(s) => routes.iter().any(|r| r.contains(s)),
         IpAddr::V6(s) => v4_of(s) == Some(addr),
+    }
+}
+
+/// Whether a packet for `dst` is for a peer whose VPN address is `addr` and whose accepted
+/// routes are `routes`: its own address (or its IPv6 mapping), or inside one of those
+/// routes. What a peer takes from a direct session: no more than the hub would route to it.
+pub fn destination_of_peer(dst: IpAddr, addr: Ipv4Addr, routes: &[Prefix]) -> bool {
+    match dst {
+        IpAddr::V4(d) => d == addr || routes.iter().any(|r| r.contains(d)),
+        IpAddr::V6(d) => v4_of(d) == Some(addr),
     }
 }
 

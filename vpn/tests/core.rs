@@ -598,3 +598,26 @@ fn the_hub_expires_a_silent_peer_exactly_on_time() {
         .expect("a expired");
     assert_eq!(gone, last_taken + DEFAULT_PEER_TIMEOUT);
 }
+
+/// An exit node (hub.yaml allows x 0.0.0.0/0) through the hub: before, its default route
+/// vouched for every source, the hub's own VPN address and other peers' included (e.g.
+/// DNS answers "from" the hub). Now inside the VPN network only x's own address passes.
+#[test]
+fn an_exit_node_cannot_send_as_the_hub_or_another_peer() {
+    let default: Prefix = "0.0.0.0/0".parse().unwrap();
+    let mut cfg = sim::hub_config(&["a", "x"]);
+    cfg.peers[1].allowed_routes = vec![default];
+    let mut net = VpnSim::new(cfg, 100);
+    net.add_peer(sim::peer_config("a"), Nat::None);
+    net.add_peer(PeerCoreConfig { routes: vec![default], ..sim::peer_config("x") }, Nat::None);
+    net.run_for(Duration::from_millis(300));
+    let (a, x) = (net.addr(0), net.addr(1));
+    let hub_addr = Ipv4Addr::new(10, 99, 0, 1);
+    for (i, src) in [hub_addr, Ipv4Addr::new(10, 99, 0, 200), Ipv4Addr::new(8, 8, 8, 8), x].into_iter().enumerate() {
+        net.peers[1].core.handle_tun_packet(net.now, &ipv4(src, a, 64, i as u8));
+    }
+    net.run_for(Duration::from_millis(100));
+    let tags: Vec<u8> = net.peers[0].tun_rx.iter().map(|p| p[30]).collect();
+    assert_eq!(tags, [2, 3], "only the internet source and x's own address");
+    assert_eq!(net.hub.drops.spoofed_source, 2);
+}

@@ -6,19 +6,45 @@ use common::stats::PathState;
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
+use vpn::ip::Prefix;
 use vpn::mesh::{ConnectMode, MeshConfig, RelayMode, Via, PUNCH_RETRY, PUNCH_WINDOW};
 use vpn::peer::PeerCoreConfig;
 use vpn::sim::{self, Nat, VpnSim};
 
 /// Peers a, b and c (as many as `nats`), each with one mesh socket behind its NAT.
 fn mesh_net(nats: &[Nat], relay: RelayMode, connect: ConnectMode) -> VpnSim {
+    mesh_net_with_routes(nats, relay, connect, &[])
+}
+
+/// `mesh_net` where peer `i` announces `routes[i].0` and hub.yaml allows it `routes[i].1`.
+fn mesh_net_with_routes(
+    nats: &[Nat],
+    relay: RelayMode,
+    connect: ConnectMode,
+    routes: &[(Vec<Prefix>, Vec<Prefix>)],
+) -> VpnSim {
     let names = ["a", "b", "c"];
-    let mut net = VpnSim::new(sim::hub_config(&names), 7);
+    let mut cfg = sim::hub_config(&names);
+    for (spec, (_, allowed)) in cfg.peers.iter_mut().zip(routes) {
+        spec.allowed_routes = allowed.clone();
+    }
+    let mut net = VpnSim::new(cfg, 7);
     for (i, &nat) in nats.iter().enumerate() {
         let mesh = MeshConfig { name: names[i].into(), sockets: vec![nat.local(i)], relay, connect };
-        net.add_peer(PeerCoreConfig { mesh: Some(mesh), ..sim::peer_config(names[i]) }, nat);
+        let announced = routes.get(i).map_or(vec![], |r| r.0.clone());
+        net.add_peer(PeerCoreConfig { mesh: Some(mesh), routes: announced, ..sim::peer_config(names[i]) }, nat);
     }
     net
+}
+
+fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, tag: u32) -> Vec<u8> {
+    let mut p = vec![0u8; 100];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&100u16.to_be_bytes());
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    p[20..24].copy_from_slice(&tag.to_be_bytes());
+    p
 }
 
 /// What the mesh tests ask of the simulation.
@@ -321,4 +347,47 @@ fn a_symmetric_nat_facing_a_public_peer_goes_direct_both_ways() {
     // what the hub relays is the relay path's probes, not the 60 kB of data
     let relayed = net.relayed("b") - before;
     assert!(relayed < 300 * 200 / 10, "the hub relayed {relayed} bytes of b's direct traffic");
+}
+
+/// An exit node (hub.yaml allows a 0.0.0.0/0) over a direct session: before, its default
+/// route vouched for every source, so b took packets "from" the hub or from another peer.
+/// Now inside the VPN network only a's own address passes; beyond it, its routes do.
+#[test]
+fn an_exit_node_cannot_send_as_the_hub_or_another_peer_over_a_pair() {
+    let default: Prefix = "0.0.0.0/0".parse().unwrap();
+    let routes = [(vec![default], vec![default]), (vec![], vec![])];
+    let mut net = mesh_net_with_routes(&[Nat::None, Nat::None], RelayMode::Fallback, ConnectMode::Always, &routes);
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(net.via(0, 1), Some(Via::Direct));
+    let (a, b) = (net.addr(0), net.addr(1));
+    for (i, src) in [Ipv4Addr::new(10, 99, 0, 1), Ipv4Addr::new(10, 99, 0, 200), Ipv4Addr::new(8, 8, 8, 8), a]
+        .into_iter()
+        .enumerate()
+    {
+        assert!(net.peers[0].core.send_direct_unchecked("b", &ipv4(src, b, i as u32)));
+    }
+    net.run_for(Duration::from_millis(300));
+    assert_eq!(net.received(1), [2, 3], "only the internet source and a's own address");
+    assert_eq!(net.peers[1].core.drop_counts().mesh.unwrap().spoofed_source, 2);
+}
+
+/// Through the hub a reaches b only for b's address and the routes hub.yaml accepted for
+/// b. Before, over a direct session b took any destination (and, forwarding, became an
+/// exit node or a door into a LAN it never announced, or one the hub refused).
+#[test]
+fn a_pair_delivers_only_what_the_hub_would_route_to_us() {
+    let lan: Prefix = "192.168.60.0/24".parse().unwrap();
+    let refused: Prefix = "192.168.70.0/24".parse().unwrap();
+    let routes = [(vec![], vec![]), (vec![lan, refused], vec![lan])];
+    let mut net = mesh_net_with_routes(&[Nat::None, Nat::None], RelayMode::Fallback, ConnectMode::Always, &routes);
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(net.via(0, 1), Some(Via::Direct));
+    let (a, b) = (net.addr(0), net.addr(1));
+    let dsts = [b, Ipv4Addr::new(192, 168, 60, 5), Ipv4Addr::new(8, 8, 8, 8), Ipv4Addr::new(192, 168, 70, 5)];
+    for (i, dst) in dsts.into_iter().enumerate() {
+        assert!(net.peers[0].core.send_direct_unchecked("b", &ipv4(a, dst, i as u32)));
+    }
+    net.run_for(Duration::from_millis(300));
+    assert_eq!(net.received(1), [0, 1], "b's address and its accepted route only");
+    assert_eq!(net.peers[1].core.drop_counts().mesh.unwrap().no_route, 2);
 }

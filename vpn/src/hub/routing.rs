@@ -33,7 +33,7 @@ impl Hub {
 
     pub(super) fn route_from_peer(&mut self, from_id: u32, packet: &[u8], src: IpAddr, dst: IpAddr) {
         let p = &self.peers[&from_id];
-        if !ip::source_of_peer(src, p.addr, &p.routes) {
+        if !ip::source_of_peer(src, self.cfg.network, p.addr, &p.routes) {
             self.drops.spoofed_source += 1;
             return;
         }

@@ -186,6 +186,9 @@ crate::drops::drop_reasons! {
         RateLimited => rate_limited,
         /// A handshake a pair's server refused, or a message unexpected in its state.
         Refused => refused,
+        /// An IP packet from a pair for an address that is not ours nor in our accepted
+        /// routes (a pair gets no more of us than the hub would route).
+        NoRoute => no_route,
     }
 }
 
@@ -206,6 +209,22 @@ impl MeshDrops {
     }
 }
 
+/// Our side of a pair's policy: our address and the routes the hub accepted for us (a
+/// pair may send us packets for these only), in the VPN network (inside it, a pair may
+/// send only from its peer's own address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OwnAddresses {
+    pub network: Prefix,
+    pub addr: Ipv4Addr,
+    pub routes: Vec<Prefix>,
+}
+
+impl OwnAddresses {
+    fn takes(&self, dst: IpAddr) -> bool {
+        ip::destination_of_peer(dst, self.addr, &self.routes)
+    }
+}
+
 /// The mesh of one peer. See the module docs.
 pub struct Mesh {
     cfg: MeshConfig,
@@ -215,6 +234,8 @@ pub struct Mesh {
     sessions: HashMap<SessionId, (u32, Side)>,
     /// The other peers of the latest list, by id.
     listed: BTreeMap<u32, PeerEntry>,
+    /// What pairs may send us: our own entry of the latest list, in the VPN network.
+    own: Option<OwnAddresses>,
     /// Introductions asked for, and when.
     asked: HashMap<u32, Instant>,
     intro_requests: VecDeque<u32>,
@@ -239,6 +260,7 @@ impl Mesh {
             pairs: BTreeMap::new(),
             sessions: HashMap::new(),
             listed: BTreeMap::new(),
+            own: None,
             asked: HashMap::new(),
             intro_requests: VecDeque::new(),
             replies: VecDeque::new(),
@@ -262,14 +284,18 @@ impl Mesh {
         self.pairs.clear();
         self.sessions.clear();
         self.listed.clear();
+        self.own = None;
         self.asked.clear();
         self.intro_requests.clear();
         self.replies.clear();
     }
 
-    /// The hub's latest peer list (`own` is our id). Pairs whose peer left or registered
-    /// again go; a pair whose candidates changed rebuilds its paths and punches again.
-    pub fn set_peer_list(&mut self, now: Instant, own: u32, list: &[PeerEntry]) {
+    /// The hub's latest peer list (`own` is our id) in the VPN `network`. Pairs whose peer
+    /// left or registered again go; a pair whose candidates changed rebuilds its paths and
+    /// punches again.
+    pub fn set_peer_list(&mut self, now: Instant, own: u32, network: Prefix, list: &[PeerEntry]) {
+        self.own =
+            list.iter().find(|p| p.id == own).map(|p| OwnAddresses { network, addr: p.addr, routes: p.routes.clone() });
         self.listed = list.iter().filter(|p| p.id != own).map(|p| (p.id, p.clone())).collect();
         let gone: Vec<u32> = self.pairs.keys().copied().filter(|id| !self.listed.contains_key(id)).collect();
         for id in gone {
@@ -480,7 +506,7 @@ impl Mesh {
             Self::drain_client_events(&mut self.sessions, now, id, p);
             p.link.handle_timeout(now);
             // also what finds a message stuck without its last fragment
-            Self::take_messages_of(p, now, &mut self.inner_buf, &mut self.to_tun, &mut self.drops);
+            Self::take_messages_of(p, now, &mut self.inner_buf, &mut self.to_tun, &mut self.drops, self.own.as_ref());
             if p.link.is_broken() {
                 broken.push(id);
                 continue;

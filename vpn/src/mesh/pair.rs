@@ -111,8 +111,8 @@ impl Pair {
         }
     }
 
-    pub(super) fn source_allowed(&self, src: IpAddr) -> bool {
-        ip::source_of_peer(src, self.addr, &self.routes)
+    pub(super) fn source_allowed(&self, src: IpAddr, network: Prefix) -> bool {
+        ip::source_of_peer(src, network, self.addr, &self.routes)
     }
 }
 
@@ -191,7 +191,7 @@ mod tests {
             routes: vec![],
             candidates: vec!["198.51.100.2:5100".parse().unwrap()],
         };
-        mesh.set_peer_list(now0, 1, &[b]);
+        mesh.set_peer_list(now0, 1, "10.99.0.0/24".parse().expect("literal"), &[b]);
         assert_eq!(mesh.poll_intro_request(), Some(2));
         mesh.on_intro(now0, &IntroRepr { peer_id: 2, key: [5; 32] });
         let (mut out, mut to) = (vec![0u8; common::wire::MAX_DATAGRAM], Vec::new());

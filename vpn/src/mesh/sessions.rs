@@ -189,29 +189,33 @@ impl Mesh {
     /// Takes the complete messages of pair `id`'s link.
     pub(super) fn take_messages(&mut self, now: Instant, id: u32) {
         if let Some(p) = self.pairs.get_mut(&id) {
-            Self::take_messages_of(p, now, &mut self.inner_buf, &mut self.to_tun, &mut self.drops);
+            Self::take_messages_of(p, now, &mut self.inner_buf, &mut self.to_tun, &mut self.drops, self.own.as_ref());
         }
     }
 
     /// Takes pair `p`'s complete messages (through `inner_buf`): IP packets from its
-    /// peer's addresses go to `to_tun`.
+    /// peer's addresses to ours (`own`; none before the first peer list) go to `to_tun`.
     pub(super) fn take_messages_of(
         p: &mut Pair,
         now: Instant,
         inner_buf: &mut [u8],
         to_tun: &mut PacketQueue,
         drops: &mut MeshDrops,
+        own: Option<&OwnAddresses>,
     ) {
         while let Some(n) = p.link.recv(now, inner_buf) {
-            match wire::parse_inner(&inner_buf[..n]) {
-                Ok(InnerMessage::Ip { packet, src, .. }) if p.source_allowed(src) => {
+            match (wire::parse_inner(&inner_buf[..n]), own) {
+                (Ok(InnerMessage::Ip { src, .. }), Some(own)) if !p.source_allowed(src, own.network) => {
+                    drops.spoofed_source += 1
+                }
+                (Ok(InnerMessage::Ip { packet, dst, .. }), Some(own)) if own.takes(dst) => {
                     p.rx_bytes += packet.len() as u64;
                     p.last_rx = Some(now);
                     to_tun.push(&[packet]);
                 }
-                Ok(InnerMessage::Ip { .. }) => drops.spoofed_source += 1,
+                (Ok(InnerMessage::Ip { .. }), _) => drops.no_route += 1,
                 // a pair carries IP packets only
-                Ok(_) | Err(_) => drops.malformed += 1,
+                (Ok(_) | Err(_), _) => drops.malformed += 1,
             }
         }
     }

@@ -507,6 +507,14 @@ impl Peer {
         }
     }
 
+    /// What a modified (hostile) peer could do: `packet` straight into its direct session
+    /// with the peer named `to`, whatever its addresses. False if there is no such session.
+    #[cfg(any(test, feature = "sim"))]
+    pub fn send_direct_unchecked(&mut self, to: &str, packet: &[u8]) -> bool {
+        let Some(id) = self.peers.iter().find(|p| p.name == to).map(|p| p.id) else { return false };
+        self.mesh.as_mut().is_some_and(|m| m.is_ready(id) && m.send_ip(id, packet).is_ok())
+    }
+
     pub fn link_state(&self) -> LinkState {
         match &self.state {
             State::Up(s) if s.first_miss.is_some() => LinkState::Retrying,

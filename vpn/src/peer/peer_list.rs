@@ -29,8 +29,8 @@ impl Peer {
     }
 
     pub(super) fn set_peer_list(&mut self, now: Instant, list: Vec<PeerEntry>) {
-        if let Some(m) = self.mesh.as_mut() {
-            m.set_peer_list(now, self.id, &list);
+        if let (Some(m), Some(network)) = (self.mesh.as_mut(), self.network) {
+            m.set_peer_list(now, self.id, network, &list);
         }
         let wanted: BTreeSet<Prefix> =
             list.iter().filter(|p| p.addr != self.addr).flat_map(|p| p.routes.iter().copied()).collect();
