@@ -160,6 +160,15 @@ fn vpn_across_lossy_bridges() {
     // (refused before anything changed: a stays registered)
     v.wait_peer_up("a", Duration::from_secs(30));
 
+    // the hub keeps the addresses it gave out in its state file, beside hub.yaml
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(v.lab.dir.join("hub.state.json")).unwrap()).unwrap();
+    assert_eq!(state["addresses"]["a"], a.to_string(), "{state}");
+    assert_eq!(state["addresses"]["b"], b.to_string(), "{state}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(v.lab.dir.join("hub.state.json")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the state file is the hub's only");
+
     // kill -9 the hub and start it again: peers notice, come back, same addresses
     let before_restart_ms = wall_ms();
     v.lab.kill9(v.hub);

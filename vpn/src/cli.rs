@@ -31,6 +31,10 @@ pub enum Command {
         /// /run/mptunnel/mpvpn-<config file name>.sock].
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
+        /// Where the hub keeps the addresses it gave out, across restarts [default: the
+        /// config's state_file, else <config without .yaml>.state.json beside it].
+        #[arg(long, value_name = "PATH")]
+        state_file: Option<PathBuf>,
     },
     /// Run a peer (beside mpclient, whose listen address is the peer's `tunnel`); with
     /// `mesh:` in its config, also direct sessions with other peers.

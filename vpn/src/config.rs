@@ -89,6 +89,10 @@ pub struct HubConfig {
     /// sockets ask it where they are seen from (their server-reflexive candidates).
     #[serde(default)]
     pub rendezvous: Option<SocketAddr>,
+    /// Where the hub keeps the addresses it gave out, by peer name, across restarts
+    /// (default: beside the config, `<name>.state.json`; `--state-file` overrides).
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
 }
 
 /// One address or a list of them.
@@ -264,6 +268,7 @@ impl HubConfig {
             dns,
             embedded_server,
             rendezvous,
+            state_file,
         } = self;
         [
             ("listen", *listen != new.listen),
@@ -278,10 +283,16 @@ impl HubConfig {
             ("dns", *dns != new.dns),
             ("embedded_server", *embedded_server != new.embedded_server),
             ("rendezvous", *rendezvous != new.rendezvous),
+            ("state_file", *state_file != new.state_file),
         ]
         .into_iter()
         .filter_map(|(field, changed)| changed.then_some(field))
         .collect()
+    }
+
+    /// The state file of the hub configured by `config` (`state_file`, else beside it).
+    pub fn state_path(&self, config: &std::path::Path) -> PathBuf {
+        self.state_file.clone().unwrap_or_else(|| config.with_extension("state.json"))
     }
 
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {

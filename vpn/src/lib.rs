@@ -45,6 +45,9 @@ pub enum VpnError {
     Tun { name: String, source: tun::Error },
     #[error("{what}: {source}")]
     Netlink { what: String, source: std::io::Error },
+    /// The hub's state file cannot be read or written.
+    #[error("{0}")]
+    StateFile(String),
     /// The hub refused this peer for good (e.g. an MTU mismatch).
     #[error(transparent)]
     Hub(#[from] peer::HubRefusal),

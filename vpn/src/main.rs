@@ -8,7 +8,7 @@ use common::driver::{control, exit_with_error, genkey, run_daemon};
 use std::path::PathBuf;
 use vpn::cli::{Cli, Command, HubAction};
 use vpn::config::{HubConfig, PeerConfig};
-use vpn::driver::{run_hub, run_peer, VpnStatus};
+use vpn::driver::{run_hub, run_peer, HubPaths, VpnStatus};
 
 /// `mpvpn hub add-peer`: hub.yaml gains the peer (written to a temporary file beside it,
 /// same permissions, then renamed over it); its peer.yaml goes to stdout.
@@ -78,16 +78,17 @@ fn main() {
         Command::Hub { action: Some(HubAction::AddPeer { name, config, address, routes }), .. } => {
             add_peer(&name, &config, address, &routes).unwrap_or_else(fail)
         }
-        Command::Hub { action: None, config, control } => {
+        Command::Hub { action: None, config, control, state_file } => {
             let config = config.expect("clap requires --config without a subcommand");
             let cfg = load_config(&config, HubConfig::parse).unwrap_or_else(fail);
+            let state = state_file.unwrap_or_else(|| cfg.state_path(&config));
             let control = control_path(control, &config, &cfg.control_socket);
             let exposed = cfg.inline_key_warning(&config);
             run_daemon("mpvpn-hub", &cfg.log_level.clone(), |log| {
                 if let Some(w) = exposed {
                     slog::warn!(log, "{}", w);
                 }
-                run_hub(cfg, config, control, log)
+                run_hub(cfg, HubPaths { config, control, state }, log)
             })
         }
         Command::Peer { config, control } => {

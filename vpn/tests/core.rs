@@ -34,6 +34,13 @@ fn hub(seed: u64) -> Hub {
     Hub::new(hub_config(&["a", "b", "c", "fixed"]), Box::new(SimEntropy::new(seed)))
 }
 
+/// The hub of `net` restarted as the daemon restarts it: an empty registry, the
+/// addresses given out before read back from its state file.
+fn restarted_hub(net: &VpnSim, seed: u64) -> Hub {
+    let cfg = HubCoreConfig { assigned: net.hub.assignments().clone(), ..hub_config(&["a", "b", "c", "fixed"]) };
+    Hub::new(cfg, Box::new(SimEntropy::new(seed)))
+}
+
 /// A hub that knows a, b, c and fixed, and peers `names` (hosts 0, 1, ...).
 fn net(names: &[&str]) -> VpnSim {
     let mut net = VpnSim::new(hub_config(&["a", "b", "c", "fixed"]), 100);
@@ -537,7 +544,10 @@ fn reconfigure_adds_drops_and_narrows_without_disturbing_others() {
 
 /// After a hub restart, a replayed Register of a (asking for no address in particular)
 /// arrives before b comes back: it must not take the address b asks for again. Before,
-/// its unused registration held b's old address and b (then a) came back renumbered.
+/// its unused registration held b's old address and b (then a) came back renumbered;
+/// then, a Register evicted any other name's pending registration for the address it
+/// asked for (see `a_register_never_evicts_another_names_registration`). Now the
+/// restarted hub has its state file: every name's address is its own.
 #[test]
 fn a_replayed_register_takes_no_address_another_peer_returns_for() {
     let mut net = net(&[]);
@@ -547,7 +557,7 @@ fn a_replayed_register_takes_no_address_another_peer_returns_for() {
     net.run_for(Duration::from_millis(300));
     let a_first = net.sent_by(1).remove(0); // a's very first Register: any address
     let before: Vec<Ipv4Addr> = (0..2).map(|i| net.addr(i)).collect();
-    net.hub = hub(9);
+    net.hub = restarted_hub(&net, 9);
     let wall = net.wall_ms();
     net.hub.handle_datagram(net.now, wall, "127.0.0.1:50000".parse().unwrap(), &a_first);
     net.run_for(Duration::from_secs(12));
@@ -620,4 +630,75 @@ fn an_exit_node_cannot_send_as_the_hub_or_another_peer() {
     let tags: Vec<u8> = net.peers[0].tun_rx.iter().map(|p| p[30]).collect();
     assert_eq!(tags, [2, 3], "only the internet source and x's own address");
     assert_eq!(net.hub.drops.spoofed_source, 2);
+}
+
+/// A Register from c (a valid peer) naming the address b's registration is pending on,
+/// between b's Welcome and its first sealed datagram. Before, each such Register dropped
+/// b's pending registration (also one refused for an MTU mismatch): b never came up.
+/// Now a Register never evicts another name's entry, and c gets another address.
+#[test]
+fn a_register_never_evicts_another_names_registration() {
+    use common::entropy::Entropy;
+    let mut net = net(&[]);
+    net.peers.push(peer(&net, "b", None, vec![], 0));
+    let (now, wall) = (net.now, net.wall_ms());
+    net.peers[0].core.handle_timeout(now, wall);
+    let b_tunnel = net.peers[0].tunnel;
+    for r in net.take_peer_datagrams(0) {
+        net.hub.handle_datagram(now, wall, b_tunnel, &r);
+    }
+    for (_, w) in net.take_hub_datagrams() {
+        net.peers[0].core.handle_datagram(now, &w);
+    }
+    let b_addr = net.addr(0);
+    assert!(b_addr != Ipv4Addr::UNSPECIFIED, "b has its Welcome");
+    let b_confirms = net.take_peer_datagrams(0);
+    // c asks for b's address: once as a valid peer, once with an MTU the hub refuses
+    let c_key = PeerKey::new(&key_of("c"));
+    let mut entropy = SimEntropy::new(77);
+    for (nonce, mtu) in [(1u64, 0u16), (2, 1400)] {
+        let public = common::crypto::x25519_public(&entropy.x25519_key());
+        let reg = vpn::wire::RegisterRepr {
+            name: "c".into(),
+            timestamp_ms: wall + nonce,
+            nonce,
+            want_addr: b_addr,
+            mtu,
+            public,
+            routes: vec![],
+        };
+        net.hub.handle_datagram(now, wall + nonce, "127.0.0.1:50000".parse().unwrap(), &reg.emit(&c_key));
+    }
+    net.take_hub_datagrams();
+    for d in b_confirms {
+        net.hub.handle_datagram(now, wall, b_tunnel, &d);
+    }
+    net.run_for(Duration::from_millis(500));
+    let st = net.hub.status(net.now);
+    let b = st.iter().find(|p| p.name == "b").expect("b registered");
+    assert_eq!(b.addr, b_addr);
+    assert_eq!(net.hub.drops.unconfirmed, 0, "no registration was dropped");
+}
+
+/// The addresses a hub gave out come back with its state file: a restarted hub gives a
+/// name its own address whichever registers first, and never gives it to another.
+#[test]
+fn addresses_survive_a_hub_restart_through_its_state_file() {
+    let mut net = net(&["a", "b"]);
+    net.run_for(Duration::from_millis(300));
+    let (a, b) = (net.addr(0), net.addr(1));
+    assert_eq!(net.hub.assignments().len(), 2);
+    assert!(net.hub_events.iter().any(|(_, e)| *e == vpn::hub::HubEvent::AddressesChanged));
+    // restarted; only b comes back at first, having lost its state (asks for nothing)
+    let mut fresh = VpnSim::new(
+        HubCoreConfig { assigned: net.hub.assignments().clone(), ..hub_config(&["a", "b", "c", "fixed"]) },
+        5,
+    );
+    fresh.peers.push(peer(&fresh, "c", None, vec![], 2));
+    fresh.peers.push(peer(&fresh, "b", None, vec![], 1));
+    fresh.run_for(Duration::from_millis(300));
+    fresh.peers.push(peer(&fresh, "a", None, vec![], 0));
+    fresh.run_for(Duration::from_millis(300));
+    assert_eq!((fresh.addr(2), fresh.addr(1)), (a, b));
+    assert!(fresh.addr(0) != a && fresh.addr(0) != b, "c took a kept address");
 }

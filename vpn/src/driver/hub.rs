@@ -106,6 +106,7 @@ pub(super) struct HubDriver {
     hub_addr: Ipv4Addr,
     /// hub.yaml, and the config read from it last (for reloads).
     config_path: PathBuf,
+    state_path: PathBuf,
     config: HubConfig,
     log: Logger,
 }
@@ -179,10 +180,24 @@ pub(super) fn peer_specs(c: &HubConfig, log: &Logger) -> Result<Vec<PeerSpec>, V
     Ok(peers)
 }
 
-/// Runs the hub (configured by `c`, read from `config_path`) until SIGTERM/SIGINT or a
-/// fatal error; SIGHUP re-reads `config_path`'s peers.
-pub fn run_hub(c: HubConfig, config_path: PathBuf, control_path: PathBuf, log: &Logger) -> Result<(), VpnError> {
+/// The files a hub uses besides its sockets.
+pub struct HubPaths {
+    /// hub.yaml (re-read on SIGHUP).
+    pub config: PathBuf,
+    pub control: PathBuf,
+    /// The addresses given out, by name (`state_file`).
+    pub state: PathBuf,
+}
+
+/// Runs the hub (configured by `c`, read from `paths.config`) until SIGTERM/SIGINT or a
+/// fatal error; SIGHUP re-reads the config's peers.
+pub fn run_hub(c: HubConfig, paths: HubPaths, log: &Logger) -> Result<(), VpnError> {
+    let HubPaths { config: config_path, control: control_path, state: state_path } = paths;
     let peers = peer_specs(&c, log)?;
+    // read, and written back at once: a state file the hub cannot keep stops it now
+    let assigned = state::load(&state_path)?;
+    state::save(&state_path, &assigned)?;
+    info!(log, "addresses given out before"; "state_file" => %state_path.display(), "names" => assigned.len());
     let hub_addr = c.hub_addr();
     let mtu = c.mtu.unwrap_or(TUN_MTU);
     let core = Hub::new(
@@ -194,6 +209,7 @@ pub fn run_hub(c: HubConfig, config_path: PathBuf, control_path: PathBuf, log: &
             peers,
             peer_timeout: Duration::from_secs(c.peer_timeout_secs),
             dns_domain: c.dns.as_ref().map(|d| d.domain.clone()),
+            assigned,
         },
         os_entropy(),
     );
@@ -232,6 +248,7 @@ pub fn run_hub(c: HubConfig, config_path: PathBuf, control_path: PathBuf, log: &
         tun_name,
         hub_addr,
         config_path,
+        state_path,
         config: c,
         log: log.clone(),
     };
@@ -317,7 +334,7 @@ impl HubDriver {
     /// nothing more: tunnel datagrams go a batch at a time, TUN packets at once from the
     /// batch slot the core wrote them in, events are logged.
     fn flush(&mut self, now: Instant) {
-        let Self { core, tunnel, dev, bufs, log, .. } = self;
+        let Self { core, tunnel, dev, bufs, log, state_path, .. } = self;
         let (headroom, tailroom) = tunnel.room();
         let mut idle = false;
         while !idle {
@@ -333,6 +350,11 @@ impl HubDriver {
                             // a full TUN queue drops, as the kernel would
                             HubOutput::Tun(n) => {
                                 let _ = dev.send(&buf[..n]);
+                            }
+                            HubOutput::Event(HubEvent::AddressesChanged) => {
+                                if let Err(e) = state::save(state_path, core.assignments()) {
+                                    error!(log, "cannot keep the addresses given out: a restart may renumber peers"; "error" => %e);
+                                }
                             }
                             HubOutput::Event(ev) => log_event(log, ev),
                             HubOutput::Timeout(_) => {
@@ -353,6 +375,7 @@ impl HubDriver {
 
 fn log_event(log: &Logger, ev: HubEvent) {
     match ev {
+        HubEvent::AddressesChanged => {}
         HubEvent::PeerUp { name, addr, tunnel } => {
             info!(log, "peer up"; "name" => name, "address" => %addr, "tunnel" => %tunnel)
         }

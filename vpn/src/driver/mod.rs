@@ -8,10 +8,11 @@
 mod hub;
 mod netlink;
 mod peer;
+mod state;
 mod status;
 mod system;
 
-pub use hub::run_hub;
+pub use hub::{run_hub, HubPaths};
 use netlink::RouteChange;
 pub use peer::run_peer;
 use status::{hub_status, peer_status, vpn_metrics};

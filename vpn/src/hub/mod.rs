@@ -91,10 +91,16 @@ pub struct HubCoreConfig {
     pub peer_timeout: Duration,
     /// The DNS domain the hub answers `<peer>.<domain>` for (told to peers in the Welcome).
     pub dns_domain: Option<String>,
+    /// Addresses given out before (the state file): each name gets its own back, and no
+    /// other name gets it. Entries for names not configured, or not host addresses of the
+    /// network, are ignored.
+    pub assigned: BTreeMap<String, Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HubEvent {
+    /// The name → address assignments changed (`Hub::assignments`): keep them.
+    AddressesChanged,
     PeerUp {
         name: String,
         addr: Ipv4Addr,
@@ -184,8 +190,9 @@ pub struct Hub {
     /// At most one per configured peer, by the id its Welcome gave.
     pending: BTreeMap<u32, Pending>,
     entropy: Box<dyn Entropy>,
-    /// Addresses handed out, by peer name: a returning peer gets its address back.
-    assigned: HashMap<String, Ipv4Addr>,
+    /// Addresses handed out, by peer name: a returning peer gets its address back, also
+    /// after a restart (`HubEvent::AddressesChanged` asks the driver to keep them).
+    assigned: BTreeMap<String, Ipv4Addr>,
     last_register_ts: HashMap<String, u64>,
     next_id: u32,
     /// The peer list's version and when it next goes out.
@@ -208,8 +215,10 @@ pub struct Hub {
 
 impl Hub {
     /// `entropy` makes the registrations' ephemeral keys and the first peer id.
-    pub fn new(cfg: HubCoreConfig, mut entropy: Box<dyn Entropy>) -> Self {
-        let keys = cfg.peers.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+    pub fn new(mut cfg: HubCoreConfig, mut entropy: Box<dyn Entropy>) -> Self {
+        let keys: HashMap<String, usize> = cfg.peers.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
+        let saved = std::mem::take(&mut cfg.assigned);
+        let assigned = registry::usable_assignments(&cfg, &keys, saved);
         // ids are not secret; random ones keep a restarted hub's from meeting old ones
         let first_peer_id = (entropy.next_u64() as u32) >> 1;
         let mut secret = [0u8; 32];
@@ -220,7 +229,7 @@ impl Hub {
             peers: BTreeMap::new(),
             pending: BTreeMap::new(),
             entropy,
-            assigned: HashMap::new(),
+            assigned,
             last_register_ts: HashMap::new(),
             next_id: first_peer_id.max(1),
             list: ListPush::default(),

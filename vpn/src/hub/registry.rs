@@ -46,7 +46,30 @@ pub(super) struct Pending {
     pub(super) since: Instant,
 }
 
+/// The assignments of a state file a hub may keep: configured names only, host addresses
+/// of the network other than the hub's and the fixed ones, each address once.
+pub(super) fn usable_assignments(
+    cfg: &HubCoreConfig,
+    keys: &HashMap<String, usize>,
+    saved: BTreeMap<String, Ipv4Addr>,
+) -> BTreeMap<String, Ipv4Addr> {
+    let mut kept = BTreeMap::new();
+    let mut taken: std::collections::HashSet<Ipv4Addr> = cfg.peers.iter().filter_map(|p| p.fixed_addr).collect();
+    taken.insert(cfg.hub_addr);
+    for (name, a) in saved {
+        if keys.contains_key(&name) && cfg.network.is_host(a) && taken.insert(a) {
+            kept.insert(name, a);
+        }
+    }
+    kept
+}
+
 impl Hub {
+    /// Every name → address assignment (what the state file keeps).
+    pub fn assignments(&self) -> &BTreeMap<String, Ipv4Addr> {
+        &self.assigned
+    }
+
     pub(super) fn spec(&self, name: &str) -> Option<&PeerSpec> {
         self.keys.get(name).map(|&i| &self.cfg.peers[i])
     }
@@ -113,9 +136,6 @@ impl Hub {
         let Some((reg, ki)) = self.take_register(wall_ms, from, d) else { return };
         let net = self.cfg.network;
         let refusal = (reg.mtu != 0 && reg.mtu != self.cfg.mtu).then_some(RefusalReason::MtuMismatch);
-        // a peer asking for the address it had gets it back from a registration nobody has
-        // used yet (a replayed Register after a hub restart must not take it)
-        self.drop_unconfirmed(|p| p.name != reg.name && p.addr == reg.want_addr);
         let addr = if refusal.is_none() { self.address_for(&reg.name, reg.want_addr) } else { None };
         let Some(addr) = addr else {
             let reason = refusal.unwrap_or(RefusalReason::PoolExhausted);
@@ -186,7 +206,9 @@ impl Hub {
             self.peers.remove(&old);
             self.introduced.retain(|&(a, b), _| a != old && b != old);
         }
-        self.assigned.insert(p.name.clone(), p.addr);
+        if self.assigned.insert(p.name.clone(), p.addr) != Some(p.addr) {
+            self.events.push_back(HubEvent::AddressesChanged);
+        }
         self.peers.insert(
             id,
             HubPeer {
@@ -257,7 +279,11 @@ impl Hub {
                 list_changed = true;
             }
         }
+        let before = self.assigned.len();
         self.assigned.retain(|name, _| spec_of(name).is_some());
+        if self.assigned.len() != before {
+            self.events.push_back(HubEvent::AddressesChanged);
+        }
         self.keys = peers.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
         self.cfg.peers = peers;
         for id in leaving {

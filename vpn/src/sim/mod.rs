@@ -52,6 +52,7 @@ pub fn hub_config(names: &[&str]) -> HubCoreConfig {
         peers: names.iter().map(|n| peer_spec(n)).collect(),
         peer_timeout: DEFAULT_PEER_TIMEOUT,
         dns_domain: None,
+        assigned: Default::default(),
     }
 }
 

@@ -1,0 +1,84 @@
+//! The hub's state file: the address it gave each peer name, kept across restarts so that
+//! a returning peer gets its address back and no other name takes it first. JSON, written
+//! whole to a new file beside it (owner-only) and renamed over it: a crash leaves the old
+//! file or the new one, never half of one.
+
+use crate::VpnError;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// The file's format version.
+const STATE_VERSION: u32 = 1;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    version: u32,
+    /// Peer name → VPN address.
+    addresses: BTreeMap<String, Ipv4Addr>,
+}
+
+fn error(path: &Path, why: impl std::fmt::Display) -> VpnError {
+    VpnError::StateFile(format!("state_file {}: {why}", path.display()))
+}
+
+/// The assignments kept at `path`; none if there is no file yet.
+pub(super) fn load(path: &Path) -> Result<BTreeMap<String, Ipv4Addr>, VpnError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(error(path, e)),
+    };
+    let f: StateFile = serde_json::from_str(&text).map_err(|e| error(path, e))?;
+    if f.version != STATE_VERSION {
+        return Err(error(path, format!("version {} (this hub reads {STATE_VERSION})", f.version)));
+    }
+    Ok(f.addresses)
+}
+
+/// Writes `addresses` to `path` atomically, readable by the owner only.
+pub(super) fn save(path: &Path, addresses: &BTreeMap<String, Ipv4Addr>) -> Result<(), VpnError> {
+    let f = StateFile { version: STATE_VERSION, addresses: addresses.clone() };
+    let text = serde_json::to_string_pretty(&f).map_err(|e| error(path, e))?;
+    let name = path.file_name().ok_or_else(|| error(path, "not a file name"))?;
+    let tmp = path.with_file_name(format!(".{}.new", name.to_string_lossy()));
+    let _ = std::fs::remove_file(&tmp);
+    let write = || -> std::io::Result<()> {
+        let mut out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        out.write_all(text.as_bytes())?;
+        out.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        error(path, e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_across_a_save_and_a_load_owner_only_and_bad_files_are_one_line_errors() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("mpvpn-state-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("hub.state.json");
+        assert!(load(&path).unwrap().is_empty(), "no file yet");
+        let mut a = BTreeMap::new();
+        a.insert("alpha".to_string(), Ipv4Addr::new(10, 99, 0, 2));
+        save(&path, &a).unwrap();
+        assert_eq!(load(&path).unwrap(), a);
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        std::fs::write(&path, "{\"version\": 1, \"addresses\": {\"alpha\": \"not an address\"}}").unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(e.starts_with("state_file ") && e.contains("hub.state.json") && !e.contains('\n'), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
