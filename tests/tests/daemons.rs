@@ -391,3 +391,41 @@ fn readiness_goes_to_the_notify_socket() {
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
     assert!(child.wait().unwrap().success());
 }
+
+/// `mpvpn reload` signals whoever answers on the control socket, as the kernel knows it.
+/// Before, it sent SIGHUP to whatever pid the answer claimed: anything able to answer on
+/// that path (a stale socket's new owner, a mistyped --control) could make it kill another
+/// process. Here a fake "hub" (socat) claims the pid of a bystander.
+#[test]
+fn reload_never_signals_the_pid_an_answer_claims() {
+    let dir = tmpdir("reload-pid");
+    let mut bystander = Command::new("sleep").arg("30").spawn().unwrap();
+    let status = format!(
+        r#"{{"role":"hub","pid":{},"name":"","tun":"mpvpn0","addr":null,"state":"up","hub_rtt_ms":null,"last_heartbeat_s":null,"tx_bytes":0,"rx_bytes":0,"peers":[],"drops":{{}}}}"#,
+        bystander.id()
+    );
+    let answer = dir.join("status.json");
+    std::fs::write(&answer, status).unwrap();
+    let sock = dir.join("fake-hub.sock");
+    let mut fake = Command::new("socat")
+        .arg(format!("UNIX-LISTEN:{},fork", sock.display()))
+        .arg(format!("OPEN:{},rdonly", answer.display()))
+        .spawn()
+        .expect("socat");
+    let until = Instant::now() + Duration::from_secs(5);
+    while !sock.exists() {
+        assert!(Instant::now() < until, "socat did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = Command::new(bin("mpvpn")).args(["reload", "--control"]).arg(&sock).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    std::thread::sleep(Duration::from_millis(200));
+    let alive = bystander.try_wait().unwrap().is_none();
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+    let _ = fake.kill();
+    let _ = fake.wait();
+    assert!(alive, "the bystander got the hub's SIGHUP");
+    assert!(!out.status.success() && err.contains("claims to be pid"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -10,15 +10,14 @@ use vpn::cli::{Cli, Command, HubAction};
 use vpn::config::{HubConfig, PeerConfig};
 use vpn::driver::{run_hub, run_peer, HubPaths, VpnStatus};
 
-/// `mpvpn hub add-peer`: hub.yaml gains the peer (written to a temporary file beside it,
-/// same permissions, then renamed over it); its peer.yaml goes to stdout.
+/// `mpvpn hub add-peer`: hub.yaml gains the peer (`onboard::replace_config`); its
+/// peer.yaml goes to stdout.
 fn add_peer(
     name: &str,
     config: &std::path::Path,
     address: Option<std::net::Ipv4Addr>,
     routes: &[vpn::ip::Prefix],
 ) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
     let file = config.display().to_string();
     let text = std::fs::read_to_string(config).map_err(|e| format!("{file}: {e}"))?;
     // a new peer's key: the OS's randomness, in the CLI (never in a core)
@@ -26,21 +25,7 @@ fn add_peer(
     let key = common::crypto::Psk::generate(&mut common::entropy::OsEntropy::new()).to_base64();
     let peer = vpn::onboard::NewPeer { name, key: &key, address, routes };
     let new = vpn::onboard::add_peer(&file, &text, &peer).map_err(|e| e.to_string())?;
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(config).map_err(|e| format!("{file}: {e}"))?;
-    let tmp = config.with_extension("yaml.new");
-    let write = || -> std::io::Result<()> {
-        std::fs::write(&tmp, &new)?;
-        // the file holds keys: never more open than it was, never readable by others, and
-        // still the hub's (a hub running as the mptunnel user must read it)
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(meta.permissions().mode() & 0o7770))?;
-        std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()))?;
-        std::fs::rename(&tmp, config)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("writing {file}: {e}")
-    })?;
+    vpn::onboard::replace_config(config, &new).map_err(|e| format!("writing {file}: {e}"))?;
     eprintln!("added peer {name} to {file}; `mpvpn reload` makes a running hub take it. Its peer.yaml:");
     common::driver::print_stdout(&vpn::onboard::peer_yaml(&peer)).map_err(|e| e.to_string())
 }
@@ -51,12 +36,21 @@ fn reload(instance: Option<String>, control: Option<PathBuf>) -> Result<(), Stri
         let names: Vec<&str> = several.iter().map(|(i, _)| i.as_str()).collect();
         format!("several mpvpn instances run ({}); name one: `mpvpn reload NAME`", names.join(", "))
     })?;
-    let status: VpnStatus = control::fetch(&path).map_err(|e| e.to_string())?;
+    // the pid to signal is the kernel's word for who answers on the socket, never the
+    // report's: whoever answers there could claim any process
+    let (status, pid): (VpnStatus, u32) = control::fetch_with_pid(&path).map_err(|e| e.to_string())?;
     if status.role != vpn::driver::Role::Hub {
         return Err(format!("{} is a {}, not a hub: only a hub reloads", path.display(), status.role));
     }
-    common::driver::send_sighup(status.pid).map_err(|e| format!("signalling pid {}: {e}", status.pid))?;
-    println!("asked the hub (pid {}) to re-read its config; its log says what changed", status.pid);
+    if status.pid != pid {
+        return Err(format!(
+            "{} is answered by pid {pid}, which claims to be pid {}: not signalling anything",
+            path.display(),
+            status.pid
+        ));
+    }
+    common::driver::send_sighup(pid).map_err(|e| format!("signalling pid {pid}: {e}"))?;
+    println!("asked the hub (pid {pid}) to re-read its config; its log says what changed");
     Ok(())
 }
 

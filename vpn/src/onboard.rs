@@ -9,6 +9,34 @@ use crate::ip::Prefix;
 use common::config::ConfigError;
 use std::net::Ipv4Addr;
 
+/// Replaces `config` with `text` as a whole: written to a new file beside it, created
+/// owner-only and exclusively (never through a link someone left at that name), given the
+/// old file's owner and mode (never more than the owner's group), then renamed over it.
+pub fn replace_config(config: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let meta = std::fs::metadata(config)?;
+    let tmp = config.with_extension("yaml.new");
+    // a stale one (or a planted link) goes; the new file is created, never opened
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        // the file holds keys: never more open than it was, never readable by others, and
+        // still the hub's (a hub running as its own user must read it)
+        std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(meta.permissions().mode() & 0o7770))?;
+        std::fs::rename(&tmp, config)
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
 /// The peer to add.
 pub struct NewPeer<'a> {
     pub name: &'a str,
@@ -103,10 +131,33 @@ pub fn peer_yaml(p: &NewPeer) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// Before, the new hub.yaml (every key in it) was written with `fs::write`: through a
+    /// link planted at hub.yaml.new, and with the umask's mode until the chmod.
+    #[test]
+    fn a_config_is_replaced_owner_only_and_never_through_a_planted_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("mpvpn-replace-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("hub.yaml");
+        std::fs::write(&config, "old").unwrap();
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let stolen = dir.join("stolen");
+        std::os::unix::fs::symlink(&stolen, dir.join("hub.yaml.new")).unwrap();
+        super::replace_config(&config, "new keys").unwrap();
+        assert_eq!(std::fs::read_to_string(&config).unwrap(), "new keys");
+        assert!(!stolen.exists(), "written through the planted link");
+        assert_eq!(std::fs::metadata(&config).unwrap().permissions().mode() & 0o777, 0o640);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     use super::*;
     use crate::config::PeerConfig;
 
-    const KEY: &str = "8yU4dwHo24RNnX640qEnjIeC/tDzN0zynqJnajQ2fh8=";
+    /// Peers a and b of the existing configs, and the one added (every peer its own key).
+    const KA: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+    const KB: &str = "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
+    const KEY: &str = "AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=";
 
     fn new_peer<'a>(name: &'a str, routes: &'a [Prefix]) -> NewPeer<'a> {
         NewPeer { name, key: KEY, address: Some(Ipv4Addr::new(10, 99, 0, 9)), routes }
@@ -115,12 +166,12 @@ mod tests {
     #[test]
     fn an_entry_is_appended_with_comments_and_order_kept() {
         let text = format!(
-            "# the hub\nnetwork: 10.99.0.0/24   # our VPN\npeers:\n    # first peer\n    - name: a\n      key: {KEY}\n\n    - name: b   # the office\n      key: {KEY}\n      routes: [192.168.50.0/24]\n\n# after the peers\nlog_level: info\n"
+            "# the hub\nnetwork: 10.99.0.0/24   # our VPN\npeers:\n    # first peer\n    - name: a\n      key: {KA}\n\n    - name: b   # the office\n      key: {KB}\n      routes: [192.168.50.0/24]\n\n# after the peers\nlog_level: info\n"
         );
         let routes: Vec<Prefix> = vec!["192.168.60.0/24".parse().unwrap()];
         let new = add_peer("hub.yaml", &text, &new_peer("c", &routes)).unwrap();
         let want = format!(
-            "# the hub\nnetwork: 10.99.0.0/24   # our VPN\npeers:\n    # first peer\n    - name: a\n      key: {KEY}\n\n    - name: b   # the office\n      key: {KEY}\n      routes: [192.168.50.0/24]\n    - name: c\n      key: {KEY}\n      address: 10.99.0.9\n      routes: [192.168.60.0/24]\n\n# after the peers\nlog_level: info\n"
+            "# the hub\nnetwork: 10.99.0.0/24   # our VPN\npeers:\n    # first peer\n    - name: a\n      key: {KA}\n\n    - name: b   # the office\n      key: {KB}\n      routes: [192.168.50.0/24]\n    - name: c\n      key: {KEY}\n      address: 10.99.0.9\n      routes: [192.168.60.0/24]\n\n# after the peers\nlog_level: info\n"
         );
         assert_eq!(new, want);
         let c = HubConfig::parse("hub.yaml", &new).unwrap();
@@ -135,7 +186,7 @@ mod tests {
             new,
             format!("network: 10.99.0.0/24\npeers:  # none yet\n  - name: a\n    key: {KEY}\n    address: 10.99.0.9\n")
         );
-        let last = format!("network: 10.99.0.0/24\npeers:\n- name: a\n  key: {KEY}");
+        let last = format!("network: 10.99.0.0/24\npeers:\n- name: a\n  key: {KA}");
         let new = add_peer("hub.yaml", &last, &NewPeer { address: None, ..new_peer("b", &[]) }).unwrap();
         assert_eq!(new, format!("{last}\n- name: b\n  key: {KEY}"));
     }
@@ -143,7 +194,7 @@ mod tests {
     #[test]
     fn what_would_make_a_bad_config_is_refused() {
         let text =
-            format!("network: 10.99.0.0/24\npeers:\n  - name: a\n    key: {KEY}\n    routes: [192.168.50.0/24]\n");
+            format!("network: 10.99.0.0/24\npeers:\n  - name: a\n    key: {KA}\n    routes: [192.168.50.0/24]\n");
         let dup = add_peer("hub.yaml", &text, &new_peer("a", &[])).unwrap_err().to_string();
         assert!(dup.contains("peers") && dup.contains("already"), "{dup}");
         let overlap: Vec<Prefix> = vec!["192.168.50.128/25".parse().unwrap()];

@@ -195,6 +195,10 @@ fn print_instances(program: &str, instances: &[(String, PathBuf)], json: bool) -
 /// intercept it there.
 fn unsafe_directory(dir: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
+    // whoever owns a link can point it elsewhere later
+    if std::fs::symlink_metadata(dir).ok()?.file_type().is_symlink() {
+        return Some("it is a symbolic link; name the directory itself".into());
+    }
     let meta = std::fs::metadata(dir).ok()?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
@@ -210,8 +214,9 @@ fn unsafe_directory(dir: &Path) -> Option<String> {
 }
 
 /// Prepares `path` for binding: creates its directory private (0700) if missing, refuses
-/// a directory others control, and removes a stale socket file. Fails if another live
-/// process is listening there.
+/// a directory others control (or a symbolic link to one), and removes a stale socket
+/// file. Fails if another live process is listening there, or if something other than a
+/// socket is there (never deleted: a mistyped path could name a config).
 fn prepare_control_path(path: &Path) -> Result<(), DriverError> {
     use std::os::unix::fs::DirBuilderExt;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -226,7 +231,11 @@ fn prepare_control_path(path: &Path) -> Result<(), DriverError> {
             return Err(DriverError::ControlDirUnsafe { dir: dir.to_owned(), why });
         }
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(DriverError::ControlPathNotSocket(path.to_owned()));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(DriverError::ControlInUse(path.to_owned()));
         }
@@ -378,12 +387,41 @@ impl Drop for ControlServer {
 
 /// Fetches the daemon's report.
 pub fn fetch<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, DriverError> {
+    fetch_with_pid(path).map(|(report, _)| report)
+}
+
+/// Fetches the daemon's report, and the process id of whoever answered on `path` as the
+/// kernel knows it (`SO_PEERCRED`), not as the report claims: the one to signal.
+pub fn fetch_with_pid<T: serde::de::DeserializeOwned>(path: &Path) -> Result<(T, u32), DriverError> {
     let mut s = std::os::unix::net::UnixStream::connect(path)
         .map_err(|source| DriverError::ControlUnreachable { path: path.to_owned(), source })?;
+    let pid = peer_pid(&s).context(|| format!("credentials of {}", path.display()))?;
     s.set_read_timeout(Some(CONTROL_READ_TIMEOUT)).context(|| "control socket".into())?;
     let mut body = Vec::new();
     s.read_to_end(&mut body).context(|| "reading status".into())?;
-    serde_json::from_slice(&body).map_err(DriverError::BadStatus)
+    Ok((serde_json::from_slice(&body).map_err(DriverError::BadStatus)?, pid))
+}
+
+/// The process id of the other end of a Unix stream (`SO_PEERCRED`).
+fn peer_pid(s: &std::os::unix::net::UnixStream) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given; the fd is open.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    match r {
+        0 if cred.pid > 0 => Ok(cred.pid as u32),
+        0 => Err(std::io::Error::other("no peer process")),
+        _ => Err(std::io::Error::last_os_error()),
+    }
 }
 
 #[cfg(test)]
@@ -407,6 +445,11 @@ mod tests {
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
         assert!(matches!(prepare_control_path(&open.join("d.sock")), Err(DriverError::ControlDirUnsafe { .. })));
         // SAFETY: geteuid has no preconditions.
+        // a symbolic link to a private directory: refused (its owner could repoint it)
+        let private = base.join("new");
+        std::os::unix::fs::symlink(&private, base.join("link")).unwrap();
+        let e = prepare_control_path(&base.join("link").join("d.sock")).unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
         if unsafe { libc::geteuid() } == 0 {
             let theirs = base.join("theirs");
             std::fs::create_dir_all(&theirs).unwrap();
@@ -414,6 +457,27 @@ mod tests {
             let e = prepare_control_path(&theirs.join("d.sock")).unwrap_err().to_string();
             assert!(e.contains("belongs to uid 65534"), "{e}");
         }
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// Before, a control path naming an existing file (a mistyped `control_socket:`
+    /// pointing at the config) was deleted at start. Now only a stale socket is removed.
+    #[test]
+    fn a_file_at_the_control_path_is_never_deleted() {
+        let base = std::env::temp_dir().join(format!("mpt-ctl-file-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let config = base.join("hub.yaml");
+        std::fs::write(&config, "network: 10.99.0.0/24\n").unwrap();
+        let e = prepare_control_path(&config).unwrap_err().to_string();
+        assert!(e.contains("is not a socket"), "{e}");
+        assert_eq!(std::fs::read_to_string(&config).unwrap(), "network: 10.99.0.0/24\n");
+        // a stale socket (nobody listening) is still cleaned up
+        let stale = base.join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        prepare_control_path(&stale).unwrap();
+        assert!(!stale.exists());
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

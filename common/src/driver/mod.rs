@@ -46,6 +46,11 @@ pub enum DriverError {
     ControlInUse(PathBuf),
     #[error("control socket directory {}: {why}; choose another with --control PATH", .dir.display())]
     ControlDirUnsafe { dir: PathBuf, why: String },
+    #[error(
+        "control socket {} exists and is not a socket (a mistyped control_socket:?); \
+         not touching it: choose another with --control PATH", .0.display()
+    )]
+    ControlPathNotSocket(PathBuf),
     #[error("cannot reach the daemon's control socket {}: {source} (is it running? pass --control PATH)", .path.display())]
     ControlUnreachable {
         path: PathBuf,
