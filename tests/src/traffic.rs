@@ -262,6 +262,29 @@ pub fn ping(ns: &str, dst: &str, count: u32, interval: &str, extra: &[&str]) -> 
         .collect()
 }
 
+/// `count` pings from `ns` to `dst` every `interval` (as `ping -i`): how many were
+/// answered and the longest time without an answer (from the first ping sent to the first
+/// answer, between answers, and from the last answer to the end).
+pub fn ping_gaps(ns: &str, dst: &str, count: u32, interval: &str) -> (usize, Duration) {
+    let start = Instant::now();
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "ping", "-n", "-D", "-W", "1", "-c", &count.to_string(), "-i", interval, dst])
+        .output()
+        .expect("ping");
+    let end = Instant::now();
+    // -D: each reply line starts with [unix seconds.micros]
+    let stamps: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("time="))
+        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .collect();
+    let wall_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
+    let wall_start = wall_now - end.duration_since(start).as_secs_f64();
+    let points: Vec<f64> = std::iter::once(wall_start).chain(stamps.iter().copied()).chain([wall_now]).collect();
+    let longest = points.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+    (stamps.len(), Duration::from_secs_f64(longest.max(0.0)))
+}
+
 /// How long a TCP receiver waits for the connection through a tunnel under test.
 const ACCEPT_WITHIN: Duration = Duration::from_secs(20);
 

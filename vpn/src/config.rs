@@ -93,6 +93,13 @@ pub struct HubConfig {
     /// (default: beside the config, `<name>.state.json`; `--state-file` overrides).
     #[serde(default)]
     pub state_file: Option<PathBuf>,
+    /// What the relay carries for one mesh pair (both ways), at most, in Mbit/s.
+    #[serde(default = "default_relay_mbit")]
+    pub relay_mbit_per_pair: u64,
+}
+
+fn default_relay_mbit() -> u64 {
+    crate::hub::DEFAULT_RELAY_BYTES_PER_PAIR * 8 / 1_000_000
 }
 
 /// One address or a list of them.
@@ -188,6 +195,10 @@ pub struct PeerConfig {
     /// Subnets behind this peer, announced to the others.
     #[serde(default)]
     pub routes: Vec<Prefix>,
+    /// The VPN's DNS domain, pinned: names resolve through the hub only if its domain is
+    /// this one (default: any private domain the hub names).
+    #[serde(default)]
+    pub dns_domain: Option<String>,
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
     /// `ip:port` to serve Prometheus metrics on (`GET /metrics`); none by default.
@@ -205,7 +216,9 @@ pub struct PeerConfig {
     pub mesh: Option<PeerMeshConfig>,
 }
 
-fn valid_name(n: &str) -> bool {
+/// A peer's name: 1-32 of a-z A-Z 0-9 - _ . (hub.yaml's rule; also what a peer takes
+/// from a peer list into its hosts file).
+pub fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= crate::wire::MAX_NAME_LEN
         && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
@@ -225,7 +238,12 @@ pub enum PeerKeyError {
     BadInline,
     #[error(transparent)]
     File(#[from] KeyError),
+    #[error("this is the published example key (conf/hub.yaml): anyone can use it; make this peer's own with `mpvpn genkey`")]
+    Example,
 }
+
+/// The keys printed in the examples (conf/hub.yaml, conf/peer.yaml): never accepted.
+pub const EXAMPLE_KEYS: &[&str] = &["8yU4dwHo24RNnX640qEnjIeC/tDzN0zynqJnajQ2fh8="];
 
 /// A peer key, and a warning for the operator when its file is readable by others.
 pub struct ResolvedKey {
@@ -235,6 +253,16 @@ pub struct ResolvedKey {
 
 /// The key given inline (`key`) or in a file (`key_file`); `None` if neither is given.
 pub fn resolve_key(key: &Option<String>, key_file: &Option<PathBuf>) -> Result<Option<ResolvedKey>, PeerKeyError> {
+    let resolved = resolve_any_key(key, key_file)?;
+    let example =
+        |k: &ResolvedKey| EXAMPLE_KEYS.iter().any(|e| Psk::from_base64(e).is_some_and(|e| e.bytes() == k.key));
+    match resolved {
+        Some(k) if example(&k) => Err(PeerKeyError::Example),
+        r => Ok(r),
+    }
+}
+
+fn resolve_any_key(key: &Option<String>, key_file: &Option<PathBuf>) -> Result<Option<ResolvedKey>, PeerKeyError> {
     match (key, key_file) {
         (Some(_), Some(_)) => Err(PeerKeyError::Both),
         (Some(k), None) => {
@@ -269,6 +297,7 @@ impl HubConfig {
             embedded_server,
             rendezvous,
             state_file,
+            relay_mbit_per_pair,
         } = self;
         [
             ("listen", *listen != new.listen),
@@ -284,6 +313,7 @@ impl HubConfig {
             ("embedded_server", *embedded_server != new.embedded_server),
             ("rendezvous", *rendezvous != new.rendezvous),
             ("state_file", *state_file != new.state_file),
+            ("relay_mbit_per_pair", *relay_mbit_per_pair != new.relay_mbit_per_pair),
         ]
         .into_iter()
         .filter_map(|(field, changed)| changed.then_some(field))
@@ -322,6 +352,9 @@ impl HubConfig {
             )?;
         }
         check(c.peer_timeout_secs >= 3, file, text, "peer_timeout_secs", "peer_timeout_secs", "at least 3".into())?;
+        let why = "1-100000 (Mbit/s the relay carries for one mesh pair)".to_string();
+        let relay_ok = (1..=100_000).contains(&c.relay_mbit_per_pair);
+        check(relay_ok, file, text, "relay_mbit_per_pair", "relay_mbit_per_pair", why)?;
         if let Some(d) = &c.dns {
             let why = format!("`{}` is not a DNS domain (labels of a-z 0-9 -)", d.domain);
             check(crate::dns::valid_domain(&d.domain), file, text, "dns.domain", "domain", why)?;
@@ -342,9 +375,14 @@ impl HubConfig {
         let dup = self.peers.iter().filter(|q| q.name == p.name).count() > 1;
         check(!dup, file, text, &format!("{field}.name"), &p.name, format!("`{}` appears twice", p.name))?;
         let key = resolve_key(&p.key, &p.key_file);
-        let ok = matches!(key, Ok(Some(_)));
+        let bytes = key.as_ref().ok().and_then(|k| k.as_ref()).map(|k| k.key);
         let msg = key.err().map_or_else(|| "needs `key` or `key_file`".into(), |e| e.to_string());
-        check(ok, file, text, &format!("{field}.key"), &p.name, msg)?;
+        check(bytes.is_some(), file, text, &format!("{field}.key"), &p.name, msg)?;
+        // one key, one peer: with another's key, a peer could register as it
+        let same =
+            self.peers[..i].iter().find(|q| resolve_key(&q.key, &q.key_file).ok().flatten().map(|k| k.key) == bytes);
+        let why = same.map(|q| format!("the same key as peer `{}`: each peer needs its own", q.name));
+        check(why.is_none(), file, text, &format!("{field}.key"), &p.name, why.unwrap_or_default())?;
         if let Some(a) = p.address {
             let (field, at) = (format!("{field}.address"), format!("address: {a}"));
             let why = if !self.network.contains(a) {
@@ -414,6 +452,10 @@ impl PeerConfig {
         )?;
         check(valid_tun(&c.tun), file, text, "tun", "tun", format!("`{}` is not an interface name", c.tun))?;
         check(c.routes.len() <= crate::wire::MAX_ROUTES, file, text, "routes", "routes", "at most 32".into())?;
+        if let Some(d) = &c.dns_domain {
+            let why = format!("`{d}` is not a private DNS domain (labels of a-z 0-9 -, not a public suffix)");
+            check(crate::dns::acceptable_vpn_domain(d), file, text, "dns_domain", "dns_domain", why)?;
+        }
         if let Some(m) = &c.mesh {
             let n = m.listen.to_vec().len();
             let max = crate::hub::MAX_MESH_SOCKETS;
@@ -437,6 +479,36 @@ mod tests {
     use super::*;
 
     const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    /// Another peer's (every peer has its own).
+    const KEY2: &str = "BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBA=";
+
+    /// Before, a hub started from the example config let anyone register with the key
+    /// printed in it, and two peers could share one key (so A could register as B). Now
+    /// both are config errors naming the field.
+    #[test]
+    fn the_example_key_and_a_shared_key_are_refused() {
+        let example = EXAMPLE_KEYS[0];
+        let hub = |a: &str, b: &str| {
+            HubConfig::parse(
+                "h.yaml",
+                &format!("network: 10.99.0.0/24\npeers:\n  - name: a\n    key: {a}\n  - name: b\n    key: {b}\n"),
+            )
+        };
+        let e = hub(KEY, example).unwrap_err().to_string();
+        assert!(e.starts_with("h.yaml:5: peers[1].key: ") && e.contains("example key"), "{e}");
+        let e = hub(KEY, KEY).unwrap_err().to_string();
+        assert!(e.starts_with("h.yaml:5: peers[1].key: ") && e.contains("same key as peer `a`"), "{e}");
+        assert!(hub(KEY, KEY2).is_ok());
+        let e = PeerConfig::parse("p.yaml", &format!("name: a\nkey: {example}\n")).unwrap_err().to_string();
+        assert!(e.contains("key") && e.contains("example key"), "{e}");
+        // the keys the examples print are the ones refused
+        for conf in [include_str!("../../conf/hub.yaml"), include_str!("../../conf/peer.yaml")] {
+            for line in conf.lines().filter(|l| l.trim_start().starts_with("key:")) {
+                let key = line.split_whitespace().nth(1).expect("a key");
+                assert!(EXAMPLE_KEYS.contains(&key), "{key} is printed in an example but not refused");
+            }
+        }
+    }
 
     /// Before, a reload that changed `dns:` or `metrics_listen` said nothing: those kept
     /// their running values silently.
@@ -444,7 +516,7 @@ mod tests {
     fn a_reload_names_every_setting_that_needs_a_restart() {
         let yaml = |extra: &str| format!("network: 10.99.0.0/24\npeers:\n  - name: a\n    key: {KEY}\n{extra}");
         let old = HubConfig::parse("hub.yaml", &yaml("")).unwrap();
-        let peers_only = HubConfig::parse("hub.yaml", &yaml(&format!("  - name: b\n    key: {KEY}\n"))).unwrap();
+        let peers_only = HubConfig::parse("hub.yaml", &yaml(&format!("  - name: b\n    key: {KEY2}\n"))).unwrap();
         assert_eq!(peers_only.peers.len(), 2);
         assert!(old.changes_needing_restart(&peers_only).is_empty());
         let new = HubConfig::parse(
@@ -497,7 +569,7 @@ mod tests {
 
     #[test]
     fn hub_config() {
-        let text = format!("network: 10.99.0.0/24\npeers:\n  - name: a\n    key: {KEY}\n  - name: b\n    key: {KEY}\n    address: 10.99.0.9\n");
+        let text = format!("network: 10.99.0.0/24\npeers:\n  - name: a\n    key: {KEY}\n  - name: b\n    key: {KEY2}\n    address: 10.99.0.9\n");
         let c = HubConfig::parse("h.yaml", &text).unwrap();
         assert_eq!(c.hub_addr(), Ipv4Addr::new(10, 99, 0, 1));
         for (addr, why) in [

@@ -33,6 +33,14 @@ pub fn valid_domain(domain: &str) -> bool {
         })
 }
 
+/// Whether a peer lets `domain` (as a hub names it) route this host's name lookups to the
+/// hub: a valid DNS name that is not a public suffix (`com`, `co.uk`, `github.io`, ...),
+/// so a hostile hub cannot take over a top-level domain's lookups.
+pub fn acceptable_vpn_domain(domain: &str) -> bool {
+    let d = domain.trim_end_matches('.').to_ascii_lowercase();
+    valid_domain(&d) && !psl::suffix(d.as_bytes()).is_some_and(|s| s.is_known() && s.as_bytes().len() == d.len())
+}
+
 /// The answer to the DNS query `query` for names under `domain`, `lookup` giving a
 /// peer's address by (lower-case) name; `None` when the datagram is not a query to
 /// answer.

@@ -70,6 +70,7 @@ impl SystemResolver {
     /// Sends `domain` to the hub at `hub` for names: through systemd-resolved when it
     /// runs here, else through /etc/hosts.
     pub fn point(tun: &str, hub: Ipv4Addr, domain: &str, log: &Logger) -> Self {
+        debug_assert!(crate::dns::acceptable_vpn_domain(domain), "the peer core checked the domain");
         if Path::new("/run/systemd/resolve").is_dir() {
             let routing = format!("~{domain}");
             match resolvectl(&["dns", tun, &hub.to_string()]).and_then(|()| resolvectl(&["domain", tun, &routing])) {
@@ -87,7 +88,12 @@ impl SystemResolver {
     /// Keeps the hosts block to a new peer list (systemd-resolved asks the hub itself).
     pub fn update(&mut self, peers: &[PeerEntry], log: &Logger) {
         let Self::Hosts { path, tun, domain, written } = self else { return };
-        let names: Vec<(String, Ipv4Addr)> = peers.iter().map(|p| (p.name.to_ascii_lowercase(), p.addr)).collect();
+        // a name that could not be a peer's (a space, a line break ...) never reaches the file
+        let names: Vec<(String, Ipv4Addr)> = peers
+            .iter()
+            .filter(|p| crate::config::valid_name(&p.name))
+            .map(|p| (p.name.to_ascii_lowercase(), p.addr))
+            .collect();
         if names == *written {
             return;
         }
@@ -143,5 +149,32 @@ mod tests {
         assert!(replaced.contains(&begin_marker("mpvpn1")) && replaced.contains("10.99.0.3 beta.mpvpn"));
         let back = hosts_with_block(&hosts_with_block(&replaced, "mpvpn0", "mpvpn", &[]), "mpvpn1", "mpvpn", &[]);
         assert_eq!(back, base);
+    }
+
+    /// A hostile hub's peer list names a peer "x\n203.0.113.9 bank.example": before, the
+    /// line went into the hosts file as it was. Now only names a peer could have are
+    /// written.
+    #[test]
+    fn only_valid_peer_names_reach_the_hosts_file() {
+        let dir = std::env::temp_dir().join(format!("mpvpn-hosts-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("hosts");
+        std::fs::write(&path, "127.0.0.1 localhost\n").unwrap();
+        let mut r =
+            SystemResolver::Hosts { path: path.clone(), tun: "mpvpn0".into(), domain: "mpvpn".into(), written: vec![] };
+        let entry = |name: &str, last: u8| PeerEntry {
+            id: u32::from(last),
+            name: name.into(),
+            addr: Ipv4Addr::new(10, 99, 0, last),
+            routes: vec![],
+            candidates: vec![],
+        };
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        r.update(&[entry("alpha", 2), entry("x\n203.0.113.9 bank.example", 3), entry("a b", 4)], &log);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("10.99.0.2 alpha.mpvpn"));
+        assert!(!text.contains("bank.example") && !text.contains("10.99.0.4"), "{text}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

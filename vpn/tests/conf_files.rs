@@ -1,4 +1,5 @@
-//! The VPN's example configs in conf/ parse (key files they name need not exist here).
+//! The VPN's example configs in conf/ parse (key files they name need not exist here) once
+//! their printed example key is replaced, and are refused as they are.
 
 use std::path::Path;
 use vpn::config::{HubConfig, PeerConfig};
@@ -18,6 +19,18 @@ fn vpn_example_configs_parse() {
             .unwrap()
             .replace("key_file: /etc/mptunnel/beta.key", "key: AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
         let file = path.display().to_string();
+        let as_printed = text.clone();
+        let text = vpn::config::EXAMPLE_KEYS
+            .iter()
+            .fold(text, |t, k| t.replace(k, "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk="));
+        if text != as_printed {
+            let e = if name.starts_with("hub") {
+                HubConfig::parse(&file, &as_printed).map(drop)
+            } else {
+                PeerConfig::parse(&file, &as_printed).map(drop)
+            };
+            assert!(e.is_err_and(|e| e.to_string().contains("example key")), "{file} is taken with its example key");
+        }
         if name.starts_with("hub") {
             HubConfig::parse(&file, &text).unwrap_or_else(|e| panic!("{e}"));
             checked += 1;

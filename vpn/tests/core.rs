@@ -244,6 +244,7 @@ fn wrong_key_and_unknown_names_get_nothing() {
             routes: vec![],
             tunnel_payload: TUNNEL_PAYLOAD,
             mesh: None,
+            dns_domain: None,
         },
         now,
         common::sim::SIM_WALL_START_MS,
@@ -306,8 +307,12 @@ fn register_replayed_after_a_hub_restart_yields_nothing() {
     }
     let answers = net.take_hub_datagrams();
     assert!(answers.iter().all(|(to, _)| *to == attacker));
-    let answers = answers.len();
-    assert_eq!(answers, 1, "one Welcome, to a registration only the peer's key and ephemeral secret can use");
+    let welcomes = answers.iter().filter(|(_, d)| d[0] == vpn::wire::MSG_WELCOME).count();
+    assert_eq!(welcomes, 1, "one Welcome, to a registration only the peer's key and ephemeral secret can use");
+    // the rest are Resets of a registration the new hub does not know: shorter than any
+    // datagram they answer, and telling nothing but that it is gone
+    let resets = answers.iter().filter(|(_, d)| d[0] == vpn::wire::MSG_RESET && d.len() == vpn::wire::RESET_LEN);
+    assert_eq!(resets.count(), answers.len() - 1);
     assert!(net.hub.status(net.now).is_empty(), "a replayed Register registered a peer");
     // the real peers notice the restart and come back; nothing replayed reached b
     net.run_for(Duration::from_secs(12));
@@ -701,4 +706,92 @@ fn addresses_survive_a_hub_restart_through_its_state_file() {
     fresh.run_for(Duration::from_millis(300));
     assert_eq!((fresh.addr(2), fresh.addr(1)), (a, b));
     assert!(fresh.addr(0) != a && fresh.addr(0) != b, "c took a kept address");
+}
+
+/// The hub restarts while a pings it every 50 ms. Before, a kept sealing datagrams for a
+/// registration the new hub did not know until its heartbeat retries gave up (8 s). Now
+/// the new hub answers with a Reset carrying that registration's token, and a registers
+/// again at once: answers resume within a few pings.
+#[test]
+fn a_restarted_hub_is_back_within_a_few_pings() {
+    let mut net = net(&["a", "b"]);
+    net.run_for(Duration::from_secs(2));
+    let a = net.addr(0);
+    let hub_addr = Ipv4Addr::new(10, 99, 0, 1);
+    net.hub = restarted_hub(&net, 31);
+    let restarted = net.now;
+    net.hub_tun_rx.clear();
+    let mut back = None;
+    for i in 0..100u8 {
+        net.peers[0].core.handle_tun_packet(net.now, &ipv4(a, hub_addr, 64, i));
+        net.run_for(Duration::from_millis(50));
+        if back.is_none() && !net.hub_tun_rx.is_empty() {
+            back = Some(net.now - restarted);
+        }
+    }
+    let back = back.expect("a's pings reach the restarted hub");
+    assert!(back <= Duration::from_millis(500), "took {back:?}");
+    assert!(net.peers[0].events.contains(&PeerEvent::HubReset));
+    assert_eq!(net.addr(0), a, "the same address");
+}
+
+/// A Reset is believed only for our registration and with its token: a forged one, one
+/// naming another registration and one replayed after we registered again change nothing.
+#[test]
+fn a_reset_needs_the_registrations_token() {
+    let mut net = net(&["a"]);
+    net.run_for(Duration::from_secs(1));
+    let captured_id_of = |d: &[u8]| u32::from_be_bytes(d[1..5].try_into().unwrap());
+    let id = captured_id_of(net.sent_by(0).last().unwrap());
+    let forged = vpn::wire::ResetRepr { peer_id: id, token: [9; 16] }.emit();
+    let other = vpn::wire::ResetRepr { peer_id: id ^ 1, token: [9; 16] }.emit();
+    for d in [&forged[..], &other[..]] {
+        net.peers[0].core.handle_datagram(net.now, d);
+    }
+    assert_eq!(net.peers[0].core.drops.unauthenticated, 2);
+    assert!(!net.peers[0].events.contains(&PeerEvent::HubReset));
+    // the genuine one, from a hub that forgot a: taken once; replayed later, nothing
+    net.hub = restarted_hub(&net, 32);
+    let a = net.addr(0);
+    net.peers[0].core.handle_tun_packet(net.now, &ipv4(a, Ipv4Addr::new(10, 99, 0, 1), 64, 1));
+    let (now, wall, from) = (net.now, net.wall_ms(), net.peers[0].tunnel);
+    for d in net.take_peer_datagrams(0) {
+        net.hub.handle_datagram(now, wall, from, &d);
+    }
+    let resets: Vec<Vec<u8>> =
+        net.take_hub_datagrams().into_iter().map(|(_, d)| d).filter(|d| d[0] == vpn::wire::MSG_RESET).collect();
+    assert!(!resets.is_empty() && resets.iter().all(|d| d.len() == vpn::wire::RESET_LEN));
+    net.peers[0].core.handle_datagram(now, &resets[0]);
+    net.run_for(Duration::from_millis(200));
+    assert!(net.peers[0].core.is_up());
+    net.peers[0].core.handle_datagram(net.now, &resets[0]);
+    net.run_for(Duration::from_millis(200));
+    assert_eq!(net.peers[0].events.iter().filter(|e| **e == PeerEvent::HubReset).count(), 1);
+    assert!(net.peers[0].core.is_up(), "a replayed Reset ended the new registration");
+}
+
+/// A hostile hub names a public suffix (`com`) as the VPN's DNS domain: before, the peer
+/// routed every lookup in it to the hub (`resolvectl domain ~com`, or hosts lines). Now
+/// it refuses it, as it refuses a domain other than the one peer.yaml pins.
+#[test]
+fn a_peer_routes_lookups_only_for_a_private_or_pinned_domain() {
+    let configured_domain = |hub_domain: &str, pinned: Option<&str>| {
+        let mut cfg = hub_config(&["a"]);
+        cfg.dns_domain = Some(hub_domain.into());
+        let mut net = VpnSim::new(cfg, 100);
+        net.add_peer(PeerCoreConfig { dns_domain: pinned.map(String::from), ..sim::peer_config("a") }, Nat::None);
+        net.run_for(Duration::from_millis(200));
+        assert!(net.peers[0].core.is_up());
+        let refused = net.peers[0].events.iter().any(|e| matches!(e, PeerEvent::DnsDomainRefused { .. }));
+        let domain = net.peers[0].events.iter().find_map(|e| match e {
+            PeerEvent::Configured { dns_domain, .. } => Some(dns_domain.clone()),
+            _ => None,
+        });
+        (domain.flatten(), refused)
+    };
+    assert_eq!(configured_domain("mpvpn", None), (Some("mpvpn".into()), false));
+    assert_eq!(configured_domain("com", None), (None, true));
+    assert_eq!(configured_domain("co.uk", None), (None, true));
+    assert_eq!(configured_domain("vpn.example.org", Some("mpvpn")), (None, true), "not the pinned one");
+    assert_eq!(configured_domain("mpvpn", Some("mpvpn")), (Some("mpvpn".into()), false));
 }

@@ -391,3 +391,37 @@ fn a_pair_delivers_only_what_the_hub_would_route_to_us() {
     assert_eq!(net.received(1), [0, 1], "b's address and its accepted route only");
     assert_eq!(net.peers[1].core.drop_counts().mesh.unwrap().no_route, 2);
 }
+
+/// a is behind a symmetric NAT; b (public) answers a's mapping through the mesh socket
+/// its server heard a on. Junk inits naming a, from 64 forged sources: before, b's server
+/// noted each source's socket before the MAC was checked, pushing out the real entry, and
+/// b's data for a went back to the hub's relay. Now only what opened is noted.
+#[test]
+fn forged_inits_do_not_move_where_a_pair_answers() {
+    use common::wire::{HandshakeInitRepr, HANDSHAKE_MAC_LEN};
+    use common::SessionId;
+    let mut net = mesh_net(&[Nat::Symmetric, Nat::None], RelayMode::Fallback, ConnectMode::Always);
+    net.run_for(Duration::from_secs(3));
+    assert_eq!(net.via(1, 0), Some(Via::Direct));
+    let mut init = vec![0u8; 512];
+    let junk = HandshakeInitRepr {
+        cipher: 1,
+        session: SessionId(77),
+        public: [1; 32],
+        timestamp_ms: net.wall_ms(),
+        target: "a",
+    };
+    let n = junk.emit_body(&mut init).unwrap();
+    init.truncate(n + HANDSHAKE_MAC_LEN);
+    let now = net.now;
+    for i in 0..64u16 {
+        let mut d = init.clone();
+        net.peers[1].core.handle_mesh_datagram(now, 0, SocketAddr::from(([203, 0, 113, 99], 1000 + i)), &mut d);
+    }
+    let before = net.relayed("b");
+    net.stream(1, 0, 0..300);
+    net.run_for(Duration::from_millis(500));
+    assert_exactly_once(&net.received(0), 0..300);
+    let relayed = net.relayed("b") - before;
+    assert!(relayed < 300 * 200 / 10, "the hub relayed {relayed} bytes of b's direct traffic");
+}

@@ -107,6 +107,8 @@ pub(super) struct HubDriver {
     /// hub.yaml, and the config read from it last (for reloads).
     config_path: PathBuf,
     state_path: PathBuf,
+    /// What the state file holds (written again when the addresses change).
+    kept: state::HubState,
     config: HubConfig,
     log: Logger,
 }
@@ -161,6 +163,27 @@ pub(super) fn serve_rendezvous(now: Instant, sock: &mio::net::UdpSocket, core: &
     true
 }
 
+/// The state file at `path`, read and written back at once: one the hub cannot keep stops
+/// it now, not at the first address it gives out.
+fn keep_state(path: &std::path::Path, log: &Logger) -> Result<state::HubState, VpnError> {
+    let kept = state::load(path, || {
+        let mut secret = [0u8; 32];
+        os_entropy().fill(&mut secret);
+        secret
+    })?;
+    state::save(path, &kept)?;
+    info!(log, "addresses given out before"; "state_file" => %path.display(), "names" => kept.addresses.len());
+    Ok(kept)
+}
+
+fn open_rendezvous(addr: SocketAddr, registry: &Registry, log: &Logger) -> Result<mio::net::UdpSocket, VpnError> {
+    let what = || format!("rendezvous {addr} (rendezvous: in hub.yaml)");
+    let mut sock = mio::net::UdpSocket::bind(addr).context(what)?;
+    registry.register(&mut sock, RENDEZVOUS, Interest::READABLE).context(what)?;
+    info!(log, "mesh rendezvous"; "listen" => %addr);
+    Ok(sock)
+}
+
 /// The hub core's view of hub.yaml's `peers`, keys read.
 pub(super) fn peer_specs(c: &HubConfig, log: &Logger) -> Result<Vec<PeerSpec>, VpnError> {
     let mut peers = Vec::new();
@@ -194,10 +217,7 @@ pub struct HubPaths {
 pub fn run_hub(c: HubConfig, paths: HubPaths, log: &Logger) -> Result<(), VpnError> {
     let HubPaths { config: config_path, control: control_path, state: state_path } = paths;
     let peers = peer_specs(&c, log)?;
-    // read, and written back at once: a state file the hub cannot keep stops it now
-    let assigned = state::load(&state_path)?;
-    state::save(&state_path, &assigned)?;
-    info!(log, "addresses given out before"; "state_file" => %state_path.display(), "names" => assigned.len());
+    let kept = keep_state(&state_path, log)?;
     let hub_addr = c.hub_addr();
     let mtu = c.mtu.unwrap_or(TUN_MTU);
     let core = Hub::new(
@@ -209,7 +229,9 @@ pub fn run_hub(c: HubConfig, paths: HubPaths, log: &Logger) -> Result<(), VpnErr
             peers,
             peer_timeout: Duration::from_secs(c.peer_timeout_secs),
             dns_domain: c.dns.as_ref().map(|d| d.domain.clone()),
-            assigned,
+            assigned: kept.addresses.clone(),
+            reset_secret: kept.reset_secret,
+            relay_bytes_per_pair: c.relay_mbit_per_pair * 1_000_000 / 8,
         },
         os_entropy(),
     );
@@ -226,13 +248,7 @@ pub fn run_hub(c: HubConfig, paths: HubPaths, log: &Logger) -> Result<(), VpnErr
         None => None,
     };
     let rendezvous = match c.rendezvous {
-        Some(addr) => {
-            let what = || format!("rendezvous {addr} (rendezvous: in hub.yaml)");
-            let mut sock = mio::net::UdpSocket::bind(addr).context(what)?;
-            el.registry().register(&mut sock, RENDEZVOUS, Interest::READABLE).context(what)?;
-            info!(log, "mesh rendezvous"; "listen" => %addr);
-            Some(sock)
-        }
+        Some(addr) => Some(open_rendezvous(addr, el.registry(), log)?),
         None => None,
     };
     info!(log, "mpvpn hub up"; "tun" => &c.tun, "address" => %hub_addr, "network" => %c.network, "mtu" => mtu,
@@ -249,6 +265,7 @@ pub fn run_hub(c: HubConfig, paths: HubPaths, log: &Logger) -> Result<(), VpnErr
         hub_addr,
         config_path,
         state_path,
+        kept,
         config: c,
         log: log.clone(),
     };
@@ -334,7 +351,7 @@ impl HubDriver {
     /// nothing more: tunnel datagrams go a batch at a time, TUN packets at once from the
     /// batch slot the core wrote them in, events are logged.
     fn flush(&mut self, now: Instant) {
-        let Self { core, tunnel, dev, bufs, log, state_path, .. } = self;
+        let Self { core, tunnel, dev, bufs, log, state_path, kept, .. } = self;
         let (headroom, tailroom) = tunnel.room();
         let mut idle = false;
         while !idle {
@@ -352,7 +369,8 @@ impl HubDriver {
                                 let _ = dev.send(&buf[..n]);
                             }
                             HubOutput::Event(HubEvent::AddressesChanged) => {
-                                if let Err(e) = state::save(state_path, core.assignments()) {
+                                kept.addresses.clone_from(core.assignments());
+                                if let Err(e) = state::save(state_path, kept) {
                                     error!(log, "cannot keep the addresses given out: a restart may renumber peers"; "error" => %e);
                                 }
                             }

@@ -202,6 +202,7 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
                 relay: m.relay,
                 connect: m.connect,
             }),
+            dns_domain: c.dns_domain.clone(),
         },
         now,
         wall,
@@ -403,6 +404,13 @@ impl PeerDriver {
                 let retries: Vec<String> = HEARTBEAT_RETRIES.iter().map(|d| format!("{d:?}")).collect();
                 error!(log, "hub lost: no heartbeat answers; not taking packets, registering again";
                     "retried after" => retries.join(", "), "lost after" => ?HUB_LOST_AFTER)
+            }
+            PeerEvent::DnsDomainRefused { domain, pinned } => {
+                warn!(log, "the hub names a DNS domain this peer does not route lookups for; names in the VPN are not resolved through it";
+                    "domain" => ?domain, "pinned in peer.yaml" => ?pinned)
+            }
+            PeerEvent::HubReset => {
+                warn!(log, "the hub no longer knows this registration (it restarted): registering again")
             }
             PeerEvent::Refused(reason) => warn!(log, "hub refused for now; retrying"; "reason" => ?reason),
             PeerEvent::RouteRefused { route, reason } => {

@@ -8,8 +8,9 @@ impl HubPeer {
     /// across NATs), then host addresses.
     pub(super) fn candidates(&self) -> Vec<SocketAddr> {
         let mut out: Vec<SocketAddr> = self.reflexive.values().copied().collect();
+        let seen: Vec<IpAddr> = out.iter().map(SocketAddr::ip).collect();
         for c in &self.host_candidates {
-            if !out.contains(c) {
+            if !out.contains(c) && crate::mesh::listable_host_candidate(*c, &seen) {
                 out.push(*c);
             }
         }
@@ -18,16 +19,56 @@ impl HubPeer {
     }
 }
 
+/// A pair the hub introduced: when, and the relay's budget for it.
+pub(super) struct IntroducedPair {
+    pub(super) at: Instant,
+    /// The second the relay is counting, and the bytes it carried for the pair in it.
+    window: Instant,
+    bytes: u64,
+}
+
+impl IntroducedPair {
+    fn new(now: Instant) -> Self {
+        Self { at: now, window: now, bytes: 0 }
+    }
+
+    /// Whether `len` more bytes fit this second's budget (counted if so).
+    fn spend(&mut self, now: Instant, len: usize, budget: u64) -> bool {
+        if now >= self.window + Duration::from_secs(1) {
+            (self.window, self.bytes) = (now, 0);
+        }
+        let fits = self.bytes + len as u64 <= budget;
+        if fits {
+            self.bytes += len as u64;
+        }
+        fits
+    }
+}
+
 impl Hub {
-    /// A datagram of a direct session from peer `from` for another registered peer:
-    /// passed on sealed under that peer's channel, with who sent it.
-    pub(super) fn relay(&mut self, from: u32, m: &[u8]) {
+    /// A datagram of a direct session from peer `from` for the other peer of a pair the
+    /// hub introduced: passed on sealed under that peer's channel, with who sent it, within
+    /// the pair's budget per second (the relay is no way around an introduction, nor
+    /// around KCP's flow control).
+    pub(super) fn relay(&mut self, now: Instant, from: u32, m: &[u8]) {
         if m.len() <= field::relay::DATAGRAM {
             self.drops.malformed += 1;
             return;
         }
         let to = common::wire::be::u32_at(m, field::relay::PEER_ID);
         let datagram = &m[field::relay::DATAGRAM..];
+        let budget = self.cfg.relay_bytes_per_pair;
+        match self.introduced.get_mut(&(from.min(to), from.max(to))).map(|p| p.spend(now, datagram.len(), budget)) {
+            Some(true) => {}
+            Some(false) => {
+                self.drops.relay_over_budget += 1;
+                return;
+            }
+            None => {
+                self.drops.relay_refused += 1;
+                return;
+            }
+        }
         match self.peers.get_mut(&to) {
             Some(q) if to != from && q.tunnel != UNBOUND && q.relay_out.len() < RELAY_QUEUE_MAX => {
                 q.relay_out.push(&[&[sealed_kind::RELAY], &from.to_be_bytes(), datagram]);
@@ -52,7 +93,7 @@ impl Hub {
         }
         let moved = p.reflexive.insert(socket, from) != Some(from);
         let answer = wire::emit_you_are(socket, from);
-        if moved && p.mesh {
+        if moved && p.mesh && p.changes.take(now) {
             self.push_peer_list(now);
         }
         // never more than the question: the rendezvous port amplifies nothing
@@ -91,12 +132,18 @@ impl Hub {
     pub(super) fn introduce(&mut self, now: Instant, id: u32, to: u32) {
         let pair = (id.min(to), id.max(to));
         let ok = id != to && [id, to].iter().all(|i| self.peers.get(i).is_some_and(|p| p.mesh));
-        if !ok || self.introduced.get(&pair).is_some_and(|&t| now < t + INTRO_INTERVAL) {
+        if !ok || self.introduced.get(&pair).is_some_and(|p| now < p.at + INTRO_INTERVAL) {
             return;
         }
-        self.introduced.insert(pair, now);
+        // these two registrations were introduced before: only the one asking lost the
+        // key; the other keeps its pair undisturbed
+        let again = self.introduced.contains_key(&pair);
+        let budget =
+            self.introduced.remove(&pair).map_or(IntroducedPair::new(now), |p| IntroducedPair { at: now, ..p });
+        self.introduced.insert(pair, budget);
         let Some(key) = self.pair_key(id, to) else { return };
-        for (a, b) in [(id, to), (to, id)] {
+        let told: &[(u32, u32)] = if again { &[(id, to)] } else { &[(id, to), (to, id)] };
+        for &(a, b) in told {
             let intro = IntroRepr { peer_id: b, key }.emit();
             if let Some(p) = self.peers.get_mut(&a) {
                 if p.link.send(&intro).is_err() {
@@ -114,8 +161,56 @@ impl Hub {
         if !p.mesh || p.host_candidates != c {
             p.mesh = true;
             p.host_candidates = c;
-            self.push_peer_list(now);
+            if p.changes.take(now) {
+                self.push_peer_list(now);
+            }
         }
+    }
+}
+
+/// A peer's own changes that reach the peer list (which goes to every peer): a burst of
+/// `CANDIDATE_CHANGE_BURST`, then one per `CANDIDATE_CHANGE_INTERVAL`; what changes in
+/// between is kept and goes out with the next. One peer flapping its candidates cannot
+/// make the hub push the whole list to everyone every push interval.
+pub(super) struct ChangeBudget {
+    tokens: u32,
+    last_refill: Instant,
+    /// A change is kept that has not gone out.
+    waiting: bool,
+}
+
+impl ChangeBudget {
+    pub(super) fn new(now: Instant) -> Self {
+        Self { tokens: CANDIDATE_CHANGE_BURST, last_refill: now, waiting: false }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let periods = (now.saturating_duration_since(self.last_refill).as_millis()
+            / CANDIDATE_CHANGE_INTERVAL.as_millis()) as u32;
+        if periods > 0 {
+            self.tokens = (self.tokens + periods).min(CANDIDATE_CHANGE_BURST);
+            self.last_refill += CANDIDATE_CHANGE_INTERVAL * periods;
+        }
+    }
+
+    /// A change: true if it may go out now (else it waits for `due`).
+    pub(super) fn take(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.waiting = self.tokens == 0;
+        if self.waiting {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+
+    /// A kept change may go out now.
+    pub(super) fn due(&mut self, now: Instant) -> bool {
+        self.waiting && now >= self.last_refill + CANDIDATE_CHANGE_INTERVAL && self.take(now)
+    }
+
+    pub(super) fn poll_timeout(&self) -> Option<Instant> {
+        self.waiting.then(|| self.last_refill + CANDIDATE_CHANGE_INTERVAL)
     }
 }
 
@@ -193,13 +288,91 @@ mod tests {
         assert!(hub.handle_rendezvous(t0, mesh_socket, &foreign, &mut answer).is_none());
         // a peer that told no host candidates has no mesh: it lists no candidates
         assert!(hub.entries()[0].candidates.is_empty());
-        let mut c = vec![wire::INNER_CANDIDATES, 2];
+        let mut c = vec![wire::INNER_CANDIDATES, 3];
         wire::put_addr(&mut c, "127.0.0.1:5100".parse().expect("literal"));
         wire::put_addr(&mut c, "198.51.100.9:5100".parse().expect("literal"));
-        c[1] = 2;
+        wire::put_addr(&mut c, "192.168.5.9:5100".parse().expect("literal"));
         hub.set_host_candidates(t0, own, wire::parse_candidates(&c).expect("parses"));
-        // the reflexive one first; loopback is no candidate
-        let want: Vec<SocketAddr> = vec![mesh_socket, "198.51.100.9:5100".parse().expect("literal")];
+        // the reflexive one first; loopback is no candidate, nor a public address that is
+        // not the peer's own
+        let want: Vec<SocketAddr> = vec![mesh_socket, "192.168.5.9:5100".parse().expect("literal")];
         assert_eq!(hub.entries()[0].candidates, want);
+    }
+}
+
+#[cfg(test)]
+mod change_budget_tests {
+    use super::*;
+    use crate::sim::raw::hub_with_one_peer;
+
+    /// Before, a peer alternating two candidate sets made the hub push the whole peer
+    /// list to everyone at every push interval (10 a second). Now a burst, then one per
+    /// `CANDIDATE_CHANGE_INTERVAL`, and the last set still goes out.
+    #[test]
+    fn a_flapping_peer_moves_the_peer_list_only_within_its_budget() {
+        let (mut hub, _channel, _from, t0, _wall) = hub_with_one_peer("a");
+        let id = hub.status(t0)[0].id;
+        let sets: [Vec<SocketAddr>; 2] =
+            [vec!["192.168.1.2:5100".parse().expect("literal")], vec!["192.168.1.3:5100".parse().expect("literal")]];
+        let before = hub.list.version;
+        let mut now = t0;
+        for i in 0..100 {
+            hub.set_host_candidates(now, id, sets[i % 2].clone());
+            now += Duration::from_millis(100);
+            hub.handle_timeout(now);
+        }
+        now += CANDIDATE_CHANGE_INTERVAL;
+        hub.handle_timeout(now);
+        let pushes = hub.list.version - before;
+        let most = CANDIDATE_CHANGE_BURST + (10 * 1000 / CANDIDATE_CHANGE_INTERVAL.as_millis() as u32) + 1;
+        assert!(pushes <= most, "{pushes} list versions in 10 s");
+        assert_eq!(hub.peers[&id].host_candidates, sets[1], "the last set is the one listed");
+    }
+}
+
+#[cfg(test)]
+mod relay_tests {
+    use super::*;
+    use crate::sim::raw::{next_datagram, register, test_hub};
+
+    /// Before, the hub relayed between any two registered peers, introduced or not, as
+    /// fast as they sent. Now only within a pair it introduced, within its budget.
+    #[test]
+    fn the_relay_carries_only_introduced_pairs_within_their_budget() {
+        let (t0, wall) = (common::sim::epoch(), common::sim::SIM_WALL_START_MS);
+        let mut hub = test_hub();
+        hub.cfg.relay_bytes_per_pair = 1000;
+        let (fa, fb) = (SocketAddr::from(([127, 0, 0, 1], 40000)), SocketAddr::from(([127, 0, 0, 1], 40001)));
+        let mut ca = register(&mut hub, "a", fa, 1, t0, wall);
+        register(&mut hub, "b", fb, 2, t0, wall);
+        let id = |hub: &Hub, n: &str| hub.status(t0).iter().find(|p| p.name == n).map(|p| p.id).expect("registered");
+        let (a, b) = (id(&hub, "a"), id(&hub, "b"));
+        let mut out = vec![0u8; common::wire::MAX_DATAGRAM];
+        let relay_to_b = |c: &mut Channel| {
+            let mut m = vec![sealed_kind::RELAY];
+            m.extend_from_slice(&b.to_be_bytes());
+            m.extend_from_slice(&[0x13; 100]);
+            c.seal_message(&m)
+        };
+        hub.handle_datagram(t0, wall, fa, &relay_to_b(&mut ca));
+        assert!(next_datagram(&mut hub, &mut out).is_none(), "relayed before an introduction");
+        assert_eq!(hub.drops.relay_refused, 1);
+        for p in [a, b] {
+            hub.set_host_candidates(t0, p, vec!["192.168.7.1:5100".parse().expect("literal")]);
+        }
+        hub.introduce(t0, a, b);
+        while next_datagram(&mut hub, &mut out).is_some() {}
+        let mut relayed = 0;
+        for _ in 0..20 {
+            hub.handle_datagram(t0, wall, fa, &relay_to_b(&mut ca));
+            while let Some((to, _)) = next_datagram(&mut hub, &mut out) {
+                relayed += usize::from(to == fb);
+            }
+        }
+        assert_eq!(relayed, 10, "1000 bytes a second, 100 each");
+        assert_eq!(hub.drops.relay_over_budget, 10);
+        // the next second has its own budget
+        hub.handle_datagram(t0 + Duration::from_secs(1), wall, fa, &relay_to_b(&mut ca));
+        assert!(next_datagram(&mut hub, &mut out).is_some());
     }
 }

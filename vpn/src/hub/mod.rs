@@ -66,8 +66,18 @@ pub const PEER_SILENT_AFTER: Duration = Duration::from_secs(3);
 pub const PEER_LIST_PUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// A pair is introduced at most this often (both of its peers may ask at once).
 pub const INTRO_INTERVAL: Duration = Duration::from_secs(1);
+/// Bytes the relay carries for one pair (both ways) per second by default (hub.yaml
+/// `relay_mbit_per_pair`); beyond it datagrams are dropped and counted.
+pub const DEFAULT_RELAY_BYTES_PER_PAIR: u64 = 256 * 1_000_000 / 8;
 /// Relayed datagrams waiting for one peer at most (beyond it they are dropped and counted).
 pub const RELAY_QUEUE_MAX: usize = 8192;
+/// A peer's own changes (candidates, reflexive addresses) that reach the peer list at once
+/// (`broker::ChangeBudget`) ...
+pub const CANDIDATE_CHANGE_BURST: u32 = 3;
+/// ... and then one per this.
+pub const CANDIDATE_CHANGE_INTERVAL: Duration = Duration::from_secs(2);
+/// `Reset` answers to sealed datagrams of unknown registrations, at most, per second.
+pub const RESETS_PER_SECOND: u32 = 100;
 /// Mesh sockets per peer whose reflexive address the hub keeps.
 pub const MAX_MESH_SOCKETS: usize = 4;
 
@@ -95,6 +105,11 @@ pub struct HubCoreConfig {
     /// other name gets it. Entries for names not configured, or not host addresses of the
     /// network, are ignored.
     pub assigned: BTreeMap<String, Ipv4Addr>,
+    /// The secret registrations' reset tokens derive from (the state file keeps it): a
+    /// restarted hub can tell a peer, verifiably, that it no longer knows its registration.
+    pub reset_secret: [u8; 32],
+    /// What the relay carries for one introduced pair per second, at most.
+    pub relay_bytes_per_pair: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,9 +159,11 @@ crate::drops::drop_reasons! {
         QueueFull => queue_full,
         /// Announced routes refused by policy.
         RouteRefused => route_refused,
-        /// Relayed datagrams for a peer that is not registered (or to oneself), or beyond
-        /// the transmit queue.
+        /// Relayed datagrams for a peer that is not registered (or to oneself), outside a
+        /// pair the hub introduced, or beyond the transmit queue.
         RelayRefused => relay_refused,
+        /// Relayed datagrams beyond their pair's budget per second.
+        RelayOverBudget => relay_over_budget,
     }
 }
 
@@ -181,6 +198,8 @@ struct HubPeer {
     /// Datagrams of direct sessions relayed to this peer, as the messages to seal (in
     /// `poll_transmit`, into the caller's buffer).
     relay_out: PacketQueue,
+    /// How often its own changes (candidates, reflexive addresses) reach the peer list.
+    changes: broker::ChangeBudget,
 }
 
 pub struct Hub {
@@ -209,8 +228,12 @@ pub struct Hub {
     inner_buf: Vec<u8>,
     /// Pair keys derive from it; a new one each run (pairs are bound to registrations).
     pair_secret: hmac::Key,
-    /// When each pair (lower id, higher id) was last introduced.
-    introduced: HashMap<(u32, u32), Instant>,
+    /// Each introduced pair (lower id, higher id): when, and what the relay carried for it.
+    introduced: HashMap<(u32, u32), broker::IntroducedPair>,
+    /// Reset tokens derive from it (`HubCoreConfig::reset_secret`).
+    reset_key: hmac::Key,
+    /// When the current second of `Reset`s began, and how many went in it.
+    resets: Option<(Instant, u32)>,
 }
 
 impl Hub {
@@ -223,6 +246,7 @@ impl Hub {
         let first_peer_id = (entropy.next_u64() as u32) >> 1;
         let mut secret = [0u8; 32];
         entropy.fill(&mut secret);
+        let reset_key = hmac::Key::new(hmac::HMAC_SHA256, &cfg.reset_secret);
         Self {
             cfg,
             keys,
@@ -242,6 +266,8 @@ impl Hub {
             inner_buf: vec![0; common::wire::MAX_DATAGRAM],
             pair_secret: hmac::Key::new(hmac::HMAC_SHA256, &secret),
             introduced: HashMap::new(),
+            reset_key,
+            resets: None,
         }
     }
 
@@ -279,7 +305,10 @@ impl Hub {
                 }
                 self.on_message(now, h.peer_id, from, &buf[SEALED_HEADER_LEN..SEALED_HEADER_LEN + n]);
             }
-            Err(None) => self.drops.unknown_peer += 1,
+            Err(None) => {
+                self.drops.unknown_peer += 1;
+                self.answer_unknown(now, from, h.peer_id, d.len());
+            }
             Err(Some(OpenFailure::Replayed)) => self.drops.replayed += 1,
             Err(Some(OpenFailure::BadMac)) => self.drops.bad_mac += 1,
             Err(Some(OpenFailure::Malformed)) => self.drops.malformed += 1,
@@ -306,7 +335,7 @@ impl Hub {
         match m.first() {
             Some(&sealed_kind::HEARTBEAT) => self.on_heartbeat(now, id, m),
             Some(&sealed_kind::KCP) => self.on_kcp(now, id, &m[field::kcp::SEGMENT..]),
-            Some(&sealed_kind::RELAY) => self.relay(id, m),
+            Some(&sealed_kind::RELAY) => self.relay(now, id, m),
             _ => self.drops.malformed += 1,
         }
     }
@@ -350,7 +379,9 @@ impl Hub {
                 Ok(InnerMessage::Candidates(c)) => self.set_host_candidates(now, id, c),
                 Ok(InnerMessage::IntroRequest(to)) => self.introduce(now, id, to),
                 // what only a hub sends, or what does not parse
-                Ok(InnerMessage::PeerList(_) | InnerMessage::Intro(_)) | Err(_) => self.drops.malformed += 1,
+                Ok(InnerMessage::PeerList(_) | InnerMessage::Intro(_) | InnerMessage::ResetToken(_)) | Err(_) => {
+                    self.drops.malformed += 1
+                }
             }
         }
         self.inner_buf = inner;
@@ -395,7 +426,8 @@ impl Hub {
         let expiry = self.peers.values().map(|p| p.last_seen + self.cfg.peer_timeout).min();
         let unconfirmed = self.pending.values().map(|p| p.since + self.cfg.peer_timeout).min();
         let list = self.list.poll_timeout();
-        [kcp, expiry, unconfirmed, list].into_iter().flatten().min()
+        let changes = self.peers.values().filter_map(|p| p.changes.poll_timeout()).min();
+        [kcp, expiry, unconfirmed, list, changes].into_iter().flatten().min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -413,6 +445,9 @@ impl Hub {
         }
         let timeout = self.cfg.peer_timeout;
         self.drop_unconfirmed(|p| now.saturating_duration_since(p.since) >= timeout);
+        if self.peers.values_mut().fold(false, |due, p| p.changes.due(now) | due) {
+            self.push_peer_list(now);
+        }
         self.flush_peer_list(now);
     }
 }

@@ -191,6 +191,30 @@ impl Hub {
         );
     }
 
+    /// Registration `id`'s reset token: HMAC-SHA256 under the hub's reset secret, which
+    /// outlives the process, so a restarted hub names the registrations of the last one.
+    pub(super) fn reset_token(&self, id: u32) -> [u8; wire::RESET_TOKEN_LEN] {
+        let tag = hmac::sign(&self.reset_key, &[b"mpvpn v1 reset token".as_slice(), &id.to_be_bytes()].concat());
+        let mut token = [0u8; wire::RESET_TOKEN_LEN];
+        token.copy_from_slice(&tag.as_ref()[..wire::RESET_TOKEN_LEN]);
+        token
+    }
+
+    /// A sealed datagram (`len` bytes) of registration `id`, which we do not know: tell it
+    /// so (`Reset`, shorter than any sealed datagram), within `RESETS_PER_SECOND`.
+    pub(super) fn answer_unknown(&mut self, now: Instant, from: SocketAddr, id: u32, len: usize) {
+        let (start, sent) = match self.resets {
+            Some((start, sent)) if now < start + Duration::from_secs(1) => (start, sent),
+            _ => (now, 0),
+        };
+        if sent >= RESETS_PER_SECOND || len < wire::RESET_LEN {
+            return;
+        }
+        self.resets = Some((start, sent + 1));
+        let reset = wire::ResetRepr { peer_id: id, token: self.reset_token(id) };
+        self.transmit.push_back((from, reset.emit().to_vec()));
+    }
+
     /// Drops the pending registrations `gone` picks, counted as never confirmed.
     pub(super) fn drop_unconfirmed(&mut self, gone: impl Fn(&Pending) -> bool) {
         let before = self.pending.len();
@@ -232,8 +256,16 @@ impl Hub {
                 reflexive: BTreeMap::new(),
                 relayed_bytes: 0,
                 relay_out: PacketQueue::default(),
+                changes: broker::ChangeBudget::new(now),
             },
         );
+        // its reset token: what a restarted hub answers its datagrams with
+        let token = self.reset_token(id);
+        if let Some(peer) = self.peers.get_mut(&id) {
+            if peer.link.send(&wire::emit_reset_token(&token)).is_err() {
+                self.drops.queue_full += 1;
+            }
+        }
         self.events.push_back(HubEvent::PeerUp { name: p.name, addr: p.addr, tunnel: from });
         self.rebuild_routes();
         self.push_peer_list(now);

@@ -33,7 +33,7 @@ pub fn host_candidates(locals: &[SocketAddr], interfaces: &[(String, IpAddr)], t
 /// unspecified, loopback, link-local, multicast or broadcast, and not one of the VPN's
 /// own (`vpn_network`; the peer leaves out its TUN device's addresses instead).
 pub fn is_host_candidate(a: SocketAddr, vpn_network: Option<Prefix>) -> bool {
-    let reachable = match a.ip() {
+    let reachable = match unmapped(a.ip()) {
         IpAddr::V4(v4) => {
             !(v4.is_unspecified()
                 || v4.is_loopback()
@@ -47,6 +47,28 @@ pub fn is_host_candidate(a: SocketAddr, vpn_network: Option<Prefix>) -> bool {
         }
     };
     a.port() != 0 && reachable
+}
+
+/// `::ffff:a.b.c.d` as the IPv4 address it is (checks see what a dual-stack socket would
+/// really send to).
+pub fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Whether the hub lists host candidate `a` of a peer whose mesh sockets the rendezvous
+/// port saw at `reflexive`: a private (RFC 1918, shared RFC 6598) or unique local address,
+/// or one of the peer's own public addresses. Anything else would let one peer make every
+/// other punch where it says (any host on the Internet, any port).
+pub fn listable_host_candidate(a: SocketAddr, reflexive: &[IpAddr]) -> bool {
+    let ip = unmapped(a.ip());
+    let private = match ip {
+        IpAddr::V4(v4) => v4.is_private() || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
+    };
+    private || reflexive.iter().any(|r| unmapped(*r) == ip)
 }
 
 /// Every (mesh socket × candidate) of the same address family, at most
@@ -63,6 +85,25 @@ pub fn direct_paths(sockets: &[SocketAddr], candidates: &[SocketAddr]) -> Vec<(u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Before, a peer could announce any address as a host candidate (169.254.169.254,
+    /// a public host, `::ffff:127.0.0.1` for a dual-stack socket's own loopback) and the
+    /// hub listed it: every other peer punched there.
+    #[test]
+    fn the_hub_lists_only_private_or_own_host_candidates() {
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let seen: Vec<IpAddr> = vec!["198.51.100.7".parse().unwrap()];
+        assert!(!is_host_candidate(a("[::ffff:127.0.0.1]:22"), None), "mapped loopback");
+        assert!(!is_host_candidate(a("169.254.169.254:80"), None));
+        for ok in ["10.1.2.3:5100", "172.16.0.9:5100", "192.168.1.2:5100", "100.64.1.1:5100", "[fd00::5]:5100"] {
+            assert!(listable_host_candidate(a(ok), &seen), "{ok}");
+        }
+        assert!(listable_host_candidate(a("198.51.100.7:5100"), &seen), "its own public address");
+        assert!(listable_host_candidate(a("[::ffff:192.168.1.2]:5100"), &seen));
+        for bad in ["203.0.113.5:53", "8.8.8.8:5100", "[2001:db8::1]:5100", "[::ffff:203.0.113.5]:5100"] {
+            assert!(!listable_host_candidate(a(bad), &seen), "{bad}");
+        }
+    }
 
     #[test]
     fn host_candidates_are_this_hosts_reachable_addresses() {

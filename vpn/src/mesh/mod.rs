@@ -56,7 +56,7 @@ mod punch;
 mod sessions;
 mod transmit;
 
-pub use candidates::{direct_paths, host_candidates, is_host_candidate};
+pub use candidates::{direct_paths, host_candidates, is_host_candidate, listable_host_candidate, unmapped};
 use pair::{pair_client, pair_conv, relay_addr, Pair, Side};
 
 /// A punch lasts this long ...
@@ -65,6 +65,8 @@ pub const PUNCH_WINDOW: Duration = Duration::from_secs(10);
 pub const PUNCH_INTERVAL: Duration = Duration::from_millis(200);
 /// ... and, when it found no direct path, is tried again after this.
 pub const PUNCH_RETRY: Duration = Duration::from_secs(60);
+/// Punch windows a pair starts per `PUNCH_RETRY`, at most.
+pub const PUNCH_WINDOWS_PER_RETRY: usize = 3;
 /// An introduction asked for and not received is asked for again after this.
 pub const INTRO_RETRY: Duration = Duration::from_secs(2);
 /// Each pair client's path to the relay.
@@ -231,7 +233,7 @@ pub struct Mesh {
     /// By the other peer's id.
     pairs: BTreeMap<u32, Pair>,
     /// Every live session of every pair, both sides.
-    sessions: HashMap<SessionId, (u32, Side)>,
+    sessions: sessions::SessionMap,
     /// The other peers of the latest list, by id.
     listed: BTreeMap<u32, PeerEntry>,
     /// What pairs may send us: our own entry of the latest list, in the VPN network.
@@ -258,7 +260,7 @@ impl Mesh {
         Self {
             cfg,
             pairs: BTreeMap::new(),
-            sessions: HashMap::new(),
+            sessions: sessions::SessionMap::default(),
             listed: BTreeMap::new(),
             own: None,
             asked: HashMap::new(),
@@ -321,7 +323,7 @@ impl Mesh {
                 // the link above keeps its state
                 p.candidates = e.candidates.clone();
                 if let Some(old) = p.client_session.take() {
-                    self.sessions.remove(&old);
+                    self.sessions.unbind(&old, id);
                 }
                 p.direct = direct_paths(&self.cfg.sockets, &p.candidates);
                 p.next_punch = vec![now; p.direct.len() + 1];
@@ -366,6 +368,11 @@ impl Mesh {
             self.drops.unknown += 1; // not (yet) in our list: it will ask again
             return;
         };
+        // the pair we have, introduced again: nothing changes (a pair restarted at every
+        // introduction would punch anew each time another peer asks)
+        if self.pairs.get(&intro.peer_id).is_some_and(|p| p.psk.bytes() == intro.key) {
+            return;
+        }
         self.remove_pair(intro.peer_id);
         self.asked.remove(&intro.peer_id);
         let psk = Psk::from_bytes(intro.key);
@@ -407,6 +414,7 @@ impl Mesh {
             server_sockets: VecDeque::new(),
             punch_until: None,
             retry_at: None,
+            punch_starts: VecDeque::new(),
             link: KcpLink::new(pair_conv(&intro.key), now, PAIR_PAYLOAD + SEALED_OVERHEAD),
             last_data: now,
             last_rx: None,
@@ -496,7 +504,7 @@ impl Mesh {
             p.server.handle_timeout(now);
             while let Some(ev) = p.server.poll_event() {
                 if let ServerEvent::SessionClosed { id: s, slot } = ev {
-                    self.sessions.remove(&s);
+                    self.sessions.unbind(&s, id);
                     if p.server_slot == Some(slot) {
                         p.server_slot = None;
                     }
@@ -566,7 +574,7 @@ impl Mesh {
 
     pub(super) fn remove_pair(&mut self, id: u32) {
         if self.pairs.remove(&id).is_some() {
-            self.sessions.retain(|_, (p, _)| *p != id);
+            self.sessions.unbind_pair(id);
         }
     }
 }

@@ -43,6 +43,8 @@ pub(super) struct Pair {
     pub(super) paused: PathMask,
     pub(super) punch_until: Option<Instant>,
     pub(super) retry_at: Option<Instant>,
+    /// When its recent punch windows began (`start_punch`).
+    pub(super) punch_starts: VecDeque<Instant>,
     pub(super) link: KcpLink,
     /// When our client last sent data (`PAIR_KEEPALIVE`).
     pub(super) last_data: Instant,
@@ -108,6 +110,18 @@ impl Pair {
             MeshAddr::Direct { socket, addr } => {
                 self.direct.iter().position(|&(s, a)| s == socket && a == addr).map(|i| i + 1)
             }
+        }
+    }
+
+    /// Our server of this pair heard (authentically) from `addr` on mesh socket `socket`:
+    /// its answers to `addr` go out there.
+    pub(super) fn note_server_socket(&mut self, addr: SocketAddr, socket: usize) {
+        if !self.server_sockets.iter().any(|&(a, s)| (a, s) == (addr, socket)) {
+            self.server_sockets.retain(|&(a, _)| a != addr);
+            if self.server_sockets.len() >= MAX_PATHS {
+                self.server_sockets.pop_front();
+            }
+            self.server_sockets.push_back((addr, socket));
         }
     }
 
@@ -207,5 +221,42 @@ mod tests {
         }
         // probes on the relay path, its retries, KCP's timer: a few per second, not a spin
         assert!(wakeups < 90 * 100, "{wakeups} wake-ups in 90 s");
+    }
+
+    /// Before, every introduction restarted the pair: one peer asking for introductions
+    /// to everyone each second kept every other peer punching its candidates. Now the
+    /// pair we have, introduced again with its key, is left as it is; and however often
+    /// its candidates change, it starts at most `PUNCH_WINDOWS_PER_RETRY` punch windows per
+    /// `PUNCH_RETRY`.
+    #[test]
+    fn introductions_and_candidate_changes_do_not_keep_a_pair_punching() {
+        let now0 = common::sim::epoch();
+        let cfg = MeshConfig {
+            name: "a".into(),
+            sockets: vec!["0.0.0.0:5100".parse().unwrap()],
+            relay: RelayMode::Fallback,
+            connect: ConnectMode::Always,
+        };
+        let mut mesh = Mesh::new(cfg, now0, 1_800_000_000_000, Box::new(common::sim::SimEntropy::new(1)));
+        let entry = |c: &str| PeerEntry {
+            id: 2,
+            name: "b".into(),
+            addr: Ipv4Addr::new(10, 99, 0, 3),
+            routes: vec![],
+            candidates: vec![c.parse().unwrap()],
+        };
+        let net = "10.99.0.0/24".parse().expect("literal");
+        mesh.set_peer_list(now0, 1, net, &[entry("192.168.9.2:5100")]);
+        mesh.on_intro(now0, &IntroRepr { peer_id: 2, key: [5; 32] });
+        let session = mesh.pairs[&2].client_session;
+        assert!(session.is_some());
+        mesh.on_intro(now0 + Duration::from_secs(1), &IntroRepr { peer_id: 2, key: [5; 32] });
+        assert_eq!(mesh.pairs[&2].client_session, session, "the pair restarted");
+        // its candidates flap every 2 s for a minute: at most 3 windows
+        for i in 0..30u64 {
+            let c = if i % 2 == 0 { "192.168.9.3:5100" } else { "192.168.9.2:5100" };
+            mesh.set_peer_list(now0 + Duration::from_secs(2 + 2 * i), 1, net, &[entry(c)]);
+        }
+        assert_eq!(mesh.pairs[&2].punch_starts.len(), PUNCH_WINDOWS_PER_RETRY);
     }
 }

@@ -4,10 +4,22 @@
 use super::*;
 
 impl Pair {
+    /// A punch window, if the pair has not had `PUNCH_WINDOWS_PER_RETRY` within the last
+    /// `PUNCH_RETRY` (else one when the oldest of them ages out): whatever makes it punch
+    /// again (new candidates, a path lost), each candidate gets a bounded number of
+    /// datagrams per `PUNCH_RETRY`.
     pub(super) fn start_punch(&mut self, now: Instant) {
         if self.direct.is_empty() {
             return;
         }
+        while self.punch_starts.front().is_some_and(|&t| now >= t + PUNCH_RETRY) {
+            self.punch_starts.pop_front();
+        }
+        if self.punch_starts.len() >= PUNCH_WINDOWS_PER_RETRY {
+            self.retry_at = self.punch_starts.front().map(|&t| t + PUNCH_RETRY);
+            return;
+        }
+        self.punch_starts.push_back(now);
         self.punch_until = Some(now + PUNCH_WINDOW);
         self.retry_at = None;
         self.next_punch.iter_mut().for_each(|t| *t = now);

@@ -3,6 +3,46 @@
 
 use super::*;
 
+/// Every live session of every pair, both sides, by id. Ids travel in clear and a pair's
+/// client picks its own, so an id belongs to the pair that took it first: another pair's
+/// session under a taken id is refused (it gets no datagrams, it moves nobody else's),
+/// and a pair lets go only of its own.
+#[derive(Default)]
+pub(super) struct SessionMap(HashMap<SessionId, (u32, Side)>);
+
+impl SessionMap {
+    pub(super) fn get(&self, s: &SessionId) -> Option<(u32, Side)> {
+        self.0.get(s).copied()
+    }
+
+    /// Takes `s` for pair `id`; false (nothing changes) if another pair holds it.
+    pub(super) fn bind(&mut self, s: SessionId, id: u32, side: Side) -> bool {
+        match self.0.get(&s) {
+            Some(&(holder, _)) if holder != id => false,
+            _ => {
+                self.0.insert(s, (id, side));
+                true
+            }
+        }
+    }
+
+    /// Lets go of `s` if pair `id` holds it.
+    pub(super) fn unbind(&mut self, s: &SessionId, id: u32) {
+        if self.0.get(s).is_some_and(|&(holder, _)| holder == id) {
+            self.0.remove(s);
+        }
+    }
+
+    /// Lets go of every session of pair `id`.
+    pub(super) fn unbind_pair(&mut self, id: u32) {
+        self.0.retain(|_, (p, _)| *p != id);
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 impl Mesh {
     /// One datagram of the mesh (from a mesh socket, or relayed by the hub), opened in
     /// place in `d`.
@@ -19,8 +59,8 @@ impl Mesh {
                     return;
                 };
                 match self.sessions.get(&t.session_id()) {
-                    Some(&(_, Side::Client)) => self.on_client_datagram(now, t.session_id(), from, d),
-                    Some(&(id, Side::Server)) => self.on_server_datagram(now, id, from, d),
+                    Some((_, Side::Client)) => self.on_client_datagram(now, t.session_id(), from, d),
+                    Some((id, Side::Server)) => self.on_server_datagram(now, id, from, d),
                     None => self.drops.unknown += 1,
                 }
             }
@@ -52,35 +92,41 @@ impl Mesh {
                 self.drops.unauthenticated += 1;
                 return;
             }
-            MeshAddr::Direct { addr, socket } => {
-                if !p.server_sockets.iter().any(|&(a, s)| (a, s) == (addr, socket)) {
-                    p.server_sockets.retain(|&(a, _)| a != addr);
-                    if p.server_sockets.len() >= MAX_PATHS {
-                        p.server_sockets.pop_front();
-                    }
-                    p.server_sockets.push_back((addr, socket));
-                }
-                addr
-            }
+            MeshAddr::Direct { addr, .. } => addr,
         };
         let mut out = [0u8; HANDSHAKE_RESP_LEN];
-        match p.server.handle_datagram(now, addr, d, &mut out) {
-            ServerRecv::Reply { len } => self.replies.push_back((from, out[..len].to_vec())),
+        let authentic = match p.server.handle_datagram(now, addr, d, &mut out) {
+            ServerRecv::Reply { len } => {
+                self.replies.push_back((from, out[..len].to_vec()));
+                true
+            }
             ServerRecv::Forward { payload, .. } => {
                 Self::link_input(&mut self.drops, now, p, &d[payload]);
                 self.take_messages(now, id);
+                true
             }
-            ServerRecv::Dropped(why) => self.drops.count_core(why),
-        }
+            ServerRecv::Dropped(why) => {
+                self.drops.count_core(why);
+                false
+            }
+        };
         let Some(p) = self.pairs.get_mut(&id) else { return };
+        // which socket answers an address: learned only from what opened (junk from a
+        // forged source must not push the real entry out)
+        if let (true, MeshAddr::Direct { addr, socket }) = (authentic, from) {
+            p.note_server_socket(addr, socket);
+        }
         while let Some(ev) = p.server.poll_event() {
             match ev {
                 ServerEvent::SessionOpened { id: s, slot, .. } => {
-                    self.sessions.insert(s, (id, Side::Server));
-                    p.server_slot = Some(slot);
+                    if self.sessions.bind(s, id, Side::Server) {
+                        p.server_slot = Some(slot);
+                    } else {
+                        self.drops.refused += 1; // another pair's session id
+                    }
                 }
                 ServerEvent::SessionClosed { id: s, slot } => {
-                    self.sessions.remove(&s);
+                    self.sessions.unbind(&s, id);
                     if p.server_slot == Some(slot) {
                         p.server_slot = None;
                     }
@@ -91,7 +137,7 @@ impl Mesh {
     }
 
     pub(super) fn on_client_datagram(&mut self, now: Instant, session: SessionId, from: MeshAddr, d: &mut [u8]) {
-        let Some(&(id, _)) = self.sessions.get(&session) else {
+        let Some((id, _)) = self.sessions.get(&session) else {
             self.drops.unknown += 1;
             return;
         };
@@ -134,12 +180,7 @@ impl Mesh {
 
     /// Follows our client's events: its session ids, whether it is established, which
     /// paths are up; the loss of the last direct path starts a punch.
-    pub(super) fn drain_client_events(
-        sessions: &mut HashMap<SessionId, (u32, Side)>,
-        now: Instant,
-        id: u32,
-        p: &mut Pair,
-    ) {
+    pub(super) fn drain_client_events(sessions: &mut SessionMap, now: Instant, id: u32, p: &mut Pair) {
         let now_up = p.direct_up();
         let mut reopen = false;
         while let Some(ev) = p.client.poll_event() {
@@ -148,10 +189,12 @@ impl Mesh {
                     if let Some(old) = p.client_session.replace(s) {
                         // started over (their side restarted or lost us): the direct
                         // paths must prove themselves again, so they get a punch window
-                        sessions.remove(&old);
+                        sessions.unbind(&old, id);
                         p.start_punch(now);
                     }
-                    sessions.insert(s, (id, Side::Client));
+                    // our own random id: taken by another pair only by chance (then
+                    // this one's datagrams are dropped until it starts over)
+                    sessions.bind(s, id, Side::Client);
                     p.established = false;
                     p.up = PathMask::EMPTY;
                 }
@@ -162,11 +205,11 @@ impl Mesh {
                 ClientEvent::PathUp { path, .. } => p.up.insert(path),
                 ClientEvent::PathDown { path, .. } => p.up.0 &= !(1u32 << path),
                 ClientEvent::ServerLost { old, .. } => {
-                    sessions.remove(&old);
+                    sessions.unbind(&old, id);
                     p.established = false;
                 }
                 ClientEvent::SessionClosed { id: s, .. } | ClientEvent::SessionEvicted { id: s, .. } => {
-                    sessions.remove(&s);
+                    sessions.unbind(&s, id);
                     p.client_session = None;
                     p.established = false;
                     reopen = true;
@@ -218,5 +261,28 @@ impl Mesh {
                 (Ok(_) | Err(_), _) => drops.malformed += 1,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Before, one map took any pair's session under any id: peer C opening its session
+    /// with us under the id of B's (ids travel in clear) took B's datagrams to C's pair,
+    /// and C closing it removed B's entry. Now an id belongs to the pair that took it.
+    #[test]
+    fn a_pair_cannot_take_or_drop_another_pairs_session_id() {
+        let (b, c) = (1u32, 2u32);
+        let s = SessionId(0x5e55);
+        let mut map = SessionMap::default();
+        assert!(map.bind(s, b, Side::Server));
+        assert!(!map.bind(s, c, Side::Server), "C took B's id");
+        assert_eq!(map.get(&s), Some((b, Side::Server)));
+        map.unbind(&s, c);
+        assert_eq!(map.get(&s), Some((b, Side::Server)), "C closing its session dropped B's");
+        assert!(map.bind(s, b, Side::Server), "B's own id again");
+        map.unbind(&s, b);
+        assert_eq!(map.get(&s), None);
     }
 }

@@ -36,7 +36,7 @@ impl Mesh {
 /// What a pair's transmit needs of the mesh besides the pair: the session map its
 /// events update, the drop counters, the relay mode.
 struct PairContext<'a> {
-    sessions: &'a mut HashMap<SessionId, (u32, Side)>,
+    sessions: &'a mut sessions::SessionMap,
     drops: &'a mut MeshDrops,
     relay: RelayMode,
 }

@@ -32,8 +32,8 @@ use crate::mesh::{Mesh, MeshAddr, MeshConfig, Via};
 use crate::queue::PacketQueue;
 use crate::wire::{
     self, field, sealed_kind, HeartbeatAckRepr, HeartbeatRepr, InnerMessage, PeerEntry, PeerKey, PeerListChunk,
-    RefusalReason, RefusalRepr, RegisterRepr, RouteRefusalReason, SealedHeader, WelcomeRepr, MSG_REFUSAL, MSG_SEALED,
-    MSG_WELCOME, PUBLIC_KEY_LEN, SEALED_HEADER_LEN, SEALED_OVERHEAD,
+    RefusalReason, RefusalRepr, RegisterRepr, RouteRefusalReason, SealedHeader, WelcomeRepr, MSG_REFUSAL, MSG_RESET,
+    MSG_SEALED, MSG_WELCOME, PUBLIC_KEY_LEN, SEALED_HEADER_LEN, SEALED_OVERHEAD,
 };
 use common::crypto::x25519_public;
 use common::entropy::Entropy;
@@ -67,6 +67,8 @@ pub struct PeerCoreConfig {
     pub tunnel_payload: usize,
     /// Direct sessions with other peers (`mesh:` in peer.yaml).
     pub mesh: Option<MeshConfig>,
+    /// The only DNS domain this peer takes from the hub (`dns_domain:` in peer.yaml).
+    pub dns_domain: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +88,15 @@ pub enum PeerEvent {
         remove: Vec<Prefix>,
     },
     HubLost,
+    /// The hub named a DNS domain this peer will not route lookups for (not a private
+    /// domain, or not the one peer.yaml pins): names are not resolved through the hub.
+    DnsDomainRefused {
+        domain: String,
+        pinned: Option<String>,
+    },
+    /// The hub said, under this registration's reset token, that it no longer knows it
+    /// (it restarted): registering again at once.
+    HubReset,
     /// A new peer list is in (`peers()`).
     PeerList,
     /// The way to another peer changed (the mesh).
@@ -198,6 +209,8 @@ struct Session {
     first_miss: Option<(Instant, u32)>,
     retries_sent: usize,
     pending_hb: Option<(u32, Instant)>,
+    /// What a `Reset` for this registration must carry (told by the hub once confirmed).
+    reset_token: Option<[u8; wire::RESET_TOKEN_LEN]>,
 }
 
 pub struct Peer {
@@ -315,6 +328,7 @@ impl Peer {
         match d.first() {
             Some(&MSG_WELCOME) => self.on_welcome(now, d),
             Some(&MSG_REFUSAL) => self.on_refusal(d),
+            Some(&MSG_RESET) => self.on_reset(now, d),
             Some(&MSG_SEALED) => self.on_sealed(now, d),
             _ => self.drops.malformed += 1,
         }
@@ -391,6 +405,11 @@ impl Peer {
                     self.to_tun.push(&[packet]);
                 }
                 Ok(InnerMessage::PeerList(chunk)) => self.on_peer_list_chunk(now, chunk),
+                Ok(InnerMessage::ResetToken(token)) => {
+                    if let State::Up(s) = &mut self.state {
+                        s.reset_token = Some(token);
+                    }
+                }
                 Ok(InnerMessage::Intro(intro)) => match self.mesh.as_mut() {
                     Some(mesh) => mesh.on_intro(now, &intro),
                     None => self.drops.malformed += 1,

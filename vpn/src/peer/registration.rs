@@ -17,6 +17,22 @@ impl Attempt {
     }
 }
 
+impl Session {
+    /// A registration the hub welcomed: its first heartbeat due now.
+    fn new(channel: Channel, link: KcpLink, now: Instant) -> Self {
+        Self {
+            channel,
+            link,
+            hb_seq: 0,
+            next_heartbeat: now,
+            first_miss: None,
+            retries_sent: 0,
+            pending_hb: None,
+            reset_token: None,
+        }
+    }
+}
+
 impl Peer {
     /// Our announced routes the hub did not take, and why.
     pub fn refused_routes(&self) -> &[(Prefix, RouteRefusalReason)] {
@@ -83,15 +99,8 @@ impl Peer {
             self.events.push_back(PeerEvent::RouteRefused { route, reason });
         }
         self.refused_routes = w.refused;
-        self.state = State::Up(Box::new(Session {
-            channel,
-            link: KcpLink::new(w.peer_id, now, self.cfg.tunnel_payload),
-            hb_seq: 0,
-            next_heartbeat: now,
-            first_miss: None,
-            retries_sent: 0,
-            pending_hb: None,
-        }));
+        self.state =
+            State::Up(Box::new(Session::new(channel, KcpLink::new(w.peer_id, now, self.cfg.tunnel_payload), now)));
         self.id = w.peer_id;
         // pairs were bound to the registration before
         if let Some(m) = self.mesh.as_mut() {
@@ -101,13 +110,25 @@ impl Peer {
         self.rendezvous.registered(now);
         // the first sealed datagram is what makes the hub use this registration: now
         self.send_heartbeat(now);
+        let dns_domain = w.dns_domain.filter(|d| self.takes_dns_domain(d));
         self.events.push_back(PeerEvent::Configured {
             addr: w.addr,
             prefix_len: w.prefix_len,
             hub_addr: w.hub_addr,
             mtu: w.mtu,
-            dns_domain: w.dns_domain,
+            dns_domain,
         });
+    }
+
+    /// Whether this peer routes lookups in `domain` (the hub's) to the hub: a private
+    /// domain, and the one peer.yaml pins if it pins one (else said, `DnsDomainRefused`).
+    fn takes_dns_domain(&mut self, domain: &str) -> bool {
+        let pinned = self.cfg.dns_domain.as_ref();
+        let ok = crate::dns::acceptable_vpn_domain(domain) && pinned.is_none_or(|p| p.eq_ignore_ascii_case(domain));
+        if !ok {
+            self.events.push_back(PeerEvent::DnsDomainRefused { domain: domain.into(), pinned: pinned.cloned() });
+        }
+        ok
     }
 
     pub(super) fn on_refusal(&mut self, d: &[u8]) {
@@ -132,8 +153,31 @@ impl Peer {
     /// The hub is gone (or broke our link): register again. Direct sessions go on
     /// meanwhile; the next registration's list replaces them.
     pub(super) fn lose_hub(&mut self, now: Instant) {
+        self.register_again(now);
+        self.events.push_back(PeerEvent::HubLost);
+    }
+
+    /// Our registration is over: a new one, at once, asking for the address we had.
+    fn register_again(&mut self, now: Instant) {
         self.relay_out.clear();
         self.state = State::Registering { attempt: Attempt::new(&mut *self.entropy), next_try: now, lost: true };
-        self.events.push_back(PeerEvent::HubLost);
+    }
+
+    /// A `Reset`: the hub no longer knows our registration (it restarted). Believed only
+    /// for our registration and with the token the hub told it: register again at once,
+    /// rather than after the heartbeat retries.
+    pub(super) fn on_reset(&mut self, now: Instant, d: &[u8]) {
+        let Ok(r) = wire::ResetRepr::parse(d) else {
+            self.drops.malformed += 1;
+            return;
+        };
+        let State::Up(s) = &self.state else { return };
+        let known = s.reset_token.is_some_and(|t| bool::from(subtle::ConstantTimeEq::ct_eq(&t[..], &r.token[..])));
+        if r.peer_id != self.id || !known {
+            self.drops.unauthenticated += 1;
+            return;
+        }
+        self.register_again(now);
+        self.events.push_back(PeerEvent::HubReset);
     }
 }

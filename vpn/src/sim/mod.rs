@@ -53,6 +53,9 @@ pub fn hub_config(names: &[&str]) -> HubCoreConfig {
         peer_timeout: DEFAULT_PEER_TIMEOUT,
         dns_domain: None,
         assigned: Default::default(),
+        // one secret for every hub of a simulation: a "restarted" hub knows its tokens
+        reset_secret: [0x5e; 32],
+        relay_bytes_per_pair: crate::hub::DEFAULT_RELAY_BYTES_PER_PAIR,
     }
 }
 
@@ -65,6 +68,7 @@ pub fn peer_config(name: &str) -> PeerCoreConfig {
         routes: vec![],
         tunnel_payload: TUNNEL_PAYLOAD,
         mesh: None,
+        dns_domain: None,
     }
 }
 

@@ -209,6 +209,33 @@ impl RefusalRepr {
     }
 }
 
+/// The hub does not know registration `peer_id` (it restarted, or let it go): register
+/// again. Believed only with the token that registration was told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResetRepr {
+    pub peer_id: u32,
+    pub token: [u8; RESET_TOKEN_LEN],
+}
+
+impl ResetRepr {
+    pub fn emit(&self) -> [u8; RESET_LEN] {
+        use field::reset as f;
+        let mut b = [0u8; RESET_LEN];
+        b[field::TYPE] = MSG_RESET;
+        put_u32(&mut b, f::PEER_ID, self.peer_id);
+        b[f::TOKEN].copy_from_slice(&self.token);
+        b
+    }
+
+    pub fn parse(b: &[u8]) -> Result<Self, VpnWireError> {
+        use field::reset as f;
+        let b = checked(b, MSG_RESET, RESET_LEN)?;
+        let mut token = [0u8; RESET_TOKEN_LEN];
+        token.copy_from_slice(&b[f::TOKEN]);
+        Ok(Self { peer_id: u32_at(b, f::PEER_ID), token })
+    }
+}
+
 /// Why the hub did not take an announced route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -17,6 +17,8 @@ pub enum InnerMessage<'a> {
     IntroRequest(u32),
     /// Hub → peer: a pair's key and the other side's candidates.
     Intro(IntroRepr),
+    /// Hub → peer: the token a `Reset` for this registration carries.
+    ResetToken([u8; RESET_TOKEN_LEN]),
 }
 
 /// Parses one message; anything else is an error (dropped and counted as malformed).
@@ -31,7 +33,21 @@ pub fn parse_inner(m: &[u8]) -> Result<InnerMessage<'_>, VpnWireError> {
         Some(&INNER_CANDIDATES) => parse_candidates(m).map(InnerMessage::Candidates),
         Some(&INNER_INTRO_REQUEST) => parse_intro_request(m).map(InnerMessage::IntroRequest),
         Some(&INNER_INTRO) => IntroRepr::parse(m).map(InnerMessage::Intro),
+        Some(&INNER_RESET_TOKEN) => {
+            let t = m.get(1..).filter(|t| t.len() == RESET_TOKEN_LEN).ok_or(VpnWireError::Truncated)?;
+            let mut token = [0u8; RESET_TOKEN_LEN];
+            token.copy_from_slice(t);
+            Ok(InnerMessage::ResetToken(token))
+        }
         Some(_) => Err(VpnWireError::Unknown),
         None => Err(VpnWireError::Truncated),
     }
+}
+
+/// The message telling a registration its reset token.
+pub fn emit_reset_token(token: &[u8; RESET_TOKEN_LEN]) -> [u8; 1 + RESET_TOKEN_LEN] {
+    let mut b = [0u8; 1 + RESET_TOKEN_LEN];
+    b[0] = INNER_RESET_TOKEN;
+    b[1..].copy_from_slice(token);
+    b
 }

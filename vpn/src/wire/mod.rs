@@ -10,6 +10,11 @@
 //!           (the announced routes the hub refused, at most MAX_REFUSED_IN_WELCOME; the DNS
 //!           domain the hub answers for on its address, empty for none)
 //! Refusal   0x23 | reason u8 | hub_mtu u16 | nonce u64 | mac[32]
+//! Reset     0x24 | peer_id u32 | token [16]
+//!           (the hub's answer to a sealed datagram of a registration it does not know,
+//!           e.g. after a restart; the token was told to that registration, sealed, when it
+//!           began, and derives from a secret the hub keeps: only the hub that made the
+//!           registration can name it, and the answer is shorter than any sealed datagram)
 //! Sealed    0x27 | peer_id u32 | seq u64 | AEAD(kind u8 | body) | tag[16]
 //! ```
 //! Register, Welcome and Refusal are the handshake: HMAC-SHA256 with the peer's own key
@@ -32,7 +37,8 @@
 //! `PEER_LIST_CHUNK_BYTES`, so however many peers there are, every message fits KCP's
 //! window and the receive buffer. Mesh: `0x03` a peer's host candidates (peer to hub;
 //! sending it says the peer has a mesh socket), `0x04` "introduce me to" (peer id u32),
-//! `0x05` an introduction (peer id u32 | pair key [32]), sent by the hub to both peers.
+//! `0x05` an introduction (peer id u32 | pair key [32]), sent by the hub to both peers;
+//! `0x06` the registration's reset token ([16], hub to peer, once it is confirmed).
 //!
 //! An address (a candidate) is `family u8 (4 or 6) | ip [4 or 16] | port u16`; a
 //! candidate list is `count u8 | address*`.
@@ -57,6 +63,7 @@ pub use sealed::*;
 pub const MSG_REGISTER: u8 = 0x21;
 pub const MSG_WELCOME: u8 = 0x22;
 pub const MSG_REFUSAL: u8 = 0x23;
+pub const MSG_RESET: u8 = 0x24;
 pub const MSG_SEALED: u8 = 0x27;
 
 /// What a `Sealed` message holds: its first plaintext byte.
@@ -74,6 +81,7 @@ pub const INNER_PEERS: u8 = 0x02;
 pub const INNER_CANDIDATES: u8 = 0x03;
 pub const INNER_INTRO_REQUEST: u8 = 0x04;
 pub const INNER_INTRO: u8 = 0x05;
+pub const INNER_RESET_TOKEN: u8 = 0x06;
 
 /// Byte ranges of every field, as the layout above shows them. Variable-length parts
 /// (names, route lists) are located by `Fields` offsets relative to where they end.
@@ -130,6 +138,12 @@ pub mod field {
         pub const HUB_MTU: Field = 2..4;
         pub const NONCE: Field = 4..12;
         pub const MAC: Field = 12..44;
+    }
+
+    pub mod reset {
+        use super::Field;
+        pub const PEER_ID: Field = 1..5;
+        pub const TOKEN: Field = 5..21;
     }
 
     pub mod sealed {
@@ -226,6 +240,8 @@ pub const MAX_DNS_DOMAIN_LEN: usize = 253;
 /// answers, so the tunnel can carry it before the path is validated).
 pub const MAX_REFUSED_IN_WELCOME: usize = 16;
 pub const REFUSAL_LEN: usize = field::refusal::MAC.end;
+pub const RESET_LEN: usize = field::reset::TOKEN.end;
+pub const RESET_TOKEN_LEN: usize = 16;
 pub const HEARTBEAT_LEN: usize = field::heartbeat::RTT.end;
 pub const HEARTBEAT_ACK_LEN: usize = field::heartbeat_ack::PEERS_VERSION.end;
 /// The clear header of a `Sealed` datagram (its AEAD's associated data).
