@@ -219,6 +219,10 @@ pub struct Server {
     recent_ids: HashSet<SessionId>,
     init_limiter: InitLimiter,
     next_source_sweep: Instant,
+    /// Sessions no authenticated transport datagram has arrived for yet (opened by an
+    /// init alone, which anyone who captured one can replay): at most half the table, and
+    /// the oldest gives way to a new init rather than anyone being refused.
+    half_open: usize,
 }
 
 impl Server {
@@ -242,6 +246,7 @@ impl Server {
             recent_ids: HashSet::new(),
             init_limiter: InitLimiter::default(),
             next_source_sweep: now + SOURCE_SWEEP_INTERVAL,
+            half_open: 0,
         }
     }
 
@@ -321,6 +326,12 @@ impl Server {
         } else {
             self.cfg.targets.get(accepted.target).copied()
         };
+        // a fresh init for a real target: the oldest half-open session gives way if the
+        // table, or its half-open part, is full (replayed inits never keep anyone out)
+        let servable = fresh && target.is_some() && accepted.cipher.is_some_and(|c| self.cfg.ciphers.contains(&c));
+        if servable && (self.by_id.len() >= self.cfg.max_sessions || self.half_open >= self.max_half_open()) {
+            self.evict_oldest_half_open();
+        }
         let status = match (target, accepted.cipher) {
             // signed, so a client with a wrong clock learns why; no state is kept
             _ if !fresh => HandshakeStatus::StaleInit,
@@ -369,6 +380,7 @@ impl Server {
             }
         };
         self.by_id.insert(id, slot);
+        self.half_open += 1;
         self.recent_ids.insert(id);
         self.recent_inits.push_back((now, id));
         self.events.push_back(ServerEvent::SessionOpened { slot, id, target, cipher });
@@ -417,7 +429,9 @@ impl Server {
             return ServerRecv::Dropped(DropReason::AuthFailed);
         };
         s.replay.mark(seq);
-        s.last_rx = Some(now);
+        if s.last_rx.replace(now).is_none() {
+            self.half_open -= 1; // the initiator holds the session's keys: it is real
+        }
         let path = match known_path {
             Some(i) => Some(i),
             None => s.learn_path(now, from, &mut *self.entropy, max_paths, slot, &mut self.events),
@@ -593,11 +607,7 @@ impl Server {
                 None => now.saturating_duration_since(s.created) >= HALF_OPEN_TIMEOUT,
             };
             if expired {
-                let id = s.id;
-                self.by_id.remove(&id);
-                self.sessions[slot] = None;
-                self.free.push(slot);
-                self.events.push_back(ServerEvent::SessionClosed { slot, id });
+                self.close(slot);
                 continue;
             }
             s.paths.retain(|p| {
@@ -619,12 +629,36 @@ impl Server {
         status: HandshakeStatus,
         out: &mut [u8; HANDSHAKE_RESP_LEN],
     ) -> bool {
-        let Some(s) = self.sessions.get_mut(slot).and_then(Option::take) else { return false };
+        let Some(s) = self.close(slot) else { return false };
+        self.drops.count(DropReason::Refused);
+        crypto::respond(&self.psk, &mut *self.entropy, &s.init[..s.init_len], status, out).is_ok()
+    }
+
+    /// Closes session `slot`: its id and slot are free, `SessionClosed` says so.
+    fn close(&mut self, slot: SessionSlot) -> Option<ServerSession> {
+        let s = self.sessions.get_mut(slot).and_then(Option::take)?;
+        if s.last_rx.is_none() {
+            self.half_open -= 1;
+        }
         self.by_id.remove(&s.id);
         self.free.push(slot);
-        self.drops.count(DropReason::Refused);
         self.events.push_back(ServerEvent::SessionClosed { slot, id: s.id });
-        crypto::respond(&self.psk, &mut *self.entropy, &s.init[..s.init_len], status, out).is_ok()
+        Some(s)
+    }
+
+    /// Half-open sessions at most: half the table, so replayed inits never hold it all.
+    fn max_half_open(&self) -> usize {
+        (self.cfg.max_sessions / 2).max(1)
+    }
+
+    /// Closes the half-open session opened first, if there is one.
+    fn evict_oldest_half_open(&mut self) {
+        let oldest = (0..self.sessions.len())
+            .filter_map(|slot| self.sessions[slot].as_ref().filter(|s| s.last_rx.is_none()).map(|s| (s.created, slot)))
+            .min();
+        if let Some((_, slot)) = oldest {
+            self.close(slot);
+        }
     }
 
     pub fn status(&self, now: Instant, listen: &str) -> StatusReport {

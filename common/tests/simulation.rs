@@ -399,3 +399,49 @@ fn paused_paths_get_nothing_and_count_nothing_lost() {
     assert!(tx_of(&sim) > before, "probed again once unpaused");
     assert_eq!(sim.client.status(sim.now, "x").sessions[0].paths[2].state, PathState::Up);
 }
+
+/// A relay operator captured a client's handshake inits (one per flow) and replays them,
+/// a few hundred a second, right after the server restarts (the server's memory of the
+/// inits it saw died with it). Before, each opened a session; a new client starting a
+/// moment later waited seconds for its first answer. Now a replayed init opens nothing
+/// that anyone waits behind: a new client is answered within its first round trip.
+#[test]
+fn inits_replayed_after_a_server_restart_keep_no_new_client_waiting() {
+    use common::wire::HANDSHAKE_RESP_LEN;
+    let dir = LinkDir::lossy(0.0, 5);
+    let mut sim = Sim::new(21, vec![(dir, dir); 2], Cipher::Aes256Gcm);
+    // 40 flows, 40 sessions: the inits an on-path attacker captured
+    for f in 0..40u16 {
+        let a: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7000 + f));
+        sim.app_send(a, &numbered(u32::from(f)));
+        sim.run_for(Duration::from_millis(20));
+    }
+    sim.run_for(Duration::from_secs(1));
+    let captured = sim.inits_seen.clone();
+    assert!(captured.len() >= 40);
+    sim.restart_server();
+    sim.restart_client();
+    sim.app_received.clear();
+    let attacker: SocketAddr = "10.66.6.6:6666".parse().unwrap();
+    let mut out = [0u8; HANDSHAKE_RESP_LEN];
+    let mut replays = captured.iter().cycle();
+    // replays at 400/s for 2 s, then the new client starts, replays going on
+    let started = sim.now + Duration::from_secs(2);
+    let mut answered = None;
+    for step in 0..800u32 {
+        for _ in 0..4 {
+            let mut d = replays.next().unwrap().clone();
+            sim.server.handle_datagram(sim.now, attacker, &mut d, &mut out);
+        }
+        if sim.now >= started && step % 10 == 0 {
+            sim.app_send(app(), &numbered(step));
+        }
+        sim.run_for(Duration::from_millis(10));
+        if answered.is_none() && !sim.app_received.is_empty() {
+            answered = Some(sim.now - started);
+        }
+    }
+    let took = answered.expect("the new client was answered");
+    println!("a new client during replayed inits: first answer after {took:?}");
+    assert!(took <= Duration::from_millis(100), "the new client waited {took:?}");
+}
