@@ -9,31 +9,15 @@ use crate::ip::Prefix;
 use common::config::ConfigError;
 use std::net::Ipv4Addr;
 
-/// Replaces `config` with `text` as a whole: written to a new file beside it, created
-/// owner-only and exclusively (never through a link someone left at that name), given the
-/// old file's owner and mode (never more than the owner's group), then renamed over it.
+/// Replaces `config` with `text` (`files::replace_file`), giving the new file the old
+/// one's owner and mode: the file holds keys, so never more open than it was, never
+/// readable by others, and still the hub's (a hub running as its own user must read it).
 pub fn replace_config(config: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta = std::fs::metadata(config)?;
-    let tmp = config.with_extension("yaml.new");
-    // a stale one (or a planted link) goes; the new file is created, never opened
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        // the file holds keys: never more open than it was, never readable by others, and
-        // still the hub's (a hub running as its own user must read it)
-        std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()))?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(meta.permissions().mode() & 0o7770))?;
-        std::fs::rename(&tmp, config)
-    };
-    write().inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
+    common::driver::files::replace_file(config, text.as_bytes(), |tmp| {
+        std::os::unix::fs::chown(tmp, Some(meta.uid()), Some(meta.gid()))?;
+        std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(meta.permissions().mode() & 0o7770))
     })
 }
 
@@ -132,7 +116,7 @@ pub fn peer_yaml(p: &NewPeer) -> String {
 #[cfg(test)]
 mod tests {
     /// Before, the new hub.yaml (every key in it) was written with `fs::write`: through a
-    /// link planted at hub.yaml.new, and with the umask's mode until the chmod.
+    /// link planted where the new file goes, and with the umask's mode until the chmod.
     #[test]
     fn a_config_is_replaced_owner_only_and_never_through_a_planted_link() {
         use std::os::unix::fs::PermissionsExt;
@@ -143,7 +127,7 @@ mod tests {
         std::fs::write(&config, "old").unwrap();
         std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o640)).unwrap();
         let stolen = dir.join("stolen");
-        std::os::unix::fs::symlink(&stolen, dir.join("hub.yaml.new")).unwrap();
+        std::os::unix::fs::symlink(&stolen, dir.join(".hub.yaml.new")).unwrap();
         super::replace_config(&config, "new keys").unwrap();
         assert_eq!(std::fs::read_to_string(&config).unwrap(), "new keys");
         assert!(!stolen.exists(), "written through the planted link");

@@ -44,6 +44,35 @@ pub fn write_new_key(key: &Psk, path: &Path) -> std::io::Result<()> {
     writeln!(f, "{}", key.to_base64())
 }
 
+/// Replaces `path` with `contents` as a whole: written to `.<name>.new` beside it, created
+/// owner-only and exclusively (a stale file or a planted link there is removed, never
+/// written through), synced, handed to `finish` (to give it its owner and mode), then
+/// renamed over `path`. A crash leaves the old file or the new one, never half of one.
+pub fn replace_file(
+    path: &Path,
+    contents: &[u8],
+    finish: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path.file_name().ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let tmp = path.with_file_name(format!(".{}.new", name.to_string_lossy()));
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+        finish(&tmp)?;
+        std::fs::rename(&tmp, path)
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
 /// Reads `path` and parses it with `parse(file_name, text)` (e.g. `ClientConfig::parse`).
 pub fn load_config<T>(path: &Path, parse: fn(&str, &str) -> Result<T, ConfigError>) -> Result<T, ConfigError> {
     let file = path.display().to_string();

@@ -8,9 +8,7 @@
 use crate::VpnError;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// The file's format version.
@@ -73,19 +71,7 @@ pub(super) fn save(path: &Path, state: &HubState) -> Result<(), VpnError> {
         addresses: state.addresses.clone(),
     };
     let text = serde_json::to_string_pretty(&f).map_err(|e| error(path, e))?;
-    let name = path.file_name().ok_or_else(|| error(path, "not a file name"))?;
-    let tmp = path.with_file_name(format!(".{}.new", name.to_string_lossy()));
-    let _ = std::fs::remove_file(&tmp);
-    let write = || -> std::io::Result<()> {
-        let mut out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        out.write_all(text.as_bytes())?;
-        out.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        error(path, e)
-    })
+    common::driver::files::replace_file(path, text.as_bytes(), |_| Ok(())).map_err(|e| error(path, e))
 }
 
 #[cfg(test)]

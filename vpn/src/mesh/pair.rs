@@ -176,6 +176,17 @@ pub(super) fn pair_client(
 mod tests {
     use super::*;
 
+    /// Peer a's mesh: one wildcard socket, relay as a fallback, pairs made at once.
+    fn test_mesh(now0: Instant) -> Mesh {
+        let cfg = MeshConfig {
+            name: "a".into(),
+            sockets: vec!["0.0.0.0:5100".parse().unwrap()],
+            relay: RelayMode::Fallback,
+            connect: ConnectMode::Always,
+        };
+        Mesh::new(cfg, now0, 1_800_000_000_000, Box::new(common::sim::SimEntropy::new(1)))
+    }
+
     /// A pair's datagram, relayed, still fits one datagram of the tunnel to the hub; and
     /// a full-sized packet takes two KCP segments.
     #[test]
@@ -191,13 +202,7 @@ mod tests {
     #[test]
     fn a_silent_pair_never_spins() {
         let now0 = common::sim::epoch();
-        let cfg = MeshConfig {
-            name: "a".into(),
-            sockets: vec!["0.0.0.0:5100".parse().unwrap()],
-            relay: RelayMode::Fallback,
-            connect: ConnectMode::Always,
-        };
-        let mut mesh = Mesh::new(cfg, now0, 1_800_000_000_000, Box::new(common::sim::SimEntropy::new(1)));
+        let mut mesh = test_mesh(now0);
         let b = PeerEntry {
             id: 2,
             name: "b".into(),
@@ -231,13 +236,7 @@ mod tests {
     #[test]
     fn introductions_and_candidate_changes_do_not_keep_a_pair_punching() {
         let now0 = common::sim::epoch();
-        let cfg = MeshConfig {
-            name: "a".into(),
-            sockets: vec!["0.0.0.0:5100".parse().unwrap()],
-            relay: RelayMode::Fallback,
-            connect: ConnectMode::Always,
-        };
-        let mut mesh = Mesh::new(cfg, now0, 1_800_000_000_000, Box::new(common::sim::SimEntropy::new(1)));
+        let mut mesh = test_mesh(now0);
         let entry = |c: &str| PeerEntry {
             id: 2,
             name: "b".into(),
