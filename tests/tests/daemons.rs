@@ -188,9 +188,10 @@ fn a_closed_stdout_pipe_ends_the_cli_quietly() {
 }
 
 /// Before: the socket took the process umask's mode (0777 under `umask 000`, as some
-/// service managers and containers run): any local user could read every session.
+/// service managers and containers run): any local user could read every session. Now
+/// its owner and its group only.
 #[test]
-fn the_control_socket_is_owner_only_whatever_the_umask() {
+fn the_control_socket_is_owner_and_group_only_whatever_the_umask() {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
     let dir = tmpdir("umask");
@@ -214,7 +215,7 @@ fn the_control_socket_is_owner_only_whatever_the_umask() {
     let mut d = Daemon { child: cmd.spawn().unwrap(), log: dir.join("mpclient.log") };
     d.wait_log("mpclient listening");
     let mode = std::fs::metadata(&ctl).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "control socket mode {mode:o}");
+    assert_eq!(mode, 0o660, "control socket mode {mode:o}");
     assert_clean_stop(&mut d, libc::SIGTERM, Some(&ctl));
 }
 

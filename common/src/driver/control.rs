@@ -279,10 +279,11 @@ pub struct ControlServer {
 impl ControlServer {
     pub(super) fn bind(path: &Path, registry: &Registry) -> Result<Self, DriverError> {
         prepare_control_path(path)?;
-        // the socket is created owner-only (0600) whatever the process umask: whoever can
-        // connect reads every session's addresses and counters
+        // the socket is its owner's and its group's only (0660) whatever the process umask:
+        // whoever can connect reads every session's addresses and counters (a packaged
+        // mpvpn peer is in mpclient's group to ask it where its paths go)
         // SAFETY: umask has no preconditions; it is restored right after the bind.
-        let umask = unsafe { libc::umask(0o177) };
+        let umask = unsafe { libc::umask(0o117) };
         let bound = UnixListener::bind(path);
         // SAFETY: as above.
         unsafe { libc::umask(umask) };
