@@ -238,11 +238,12 @@ pub enum PeerKeyError {
     BadInline,
     #[error(transparent)]
     File(#[from] KeyError),
-    #[error("this is the published example key (conf/hub.yaml): anyone can use it; make this peer's own with `mpvpn genkey`")]
+    #[error("this is a published example key: anyone can use it; make this peer's own with `mpvpn genkey`")]
     Example,
 }
 
-/// The keys printed in the examples (conf/hub.yaml, conf/peer.yaml): never accepted.
+/// Keys once printed in the examples (conf/hub.yaml, conf/peer.yaml, before they named key
+/// files): copied from there by many, never accepted.
 pub const EXAMPLE_KEYS: &[&str] = &["8yU4dwHo24RNnX640qEnjIeC/tDzN0zynqJnajQ2fh8="];
 
 /// A peer key, and a warning for the operator when its file is readable by others.

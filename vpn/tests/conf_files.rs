@@ -1,5 +1,5 @@
-//! The VPN's example configs in conf/ parse (key files they name need not exist here) once
-//! their printed example key is replaced, and are refused as they are.
+//! The VPN's example configs in conf/ parse (key files they name need not exist here); a
+//! published example key, were one printed in them, would be refused.
 
 use std::path::Path;
 use vpn::config::{HubConfig, PeerConfig};
@@ -17,7 +17,8 @@ fn vpn_example_configs_parse() {
         // a key_file that does not exist on this machine is the only acceptable failure
         let text = std::fs::read_to_string(&path)
             .unwrap()
-            .replace("key_file: /etc/mptunnel/beta.key", "key: AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
+            .replace("key_file: /etc/mptunnel/beta.key", "key: AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+            .replace("key_file: /etc/mptunnel/alpha.key", "key: BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBA=");
         let file = path.display().to_string();
         let as_printed = text.clone();
         let text = vpn::config::EXAMPLE_KEYS
