@@ -20,6 +20,7 @@ pub mod crypto;
 #[allow(unsafe_code)]
 pub mod driver;
 pub mod entropy;
+pub mod fec;
 pub mod path;
 pub mod replay;
 pub mod server;
