@@ -362,14 +362,17 @@ impl HubConfig {
         }
         check_log_level(&c.log_level, file, text)?;
         check(!c.peers.is_empty(), file, text, "peers", "peers", "at least one peer".into())?;
+        // every key is read once (a key file per peer: not once per later peer)
+        let mut keys = Vec::with_capacity(c.peers.len());
         for i in 0..c.peers.len() {
-            c.check_peer(i, file, text)?;
+            keys.push(c.check_peer(i, &keys, file, text)?);
         }
         Ok(c)
     }
 
-    /// hub.yaml's `peers[i]`: its name, key, address and routes, against those before it.
-    fn check_peer(&self, i: usize, file: &str, text: &str) -> Result<(), ConfigError> {
+    /// hub.yaml's `peers[i]`: its name, key, address and routes, against those before it
+    /// (`earlier_keys`: theirs). Returns its key.
+    fn check_peer(&self, i: usize, earlier_keys: &[[u8; 32]], file: &str, text: &str) -> Result<[u8; 32], ConfigError> {
         let p = &self.peers[i];
         let field = format!("peers[{i}]");
         check(valid_name(&p.name), file, text, &format!("{field}.name"), &p.name, "1-32 of a-z A-Z 0-9 - _ .".into())?;
@@ -379,9 +382,9 @@ impl HubConfig {
         let bytes = key.as_ref().ok().and_then(|k| k.as_ref()).map(|k| k.key);
         let msg = key.err().map_or_else(|| "needs `key` or `key_file`".into(), |e| e.to_string());
         check(bytes.is_some(), file, text, &format!("{field}.key"), &p.name, msg)?;
-        // one key, one peer: with another's key, a peer could register as it
-        let same =
-            self.peers[..i].iter().find(|q| resolve_key(&q.key, &q.key_file).ok().flatten().map(|k| k.key) == bytes);
+        let bytes = bytes.unwrap_or_default(); // there: checked just above
+                                               // one key, one peer: with another's key, a peer could register as it
+        let same = earlier_keys.iter().position(|k| *k == bytes).map(|j| &self.peers[j]);
         let why = same.map(|q| format!("the same key as peer `{}`: each peer needs its own", q.name));
         check(why.is_none(), file, text, &format!("{field}.key"), &p.name, why.unwrap_or_default())?;
         if let Some(a) = p.address {
@@ -415,7 +418,7 @@ impl HubConfig {
             };
             check(why.is_none(), file, text, &field, &at, why.unwrap_or_default())?;
         }
-        Ok(())
+        Ok(bytes)
     }
 
     /// A warning when this config, read from `path`, holds inline peer keys (`key:`) and
