@@ -138,9 +138,8 @@ impl Hub {
         // these two registrations were introduced before: only the one asking lost the
         // key; the other keeps its pair undisturbed
         let again = self.introduced.contains_key(&pair);
-        let budget =
-            self.introduced.remove(&pair).map_or(IntroducedPair::new(now), |p| IntroducedPair { at: now, ..p });
-        self.introduced.insert(pair, budget);
+        // the relay's budget of the pair goes on
+        self.introduced.entry(pair).and_modify(|p| p.at = now).or_insert_with(|| IntroducedPair::new(now));
         let Some(key) = self.pair_key(id, to) else { return };
         let told: &[(u32, u32)] = if again { &[(id, to)] } else { &[(id, to), (to, id)] };
         for &(a, b) in told {
