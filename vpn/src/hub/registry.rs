@@ -194,7 +194,10 @@ impl Hub {
     /// Registration `id`'s reset token: HMAC-SHA256 under the hub's reset secret, which
     /// outlives the process, so a restarted hub names the registrations of the last one.
     pub(super) fn reset_token(&self, id: u32) -> [u8; wire::RESET_TOKEN_LEN] {
-        let tag = hmac::sign(&self.reset_key, &[b"mpvpn v1 reset token".as_slice(), &id.to_be_bytes()].concat());
+        let mut ctx = hmac::Context::with_key(&self.reset_key);
+        ctx.update(b"mpvpn v1 reset token");
+        ctx.update(&id.to_be_bytes());
+        let tag = ctx.sign();
         let mut token = [0u8; wire::RESET_TOKEN_LEN];
         token.copy_from_slice(&tag.as_ref()[..wire::RESET_TOKEN_LEN]);
         token
