@@ -126,8 +126,14 @@ fn benches(c: &mut Criterion) {
 
     c.bench_function("wire_probe_emit_parse", |b| {
         let mut buf = [0u8; 64];
-        let probe =
-            InnerRepr::Probe(ProbeRepr { path_id: 1, flags: 0, probe_seq: 9, tx_time_us: 7, echo_challenge: 3 });
+        let probe = InnerRepr::Probe(ProbeRepr {
+            path_id: 1,
+            flags: 0,
+            probe_seq: 9,
+            tx_time_us: 7,
+            echo_challenge: 3,
+            down_loss_ppm: None,
+        });
         b.iter(|| {
             let n = probe.emit(&mut buf[TRANSPORT_HEADER_LEN..]).expect("fits");
             let parsed = InnerRepr::parse(&buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + n]).expect("valid");

@@ -3,8 +3,10 @@
 //! Every local application (distinct source address) gets its own session with its own
 //! random id, handshake, keys and sequence space. All sessions share the client's paths
 //! (one socket per path in the driver). A datagram from the application is sealed once
-//! and the same bytes go out on every live path; replies from any path pass the replay
-//! window once and are handed back.
+//! and the same bytes go out on the paths its session's redundancy picks (every live
+//! path when duplicating; see `redundancy`); replies from any path pass the replay
+//! window once and are handed back, and datagrams rebuilt from parity follow
+//! (`poll_recovered`).
 //!
 //! Invariants:
 //! - A session that hears nothing authenticated from the server for `SERVER_SILENT_AFTER`
@@ -15,12 +17,20 @@
 
 use crate::crypto::{Cipher, ClientHandshake, HandshakeError, Psk, SessionKeys};
 use crate::entropy::Entropy;
+use crate::fec::DataTag;
 use crate::path::ProbeTracker;
+use crate::redundancy::{
+    stall_patience, PathEstimate, RecvLog, RedundancyConfig, RedundancyReceiver, RedundancySender, SentLog,
+    RECEIPT_INTERVAL,
+};
 use crate::replay::{ReplayVerdict, ReplayWindow};
-use crate::stats::{DropCounters, DropReason, PathState, PathStatus, SessionStatus, StatusReport, Traffic};
+use crate::stats::{
+    DropCounters, DropReason, PathState, PathStatus, RedundancyStatus, SessionStatus, StatusReport, Traffic,
+};
 use crate::wire::{
-    self, emit_transport_header, HandshakeStatus, InnerRepr, TransportPacket, AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET,
-    INNER_DATA, MAX_APP_PAYLOAD, TRANSPORT_HEADER_LEN, TYPE_HANDSHAKE_INIT, TYPE_HANDSHAKE_RESP, TYPE_TRANSPORT,
+    self, emit_transport_header, HandshakeStatus, InnerRepr, ReceiptEntry, TransportPacket, AEAD_TAG_LEN,
+    DATA_PAYLOAD_OFFSET, DATA_TAIL_ROOM, INNER_DATA, INNER_FEC_DATA, MAX_APP_PAYLOAD, TRANSPORT_HEADER_LEN,
+    TYPE_HANDSHAKE_INIT, TYPE_HANDSHAKE_RESP, TYPE_TRANSPORT,
 };
 use crate::{PathMask, SessionId, MAX_PATHS};
 use std::collections::{HashMap, VecDeque};
@@ -59,6 +69,8 @@ pub struct ClientCoreConfig {
     /// A session with no application traffic either way for this long is closed.
     pub session_idle_timeout: Duration,
     pub max_sessions: usize,
+    /// How each session spreads its datagrams over the paths, both ways.
+    pub redundancy: RedundancyConfig,
 }
 
 /// Something the driver may want to log.
@@ -103,7 +115,8 @@ pub enum ClientEvent {
 /// Result of handing the core one datagram from the local application.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientSend {
-    /// `buf[..len]` is sealed; send those same bytes on every path in `paths`.
+    /// `buf[..len]` is sealed; send those same bytes on every path in `paths` (after
+    /// the batch, `poll_transmit` may have parity to send).
     Sealed {
         len: usize,
         paths: PathMask,
@@ -142,9 +155,13 @@ enum SessionState {
     Refused { until: Instant },
 }
 
+#[derive(Default)]
 struct PathCounters {
     tx: Traffic,
     rx: Traffic,
+    /// Coded and adaptive sessions: data sent on the path and data received on it, for receipts.
+    sent_log: SentLog,
+    recv_log: RecvLog,
 }
 
 struct ClientSession {
@@ -163,8 +180,16 @@ struct ClientSession {
     tx: Traffic,
     rx: Traffic,
     drops: DropCounters,
+    sender: RedundancySender,
+    receiver: RedundancyReceiver,
+    /// Coded or adaptive: when the next receipt goes out (set when data arrives), and whether it
+    /// is due.
+    receipt_at: Option<Instant>,
+    receipt_due: bool,
     /// Already in the client's ready queue.
     queued: bool,
+    /// Already in the client's queue of sessions with rebuilt datagrams.
+    recovered_queued: bool,
 }
 
 /// The client core. See the module docs.
@@ -177,6 +202,8 @@ pub struct Client {
     by_app: HashMap<SocketAddr, usize>,
     by_id: HashMap<SessionId, usize>,
     ready: VecDeque<usize>,
+    /// Sessions with datagrams rebuilt from parity, for `poll_recovered`.
+    recovered: VecDeque<usize>,
     events: VecDeque<ClientEvent>,
     /// Drops that belong to no session.
     drops: DropCounters,
@@ -202,6 +229,7 @@ impl Client {
             by_app: HashMap::new(),
             by_id: HashMap::new(),
             ready: VecDeque::new(),
+            recovered: VecDeque::new(),
             events: VecDeque::new(),
             drops: DropCounters::default(),
             evicted_sessions: 0,
@@ -238,7 +266,15 @@ impl Client {
         let key = self.entropy.x25519_key();
         let wall_ms = self.wall_at_epoch_ms + now.saturating_duration_since(self.epoch).as_millis() as u64;
         SessionState::Handshaking {
-            hs: Box::new(ClientHandshake::new(&self.psk, key, id, self.cfg.cipher, &self.cfg.target, wall_ms)),
+            hs: Box::new(ClientHandshake::new(
+                &self.psk,
+                key,
+                id,
+                self.cfg.cipher,
+                &self.cfg.target,
+                wall_ms,
+                self.cfg.redundancy.to_request(),
+            )),
             next_retry: now + HANDSHAKE_RETRY_MIN,
             retry: HANDSHAKE_RETRY_MIN,
             due: true,
@@ -281,7 +317,7 @@ impl Client {
             send_seq: 0,
             replay: ReplayWindow::new(),
             probes: (0..n).map(|i| ProbeTracker::new(i as u8, now)).collect(),
-            counters: (0..n).map(|_| PathCounters { tx: Traffic::default(), rx: Traffic::default() }).collect(),
+            counters: (0..n).map(|_| PathCounters::default()).collect(),
             pending: VecDeque::new(),
             pending_bytes: 0,
             created: now,
@@ -290,7 +326,12 @@ impl Client {
             tx: Traffic::default(),
             rx: Traffic::default(),
             drops: DropCounters::default(),
+            sender: RedundancySender::new(self.cfg.redundancy),
+            receiver: RedundancyReceiver::default(),
+            receipt_at: None,
+            receipt_due: false,
             queued: false,
+            recovered_queued: false,
         };
         let slot = match self.sessions.iter().position(Option::is_none) {
             Some(i) => {
@@ -311,7 +352,8 @@ impl Client {
 
     /// A datagram from the local application at `from`. Its payload must already be at
     /// `buf[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + payload_len]`, and `buf` must have
-    /// `AEAD_TAG_LEN` bytes of room after it.
+    /// `AEAD_TAG_LEN` bytes of room after it; with `DATA_TAIL_ROOM` it may also join a
+    /// coding group.
     pub fn handle_app_datagram(
         &mut self,
         now: Instant,
@@ -327,28 +369,23 @@ impl Client {
             Some(&s) => s,
             None => self.open_session(now, from),
         };
+        let paused = self.paused;
         let s = self.sessions[slot].as_mut().expect("indexed session exists");
         s.last_app_activity = now;
-        match &s.state {
-            SessionState::Established { keys, .. } => {
-                let paths = data_paths(&s.probes, self.paused);
-                let len = seal_data(keys, s.id, &mut s.send_seq, buf, payload_len);
-                s.tx.add(payload_len);
-                for p in paths.iter() {
-                    s.counters[p].tx.add(len);
-                }
-                ClientSend::Sealed { len, paths }
+        if !matches!(s.state, SessionState::Established { .. }) {
+            if s.pending.len() >= PENDING_MAX_DATAGRAMS || s.pending_bytes + payload_len > PENDING_MAX_BYTES {
+                s.drops.count(DropReason::QueueFull);
+                return ClientSend::Dropped(DropReason::QueueFull);
             }
-            _ => {
-                if s.pending.len() >= PENDING_MAX_DATAGRAMS || s.pending_bytes + payload_len > PENDING_MAX_BYTES {
-                    s.drops.count(DropReason::QueueFull);
-                    return ClientSend::Dropped(DropReason::QueueFull);
-                }
-                s.pending.push_back(buf[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + payload_len].to_vec());
-                s.pending_bytes += payload_len;
-                ClientSend::Queued
-            }
+            s.pending.push_back(buf[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + payload_len].to_vec());
+            s.pending_bytes += payload_len;
+            return ClientSend::Queued;
         }
+        let (len, paths) = s.send_data(now, paused, buf, payload_len);
+        if s.sender.has_parity() {
+            self.mark_ready(slot);
+        }
+        ClientSend::Sealed { len, paths }
     }
 
     fn drop_global(&mut self, reason: DropReason) -> ClientRecv {
@@ -437,6 +474,14 @@ impl Client {
         match s.replay.check(seq) {
             ReplayVerdict::Fresh => {}
             ReplayVerdict::Duplicate => {
+                // in a coded or adaptive session every authentic copy counts for its path's receipts
+                if s.uses_receipts() {
+                    if let Ok(plain_len) = keys.open(seq, buf) {
+                        if crate::server::is_data_plane(&buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + plain_len]) {
+                            s.counters[path].recv_log.on_datagram(seq);
+                        }
+                    }
+                }
                 s.drops.count(DropReason::Duplicate);
                 return ClientRecv::Dropped(DropReason::Duplicate);
             }
@@ -457,11 +502,48 @@ impl Client {
             self.events.push_back(ClientEvent::PathUp { app: s.app, path });
         }
         let plain = &buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + plain_len];
-        match InnerRepr::parse(plain) {
+        let inner = InnerRepr::parse(plain);
+        if s.uses_receipts() {
+            // receipts go out while anything arrives, so a path whose data stopped shows
+            if crate::server::is_data_plane(plain) {
+                s.counters[path].recv_log.on_datagram(seq);
+            }
+            s.receipt_at.get_or_insert(now + RECEIPT_INTERVAL);
+        }
+        match inner {
+            Ok(InnerRepr::Receipt(r)) => {
+                for e in r.entries() {
+                    let i = usize::from(e.path_id);
+                    let log = s.counters.get_mut(i).map(|c| &mut c.sent_log);
+                    if let Some((sent, lost)) = log.and_then(|l| l.on_receipt(now, e.highest, e.received)) {
+                        s.probes[i].on_data_receipt(sent, sent - lost);
+                    }
+                }
+                ClientRecv::Consumed
+            }
             Ok(InnerRepr::Data(d)) => {
                 s.rx.add(d.len());
                 s.last_app_activity = now;
                 ClientRecv::Deliver { app: s.app, payload: DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + d.len() }
+            }
+            Ok(InnerRepr::FecData(d, tag)) => {
+                let deliver = s.receiver.handle_data(tag, d);
+                let app = s.app;
+                if deliver {
+                    s.rx.add(d.len());
+                    s.last_app_activity = now;
+                }
+                self.note_recovered(slot);
+                if deliver {
+                    ClientRecv::Deliver { app, payload: DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + d.len() }
+                } else {
+                    ClientRecv::Consumed
+                }
+            }
+            Ok(InnerRepr::FecParity(h, shard)) => {
+                s.receiver.handle_parity(h, shard);
+                self.note_recovered(slot);
+                ClientRecv::Consumed
             }
             Ok(InnerRepr::ProbeReply(r)) => {
                 let Some(tracker) = s.probes.get_mut(r.path_id as usize).filter(|_| r.path_id as usize == path) else {
@@ -506,6 +588,34 @@ impl Client {
             }
             s.queued = false;
             self.ready.pop_front();
+        }
+        None
+    }
+
+    /// Queues `slot` for `poll_recovered` if parity rebuilt datagrams of it.
+    fn note_recovered(&mut self, slot: usize) {
+        if let Some(s) = self.sessions[slot].as_mut() {
+            if !s.recovered_queued && s.receiver.has_recovered() {
+                s.recovered_queued = true;
+                self.recovered.push_back(slot);
+            }
+        }
+    }
+
+    /// The next datagram rebuilt from parity, copied to `buf`: its application and
+    /// length. Drain it after every datagram handed in: rebuilt datagrams are due at
+    /// once, as the one that arrived.
+    pub fn poll_recovered(&mut self, now: Instant, buf: &mut [u8]) -> Option<(SocketAddr, usize)> {
+        while let Some(&slot) = self.recovered.front() {
+            if let Some(s) = self.sessions[slot].as_mut() {
+                if let Some(n) = s.receiver.poll_recovered(buf) {
+                    s.rx.add(n);
+                    s.last_app_activity = now;
+                    return Some((s.app, n));
+                }
+                s.recovered_queued = false;
+            }
+            self.recovered.pop_front();
         }
         None
     }
@@ -561,6 +671,13 @@ impl Client {
                             }
                             wants_tx |= active.contains(i) && p.next_probe_at() <= now;
                         }
+                        s.sender.handle_timeout(now);
+                        wants_tx |= s.sender.has_parity();
+                        if s.receipt_at.is_some_and(|t| now >= t) {
+                            s.receipt_at = None;
+                            s.receipt_due = true;
+                            wants_tx = true;
+                        }
                     }
                 }
             }
@@ -585,6 +702,11 @@ impl Client {
         s.state = state;
         s.send_seq = 0;
         s.replay = ReplayWindow::new();
+        s.sender = RedundancySender::new(self.cfg.redundancy);
+        s.receiver = RedundancyReceiver::default();
+        s.counters.iter_mut().for_each(|c| (c.sent_log, c.recv_log) = Default::default());
+        s.receipt_at = None;
+        s.receipt_due = false;
         s.probes = (0..s.probes.len()).map(|i| ProbeTracker::new(i as u8, now)).collect();
         s.last_server_rx = now;
         self.events.push_back(ClientEvent::SessionStarted { app: s.app, id });
@@ -610,6 +732,7 @@ impl Client {
                 tx: s.tx,
                 rx: s.rx,
                 drops: s.drops.clone(),
+                redundancy: Some(RedundancyStatus::of(&s.sender, &s.receiver, s.replay.missed(), s.rx.packets)),
                 paths: s
                     .probes
                     .iter()
@@ -668,6 +791,25 @@ fn seal_data(keys: &SessionKeys, id: SessionId, seq: &mut u64, buf: &mut [u8], p
     keys.seal(n, buf, 1 + payload_len)
 }
 
+/// Seals the coding group's datagram whose payload is at `buf[DATA_PAYLOAD_OFFSET..]`,
+/// its tag after it (the caller checked the room).
+fn seal_fec_data(
+    keys: &SessionKeys,
+    id: SessionId,
+    seq: &mut u64,
+    buf: &mut [u8],
+    payload_len: usize,
+    tag: DataTag,
+) -> usize {
+    let n = *seq;
+    *seq += 1;
+    emit_transport_header(buf, id, n);
+    buf[TRANSPORT_HEADER_LEN] = INNER_FEC_DATA;
+    let at = DATA_PAYLOAD_OFFSET + payload_len;
+    tag.emit((&mut buf[at..at + crate::fec::DATA_TAG_LEN]).try_into().expect("room checked"));
+    keys.seal(n, buf, 1 + payload_len + crate::fec::DATA_TAG_LEN)
+}
+
 /// Seals a control message (probe) built from `inner`.
 fn seal_inner(keys: &SessionKeys, id: SessionId, seq: &mut u64, buf: &mut [u8], inner: &InnerRepr) -> usize {
     let n = *seq;
@@ -675,6 +817,115 @@ fn seal_inner(keys: &SessionKeys, id: SessionId, seq: &mut u64, buf: &mut [u8], 
     emit_transport_header(buf, id, n);
     let plain = inner.emit(&mut buf[TRANSPORT_HEADER_LEN..]).expect("buffer holds any control message");
     keys.seal(n, buf, plain)
+}
+
+impl ClientSession {
+    /// Seals an application datagram for this established session and says where it
+    /// goes, as its redundancy plans it.
+    fn send_data(&mut self, now: Instant, paused: PathMask, buf: &mut [u8], payload_len: usize) -> (usize, PathMask) {
+        let SessionState::Established { keys, .. } = &self.state else { unreachable!("checked by the caller") };
+        let live = data_paths(&self.probes, paused);
+        if self.sender.wants_review(now) {
+            let mut estimates =
+                [PathEstimate { index: 0, loss: None, rtt: None, overdue: false, stalled: false }; MAX_PATHS];
+            let mut n = 0;
+            for i in live.iter() {
+                let p = &self.probes[i];
+                let rtt = p.rtt_ms().map(|ms| Duration::from_secs_f64(ms / 1000.0));
+                estimates[n] = PathEstimate {
+                    index: i,
+                    loss: p.loss_up_estimate(),
+                    rtt,
+                    overdue: p.reply_overdue(now),
+                    stalled: self.counters[i].sent_log.stalled(now, stall_patience(rtt)),
+                };
+                n += 1;
+            }
+            self.sender.review(now, &estimates[..n]);
+            let sole = self.sender.sole_path();
+            for (i, p) in self.probes.iter_mut().enumerate() {
+                p.set_sole_copy(now, sole == Some(i));
+            }
+        }
+        let tag_room = buf.len() >= DATA_PAYLOAD_OFFSET + payload_len + DATA_TAIL_ROOM;
+        let plan = self.sender.plan(now, &buf[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + payload_len], tag_room, live);
+        // a plan made before a path was paused must not use it
+        let mut paths = PathMask(plan.paths.0 & live.0);
+        if paths.is_empty() {
+            paths = live;
+        }
+        let seq = self.send_seq;
+        let len = match plan.tag {
+            Some(tag) => seal_fec_data(keys, self.id, &mut self.send_seq, buf, payload_len, tag),
+            None => seal_data(keys, self.id, &mut self.send_seq, buf, payload_len),
+        };
+        self.tx.add(payload_len);
+        count_sent(&mut self.sender, &mut self.counters, now, seq, len, paths);
+        (len, paths)
+    }
+
+    fn uses_receipts(&self) -> bool {
+        self.sender.uses_receipts()
+    }
+}
+
+/// Counts datagram `seq` of `len` bytes sent on `paths` (and logs it for receipts, in a coded
+/// or adaptive session).
+fn count_sent(
+    sender: &mut RedundancySender,
+    counters: &mut [PathCounters],
+    now: Instant,
+    seq: u64,
+    len: usize,
+    paths: PathMask,
+) {
+    let receipts = sender.uses_receipts();
+    sender.count_wire(len, paths.len());
+    for p in paths.iter() {
+        let c = &mut counters[p];
+        c.tx.add(len);
+        if receipts {
+            c.sent_log.record(now, seq);
+        }
+    }
+}
+
+/// The receipt of what arrived on each path, sealed into `buf`, for every path that
+/// works (a receipt is small, and one lost with a dying path would make the others look
+/// dead too).
+fn seal_receipt(
+    keys: &SessionKeys,
+    id: SessionId,
+    seq: &mut u64,
+    probes: &[ProbeTracker],
+    counters: &mut [PathCounters],
+    all: PathMask,
+    buf: &mut [u8],
+) -> Option<Transmit> {
+    let mut paths = PathMask::EMPTY;
+    for (i, p) in probes.iter().enumerate() {
+        if all.contains(i) && p.state() == PathState::Up {
+            paths.insert(i);
+        }
+    }
+    if paths.is_empty() {
+        return None;
+    }
+    let count = counters.iter().filter(|c| c.recv_log.received > 0).count();
+    let entries = counters.iter().enumerate().filter(|(_, c)| c.recv_log.received > 0).map(|(i, c)| ReceiptEntry {
+        path_id: i as u8,
+        highest: c.recv_log.highest,
+        received: c.recv_log.received,
+    });
+    let plain = wire::emit_receipt(&mut buf[TRANSPORT_HEADER_LEN..], crate::ExactLen(entries, count))?;
+    let n = *seq;
+    *seq += 1;
+    emit_transport_header(buf, id, n);
+    let len = keys.seal(n, buf, plain);
+    for p in paths.iter() {
+        counters[p].tx.add(len);
+    }
+    Some(Transmit { len, paths })
 }
 
 impl ClientSession {
@@ -704,6 +955,22 @@ impl ClientSession {
                         self.counters[p].tx.add(len);
                     }
                     return Some(Transmit { len, paths });
+                }
+                if self.sender.has_parity() {
+                    let n = self.send_seq;
+                    if let Some((plain, paths)) = self.sender.poll_parity(&mut buf[TRANSPORT_HEADER_LEN..]) {
+                        self.send_seq += 1;
+                        emit_transport_header(buf, self.id, n);
+                        let len = keys.seal(n, buf, plain);
+                        count_sent(&mut self.sender, &mut self.counters, now, n, len, paths);
+                        return Some(Transmit { len, paths });
+                    }
+                }
+                if std::mem::take(&mut self.receipt_due) {
+                    let (probes, counters) = (&self.probes, &mut self.counters);
+                    if let Some(t) = seal_receipt(keys, self.id, &mut self.send_seq, probes, counters, all, buf) {
+                        return Some(t);
+                    }
                 }
                 let (i, p) =
                     self.probes.iter_mut().enumerate().find(|(i, p)| all.contains(*i) && p.next_probe_at() <= now)?;
@@ -740,7 +1007,9 @@ impl ClientSession {
                     .map(|(_, p)| p.next_probe_at())
                     .min()
                     .unwrap_or(silent);
-                silent.min(probe)
+                let group = self.sender.poll_timeout().unwrap_or(silent);
+                let receipt = self.receipt_at.unwrap_or(silent);
+                silent.min(probe).min(group).min(receipt)
             }
         };
         idle.min(state)

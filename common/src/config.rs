@@ -5,6 +5,7 @@
 //! fall back to a default).
 
 use crate::crypto::Cipher;
+use crate::redundancy::{RedundancyConfig, RedundancyMode, DEFAULT_GROUP_DEADLINE, DEFAULT_TARGET_LOSS};
 use crate::MAX_PATHS;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -137,6 +138,99 @@ fn default_ciphers() -> Vec<Cipher> {
     vec![Cipher::Aes256Gcm, Cipher::ChaCha20Poly1305]
 }
 
+fn default_target_loss() -> f64 {
+    DEFAULT_TARGET_LOSS
+}
+fn default_group_deadline_ms() -> u64 {
+    DEFAULT_GROUP_DEADLINE.as_millis() as u64
+}
+
+/// How a client's sessions spread datagrams over the paths (`redundancy:`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RedundancyName {
+    /// Every datagram on every live path (mptunnel's behaviour).
+    #[default]
+    Duplicate,
+    /// Fixed Reed–Solomon groups (`fec: {data, parity}`).
+    Fec,
+    /// Per direction, the cheapest scheme that meets `target_loss` on the measured loss.
+    Adaptive,
+}
+
+impl std::str::FromStr for RedundancyName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "duplicate" => Ok(Self::Duplicate),
+            "fec" => Ok(Self::Fec),
+            "adaptive" => Ok(Self::Adaptive),
+            _ => Err(format!("`{s}` is not one of duplicate, fec, adaptive")),
+        }
+    }
+}
+
+/// A fixed coding group: `fec: {data: 10, parity: 4}`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FecShape {
+    pub data: u8,
+    pub parity: u8,
+}
+
+/// The shape `redundancy: fec` uses when `fec:` is not given.
+pub const DEFAULT_FEC: FecShape = FecShape { data: 10, parity: 4 };
+
+/// The redundancy settings a client config (or command line) gives.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RedundancySettings {
+    pub name: RedundancyName,
+    pub fec: Option<FecShape>,
+    pub target_loss: f64,
+    pub group_deadline_ms: u64,
+}
+
+impl Default for RedundancySettings {
+    fn default() -> Self {
+        Self {
+            name: RedundancyName::Duplicate,
+            fec: None,
+            target_loss: DEFAULT_TARGET_LOSS,
+            group_deadline_ms: default_group_deadline_ms(),
+        }
+    }
+}
+
+impl RedundancySettings {
+    /// The core's configuration, or the field that is wrong and why.
+    pub fn to_config(&self) -> Result<RedundancyConfig, (&'static str, String)> {
+        let mode = match (self.name, self.fec) {
+            (RedundancyName::Duplicate, None) => RedundancyMode::Duplicate,
+            (RedundancyName::Adaptive, None) => RedundancyMode::Adaptive,
+            (RedundancyName::Fec, shape) => {
+                let FecShape { data, parity } = shape.unwrap_or(DEFAULT_FEC);
+                RedundancyMode::Fec { data, parity }
+            }
+            (_, Some(_)) => return Err(("fec", "only with `redundancy: fec`".into())),
+        };
+        let cfg = RedundancyConfig {
+            mode,
+            target_loss: self.target_loss,
+            group_deadline: std::time::Duration::from_millis(self.group_deadline_ms),
+        };
+        cfg.validate().map_err(|e| {
+            let field = match e {
+                crate::redundancy::RedundancyError::Data => "fec.data",
+                crate::redundancy::RedundancyError::Parity => "fec.parity",
+                crate::redundancy::RedundancyError::TargetLoss => "target_loss",
+                _ => "group_deadline_ms",
+            };
+            (field, e.to_string())
+        })?;
+        Ok(cfg)
+    }
+}
+
 /// `mpclient -c client.yaml`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -166,6 +260,30 @@ pub struct ClientConfig {
     /// Seconds between one-line stats logs; 0 = off.
     #[serde(default = "default_stats_interval")]
     pub stats_interval_secs: u64,
+    /// `duplicate` (default), `fec` or `adaptive`: how sessions spread datagrams over
+    /// the paths, both ways (the server follows).
+    #[serde(default)]
+    pub redundancy: RedundancyName,
+    /// With `redundancy: fec`: datagrams and parity shards per group [10 and 4].
+    #[serde(default)]
+    pub fec: Option<FecShape>,
+    /// With `redundancy: adaptive`: the residual loss to reach at the least cost.
+    #[serde(default = "default_target_loss")]
+    pub target_loss: f64,
+    /// A coding group's parity goes out at most this long after its first datagram.
+    #[serde(default = "default_group_deadline_ms")]
+    pub group_deadline_ms: u64,
+}
+
+impl ClientConfig {
+    pub fn redundancy_settings(&self) -> RedundancySettings {
+        RedundancySettings {
+            name: self.redundancy,
+            fec: self.fec,
+            target_loss: self.target_loss,
+            group_deadline_ms: self.group_deadline_ms,
+        }
+    }
 }
 
 /// `mpserver -c server.yaml`.
@@ -310,6 +428,10 @@ impl ClientConfig {
             "must be > 0".into(),
         )?;
         check(c.max_sessions > 0, file, text, "max_sessions", "max_sessions", "must be > 0".into())?;
+        if let Err((field, message)) = c.redundancy_settings().to_config() {
+            let locate = field.split('.').next_back().unwrap_or(field);
+            return Err(ConfigError { file: file.into(), line: line_of(text, locate), field: field.into(), message });
+        }
         check_log_level(&c.log_level, file, text)?;
         Ok(c)
     }
@@ -411,6 +533,32 @@ mod tests {
 
         let e = ClientConfig::parse("c.yaml", "cipher: des\npaths:\n  - remote: a:1\n").unwrap_err();
         assert_eq!(e.line, Some(1), "{e}");
+    }
+
+    #[test]
+    fn client_redundancy() {
+        let paths = "paths:\n  - remote: a:1\n";
+        let cfg = |extra: &str| ClientConfig::parse("c.yaml", &format!("{paths}{extra}"));
+        let c = cfg("").unwrap();
+        assert_eq!(c.redundancy_settings().to_config().unwrap().mode, RedundancyMode::Duplicate);
+        let c = cfg("redundancy: fec\n").unwrap();
+        assert_eq!(c.redundancy_settings().to_config().unwrap().mode, RedundancyMode::Fec { data: 10, parity: 4 });
+        let c = cfg("redundancy: fec\nfec: {data: 8, parity: 3}\n").unwrap();
+        assert_eq!(c.redundancy_settings().to_config().unwrap().mode, RedundancyMode::Fec { data: 8, parity: 3 });
+        let c = cfg("redundancy: adaptive\ntarget_loss: 0.001\ngroup_deadline_ms: 3\n").unwrap();
+        let r = c.redundancy_settings().to_config().unwrap();
+        assert_eq!((r.mode, r.group_deadline.as_millis()), (RedundancyMode::Adaptive, 3));
+
+        let e = cfg("redundancy: fec\nfec: {data: 40, parity: 3}\n").unwrap_err();
+        assert_eq!(e.to_string(), "c.yaml:4: fec.data: fec.data must be 1..=16");
+        let e = cfg("redundancy: adaptive\nfec: {data: 4, parity: 3}\n").unwrap_err();
+        assert_eq!(e.to_string(), "c.yaml:4: fec: only with `redundancy: fec`");
+        let e = cfg("redundancy: adaptive\ntarget_loss: 2\n").unwrap_err();
+        assert_eq!((e.field.as_str(), e.line), ("target_loss", Some(4)));
+        let e = cfg("redundancy: triple\n").unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+        let e = cfg("redundancy: adaptive\ngroup_deadline_ms: 0\n").unwrap_err();
+        assert_eq!(e.field, "group_deadline_ms");
     }
 
     #[test]

@@ -11,8 +11,8 @@
 
 use crate::entropy::Entropy;
 use crate::wire::{
-    self, HandshakeInitRepr, HandshakeRespRepr, HandshakeStatus, AEAD_TAG_LEN, HANDSHAKE_INIT_MAX_LEN,
-    HANDSHAKE_MAC_LEN, HANDSHAKE_RESP_BODY_LEN, HANDSHAKE_RESP_LEN, TRANSPORT_HEADER_LEN,
+    self, HandshakeInitRepr, HandshakeRespRepr, HandshakeStatus, RedundancyRequest, AEAD_TAG_LEN,
+    HANDSHAKE_INIT_MAX_LEN, HANDSHAKE_MAC_LEN, HANDSHAKE_RESP_BODY_LEN, HANDSHAKE_RESP_LEN, TRANSPORT_HEADER_LEN,
 };
 use crate::SessionId;
 use base64::Engine as _;
@@ -279,9 +279,10 @@ impl ClientHandshake {
         cipher: Cipher,
         target: &str,
         timestamp_ms: u64,
+        redundancy: Option<RedundancyRequest>,
     ) -> Self {
         let pk = x25519_public(&private);
-        let repr = HandshakeInitRepr { cipher: cipher.id(), session, public: pk, timestamp_ms, target };
+        let repr = HandshakeInitRepr { cipher: cipher.id(), session, public: pk, timestamp_ms, target, redundancy };
         let mut init = [0u8; HANDSHAKE_INIT_MAX_LEN];
         let body = repr.emit_body(&mut init).expect("target name length is validated by config");
         let tag = hmac::sign(&psk.mac_key(), &init[..body]);
@@ -325,6 +326,8 @@ pub struct AcceptedInit<'a> {
     /// The client's wall clock when it made the init (ms since the Unix epoch).
     pub timestamp_ms: u64,
     pub target: &'a str,
+    /// The redundancy the client asks for (`None`: duplication).
+    pub redundancy: Option<RedundancyRequest>,
 }
 
 /// Checks an init's MAC and parses it. Nothing is answered unless this succeeds.
@@ -336,6 +339,7 @@ pub fn verify_init<'a>(psk: &Psk, init: &'a [u8]) -> Result<AcceptedInit<'a>, Ha
         cipher: Cipher::from_id(repr.cipher),
         timestamp_ms: repr.timestamp_ms,
         target: repr.target,
+        redundancy: repr.redundancy,
     })
 }
 
@@ -385,7 +389,7 @@ mod tests {
     use crate::wire::emit_transport_header;
 
     fn client_handshake(psk: &Psk, e: &mut OsEntropy, id: u64, cipher: Cipher, target: &str) -> ClientHandshake {
-        ClientHandshake::new(psk, e.x25519_key(), SessionId(id), cipher, target, 1_800_000_000_000)
+        ClientHandshake::new(psk, e.x25519_key(), SessionId(id), cipher, target, 1_800_000_000_000, None)
     }
 
     fn pair(cipher: Cipher) -> (SessionKeys, SessionKeys) {

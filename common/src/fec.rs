@@ -1,5 +1,4 @@
-//! Forward error correction by coding groups (the codec of adaptive redundancy, issue
-//! #21; the session cores do not use it yet): up to `MAX_DATA_SHARDS` data datagrams and
+//! Forward error correction by coding groups (the codec of `redundancy`): up to `MAX_DATA_SHARDS` data datagrams and
 //! up to `MAX_PARITY_SHARDS` parity shards per group, systematic Reed–Solomon from the
 //! `reed-solomon-simd` crate (no field arithmetic of our own).
 //!
@@ -25,7 +24,7 @@ pub const MAX_PARITY_SHARDS: usize = 16;
 /// The largest datagram a group carries.
 pub const MAX_DATAGRAM: usize = 1500;
 /// The largest shard: a datagram, its length prefix, one byte of padding.
-pub const MAX_SHARD: usize = MAX_DATAGRAM + LEN_PREFIX + 1;
+pub const MAX_SHARD: usize = MAX_DATAGRAM + SHARD_PADDING;
 /// Groups the decoder holds at once.
 pub const DECODER_WINDOW: u32 = 16;
 /// A data datagram's tag on the wire: group u32 | index u8.
@@ -35,6 +34,9 @@ pub const DATA_TAG_LEN: usize = 5;
 pub const PARITY_HEADER_LEN: usize = 9;
 
 const LEN_PREFIX: usize = 2;
+/// A shard outgrows its longest datagram by at most this: the length prefix and one byte
+/// to make its length even.
+pub const SHARD_PADDING: usize = LEN_PREFIX + 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FecError {
@@ -175,6 +177,20 @@ impl FecEncoder {
         self.count == 0
     }
 
+    /// The group the next `push` opens or joins.
+    pub fn next_group(&self) -> u32 {
+        self.group
+    }
+
+    /// Drops the open group without parity; the next group opens.
+    pub fn discard(&mut self) {
+        if self.count > 0 {
+            self.group = self.group.wrapping_add(1);
+        }
+        self.count = 0;
+        self.longest = 0;
+    }
+
     /// Adds `datagram` to the open group; returns its tag, to send with it now.
     pub fn push(&mut self, datagram: &[u8]) -> Result<DataTag, FecError> {
         if self.count == MAX_DATA_SHARDS {
@@ -246,6 +262,10 @@ pub struct FecStats {
     pub inconsistent: u64,
     /// Groups that left the window with datagrams never received nor rebuilt.
     pub lost_groups: u64,
+    /// Their datagrams: data lost for good (of groups whose shape a parity shard told).
+    pub lost_data: u64,
+    /// Shards of those groups that never arrived, data and parity, needed or not.
+    pub missing_shards: u64,
 }
 
 /// One group the decoder holds.
@@ -256,6 +276,8 @@ struct GroupSlot {
     shape: Option<(usize, usize, usize)>,
     /// Data received or rebuilt (delivered), by index.
     have_data: u32,
+    /// Data received, by index.
+    got_data: u32,
     have_parity: u32,
     data_lens: [u16; MAX_DATA_SHARDS],
     /// `MAX_DATA_SHARDS` slots of `MAX_DATAGRAM`, then `MAX_PARITY_SHARDS` of `MAX_SHARD`.
@@ -271,6 +293,7 @@ impl GroupSlot {
             in_use: false,
             shape: None,
             have_data: 0,
+            got_data: 0,
             have_parity: 0,
             data_lens: [0; MAX_DATA_SHARDS],
             bytes: Vec::new(),
@@ -332,6 +355,7 @@ impl FecDecoder {
         slot.bytes[i * MAX_DATAGRAM..][..datagram.len()].copy_from_slice(datagram);
         slot.data_lens[i] = datagram.len() as u16;
         slot.have_data |= bit;
+        slot.got_data |= bit;
         self.try_rebuild(s, deliver);
         true
     }
@@ -375,8 +399,13 @@ impl FecDecoder {
         let s = (group % DECODER_WINDOW) as usize;
         let slot = &mut self.slots[s];
         if !slot.in_use || slot.group != group {
-            if slot.in_use && slot.shape.is_some() && !slot.done {
-                self.stats.lost_groups += 1;
+            if let Some((k, r, _)) = slot.shape.filter(|_| slot.in_use) {
+                let mask = (1u32 << k) - 1;
+                let lost = k as u32 - (slot.have_data & mask).count_ones();
+                self.stats.lost_data += u64::from(lost);
+                self.stats.lost_groups += u64::from(lost > 0);
+                let got = (slot.got_data & mask).count_ones() + slot.have_parity.count_ones();
+                self.stats.missing_shards += u64::from((k + r) as u32 - got);
             }
             if slot.bytes.is_empty() {
                 slot.bytes = vec![0; MAX_DATA_SHARDS * MAX_DATAGRAM + MAX_PARITY_SHARDS * MAX_SHARD];

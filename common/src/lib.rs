@@ -22,6 +22,7 @@ pub mod driver;
 pub mod entropy;
 pub mod fec;
 pub mod path;
+pub mod redundancy;
 pub mod replay;
 pub mod server;
 #[cfg(feature = "sim")]
@@ -81,3 +82,18 @@ impl PathMask {
         (0..32).filter(move |&i| self.0 & (1 << i) != 0)
     }
 }
+
+/// An iterator whose length is known (what `emit_receipt` takes) from a filtered one.
+pub(crate) struct ExactLen<I>(pub(crate) I, pub(crate) usize);
+
+impl<I: Iterator> Iterator for ExactLen<I> {
+    type Item = I::Item;
+    fn next(&mut self) -> Option<I::Item> {
+        self.0.next()
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.1, Some(self.1))
+    }
+}
+
+impl<I: Iterator> ExactSizeIterator for ExactLen<I> {}

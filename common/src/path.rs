@@ -19,6 +19,9 @@ const SUSPECT_AFTER_UNANSWERED: u32 = 2;
 /// send there only as many bytes as it received (anti-amplification), so a quick
 /// validation restores full redundancy on a new or changed path.
 pub const VALIDATION_PROBE_INTERVAL: Duration = Duration::from_millis(50);
+/// A path that carries the only copy of data is probed this often: its death must be
+/// seen fast, as no other path covers for it.
+pub const SOLE_COPY_PROBE_INTERVAL: Duration = Duration::from_millis(50);
 /// A path whose probes got no answer for this long is down.
 pub const PATH_DOWN_AFTER: Duration = Duration::from_millis(1000);
 /// ... provided at least this many probes went unanswered in that time (at 20% loss each
@@ -26,6 +29,63 @@ pub const PATH_DOWN_AFTER: Duration = Duration::from_millis(1000);
 const PATH_DOWN_MIN_UNANSWERED: u32 = 6;
 /// Replies claiming an RTT above this are ignored for RTT (clock wrap or garbage).
 const MAX_PLAUSIBLE_RTT_US: u32 = 30_000_000;
+/// A probe's fate in each direction is settled once the server reports a probe this many
+/// later: a reply still missing by then is lost, not late.
+const SETTLE_AFTER_PROBES: u32 = 8;
+/// The long loss average weighs a sample `1 - 1/LOSS_HORIZON` as much as the one after
+/// it: long enough to see a loss rate well below 1e-4 on a busy path.
+const LOSS_HORIZON: f64 = 65_536.0;
+/// The short average, which sees a rise at once.
+const LOSS_RECENT_HORIZON: f64 = 1024.0;
+/// Samples the short average needs before it counts.
+const LOSS_RECENT_MIN: f64 = 32.0;
+/// A probe unanswered this many smoothed RTTs after it went out makes the path suspect.
+const OVERDUE_RTTS: u32 = 3;
+/// ... but never sooner than this after it went out.
+const OVERDUE_MIN: Duration = Duration::from_millis(30);
+
+/// The loss of one direction of a path, as redundancy needs it, from probes and data
+/// receipts alike. The estimate is the larger of a long average that starts from one
+/// loss in the first sample (so a path earns trust only as evidence comes in: after n
+/// clean samples it is about 1/n) and a short one that sees a rise at once.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LossEstimate {
+    lost: f64,
+    total: f64,
+    recent_lost: f64,
+    recent_total: f64,
+}
+
+impl LossEstimate {
+    /// Adds `total` samples of which `lost` were lost.
+    pub fn add(&mut self, lost: f64, total: f64) {
+        // NaN and negative counts are refused too
+        if total.is_nan() || total <= 0.0 || !(0.0..=total).contains(&lost) {
+            return;
+        }
+        let keep = (1.0 - 1.0 / LOSS_HORIZON).powf(total);
+        self.lost = self.lost * keep + lost;
+        self.total = self.total * keep + total;
+        let keep = (1.0 - 1.0 / LOSS_RECENT_HORIZON).powf(total);
+        self.recent_lost = self.recent_lost * keep + lost;
+        self.recent_total = self.recent_total * keep + total;
+    }
+
+    /// The estimate; `None` before any sample.
+    pub fn get(&self) -> Option<f64> {
+        if self.total <= 0.0 {
+            return None;
+        }
+        let long = (self.lost + 1.0) / (self.total + 1.0);
+        let recent = if self.recent_total >= LOSS_RECENT_MIN { self.recent_lost / self.recent_total } else { 0.0 };
+        Some(long.max(recent).min(1.0))
+    }
+
+    /// Samples behind the long average.
+    pub fn samples(&self) -> f64 {
+        self.total
+    }
+}
 
 /// The client's view of one path of one session.
 #[derive(Debug, Clone)]
@@ -44,10 +104,18 @@ pub struct ProbeTracker {
     jitter_us: f64,
     loss_up: Option<f64>,
     loss_down: Option<f64>,
+    estimate_up: LossEstimate,
+    estimate_down: LossEstimate,
+    /// Probes up to this one have their fate counted in the estimates.
+    settled_through: u32,
+    /// When the oldest probe still unanswered went out (reset by any reply).
+    unanswered_since: Option<Instant>,
     /// The server's current challenge for this path, echoed in the next probe.
     challenge: u64,
     /// The server's last word on whether it has validated this path.
     server_validated: bool,
+    /// It carries the only copy of data (see `SOLE_COPY_PROBE_INTERVAL`).
+    sole_copy: bool,
     state: PathState,
 }
 
@@ -66,8 +134,13 @@ impl ProbeTracker {
             jitter_us: 0.0,
             loss_up: None,
             loss_down: None,
+            estimate_up: LossEstimate::default(),
+            estimate_down: LossEstimate::default(),
+            settled_through: 0,
+            unanswered_since: None,
             challenge: 0,
             server_validated: false,
+            sole_copy: false,
             state: PathState::Probing,
         }
     }
@@ -78,6 +151,14 @@ impl ProbeTracker {
 
     pub fn next_probe_at(&self) -> Instant {
         self.next_probe_at
+    }
+
+    /// Whether the path carries the only copy of data: then it is probed faster.
+    pub fn set_sole_copy(&mut self, now: Instant, sole: bool) {
+        if sole && !self.sole_copy {
+            self.next_probe_at = self.next_probe_at.min(now + SOLE_COPY_PROBE_INTERVAL);
+        }
+        self.sole_copy = sole;
     }
 
     /// Ask for a probe as soon as possible (e.g. to answer a new challenge).
@@ -97,13 +178,16 @@ impl ProbeTracker {
         } else {
             PROBE_INTERVAL
         };
+        let interval = if self.sole_copy { interval.min(SOLE_COPY_PROBE_INTERVAL) } else { interval };
         self.next_probe_at = now + interval;
+        self.unanswered_since.get_or_insert(now);
         ProbeRepr {
             path_id: self.path_id,
             flags: if self.state == PathState::Down { PROBE_FLAG_PATH_DOWN } else { 0 },
             probe_seq: self.last_sent,
             tx_time_us: now_us,
             echo_challenge: self.challenge,
+            down_loss_ppm: self.estimate_down.get().map(|l| (l * 1e6).round() as u32),
         }
     }
 
@@ -115,6 +199,7 @@ impl ProbeTracker {
         }
         self.replied |= 1 << (self.last_sent - r.probe_seq);
         self.sent_since_reply = 0;
+        self.unanswered_since = None;
         self.last_reply_at = Some(now);
         let rtt = now_us.wrapping_sub(r.tx_time_us);
         if rtt <= MAX_PLAUSIBLE_RTT_US {
@@ -162,6 +247,49 @@ impl ProbeTracker {
         if down_total > 0 {
             self.loss_down = Some(down_lost as f64 / down_total as f64);
         }
+        self.settle(high, r.rx_bitmap);
+    }
+
+    /// Counts, once each, the fates of the probes the server's report (`high`, `bitmap`)
+    /// has settled: up lost if the server never got it, down lost if it did but its
+    /// reply never came.
+    fn settle(&mut self, high: u32, bitmap: u64) {
+        let through = high.saturating_sub(SETTLE_AFTER_PROBES);
+        // probes older than both bitmaps are unknown (a path silent for long): skipped
+        let oldest_known = high.saturating_sub(63).max(self.last_sent.saturating_sub(63)).max(1);
+        for seq in self.settled_through.saturating_add(1).max(oldest_known)..=through {
+            let arrived = bitmap & (1 << (high - seq)) != 0;
+            self.estimate_up.add(f64::from(u8::from(!arrived)), 1.0);
+            if arrived {
+                let lost = self.replied & (1 << (self.last_sent - seq)) == 0;
+                self.estimate_down.add(f64::from(u8::from(lost)), 1.0);
+            }
+        }
+        self.settled_through = self.settled_through.max(through);
+    }
+
+    /// The server's receipt for data sent on this path: `sent` went out, `received` came.
+    pub fn on_data_receipt(&mut self, sent: u64, received: u64) {
+        self.estimate_up.add(sent.saturating_sub(received) as f64, sent as f64);
+    }
+
+    /// The loss towards the server, for redundancy (see `LossEstimate`).
+    pub fn loss_up_estimate(&self) -> Option<f64> {
+        self.estimate_up.get()
+    }
+
+    /// The loss from the server, for redundancy; the client reports it in its probes.
+    pub fn loss_down_estimate(&self) -> Option<f64> {
+        self.estimate_down.get()
+    }
+
+    /// A probe has gone unanswered, with nothing else heard on the path since, for longer
+    /// than its round trip should take: a path that carries the only copy of data should
+    /// not be trusted with the next.
+    pub fn reply_overdue(&self, now: Instant) -> bool {
+        let Some(sent) = self.unanswered_since else { return false };
+        let rtt = Duration::from_micros(self.srtt_us.unwrap_or(0.0) as u64);
+        now.saturating_duration_since(sent) >= (rtt * OVERDUE_RTTS).max(OVERDUE_MIN)
     }
 
     /// An authenticated datagram (data, not only a probe reply) arrived on this path: it
@@ -169,6 +297,7 @@ impl ProbeTracker {
     pub fn on_authenticated_rx(&mut self, now: Instant) -> bool {
         self.last_reply_at = Some(now);
         self.sent_since_reply = 0;
+        self.unanswered_since = None;
         let came_up = self.state != PathState::Up;
         self.state = PathState::Up;
         came_up

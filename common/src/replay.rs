@@ -28,6 +28,9 @@ pub struct ReplayWindow {
     top: u64,
     any: bool,
     bitmap: Box<[u64; REPLAY_BLOCKS]>,
+    /// Sequence numbers that left the window without arriving (the sender numbers from
+    /// zero, so every gap is one): datagrams lost on every path.
+    missed: u64,
 }
 
 impl Default for ReplayWindow {
@@ -44,7 +47,7 @@ impl std::fmt::Debug for ReplayWindow {
 
 impl ReplayWindow {
     pub fn new() -> Self {
-        Self { top: 0, any: false, bitmap: Box::new([0; REPLAY_BLOCKS]) }
+        Self { top: 0, any: false, bitmap: Box::new([0; REPLAY_BLOCKS]), missed: 0 }
     }
 
     fn slot(seq: u64) -> (usize, u64) {
@@ -78,12 +81,24 @@ impl ReplayWindow {
             let new = seq / BLOCK_BITS;
             let clear = (new - cur).min(REPLAY_BLOCKS as u64);
             for k in 1..=clear {
-                self.bitmap[((cur + k) as usize) & (REPLAY_BLOCKS - 1)] = 0;
+                let i = ((cur + k) as usize) & (REPLAY_BLOCKS - 1);
+                // the block leaving held numbers `REPLAY_BLOCKS` blocks back, if any
+                if cur + k >= REPLAY_BLOCKS as u64 {
+                    self.missed += u64::from(self.bitmap[i].count_zeros());
+                }
+                self.bitmap[i] = 0;
             }
+            // a jump past the whole window: the blocks skipped were all missed
+            self.missed += (new - cur).saturating_sub(REPLAY_BLOCKS as u64) * BLOCK_BITS;
             self.top = seq;
         }
         let (i, bit) = Self::slot(seq);
         self.bitmap[i] |= bit;
+    }
+
+    /// Sequence numbers that fell out of the window without arriving.
+    pub fn missed(&self) -> u64 {
+        self.missed
     }
 
     /// Highest sequence number seen, if any.
@@ -142,6 +157,21 @@ mod tests {
         assert_eq!(w.check(100_000 - REPLAY_WINDOW + 1), ReplayVerdict::Fresh);
         assert!(run(&mut w, u64::MAX));
         assert!(!run(&mut w, u64::MAX));
+    }
+
+    #[test]
+    fn numbers_that_never_came_are_counted_once_they_leave_the_window() {
+        let mut w = ReplayWindow::new();
+        for seq in (0..3 * REPLAY_WINDOW).filter(|s| s % 10 != 3) {
+            w.mark(seq);
+        }
+        // what left the window: every tenth number, less the last block's worth
+        let left = 3 * REPLAY_WINDOW - REPLAY_WINDOW - BLOCK_BITS;
+        let missed = w.missed();
+        assert!(missed.abs_diff(left / 10) <= BLOCK_BITS / 10 + 1, "{missed} of {left}");
+        let before = w.missed();
+        w.mark(10 * REPLAY_WINDOW);
+        assert!(w.missed() - before >= 6 * REPLAY_WINDOW, "a jump counts what it skipped");
     }
 
     #[test]

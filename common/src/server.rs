@@ -13,19 +13,25 @@
 
 use crate::crypto::{self, Cipher, Psk, SessionKeys};
 use crate::entropy::Entropy;
-use crate::path::ProbeReceipts;
+use crate::path::{LossEstimate, ProbeReceipts, PROBE_INTERVAL};
+use crate::redundancy::{
+    stall_patience, PathEstimate, RecvLog, RedundancyConfig, RedundancyReceiver, RedundancySender, SentLog,
+    RECEIPT_INTERVAL,
+};
 use crate::replay::{ReplayVerdict, ReplayWindow};
 use crate::stats::{
-    DropCounters, DropReason, PathState, PathStatus, SessionState, SessionStatus, StatusReport, Traffic,
+    DropCounters, DropReason, PathState, PathStatus, RedundancyStatus, SessionState, SessionStatus, StatusReport,
+    Traffic,
 };
 use crate::wire::{
-    self, emit_transport_header, HandshakeStatus, InnerRepr, ProbeReplyRepr, TransportPacket, AEAD_TAG_LEN,
-    DATA_PAYLOAD_OFFSET, HANDSHAKE_INIT_MAX_LEN, HANDSHAKE_RESP_LEN, INNER_DATA, MAX_APP_PAYLOAD, PROBE_FLAG_PATH_DOWN,
-    PROBE_LEN, PROBE_REPLY_FLAG_VALIDATED, PROBE_REPLY_LEN, TRANSPORT_HEADER_LEN, TYPE_HANDSHAKE_INIT,
-    TYPE_HANDSHAKE_RESP, TYPE_TRANSPORT,
+    self, emit_transport_header, HandshakeStatus, InnerRepr, ProbeReplyRepr, ReceiptEntry, TransportPacket,
+    AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET, DATA_TAIL_ROOM, HANDSHAKE_INIT_MAX_LEN, HANDSHAKE_RESP_LEN, INNER_DATA,
+    INNER_FEC_DATA, MAX_APP_PAYLOAD, PROBE_FLAG_PATH_DOWN, PROBE_LEN, PROBE_REPLY_FLAG_VALIDATED, PROBE_REPLY_LEN,
+    TRANSPORT_HEADER_LEN, TYPE_HANDSHAKE_INIT, TYPE_HANDSHAKE_RESP, TYPE_TRANSPORT,
 };
 use crate::{PathMask, SessionId, MAX_PATHS};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -33,6 +39,9 @@ use std::time::{Duration, Instant};
 /// A path with no authenticated datagram for this long carries no data (probes come
 /// every 200 ms, so this is several lost in a row).
 pub const PATH_SILENT_AFTER: Duration = Duration::from_millis(1000);
+/// A path with no authenticated datagram for this long (the client probes each path
+/// every `PROBE_INTERVAL`) gets no single copy of data: it may have just died.
+pub const PATH_OVERDUE_AFTER: Duration = Duration::from_millis(PROBE_INTERVAL.as_millis() as u64 * 3 / 2 + 50);
 /// A path silent this long is forgotten.
 pub const PATH_EXPIRE_AFTER: Duration = Duration::from_secs(30);
 /// A session that completed its handshake but never sent a transport datagram.
@@ -146,6 +155,8 @@ pub enum ServerRecv {
     Reply {
         len: usize,
     },
+    /// Taken in (parity); datagrams it rebuilt wait in `poll_recovered`.
+    Consumed,
     Dropped(DropReason),
 }
 
@@ -167,6 +178,28 @@ struct ServerPath {
     /// budget before validation.
     heard_bytes: u64,
     receipts: ProbeReceipts,
+    /// The loss towards the client on this path, as the client reports it in its probes.
+    reported_loss: Option<f64>,
+    /// Coded and adaptive sessions: data sent here and the client's receipts for it, and data
+    /// received here for ours.
+    sent_log: SentLog,
+    receipt_loss: LossEstimate,
+    recv_log: RecvLog,
+}
+
+/// Receipts of data outweigh the client's probe-based report once they cover this many
+/// datagrams.
+const RECEIPT_SAMPLES_TRUSTED: f64 = 256.0;
+
+impl ServerPath {
+    /// The loss towards the client, for redundancy.
+    fn loss_estimate(&self) -> Option<f64> {
+        if self.receipt_loss.samples() >= RECEIPT_SAMPLES_TRUSTED {
+            self.receipt_loss.get()
+        } else {
+            self.reported_loss
+        }
+    }
 }
 
 impl ServerPath {
@@ -191,6 +224,16 @@ struct ServerSession {
     tx: Traffic,
     rx: Traffic,
     drops: DropCounters,
+    sender: RedundancySender,
+    receiver: RedundancyReceiver,
+    /// Coded or adaptive: when the next receipt goes out (set when data arrives), and whether it
+    /// is due.
+    receipt_at: Option<Instant>,
+    receipt_due: bool,
+    /// Already in the server's queue of sessions with parity or a receipt to send.
+    parity_queued: bool,
+    /// Already in the server's queue of sessions with rebuilt datagrams.
+    recovered_queued: bool,
 }
 
 /// Probe replies are sealed into the buffer a handshake response uses.
@@ -223,6 +266,13 @@ pub struct Server {
     /// init alone, which anyone who captured one can replay): at most half the table, and
     /// the oldest gives way to a new init rather than anyone being refused.
     half_open: usize,
+    /// Deadlines of open coding groups and receipts (an entry of a closed session, or
+    /// one whose work is done, finds nothing to do when it comes up).
+    group_deadlines: BinaryHeap<Reverse<(Instant, SessionSlot)>>,
+    /// Sessions with parity or a receipt to send, for `poll_transmit`.
+    parity_ready: VecDeque<SessionSlot>,
+    /// Sessions with datagrams rebuilt from parity, for `poll_recovered`.
+    recovered: VecDeque<SessionSlot>,
 }
 
 impl Server {
@@ -247,6 +297,9 @@ impl Server {
             init_limiter: InitLimiter::default(),
             next_source_sweep: now + SOURCE_SWEEP_INTERVAL,
             half_open: 0,
+            group_deadlines: BinaryHeap::new(),
+            parity_ready: VecDeque::new(),
+            recovered: VecDeque::new(),
         }
     }
 
@@ -328,7 +381,11 @@ impl Server {
         };
         // a fresh init for a real target: the oldest half-open session gives way if the
         // table, or its half-open part, is full (replayed inits never keep anyone out)
-        let servable = fresh && target.is_some() && accepted.cipher.is_some_and(|c| self.cfg.ciphers.contains(&c));
+        let redundancy = RedundancyConfig::from_request(accepted.redundancy.as_ref());
+        let servable = fresh
+            && target.is_some()
+            && accepted.cipher.is_some_and(|c| self.cfg.ciphers.contains(&c))
+            && redundancy.is_ok();
         if servable && (self.by_id.len() >= self.cfg.max_sessions || self.half_open >= self.max_half_open()) {
             self.evict_oldest_half_open();
         }
@@ -337,6 +394,7 @@ impl Server {
             _ if !fresh => HandshakeStatus::StaleInit,
             (None, _) => HandshakeStatus::UnknownTarget,
             (_, c) if c.is_none_or(|c| !self.cfg.ciphers.contains(&c)) => HandshakeStatus::CipherRefused,
+            _ if redundancy.is_err() => HandshakeStatus::RedundancyRefused,
             _ if self.by_id.len() >= self.cfg.max_sessions => HandshakeStatus::ServerFull,
             _ => HandshakeStatus::Ok,
         };
@@ -345,7 +403,7 @@ impl Server {
             Ok(k) => k,
             Err(_) => return self.drop_global(DropReason::Malformed),
         };
-        let (Some(keys), Some(target)) = (keys, target) else {
+        let (Some(keys), Some(target), Ok(redundancy)) = (keys, target, redundancy) else {
             self.drops.count(DropReason::Refused);
             self.events.push_back(ServerEvent::Refused { from, status });
             return ServerRecv::Reply { len: HANDSHAKE_RESP_LEN };
@@ -368,6 +426,12 @@ impl Server {
             tx: Traffic::default(),
             rx: Traffic::default(),
             drops: DropCounters::default(),
+            sender: RedundancySender::new(redundancy),
+            receiver: RedundancyReceiver::default(),
+            receipt_at: None,
+            receipt_due: false,
+            parity_queued: false,
+            recovered_queued: false,
         };
         let slot = match self.free.pop() {
             Some(i) => {
@@ -410,10 +474,17 @@ impl Server {
             ReplayVerdict::Fresh => {}
             ReplayVerdict::Duplicate => {
                 // a copy on a path not validated yet earns it reply budget once it
-                // authenticates (the copy that won came on another path)
-                if let Some(p) = known_path.map(|i| &mut s.paths[i]).filter(|p| !p.validated) {
-                    if s.keys.open(seq, buf).is_ok() {
-                        p.heard_bytes += datagram_len as u64;
+                // authenticates (the copy that won came on another path); in an adaptive
+                // session every authentic copy counts for its path's receipts
+                let receipts = s.sender.uses_receipts();
+                if let Some(p) = known_path.map(|i| &mut s.paths[i]).filter(|p| !p.validated || receipts) {
+                    if let Ok(plain_len) = s.keys.open(seq, buf) {
+                        if !p.validated {
+                            p.heard_bytes += datagram_len as u64;
+                        }
+                        if receipts && is_data_plane(&buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + plain_len]) {
+                            p.recv_log.on_datagram(seq);
+                        }
                     }
                 }
                 s.drops.count(DropReason::Duplicate);
@@ -445,10 +516,50 @@ impl Server {
             p.rx.add(datagram_len);
         }
         let plain = &buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + plain_len];
-        match InnerRepr::parse(plain) {
+        let inner = InnerRepr::parse(plain);
+        if s.sender.uses_receipts() {
+            if let Some(p) = path.map(|i| &mut s.paths[i]).filter(|_| is_data_plane(plain)) {
+                p.recv_log.on_datagram(seq);
+            }
+            // receipts go out while anything arrives, so a path whose data stopped shows
+            if s.receipt_at.is_none() {
+                let at = now + RECEIPT_INTERVAL;
+                s.receipt_at = Some(at);
+                self.group_deadlines.push(Reverse((at, slot)));
+            }
+        }
+        match inner {
+            Ok(InnerRepr::Receipt(r)) => {
+                for e in r.entries() {
+                    let Some(p) = s.paths.iter_mut().find(|p| p.client_path_id == Some(e.path_id)) else { continue };
+                    if let Some((sent, lost)) = p.sent_log.on_receipt(now, e.highest, e.received) {
+                        p.receipt_loss.add(lost as f64, sent as f64);
+                    }
+                }
+                ServerRecv::Consumed
+            }
             Ok(InnerRepr::Data(d)) => {
                 s.rx.add(d.len());
                 ServerRecv::Forward { slot, payload: DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + d.len() }
+            }
+            Ok(InnerRepr::FecData(d, tag)) => {
+                let deliver = s.receiver.handle_data(tag, d);
+                let len = d.len();
+                if deliver {
+                    s.rx.add(len);
+                }
+                self.note_recovered(slot);
+                if deliver {
+                    ServerRecv::Forward { slot, payload: DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + len }
+                } else {
+                    // parity rebuilt it before it came
+                    self.count(slot, DropReason::Duplicate)
+                }
+            }
+            Ok(InnerRepr::FecParity(h, shard)) => {
+                s.receiver.handle_parity(h, shard);
+                self.note_recovered(slot);
+                ServerRecv::Consumed
             }
             Ok(InnerRepr::Probe(probe)) => {
                 let Some(i) = path else {
@@ -458,6 +569,7 @@ impl Server {
                 };
                 let p = &mut s.paths[i];
                 p.client_path_id = Some(probe.path_id);
+                p.reported_loss = probe.down_loss_ppm.map(|ppm| f64::from(ppm.min(1_000_000)) / 1e6);
                 p.client_says_down = probe.flags & PROBE_FLAG_PATH_DOWN != 0;
                 p.receipts.on_probe(probe.probe_seq);
                 if !p.validated && probe.echo_challenge == p.challenge {
@@ -495,10 +607,12 @@ impl Server {
     }
 
     /// Seals a datagram from the session's target (payload at
-    /// `buf[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + payload_len]`). Returns the
-    /// datagram length and the paths to send `buf[..len]` on; look their addresses up
-    /// with `path_addr`/`path_local` before the next `handle_datagram` or
-    /// `handle_timeout`, which may learn or drop paths (sealing more does not).
+    /// `buf[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + payload_len]`, with `AEAD_TAG_LEN`
+    /// bytes of room after it; with `DATA_TAIL_ROOM` it may also join a coding group).
+    /// Returns the datagram length and the paths to send `buf[..len]` on; look their
+    /// addresses up with `path_addr`/`path_local` before the next `handle_datagram` or
+    /// `handle_timeout`, which may learn or drop paths (sealing more does not). Parity
+    /// it makes ready goes out through `poll_transmit`.
     pub fn encapsulate(
         &mut self,
         now: Instant,
@@ -507,21 +621,24 @@ impl Server {
         payload_len: usize,
     ) -> Option<(usize, PathMask)> {
         let s = self.sessions.get_mut(slot).and_then(Option::as_mut)?;
-        if payload_len > MAX_APP_PAYLOAD {
+        if payload_len > MAX_APP_PAYLOAD || buf.len() < DATA_PAYLOAD_OFFSET + payload_len + AEAD_TAG_LEN {
             s.drops.count(DropReason::Malformed);
             return None;
         }
-        let len = crate::wire::TUNNEL_OVERHEAD + payload_len;
+        // what a plain copy weighs: an unvalidated path gets nothing else
+        let len = crate::wire::PLAIN_TUNNEL_OVERHEAD + payload_len;
         // Validated, fresh paths the client has not reported dead; plus unvalidated ones
         // (a relay that restarted, a new NAT mapping) within their anti-amplification
         // budget; failing both, any validated path.
         let mut paths = PathMask::EMPTY;
         let mut validated = PathMask::EMPTY;
+        let mut live = PathMask::EMPTY;
         for (i, p) in s.paths.iter().enumerate() {
             if p.validated {
                 validated.insert(i);
                 if !p.client_says_down && now.saturating_duration_since(p.last_rx) < PATH_SILENT_AFTER {
                     paths.insert(i);
+                    live.insert(i);
                 }
             } else if p.budget() >= len as u64 {
                 paths.insert(i);
@@ -534,16 +651,76 @@ impl Server {
             s.drops.count(DropReason::NoPath);
             return None;
         }
-        let n = s.send_seq;
-        s.send_seq += 1;
-        emit_transport_header(buf, s.id, n);
-        buf[TRANSPORT_HEADER_LEN] = INNER_DATA;
-        let len = s.keys.seal(n, buf, 1 + payload_len);
-        s.tx.add(payload_len);
-        for i in paths.iter() {
-            s.paths[i].tx.add(len);
+        let had_group = s.sender.poll_timeout().is_some();
+        let (len, paths) = s.seal_data(now, live, paths, buf, payload_len);
+        if let (false, Some(deadline)) = (had_group, s.sender.poll_timeout()) {
+            self.group_deadlines.push(Reverse((deadline, slot)));
+        }
+        if s.sender.has_parity() && !s.parity_queued {
+            s.parity_queued = true;
+            self.parity_ready.push_back(slot);
         }
         Some((len, paths))
+    }
+
+    /// The next parity shard to send: its session, `buf[..len]`, and the path (look its
+    /// address up as after `encapsulate`). Drain it after each batch of `encapsulate`
+    /// and after `handle_timeout`.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<(SessionSlot, usize, PathMask)> {
+        while let Some(&slot) = self.parity_ready.front() {
+            if let Some(s) = self.sessions.get_mut(slot).and_then(Option::as_mut) {
+                let n = s.send_seq;
+                if let Some((plain, paths)) = s.sender.poll_parity(&mut buf[TRANSPORT_HEADER_LEN..]) {
+                    s.send_seq += 1;
+                    emit_transport_header(buf, s.id, n);
+                    let len = s.keys.seal(n, buf, plain);
+                    s.count_sent(now, n, len, paths);
+                    return Some((slot, len, paths));
+                }
+                if std::mem::take(&mut s.receipt_due) {
+                    if let Some((len, paths)) = s.seal_receipt(now, buf) {
+                        return Some((slot, len, paths));
+                    }
+                }
+                s.parity_queued = false;
+            }
+            self.parity_ready.pop_front();
+        }
+        None
+    }
+
+    /// Queues `slot` for `poll_recovered` if parity rebuilt datagrams of it.
+    fn note_recovered(&mut self, slot: SessionSlot) {
+        if let Some(s) = self.sessions.get_mut(slot).and_then(Option::as_mut) {
+            if !s.recovered_queued && s.receiver.has_recovered() {
+                s.recovered_queued = true;
+                self.recovered.push_back(slot);
+            }
+        }
+    }
+
+    /// The next datagram rebuilt from parity, copied to `buf`: its session and length,
+    /// to forward to the session's target as a `Forward` would. Drain it after every
+    /// datagram handed in.
+    pub fn poll_recovered(&mut self, buf: &mut [u8]) -> Option<(SessionSlot, usize)> {
+        while let Some(&slot) = self.recovered.front() {
+            if let Some(s) = self.sessions.get_mut(slot).and_then(Option::as_mut) {
+                if let Some(n) = s.receiver.poll_recovered(buf) {
+                    s.rx.add(n);
+                    return Some((slot, n));
+                }
+                s.recovered_queued = false;
+            }
+            self.recovered.pop_front();
+        }
+        None
+    }
+
+    fn count(&mut self, slot: SessionSlot, reason: DropReason) -> ServerRecv {
+        if let Some(s) = self.sessions.get_mut(slot).and_then(Option::as_mut) {
+            s.drops.count(reason);
+        }
+        ServerRecv::Dropped(reason)
     }
 
     /// The paths of `slot` that carry data now: validated, heard from within
@@ -578,11 +755,32 @@ impl Server {
     }
 
     pub fn poll_timeout(&self) -> Instant {
-        self.next_sweep
+        match self.group_deadlines.peek() {
+            Some(Reverse((t, _))) => self.next_sweep.min(*t),
+            None => self.next_sweep,
+        }
     }
 
-    /// Expires silent paths and sessions.
+    /// Closes coding groups at their deadline (their parity is then ready for
+    /// `poll_transmit`); expires silent paths and sessions.
     pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&Reverse((t, slot))) = self.group_deadlines.peek() {
+            if t > now {
+                break;
+            }
+            self.group_deadlines.pop();
+            if let Some(s) = self.sessions.get_mut(slot).and_then(Option::as_mut) {
+                s.sender.handle_timeout(now);
+                if s.receipt_at.is_some_and(|at| now >= at) {
+                    s.receipt_at = None;
+                    s.receipt_due = true;
+                }
+                if (s.sender.has_parity() || s.receipt_due) && !s.parity_queued {
+                    s.parity_queued = true;
+                    self.parity_ready.push_back(slot);
+                }
+            }
+        }
         if now < self.next_sweep {
             return;
         }
@@ -676,6 +874,7 @@ impl Server {
                 tx: s.tx,
                 rx: s.rx,
                 drops: s.drops.clone(),
+                redundancy: Some(RedundancyStatus::of(&s.sender, &s.receiver, s.replay.missed(), s.rx.packets)),
                 paths: s
                     .paths
                     .iter()
@@ -714,7 +913,113 @@ impl Server {
     }
 }
 
+/// Whether an opened inner message is data (plain or coded): what receipts count.
+pub(crate) fn is_data_plane(plain: &[u8]) -> bool {
+    matches!(plain.first(), Some(&(INNER_DATA | INNER_FEC_DATA | crate::wire::INNER_FEC_PARITY)))
+}
+
 impl ServerSession {
+    /// Seals a datagram from the target as the session's redundancy plans it over the
+    /// `live` paths; `fallback` is where plain copies go when it plans none.
+    fn seal_data(
+        &mut self,
+        now: Instant,
+        live: PathMask,
+        fallback: PathMask,
+        buf: &mut [u8],
+        payload_len: usize,
+    ) -> (usize, PathMask) {
+        if self.sender.wants_review(now) {
+            let mut estimates =
+                [PathEstimate { index: 0, loss: None, rtt: None, overdue: false, stalled: false }; MAX_PATHS];
+            let mut n = 0;
+            for i in live.iter() {
+                let p = &self.paths[i];
+                estimates[n] = PathEstimate {
+                    index: i,
+                    loss: p.loss_estimate(),
+                    rtt: None,
+                    overdue: now.saturating_duration_since(p.last_rx) >= PATH_OVERDUE_AFTER,
+                    stalled: p.sent_log.stalled(now, stall_patience(None)),
+                };
+                n += 1;
+            }
+            self.sender.review(now, &estimates[..n]);
+        }
+        let tag_room = buf.len() >= DATA_PAYLOAD_OFFSET + payload_len + DATA_TAIL_ROOM;
+        let plan =
+            self.sender.plan(now, &buf[DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + payload_len], tag_room, fallback);
+        let mut paths = PathMask(plan.paths.0 & fallback.0);
+        if paths.is_empty() {
+            paths = fallback;
+        }
+        let n = self.send_seq;
+        self.send_seq += 1;
+        emit_transport_header(buf, self.id, n);
+        let plain = match plan.tag {
+            Some(tag) => {
+                buf[TRANSPORT_HEADER_LEN] = INNER_FEC_DATA;
+                let at = DATA_PAYLOAD_OFFSET + payload_len;
+                tag.emit((&mut buf[at..at + crate::fec::DATA_TAG_LEN]).try_into().expect("room checked"));
+                1 + payload_len + crate::fec::DATA_TAG_LEN
+            }
+            None => {
+                buf[TRANSPORT_HEADER_LEN] = INNER_DATA;
+                1 + payload_len
+            }
+        };
+        let len = self.keys.seal(n, buf, plain);
+        self.tx.add(payload_len);
+        self.count_sent(now, n, len, paths);
+        (len, paths)
+    }
+
+    /// Counts datagram `seq` of `len` bytes sent on `paths` (and logs it for receipts, in
+    /// a coded or adaptive session).
+    fn count_sent(&mut self, now: Instant, seq: u64, len: usize, paths: PathMask) {
+        let receipts = self.sender.uses_receipts();
+        self.sender.count_wire(len, paths.len());
+        for i in paths.iter() {
+            if let Some(p) = self.paths.get_mut(i) {
+                p.tx.add(len);
+                if receipts {
+                    p.sent_log.record(now, seq);
+                }
+            }
+        }
+    }
+
+    /// The receipt of what arrived on each path, sealed into `buf`, for every validated
+    /// live path (a receipt is small, and one lost with a dying path would make the
+    /// others look dead too).
+    fn seal_receipt(&mut self, now: Instant, buf: &mut [u8]) -> Option<(usize, PathMask)> {
+        let mut paths = PathMask::EMPTY;
+        for (i, p) in self.paths.iter().enumerate() {
+            if p.validated && now.saturating_duration_since(p.last_rx) < PATH_SILENT_AFTER {
+                paths.insert(i);
+            }
+        }
+        if paths.is_empty() {
+            return None;
+        }
+        let with_id = |p: &&ServerPath| p.recv_log.received > 0 && p.client_path_id.is_some();
+        let count = self.paths.iter().filter(with_id).count();
+        let entries = self.paths.iter().filter(with_id).map(|p| ReceiptEntry {
+            path_id: p.client_path_id.unwrap_or_default(),
+            highest: p.recv_log.highest,
+            received: p.recv_log.received,
+        });
+        let plain = crate::wire::emit_receipt(&mut buf[TRANSPORT_HEADER_LEN..], crate::ExactLen(entries, count))?;
+        let n = self.send_seq;
+        self.send_seq += 1;
+        emit_transport_header(buf, self.id, n);
+        let len = self.keys.seal(n, buf, plain);
+        for i in paths.iter() {
+            self.paths[i].tx.add(len);
+        }
+        Some((len, paths))
+    }
+
     /// Adds `from` as a path after an authenticated datagram from it, evicting a silent
     /// path if the session is at its cap. Returns the new path's index, if added.
     fn learn_path(
@@ -748,6 +1053,10 @@ impl ServerSession {
             tx: Traffic::default(),
             heard_bytes: 0,
             receipts: ProbeReceipts::default(),
+            reported_loss: None,
+            sent_log: SentLog::default(),
+            receipt_loss: LossEstimate::default(),
+            recv_log: RecvLog::default(),
         });
         events.push_back(ServerEvent::PathAdded { slot, addr: from });
         Some(self.paths.len() - 1)

@@ -1,8 +1,9 @@
 //! A seeded, in-process network for testing the cores with a fake clock.
 //!
 //! One `Client` and one `Server` joined by N links (one per client path). Each link has
-//! per-direction loss, delay, jitter (which reorders) and duplication, and can be cut or
-//! have its server-side address changed (a restarted relay). The target behind the server
+//! per-direction loss (independent, or bursty: Gilbert–Elliott), delay, jitter (which
+//! reorders) and duplication, and can be cut or have its server-side address changed (a
+//! restarted relay). The target behind the server
 //! echoes every datagram, or just records it. Everything random comes from one seed (the
 //! network's choices and both cores' `Entropy`: session ids, challenges, ephemeral keys),
 //! so a failing run replays exactly, byte for byte; `trace` records what happened.
@@ -12,6 +13,7 @@
 use crate::client::{Client, ClientCoreConfig, ClientRecv, ClientSend};
 use crate::crypto::{Cipher, Psk};
 use crate::entropy::Entropy;
+use crate::redundancy::RedundancyConfig;
 use crate::server::{Server, ServerCoreConfig, ServerRecv, SessionSlot};
 use crate::wire::{DATA_PAYLOAD_OFFSET, HANDSHAKE_RESP_LEN, MAX_DATAGRAM};
 use std::cmp::Reverse;
@@ -84,11 +86,25 @@ pub struct LinkDir {
     /// Extra delay uniform in [0, jitter): reorders datagrams.
     pub jitter: Duration,
     pub duplicate: f64,
+    /// Bursty loss (Gilbert–Elliott): the chance per datagram of going from the good
+    /// state (where `loss` applies) to the bad one, of coming back, and the loss in it.
+    pub to_bad: f64,
+    pub to_good: f64,
+    pub bad_loss: f64,
 }
 
 impl LinkDir {
     pub fn lossy(loss: f64, delay_ms: u64) -> Self {
         Self { loss, delay: Duration::from_millis(delay_ms), ..Self::default() }
+    }
+
+    /// Bursty loss averaging about `mean_loss`, in bursts of `burst` datagrams on average
+    /// during which everything is lost.
+    pub fn bursty(mean_loss: f64, burst: f64, delay_ms: u64) -> Self {
+        let to_good = 1.0 / burst;
+        // stationary share of the bad state = to_bad / (to_bad + to_good) = mean_loss
+        let to_bad = mean_loss * to_good / (1.0 - mean_loss);
+        Self { delay: Duration::from_millis(delay_ms), to_bad, to_good, bad_loss: 1.0, ..Self::default() }
     }
 }
 
@@ -99,6 +115,8 @@ pub struct Link {
     /// The address the server sees this path's datagrams come from (the relay's).
     pub server_side_addr: SocketAddr,
     pub cut: bool,
+    /// Each direction's Gilbert–Elliott state: in the bad state.
+    bad: [bool; 2],
 }
 
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -114,6 +132,9 @@ pub struct SimCounters {
     pub lost: u64,
     /// Server replies to an address no link has (any more): lost.
     pub unroutable: u64,
+    /// Bytes the client and the server put on the links, every copy counted.
+    pub bytes_to_server: u64,
+    pub bytes_to_client: u64,
 }
 
 /// Delivery time, a tie-breaking order, where to, the bytes.
@@ -169,6 +190,7 @@ impl Sim {
             path_names: (0..links.len()).map(|i| format!("link{i}")).collect(),
             session_idle_timeout: Duration::from_secs(60),
             max_sessions: 16,
+            redundancy: RedundancyConfig::default(),
         };
         let server_cfg = ServerCoreConfig {
             default_target: Some(SIM_TARGET.parse().expect("literal")),
@@ -186,6 +208,7 @@ impl Sim {
                 to_client: down,
                 server_side_addr: SocketAddr::from(([10, 0, i as u8, 1], 40000)),
                 cut: false,
+                bad: [false; 2],
             })
             .collect();
         let mut rng = SimRng::new(seed);
@@ -242,6 +265,12 @@ impl Sim {
         self.client = Client::new(self.psk.clone(), self.client_cfg.clone(), self.now, wall, entropy);
     }
 
+    /// A new client (all state forgotten) whose sessions use `redundancy`.
+    pub fn set_redundancy(&mut self, redundancy: RedundancyConfig) {
+        self.client_cfg.redundancy = redundancy;
+        self.restart_client();
+    }
+
     /// Forgets all client state.
     pub fn restart_client(&mut self) {
         let entropy = Box::new(SimEntropy::new(self.rng.next_u64()));
@@ -254,10 +283,30 @@ impl Sim {
         a.set_port(a.port() + 1);
     }
 
+    /// Whether one datagram on `link`'s direction `d` (0 up, 1 down) is lost.
+    fn lost(&mut self, link: usize, d: usize, dir: LinkDir) -> bool {
+        let bad = &mut self.links[link].bad[d];
+        let flip = if *bad { dir.to_good } else { dir.to_bad };
+        if self.rng.chance(flip) {
+            *bad = !*bad;
+        }
+        let loss = if self.links[link].bad[d] { dir.bad_loss } else { dir.loss };
+        self.rng.chance(loss)
+    }
+
     fn enqueue(&mut self, hop: Hop, dir: LinkDir, bytes: &[u8]) {
         let copies = if self.rng.chance(dir.duplicate) { 2 } else { 1 };
+        let (link, d) = match hop {
+            Hop::ToServer { link, .. } => (link, 0),
+            Hop::ToClient { link } => (link, 1),
+        };
+        if d == 0 {
+            self.counters.bytes_to_server += bytes.len() as u64;
+        } else {
+            self.counters.bytes_to_client += bytes.len() as u64;
+        }
         for _ in 0..copies {
-            if self.rng.chance(dir.loss) {
+            if self.lost(link, d, dir) {
                 self.counters.lost += 1;
                 continue;
             }
@@ -313,7 +362,7 @@ impl Sim {
         r
     }
 
-    /// Drains both cores' transmit queues and events.
+    /// Drains both cores' transmit queues, rebuilt datagrams and events.
     fn flush(&mut self) {
         loop {
             let mut buf = std::mem::take(&mut self.buf);
@@ -323,6 +372,27 @@ impl Sim {
                 Some(t) => self.send_client_paths(t.len, t.paths),
                 None => break,
             }
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        while let Some((slot, len, paths)) = self.server.poll_transmit(self.now, &mut buf) {
+            self.send_server_paths(slot, &buf[..len], paths);
+        }
+        while let Some((app, n)) = self.client.poll_recovered(self.now, &mut buf) {
+            self.app_received.push((app, buf[..n].to_vec()));
+        }
+        let mut rebuilt = Vec::new();
+        while let Some((slot, n)) = self.server.poll_recovered(&mut buf[DATA_PAYLOAD_OFFSET..]) {
+            rebuilt.push((slot, n));
+            self.target_got(slot, &mut buf, DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + n);
+        }
+        self.buf = buf;
+        if !rebuilt.is_empty() {
+            // the echoes may have made parity of their own
+            let mut buf = std::mem::take(&mut self.buf);
+            while let Some((slot, len, paths)) = self.server.poll_transmit(self.now, &mut buf) {
+                self.send_server_paths(slot, &buf[..len], paths);
+            }
+            self.buf = buf;
         }
         let at = self.now - self.start;
         while let Some(ev) = self.client.poll_event() {
@@ -357,25 +427,8 @@ impl Sim {
                 let r = self.server.handle_datagram(self.now, from, &mut buf[..n], &mut out);
                 match r {
                     ServerRecv::Reply { len } => self.send_to_client(from, &out[..len]),
-                    ServerRecv::Forward { slot, payload } => {
-                        let data = buf[payload.clone()].to_vec();
-                        self.target_received.push((slot, data));
-                        if self.echo {
-                            // the target answers at once, from the session's upstream socket
-                            let plen = payload.len();
-                            buf.copy_within(payload, DATA_PAYLOAD_OFFSET);
-                            if let Some((len, paths)) = self.server.encapsulate(self.now, slot, &mut buf, plen) {
-                                for p in paths.iter() {
-                                    if let Some(addr) = self.server.path_addr(slot, p) {
-                                        bytes.clear();
-                                        bytes.extend_from_slice(&buf[..len]);
-                                        self.send_to_client(addr, &bytes);
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    ServerRecv::Dropped(_) => {}
+                    ServerRecv::Forward { slot, payload } => self.target_got(slot, &mut buf, payload),
+                    ServerRecv::Consumed | ServerRecv::Dropped(_) => {}
                 }
                 self.buf = buf;
             }
@@ -387,6 +440,28 @@ impl Sim {
             }
         }
         self.flush();
+    }
+
+    /// The target received `buf[payload]` from session `slot`; it records it and, if
+    /// echoing, answers at once from the session's upstream socket.
+    fn target_got(&mut self, slot: SessionSlot, buf: &mut [u8], payload: std::ops::Range<usize>) {
+        self.target_received.push((slot, buf[payload.clone()].to_vec()));
+        if !self.echo {
+            return;
+        }
+        let plen = payload.len();
+        buf.copy_within(payload, DATA_PAYLOAD_OFFSET);
+        if let Some((len, paths)) = self.server.encapsulate(self.now, slot, buf, plen) {
+            self.send_server_paths(slot, &buf[..len], paths);
+        }
+    }
+
+    fn send_server_paths(&mut self, slot: SessionSlot, bytes: &[u8], paths: crate::PathMask) {
+        for p in paths.iter() {
+            if let Some(addr) = self.server.path_addr(slot, p) {
+                self.send_to_client(addr, bytes);
+            }
+        }
     }
 
     /// Runs the network and both cores until `deadline`.

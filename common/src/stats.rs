@@ -249,7 +249,59 @@ pub struct SessionStatus {
     pub tx: Traffic,
     pub rx: Traffic,
     pub drops: DropCounters,
+    /// How the session spreads its datagrams (absent in reports from before modes).
+    #[serde(default)]
+    pub redundancy: Option<RedundancyStatus>,
     pub paths: Vec<PathStatus>,
+}
+
+/// A session's redundancy: the sending direction's scheme and cost, and what the
+/// receiving direction rebuilt and lost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RedundancyStatus {
+    /// `duplicate`, `fec` or `adaptive`.
+    pub mode: String,
+    /// What goes out now: `duplicate`, `single`, `rs 10+4`.
+    pub scheme: String,
+    /// Bytes sent (every copy, every parity shard, headers and tags) per payload byte.
+    pub wire_per_payload: Option<f64>,
+    /// The residual loss the scheme predicts from the paths' measured loss.
+    pub predicted_loss: f64,
+    pub parity_sent: u64,
+    /// Datagrams from the other end rebuilt from parity.
+    pub recovered: u64,
+    /// Datagrams from the other end that arrived on no path and were not rebuilt
+    /// (counted once older than the replay window).
+    pub lost: u64,
+    /// `lost` over everything the other end sent that has left the window.
+    pub residual_loss: Option<f64>,
+}
+
+impl RedundancyStatus {
+    /// From a session's sender and receiver, the sequence numbers its replay window
+    /// missed, and the datagrams it delivered.
+    pub fn of(
+        sender: &crate::redundancy::RedundancySender,
+        receiver: &crate::redundancy::RedundancyReceiver,
+        missed: u64,
+        delivered: u64,
+    ) -> Self {
+        let st = sender.stats;
+        let rx = receiver.stats();
+        // missed numbers are plain datagrams (data, probes) and coded shards; the decoder
+        // tells which shards went missing and how much data stayed lost among them
+        let lost = missed.saturating_sub(rx.fec.missing_shards) + rx.fec.lost_data;
+        Self {
+            mode: sender.config().mode_name().into(),
+            scheme: sender.scheme().to_string(),
+            wire_per_payload: (st.payload_bytes > 0).then(|| st.wire_bytes as f64 / st.payload_bytes as f64),
+            predicted_loss: sender.predicted_residual(),
+            parity_sent: st.parity_shards,
+            recovered: rx.fec.recovered,
+            lost,
+            residual_loss: (delivered + lost > 0).then(|| lost as f64 / (delivered + lost) as f64),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -310,6 +362,18 @@ impl StatusReport {
                 sess.rx.bytes,
                 sess.drops.compact()
             );
+            if let Some(r) = &sess.redundancy {
+                let _ = writeln!(
+                    s,
+                    "  redundancy {} now {}  wire/payload {}  parity sent {}  recovered {}  lost {}",
+                    r.mode,
+                    r.scheme,
+                    r.wire_per_payload.map_or("-".into(), |x| format!("{x:.2}")),
+                    r.parity_sent,
+                    r.recovered,
+                    r.lost
+                );
+            }
             let _ = writeln!(
                 s,
                 "  {:<24} {:<11} {:>8} {:>8} {:>8} {:>8} {:>10} {:>12} {:>10} {:>12}",

@@ -13,6 +13,9 @@
 //!         is refused once it is older than the server's window)
 //!  50     target name length n (<= MAX_TARGET_NAME_LEN)
 //!  51..   target name (UTF-8, n bytes; empty = the server's default target)
+//!  then   optionally the redundancy the client asks for (8 bytes; absent = duplicate,
+//!         what every client before it did): mode u8 | data u8 | parity u8 |
+//!         group deadline ms u8 | target residual loss u32 (parts per billion)
 //!  then   HMAC-SHA256 over everything before it, keyed from the PSK (32 bytes)
 //!
 //! HandshakeResp (server -> client; 74 bytes, never longer than an init: no amplification)
@@ -33,8 +36,13 @@
 //! copy of a datagram, so one sealed buffer can go out on every path unchanged.
 //!
 //! Inner messages (the plaintext of a transport datagram) start with a kind byte:
-//! `Data` (the application's datagram follows), `Probe` and `ProbeReply` (per-path health).
+//! `Data` (the application's datagram follows), `Probe` and `ProbeReply` (per-path health),
+//! and for coded redundancy `FecData` (the datagram, then its group u32 and index u8 as a
+//! trailer, so the payload sits where `Data`'s does) and `FecParity` (a `ParityHeader`,
+//! then the shard). Each is sealed on its own: parity has its own nonce and passes the
+//! same replay window as data.
 
+use crate::fec::{DataTag, ParityHeader, DATA_TAG_LEN, PARITY_HEADER_LEN};
 use crate::SessionId;
 
 /// Byte ranges of every field, as the layout above shows them; code names fields, never
@@ -78,8 +86,20 @@ pub mod field {
         pub const SEQ: Field = 3..7;
         pub const TX_TIME: Field = 7..11;
         pub const ECHO_CHALLENGE: Field = 11..19;
+        /// The loss the client measures from the server on this path, in parts per
+        /// million plus one (0: not known; clients before it sent zero padding here).
+        pub const DOWN_LOSS: Field = 19..23;
         /// Zero padding up to the reply's size.
-        pub const PADDING: usize = 19;
+        pub const PADDING: usize = 23;
+    }
+
+    /// The redundancy extension of an init, after the target name.
+    pub mod redundancy {
+        pub const MODE: usize = 0;
+        pub const DATA: usize = 1;
+        pub const PARITY: usize = 2;
+        pub const DEADLINE_MS: usize = 3;
+        pub const TARGET_LOSS: core::ops::Range<usize> = 4..8;
     }
 
     pub mod probe_reply {
@@ -134,8 +154,10 @@ pub const X25519_PUBLIC_LEN: usize = 32;
 pub const HANDSHAKE_MAC_LEN: usize = 32;
 pub const MAX_TARGET_NAME_LEN: usize = 64;
 const INIT_FIXED_LEN: usize = field::init::TARGET;
+/// The redundancy extension of an init.
+pub const REDUNDANCY_EXT_LEN: usize = field::redundancy::TARGET_LOSS.end;
 pub const HANDSHAKE_INIT_MIN_LEN: usize = INIT_FIXED_LEN + HANDSHAKE_MAC_LEN;
-pub const HANDSHAKE_INIT_MAX_LEN: usize = HANDSHAKE_INIT_MIN_LEN + MAX_TARGET_NAME_LEN;
+pub const HANDSHAKE_INIT_MAX_LEN: usize = HANDSHAKE_INIT_MIN_LEN + MAX_TARGET_NAME_LEN + REDUNDANCY_EXT_LEN;
 /// Bytes of a response covered by its MAC (everything but the MAC).
 pub const HANDSHAKE_RESP_BODY_LEN: usize = field::resp::MAC.start;
 pub const HANDSHAKE_RESP_LEN: usize = HANDSHAKE_RESP_BODY_LEN + HANDSHAKE_MAC_LEN;
@@ -152,8 +174,18 @@ pub const TRANSPORT_HEADER_LEN: usize = field::transport::SEQ.end;
 pub const AEAD_TAG_LEN: usize = 16;
 /// The inner kind byte that precedes every inner message.
 pub const INNER_KIND_LEN: usize = 1;
-/// Bytes the tunnel adds to one application datagram (UDP/IP headers not included).
-pub const TUNNEL_OVERHEAD: usize = TRANSPORT_HEADER_LEN + INNER_KIND_LEN + AEAD_TAG_LEN;
+/// Room a caller leaves after an application datagram it hands a core to seal in place:
+/// a coding group's tag and the AEAD tag.
+pub const DATA_TAIL_ROOM: usize = DATA_TAG_LEN + AEAD_TAG_LEN;
+/// Bytes the tunnel adds to a plain copy of an application datagram (what every copy
+/// was before redundancy modes).
+pub const PLAIN_TUNNEL_OVERHEAD: usize = TRANSPORT_HEADER_LEN + INNER_KIND_LEN + AEAD_TAG_LEN;
+/// Bytes the tunnel adds to one application datagram at most (UDP/IP headers not
+/// included): the parity shard of a group, whose plaintext outgrows its longest datagram
+/// by a parity header, a length prefix and one byte of padding. An application whose
+/// datagrams leave this much room under the path MTU is never fragmented, in any mode.
+pub const TUNNEL_OVERHEAD: usize =
+    TRANSPORT_HEADER_LEN + INNER_KIND_LEN + PARITY_HEADER_LEN + crate::fec::SHARD_PADDING + AEAD_TAG_LEN;
 /// Where the application payload starts inside a transport datagram buffer.
 pub const DATA_PAYLOAD_OFFSET: usize = TRANSPORT_HEADER_LEN + INNER_KIND_LEN;
 /// The largest UDP payload over IPv4.
@@ -166,6 +198,12 @@ pub const MAX_DATAGRAM: usize = 65_536;
 pub const INNER_DATA: u8 = 0x00;
 pub const INNER_PROBE: u8 = 0x01;
 pub const INNER_PROBE_REPLY: u8 = 0x02;
+pub const INNER_FEC_DATA: u8 = 0x03;
+pub const INNER_FEC_PARITY: u8 = 0x04;
+pub const INNER_RECEIPT: u8 = 0x05;
+/// One path's entry in a receipt: the client's path id u8 | the highest sequence number
+/// received on it u64 | datagrams received on it u32 (wrapping).
+pub const RECEIPT_ENTRY_LEN: usize = 13;
 /// Probes are padded to the size of a reply, so answering one never sends more bytes
 /// than were received (no amplification, even on an unvalidated path).
 pub const PROBE_LEN: usize = PROBE_REPLY_LEN;
@@ -228,6 +266,40 @@ pub fn emit_transport_header(buf: &mut [u8], session: SessionId, seq: u64) {
     put_u64(buf, field::transport::SEQ, seq);
 }
 
+/// The redundancy a client asks for in its init, as it is on the wire (the server checks
+/// that it knows the mode: `redundancy::RedundancyConfig::from_request`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedundancyRequest {
+    pub mode: u8,
+    pub data: u8,
+    pub parity: u8,
+    pub deadline_ms: u8,
+    /// Target residual loss, parts per billion.
+    pub target_loss_ppb: u32,
+}
+
+impl RedundancyRequest {
+    fn parse(b: &[u8; REDUNDANCY_EXT_LEN]) -> Self {
+        use field::redundancy as f;
+        Self {
+            mode: b[f::MODE],
+            data: b[f::DATA],
+            parity: b[f::PARITY],
+            deadline_ms: b[f::DEADLINE_MS],
+            target_loss_ppb: u32_at(b, f::TARGET_LOSS),
+        }
+    }
+
+    fn emit(&self, b: &mut [u8]) {
+        use field::redundancy as f;
+        b[f::MODE] = self.mode;
+        b[f::DATA] = self.data;
+        b[f::PARITY] = self.parity;
+        b[f::DEADLINE_MS] = self.deadline_ms;
+        put_u32(b, f::TARGET_LOSS, self.target_loss_ppb);
+    }
+}
+
 /// The parsed fixed part of a handshake init (the MAC is checked by `crypto`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandshakeInitRepr<'a> {
@@ -237,6 +309,8 @@ pub struct HandshakeInitRepr<'a> {
     /// The client's wall clock when it made the init (ms since the Unix epoch).
     pub timestamp_ms: u64,
     pub target: &'a str,
+    /// `None`: plain duplication (and an init any server before the extension reads).
+    pub redundancy: Option<RedundancyRequest>,
 }
 
 impl<'a> HandshakeInitRepr<'a> {
@@ -252,21 +326,27 @@ impl<'a> HandshakeInitRepr<'a> {
         if n > MAX_TARGET_NAME_LEN {
             return Err(WireError::BadField);
         }
-        let body_len = INIT_FIXED_LEN + n;
-        if b.len() != body_len + HANDSHAKE_MAC_LEN {
-            return Err(WireError::Truncated);
-        }
-        let target = std::str::from_utf8(&b[INIT_FIXED_LEN..body_len]).map_err(|_| WireError::BadField)?;
+        let name_end = INIT_FIXED_LEN + n;
+        // the length says whether the extension is there: a name's length is explicit
+        let body_len = b.len().checked_sub(HANDSHAKE_MAC_LEN).ok_or(WireError::Truncated)?;
+        let redundancy = match body_len.checked_sub(name_end) {
+            Some(0) => None,
+            Some(REDUNDANCY_EXT_LEN) => {
+                Some(RedundancyRequest::parse(b[name_end..body_len].try_into().expect("length checked")))
+            }
+            _ => return Err(WireError::Truncated),
+        };
+        let target = std::str::from_utf8(&b[INIT_FIXED_LEN..name_end]).map_err(|_| WireError::BadField)?;
         let mut public = [0u8; X25519_PUBLIC_LEN];
         public.copy_from_slice(&b[field::init::PUBLIC]);
         let session = SessionId(u64_at(b, field::init::SESSION));
         let timestamp_ms = u64_at(b, field::init::TIMESTAMP);
-        Ok((Self { cipher: b[field::init::CIPHER], session, public, timestamp_ms, target }, body_len))
+        Ok((Self { cipher: b[field::init::CIPHER], session, public, timestamp_ms, target, redundancy }, body_len))
     }
 
     /// Length of the body (without MAC).
     pub fn body_len(&self) -> usize {
-        INIT_FIXED_LEN + self.target.len()
+        INIT_FIXED_LEN + self.target.len() + self.redundancy.map_or(0, |_| REDUNDANCY_EXT_LEN)
     }
 
     /// Writes the body (everything but the MAC); returns its length.
@@ -284,7 +364,11 @@ impl<'a> HandshakeInitRepr<'a> {
         b[field::init::PUBLIC].copy_from_slice(&self.public);
         put_u64(b, field::init::TIMESTAMP, self.timestamp_ms);
         b[field::init::TARGET_LEN] = self.target.len() as u8;
-        b[INIT_FIXED_LEN..len].copy_from_slice(self.target.as_bytes());
+        let name_end = INIT_FIXED_LEN + self.target.len();
+        b[INIT_FIXED_LEN..name_end].copy_from_slice(self.target.as_bytes());
+        if let Some(r) = &self.redundancy {
+            r.emit(&mut b[name_end..len]);
+        }
         Ok(len)
     }
 }
@@ -302,6 +386,8 @@ pub enum HandshakeStatus {
     /// The init's timestamp is outside the server's freshness window: a replay, or the
     /// two clocks disagree by more than `INIT_FRESHNESS`.
     StaleInit = 5,
+    /// The server does not know or does not allow the redundancy the client asked for.
+    RedundancyRefused = 6,
 }
 
 impl HandshakeStatus {
@@ -313,6 +399,7 @@ impl HandshakeStatus {
             3 => Self::CipherRefused,
             4 => Self::TargetUnavailable,
             5 => Self::StaleInit,
+            6 => Self::RedundancyRefused,
             _ => return Err(WireError::BadField),
         })
     }
@@ -361,6 +448,9 @@ pub struct ProbeRepr {
     pub tx_time_us: u32,
     /// The last challenge the server sent on this path (0 before any).
     pub echo_challenge: u64,
+    /// The loss the client measures from the server on this path, in parts per million
+    /// (`None`: not known yet, or a client that does not say).
+    pub down_loss_ppm: Option<u32>,
 }
 
 pub const PROBE_FLAG_PATH_DOWN: u8 = 0x01;
@@ -387,6 +477,64 @@ pub enum InnerRepr<'a> {
     Data(&'a [u8]),
     Probe(ProbeRepr),
     ProbeReply(ProbeReplyRepr),
+    /// A datagram of a coding group (its tag is a trailer on the wire).
+    FecData(&'a [u8], DataTag),
+    /// A parity shard of a coding group.
+    FecParity(ParityHeader, &'a [u8]),
+    /// What arrived on each path (coded and adaptive sessions): entry count u8, then entries.
+    Receipt(ReceiptView<'a>),
+}
+
+/// A checked receipt: whole entries, at most `MAX_PATHS` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiptView<'a>(&'a [u8]);
+
+/// One entry of a receipt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiptEntry {
+    /// The client's index of the path.
+    pub path_id: u8,
+    pub highest: u64,
+    pub received: u32,
+}
+
+impl<'a> ReceiptView<'a> {
+    fn parse(body: &'a [u8]) -> Result<Self, WireError> {
+        let (&n, entries) = body.split_first().ok_or(WireError::Truncated)?;
+        if usize::from(n) > crate::MAX_PATHS {
+            return Err(WireError::BadField);
+        }
+        if entries.len() != usize::from(n) * RECEIPT_ENTRY_LEN {
+            return Err(WireError::Truncated);
+        }
+        Ok(Self(entries))
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = ReceiptEntry> + 'a {
+        self.0.chunks_exact(RECEIPT_ENTRY_LEN).map(|e| ReceiptEntry {
+            path_id: e[0],
+            highest: u64_at(e, 1..9),
+            received: u32_at(e, 9..13),
+        })
+    }
+}
+
+/// Writes a receipt of `entries` as an inner message into `b`; returns its length, or
+/// `None` if `b` is short or there are more entries than paths.
+pub fn emit_receipt(b: &mut [u8], entries: impl ExactSizeIterator<Item = ReceiptEntry>) -> Option<usize> {
+    let n = entries.len();
+    let len = INNER_KIND_LEN + 1 + n * RECEIPT_ENTRY_LEN;
+    if n > crate::MAX_PATHS || b.len() < len {
+        return None;
+    }
+    b[0] = INNER_RECEIPT;
+    b[1] = n as u8;
+    for (e, chunk) in entries.zip(b[2..len].chunks_exact_mut(RECEIPT_ENTRY_LEN)) {
+        chunk[0] = e.path_id;
+        put_u64(chunk, 1..9, e.highest);
+        put_u32(chunk, 9..13, e.received);
+    }
+    Some(len)
 }
 
 impl<'a> InnerRepr<'a> {
@@ -395,6 +543,20 @@ impl<'a> InnerRepr<'a> {
         let (&kind, body) = b.split_first().ok_or(WireError::Truncated)?;
         match kind {
             INNER_DATA => Ok(Self::Data(body)),
+            INNER_FEC_DATA => {
+                let at = body.len().checked_sub(DATA_TAG_LEN).ok_or(WireError::Truncated)?;
+                let tag = DataTag::parse(&body[at..]).map_err(|_| WireError::BadField)?;
+                Ok(Self::FecData(&body[..at], tag))
+            }
+            INNER_RECEIPT => Ok(Self::Receipt(ReceiptView::parse(body)?)),
+            INNER_FEC_PARITY => {
+                let header = ParityHeader::parse(body).map_err(|_| WireError::BadField)?;
+                let shard = &body[PARITY_HEADER_LEN..];
+                if shard.len() != usize::from(header.shard_len) {
+                    return Err(WireError::Truncated);
+                }
+                Ok(Self::FecParity(header, shard))
+            }
             INNER_PROBE => {
                 if b.len() != PROBE_LEN {
                     return Err(WireError::Truncated);
@@ -405,6 +567,7 @@ impl<'a> InnerRepr<'a> {
                     probe_seq: u32_at(b, probe::SEQ),
                     tx_time_us: u32_at(b, probe::TX_TIME),
                     echo_challenge: u64_at(b, probe::ECHO_CHALLENGE),
+                    down_loss_ppm: u32_at(b, probe::DOWN_LOSS).checked_sub(1),
                 }))
             }
             INNER_PROBE_REPLY => {
@@ -430,6 +593,9 @@ impl<'a> InnerRepr<'a> {
             Self::Data(d) => 1 + d.len(),
             Self::Probe(_) => PROBE_LEN,
             Self::ProbeReply(_) => PROBE_REPLY_LEN,
+            Self::FecData(d, _) => 1 + d.len() + DATA_TAG_LEN,
+            Self::FecParity(_, shard) => 1 + PARITY_HEADER_LEN + shard.len(),
+            Self::Receipt(r) => 2 + r.0.len(),
         }
     }
 
@@ -452,6 +618,7 @@ impl<'a> InnerRepr<'a> {
                 put_u32(b, probe::SEQ, p.probe_seq);
                 put_u32(b, probe::TX_TIME, p.tx_time_us);
                 put_u64(b, probe::ECHO_CHALLENGE, p.echo_challenge);
+                put_u32(b, probe::DOWN_LOSS, p.down_loss_ppm.map_or(0, |l| l.saturating_add(1)));
                 b[probe::PADDING..PROBE_LEN].fill(0);
             }
             Self::ProbeReply(r) => {
@@ -463,6 +630,25 @@ impl<'a> InnerRepr<'a> {
                 put_u32(b, probe_reply::RX_HIGHEST, r.rx_highest);
                 put_u64(b, probe_reply::RX_BITMAP, r.rx_bitmap);
                 b[probe_reply::FLAGS] = r.flags;
+            }
+            Self::FecData(d, tag) => {
+                b[0] = INNER_FEC_DATA;
+                b[INNER_KIND_LEN..INNER_KIND_LEN + d.len()].copy_from_slice(d);
+                let trailer: &mut [u8; DATA_TAG_LEN] =
+                    (&mut b[len - DATA_TAG_LEN..len]).try_into().expect("a tag's room");
+                tag.emit(trailer);
+            }
+            Self::FecParity(h, shard) => {
+                b[0] = INNER_FEC_PARITY;
+                let header: &mut [u8; PARITY_HEADER_LEN] =
+                    (&mut b[INNER_KIND_LEN..INNER_KIND_LEN + PARITY_HEADER_LEN]).try_into().expect("a header's room");
+                h.emit(header);
+                b[INNER_KIND_LEN + PARITY_HEADER_LEN..len].copy_from_slice(shard);
+            }
+            Self::Receipt(r) => {
+                b[0] = INNER_RECEIPT;
+                b[1] = (r.0.len() / RECEIPT_ENTRY_LEN) as u8;
+                b[2..len].copy_from_slice(r.0);
             }
         }
         Ok(len)
@@ -496,6 +682,7 @@ mod tests {
             public: [0xaa; 32],
             timestamp_ms: 0x0000_0193_0a0b_0c0d,
             target: "ssh",
+            redundancy: None,
         };
         let mut b = [0u8; HANDSHAKE_INIT_MAX_LEN];
         let n = repr.emit_body(&mut b).unwrap();
@@ -517,6 +704,31 @@ mod tests {
         bad[field::init::TARGET] = 0xff;
         assert_eq!(HandshakeInitRepr::parse(&bad[..n + 32]).unwrap_err(), WireError::BadField);
         assert_eq!(HandshakeInitRepr::parse(&b[..10]).unwrap_err(), WireError::Truncated);
+
+        // with the redundancy extension: 8 bytes after the name
+        let with = HandshakeInitRepr {
+            redundancy: Some(RedundancyRequest {
+                mode: 2,
+                data: 10,
+                parity: 4,
+                deadline_ms: 5,
+                target_loss_ppb: 100_000,
+            }),
+            ..repr
+        };
+        let mut b = [0u8; HANDSHAKE_INIT_MAX_LEN];
+        let n = with.emit_body(&mut b).unwrap();
+        assert_eq!(n, 62);
+        assert_eq!(&b[54..62], &[2, 10, 4, 5, 0, 0x01, 0x86, 0xa0]);
+        let (parsed, body) = HandshakeInitRepr::parse(&b[..n + HANDSHAKE_MAC_LEN]).unwrap();
+        assert_eq!((parsed, body), (with, n));
+        // any other length after the name is refused
+        for extra in [1, 7, 9] {
+            assert_eq!(
+                HandshakeInitRepr::parse(&b[..54 + extra + HANDSHAKE_MAC_LEN]).unwrap_err(),
+                WireError::Truncated
+            );
+        }
     }
 
     #[test]
@@ -543,15 +755,21 @@ mod tests {
             probe_seq: 0x0a0b0c0d,
             tx_time_us: 0x01020304,
             echo_challenge: 0xfeed_0000_0000_beef,
+            down_loss_ppm: Some(0x0102),
         });
         let n = probe.emit(&mut b).unwrap();
         assert_eq!(
             &b[..n],
             &[
-                1, 2, 1, 0x0a, 0x0b, 0x0c, 0x0d, 1, 2, 3, 4, 0xfe, 0xed, 0, 0, 0, 0, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0,
+                1, 2, 1, 0x0a, 0x0b, 0x0c, 0x0d, 1, 2, 3, 4, 0xfe, 0xed, 0, 0, 0, 0, 0xbe, 0xef, 0, 0, 1, 3, 0, 0, 0,
                 0, 0, 0, 0, 0
             ]
         );
+        // a client from before the field sent zero padding there: not known
+        let mut old = b;
+        old[field::probe::DOWN_LOSS].fill(0);
+        let InnerRepr::Probe(p) = InnerRepr::parse(&old[..n]).unwrap() else { panic!("a probe") };
+        assert_eq!(p.down_loss_ppm, None);
         assert_eq!(PROBE_LEN, PROBE_REPLY_LEN);
         assert_eq!(InnerRepr::parse(&b[..n]).unwrap(), probe);
         assert!(InnerRepr::parse(&b[..n - 1]).is_err());
@@ -577,6 +795,35 @@ mod tests {
         assert_eq!(&b[..n], &[0, b'h', b'i']);
         assert_eq!(InnerRepr::parse(&b[..n]).unwrap(), data);
         assert_eq!(InnerRepr::parse(&[9]).unwrap_err(), WireError::UnknownType);
+
+        let tag = DataTag { group: 0x01020304, index: 9 };
+        let data = InnerRepr::FecData(b"hi", tag);
+        let n = data.emit(&mut b).unwrap();
+        assert_eq!(&b[..n], &[3, b'h', b'i', 1, 2, 3, 4, 9]);
+        assert_eq!(InnerRepr::parse(&b[..n]).unwrap(), data);
+        assert_eq!(InnerRepr::parse(&[3, 1, 2, 3]).unwrap_err(), WireError::Truncated);
+        assert_eq!(InnerRepr::parse(&[3, 0, 0, 0, 0, 16]).unwrap_err(), WireError::BadField);
+        let h = ParityHeader { group: 7, index: 1, data_count: 3, parity_count: 2, shard_len: 4 };
+        let parity = InnerRepr::FecParity(h, &[5, 6, 7, 8]);
+        let n = parity.emit(&mut b).unwrap();
+        assert_eq!(&b[..n], &[4, 0, 0, 0, 7, 1, 3, 2, 0, 4, 5, 6, 7, 8]);
+        assert_eq!(InnerRepr::parse(&b[..n]).unwrap(), parity);
+        assert_eq!(
+            InnerRepr::parse(&b[..n - 1]).unwrap_err(),
+            WireError::Truncated,
+            "shard shorter than its header says"
+        );
+
+        let entries = [
+            ReceiptEntry { path_id: 2, highest: 0x0102, received: 7 },
+            ReceiptEntry { path_id: 0, highest: 9, received: 0xffff_ffff },
+        ];
+        let n = emit_receipt(&mut b, entries.iter().copied()).unwrap();
+        assert_eq!(&b[..15], &[5, 2, 2, 0, 0, 0, 0, 0, 0, 1, 2, 0, 0, 0, 7]);
+        let InnerRepr::Receipt(r) = InnerRepr::parse(&b[..n]).unwrap() else { panic!("a receipt") };
+        assert_eq!(r.entries().collect::<Vec<_>>(), entries);
+        assert_eq!(InnerRepr::parse(&b[..n - 1]).unwrap_err(), WireError::Truncated);
+        assert_eq!(InnerRepr::parse(&[5, 33]).unwrap_err(), WireError::BadField);
         assert_eq!(InnerRepr::parse(&[]).unwrap_err(), WireError::Truncated);
     }
 }

@@ -53,7 +53,13 @@ fn unique(list: &[Vec<u8>]) -> (usize, usize) {
 
 #[test]
 fn exactly_once_over_reordering_duplicating_paths() {
-    let dir = LinkDir { loss: 0.0, delay: Duration::from_millis(5), jitter: Duration::from_millis(30), duplicate: 0.2 };
+    let dir = LinkDir {
+        loss: 0.0,
+        delay: Duration::from_millis(5),
+        jitter: Duration::from_millis(30),
+        duplicate: 0.2,
+        ..LinkDir::default()
+    };
     let mut sim = Sim::new(1, vec![(dir, dir); 3], Cipher::Aes256Gcm);
     establish(&mut sim);
     stream(&mut sim, 2000, Duration::from_micros(500));
@@ -64,7 +70,13 @@ fn exactly_once_over_reordering_duplicating_paths() {
 }
 
 fn residual_loss(seed: u64, loss: f64, paths: usize, cipher: Cipher) -> (f64, f64) {
-    let dir = LinkDir { loss, delay: Duration::from_millis(10), jitter: Duration::from_millis(4), duplicate: 0.0 };
+    let dir = LinkDir {
+        loss,
+        delay: Duration::from_millis(10),
+        jitter: Duration::from_millis(4),
+        duplicate: 0.0,
+        ..LinkDir::default()
+    };
     let mut sim = Sim::new(seed, vec![(dir, dir); paths], cipher);
     establish(&mut sim);
     let n = 20_000;
@@ -259,7 +271,13 @@ fn cipher_not_allowed_by_the_server_is_refused() {
 
 /// One run with loss, reordering, duplication and both ends restarting; its trace.
 fn traced_run(seed: u64) -> Vec<String> {
-    let dir = LinkDir { loss: 0.1, delay: Duration::from_millis(5), jitter: Duration::from_millis(10), duplicate: 0.1 };
+    let dir = LinkDir {
+        loss: 0.1,
+        delay: Duration::from_millis(5),
+        jitter: Duration::from_millis(10),
+        duplicate: 0.1,
+        ..LinkDir::default()
+    };
     let mut sim = Sim::new(seed, vec![(dir, dir); 3], Cipher::ChaCha20Poly1305);
     establish(&mut sim);
     stream(&mut sim, 200, Duration::from_millis(1));

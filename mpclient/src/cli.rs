@@ -2,12 +2,15 @@
 //! completions are generated from the same definitions.
 
 use clap::Parser;
+use common::config::{FecShape, RedundancyName};
 use common::driver::{DaemonArgs, DaemonCommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// Sends every datagram from local applications over all paths (relays or local uplinks)
-/// to an mpserver, sealed once and duplicated; the first copy of each reply wins.
+/// to an mpserver, sealed once and duplicated; the first copy of each reply wins. Or,
+/// with `--redundancy fec|adaptive`, coded groups striped over the paths: the loss of
+/// duplication at a fraction of its bytes.
 ///
 /// Drop-in for mptunnel: `mpclient bridges.conf` with lines of `host port`.
 /// Or: `mpclient -c client.yaml` for everything else (see conf/client.yaml).
@@ -26,6 +29,21 @@ pub struct Cli {
     /// Local address applications send to [default: 127.0.0.1:3000, or the config's].
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
+    /// How datagrams are spread over the paths, both ways: `duplicate` (a copy on every
+    /// live path), `fec` (fixed Reed–Solomon groups, see --fec) or `adaptive` (the
+    /// cheapest scheme that meets the config's target_loss on each path's measured loss)
+    /// [default: duplicate, or the config's].
+    #[arg(long, value_name = "MODE")]
+    pub redundancy: Option<RedundancyName>,
+    /// With `--redundancy fec`: datagrams and parity shards per group [default: 10:4].
+    #[arg(long, value_name = "DATA:PARITY", value_parser = parse_fec)]
+    pub fec: Option<FecShape>,
     #[command(flatten)]
     pub daemon: DaemonArgs,
+}
+
+fn parse_fec(s: &str) -> Result<FecShape, String> {
+    let (d, p) = s.split_once(':').ok_or_else(|| format!("`{s}` is not DATA:PARITY"))?;
+    let num = |v: &str| v.parse::<u8>().map_err(|_| format!("`{v}` is not a count"));
+    Ok(FecShape { data: num(d)?, parity: num(p)? })
 }

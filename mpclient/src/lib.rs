@@ -15,8 +15,9 @@ use common::driver::event_loop::{read_batches, EventLoop, Room, Service, NO_ROOM
 use common::driver::metrics::Metrics;
 use common::driver::{self, control, DriverError, IoContext};
 use common::entropy::OsEntropy;
+use common::redundancy::RedundancyConfig;
 use common::stats::StatusReport;
-use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET, MAX_DATAGRAM};
+use common::wire::{DATA_PAYLOAD_OFFSET, DATA_TAIL_ROOM, MAX_DATAGRAM};
 use common::PathMask;
 use mio::{Interest, Registry, Token};
 use slog::{debug, info, trace, warn, Logger};
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 const APP: Token = Token(0);
 const PATH_TOKEN_BASE: usize = 1;
 /// Application datagrams are read with room to seal them in place.
-const SEALING_ROOM: Room = (DATA_PAYLOAD_OFFSET, AEAD_TAG_LEN);
+const SEALING_ROOM: Room = (DATA_PAYLOAD_OFFSET, DATA_TAIL_ROOM);
 
 /// One path, resolved.
 #[derive(Debug, Clone)]
@@ -48,6 +49,8 @@ pub struct ClientRuntime {
     pub paths: Vec<PathSpec>,
     pub session_idle_timeout: Duration,
     pub max_sessions: usize,
+    /// How sessions spread datagrams over the paths, both ways.
+    pub redundancy: RedundancyConfig,
     pub control: PathBuf,
     /// Where `GET /metrics` is served (`metrics_listen`), if anywhere.
     pub metrics: Option<SocketAddr>,
@@ -79,8 +82,10 @@ impl ClientRuntime {
                 interface: p.interface.clone(),
             });
         }
+        let redundancy = c.redundancy_settings().to_config().map_err(|(field, message)| err(field.into(), message))?;
         Ok(Self {
             listen: c.listen.parse().map_err(|_| err("listen".into(), format!("`{}` is not ip:port", c.listen)))?,
+            redundancy,
             cipher: c.cipher,
             target: c.target.clone(),
             paths,
@@ -112,6 +117,7 @@ impl ClientRuntime {
             paths,
             session_idle_timeout: common::client::DEFAULT_SESSION_IDLE_TIMEOUT,
             max_sessions: common::client::DEFAULT_MAX_SESSIONS,
+            redundancy: RedundancyConfig::default(),
             control: instance_control_path(file),
             metrics: None,
             stats_interval: Some(Duration::from_secs(DEFAULT_STATS_INTERVAL_SECS)),
@@ -249,6 +255,7 @@ impl Multipath {
             path_names: rt.paths.iter().map(|p| p.name.clone()).collect(),
             session_idle_timeout: rt.session_idle_timeout,
             max_sessions: rt.max_sessions,
+            redundancy: rt.redundancy,
         };
         let now = Instant::now();
         let mut paths = Vec::new();
@@ -339,7 +346,7 @@ impl Multipath {
     }
 
     /// Seals in place the application datagrams of `batch` (received with
-    /// `recv_leaving(fd, DATA_PAYLOAD_OFFSET, AEAD_TAG_LEN)`, or pushed with that room by
+    /// `recv_leaving(fd, DATA_PAYLOAD_OFFSET, DATA_TAIL_ROOM)`, or pushed with that room by
     /// an in-process application) and sends each path its
     /// copies with one `sendmmsg`: under load, one system call per path per batch instead
     /// of one per copy.
@@ -393,6 +400,10 @@ impl Multipath {
                     ClientRecv::Deliver { app, payload } => deliver(app, &d[payload]),
                     ClientRecv::Consumed => {}
                     ClientRecv::Dropped(reason) => trace!(self.log, "dropped"; "path" => i, "reason" => ?reason),
+                }
+                // datagrams parity rebuilt are due now, as the one that arrived
+                while let Some((app, n)) = self.core.poll_recovered(now, &mut self.buf) {
+                    deliver(app, &self.buf[..n]);
                 }
             }
             self.flush(now);

@@ -16,7 +16,7 @@ use common::entropy::OsEntropy;
 use common::server::{Server, ServerCoreConfig, ServerEvent, ServerRecv, SessionSlot};
 use common::stats::StatusReport;
 use common::wire::HandshakeStatus;
-use common::wire::{AEAD_TAG_LEN, DATA_PAYLOAD_OFFSET, HANDSHAKE_RESP_LEN};
+use common::wire::{DATA_PAYLOAD_OFFSET, DATA_TAIL_ROOM, HANDSHAKE_RESP_LEN, MAX_DATAGRAM};
 use common::PathMask;
 use mio::{Interest, Registry, Token};
 use slog::{debug, info, trace, warn, Logger};
@@ -31,7 +31,7 @@ const UPSTREAM_TOKEN_BASE: usize = 1;
 /// Refused handshakes are logged at most this often.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Target replies are read with room to seal them in place.
-const SEALING_ROOM: Room = (DATA_PAYLOAD_OFFSET, AEAD_TAG_LEN);
+const SEALING_ROOM: Room = (DATA_PAYLOAD_OFFSET, DATA_TAIL_ROOM);
 
 #[derive(Debug, Clone)]
 pub struct ServerRuntime {
@@ -109,6 +109,8 @@ pub struct TunnelServer {
     listen: BatchSocket,
     rb: RecvBatch,
     reply: [u8; HANDSHAKE_RESP_LEN],
+    /// Parity shards, receipts and datagrams rebuilt from parity pass through here.
+    scratch: Vec<u8>,
     /// Refused handshakes are logged at most every `REFUSAL_LOG_INTERVAL`.
     refusals: RateLimitedLog,
     log: Logger,
@@ -137,6 +139,7 @@ impl TunnelServer {
             listen,
             rb: RecvBatch::new(),
             reply: [0; HANDSHAKE_RESP_LEN],
+            scratch: vec![0; MAX_DATAGRAM],
             refusals: RateLimitedLog::new(REFUSAL_LOG_INTERVAL),
             log,
             send_errors: 0,
@@ -160,6 +163,7 @@ impl TunnelServer {
                     ServerRecv::Forward { slot, payload } => {
                         out(Inbound::Forward(slot, &rb.datagram(i)[payload]));
                     }
+                    ServerRecv::Consumed => {}
                     ServerRecv::Reply { len } => {
                         if let Some(slot) = unserved {
                             // a clear refusal instead of a session that drops everything
@@ -174,12 +178,29 @@ impl TunnelServer {
                     }
                     ServerRecv::Dropped(reason) => trace!(self.log, "dropped"; "from" => %from, "reason" => ?reason),
                 }
+                // datagrams parity rebuilt are due now, as the one that arrived
+                while let Some((slot, n)) = self.core.poll_recovered(&mut self.scratch) {
+                    out(Inbound::Forward(slot, &self.scratch[..n]));
+                }
             }
         })
     }
 
+    /// Sends what the core has ready besides sealed data: parity shards and receipts.
+    fn flush(&mut self, now: Instant) {
+        while let Some((slot, len, paths)) = self.core.poll_transmit(now, &mut self.scratch) {
+            for p in paths.iter() {
+                let Some(to) = self.core.path_addr(slot, p) else { continue };
+                if let Err(e) = self.listen.send_one(&self.scratch[..len], to, self.core.path_local(slot, p)) {
+                    self.send_errors += 1;
+                    trace!(self.log, "send to client failed"; "to" => %to, "error" => %e);
+                }
+            }
+        }
+    }
+
     /// Seals in place the datagrams of `batch` (received with `recv_leaving(fd,
-    /// DATA_PAYLOAD_OFFSET, AEAD_TAG_LEN)`, or pushed with that room), each for the
+    /// DATA_PAYLOAD_OFFSET, DATA_TAIL_ROOM)`, or pushed with that room), each for the
     /// session `slot_of` names, and sends the copies: one `sendmmsg` (GSO where it can) per
     /// run of copies to one client address, so one per path per batch when a batch is
     /// one session's.
@@ -222,6 +243,7 @@ impl TunnelServer {
                 self.send_run(batch, &which[..k], hop);
             }
         }
+        self.flush(now);
     }
 
     /// Sends a run of datagrams to one client address, from the local address it used.
@@ -240,6 +262,7 @@ impl TunnelServer {
 
     pub fn handle_timeout(&mut self, now: Instant, mut out: impl FnMut(Inbound) -> bool) {
         self.core.handle_timeout(now);
+        self.flush(now);
         Self::drain_events(&mut self.core, &self.log, &mut self.refusals, &mut out);
     }
 

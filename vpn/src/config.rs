@@ -1,7 +1,7 @@
 //! `hub.yaml` and `peer.yaml`, validated with errors that name the field and line.
 
 use crate::ip::Prefix;
-use crate::TUN_MTU;
+use crate::{PLAIN_TUN_MTU, TUN_MTU};
 use common::config::{check, check_log_level, from_yaml, ConfigError, DEFAULT_LOG_LEVEL};
 use common::crypto::Psk;
 use common::driver::files::{load_key, loose_permissions, KeyError};
@@ -344,12 +344,12 @@ impl HubConfig {
         }
         if let Some(m) = c.mtu {
             check(
-                (576..=TUN_MTU).contains(&m),
+                (576..=PLAIN_TUN_MTU).contains(&m),
                 file,
                 text,
                 "mtu",
                 "mtu",
-                format!("576-{TUN_MTU} (one packet per tunnel datagram)"),
+                format!("576-{PLAIN_TUN_MTU} (up to {TUN_MTU} a packet is one tunnel datagram)"),
             )?;
         }
         check(c.peer_timeout_secs >= 3, file, text, "peer_timeout_secs", "peer_timeout_secs", "at least 3".into())?;

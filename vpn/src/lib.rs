@@ -61,12 +61,19 @@ pub const TUNNEL_PAYLOAD: usize = 1500 - 20 - 8 - common::wire::TUNNEL_OVERHEAD;
 /// the KCP header and the inner kind byte.
 pub const VPN_OVERHEAD: usize = wire::SEALED_OVERHEAD + 1 + kcplink::KCP_HEADER_LEN + 1;
 pub const TUN_MTU: u16 = (TUNNEL_PAYLOAD - VPN_OVERHEAD) as u16;
+/// The largest MTU a hub may set: the default before redundancy modes, for networks with
+/// older peers (a packet above `TUN_MTU` then takes two KCP segments).
+pub const PLAIN_TUN_MTU: u16 = TUN_MTU + (common::wire::TUNNEL_OVERHEAD - common::wire::PLAIN_TUNNEL_OVERHEAD) as u16;
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn mtu_is_derived() {
-        assert_eq!(super::TUNNEL_PAYLOAD, 1438);
-        assert_eq!(super::TUN_MTU, 1383);
+        // the tunnel's overhead covers a coding group's parity shard (redundancy modes):
+        // 12 bytes more than a plain copy's, so the MTU is 1371 (1383 before them; a hub
+        // or peer that must talk to older ones sets `mtu: 1383`)
+        assert_eq!(super::TUNNEL_PAYLOAD, 1426);
+        assert_eq!(super::TUN_MTU, 1371);
+        assert_eq!(super::PLAIN_TUN_MTU, 1383);
     }
 }

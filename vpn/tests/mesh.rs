@@ -410,6 +410,7 @@ fn forged_inits_do_not_move_where_a_pair_answers() {
         public: [1; 32],
         timestamp_ms: net.wall_ms(),
         target: "a",
+        redundancy: None,
     };
     let n = junk.emit_body(&mut init).unwrap();
     init.truncate(n + HANDSHAKE_MAC_LEN);

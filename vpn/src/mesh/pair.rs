@@ -165,6 +165,8 @@ pub(super) fn pair_client(
             path_names,
             session_idle_timeout: PAIR_IDLE_TIMEOUT,
             max_sessions: 1,
+            // the pair's paths (relay, direct) are chosen by the mesh's relay mode
+            redundancy: common::redundancy::RedundancyConfig::default(),
         },
         now,
         wall_ms,
@@ -193,7 +195,7 @@ mod tests {
     fn pair_datagrams_fit_the_relay() {
         assert_eq!(PAIR_PAYLOAD + TUNNEL_OVERHEAD + RELAY_HEADER_LEN + SEALED_OVERHEAD, crate::TUNNEL_PAYLOAD);
         let link = KcpLink::new(1, common::sim::epoch(), PAIR_PAYLOAD + SEALED_OVERHEAD);
-        assert_eq!(link.mss(), 1345);
+        assert_eq!(link.mss(), 1321);
         assert_eq!((1 + crate::TUN_MTU as usize).div_ceil(link.mss()), 2);
     }
 

@@ -105,6 +105,8 @@ impl Mesh {
                 self.take_messages(now, id);
                 true
             }
+            // only coded sessions send parity; a pair's client duplicates
+            ServerRecv::Consumed => true,
             ServerRecv::Dropped(why) => {
                 self.drops.count_core(why);
                 false
