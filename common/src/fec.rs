@@ -1,12 +1,15 @@
-//! Forward error correction by coding groups (the codec of `redundancy`): up to `MAX_DATA_SHARDS` data datagrams and
-//! up to `MAX_PARITY_SHARDS` parity shards per group, systematic Reed–Solomon from the
-//! `reed-solomon-simd` crate (no field arithmetic of our own).
+//! Forward error correction by coding groups (the codec of `redundancy`): up to
+//! `MAX_DATA_SHARDS` data datagrams and up to `MAX_PARITY_SHARDS` parity shards per group,
+//! systematic Reed–Solomon over GF(2^8) from the `reed-solomon-erasure` crate (no field
+//! arithmetic of our own). Its decoding costs what the lost shards cost; `reed-solomon-simd`
+//! (Leopard) evaluates a polynomial over all of GF(2^16) for every decode, about 200 µs
+//! whatever the group, which at a few thousand groups a second is a core.
 //!
 //! Invariants:
 //! - Data goes out as it comes: a datagram is sent at once with its `DataTag` (group and
 //!   index); parity follows when the sender closes the group (full, or at its deadline).
 //! - A group's shards are its datagrams, each prefixed by its length (u16) and padded to
-//!   the group's `shard_len` (the longest plus 2, rounded up to even, as the codec wants).
+//!   the group's `shard_len` (the longest plus 2, rounded up to even).
 //! - The decoder keeps at most `DECODER_WINDOW` groups, each in a slot reused for the
 //!   group `DECODER_WINDOW` later: its memory is bounded however many groups arrive and
 //!   whatever their headers say. A group older than the window is dropped and counted.
@@ -15,7 +18,32 @@
 //!   still missing.
 //! - Every header field is checked before it sizes anything; nothing here panics on input.
 
-use reed_solomon_simd::{ReedSolomonDecoder, ReedSolomonEncoder};
+use reed_solomon_erasure::galois_8::ReedSolomon;
+
+/// Codecs kept per encoder or decoder, one per group shape (data and parity counts):
+/// building one inverts a matrix, so the shapes in use are kept; a new shape beyond
+/// these takes the place of the one used longest ago.
+const CODECS_KEPT: usize = 8;
+
+/// Codecs by shape, most recently used last.
+#[derive(Default)]
+struct Codecs(Vec<((usize, usize), ReedSolomon)>);
+
+impl Codecs {
+    fn get(&mut self, k: usize, r: usize) -> Result<&ReedSolomon, FecError> {
+        if let Some(i) = self.0.iter().position(|(shape, _)| *shape == (k, r)) {
+            let entry = self.0.remove(i);
+            self.0.push(entry);
+        } else {
+            let codec = ReedSolomon::new(k, r).map_err(|_| FecError::Codec)?;
+            if self.0.len() == CODECS_KEPT {
+                self.0.remove(0);
+            }
+            self.0.push(((k, r), codec));
+        }
+        Ok(&self.0.last().expect("just pushed").1)
+    }
+}
 
 /// Data datagrams per group, at most.
 pub const MAX_DATA_SHARDS: usize = 16;
@@ -153,7 +181,7 @@ pub struct FecEncoder {
     shards: Vec<u8>,
     count: usize,
     longest: usize,
-    codec: Option<ReedSolomonEncoder>,
+    codecs: Codecs,
 }
 
 impl Default for FecEncoder {
@@ -165,7 +193,13 @@ impl Default for FecEncoder {
 impl FecEncoder {
     /// An encoder whose first group is `first_group`.
     pub fn new(first_group: u32) -> Self {
-        Self { group: first_group, shards: vec![0; MAX_DATA_SHARDS * MAX_SHARD], count: 0, longest: 0, codec: None }
+        Self {
+            group: first_group,
+            shards: vec![0; MAX_DATA_SHARDS * MAX_SHARD],
+            count: 0,
+            longest: 0,
+            codecs: Codecs::default(),
+        }
     }
 
     /// Data datagrams in the open group.
@@ -227,23 +261,19 @@ impl FecEncoder {
             parity_count: parity_count as u8,
             shard_len: shard_len as u16,
         };
-        let codec = match self.codec.as_mut() {
-            Some(c) => c.reset(self.count, parity_count, shard_len).map(|()| c),
-            None => ReedSolomonEncoder::new(self.count, parity_count, shard_len).map(|c| self.codec.insert(c)),
-        }
-        .map_err(|_| FecError::Codec)?;
-        for i in 0..self.count {
-            let slot = &mut self.shards[i * MAX_SHARD..][..shard_len];
+        let codec = self.codecs.get(self.count, parity_count)?;
+        let mut data: [&[u8]; MAX_DATA_SHARDS] = [&[]; MAX_DATA_SHARDS];
+        for (i, shard) in self.shards.chunks_exact_mut(MAX_SHARD).take(self.count).enumerate() {
+            let shard = &mut shard[..shard_len];
             // what follows a shorter datagram is zero in every shard of the group
-            let used = LEN_PREFIX + usize::from(u16::from_be_bytes([slot[0], slot[1]]));
-            slot[used..].fill(0);
-            codec.add_original_shard(&*slot).map_err(|_| FecError::Codec)?;
+            let used = LEN_PREFIX + usize::from(u16::from_be_bytes([shard[0], shard[1]]));
+            shard[used..].fill(0);
+            data[i] = shard;
         }
-        let result = codec.encode().map_err(|_| FecError::Codec)?;
-        for i in 0..parity_count {
-            let shard = result.recovery(i).ok_or(FecError::Codec)?;
-            out[i * shard_len..][..shard_len].copy_from_slice(shard);
-        }
+        let mut parity_shards = out[..parity_count * shard_len].chunks_exact_mut(shard_len);
+        let mut parity: [&mut [u8]; MAX_PARITY_SHARDS] =
+            std::array::from_fn(|_| parity_shards.next().unwrap_or(&mut []));
+        codec.encode_sep(&data[..self.count], &mut parity[..parity_count]).map_err(|_| FecError::Codec)?;
         self.group = self.group.wrapping_add(1);
         self.count = 0;
         self.longest = 0;
@@ -315,9 +345,9 @@ pub struct FecDecoder {
     slots: Vec<GroupSlot>,
     /// The newest group seen.
     newest: Option<u32>,
-    codec: Option<ReedSolomonDecoder>,
-    /// One padded shard, built for the codec.
-    shard: Vec<u8>,
+    codecs: Codecs,
+    /// A group's shards as the codec takes them, data then parity, `MAX_SHARD` apart.
+    work: Vec<u8>,
     pub stats: FecStats,
 }
 
@@ -332,8 +362,8 @@ impl FecDecoder {
         Self {
             slots: (0..DECODER_WINDOW).map(|_| GroupSlot::empty()).collect(),
             newest: None,
-            codec: None,
-            shard: vec![0; MAX_SHARD],
+            codecs: Codecs::default(),
+            work: Vec::new(),
             stats: FecStats::default(),
         }
     }
@@ -438,47 +468,46 @@ impl FecDecoder {
             slot.done = true;
             return;
         }
-        let codec = match self.codec.as_mut() {
-            Some(c) => c.reset(k, r, shard_len).map(|()| c),
-            None => ReedSolomonDecoder::new(k, r, shard_len).map(|c| self.codec.insert(c)),
-        };
-        let Ok(codec) = codec else {
-            self.stats.inconsistent += 1;
-            slot.done = true;
-            return;
-        };
-        let shard = &mut self.shard[..shard_len];
-        for i in (0..k).filter(|&i| slot.have_data & (1 << i) != 0) {
-            let d = slot.data(i);
-            shard.fill(0);
-            shard[..LEN_PREFIX].copy_from_slice(&(d.len() as u16).to_be_bytes());
-            shard[LEN_PREFIX..LEN_PREFIX + d.len()].copy_from_slice(d);
-            if codec.add_original_shard(i, &*shard).is_err() {
-                self.stats.inconsistent += 1;
-            }
-        }
-        for i in (0..r).filter(|&i| slot.have_parity & (1 << i) != 0) {
-            let at = GroupSlot::parity_offset(i);
-            if codec.add_recovery_shard(i, &slot.bytes[at..at + shard_len]).is_err() {
-                self.stats.inconsistent += 1;
-            }
-        }
         slot.done = true;
-        let Ok(result) = codec.decode() else {
+        let Ok(codec) = self.codecs.get(k, r) else {
             self.stats.inconsistent += 1;
             return;
         };
+        if self.work.is_empty() {
+            self.work = vec![0; (MAX_DATA_SHARDS + MAX_PARITY_SHARDS) * MAX_SHARD];
+        }
+        let mut present = [false; MAX_DATA_SHARDS + MAX_PARITY_SHARDS];
+        for (i, shard) in self.work.chunks_exact_mut(MAX_SHARD).take(k + r).enumerate() {
+            let shard = &mut shard[..shard_len];
+            if i < k && slot.have_data & (1 << i) != 0 {
+                let d = slot.data(i);
+                shard[..LEN_PREFIX].copy_from_slice(&(d.len() as u16).to_be_bytes());
+                shard[LEN_PREFIX..LEN_PREFIX + d.len()].copy_from_slice(d);
+                shard[LEN_PREFIX + d.len()..].fill(0);
+                present[i] = true;
+            } else if i >= k && slot.have_parity & (1 << (i - k)) != 0 {
+                let at = GroupSlot::parity_offset(i - k);
+                shard.copy_from_slice(&slot.bytes[at..at + shard_len]);
+                present[i] = true;
+            }
+        }
+        let mut shards = self.work.chunks_exact_mut(MAX_SHARD);
+        let mut views: [(&mut [u8], bool); MAX_DATA_SHARDS + MAX_PARITY_SHARDS] =
+            std::array::from_fn(|i| (shards.next().map_or(&mut [][..], |s| &mut s[..shard_len]), present[i]));
+        if codec.reconstruct_data(&mut views[..k + r]).is_err() {
+            self.stats.inconsistent += 1;
+            return;
+        }
         let missing = !slot.have_data & data_mask;
-        for i in (0..k).filter(|&i| missing & (1 << i) != 0) {
-            let Some(restored) = result.restored_original(i) else { continue };
+        for (i, (restored, _)) in views.iter().enumerate().take(k).filter(|(i, _)| missing & (1 << i) != 0) {
             let len = usize::from(u16::from_be_bytes([restored[0], restored[1]]));
             match restored.get(LEN_PREFIX..LEN_PREFIX + len) {
-                Some(d) => {
+                Some(d) if len <= MAX_DATAGRAM => {
                     slot.have_data |= 1 << i;
                     self.stats.recovered += 1;
                     deliver(d);
                 }
-                None => self.stats.inconsistent += 1,
+                _ => self.stats.inconsistent += 1,
             }
         }
     }
