@@ -133,8 +133,18 @@ pub fn tunnel_metrics(r: &StatusReport, m: &mut Metrics) {
     let (mut state, mut path_state) = (Vec::new(), Vec::new());
     let (mut rtt, mut jitter, mut loss_up, mut loss_down) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut packets, mut bytes) = (Vec::new(), Vec::new());
+    let (mut scheme, mut cost, mut parity, mut recovered, mut lost) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for s in &r.sessions {
         let id = s.id.as_str();
+        if let Some(red) = &s.redundancy {
+            let l = labels(&[("session", id)]);
+            scheme.push((with_label(with_label(l.clone(), "mode", &red.mode), "scheme", &red.scheme), 1.0));
+            cost.extend(red.wire_per_payload.map(|v| (l.clone(), v)));
+            parity.push((l.clone(), red.parity_sent));
+            recovered.push((l.clone(), red.recovered));
+            lost.push((l, red.lost));
+        }
         for st in SessionState::ALL {
             state.push((labels(&[("session", id), ("state", st.name())]), f64::from(u8::from(s.state == st))));
         }
@@ -178,6 +188,21 @@ pub fn tunnel_metrics(r: &StatusReport, m: &mut Metrics) {
     m.counter("path_packets", "Datagrams on a path", None, packets);
     m.counter("path", "Bytes on a path", Some(Unit::Bytes), bytes);
     m.counter("drops", "Datagrams dropped, by reason (session empty: not attributable to one)", None, drops);
+    m.gauge("redundancy_scheme", "1 for the redundancy mode and the scheme a session sends with now", None, scheme);
+    m.gauge(
+        "redundancy_wire_per_payload",
+        "Bytes sent (every copy and parity shard) per payload byte",
+        Some(Unit::Other("ratio".into())),
+        cost,
+    );
+    m.counter("redundancy_parity_sent", "Parity shards sent", None, parity);
+    m.counter("redundancy_recovered", "Datagrams from the other end rebuilt from parity", None, recovered);
+    m.counter(
+        "redundancy_lost",
+        "Datagrams from the other end that arrived on no path and were not rebuilt",
+        None,
+        lost,
+    );
 }
 
 enum Phase {
