@@ -59,18 +59,36 @@ pub struct TunnelLab {
     pub client: usize,
     pub bridges: Vec<usize>,
     pub echo: Echo,
+    /// YAML the client's config gets besides its paths; `None`: a bridges file.
+    client_yaml: Option<String>,
 }
 
 impl TunnelLab {
-    /// Builds the topology and starts everything. `client_args` are extra mpclient flags.
+    /// Builds the topology and starts everything; the client reads a bridges file.
     pub fn start(tag: &str) -> Self {
+        Self::start_with(tag, None)
+    }
+
+    /// Builds the topology and starts everything; with `client_yaml`, the client reads a
+    /// YAML config of the three paths and these lines (e.g. `redundancy: adaptive`).
+    pub fn start_with(tag: &str, client_yaml: Option<&str>) -> Self {
         let mut lab = Lab::new(tag);
         let Topology { client_ns, bridge_ns, server_ns } = Topology::build(&mut lab);
         let key = lab.dir.join("tunnel.key");
         run(Command::new(bin("mpserver")).arg("genkey").arg(&key));
         let echo = Echo::start(&server_ns, ECHO_ADDR.parse().expect("literal"));
-        let mut me =
-            Self { lab, client_ns, bridge_ns, server_ns, key, server: 0, client: 0, bridges: Vec::new(), echo };
+        let mut me = Self {
+            lab,
+            client_ns,
+            bridge_ns,
+            server_ns,
+            key,
+            server: 0,
+            client: 0,
+            bridges: Vec::new(),
+            echo,
+            client_yaml: client_yaml.map(String::from),
+        };
         me.server = me.start_server();
         for i in 0..3 {
             let idx = me.start_bridge(i);
@@ -100,14 +118,18 @@ impl TunnelLab {
     pub fn start_client(&mut self) -> usize {
         let key = self.key.display().to_string();
         let control = self.lab.dir.join("mpclient.sock").display().to_string();
-        let bridges = self.lab.dir.join("bridges.conf").display().to_string();
         let (ns, bin) = (self.client_ns.clone(), bin("mpclient"));
-        self.lab.spawn(
-            &ns,
-            "mpclient",
-            &bin,
-            &["--key-file", &key, "--control", &control, "--listen", CLIENT_LISTEN, &bridges],
-        )
+        let Some(extra) = &self.client_yaml else {
+            let bridges = self.lab.dir.join("bridges.conf").display().to_string();
+            let args = ["--key-file", &key, "--control", &control, "--listen", CLIENT_LISTEN, &bridges];
+            return self.lab.spawn(&ns, "mpclient", &bin, &args);
+        };
+        let paths: String = (1..=3).map(|i| format!("  - remote: {}:{BRIDGE_PORT}\n", bridge_addr(i))).collect();
+        let yaml = format!("listen: {CLIENT_LISTEN}\nkey_file: {key}\npaths:\n{paths}{extra}");
+        let config = self.lab.dir.join("client.yaml");
+        std::fs::write(&config, yaml).expect("write");
+        let config = config.display().to_string();
+        self.lab.spawn(&ns, "mpclient", &bin, &["-c", &config, "--control", &control])
     }
 
     /// Bridge 0 is socat; 1 and 2 are mpbridge.

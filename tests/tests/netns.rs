@@ -60,6 +60,44 @@ fn residual_loss_at_20_percent_on_three_paths() {
     assert!((0.08..0.34).contains(&mean), "mean probe loss up {mean} for 20% ({ups:?})");
 }
 
+/// `redundancy: adaptive` in client.yaml, 10% loss per path and direction: coded groups
+/// striped over the paths lose no more than duplication would (0.1%) and send well under
+/// half its bytes; the server follows the client's choice for the way back.
+#[test]
+fn adaptive_redundancy_from_yaml_at_10_percent_loss() {
+    let Some(_serial) = lab_or_skip() else { return };
+    let t = TunnelLab::start_with("a", Some("redundancy: adaptive\n"));
+    for i in 0..3 {
+        t.set_loss(i, 10, 10);
+    }
+    t.wait_ready(Duration::from_secs(10));
+    // one flow, one session: it duplicates until receipts have measured each path
+    let (first, n) = (4_000_000u64, 10_000u64);
+    let r = stream(&t, first, n, 1000, 2000);
+    let reached = seen_in(&t, first, n);
+    let up_loss = 1.0 - reached as f64 / n as f64;
+    let down_loss = 1.0 - r.echoed.len() as f64 / reached as f64;
+    println!("adaptive at 10%: client->server {:.3}%  server->client {:.3}%", up_loss * 100.0, down_loss * 100.0);
+    println!("{}", t.status("mpclient", false));
+    println!("{}", t.status("mpserver", false));
+    assert_eq!(r.echo_packets, r.echoed.len() as u64, "a duplicate reached the application");
+    assert!(up_loss <= 0.002, "client->server loss {up_loss}");
+    assert!(down_loss <= 0.002, "server->client loss {down_loss}");
+    for program in ["mpclient", "mpserver"] {
+        let json: serde_json::Value = serde_json::from_str(&t.status(program, true)).unwrap();
+        // the stream's session, not the one that waited for the tunnel
+        let sessions = json["sessions"].as_array().unwrap();
+        let busiest = sessions.iter().max_by_key(|s| s["tx"]["packets"].as_u64().unwrap()).unwrap();
+        let red = &busiest["redundancy"];
+        assert_eq!(red["mode"], "adaptive", "{program}: {red}");
+        assert!(red["scheme"].as_str().unwrap().starts_with("rs 10+"), "{program}: {red}");
+        // duplication sends 3 copies; the first seconds duplicate until the paths are measured
+        let cost = red["wire_per_payload"].as_f64().unwrap();
+        assert!(cost < 2.2, "{program}: {cost} wire bytes per payload byte");
+        assert!(red["recovered"].as_u64().unwrap() > 0, "{program}: parity rebuilt nothing: {red}");
+    }
+}
+
 #[test]
 fn one_dead_path_and_the_others_carry_everything() {
     let Some(_serial) = lab_or_skip() else { return };
