@@ -56,6 +56,8 @@ struct Scale {
     offered_mbit: &'static [u64],
     /// Interleaved rounds of the target measurements; targets report their median.
     target_rounds: usize,
+    /// Redundancy cells: datagrams measured (after as many again of warm-up).
+    redundancy_datagrams: u64,
 }
 
 const QUICK: Scale = Scale {
@@ -66,6 +68,7 @@ const QUICK: Scale = Scale {
     losses: &[0, 20],
     offered_mbit: &[10, 100, 500, 1000],
     target_rounds: 3,
+    redundancy_datagrams: 6_000,
 };
 const FULL: Scale = Scale {
     name: "full",
@@ -75,6 +78,7 @@ const FULL: Scale = Scale {
     losses: &[0, 5, 20],
     offered_mbit: &[10, 100, 500, 1000],
     target_rounds: 5,
+    redundancy_datagrams: 20_000,
 };
 
 #[derive(Serialize, Default, Clone)]
@@ -102,6 +106,11 @@ struct Cell {
     /// TCP request/response latency (VPN and TCP cells) and how many of RR_COUNT answered.
     rr_ms: Option<Percentiles>,
     rr_answered: Option<usize>,
+    /// Redundancy cells: bytes the client put on its links (IP and UDP headers, probes and
+    /// receipts included) per payload byte, after the warm-up.
+    wire_per_payload: Option<f64>,
+    /// Redundancy cells: the longest gap in a stream whose path died.
+    longest_gap_ms: Option<f64>,
 }
 
 #[derive(Serialize, Clone, Copy)]
@@ -134,6 +143,9 @@ struct Results {
     /// The mesh: peer to peer directly, through the hub (20 ms away), and the direct
     /// link's own RTT.
     mesh: Vec<Cell>,
+    /// Redundancy modes (duplicate, fixed fec, adaptive) over 3 paths at each loss, and
+    /// with a path dying mid-stream.
+    redundancy: Vec<Cell>,
     targets: Vec<Target>,
 }
 
@@ -157,6 +169,19 @@ const MESH_TARGETS: [(&str, f64, bool); 2] = [
     ("mesh: direct RTT p50 over the direct link's own (ms)", 0.5, false),
     ("mesh: direct TCP / through-hub TCP (hub 20 ms away)", 2.0, true),
 ];
+/// The redundancy modes compared, with what client.yaml says for each.
+const REDUNDANCY_MODES: [(&str, &str); 3] = [
+    ("duplicate", ""),
+    ("fec 10+4", "redundancy: fec\nfec: {data: 10, parity: 4}\n"),
+    ("adaptive", "redundancy: adaptive\n"),
+];
+/// Loss per path and direction of the redundancy cells.
+const REDUNDANCY_LOSSES: [u32; 5] = [0, 1, 5, 10, 20];
+/// The redundancy cells' stream: 1000-byte datagrams at this rate (16 Mbit/s).
+const REDUNDANCY_PPS: u64 = 2000;
+const REDUNDANCY_SIZE: usize = 1000;
+/// ... and their 1400-byte throughput, offered at this rate.
+const REDUNDANCY_OFFERED_MBIT: u64 = 300;
 /// Loss per path and direction of the TCP/VPN comparison (full mode).
 const VPN_LOSSES: [u32; 4] = [0, 5, 10, 20];
 const PINGS: u32 = 200;
@@ -223,6 +248,12 @@ impl BenchLab {
 
     /// (Re)starts mpclient with the first `paths` bridges and `cipher`.
     fn client(&mut self, paths: usize, cipher: &str) {
+        self.client_with(paths, cipher, "");
+    }
+
+    /// (Re)starts mpclient with the first `paths` bridges, `cipher` and `extra` lines of
+    /// client.yaml.
+    fn client_with(&mut self, paths: usize, cipher: &str, extra: &str) {
         if let Some(old) = self.client.take() {
             self.lab.kill9(old);
         }
@@ -232,7 +263,7 @@ impl BenchLab {
         std::fs::write(
             &yaml,
             format!(
-                "listen: {CLIENT_LISTEN}\nkey_file: {}\ncipher: {cipher}\ncontrol_socket: {}\nstats_interval_secs: 0\npaths:\n{list}",
+                "listen: {CLIENT_LISTEN}\nkey_file: {}\ncipher: {cipher}\ncontrol_socket: {}\nstats_interval_secs: 0\n{extra}paths:\n{list}",
                 self.key.display(),
                 ctl.display()
             ),
@@ -283,6 +314,13 @@ impl BenchLab {
 
     fn blackhole(&self, ifname: &str) {
         self.lab.link_loss(&self.c, ifname, 100, 100);
+    }
+
+    /// Bytes the client host has sent on its three bridge links.
+    fn client_tx_bytes(&self) -> u64 {
+        let cmd = "cat /sys/class/net/c1/statistics/tx_bytes /sys/class/net/c2/statistics/tx_bytes \
+                   /sys/class/net/c3/statistics/tx_bytes";
+        self.lab.sh(&self.c, cmd).split_whitespace().filter_map(|v| v.parse::<u64>().ok()).sum()
     }
 }
 
@@ -454,6 +492,74 @@ impl Runner {
         cell.rr_ms = percentiles(&mut ms);
         cell.tcp_mbit = Some(tests::tcp_goodput(from_ns, connect, to_ns, listen, TCP_MAX_BYTES, TCP_SECS));
         cell
+    }
+
+    /// Each redundancy mode over 3 paths at each loss, then with a path dying: one flow
+    /// of `redundancy_datagrams` after as many of warm-up (the session measures its paths
+    /// meanwhile); wire bytes per payload byte, residual loss, echo RTT, and 1400-byte
+    /// throughput at `REDUNDANCY_OFFERED_MBIT`.
+    fn redundancy(&mut self, cells: &mut Vec<Cell>) {
+        let tunnel: SocketAddr = CLIENT_LISTEN.parse().expect("literal");
+        for (mode, yaml) in REDUNDANCY_MODES {
+            self.bl.client_with(3, "aes-256-gcm", yaml);
+            for loss in REDUNDANCY_LOSSES.into_iter().map(Some).chain([None]) {
+                self.bl.loss(loss.unwrap_or(5));
+                let name = match loss {
+                    Some(l) => format!("{mode}, 3 paths, {l}% loss"),
+                    None => format!("{mode}, 3 paths, 5% loss, path 2 dies mid-stream"),
+                };
+                let mut c = Cell {
+                    name,
+                    setup: mode.into(),
+                    paths: 3,
+                    cipher: "aes-256-gcm".into(),
+                    loss_pct: loss.unwrap_or(5),
+                    ..Cell::default()
+                };
+                self.redundancy_stream(&mut c, tunnel, loss.is_none());
+                if loss.is_some() {
+                    self.rtt(&mut c, tunnel);
+                    let saved = self.scale.offered_mbit;
+                    self.scale.offered_mbit = &[REDUNDANCY_OFFERED_MBIT];
+                    self.throughput(&mut c, tunnel, &[], &[]);
+                    self.scale.offered_mbit = saved;
+                }
+                cells.push(c);
+            }
+        }
+        self.bl.loss(0);
+    }
+
+    /// One flow through a redundancy cell: warm-up, then the measured part (with path 2
+    /// blackholed halfway if `path_dies`).
+    fn redundancy_stream(&mut self, cell: &mut Cell, to: SocketAddr, path_dies: bool) {
+        self.progress(&format!("{}: stream", cell.name));
+        self.bl.sink.reply.store(true, Ordering::Relaxed);
+        let n = self.scale.redundancy_datagrams;
+        let first = self.numbers(2 * n);
+        let at = |k: u64| Duration::from_secs_f64(k as f64 / REDUNDANCY_PPS as f64);
+        let started = Instant::now();
+        let h =
+            udp_stream(&self.bl.c, true, to, first, 2 * n, REDUNDANCY_SIZE, REDUNDANCY_PPS, Duration::from_millis(500));
+        std::thread::sleep(at(n).saturating_sub(started.elapsed()));
+        let bytes_before = self.bl.client_tx_bytes();
+        if path_dies {
+            std::thread::sleep(at(n / 2));
+            self.bl.blackhole("c2");
+        }
+        let r = h.join().expect("stream");
+        let bytes = self.bl.client_tx_bytes() - bytes_before;
+        cell.wire_per_payload = Some(bytes as f64 / (n as f64 * REDUNDANCY_SIZE as f64));
+        let measured = first + n..first + 2 * n;
+        let seen = self.bl.sink.seen.lock().expect("lock");
+        let got = measured.clone().filter(|k| seen.contains(k)).count();
+        cell.residual_loss = Some(1.0 - got as f64 / n as f64);
+        if path_dies {
+            let arrivals: Vec<Duration> =
+                r.arrivals.iter().filter(|(_, k)| measured.contains(k)).map(|(t, _)| *t).collect();
+            let gap = arrivals.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+            cell.longest_gap_ms = Some(gap.as_secs_f64() * 1000.0);
+        }
     }
 
     /// An OpenVPN point-to-point link (static key) from the client host to the server host,
@@ -819,8 +925,10 @@ fn bench(scale: Scale, date: &str, profile: Option<&Path>) -> Results {
     let started = Instant::now();
     let tunnel_cells = 3 * scale.losses.len() + 1;
     let vpn_steps = if scale.name == "full" { VPN_LOSSES.len() * 6 } else { 0 };
+    let redundancy_steps = REDUNDANCY_MODES.len() * (REDUNDANCY_LOSSES.len() * 3 + 1);
     let steps = (2 + tunnel_cells + 3) * (scale.offered_mbit.len() + 2)
         + 6
+        + redundancy_steps
         + 5 * scale.target_rounds
         + vpn_steps
         + usize::from(profile.is_some());
@@ -938,6 +1046,8 @@ fn bench(scale: Scale, date: &str, profile: Option<&Path>) -> Results {
     }
     let mut mesh = Vec::new();
     let mesh_measured = r.mesh(&mut mesh);
+    let mut redundancy = Vec::new();
+    r.redundancy(&mut redundancy);
     eprintln!();
     r.bl.client(3, "aes-256-gcm");
     let mut rounds = Vec::new();
@@ -952,6 +1062,7 @@ fn bench(scale: Scale, date: &str, profile: Option<&Path>) -> Results {
         failover,
         vpn,
         mesh,
+        redundancy,
         targets: targets(&rounds).into_iter().chain(mesh_targets(mesh_measured)).collect(),
     }
 }
@@ -1090,6 +1201,23 @@ fn markdown(r: &Results) -> String {
             let answered = c.rr_answered.map_or("-".into(), |n| format!("{n}/{RR_COUNT}"));
             let tcp = c.tcp_mbit.map_or("-".into(), |m| format!("{m:.1}"));
             let _ = writeln!(s, "| {} | {rtt} | {pl} | {rr} | {answered} | {tcp} |", c.name);
+        }
+    }
+    if !r.redundancy.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## Redundancy modes (3 paths; one flow of {REDUNDANCY_SIZE}-byte datagrams at {REDUNDANCY_PPS}/s, \
+             measured after as many of warm-up; wire bytes include IP/UDP headers, probes and receipts)\n\n\
+             | cell | wire bytes / payload byte | residual loss | echo RTT p50 / p99 ms | \
+             1400-byte UDP at {REDUNDANCY_OFFERED_MBIT}M offered | longest gap ms |\n|---|---|---|---|---|---|"
+        );
+        for c in &r.redundancy {
+            let wire = c.wire_per_payload.map_or("-".into(), |v| format!("{v:.2}"));
+            let rl = c.residual_loss.map_or("-".into(), |l| format!("{:.3}%", l * 100.0));
+            let rtt = c.rtt_ms.map_or("-".into(), |p| format!("{:.2} / {:.2}", p.p50, p.p99));
+            let tput = c.throughput.get(&REDUNDANCY_OFFERED_MBIT).map_or("-".into(), |d| format!("{d:.0} Mbit/s"));
+            let gap = c.longest_gap_ms.map_or("-".into(), |g| format!("{g:.0}"));
+            let _ = writeln!(s, "| {} | {wire} | {rl} | {rtt} | {tput} | {gap} |", c.name);
         }
     }
     let _ = writeln!(

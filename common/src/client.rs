@@ -42,6 +42,11 @@ use std::time::{Duration, Instant};
 /// and answered from a cache, so an early retry is cheap.
 pub const HANDSHAKE_RETRY_MIN: Duration = Duration::from_millis(150);
 pub const HANDSHAKE_RETRY_MAX: Duration = Duration::from_millis(1000);
+/// An init asking for a redundancy mode unanswered this many times: a plain init (no
+/// extension, a new session id) goes out beside it from then on, since a server from
+/// before redundancy modes drops an init it cannot parse without a word. Whichever is
+/// answered first makes the session.
+pub const PLAIN_INIT_AFTER_RETRIES: u32 = 2;
 /// After a signed refusal (unknown target, server full) wait this long before asking again.
 pub const REFUSED_BACKOFF: Duration = Duration::from_secs(5);
 /// No authenticated answer on any path for this long: the server lost us; handshake again.
@@ -110,6 +115,12 @@ pub enum ClientEvent {
         app: SocketAddr,
         id: SessionId,
     },
+    /// Only the plain init was answered (a server from before redundancy modes): the
+    /// session duplicates.
+    RedundancyUnsupported {
+        app: SocketAddr,
+        id: SessionId,
+    },
 }
 
 /// Result of handing the core one datagram from the local application.
@@ -150,9 +161,23 @@ pub struct Transmit {
 // pointer chase on the hot path.
 #[allow(clippy::large_enum_variant)]
 enum SessionState {
-    Handshaking { hs: Box<ClientHandshake>, next_retry: Instant, retry: Duration, due: bool },
-    Established { keys: SessionKeys, since: Instant },
-    Refused { until: Instant },
+    Handshaking {
+        hs: Box<ClientHandshake>,
+        /// The plain init's handshake, once `PLAIN_INIT_AFTER_RETRIES` went unanswered.
+        plain: Option<Box<ClientHandshake>>,
+        next_retry: Instant,
+        retry: Duration,
+        retries: u32,
+        due: bool,
+        plain_due: bool,
+    },
+    Established {
+        keys: SessionKeys,
+        since: Instant,
+    },
+    Refused {
+        until: Instant,
+    },
 }
 
 #[derive(Default)]
@@ -262,22 +287,24 @@ impl Client {
         SessionId(self.entropy.next_u64())
     }
 
-    fn handshake(&mut self, id: SessionId, now: Instant) -> SessionState {
+    /// A handshake for session `id`; `redundancy`: whether its init asks for the
+    /// configured redundancy (the plain init does not).
+    fn client_handshake(&mut self, id: SessionId, now: Instant, redundancy: bool) -> Box<ClientHandshake> {
         let key = self.entropy.x25519_key();
         let wall_ms = self.wall_at_epoch_ms + now.saturating_duration_since(self.epoch).as_millis() as u64;
+        let request = if redundancy { self.cfg.redundancy.to_request() } else { None };
+        Box::new(ClientHandshake::new(&self.psk, key, id, self.cfg.cipher, &self.cfg.target, wall_ms, request))
+    }
+
+    fn handshake(&mut self, id: SessionId, now: Instant) -> SessionState {
         SessionState::Handshaking {
-            hs: Box::new(ClientHandshake::new(
-                &self.psk,
-                key,
-                id,
-                self.cfg.cipher,
-                &self.cfg.target,
-                wall_ms,
-                self.cfg.redundancy.to_request(),
-            )),
+            hs: self.client_handshake(id, now, true),
+            plain: None,
             next_retry: now + HANDSHAKE_RETRY_MIN,
             retry: HANDSHAKE_RETRY_MIN,
+            retries: 0,
             due: true,
+            plain_due: false,
         }
     }
 
@@ -295,7 +322,22 @@ impl Client {
         let s = self.sessions[slot].take()?;
         self.by_app.remove(&s.app);
         self.by_id.remove(&s.id);
+        if let Some(plain) = s.plain_id() {
+            self.by_id.remove(&plain);
+        }
         Some((s.app, s.id))
+    }
+
+    /// Sends a plain init beside the one asking for redundancy, for a new session id.
+    fn start_plain_handshake(&mut self, now: Instant, slot: usize) {
+        let id = self.new_session_id();
+        let hs = self.client_handshake(id, now, false);
+        let Some(s) = self.sessions[slot].as_mut() else { return };
+        if let SessionState::Handshaking { plain, plain_due, .. } = &mut s.state {
+            *plain = Some(hs);
+            *plain_due = true;
+            self.by_id.insert(id, slot);
+        }
     }
 
     /// A session for a new application flow; when the table is full, the longest-idle
@@ -416,14 +458,28 @@ impl Client {
         };
         let psk = self.psk.clone();
         let s = self.sessions[slot].as_mut().expect("indexed session exists");
-        let SessionState::Handshaking { hs, .. } = &mut s.state else {
+        let SessionState::Handshaking { hs, plain, .. } = &mut s.state else {
             // the copy of the response that came over a slower path
             s.drops.count(DropReason::Duplicate);
             return ClientRecv::Dropped(DropReason::Duplicate);
         };
-        match hs.finish(&psk, buf) {
+        let answers_plain = plain.as_ref().is_some_and(|p| p.session() == repr.session);
+        let finished =
+            if answers_plain { plain.as_mut().map(|p| p.finish(&psk, buf)) } else { Some(hs.finish(&psk, buf)) };
+        let plain_id = plain.as_ref().map(|p| p.session());
+        match finished.expect("one of the two handshakes") {
             Ok(keys) => {
                 let cipher = keys.cipher();
+                // the other handshake's id is forgotten: its answer, if any, is stale
+                let loser = if answers_plain { s.id } else { plain_id.unwrap_or(s.id) };
+                if loser != repr.session {
+                    self.by_id.remove(&loser);
+                }
+                if answers_plain {
+                    s.id = repr.session;
+                    s.sender = RedundancySender::new(RedundancyConfig::default());
+                    self.events.push_back(ClientEvent::RedundancyUnsupported { app: s.app, id: s.id });
+                }
                 s.state = SessionState::Established { keys, since: now };
                 s.last_server_rx = now;
                 for p in &mut s.probes {
@@ -649,12 +705,18 @@ impl Client {
             }
             let mut wants_tx = false;
             let mut restart = false;
+            let mut start_plain = false;
             match &mut s.state {
-                SessionState::Handshaking { next_retry, retry, due, .. } => {
+                SessionState::Handshaking { next_retry, retry, retries, due, plain, plain_due, .. } => {
                     if now >= *next_retry {
                         *due = true;
+                        *plain_due = plain.is_some();
                         *retry = (*retry * 2).min(HANDSHAKE_RETRY_MAX);
                         *next_retry = now + *retry;
+                        *retries += 1;
+                        start_plain = *retries == PLAIN_INIT_AFTER_RETRIES
+                            && plain.is_none()
+                            && self.cfg.redundancy.to_request().is_some();
                         wants_tx = true;
                     }
                 }
@@ -685,6 +747,9 @@ impl Client {
                 self.restart_session(now, slot);
                 wants_tx = true;
             }
+            if start_plain {
+                self.start_plain_handshake(now, slot);
+            }
             if wants_tx {
                 self.mark_ready(slot);
             }
@@ -697,6 +762,9 @@ impl Client {
         let state = self.handshake(id, now);
         let s = self.sessions[slot].as_mut().expect("indexed session exists");
         self.by_id.remove(&s.id);
+        if let Some(plain) = s.plain_id() {
+            self.by_id.remove(&plain);
+        }
         self.by_id.insert(id, slot);
         s.id = id;
         s.state = state;
@@ -820,6 +888,14 @@ fn seal_inner(keys: &SessionKeys, id: SessionId, seq: &mut u64, buf: &mut [u8], 
 }
 
 impl ClientSession {
+    /// The id of the plain handshake beside the one asking for redundancy, if any.
+    fn plain_id(&self) -> Option<SessionId> {
+        match &self.state {
+            SessionState::Handshaking { plain: Some(p), .. } => Some(p.session()),
+            _ => None,
+        }
+    }
+
     /// Seals an application datagram for this established session and says where it
     /// goes, as its redundancy plans it.
     fn send_data(&mut self, now: Instant, paused: PathMask, buf: &mut [u8], payload_len: usize) -> (usize, PathMask) {
@@ -931,12 +1007,14 @@ fn seal_receipt(
 impl ClientSession {
     fn poll_transmit(&mut self, now: Instant, now_us: u32, all: PathMask, buf: &mut [u8]) -> Option<Transmit> {
         match &mut self.state {
-            SessionState::Handshaking { hs, due, .. } => {
-                if !*due {
+            SessionState::Handshaking { hs, due, plain, plain_due, .. } => {
+                let init = if std::mem::take(due) {
+                    hs.init()
+                } else if std::mem::take(plain_due) {
+                    plain.as_ref()?.init()
+                } else {
                     return None;
-                }
-                *due = false;
-                let init = hs.init();
+                };
                 buf[..init.len()].copy_from_slice(init);
                 for p in all.iter() {
                     self.counters[p].tx.add(init.len());

@@ -294,6 +294,10 @@ impl ClientHandshake {
         &self.init[..self.init_len]
     }
 
+    pub fn session(&self) -> SessionId {
+        self.session
+    }
+
     /// Checks a response. On `BadMac`/`Malformed`/`WrongSession` the handshake stays usable
     /// (the datagram was not from our server); other errors end it.
     pub fn finish(&mut self, psk: &Psk, resp: &[u8]) -> Result<SessionKeys, HandshakeError> {

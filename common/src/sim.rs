@@ -153,6 +153,9 @@ pub struct Sim {
     pub server_up: bool,
     /// The target echoes each datagram back through the tunnel.
     pub echo: bool,
+    /// The server is one from before redundancy modes: it drops an init that asks for
+    /// one, without a word (its parser refuses the length).
+    pub server_before_redundancy: bool,
     /// Datagrams the target received (per session slot, in order).
     pub target_received: Vec<(SessionSlot, Vec<u8>)>,
     /// Datagrams delivered to local applications.
@@ -235,6 +238,7 @@ impl Sim {
             links,
             server_up: true,
             echo: true,
+            server_before_redundancy: false,
             target_received: Vec::new(),
             app_received: Vec::new(),
             inits_seen: Vec::new(),
@@ -419,6 +423,10 @@ impl Sim {
                 }
                 if bytes.first() == Some(&crate::wire::TYPE_HANDSHAKE_INIT) {
                     self.inits_seen.push(bytes.clone());
+                    let asks = crate::wire::HandshakeInitRepr::parse(&bytes).is_ok_and(|(i, _)| i.redundancy.is_some());
+                    if asks && self.server_before_redundancy {
+                        return;
+                    }
                 }
                 let mut out = [0u8; HANDSHAKE_RESP_LEN];
                 let n = bytes.len();

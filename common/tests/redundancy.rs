@@ -231,3 +231,27 @@ fn a_server_refuses_an_unknown_mode_clearly_and_old_clients_keep_working() {
     let init = sim.inits_seen.last().unwrap();
     assert_eq!(init.len(), 51 + 32, "no extension: {} bytes", init.len());
 }
+
+/// A server from before redundancy modes drops an init that asks for one without a word:
+/// after two unanswered retries a plain init goes out beside it, the session comes up
+/// duplicating, and the client says why.
+#[test]
+fn a_server_from_before_modes_gets_a_plain_init_and_the_session_duplicates() {
+    let mut sim = Sim::new(6, three_paths(LinkDir::lossy(0.0, 5)), Cipher::Aes256Gcm);
+    sim.set_redundancy(mode("adaptive"));
+    sim.server_before_redundancy = true;
+    sim.app_send(app(), &numbered(1));
+    sim.run_for(Duration::from_secs(2));
+    assert_eq!(sim.app_received.len(), 1, "the datagram sent while handshaking came back");
+    assert!(sim.trace.iter().any(|t| t.contains("RedundancyUnsupported")), "the client says why");
+    let report = sim.client.status(sim.now, "t");
+    let r = report.sessions[0].redundancy.as_ref().unwrap();
+    assert_eq!((r.mode.as_str(), r.scheme.as_str()), ("duplicate", "duplicate"));
+    // and a current server answers the init that asks at once: no plain init at all
+    let mut sim = Sim::new(6, three_paths(LinkDir::lossy(0.0, 5)), Cipher::Aes256Gcm);
+    sim.set_redundancy(mode("adaptive"));
+    sim.app_send(app(), &numbered(1));
+    sim.run_for(Duration::from_secs(2));
+    assert!(!sim.trace.iter().any(|t| t.contains("RedundancyUnsupported")));
+    assert!(sim.inits_seen.iter().all(|i| i.len() > 83), "only inits that ask");
+}

@@ -454,6 +454,10 @@ impl Multipath {
                 ClientEvent::SessionClosed { app, id } => {
                     info!(self.log, "session idle, closed"; "app" => %app, "session" => %id)
                 }
+                ClientEvent::RedundancyUnsupported { app, id } => warn!(self.log,
+                    "the server answered only the plain handshake (an mpserver older than redundancy modes?): \
+                     this session duplicates; upgrade the server for fec or adaptive";
+                    "app" => %app, "session" => %id),
             }
         }
     }

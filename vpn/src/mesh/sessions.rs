@@ -204,6 +204,14 @@ impl Mesh {
                     p.established = true;
                     p.in_use = true;
                 }
+                // the session took the id of its plain handshake (a pair's client asks for
+                // no redundancy, so this is for completeness)
+                ClientEvent::RedundancyUnsupported { id: s, .. } => {
+                    if let Some(old) = p.client_session.replace(s) {
+                        sessions.unbind(&old, id);
+                    }
+                    sessions.bind(s, id, Side::Client);
+                }
                 ClientEvent::PathUp { path, .. } => p.up.insert(path),
                 ClientEvent::PathDown { path, .. } => p.up.0 &= !(1u32 << path),
                 ClientEvent::ServerLost { old, .. } => {
