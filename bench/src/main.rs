@@ -171,7 +171,7 @@ const MESH_TARGETS: [(&str, f64, bool); 2] = [
 ];
 /// The redundancy modes compared, with what client.yaml says for each.
 const REDUNDANCY_MODES: [(&str, &str); 3] = [
-    ("duplicate", ""),
+    ("duplicate", "redundancy: duplicate\n"),
     ("fec 10+4", "redundancy: fec\nfec: {data: 10, parity: 4}\n"),
     ("adaptive", "redundancy: adaptive\n"),
 ];
@@ -246,9 +246,10 @@ impl BenchLab {
         self.server = self.lab.spawn(&s, "mpserver", &bin("mpserver"), &args);
     }
 
-    /// (Re)starts mpclient with the first `paths` bridges and `cipher`.
+    /// (Re)starts mpclient with the first `paths` bridges and `cipher`, duplicating (the
+    /// tunnel cells measure what mptunnel does; the redundancy cells compare the modes).
     fn client(&mut self, paths: usize, cipher: &str) {
-        self.client_with(paths, cipher, "");
+        self.client_with(paths, cipher, "redundancy: duplicate\n");
     }
 
     /// (Re)starts mpclient with the first `paths` bridges, `cipher` and `extra` lines of
