@@ -7,10 +7,12 @@ use common::driver::{DaemonArgs, DaemonCommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// Sends every datagram from local applications over all paths (relays or local uplinks)
-/// to an mpserver, sealed once and duplicated; the first copy of each reply wins. Or,
-/// with `--redundancy fec|adaptive`, coded groups striped over the paths: the loss of
-/// duplication at a fraction of its bytes.
+/// Sends datagrams from local applications over several paths (relays or local uplinks)
+/// to an mpserver, sealed once: by default (`--redundancy adaptive`) one copy on the best
+/// path while the paths are clean and Reed–Solomon groups striped over them when they
+/// lose, the loss of duplication at a fraction of its bytes; `--redundancy duplicate`
+/// sends every datagram on every path as mptunnel does. The first copy of each reply
+/// wins.
 ///
 /// Drop-in for mptunnel: `mpclient bridges.conf` with lines of `host port`.
 /// Or: `mpclient -c client.yaml` for everything else (see conf/client.yaml).
@@ -29,10 +31,10 @@ pub struct Cli {
     /// Local address applications send to [default: 127.0.0.1:3000, or the config's].
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
-    /// How datagrams are spread over the paths, both ways: `duplicate` (a copy on every
-    /// live path), `fec` (fixed Reed–Solomon groups, see --fec) or `adaptive` (the
-    /// cheapest scheme that meets the config's target_loss on each path's measured loss)
-    /// [default: duplicate, or the config's].
+    /// How datagrams are spread over the paths, both ways: `adaptive` (the cheapest scheme
+    /// that meets the config's target_loss on each path's measured loss), `duplicate` (a
+    /// copy on every live path) or `fec` (fixed Reed–Solomon groups, see --fec)
+    /// [default: adaptive, or the config's].
     #[arg(long, value_name = "MODE")]
     pub redundancy: Option<RedundancyName>,
     /// With `--redundancy fec`: datagrams and parity shards per group [default: 10:4].

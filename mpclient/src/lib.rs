@@ -7,6 +7,7 @@
 pub mod cli;
 
 use common::client::{Client, ClientCoreConfig, ClientEvent, ClientRecv, ClientSend};
+use common::config::RedundancySettings;
 use common::config::{ClientConfig, ConfigError, DEFAULT_STATS_INTERVAL_SECS};
 use common::crypto::{Cipher, Psk};
 use common::driver::address_watch::AddressWatch;
@@ -117,7 +118,7 @@ impl ClientRuntime {
             paths,
             session_idle_timeout: common::client::DEFAULT_SESSION_IDLE_TIMEOUT,
             max_sessions: common::client::DEFAULT_MAX_SESSIONS,
-            redundancy: RedundancyConfig::default(),
+            redundancy: RedundancySettings::default().to_config().expect("the defaults are valid"),
             control: instance_control_path(file),
             metrics: None,
             stats_interval: Some(Duration::from_secs(DEFAULT_STATS_INTERVAL_SECS)),
