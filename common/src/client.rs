@@ -20,8 +20,8 @@ use crate::entropy::Entropy;
 use crate::fec::DataTag;
 use crate::path::ProbeTracker;
 use crate::redundancy::{
-    stall_patience, PathEstimate, RecvLog, RedundancyConfig, RedundancyReceiver, RedundancySender, SentLog,
-    RECEIPT_INTERVAL,
+    stall_patience, PathEstimate, RecvLog, RedundancyConfig, RedundancyReceiver, RedundancySender, SenderOutput,
+    SentLog, RECEIPT_INTERVAL,
 };
 use crate::replay::{ReplayVerdict, ReplayWindow};
 use crate::stats::{
@@ -424,7 +424,7 @@ impl Client {
             return ClientSend::Queued;
         }
         let (len, paths) = s.send_data(now, paused, buf, payload_len);
-        if s.sender.has_parity() {
+        if s.sender.has_output() {
             self.mark_ready(slot);
         }
         ClientSend::Sealed { len, paths }
@@ -734,7 +734,7 @@ impl Client {
                             wants_tx |= active.contains(i) && p.next_probe_at() <= now;
                         }
                         s.sender.handle_timeout(now);
-                        wants_tx |= s.sender.has_parity();
+                        wants_tx |= s.sender.has_output();
                         if s.receipt_at.is_some_and(|t| now >= t) {
                             s.receipt_at = None;
                             s.receipt_due = true;
@@ -888,6 +888,23 @@ fn seal_inner(keys: &SessionKeys, id: SessionId, seq: &mut u64, buf: &mut [u8], 
 }
 
 impl ClientSession {
+    /// Parity to seal or a copy to repeat, from the redundancy sender.
+    fn poll_sender(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        let SessionState::Established { keys, .. } = &self.state else { return None };
+        let n = self.send_seq;
+        let (len, paths) = match self.sender.poll_output(buf)? {
+            SenderOutput::Parity { plain_len, paths } => {
+                self.send_seq += 1;
+                emit_transport_header(buf, self.id, n);
+                (keys.seal(n, buf, plain_len), paths)
+            }
+            SenderOutput::Repeat { len, paths } => (len, paths),
+        };
+        let seq = TransportPacket::new_checked(&buf[..len]).map_or(n, |p| p.seq());
+        count_sent(&mut self.sender, &mut self.counters, now, seq, len, paths);
+        Some(Transmit { len, paths })
+    }
+
     /// The id of the plain handshake beside the one asking for redundancy, if any.
     fn plain_id(&self) -> Option<SessionId> {
         match &self.state {
@@ -937,6 +954,9 @@ impl ClientSession {
         };
         self.tx.add(payload_len);
         count_sent(&mut self.sender, &mut self.counters, now, seq, len, paths);
+        if plan.copies > 1 {
+            self.sender.repeat(&buf[..len], paths, plan.copies - 1);
+        }
         (len, paths)
     }
 
@@ -1006,6 +1026,12 @@ fn seal_receipt(
 
 impl ClientSession {
     fn poll_transmit(&mut self, now: Instant, now_us: u32, all: PathMask, buf: &mut [u8]) -> Option<Transmit> {
+        // datagrams held during the handshake go first, then parity and repeated copies
+        if self.pending.is_empty() {
+            if let Some(t) = self.poll_sender(now, buf) {
+                return Some(t);
+            }
+        }
         match &mut self.state {
             SessionState::Handshaking { hs, due, plain, plain_due, .. } => {
                 let init = if std::mem::take(due) {
@@ -1033,16 +1059,6 @@ impl ClientSession {
                         self.counters[p].tx.add(len);
                     }
                     return Some(Transmit { len, paths });
-                }
-                if self.sender.has_parity() {
-                    let n = self.send_seq;
-                    if let Some((plain, paths)) = self.sender.poll_parity(&mut buf[TRANSPORT_HEADER_LEN..]) {
-                        self.send_seq += 1;
-                        emit_transport_header(buf, self.id, n);
-                        let len = keys.seal(n, buf, plain);
-                        count_sent(&mut self.sender, &mut self.counters, now, n, len, paths);
-                        return Some(Transmit { len, paths });
-                    }
                 }
                 if std::mem::take(&mut self.receipt_due) {
                     let (probes, counters) = (&self.probes, &mut self.counters);

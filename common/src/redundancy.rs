@@ -43,6 +43,8 @@ const ADAPTIVE_MIN_GROUP_DATA: usize = 3;
 pub const LOSSY_PATH_LOSS: f64 = 0.02;
 /// The loss assumed for a path whose loss is not measured yet.
 const UNKNOWN_PATH_LOSS: f64 = 0.5;
+/// Copies per path, at most, of a datagram too sparse to code.
+pub const MAX_COPIES: u8 = 3;
 /// How often the sender reviews its scheme against fresh path estimates.
 pub const REVIEW_INTERVAL: Duration = Duration::from_millis(50);
 /// Weight of the newest gap in the smoothed gap between datagrams.
@@ -166,8 +168,9 @@ impl RedundancyConfig {
 /// How datagrams go out now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
-    /// A copy on every path.
-    Duplicate,
+    /// `copies` copies on every path (more than one only for sparse traffic on lossy
+    /// paths, where a group would wait too long and one copy per path is not enough).
+    Duplicate { copies: u8 },
     /// One copy on the best path.
     Single,
     /// Coded groups of `data` datagrams and `parity` shards, striped over the paths.
@@ -177,7 +180,8 @@ pub enum Scheme {
 impl std::fmt::Display for Scheme {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Duplicate => f.write_str("duplicate"),
+            Self::Duplicate { copies: 1 } => f.write_str("duplicate"),
+            Self::Duplicate { copies } => write!(f, "duplicate x{copies}"),
             Self::Single => f.write_str("single"),
             Self::Rs { data, parity } => write!(f, "rs {data}+{parity}"),
         }
@@ -302,13 +306,22 @@ pub fn choose(paths: &[PathEstimate], target: f64, per_group: usize) -> Choice {
     });
     let order: Vec<usize> = sorted.iter().map(|p| p.index).collect();
     let loss: Vec<f64> = sorted.iter().map(|p| p.loss.unwrap_or(UNKNOWN_PATH_LOSS)).collect();
-    let duplicate = Choice::new(Scheme::Duplicate, &order, loss.iter().product());
-    if sorted.is_empty() || sorted.iter().all(|p| p.loss.is_none()) {
-        return duplicate;
+    let one_each: f64 = loss.iter().product();
+    if sorted.iter().all(|p| p.loss.is_none()) {
+        // nothing measured yet: one copy on every path until it is
+        return Choice::new(Scheme::Duplicate { copies: 1 }, &order, one_each);
     }
+    // repeated copies only where every path is measured: an unknown path's assumed loss
+    // would ask for the most
+    let copies = if sorted.iter().any(|p| p.loss.is_none()) {
+        1
+    } else {
+        (1..=MAX_COPIES).find(|&c| one_each.powi(i32::from(c)) <= target).unwrap_or(MAX_COPIES)
+    };
+    let duplicate = Choice::new(Scheme::Duplicate { copies }, &order, one_each.powi(i32::from(copies)));
     let mut best = duplicate;
     let cost = |c: &Choice| match c.scheme {
-        Scheme::Duplicate => c.len as f64,
+        Scheme::Duplicate { copies } => c.len as f64 * f64::from(copies),
         Scheme::Single => 1.0,
         Scheme::Rs { data, parity } => f64::from(data + parity) / f64::from(data),
     };
@@ -368,6 +381,9 @@ fn parity_for(mode: RedundancyMode, n: usize, k: usize, r: usize, loss: &[f64], 
 pub struct DataPlan {
     pub tag: Option<DataTag>,
     pub paths: PathMask,
+    /// Copies on each path: the caller hands the sealed datagram to `repeat` for the
+    /// ones after the first.
+    pub copies: u8,
 }
 
 /// What the sender counted.
@@ -381,6 +397,8 @@ pub struct SenderStats {
     pub groups: u64,
     /// Groups that closed while parity of `PENDING_GROUPS` others still waited.
     pub groups_without_parity: u64,
+    /// Copies not repeated: `REPEATS_KEPT` others still waited.
+    pub repeats_dropped: u64,
 }
 
 /// One closed group's parity, at most.
@@ -425,14 +443,67 @@ pub struct RedundancySender {
     /// Smoothed gap between datagrams, µs.
     gap_us: f64,
     next_review: Option<Instant>,
+    repeats: RepeatQueue,
     pub stats: SenderStats,
+}
+
+/// Sealed datagrams to send again (`Scheme::Duplicate` with more than one copy): a
+/// fixed ring, allocated on first use; a datagram that finds it full goes once.
+#[derive(Default)]
+struct RepeatQueue {
+    bytes: Vec<u8>,
+    /// Length, paths and copies left of each entry.
+    entries: std::collections::VecDeque<(usize, PathMask, u8)>,
+    /// The ring slot of the oldest entry.
+    head: usize,
+}
+
+/// Datagrams waiting to be repeated, at most, and the longest one repeated.
+const REPEATS_KEPT: usize = 8;
+const REPEAT_MAX_LEN: usize = fec::MAX_DATAGRAM + crate::wire::TUNNEL_OVERHEAD;
+
+impl RepeatQueue {
+    fn push(&mut self, sealed: &[u8], paths: PathMask, times: u8) -> bool {
+        if self.entries.len() == REPEATS_KEPT || sealed.len() > REPEAT_MAX_LEN || times == 0 {
+            return false;
+        }
+        if self.bytes.is_empty() {
+            self.bytes = vec![0; REPEATS_KEPT * REPEAT_MAX_LEN];
+            self.entries.reserve_exact(REPEATS_KEPT);
+        }
+        let slot = (self.head + self.entries.len()) % REPEATS_KEPT;
+        self.bytes[slot * REPEAT_MAX_LEN..][..sealed.len()].copy_from_slice(sealed);
+        self.entries.push_back((sealed.len(), paths, times));
+        true
+    }
+
+    fn pop(&mut self, out: &mut [u8]) -> Option<(usize, PathMask)> {
+        let (len, paths, left) = self.entries.front_mut()?;
+        let (len, paths) = (*len, *paths);
+        out.get_mut(..len)?.copy_from_slice(&self.bytes[self.head * REPEAT_MAX_LEN..][..len]);
+        *left -= 1;
+        if *left == 0 {
+            self.entries.pop_front();
+            self.head = (self.head + 1) % REPEATS_KEPT;
+        }
+        Some((len, paths))
+    }
+}
+
+/// What the sender has to go out besides the datagrams handed to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SenderOutput {
+    /// A parity shard's plaintext at `buf[TRANSPORT_HEADER_LEN..][..plain_len]`, to seal.
+    Parity { plain_len: usize, paths: PathMask },
+    /// A sealed datagram at `buf[..len]`, sent again as it is.
+    Repeat { len: usize, paths: PathMask },
 }
 
 impl RedundancySender {
     pub fn new(cfg: RedundancyConfig) -> Self {
         Self {
             cfg,
-            choice: Choice::new(Scheme::Duplicate, &[], 1.0),
+            choice: Choice::new(Scheme::Duplicate { copies: 1 }, &[], 1.0),
             loss: [0.0; MAX_PATHS],
             lossy: false,
             encoder: None,
@@ -443,6 +514,7 @@ impl RedundancySender {
             last_datagram: None,
             gap_us: f64::INFINITY,
             next_review: None,
+            repeats: RepeatQueue::default(),
             stats: SenderStats::default(),
         }
     }
@@ -501,7 +573,7 @@ impl RedundancySender {
             *o = p.index;
         }
         self.choice = match self.cfg.mode {
-            RedundancyMode::Duplicate => Choice::new(Scheme::Duplicate, &order[..n], 0.0),
+            RedundancyMode::Duplicate => Choice::new(Scheme::Duplicate { copies: 1 }, &order[..n], 0.0),
             RedundancyMode::Fec { data, parity } => {
                 let mut c = choose(paths, 0.0, 0); // only for the order, best first
                 c.scheme = Scheme::Rs { data, parity };
@@ -517,7 +589,7 @@ impl RedundancySender {
 
     /// Plans a datagram of `payload`: where it goes, and whether as a coding group's data
     /// (then the caller adds the tag trailer; it has room for it only if `tag_room`).
-    /// A group that fills up closes here: its parity is then ready (`poll_parity`).
+    /// A group that fills up closes here: its parity is then ready (`poll_output`).
     pub fn plan(&mut self, now: Instant, payload: &[u8], tag_room: bool, all_live: PathMask) -> DataPlan {
         if let Some(last) = self.last_datagram.replace(now) {
             let gap = now.saturating_duration_since(last).as_micros() as f64;
@@ -526,16 +598,16 @@ impl RedundancySender {
         self.stats.payload_bytes += payload.len() as u64;
         if self.choice.len == 0 {
             // no path measured live yet: plain copies wherever the caller may send
-            return DataPlan { tag: None, paths: all_live };
+            return DataPlan { tag: None, paths: all_live, copies: 1 };
         }
         let fallback = self.choice.mask();
         match self.choice.scheme {
             // every path the caller may send on, measured or not (a new path too)
-            Scheme::Duplicate => DataPlan { tag: None, paths: all_live },
-            Scheme::Single => DataPlan { tag: None, paths: PathMask::single(self.choice.stripe(0)) },
+            Scheme::Duplicate { copies } => DataPlan { tag: None, paths: all_live, copies },
+            Scheme::Single => DataPlan { tag: None, paths: PathMask::single(self.choice.stripe(0)), copies: 1 },
             Scheme::Rs { .. } if !tag_room || payload.len() > fec::MAX_DATAGRAM => {
                 // a datagram no group carries
-                DataPlan { tag: None, paths: fallback }
+                DataPlan { tag: None, paths: fallback, copies: 1 }
             }
             Scheme::Rs { data, parity } => {
                 let group = self.group.get_or_insert_with(|| OpenGroup {
@@ -546,14 +618,14 @@ impl RedundancySender {
                 let data_count = group.data;
                 let encoder = self.encoder.get_or_insert_with(|| Box::new(FecEncoder::new(0)));
                 let Ok(tag) = encoder.push(payload) else {
-                    return DataPlan { tag: None, paths: fallback };
+                    return DataPlan { tag: None, paths: fallback, copies: 1 };
                 };
                 let path = self.choice.stripe(self.shards_sent);
                 self.shards_sent += 1;
                 if encoder.len() >= data_count {
                     self.close_group();
                 }
-                DataPlan { tag: Some(tag), paths: PathMask::single(path) }
+                DataPlan { tag: Some(tag), paths: PathMask::single(path), copies: 1 }
             }
         }
     }
@@ -606,14 +678,31 @@ impl RedundancySender {
         }
     }
 
-    /// Whether parity is ready to go out.
-    pub fn has_parity(&self) -> bool {
-        !self.pending.is_empty()
+    /// Whether parity or repeated copies wait to go out (`poll_output`).
+    pub fn has_output(&self) -> bool {
+        !self.pending.is_empty() || !self.repeats.entries.is_empty()
+    }
+
+    /// Sends the sealed datagram `sealed` on `paths` `times` more times.
+    pub fn repeat(&mut self, sealed: &[u8], paths: PathMask, times: u8) {
+        if !self.repeats.push(sealed, paths, times) && times > 0 {
+            self.stats.repeats_dropped += 1;
+        }
+    }
+
+    /// The next parity shard (written as plaintext after the transport header's room)
+    /// or repeated copy (written whole) in `buf`.
+    pub fn poll_output(&mut self, buf: &mut [u8]) -> Option<SenderOutput> {
+        if let Some((len, paths)) = self.repeats.pop(buf) {
+            return Some(SenderOutput::Repeat { len, paths });
+        }
+        let (plain_len, paths) = self.poll_parity(buf.get_mut(crate::wire::TRANSPORT_HEADER_LEN..)?)?;
+        Some(SenderOutput::Parity { plain_len, paths })
     }
 
     /// Writes the next parity shard as an inner message into `out` (kind, header, shard);
     /// returns its length and the path it goes on.
-    pub fn poll_parity(&mut self, out: &mut [u8]) -> Option<(usize, PathMask)> {
+    fn poll_parity(&mut self, out: &mut [u8]) -> Option<(usize, PathMask)> {
         let p = self.pending.front_mut()?;
         let i = p.next;
         let len = usize::from(p.closed.shard_len);
@@ -863,8 +952,15 @@ mod tests {
             ("5%: a path may die", three(0.05), 10, Scheme::Rs { data: 10, parity: 5 }),
             ("10%", three(0.10), 10, Scheme::Rs { data: 10, parity: 7 }),
             ("20%: heavy parity, still below three copies", three(0.20), 10, Scheme::Rs { data: 10, parity: 12 }),
-            ("sparse and lossy: duplicate", three(0.05), 1, Scheme::Duplicate),
-            ("unmeasured: duplicate", vec![PathEstimate { loss: None, ..path(0, 0.0) }], 10, Scheme::Duplicate),
+            ("sparse, 1%: a copy on each path", three(0.01), 1, Scheme::Duplicate { copies: 1 }),
+            ("sparse and lossy: two copies on each path", three(0.05), 1, Scheme::Duplicate { copies: 2 }),
+            ("sparse, 20%: two copies on each", three(0.20), 1, Scheme::Duplicate { copies: 2 }),
+            (
+                "unmeasured: duplicate",
+                vec![PathEstimate { loss: None, ..path(0, 0.0) }],
+                10,
+                Scheme::Duplicate { copies: 1 },
+            ),
             (
                 "one clean path among lossy: one copy on it",
                 vec![path(0, 0.2), path(1, 0.0), path(2, 0.2)],
@@ -936,14 +1032,15 @@ mod tests {
             assert_eq!(p.tag.unwrap().index, i as u8);
             paths.push(p.paths);
         }
-        assert!(!s.has_parity(), "three of four: the group waits");
+        assert!(!s.has_output(), "three of four: the group waits");
         assert_eq!(s.poll_timeout(), Some(t0 + DEFAULT_GROUP_DEADLINE));
         s.handle_timeout(t0 + DEFAULT_GROUP_DEADLINE);
         let mut out = vec![0u8; 2000];
         // three datagrams of a 4+2 plan: parity ceil(2 * 3 / 4) = 2
-        while let Some((len, p)) = s.poll_parity(&mut out) {
-            assert_eq!(out[0], INNER_FEC_PARITY);
-            assert!(len > 100);
+        while let Some(o) = s.poll_output(&mut out) {
+            let SenderOutput::Parity { plain_len, paths: p } = o else { panic!("parity only") };
+            assert_eq!(out[crate::wire::TRANSPORT_HEADER_LEN], INNER_FEC_PARITY);
+            assert!(plain_len > 100);
             paths.push(p);
         }
         let per_path: Vec<usize> = (0..3).map(|i| paths.iter().filter(|m| m.contains(i)).count()).collect();

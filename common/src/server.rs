@@ -15,8 +15,8 @@ use crate::crypto::{self, Cipher, Psk, SessionKeys};
 use crate::entropy::Entropy;
 use crate::path::{LossEstimate, ProbeReceipts, PROBE_INTERVAL};
 use crate::redundancy::{
-    stall_patience, PathEstimate, RecvLog, RedundancyConfig, RedundancyReceiver, RedundancySender, SentLog,
-    RECEIPT_INTERVAL,
+    stall_patience, PathEstimate, RecvLog, RedundancyConfig, RedundancyReceiver, RedundancySender, SenderOutput,
+    SentLog, RECEIPT_INTERVAL,
 };
 use crate::replay::{ReplayVerdict, ReplayWindow};
 use crate::stats::{
@@ -656,7 +656,7 @@ impl Server {
         if let (false, Some(deadline)) = (had_group, s.sender.poll_timeout()) {
             self.group_deadlines.push(Reverse((deadline, slot)));
         }
-        if s.sender.has_parity() && !s.parity_queued {
+        if s.sender.has_output() && !s.parity_queued {
             s.parity_queued = true;
             self.parity_ready.push_back(slot);
         }
@@ -670,11 +670,17 @@ impl Server {
         while let Some(&slot) = self.parity_ready.front() {
             if let Some(s) = self.sessions.get_mut(slot).and_then(Option::as_mut) {
                 let n = s.send_seq;
-                if let Some((plain, paths)) = s.sender.poll_parity(&mut buf[TRANSPORT_HEADER_LEN..]) {
-                    s.send_seq += 1;
-                    emit_transport_header(buf, s.id, n);
-                    let len = s.keys.seal(n, buf, plain);
-                    s.count_sent(now, n, len, paths);
+                if let Some(out) = s.sender.poll_output(buf) {
+                    let (len, paths) = match out {
+                        SenderOutput::Parity { plain_len, paths } => {
+                            s.send_seq += 1;
+                            emit_transport_header(buf, s.id, n);
+                            (s.keys.seal(n, buf, plain_len), paths)
+                        }
+                        SenderOutput::Repeat { len, paths } => (len, paths),
+                    };
+                    let seq = TransportPacket::new_checked(&buf[..len]).map_or(n, |p| p.seq());
+                    s.count_sent(now, seq, len, paths);
                     return Some((slot, len, paths));
                 }
                 if std::mem::take(&mut s.receipt_due) {
@@ -775,7 +781,7 @@ impl Server {
                     s.receipt_at = None;
                     s.receipt_due = true;
                 }
-                if (s.sender.has_parity() || s.receipt_due) && !s.parity_queued {
+                if (s.sender.has_output() || s.receipt_due) && !s.parity_queued {
                     s.parity_queued = true;
                     self.parity_ready.push_back(slot);
                 }
@@ -971,6 +977,9 @@ impl ServerSession {
         let len = self.keys.seal(n, buf, plain);
         self.tx.add(payload_len);
         self.count_sent(now, n, len, paths);
+        if plan.copies > 1 {
+            self.sender.repeat(&buf[..len], paths, plan.copies - 1);
+        }
         (len, paths)
     }
 

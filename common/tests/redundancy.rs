@@ -255,3 +255,35 @@ fn a_server_from_before_modes_gets_a_plain_init_and_the_session_duplicates() {
     assert!(!sim.trace.iter().any(|t| t.contains("RedundancyUnsupported")));
     assert!(sim.inits_seen.iter().all(|i| i.len() > 83), "only inits that ask");
 }
+
+/// Sparse traffic (a request every 10 ms) cannot fill a group in time: on clean paths it
+/// goes once per path, on lossy ones twice per path, which is what keeps a KCP or TCP
+/// request/response from waiting for a retransmission.
+#[test]
+fn sparse_traffic_on_lossy_paths_gets_two_copies_per_path() {
+    let dir = LinkDir::lossy(0.20, 5);
+    let mut outcomes = Vec::new();
+    for name in ["duplicate", "adaptive"] {
+        let mut sim = Sim::new(7, three_paths(dir), Cipher::Aes256Gcm);
+        sim.set_redundancy(mode(name));
+        let run = |sim: &mut Sim, numbers: std::ops::Range<u32>| {
+            for i in numbers {
+                sim.app_send(app(), &numbered(i));
+                sim.run_for(Duration::from_millis(10));
+            }
+        };
+        run(&mut sim, 0..1000); // warm-up: the paths get measured
+        let first = 1000;
+        sim.target_received.clear();
+        run(&mut sim, first..first + 8000);
+        let got: std::collections::HashSet<u32> =
+            sim.target_received.iter().map(|(_, d)| number(d)).filter(|&n| n >= first).collect();
+        let loss = 1.0 - got.len() as f64 / 8000.0;
+        let scheme = sim.client.status(sim.now, "t").sessions[0].redundancy.as_ref().unwrap().scheme.clone();
+        println!("sparse at 20%: {name}: loss {:.3}% scheme {scheme}", loss * 100.0);
+        outcomes.push((loss, scheme));
+    }
+    assert_eq!(outcomes[1].1, "duplicate x2");
+    assert!(outcomes[0].0 > 0.003, "three copies lose about 0.8%: {outcomes:?}");
+    assert!(outcomes[1].0 < 0.001, "six lose about 0.006%: {outcomes:?}");
+}
