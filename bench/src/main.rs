@@ -687,12 +687,20 @@ impl Runner {
 
             // beside mpclient/mpserver processes (what users run), and with the tunnel
             // embedded in mpvpn (no loopback hop)
-            for (embedded, name, setup) in [
-                (false, "VPN peer to peer, 3 paths each", "vpn"),
-                (true, "VPN peer to peer, 3 paths each, tunnel embedded", "vpn-embedded"),
+            // (duplicating, as the tunnel cells; and embedded with adaptive redundancy)
+            for (embedded, redundancy, name, setup) in [
+                (false, "duplicate", "VPN peer to peer, 3 paths each", "vpn"),
+                (true, "duplicate", "VPN peer to peer, 3 paths each, tunnel embedded", "vpn-embedded"),
+                (
+                    true,
+                    "adaptive",
+                    "VPN peer to peer, 3 paths each, tunnel embedded, adaptive",
+                    "vpn-embedded-adaptive",
+                ),
             ] {
                 self.progress(&format!("{name}, {loss}% loss: starting"));
-                let v = tests::VpnLab::start(&format!("bv{}{loss}", u8::from(embedded)), loss, embedded);
+                let tag = format!("bv{}{}{loss}", u8::from(embedded), &redundancy[..1]);
+                let v = tests::VpnLab::start_with(&tag, loss, embedded, Some(redundancy));
                 v.wait_peer_up("a", Duration::from_secs(20));
                 let b = v.wait_peer_up("b", Duration::from_secs(20));
                 std::thread::sleep(Duration::from_millis(500));
@@ -925,7 +933,7 @@ fn write_profile(out: &Path) {
 fn bench(scale: Scale, date: &str, profile: Option<&Path>) -> Results {
     let started = Instant::now();
     let tunnel_cells = 3 * scale.losses.len() + 1;
-    let vpn_steps = if scale.name == "full" { VPN_LOSSES.len() * 6 } else { 0 };
+    let vpn_steps = if scale.name == "full" { VPN_LOSSES.len() * 8 } else { 0 };
     let redundancy_steps = REDUNDANCY_MODES.len() * (REDUNDANCY_LOSSES.len() * 3 + 1);
     let steps = (2 + tunnel_cells + 3) * (scale.offered_mbit.len() + 2)
         + 6

@@ -36,6 +36,12 @@ impl VpnLab {
     /// `embedded`: the hub and peers run the multipath server/client in-process instead
     /// of beside separate mpserver/mpclient processes.
     pub fn start(tag: &str, loss_pct: u32, embedded: bool) -> Self {
+        Self::start_with(tag, loss_pct, embedded, None)
+    }
+
+    /// As `start`, the peers' tunnels with `redundancy` (`duplicate`, `fec`, `adaptive`;
+    /// `None`: the default).
+    pub fn start_with(tag: &str, loss_pct: u32, embedded: bool, redundancy: Option<&str>) -> Self {
         let mut lab = Lab::new(tag);
         let server_ns = lab.add_ns("s");
         let peer_ns = vec![lab.add_ns("pa"), lab.add_ns("pb")];
@@ -95,7 +101,8 @@ impl VpnLab {
             let embedded_client = if embedded {
                 let client_yaml = dir.join(format!("client-{name}.yaml"));
                 let paths: String = (1..=3).map(|j| format!("  - remote: 10.{net}.{j}.2:{BRIDGE_PORT}\n")).collect();
-                std::fs::write(&client_yaml, format!("key_file: {tk}\npaths:\n{paths}")).expect("client.yaml");
+                let mode = redundancy.map_or(String::new(), |r| format!("redundancy: {r}\n"));
+                std::fs::write(&client_yaml, format!("key_file: {tk}\n{mode}paths:\n{paths}")).expect("client.yaml");
                 format!("embedded_client: {}\n", client_yaml.display())
             } else {
                 let bridges = dir.join(format!("bridges-{name}.conf"));
@@ -105,7 +112,11 @@ impl VpnLab {
                 )
                 .expect("bridges");
                 let cctl = dir.join(format!("mpclient-{name}.sock")).display().to_string();
-                let args = ["--key-file", &tk, "--control", &cctl, &bridges.display().to_string()];
+                let bridges = bridges.display().to_string();
+                let mut args = vec!["--key-file", &tk, "--control", &cctl, &bridges];
+                if let Some(r) = redundancy {
+                    args.extend(["--redundancy", r]);
+                }
                 me.lab.spawn(&ns, &format!("mpclient-{name}"), &bin("mpclient"), &args);
                 tunnel_control = format!("tunnel_control: {cctl}\n");
                 String::new()
