@@ -919,22 +919,21 @@ impl ClientSession {
         let SessionState::Established { keys, .. } = &self.state else { unreachable!("checked by the caller") };
         let live = data_paths(&self.probes, paused);
         if self.sender.wants_review(now) {
-            let mut estimates =
-                [PathEstimate { index: 0, loss: None, rtt: None, overdue: false, stalled: false }; MAX_PATHS];
-            let mut n = 0;
-            for i in live.iter() {
-                let p = &self.probes[i];
-                let rtt = p.rtt_ms().map(|ms| Duration::from_secs_f64(ms / 1000.0));
-                estimates[n] = PathEstimate {
-                    index: i,
-                    loss: p.loss_up_estimate(),
-                    rtt,
-                    overdue: p.reply_overdue(now),
-                    stalled: self.counters[i].sent_log.stalled(now, stall_patience(rtt)),
-                };
-                n += 1;
-            }
-            self.sender.review(now, &estimates[..n]);
+            let (probes, counters) = (&self.probes, &self.counters);
+            self.sender.review(
+                now,
+                live.iter().map(|i| {
+                    let p = &probes[i];
+                    let rtt = p.rtt_ms().map(|ms| Duration::from_secs_f64(ms / 1000.0));
+                    PathEstimate {
+                        index: i,
+                        loss: p.loss_up_estimate(),
+                        rtt,
+                        overdue: p.reply_overdue(now),
+                        stalled: counters[i].sent_log.stalled(now, stall_patience(rtt)),
+                    }
+                }),
+            );
             let sole = self.sender.sole_path();
             for (i, p) in self.probes.iter_mut().enumerate() {
                 p.set_sole_copy(now, sole == Some(i));

@@ -562,11 +562,19 @@ impl RedundancySender {
     /// Chooses the scheme for what comes next from the live paths' estimates (the
     /// sending direction's). Takes effect at once; ignored while a group is open (the
     /// next one is at most a group deadline away).
-    pub fn review(&mut self, now: Instant, paths: &[PathEstimate]) {
+    pub fn review(&mut self, now: Instant, live: impl IntoIterator<Item = PathEstimate>) {
         if self.group.is_some() {
             return;
         }
         self.next_review = Some(now + REVIEW_INTERVAL);
+        let none = PathEstimate { index: 0, loss: None, rtt: None, overdue: false, stalled: false };
+        let mut estimates = [none; MAX_PATHS];
+        let mut count = 0;
+        for (slot, e) in estimates.iter_mut().zip(live) {
+            *slot = e;
+            count += 1;
+        }
+        let paths = &estimates[..count];
         let mut order = [0usize; MAX_PATHS];
         let n = paths.len().min(MAX_PATHS);
         for (o, p) in order.iter_mut().zip(paths) {
@@ -1024,7 +1032,7 @@ mod tests {
         let t0 = Instant::now();
         let cfg = RedundancyConfig { mode: RedundancyMode::Fec { data: 4, parity: 2 }, ..Default::default() };
         let mut s = RedundancySender::new(cfg);
-        s.review(t0, &three(0.0));
+        s.review(t0, three(0.0));
         let all = PathMask::first_n(3);
         let mut paths = Vec::new();
         for i in 0..3 {

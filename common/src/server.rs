@@ -936,21 +936,17 @@ impl ServerSession {
         payload_len: usize,
     ) -> (usize, PathMask) {
         if self.sender.wants_review(now) {
-            let mut estimates =
-                [PathEstimate { index: 0, loss: None, rtt: None, overdue: false, stalled: false }; MAX_PATHS];
-            let mut n = 0;
-            for i in live.iter() {
-                let p = &self.paths[i];
-                estimates[n] = PathEstimate {
+            let paths = &self.paths;
+            self.sender.review(
+                now,
+                live.iter().map(|i| PathEstimate {
                     index: i,
-                    loss: p.loss_estimate(),
+                    loss: paths[i].loss_estimate(),
                     rtt: None,
-                    overdue: now.saturating_duration_since(p.last_rx) >= PATH_OVERDUE_AFTER,
-                    stalled: p.sent_log.stalled(now, stall_patience(None)),
-                };
-                n += 1;
-            }
-            self.sender.review(now, &estimates[..n]);
+                    overdue: now.saturating_duration_since(paths[i].last_rx) >= PATH_OVERDUE_AFTER,
+                    stalled: paths[i].sent_log.stalled(now, stall_patience(None)),
+                }),
+            );
         }
         let tag_room = buf.len() >= DATA_PAYLOAD_OFFSET + payload_len + DATA_TAIL_ROOM;
         let plan =
