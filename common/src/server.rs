@@ -155,7 +155,7 @@ pub enum ServerRecv {
     Reply {
         len: usize,
     },
-    /// Taken in (parity); datagrams it rebuilt wait in `poll_recovered`.
+    /// Taken in (parity, a receipt); datagrams parity rebuilt wait in `poll_recovered`.
     Consumed,
     Dropped(DropReason),
 }
@@ -474,8 +474,8 @@ impl Server {
             ReplayVerdict::Fresh => {}
             ReplayVerdict::Duplicate => {
                 // a copy on a path not validated yet earns it reply budget once it
-                // authenticates (the copy that won came on another path); in an adaptive
-                // session every authentic copy counts for its path's receipts
+                // authenticates (the copy that won came on another path); in a coded or
+                // adaptive session every authentic copy counts for its path's receipts
                 let receipts = s.sender.uses_receipts();
                 if let Some(p) = known_path.map(|i| &mut s.paths[i]).filter(|p| !p.validated || receipts) {
                     if let Ok(plain_len) = s.keys.open(seq, buf) {
@@ -663,9 +663,9 @@ impl Server {
         Some((len, paths))
     }
 
-    /// The next parity shard to send: its session, `buf[..len]`, and the path (look its
-    /// address up as after `encapsulate`). Drain it after each batch of `encapsulate`
-    /// and after `handle_timeout`.
+    /// The next parity shard, repeated copy or receipt to send: its session, `buf[..len]`,
+    /// and the paths (look their addresses up as after `encapsulate`). Drain it after each
+    /// batch of `encapsulate` and after `handle_timeout`.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<(SessionSlot, usize, PathMask)> {
         while let Some(&slot) = self.parity_ready.front() {
             if let Some(s) = self.sessions.get_mut(slot).and_then(Option::as_mut) {
