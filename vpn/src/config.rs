@@ -96,6 +96,84 @@ pub struct HubConfig {
     /// What the relay carries for one mesh pair (both ways), at most, in Mbit/s.
     #[serde(default = "default_relay_mbit")]
     pub relay_mbit_per_pair: u64,
+    /// Several hubs as one, on etcd (none: this hub alone, its own master).
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
+}
+
+pub const DEFAULT_LEASE_TTL_SECS: u64 = 3;
+
+fn default_lease_ttl() -> u64 {
+    DEFAULT_LEASE_TTL_SECS
+}
+
+/// hub.yaml's `cluster:`: this hub's place among the hubs of one network.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This hub's name, unique among the hubs.
+    pub name: String,
+    /// The client URLs of the etcd members (`http://ip:port`).
+    pub etcd: Vec<String>,
+    /// The key every hub of the cluster holds (`mpvpn genkey`): it signs what a hub
+    /// publishes about itself, so a record in etcd without it is not believed.
+    pub key_file: PathBuf,
+    /// How peers and the other hubs reach this hub.
+    #[serde(default)]
+    pub advertise: ClusterAdvertise,
+    /// Run with `up` when this hub becomes the master, `down` when it stops being it.
+    #[serde(default)]
+    pub on_master: Option<PathBuf>,
+    /// etcd's user, when etcd has authentication on (with `etcd_password_file`).
+    #[serde(default)]
+    pub etcd_user: Option<String>,
+    #[serde(default)]
+    pub etcd_password_file: Option<PathBuf>,
+    /// How long this hub's membership (and mastership) outlives its last word to etcd.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterAdvertise {
+    /// The multipath server's public address(es).
+    #[serde(default)]
+    pub tunnel: Vec<SocketAddr>,
+    /// The public rendezvous port.
+    #[serde(default)]
+    pub rendezvous: Option<SocketAddr>,
+}
+
+impl ClusterConfig {
+    fn check(&self, file: &str, text: &str) -> Result<(), ConfigError> {
+        let why = "1-32 of a-z A-Z 0-9 - _ .".to_string();
+        check(valid_name(&self.name), file, text, "cluster.name", "name", why)?;
+        check(!self.etcd.is_empty(), file, text, "cluster.etcd", "etcd", "at least one etcd member URL".into())?;
+        for e in &self.etcd {
+            let host = e.strip_prefix("http://").map(|h| h.trim_end_matches('/'));
+            let why = if e.starts_with("https://") {
+                format!("`{e}`: https (TLS to etcd) is not supported; keep etcd's client port on a private network")
+            } else {
+                format!("`{e}` is not http://host:port")
+            };
+            check(host.is_some_and(common::config::valid_host_port), file, text, "cluster.etcd", e, why)?;
+        }
+        let key = load_key(&self.key_file);
+        let why = key.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+        check(key.is_ok(), file, text, "cluster.key_file", "key_file", why)?;
+        let both = self.etcd_user.is_some() == self.etcd_password_file.is_some();
+        let why = "etcd_user and etcd_password_file go together".to_string();
+        check(both, file, text, "cluster.etcd_user", "etcd_user", why)?;
+        if let Some(p) = &self.etcd_password_file {
+            let read = std::fs::read_to_string(p);
+            let why = read.as_ref().err().map(|e| format!("{}: {e}", p.display())).unwrap_or_default();
+            check(read.is_ok(), file, text, "cluster.etcd_password_file", "etcd_password_file", why)?;
+        }
+        let why = "2-60 (seconds)".to_string();
+        check((2..=60).contains(&self.lease_ttl_secs), file, text, "cluster.lease_ttl_secs", "lease_ttl_secs", why)?;
+        Ok(())
+    }
 }
 
 fn default_relay_mbit() -> u64 {
@@ -299,6 +377,7 @@ impl HubConfig {
             rendezvous,
             state_file,
             relay_mbit_per_pair,
+            cluster,
         } = self;
         [
             ("listen", *listen != new.listen),
@@ -315,6 +394,7 @@ impl HubConfig {
             ("rendezvous", *rendezvous != new.rendezvous),
             ("state_file", *state_file != new.state_file),
             ("relay_mbit_per_pair", *relay_mbit_per_pair != new.relay_mbit_per_pair),
+            ("cluster", *cluster != new.cluster),
         ]
         .into_iter()
         .filter_map(|(field, changed)| changed.then_some(field))
@@ -361,6 +441,9 @@ impl HubConfig {
             check(crate::dns::valid_domain(&d.domain), file, text, "dns.domain", "domain", why)?;
         }
         check_log_level(&c.log_level, file, text)?;
+        if let Some(cl) = &c.cluster {
+            cl.check(file, text)?;
+        }
         check(!c.peers.is_empty(), file, text, "peers", "peers", "at least one peer".into())?;
         // every key is read once (a key file per peer: not once per later peer)
         let mut keys = Vec::with_capacity(c.peers.len());

@@ -795,3 +795,42 @@ fn a_peer_routes_lookups_only_for_a_private_or_pinned_domain() {
     assert_eq!(configured_domain("vpn.example.org", Some("mpvpn")), (None, true), "not the pinned one");
     assert_eq!(configured_domain("mpvpn", Some("mpvpn")), (Some("mpvpn".into()), false));
 }
+
+/// `AddressAuthority::Cluster`: the hub never picks an address itself. A new name is
+/// refused while the store is down (the peer keeps asking); with the store up, the hub
+/// asks it once per `ADDRESS_ASK_INTERVAL` and answers the Register that follows its
+/// answer; a name the store knows registers at once, also with the store down again.
+#[test]
+fn cluster_hubs_take_addresses_only_from_the_store() {
+    use vpn::hub::{AddressAuthority, HubEvent, ADDRESS_ASK_INTERVAL};
+    use vpn::wire::RefusalReason;
+    let cfg = HubCoreConfig { addresses: AddressAuthority::Cluster, ..hub_config(&["a", "b", "c", "fixed"]) };
+    let mut net = VpnSim::new(cfg, 100);
+    net.add_peer(sim::peer_config("a"), Nat::None);
+    net.add_peer(sim::peer_config("fixed"), Nat::None);
+    net.run_for(Duration::from_secs(1));
+    assert!(!net.peers[0].core.is_up());
+    assert!(net.peers[0].events.contains(&PeerEvent::Refused(RefusalReason::StoreUnavailable)));
+    assert!(net.peers[1].core.is_up(), "a fixed address needs no store");
+    let wanted = |net: &VpnSim| {
+        net.hub_events.iter().filter(|(_, e)| matches!(e, HubEvent::AddressWanted { name, .. } if name == "a")).count()
+    };
+    assert_eq!(wanted(&net), 0, "nothing asked of a store that is down");
+    net.hub.set_store_available(true);
+    net.run_for(ADDRESS_ASK_INTERVAL * 3);
+    assert!(!net.peers[0].core.is_up(), "no guessed address");
+    let asked = wanted(&net);
+    assert!((2..=4).contains(&asked), "asked {asked} times in 3 intervals");
+    let given = Ipv4Addr::new(10, 99, 0, 42);
+    net.hub.learn_assignments([("a".to_string(), given), ("nobody".to_string(), Ipv4Addr::new(10, 99, 0, 43))].into());
+    net.run_for(Duration::from_secs(1));
+    assert!(net.peers[0].core.is_up());
+    assert_eq!(net.addr(0), given);
+    assert!(!net.hub.assignments().contains_key("nobody"), "names not in hub.yaml are ignored");
+    // the store goes down: known names keep registering (after a restart of the peer too)
+    net.hub.set_store_available(false);
+    // (host 7's entropy: a restarted peer registers with a new nonce)
+    net.peers[0] = peer(&net, "a", None, Vec::new(), 7);
+    net.run_for(Duration::from_secs(1));
+    assert_eq!(net.addr(0), given);
+}

@@ -1,8 +1,12 @@
 //! `mpvpn hub`: the hub core on a TUN device, the tunnel (a UDP socket towards mpserver, or
 //! the embedded server), the DNS responder and the rendezvous port.
 
+use super::cluster::{key_prefix, ClusterEvent, ClusterLink, ClusterSpec, HubRecord};
+use super::status::{ClusterHubStatus, ClusterStatus};
 use super::*;
-use crate::hub::HubOutput;
+use crate::config::ClusterConfig;
+use crate::hub::{AddressAuthority, HubOutput};
+use std::collections::BTreeMap;
 
 /// How the hub exchanges datagrams with the tunnel.
 pub(super) enum HubTunnel {
@@ -110,7 +114,152 @@ pub(super) struct HubDriver {
     /// What the state file holds (written again when the addresses change).
     kept: state::HubState,
     config: HubConfig,
+    /// hub.yaml's `cluster:`, running.
+    cluster: Option<Cluster>,
     log: Logger,
+}
+
+/// The hub's cluster as the loop knows it: the cluster thread, and what it said last.
+pub(super) struct Cluster {
+    link: ClusterLink,
+    name: String,
+    etcd_members: Vec<String>,
+    digest: String,
+    etcd_up: bool,
+    master: Option<String>,
+    is_master: bool,
+    /// Every hub seen since start, and whether its record is in etcd now.
+    hubs: BTreeMap<String, (HubRecord, bool)>,
+    unverified: u64,
+}
+
+/// Of hub.yaml's `network` and `peers` (names, keys, fixed addresses, routes): hubs of
+/// one network must agree on them, and compare this.
+fn config_digest(c: &HubConfig) -> String {
+    use ring::digest::{Context, SHA256};
+    let mut ctx = Context::new(&SHA256);
+    ctx.update(c.network.to_string().as_bytes());
+    let mut peers: Vec<_> = c.peers.iter().collect();
+    peers.sort_by(|a, b| a.name.cmp(&b.name));
+    for p in peers {
+        let key = resolve_key(&p.key, &p.key_file).ok().flatten().map(|k| k.key).unwrap_or_default();
+        let routes: Vec<String> = p.routes.iter().map(|r| r.to_string()).collect();
+        let line = format!("\n{} {:?} {}", p.name, p.address, routes.join(","));
+        ctx.update(line.as_bytes());
+        ctx.update(&key);
+    }
+    ctx.finish().as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Cluster {
+    fn start(cc: &ClusterConfig, c: &HubConfig, registry: &Registry, log: &Logger) -> Result<Self, VpnError> {
+        let key = driver::require_key("mpvpn hub (cluster.key_file)", Some(&cc.key_file))?;
+        if let Some(w) = key.warning {
+            warn!(log, "{}", w);
+        }
+        let credentials = match (&cc.etcd_user, &cc.etcd_password_file) {
+            (Some(user), Some(file)) => {
+                let what = || format!("cluster.etcd_password_file {}", file.display());
+                let password = std::fs::read_to_string(file).context(what)?;
+                Some((user.clone(), password.trim_end().to_string()))
+            }
+            _ => None,
+        };
+        let mut reserved: std::collections::HashSet<Ipv4Addr> = c.peers.iter().filter_map(|p| p.address).collect();
+        reserved.insert(c.hub_addr());
+        let digest = config_digest(c);
+        let etcd: Vec<String> = cc.etcd.iter().map(|e| e.trim_end_matches('/').to_string()).collect();
+        let spec = ClusterSpec {
+            name: cc.name.clone(),
+            etcd: etcd.clone(),
+            credentials,
+            key: key.key.bytes(),
+            advertise_tunnel: cc.advertise.tunnel.clone(),
+            advertise_rendezvous: cc.advertise.rendezvous,
+            on_master: cc.on_master.clone(),
+            lease_ttl: Duration::from_secs(cc.lease_ttl_secs),
+            prefix: key_prefix(c.network),
+            digest: digest.clone(),
+            network: c.network,
+            reserved,
+        };
+        let waker = mio::Waker::new(registry, CLUSTER).context(|| "cluster waker".into())?;
+        let link = ClusterLink::start(spec, waker, log.new(slog::o!("cluster" => cc.name.clone())))
+            .context(|| "cluster thread".into())?;
+        info!(log, "joining the cluster"; "name" => &cc.name, "etcd" => etcd.join(","), "digest" => &digest);
+        Ok(Self {
+            link,
+            name: cc.name.clone(),
+            etcd_members: etcd,
+            digest,
+            etcd_up: false,
+            master: None,
+            is_master: false,
+            hubs: BTreeMap::new(),
+            unverified: 0,
+        })
+    }
+
+    /// Takes what the cluster thread said into the core and the view.
+    fn drain(&mut self, core: &mut Hub, log: &Logger) {
+        while let Some(ev) = self.link.try_recv() {
+            match ev {
+                ClusterEvent::Store(up) => {
+                    self.etcd_up = up;
+                    core.set_store_available(up);
+                }
+                ClusterEvent::Assignments(all) => core.learn_assignments(all),
+                ClusterEvent::AssignFailed { .. } => {} // the cluster thread logged it; the peer asks again
+                ClusterEvent::Master { master, me } => {
+                    info!(log, "cluster master"; "master" => master.as_deref().unwrap_or("none"), "this_hub" => me);
+                    self.master = master;
+                    self.is_master = me;
+                }
+                ClusterEvent::Hubs { hubs, unverified } => {
+                    self.unverified = unverified;
+                    for (_, up) in self.hubs.values_mut() {
+                        *up = false;
+                    }
+                    for h in hubs {
+                        if h.digest != self.digest
+                            && self.hubs.get(&h.name).is_none_or(|(old, _)| old.digest != h.digest)
+                        {
+                            error!(log, "a hub runs with another network/peers than this one (make hub.yaml the same on every hub)";
+                                "hub" => &h.name, "its_digest" => &h.digest, "ours" => &self.digest);
+                        }
+                        self.hubs.insert(h.name.clone(), (h, true));
+                    }
+                }
+            }
+        }
+    }
+
+    fn status(&self) -> ClusterStatus {
+        let hubs = self
+            .hubs
+            .values()
+            .map(|(h, up)| ClusterHubStatus {
+                name: h.name.clone(),
+                state: match (up, h.digest == self.digest) {
+                    (false, _) => "gone",
+                    (true, true) => "up",
+                    (true, false) => "config-differs",
+                }
+                .into(),
+                tunnel: h.tunnel.iter().map(|t| t.to_string()).collect(),
+                rendezvous: h.rendezvous.map(|r| r.to_string()),
+            })
+            .collect();
+        ClusterStatus {
+            name: self.name.clone(),
+            master: self.master.clone(),
+            is_master: self.is_master,
+            etcd: if self.etcd_up { "up" } else { "unreachable" }.into(),
+            etcd_members: self.etcd_members.clone(),
+            hubs,
+            unverified_records: self.unverified,
+        }
+    }
 }
 
 /// The hub's DNS responder: `<peer>.<domain>` on its VPN address (see `crate::dns`).
@@ -232,6 +381,7 @@ pub fn run_hub(c: HubConfig, paths: HubPaths, log: &Logger) -> Result<(), VpnErr
             assigned: kept.addresses.clone(),
             reset_secret: kept.reset_secret,
             relay_bytes_per_pair: c.relay_mbit_per_pair * 1_000_000 / 8,
+            addresses: if c.cluster.is_some() { AddressAuthority::Cluster } else { AddressAuthority::Local },
         },
         os_entropy(),
     );
@@ -253,6 +403,7 @@ pub fn run_hub(c: HubConfig, paths: HubPaths, log: &Logger) -> Result<(), VpnErr
     };
     info!(log, "mpvpn hub up"; "tun" => &c.tun, "address" => %hub_addr, "network" => %c.network, "mtu" => mtu,
         "peers_configured" => c.peers.len(), "control" => %control_path.display());
+    let cluster = c.cluster.as_ref().map(|cc| Cluster::start(cc, &c, el.registry(), log)).transpose()?;
     let tun_name = c.tun.clone();
     let mut d = HubDriver {
         core,
@@ -267,6 +418,7 @@ pub fn run_hub(c: HubConfig, paths: HubPaths, log: &Logger) -> Result<(), VpnErr
         state_path,
         kept,
         config: c,
+        cluster,
         log: log.clone(),
     };
     el.run(&mut d)
@@ -277,10 +429,16 @@ impl Service for HubDriver {
     type Error = VpnError;
 
     fn handle_ready(&mut self, _: &Registry, token: Token) -> Result<bool, VpnError> {
-        let Self { core, tunnel, dev, bufs, log, dns, rendezvous, .. } = self;
+        let Self { core, tunnel, dev, bufs, log, dns, rendezvous, cluster, .. } = self;
         // one clock reading per wake-up, not per datagram
         let (now, wall) = clock();
         let pending = match (token, &mut *tunnel) {
+            (CLUSTER, _) => {
+                if let Some(c) = cluster.as_mut() {
+                    c.drain(core, log);
+                }
+                false
+            }
             (DNS, _) => dns.as_mut().is_some_and(|d| d.serve(|name| core.address_of(name))),
             (RENDEZVOUS, _) => rendezvous.as_mut().is_some_and(|sock| serve_rendezvous(now, sock, core, bufs)),
             (TUN, _) => read_tun(dev, &mut bufs.tun_in, log, |p| core.handle_tun_packet(p)),
@@ -312,7 +470,9 @@ impl Service for HubDriver {
     }
 
     fn status(&self, now: Instant) -> VpnStatus {
-        hub_status(&self.core, now, &self.tun_name, self.hub_addr)
+        let mut st = hub_status(&self.core, now, &self.tun_name, self.hub_addr);
+        st.cluster = Some(self.cluster.as_ref().map_or_else(ClusterStatus::standalone, Cluster::status));
+        st
     }
 
     fn stats_line(&self, now: Instant) -> String {
@@ -351,7 +511,7 @@ impl HubDriver {
     /// nothing more: tunnel datagrams go a batch at a time, TUN packets at once from the
     /// batch slot the core wrote them in, events are logged.
     fn flush(&mut self, now: Instant) {
-        let Self { core, tunnel, dev, bufs, log, state_path, kept, .. } = self;
+        let Self { core, tunnel, dev, bufs, log, state_path, kept, cluster, .. } = self;
         let (headroom, tailroom) = tunnel.room();
         let mut idle = false;
         while !idle {
@@ -374,6 +534,11 @@ impl HubDriver {
                                     error!(log, "cannot keep the addresses given out: a restart may renumber peers"; "error" => %e);
                                 }
                             }
+                            HubOutput::Event(HubEvent::AddressWanted { name, want }) => {
+                                if let Some(c) = cluster.as_ref() {
+                                    c.link.ask(name, want);
+                                }
+                            }
                             HubOutput::Event(ev) => log_event(log, ev),
                             HubOutput::Timeout(_) => {
                                 idle = true;
@@ -393,7 +558,7 @@ impl HubDriver {
 
 fn log_event(log: &Logger, ev: HubEvent) {
     match ev {
-        HubEvent::AddressesChanged => {}
+        HubEvent::AddressesChanged | HubEvent::AddressWanted { .. } => {}
         HubEvent::PeerUp { name, addr, tunnel } => {
             info!(log, "peer up"; "name" => name, "address" => %addr, "tunnel" => %tunnel)
         }
@@ -401,7 +566,7 @@ fn log_event(log: &Logger, ev: HubEvent) {
         HubEvent::PeerGone { name, addr, why } => {
             warn!(log, "peer gone"; "name" => name, "address" => %addr, "why" => why)
         }
-        HubEvent::Refused { name, reason } => warn!(log, "peer refused"; "name" => name, "reason" => ?reason),
+        HubEvent::Refused { name, reason } => warn!(log, "peer refused"; "name" => name, "reason" => %reason),
         HubEvent::RoutesRefused { name, routes } => {
             let routes: Vec<String> = routes.iter().map(|(r, why)| format!("{r} ({why:?})")).collect();
             warn!(log, "announced routes refused (not in hub.yaml's routes for this peer)"; "name" => name, "routes" => routes.join(", "))

@@ -5,6 +5,8 @@
 //! its queue is full). Addresses, MTU and routes are set over netlink (`netlink`). The
 //! loop only moves bytes and time.
 
+mod cluster;
+mod etcd;
 mod hub;
 mod netlink;
 mod peer;
@@ -12,11 +14,12 @@ mod state;
 mod status;
 mod system;
 
+pub use cluster::HubRecord;
 pub use hub::{run_hub, HubPaths};
 use netlink::RouteChange;
 pub use peer::run_peer;
 use status::{hub_status, peer_status, vpn_metrics};
-pub use status::{MeshSocketStatus, Role, VpnStatus};
+pub use status::{ClusterHubStatus, ClusterStatus, MeshSocketStatus, Role, VpnStatus};
 use system::{change_route, configure_tun, open_tun, protected_addresses, RemotesQuery};
 
 use crate::config::{resolve_key, HubConfig, PeerConfig};
@@ -56,6 +59,8 @@ pub(super) const RENDEZVOUS: Token = Token(common::driver::event_loop::RESERVED_
 pub(super) const MPCLIENT_QUERY: Token = Token(common::driver::event_loop::RESERVED_TOKENS - 3);
 /// A peer's mesh socket `i` has token `MESH_BASE - i`.
 pub(super) const MESH_BASE: usize = common::driver::event_loop::RESERVED_TOKENS - 4;
+/// The hub's cluster thread wakes the loop with it (`cluster::ClusterLink`).
+pub(super) const CLUSTER: Token = Token(MESH_BASE - crate::hub::MAX_MESH_SOCKETS - 1);
 /// The hub's and the peer's stats line.
 pub(super) const STATS_INTERVAL: Duration = Duration::from_secs(30);
 

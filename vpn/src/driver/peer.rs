@@ -412,7 +412,7 @@ impl PeerDriver {
             PeerEvent::HubReset => {
                 warn!(log, "the hub no longer knows this registration (it restarted): registering again")
             }
-            PeerEvent::Refused(reason) => warn!(log, "hub refused for now; retrying"; "reason" => ?reason),
+            PeerEvent::Refused(reason) => warn!(log, "hub refused for now; retrying"; "reason" => %reason),
             PeerEvent::RouteRefused { route, reason } => {
                 warn!(log, "the hub refused an announced route (hub.yaml allows this peer other subnets)"; "route" => %route, "reason" => ?reason)
             }

@@ -51,6 +51,83 @@ pub struct VpnStatus {
     /// Peer: its mesh sockets, and where the hub's rendezvous port sees each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mesh_sockets: Vec<MeshSocketStatus>,
+    /// Hub: its cluster (alone: its own master, no etcd).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// A hub's view of its cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClusterStatus {
+    /// This hub's name (`standalone` without `cluster:`).
+    pub name: String,
+    /// The master's name; `None`: none elected now (or etcd does not answer).
+    pub master: Option<String>,
+    pub is_master: bool,
+    /// `up`, `unreachable`, or `none` (no cluster).
+    pub etcd: String,
+    pub etcd_members: Vec<String>,
+    /// Every hub seen in etcd since this one started.
+    pub hubs: Vec<ClusterHubStatus>,
+    /// Hub records in etcd that the cluster key did not sign (ignored).
+    pub unverified_records: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClusterHubStatus {
+    pub name: String,
+    /// `up`, `gone` (its lease ended) or `config-differs` (another `network`/`peers`).
+    pub state: String,
+    pub tunnel: Vec<String>,
+    pub rendezvous: Option<String>,
+}
+
+impl ClusterStatus {
+    pub fn standalone() -> Self {
+        Self {
+            name: "standalone".into(),
+            master: Some("standalone".into()),
+            is_master: true,
+            etcd: "none".into(),
+            etcd_members: Vec::new(),
+            hubs: Vec::new(),
+            unverified_records: 0,
+        }
+    }
+
+    fn write_rows(&self, s: &mut String) {
+        use std::fmt::Write;
+        let master = match (&self.master, self.is_master) {
+            (_, true) => format!("{} (this hub)", self.name),
+            (Some(m), false) => m.clone(),
+            (None, false) => "none elected now".into(),
+        };
+        let hubs: Vec<String> = self.hubs.iter().map(|h| format!("{} {}", h.name, h.state)).collect();
+        let _ = writeln!(
+            s,
+            "  cluster: hub {}  master {master}  etcd {}{}  hubs: {}",
+            self.name,
+            self.etcd,
+            if self.etcd_members.is_empty() { String::new() } else { format!(" ({})", self.etcd_members.join(",")) },
+            if hubs.is_empty() { "-".into() } else { hubs.join(", ") }
+        );
+        let differ: Vec<&str> =
+            self.hubs.iter().filter(|h| h.state == "config-differs").map(|h| h.name.as_str()).collect();
+        if !differ.is_empty() {
+            let _ = writeln!(
+                s,
+                "  !! hubs {} run with another `network`/`peers` than this one: make hub.yaml the same on every hub",
+                differ.join(", ")
+            );
+        }
+        if self.unverified_records > 0 {
+            let _ = writeln!(
+                s,
+                "  !! {} hub records in etcd not signed with the cluster key (ignored)",
+                self.unverified_records
+            );
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -89,6 +166,9 @@ impl VpnStatus {
             self.rx_bytes,
             self.drops
         );
+        if let Some(c) = &self.cluster {
+            c.write_rows(&mut s);
+        }
         for m in &self.mesh_sockets {
             let seen = m.reflexive.as_deref().unwrap_or("- (no answer from the hub's rendezvous port)");
             let _ = writeln!(s, "  mesh socket {}  seen by the hub as {seen}", m.local);
@@ -167,6 +247,9 @@ pub(super) fn vpn_metrics(st: &VpnStatus, m: &mut Metrics) {
     let own = || -> Labels { vec![("role".into(), st.role.to_string()), ("name".into(), st.name.clone())] };
     let up = f64::from(u8::from(st.state == LinkState::Up));
     m.gauge("vpn_up", "1 while the hub runs, or while a peer is registered", None, [(own(), up)]);
+    if let Some(c) = &st.cluster {
+        cluster_metrics(c, m);
+    }
     m.counter(
         "vpn_tun",
         "Bytes of IP packets through the TUN device",
@@ -219,6 +302,19 @@ pub(super) fn vpn_metrics(st: &VpnStatus, m: &mut Metrics) {
     m.counter("vpn_drops", "Datagrams and packets dropped, by reason", None, drops);
 }
 
+/// A hub's cluster: whether it is master, whether etcd answers, how many hubs are up.
+fn cluster_metrics(c: &ClusterStatus, m: &mut Metrics) {
+    let own = || -> Labels { vec![("hub".into(), c.name.clone())] };
+    let master = f64::from(u8::from(c.is_master));
+    m.gauge("vpn_hub_is_master", "1 while this hub is the cluster's master (alone: always)", None, [(own(), master)]);
+    let etcd_up = f64::from(u8::from(c.etcd == "up"));
+    let etcd = (c.etcd != "none").then(|| (own(), etcd_up));
+    m.gauge("vpn_cluster_etcd_up", "1 while etcd answers this hub (with a quorum)", None, etcd);
+    let up = c.hubs.iter().filter(|h| h.state != "gone").count() as f64;
+    let hubs = (c.etcd != "none").then(|| (own(), up));
+    m.gauge("vpn_cluster_hubs", "Hubs in the cluster now, as this hub sees them", None, hubs);
+}
+
 pub(super) fn hub_status(core: &Hub, now: Instant, tun: &str, addr: Ipv4Addr) -> VpnStatus {
     // the hub's own traffic is what it carries for its peers: their tx is its rx
     let peers = core.status(now);
@@ -239,6 +335,7 @@ pub(super) fn hub_status(core: &Hub, now: Instant, tun: &str, addr: Ipv4Addr) ->
         refused_routes: Vec::new(),
         skipped_routes: Vec::new(),
         mesh_sockets: Vec::new(),
+        cluster: None,
     }
 }
 
@@ -261,5 +358,6 @@ pub(super) fn peer_status(core: &Peer, now: Instant, name: &str, tun: &str, skip
         refused_routes: core.refused_routes().iter().map(|(r, why)| format!("{r}: {why:?}")).collect(),
         skipped_routes: skipped.iter().map(|(r, why)| format!("{r}: {why}")).collect(),
         mesh_sockets: Vec::new(),
+        cluster: None,
     }
 }

@@ -110,7 +110,24 @@ pub struct HubCoreConfig {
     pub reset_secret: [u8; 32],
     /// What the relay carries for one introduced pair per second, at most.
     pub relay_bytes_per_pair: u64,
+    /// Who gives a new name its address.
+    pub addresses: AddressAuthority,
 }
+
+/// Who gives a name that has none its VPN address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AddressAuthority {
+    /// This hub, alone (its driver keeps the assignments in the state file).
+    #[default]
+    Local,
+    /// The cluster's store, which every hub shares: the hub asks it
+    /// (`HubEvent::AddressWanted`), learns its answers (`Hub::learn_assignments`) and never
+    /// picks an address itself; while the store is unavailable a new name is refused.
+    Cluster,
+}
+
+/// How often the hub asks the cluster's store for one name's address, at most.
+pub const ADDRESS_ASK_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HubEvent {
@@ -138,6 +155,12 @@ pub enum HubEvent {
     RoutesRefused {
         name: String,
         routes: Vec<(Prefix, RouteRefusalReason)>,
+    },
+    /// A configured name registered and has no address: ask the cluster's store for one
+    /// (`AddressAuthority::Cluster`; `want` is what the peer asked for).
+    AddressWanted {
+        name: String,
+        want: Ipv4Addr,
     },
 }
 
@@ -234,6 +257,10 @@ pub struct Hub {
     reset_key: hmac::Key,
     /// When the current second of `Reset`s began, and how many went in it.
     resets: Option<(Instant, u32)>,
+    /// Cluster: whether its store answers (new names are refused while it does not).
+    store_available: bool,
+    /// Cluster: names asked of the store, and when.
+    asked: HashMap<String, Instant>,
 }
 
 impl Hub {
@@ -268,6 +295,8 @@ impl Hub {
             introduced: HashMap::new(),
             reset_key,
             resets: None,
+            store_available: false,
+            asked: HashMap::new(),
         }
     }
 

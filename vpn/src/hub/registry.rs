@@ -92,6 +92,9 @@ impl Hub {
         if let Some(&a) = self.assigned.get(name) {
             return Some(a);
         }
+        if self.cfg.addresses == AddressAuthority::Cluster {
+            return None; // only the cluster's store gives out addresses
+        }
         if usable(want) {
             return Some(want);
         }
@@ -138,7 +141,7 @@ impl Hub {
         let refusal = (reg.mtu != 0 && reg.mtu != self.cfg.mtu).then_some(RefusalReason::MtuMismatch);
         let addr = if refusal.is_none() { self.address_for(&reg.name, reg.want_addr) } else { None };
         let Some(addr) = addr else {
-            let reason = refusal.unwrap_or(RefusalReason::PoolExhausted);
+            let Some(reason) = refusal.or_else(|| self.no_address(now, &reg)) else { return };
             let r = RefusalRepr { reason, hub_mtu: self.cfg.mtu, nonce: reg.nonce }.emit(&self.cfg.peers[ki].key);
             self.transmit.push_back((from, r.to_vec()));
             self.events.push_back(HubEvent::Refused { name: reg.name, reason });
@@ -189,6 +192,45 @@ impl Hub {
                 since: now,
             },
         );
+    }
+
+    /// Why `reg`'s name gets no address; `None`: the cluster's store was asked, and the
+    /// peer's next Register (`REGISTER_RETRY`, a newer timestamp) may find its answer.
+    fn no_address(&mut self, now: Instant, reg: &RegisterRepr) -> Option<RefusalReason> {
+        if self.cfg.addresses == AddressAuthority::Local {
+            return Some(RefusalReason::PoolExhausted);
+        }
+        if !self.store_available {
+            return Some(RefusalReason::StoreUnavailable);
+        }
+        if self.asked.get(&reg.name).is_none_or(|&at| now >= at + ADDRESS_ASK_INTERVAL) {
+            self.asked.insert(reg.name.clone(), now);
+            self.events.push_back(HubEvent::AddressWanted { name: reg.name.clone(), want: reg.want_addr });
+        }
+        None
+    }
+
+    /// Cluster: the store's assignments, all of them (as it holds them now). They replace
+    /// what the hub knew, except for registered peers, which keep the address they have.
+    pub fn learn_assignments(&mut self, all: BTreeMap<String, Ipv4Addr>) {
+        let keys = &self.keys;
+        let mut learned = usable_assignments(&self.cfg, keys, all);
+        for p in self.peers.values() {
+            learned.entry(p.name.clone()).or_insert(p.addr);
+        }
+        self.asked.retain(|name, _| !learned.contains_key(name));
+        if learned != self.assigned {
+            self.assigned = learned;
+            self.events.push_back(HubEvent::AddressesChanged);
+        }
+    }
+
+    /// Cluster: whether the store answers now.
+    pub fn set_store_available(&mut self, available: bool) {
+        self.store_available = available;
+        if !available {
+            self.asked.clear();
+        }
     }
 
     /// Registration `id`'s reset token: HMAC-SHA256 under the hub's reset secret, which

@@ -56,6 +56,7 @@ pub fn hub_config(names: &[&str]) -> HubCoreConfig {
         // one secret for every hub of a simulation: a "restarted" hub knows its tokens
         reset_secret: [0x5e; 32],
         relay_bytes_per_pair: crate::hub::DEFAULT_RELAY_BYTES_PER_PAIR,
+        addresses: crate::hub::AddressAuthority::Local,
     }
 }
 

@@ -174,6 +174,18 @@ impl WelcomeRepr {
 pub enum RefusalReason {
     MtuMismatch = 1,
     PoolExhausted = 2,
+    /// The hubs' shared store (etcd) does not answer: a new name gets no address now.
+    StoreUnavailable = 3,
+}
+
+impl std::fmt::Display for RefusalReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::MtuMismatch => "MTU mismatch",
+            Self::PoolExhausted => "address pool exhausted",
+            Self::StoreUnavailable => "cluster store unavailable (a new name gets no address until etcd answers)",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,6 +215,7 @@ impl RefusalRepr {
         let reason = match b[f::REASON] {
             1 => RefusalReason::MtuMismatch,
             2 => RefusalReason::PoolExhausted,
+            3 => RefusalReason::StoreUnavailable,
             _ => return Err(VpnWireError::BadField),
         };
         Ok(Self { reason, hub_mtu: u16_at(b, f::HUB_MTU), nonce: u64_at(b, f::NONCE) })

@@ -1,0 +1,269 @@
+//! The cluster topology: three hub hosts on one switch, each running an etcd member and
+//! `mpvpn hub` with `cluster:`; and a registrar that speaks the registration handshake
+//! straight to a hub's tunnel socket (the hub takes each source as one tunnel session,
+//! as it takes mpserver's), so many names can register at once without many peer hosts.
+
+use crate::lab::{bin, run, spawn_in_ns, Lab};
+use crate::vpn_lab::mpvpn_status;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use vpn::wire::{PeerKey, RefusalReason, RefusalRepr, RegisterRepr, WelcomeRepr};
+
+pub const CLUSTER_NETWORK: &str = "10.99.0.0/24";
+/// etcd's client and peer ports in the lab (not its default ones).
+pub const ETCD_CLIENT_PORT: u16 = 12379;
+pub const ETCD_PEER_PORT: u16 = 12380;
+/// Where each hub takes tunnel datagrams (inside its own namespace).
+pub const HUB_LISTEN: &str = "127.0.0.1:5000";
+
+/// Hub `i`'s (1-based) address on the switch.
+pub fn hub_ip(i: usize) -> String {
+    format!("10.90.0.{i}")
+}
+
+pub struct ClusterLab {
+    pub lab: Lab,
+    /// Hub host `i - 1`'s namespace.
+    pub hub_ns: Vec<String>,
+    /// Process indexes: the etcd member and the hub on each host (the latest started).
+    pub etcd: Vec<usize>,
+    pub hubs: Vec<usize>,
+    /// The configured peer names and their keys.
+    pub peers: Vec<(String, [u8; 32])>,
+    /// Where `on_master` writes `<hub> up|down`, one line per run.
+    pub master_log: PathBuf,
+}
+
+impl ClusterLab {
+    /// Three hub hosts; hub.yaml on each lists `n_peers` peers `p0`, `p1`, ...
+    pub fn start(tag: &str, n_peers: usize) -> Self {
+        let mut lab = Lab::new(tag);
+        let switch = lab.add_ns("sw");
+        lab.sh(&switch, "ip link add br0 type bridge && ip link set br0 up");
+        let mut hub_ns = Vec::new();
+        for i in 1..=3 {
+            let ns = lab.add_ns(&format!("h{i}"));
+            let port = format!("h{i}");
+            run(Command::new("ip").args(["-n", &ns, "link", "add", "lan", "type", "veth", "peer", "name", &port]));
+            run(Command::new("ip").args(["-n", &ns, "link", "set", &port, "netns", &switch]));
+            lab.sh(&switch, &format!("ip link set {port} master br0 up"));
+            lab.sh(&ns, &format!("ip addr add {}/24 dev lan && ip link set lan up", hub_ip(i)));
+            hub_ns.push(ns);
+        }
+        let dir = lab.dir.clone();
+        let cluster_key = dir.join("cluster.key");
+        run(Command::new(bin("mpvpn")).arg("genkey").arg(&cluster_key));
+        let master_log = dir.join("master.log");
+        let hook = dir.join("on_master.sh");
+        std::fs::write(&hook, format!("#!/bin/sh\necho \"$MPVPN_HUB $1\" >> {}\n", master_log.display())).unwrap();
+        run(Command::new("chmod").arg("755").arg(&hook));
+        let mut peers = Vec::new();
+        let mut peer_yaml = String::new();
+        for n in 0..n_peers {
+            let mut key = [0u8; 32];
+            std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut key).unwrap();
+            let name = format!("p{n}");
+            let path = dir.join(format!("{name}.key"));
+            std::fs::write(&path, common::crypto::Psk::from_bytes(key).to_base64()).unwrap();
+            run(Command::new("chmod").arg("600").arg(&path));
+            peer_yaml.push_str(&format!("  - name: {name}\n    key_file: {}\n", path.display()));
+            peers.push((name, key));
+        }
+        let mut me = Self { lab, hub_ns, etcd: Vec::new(), hubs: Vec::new(), peers, master_log };
+        for i in 1..=3 {
+            let ip = hub_ip(i);
+            let idx = me.start_etcd(i, true);
+            me.etcd.push(idx);
+            // this hub's member first: it answers when the others are cut off
+            let mut etcd: Vec<String> = (1..=3).map(|j| format!("http://{}:{ETCD_CLIENT_PORT}", hub_ip(j))).collect();
+            etcd.rotate_left(i - 1);
+            let yaml = dir.join(format!("hub{i}.yaml"));
+            std::fs::write(
+                &yaml,
+                format!(
+                    "listen: {HUB_LISTEN}\ntun: mpvpn0\nnetwork: {CLUSTER_NETWORK}\ncontrol_socket: {}\nstate_file: {}\n\
+                     cluster:\n  name: h{i}\n  etcd: [{}]\n  key_file: {}\n  on_master: {}\n  advertise:\n    tunnel: [{ip}:4000]\n\
+                     peers:\n{peer_yaml}",
+                    me.control(i).display(),
+                    dir.join(format!("hub{i}.state.json")).display(),
+                    etcd.join(", "),
+                    cluster_key.display(),
+                    hook.display(),
+                ),
+            )
+            .unwrap();
+        }
+        for i in 1..=3 {
+            let idx = me.start_hub(i);
+            me.hubs.push(idx);
+        }
+        me
+    }
+
+    /// Starts etcd member `i` (1-based) on hub host `i`: `first`, as the cluster's
+    /// founding member; else again on its data dir (which then ignores the cluster flags).
+    pub fn start_etcd(&mut self, i: usize, first: bool) -> usize {
+        let (ns, ip, dir) = (self.hub_ns[i - 1].clone(), hub_ip(i), self.lab.dir.clone());
+        let client = format!("http://{ip}:{ETCD_CLIENT_PORT}");
+        let peer = format!("http://{ip}:{ETCD_PEER_PORT}");
+        let data = dir.join(format!("etcd{i}")).display().to_string();
+        let mut args = vec![
+            "--name".to_string(),
+            format!("e{i}"),
+            "--data-dir".into(),
+            data,
+            "--listen-client-urls".into(),
+            client.clone(),
+            "--advertise-client-urls".into(),
+            client,
+            "--listen-peer-urls".into(),
+            peer.clone(),
+            "--initial-advertise-peer-urls".into(),
+            peer,
+            "--heartbeat-interval".into(),
+            "100".into(),
+            "--election-timeout".into(),
+            "1000".into(),
+        ];
+        if first {
+            let members: Vec<String> = (1..=3).map(|j| format!("e{j}=http://{}:{ETCD_PEER_PORT}", hub_ip(j))).collect();
+            let token = format!("{}-etcd", dir.file_name().unwrap_or_default().to_string_lossy());
+            args.extend(["--initial-cluster".into(), members.join(","), "--initial-cluster-token".into(), token]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let name = if first { format!("etcd{i}") } else { format!("etcd{i}-again") };
+        self.lab.spawn(&ns, &name, std::path::Path::new("etcd"), &args)
+    }
+
+    pub fn control(&self, i: usize) -> PathBuf {
+        self.lab.dir.join(format!("hub{i}.sock"))
+    }
+
+    /// Starts hub `i` (1-based); returns its process index.
+    pub fn start_hub(&mut self, i: usize) -> usize {
+        let ns = self.hub_ns[i - 1].clone();
+        let yaml = self.lab.dir.join(format!("hub{i}.yaml")).display().to_string();
+        self.lab.spawn(&ns, &format!("hub{i}"), &bin("mpvpn"), &["hub", "-c", &yaml])
+    }
+
+    /// Restarts hub `i` after it was stopped.
+    pub fn restart_hub(&mut self, i: usize) {
+        self.hubs[i - 1] = self.start_hub(i);
+    }
+
+    /// Hub `i`'s `cluster` status (Null when it does not answer).
+    pub fn cluster_status(&self, i: usize) -> serde_json::Value {
+        mpvpn_status(&self.control(i))["cluster"].clone()
+    }
+
+    /// Waits until every running hub in `which` sees the same master and `hubs_up` hubs
+    /// up; returns the master's name.
+    pub fn wait_agreed_master(&self, which: &[usize], hubs_up: usize, within: Duration) -> String {
+        let until = Instant::now() + within;
+        loop {
+            let views: Vec<serde_json::Value> = which.iter().map(|&i| self.cluster_status(i)).collect();
+            let masters: Vec<Option<&str>> = views.iter().map(|v| v["master"].as_str()).collect();
+            let up = |v: &serde_json::Value| {
+                v["hubs"].as_array().map_or(0, |a| a.iter().filter(|h| h["state"] == "up").count())
+            };
+            let agreed = masters[0].is_some() && masters.iter().all(|m| *m == masters[0]);
+            if agreed && views.iter().all(|v| up(v) == hubs_up && v["etcd"] == "up") {
+                return masters[0].unwrap_or_default().to_string();
+            }
+            assert!(
+                Instant::now() < until,
+                "hubs {which:?} did not agree on a master with {hubs_up} hubs up: {views:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The `on_master` runs so far, as `(hub, up|down)`.
+    pub fn master_runs(&self) -> Vec<(String, String)> {
+        std::fs::read_to_string(&self.master_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once(' ').map(|(h, w)| (h.to_string(), w.to_string())))
+            .collect()
+    }
+
+    /// Registers peers `names` (indexes into `peers`) through hub `i`, all at once,
+    /// each from its own socket; returns what each got, in order.
+    pub fn register(&self, i: usize, names: &[usize], within: Duration) -> Vec<Registration> {
+        let who: Vec<(String, [u8; 32])> = names.iter().map(|&n| self.peers[n].clone()).collect();
+        spawn_in_ns(&self.hub_ns[i - 1], move || register_all(&who, within)).join().expect("registrar")
+    }
+}
+
+/// What one Register got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    Address(Ipv4Addr),
+    Refused(RefusalReason),
+    NoAnswer,
+}
+
+/// Sends each name's Register every 300 ms (fresh timestamps, as a peer does) until its
+/// Welcome or Refusal arrives or `within` passes.
+pub fn register_all(who: &[(String, [u8; 32])], within: Duration) -> Vec<Registration> {
+    let hub: SocketAddr = HUB_LISTEN.parse().unwrap();
+    let socks: Vec<UdpSocket> = who
+        .iter()
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    let mut got = vec![Registration::NoAnswer; who.len()];
+    let until = Instant::now() + within;
+    let mut next_send = Instant::now();
+    let mut ts = 0u64;
+    let mut buf = [0u8; 2048];
+    while Instant::now() < until && got.contains(&Registration::NoAnswer) {
+        if Instant::now() >= next_send {
+            next_send = Instant::now() + Duration::from_millis(300);
+            let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+            ts = wall.max(ts + 1);
+            for (n, (name, key)) in who.iter().enumerate() {
+                if got[n] != Registration::NoAnswer {
+                    continue;
+                }
+                let reg = RegisterRepr {
+                    name: name.clone(),
+                    timestamp_ms: ts,
+                    nonce: 0x1000 + n as u64,
+                    want_addr: Ipv4Addr::UNSPECIFIED,
+                    mtu: 0,
+                    public: public_of(n),
+                    routes: Vec::new(),
+                };
+                let _ = socks[n].send_to(&reg.emit(&PeerKey::new(key)), hub);
+            }
+        }
+        for (n, (_, key)) in who.iter().enumerate() {
+            while let Ok((len, _)) = socks[n].recv_from(&mut buf) {
+                let key = PeerKey::new(key);
+                if let Ok(w) = WelcomeRepr::parse(&buf[..len], &key, &public_of(n)) {
+                    got[n] = Registration::Address(w.addr);
+                } else if let Ok(r) = RefusalRepr::parse(&buf[..len], &key) {
+                    got[n] = Registration::Refused(r.reason);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    got
+}
+
+/// A registration's X25519 public key: any point will do for the hub to answer (the
+/// registrar never uses the channel).
+fn public_of(n: usize) -> [u8; 32] {
+    let mut p = [9u8; 32];
+    p[0] = 9;
+    p[1] = n as u8;
+    p[2] = (n >> 8) as u8;
+    p
+}

@@ -1,0 +1,159 @@
+//! Several hubs as one, in network namespaces: three hub hosts, each with a real etcd
+//! member beside `mpvpn hub` (`cluster:` in hub.yaml). Skipped (with a note) where
+//! namespaces or etcd are unavailable.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+use tests::*;
+use vpn::wire::RefusalReason;
+
+fn cluster_lab_or_skip() -> Option<std::sync::MutexGuard<'static, ()>> {
+    let serial = lab_or_skip()?;
+    if std::process::Command::new("etcd").arg("--version").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "the cluster tests need etcd in CI (.ci/run installs etcd-server)");
+        eprintln!("skipped: no etcd (apt-get install etcd-server)");
+        return None;
+    }
+    Some(serial)
+}
+
+fn addresses(got: &[Registration]) -> Vec<std::net::Ipv4Addr> {
+    got.iter()
+        .map(|g| match g {
+            Registration::Address(a) => *a,
+            other => panic!("a registration got {other:?}: {got:?}"),
+        })
+        .collect()
+}
+
+/// One master among three, every hub agreeing; `kill -9` of the master: another within
+/// 5 s, `on_master up` run once on it; the killed hub comes back as a member, not master.
+#[test]
+fn a_killed_master_is_replaced_within_five_seconds() {
+    let Some(_serial) = cluster_lab_or_skip() else { return };
+    let mut c = ClusterLab::start("cm", 2);
+    let master = c.wait_agreed_master(&[1, 2, 3], 3, Duration::from_secs(20));
+    let runs = c.master_runs();
+    assert_eq!(runs, [(master.clone(), "up".to_string())], "on_master ran once, on the master");
+    let m: usize = master.trim_start_matches('h').parse().unwrap();
+    let others: Vec<usize> = (1..=3).filter(|&i| i != m).collect();
+    for i in 1..=3 {
+        assert_eq!(c.cluster_status(i)["is_master"], i == m, "hub {i}");
+    }
+    let killed = Instant::now();
+    c.lab.kill9(c.hubs[m - 1]);
+    let until = killed + Duration::from_secs(10);
+    let new = loop {
+        if let Some(&i) = others.iter().find(|&&i| c.cluster_status(i)["is_master"] == true) {
+            break i;
+        }
+        assert!(Instant::now() < until, "no new master 10 s after the master's kill -9");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let took = killed.elapsed();
+    println!("master h{m} killed: h{new} master after {:.2} s", took.as_secs_f64());
+    assert!(took < Duration::from_secs(5), "a new master took {took:?}");
+    // both survivors agree, and see the killed hub gone
+    let agreed = c.wait_agreed_master(&others, 2, Duration::from_secs(5));
+    assert_eq!(agreed, format!("h{new}"));
+    let gone: Vec<String> = c.cluster_status(new)["hubs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["state"] == "gone")
+        .map(|h| h["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(gone, [master]);
+    let runs = c.master_runs();
+    assert_eq!(runs.iter().filter(|(h, w)| *h == agreed && w == "up").count(), 1, "{runs:?}");
+    // the killed hub returns: a member again, the master unchanged
+    c.restart_hub(m);
+    assert_eq!(c.wait_agreed_master(&[1, 2, 3], 3, Duration::from_secs(15)), agreed);
+    assert_eq!(c.cluster_status(m)["is_master"], false);
+    let table = mpvpn_status_table(&c.control(new));
+    println!("{table}");
+    assert!(table.contains(&format!("master h{new} (this hub)")), "{table}");
+}
+
+/// 50 names registering at once through the three hubs (17, 17, 16): 48 distinct addresses;
+/// each hub answers DNS-worthy assignments for all; after every hub restarts, every name
+/// gets the same address again.
+#[test]
+fn names_registering_at_once_through_three_hubs_get_distinct_addresses() {
+    let Some(_serial) = cluster_lab_or_skip() else { return };
+    const N: usize = 50;
+    let mut c = ClusterLab::start("ca", N);
+    c.wait_agreed_master(&[1, 2, 3], 3, Duration::from_secs(20));
+    let started = Instant::now();
+    let per_hub: Vec<Vec<usize>> = (0..3).map(|h| (0..N).filter(|n| n % 3 == h).collect()).collect();
+    let threads: Vec<_> = (0..3)
+        .map(|h| {
+            let names = per_hub[h].clone();
+            let ns = c.hub_ns[h].clone();
+            let who: Vec<(String, [u8; 32])> = names.iter().map(|&n| c.peers[n].clone()).collect();
+            spawn_in_ns(&ns, move || register_all(&who, Duration::from_secs(20)))
+        })
+        .collect();
+    let mut by_name = std::collections::BTreeMap::new();
+    for (h, t) in threads.into_iter().enumerate() {
+        let got = t.join().unwrap();
+        for (k, a) in addresses(&got).into_iter().enumerate() {
+            by_name.insert(c.peers[per_hub[h][k]].0.clone(), a);
+        }
+    }
+    println!("{N} names through 3 hubs at once: all answered in {:.2} s", started.elapsed().as_secs_f64());
+    let distinct: BTreeSet<_> = by_name.values().collect();
+    assert_eq!(distinct.len(), N, "two names share an address: {by_name:?}");
+    let hub_addr: std::net::Ipv4Addr = "10.99.0.1".parse().unwrap();
+    assert!(!distinct.contains(&hub_addr), "the hubs' own address was handed out");
+    // every hub restarts (one after the other); every name gets its address back, from
+    // any hub
+    for i in 1..=3 {
+        c.lab.kill9(c.hubs[i - 1]);
+        c.restart_hub(i);
+    }
+    c.wait_agreed_master(&[1, 2, 3], 3, Duration::from_secs(20));
+    for h in 1..=3 {
+        // each hub now registers names another hub first answered
+        let names: Vec<usize> = per_hub[h % 3].clone();
+        let got = c.register(h, &names, Duration::from_secs(10));
+        for (k, a) in addresses(&got).into_iter().enumerate() {
+            let name = &c.peers[names[k]].0;
+            assert_eq!(by_name[name], a, "{name} through h{h} after the restarts");
+        }
+    }
+}
+
+/// etcd's quorum lost (two of three members stopped): a name the hub knows still gets
+/// its address; a new name is refused with "cluster store unavailable", never guessed;
+/// with the quorum back, the new name gets one.
+#[test]
+fn without_etcd_quorum_known_names_are_served_and_new_ones_refused() {
+    let Some(_serial) = cluster_lab_or_skip() else { return };
+    let mut c = ClusterLab::start("cq", 2);
+    c.wait_agreed_master(&[1, 2, 3], 3, Duration::from_secs(20));
+    let known = addresses(&c.register(1, &[0], Duration::from_secs(10)))[0];
+    // one member down: nothing visible
+    c.lab.kill9(c.etcd[2]);
+    assert_eq!(addresses(&c.register(2, &[0], Duration::from_secs(10)))[0], known);
+    // two down: no quorum
+    c.lab.kill9(c.etcd[1]);
+    let until = Instant::now() + Duration::from_secs(15);
+    while c.cluster_status(1)["etcd"] != "unreachable" {
+        assert!(Instant::now() < until, "hub 1 still says etcd is up: {}", c.cluster_status(1));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(c.cluster_status(1)["is_master"], false, "a hub without a quorum is nobody's master");
+    assert_eq!(addresses(&c.register(1, &[0], Duration::from_secs(10)))[0], known, "a known name");
+    let got = c.register(1, &[1], Duration::from_secs(10));
+    assert_eq!(got, [Registration::Refused(RefusalReason::StoreUnavailable)]);
+    let table = mpvpn_status_table(&c.control(1));
+    assert!(table.contains("etcd unreachable"), "{table}");
+    // the quorum returns
+    for i in [2usize, 3] {
+        c.etcd[i - 1] = c.start_etcd(i, false);
+    }
+    c.wait_agreed_master(&[1, 2, 3], 3, Duration::from_secs(20));
+    let new = addresses(&c.register(1, &[1], Duration::from_secs(10)))[0];
+    assert_ne!(new, known);
+}
