@@ -122,10 +122,12 @@ impl ClusterLab {
             peer.clone(),
             "--initial-advertise-peer-urls".into(),
             peer,
+            // a LAN's timings (README: "Several hubs"): etcd elects a new leader, and so
+            // ends a lost hub's lease, within a second
             "--heartbeat-interval".into(),
-            "100".into(),
+            "50".into(),
             "--election-timeout".into(),
-            "1000".into(),
+            "500".into(),
         ];
         if first {
             let members: Vec<String> = (1..=3).map(|j| format!("e{j}=http://{}:{ETCD_PEER_PORT}", hub_ip(j))).collect();
@@ -135,6 +137,17 @@ impl ClusterLab {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let name = if first { format!("etcd{i}") } else { format!("etcd{i}-again") };
         self.lab.spawn(&ns, &name, std::path::Path::new("etcd"), &args)
+    }
+
+    /// Cuts hub host `i` (its hub and its etcd member) off the switch, or joins it again.
+    pub fn partition(&self, i: usize, cut: bool) {
+        let ns = &self.hub_ns[i - 1];
+        let rules = if cut {
+            "table inet partition {\n chain in { type filter hook input priority 0; iifname \"lan\" drop; }\n              chain out { type filter hook output priority 0; oifname \"lan\" drop; }\n}\n"
+        } else {
+            "table inet partition {}\ndelete table inet partition\n"
+        };
+        self.lab.nft(ns, rules);
     }
 
     pub fn control(&self, i: usize) -> PathBuf {

@@ -101,7 +101,9 @@ pub struct HubConfig {
     pub cluster: Option<ClusterConfig>,
 }
 
-pub const DEFAULT_LEASE_TTL_SECS: u64 = 3;
+/// etcd's shortest lease with its default election timeout (1 s): a hub that dies, or
+/// is cut off, leaves the cluster 2 s after its last renewal.
+pub const DEFAULT_LEASE_TTL_SECS: u64 = 2;
 
 fn default_lease_ttl() -> u64 {
     DEFAULT_LEASE_TTL_SECS
@@ -652,6 +654,41 @@ mod tests {
         let bad = ok.replace("vpn.example", "bad_domain");
         let e = HubConfig::parse("hub.yaml", &bad).unwrap_err().to_string();
         assert!(e.contains("dns.domain") && e.contains("hub.yaml:3"), "{e}");
+    }
+
+    #[test]
+    fn cluster_config_is_checked() {
+        let key = std::env::temp_dir().join(format!("mpvpn-cluster-test-{}.key", std::process::id()));
+        std::fs::write(&key, KEY2).unwrap();
+        let text = format!(
+            "network: 10.99.0.0/24\ncluster:\n  name: h1\n  etcd: [http://10.0.1.1:2379]\n  key_file: {}\npeers:\n  - name: a\n    key: {KEY}\n",
+            key.display()
+        );
+        let c = HubConfig::parse("h.yaml", &text).unwrap();
+        let cl = c.cluster.as_ref().unwrap();
+        assert_eq!((cl.lease_ttl_secs, cl.advertise.tunnel.len()), (DEFAULT_LEASE_TTL_SECS, 0));
+        for (from, to, why) in [
+            ("name: h1", "name: h/1", "h.yaml:3: cluster.name: 1-32 of"),
+            (
+                "[http://10.0.1.1:2379]",
+                "[https://10.0.1.1:2379]",
+                "h.yaml:4: cluster.etcd: `https://10.0.1.1:2379`: https",
+            ),
+            ("[http://10.0.1.1:2379]", "[10.0.1.1:2379]", "cluster.etcd: `10.0.1.1:2379` is not http://host:port"),
+            ("[http://10.0.1.1:2379]", "[]", "cluster.etcd: at least one"),
+            ("mpvpn-cluster-test", "mpvpn-no-such-file", "h.yaml:5: cluster.key_file: "),
+            (
+                "  name: h1\n",
+                "  name: h1\n  etcd_user: u\n",
+                "cluster.etcd_user: etcd_user and etcd_password_file go together",
+            ),
+            ("  name: h1\n", "  name: h1\n  lease_ttl_secs: 1\n", "cluster.lease_ttl_secs: 2-60"),
+            ("  name: h1\n", "  name: h1\n  leader: x\n", "unknown field `leader`"),
+        ] {
+            let e = HubConfig::parse("h.yaml", &text.replace(from, to)).unwrap_err().to_string();
+            assert!(e.contains(why), "{from} -> {to}: {e}");
+        }
+        let _ = std::fs::remove_file(&key);
     }
 
     #[test]

@@ -42,6 +42,8 @@ const CAMPAIGN_RETRY: Duration = Duration::from_millis(500);
 /// Mastership ends this long before the lease could end on etcd's side (clock rates
 /// differ a little; a renewal's answer may be late).
 const LEASE_MARGIN: Duration = Duration::from_millis(500);
+/// Renewals per lease TTL: one late answer costs nothing.
+const RENEWALS_PER_TTL: u32 = 4;
 /// Attempts at taking a free address when other hubs take the same ones at once.
 const ASSIGN_ATTEMPTS: usize = 64;
 
@@ -245,8 +247,9 @@ impl Worker {
                 }
                 Ok(Request::Stop) | Err(RecvTimeoutError::Disconnected) => return self.leave(),
                 Err(RecvTimeoutError::Timeout) => {
-                    self.next_poll = now() + POLL_INTERVAL;
                     self.tick();
+                    let renewal = self.lease.as_ref().map(|l| l.next_renewal);
+                    self.next_poll = renewal.into_iter().fold(now() + POLL_INTERVAL, Instant::min);
                 }
             }
         }
@@ -255,13 +258,21 @@ impl Worker {
     /// Keeps the lease, the membership record and the campaign going; reads what the
     /// others did.
     fn tick(&mut self) {
+        self.bound_calls();
         self.keep_lease();
+        self.bound_calls();
         let read = self.read_cluster();
         self.set_store(read.is_ok());
         if let Err(e) = read {
             debug!(self.log, "etcd"; "error" => %e);
         }
         self.check_master();
+    }
+
+    /// While master, no etcd call may outlast the lease: the hub must be able to step
+    /// down at its end, not a blocked call later.
+    fn bound_calls(&mut self) {
+        self.etcd.deadline = self.leader.as_ref().and(self.lease.as_ref()).map(|l| l.valid_until);
     }
 
     fn keep_lease(&mut self) {
@@ -277,14 +288,14 @@ impl Worker {
             None => {
                 if let Ok(id) = self.etcd.grant(ttl) {
                     let valid_until = now + ttl - LEASE_MARGIN;
-                    let next_renewal = now + ttl / 3;
+                    let next_renewal = now + ttl / RENEWALS_PER_TTL;
                     self.lease = Some(Lease { id, valid_until, next_renewal, published: false, campaigning: false });
                 }
             }
             Some(l) if now >= l.next_renewal => match self.etcd.keep_alive(l.id) {
                 Ok(true) => {
                     l.valid_until = now + ttl - LEASE_MARGIN;
-                    l.next_renewal = now + ttl / 3;
+                    l.next_renewal = now + ttl / RENEWALS_PER_TTL;
                 }
                 Ok(false) => {
                     warn!(self.log, "cluster lease gone on etcd's side"; "lease" => l.id);

@@ -13,7 +13,7 @@
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{json, Value};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long one request may take (the campaign has its own, longer wait).
 pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -50,6 +50,9 @@ pub(super) struct Etcd {
     agent: ureq::Agent,
     credentials: Option<(String, String)>,
     token: Option<String>,
+    /// No call runs past this (all members tried included): the cluster thread sets it
+    /// to the end of its lease, so a hub cut off from etcd notices in time.
+    pub(super) deadline: Option<Instant>,
 }
 
 fn b64(s: impl AsRef<[u8]>) -> String {
@@ -92,14 +95,22 @@ impl Etcd {
             .http_status_as_error(false)
             .build()
             .into();
-        Self { endpoints, current: 0, agent, credentials, token: None }
+        Self { endpoints, current: 0, agent, credentials, token: None, deadline: None }
     }
 
-    /// POSTs `body` to `path` on a member, trying each once from the last that answered.
+    /// POSTs `body` to `path` on a member, trying each once from the last that answered,
+    /// all within `timeout` (and `deadline`).
     fn call(&mut self, path: &str, body: &Value, timeout: Duration) -> Result<Value, EtcdError> {
+        let now = || super::clock().0;
+        let end = self.deadline.map_or(now() + timeout, |d| d.min(now() + timeout));
         let mut last = String::from("no endpoints");
         for attempt in 0..self.endpoints.len() {
             let i = (self.current + attempt) % self.endpoints.len();
+            let timeout = end.saturating_duration_since(now());
+            if timeout.is_zero() {
+                last = format!("{last} (and no time left for another member)");
+                break;
+            }
             if self.credentials.is_some() && self.token.is_none() {
                 if let Err(e) = self.authenticate(i) {
                     last = e.to_string();
