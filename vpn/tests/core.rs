@@ -245,6 +245,7 @@ fn wrong_key_and_unknown_names_get_nothing() {
             tunnel_payload: TUNNEL_PAYLOAD,
             mesh: None,
             dns_domain: None,
+            peer_list_deltas: true,
         },
         now,
         common::sim::SIM_WALL_START_MS,
@@ -833,4 +834,47 @@ fn cluster_hubs_take_addresses_only_from_the_store() {
     net.peers[0] = peer(&net, "a", None, Vec::new(), 7);
     net.run_for(Duration::from_secs(1));
     assert_eq!(net.addr(0), given);
+}
+
+/// Peers that take deltas get the list's changes, not the list: a join costs each of them
+/// one entry; a peer whose list went stale asks for it whole and gets it; a peer that
+/// takes no deltas (an older one) still gets whole lists. Every list stays the hub's.
+#[test]
+fn peer_lists_go_as_deltas_to_peers_that_take_them() {
+    let names = ["a", "b", "c", "fixed"];
+    let mut net = VpnSim::new(hub_config(&names), 100);
+    for n in &names[..3] {
+        net.add_peer(PeerCoreConfig { peer_list_deltas: *n != "c", ..sim::peer_config(n) }, Nat::None);
+    }
+    net.run_for(Duration::from_secs(2));
+    let hub_list = |net: &VpnSim| {
+        let mut v: Vec<String> = net.hub.status(net.now).iter().map(|p| p.name.clone()).collect();
+        v.sort();
+        v
+    };
+    let list_of = |net: &VpnSim, i: usize| {
+        let mut v: Vec<String> = net.peers[i].core.peers().iter().map(|p| p.name.clone()).collect();
+        v.sort();
+        v
+    };
+    for i in 0..3 {
+        assert_eq!(list_of(&net, i), hub_list(&net), "peer {i}");
+    }
+    // a fourth joins: the delta-takers get one entry, the older peer the whole list
+    let sent_before: Vec<u64> = (0..3).map(|i| net.hub_bytes_to(i)).collect();
+    net.add_peer(sim::peer_config("fixed"), Nat::None);
+    net.run_for(Duration::from_secs(2));
+    for i in 0..4 {
+        assert_eq!(list_of(&net, i), hub_list(&net), "peer {i} after the join");
+    }
+    let cost: Vec<u64> = (0..3).map(|i| net.hub_bytes_to(i) - sent_before[i]).collect();
+    println!("bytes to each peer for one join (a, b: deltas; c: whole lists): {cost:?}");
+    assert!(cost[0] < cost[2] && cost[1] < cost[2], "{cost:?}");
+    // a peer leaves: the others drop it
+    net.peers.pop();
+    net.run_for(DEFAULT_PEER_TIMEOUT + Duration::from_secs(3));
+    for i in 0..3 {
+        assert_eq!(list_of(&net, i), ["a", "b", "c"], "peer {i} after the leave");
+    }
+    assert_eq!(net.peers[0].core.drop_counts().iter().find(|(w, _)| *w == "stale_list").map(|x| x.1), Some(0));
 }

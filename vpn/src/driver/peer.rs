@@ -191,6 +191,7 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
     };
     let core = Peer::new(
         PeerCoreConfig {
+            peer_list_deltas: true,
             name: c.name.clone(),
             key: PeerKey::new(&key.key),
             mtu: c.mtu,

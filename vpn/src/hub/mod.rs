@@ -45,8 +45,8 @@ use crate::mesh::{MeshPathStatus, Via};
 use crate::queue::PacketQueue;
 use crate::wire::{
     self, field, sealed_kind, HeartbeatAckRepr, HeartbeatRepr, InnerMessage, IntroRepr, PeerEntry, PeerKey,
-    RefusalReason, RefusalRepr, RegisterRepr, RouteRefusalReason, SealedHeader, WelcomeRepr, MAX_CANDIDATES,
-    MSG_REGISTER, MSG_SEALED, SEALED_HEADER_LEN, SEALED_OVERHEAD,
+    PeerListDelta, RefusalReason, RefusalRepr, RegisterRepr, RouteRefusalReason, SealedHeader, WelcomeRepr,
+    MAX_CANDIDATES, MSG_REGISTER, MSG_SEALED, SEALED_HEADER_LEN, SEALED_OVERHEAD,
 };
 use common::crypto::x25519_public;
 use common::entropy::Entropy;
@@ -210,6 +210,8 @@ struct HubPeer {
     link: KcpLink,
     /// The peer-list version this peer's link has taken (0: none yet).
     list_version: u32,
+    /// It said it takes the list's changes (`INNER_PEERS_DELTA`) instead of whole lists.
+    deltas: bool,
     tx_bytes: u64,
     rx_bytes: u64,
     /// It told its host candidates: it has a mesh socket.
@@ -239,6 +241,8 @@ pub struct Hub {
     next_id: u32,
     /// The peer list's version and when it next goes out.
     list: ListPush,
+    /// The list as last pushed, by id, and its version: deltas are against it.
+    pushed: (u32, BTreeMap<u32, PeerEntry>),
     /// Peers' addresses and routes, for every packet routed (rebuilt on every list change).
     route_table: RouteTable<u32>,
     transmit: VecDeque<(SocketAddr, Vec<u8>)>,
@@ -284,6 +288,7 @@ impl Hub {
             last_register_ts: HashMap::new(),
             next_id: first_peer_id.max(1),
             list: ListPush::default(),
+            pushed: (0, BTreeMap::new()),
             route_table: RouteTable::default(),
             transmit: VecDeque::new(),
             to_tun: PacketQueue::default(),
@@ -407,10 +412,15 @@ impl Hub {
                 }
                 Ok(InnerMessage::Candidates(c)) => self.set_host_candidates(now, id, c),
                 Ok(InnerMessage::IntroRequest(to)) => self.introduce(now, id, to),
+                Ok(InnerMessage::PeersWant(have)) => self.on_peers_want(now, id, have),
                 // what only a hub sends, or what does not parse
-                Ok(InnerMessage::PeerList(_) | InnerMessage::Intro(_) | InnerMessage::ResetToken(_)) | Err(_) => {
-                    self.drops.malformed += 1
-                }
+                Ok(
+                    InnerMessage::PeerList(_)
+                    | InnerMessage::PeerListDelta(_)
+                    | InnerMessage::Intro(_)
+                    | InnerMessage::ResetToken(_),
+                )
+                | Err(_) => self.drops.malformed += 1,
             }
         }
         self.inner_buf = inner;

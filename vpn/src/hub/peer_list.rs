@@ -1,4 +1,8 @@
 //! The peer list: its entries, its version, and pushing it to every peer's link.
+//!
+//! A peer that said it takes deltas (`INNER_PEERS_WANT`) and took the version pushed last
+//! gets only what changed since (`INNER_PEERS_DELTA`): one peer joining costs O(N) bytes
+//! over all links, not O(N²). Any other peer (new, behind, or older) gets the list whole.
 
 use super::*;
 
@@ -21,14 +25,33 @@ impl Hub {
         self.list.changed(now);
     }
 
-    /// Sends the current list to every peer whose link has not taken it, whole or not at
-    /// all: a link without room for every chunk is tried again in the next round.
+    /// Sends the current version to every peer whose link has not taken it: a delta from
+    /// the version pushed last to those that have it and take deltas, else the list
+    /// whole, or nothing (a link without room is tried again in the next round).
     pub(super) fn flush_peer_list(&mut self, now: Instant) {
         let Some(version) = self.list.take_due(now) else { return };
-        let chunks = wire::emit_peer_list(version, &self.entries());
+        let current: BTreeMap<u32, PeerEntry> = self.entries().into_iter().map(|e| (e.id, e)).collect();
+        let (from, before) = &self.pushed;
+        let delta = PeerListDelta {
+            from: *from,
+            to: version,
+            upserts: current.values().filter(|e| before.get(&e.id) != Some(*e)).cloned().collect(),
+            removed: before.keys().filter(|id| !current.contains_key(id)).copied().collect(),
+        }
+        .emit();
+        let mut whole: Option<Vec<Vec<u8>>> = None;
         let mut incomplete = false;
         for p in self.peers.values_mut().filter(|p| p.list_version != version) {
-            if p.link.has_room_for(&chunks) && chunks.iter().all(|c| p.link.send(c).is_ok()) {
+            let sent = match &delta {
+                Some(d) if p.deltas && p.list_version == *from => p.link.send(d).is_ok(),
+                _ => {
+                    let chunks = whole.get_or_insert_with(|| {
+                        wire::emit_peer_list(version, &current.values().cloned().collect::<Vec<_>>())
+                    });
+                    p.link.has_room_for(chunks) && chunks.iter().all(|c| p.link.send(c).is_ok())
+                }
+            };
+            if sent {
                 p.list_version = version;
             } else {
                 incomplete = true;
@@ -36,6 +59,18 @@ impl Hub {
         }
         if incomplete {
             self.list.retry(now);
+        }
+        self.pushed = (version, current);
+    }
+
+    /// Peer `id` takes deltas from now on; `have` not 0: its list went stale at version
+    /// `have` (it could not apply a delta): it gets the list whole.
+    pub(super) fn on_peers_want(&mut self, now: Instant, id: u32, have: u32) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        p.deltas = true;
+        if have != 0 {
+            p.list_version = 0;
+            self.list.resend(now);
         }
     }
 }
@@ -71,6 +106,11 @@ impl ListPush {
         self.due = None;
         self.pushed_at = Some(now);
         Some(self.version)
+    }
+
+    /// Some peer needs the current version again (nothing changed).
+    fn resend(&mut self, now: Instant) {
+        self.due = Some(self.due.map_or(now, |d| d.min(now)));
     }
 
     /// Some link had no room: the next round.

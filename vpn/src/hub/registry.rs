@@ -74,18 +74,9 @@ impl Hub {
         self.keys.get(name).map(|&i| &self.cfg.peers[i])
     }
 
+    /// `name`'s address: its fixed one, the one it had, else (this hub alone) `want` if
+    /// free, else the first free one. One pass over what is taken: O(peers).
     pub(super) fn address_for(&self, name: &str, want: Ipv4Addr) -> Option<Ipv4Addr> {
-        let taken = |a: Ipv4Addr| {
-            a == self.cfg.hub_addr
-                || self.peers.values().any(|p| p.addr == a && p.name != name)
-                || self.pending.values().any(|p| p.addr == a && p.name != name)
-                || self.cfg.peers.iter().any(|s| s.fixed_addr == Some(a) && s.name != name)
-                || self.assigned.iter().any(|(n, &x)| x == a && n != name)
-        };
-        let usable = |a: Ipv4Addr| {
-            let net = self.cfg.network;
-            net.contains(a) && a != net.addr && Some(a) != net.nth((net.size() - 1) as u32) && !taken(a)
-        };
         if let Some(a) = self.spec(name).and_then(|s| s.fixed_addr) {
             return Some(a);
         }
@@ -95,10 +86,18 @@ impl Hub {
         if self.cfg.addresses == AddressAuthority::Cluster {
             return None; // only the cluster's store gives out addresses
         }
+        let mut taken: std::collections::HashSet<Ipv4Addr> = std::collections::HashSet::new();
+        taken.insert(self.cfg.hub_addr);
+        taken.extend(self.peers.values().filter(|p| p.name != name).map(|p| p.addr));
+        taken.extend(self.pending.values().filter(|p| p.name != name).map(|p| p.addr));
+        taken.extend(self.cfg.peers.iter().filter(|s| s.name != name).filter_map(|s| s.fixed_addr));
+        taken.extend(self.assigned.iter().filter(|(n, _)| n.as_str() != name).map(|(_, &a)| a));
+        let net = self.cfg.network;
+        let usable = |a: Ipv4Addr| net.is_host(a) && !taken.contains(&a);
         if usable(want) {
             return Some(want);
         }
-        (1..self.cfg.network.size().min(1 << 20) as u32).filter_map(|n| self.cfg.network.nth(n)).find(|&a| usable(a))
+        (1..net.size().min(1 << 20) as u32).filter_map(|n| net.nth(n)).find(|&a| usable(a))
     }
 
     /// A Register that is authentic, new and fresh, with its peer's index in the config;
@@ -294,6 +293,7 @@ impl Hub {
                 rtt_us: 0,
                 link: KcpLink::new(id, now, self.cfg.tunnel_payload),
                 list_version: 0,
+                deltas: false,
                 tx_bytes: 0,
                 rx_bytes: 0,
                 mesh: false,

@@ -32,8 +32,8 @@ use crate::mesh::{Mesh, MeshAddr, MeshConfig, Via};
 use crate::queue::PacketQueue;
 use crate::wire::{
     self, field, sealed_kind, HeartbeatAckRepr, HeartbeatRepr, InnerMessage, PeerEntry, PeerKey, PeerListChunk,
-    RefusalReason, RefusalRepr, RegisterRepr, RouteRefusalReason, SealedHeader, WelcomeRepr, MSG_REFUSAL, MSG_RESET,
-    MSG_SEALED, MSG_WELCOME, PUBLIC_KEY_LEN, SEALED_HEADER_LEN, SEALED_OVERHEAD,
+    PeerListDelta, RefusalReason, RefusalRepr, RegisterRepr, RouteRefusalReason, SealedHeader, WelcomeRepr,
+    MSG_REFUSAL, MSG_RESET, MSG_SEALED, MSG_WELCOME, PUBLIC_KEY_LEN, SEALED_HEADER_LEN, SEALED_OVERHEAD,
 };
 use common::crypto::x25519_public;
 use common::entropy::Entropy;
@@ -69,6 +69,9 @@ pub struct PeerCoreConfig {
     pub mesh: Option<MeshConfig>,
     /// The only DNS domain this peer takes from the hub (`dns_domain:` in peer.yaml).
     pub dns_domain: Option<String>,
+    /// Ask the hub for the list's changes rather than whole lists (peers before deltas
+    /// did not; the bench compares both).
+    pub peer_list_deltas: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,6 +145,8 @@ crate::drops::drop_reasons! {
         /// Sealed datagrams that did not open under our channel (forged, replayed, or for
         /// a registration we no longer have).
         Unauthenticated => unauthenticated,
+        /// Peer-list deltas from a version we do not have (the list is asked for whole).
+        StaleList => stale_list,
     }
 }
 
@@ -224,6 +229,8 @@ pub struct Peer {
     peers: Vec<PeerEntry>,
     /// A peer list being received: its version, the next chunk due, the entries so far.
     list_assembly: Option<(u32, u16, Vec<PeerEntry>)>,
+    /// The version of `peers` under this registration (0: none yet).
+    list_version: u32,
     /// Which listed peer (index in `peers`) an address belongs to.
     route_table: RouteTable<usize>,
     /// Traffic with each listed peer, index for index with `peers`.
@@ -273,6 +280,7 @@ impl Peer {
             mtu: 0,
             peers: Vec::new(),
             list_assembly: None,
+            list_version: 0,
             route_table: RouteTable::default(),
             peer_traffic: Vec::new(),
             refused_routes: Vec::new(),
@@ -405,6 +413,7 @@ impl Peer {
                     self.to_tun.push(&[packet]);
                 }
                 Ok(InnerMessage::PeerList(chunk)) => self.on_peer_list_chunk(now, chunk),
+                Ok(InnerMessage::PeerListDelta(delta)) => self.on_peer_list_delta(now, delta),
                 Ok(InnerMessage::ResetToken(token)) => {
                     if let State::Up(s) = &mut self.state {
                         s.reset_token = Some(token);
@@ -415,7 +424,8 @@ impl Peer {
                     None => self.drops.malformed += 1,
                 },
                 // what only a peer sends, or what does not parse
-                Ok(InnerMessage::Candidates(_) | InnerMessage::IntroRequest(_)) | Err(_) => self.drops.malformed += 1,
+                Ok(InnerMessage::Candidates(_) | InnerMessage::IntroRequest(_) | InnerMessage::PeersWant(_))
+                | Err(_) => self.drops.malformed += 1,
             }
         }
     }

@@ -22,9 +22,36 @@ impl Peer {
             }
         }
         if c.chunk + 1 == c.chunks {
-            if let Some((_, _, list)) = self.list_assembly.take() {
+            if let Some((version, _, list)) = self.list_assembly.take() {
                 self.set_peer_list(now, list);
+                self.list_version = version;
             }
+        }
+    }
+
+    /// What changed in the list: applied if it starts from the version we have (KCP keeps
+    /// the hub's messages in order, so it does); otherwise our list is stale: ask for it
+    /// whole.
+    pub(super) fn on_peer_list_delta(&mut self, now: Instant, d: PeerListDelta) {
+        if !self.cfg.peer_list_deltas || d.from != self.list_version {
+            self.drops.stale_list += 1;
+            self.send_peers_want(if self.list_version == 0 { u32::MAX } else { self.list_version });
+            return;
+        }
+        let mut list = if d.from == 0 { Vec::new() } else { self.peers.clone() };
+        let replaced: BTreeSet<u32> = d.upserts.iter().map(|p| p.id).chain(d.removed.iter().copied()).collect();
+        list.retain(|p| !replaced.contains(&p.id));
+        list.extend(d.upserts);
+        list.sort_by_key(|p| p.id);
+        self.set_peer_list(now, list);
+        self.list_version = d.to;
+    }
+
+    /// Tells the hub we take deltas (`have` 0), or that our list went stale at `have`.
+    pub(super) fn send_peers_want(&mut self, have: u32) {
+        let State::Up(s) = &mut self.state else { return };
+        if s.link.send(&wire::emit_peers_want(have)).is_err() {
+            self.drops.queue_full += 1;
         }
     }
 

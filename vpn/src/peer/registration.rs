@@ -106,6 +106,10 @@ impl Peer {
         if let Some(m) = self.mesh.as_mut() {
             m.reset();
         }
+        self.list_version = 0;
+        if self.cfg.peer_list_deltas {
+            self.send_peers_want(0);
+        }
         self.send_candidates();
         self.rendezvous.registered(now);
         // the first sealed datagram is what makes the hub use this registration: now

@@ -70,6 +70,7 @@ pub fn peer_config(name: &str) -> PeerCoreConfig {
         tunnel_payload: TUNNEL_PAYLOAD,
         mesh: None,
         dns_domain: None,
+        peer_list_deltas: true,
     }
 }
 
@@ -113,6 +114,8 @@ pub struct VpnSim {
     pub captured: Vec<(Instant, SocketAddr, Vec<u8>)>,
     /// How often `run_for` woke the cores.
     pub wakeups: u64,
+    /// Bytes of tunnel datagrams the hub sent, by the tunnel address they went to.
+    pub hub_sent: HashMap<SocketAddr, u64>,
     out: Vec<u8>,
 }
 
@@ -134,6 +137,7 @@ impl VpnSim {
             hub_events: Vec::new(),
             captured: Vec::new(),
             wakeups: 0,
+            hub_sent: HashMap::new(),
             out: vec![0; common::wire::MAX_DATAGRAM],
         }
     }
@@ -274,6 +278,7 @@ impl VpnSim {
             match self.hub.poll_output(&mut self.out) {
                 HubOutput::Tunnel { to, len } => {
                     moved = true;
+                    *self.hub_sent.entry(to).or_default() += len as u64;
                     if self.hub_cut || self.rng.chance(self.loss) {
                         continue;
                     }
@@ -321,6 +326,11 @@ impl VpnSim {
     /// The peer a datagram from `from` to `to` reaches, if its NAT lets it in.
     fn receiver(&self, from: SocketAddr, to: SocketAddr) -> Option<usize> {
         self.peers.iter().position(|p| p.admits(from, to))
+    }
+
+    /// Bytes of tunnel datagrams the hub sent peer `i` (to its tunnel address) so far.
+    pub fn hub_bytes_to(&self, i: usize) -> u64 {
+        self.hub_sent.get(&self.peers[i].tunnel).copied().unwrap_or(0)
     }
 
     /// Peer `i`'s VPN address.

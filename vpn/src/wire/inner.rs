@@ -19,6 +19,10 @@ pub enum InnerMessage<'a> {
     Intro(IntroRepr),
     /// Hub → peer: the token a `Reset` for this registration carries.
     ResetToken([u8; RESET_TOKEN_LEN]),
+    /// Hub → peer: what changed in the peer list.
+    PeerListDelta(PeerListDelta),
+    /// Peer → hub: it takes deltas, and has this list version (0: none).
+    PeersWant(u32),
 }
 
 /// Parses one message; anything else is an error (dropped and counted as malformed).
@@ -39,6 +43,8 @@ pub fn parse_inner(m: &[u8]) -> Result<InnerMessage<'_>, VpnWireError> {
             token.copy_from_slice(t);
             Ok(InnerMessage::ResetToken(token))
         }
+        Some(&INNER_PEERS_DELTA) => PeerListDelta::parse(m).map(InnerMessage::PeerListDelta),
+        Some(&INNER_PEERS_WANT) => parse_peers_want(m).map(InnerMessage::PeersWant),
         Some(_) => Err(VpnWireError::Unknown),
         None => Err(VpnWireError::Truncated),
     }

@@ -82,6 +82,10 @@ pub const INNER_CANDIDATES: u8 = 0x03;
 pub const INNER_INTRO_REQUEST: u8 = 0x04;
 pub const INNER_INTRO: u8 = 0x05;
 pub const INNER_RESET_TOKEN: u8 = 0x06;
+/// Hub → peer: what changed in the peer list since a version the peer has.
+pub const INNER_PEERS_DELTA: u8 = 0x07;
+/// Peer → hub: "I take deltas; I have this version of the list (0: none, send it whole)".
+pub const INNER_PEERS_WANT: u8 = 0x08;
 
 /// Byte ranges of every field, as the layout above shows them. Variable-length parts
 /// (names, route lists) are located by `Fields` offsets relative to where they end.
@@ -199,6 +203,22 @@ pub mod field {
     }
 
     /// One chunk of the peer list: which version, which chunk of how many, its entries.
+    pub mod peer_delta {
+        use super::Field;
+        pub const FROM: Field = 1..5;
+        pub const TO: Field = 5..9;
+        pub const UPSERTS: Field = 9..11;
+        pub const REMOVED: Field = 11..13;
+        /// Then the upserted entries (as in a peer list), then the removed ids (4 bytes each).
+        pub const ENTRIES: usize = 13;
+    }
+
+    pub mod peers_want {
+        use super::Field;
+        pub const HAVE: Field = 1..5;
+        pub const LEN: usize = 5;
+    }
+
     pub mod peer_list {
         use super::Field;
         pub const VERSION: Field = 1..5;
@@ -498,6 +518,52 @@ mod tests {
         assert_eq!(&d[..SEALED_HEADER_LEN], &[0x27, 1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 5]);
         assert_eq!(SealedHeader::parse(&d).unwrap(), s);
         assert_eq!(SealedHeader::parse(&d[..SEALED_OVERHEAD]), Err(VpnWireError::Truncated));
+    }
+
+    #[test]
+    fn peer_list_delta_round_trip_and_hostile_counts() {
+        let entry = PeerEntry {
+            id: 9,
+            name: "c".into(),
+            addr: Ipv4Addr::new(10, 99, 0, 9),
+            routes: vec![],
+            candidates: vec![],
+        };
+        let d = PeerListDelta { from: 4, to: 6, upserts: vec![entry], removed: vec![2, 3] };
+        let b = d.emit().unwrap();
+        #[rustfmt::skip]
+        let golden = [
+            0x07, 0, 0, 0, 4, 0, 0, 0, 6, 0, 1, 0, 2,    // kind, from, to, 1 upsert, 2 removed
+            0, 0, 0, 9, 1, b'c', 10, 99, 0, 9, 0, 0,     // the entry, as in a list
+            0, 0, 0, 2, 0, 0, 0, 3,                      // the removed ids
+        ];
+        assert_eq!(b, golden);
+        assert_eq!(PeerListDelta::parse(&b).unwrap(), d);
+        assert!(matches!(parse_inner(&b), Ok(InnerMessage::PeerListDelta(x)) if x == d));
+        for cut in 0..b.len() {
+            assert!(PeerListDelta::parse(&b[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut extra = b.clone();
+        extra.push(0);
+        assert!(PeerListDelta::parse(&extra).is_err());
+        // counts far beyond the bytes: an error, and no reservation to match
+        let mut hostile = b[..13].to_vec();
+        hostile[9..13].copy_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+        assert!(PeerListDelta::parse(&hostile).is_err());
+        // too many changes for one message: sent whole instead
+        let many: Vec<PeerEntry> = (0..2000)
+            .map(|i| PeerEntry {
+                id: i,
+                name: format!("peer-{i}"),
+                addr: Ipv4Addr::new(10, 99, 0, 1),
+                routes: vec![],
+                candidates: vec![],
+            })
+            .collect();
+        assert_eq!(PeerListDelta { from: 1, to: 2, upserts: many, removed: vec![] }.emit(), None);
+        assert_eq!(parse_peers_want(&emit_peers_want(7)), Ok(7));
+        assert_eq!(emit_peers_want(7), [0x08, 0, 0, 0, 7]);
+        assert!(parse_peers_want(&[0x08, 0, 0, 0]).is_err());
     }
 
     #[test]

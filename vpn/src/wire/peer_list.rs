@@ -72,6 +72,97 @@ pub fn emit_peer_list(version: u32, peers: &[PeerEntry]) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// What changed in the peer list from version `from` to `to`: entries added or changed
+/// (whole), and the ids of those gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerListDelta {
+    pub from: u32,
+    pub to: u32,
+    pub upserts: Vec<PeerEntry>,
+    pub removed: Vec<u32>,
+}
+
+impl PeerListDelta {
+    /// The message; `None` when it would not fit one peer-list chunk (send the list whole).
+    pub fn emit(&self) -> Option<Vec<u8>> {
+        use field::peer_delta as f;
+        let mut out = vec![0u8; f::ENTRIES];
+        out[field::TYPE] = INNER_PEERS_DELTA;
+        put_u32(&mut out, f::FROM, self.from);
+        put_u32(&mut out, f::TO, self.to);
+        put_u16(&mut out, f::UPSERTS, u16::try_from(self.upserts.len()).ok()?);
+        put_u16(&mut out, f::REMOVED, u16::try_from(self.removed.len()).ok()?);
+        for p in &self.upserts {
+            put_peer_entry(&mut out, p);
+            if out.len() > PEER_LIST_CHUNK_BYTES {
+                return None;
+            }
+        }
+        for id in &self.removed {
+            out.extend_from_slice(&id.to_be_bytes());
+        }
+        (out.len() <= PEER_LIST_CHUNK_BYTES).then_some(out)
+    }
+
+    pub fn parse(b: &[u8]) -> Result<Self, VpnWireError> {
+        use field::peer_delta as f;
+        let head = head_of(b, INNER_PEERS_DELTA, f::ENTRIES)?;
+        let (upserts, removed) = (u16_at(head, f::UPSERTS) as usize, u16_at(head, f::REMOVED) as usize);
+        let (entries, mut at) = entries_at(b, f::ENTRIES, upserts)?;
+        let ids = region(b, at, removed.checked_mul(4).ok_or(VpnWireError::BadField)?)?;
+        at += ids.len();
+        if at != b.len() {
+            return Err(VpnWireError::BadField);
+        }
+        Ok(Self {
+            from: u32_at(head, f::FROM),
+            to: u32_at(head, f::TO),
+            upserts: entries,
+            removed: ids.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        })
+    }
+}
+
+/// `n` peer entries from `b[at..]`, and where they end.
+fn entries_at(b: &[u8], mut at: usize, n: usize) -> Result<(Vec<PeerEntry>, usize), VpnWireError> {
+    use field::peer_list as f;
+    // no more entries than bytes to hold them (each takes 11 at least): a hostile count
+    // cannot make us reserve much
+    let mut entries = Vec::with_capacity(n.min(b.len() / 11));
+    for _ in 0..n {
+        let id = u32_at(region(b, at, f::NAME_LEN)?, f::ID);
+        let (name, name_end) = name_at(b, at + f::NAME_LEN)?;
+        let addr = ipv4_at(region(b, name_end, f::ROUTES)?, f::ADDR);
+        let (routes, routes_end) = routes_at(b, name_end + f::ROUTES)?;
+        let (candidates, end) = candidates_at(b, routes_end)?;
+        entries.push(PeerEntry { id, name: name.to_string(), addr, routes, candidates });
+        at = end;
+    }
+    Ok((entries, at))
+}
+
+/// The message a peer sends to take deltas from now on, having list version `have`.
+pub fn emit_peers_want(have: u32) -> [u8; field::peers_want::LEN] {
+    let mut b = [0u8; field::peers_want::LEN];
+    b[field::TYPE] = INNER_PEERS_WANT;
+    b[field::peers_want::HAVE].copy_from_slice(&have.to_be_bytes());
+    b
+}
+
+pub fn parse_peers_want(b: &[u8]) -> Result<u32, VpnWireError> {
+    let b = checked(b, INNER_PEERS_WANT, field::peers_want::LEN)?;
+    Ok(u32_at(b, field::peers_want::HAVE))
+}
+
+/// `b`'s first `len` bytes if it is at least that long and of message type `kind`.
+fn head_of(b: &[u8], kind: u8, len: usize) -> Result<&[u8], VpnWireError> {
+    match b.first() {
+        None => Err(VpnWireError::Truncated),
+        Some(&t) if t == kind => region(b, 0, len),
+        Some(_) => Err(VpnWireError::Unknown),
+    }
+}
+
 pub fn parse_peer_list(b: &[u8]) -> Result<PeerListChunk, VpnWireError> {
     use field::peer_list as f;
     match b.first() {
@@ -84,18 +175,7 @@ pub fn parse_peer_list(b: &[u8]) -> Result<PeerListChunk, VpnWireError> {
     if chunk >= chunks || chunks > MAX_PEER_LIST_CHUNKS {
         return Err(VpnWireError::BadField);
     }
-    let n = u16_at(head, f::COUNT) as usize;
-    let mut entries = Vec::with_capacity(n.min(1024));
-    let mut at = f::ENTRIES;
-    for _ in 0..n {
-        let id = u32_at(region(b, at, f::NAME_LEN)?, f::ID);
-        let (name, name_end) = name_at(b, at + f::NAME_LEN)?;
-        let addr = ipv4_at(region(b, name_end, f::ROUTES)?, f::ADDR);
-        let (routes, routes_end) = routes_at(b, name_end + f::ROUTES)?;
-        let (candidates, end) = candidates_at(b, routes_end)?;
-        entries.push(PeerEntry { id, name: name.to_string(), addr, routes, candidates });
-        at = end;
-    }
+    let (entries, at) = entries_at(b, f::ENTRIES, u16_at(head, f::COUNT) as usize)?;
     if at != b.len() {
         return Err(VpnWireError::BadField);
     }
