@@ -1,7 +1,13 @@
 //! A FIFO of packets kept in one reused byte ring: once the ring has grown to its working
 //! size, queuing a packet and taking it out allocate nothing (one `Vec` per packet did).
+//! A ring a burst grew past `RETAINED_BYTES` gives the excess back once it is empty: a
+//! hub keeps one per peer link, and one whole peer list each would otherwise stay
+//! O(peers) bytes per peer for good.
 
 use std::collections::VecDeque;
+
+/// What an empty ring keeps of its capacity (a few full datagrams).
+pub const RETAINED_BYTES: usize = 8 << 10;
 
 #[derive(Debug, Default)]
 pub struct PacketQueue {
@@ -29,6 +35,10 @@ impl PacketQueue {
         out[..from_a].copy_from_slice(&a[..from_a]);
         out[from_a..m].copy_from_slice(&b[..m - from_a]);
         self.bytes.drain(..n);
+        if self.lens.is_empty() && self.bytes.capacity() > RETAINED_BYTES {
+            self.bytes.shrink_to(RETAINED_BYTES);
+            self.lens.shrink_to(RETAINED_BYTES / 64);
+        }
         Some(m)
     }
 
@@ -68,5 +78,25 @@ mod tests {
         q.push(&[&[1; 10]]);
         assert_eq!(q.pop_into(&mut out[..4]), Some(4), "cut to the buffer");
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_ring_a_burst_grew_gives_the_excess_back_once_empty() {
+        let mut q = PacketQueue::default();
+        let mut out = [0u8; 1400];
+        for _ in 0..100 {
+            q.push(&[&[7; 1400]]);
+        }
+        assert!(q.bytes.capacity() >= 140_000);
+        while q.pop_into(&mut out).is_some() {}
+        assert!(q.bytes.capacity() <= RETAINED_BYTES, "{}", q.bytes.capacity());
+        // a working size below the limit stays: no allocation per packet
+        q.push(&[&[1; 1000]]);
+        let cap = q.bytes.capacity();
+        for _ in 0..100 {
+            q.push(&[&[1; 1000]]);
+            q.pop_into(&mut out);
+        }
+        assert_eq!(q.bytes.capacity(), cap);
     }
 }
