@@ -22,6 +22,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tests::{bin, lab_available, run, udp_stream, Echo, Lab};
 
+mod hub_scale;
+
+#[global_allocator]
+static ALLOC: hub_scale::CountingAlloc = hub_scale::CountingAlloc;
+
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -44,7 +49,14 @@ struct Cli {
     /// mpbridges): writes profile.txt and, with inferno installed, flamegraph.svg.
     #[arg(long)]
     profile: bool,
+    /// Only the hub-scale bench: peers joining one hub in the simulator (no namespaces,
+    /// no root), peer lists as deltas and whole; writes hub-scale.json and hub-scale.md.
+    #[arg(long, conflicts_with = "profile")]
+    hub_scale: bool,
 }
+
+/// Where the hub-scale bench measures a join (peers already on the hub).
+const HUB_SCALE_CHECKPOINTS: [usize; 4] = [100, 500, 1000, 2000];
 
 #[derive(Clone, Copy)]
 struct Scale {
@@ -146,6 +158,8 @@ struct Results {
     /// Redundancy modes (duplicate, fixed fec, adaptive) over 3 paths at each loss, and
     /// with a path dying mid-stream.
     redundancy: Vec<Cell>,
+    /// Full mode: one hub's cost per join and memory per peer, up to 2000 peers.
+    hub_scale: Option<hub_scale::HubScale>,
     targets: Vec<Target>,
 }
 
@@ -854,6 +868,16 @@ impl Runner {
 
 fn main() {
     let cli = Cli::parse();
+    if cli.hub_scale {
+        let out = cli.out.unwrap_or_else(|| PathBuf::from("bench/results/hub-scale"));
+        std::fs::create_dir_all(&out).expect("output directory");
+        let h = hub_scale::run(&HUB_SCALE_CHECKPOINTS);
+        std::fs::write(out.join("hub-scale.json"), serde_json::to_string_pretty(&h).expect("json")).expect("write");
+        let md = hub_scale::markdown(&h);
+        std::fs::write(out.join("hub-scale.md"), &md).expect("write");
+        println!("\n{md}\nwrote {}/hub-scale.json and hub-scale.md", out.display());
+        return;
+    }
     if let Err(why) = lab_available() {
         eprintln!("mpt-bench: {why}; run as root (see README)");
         std::process::exit(1);
@@ -1072,6 +1096,7 @@ fn bench(scale: Scale, date: &str, profile: Option<&Path>) -> Results {
         vpn,
         mesh,
         redundancy,
+        hub_scale: (scale.name == "full").then(|| hub_scale::run(&HUB_SCALE_CHECKPOINTS)),
         targets: targets(&rounds).into_iter().chain(mesh_targets(mesh_measured)).collect(),
     }
 }
@@ -1228,6 +1253,9 @@ fn markdown(r: &Results) -> String {
             let gap = c.longest_gap_ms.map_or("-".into(), |g| format!("{g:.0}"));
             let _ = writeln!(s, "| {} | {wire} | {rl} | {rtt} | {tput} | {gap} |", c.name);
         }
+    }
+    if let Some(h) = &r.hub_scale {
+        let _ = write!(s, "\n{}", hub_scale::markdown(h));
     }
     let _ = writeln!(
         s,

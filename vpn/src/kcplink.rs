@@ -228,6 +228,11 @@ impl KcpLink {
         self.out.0.borrow_mut().pop_into(out)
     }
 
+    /// Whether `poll_transmit` has a segment to give (or a flush to make).
+    pub fn has_output(&self) -> bool {
+        !self.broken && (self.unflushed || !self.out.0.borrow().is_empty())
+    }
+
     /// When `handle_timeout` has work: KCP's next interval while anything waits to be
     /// sent or acknowledged; an idle link only once a second (a pair or a peer that says
     /// nothing must not wake its process every 10 ms).

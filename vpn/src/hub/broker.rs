@@ -72,6 +72,7 @@ impl Hub {
         match self.peers.get_mut(&to) {
             Some(q) if to != from && q.tunnel != UNBOUND && q.relay_out.len() < RELAY_QUEUE_MAX => {
                 q.relay_out.push(&[&[sealed_kind::RELAY], &from.to_be_bytes(), datagram]);
+                self.ready.push(to);
                 if let Some(p) = self.peers.get_mut(&from) {
                     p.relayed_bytes += datagram.len() as u64;
                 }
@@ -145,6 +146,7 @@ impl Hub {
         for &(a, b) in told {
             let intro = IntroRepr { peer_id: b, key }.emit();
             if let Some(p) = self.peers.get_mut(&a) {
+                self.ready.push(a);
                 if p.link.send(&intro).is_err() {
                     self.drops.queue_full += 1;
                 }

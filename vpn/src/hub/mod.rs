@@ -52,7 +52,7 @@ use common::crypto::x25519_public;
 use common::entropy::Entropy;
 use ring::hmac;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -243,9 +243,14 @@ pub struct Hub {
     list: ListPush,
     /// The list as last pushed, by id, and its version: deltas are against it.
     pushed: (u32, BTreeMap<u32, PeerEntry>),
+    /// Every list goes out whole (the bench's "before deltas").
+    whole_lists: bool,
     /// Peers' addresses and routes, for every packet routed (rebuilt on every list change).
     route_table: RouteTable<u32>,
     transmit: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// Peers whose link or relay queue may have a datagram to send: `poll_transmit` asks
+    /// only these, not every peer per datagram (O(N²) per peer-list push at 2000 peers).
+    ready: ReadyPeers,
     to_tun: PacketQueue,
     events: VecDeque<HubEvent>,
     pub drops: HubDrops,
@@ -289,8 +294,10 @@ impl Hub {
             next_id: first_peer_id.max(1),
             list: ListPush::default(),
             pushed: (0, BTreeMap::new()),
+            whole_lists: false,
             route_table: RouteTable::default(),
             transmit: VecDeque::new(),
+            ready: ReadyPeers::default(),
             to_tun: PacketQueue::default(),
             events: VecDeque::new(),
             drops: HubDrops::default(),
@@ -357,6 +364,8 @@ impl Hub {
         if p.tunnel != from {
             let first = p.tunnel == UNBOUND;
             p.tunnel = from;
+            // what waited for an address to go to
+            self.ready.push(id);
             if !first {
                 // the peer's tunnel session changed (mpclient or mpserver restarted)
                 self.events.push_back(HubEvent::PeerMoved { name: p.name.clone(), tunnel: from });
@@ -389,6 +398,8 @@ impl Hub {
 
     fn on_kcp(&mut self, now: Instant, id: u32, segment: &[u8]) {
         let Some(p) = self.peers.get_mut(&id) else { return };
+        // its ACK, and whatever the messages below make the hub send it
+        self.ready.push(id);
         match p.link.input(now, segment) {
             Ok(()) => {}
             Err(LinkError::Broken) => {
@@ -438,15 +449,18 @@ impl Hub {
             return Some((to, n));
         }
         let room = out.len().checked_sub(SEALED_OVERHEAD)?;
-        for p in self.peers.values_mut() {
-            // a peer nothing authenticated arrived from yet has no address to send to
-            if p.tunnel == UNBOUND {
+        while let Some(id) = self.ready.front() {
+            // a peer nothing authenticated arrived from yet has no address to send to: it
+            // is asked again when something from it arrives
+            let Some(p) = self.peers.get_mut(&id).filter(|p| p.tunnel != UNBOUND) else {
+                self.ready.pop_front();
                 continue;
-            }
+            };
             let body = &mut out[SEALED_HEADER_LEN..SEALED_HEADER_LEN + room];
             if let Some(n) = p.relay_out.pop_into(body).or_else(|| p.link.poll_transmit(body)) {
                 return Some((p.tunnel, p.channel.seal(out, n)));
             }
+            self.ready.pop_front();
         }
         None
     }
@@ -473,6 +487,9 @@ impl Hub {
         let mut gone = Vec::new();
         for p in self.peers.values_mut() {
             p.link.handle_timeout(now);
+            if p.link.has_output() {
+                self.ready.push(p.id);
+            }
             if p.link.is_broken() {
                 gone.push((p.id, "its KCP link broke"));
             } else if now.saturating_duration_since(p.last_seen) >= self.cfg.peer_timeout {
@@ -488,5 +505,30 @@ impl Hub {
             self.push_peer_list(now);
         }
         self.flush_peer_list(now);
+    }
+}
+
+/// Peer ids in the order they became ready to send, each at most once.
+#[derive(Default)]
+struct ReadyPeers {
+    order: VecDeque<u32>,
+    queued: HashSet<u32>,
+}
+
+impl ReadyPeers {
+    fn push(&mut self, id: u32) {
+        if self.queued.insert(id) {
+            self.order.push_back(id);
+        }
+    }
+
+    fn front(&self) -> Option<u32> {
+        self.order.front().copied()
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(id) = self.order.pop_front() {
+            self.queued.remove(&id);
+        }
     }
 }

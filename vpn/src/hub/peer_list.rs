@@ -43,7 +43,7 @@ impl Hub {
         let mut incomplete = false;
         for p in self.peers.values_mut().filter(|p| p.list_version != version) {
             let sent = match &delta {
-                Some(d) if p.deltas && p.list_version == *from => p.link.send(d).is_ok(),
+                Some(d) if p.deltas && !self.whole_lists && p.list_version == *from => p.link.send(d).is_ok(),
                 _ => {
                     let chunks = whole.get_or_insert_with(|| {
                         wire::emit_peer_list(version, &current.values().cloned().collect::<Vec<_>>())
@@ -51,6 +51,7 @@ impl Hub {
                     p.link.has_room_for(chunks) && chunks.iter().all(|c| p.link.send(c).is_ok())
                 }
             };
+            self.ready.push(p.id);
             if sent {
                 p.list_version = version;
             } else {
@@ -61,6 +62,13 @@ impl Hub {
             self.list.retry(now);
         }
         self.pushed = (version, current);
+    }
+
+    /// Every list whole to every peer (`true`), as before deltas, or deltas to those that
+    /// take them: the bench compares the two in one run.
+    #[cfg(any(test, feature = "sim"))]
+    pub fn send_whole_lists(&mut self, whole: bool) {
+        self.whole_lists = whole;
     }
 
     /// Peer `id` takes deltas from now on; `have` not 0: its list went stale at version

@@ -307,6 +307,7 @@ impl Hub {
         // its reset token: what a restarted hub answers its datagrams with
         let token = self.reset_token(id);
         if let Some(peer) = self.peers.get_mut(&id) {
+            self.ready.push(id);
             if peer.link.send(&wire::emit_reset_token(&token)).is_err() {
                 self.drops.queue_full += 1;
             }

@@ -58,6 +58,7 @@ impl Hub {
 
     pub(super) fn send_ip(&mut self, to: u32, packet: &[u8]) {
         let Some(p) = self.peers.get_mut(&to) else { return };
+        self.ready.push(to);
         match p.link.send_ip(packet) {
             Ok(()) => p.tx_bytes += packet.len() as u64,
             Err(_) => self.drops.queue_full += 1,

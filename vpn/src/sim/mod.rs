@@ -116,7 +116,21 @@ pub struct VpnSim {
     pub wakeups: u64,
     /// Bytes of tunnel datagrams the hub sent, by the tunnel address they went to.
     pub hub_sent: HashMap<SocketAddr, u64>,
+    /// Real (not simulated) time spent in the hub's calls: its CPU cost, for the bench.
+    pub hub_busy: Duration,
+    /// Which peer a tunnel address was last seen at (checked on use: tests edit `peers`).
+    by_tunnel: HashMap<SocketAddr, usize>,
     out: Vec<u8>,
+}
+
+/// Runs `f`, adding the real time it took to `busy`.
+// the one place the simulator reads the real clock: measuring, never deciding
+#[allow(clippy::disallowed_methods)]
+fn timed<R>(busy: &mut Duration, f: impl FnOnce() -> R) -> R {
+    let start = Instant::now();
+    let r = f();
+    *busy += start.elapsed();
+    r
 }
 
 impl VpnSim {
@@ -138,6 +152,8 @@ impl VpnSim {
             captured: Vec::new(),
             wakeups: 0,
             hub_sent: HashMap::new(),
+            hub_busy: Duration::ZERO,
+            by_tunnel: HashMap::new(),
             out: vec![0; common::wire::MAX_DATAGRAM],
         }
     }
@@ -189,7 +205,10 @@ impl VpnSim {
         let end = self.now + d;
         let mut at_once = 0;
         loop {
-            let next = self.next_deadline().map_or(end, |t| t.min(end));
+            let (hub, busy) = (&self.hub, &mut self.hub_busy);
+            let hub_next = timed(busy, || hub.poll_timeout());
+            let peers_next = self.peers.iter().filter_map(|p| p.core.poll_timeout()).min();
+            let next = peers_next.into_iter().chain(hub_next).min().map_or(end, |t| t.min(end));
             if next <= self.now {
                 at_once += 1;
                 assert!(at_once < 100, "a core keeps asking to be woken in the past");
@@ -202,7 +221,8 @@ impl VpnSim {
             for p in &mut self.peers {
                 p.core.handle_timeout(self.now, wall);
             }
-            self.hub.handle_timeout(self.now);
+            let (hub, now) = (&mut self.hub, self.now);
+            timed(&mut self.hub_busy, || hub.handle_timeout(now));
             self.exchange();
             if self.now >= end {
                 return;
@@ -254,7 +274,8 @@ impl VpnSim {
                     self.captured.push((now, from, self.out[..n].to_vec()));
                     if !self.hub_cut && !self.rng.chance(self.loss) {
                         let wall = self.wall_ms();
-                        self.hub.handle_datagram(now, wall, from, &self.out[..n]);
+                        let (hub, d) = (&mut self.hub, &self.out[..n]);
+                        timed(&mut self.hub_busy, || hub.handle_datagram(now, wall, from, d));
                     }
                 }
                 PeerOutput::Tun(n) => {
@@ -275,15 +296,16 @@ impl VpnSim {
     fn drain_hub(&mut self) -> bool {
         let mut moved = false;
         loop {
-            match self.hub.poll_output(&mut self.out) {
+            let (hub, out) = (&mut self.hub, &mut self.out);
+            match timed(&mut self.hub_busy, || hub.poll_output(out)) {
                 HubOutput::Tunnel { to, len } => {
                     moved = true;
                     *self.hub_sent.entry(to).or_default() += len as u64;
                     if self.hub_cut || self.rng.chance(self.loss) {
                         continue;
                     }
-                    if let Some(p) = self.peers.iter_mut().find(|p| p.tunnel == to) {
-                        p.core.handle_datagram(self.now, &self.out[..len]);
+                    if let Some(i) = self.peer_at_tunnel(to) {
+                        self.peers[i].core.handle_datagram(self.now, &self.out[..len]);
                     }
                 }
                 HubOutput::Tun(n) => self.hub_tun_rx.push(self.out[..n].to_vec()),
@@ -291,6 +313,18 @@ impl VpnSim {
                 HubOutput::Timeout(_) => return moved,
             }
         }
+    }
+
+    /// The peer whose tunnel address is `to`.
+    fn peer_at_tunnel(&mut self, to: SocketAddr) -> Option<usize> {
+        if let Some(&i) = self.by_tunnel.get(&to) {
+            if self.peers.get(i).is_some_and(|p| p.tunnel == to) {
+                return Some(i);
+            }
+        }
+        let i = self.peers.iter().position(|p| p.tunnel == to)?;
+        self.by_tunnel.insert(to, i);
+        Some(i)
     }
 
     /// Peer `i`'s question to the rendezvous port from its mesh socket `socket`, and the
@@ -348,7 +382,8 @@ impl VpnSim {
     pub fn take_hub_datagrams(&mut self) -> Vec<(SocketAddr, Vec<u8>)> {
         let mut got = Vec::new();
         loop {
-            match self.hub.poll_output(&mut self.out) {
+            let (hub, out) = (&mut self.hub, &mut self.out);
+            match timed(&mut self.hub_busy, || hub.poll_output(out)) {
                 HubOutput::Tunnel { to, len } => got.push((to, self.out[..len].to_vec())),
                 HubOutput::Tun(n) => self.hub_tun_rx.push(self.out[..n].to_vec()),
                 HubOutput::Event(ev) => self.hub_events.push((self.now, ev)),
