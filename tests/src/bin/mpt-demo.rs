@@ -3,7 +3,8 @@
 //! Builds a client host, three bridge hosts (socat, mpbridge, mpbridge) and a server host
 //! with a UDP echo target, puts 10% loss on every path in each direction, streams
 //! datagrams through the tunnel and prints what arrived, the status tables, a path dying
-//! and a server restart. Everything it creates is deleted when it ends (also on Ctrl-C).
+//! and a server restart; then the VPN, the mesh and several hubs on etcd. Everything it
+//! creates is deleted when it ends (also on Ctrl-C).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -110,6 +111,8 @@ fn demo() {
     vpn_demo();
     check_stop();
     mesh_demo();
+    check_stop();
+    cluster_demo();
     println!("\ndone; deleting the namespaces");
 }
 
@@ -178,4 +181,60 @@ fn mesh_demo() {
         m.relayed("a") - before
     );
     println!("\n$ mpvpn status   (on peer a)\n{}", m.status_table("a"));
+}
+
+/// Several hubs as one: three hub hosts, each beside an etcd member; one master; names
+/// registering through any hub get distinct addresses; the master killed and replaced.
+fn cluster_demo() {
+    println!("\n=== several hubs: three hub hosts, each running an etcd member beside `mpvpn hub` with cluster: ===");
+    if std::process::Command::new("etcd").arg("--version").output().is_err() {
+        println!("  skipped: no etcd here (apt-get install etcd-server)");
+        return;
+    }
+    let started = Instant::now();
+    let mut c = tests::ClusterLab::start("democ", 6);
+    let master = c.wait_agreed_master(&[1, 2, 3], 3, Duration::from_secs(20));
+    println!("  all three hubs agree: {master} is master ({:.1?} after the start)", started.elapsed());
+    check_stop();
+    // two names through each hub at once
+    let mut by_name = Vec::new();
+    let threads: Vec<_> = (1..=3)
+        .map(|i| {
+            let names = [2 * (i - 1), 2 * (i - 1) + 1];
+            let who: Vec<(String, [u8; 32])> = names.iter().map(|&n| c.peers[n].clone()).collect();
+            (
+                i,
+                who.clone(),
+                tests::spawn_in_ns(&c.hub_ns[i - 1], move || tests::register_all(&who, Duration::from_secs(10))),
+            )
+        })
+        .collect();
+    for (i, who, t) in threads {
+        for ((name, _), got) in who.iter().zip(t.join().expect("registrar")) {
+            by_name.push(format!("{name} -> {} (through h{i})", show(&got)));
+        }
+    }
+    println!("  6 names registering at once, two through each hub: {}", by_name.join(", "));
+    let m: usize = master.trim_start_matches('h').parse().expect("hub name");
+    println!("\n$ mpvpn status   (on {master})\n{}", tests::mpvpn_status_table(&c.control(m)));
+    check_stop();
+    println!("kill -9 the master ({master}) ...");
+    let killed = Instant::now();
+    c.lab.kill9(c.hubs[m - 1]);
+    let others: Vec<usize> = (1..=3).filter(|&i| i != m).collect();
+    let new = c.wait_agreed_master(&others, 2, Duration::from_secs(15));
+    println!("  {new} is master {:.2?} after the kill; on_master ran: {:?}", killed.elapsed(), c.master_runs());
+    let again = c.register(others[1], &[0], Duration::from_secs(5));
+    println!(
+        "  p0 registering again, through h{}: {} (its address, wherever it registers)",
+        others[1],
+        show(&again[0])
+    );
+}
+
+fn show(r: &tests::Registration) -> String {
+    match r {
+        tests::Registration::Address(a) => a.to_string(),
+        other => format!("{other:?}"),
+    }
 }
