@@ -21,10 +21,15 @@ pub struct Cli {
 pub enum Command {
     /// Run the hub (beside mpserver, whose target is the hub's `listen`); or, with
     /// `add-peer`, add a peer to its hub.yaml.
+    ///
+    /// With `cluster:` in hub.yaml the hub is one of several: through etcd they give each
+    /// peer name one address cluster-wide and elect a master (`mpvpn status` shows it;
+    /// `on_master` runs on a change); see the README's "Several hubs".
     #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Hub {
         #[command(subcommand)]
         action: Option<HubAction>,
+        /// hub.yaml (see conf/hub.yaml, and conf/hub-cluster.yaml for several hubs).
         #[arg(short, long, required = true)]
         config: Option<PathBuf>,
         /// Control socket for `mpvpn status` [default: the config's control_socket, else

@@ -100,7 +100,7 @@ impl ClusterStatus {
         let master = match (&self.master, self.is_master) {
             (_, true) => format!("{} (this hub)", self.name),
             (Some(m), false) => m.clone(),
-            (None, false) => "none elected now".into(),
+            (None, false) => "- (none elected now)".into(),
         };
         let hubs: Vec<String> = self.hubs.iter().map(|h| format!("{} {}", h.name, h.state)).collect();
         let _ = writeln!(
