@@ -876,5 +876,22 @@ fn peer_lists_go_as_deltas_to_peers_that_take_them() {
     for i in 0..3 {
         assert_eq!(list_of(&net, i), ["a", "b", "c"], "peer {i} after the leave");
     }
-    assert_eq!(net.peers[0].core.drop_counts().iter().find(|(w, _)| *w == "stale_list").map(|x| x.1), Some(0));
+    let stale = |net: &VpnSim, i: usize| {
+        net.peers[i].core.drop_counts().iter().find(|(w, _)| *w == "stale_list").map_or(0, |x| x.1)
+    };
+    assert_eq!(stale(&net, 0), 0);
+    // a's list goes stale: the next delta does not apply; a asks for the list whole, and
+    // holds the hub's list again
+    net.peers[0].core.forget_peer_list_version();
+    net.add_peer(sim::peer_config("fixed"), Nat::None);
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(stale(&net, 0), 1, "the delta found a's list stale");
+    for i in 0..4 {
+        assert_eq!(list_of(&net, i), hub_list(&net), "peer {i} after a's stale list");
+    }
+    // and takes deltas again from there
+    net.peers.pop();
+    net.run_for(DEFAULT_PEER_TIMEOUT + Duration::from_secs(3));
+    assert_eq!(list_of(&net, 0), ["a", "b", "c"]);
+    assert_eq!(stale(&net, 0), 1);
 }

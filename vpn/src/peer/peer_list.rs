@@ -47,6 +47,13 @@ impl Peer {
         self.list_version = d.to;
     }
 
+    /// Forgets which version of the list we hold, as a peer that missed a change would:
+    /// the next delta finds the list stale (tests of the recovery).
+    #[cfg(any(test, feature = "sim"))]
+    pub fn forget_peer_list_version(&mut self) {
+        self.list_version = self.list_version.wrapping_add(1000);
+    }
+
     /// Tells the hub we take deltas (`have` 0), or that our list went stale at `have`.
     pub(super) fn send_peers_want(&mut self, have: u32) {
         let State::Up(s) = &mut self.state else { return };
