@@ -17,6 +17,10 @@ pub const ETCD_CLIENT_PORT: u16 = 12379;
 pub const ETCD_PEER_PORT: u16 = 12380;
 /// Where each hub takes tunnel datagrams (inside its own namespace).
 pub const HUB_LISTEN: &str = "127.0.0.1:5000";
+/// Each hub's port for packets the other hubs forward (on its switch address).
+pub const FORWARD_PORT: u16 = 5300;
+/// Each hub host's mpserver (started with the first peer that needs it).
+pub const HUB_TUNNEL_PORT: u16 = 4000;
 
 /// Hub `i`'s (1-based) address on the switch.
 pub fn hub_ip(i: usize) -> String {
@@ -25,6 +29,8 @@ pub fn hub_ip(i: usize) -> String {
 
 pub struct ClusterLab {
     pub lab: Lab,
+    /// The switch every host hangs on.
+    pub switch: String,
     /// Hub host `i - 1`'s namespace.
     pub hub_ns: Vec<String>,
     /// Process indexes: the etcd member and the hub on each host (the latest started).
@@ -34,6 +40,11 @@ pub struct ClusterLab {
     pub peers: Vec<(String, [u8; 32])>,
     /// Where `on_master` writes `<hub> up|down`, one line per run.
     pub master_log: PathBuf,
+    /// The mpserver on each hub host, once started, and the tunnel key they share.
+    pub servers: Vec<Option<usize>>,
+    pub tunnel_key: PathBuf,
+    /// Peer hosts: the peer's index in `peers`, its namespace and process.
+    pub peer_hosts: Vec<(usize, String, usize)>,
 }
 
 impl ClusterLab {
@@ -71,7 +82,20 @@ impl ClusterLab {
             peer_yaml.push_str(&format!("  - name: {name}\n    key_file: {}\n", path.display()));
             peers.push((name, key));
         }
-        let mut me = Self { lab, hub_ns, etcd: Vec::new(), hubs: Vec::new(), peers, master_log };
+        let tunnel_key = dir.join("tunnel.key");
+        run(Command::new(bin("mpserver")).arg("genkey").arg(&tunnel_key));
+        let mut me = Self {
+            lab,
+            switch,
+            hub_ns,
+            etcd: Vec::new(),
+            hubs: Vec::new(),
+            peers,
+            master_log,
+            servers: vec![None; 3],
+            tunnel_key,
+            peer_hosts: Vec::new(),
+        };
         for i in 1..=3 {
             let ip = hub_ip(i);
             let idx = me.start_etcd(i, true);
@@ -84,7 +108,8 @@ impl ClusterLab {
                 &yaml,
                 format!(
                     "listen: {HUB_LISTEN}\ntun: mpvpn0\nnetwork: {CLUSTER_NETWORK}\ncontrol_socket: {}\nstate_file: {}\n\
-                     cluster:\n  name: h{i}\n  etcd: [{}]\n  key_file: {}\n  on_master: {}\n  advertise:\n    tunnel: [{ip}:4000]\n\
+                     cluster:\n  name: h{i}\n  etcd: [{}]\n  key_file: {}\n  on_master: {}\n  forward_listen: {ip}:{FORWARD_PORT}\n\
+                     \x20 advertise:\n    tunnel: [{ip}:{HUB_TUNNEL_PORT}]\n\
                      peers:\n{peer_yaml}",
                     me.control(i).display(),
                     dir.join(format!("hub{i}.state.json")).display(),
@@ -200,6 +225,65 @@ impl ClusterLab {
             .lines()
             .filter_map(|l| l.split_once(' ').map(|(h, w)| (h.to_string(), w.to_string())))
             .collect()
+    }
+
+    /// Starts a peer host on the switch running `mpvpn peer` as `peers[n]`, whose embedded
+    /// client reaches hub `hub`'s mpserver (started here if it is not yet); returns its
+    /// namespace.
+    pub fn start_peer(&mut self, n: usize, hub: usize) -> String {
+        let tk = self.tunnel_key.display().to_string();
+        if self.servers[hub - 1].is_none() {
+            let ns = self.hub_ns[hub - 1].clone();
+            let port = HUB_TUNNEL_PORT.to_string();
+            let control = self.lab.dir.join(format!("mpserver{hub}.sock")).display().to_string();
+            let args = ["--key-file", &tk, "--control", &control, &port, "127.0.0.1", "5000"];
+            self.servers[hub - 1] = Some(self.lab.spawn(&ns, &format!("mpserver{hub}"), &bin("mpserver"), &args));
+        }
+        let name = self.peers[n].0.clone();
+        let (switch, ns) = (self.switch.clone(), self.lab.add_ns(&format!("p{n}")));
+        let port = format!("p{n}");
+        run(Command::new("ip").args(["-n", &ns, "link", "add", "lan", "type", "veth", "peer", "name", &port]));
+        run(Command::new("ip").args(["-n", &ns, "link", "set", &port, "netns", &switch]));
+        self.lab.sh(&switch, &format!("ip link set {port} master br0 up"));
+        self.lab.sh(&ns, &format!("ip addr add 10.90.0.{}/24 dev lan && ip link set lan up", 100 + n));
+        let dir = self.lab.dir.clone();
+        let client = dir.join(format!("client-{name}.yaml"));
+        let remote = format!("{}:{HUB_TUNNEL_PORT}", hub_ip(hub));
+        std::fs::write(&client, format!("key_file: {tk}\npaths:\n  - remote: {remote}\n")).unwrap();
+        let yaml = dir.join(format!("peer-{name}.yaml"));
+        std::fs::write(
+            &yaml,
+            format!(
+                "name: {name}\nkey_file: {}\ntun: mpvpn0\ncontrol_socket: {}\nembedded_client: {}\n",
+                dir.join(format!("{name}.key")).display(),
+                self.peer_control(n).display(),
+                client.display()
+            ),
+        )
+        .unwrap();
+        let yaml = yaml.display().to_string();
+        let pid = self.lab.spawn(&ns, &format!("peer-{name}"), &bin("mpvpn"), &["peer", "-c", &yaml]);
+        self.peer_hosts.push((n, ns.clone(), pid));
+        ns
+    }
+
+    pub fn peer_control(&self, n: usize) -> PathBuf {
+        self.lab.dir.join(format!("peer-p{n}.sock"))
+    }
+
+    /// Peer `peers[n]`'s VPN address once it is up.
+    pub fn wait_peer_up(&self, n: usize, within: Duration) -> Ipv4Addr {
+        let until = Instant::now() + within;
+        loop {
+            let s = mpvpn_status(&self.peer_control(n));
+            if s["state"] == "up" {
+                if let Some(a) = s["addr"].as_str().and_then(|a| a.parse().ok()) {
+                    return a;
+                }
+            }
+            assert!(Instant::now() < until, "peer p{n} not up: {s}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Registers peers `names` (indexes into `peers`) through hub `i`, all at once,

@@ -206,3 +206,45 @@ fn a_hub_cut_off_from_the_quorum_is_never_master_and_gives_out_nothing() {
     assert_ne!(now_master, master, "the healed hub took mastership back");
     assert_eq!(addresses(&c.register(m, &[1], Duration::from_secs(10)))[0], a, "the healed hub learned the address");
 }
+
+/// A peer registered with h1 and one registered with h2 (real `mpvpn peer`s, each
+/// through its own hub's mpserver) reach each other: the hubs forward between them
+/// (`cluster.forward_listen`), and each hub's status counts the other's peers.
+#[test]
+fn peers_of_different_hubs_reach_each_other_through_the_hubs() {
+    let Some(_serial) = cluster_lab_or_skip() else { return };
+    let mut c = ClusterLab::start("cf", 2);
+    c.wait_agreed_master(&[1, 2, 3], 3, Duration::from_secs(20));
+    let a_ns = c.start_peer(0, 1);
+    let b_ns = c.start_peer(1, 2);
+    let (a, b) = (c.wait_peer_up(0, Duration::from_secs(15)), c.wait_peer_up(1, Duration::from_secs(15)));
+    assert_ne!(a, b);
+    // each hub hears the other's table (every second) and tells its peer
+    let until = Instant::now() + Duration::from_secs(10);
+    let forwards_for = |c: &ClusterLab, i: usize, other: &str| {
+        c.cluster_status(i)["hubs"]
+            .as_array()
+            .and_then(|h| h.iter().find(|h| h["name"] == other).map(|h| h["forwards_for"].as_u64().unwrap_or(0)))
+            .unwrap_or(0)
+    };
+    while forwards_for(&c, 1, "h2") < 1 || forwards_for(&c, 2, "h1") < 1 {
+        assert!(
+            Instant::now() < until,
+            "the hubs did not exchange tables: {} / {}",
+            c.cluster_status(1),
+            c.cluster_status(2)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let rtts = ping(&a_ns, &b.to_string(), 20, "0.05", &[]);
+    assert!(rtts.len() >= 19, "p0 (h1) -> p1 (h2): {} of 20 answered", rtts.len());
+    let back = ping(&b_ns, &a.to_string(), 10, "0.05", &[]);
+    assert!(back.len() >= 9, "p1 -> p0: {} of 10", back.len());
+    let table = mpvpn_status_table(&c.control(1));
+    assert!(table.contains("h2 up (1 peers)"), "{table}");
+    println!("p0 on h1 -> p1 on h2 through both hubs: {} of 20 answered; h1's status:\n{table}", rtts.len());
+    // the peer list of p0 names p1, so p0 takes p1's packets from its hub
+    let listed = mpvpn_status(&c.peer_control(0))["peers"].to_string();
+    assert!(listed.contains("\"p1\""), "{listed}");
+}

@@ -134,6 +134,10 @@ pub struct ClusterConfig {
     /// How long this hub's membership (and mastership) outlives its last word to etcd.
     #[serde(default = "default_lease_ttl")]
     pub lease_ttl_secs: u64,
+    /// Where this hub takes packets the other hubs forward to its peers (UDP; none: it
+    /// neither forwards nor takes forwarded packets).
+    #[serde(default)]
+    pub forward_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -145,9 +149,18 @@ pub struct ClusterAdvertise {
     /// The public rendezvous port.
     #[serde(default)]
     pub rendezvous: Option<SocketAddr>,
+    /// Where the other hubs send what they forward [default: `forward_listen`, when it
+    /// names an address].
+    #[serde(default)]
+    pub forward: Option<SocketAddr>,
 }
 
 impl ClusterConfig {
+    /// Where the other hubs reach this one's `forward_listen`.
+    pub fn forward_advertised(&self) -> Option<SocketAddr> {
+        self.advertise.forward.or(self.forward_listen.filter(|a| !a.ip().is_unspecified()))
+    }
+
     fn check(&self, file: &str, text: &str) -> Result<(), ConfigError> {
         let why = "1-32 of a-z A-Z 0-9 - _ .".to_string();
         check(valid_name(&self.name), file, text, "cluster.name", "name", why)?;
@@ -165,6 +178,9 @@ impl ClusterConfig {
         let why = key.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
         check(key.is_ok(), file, text, "cluster.key_file", "key_file", why)?;
         let both = self.etcd_user.is_some() == self.etcd_password_file.is_some();
+        let advertised = self.forward_listen.is_none() || self.forward_advertised().is_some();
+        let why = "listens on every address: say in advertise.forward where the other hubs reach it".to_string();
+        check(advertised, file, text, "cluster.forward_listen", "forward_listen", why)?;
         let why = "etcd_user and etcd_password_file go together".to_string();
         check(both, file, text, "cluster.etcd_user", "etcd_user", why)?;
         if let Some(p) = &self.etcd_password_file {
@@ -684,10 +700,23 @@ mod tests {
             ),
             ("  name: h1\n", "  name: h1\n  lease_ttl_secs: 1\n", "cluster.lease_ttl_secs: 2-60"),
             ("  name: h1\n", "  name: h1\n  leader: x\n", "unknown field `leader`"),
+            (
+                "  name: h1\n",
+                "  name: h1\n  forward_listen: 0.0.0.0:5300\n",
+                "h.yaml:4: cluster.forward_listen: listens on every address: say in advertise.forward",
+            ),
         ] {
             let e = HubConfig::parse("h.yaml", &text.replace(from, to)).unwrap_err().to_string();
             assert!(e.contains(why), "{from} -> {to}: {e}");
         }
+        let on = |extra: &str| {
+            let c = HubConfig::parse("h.yaml", &text.replace("  name: h1\n", &format!("  name: h1\n{extra}"))).unwrap();
+            c.cluster.unwrap().forward_advertised()
+        };
+        assert_eq!(on(""), None);
+        assert_eq!(on("  forward_listen: 10.0.1.1:5300\n"), Some("10.0.1.1:5300".parse().unwrap()));
+        let both = "  forward_listen: 0.0.0.0:5300\n  advertise:\n    forward: 203.0.113.1:5300\n";
+        assert_eq!(on(both), Some("203.0.113.1:5300".parse().unwrap()));
         let _ = std::fs::remove_file(&key);
     }
 

@@ -60,6 +60,7 @@ pub(super) struct ClusterSpec {
     pub(super) key: [u8; 32],
     pub(super) advertise_tunnel: Vec<SocketAddr>,
     pub(super) advertise_rendezvous: Option<SocketAddr>,
+    pub(super) advertise_forward: Option<SocketAddr>,
     pub(super) on_master: Option<PathBuf>,
     pub(super) lease_ttl: Duration,
     /// Where this network's keys live in etcd.
@@ -82,6 +83,9 @@ pub struct HubRecord {
     pub name: String,
     pub tunnel: Vec<SocketAddr>,
     pub rendezvous: Option<SocketAddr>,
+    /// Where it takes forwarded packets (`forward_listen`); none: it does not forward.
+    #[serde(default)]
+    pub forward: Option<SocketAddr>,
     pub digest: String,
 }
 
@@ -311,6 +315,7 @@ impl Worker {
                 name: self.spec.name.clone(),
                 tunnel: self.spec.advertise_tunnel.clone(),
                 rendezvous: self.spec.advertise_rendezvous,
+                forward: self.spec.advertise_forward,
                 digest: self.spec.digest.clone(),
             };
             let key = format!("{}hubs/{}", self.spec.prefix, self.spec.name);
@@ -540,6 +545,7 @@ mod tests {
             name: "h1".into(),
             tunnel: vec!["10.0.1.1:4000".parse().unwrap()],
             rendezvous: None,
+            forward: Some("10.0.1.1:5300".parse().unwrap()),
             digest: "abc".into(),
         }
     }

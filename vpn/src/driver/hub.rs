@@ -116,6 +116,8 @@ pub(super) struct HubDriver {
     config: HubConfig,
     /// hub.yaml's `cluster:`, running.
     cluster: Option<Cluster>,
+    /// `cluster.forward_listen`: packets between the hubs' peers.
+    forward: Option<mio::net::UdpSocket>,
     log: Logger,
 }
 
@@ -176,6 +178,7 @@ impl Cluster {
             key: key.key.bytes(),
             advertise_tunnel: cc.advertise.tunnel.clone(),
             advertise_rendezvous: cc.advertise.rendezvous,
+            advertise_forward: cc.forward_advertised(),
             on_master: cc.on_master.clone(),
             lease_ttl: Duration::from_secs(cc.lease_ttl_secs),
             prefix: key_prefix(c.network),
@@ -201,7 +204,7 @@ impl Cluster {
     }
 
     /// Takes what the cluster thread said into the core and the view.
-    fn drain(&mut self, core: &mut Hub, log: &Logger) {
+    fn drain(&mut self, core: &mut Hub, now: Instant, wall: u64, log: &Logger) {
         while let Some(ev) = self.link.try_recv() {
             match ev {
                 ClusterEvent::Store(up) => {
@@ -229,12 +232,20 @@ impl Cluster {
                         }
                         self.hubs.insert(h.name.clone(), (h, true));
                     }
+                    let forward: Vec<(String, SocketAddr)> = self
+                        .hubs
+                        .values()
+                        .filter(|(_, up)| *up)
+                        .filter_map(|(h, _)| Some((h.name.clone(), h.forward?)))
+                        .collect();
+                    core.set_cluster_hubs(now, wall, &forward);
                 }
             }
         }
     }
 
-    fn status(&self) -> ClusterStatus {
+    /// The cluster as this hub sees it; `forwarding`: the peers each other hub's table names.
+    fn status(&self, forwarding: &[(String, usize)]) -> ClusterStatus {
         let hubs = self
             .hubs
             .values()
@@ -248,6 +259,8 @@ impl Cluster {
                 .into(),
                 tunnel: h.tunnel.iter().map(|t| t.to_string()).collect(),
                 rendezvous: h.rendezvous.map(|r| r.to_string()),
+                forward: h.forward.map(|f| f.to_string()),
+                forwards_for: forwarding.iter().find(|(n, _)| *n == h.name).map_or(0, |(_, n)| *n),
             })
             .collect();
         ClusterStatus {
@@ -312,6 +325,45 @@ pub(super) fn serve_rendezvous(now: Instant, sock: &mio::net::UdpSocket, core: &
     true
 }
 
+/// Takes what the other hubs forwarded, at most `READ_BUDGET` datagrams; true if more
+/// may wait. Nothing is ever answered.
+fn read_forwarded(now: Instant, wall: u64, sock: &mio::net::UdpSocket, core: &mut Hub, bufs: &mut IoBuffers) -> bool {
+    let buf = &mut bufs.tun_in;
+    for _ in 0..READ_BUDGET {
+        match sock.recv_from(buf) {
+            Ok((n, _)) => core.handle_forward_datagram(now, wall, &mut buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+            Err(_) => continue,
+        }
+    }
+    true
+}
+
+/// `cluster.forward_listen`: the core forwards to the other hubs and takes what they
+/// forward on this socket.
+fn start_forwarding(
+    c: &HubConfig,
+    core: &mut Hub,
+    registry: &Registry,
+    log: &Logger,
+) -> Result<Option<mio::net::UdpSocket>, VpnError> {
+    let Some((cc, addr)) = c.cluster.as_ref().and_then(|cc| Some((cc, cc.forward_listen?))) else {
+        return Ok(None);
+    };
+    let key = driver::require_key("mpvpn hub (cluster.key_file)", Some(&cc.key_file))?;
+    let (now, wall) = clock();
+    core.join_cluster(now, wall, &cc.name, &key.key.bytes());
+    open_forward(addr, registry, log).map(Some)
+}
+
+fn open_forward(addr: SocketAddr, registry: &Registry, log: &Logger) -> Result<mio::net::UdpSocket, VpnError> {
+    let what = || format!("forward_listen {addr} (cluster.forward_listen: in hub.yaml)");
+    let mut sock = mio::net::UdpSocket::bind(addr).context(what)?;
+    registry.register(&mut sock, FORWARD, Interest::READABLE).context(what)?;
+    info!(log, "taking packets the other hubs forward"; "listen" => %addr);
+    Ok(sock)
+}
+
 /// The state file at `path`, read and written back at once: one the hub cannot keep stops
 /// it now, not at the first address it gives out.
 fn keep_state(path: &std::path::Path, log: &Logger) -> Result<state::HubState, VpnError> {
@@ -369,7 +421,7 @@ pub fn run_hub(c: HubConfig, paths: HubPaths, log: &Logger) -> Result<(), VpnErr
     let kept = keep_state(&state_path, log)?;
     let hub_addr = c.hub_addr();
     let mtu = c.mtu.unwrap_or(TUN_MTU);
-    let core = Hub::new(
+    let mut core = Hub::new(
         HubCoreConfig {
             network: c.network,
             hub_addr,
@@ -404,6 +456,7 @@ pub fn run_hub(c: HubConfig, paths: HubPaths, log: &Logger) -> Result<(), VpnErr
     info!(log, "mpvpn hub up"; "tun" => &c.tun, "address" => %hub_addr, "network" => %c.network, "mtu" => mtu,
         "peers_configured" => c.peers.len(), "control" => %control_path.display());
     let cluster = c.cluster.as_ref().map(|cc| Cluster::start(cc, &c, el.registry(), log)).transpose()?;
+    let forward = start_forwarding(&c, &mut core, el.registry(), log)?;
     let tun_name = c.tun.clone();
     let mut d = HubDriver {
         core,
@@ -419,6 +472,7 @@ pub fn run_hub(c: HubConfig, paths: HubPaths, log: &Logger) -> Result<(), VpnErr
         kept,
         config: c,
         cluster,
+        forward,
         log: log.clone(),
     };
     el.run(&mut d)
@@ -429,18 +483,19 @@ impl Service for HubDriver {
     type Error = VpnError;
 
     fn handle_ready(&mut self, _: &Registry, token: Token) -> Result<bool, VpnError> {
-        let Self { core, tunnel, dev, bufs, log, dns, rendezvous, cluster, .. } = self;
+        let Self { core, tunnel, dev, bufs, log, dns, rendezvous, cluster, forward, .. } = self;
         // one clock reading per wake-up, not per datagram
         let (now, wall) = clock();
         let pending = match (token, &mut *tunnel) {
             (CLUSTER, _) => {
                 if let Some(c) = cluster.as_mut() {
-                    c.drain(core, log);
+                    c.drain(core, now, wall, log);
                 }
                 false
             }
             (DNS, _) => dns.as_mut().is_some_and(|d| d.serve(|name| core.address_of(name))),
             (RENDEZVOUS, _) => rendezvous.as_mut().is_some_and(|sock| serve_rendezvous(now, sock, core, bufs)),
+            (FORWARD, _) => forward.as_ref().is_some_and(|sock| read_forwarded(now, wall, sock, core, bufs)),
             (TUN, _) => read_tun(dev, &mut bufs.tun_in, log, |p| core.handle_tun_packet(p)),
             (UDP, HubTunnel::Udp(sock)) => {
                 read_udp(sock, &mut bufs.rx, log, |from, d| core.handle_datagram(now, wall, from, d))
@@ -471,7 +526,8 @@ impl Service for HubDriver {
 
     fn status(&self, now: Instant) -> VpnStatus {
         let mut st = hub_status(&self.core, now, &self.tun_name, self.hub_addr);
-        st.cluster = Some(self.cluster.as_ref().map_or_else(ClusterStatus::standalone, Cluster::status));
+        let forwarding = self.core.forwarding();
+        st.cluster = Some(self.cluster.as_ref().map_or_else(ClusterStatus::standalone, |c| c.status(&forwarding)));
         st
     }
 
@@ -511,7 +567,7 @@ impl HubDriver {
     /// nothing more: tunnel datagrams go a batch at a time, TUN packets at once from the
     /// batch slot the core wrote them in, events are logged.
     fn flush(&mut self, now: Instant) {
-        let Self { core, tunnel, dev, bufs, log, state_path, kept, cluster, .. } = self;
+        let Self { core, tunnel, dev, bufs, log, state_path, kept, cluster, forward, .. } = self;
         let (headroom, tailroom) = tunnel.room();
         let mut idle = false;
         while !idle {
@@ -524,6 +580,11 @@ impl HubDriver {
                     loop {
                         match core.poll_output(buf) {
                             HubOutput::Tunnel { to, len } => return Some((to, len)),
+                            HubOutput::Forward { to, len } => {
+                                if let Some(sock) = forward.as_ref() {
+                                    let _ = sock.send_to(&buf[..len], to);
+                                }
+                            }
                             // a full TUN queue drops, as the kernel would
                             HubOutput::Tun(n) => {
                                 let _ = dev.send(&buf[..n]);

@@ -61,6 +61,8 @@ pub(super) const MPCLIENT_QUERY: Token = Token(common::driver::event_loop::RESER
 pub(super) const MESH_BASE: usize = common::driver::event_loop::RESERVED_TOKENS - 4;
 /// The hub's cluster thread wakes the loop with it (`cluster::ClusterLink`).
 pub(super) const CLUSTER: Token = Token(MESH_BASE - crate::hub::MAX_MESH_SOCKETS - 1);
+/// The hub's socket for the other hubs' forwarded packets (`cluster.forward_listen`).
+pub(super) const FORWARD: Token = Token(MESH_BASE - crate::hub::MAX_MESH_SOCKETS - 2);
 /// The hub's and the peer's stats line.
 pub(super) const STATS_INTERVAL: Duration = Duration::from_secs(30);
 

@@ -80,6 +80,12 @@ pub struct ClusterHubStatus {
     pub state: String,
     pub tunnel: Vec<String>,
     pub rendezvous: Option<String>,
+    /// Where it takes forwarded packets, and how many peers its last table named (what
+    /// this hub forwards to it).
+    #[serde(default)]
+    pub forward: Option<String>,
+    #[serde(default)]
+    pub forwards_for: usize,
 }
 
 impl ClusterStatus {
@@ -102,7 +108,14 @@ impl ClusterStatus {
             (Some(m), false) => m.clone(),
             (None, false) => "- (none elected now)".into(),
         };
-        let hubs: Vec<String> = self.hubs.iter().map(|h| format!("{} {}", h.name, h.state)).collect();
+        let hubs: Vec<String> = self
+            .hubs
+            .iter()
+            .map(|h| match (&h.forward, h.forwards_for) {
+                (Some(_), n) if h.name != self.name => format!("{} {} ({n} peers)", h.name, h.state),
+                _ => format!("{} {}", h.name, h.state),
+            })
+            .collect();
         let _ = writeln!(
             s,
             "  cluster: hub {}  master {master}  etcd {}{}  hubs: {}",

@@ -26,6 +26,9 @@
 //!   datagrams go only from one registered peer to another; their bytes are counted.
 
 mod broker;
+mod forward;
+#[cfg(any(test, feature = "sim"))]
+pub use forward::seal_forward_as;
 mod output;
 mod peer_list;
 mod registry;
@@ -187,6 +190,9 @@ crate::drops::drop_reasons! {
         RelayRefused => relay_refused,
         /// Relayed datagrams beyond their pair's budget per second.
         RelayOverBudget => relay_over_budget,
+        /// Datagrams between hubs from a hub not in the cluster now, or to a hub without
+        /// `cluster:`.
+        ForwardRefused => forward_refused,
     }
 }
 
@@ -270,6 +276,8 @@ pub struct Hub {
     store_available: bool,
     /// Cluster: names asked of the store, and when.
     asked: HashMap<String, Instant>,
+    /// Cluster: forwarding to and from the other hubs (`join_cluster`).
+    forward: Option<forward::Forwarding>,
 }
 
 impl Hub {
@@ -309,6 +317,7 @@ impl Hub {
             resets: None,
             store_available: false,
             asked: HashMap::new(),
+            forward: None,
         }
     }
 
@@ -480,7 +489,7 @@ impl Hub {
         let unconfirmed = self.pending.values().map(|p| p.since + self.cfg.peer_timeout).min();
         let list = self.list.poll_timeout();
         let changes = self.peers.values().filter_map(|p| p.changes.poll_timeout()).min();
-        [kcp, expiry, unconfirmed, list, changes].into_iter().flatten().min()
+        [kcp, expiry, unconfirmed, list, changes, self.forward_timeout()].into_iter().flatten().min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -505,6 +514,7 @@ impl Hub {
             self.push_peer_list(now);
         }
         self.flush_peer_list(now);
+        self.forward_tick(now);
     }
 }
 

@@ -13,6 +13,12 @@ pub enum HubOutput {
         to: SocketAddr,
         len: usize,
     },
+    /// A datagram for another hub of the cluster in `buf[..len]`, to its forwarding
+    /// address `to` (`cluster.forward`).
+    Forward {
+        to: SocketAddr,
+        len: usize,
+    },
     /// An IP packet for the TUN device in `buf[..len]`.
     Tun(usize),
     Event(HubEvent),
@@ -25,6 +31,9 @@ impl Hub {
     pub fn poll_output(&mut self, buf: &mut [u8]) -> HubOutput {
         if let Some((to, len)) = self.poll_transmit(buf) {
             return HubOutput::Tunnel { to, len };
+        }
+        if let Some((to, len)) = self.poll_forward(buf) {
+            return HubOutput::Forward { to, len };
         }
         if let Some(len) = self.poll_tun(buf) {
             return HubOutput::Tun(len);

@@ -30,7 +30,8 @@ impl Hub {
     /// whole, or nothing (a link without room is tried again in the next round).
     pub(super) fn flush_peer_list(&mut self, now: Instant) {
         let Some(version) = self.list.take_due(now) else { return };
-        let current: BTreeMap<u32, PeerEntry> = self.entries().into_iter().map(|e| (e.id, e)).collect();
+        let current: BTreeMap<u32, PeerEntry> =
+            self.entries().into_iter().chain(self.forwarded_entries()).map(|e| (e.id, e)).collect();
         let (from, before) = &self.pushed;
         let delta = PeerListDelta {
             from: *from,

@@ -4,11 +4,13 @@
 use super::*;
 
 impl Hub {
-    /// The VPN address of the registered peer `name` (or of the hub, as `hub` when no
-    /// peer has that name): what `<name>.<domain>` resolves to.
+    /// The VPN address of the registered peer `name`, here or (in a cluster) with a hub
+    /// this one forwards to (or of the hub, as `hub` when no peer has that name): what
+    /// `<name>.<domain>` resolves to.
     pub fn address_of(&self, name: &str) -> Option<Ipv4Addr> {
         let peer = self.peers.values().find(|p| p.name.eq_ignore_ascii_case(name)).map(|p| p.addr);
-        peer.or_else(|| name.eq_ignore_ascii_case("hub").then_some(self.cfg.hub_addr))
+        peer.or_else(|| self.forwarded_address_of(name))
+            .or_else(|| name.eq_ignore_ascii_case("hub").then_some(self.cfg.hub_addr))
     }
 
     /// The peer whose address or announced route covers `dst` (longest prefix wins).
@@ -47,6 +49,10 @@ impl Hub {
                 self.send_ip(to, packet)
             }
             None => {
+                // a peer of another hub of the cluster
+                if target.is_some_and(|d| d != self.cfg.hub_addr && self.forward_ip(d, packet)) {
+                    return;
+                }
                 if target.is_some_and(|d| self.cfg.network.contains(d) && d != self.cfg.hub_addr) {
                     self.drops.no_route += 1; // a VPN address nobody has
                 } else {

@@ -116,6 +116,8 @@ pub struct VpnSim {
     pub wakeups: u64,
     /// Bytes of tunnel datagrams the hub sent, by the tunnel address they went to.
     pub hub_sent: HashMap<SocketAddr, u64>,
+    /// Datagrams the hub sent to other hubs (a test carries them to another simulation).
+    pub forwarded: Vec<(SocketAddr, Vec<u8>)>,
     /// Real (not simulated) time spent in the hub's calls: its CPU cost, for the bench.
     pub hub_busy: Duration,
     /// Which peer a tunnel address was last seen at (checked on use: tests edit `peers`).
@@ -152,6 +154,7 @@ impl VpnSim {
             captured: Vec::new(),
             wakeups: 0,
             hub_sent: HashMap::new(),
+            forwarded: Vec::new(),
             hub_busy: Duration::ZERO,
             by_tunnel: HashMap::new(),
             out: vec![0; common::wire::MAX_DATAGRAM],
@@ -308,6 +311,7 @@ impl VpnSim {
                         self.peers[i].core.handle_datagram(self.now, &self.out[..len]);
                     }
                 }
+                HubOutput::Forward { to, len } => self.forwarded.push((to, self.out[..len].to_vec())),
                 HubOutput::Tun(n) => self.hub_tun_rx.push(self.out[..n].to_vec()),
                 HubOutput::Event(ev) => self.hub_events.push((self.now, ev)),
                 HubOutput::Timeout(_) => return moved,
@@ -385,6 +389,7 @@ impl VpnSim {
             let (hub, out) = (&mut self.hub, &mut self.out);
             match timed(&mut self.hub_busy, || hub.poll_output(out)) {
                 HubOutput::Tunnel { to, len } => got.push((to, self.out[..len].to_vec())),
+                HubOutput::Forward { to, len } => self.forwarded.push((to, self.out[..len].to_vec())),
                 HubOutput::Tun(n) => self.hub_tun_rx.push(self.out[..n].to_vec()),
                 HubOutput::Event(ev) => self.hub_events.push((self.now, ev)),
                 HubOutput::Timeout(_) => return got,

@@ -77,10 +77,15 @@ pub fn hub_with_one_peer(name: &str) -> (Hub, Channel, SocketAddr, Instant, u64)
 /// tests): a hub with one genuinely registered peer, then `data` cut into datagrams that
 /// all come from that peer's tunnel address: half of them sealed under the peer's channel
 /// (most as KCP segments, so they reach KCP; some as they are: relay requests and the
-/// like), the others raw, some of those to the rendezvous port (raw and sealed). Any panic is a bug; afterwards the hub
-/// must still answer a valid heartbeat.
+/// like), the others raw, some of those to the rendezvous port (raw and sealed), some
+/// to the port of the other hubs' forwarded packets (raw, and sealed as hub h2 of its
+/// cluster). Any panic is a bug; afterwards the hub must still answer a valid heartbeat.
 pub fn fuzz_peer_input(data: &[u8]) {
     let (mut hub, mut channel, from, t0, wall) = hub_with_one_peer("a");
+    let cluster_key = [0xc1; 32];
+    hub.join_cluster(t0, wall, "h1", &cluster_key);
+    hub.set_cluster_hubs(t0, wall, &[("h2".into(), SocketAddr::from(([10, 90, 0, 2], 5300)))]);
+    let mut forward_seq = 0;
     let mut seq = 1;
     let mut heartbeat = |channel: &mut Channel| {
         seq += 1;
@@ -104,6 +109,12 @@ pub fn fuzz_peer_input(data: &[u8]) {
             }
             m.extend_from_slice(chunk);
             hub.handle_datagram(now, wall, from, &channel.seal_message(&m));
+        } else if len % 8 == 5 {
+            // from another hub: raw, and sealed as h2 (a table chunk, a packet, anything)
+            hub.handle_forward_datagram(now, wall, &mut chunk.to_vec());
+            forward_seq += 1;
+            let mut d = crate::hub::seal_forward_as("h2", &cluster_key, [2; 16], forward_seq, wall, chunk);
+            hub.handle_forward_datagram(now, wall, &mut d);
         } else if len % 8 == 3 {
             // the rendezvous port: raw, and sealed under the peer's channel
             let _ = hub.handle_rendezvous(now, from, chunk, &mut answer);

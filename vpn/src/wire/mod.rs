@@ -48,12 +48,14 @@ use common::wire::be::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
 use ring::hmac;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+mod forward;
 mod handshake;
 mod inner;
 mod mesh;
 mod peer_list;
 mod sealed;
 
+pub use forward::*;
 pub use handshake::*;
 pub use inner::*;
 pub use mesh::*;
@@ -193,6 +195,17 @@ pub mod field {
     pub mod rendezvous {
         pub const SOCKET: usize = 1;
         pub const ADDR: usize = 2;
+    }
+
+    /// `Forward` (between hubs): the name at `NAME`, then these, relative to its end.
+    pub mod forward {
+        use super::Field;
+        pub const NAME_LEN: usize = 1;
+        pub const NAME: usize = 2;
+        pub const BOOT: Field = 0..16;
+        pub const SEQ: Field = 16..24;
+        pub const WALL_MS: Field = 24..32;
+        pub const AFTER_NAME: usize = 32;
     }
 
     /// `INNER_INTRO_REQUEST` and `INNER_INTRO`.

@@ -41,6 +41,11 @@ pub(super) fn put_peer_entry(out: &mut Vec<u8>, p: &PeerEntry) {
 /// The peer list `version` as `INNER_PEERS` messages of at most `PEER_LIST_CHUNK_BYTES`
 /// (an empty list is one chunk without entries).
 pub fn emit_peer_list(version: u32, peers: &[PeerEntry]) -> Vec<Vec<u8>> {
+    emit_peer_list_in(version, peers, PEER_LIST_CHUNK_BYTES)
+}
+
+/// `emit_peer_list` in chunks of at most `max_bytes` (one entry each at least).
+pub fn emit_peer_list_in(version: u32, peers: &[PeerEntry], max_bytes: usize) -> Vec<Vec<u8>> {
     use field::peer_list as f;
     let mut bodies: Vec<(u16, Vec<u8>)> = vec![(0, Vec::new())];
     let mut entry = Vec::new();
@@ -48,7 +53,7 @@ pub fn emit_peer_list(version: u32, peers: &[PeerEntry]) -> Vec<Vec<u8>> {
         entry.clear();
         put_peer_entry(&mut entry, p);
         let last = bodies.last_mut().expect("one chunk at least");
-        if f::ENTRIES + last.1.len() + entry.len() > PEER_LIST_CHUNK_BYTES && last.0 > 0 {
+        if f::ENTRIES + last.1.len() + entry.len() > max_bytes && last.0 > 0 {
             bodies.push((0, Vec::new()));
         }
         let last = bodies.last_mut().expect("one chunk at least");
