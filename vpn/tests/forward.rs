@@ -69,6 +69,22 @@ fn carry(from: &mut VpnSim, to: &mut VpnSim) {
     }
 }
 
+/// Peer a sends b one packet tagged `tag`; 200 ms of both hubs; returns every datagram
+/// h1 forwarded meanwhile (what an attacker between the hubs captured).
+fn send_a_to_b_capturing(h1: &mut VpnSim, h2: &mut VpnSim, tag: u8) -> Vec<Vec<u8>> {
+    let now = h1.now;
+    h1.peers[0].core.handle_tun_packet(now, &ipv4(A, B, tag));
+    let mut captured = Vec::new();
+    for _ in 0..40 {
+        h1.step();
+        h2.step();
+        captured.extend(h1.forwarded.iter().map(|(_, d)| d.clone()));
+        carry(h1, h2);
+        carry(h2, h1);
+    }
+    captured
+}
+
 fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, tag: u8) -> Vec<u8> {
     let mut p = vec![tag; 60];
     p[0] = 0x45;
@@ -104,17 +120,7 @@ fn a_peer_of_one_hub_reaches_a_peer_of_another_both_ways() {
 #[test]
 fn captured_forged_and_stale_datagrams_do_nothing() {
     let (mut h1, mut h2) = two_hubs();
-    // capture what h1 forwards for one packet
-    let now = h1.now;
-    h1.peers[0].core.handle_tun_packet(now, &ipv4(A, B, 0x33));
-    let mut captured = Vec::new();
-    for _ in 0..40 {
-        h1.step();
-        h2.step();
-        captured.extend(h1.forwarded.iter().map(|(_, d)| d.clone()));
-        carry(&mut h1, &mut h2);
-        carry(&mut h2, &mut h1);
-    }
+    let captured = send_a_to_b_capturing(&mut h1, &mut h2, 0x33);
     assert_eq!(received(&h2, 0, 0x33), 1);
     assert!(!captured.is_empty());
     // replayed: nothing delivered again
@@ -156,16 +162,7 @@ fn captured_forged_and_stale_datagrams_do_nothing() {
 #[test]
 fn a_restarted_hub_is_heard_again_and_its_old_boot_never() {
     let (mut h1, mut h2) = two_hubs();
-    let now = h1.now;
-    h1.peers[0].core.handle_tun_packet(now, &ipv4(A, B, 0x71));
-    let mut old = Vec::new();
-    for _ in 0..40 {
-        h1.step();
-        h2.step();
-        old.extend(h1.forwarded.iter().map(|(_, d)| d.clone()));
-        carry(&mut h1, &mut h2);
-        carry(&mut h2, &mut h1);
-    }
+    let old = send_a_to_b_capturing(&mut h1, &mut h2, 0x71);
     assert_eq!(received(&h2, 0, 0x71), 1);
     // h1 restarts (a new boot): a registers again, h2 takes h1's new table and packets
     h1.hub = Hub::new(config(), Box::new(common::sim::SimEntropy::new(77)));

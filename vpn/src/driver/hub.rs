@@ -357,10 +357,16 @@ fn start_forwarding(
 }
 
 fn open_forward(addr: SocketAddr, registry: &Registry, log: &Logger) -> Result<mio::net::UdpSocket, VpnError> {
-    let what = || format!("forward_listen {addr} (cluster.forward_listen: in hub.yaml)");
-    let mut sock = mio::net::UdpSocket::bind(addr).context(what)?;
-    registry.register(&mut sock, FORWARD, Interest::READABLE).context(what)?;
+    let sock = bind_udp(addr, FORWARD, "cluster.forward_listen", registry)?;
     info!(log, "taking packets the other hubs forward"; "listen" => %addr);
+    Ok(sock)
+}
+
+/// A UDP socket on `addr` for hub.yaml's `field`, registered readable as `token`.
+fn bind_udp(addr: SocketAddr, token: Token, field: &str, registry: &Registry) -> Result<mio::net::UdpSocket, VpnError> {
+    let what = || format!("{field} {addr} (in hub.yaml)");
+    let mut sock = mio::net::UdpSocket::bind(addr).context(what)?;
+    registry.register(&mut sock, token, Interest::READABLE).context(what)?;
     Ok(sock)
 }
 
@@ -378,9 +384,7 @@ fn keep_state(path: &std::path::Path, log: &Logger) -> Result<state::HubState, V
 }
 
 fn open_rendezvous(addr: SocketAddr, registry: &Registry, log: &Logger) -> Result<mio::net::UdpSocket, VpnError> {
-    let what = || format!("rendezvous {addr} (rendezvous: in hub.yaml)");
-    let mut sock = mio::net::UdpSocket::bind(addr).context(what)?;
-    registry.register(&mut sock, RENDEZVOUS, Interest::READABLE).context(what)?;
+    let sock = bind_udp(addr, RENDEZVOUS, "rendezvous", registry)?;
     info!(log, "mesh rendezvous"; "listen" => %addr);
     Ok(sock)
 }
