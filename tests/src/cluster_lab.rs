@@ -228,11 +228,12 @@ impl ClusterLab {
     }
 
     /// Starts a peer host on the switch running `mpvpn peer` as `peers[n]`, whose embedded
-    /// client reaches hub `hub`'s mpserver (started here if it is not yet); returns its
-    /// namespace.
-    pub fn start_peer(&mut self, n: usize, hub: usize) -> String {
+    /// clients reach the mpservers of `hubs` (started here if they are not yet), in that
+    /// order (`hubs:` in peer.yaml when there are several); returns its namespace.
+    pub fn start_peer(&mut self, n: usize, hubs: &[usize]) -> String {
         let tk = self.tunnel_key.display().to_string();
-        if self.servers[hub - 1].is_none() {
+        let missing: Vec<usize> = hubs.iter().copied().filter(|&h| self.servers[h - 1].is_none()).collect();
+        for hub in missing {
             let ns = self.hub_ns[hub - 1].clone();
             let port = HUB_TUNNEL_PORT.to_string();
             let control = self.lab.dir.join(format!("mpserver{hub}.sock")).display().to_string();
@@ -247,17 +248,26 @@ impl ClusterLab {
         self.lab.sh(&switch, &format!("ip link set {port} master br0 up"));
         self.lab.sh(&ns, &format!("ip addr add 10.90.0.{}/24 dev lan && ip link set lan up", 100 + n));
         let dir = self.lab.dir.clone();
-        let client = dir.join(format!("client-{name}.yaml"));
-        let remote = format!("{}:{HUB_TUNNEL_PORT}", hub_ip(hub));
-        std::fs::write(&client, format!("key_file: {tk}\npaths:\n  - remote: {remote}\n")).unwrap();
+        let clients: Vec<String> = hubs
+            .iter()
+            .map(|&hub| {
+                let client = dir.join(format!("client-{name}-h{hub}.yaml"));
+                let remote = format!("{}:{HUB_TUNNEL_PORT}", hub_ip(hub));
+                std::fs::write(&client, format!("key_file: {tk}\npaths:\n  - remote: {remote}\n")).unwrap();
+                client.display().to_string()
+            })
+            .collect();
+        let reach = match &clients[..] {
+            [one] => format!("embedded_client: {one}\n"),
+            several => several.iter().fold("hubs:\n".to_string(), |s, c| s + &format!("  - embedded_client: {c}\n")),
+        };
         let yaml = dir.join(format!("peer-{name}.yaml"));
         std::fs::write(
             &yaml,
             format!(
-                "name: {name}\nkey_file: {}\ntun: mpvpn0\ncontrol_socket: {}\nembedded_client: {}\n",
+                "name: {name}\nkey_file: {}\ntun: mpvpn0\ncontrol_socket: {}\n{reach}",
                 dir.join(format!("{name}.key")).display(),
                 self.peer_control(n).display(),
-                client.display()
             ),
         )
         .unwrap();

@@ -215,8 +215,8 @@ fn peers_of_different_hubs_reach_each_other_through_the_hubs() {
     let Some(_serial) = cluster_lab_or_skip() else { return };
     let mut c = ClusterLab::start("cf", 2);
     c.wait_agreed_master(&[1, 2, 3], 3, Duration::from_secs(20));
-    let a_ns = c.start_peer(0, 1);
-    let b_ns = c.start_peer(1, 2);
+    let a_ns = c.start_peer(0, &[1]);
+    let b_ns = c.start_peer(1, &[2]);
     let (a, b) = (c.wait_peer_up(0, Duration::from_secs(15)), c.wait_peer_up(1, Duration::from_secs(15)));
     assert_ne!(a, b);
     // each hub hears the other's table (every second) and tells its peer
@@ -247,4 +247,65 @@ fn peers_of_different_hubs_reach_each_other_through_the_hubs() {
     // the peer list of p0 names p1, so p0 takes p1's packets from its hub
     let listed = mpvpn_status(&c.peer_control(0))["peers"].to_string();
     assert!(listed.contains("\"p1\""), "{listed}");
+}
+
+/// Hub `i` forwards for one peer or more of hub `other`, and hub `j` for `i`'s.
+fn wait_forwarding(c: &ClusterLab, (i, other): (usize, &str), (j, of): (usize, &str)) {
+    let until = Instant::now() + Duration::from_secs(10);
+    let forwards_for = |i: usize, other: &str| {
+        c.cluster_status(i)["hubs"]
+            .as_array()
+            .and_then(|h| h.iter().find(|h| h["name"] == other).map(|h| h["forwards_for"].as_u64().unwrap_or(0)))
+            .unwrap_or(0)
+    };
+    while forwards_for(i, other) < 1 || forwards_for(j, of) < 1 {
+        assert!(
+            Instant::now() < until,
+            "the hubs did not exchange tables: {} / {}",
+            c.cluster_status(i),
+            c.cluster_status(j)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // the peers hear of each other with their hubs' next list push
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+/// p0 lists two hubs (h1, then h2), p1 registers with h3. `kill -9` of h1: p0 declares
+/// it lost, registers with h2 under the same address, and reaches p1 again through h2
+/// and h3; its status names both hubs.
+#[test]
+fn a_peer_whose_hub_dies_moves_to_its_next_hub_and_keeps_its_address() {
+    let Some(_serial) = cluster_lab_or_skip() else { return };
+    let mut c = ClusterLab::start("cv", 2);
+    c.wait_agreed_master(&[1, 2, 3], 3, Duration::from_secs(20));
+    let a_ns = c.start_peer(0, &[1, 2]);
+    c.start_peer(1, &[3]);
+    let (a, b) = (c.wait_peer_up(0, Duration::from_secs(15)), c.wait_peer_up(1, Duration::from_secs(15)));
+    wait_forwarding(&c, (1, "h3"), (3, "h1"));
+    assert!(ping(&a_ns, &b.to_string(), 10, "0.05", &[]).len() >= 9, "p0 -> p1 before");
+    let hubs = mpvpn_status(&c.peer_control(0))["hubs"].clone();
+    assert_eq!((hubs[0]["state"].as_str(), hubs[1]["state"].as_str()), (Some("up"), Some("standby")), "{hubs}");
+    let killed = Instant::now();
+    c.lab.kill9(c.hubs[0]);
+    let until = killed + Duration::from_secs(30);
+    loop {
+        let s = mpvpn_status(&c.peer_control(0));
+        if s["hubs"][1]["state"] == "up" {
+            assert_eq!(s["addr"].as_str(), Some(a.to_string().as_str()), "p0 kept its address");
+            break;
+        }
+        assert!(Instant::now() < until, "p0 did not move to h2: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let moved = killed.elapsed();
+    wait_forwarding(&c, (2, "h3"), (3, "h2"));
+    let rtts = ping(&a_ns, &b.to_string(), 10, "0.05", &[]);
+    println!(
+        "h1 killed: p0 registered with h2 after {:.2} s, reaches p1 again: {} of 10",
+        moved.as_secs_f64(),
+        rtts.len()
+    );
+    assert!(rtts.len() >= 9, "p0 -> p1 through h2 and h3: {} of 10", rtts.len());
+    println!("{}", mpvpn_status_table(&c.peer_control(0)));
 }

@@ -310,7 +310,38 @@ pub struct PeerConfig {
     /// the hub.
     #[serde(default)]
     pub mesh: Option<PeerMeshConfig>,
+    /// Several hubs of one cluster, in order: the peer registers with the first that
+    /// answers and moves to the next when its hub is lost. Each entry takes the keys the
+    /// top-level `tunnel`, `tunnel_control` and `embedded_client` take for one hub.
+    #[serde(default)]
+    pub hubs: Vec<HubEndpoint>,
 }
+
+/// How a peer reaches one hub: a separate mpclient at `tunnel`, or an embedded client.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HubEndpoint {
+    #[serde(default)]
+    pub tunnel: Option<String>,
+    #[serde(default)]
+    pub tunnel_control: Option<PathBuf>,
+    #[serde(default)]
+    pub embedded_client: Option<PathBuf>,
+}
+
+impl HubEndpoint {
+    /// How the status and the log name it.
+    pub fn describe(&self) -> String {
+        match (&self.embedded_client, &self.tunnel) {
+            (Some(p), _) => format!("embedded client {}", p.display()),
+            (None, Some(t)) => format!("mpclient at {t}"),
+            (None, None) => format!("mpclient at {DEFAULT_TUNNEL}"),
+        }
+    }
+}
+
+/// The most hubs a peer.yaml lists.
+pub const MAX_HUBS: usize = 8;
 
 /// A peer's name: 1-32 of a-z A-Z 0-9 - _ . (hub.yaml's rule; also what a peer takes
 /// from a peer list into its hosts file).
@@ -538,6 +569,38 @@ impl HubConfig {
 }
 
 impl PeerConfig {
+    /// The hubs this peer reaches, in order: `hubs`, else the one the top-level keys name.
+    pub fn endpoints(&self) -> Vec<HubEndpoint> {
+        if !self.hubs.is_empty() {
+            return self.hubs.clone();
+        }
+        vec![HubEndpoint {
+            tunnel: Some(self.tunnel.clone()),
+            tunnel_control: self.tunnel_control.clone(),
+            embedded_client: self.embedded_client.clone(),
+        }]
+    }
+
+    fn check_hubs(&self, file: &str, text: &str) -> Result<(), ConfigError> {
+        if self.hubs.is_empty() {
+            return Ok(());
+        }
+        let why = format!("1 to {MAX_HUBS} hubs");
+        check(self.hubs.len() <= MAX_HUBS, file, text, "hubs", "hubs", why)?;
+        let top = self.embedded_client.is_some() || self.tunnel_control.is_some() || self.tunnel != DEFAULT_TUNNEL;
+        let why = "with hubs:, say tunnel / tunnel_control / embedded_client in each entry, not at the top".to_string();
+        check(!top, file, text, "hubs", "hubs", why)?;
+        for h in &self.hubs {
+            let why = "each hub needs one of tunnel (a separate mpclient) or embedded_client".to_string();
+            check(h.tunnel.is_some() != h.embedded_client.is_some(), file, text, "hubs", "hubs", why)?;
+            if let Some(t) = &h.tunnel {
+                let ok = common::config::valid_host_port(t);
+                check(ok, file, text, "hubs.tunnel", "tunnel", format!("`{t}` is not host:port"))?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
         let c: Self = from_yaml(file, text)?;
         check(valid_name(&c.name), file, text, "name", "name", "1-32 of a-z A-Z 0-9 - _ .".into())?;
@@ -556,6 +619,7 @@ impl PeerConfig {
             format!("`{}` is not host:port", c.tunnel),
         )?;
         check(valid_tun(&c.tun), file, text, "tun", "tun", format!("`{}` is not an interface name", c.tun))?;
+        c.check_hubs(file, text)?;
         check(c.routes.len() <= crate::wire::MAX_ROUTES, file, text, "routes", "routes", "at most 32".into())?;
         if let Some(d) = &c.dns_domain {
             let why = format!("`{d}` is not a private DNS domain (labels of a-z 0-9 -, not a public suffix)");
@@ -777,5 +841,28 @@ mod tests {
         assert_eq!(e.field, "key");
         let e = PeerConfig::parse("p.yaml", &format!("name: a\nkey: {KEY}\nroutes: [192.168.50.0/40]\n")).unwrap_err();
         assert_eq!(e.line, Some(3), "{e}");
+        assert_eq!(c.endpoints(), [HubEndpoint { tunnel: Some(DEFAULT_TUNNEL.into()), ..HubEndpoint::default() }]);
+    }
+
+    #[test]
+    fn several_hubs_in_peer_config() {
+        let base = format!("name: a\nkey: {KEY}\n");
+        let hubs = "hubs:\n  - tunnel: 127.0.0.1:3000\n  - embedded_client: /etc/mptunnel/h2.yaml\n";
+        let c = PeerConfig::parse("p.yaml", &format!("{base}{hubs}")).unwrap();
+        assert_eq!(c.endpoints().len(), 2);
+        assert_eq!(c.endpoints()[1].describe(), "embedded client /etc/mptunnel/h2.yaml");
+        for (yaml, why) in [
+            (format!("{base}embedded_client: /x.yaml\n{hubs}"), "p.yaml:4: hubs: with hubs:, say tunnel"),
+            (
+                format!("{base}hubs:\n  - tunnel: 127.0.0.1:1\n    embedded_client: /x\n"),
+                "p.yaml:3: hubs: each hub needs one of",
+            ),
+            (format!("{base}hubs:\n  - tunnel_control: /x.sock\n"), "each hub needs one of"),
+            (format!("{base}hubs:\n  - tunnel: nope\n"), "hubs.tunnel: `nope` is not host:port"),
+            (format!("{base}hubs:\n  - tunel: 127.0.0.1:1\n"), "unknown field `tunel`"),
+        ] {
+            let e = PeerConfig::parse("p.yaml", &yaml).unwrap_err().to_string();
+            assert!(e.contains(why), "{yaml}: {e}");
+        }
     }
 }

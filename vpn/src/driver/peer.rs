@@ -1,8 +1,10 @@
 //! `mpvpn peer`: the peer core on a TUN device, the tunnel (a UDP socket towards mpclient,
 //! or the embedded client) and the mesh sockets.
 
+use super::status::PeerHubStatus;
 use super::system::only_mpclient;
 use super::*;
+use crate::config::HubEndpoint;
 use crate::peer::{PeerOutput, HEARTBEAT_RETRIES, HUB_LOST_AFTER};
 
 /// How a peer exchanges datagrams with the tunnel.
@@ -17,6 +19,9 @@ pub(super) enum PeerTunnel {
 /// How long a peer waits for its separate mpclient's status report before it applies
 /// routes without knowing where the bridges are.
 const MPCLIENT_QUERY_DEADLINE: Duration = Duration::from_secs(2);
+/// With several hubs: how long a hub may leave the peer's registration unanswered before
+/// the peer tries the next (a hub it was registered with is left when it is lost).
+pub const HUB_SWITCH_AFTER: Duration = Duration::from_secs(5);
 
 /// The "application" address of the peer's one session in an embedded client.
 pub(super) const EMBEDDED_APP: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1));
@@ -60,10 +65,10 @@ impl PeerTunnel {
     }
 }
 
-pub(super) fn open_peer_tunnel(c: &PeerConfig, registry: &Registry, log: &Logger) -> Result<PeerTunnel, VpnError> {
+pub(super) fn open_peer_tunnel(c: &HubEndpoint, registry: &Registry, log: &Logger) -> Result<PeerTunnel, VpnError> {
     match &c.embedded_client {
         None => {
-            let tunnel = driver::resolve(&c.tunnel)?;
+            let tunnel = driver::resolve(c.tunnel.as_deref().unwrap_or(crate::config::DEFAULT_TUNNEL))?;
             let what = || format!("tunnel socket to {tunnel}");
             let mut sock = driver::udp_socket(driver::any_addr_for(tunnel), None, Some(tunnel)).context(what)?;
             registry.register(&mut sock, UDP, Interest::READABLE).context(what)?;
@@ -174,7 +179,32 @@ pub(super) struct PeerDriver {
     registry: Registry,
     /// Where names in the VPN's domain resolve, once the hub named one.
     resolver: Option<SystemResolver>,
+    /// The hubs (peer.yaml's `hubs:`, else the one it names), the one in use, since when,
+    /// and whether it has answered since.
+    endpoints: Vec<HubEndpoint>,
+    current: usize,
+    hub_since: Instant,
+    registered_here: bool,
     log: Logger,
+}
+
+/// What the peer core takes from peer.yaml, its key and its mesh sockets.
+fn core_config(c: &PeerConfig, key: &[u8], mesh: Option<&MeshSockets>) -> PeerCoreConfig {
+    PeerCoreConfig {
+        peer_list_deltas: true,
+        name: c.name.clone(),
+        key: PeerKey::new(key),
+        mtu: c.mtu,
+        routes: c.routes.clone(),
+        tunnel_payload: TUNNEL_PAYLOAD,
+        mesh: c.mesh.as_ref().zip(mesh).map(|(m, s)| crate::mesh::MeshConfig {
+            name: c.name.clone(),
+            sockets: s.locals.clone(),
+            relay: m.relay,
+            connect: m.connect,
+        }),
+        dns_domain: c.dns_domain.clone(),
+    }
 }
 
 /// Runs the peer until SIGTERM/SIGINT or a fatal error.
@@ -189,32 +219,14 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
         Some(m) => Some(MeshSockets::open(m, el.registry(), log)?),
         None => None,
     };
-    let core = Peer::new(
-        PeerCoreConfig {
-            peer_list_deltas: true,
-            name: c.name.clone(),
-            key: PeerKey::new(&key.key),
-            mtu: c.mtu,
-            routes: c.routes.clone(),
-            tunnel_payload: TUNNEL_PAYLOAD,
-            mesh: c.mesh.as_ref().zip(mesh.as_ref()).map(|(m, s)| crate::mesh::MeshConfig {
-                name: c.name.clone(),
-                sockets: s.locals.clone(),
-                relay: m.relay,
-                connect: m.connect,
-            }),
-            dns_domain: c.dns_domain.clone(),
-        },
-        now,
-        wall,
-        os_entropy(),
-    );
+    let core = Peer::new(core_config(&c, &key.key, mesh.as_ref()), now, wall, os_entropy());
     el.serve_control(&control_path)?;
     el.serve_metrics(c.metrics_listen)?;
     el.log_stats_every(Some(STATS_INTERVAL));
     let dev = open_tun(&c.tun)?;
     el.registry().register(&mut SourceFd(&dev.as_raw_fd()), TUN, Interest::READABLE).context(|| "TUN".into())?;
-    let tunnel = open_peer_tunnel(&c, el.registry(), log)?;
+    let endpoints = c.endpoints();
+    let tunnel = open_peer_tunnel(&endpoints[0], el.registry(), log)?;
     info!(log, "mpvpn peer starting"; "name" => &c.name, "tun" => &c.tun, "routes" => c.routes.len(),
         "control" => %control_path.display());
     let mut d = PeerDriver {
@@ -232,6 +244,10 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
         deferred_routes: Vec::new(),
         registry: el.registry().try_clone().context(|| "event loop registry".into())?,
         resolver: None,
+        endpoints,
+        current: 0,
+        hub_since: now,
+        registered_here: false,
         log: log.clone(),
     };
     let result = el.run(&mut d);
@@ -275,12 +291,18 @@ impl Service for PeerDriver {
     fn poll_timeout(&self) -> Option<Instant> {
         // an idle peer wakes only when its core or the embedded client asks
         let query = self.remotes_query.as_ref().map(|(_, deadline)| *deadline);
-        [self.core.poll_timeout(), self.tunnel.poll_timeout(), query].into_iter().flatten().min()
+        let switch = self.next_hub_at();
+        [self.core.poll_timeout(), self.tunnel.poll_timeout(), query, switch].into_iter().flatten().min()
     }
 
     fn handle_timeout(&mut self, registry: &Registry, now: Instant) -> Result<(), VpnError> {
         if self.remotes_query.as_ref().is_some_and(|(_, deadline)| now >= *deadline) {
             self.remotes_answered(Err("no answer within the deadline".into()));
+        }
+        if self.next_hub_at().is_some_and(|t| now >= t) {
+            warn!(self.log, "the hub does not answer the registration: trying the next hub";
+                "hub" => self.endpoints[self.current].describe(), "waited" => ?HUB_SWITCH_AFTER);
+            self.switch_hub(now);
         }
         self.tunnel.handle_timeout(registry, now);
         self.core.handle_timeout(now, wall_clock_ms());
@@ -289,6 +311,7 @@ impl Service for PeerDriver {
 
     fn status(&self, now: Instant) -> VpnStatus {
         let mut st = peer_status(&self.core, now, &self.name, &self.tun_name, &self.skipped);
+        st.hubs = self.hub_status();
         if let Some(m) = &self.mesh {
             st.mesh_sockets = m
                 .locals
@@ -404,7 +427,11 @@ impl PeerDriver {
             PeerEvent::HubLost => {
                 let retries: Vec<String> = HEARTBEAT_RETRIES.iter().map(|d| format!("{d:?}")).collect();
                 error!(log, "hub lost: no heartbeat answers; not taking packets, registering again";
-                    "retried after" => retries.join(", "), "lost after" => ?HUB_LOST_AFTER)
+                    "retried after" => retries.join(", "), "lost after" => ?HUB_LOST_AFTER,
+                    "hub" => self.endpoints[self.current].describe());
+                if self.endpoints.len() > 1 {
+                    self.switch_hub(clock().0);
+                }
             }
             PeerEvent::DnsDomainRefused { domain, pinned } => {
                 warn!(log, "the hub names a DNS domain this peer does not route lookups for; names in the VPN are not resolved through it";
@@ -424,6 +451,49 @@ impl PeerDriver {
 }
 
 impl PeerDriver {
+    /// With several hubs, while the one in use has not answered: when to try the next.
+    fn next_hub_at(&self) -> Option<Instant> {
+        (self.endpoints.len() > 1 && !self.registered_here).then_some(self.hub_since + HUB_SWITCH_AFTER)
+    }
+
+    /// Registers with the next hub from now on (the core keeps registering; its address,
+    /// which the cluster keeps per name, comes back with the Welcome).
+    fn switch_hub(&mut self, now: Instant) {
+        self.current = (self.current + 1) % self.endpoints.len();
+        self.hub_since = now;
+        self.registered_here = false;
+        let e = &self.endpoints[self.current];
+        match open_peer_tunnel(e, &self.registry, &self.log) {
+            Ok(t) => {
+                info!(self.log, "registering with the next hub"; "hub" => e.describe());
+                self.tunnel = t;
+            }
+            // tried again when this one times out too
+            Err(err) => error!(self.log, "cannot open the next hub's tunnel"; "hub" => e.describe(), "error" => %err),
+        }
+    }
+
+    /// Each hub of `hubs:` and what this peer does with it (status).
+    fn hub_status(&self) -> Vec<PeerHubStatus> {
+        if self.endpoints.len() < 2 {
+            return Vec::new();
+        }
+        let state = |i: usize| match (i == self.current, self.core.is_up()) {
+            (true, true) => "up",
+            (true, false) => "registering",
+            (false, _) => "standby",
+        };
+        self.endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| PeerHubStatus {
+                name: e.describe(),
+                state: state(i).into(),
+                rtt_ms: (i == self.current).then(|| self.core.rtt_ms()).flatten(),
+            })
+            .collect()
+    }
+
     /// Registered: the TUN gets its address, names their resolver, and the routes from
     /// other peers (lost with the address) come back.
     fn on_configured(
@@ -434,6 +504,7 @@ impl PeerDriver {
         mtu: u16,
         dns_domain: Option<String>,
     ) -> Result<(), VpnError> {
+        self.registered_here = true;
         let Self { tunnel, tun_name: tun, installed, protected, resolver, log, registry, remotes_query, .. } = self;
         configure_tun(tun, addr, prefix_len, mtu)?;
         *protected = protected_addresses(tunnel, log);

@@ -51,6 +51,9 @@ pub struct VpnStatus {
     /// Peer: its mesh sockets, and where the hub's rendezvous port sees each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mesh_sockets: Vec<MeshSocketStatus>,
+    /// Peer with `hubs:` in peer.yaml: each hub and what the peer does with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hubs: Vec<PeerHubStatus>,
     /// Hub: its cluster (alone: its own master, no etcd).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterStatus>,
@@ -143,6 +146,16 @@ impl ClusterStatus {
     }
 }
 
+/// One of a peer's hubs (`hubs:` in peer.yaml).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerHubStatus {
+    /// How peer.yaml reaches it (`mpclient at ...`, `embedded client ...`).
+    pub name: String,
+    /// `up` (registered), `registering` (the one in use, not answering yet) or `standby`.
+    pub state: String,
+    pub rtt_ms: Option<f64>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MeshSocketStatus {
     pub local: String,
@@ -181,6 +194,10 @@ impl VpnStatus {
         );
         if let Some(c) = &self.cluster {
             c.write_rows(&mut s);
+        }
+        for h in &self.hubs {
+            let rtt = h.rtt_ms.map_or(String::new(), |r| format!("  rtt {r:.2} ms"));
+            let _ = writeln!(s, "  hub {}  {}{rtt}", h.name, h.state);
         }
         for m in &self.mesh_sockets {
             let seen = m.reflexive.as_deref().unwrap_or("- (no answer from the hub's rendezvous port)");
@@ -348,6 +365,7 @@ pub(super) fn hub_status(core: &Hub, now: Instant, tun: &str, addr: Ipv4Addr) ->
         refused_routes: Vec::new(),
         skipped_routes: Vec::new(),
         mesh_sockets: Vec::new(),
+        hubs: Vec::new(),
         cluster: None,
     }
 }
@@ -371,6 +389,7 @@ pub(super) fn peer_status(core: &Peer, now: Instant, name: &str, tun: &str, skip
         refused_routes: core.refused_routes().iter().map(|(r, why)| format!("{r}: {why:?}")).collect(),
         skipped_routes: skipped.iter().map(|(r, why)| format!("{r}: {why}")).collect(),
         mesh_sockets: Vec::new(),
+        hubs: Vec::new(),
         cluster: None,
     }
 }
