@@ -9,7 +9,7 @@ use vpn::ip::Prefix;
 use vpn::peer::{Peer, PeerCoreConfig, PeerEvent};
 use vpn::sim::{self, key_of, Nat, SimPeer, VpnSim};
 use vpn::wire::PeerKey;
-use vpn::{TUNNEL_PAYLOAD, TUN_MTU};
+use vpn::TUN_MTU;
 
 /// A short wait in the tests.
 const TICK: Duration = vpn::sim::STEP;
@@ -217,6 +217,34 @@ fn hub_loss_is_detected_after_retries_and_the_address_survives_a_hub_restart() {
     assert_eq!(before, after);
 }
 
+/// A peer with other hubs to go to (`hubs:`) declares its hub lost after
+/// `STANDBY_HUB_LOST_AFTER`, not after every retry; one hub alone keeps the long wait.
+#[test]
+fn a_peer_with_standby_hubs_declares_its_hub_lost_sooner() {
+    let mut net = net(&["a", "b"]);
+    net.peers.clear();
+    net.add_peer(sim::peer_config("a"), Nat::None);
+    let standby = PeerCoreConfig { hub_lost_after: vpn::peer::STANDBY_HUB_LOST_AFTER, ..sim::peer_config("b") };
+    net.add_peer(standby, Nat::None);
+    net.run_for(Duration::from_millis(200));
+    assert!(net.peers.iter().all(|p| p.core.is_up()));
+    net.hub_cut = true;
+    let down_at = net.now;
+    let mut lost_at = [None, None];
+    while net.now - down_at < Duration::from_secs(12) {
+        net.run_for(TICK);
+        for (i, at) in lost_at.iter_mut().enumerate() {
+            if at.is_none() && net.peers[i].events.contains(&PeerEvent::HubLost) {
+                *at = Some(net.now - down_at);
+            }
+        }
+    }
+    let [alone, standby] = lost_at.map(|l| l.expect("hub declared lost"));
+    // silence since the last answer, then the first miss is seen a heartbeat later
+    assert!(standby >= Duration::from_secs(3) && standby <= Duration::from_secs(5), "{standby:?}");
+    assert!(alone >= Duration::from_secs(8), "{alone:?}");
+}
+
 #[test]
 fn mtu_mismatch_is_a_clear_error() {
     let mut net = net(&[]);
@@ -237,16 +265,7 @@ fn wrong_key_and_unknown_names_get_nothing() {
     let now = net.now;
     let mut p = peer(&net, "a", None, vec![], 0);
     p.core = Peer::new(
-        PeerCoreConfig {
-            name: "a".into(),
-            key: PeerKey::new(&[1; 32]),
-            mtu: None,
-            routes: vec![],
-            tunnel_payload: TUNNEL_PAYLOAD,
-            mesh: None,
-            dns_domain: None,
-            peer_list_deltas: true,
-        },
+        PeerCoreConfig { key: PeerKey::new(&[1; 32]), ..sim::peer_config("a") },
         now,
         common::sim::SIM_WALL_START_MS,
         Box::new(SimEntropy::new(5)),

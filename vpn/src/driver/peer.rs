@@ -5,7 +5,7 @@ use super::status::PeerHubStatus;
 use super::system::only_mpclient;
 use super::*;
 use crate::config::HubEndpoint;
-use crate::peer::{PeerOutput, HEARTBEAT_RETRIES, HUB_LOST_AFTER};
+use crate::peer::{PeerOutput, HEARTBEAT_RETRIES, HUB_LOST_AFTER, STANDBY_HUB_LOST_AFTER};
 
 /// How a peer exchanges datagrams with the tunnel.
 pub(super) enum PeerTunnel {
@@ -192,6 +192,7 @@ pub(super) struct PeerDriver {
 fn core_config(c: &PeerConfig, key: &[u8], mesh: Option<&MeshSockets>) -> PeerCoreConfig {
     PeerCoreConfig {
         peer_list_deltas: true,
+        hub_lost_after: if c.endpoints().len() > 1 { STANDBY_HUB_LOST_AFTER } else { HUB_LOST_AFTER },
         name: c.name.clone(),
         key: PeerKey::new(key),
         mtu: c.mtu,
@@ -427,7 +428,7 @@ impl PeerDriver {
             PeerEvent::HubLost => {
                 let retries: Vec<String> = HEARTBEAT_RETRIES.iter().map(|d| format!("{d:?}")).collect();
                 error!(log, "hub lost: no heartbeat answers; not taking packets, registering again";
-                    "retried after" => retries.join(", "), "lost after" => ?HUB_LOST_AFTER,
+                    "retried after" => retries.join(", "),
                     "hub" => self.endpoints[self.current].describe());
                 if self.endpoints.len() > 1 {
                     self.switch_hub(clock().0);

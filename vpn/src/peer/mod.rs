@@ -47,6 +47,8 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 pub const HEARTBEAT_RETRIES: [Duration; 3] = [Duration::from_secs(1), Duration::from_secs(3), Duration::from_secs(7)];
 /// No answer to the last retry within this time after the first miss: the hub is lost.
 pub const HUB_LOST_AFTER: Duration = Duration::from_secs(8);
+/// The same for a peer with another hub to go to (`hubs:`): it moves on sooner.
+pub const STANDBY_HUB_LOST_AFTER: Duration = Duration::from_secs(3);
 pub const REGISTER_RETRY: Duration = Duration::from_millis(500);
 pub const REREGISTER_INTERVAL: Duration = Duration::from_secs(2);
 /// Each mesh socket asks the hub's rendezvous port where it is this often: a NAT
@@ -72,6 +74,9 @@ pub struct PeerCoreConfig {
     /// Ask the hub for the list's changes rather than whole lists (peers before deltas
     /// did not; the bench compares both).
     pub peer_list_deltas: bool,
+    /// How long after the first unanswered heartbeat the hub is lost (`HUB_LOST_AFTER`;
+    /// `STANDBY_HUB_LOST_AFTER` with other hubs to go to).
+    pub hub_lost_after: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -475,10 +480,10 @@ impl Peer {
             State::Up(s) => {
                 let hb = match s.first_miss {
                     None => s.next_heartbeat,
-                    Some((t, _)) => match HEARTBEAT_RETRIES.get(s.retries_sent) {
-                        Some(d) => t + *d,
-                        None => t + HUB_LOST_AFTER,
-                    },
+                    Some((t, _)) => {
+                        let lost = t + self.cfg.hub_lost_after;
+                        HEARTBEAT_RETRIES.get(s.retries_sent).map_or(lost, |d| lost.min(t + *d))
+                    }
                 };
                 hb.min(s.link.poll_timeout())
             }
@@ -492,6 +497,7 @@ impl Peer {
             m.handle_timeout(now, wall_ms);
         }
         self.rendezvous_timers(now);
+        let lost_after = self.cfg.hub_lost_after;
         match &mut self.state {
             State::Registering { next_try, lost, .. } => {
                 if now >= *next_try {
@@ -515,18 +521,16 @@ impl Peer {
                         }
                         now >= s.next_heartbeat
                     }
+                    Some((t, _)) if now >= t + lost_after => {
+                        self.lose_hub(now);
+                        return;
+                    }
                     Some((t, _)) => match HEARTBEAT_RETRIES.get(s.retries_sent) {
                         Some(d) if now >= t + *d => {
                             s.retries_sent += 1;
                             true
                         }
-                        Some(_) => false,
-                        None => {
-                            if now >= t + HUB_LOST_AFTER {
-                                self.lose_hub(now);
-                            }
-                            return;
-                        }
+                        _ => false,
                     },
                 };
                 if due {
