@@ -277,6 +277,26 @@ impl ClusterLab {
         ns
     }
 
+    /// Waits until hubs `i` and `j` forward for a peer of each other, and their peers
+    /// heard of it.
+    pub fn wait_forwarding(&self, i: usize, j: usize) {
+        let until = Instant::now() + Duration::from_secs(10);
+        let forwards_for = |i: usize, other: usize| {
+            self.cluster_status(i)["hubs"]
+                .as_array()
+                .and_then(|h| h.iter().find(|h| h["name"] == format!("h{other}")))
+                .and_then(|h| h["forwards_for"].as_u64())
+                .unwrap_or(0)
+        };
+        while forwards_for(i, j) < 1 || forwards_for(j, i) < 1 {
+            let (a, b) = (self.cluster_status(i), self.cluster_status(j));
+            assert!(Instant::now() < until, "hubs h{i} and h{j} did not exchange tables: {a} / {b}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // the peers hear of each other with their hubs' next list push
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
     pub fn peer_control(&self, n: usize) -> PathBuf {
         self.lab.dir.join(format!("peer-p{n}.sock"))
     }

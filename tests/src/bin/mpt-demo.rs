@@ -192,7 +192,7 @@ fn cluster_demo() {
         return;
     }
     let started = Instant::now();
-    let mut c = tests::ClusterLab::start("democ", 6);
+    let mut c = tests::ClusterLab::start("democ", 8);
     let master = c.wait_agreed_master(&[1, 2, 3], 3, Duration::from_secs(20));
     println!("  all three hubs agree: {master} is master ({:.1?} after the start)", started.elapsed());
     check_stop();
@@ -216,14 +216,37 @@ fn cluster_demo() {
     }
     println!("  6 names registering at once, two through each hub: {}", by_name.join(", "));
     let m: usize = master.trim_start_matches('h').parse().expect("hub name");
+    let others: Vec<usize> = (1..=3).filter(|&i| i != m).collect();
+    // two real peers: p6 lists the master's hub, then another; p7 registers with the third
+    let (p6_ns, _) = (c.start_peer(6, &[m, others[0]]), c.start_peer(7, &[others[1]]));
+    let (p6, p7) = (c.wait_peer_up(6, Duration::from_secs(15)), c.wait_peer_up(7, Duration::from_secs(15)));
+    c.wait_forwarding(m, others[1]);
+    let rtts = tests::ping(&p6_ns, &p7.to_string(), 20, "0.05", &[]);
+    println!(
+        "  p6 ({p6}, on h{m}) -> p7 ({p7}, on h{}): the hubs forward between them: {} of 20 answered",
+        others[1],
+        rtts.len()
+    );
     println!("\n$ mpvpn status   (on {master})\n{}", tests::mpvpn_status_table(&c.control(m)));
     check_stop();
     println!("kill -9 the master ({master}) ...");
     let killed = Instant::now();
     c.lab.kill9(c.hubs[m - 1]);
-    let others: Vec<usize> = (1..=3).filter(|&i| i != m).collect();
     let new = c.wait_agreed_master(&others, 2, Duration::from_secs(15));
     println!("  {new} is master {:.2?} after the kill; on_master ran: {:?}", killed.elapsed(), c.master_runs());
+    let until = killed + Duration::from_secs(20);
+    while tests::mpvpn_status(&c.peer_control(6))["hubs"][1]["state"] != "up" && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let moved = killed.elapsed();
+    c.wait_forwarding(others[0], others[1]);
+    let rtts = tests::ping(&p6_ns, &p7.to_string(), 20, "0.05", &[]);
+    println!(
+        "  p6 registered with h{} {moved:.2?} after the kill, address {}; p6 -> p7: {} of 20 answered",
+        others[0],
+        tests::mpvpn_status(&c.peer_control(6))["addr"].as_str().unwrap_or("-"),
+        rtts.len()
+    );
     let again = c.register(others[1], &[0], Duration::from_secs(5));
     println!(
         "  p0 registering again, through h{}: {} (its address, wherever it registers)",

@@ -115,6 +115,7 @@ impl ClusterStatus {
             .hubs
             .iter()
             .map(|h| match (&h.forward, h.forwards_for) {
+                (Some(_), 1) if h.name != self.name => format!("{} {} (1 peer)", h.name, h.state),
                 (Some(_), n) if h.name != self.name => format!("{} {} ({n} peers)", h.name, h.state),
                 _ => format!("{} {}", h.name, h.state),
             })
