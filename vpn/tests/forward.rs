@@ -193,6 +193,7 @@ fn a_hub_that_stops_is_forgotten_and_its_peers_unreachable() {
     h2.run_for(Duration::from_secs(5));
     assert_eq!(h2.hub.address_of("a"), None);
     assert_eq!(h2.hub.forwarding(), [("h1".to_string(), 0)]);
+    assert!(!h2.peers[0].core.peers().iter().any(|p| p.name == "a"), "b's list forgot a");
     let (now, no_route) = (h2.now, h2.hub.drops.no_route);
     h2.forwarded.clear();
     h2.peers[0].core.handle_tun_packet(now, &ipv4(B, A, 0x81));
@@ -218,4 +219,17 @@ fn forge(hub: &str, key: &[u8; 32], boot: [u8; BOOT_LEN], seq: u64, wall_ms: u64
     k.seal_in_place_append_tag(aead::Nonce::assume_unique_for_key(n), aead::Aad::from(&d.clone()), &mut body).unwrap();
     d.extend_from_slice(&body);
     d
+}
+
+#[test]
+fn a_hub_gone_from_the_cluster_is_forgotten_at_once() {
+    let (_h1, mut h2) = two_hubs();
+    assert!(h2.peers[0].core.peers().iter().any(|p| p.name == "a"));
+    // h1's record left etcd (its lease ended): h2 forgets it and its peers now
+    let (now, wall) = (h2.now, h2.wall_ms());
+    h2.hub.set_cluster_hubs(now, wall, &[("h2".to_string(), forward_addr("h2"))]);
+    h2.run_for(Duration::from_millis(300));
+    assert!(h2.hub.forwarding().is_empty());
+    assert_eq!(h2.hub.address_of("a"), None);
+    assert!(!h2.peers[0].core.peers().iter().any(|p| p.name == "a"), "b's list forgot a");
 }

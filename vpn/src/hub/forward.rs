@@ -2,8 +2,10 @@
 //! peer registered with another, through both.
 //!
 //! Every `TABLE_INTERVAL` each hub tells every other hub its table: its peers' names,
-//! addresses and accepted routes. A packet from a peer (or the hub's TUN) for an address
-//! no local peer has goes to the hub whose table has it; that hub gives it to its peer.
+//! addresses and accepted routes. A packet from a peer for an address no local peer has
+//! goes to the hub whose table has it; that hub gives it to its peer. (The hub's own
+//! address is every hub's: what its TUN sends is not forwarded, the answer could not
+//! come back.)
 //!
 //! Invariants:
 //! - A forwarded packet is delivered only to a peer of the receiving hub, never forwarded
@@ -233,6 +235,10 @@ impl Hub {
             f.next_table = Some(now);
         }
         f.rebuild_routes();
+        // what is left of `old` is gone from the cluster: our peers forget its peers
+        if old.iter().any(|h| !h.table.is_empty()) {
+            self.push_peer_list(now);
+        }
     }
 
     /// A packet for `dst`, which no peer of this hub has: to the hub whose peer has it.
