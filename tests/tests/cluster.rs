@@ -227,6 +227,13 @@ fn peers_of_different_hubs_reach_each_other_through_the_hubs() {
     assert!(back.len() >= 9, "p1 -> p0: {} of 10", back.len());
     let table = mpvpn_status_table(&c.control(1));
     assert!(table.contains("h2 up (1 peer)"), "{table}");
+    let h2 = c.cluster_status(1)["hubs"].as_array().and_then(|h| h.iter().find(|h| h["name"] == "h2").cloned());
+    let (tx, rx) = h2.map_or((0, 0), |h| {
+        (h["forwarded_tx_bytes"].as_u64().unwrap_or(0), h["forwarded_rx_bytes"].as_u64().unwrap_or(0))
+    });
+    // every answered ping: an 84-byte request one way, its reply the other
+    let least = 84 * (rtts.len() + back.len()) as u64;
+    assert!(tx >= least && rx >= least, "h1 forwarded {tx} B to h2 and {rx} B from it, at least {least} each");
     println!("p0 on h1 -> p1 on h2 through both hubs: {} of 20 answered; h1's status:\n{table}", rtts.len());
     // the peer list of p0 names p1, so p0 takes p1's packets from its hub
     let listed = mpvpn_status(&c.peer_control(0))["peers"].to_string();

@@ -101,8 +101,9 @@ fn received(net: &VpnSim, i: usize, tag: u8) -> usize {
 #[test]
 fn a_peer_of_one_hub_reaches_a_peer_of_another_both_ways() {
     let (mut h1, mut h2) = two_hubs();
-    assert_eq!(h1.hub.forwarding(), [("h2".to_string(), 1)]);
-    assert_eq!(h2.hub.forwarding(), [("h1".to_string(), 1)]);
+    let peers_of = |net: &VpnSim| net.hub.forwarding().iter().map(|f| (f.hub.clone(), f.peers)).collect::<Vec<_>>();
+    assert_eq!(peers_of(&h1), [("h2".to_string(), 1)]);
+    assert_eq!(peers_of(&h2), [("h1".to_string(), 1)]);
     let now = h1.now;
     h1.peers[0].core.handle_tun_packet(now, &ipv4(A, B, 0x11));
     run(&mut h1, &mut h2, Duration::from_millis(200));
@@ -111,6 +112,9 @@ fn a_peer_of_one_hub_reaches_a_peer_of_another_both_ways() {
     h2.peers[0].core.handle_tun_packet(now, &ipv4(B, A, 0x22));
     run(&mut h1, &mut h2, Duration::from_millis(200));
     assert_eq!(received(&h1, 0, 0x22), 1, "b -> a");
+    // each hub counts what it forwarded and what it delivered
+    let (f1, f2) = (&h1.hub.forwarding()[0], &h2.hub.forwarding()[0]);
+    assert_eq!((f1.tx_bytes, f1.rx_bytes, f2.tx_bytes, f2.rx_bytes), (60, 60, 60, 60));
     // every hub answers every peer's name
     assert_eq!(h1.hub.address_of("b"), Some(B));
     assert_eq!(h2.hub.address_of("a"), Some(A));
@@ -192,7 +196,7 @@ fn a_hub_that_stops_is_forgotten_and_its_peers_unreachable() {
     // h1 goes silent: h2 forgets its table after the TTL, and a's packets go nowhere
     h2.run_for(Duration::from_secs(5));
     assert_eq!(h2.hub.address_of("a"), None);
-    assert_eq!(h2.hub.forwarding(), [("h1".to_string(), 0)]);
+    assert_eq!(h2.hub.forwarding()[0].peers, 0);
     assert!(!h2.peers[0].core.peers().iter().any(|p| p.name == "a"), "b's list forgot a");
     let (now, no_route) = (h2.now, h2.hub.drops.no_route);
     h2.forwarded.clear();

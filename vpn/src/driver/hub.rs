@@ -5,7 +5,7 @@ use super::cluster::{key_prefix, ClusterEvent, ClusterLink, ClusterSpec, HubReco
 use super::status::{ClusterHubStatus, ClusterStatus};
 use super::*;
 use crate::config::ClusterConfig;
-use crate::hub::{AddressAuthority, HubOutput};
+use crate::hub::{AddressAuthority, ForwardStatus, HubOutput};
 use std::collections::BTreeMap;
 
 /// How the hub exchanges datagrams with the tunnel.
@@ -244,8 +244,9 @@ impl Cluster {
         }
     }
 
-    /// The cluster as this hub sees it; `forwarding`: the peers each other hub's table names.
-    fn status(&self, forwarding: &[(String, usize)]) -> ClusterStatus {
+    /// The cluster as this hub sees it, and what it forwards to and from each other hub.
+    fn status(&self, forwarding: &[ForwardStatus]) -> ClusterStatus {
+        let fwd = |name: &str| forwarding.iter().find(|f| f.hub == name);
         let hubs = self
             .hubs
             .values()
@@ -260,7 +261,9 @@ impl Cluster {
                 tunnel: h.tunnel.iter().map(|t| t.to_string()).collect(),
                 rendezvous: h.rendezvous.map(|r| r.to_string()),
                 forward: h.forward.map(|f| f.to_string()),
-                forwards_for: forwarding.iter().find(|(n, _)| *n == h.name).map_or(0, |(_, n)| *n),
+                forwards_for: fwd(&h.name).map_or(0, |f| f.peers),
+                forwarded_tx_bytes: fwd(&h.name).map_or(0, |f| f.tx_bytes),
+                forwarded_rx_bytes: fwd(&h.name).map_or(0, |f| f.rx_bytes),
             })
             .collect();
         ClusterStatus {

@@ -89,6 +89,11 @@ pub struct ClusterHubStatus {
     pub forward: Option<String>,
     #[serde(default)]
     pub forwards_for: usize,
+    /// Bytes of IP packets forwarded to it, and from it to this hub's peers.
+    #[serde(default)]
+    pub forwarded_tx_bytes: u64,
+    #[serde(default)]
+    pub forwarded_rx_bytes: u64,
 }
 
 impl ClusterStatus {
@@ -344,6 +349,22 @@ fn cluster_metrics(c: &ClusterStatus, m: &mut Metrics) {
     let up = c.hubs.iter().filter(|h| h.state != "gone").count() as f64;
     let hubs = (c.etcd != "none").then(|| (own(), up));
     m.gauge("vpn_cluster_hubs", "Hubs in the cluster now, as this hub sees them", None, hubs);
+    let forwarded = c.hubs.iter().filter(|h| h.name != c.name).flat_map(|h| {
+        [("tx", h.forwarded_tx_bytes), ("rx", h.forwarded_rx_bytes)].map(|(dir, n)| {
+            let labels = vec![
+                ("hub".into(), c.name.clone()),
+                ("to_hub".into(), h.name.clone()),
+                ("direction".into(), dir.into()),
+            ];
+            (labels, n)
+        })
+    });
+    m.counter(
+        "vpn_cluster_forwarded",
+        "Bytes of IP packets forwarded to (tx) and from (rx) each other hub",
+        Some(common::driver::metrics::Unit::Bytes),
+        forwarded,
+    );
 }
 
 pub(super) fn hub_status(core: &Hub, now: Instant, tun: &str, addr: Ipv4Addr) -> VpnStatus {

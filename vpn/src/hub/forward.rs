@@ -85,6 +85,19 @@ struct RemoteHub {
     /// A table being received: its version, the next chunk due, the entries so far.
     assembly: Option<(u32, u16, Vec<PeerEntry>)>,
     rx: Option<RxBoot>,
+    /// Bytes of IP packets forwarded to it, and delivered from it to our peers.
+    tx_bytes: u64,
+    rx_bytes: u64,
+}
+
+/// What this hub forwards to and from another (status).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardStatus {
+    pub hub: String,
+    /// Peers its last table named.
+    pub peers: usize,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
 }
 
 /// A sending hub's current boot, as a receiver follows it.
@@ -223,6 +236,8 @@ impl Hub {
                         table_at: None,
                         assembly: None,
                         rx: None,
+                        tx_bytes: 0,
+                        rx_bytes: 0,
                     }
                 }
             };
@@ -246,7 +261,9 @@ impl Hub {
     pub(super) fn forward_ip(&mut self, dst: Ipv4Addr, packet: &[u8]) -> bool {
         let Some(f) = self.forward.as_mut() else { return false };
         let Some(hub) = f.routes.lookup(dst, Some(self.cfg.network)) else { return false };
-        if !f.enqueue(hub, &[&[INNER_IP], packet]) {
+        if f.enqueue(hub, &[&[INNER_IP], packet]) {
+            f.hubs[hub].tx_bytes += packet.len() as u64;
+        } else {
             self.drops.queue_full += 1;
         }
         true
@@ -371,7 +388,12 @@ impl Hub {
             return;
         }
         match ip::v4_in(dst).and_then(|d| self.peer_for(d)) {
-            Some(to) => self.send_ip(to, packet),
+            Some(to) => {
+                if let Some(r) = self.forward.as_mut().and_then(|f| f.hubs.get_mut(hub)) {
+                    r.rx_bytes += packet.len() as u64;
+                }
+                self.send_ip(to, packet)
+            }
             None => self.drops.no_route += 1,
         }
     }
@@ -451,10 +473,15 @@ impl Hub {
         f.hubs.iter().flat_map(|h| &h.table).find(|p| p.name.eq_ignore_ascii_case(name)).map(|p| p.addr)
     }
 
-    /// Peers each other hub forwards for, by hub name (status).
-    pub fn forwarding(&self) -> Vec<(String, usize)> {
-        self.forward
-            .as_ref()
-            .map_or_else(Vec::new, |f| f.hubs.iter().map(|h| (h.name.clone(), h.table.len())).collect())
+    /// What this hub forwards to and from each other hub (status).
+    pub fn forwarding(&self) -> Vec<ForwardStatus> {
+        let Some(f) = self.forward.as_ref() else { return Vec::new() };
+        let status = |h: &RemoteHub| ForwardStatus {
+            hub: h.name.clone(),
+            peers: h.table.len(),
+            tx_bytes: h.tx_bytes,
+            rx_bytes: h.rx_bytes,
+        };
+        f.hubs.iter().map(status).collect()
     }
 }

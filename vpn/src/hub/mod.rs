@@ -29,6 +29,7 @@ mod broker;
 mod forward;
 #[cfg(any(test, feature = "sim"))]
 pub use forward::seal_forward_as;
+pub use forward::ForwardStatus;
 mod output;
 mod peer_list;
 mod registry;
