@@ -439,7 +439,10 @@ impl PeerDriver {
                     "domain" => ?domain, "pinned in peer.yaml" => ?pinned)
             }
             PeerEvent::HubReset => {
-                warn!(log, "the hub no longer knows this registration (it restarted): registering again")
+                warn!(log, "the hub no longer knows this registration (it restarted): registering again");
+                // with several hubs, the next is tried if this one does not answer again
+                self.registered_here = false;
+                self.hub_since = clock().0;
             }
             PeerEvent::Refused(reason) => warn!(log, "hub refused for now; retrying"; "reason" => %reason),
             PeerEvent::RouteRefused { route, reason } => {
