@@ -14,7 +14,7 @@ pub enum HubOutput {
         len: usize,
     },
     /// A datagram for another hub of the cluster in `buf[..len]`, to its forwarding
-    /// address `to` (`cluster.forward`).
+    /// address `to` (its `cluster.forward_listen`).
     Forward {
         to: SocketAddr,
         len: usize,
