@@ -231,15 +231,8 @@ impl ClusterLab {
     /// clients reach the mpservers of `hubs` (started here if they are not yet), in that
     /// order (`hubs:` in peer.yaml when there are several); returns its namespace.
     pub fn start_peer(&mut self, n: usize, hubs: &[usize]) -> String {
+        self.start_servers(hubs);
         let tk = self.tunnel_key.display().to_string();
-        let missing: Vec<usize> = hubs.iter().copied().filter(|&h| self.servers[h - 1].is_none()).collect();
-        for hub in missing {
-            let ns = self.hub_ns[hub - 1].clone();
-            let port = HUB_TUNNEL_PORT.to_string();
-            let control = self.lab.dir.join(format!("mpserver{hub}.sock")).display().to_string();
-            let args = ["--key-file", &tk, "--control", &control, &port, "127.0.0.1", "5000"];
-            self.servers[hub - 1] = Some(self.lab.spawn(&ns, &format!("mpserver{hub}"), &bin("mpserver"), &args));
-        }
         let name = self.peers[n].0.clone();
         let (switch, ns) = (self.switch.clone(), self.lab.add_ns(&format!("p{n}")));
         let port = format!("p{n}");
@@ -275,6 +268,20 @@ impl ClusterLab {
         let pid = self.lab.spawn(&ns, &format!("peer-{name}"), &bin("mpvpn"), &["peer", "-c", &yaml]);
         self.peer_hosts.push((n, ns.clone(), pid));
         ns
+    }
+
+    /// Starts the mpserver of each of `hubs` that has none yet (what `advertise.tunnel`
+    /// names: peers reach the hub through it).
+    pub fn start_servers(&mut self, hubs: &[usize]) {
+        let tk = self.tunnel_key.display().to_string();
+        let missing: Vec<usize> = hubs.iter().copied().filter(|&h| self.servers[h - 1].is_none()).collect();
+        for hub in missing {
+            let ns = self.hub_ns[hub - 1].clone();
+            let port = HUB_TUNNEL_PORT.to_string();
+            let control = self.lab.dir.join(format!("mpserver{hub}.sock")).display().to_string();
+            let args = ["--key-file", &tk, "--control", &control, &port, "127.0.0.1", "5000"];
+            self.servers[hub - 1] = Some(self.lab.spawn(&ns, &format!("mpserver{hub}"), &bin("mpserver"), &args));
+        }
     }
 
     /// Waits until hubs `i` and `j` forward for a peer of each other, and their peers

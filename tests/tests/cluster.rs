@@ -278,3 +278,56 @@ fn a_peer_whose_hub_dies_moves_to_its_next_hub_and_keeps_its_address() {
     assert!(rtts.len() >= 9, "p0 -> p1 through h2 and h3: {} of 10", rtts.len());
     println!("{}", mpvpn_status_table(&c.peer_control(0)));
 }
+
+/// p0 names only h1 (an embedded client to h1's multipath server) and learns h2 and h3
+/// from it (`discover`, the default). `kill -9` of h1: p0 registers with a discovered hub
+/// under its address and reaches p1 (on h2) again.
+#[test]
+fn a_peer_learns_the_other_hubs_and_moves_to_one_when_its_hub_dies() {
+    let Some(_serial) = cluster_lab_or_skip() else { return };
+    let mut c = ClusterLab::start("cd", 2);
+    c.wait_agreed_master(&[1, 2, 3], 3, Duration::from_secs(20));
+    c.start_servers(&[1, 2, 3]);
+    let a_ns = c.start_peer(0, &[1]);
+    c.start_peer(1, &[2]);
+    let (a, b) = (c.wait_peer_up(0, Duration::from_secs(15)), c.wait_peer_up(1, Duration::from_secs(15)));
+    c.wait_forwarding(1, 2);
+    let until = Instant::now() + Duration::from_secs(10);
+    let hubs = loop {
+        let hubs = mpvpn_status(&c.peer_control(0))["hubs"].clone();
+        if hubs.as_array().is_some_and(|h| h.len() == 3) {
+            break hubs;
+        }
+        assert!(Instant::now() < until, "p0 did not learn the other hubs: {hubs}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let names: Vec<String> =
+        hubs.as_array().unwrap().iter().map(|h| h["name"].as_str().unwrap_or("").to_string()).collect();
+    assert!(names[0].starts_with("h1: ") && names[1..].iter().all(|n| n.contains("discovered")), "{names:?}");
+    assert!(ping(&a_ns, &b.to_string(), 10, "0.05", &[]).len() >= 9, "p0 -> p1 before");
+    let killed = Instant::now();
+    c.lab.kill9(c.hubs[0]);
+    let until = killed + Duration::from_secs(30);
+    let moved_to = loop {
+        let s = mpvpn_status(&c.peer_control(0));
+        let up = s["hubs"].as_array().and_then(|h| h.iter().skip(1).find(|h| h["state"] == "up").cloned());
+        if let Some(h) = up {
+            assert_eq!(s["addr"].as_str(), Some(a.to_string().as_str()), "p0 kept its address");
+            break h["name"].as_str().unwrap_or("").to_string();
+        }
+        assert!(Instant::now() < until, "p0 did not move to a discovered hub: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let moved = killed.elapsed();
+    // p1 is on h2: through h3 the hubs must have swapped tables first
+    if moved_to.starts_with("h3") {
+        c.wait_forwarding(2, 3);
+    }
+    let rtts = ping(&a_ns, &b.to_string(), 20, "0.05", &[]);
+    println!(
+        "h1 killed: p0 registered with {moved_to} after {:.2} s; p0 -> p1: {} of 20",
+        moved.as_secs_f64(),
+        rtts.len()
+    );
+    assert!(rtts.len() >= 15, "p0 -> p1 after the move: {} of 20", rtts.len());
+}

@@ -315,6 +315,14 @@ pub struct PeerConfig {
     /// top-level `tunnel`, `tunnel_control` and `embedded_client` take for one hub.
     #[serde(default)]
     pub hubs: Vec<HubEndpoint>,
+    /// With one hub reached by `embedded_client`: learn the cluster's other hubs from it
+    /// and register with one of them when it is lost [true].
+    #[serde(default = "default_true")]
+    pub discover: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// How a peer reaches one hub: a separate mpclient at `tunnel`, or an embedded client.
@@ -851,6 +859,9 @@ mod tests {
         let c = PeerConfig::parse("p.yaml", &format!("{base}{hubs}")).unwrap();
         assert_eq!(c.endpoints().len(), 2);
         assert_eq!(c.endpoints()[1].describe(), "embedded client /etc/mptunnel/h2.yaml");
+        assert!(c.discover, "on by default");
+        let off = PeerConfig::parse("p.yaml", &format!("{base}discover: false\n")).unwrap();
+        assert!(!off.discover);
         for (yaml, why) in [
             (format!("{base}embedded_client: /x.yaml\n{hubs}"), "p.yaml:4: hubs: with hubs:, say tunnel"),
             (

@@ -237,3 +237,25 @@ fn a_hub_gone_from_the_cluster_is_forgotten_at_once() {
     assert_eq!(h2.hub.address_of("a"), None);
     assert!(!h2.peers[0].core.peers().iter().any(|p| p.name == "a"), "b's list forgot a");
 }
+
+/// A hub of a cluster tells each peer which hub it is and where the others' multipath
+/// servers are, when the peer registers and again when the cluster changes.
+#[test]
+fn a_hub_tells_its_peers_the_clusters_other_hubs() {
+    use vpn::peer::PeerEvent;
+    use vpn::wire::{ClusterHubsRepr, ListedHub};
+    let mut net = VpnSim::new(config(), 1);
+    let h2 = ListedHub { name: "h2".into(), tunnel: vec!["10.90.0.2:4000".parse().unwrap()] };
+    let listed = ClusterHubsRepr { this: "h1".into(), others: vec![h2.clone()] };
+    net.hub.set_listed_hubs(listed.clone());
+    net.add_peer(sim::peer_config("a"), Nat::None);
+    net.run_for(Duration::from_secs(1));
+    assert!(net.peers[0].events.contains(&PeerEvent::ClusterHubs(listed)), "{:?}", net.peers[0].events);
+    let h3 = ListedHub { name: "h3".into(), tunnel: vec!["10.90.0.3:4000".parse().unwrap()] };
+    let grown = ClusterHubsRepr { this: "h1".into(), others: vec![h2, h3] };
+    net.hub.set_listed_hubs(grown.clone());
+    net.hub.set_listed_hubs(grown.clone()); // unchanged: not sent again
+    net.run_for(Duration::from_millis(300));
+    let told = net.peers[0].events.iter().filter(|e| **e == PeerEvent::ClusterHubs(grown.clone())).count();
+    assert_eq!(told, 1);
+}

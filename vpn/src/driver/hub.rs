@@ -239,6 +239,13 @@ impl Cluster {
                         .filter_map(|(h, _)| Some((h.name.clone(), h.forward?)))
                         .collect();
                     core.set_cluster_hubs(now, wall, &forward);
+                    let others = self
+                        .hubs
+                        .values()
+                        .filter(|(h, up)| *up && h.name != self.name)
+                        .map(|(h, _)| crate::wire::ListedHub { name: h.name.clone(), tunnel: h.tunnel.clone() })
+                        .collect();
+                    core.set_listed_hubs(crate::wire::ClusterHubsRepr { this: self.name.clone(), others });
                 }
             }
         }

@@ -65,6 +65,51 @@ impl PeerTunnel {
     }
 }
 
+/// One hub a peer may register with: from peer.yaml, or learned from a hub of the
+/// cluster (`discover`): the peer's own embedded client with the paths replaced by that
+/// hub's advertised multipath server addresses.
+pub(super) enum Reach {
+    Configured(HubEndpoint),
+    Discovered { hub: String, client: Box<ClientConfig> },
+}
+
+/// A hub slot: how it is reached, and its name once a hub told it.
+pub(super) struct HubSlot {
+    reach: Reach,
+    name: Option<String>,
+}
+
+impl HubSlot {
+    fn describe(&self) -> String {
+        match &self.reach {
+            Reach::Configured(e) => e.describe(),
+            Reach::Discovered { hub, client } => {
+                let at: Vec<&str> = client.paths.iter().map(|p| p.remote.as_str()).collect();
+                format!("{hub} (discovered, at {})", at.join(", "))
+            }
+        }
+    }
+}
+
+/// An embedded multipath client, configured by `cc` (read from `file`).
+fn open_embedded(cc: &ClientConfig, file: &str, registry: &Registry, log: &Logger) -> Result<PeerTunnel, VpnError> {
+    let rt = mpclient::ClientRuntime::from_config(file, cc)?;
+    let key = driver::require_key("mpvpn", cc.key_file.as_deref())?;
+    if let Some(w) = key.warning {
+        warn!(log, "{}", w);
+    }
+    info!(log, "multipath client embedded"; "paths" => rt.paths.len());
+    let mp = mpclient::Multipath::open(&rt, key.key, registry, EMBEDDED.0, log.clone())?;
+    Ok(PeerTunnel::Embedded(Box::new(mp)))
+}
+
+fn open_reach(r: &Reach, registry: &Registry, log: &Logger) -> Result<PeerTunnel, VpnError> {
+    match r {
+        Reach::Configured(e) => open_peer_tunnel(e, registry, log),
+        Reach::Discovered { hub, client } => open_embedded(client, &format!("(discovered hub {hub})"), registry, log),
+    }
+}
+
 pub(super) fn open_peer_tunnel(c: &HubEndpoint, registry: &Registry, log: &Logger) -> Result<PeerTunnel, VpnError> {
     match &c.embedded_client {
         None => {
@@ -77,14 +122,7 @@ pub(super) fn open_peer_tunnel(c: &HubEndpoint, registry: &Registry, log: &Logge
         }
         Some(path) => {
             let cc = load_config(path, ClientConfig::parse)?;
-            let rt = mpclient::ClientRuntime::from_config(&path.display().to_string(), &cc)?;
-            let key = driver::require_key("mpvpn", cc.key_file.as_deref())?;
-            if let Some(w) = key.warning {
-                warn!(log, "{}", w);
-            }
-            info!(log, "multipath client embedded"; "paths" => rt.paths.len());
-            let mp = mpclient::Multipath::open(&rt, key.key, registry, EMBEDDED.0, log.clone())?;
-            Ok(PeerTunnel::Embedded(Box::new(mp)))
+            open_embedded(&cc, &path.display().to_string(), registry, log)
         }
     }
 }
@@ -179,9 +217,12 @@ pub(super) struct PeerDriver {
     registry: Registry,
     /// Where names in the VPN's domain resolve, once the hub named one.
     resolver: Option<SystemResolver>,
-    /// The hubs (peer.yaml's `hubs:`, else the one it names), the one in use, since when,
-    /// and whether it has answered since.
-    endpoints: Vec<HubEndpoint>,
+    /// The hubs (peer.yaml's `hubs:`, else the one it names, then any discovered), the
+    /// one in use, since when, and whether it has answered since.
+    hubs: Vec<HubSlot>,
+    /// The embedded client discovered hubs are reached with (`discover`, one hub in
+    /// peer.yaml with `embedded_client`).
+    discover_with: Option<ClientConfig>,
     current: usize,
     hub_since: Instant,
     registered_here: bool,
@@ -228,6 +269,11 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
     el.registry().register(&mut SourceFd(&dev.as_raw_fd()), TUN, Interest::READABLE).context(|| "TUN".into())?;
     let endpoints = c.endpoints();
     let tunnel = open_peer_tunnel(&endpoints[0], el.registry(), log)?;
+    let discover_with = match (&endpoints[..], c.discover) {
+        ([one], true) => one.embedded_client.as_ref().map(|p| load_config(p, ClientConfig::parse)).transpose()?,
+        _ => None,
+    };
+    let hubs = endpoints.into_iter().map(|e| HubSlot { reach: Reach::Configured(e), name: None }).collect();
     info!(log, "mpvpn peer starting"; "name" => &c.name, "tun" => &c.tun, "routes" => c.routes.len(),
         "control" => %control_path.display());
     let mut d = PeerDriver {
@@ -245,7 +291,8 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
         deferred_routes: Vec::new(),
         registry: el.registry().try_clone().context(|| "event loop registry".into())?,
         resolver: None,
-        endpoints,
+        hubs,
+        discover_with,
         current: 0,
         hub_since: now,
         registered_here: false,
@@ -302,7 +349,7 @@ impl Service for PeerDriver {
         }
         if self.next_hub_at().is_some_and(|t| now >= t) {
             warn!(self.log, "the hub does not answer the registration: trying the next hub";
-                "hub" => self.endpoints[self.current].describe(), "waited" => ?HUB_SWITCH_AFTER);
+                "hub" => self.hubs[self.current].describe(), "waited" => ?HUB_SWITCH_AFTER);
             self.switch_hub(now);
         }
         self.tunnel.handle_timeout(registry, now);
@@ -429,8 +476,8 @@ impl PeerDriver {
                 let retries: Vec<String> = HEARTBEAT_RETRIES.iter().map(|d| format!("{d:?}")).collect();
                 error!(log, "hub lost: no heartbeat answers; not taking packets, registering again";
                     "retried after" => retries.join(", "),
-                    "hub" => self.endpoints[self.current].describe());
-                if self.endpoints.len() > 1 {
+                    "hub" => self.hubs[self.current].describe());
+                if self.hubs.len() > 1 {
                     self.switch_hub(clock().0);
                 }
             }
@@ -448,6 +495,7 @@ impl PeerDriver {
             PeerEvent::RouteRefused { route, reason } => {
                 warn!(log, "the hub refused an announced route (hub.yaml allows this peer other subnets)"; "route" => %route, "reason" => ?reason)
             }
+            PeerEvent::ClusterHubs(h) => self.learn_hubs(h),
             PeerEvent::Fatal(refusal) => return Err(refusal.into()),
         }
         Ok(())
@@ -457,17 +505,44 @@ impl PeerDriver {
 impl PeerDriver {
     /// With several hubs, while the one in use has not answered: when to try the next.
     fn next_hub_at(&self) -> Option<Instant> {
-        (self.endpoints.len() > 1 && !self.registered_here).then_some(self.hub_since + HUB_SWITCH_AFTER)
+        (self.hubs.len() > 1 && !self.registered_here).then_some(self.hub_since + HUB_SWITCH_AFTER)
+    }
+
+    /// The hub in use is one of a cluster: its name, and (`discover`) the other hubs as
+    /// further places to register when it is lost.
+    fn learn_hubs(&mut self, h: crate::wire::ClusterHubsRepr) {
+        self.hubs[self.current].name = Some(h.this.clone());
+        let Some(base) = &self.discover_with else { return };
+        let mut learned = Vec::new();
+        for o in h.others.into_iter().filter(|o| !o.tunnel.is_empty()) {
+            if self.hubs.iter().any(|s| s.name.as_deref() == Some(o.name.as_str())) {
+                continue;
+            }
+            let mut client = base.clone();
+            client.paths = o
+                .tunnel
+                .iter()
+                .map(|a| common::config::PathConfig { remote: a.to_string(), bind: None, interface: None, name: None })
+                .collect();
+            learned.push(o.name.clone());
+            let reach = Reach::Discovered { hub: o.name.clone(), client: Box::new(client) };
+            self.hubs.push(HubSlot { reach, name: Some(o.name) });
+        }
+        if !learned.is_empty() {
+            info!(self.log, "learned the cluster's other hubs: registering with one of them if this one is lost";
+                "this hub" => &h.this, "others" => learned.join(", "));
+            self.core.set_hub_lost_after(STANDBY_HUB_LOST_AFTER);
+        }
     }
 
     /// Registers with the next hub from now on (the core keeps registering; its address,
     /// which the cluster keeps per name, comes back with the Welcome).
     fn switch_hub(&mut self, now: Instant) {
-        self.current = (self.current + 1) % self.endpoints.len();
+        self.current = (self.current + 1) % self.hubs.len();
         self.hub_since = now;
         self.registered_here = false;
-        let e = &self.endpoints[self.current];
-        match open_peer_tunnel(e, &self.registry, &self.log) {
+        let e = &self.hubs[self.current];
+        match open_reach(&e.reach, &self.registry, &self.log) {
             Ok(t) => {
                 info!(self.log, "registering with the next hub"; "hub" => e.describe());
                 self.tunnel = t;
@@ -479,7 +554,7 @@ impl PeerDriver {
 
     /// Each hub of `hubs:` and what this peer does with it (status).
     fn hub_status(&self) -> Vec<PeerHubStatus> {
-        if self.endpoints.len() < 2 {
+        if self.hubs.len() < 2 {
             return Vec::new();
         }
         let state = |i: usize| match (i == self.current, self.core.is_up()) {
@@ -487,11 +562,11 @@ impl PeerDriver {
             (true, false) => "registering",
             (false, _) => "standby",
         };
-        self.endpoints
+        self.hubs
             .iter()
             .enumerate()
             .map(|(i, e)| PeerHubStatus {
-                name: e.describe(),
+                name: e.name.as_ref().map_or_else(|| e.describe(), |n| format!("{n}: {}", e.describe())),
                 state: state(i).into(),
                 rtt_ms: (i == self.current).then(|| self.core.rtt_ms()).flatten(),
             })

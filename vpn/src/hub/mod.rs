@@ -26,6 +26,7 @@
 //!   datagrams go only from one registered peer to another; their bytes are counted.
 
 mod broker;
+mod discovery;
 mod forward;
 #[cfg(any(test, feature = "sim"))]
 pub use forward::seal_forward_as;
@@ -279,6 +280,8 @@ pub struct Hub {
     asked: HashMap<String, Instant>,
     /// Cluster: forwarding to and from the other hubs (`join_cluster`).
     forward: Option<forward::Forwarding>,
+    /// Cluster: what the peers are told about its hubs (`set_listed_hubs`).
+    listed_hubs: Option<wire::ClusterHubsRepr>,
 }
 
 impl Hub {
@@ -319,6 +322,7 @@ impl Hub {
             store_available: false,
             asked: HashMap::new(),
             forward: None,
+            listed_hubs: None,
         }
     }
 
@@ -439,7 +443,8 @@ impl Hub {
                     InnerMessage::PeerList(_)
                     | InnerMessage::PeerListDelta(_)
                     | InnerMessage::Intro(_)
-                    | InnerMessage::ResetToken(_),
+                    | InnerMessage::ResetToken(_)
+                    | InnerMessage::ClusterHubs(_),
                 )
                 | Err(_) => self.drops.malformed += 1,
             }

@@ -312,6 +312,7 @@ impl Hub {
                 self.drops.queue_full += 1;
             }
         }
+        self.tell_listed_hubs(id);
         self.events.push_back(HubEvent::PeerUp { name: p.name, addr: p.addr, tunnel: from });
         self.rebuild_routes();
         self.push_peer_list(now);

@@ -105,6 +105,8 @@ pub enum PeerEvent {
     /// The hub said, under this registration's reset token, that it no longer knows it
     /// (it restarted): registering again at once.
     HubReset,
+    /// The hub is one of a cluster: its name, and how the other hubs are reached.
+    ClusterHubs(wire::ClusterHubsRepr),
     /// A new peer list is in (`peers()`).
     PeerList,
     /// The way to another peer changed (the mesh).
@@ -312,6 +314,12 @@ impl Peer {
     }
 
     /// What was dropped and counted, the mesh's drops included.
+    /// How long after the first unanswered heartbeat the hub is lost, from now on (a
+    /// peer that learned of other hubs moves on sooner).
+    pub fn set_hub_lost_after(&mut self, d: Duration) {
+        self.cfg.hub_lost_after = d;
+    }
+
     pub fn drop_counts(&self) -> PeerDropCounts {
         PeerDropCounts { own: self.drops.clone(), mesh: self.mesh.as_ref().map(|m| m.drops.clone()) }
     }
@@ -428,6 +436,7 @@ impl Peer {
                     Some(mesh) => mesh.on_intro(now, &intro),
                     None => self.drops.malformed += 1,
                 },
+                Ok(InnerMessage::ClusterHubs(hubs)) => self.events.push_back(PeerEvent::ClusterHubs(hubs)),
                 // what only a peer sends, or what does not parse
                 Ok(InnerMessage::Candidates(_) | InnerMessage::IntroRequest(_) | InnerMessage::PeersWant(_))
                 | Err(_) => self.drops.malformed += 1,

@@ -23,6 +23,8 @@ pub enum InnerMessage<'a> {
     PeerListDelta(PeerListDelta),
     /// Peer → hub: it takes deltas, and has this list version (0: none).
     PeersWant(u32),
+    /// Hub → peer: which hub it is, and the cluster's other hubs.
+    ClusterHubs(ClusterHubsRepr),
 }
 
 /// Parses one message; anything else is an error (dropped and counted as malformed).
@@ -45,6 +47,7 @@ pub fn parse_inner(m: &[u8]) -> Result<InnerMessage<'_>, VpnWireError> {
         }
         Some(&INNER_PEERS_DELTA) => PeerListDelta::parse(m).map(InnerMessage::PeerListDelta),
         Some(&INNER_PEERS_WANT) => parse_peers_want(m).map(InnerMessage::PeersWant),
+        Some(&INNER_HUBS) => ClusterHubsRepr::parse(m).map(InnerMessage::ClusterHubs),
         Some(_) => Err(VpnWireError::Unknown),
         None => Err(VpnWireError::Truncated),
     }

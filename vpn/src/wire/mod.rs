@@ -50,6 +50,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 mod forward;
 mod handshake;
+mod hubs;
 mod inner;
 mod mesh;
 mod peer_list;
@@ -57,6 +58,7 @@ mod sealed;
 
 pub use forward::*;
 pub use handshake::*;
+pub use hubs::*;
 pub use inner::*;
 pub use mesh::*;
 pub use peer_list::*;
