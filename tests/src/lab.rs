@@ -288,9 +288,13 @@ fn kill9_tree(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Set when a lab is torn down by a panic that is no failure (the demo's reader went
+/// away, or Ctrl-C): the processes' logs are not printed then.
+pub static QUIET_TEARDOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 impl Drop for Lab {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() && !QUIET_TEARDOWN.load(std::sync::atomic::Ordering::SeqCst) {
             self.dump_logs();
         }
         for p in &mut self.procs {

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use tests::{lab_available, udp_stream, TunnelLab, CLIENT_LISTEN};
 
 static STOP: AtomicBool = AtomicBool::new(false);
+/// Standard output went away (`mpt-demo | head`): stop, clean up, say nothing more.
+static READER_GONE: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
@@ -36,8 +38,29 @@ fn main() {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
+    // a reader that went away, or Ctrl-C, ends the demo by unwinding (the labs are deleted
+    // on the way) without a panic message or the processes' logs
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload.downcast_ref::<String>().map(String::as_str).or(payload.downcast_ref::<&str>().copied());
+        if msg.is_some_and(|m| m.contains("Broken pipe")) {
+            READER_GONE.store(true, Ordering::SeqCst);
+        }
+        if READER_GONE.load(Ordering::SeqCst) || STOP.load(Ordering::SeqCst) {
+            tests::QUIET_TEARDOWN.store(true, Ordering::SeqCst);
+            return;
+        }
+        default_hook(info);
+    }));
     let result = std::panic::catch_unwind(demo);
-    std::process::exit(if result.is_ok() { 0 } else { 1 });
+    let code = match result {
+        Ok(()) => 0,
+        Err(_) if READER_GONE.load(Ordering::SeqCst) => 0,
+        Err(_) if STOP.load(Ordering::SeqCst) => 130,
+        Err(_) => 1,
+    };
+    std::process::exit(code);
 }
 
 fn demo() {
