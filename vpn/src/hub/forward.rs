@@ -21,7 +21,7 @@
 //!   cluster key is a hub: the key is the cluster's trust, as for its etcd records.
 
 use super::*;
-use crate::wire::{emit_peer_list_in, ForwardHeader, PeerListChunk, BOOT_LEN, INNER_IP, MAX_PEER_LIST_CHUNKS};
+use crate::wire::{emit_peer_list_in, ForwardHeader, ListAssembly, PeerListChunk, BOOT_LEN, INNER_IP};
 use common::replay::{ReplayVerdict, ReplayWindow};
 use common::wire::AEAD_TAG_LEN;
 use ring::{aead, hkdf};
@@ -59,13 +59,20 @@ pub fn seal_forward_as(
     let mut d = vec![0u8; ForwardHeader::len_for(hub) + message.len() + AEAD_TAG_LEN];
     let h = ForwardHeader { hub, boot, seq, wall_ms }.emit(&mut d);
     d[h..h + message.len()].copy_from_slice(message);
-    let (head, rest) = d.split_at_mut(h);
     let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, key);
-    let tag = boot_key(&salt, hub, &boot)
-        .seal_in_place_separate_tag(nonce(seq), aead::Aad::from(&*head), &mut rest[..message.len()])
-        .expect("in-place seal of a bounded buffer");
-    rest[message.len()..].copy_from_slice(tag.as_ref());
+    seal(&boot_key(&salt, hub, &boot), seq, &mut d, h, message.len());
     d
+}
+
+/// Seals the `n` bytes after the `h`-byte header in `out` (the header is the associated
+/// data) and appends the tag; returns the datagram's length.
+fn seal(key: &aead::LessSafeKey, seq: u64, out: &mut [u8], h: usize, n: usize) -> usize {
+    let (head, rest) = out.split_at_mut(h);
+    let tag = key
+        .seal_in_place_separate_tag(nonce(seq), aead::Aad::from(&*head), &mut rest[..n])
+        .expect("in-place seal of a bounded buffer");
+    rest[n..n + AEAD_TAG_LEN].copy_from_slice(tag.as_ref());
+    h + n + AEAD_TAG_LEN
 }
 
 fn nonce(seq: u64) -> aead::Nonce {
@@ -82,8 +89,8 @@ struct RemoteHub {
     /// Its peers, as its last complete table said, and when that came.
     table: Vec<PeerEntry>,
     table_at: Option<Instant>,
-    /// A table being received: its version, the next chunk due, the entries so far.
-    assembly: Option<(u32, u16, Vec<PeerEntry>)>,
+    /// A table being received.
+    assembly: ListAssembly,
     rx: Option<RxBoot>,
     /// Bytes of IP packets forwarded to it, and delivered from it to our peers.
     tx_bytes: u64,
@@ -185,15 +192,10 @@ impl Forwarding {
         let h = header.emit(out);
         let room = out.len().saturating_sub(h + AEAD_TAG_LEN);
         let n = self.messages.pop_into(&mut out[h..h + room])?;
-        let (head, rest) = out.split_at_mut(h);
-        let tag = self
-            .seal
-            .seal_in_place_separate_tag(nonce(self.next_seq), aead::Aad::from(&*head), &mut rest[..n])
-            .expect("in-place seal of a bounded buffer");
-        rest[n..n + AEAD_TAG_LEN].copy_from_slice(tag.as_ref());
+        let len = seal(&self.seal, self.next_seq, out, h, n);
         self.next_seq += 1;
         // a hub gone from the set since: its messages are dropped here
-        self.hubs.get(hub).map(|r| (r.addr, h + n + AEAD_TAG_LEN))
+        self.hubs.get(hub).map(|r| (r.addr, len))
     }
 
     fn rebuild_routes(&mut self) {
@@ -234,7 +236,7 @@ impl Hub {
                         addr: *addr,
                         table: Vec::new(),
                         table_at: None,
-                        assembly: None,
+                        assembly: ListAssembly::default(),
                         rx: None,
                         tx_bytes: 0,
                         rx_bytes: 0,
@@ -401,27 +403,14 @@ impl Hub {
     /// One chunk of another hub's table; a complete table replaces what it said before.
     fn take_table_chunk(&mut self, now: Instant, hub: usize, c: PeerListChunk) {
         let Some(f) = self.forward.as_mut() else { return };
-        let r = &mut f.hubs[hub];
-        if c.chunk == 0 {
-            r.assembly = Some((c.version, 0, Vec::new()));
-        }
-        match &mut r.assembly {
-            Some((version, next, entries))
-                if *version == c.version && *next == c.chunk && c.chunks <= MAX_PEER_LIST_CHUNKS =>
-            {
-                entries.extend(c.entries);
-                *next += 1;
-            }
-            _ => {
-                r.assembly = None;
+        let entries = match f.hubs[hub].assembly.take(c) {
+            Ok(Some((_, entries))) => entries,
+            Ok(None) => return,
+            Err(_) => {
                 self.drops.malformed += 1;
                 return;
             }
-        }
-        if c.chunk + 1 != c.chunks {
-            return;
-        }
-        let Some((_, _, entries)) = r.assembly.take() else { return };
+        };
         let ours: HashSet<&str> = self.peers.values().map(|p| p.name.as_str()).collect();
         let believed: Vec<PeerEntry> = entries
             .into_iter()

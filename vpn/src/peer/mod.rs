@@ -235,7 +235,7 @@ pub struct Peer {
     mtu: u16,
     peers: Vec<PeerEntry>,
     /// A peer list being received: its version, the next chunk due, the entries so far.
-    list_assembly: Option<(u32, u16, Vec<PeerEntry>)>,
+    list_assembly: wire::ListAssembly,
     /// The version of `peers` under this registration (0: none yet).
     list_version: u32,
     /// Which listed peer (index in `peers`) an address belongs to.
@@ -286,7 +286,7 @@ impl Peer {
             hub_addr: Ipv4Addr::UNSPECIFIED,
             mtu: 0,
             peers: Vec::new(),
-            list_assembly: None,
+            list_assembly: wire::ListAssembly::default(),
             list_version: 0,
             route_table: RouteTable::default(),
             peer_traffic: Vec::new(),

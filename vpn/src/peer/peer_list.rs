@@ -7,25 +7,13 @@ impl Peer {
     /// One chunk of a peer list; the list is taken when its last chunk arrives (KCP keeps
     /// them in order; a chunk 0 starts a list afresh).
     pub(super) fn on_peer_list_chunk(&mut self, now: Instant, c: PeerListChunk) {
-        if c.chunk == 0 {
-            self.list_assembly = Some((c.version, 0, Vec::new()));
-        }
-        match &mut self.list_assembly {
-            Some((version, next, entries)) if *version == c.version && *next == c.chunk => {
-                entries.extend(c.entries);
-                *next += 1;
-            }
-            _ => {
-                self.drops.malformed += 1;
-                self.list_assembly = None;
-                return;
-            }
-        }
-        if c.chunk + 1 == c.chunks {
-            if let Some((version, _, list)) = self.list_assembly.take() {
+        match self.list_assembly.take(c) {
+            Ok(Some((version, list))) => {
                 self.set_peer_list(now, list);
                 self.list_version = version;
             }
+            Ok(None) => {}
+            Err(_) => self.drops.malformed += 1,
         }
     }
 

@@ -29,6 +29,35 @@ pub struct PeerListChunk {
     pub entries: Vec<PeerEntry>,
 }
 
+/// A peer list (or a hub's table) arriving in chunks, in order: chunk 0 starts it
+/// afresh, and it is whole at its last chunk.
+#[derive(Debug, Default)]
+pub struct ListAssembly(Option<(u32, u16, Vec<PeerEntry>)>);
+
+impl ListAssembly {
+    /// Takes chunk `c`: the list and its version once `c` is the last chunk; an error
+    /// for a chunk out of order (what was assembled is dropped).
+    pub fn take(&mut self, c: PeerListChunk) -> Result<Option<(u32, Vec<PeerEntry>)>, VpnWireError> {
+        if c.chunk == 0 {
+            self.0 = Some((c.version, 0, Vec::new()));
+        }
+        match &mut self.0 {
+            Some((version, next, entries)) if *version == c.version && *next == c.chunk => {
+                entries.extend(c.entries);
+                *next += 1;
+            }
+            _ => {
+                self.0 = None;
+                return Err(VpnWireError::BadField);
+            }
+        }
+        if c.chunk + 1 < c.chunks {
+            return Ok(None);
+        }
+        Ok(self.0.take().map(|(version, _, entries)| (version, entries)))
+    }
+}
+
 pub(super) fn put_peer_entry(out: &mut Vec<u8>, p: &PeerEntry) {
     out.extend_from_slice(&p.id.to_be_bytes());
     out.push(p.name.len() as u8);
