@@ -214,6 +214,11 @@ impl<T: Copy> RouteTable<T> {
         self.hosts.contains_key(&addr)
     }
 
+    /// What `addr` itself (not a route covering it) goes to.
+    pub fn host(&self, addr: Ipv4Addr) -> Option<&T> {
+        self.hosts.get(&addr)
+    }
+
     /// Where `dst` goes: its host, else (unless `dst` is inside `own_network`, whose
     /// addresses a route never reaches: an exit node's /0) the longest covering prefix.
     pub fn lookup(&self, dst: Ipv4Addr, own_network: Option<Prefix>) -> Option<T> {

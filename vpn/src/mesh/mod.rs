@@ -15,6 +15,11 @@
 //! side measures every path (RTT, loss both ways), and both send probes at once: the
 //! simultaneous probes are the hole punch.
 //!
+//! A pair is the two peers', not the hub's: it is keyed by the other peer's VPN address
+//! (which the cluster keeps per name), so it outlives new registrations and moves to
+//! other hubs on either side; only the relay path goes through whichever hub we are
+//! registered with now.
+//!
 //! Invariants:
 //! - Our client sends only to the relay and to candidates the hub announced for that
 //!   peer (its paths are built from the peer list). Our server answers, and sends data
@@ -67,6 +72,10 @@ pub const PUNCH_INTERVAL: Duration = Duration::from_millis(200);
 pub const PUNCH_RETRY: Duration = Duration::from_secs(60);
 /// Punch windows a pair starts per `PUNCH_RETRY`, at most.
 pub const PUNCH_WINDOWS_PER_RETRY: usize = 3;
+/// A pair whose peer is missing from our list lives on this long: while either peer moves
+/// to another hub, a list may lack the other for a few seconds. A peer taken out of the
+/// network keeps its direct sessions no longer than this.
+pub const PAIR_UNLISTED_GRACE: Duration = Duration::from_secs(10);
 /// An introduction asked for and not received is asked for again after this.
 pub const INTRO_RETRY: Duration = Duration::from_secs(2);
 /// Each pair client's path to the relay.
@@ -292,23 +301,28 @@ impl Mesh {
         self.replies.clear();
     }
 
-    /// The hub's latest peer list (`own` is our id) in the VPN `network`. Pairs whose peer
-    /// left or registered again go; a pair whose candidates changed rebuilds its paths and
-    /// punches again.
+    /// The hub's latest peer list (`own` is our key) in the VPN `network`, each entry's id
+    /// being its peer's key (`peer::mesh_key`: its address, the same on every hub). Pairs
+    /// whose peer left go `PAIR_UNLISTED_GRACE` later; a pair whose candidates changed
+    /// rebuilds its paths and punches again.
     pub fn set_peer_list(&mut self, now: Instant, own: u32, network: Prefix, list: &[PeerEntry]) {
         self.own =
             list.iter().find(|p| p.id == own).map(|p| OwnAddresses { network, addr: p.addr, routes: p.routes.clone() });
         self.listed = list.iter().filter(|p| p.id != own).map(|p| (p.id, p.clone())).collect();
-        let gone: Vec<u32> = self.pairs.keys().copied().filter(|id| !self.listed.contains_key(id)).collect();
-        for id in gone {
-            self.remove_pair(id);
+        for (id, p) in self.pairs.iter_mut() {
+            if self.listed.contains_key(id) {
+                p.unlisted_since = None;
+            } else {
+                p.unlisted_since.get_or_insert(now);
+            }
         }
         let changed: Vec<u32> = self
             .pairs
             .iter()
             .filter(|(id, p)| {
-                let e = &self.listed[id];
-                e.candidates != p.candidates || e.routes != p.routes || e.addr != p.addr
+                self.listed
+                    .get(id)
+                    .is_some_and(|e| e.candidates != p.candidates || e.routes != p.routes || e.addr != p.addr)
             })
             .map(|(id, _)| *id)
             .collect();
@@ -318,7 +332,9 @@ impl Mesh {
             let Some(p) = self.pairs.get_mut(&id) else { continue };
             p.addr = e.addr;
             p.routes = e.routes.clone();
-            if p.candidates != e.candidates {
+            // a new registration lists no candidates until the peer tells them: the paths
+            // we have stay until it does
+            if p.candidates != e.candidates && !e.candidates.is_empty() {
                 // new paths: a new client (a handshake on the relay, a punch on the rest);
                 // the link above keeps its state
                 p.candidates = e.candidates.clone();
@@ -419,6 +435,7 @@ impl Mesh {
             last_data: now,
             last_rx: None,
             reported: None,
+            unlisted_since: None,
             tx_bytes: 0,
             rx_bytes: 0,
         };
@@ -486,6 +503,7 @@ impl Mesh {
                     p.punch_until,
                     p.retry_at,
                     p.established.then_some(p.last_data + PAIR_KEEPALIVE),
+                    p.unlisted_since.map(|t| t + PAIR_UNLISTED_GRACE),
                 ]
             })
             .flatten()
@@ -515,7 +533,7 @@ impl Mesh {
             p.link.handle_timeout(now);
             // also what finds a message stuck without its last fragment
             Self::take_messages_of(p, now, &mut self.inner_buf, &mut self.to_tun, &mut self.drops, self.own.as_ref());
-            if p.link.is_broken() {
+            if p.link.is_broken() || p.unlisted_since.is_some_and(|t| now >= t + PAIR_UNLISTED_GRACE) {
                 broken.push(id);
                 continue;
             }
@@ -529,7 +547,8 @@ impl Mesh {
                 p.start_punch(now);
             }
         }
-        // a link that broke starts over with a new introduction (the next packet asks)
+        // a link that broke starts over with a new introduction (the next packet asks); a
+        // peer gone from the list for good takes its pair with it
         for id in broken {
             self.remove_pair(id);
         }

@@ -52,6 +52,8 @@ pub(super) struct Pair {
     pub(super) last_rx: Option<Instant>,
     /// The way last told (`MeshEvent`); `None`: not yet.
     pub(super) reported: Option<Via>,
+    /// Since when the peer is missing from our list (`PAIR_UNLISTED_GRACE`).
+    pub(super) unlisted_since: Option<Instant>,
     pub(super) tx_bytes: u64,
     pub(super) rx_bytes: u64,
 }

@@ -55,8 +55,12 @@ impl Peer {
             for &d in &self.mesh_all_dests {
                 match d {
                     // without the hub, nothing to relay through
-                    MeshAddr::Relay(to) if up => {
-                        self.relay_out.push(&[&[sealed_kind::RELAY], &to.to_be_bytes(), &out[..len]])
+                    MeshAddr::Relay(key) if up => {
+                        // the hub relays to its registration of that peer
+                        if let Some(&i) = self.route_table.host(Ipv4Addr::from(key)) {
+                            let to = self.peers[i].id;
+                            self.relay_out.push(&[&[sealed_kind::RELAY], &to.to_be_bytes(), &out[..len]])
+                        }
                     }
                     MeshAddr::Relay(_) => {}
                     direct => self.mesh_dests.push(direct),

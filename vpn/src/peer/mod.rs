@@ -5,8 +5,8 @@
 //! `HEARTBEAT_RETRIES` after it; if none is answered by `HUB_LOST_AFTER` the hub is lost: the
 //! peer stops taking packets from its TUN (they are dropped and counted) except those for
 //! a peer it has a direct session with (`mesh`: those go on), and registers again every
-//! `REREGISTER_INTERVAL`, asking for the address it had. A new registration ends the
-//! direct sessions of the old one (their keys were bound to it).
+//! `REREGISTER_INTERVAL`, asking for the address it had. Direct sessions outlive a new
+//! registration (with this hub or another of the cluster) as long as our address stays.
 //!
 //! Each registration has its own ephemeral key and nonce; every resend of its Register
 //! carries both, so however many copies reach the hub they get one Welcome. Once welcomed,
@@ -58,6 +58,13 @@ pub const RENDEZVOUS_INTERVAL: Duration = Duration::from_secs(1);
 pub const RENDEZVOUS_SILENT_AFTER: Duration = Duration::from_secs(5);
 /// How often a peer with a mesh looks at its interfaces for new host candidates.
 pub const CANDIDATE_SCAN_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How the mesh knows another peer: by its VPN address, which the cluster keeps per name,
+/// not by the id one hub gave its registration. So a pair outlives either peer's move to
+/// another hub (or a new registration with the same one).
+pub(crate) fn mesh_key(p: &PeerEntry) -> u32 {
+    u32::from(p.addr)
+}
 
 pub struct PeerCoreConfig {
     pub name: String,
@@ -262,6 +269,8 @@ pub struct Peer {
     /// This registration's id (the hub's list names us by it).
     id: u32,
     mesh: Option<Mesh>,
+    /// The mesh key (`mesh_key`) of each listed peer, by the id this hub gave it.
+    mesh_keys: std::collections::HashMap<u32, u32>,
     /// Our mesh sockets' candidates and the rendezvous port's timers.
     rendezvous: Rendezvous,
     /// Where the mesh datagram `poll_mesh_transmit` returned goes (directly).
@@ -306,6 +315,7 @@ impl Peer {
             entropy,
             id: 0,
             mesh,
+            mesh_keys: Default::default(),
             rendezvous: Rendezvous::new(now, sockets),
             mesh_dests: Vec::new(),
             mesh_all_dests: Vec::new(),
@@ -380,9 +390,12 @@ impl Peer {
             Some(&sealed_kind::KCP) => self.on_kcp(now, &m[field::kcp::SEGMENT..]),
             Some(&sealed_kind::RELAY) if m.len() > field::relay::DATAGRAM => {
                 let from = common::wire::be::u32_at(m, field::relay::PEER_ID);
-                match self.mesh.as_mut() {
-                    Some(mesh) => mesh.handle_datagram(now, MeshAddr::Relay(from), &mut m[field::relay::DATAGRAM..]),
-                    None => self.drops.malformed += 1,
+                match (self.mesh.as_mut(), self.mesh_keys.get(&from)) {
+                    (Some(mesh), Some(&key)) => {
+                        mesh.handle_datagram(now, MeshAddr::Relay(key), &mut m[field::relay::DATAGRAM..])
+                    }
+                    (Some(mesh), None) => mesh.drops.unknown += 1,
+                    (None, _) => self.drops.malformed += 1,
                 }
             }
             _ => self.drops.malformed += 1,
@@ -432,9 +445,14 @@ impl Peer {
                         s.reset_token = Some(token);
                     }
                 }
-                Ok(InnerMessage::Intro(intro)) => match self.mesh.as_mut() {
-                    Some(mesh) => mesh.on_intro(now, &intro),
-                    None => self.drops.malformed += 1,
+                Ok(InnerMessage::Intro(mut intro)) => match (self.mesh.as_mut(), self.mesh_keys.get(&intro.peer_id)) {
+                    (Some(mesh), Some(&key)) => {
+                        intro.peer_id = key;
+                        mesh.on_intro(now, &intro)
+                    }
+                    // not (yet) in our list: the mesh asks again
+                    (Some(mesh), None) => mesh.drops.unknown += 1,
+                    (None, _) => self.drops.malformed += 1,
                 },
                 Ok(InnerMessage::ClusterHubs(hubs)) => self.events.push_back(PeerEvent::ClusterHubs(hubs)),
                 // what only a peer sends, or what does not parse
@@ -455,7 +473,7 @@ impl Peer {
             return;
         };
         let index = self.peer_index(dst);
-        if let (Some(mesh), Some(id)) = (self.mesh.as_mut(), index.map(|i| self.peers[i].id)) {
+        if let (Some(mesh), Some(id)) = (self.mesh.as_mut(), index.map(|i| mesh_key(&self.peers[i]))) {
             if mesh.is_ready(id) {
                 match mesh.send_ip(id, packet) {
                     Ok(()) => self.tx_bytes += packet.len() as u64,
@@ -553,7 +571,7 @@ impl Peer {
     /// with the peer named `to`, whatever its addresses. False if there is no such session.
     #[cfg(any(test, feature = "sim"))]
     pub fn send_direct_unchecked(&mut self, to: &str, packet: &[u8]) -> bool {
-        let Some(id) = self.peers.iter().find(|p| p.name == to).map(|p| p.id) else { return false };
+        let Some(id) = self.peers.iter().find(|p| p.name == to).map(mesh_key) else { return false };
         self.mesh.as_mut().is_some_and(|m| m.is_ready(id) && m.send_ip(id, packet).is_ok())
     }
 

@@ -62,8 +62,9 @@ impl Peer {
         let room = out.len().checked_sub(SEALED_OVERHEAD)?;
         match &mut self.state {
             State::Up(s) => {
-                while let Some(id) = self.mesh.as_mut().and_then(Mesh::poll_intro_request) {
-                    if s.link.send(&wire::emit_intro_request(id)).is_err() {
+                while let Some(key) = self.mesh.as_mut().and_then(Mesh::poll_intro_request) {
+                    let Some(&i) = self.route_table.host(Ipv4Addr::from(key)) else { continue };
+                    if s.link.send(&wire::emit_intro_request(self.peers[i].id)).is_err() {
                         self.drops.queue_full += 1;
                     }
                 }

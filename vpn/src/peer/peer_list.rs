@@ -52,8 +52,10 @@ impl Peer {
 
     pub(super) fn set_peer_list(&mut self, now: Instant, list: Vec<PeerEntry>) {
         if let (Some(m), Some(network)) = (self.mesh.as_mut(), self.network) {
-            m.set_peer_list(now, self.id, network, &list);
+            let keyed: Vec<PeerEntry> = list.iter().map(|p| PeerEntry { id: mesh_key(p), ..p.clone() }).collect();
+            m.set_peer_list(now, u32::from(self.addr), network, &keyed);
         }
+        self.mesh_keys = list.iter().map(|p| (p.id, mesh_key(p))).collect();
         let wanted: BTreeSet<Prefix> =
             list.iter().filter(|p| p.addr != self.addr).flat_map(|p| p.routes.iter().copied()).collect();
         let add: Vec<Prefix> = wanted.difference(&self.installed_routes).copied().collect();
@@ -119,10 +121,11 @@ impl Peer {
             .zip(&self.peer_traffic)
             .map(|(p, t)| {
                 let own = p.addr == self.addr;
-                let (mesh_tx, mesh_rx, mesh_last_rx) = self.mesh.as_ref().map_or((0, 0, None), |m| m.traffic(p.id));
-                let via = self.mesh.as_ref().map_or(Via::Relay, |m| m.via(p.id));
+                let key = mesh_key(p);
+                let (mesh_tx, mesh_rx, mesh_last_rx) = self.mesh.as_ref().map_or((0, 0, None), |m| m.traffic(key));
+                let via = self.mesh.as_ref().map_or(Via::Relay, |m| m.via(key));
                 let last_rx = t.last_rx.max(mesh_last_rx);
-                let paths = self.mesh.as_ref().map_or_else(Vec::new, |m| m.paths(now, p.id));
+                let paths = self.mesh.as_ref().map_or_else(Vec::new, |m| m.paths(now, key));
                 PeerStatus {
                     id: p.id,
                     name: p.name.clone(),

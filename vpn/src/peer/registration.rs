@@ -90,6 +90,13 @@ impl Peer {
             self.state = State::Registering { attempt: Attempt::new(&mut *self.entropy), next_try: now, lost: false };
             return;
         };
+        // pairs are keyed by addresses and survive a new registration (with this hub or
+        // another of the cluster) unless ours changed: then the others' lists show us anew
+        if self.addr != w.addr {
+            if let Some(m) = self.mesh.as_mut() {
+                m.reset();
+            }
+        }
         self.addr = w.addr;
         self.network = Prefix::new(w.addr, w.prefix_len);
         self.hub_addr = w.hub_addr;
@@ -102,10 +109,6 @@ impl Peer {
         self.state =
             State::Up(Box::new(Session::new(channel, KcpLink::new(w.peer_id, now, self.cfg.tunnel_payload), now)));
         self.id = w.peer_id;
-        // pairs were bound to the registration before
-        if let Some(m) = self.mesh.as_mut() {
-            m.reset();
-        }
         self.list_version = 0;
         if self.cfg.peer_list_deltas {
             self.send_peers_want(0);
