@@ -373,6 +373,7 @@ pub fn register_all(who: &[(String, [u8; 32])], within: Duration) -> Vec<Registr
                     mtu: 0,
                     public: public_of(n),
                     routes: Vec::new(),
+                    instance: 0,
                 };
                 let _ = socks[n].send_to(&reg.emit(&PeerKey::new(key)), hub);
             }

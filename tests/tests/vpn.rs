@@ -250,6 +250,7 @@ fn replay_register_of_a(v: &mut VpnLab, at_ms: u64) {
         mtu: 0,
         public: [9; 32],
         routes: vec![],
+        instance: 0,
     }
     .emit(&vpn::wire::PeerKey::new(&key.bytes()));
     let dir = v.lab.dir.display().to_string();

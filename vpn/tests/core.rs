@@ -691,6 +691,7 @@ fn a_register_never_evicts_another_names_registration() {
             mtu,
             public,
             routes: vec![],
+            instance: 0,
         };
         net.hub.handle_datagram(now, wall + nonce, "127.0.0.1:50000".parse().unwrap(), &reg.emit(&c_key));
     }

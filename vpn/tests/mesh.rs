@@ -479,3 +479,53 @@ fn a_restarted_peer_is_reached_again_over_a_new_pair() {
     let late: Vec<u32> = net.received(1).into_iter().filter(|&x| x >= 1200).collect();
     assert_eq!(late.len(), 100, "steady state after the restart");
 }
+
+/// A hub of a cluster restarts (its peers' registrations are gone): the relayed pair
+/// of two peers behind symmetric NATs is the same pair afterwards (the cluster's hubs
+/// give two processes one key), and the restarted hub relays for it again once the
+/// peers asked it to introduce them again.
+#[test]
+fn a_relayed_pair_goes_on_through_a_restarted_hub_of_a_cluster() {
+    use vpn::hub::Hub;
+    use vpn::mesh::MeshEvent;
+    let cluster_key = [4u8; 32];
+    let mut net = mesh_net(&[Nat::Symmetric, Nat::Symmetric], RelayMode::Fallback, ConnectMode::Always);
+    let (now, wall) = (net.now, net.wall_ms());
+    net.hub.join_cluster(now, wall, "h1", &cluster_key);
+    net.run_for(Duration::from_secs(3));
+    assert_eq!(net.via(0, 1), Some(Via::Relay));
+    net.stream(0, 1, 0..100);
+    net.run_for(Duration::from_millis(300));
+    assert_exactly_once(&net.received(1), 0..100);
+    let introduced = |net: &VpnSim| {
+        net.peers[0]
+            .events
+            .iter()
+            .filter(|e| matches!(e, vpn::peer::PeerEvent::Mesh(MeshEvent::Introduced { .. })))
+            .count()
+    };
+    assert_eq!(introduced(&net), 1);
+    // the hub restarts: same config, nothing of its peers; both learn it (Reset) and
+    // register again
+    let mut cfg = sim::hub_config(&["a", "b"]);
+    cfg.assigned = [("a".to_string(), net.addr(0)), ("b".to_string(), net.addr(1))].into();
+    net.hub = Hub::new(cfg, Box::new(common::sim::SimEntropy::new(99)));
+    let (now, wall) = (net.now, net.wall_ms());
+    net.hub.join_cluster(now, wall, "h1", &cluster_key);
+    let restarted = net.now;
+    let mut first_after = None;
+    for t in 100..400 {
+        net.send(0, 1, t);
+        net.step();
+        net.step();
+        if first_after.is_none() && net.received(1).iter().any(|&x| x >= 100) {
+            first_after = Some(net.now.duration_since(restarted));
+        }
+    }
+    net.run_for(Duration::from_millis(500));
+    let gap = first_after.expect("the relay carries again");
+    assert!(gap < Duration::from_secs(4), "relayed again after {gap:?}");
+    assert_eq!(introduced(&net), 1, "the same pair, not a new one");
+    let got: Vec<u32> = net.received(1).into_iter().filter(|&x| x >= 300).collect();
+    assert_eq!(got, (300..400).collect::<Vec<u32>>(), "steady again");
+}

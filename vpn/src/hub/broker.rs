@@ -107,21 +107,40 @@ impl Hub {
         Some(p.channel.seal(out, answer.len()))
     }
 
-    /// The key of the pair of registrations `a` and `b` (in either order): HMAC-SHA256
-    /// under this hub's secret over both ids and names, lower id first.
+    /// The key of the pair of registrations `a` and `b`. Peers that tell their process's
+    /// instance get a key of their two processes (names and instances): the same from
+    /// every hub of a cluster (whose pair secret comes from the cluster key) and across
+    /// their new registrations, so a pair is introduced again without being disturbed.
+    /// Peers that do not get one per pair of registrations (ids and names), as before.
     pub(super) fn pair_key(&self, a: u32, b: u32) -> Option<[u8; wire::PAIR_KEY_LEN]> {
-        let (lo, hi) = (self.peers.get(&a.min(b))?, self.peers.get(&a.max(b))?);
+        let (x, y) = (self.peers.get(&a)?, self.peers.get(&b)?);
         let mut ctx = hmac::Context::with_key(&self.pair_secret);
-        let parts: [&[u8]; 6] = [
-            b"mpvpn v1 pair key",
-            &lo.id.to_be_bytes(),
-            &hi.id.to_be_bytes(),
-            lo.name.as_bytes(),
-            &[0],
-            hi.name.as_bytes(),
-        ];
-        for part in parts {
-            ctx.update(part);
+        if x.instance != 0 && y.instance != 0 && a != b {
+            let (lo, hi) = if x.name < y.name { (x, y) } else { (y, x) };
+            let parts: [&[u8]; 6] = [
+                b"mpvpn v2 pair key",
+                lo.name.as_bytes(),
+                &[0],
+                hi.name.as_bytes(),
+                &lo.instance.to_be_bytes(),
+                &hi.instance.to_be_bytes(),
+            ];
+            for part in parts {
+                ctx.update(part);
+            }
+        } else {
+            let (lo, hi) = if a < b { (x, y) } else { (y, x) };
+            let parts: [&[u8]; 6] = [
+                b"mpvpn v1 pair key",
+                &lo.id.to_be_bytes(),
+                &hi.id.to_be_bytes(),
+                lo.name.as_bytes(),
+                &[0],
+                hi.name.as_bytes(),
+            ];
+            for part in parts {
+                ctx.update(part);
+            }
         }
         let mut key = [0u8; wire::PAIR_KEY_LEN];
         key.copy_from_slice(&ctx.sign().as_ref()[..wire::PAIR_KEY_LEN]);
@@ -218,7 +237,7 @@ impl ChangeBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::raw::{hub_with_one_peer, register, test_hub};
+    use crate::sim::raw::{hub_with_one_peer, register, register_instance, test_hub};
 
     /// The relay passes datagrams only between two registered peers, and the rendezvous
     /// port answers only a registered peer, never with more than it was sent.
@@ -256,6 +275,42 @@ mod tests {
         assert_ne!(a2, a);
         assert!(hub.pair_key(a, b).is_none(), "the old registration is gone");
         assert_ne!(hub.pair_key(a2, b), Some(k));
+    }
+
+    /// Peers that tell their instance: one key per pair of processes, the same from every
+    /// hub of a cluster and across new registrations; a restarted process gets another.
+    #[test]
+    fn pair_keys_of_processes_are_the_same_on_every_hub_of_a_cluster() {
+        let (t0, wall) = (common::sim::epoch(), common::sim::SIM_WALL_START_MS);
+        let (fa, fb) = (SocketAddr::from(([127, 0, 0, 1], 40000)), SocketAddr::from(([127, 0, 0, 1], 40001)));
+        let cluster_key = [5u8; 32];
+        let mut hubs: Vec<Hub> = (0..3)
+            .map(|seed| {
+                let mut cfg = crate::sim::hub_config(&["a", "b"]);
+                cfg.peers.iter_mut().for_each(|p| p.allowed_routes = vec!["192.168.0.0/16".parse().unwrap()]);
+                Hub::new(cfg, Box::new(common::sim::SimEntropy::new(seed)))
+            })
+            .collect();
+        for (i, h) in hubs.iter_mut().enumerate().take(2) {
+            h.join_cluster(t0, wall, &format!("h{i}"), &cluster_key);
+        }
+        let id = |hub: &Hub, n: &str| hub.status(t0).iter().find(|p| p.name == n).map(|p| p.id).expect("registered");
+        let mut keys = Vec::new();
+        for h in hubs.iter_mut() {
+            register_instance(h, "a", fa, 1, 11, t0, wall);
+            register_instance(h, "b", fb, 1, 22, t0, wall);
+            let (a, b) = (id(h, "a"), id(h, "b"));
+            keys.push(h.pair_key(a, b).expect("both registered"));
+            assert_eq!(h.pair_key(b, a), h.pair_key(a, b));
+        }
+        assert_eq!(keys[0], keys[1], "two hubs of one cluster");
+        assert_ne!(keys[0], keys[2], "a hub outside the cluster has its own secret");
+        // a new registration of the same process: the same key
+        register_instance(&mut hubs[0], "a", fa, 2, 11, t0, wall + 1);
+        assert_eq!(hubs[0].pair_key(id(&hubs[0], "a"), id(&hubs[0], "b")), Some(keys[0]));
+        // a restarted process: another
+        register_instance(&mut hubs[0], "a", fa, 3, 12, t0, wall + 2);
+        assert_ne!(hubs[0].pair_key(id(&hubs[0], "a"), id(&hubs[0], "b")), Some(keys[0]));
     }
 
     #[test]

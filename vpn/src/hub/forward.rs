@@ -217,6 +217,9 @@ impl Hub {
     /// (`set_cluster_hubs`) and takes what they forward (`handle_forward_datagram`).
     pub fn join_cluster(&mut self, now: Instant, wall_ms: u64, name: &str, key: &[u8; 32]) {
         self.forward = Some(Forwarding::new(name, key, &mut *self.entropy, now, wall_ms));
+        // every hub of the cluster gives a pair the same key (`pair_key`)
+        let secret = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), b"mpvpn cluster pair secret");
+        self.pair_secret = hmac::Key::new(hmac::HMAC_SHA256, secret.as_ref());
     }
 
     /// The other hubs now (from the cluster's signed records), by name, and where each
@@ -438,7 +441,8 @@ impl Hub {
     /// a direct session needs a hub both peers registered with).
     pub(super) fn forwarded_entries(&self) -> Vec<PeerEntry> {
         let Some(f) = self.forward.as_ref() else { return Vec::new() };
-        let mut seen = HashSet::new();
+        // a peer registered here too is listed once, as ours
+        let mut seen: HashSet<&str> = self.peers.values().map(|p| p.name.as_str()).collect();
         let entries = f.hubs.iter().flat_map(|h| &h.table).filter(|e| seen.insert(e.name.as_str()));
         entries.filter_map(|e| Some(PeerEntry { id: *f.ids.get(&e.name)?, ..e.clone() })).collect()
     }

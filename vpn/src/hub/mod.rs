@@ -21,9 +21,10 @@
 //! - The mesh (`crate::mesh`): a peer's candidates are its host addresses (which it
 //!   tells over its link) and what the rendezvous port saw its mesh sockets come from,
 //!   asked under its channel; the answer is never longer than the question and only a
-//!   registered peer gets one. A pair key is derived from a secret of this hub and both
-//!   registrations, and goes to each of the two sealed under its own channel. Relayed
-//!   datagrams go only from one registered peer to another; their bytes are counted.
+//!   registered peer gets one. A pair key is derived from a secret (this hub's, or the
+//!   cluster's) and both peers' names and process instances, and goes to each of the two
+//!   sealed under its own channel. Relayed datagrams go only between the two peers of a
+//!   pair this hub introduced; their bytes are counted.
 
 mod broker;
 mod discovery;
@@ -207,6 +208,8 @@ struct HubPeer {
     name: String,
     /// The Register nonce of this registration (its late copies are not new ones).
     nonce: u64,
+    /// The peer process's (0: not told).
+    instance: u64,
     addr: Ipv4Addr,
     announced: Vec<Prefix>,
     routes: Vec<Prefix>,

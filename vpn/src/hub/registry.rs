@@ -36,6 +36,8 @@ pub fn route_verdict(allowed: &[Prefix], network: Prefix, route: &Prefix) -> Res
 pub(super) struct Pending {
     pub(super) name: String,
     pub(super) nonce: u64,
+    /// The peer process's (`RegisterRepr::instance`).
+    pub(super) instance: u64,
     pub(super) addr: Ipv4Addr,
     /// What the Register announced, and what of it hub.yaml allows.
     pub(super) announced: Vec<Prefix>,
@@ -183,6 +185,7 @@ impl Hub {
             Pending {
                 name: reg.name,
                 nonce: reg.nonce,
+                instance: reg.instance,
                 addr,
                 announced: reg.routes,
                 routes,
@@ -283,6 +286,7 @@ impl Hub {
                 id,
                 name: p.name.clone(),
                 nonce: p.nonce,
+                instance: p.instance,
                 addr: p.addr,
                 announced: p.announced,
                 routes: p.routes,

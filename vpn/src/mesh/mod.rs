@@ -62,7 +62,7 @@ mod sessions;
 mod transmit;
 
 pub use candidates::{direct_paths, host_candidates, is_host_candidate, listable_host_candidate, unmapped};
-use pair::{pair_client, pair_conv, relay_addr, Pair, Side};
+use pair::{pair_client, pair_conv, pair_server, relay_addr, Pair, Side};
 
 /// A punch lasts this long ...
 pub const PUNCH_WINDOW: Duration = Duration::from_secs(10);
@@ -76,6 +76,9 @@ pub const PUNCH_WINDOWS_PER_RETRY: usize = 3;
 /// to another hub, a list may lack the other for a few seconds. A peer taken out of the
 /// network keeps its direct sessions no longer than this.
 pub const PAIR_UNLISTED_GRACE: Duration = Duration::from_secs(10);
+/// A pair's introduction by the hub of a new registration is asked for again this often
+/// until it comes (the other peer may not be registered there yet).
+pub const REINTRO_RETRY: Duration = Duration::from_millis(300);
 /// An introduction asked for and not received is asked for again after this.
 pub const INTRO_RETRY: Duration = Duration::from_secs(2);
 /// Each pair client's path to the relay.
@@ -249,6 +252,9 @@ pub struct Mesh {
     own: Option<OwnAddresses>,
     /// Introductions asked for, and when.
     asked: HashMap<u32, Instant>,
+    /// Pairs we have, to be introduced again by the hub of a new registration (which
+    /// relays only for pairs it introduced), and when to ask next.
+    reintroduce: BTreeMap<u32, Instant>,
     intro_requests: VecDeque<u32>,
     /// Answers of our servers (handshake responses, probe replies), to whom.
     replies: VecDeque<(MeshAddr, Vec<u8>)>,
@@ -273,6 +279,7 @@ impl Mesh {
             listed: BTreeMap::new(),
             own: None,
             asked: HashMap::new(),
+            reintroduce: BTreeMap::new(),
             intro_requests: VecDeque::new(),
             replies: VecDeque::new(),
             to_tun: PacketQueue::default(),
@@ -297,6 +304,7 @@ impl Mesh {
         self.listed.clear();
         self.own = None;
         self.asked.clear();
+        self.reintroduce.clear();
         self.intro_requests.clear();
         self.replies.clear();
     }
@@ -384,8 +392,8 @@ impl Mesh {
             self.drops.unknown += 1; // not (yet) in our list: it will ask again
             return;
         };
-        // the pair we have, introduced again: nothing changes (a pair restarted at every
-        // introduction would punch anew each time another peer asks)
+        self.reintroduce.remove(&intro.peer_id);
+        // the pair we have, introduced again (by another hub, or at another's asking)
         if self.pairs.get(&intro.peer_id).is_some_and(|p| p.psk.bytes() == intro.key) {
             return;
         }
@@ -395,21 +403,7 @@ impl Mesh {
         let direct = direct_paths(&self.cfg.sockets, &e.candidates);
         let wall = self.wall_ms(now);
         let client = pair_client(&psk, &self.cfg.name, &direct, now, wall, self.entropy.fork());
-        let server = Server::new(
-            psk.clone(),
-            ServerCoreConfig {
-                default_target: None,
-                targets: [(e.name.clone(), PAIR_APP)].into_iter().collect(),
-                ciphers: vec![Cipher::Aes256Gcm, Cipher::ChaCha20Poly1305],
-                // their client may start over while its old session lingers
-                max_sessions: 4,
-                max_paths_per_session: MAX_PATHS,
-                session_timeout: Duration::from_secs(30),
-            },
-            now,
-            wall,
-            self.entropy.fork(),
-        );
+        let server = pair_server(&psk, &e.name, now, wall, self.entropy.fork());
         let mut pair = Pair {
             name: e.name.clone(),
             addr: e.addr,
@@ -443,6 +437,14 @@ impl Mesh {
         pair.open_session(now);
         Self::drain_client_events(&mut self.sessions, now, intro.peer_id, &mut pair);
         self.pairs.insert(intro.peer_id, pair);
+    }
+
+    /// We registered again (with the same hub or another): the hub is asked to introduce
+    /// every pair we have again, until it does (`REINTRO_RETRY`). Its key is the same for
+    /// the same two processes, so the pairs go on undisturbed; what the new hub's
+    /// introduction brings is its relay.
+    pub fn registered_again(&mut self, now: Instant) {
+        self.reintroduce = self.pairs.keys().map(|&id| (id, now)).collect();
     }
 
     /// Whether IP packets for peer `id` go over its pair (its session came up, on the
@@ -507,6 +509,7 @@ impl Mesh {
                 ]
             })
             .flatten()
+            .chain(self.reintroduce.values().copied())
             .min()
     }
 
@@ -545,6 +548,15 @@ impl Mesh {
             }
             if p.retry_at.is_some_and(|t| now >= t) {
                 p.start_punch(now);
+            }
+        }
+        let due: Vec<u32> = self.reintroduce.iter().filter(|(_, &t)| now >= t).map(|(&id, _)| id).collect();
+        for id in due {
+            if self.pairs.contains_key(&id) {
+                self.intro_requests.push_back(id);
+                self.reintroduce.insert(id, now + REINTRO_RETRY);
+            } else {
+                self.reintroduce.remove(&id);
             }
         }
         // a link that broke starts over with a new introduction (the next packet asks); a

@@ -148,6 +148,31 @@ pub(super) fn pair_conv(key: &[u8; 32]) -> u32 {
     u32::from_be_bytes([key[0], key[1], key[2], key[3]])
 }
 
+/// Our server of a pair: it takes the sessions of their client (named `their_name`).
+pub(super) fn pair_server(
+    psk: &Psk,
+    their_name: &str,
+    now: Instant,
+    wall_ms: u64,
+    entropy: Box<dyn Entropy>,
+) -> Server {
+    Server::new(
+        psk.clone(),
+        ServerCoreConfig {
+            default_target: None,
+            targets: [(their_name.to_string(), PAIR_APP)].into_iter().collect(),
+            ciphers: vec![Cipher::Aes256Gcm, Cipher::ChaCha20Poly1305],
+            // their client may start over while its old session lingers
+            max_sessions: 4,
+            max_paths_per_session: MAX_PATHS,
+            session_timeout: Duration::from_secs(30),
+        },
+        now,
+        wall_ms,
+        entropy,
+    )
+}
+
 pub(super) fn pair_client(
     psk: &Psk,
     our_name: &str,

@@ -74,6 +74,18 @@ impl Peer {
 }
 
 impl Peer {
+    /// A new registration, at `addr`: pairs are keyed by addresses and survive it (with
+    /// this hub or another of the cluster), and its hub is asked to introduce them again
+    /// (for its relay), unless our address changed: then the others' lists show us anew.
+    pub(super) fn keep_pairs(&mut self, now: Instant, addr: Ipv4Addr) {
+        let Some(m) = self.mesh.as_mut() else { return };
+        if self.addr == addr {
+            m.registered_again(now);
+        } else {
+            m.reset();
+        }
+    }
+
     pub(super) fn send_candidates(&mut self) {
         let (State::Up(s), Some(_)) = (&mut self.state, &self.mesh) else { return };
         if s.link.send(&wire::emit_candidates(&self.rendezvous.host_candidates)).is_err() {

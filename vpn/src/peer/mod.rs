@@ -268,6 +268,8 @@ pub struct Peer {
     entropy: Box<dyn Entropy>,
     /// This registration's id (the hub's list names us by it).
     id: u32,
+    /// Drawn at start, told in every Register: every hub gives our pairs the same keys.
+    instance: u64,
     mesh: Option<Mesh>,
     /// The mesh key (`mesh_key`) of each listed peer, by the id this hub gave it.
     mesh_keys: std::collections::HashMap<u32, u32>,
@@ -287,6 +289,7 @@ impl Peer {
     pub fn new(mut cfg: PeerCoreConfig, now: Instant, wall_ms: u64, mut entropy: Box<dyn Entropy>) -> Self {
         let mesh = cfg.mesh.take().map(|m| Mesh::new(m, now, wall_ms, entropy.fork()));
         let sockets = mesh.as_ref().map_or(0, |m| m.socket_count());
+        let instance = entropy.next_u64() | 1; // never 0, "not told"
         Self {
             cfg,
             state: State::Registering { attempt: Attempt::new(&mut *entropy), next_try: now, lost: false },
@@ -314,6 +317,7 @@ impl Peer {
             inner_buf: vec![0; common::wire::MAX_DATAGRAM],
             entropy,
             id: 0,
+            instance,
             mesh,
             mesh_keys: Default::default(),
             rendezvous: Rendezvous::new(now, sockets),

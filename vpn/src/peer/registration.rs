@@ -56,6 +56,7 @@ impl Peer {
             mtu: self.cfg.mtu.unwrap_or(0),
             public,
             routes: self.cfg.routes.clone(),
+            instance: self.instance,
         };
         self.transmit.push_back(reg.emit(&self.cfg.key));
     }
@@ -90,13 +91,7 @@ impl Peer {
             self.state = State::Registering { attempt: Attempt::new(&mut *self.entropy), next_try: now, lost: false };
             return;
         };
-        // pairs are keyed by addresses and survive a new registration (with this hub or
-        // another of the cluster) unless ours changed: then the others' lists show us anew
-        if self.addr != w.addr {
-            if let Some(m) = self.mesh.as_mut() {
-                m.reset();
-            }
-        }
+        self.keep_pairs(now, w.addr);
         self.addr = w.addr;
         self.network = Prefix::new(w.addr, w.prefix_len);
         self.hub_addr = w.hub_addr;

@@ -37,6 +37,19 @@ pub fn test_key(name: &str) -> PeerKey {
 /// Registers `name` from `from` (Register `nonce`, at `wall`) and confirms it with a
 /// heartbeat: its channel.
 pub fn register(hub: &mut Hub, name: &str, from: SocketAddr, nonce: u64, t0: Instant, wall: u64) -> Channel {
+    register_instance(hub, name, from, nonce, 0, t0, wall)
+}
+
+/// `register` by a peer process that tells its `instance`.
+pub fn register_instance(
+    hub: &mut Hub,
+    name: &str,
+    from: SocketAddr,
+    nonce: u64,
+    instance: u64,
+    t0: Instant,
+    wall: u64,
+) -> Channel {
     // seeded by who registers: a run replays exactly
     let mut entropy = SimEntropy::new(nonce ^ name.bytes().fold(0u64, |h, b| h.wrapping_mul(31) + u64::from(b)));
     let private = entropy.x25519_key();
@@ -49,6 +62,7 @@ pub fn register(hub: &mut Hub, name: &str, from: SocketAddr, nonce: u64, t0: Ins
         mtu: 0,
         public,
         routes: vec!["192.168.50.0/24".parse().expect("literal")],
+        instance,
     };
     let key = test_key(name);
     hub.handle_datagram(t0, wall, from, &reg.emit(&key));

@@ -15,6 +15,9 @@ pub struct RegisterRepr {
     /// The peer's ephemeral X25519 key for this registration.
     pub public: [u8; PUBLIC_KEY_LEN],
     pub routes: Vec<Prefix>,
+    /// Drawn once per peer process (0: a peer that does not tell it): every hub of a
+    /// cluster gives a pair of the same two processes the same key.
+    pub instance: u64,
 }
 
 impl RegisterRepr {
@@ -30,6 +33,9 @@ impl RegisterRepr {
         fixed[f::PUBLIC].copy_from_slice(&self.public);
         out.extend_from_slice(&fixed);
         put_routes(&mut out, &self.routes);
+        if self.instance != 0 {
+            out.extend_from_slice(&self.instance.to_be_bytes());
+        }
         let tag = key.tag(&[&out]);
         out.extend_from_slice(tag.as_ref());
         out
@@ -46,10 +52,13 @@ impl RegisterRepr {
         }
         let (name, name_end) = name_at(b, f::NAME_LEN)?;
         let fixed = region(b, name_end, f::ROUTES)?;
-        let (routes, body) = routes_at(b, name_end + f::ROUTES)?;
-        if b.len() - body != MAC_LEN {
-            return Err(VpnWireError::Truncated);
-        }
+        let (routes, routes_end) = routes_at(b, name_end + f::ROUTES)?;
+        // the instance is optional (peers before it end with the routes)
+        let (instance, body) = match b.len() - routes_end {
+            MAC_LEN => (0, routes_end),
+            n if n == MAC_LEN + 8 => (u64_at(b, routes_end..routes_end + 8), routes_end + 8),
+            _ => return Err(VpnWireError::Truncated),
+        };
         let repr = Self {
             name: name.to_string(),
             timestamp_ms: u64_at(fixed, f::TIMESTAMP),
@@ -58,6 +67,7 @@ impl RegisterRepr {
             mtu: u16_at(fixed, f::MTU),
             public: public_at(fixed, f::PUBLIC),
             routes,
+            instance,
         };
         Ok((repr, body))
     }

@@ -452,6 +452,7 @@ mod tests {
             mtu: 1383,
             public: [0xee; 32],
             routes: vec!["192.168.50.0/24".parse().unwrap()],
+            instance: 0,
         };
         let b = r.emit(&key());
         assert_eq!(
@@ -469,6 +470,16 @@ mod tests {
         let (_, body) = RegisterRepr::parse(&t).unwrap();
         assert!(RegisterRepr::verify(&t, body, &key()).is_err());
         assert!(RegisterRepr::parse(&b[..b.len() - 1]).is_err());
+        // with the instance: 8 bytes between the routes and the MAC, under it
+        let with = RegisterRepr { instance: 0x0102_0304_0506_0708, ..r.clone() };
+        let b = with.emit(&key());
+        assert_eq!(&b[64..b.len() - MAC_LEN], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        let (p, body) = RegisterRepr::parse(&b).unwrap();
+        assert_eq!(p, with);
+        assert!(RegisterRepr::verify(&b, body, &key()).is_ok());
+        for cut in 1..8 {
+            assert!(RegisterRepr::parse(&b[..b.len() - cut]).is_err(), "cut {cut}");
+        }
     }
 
     #[test]
