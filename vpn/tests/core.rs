@@ -224,7 +224,7 @@ fn a_peer_with_standby_hubs_declares_its_hub_lost_sooner() {
     let mut net = net(&["a", "b"]);
     net.peers.clear();
     net.add_peer(sim::peer_config("a"), Nat::None);
-    let standby = PeerCoreConfig { hub_lost_after: vpn::peer::STANDBY_HUB_LOST_AFTER, ..sim::peer_config("b") };
+    let standby = PeerCoreConfig { other_hubs: true, ..sim::peer_config("b") };
     net.add_peer(standby, Nat::None);
     net.run_for(Duration::from_millis(200));
     assert!(net.peers.iter().all(|p| p.core.is_up()));
@@ -243,6 +243,49 @@ fn a_peer_with_standby_hubs_declares_its_hub_lost_sooner() {
     // silence since the last answer, then the first miss is seen a heartbeat later
     assert!(standby >= Duration::from_secs(3) && standby <= Duration::from_secs(5), "{standby:?}");
     assert!(alone >= Duration::from_secs(8), "{alone:?}");
+}
+
+/// With another hub to go to, a peer carrying traffic through its hub watches it closely:
+/// lost within about a second of falling silent; a busy peer whose hub answers is never
+/// taken for lost (a long stream, some loss); an idle one keeps the standby wait.
+#[test]
+fn a_busy_peer_with_standby_hubs_declares_a_silent_hub_lost_within_a_second() {
+    let mut net = net(&["a", "b"]);
+    net.peers.clear();
+    for name in ["a", "b"] {
+        net.add_peer(PeerCoreConfig { other_hubs: true, ..sim::peer_config(name) }, Nat::None);
+    }
+    net.run_for(Duration::from_millis(200));
+    let (a, b) = (net.addr(0), net.addr(1));
+    // 20 s of a stream a -> b at 5% loss each way: the hub answers, nobody moves
+    net.loss = 0.05;
+    let start = net.now;
+    let mut tag = 0u8;
+    while net.now - start < Duration::from_secs(20) {
+        let now = net.now;
+        net.peers[0].core.handle_tun_packet(now, &ipv4(a, b, 200, tag));
+        tag = tag.wrapping_add(1);
+        net.run_for(Duration::from_millis(50));
+    }
+    assert!(!net.peers.iter().any(|p| p.events.contains(&PeerEvent::HubLost)), "a live hub taken for lost");
+    net.loss = 0.0;
+    // the hub falls silent mid-stream: a (busy) moves on fast, b (idle) after the standby wait
+    net.hub_cut = true;
+    let down_at = net.now;
+    let mut lost_at = [None, None];
+    while net.now - down_at < Duration::from_secs(6) {
+        let now = net.now;
+        net.peers[0].core.handle_tun_packet(now, &ipv4(a, b, 200, 0));
+        net.run_for(Duration::from_millis(20));
+        for (i, at) in lost_at.iter_mut().enumerate() {
+            if at.is_none() && net.peers[i].events.contains(&PeerEvent::HubLost) {
+                *at = Some(net.now - down_at);
+            }
+        }
+    }
+    let [busy, idle] = lost_at.map(|l| l.expect("hub declared lost"));
+    assert!(busy <= Duration::from_millis(1000), "busy: {busy:?}");
+    assert!(idle >= Duration::from_secs(3), "idle: {idle:?}");
 }
 
 #[test]

@@ -5,7 +5,7 @@ use super::status::PeerHubStatus;
 use super::system::only_mpclient;
 use super::*;
 use crate::config::HubEndpoint;
-use crate::peer::{PeerOutput, HEARTBEAT_RETRIES, HUB_LOST_AFTER, STANDBY_HUB_LOST_AFTER};
+use crate::peer::{PeerOutput, HEARTBEAT_RETRIES};
 
 /// How a peer exchanges datagrams with the tunnel.
 pub(super) enum PeerTunnel {
@@ -233,7 +233,7 @@ pub(super) struct PeerDriver {
 fn core_config(c: &PeerConfig, key: &[u8], mesh: Option<&MeshSockets>) -> PeerCoreConfig {
     PeerCoreConfig {
         peer_list_deltas: true,
-        hub_lost_after: if c.endpoints().len() > 1 { STANDBY_HUB_LOST_AFTER } else { HUB_LOST_AFTER },
+        other_hubs: c.endpoints().len() > 1,
         name: c.name.clone(),
         key: PeerKey::new(key),
         mtu: c.mtu,
@@ -531,7 +531,7 @@ impl PeerDriver {
         if !learned.is_empty() {
             info!(self.log, "learned the cluster's other hubs: registering with one of them if this one is lost";
                 "this hub" => &h.this, "others" => learned.join(", "));
-            self.core.set_hub_lost_after(STANDBY_HUB_LOST_AFTER);
+            self.core.set_other_hubs(true);
         }
     }
 

@@ -476,6 +476,11 @@ impl Mesh {
         None
     }
 
+    /// Whether what we send peer `id` goes (also) through the hub's relay.
+    pub fn uses_relay(&self, id: u32) -> bool {
+        self.cfg.relay == RelayMode::Always || self.via(id) == Via::Relay
+    }
+
     /// How peer `id` is reached: directly while one of the pair's direct paths is up.
     pub fn via(&self, id: u32) -> Via {
         self.pairs.get(&id).map_or(Via::Relay, Pair::via)

@@ -49,6 +49,14 @@ pub const HEARTBEAT_RETRIES: [Duration; 3] = [Duration::from_secs(1), Duration::
 pub const HUB_LOST_AFTER: Duration = Duration::from_secs(8);
 /// The same for a peer with another hub to go to (`hubs:`): it moves on sooner.
 pub const STANDBY_HUB_LOST_AFTER: Duration = Duration::from_secs(3);
+/// A peer with another hub to go to that carried traffic through its hub within
+/// `QUICK_BUSY_FOR` heartbeats this often ...
+pub const QUICK_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
+/// ... and declares the hub lost when nothing came from it for this long (and at least
+/// four round trips) after a heartbeat: its pairs' relay and its traffic move to the next
+/// hub within about a second.
+pub const QUICK_HUB_LOST_AFTER: Duration = Duration::from_millis(700);
+pub const QUICK_BUSY_FOR: Duration = Duration::from_secs(2);
 pub const REGISTER_RETRY: Duration = Duration::from_millis(500);
 pub const REREGISTER_INTERVAL: Duration = Duration::from_secs(2);
 /// Each mesh socket asks the hub's rendezvous port where it is this often: a NAT
@@ -81,9 +89,10 @@ pub struct PeerCoreConfig {
     /// Ask the hub for the list's changes rather than whole lists (peers before deltas
     /// did not; the bench compares both).
     pub peer_list_deltas: bool,
-    /// How long after the first unanswered heartbeat the hub is lost (`HUB_LOST_AFTER`;
-    /// `STANDBY_HUB_LOST_AFTER` with other hubs to go to).
-    pub hub_lost_after: Duration,
+    /// This peer has other hubs to go to (`hubs:`, or learned from the cluster): it
+    /// declares its hub lost sooner (`STANDBY_HUB_LOST_AFTER`, and `QUICK_HUB_LOST_AFTER`
+    /// while it carries traffic) rather than after every retry (`HUB_LOST_AFTER`).
+    pub other_hubs: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,6 +237,10 @@ struct Session {
     first_miss: Option<(Instant, u32)>,
     retries_sent: usize,
     pending_hb: Option<(u32, Instant)>,
+    /// When the last heartbeat went.
+    last_hb_at: Option<Instant>,
+    /// The first heartbeat sent since anything last came from the hub.
+    unanswered_since: Option<Instant>,
     /// What a `Reset` for this registration must carry (told by the hub once confirmed).
     reset_token: Option<[u8; wire::RESET_TOKEN_LEN]>,
 }
@@ -281,6 +294,9 @@ pub struct Peer {
     /// Copies of mesh datagrams for the hub's relay, as the messages to seal (in
     /// `poll_transmit`, into the caller's buffer).
     relay_out: PacketQueue,
+    /// Traffic went through the hub lately: until then, with other hubs to go to, the
+    /// hub is watched closely (`QUICK_HEARTBEAT_INTERVAL`).
+    busy_until: Option<Instant>,
 }
 
 impl Peer {
@@ -324,16 +340,16 @@ impl Peer {
             mesh_dests: Vec::new(),
             mesh_all_dests: Vec::new(),
             relay_out: PacketQueue::default(),
+            busy_until: None,
         }
     }
 
-    /// What was dropped and counted, the mesh's drops included.
-    /// How long after the first unanswered heartbeat the hub is lost, from now on (a
-    /// peer that learned of other hubs moves on sooner).
-    pub fn set_hub_lost_after(&mut self, d: Duration) {
-        self.cfg.hub_lost_after = d;
+    /// From now on this peer has other hubs to go to (`PeerCoreConfig::other_hubs`).
+    pub fn set_other_hubs(&mut self, yes: bool) {
+        self.cfg.other_hubs = yes;
     }
 
+    /// What was dropped and counted, the mesh's drops included.
     pub fn drop_counts(&self) -> PeerDropCounts {
         PeerDropCounts { own: self.drops.clone(), mesh: self.mesh.as_ref().map(|m| m.drops.clone()) }
     }
@@ -387,6 +403,7 @@ impl Peer {
                 return;
             }
         };
+        s.unanswered_since = None;
         let mut buf = std::mem::take(&mut self.buf);
         let m = &mut buf[SEALED_HEADER_LEN..SEALED_HEADER_LEN + n];
         match m.first() {
@@ -479,6 +496,9 @@ impl Peer {
         let index = self.peer_index(dst);
         if let (Some(mesh), Some(id)) = (self.mesh.as_mut(), index.map(|i| mesh_key(&self.peers[i]))) {
             if mesh.is_ready(id) {
+                if mesh.uses_relay(id) {
+                    self.busy_until = Some(now + QUICK_BUSY_FOR);
+                }
                 match mesh.send_ip(id, packet) {
                     Ok(()) => self.tx_bytes += packet.len() as u64,
                     Err(_) => self.drops.queue_full += 1,
@@ -492,6 +512,7 @@ impl Peer {
             self.drops.hub_lost += 1;
             return;
         };
+        self.busy_until = Some(now + QUICK_BUSY_FOR);
         match s.link.send_ip(packet) {
             Ok(()) => {
                 self.tx_bytes += packet.len() as u64;
@@ -512,7 +533,7 @@ impl Peer {
                 let hb = match s.first_miss {
                     None => s.next_heartbeat,
                     Some((t, _)) => {
-                        let lost = t + self.cfg.hub_lost_after;
+                        let lost = t + self.hub_lost_after();
                         HEARTBEAT_RETRIES.get(s.retries_sent).map_or(lost, |d| lost.min(t + *d))
                     }
                 };
@@ -520,7 +541,8 @@ impl Peer {
             }
         };
         let rendezvous = self.mesh.as_ref().and_then(|_| self.rendezvous.poll_timeout(self.is_up()));
-        [Some(own), mesh, rendezvous].into_iter().flatten().min()
+        let quick = self.quick_deadlines().map(|(hb, lost)| lost.map_or(hb, |l| l.min(hb)));
+        [Some(own), mesh, rendezvous, quick, self.busy_until].into_iter().flatten().min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
@@ -528,7 +550,10 @@ impl Peer {
             m.handle_timeout(now, wall_ms);
         }
         self.rendezvous_timers(now);
-        let lost_after = self.cfg.hub_lost_after;
+        if self.watch_closely(now) {
+            return; // lost
+        }
+        let lost_after = self.hub_lost_after();
         match &mut self.state {
             State::Registering { next_try, lost, .. } => {
                 if now >= *next_try {

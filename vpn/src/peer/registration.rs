@@ -28,6 +28,8 @@ impl Session {
             first_miss: None,
             retries_sent: 0,
             pending_hb: None,
+            last_hb_at: None,
+            unanswered_since: None,
             reset_token: None,
         }
     }

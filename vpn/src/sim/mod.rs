@@ -71,7 +71,7 @@ pub fn peer_config(name: &str) -> PeerCoreConfig {
         mesh: None,
         dns_domain: None,
         peer_list_deltas: true,
-        hub_lost_after: crate::peer::HUB_LOST_AFTER,
+        other_hubs: false,
     }
 }
 
