@@ -4,6 +4,7 @@
 //! as it takes mpserver's), so many names can register at once without many peer hosts.
 
 use crate::lab::{bin, run, spawn_in_ns, Lab};
+use crate::mesh_lab::{MESH_PORT, RENDEZVOUS_PORT};
 use crate::vpn_lab::mpvpn_status;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
@@ -108,6 +109,7 @@ impl ClusterLab {
                 &yaml,
                 format!(
                     "listen: {HUB_LISTEN}\ntun: mpvpn0\nnetwork: {CLUSTER_NETWORK}\ncontrol_socket: {}\nstate_file: {}\n\
+                     rendezvous: {ip}:{RENDEZVOUS_PORT}\n\
                      cluster:\n  name: h{i}\n  etcd: [{}]\n  key_file: {}\n  on_master: {}\n  forward_listen: {ip}:{FORWARD_PORT}\n\
                      \x20 advertise:\n    tunnel: [{ip}:{HUB_TUNNEL_PORT}]\n\
                      peers:\n{peer_yaml}",
@@ -231,6 +233,30 @@ impl ClusterLab {
     /// clients reach the mpservers of `hubs` (started here if they are not yet), in that
     /// order (`hubs:` in peer.yaml when there are several); returns its namespace.
     pub fn start_peer(&mut self, n: usize, hubs: &[usize]) -> String {
+        self.start_peer_with(n, hubs, "")
+    }
+
+    /// `start_peer` with a mesh socket (`connect: always`, `relay` as given; the
+    /// rendezvous port of the first of `hubs`). With `direct` false the peer hosts cannot
+    /// reach each other's mesh sockets (what two symmetric NATs leave): the pair is relayed.
+    pub fn start_meshed_peer(&mut self, n: usize, hubs: &[usize], relay: &str, direct: bool) -> String {
+        let mesh = format!(
+            "mesh:\n  listen: 0.0.0.0:{MESH_PORT}\n  rendezvous: {}:{RENDEZVOUS_PORT}\n  relay: {relay}\n  connect: always\n",
+            hub_ip(hubs[0])
+        );
+        let ns = self.start_peer_with(n, hubs, &mesh);
+        if !direct {
+            self.lab.nft(
+                &ns,
+                &format!(
+                    "table inet nodirect {{\n chain out {{ type filter hook output priority 0; udp dport {MESH_PORT} ip daddr 10.90.0.100-10.90.0.199 drop; }}\n}}\n"
+                ),
+            );
+        }
+        ns
+    }
+
+    fn start_peer_with(&mut self, n: usize, hubs: &[usize], extra_yaml: &str) -> String {
         self.start_servers(hubs);
         let tk = self.tunnel_key.display().to_string();
         let name = self.peers[n].0.clone();
@@ -258,7 +284,7 @@ impl ClusterLab {
         std::fs::write(
             &yaml,
             format!(
-                "name: {name}\nkey_file: {}\ntun: mpvpn0\ncontrol_socket: {}\n{reach}",
+                "name: {name}\nkey_file: {}\ntun: mpvpn0\ncontrol_socket: {}\n{reach}{extra_yaml}",
                 dir.join(format!("{name}.key")).display(),
                 self.peer_control(n).display(),
             ),

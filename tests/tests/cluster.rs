@@ -331,3 +331,71 @@ fn a_peer_learns_the_other_hubs_and_moves_to_one_when_its_hub_dies() {
     );
     assert!(rtts.len() >= 15, "p0 -> p1 after the move: {} of 20", rtts.len());
 }
+
+/// Three pairs of peers, each peer listing h1 then h2: one pair direct, one relayed with
+/// `relay: fallback`, one relayed with `relay: always` (their hosts cannot reach each
+/// other's mesh sockets). `kill -9` of h1 while each pair pings across: the direct pair
+/// loses nothing (a pair outlives its peers' move to h2); the relayed pairs lose what
+/// falls between h1's death and both peers' registration with h2, whose relay takes over
+/// the same pair (one key per pair of processes in the cluster).
+#[test]
+fn pairs_go_on_when_their_hub_dies() {
+    let Some(_serial) = cluster_lab_or_skip() else { return };
+    let mut c = ClusterLab::start("cp", 6);
+    c.wait_agreed_master(&[1, 2, 3], 3, Duration::from_secs(20));
+    let cases =
+        [("direct", "fallback", true), ("relayed, fallback", "fallback", false), ("relayed, always", "always", false)];
+    let mut pairs = Vec::new();
+    for (k, (_, relay, direct)) in cases.iter().enumerate() {
+        let a_ns = c.start_meshed_peer(2 * k, &[1, 2], relay, *direct);
+        c.start_meshed_peer(2 * k + 1, &[1, 2], relay, *direct);
+        pairs.push(a_ns);
+    }
+    let addrs: Vec<std::net::Ipv4Addr> = (0..6).map(|n| c.wait_peer_up(n, Duration::from_secs(20))).collect();
+    // the pairs come up (connect: always); the direct one goes direct
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = mpvpn_status(&c.peer_control(0));
+        let via = s["peers"].as_array().and_then(|p| p.iter().find(|p| p["name"] == "p1").map(|p| p["via"].clone()));
+        if via.as_ref().and_then(|v| v.as_str()) == Some("direct") {
+            break;
+        }
+        assert!(Instant::now() < until, "p0 and p1 did not go direct: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for (k, ns) in pairs.iter().enumerate() {
+        let warm = ping(ns, &addrs[2 * k + 1].to_string(), 20, "0.05", &[]);
+        assert!(warm.len() >= 18, "pair {k} before: {} of 20", warm.len());
+    }
+    // 400 pings every 20 ms on each pair; h1 dies 2 s in
+    let runs: Vec<_> = pairs
+        .iter()
+        .enumerate()
+        .map(|(k, ns)| {
+            let (ns, dst) = (ns.clone(), addrs[2 * k + 1].to_string());
+            std::thread::spawn(move || ping_gaps(&ns, &dst, 400, "0.02"))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    c.lab.kill9(c.hubs[0]);
+    let results: Vec<(usize, Duration)> = runs.into_iter().map(|r| r.join().expect("ping")).collect();
+    for ((what, ..), (answered, gap)) in cases.iter().zip(&results) {
+        println!(
+            "h1 killed under a {what} pair: {answered} of 400 pings answered, longest gap {:.0} ms",
+            gap.as_secs_f64() * 1000.0
+        );
+    }
+    for (n, addr) in addrs.iter().enumerate() {
+        let s = mpvpn_status(&c.peer_control(n));
+        assert_eq!(s["hubs"][1]["state"], "up", "p{n} moved to h2: {s}");
+        assert_eq!(s["addr"].as_str(), Some(addr.to_string().as_str()), "p{n} kept its address");
+    }
+    let (direct_answered, direct_gap) = results[0];
+    assert!(direct_answered >= 399 && direct_gap < Duration::from_millis(300), "direct pair: {:?}", results[0]);
+    // about 1 s on an idle box (KCP resends what the gap held); slack for a loaded one
+    for (k, (answered, gap)) in results.iter().enumerate().skip(1) {
+        assert!(*gap < Duration::from_secs(2), "{}: longest gap {gap:?}", cases[k].0);
+        assert!(*answered >= 390, "{}: {answered} of 400", cases[k].0);
+    }
+    println!("{}", mpvpn_status_table(&c.peer_control(2)));
+}

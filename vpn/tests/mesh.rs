@@ -529,3 +529,33 @@ fn a_relayed_pair_goes_on_through_a_restarted_hub_of_a_cluster() {
     let got: Vec<u32> = net.received(1).into_iter().filter(|&x| x >= 300).collect();
     assert_eq!(got, (300..400).collect::<Vec<u32>>(), "steady again");
 }
+
+/// The hub restarts under a direct pair: each peer registers again on its own time, so
+/// for a moment a's new list lacks b. What a sends b meanwhile still goes over the pair
+/// (nothing through a hub that does not know b yet), and nothing is lost.
+#[test]
+fn a_direct_pair_loses_nothing_while_the_restarted_hub_lists_only_one_of_them() {
+    use vpn::hub::Hub;
+    let mut net = mesh_net(&[Nat::None, Nat::None], RelayMode::Fallback, ConnectMode::Always);
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(net.via(0, 1), Some(Via::Direct));
+    let mut cfg = sim::hub_config(&["a", "b"]);
+    cfg.assigned = [("a".to_string(), net.addr(0)), ("b".to_string(), net.addr(1))].into();
+    net.hub = Hub::new(cfg, Box::new(common::sim::SimEntropy::new(99)));
+    // b's way to the hub is cut for 3 s: a registers first
+    net.peer_cut = Some(1);
+    let mut lacked_b = false;
+    for t in 0..300 {
+        if t == 150 {
+            net.peer_cut = None;
+        }
+        net.send(0, 1, t);
+        net.step();
+        net.step();
+        let listed = net.peers[0].core.peers().iter().map(|p| p.name.as_str()).collect::<Vec<_>>();
+        lacked_b |= net.peers[0].core.is_up() && !listed.contains(&"b");
+    }
+    net.run_for(Duration::from_millis(500));
+    assert!(lacked_b, "the case under test: a registered and listed while b was not");
+    assert_exactly_once(&net.received(1), 0..300);
+}

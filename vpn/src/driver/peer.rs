@@ -226,6 +226,8 @@ pub(super) struct PeerDriver {
     current: usize,
     hub_since: Instant,
     registered_here: bool,
+    /// How the TUN device is configured now (address, prefix length, MTU).
+    tun_config: Option<(Ipv4Addr, u8, u16)>,
     log: Logger,
 }
 
@@ -296,6 +298,7 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
         current: 0,
         hub_since: now,
         registered_here: false,
+        tun_config: None,
         log: log.clone(),
     };
     let result = el.run(&mut d);
@@ -585,7 +588,12 @@ impl PeerDriver {
     ) -> Result<(), VpnError> {
         self.registered_here = true;
         let Self { tunnel, tun_name: tun, installed, protected, resolver, log, registry, remotes_query, .. } = self;
-        configure_tun(tun, addr, prefix_len, mtu)?;
+        // a new registration under the same address (the same hub, or another of the
+        // cluster) leaves the device alone: reconfiguring it would drop what is in flight
+        if self.tun_config != Some((addr, prefix_len, mtu)) {
+            configure_tun(tun, addr, prefix_len, mtu)?;
+            self.tun_config = Some((addr, prefix_len, mtu));
+        }
         *protected = protected_addresses(tunnel, log);
         if let PeerTunnel::Udp { control, .. } = tunnel {
             let path = control.clone().unwrap_or_else(only_mpclient);

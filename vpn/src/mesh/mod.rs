@@ -78,7 +78,7 @@ pub const PUNCH_WINDOWS_PER_RETRY: usize = 3;
 pub const PAIR_UNLISTED_GRACE: Duration = Duration::from_secs(10);
 /// A pair's introduction by the hub of a new registration is asked for again this often
 /// until it comes (the other peer may not be registered there yet).
-pub const REINTRO_RETRY: Duration = Duration::from_millis(300);
+pub const REINTRO_RETRY: Duration = Duration::from_millis(100);
 /// An introduction asked for and not received is asked for again after this.
 pub const INTRO_RETRY: Duration = Duration::from_secs(2);
 /// Each pair client's path to the relay.
@@ -314,8 +314,10 @@ impl Mesh {
     /// whose peer left go `PAIR_UNLISTED_GRACE` later; a pair whose candidates changed
     /// rebuilds its paths and punches again.
     pub fn set_peer_list(&mut self, now: Instant, own: u32, network: Prefix, list: &[PeerEntry]) {
-        self.own =
-            list.iter().find(|p| p.id == own).map(|p| OwnAddresses { network, addr: p.addr, routes: p.routes.clone() });
+        // a list that lacks us (a new registration's first) keeps what we had
+        if let Some(p) = list.iter().find(|p| p.id == own) {
+            self.own = Some(OwnAddresses { network, addr: p.addr, routes: p.routes.clone() });
+        }
         self.listed = list.iter().filter(|p| p.id != own).map(|p| (p.id, p.clone())).collect();
         for (id, p) in self.pairs.iter_mut() {
             if self.listed.contains_key(id) {

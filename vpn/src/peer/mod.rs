@@ -51,11 +51,11 @@ pub const HUB_LOST_AFTER: Duration = Duration::from_secs(8);
 pub const STANDBY_HUB_LOST_AFTER: Duration = Duration::from_secs(3);
 /// A peer with another hub to go to that carried traffic through its hub within
 /// `QUICK_BUSY_FOR` heartbeats this often ...
-pub const QUICK_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
+pub const QUICK_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 /// ... and declares the hub lost when nothing came from it for this long (and at least
 /// four round trips) after a heartbeat: its pairs' relay and its traffic move to the next
 /// hub within about a second.
-pub const QUICK_HUB_LOST_AFTER: Duration = Duration::from_millis(700);
+pub const QUICK_HUB_LOST_AFTER: Duration = Duration::from_millis(500);
 pub const QUICK_BUSY_FOR: Duration = Duration::from_secs(2);
 pub const REGISTER_RETRY: Duration = Duration::from_millis(500);
 pub const REREGISTER_INTERVAL: Duration = Duration::from_secs(2);
@@ -494,7 +494,10 @@ impl Peer {
             return;
         };
         let index = self.peer_index(dst);
-        if let (Some(mesh), Some(id)) = (self.mesh.as_mut(), index.map(|i| mesh_key(&self.peers[i]))) {
+        // a pair whose peer the list lacks for now (`PAIR_UNLISTED_GRACE`) still carries
+        // what goes to its address
+        let key = index.map(|i| mesh_key(&self.peers[i])).or_else(|| ip::v4_in(dst).map(u32::from));
+        if let (Some(mesh), Some(id)) = (self.mesh.as_mut(), key) {
             if mesh.is_ready(id) {
                 if mesh.uses_relay(id) {
                     self.busy_until = Some(now + QUICK_BUSY_FOR);

@@ -102,6 +102,8 @@ pub struct VpnSim {
     /// Every datagram between the peers and the hub (tunnel and rendezvous) is lost; the
     /// hub runs on.
     pub hub_cut: bool,
+    /// Every tunnel datagram between this peer and the hub is lost.
+    pub peer_cut: Option<usize>,
     /// Every direct datagram between peers is lost.
     pub direct_blocked: bool,
     /// The chance that a datagram between a peer and the hub's tunnel is lost.
@@ -147,6 +149,7 @@ impl VpnSim {
             hub: Hub::new(cfg, Box::new(SimEntropy::new(seed))),
             peers: Vec::new(),
             hub_cut: false,
+            peer_cut: None,
             direct_blocked: false,
             loss: 0.0,
             rng: SimRng::new(seed ^ 0x5eed),
@@ -276,7 +279,7 @@ impl VpnSim {
                 PeerOutput::Tunnel(n) => {
                     let from = self.peers[i].tunnel;
                     self.captured.push((now, from, self.out[..n].to_vec()));
-                    if !self.hub_cut && !self.rng.chance(self.loss) {
+                    if !self.hub_cut && self.peer_cut != Some(i) && !self.rng.chance(self.loss) {
                         let wall = self.wall_ms();
                         let (hub, d) = (&mut self.hub, &self.out[..n]);
                         timed(&mut self.hub_busy, || hub.handle_datagram(now, wall, from, d));
@@ -308,7 +311,7 @@ impl VpnSim {
                     if self.hub_cut || self.rng.chance(self.loss) {
                         continue;
                     }
-                    if let Some(i) = self.peer_at_tunnel(to) {
+                    if let Some(i) = self.peer_at_tunnel(to).filter(|&i| self.peer_cut != Some(i)) {
                         self.peers[i].core.handle_datagram(self.now, &self.out[..len]);
                     }
                 }
