@@ -111,7 +111,7 @@ impl ClusterLab {
                     "listen: {HUB_LISTEN}\ntun: mpvpn0\nnetwork: {CLUSTER_NETWORK}\ncontrol_socket: {}\nstate_file: {}\n\
                      rendezvous: {ip}:{RENDEZVOUS_PORT}\n\
                      cluster:\n  name: h{i}\n  etcd: [{}]\n  key_file: {}\n  on_master: {}\n  forward_listen: {ip}:{FORWARD_PORT}\n\
-                     \x20 advertise:\n    tunnel: [{ip}:{HUB_TUNNEL_PORT}]\n\
+                     \x20 advertise:\n    tunnel: [{ip}:{HUB_TUNNEL_PORT}]\n    rendezvous: {ip}:{RENDEZVOUS_PORT}\n\
                      peers:\n{peer_yaml}",
                     me.control(i).display(),
                     dir.join(format!("hub{i}.state.json")).display(),
@@ -233,18 +233,18 @@ impl ClusterLab {
     /// clients reach the mpservers of `hubs` (started here if they are not yet), in that
     /// order (`hubs:` in peer.yaml when there are several); returns its namespace.
     pub fn start_peer(&mut self, n: usize, hubs: &[usize]) -> String {
-        self.start_peer_with(n, hubs, "")
+        self.start_peer_with(n, hubs, "", false)
     }
 
-    /// `start_peer` with a mesh socket (`connect: always`, `relay` as given; the
-    /// rendezvous port of the first of `hubs`). With `direct` false the peer hosts cannot
+    /// `start_peer` with a mesh socket (`connect: always`, `relay` as given; each hub's
+    /// own rendezvous port in its `hubs:` entry). With `direct` false the peer hosts cannot
     /// reach each other's mesh sockets (what two symmetric NATs leave): the pair is relayed.
     pub fn start_meshed_peer(&mut self, n: usize, hubs: &[usize], relay: &str, direct: bool) -> String {
         let mesh = format!(
             "mesh:\n  listen: 0.0.0.0:{MESH_PORT}\n  rendezvous: {}:{RENDEZVOUS_PORT}\n  relay: {relay}\n  connect: always\n",
             hub_ip(hubs[0])
         );
-        let ns = self.start_peer_with(n, hubs, &mesh);
+        let ns = self.start_peer_with(n, hubs, &mesh, true);
         if !direct {
             self.lab.nft(
                 &ns,
@@ -256,7 +256,7 @@ impl ClusterLab {
         ns
     }
 
-    fn start_peer_with(&mut self, n: usize, hubs: &[usize], extra_yaml: &str) -> String {
+    fn start_peer_with(&mut self, n: usize, hubs: &[usize], extra_yaml: &str, rendezvous: bool) -> String {
         self.start_servers(hubs);
         let tk = self.tunnel_key.display().to_string();
         let name = self.peers[n].0.clone();
@@ -278,7 +278,14 @@ impl ClusterLab {
             .collect();
         let reach = match &clients[..] {
             [one] => format!("embedded_client: {one}\n"),
-            several => several.iter().fold("hubs:\n".to_string(), |s, c| s + &format!("  - embedded_client: {c}\n")),
+            several => several.iter().zip(hubs).fold("hubs:\n".to_string(), |s, (c, &hub)| {
+                let rv = if rendezvous {
+                    format!("    rendezvous: {}:{RENDEZVOUS_PORT}\n", hub_ip(hub))
+                } else {
+                    String::new()
+                };
+                s + &format!("  - embedded_client: {c}\n{rv}")
+            }),
         };
         let yaml = dir.join(format!("peer-{name}.yaml"));
         std::fs::write(

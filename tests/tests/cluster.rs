@@ -390,6 +390,16 @@ fn pairs_go_on_when_their_hub_dies() {
         assert_eq!(s["hubs"][1]["state"], "up", "p{n} moved to h2: {s}");
         assert_eq!(s["addr"].as_str(), Some(addr.to_string().as_str()), "p{n} kept its address");
     }
+    // p0 asks h2's rendezvous port now (its `hubs:` entry names it): h2 saw its mesh socket
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = mpvpn_status(&c.peer_control(0));
+        if s["mesh_sockets"][0]["reflexive"].is_string() {
+            break;
+        }
+        assert!(Instant::now() < until, "h2's rendezvous port did not answer p0: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let (direct_answered, direct_gap) = results[0];
     assert!(direct_answered >= 399 && direct_gap < Duration::from_millis(300), "direct pair: {:?}", results[0]);
     // about 1 s on an idle box (KCP resends what the gap held); slack for a loaded one

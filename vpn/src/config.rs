@@ -335,6 +335,9 @@ pub struct HubEndpoint {
     pub tunnel_control: Option<PathBuf>,
     #[serde(default)]
     pub embedded_client: Option<PathBuf>,
+    /// This hub's rendezvous port for the mesh (else `mesh.rendezvous`).
+    #[serde(default)]
+    pub rendezvous: Option<String>,
 }
 
 impl HubEndpoint {
@@ -586,6 +589,7 @@ impl PeerConfig {
             tunnel: Some(self.tunnel.clone()),
             tunnel_control: self.tunnel_control.clone(),
             embedded_client: self.embedded_client.clone(),
+            rendezvous: None,
         }]
     }
 
@@ -604,6 +608,10 @@ impl PeerConfig {
             if let Some(t) = &h.tunnel {
                 let ok = common::config::valid_host_port(t);
                 check(ok, file, text, "hubs.tunnel", "tunnel", format!("`{t}` is not host:port"))?;
+            }
+            if let Some(r) = &h.rendezvous {
+                let ok = common::config::valid_host_port(r);
+                check(ok, file, text, "hubs.rendezvous", "rendezvous", format!("`{r}` is not host:port"))?;
             }
         }
         Ok(())
@@ -856,8 +864,9 @@ mod tests {
     fn several_hubs_in_peer_config() {
         let base = format!("name: a\nkey: {KEY}\n");
         let hubs = "hubs:\n  - tunnel: 127.0.0.1:3000\n  - embedded_client: /etc/mptunnel/h2.yaml\n";
-        let c = PeerConfig::parse("p.yaml", &format!("{base}{hubs}")).unwrap();
+        let c = PeerConfig::parse("p.yaml", &format!("{base}{hubs}    rendezvous: 203.0.113.2:5200\n")).unwrap();
         assert_eq!(c.endpoints().len(), 2);
+        assert_eq!(c.endpoints()[1].rendezvous.as_deref(), Some("203.0.113.2:5200"));
         assert_eq!(c.endpoints()[1].describe(), "embedded client /etc/mptunnel/h2.yaml");
         assert!(c.discover, "on by default");
         let off = PeerConfig::parse("p.yaml", &format!("{base}discover: false\n")).unwrap();
@@ -870,6 +879,10 @@ mod tests {
             ),
             (format!("{base}hubs:\n  - tunnel_control: /x.sock\n"), "each hub needs one of"),
             (format!("{base}hubs:\n  - tunnel: nope\n"), "hubs.tunnel: `nope` is not host:port"),
+            (
+                format!("{base}hubs:\n  - tunnel: 127.0.0.1:1\n    rendezvous: 10.0.0.1\n"),
+                "p.yaml:5: hubs.rendezvous: `10.0.0.1` is not host:port",
+            ),
             (format!("{base}hubs:\n  - tunel: 127.0.0.1:1\n"), "unknown field `tunel`"),
         ] {
             let e = PeerConfig::parse("p.yaml", &yaml).unwrap_err().to_string();

@@ -245,13 +245,17 @@ fn a_hub_tells_its_peers_the_clusters_other_hubs() {
     use vpn::peer::PeerEvent;
     use vpn::wire::{ClusterHubsRepr, ListedHub};
     let mut net = VpnSim::new(config(), 1);
-    let h2 = ListedHub { name: "h2".into(), tunnel: vec!["10.90.0.2:4000".parse().unwrap()] };
+    let h2 = ListedHub { name: "h2".into(), tunnel: vec!["10.90.0.2:4000".parse().unwrap()], rendezvous: None };
     let listed = ClusterHubsRepr { this: "h1".into(), others: vec![h2.clone()] };
     net.hub.set_listed_hubs(listed.clone());
     net.add_peer(sim::peer_config("a"), Nat::None);
     net.run_for(Duration::from_secs(1));
     assert!(net.peers[0].events.contains(&PeerEvent::ClusterHubs(listed)), "{:?}", net.peers[0].events);
-    let h3 = ListedHub { name: "h3".into(), tunnel: vec!["10.90.0.3:4000".parse().unwrap()] };
+    let h3 = ListedHub {
+        name: "h3".into(),
+        tunnel: vec!["10.90.0.3:4000".parse().unwrap()],
+        rendezvous: Some("10.90.0.3:5200".parse().unwrap()),
+    };
     let grown = ClusterHubsRepr { this: "h1".into(), others: vec![h2, h3] };
     net.hub.set_listed_hubs(grown.clone());
     net.hub.set_listed_hubs(grown.clone()); // unchanged: not sent again

@@ -243,7 +243,11 @@ impl Cluster {
                         .hubs
                         .values()
                         .filter(|(h, up)| *up && h.name != self.name)
-                        .map(|(h, _)| crate::wire::ListedHub { name: h.name.clone(), tunnel: h.tunnel.clone() })
+                        .map(|(h, _)| crate::wire::ListedHub {
+                            name: h.name.clone(),
+                            tunnel: h.tunnel.clone(),
+                            rendezvous: h.rendezvous,
+                        })
                         .collect();
                     core.set_listed_hubs(crate::wire::ClusterHubsRepr { this: self.name.clone(), others });
                 }

@@ -70,7 +70,7 @@ impl PeerTunnel {
 /// hub's advertised multipath server addresses.
 pub(super) enum Reach {
     Configured(HubEndpoint),
-    Discovered { hub: String, client: Box<ClientConfig> },
+    Discovered { hub: String, client: Box<ClientConfig>, rendezvous: Option<SocketAddr> },
 }
 
 /// A hub slot: how it is reached, and its name once a hub told it.
@@ -80,10 +80,18 @@ pub(super) struct HubSlot {
 }
 
 impl HubSlot {
+    /// Its own rendezvous port (peer.yaml's, or the one it advertises), if it has one.
+    fn rendezvous(&self) -> Result<Option<SocketAddr>, VpnError> {
+        match &self.reach {
+            Reach::Configured(e) => e.rendezvous.as_deref().map(driver::resolve).transpose().map_err(Into::into),
+            Reach::Discovered { rendezvous, .. } => Ok(*rendezvous),
+        }
+    }
+
     fn describe(&self) -> String {
         match &self.reach {
             Reach::Configured(e) => e.describe(),
-            Reach::Discovered { hub, client } => {
+            Reach::Discovered { hub, client, .. } => {
                 let at: Vec<&str> = client.paths.iter().map(|p| p.remote.as_str()).collect();
                 format!("{hub} (discovered, at {})", at.join(", "))
             }
@@ -106,7 +114,9 @@ fn open_embedded(cc: &ClientConfig, file: &str, registry: &Registry, log: &Logge
 fn open_reach(r: &Reach, registry: &Registry, log: &Logger) -> Result<PeerTunnel, VpnError> {
     match r {
         Reach::Configured(e) => open_peer_tunnel(e, registry, log),
-        Reach::Discovered { hub, client } => open_embedded(client, &format!("(discovered hub {hub})"), registry, log),
+        Reach::Discovered { hub, client, .. } => {
+            open_embedded(client, &format!("(discovered hub {hub})"), registry, log)
+        }
     }
 }
 
@@ -132,8 +142,10 @@ pub(super) struct MeshSockets {
     socks: Vec<BatchSocket>,
     /// Their local addresses, as bound.
     locals: Vec<SocketAddr>,
-    /// The hub's rendezvous port.
+    /// The rendezvous port of the hub in use, and `mesh.rendezvous` (for hubs without
+    /// their own).
     rendezvous: SocketAddr,
+    default_rendezvous: SocketAddr,
 }
 
 impl MeshSockets {
@@ -152,7 +164,7 @@ impl MeshSockets {
         }
         info!(log, "mesh sockets open"; "listen" => ?locals, "rendezvous" => %rendezvous, "relay" => ?m.relay,
             "connect" => ?m.connect);
-        Ok(Self { socks, locals, rendezvous })
+        Ok(Self { socks, locals, rendezvous, default_rendezvous: rendezvous })
     }
 
     fn socket_of(&self, token: Token) -> Option<usize> {
@@ -301,6 +313,7 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
         tun_config: None,
         log: log.clone(),
     };
+    d.point_rendezvous();
     let result = el.run(&mut d);
     // the host's resolver is taken back whatever ended the peer
     if let Some(r) = d.resolver.as_mut() {
@@ -528,7 +541,7 @@ impl PeerDriver {
                 .map(|a| common::config::PathConfig { remote: a.to_string(), bind: None, interface: None, name: None })
                 .collect();
             learned.push(o.name.clone());
-            let reach = Reach::Discovered { hub: o.name.clone(), client: Box::new(client) };
+            let reach = Reach::Discovered { hub: o.name.clone(), client: Box::new(client), rendezvous: o.rendezvous };
             self.hubs.push(HubSlot { reach, name: Some(o.name) });
         }
         if !learned.is_empty() {
@@ -544,6 +557,7 @@ impl PeerDriver {
         self.current = (self.current + 1) % self.hubs.len();
         self.hub_since = now;
         self.registered_here = false;
+        self.point_rendezvous();
         let e = &self.hubs[self.current];
         match open_reach(&e.reach, &self.registry, &self.log) {
             Ok(t) => {
@@ -553,6 +567,21 @@ impl PeerDriver {
             // tried again when this one times out too
             Err(err) => error!(self.log, "cannot open the next hub's tunnel"; "hub" => e.describe(), "error" => %err),
         }
+    }
+
+    /// The mesh asks the rendezvous port of the hub in use (its own, else
+    /// `mesh.rendezvous`): that is the hub that sees our mesh sockets' NAT mappings.
+    fn point_rendezvous(&mut self) {
+        let Some(m) = self.mesh.as_mut() else { return };
+        let slot = &self.hubs[self.current];
+        m.rendezvous = match slot.rendezvous() {
+            Ok(r) => r.unwrap_or(m.default_rendezvous),
+            Err(e) => {
+                warn!(self.log, "cannot resolve this hub's rendezvous port: asking mesh.rendezvous";
+                    "hub" => slot.describe(), "error" => %e);
+                m.default_rendezvous
+            }
+        };
     }
 
     /// Each hub of `hubs:` and what this peer does with it (status).

@@ -164,8 +164,10 @@ impl Rendezvous {
     }
 
     /// A new registration: ask at once, and expect an answer within
-    /// `RENDEZVOUS_SILENT_AFTER`.
+    /// `RENDEZVOUS_SILENT_AFTER`. What the last hub saw does not speak for this one (it
+    /// may be another, behind another NAT mapping).
     pub(super) fn registered(&mut self, now: Instant) {
+        self.reflexive.iter_mut().for_each(|r| *r = None);
         self.next_question = now + RENDEZVOUS_INTERVAL;
         self.questions_due = self.reflexive.len();
         self.silent_since = Some(now);

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! INNER_HUBS 0x09 | name_len u8 | name (this hub) | count u8
-//!                 | (name_len u8 | name | n_addrs u8 | address*)*
+//!                 | (name_len u8 | name | n_addrs u8 | address* | has_rendezvous u8 | address?)*
 //! ```
 
 use super::*;
@@ -19,6 +19,8 @@ pub const MAX_HUB_ADDRS: usize = 8;
 pub struct ListedHub {
     pub name: String,
     pub tunnel: Vec<SocketAddr>,
+    /// Its rendezvous port (`advertise.rendezvous`), if it has one.
+    pub rendezvous: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +45,10 @@ impl ClusterHubsRepr {
             out.push(addrs.len() as u8);
             for &a in addrs {
                 put_addr(&mut out, a);
+            }
+            out.push(u8::from(h.rendezvous.is_some()));
+            if let Some(r) = h.rendezvous {
+                put_addr(&mut out, r);
             }
         }
         out
@@ -74,7 +80,17 @@ impl ClusterHubsRepr {
                 tunnel.push(a);
                 at = end;
             }
-            others.push(ListedHub { name: name.to_string(), tunnel });
+            let (rendezvous, next) = match b.get(at) {
+                Some(0) => (None, at + 1),
+                Some(1) => {
+                    let (r, end) = addr_at(b, at + 1)?;
+                    (Some(r), end)
+                }
+                Some(_) => return Err(VpnWireError::BadField),
+                None => return Err(VpnWireError::Truncated),
+            };
+            at = next;
+            others.push(ListedHub { name: name.to_string(), tunnel, rendezvous });
         }
         if at != b.len() {
             return Err(VpnWireError::BadField);
@@ -91,10 +107,20 @@ mod tests {
     fn cluster_hubs_golden_bytes_and_hostile_input() {
         let r = ClusterHubsRepr {
             this: "h1".into(),
-            others: vec![ListedHub { name: "h2".into(), tunnel: vec!["10.0.2.1:4000".parse().unwrap()] }],
+            others: vec![ListedHub {
+                name: "h2".into(),
+                tunnel: vec!["10.0.2.1:4000".parse().unwrap()],
+                rendezvous: Some("10.0.2.1:5200".parse().unwrap()),
+            }],
         };
         let b = r.emit();
-        assert_eq!(b, [0x09, 2, b'h', b'1', 1, 2, b'h', b'2', 1, 4, 10, 0, 2, 1, 0x0f, 0xa0]);
+        assert_eq!(
+            b,
+            [0x09, 2, b'h', b'1', 1, 2, b'h', b'2', 1, 4, 10, 0, 2, 1, 0x0f, 0xa0, 1, 4, 10, 0, 2, 1, 0x14, 0x50]
+        );
+        let without =
+            ClusterHubsRepr { this: "h1".into(), others: vec![ListedHub { rendezvous: None, ..r.others[0].clone() }] };
+        assert_eq!(ClusterHubsRepr::parse(&without.emit()), Ok(without));
         assert_eq!(ClusterHubsRepr::parse(&b), Ok(r));
         for cut in 0..b.len() {
             assert!(ClusterHubsRepr::parse(&b[..cut]).is_err(), "cut at {cut}");
@@ -105,8 +131,11 @@ mod tests {
         let mut many = b.clone();
         many[4] = 200;
         assert_eq!(ClusterHubsRepr::parse(&many), Err(VpnWireError::BadField));
-        let mut addrs = b;
+        let mut addrs = b.clone();
         addrs[8] = 99;
         assert_eq!(ClusterHubsRepr::parse(&addrs), Err(VpnWireError::BadField));
+        let mut flag = b;
+        flag[16] = 2;
+        assert_eq!(ClusterHubsRepr::parse(&flag), Err(VpnWireError::BadField));
     }
 }
