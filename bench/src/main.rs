@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tests::{bin, lab_available, run, udp_stream, Echo, Lab};
 
+mod hub_failover;
 mod hub_scale;
 
 #[global_allocator]
@@ -53,6 +54,11 @@ struct Cli {
     /// no root), peer lists as deltas and whole; writes hub-scale.json and hub-scale.md.
     #[arg(long, conflicts_with = "profile")]
     hub_scale: bool,
+    /// Only the hub-failover bench: three hubs with etcd in namespaces, meshed pairs
+    /// (direct; relayed with `relay: fallback`; with `always`) pinging while their hub is
+    /// killed, 6 times (2 min); writes hub-failover.json and hub-failover.md. Needs etcd.
+    #[arg(long, conflicts_with_all = ["profile", "hub_scale"])]
+    hub_failover: bool,
 }
 
 /// Where the hub-scale bench measures a join (peers already on the hub).
@@ -881,6 +887,20 @@ fn main() {
     if let Err(why) = lab_available() {
         eprintln!("mpt-bench: {why}; run as root (see README)");
         std::process::exit(1);
+    }
+    if cli.hub_failover {
+        if std::process::Command::new("etcd").arg("--version").output().is_err() {
+            eprintln!("mpt-bench: --hub-failover needs etcd (apt-get install etcd-server)");
+            std::process::exit(1);
+        }
+        let out = cli.out.unwrap_or_else(|| PathBuf::from("bench/results/hub-failover"));
+        std::fs::create_dir_all(&out).expect("output directory");
+        let h = hub_failover::run(6);
+        std::fs::write(out.join("hub-failover.json"), serde_json::to_string_pretty(&h).expect("json")).expect("write");
+        let md = hub_failover::markdown(&h);
+        std::fs::write(out.join("hub-failover.md"), &md).expect("write");
+        println!("\n{md}\nwrote {}/hub-failover.json and hub-failover.md", out.display());
+        return;
     }
     // SAFETY: the handler only stores to an atomic.
     unsafe {

@@ -256,6 +256,69 @@ impl ClusterLab {
         ns
     }
 
+    /// One pair per case (`relay`, whether its hosts reach each other's mesh sockets):
+    /// peers `2k` and `2k + 1`, each listing hubs 1 then 2, `connect: always`. Waits until
+    /// every peer is up, the direct pairs go direct and each pair answers pings; returns,
+    /// per pair, the first peer's namespace and the second's VPN address.
+    pub fn start_pairs(&mut self, cases: &[(&str, bool)]) -> Vec<(String, Ipv4Addr)> {
+        let mut first = Vec::new();
+        for (k, &(relay, direct)) in cases.iter().enumerate() {
+            first.push(self.start_meshed_peer(2 * k, &[1, 2], relay, direct));
+            self.start_meshed_peer(2 * k + 1, &[1, 2], relay, direct);
+        }
+        let up = Duration::from_secs(20);
+        let pairs: Vec<(String, Ipv4Addr)> =
+            first.into_iter().enumerate().map(|(k, ns)| (ns, self.wait_peer_up(2 * k + 1, up))).collect();
+        for (k, &(_, direct)) in cases.iter().enumerate() {
+            self.wait_peer_up(2 * k, up);
+            if direct {
+                self.wait_direct(2 * k, 2 * k + 1, Duration::from_secs(15));
+            }
+        }
+        for (k, (ns, dst)) in pairs.iter().enumerate() {
+            let warm = crate::traffic::ping(ns, &dst.to_string(), 20, "0.05", &[]);
+            assert!(warm.len() >= 18, "pair {k} before: {} of 20", warm.len());
+        }
+        pairs
+    }
+
+    /// Waits until peer `a` reaches peer `b` over a direct path.
+    pub fn wait_direct(&self, a: usize, b: usize, within: Duration) {
+        let until = Instant::now() + within;
+        let name = &self.peers[b].0;
+        loop {
+            let s = mpvpn_status(&self.peer_control(a));
+            let via =
+                s["peers"].as_array().and_then(|p| p.iter().find(|p| p["name"] == *name).map(|p| p["via"].clone()));
+            if via.as_ref().and_then(|v| v.as_str()) == Some("direct") {
+                return;
+            }
+            assert!(Instant::now() < until, "p{a} and {name} did not go direct: {s}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `count` pings every 20 ms over each of `pairs` (`start_pairs`); `kill -9` of hub
+    /// `hub` 2 s in. Returns, per pair, how many were answered and the longest time
+    /// without an answer.
+    pub fn ping_pairs_across_kill(
+        &mut self,
+        pairs: &[(String, Ipv4Addr)],
+        hub: usize,
+        count: u32,
+    ) -> Vec<(usize, Duration)> {
+        let runs: Vec<_> = pairs
+            .iter()
+            .map(|(ns, dst)| {
+                let (ns, dst) = (ns.clone(), dst.to_string());
+                std::thread::spawn(move || crate::traffic::ping_gaps(&ns, &dst, count, "0.02"))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs(2));
+        self.lab.kill9(self.hubs[hub - 1]);
+        runs.into_iter().map(|r| r.join().expect("ping")).collect()
+    }
+
     fn start_peer_with(&mut self, n: usize, hubs: &[usize], extra_yaml: &str, rendezvous: bool) -> String {
         self.start_servers(hubs);
         let tk = self.tunnel_key.display().to_string();

@@ -345,40 +345,10 @@ fn pairs_go_on_when_their_hub_dies() {
     c.wait_agreed_master(&[1, 2, 3], 3, Duration::from_secs(20));
     let cases =
         [("direct", "fallback", true), ("relayed, fallback", "fallback", false), ("relayed, always", "always", false)];
-    let mut pairs = Vec::new();
-    for (k, (_, relay, direct)) in cases.iter().enumerate() {
-        let a_ns = c.start_meshed_peer(2 * k, &[1, 2], relay, *direct);
-        c.start_meshed_peer(2 * k + 1, &[1, 2], relay, *direct);
-        pairs.push(a_ns);
-    }
-    let addrs: Vec<std::net::Ipv4Addr> = (0..6).map(|n| c.wait_peer_up(n, Duration::from_secs(20))).collect();
-    // the pairs come up (connect: always); the direct one goes direct
-    let until = Instant::now() + Duration::from_secs(15);
-    loop {
-        let s = mpvpn_status(&c.peer_control(0));
-        let via = s["peers"].as_array().and_then(|p| p.iter().find(|p| p["name"] == "p1").map(|p| p["via"].clone()));
-        if via.as_ref().and_then(|v| v.as_str()) == Some("direct") {
-            break;
-        }
-        assert!(Instant::now() < until, "p0 and p1 did not go direct: {s}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    for (k, ns) in pairs.iter().enumerate() {
-        let warm = ping(ns, &addrs[2 * k + 1].to_string(), 20, "0.05", &[]);
-        assert!(warm.len() >= 18, "pair {k} before: {} of 20", warm.len());
-    }
+    let pairs = c.start_pairs(&cases.map(|(_, relay, direct)| (relay, direct)));
+    let addrs: Vec<std::net::Ipv4Addr> = (0..6).map(|n| c.wait_peer_up(n, Duration::from_secs(1))).collect();
     // 400 pings every 20 ms on each pair; h1 dies 2 s in
-    let runs: Vec<_> = pairs
-        .iter()
-        .enumerate()
-        .map(|(k, ns)| {
-            let (ns, dst) = (ns.clone(), addrs[2 * k + 1].to_string());
-            std::thread::spawn(move || ping_gaps(&ns, &dst, 400, "0.02"))
-        })
-        .collect();
-    std::thread::sleep(Duration::from_secs(2));
-    c.lab.kill9(c.hubs[0]);
-    let results: Vec<(usize, Duration)> = runs.into_iter().map(|r| r.join().expect("ping")).collect();
+    let results = c.ping_pairs_across_kill(&pairs, 1, 400);
     for ((what, ..), (answered, gap)) in cases.iter().zip(&results) {
         println!(
             "h1 killed under a {what} pair: {answered} of 400 pings answered, longest gap {:.0} ms",
