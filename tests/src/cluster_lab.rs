@@ -46,11 +46,23 @@ pub struct ClusterLab {
     pub tunnel_key: PathBuf,
     /// Peer hosts: the peer's index in `peers`, its namespace and process.
     pub peer_hosts: Vec<(usize, String, usize)>,
+    /// etcd's client port speaks TLS and wants client certificates (`start_tls`).
+    pub tls: bool,
 }
 
 impl ClusterLab {
     /// Three hub hosts; hub.yaml on each lists `n_peers` peers `p0`, `p1`, ...
     pub fn start(tag: &str, n_peers: usize) -> Self {
+        Self::start_with(tag, n_peers, false)
+    }
+
+    /// `start`, with etcd's client port on TLS: a lab CA signs each member's server
+    /// certificate and one client certificate the hubs present (`--client-cert-auth`).
+    pub fn start_tls(tag: &str, n_peers: usize) -> Self {
+        Self::start_with(tag, n_peers, true)
+    }
+
+    fn start_with(tag: &str, n_peers: usize, tls: bool) -> Self {
         let mut lab = Lab::new(tag);
         let switch = lab.add_ns("sw");
         lab.sh(&switch, "ip link add br0 type bridge && ip link set br0 up");
@@ -96,13 +108,27 @@ impl ClusterLab {
             servers: vec![None; 3],
             tunnel_key,
             peer_hosts: Vec::new(),
+            tls,
+        };
+        if tls {
+            make_certificates(&dir);
+        }
+        let scheme = if tls { "https" } else { "http" };
+        let tls_files = if tls {
+            format!(
+                "  etcd_ca_file: {0}/ca.pem\n  etcd_cert_file: {0}/hub.pem\n  etcd_key_file: {0}/hub.key\n",
+                dir.display()
+            )
+        } else {
+            String::new()
         };
         for i in 1..=3 {
             let ip = hub_ip(i);
             let idx = me.start_etcd(i, true);
             me.etcd.push(idx);
             // this hub's member first: it answers when the others are cut off
-            let mut etcd: Vec<String> = (1..=3).map(|j| format!("http://{}:{ETCD_CLIENT_PORT}", hub_ip(j))).collect();
+            let mut etcd: Vec<String> =
+                (1..=3).map(|j| format!("{scheme}://{}:{ETCD_CLIENT_PORT}", hub_ip(j))).collect();
             etcd.rotate_left(i - 1);
             let yaml = dir.join(format!("hub{i}.yaml"));
             std::fs::write(
@@ -110,7 +136,7 @@ impl ClusterLab {
                 format!(
                     "listen: {HUB_LISTEN}\ntun: mpvpn0\nnetwork: {CLUSTER_NETWORK}\ncontrol_socket: {}\nstate_file: {}\n\
                      rendezvous: {ip}:{RENDEZVOUS_PORT}\n\
-                     cluster:\n  name: h{i}\n  etcd: [{}]\n  key_file: {}\n  on_master: {}\n  forward_listen: {ip}:{FORWARD_PORT}\n\
+                     cluster:\n  name: h{i}\n  etcd: [{}]\n{tls_files}  key_file: {}\n  on_master: {}\n  forward_listen: {ip}:{FORWARD_PORT}\n\
                      \x20 advertise:\n    tunnel: [{ip}:{HUB_TUNNEL_PORT}]\n    rendezvous: {ip}:{RENDEZVOUS_PORT}\n\
                      peers:\n{peer_yaml}",
                     me.control(i).display(),
@@ -133,7 +159,8 @@ impl ClusterLab {
     /// founding member; else again on its data dir (which then ignores the cluster flags).
     pub fn start_etcd(&mut self, i: usize, first: bool) -> usize {
         let (ns, ip, dir) = (self.hub_ns[i - 1].clone(), hub_ip(i), self.lab.dir.clone());
-        let client = format!("http://{ip}:{ETCD_CLIENT_PORT}");
+        let scheme = if self.tls { "https" } else { "http" };
+        let client = format!("{scheme}://{ip}:{ETCD_CLIENT_PORT}");
         let peer = format!("http://{ip}:{ETCD_PEER_PORT}");
         let data = dir.join(format!("etcd{i}")).display().to_string();
         let mut args = vec![
@@ -156,6 +183,18 @@ impl ClusterLab {
             "--election-timeout".into(),
             "500".into(),
         ];
+        if self.tls {
+            let d = dir.display();
+            args.extend([
+                "--cert-file".into(),
+                format!("{d}/e{i}.pem"),
+                "--key-file".into(),
+                format!("{d}/e{i}.key"),
+                "--trusted-ca-file".into(),
+                format!("{d}/ca.pem"),
+                "--client-cert-auth".into(),
+            ]);
+        }
         if first {
             let members: Vec<String> = (1..=3).map(|j| format!("e{j}=http://{}:{ETCD_PEER_PORT}", hub_ip(j))).collect();
             let token = format!("{}-etcd", dir.file_name().unwrap_or_default().to_string_lossy());
@@ -497,4 +536,47 @@ fn public_of(n: usize) -> [u8; 32] {
     p[1] = n as u8;
     p[2] = (n >> 8) as u8;
     p
+}
+
+/// In `dir`: a CA (`ca.pem`), a server certificate for each etcd member (`e<i>.pem`,
+/// `e<i>.key`, for its hub host's address) and a client certificate for the hubs
+/// (`hub.pem`, `hub.key`), all P-256, made with the openssl command.
+fn make_certificates(dir: &std::path::Path) {
+    let openssl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(dir));
+    let key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &key,
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=mpt lab CA"],
+        ]
+        .concat(),
+    );
+    let sign = |name: &str, ext: &str| {
+        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+        let (k, csr, pem, ext) =
+            (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"), format!("{name}.ext"));
+        openssl(&[&["req"][..], &key, &["-keyout", &k, "-out", &csr, "-subj", &format!("/CN={name}")]].concat());
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ]);
+    };
+    for i in 1..=3 {
+        sign(&format!("e{i}"), &format!("subjectAltName=IP:{}\nextendedKeyUsage=serverAuth,clientAuth\n", hub_ip(i)));
+    }
+    sign("hub", "extendedKeyUsage=clientAuth\n");
 }

@@ -379,3 +379,31 @@ fn pairs_go_on_when_their_hub_dies() {
     }
     println!("{}", mpvpn_status_table(&c.peer_control(2)));
 }
+
+/// etcd's client port on TLS with client certificates (`--client-cert-auth`): hubs with
+/// `etcd_ca_file`, `etcd_cert_file` and `etcd_key_file` elect a master and give out
+/// addresses; a hub without a client certificate is refused by etcd and says so.
+#[test]
+fn hubs_talk_to_etcd_over_tls_with_client_certificates() {
+    let Some(_serial) = cluster_lab_or_skip() else { return };
+    let mut c = ClusterLab::start_tls("ct", 2);
+    let master = c.wait_agreed_master(&[1, 2, 3], 3, Duration::from_secs(30));
+    let got = addresses(&c.register(2, &[0, 1], Duration::from_secs(10)));
+    assert_ne!(got[0], got[1]);
+    println!("over TLS: master {master}, addresses {got:?}");
+    // h1 again without its client certificate: etcd will not talk to it
+    c.lab.kill9(c.hubs[0]);
+    let yaml = c.lab.dir.join("hub1.yaml");
+    let text = std::fs::read_to_string(&yaml).unwrap();
+    let without: String = text
+        .lines()
+        .filter(|l| !l.contains("etcd_cert_file") && !l.contains("etcd_key_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&yaml, without).unwrap();
+    c.restart_hub(1);
+    std::thread::sleep(Duration::from_secs(4));
+    let s = c.cluster_status(1);
+    assert_eq!(s["etcd"], "unreachable", "h1 without a client certificate: {s}");
+    assert_eq!(c.cluster_status(2)["etcd"], "up");
+}

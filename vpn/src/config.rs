@@ -115,7 +115,7 @@ fn default_lease_ttl() -> u64 {
 pub struct ClusterConfig {
     /// This hub's name, unique among the hubs.
     pub name: String,
-    /// The client URLs of the etcd members (`http://ip:port`).
+    /// The client URLs of the etcd members (`http://ip:port`, or all `https://`).
     pub etcd: Vec<String>,
     /// The key every hub of the cluster holds (`mpvpn genkey`): it signs what a hub
     /// publishes about itself, so a record in etcd without it is not believed.
@@ -131,6 +131,15 @@ pub struct ClusterConfig {
     pub etcd_user: Option<String>,
     #[serde(default)]
     pub etcd_password_file: Option<PathBuf>,
+    /// With `https://` members: the CA that signed their certificates (PEM; default:
+    /// the public web's roots), and this hub's client certificate and key (PEM, with
+    /// etcd's `--client-cert-auth`).
+    #[serde(default)]
+    pub etcd_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub etcd_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub etcd_key_file: Option<PathBuf>,
     /// How long this hub's membership (and mastership) outlives its last word to etcd.
     #[serde(default = "default_lease_ttl")]
     pub lease_ttl_secs: u64,
@@ -165,14 +174,31 @@ impl ClusterConfig {
         let why = "1-32 of a-z A-Z 0-9 - _ .".to_string();
         check(valid_name(&self.name), file, text, "cluster.name", "name", why)?;
         check(!self.etcd.is_empty(), file, text, "cluster.etcd", "etcd", "at least one etcd member URL".into())?;
+        let tls = self.etcd.first().is_some_and(|e| e.starts_with("https://"));
+        let scheme = if tls { "https://" } else { "http://" };
         for e in &self.etcd {
-            let host = e.strip_prefix("http://").map(|h| h.trim_end_matches('/'));
-            let why = if e.starts_with("https://") {
-                format!("`{e}`: https (TLS to etcd) is not supported; keep etcd's client port on a private network")
-            } else {
-                format!("`{e}` is not http://host:port")
-            };
+            let host = e.strip_prefix(scheme).map(|h| h.trim_end_matches('/'));
+            let why = format!("`{e}` is not {scheme}host:port (all members http, or all https)");
             check(host.is_some_and(common::config::valid_host_port), file, text, "cluster.etcd", e, why)?;
+        }
+        let files = [
+            ("cluster.etcd_ca_file", "etcd_ca_file", &self.etcd_ca_file),
+            ("cluster.etcd_cert_file", "etcd_cert_file", &self.etcd_cert_file),
+            ("cluster.etcd_key_file", "etcd_key_file", &self.etcd_key_file),
+        ];
+        for (field, key, path) in files {
+            let Some(path) = path else { continue };
+            check(tls, file, text, field, key, "only with https:// etcd members".into())?;
+            let read = std::fs::read(path);
+            let why = read.as_ref().err().map(|e| format!("{}: {e}", path.display())).unwrap_or_default();
+            check(read.is_ok(), file, text, field, key, why)?;
+        }
+        let both = self.etcd_cert_file.is_some() == self.etcd_key_file.is_some();
+        let why = "etcd_cert_file and etcd_key_file go together".to_string();
+        check(both, file, text, "cluster.etcd_cert_file", "etcd_cert_file", why)?;
+        if let (true, Err((field, why))) = (tls, crate::driver::etcd_tls(self)) {
+            let key = field.trim_start_matches("cluster.");
+            check(false, file, text, field, key, why)?;
         }
         let key = load_key(&self.key_file);
         let why = key.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
@@ -752,24 +778,59 @@ mod tests {
         assert!(e.contains("dns.domain") && e.contains("hub.yaml:3"), "{e}");
     }
 
-    #[test]
-    fn cluster_config_is_checked() {
-        let key = std::env::temp_dir().join(format!("mpvpn-cluster-test-{}.key", std::process::id()));
+    /// A hub.yaml with `cluster:`, and its key file (written for test `tag`).
+    fn cluster_yaml(tag: &str) -> (String, PathBuf) {
+        let key = std::env::temp_dir().join(format!("mpvpn-cluster-test-{}-{tag}.key", std::process::id()));
         std::fs::write(&key, KEY2).unwrap();
         let text = format!(
             "network: 10.99.0.0/24\ncluster:\n  name: h1\n  etcd: [http://10.0.1.1:2379]\n  key_file: {}\npeers:\n  - name: a\n    key: {KEY}\n",
             key.display()
         );
+        (text, key)
+    }
+
+    #[test]
+    fn cluster_tls_config_is_checked() {
+        let (text, key) = cluster_yaml("tls");
+        // https members, the public roots
+        assert!(HubConfig::parse("h.yaml", &text.replace("http://", "https://")).is_ok());
+        for (from, to, why) in [
+            (
+                "[http://10.0.1.1:2379]",
+                "[https://10.0.1.1:2379, http://10.0.2.1:2379]",
+                "h.yaml:4: cluster.etcd: `http://10.0.2.1:2379` is not https://host:port (all members http, or all https)",
+            ),
+            ("  name: h1\n", "  name: h1\n  etcd_ca_file: /etc/hostname\n", "cluster.etcd_ca_file: only with https://"),
+            (
+                "[http://10.0.1.1:2379]\n",
+                "[https://10.0.1.1:2379]\n  etcd_ca_file: /etc/hostname\n",
+                "h.yaml:5: cluster.etcd_ca_file: /etc/hostname: no certificate in it",
+            ),
+            (
+                "[http://10.0.1.1:2379]\n",
+                "[https://10.0.1.1:2379]\n  etcd_ca_file: /no/such.pem\n",
+                "h.yaml:5: cluster.etcd_ca_file: /no/such.pem: No such file",
+            ),
+            (
+                "[http://10.0.1.1:2379]\n",
+                "[https://10.0.1.1:2379]\n  etcd_cert_file: /etc/hostname\n",
+                "cluster.etcd_cert_file: etcd_cert_file and etcd_key_file go together",
+            ),
+        ] {
+            let e = HubConfig::parse("h.yaml", &text.replace(from, to)).unwrap_err().to_string();
+            assert!(e.contains(why), "{to}: {e}");
+        }
+        let _ = std::fs::remove_file(&key);
+    }
+
+    #[test]
+    fn cluster_config_is_checked() {
+        let (text, key) = cluster_yaml("plain");
         let c = HubConfig::parse("h.yaml", &text).unwrap();
         let cl = c.cluster.as_ref().unwrap();
         assert_eq!((cl.lease_ttl_secs, cl.advertise.tunnel.len()), (DEFAULT_LEASE_TTL_SECS, 0));
         for (from, to, why) in [
             ("name: h1", "name: h/1", "h.yaml:3: cluster.name: 1-32 of"),
-            (
-                "[http://10.0.1.1:2379]",
-                "[https://10.0.1.1:2379]",
-                "h.yaml:4: cluster.etcd: `https://10.0.1.1:2379`: https",
-            ),
             ("[http://10.0.1.1:2379]", "[10.0.1.1:2379]", "cluster.etcd: `10.0.1.1:2379` is not http://host:port"),
             ("[http://10.0.1.1:2379]", "[]", "cluster.etcd: at least one"),
             ("mpvpn-cluster-test", "mpvpn-no-such-file", "h.yaml:5: cluster.key_file: "),

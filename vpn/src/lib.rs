@@ -48,6 +48,9 @@ pub enum VpnError {
     /// The hub's state file cannot be read or written.
     #[error("{0}")]
     StateFile(String),
+    /// `cluster:` names files that cannot be used (changed since hub.yaml was checked).
+    #[error("{0}")]
+    Cluster(String),
     /// The hub refused this peer for good (e.g. an MTU mismatch).
     #[error(transparent)]
     Hub(#[from] peer::HubRefusal),

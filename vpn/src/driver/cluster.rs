@@ -18,7 +18,7 @@
 //!   from when it *sent* its last renewal: a hub cut off from the quorum steps down before
 //!   anyone else can be elected. `on_master` runs once per change, `up` or `down`.
 
-use super::etcd::{Etcd, EtcdError, LeaderKey, LeaseId};
+use super::etcd::{Etcd, EtcdAccess, EtcdError, LeaderKey, LeaseId};
 use crate::ip::Prefix;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -55,8 +55,7 @@ fn now() -> Instant {
 /// What the cluster thread needs to know, from hub.yaml.
 pub(super) struct ClusterSpec {
     pub(super) name: String,
-    pub(super) etcd: Vec<String>,
-    pub(super) credentials: Option<(String, String)>,
+    pub(super) etcd: EtcdAccess,
     pub(super) key: [u8; 32],
     pub(super) advertise_tunnel: Vec<SocketAddr>,
     pub(super) advertise_rendezvous: Option<SocketAddr>,
@@ -213,7 +212,7 @@ impl Worker {
         log: Logger,
     ) -> Self {
         let key = hmac::Key::new(hmac::HMAC_SHA256, &spec.key);
-        let etcd = Etcd::new(spec.etcd.clone(), spec.credentials.clone());
+        let etcd = Etcd::new(&spec.etcd);
         Self {
             spec,
             key,
@@ -338,11 +337,11 @@ impl Worker {
     /// A thread that waits to win the election under `lease` (the call blocks until it
     /// wins), and says so.
     fn start_campaign(&self, lease: LeaseId) {
-        let (spec_etcd, creds) = (self.spec.etcd.clone(), self.spec.credentials.clone());
+        let access = self.spec.etcd.clone();
         let (election, name) = (format!("{}master", self.spec.prefix), self.spec.name.clone());
         let (current, own) = (self.campaign_lease.clone(), self.own.clone());
         let spawned = std::thread::Builder::new().name("cluster-campaign".into()).spawn(move || {
-            let mut etcd = Etcd::new(spec_etcd, creds);
+            let mut etcd = Etcd::new(&access);
             while current.load(Ordering::SeqCst) == lease {
                 match etcd.campaign(&election, lease, name.as_bytes(), CAMPAIGN_WAIT) {
                     Ok(leader) => {
@@ -435,10 +434,10 @@ impl Worker {
     fn set_store(&mut self, up: bool) {
         if self.store != Some(up) {
             if up {
-                info!(self.log, "etcd answers"; "members" => self.spec.etcd.join(","));
+                info!(self.log, "etcd answers"; "members" => self.spec.etcd.endpoints.join(","));
             } else {
                 warn!(self.log, "etcd does not answer: known peers keep their addresses, new names are refused";
-                    "members" => self.spec.etcd.join(","));
+                    "members" => self.spec.etcd.endpoints.join(","));
             }
             self.store = Some(up);
             self.tell(ClusterEvent::Store(up));

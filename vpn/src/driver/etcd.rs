@@ -14,6 +14,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
+use ureq::tls::{parse_pem, Certificate, ClientCert, PemItem, RootCerts, TlsConfig};
 
 /// How long one request may take (the campaign has its own, longer wait).
 pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -42,6 +43,61 @@ pub(super) struct KeyValue {
 /// The key an election's winner holds (what `resign` takes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct LeaderKey(Value);
+
+/// How a hub reaches etcd: the members, and the credentials and TLS they want.
+#[derive(Clone)]
+pub(super) struct EtcdAccess {
+    pub(super) endpoints: Vec<String>,
+    pub(super) credentials: Option<(String, String)>,
+    /// With `https://` members.
+    pub(super) tls: Option<TlsConfig>,
+}
+
+/// The TLS settings of `cluster:` for `https://` members: the CA (`etcd_ca_file`, else
+/// the public web's roots) and this hub's client certificate (`etcd_cert_file`,
+/// `etcd_key_file`). An error names the field and says what is wrong with its file.
+pub fn etcd_tls(cc: &crate::config::ClusterConfig) -> Result<TlsConfig, (&'static str, String)> {
+    fn pem(field: &'static str, path: &std::path::Path) -> Result<Vec<PemItem<'static>>, (&'static str, String)> {
+        let bytes = std::fs::read(path).map_err(|e| (field, format!("{}: {e}", path.display())))?;
+        let items: Result<Vec<PemItem<'static>>, _> = parse_pem(&bytes).collect();
+        items.map_err(|e| (field, format!("{}: not PEM ({e})", path.display())))
+    }
+    let mut b = TlsConfig::builder();
+    if let Some(path) = &cc.etcd_ca_file {
+        let certs: Vec<Certificate<'static>> = pem("cluster.etcd_ca_file", path)?
+            .into_iter()
+            .filter_map(|i| match i {
+                PemItem::Certificate(c) => Some(c),
+                _ => None,
+            })
+            .collect();
+        if certs.is_empty() {
+            return Err(("cluster.etcd_ca_file", format!("{}: no certificate in it", path.display())));
+        }
+        b = b.root_certs(RootCerts::new_with_certs(&certs));
+    }
+    if let (Some(cert), Some(key)) = (&cc.etcd_cert_file, &cc.etcd_key_file) {
+        let chain: Vec<Certificate<'static>> = pem("cluster.etcd_cert_file", cert)?
+            .into_iter()
+            .filter_map(|i| match i {
+                PemItem::Certificate(c) => Some(c),
+                _ => None,
+            })
+            .collect();
+        if chain.is_empty() {
+            return Err(("cluster.etcd_cert_file", format!("{}: no certificate in it", cert.display())));
+        }
+        let private = pem("cluster.etcd_key_file", key)?.into_iter().find_map(|i| match i {
+            PemItem::PrivateKey(k) => Some(k),
+            _ => None,
+        });
+        let Some(private) = private else {
+            return Err(("cluster.etcd_key_file", format!("{}: no private key in it", key.display())));
+        };
+        b = b.client_cert(Some(ClientCert::new_with_certs(&chain, private)));
+    }
+    Ok(b.build())
+}
 
 pub(super) struct Etcd {
     endpoints: Vec<String>,
@@ -89,13 +145,20 @@ fn key_value(kv: &Value) -> KeyValue {
 }
 
 impl Etcd {
-    pub(super) fn new(endpoints: Vec<String>, credentials: Option<(String, String)>) -> Self {
-        let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(REQUEST_TIMEOUT))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        Self { endpoints, current: 0, agent, credentials, token: None, deadline: None }
+    pub(super) fn new(access: &EtcdAccess) -> Self {
+        let mut config =
+            ureq::Agent::config_builder().timeout_global(Some(REQUEST_TIMEOUT)).http_status_as_error(false);
+        if let Some(tls) = &access.tls {
+            config = config.tls_config(tls.clone());
+        }
+        Self {
+            endpoints: access.endpoints.clone(),
+            current: 0,
+            agent: config.build().into(),
+            credentials: access.credentials.clone(),
+            token: None,
+            deadline: None,
+        }
     }
 
     /// POSTs `body` to `path` on a member, trying each once from the last that answered,

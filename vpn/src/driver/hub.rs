@@ -171,10 +171,13 @@ impl Cluster {
         reserved.insert(c.hub_addr());
         let digest = config_digest(c);
         let etcd: Vec<String> = cc.etcd.iter().map(|e| e.trim_end_matches('/').to_string()).collect();
+        let tls = match cc.etcd.first().is_some_and(|e| e.starts_with("https://")) {
+            true => Some(super::etcd_tls(cc).map_err(|(field, why)| VpnError::Cluster(format!("{field}: {why}")))?),
+            false => None,
+        };
         let spec = ClusterSpec {
             name: cc.name.clone(),
-            etcd: etcd.clone(),
-            credentials,
+            etcd: super::etcd::EtcdAccess { endpoints: etcd.clone(), credentials, tls },
             key: key.key.bytes(),
             advertise_tunnel: cc.advertise.tunnel.clone(),
             advertise_rendezvous: cc.advertise.rendezvous,

@@ -15,6 +15,7 @@ mod status;
 mod system;
 
 pub use cluster::HubRecord;
+pub use etcd::etcd_tls;
 pub use hub::{run_hub, HubPaths};
 use netlink::RouteChange;
 pub use peer::run_peer;
