@@ -238,6 +238,8 @@ pub struct Client {
     wall_at_epoch_ms: u64,
     /// Paths left alone for now (`set_paused_paths`).
     paused: PathMask,
+    /// Paths probed but given data only when no other path is live (`set_standby_paths`).
+    standby: PathMask,
 }
 
 impl Client {
@@ -260,6 +262,7 @@ impl Client {
             evicted_sessions: 0,
             wall_at_epoch_ms: wall_ms,
             paused: PathMask::EMPTY,
+            standby: PathMask::EMPTY,
         }
     }
 
@@ -268,6 +271,13 @@ impl Client {
     /// windows: their trackers count only probes that went out).
     pub fn set_paused_paths(&mut self, paused: PathMask) {
         self.paused = paused;
+    }
+
+    /// Paths kept probed (so they are ready) that data goes on only while no other path
+    /// is live (the mesh's relay with `relay: fallback`): the redundancy plans among the
+    /// others.
+    pub fn set_standby_paths(&mut self, standby: PathMask) {
+        self.standby = standby;
     }
 
     /// The paths that are not paused.
@@ -411,7 +421,7 @@ impl Client {
             Some(&s) => s,
             None => self.open_session(now, from),
         };
-        let paused = self.paused;
+        let (paused, standby) = (self.paused, self.standby);
         let s = self.sessions[slot].as_mut().expect("indexed session exists");
         s.last_app_activity = now;
         if !matches!(s.state, SessionState::Established { .. }) {
@@ -423,7 +433,7 @@ impl Client {
             s.pending_bytes += payload_len;
             return ClientSend::Queued;
         }
-        let (len, paths) = s.send_data(now, paused, buf, payload_len);
+        let (len, paths) = s.send_data(now, paused, standby, buf, payload_len);
         if s.sender.has_output() {
             self.mark_ready(slot);
         }
@@ -915,9 +925,20 @@ impl ClientSession {
 
     /// Seals an application datagram for this established session and says where it
     /// goes, as its redundancy plans it.
-    fn send_data(&mut self, now: Instant, paused: PathMask, buf: &mut [u8], payload_len: usize) -> (usize, PathMask) {
+    fn send_data(
+        &mut self,
+        now: Instant,
+        paused: PathMask,
+        standby: PathMask,
+        buf: &mut [u8],
+        payload_len: usize,
+    ) -> (usize, PathMask) {
         let SessionState::Established { keys, .. } = &self.state else { unreachable!("checked by the caller") };
-        let live = data_paths(&self.probes, paused);
+        let live = match data_paths(&self.probes, PathMask(paused.0 | standby.0)) {
+            // only standby paths (or none) are live: they take the data
+            l if l.iter().all(|i| self.probes[i].state() == PathState::Down) => data_paths(&self.probes, paused),
+            l => l,
+        };
         if self.sender.wants_review(now) {
             let (probes, counters) = (&self.probes, &self.counters);
             self.sender.review(

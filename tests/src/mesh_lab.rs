@@ -46,6 +46,8 @@ pub struct MeshOptions {
     /// Peer a (public) has a second uplink to the wan, 10.200.11.1, and a mesh socket on
     /// each (`mesh.listen` lists both).
     pub a_second_uplink: bool,
+    /// `mesh.redundancy` of both peers (pair sessions with `relay: fallback`).
+    pub redundancy: &'static str,
 }
 
 impl Default for MeshOptions {
@@ -57,6 +59,7 @@ impl Default for MeshOptions {
             hub_delay_ms: 0,
             mesh: true,
             a_second_uplink: false,
+            redundancy: "adaptive",
         }
     }
 }
@@ -168,8 +171,8 @@ impl MeshLab {
             };
             let mesh = if o.mesh {
                 format!(
-                    "mesh:\n  listen: {listen}\n  rendezvous: {HUB_WAN}:{RENDEZVOUS_PORT}\n  relay: {}\n  connect: {}\n",
-                    o.relay, o.connect
+                    "mesh:\n  listen: {listen}\n  rendezvous: {HUB_WAN}:{RENDEZVOUS_PORT}\n  relay: {}\n  connect: {}\n  redundancy: {}\n",
+                    o.relay, o.connect, o.redundancy
                 )
             } else {
                 String::new()
@@ -193,6 +196,13 @@ impl MeshLab {
             ));
         }
         Self { lab, hub_ns, wan_ns: wan, peer_ns, nat_ns, nats: o.nats, hub, peers }
+    }
+
+    /// Bytes peer `i`'s host has sent on its uplinks (every interface but lo and the TUN).
+    pub fn uplink_tx_bytes(&self, i: usize) -> u64 {
+        let script =
+            "for d in /sys/class/net/*; do case ${d##*/} in lo|mpvpn0) ;; *) cat $d/statistics/tx_bytes;; esac; done";
+        self.lab.sh(&self.peer_ns[i], script).lines().filter_map(|l| l.trim().parse::<u64>().ok()).sum()
     }
 
     pub fn control_of(&self, who: &str) -> PathBuf {

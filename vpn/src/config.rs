@@ -282,6 +282,32 @@ pub struct PeerMeshConfig {
     /// peer with a mesh socket at once.
     #[serde(default)]
     pub connect: crate::mesh::ConnectMode,
+    /// How pair sessions spread datagrams over their direct paths with `relay:
+    /// fallback`: `adaptive` (default), `duplicate` or `fec` (with `fec:`), as a
+    /// client's `redundancy:`. With `relay: always` every datagram goes on every path.
+    #[serde(default)]
+    pub redundancy: common::config::RedundancyName,
+    #[serde(default)]
+    pub fec: Option<common::config::FecShape>,
+    #[serde(default = "default_target_loss")]
+    pub target_loss: f64,
+}
+
+fn default_target_loss() -> f64 {
+    common::redundancy::DEFAULT_TARGET_LOSS
+}
+
+impl PeerMeshConfig {
+    /// What pair sessions use with `relay: fallback`, or the field that is wrong and why.
+    pub fn redundancy(&self) -> Result<common::redundancy::RedundancyConfig, (&'static str, String)> {
+        common::config::RedundancySettings {
+            name: self.redundancy,
+            fec: self.fec,
+            target_loss: self.target_loss,
+            ..Default::default()
+        }
+        .to_config()
+    }
 }
 
 /// `dns:` in hub.yaml.
@@ -679,6 +705,9 @@ impl PeerConfig {
                 "rendezvous",
                 format!("`{}` is not host:port", m.rendezvous),
             )?;
+            if let Err((field, why)) = m.redundancy() {
+                check(false, file, text, &format!("mesh.{field}"), field.split('.').next().unwrap_or(field), why)?;
+            }
         }
         check_log_level(&c.log_level, file, text)?;
         Ok(c)

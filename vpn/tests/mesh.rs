@@ -2,6 +2,7 @@
 //! cores, over a simulated internet with NATs (endpoint-independent mapping, or one
 //! mapping per destination) that filter what their hosts did not send to first.
 
+use common::redundancy::RedundancyConfig;
 use common::stats::PathState;
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -23,6 +24,17 @@ fn mesh_net_with_routes(
     connect: ConnectMode,
     routes: &[(Vec<Prefix>, Vec<Prefix>)],
 ) -> VpnSim {
+    mesh_net_full(nats, relay, connect, routes, RedundancyConfig::default())
+}
+
+/// `mesh_net_with_routes` whose pair sessions use `redundancy`.
+fn mesh_net_full(
+    nats: &[Nat],
+    relay: RelayMode,
+    connect: ConnectMode,
+    routes: &[(Vec<Prefix>, Vec<Prefix>)],
+    redundancy: RedundancyConfig,
+) -> VpnSim {
     let names = ["a", "b", "c"];
     let mut cfg = sim::hub_config(&names);
     for (spec, (_, allowed)) in cfg.peers.iter_mut().zip(routes) {
@@ -30,7 +42,7 @@ fn mesh_net_with_routes(
     }
     let mut net = VpnSim::new(cfg, 7);
     for (i, &nat) in nats.iter().enumerate() {
-        let mesh = MeshConfig { name: names[i].into(), sockets: vec![nat.local(i)], relay, connect };
+        let mesh = MeshConfig { name: names[i].into(), sockets: vec![nat.local(i)], relay, connect, redundancy };
         let announced = routes.get(i).map_or(vec![], |r| r.0.clone());
         net.add_peer(PeerCoreConfig { mesh: Some(mesh), routes: announced, ..sim::peer_config(names[i]) }, nat);
     }
@@ -450,6 +462,7 @@ fn a_restarted_peer_is_reached_again_over_a_new_pair() {
         sockets: vec![net.peers[1].local],
         relay: RelayMode::Fallback,
         connect: ConnectMode::OnDemand,
+        redundancy: RedundancyConfig::default(),
     };
     let cfg = PeerCoreConfig { mesh: Some(mesh), ..sim::peer_config("b") };
     let mut fresh = vpn::peer::Peer::new(cfg, net.now, net.wall_ms(), Box::new(common::sim::SimEntropy::new(4242)));
@@ -558,4 +571,20 @@ fn a_direct_pair_loses_nothing_while_the_restarted_hub_lists_only_one_of_them() 
     net.run_for(Duration::from_millis(500));
     assert!(lacked_b, "the case under test: a registered and listed while b was not");
     assert_exactly_once(&net.received(1), 0..300);
+}
+
+/// Pair sessions with adaptive redundancy (`mesh.redundancy`, the default in peer.yaml):
+/// the pair goes direct and carries both ways exactly once, the relay only at first.
+#[test]
+fn an_adaptive_pair_goes_direct_and_delivers_exactly_once() {
+    let adaptive = RedundancyConfig { mode: common::redundancy::RedundancyMode::Adaptive, ..Default::default() };
+    let mut net = mesh_net_full(&[Nat::None, Nat::None], RelayMode::Fallback, ConnectMode::Always, &[], adaptive);
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(net.via(0, 1), Some(Via::Direct));
+    net.stream(0, 1, 0..500);
+    net.stream(1, 0, 0..500);
+    net.run_for(Duration::from_millis(500));
+    assert_exactly_once(&net.received(1), 0..500);
+    assert_exactly_once(&net.received(0), 0..500);
+    assert_eq!(net.via(0, 1), Some(Via::Direct));
 }

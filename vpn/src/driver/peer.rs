@@ -258,6 +258,8 @@ fn core_config(c: &PeerConfig, key: &[u8], mesh: Option<&MeshSockets>) -> PeerCo
             sockets: s.locals.clone(),
             relay: m.relay,
             connect: m.connect,
+            // checked with peer.yaml
+            redundancy: m.redundancy().unwrap_or_default(),
         }),
         dns_domain: c.dns_domain.clone(),
     }

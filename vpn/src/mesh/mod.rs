@@ -62,7 +62,7 @@ mod sessions;
 mod transmit;
 
 pub use candidates::{direct_paths, host_candidates, is_host_candidate, listable_host_candidate, unmapped};
-use pair::{pair_client, pair_conv, pair_server, relay_addr, Pair, Side};
+use pair::{is_relay_addr, pair_client, pair_conv, pair_server, relay_addr, Pair, Side};
 
 /// A punch lasts this long ...
 pub const PUNCH_WINDOW: Duration = Duration::from_secs(10);
@@ -127,6 +127,19 @@ pub struct MeshConfig {
     pub sockets: Vec<SocketAddr>,
     pub relay: RelayMode,
     pub connect: ConnectMode,
+    /// How pair sessions spread datagrams over their paths with `RelayMode::Fallback`
+    /// (with `Always` every datagram goes on every live path: the relay carries a copy).
+    pub redundancy: common::redundancy::RedundancyConfig,
+}
+
+impl MeshConfig {
+    /// What a pair's client core uses.
+    fn pair_redundancy(&self) -> common::redundancy::RedundancyConfig {
+        match self.relay {
+            RelayMode::Fallback => self.redundancy,
+            RelayMode::Always => common::redundancy::RedundancyConfig::default(),
+        }
+    }
 }
 
 /// Where a datagram of the mesh comes from or goes to.
@@ -353,7 +366,7 @@ impl Mesh {
                 }
                 p.direct = direct_paths(&self.cfg.sockets, &p.candidates);
                 p.next_punch = vec![now; p.direct.len() + 1];
-                p.client = pair_client(&p.psk, &self.cfg.name, &p.direct, now, wall, self.entropy.fork());
+                p.client = pair_client(&p.psk, &self.cfg, &p.direct, now, wall, self.entropy.fork());
                 p.established = false;
                 p.up = PathMask::EMPTY;
                 p.start_punch(now);
@@ -404,7 +417,7 @@ impl Mesh {
         let psk = Psk::from_bytes(intro.key);
         let direct = direct_paths(&self.cfg.sockets, &e.candidates);
         let wall = self.wall_ms(now);
-        let client = pair_client(&psk, &self.cfg.name, &direct, now, wall, self.entropy.fork());
+        let client = pair_client(&psk, &self.cfg, &direct, now, wall, self.entropy.fork());
         let server = pair_server(&psk, &e.name, now, wall, self.entropy.fork());
         let mut pair = Pair {
             name: e.name.clone(),
@@ -432,6 +445,7 @@ impl Mesh {
             last_rx: None,
             reported: None,
             unlisted_since: None,
+            relay_standby: self.cfg.relay == RelayMode::Fallback,
             tx_bytes: 0,
             rx_bytes: 0,
         };

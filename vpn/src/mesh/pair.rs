@@ -54,6 +54,8 @@ pub(super) struct Pair {
     pub(super) reported: Option<Via>,
     /// Since when the peer is missing from our list (`PAIR_UNLISTED_GRACE`).
     pub(super) unlisted_since: Option<Instant>,
+    /// `relay: fallback`: the relay path is a standby while a direct path is up.
+    pub(super) relay_standby: bool,
     pub(super) tx_bytes: u64,
     pub(super) rx_bytes: u64,
 }
@@ -175,7 +177,7 @@ pub(super) fn pair_server(
 
 pub(super) fn pair_client(
     psk: &Psk,
-    our_name: &str,
+    mesh: &MeshConfig,
     direct: &[(usize, SocketAddr)],
     now: Instant,
     wall_ms: u64,
@@ -188,12 +190,13 @@ pub(super) fn pair_client(
         ClientCoreConfig {
             cipher: Cipher::Aes256Gcm,
             // their server finds the pair by our name
-            target: our_name.to_string(),
+            target: mesh.name.clone(),
             path_names,
             session_idle_timeout: PAIR_IDLE_TIMEOUT,
             max_sessions: 1,
-            // the pair's paths (relay, direct) are chosen by the mesh's relay mode
-            redundancy: common::redundancy::RedundancyConfig::default(),
+            // which paths may carry data is the relay mode's (paused paths); how the
+            // others share it, the redundancy's
+            redundancy: mesh.pair_redundancy(),
         },
         now,
         wall_ms,
@@ -212,6 +215,7 @@ mod tests {
             sockets: vec!["0.0.0.0:5100".parse().unwrap()],
             relay: RelayMode::Fallback,
             connect: ConnectMode::Always,
+            redundancy: common::redundancy::RedundancyConfig::default(),
         };
         Mesh::new(cfg, now0, 1_800_000_000_000, Box::new(common::sim::SimEntropy::new(1)))
     }

@@ -39,6 +39,11 @@ impl Pair {
         }
         self.paused = paused;
         self.client.set_paused_paths(paused);
+        let mut standby = PathMask::EMPTY;
+        if self.relay_standby && self.direct_up() {
+            standby.insert(RELAY_PATH);
+        }
+        self.client.set_standby_paths(standby);
     }
 
     /// Our client sent on `paths`: the ones being punched wait `PUNCH_INTERVAL`.

@@ -102,11 +102,16 @@ impl Mesh {
             }
             ServerRecv::Forward { payload, .. } => {
                 Self::link_input(&mut self.drops, now, p, &d[payload]);
+                Self::take_recovered(&mut self.drops, &mut self.inner_buf, now, p, Side::Server);
                 self.take_messages(now, id);
                 true
             }
-            // only coded sessions send parity; a pair's client duplicates
-            ServerRecv::Consumed => true,
+            // parity or a receipt (a coded or adaptive pair): what parity rebuilt goes on
+            ServerRecv::Consumed => {
+                Self::take_recovered(&mut self.drops, &mut self.inner_buf, now, p, Side::Server);
+                self.take_messages(now, id);
+                true
+            }
             ServerRecv::Dropped(why) => {
                 self.drops.count_core(why);
                 false
@@ -156,14 +161,29 @@ impl Mesh {
             // their data, sent back on our client's session (see `server_direct`)
             ClientRecv::Deliver { payload, .. } => {
                 Self::link_input(&mut self.drops, now, p, &d[payload]);
+                Self::take_recovered(&mut self.drops, &mut self.inner_buf, now, p, Side::Client);
                 Self::drain_client_events(&mut self.sessions, now, id, p);
                 self.take_messages(now, id);
                 return;
             }
-            ClientRecv::Consumed => {}
+            ClientRecv::Consumed => Self::take_recovered(&mut self.drops, &mut self.inner_buf, now, p, Side::Client),
             ClientRecv::Dropped(why) => self.drops.count_core(why),
         }
         Self::drain_client_events(&mut self.sessions, now, id, p);
+        self.take_messages(now, id);
+    }
+
+    /// What parity rebuilt in the pair's `side` (a coded or adaptive session) goes to the
+    /// link as if it had arrived, at once.
+    fn take_recovered(drops: &mut MeshDrops, buf: &mut [u8], now: Instant, p: &mut Pair, side: Side) {
+        loop {
+            let n = match side {
+                Side::Server => p.server.poll_recovered(buf).map(|(_, n)| n),
+                Side::Client => p.client.poll_recovered(now, buf).map(|(_, n)| n),
+            };
+            let Some(n) = n else { return };
+            Self::link_input(drops, now, p, &buf[..n]);
+        }
     }
 
     /// A datagram of their client's data: a KCP segment for the pair's link.

@@ -53,6 +53,24 @@ impl PairContext<'_> {
         to: &mut Vec<MeshAddr>,
     ) -> Option<usize> {
         p.refresh_paused(now);
+        // our server's receipts (and parity) of a coded or adaptive session: on the paths
+        // it names, the relay's included
+        while let Some((slot, len, paths)) = p.server.poll_transmit(now, out) {
+            for i in paths.iter() {
+                match p.server.path_addr(slot, i) {
+                    Some(a) if is_relay_addr(a) => to.push(MeshAddr::Relay(id)),
+                    Some(a) => {
+                        if let Some(&(_, socket)) = p.server_sockets.iter().find(|(x, _)| *x == a) {
+                            to.push(MeshAddr::Direct { socket, addr: a });
+                        }
+                    }
+                    None => {}
+                }
+            }
+            if !to.is_empty() {
+                return Some(len);
+            }
+        }
         if let Some(t) = p.client.poll_transmit(now, out) {
             p.punched(now, t.paths);
             Mesh::drain_client_events(self.sessions, now, id, p);
