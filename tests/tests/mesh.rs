@@ -192,17 +192,22 @@ fn paths_of(m: &MeshLab, who: &str) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// Waits (5 s at most) until a's pair with b has a direct path up on each of a's uplinks.
+fn wait_both_uplinks_up(m: &MeshLab) {
+    let start = Instant::now();
+    while paths_of(m, "a").iter().filter(|p| p.2 == "up").count() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(5), "both uplinks' paths up:\n{}", m.status_table("a"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_peer_with_two_uplinks_has_a_direct_path_on_each_and_loses_none_when_one_dies() {
     let Some(_serial) = lab_or_skip() else { return };
     let m = MeshLab::start("mu", MeshOptions { a_second_uplink: true, ..MeshOptions::default() });
     let [_, b] = m.wait_up(Duration::from_secs(20));
     m.wait_via("a", "direct", Duration::from_secs(15));
-    let start = Instant::now();
-    while paths_of(&m, "a").iter().filter(|p| p.2 == "up").count() < 2 {
-        assert!(start.elapsed() < Duration::from_secs(5), "both uplinks' paths up:\n{}", m.status_table("a"));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_both_uplinks_up(&m);
     let locals: Vec<String> = paths_of(&m, "a").into_iter().map(|p| p.0).collect();
     assert!(locals.contains(&"10.200.1.1:5100".into()) && locals.contains(&"10.200.11.1:5100".into()), "{locals:?}");
     // the first uplink's direct path dies; the second carries on, nothing falls back
@@ -235,11 +240,7 @@ fn an_adaptive_pair_sends_one_copy_over_two_clean_uplinks() {
         let m = MeshLab::start(tag, MeshOptions { a_second_uplink: true, redundancy, ..MeshOptions::default() });
         let [_, b] = m.wait_up(Duration::from_secs(20));
         m.wait_via("a", "direct", Duration::from_secs(15));
-        let start = Instant::now();
-        while paths_of(&m, "a").iter().filter(|p| p.2 == "up").count() < 2 {
-            assert!(start.elapsed() < Duration::from_secs(5), "both uplinks' paths up:\n{}", m.status_table("a"));
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_both_uplinks_up(&m);
         // a first transfer lets adaptive measure the paths (its receipts) and settle
         transfer(&m, &b, 7003);
         let before = m.uplink_tx_bytes(0);

@@ -62,9 +62,11 @@ pub fn etcd_tls(cc: &crate::config::ClusterConfig) -> Result<TlsConfig, (&'stati
         let items: Result<Vec<PemItem<'static>>, _> = parse_pem(&bytes).collect();
         items.map_err(|e| (field, format!("{}: not PEM ({e})", path.display())))
     }
-    let mut b = TlsConfig::builder();
-    if let Some(path) = &cc.etcd_ca_file {
-        let certs: Vec<Certificate<'static>> = pem("cluster.etcd_ca_file", path)?
+    fn certificates(
+        field: &'static str,
+        path: &std::path::Path,
+    ) -> Result<Vec<Certificate<'static>>, (&'static str, String)> {
+        let certs: Vec<Certificate<'static>> = pem(field, path)?
             .into_iter()
             .filter_map(|i| match i {
                 PemItem::Certificate(c) => Some(c),
@@ -72,21 +74,16 @@ pub fn etcd_tls(cc: &crate::config::ClusterConfig) -> Result<TlsConfig, (&'stati
             })
             .collect();
         if certs.is_empty() {
-            return Err(("cluster.etcd_ca_file", format!("{}: no certificate in it", path.display())));
+            return Err((field, format!("{}: no certificate in it", path.display())));
         }
-        b = b.root_certs(RootCerts::new_with_certs(&certs));
+        Ok(certs)
+    }
+    let mut b = TlsConfig::builder();
+    if let Some(path) = &cc.etcd_ca_file {
+        b = b.root_certs(RootCerts::new_with_certs(&certificates("cluster.etcd_ca_file", path)?));
     }
     if let (Some(cert), Some(key)) = (&cc.etcd_cert_file, &cc.etcd_key_file) {
-        let chain: Vec<Certificate<'static>> = pem("cluster.etcd_cert_file", cert)?
-            .into_iter()
-            .filter_map(|i| match i {
-                PemItem::Certificate(c) => Some(c),
-                _ => None,
-            })
-            .collect();
-        if chain.is_empty() {
-            return Err(("cluster.etcd_cert_file", format!("{}: no certificate in it", cert.display())));
-        }
+        let chain = certificates("cluster.etcd_cert_file", cert)?;
         let private = pem("cluster.etcd_key_file", key)?.into_iter().find_map(|i| match i {
             PemItem::PrivateKey(k) => Some(k),
             _ => None,
