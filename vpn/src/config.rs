@@ -659,11 +659,12 @@ impl PeerConfig {
             check(h.tunnel.is_some() != h.embedded_client.is_some(), file, text, "hubs", "hubs", why)?;
             if let Some(t) = &h.tunnel {
                 let ok = common::config::valid_host_port(t);
-                check(ok, file, text, "hubs.tunnel", "tunnel", format!("`{t}` is not host:port"))?;
+                // the line of the value: `tunnel` alone would find an earlier key
+                check(ok, file, text, "hubs.tunnel", t, format!("`{t}` is not host:port"))?;
             }
             if let Some(r) = &h.rendezvous {
                 let ok = common::config::valid_host_port(r);
-                check(ok, file, text, "hubs.rendezvous", "rendezvous", format!("`{r}` is not host:port"))?;
+                check(ok, file, text, "hubs.rendezvous", r, format!("`{r}` is not host:port"))?;
             }
         }
         Ok(())
@@ -706,7 +707,9 @@ impl PeerConfig {
                 format!("`{}` is not host:port", m.rendezvous),
             )?;
             if let Err((field, why)) = m.redundancy() {
-                check(false, file, text, &format!("mesh.{field}"), field.split('.').next().unwrap_or(field), why)?;
+                // `fec:` (not `redundancy: fec`), `target_loss:`
+                let locate = format!("{}:", field.split('.').next().unwrap_or(field));
+                check(false, file, text, &format!("mesh.{field}"), &locate, why)?;
             }
         }
         check_log_level(&c.log_level, file, text)?;
@@ -972,6 +975,14 @@ mod tests {
             (
                 format!("{base}hubs:\n  - tunnel: 127.0.0.1:1\n    rendezvous: 10.0.0.1\n"),
                 "p.yaml:5: hubs.rendezvous: `10.0.0.1` is not host:port",
+            ),
+            (
+                format!("{base}mesh:\n  listen: 0.0.0.0:5100\n  rendezvous: h:5200\n  redundancy: fec\n  fec: {{data: 0, parity: 2}}\nhubs:\n  - tunnel: 127.0.0.1:1\n    rendezvous: nohost\n"),
+                "p.yaml:10: hubs.rendezvous: `nohost` is not host:port",
+            ),
+            (
+                format!("{base}mesh:\n  listen: 0.0.0.0:5100\n  rendezvous: h:5200\n  redundancy: fec\n  fec: {{data: 0, parity: 2}}\n"),
+                "p.yaml:7: mesh.fec.data: fec.data must be",
             ),
             (format!("{base}hubs:\n  - tunel: 127.0.0.1:1\n"), "unknown field `tunel`"),
         ] {
