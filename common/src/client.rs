@@ -643,13 +643,13 @@ impl Client {
     /// Next control or queued datagram to send, built in `buf` (at least `MAX_DATAGRAM`).
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
         let now_us = self.now_us(now);
-        let all = self.active_paths();
+        let (all, standby) = (self.active_paths(), self.standby);
         while let Some(&slot) = self.ready.front() {
             let Some(s) = self.sessions[slot].as_mut() else {
                 self.ready.pop_front();
                 continue;
             };
-            if let Some(t) = s.poll_transmit(now, now_us, all, buf) {
+            if let Some(t) = s.poll_transmit(now, now_us, all, standby, buf) {
                 return Some(t);
             }
             s.queued = false;
@@ -1045,7 +1045,14 @@ fn seal_receipt(
 }
 
 impl ClientSession {
-    fn poll_transmit(&mut self, now: Instant, now_us: u32, all: PathMask, buf: &mut [u8]) -> Option<Transmit> {
+    fn poll_transmit(
+        &mut self,
+        now: Instant,
+        now_us: u32,
+        all: PathMask,
+        standby: PathMask,
+        buf: &mut [u8],
+    ) -> Option<Transmit> {
         // datagrams held during the handshake go first, then parity and repeated copies
         if self.pending.is_empty() {
             if let Some(t) = self.poll_sender(now, buf) {
@@ -1082,7 +1089,11 @@ impl ClientSession {
                 }
                 if std::mem::take(&mut self.receipt_due) {
                     let (probes, counters) = (&self.probes, &mut self.counters);
-                    if let Some(t) = seal_receipt(keys, self.id, &mut self.send_seq, probes, counters, all, buf) {
+                    // standby paths carry receipts only when no other path is up
+                    let others = PathMask(all.0 & !standby.0);
+                    let up = |i: usize| probes[i].state() == PathState::Up;
+                    let to = if others.iter().any(up) { others } else { all };
+                    if let Some(t) = seal_receipt(keys, self.id, &mut self.send_seq, probes, counters, to, buf) {
                         return Some(t);
                     }
                 }

@@ -53,23 +53,8 @@ impl PairContext<'_> {
         to: &mut Vec<MeshAddr>,
     ) -> Option<usize> {
         p.refresh_paused(now);
-        // our server's receipts (and parity) of a coded or adaptive session: on the paths
-        // it names, the relay's included
-        while let Some((slot, len, paths)) = p.server.poll_transmit(now, out) {
-            for i in paths.iter() {
-                match p.server.path_addr(slot, i) {
-                    Some(a) if is_relay_addr(a) => to.push(MeshAddr::Relay(id)),
-                    Some(a) => {
-                        if let Some(&(_, socket)) = p.server_sockets.iter().find(|(x, _)| *x == a) {
-                            to.push(MeshAddr::Direct { socket, addr: a });
-                        }
-                    }
-                    None => {}
-                }
-            }
-            if !to.is_empty() {
-                return Some(len);
-            }
+        if let Some(len) = self.poll_server(now, id, p, out, to) {
+            return Some(len);
         }
         if let Some(t) = p.client.poll_transmit(now, out) {
             p.punched(now, t.paths);
@@ -93,15 +78,18 @@ impl PairContext<'_> {
             let back = p.server_direct_paths(now);
             if let (false, Some(slot)) = (back.is_empty(), p.server_slot) {
                 if let Some((len, paths)) = p.server.encapsulate(now, slot, out, n) {
-                    for i in paths.iter().filter(|&i| back.contains(i)) {
+                    // the session's redundancy may have planned other paths (the relay):
+                    // the direct ones back take it
+                    let planned = PathMask(paths.0 & back.0);
+                    let on = if planned.is_empty() { back } else { planned };
+                    for i in on.iter() {
                         let Some(addr) = p.server.path_addr(slot, i) else { continue };
                         if let Some(&(_, socket)) = p.server_sockets.iter().find(|(a, _)| *a == addr) {
                             to.push(MeshAddr::Direct { socket, addr });
                         }
                     }
-                    if !to.is_empty() {
-                        return Some(len);
-                    }
+                    // sealed in their session: it goes back there or nowhere (KCP resends)
+                    return (!to.is_empty()).then_some(len);
                 }
             }
         }
@@ -117,6 +105,38 @@ impl PairContext<'_> {
                 None
             }
         }
+    }
+
+    /// Our server's receipts (and parity) of a coded or adaptive session: on the paths
+    /// it names, the relay only while no direct way works (`relay: fallback`: the hub
+    /// carries nothing of a direct pair).
+    fn poll_server(
+        &self,
+        now: Instant,
+        id: u32,
+        p: &mut Pair,
+        out: &mut [u8],
+        to: &mut Vec<MeshAddr>,
+    ) -> Option<usize> {
+        let skip_relay = self.relay == RelayMode::Fallback && (p.direct_up() || p.server_direct);
+        while let Some((slot, len, paths)) = p.server.poll_transmit(now, out) {
+            for i in paths.iter() {
+                match p.server.path_addr(slot, i) {
+                    Some(a) if is_relay_addr(a) && !skip_relay => to.push(MeshAddr::Relay(id)),
+                    Some(a) if is_relay_addr(a) => {}
+                    Some(a) => {
+                        if let Some(&(_, socket)) = p.server_sockets.iter().find(|(x, _)| *x == a) {
+                            to.push(MeshAddr::Direct { socket, addr: a });
+                        }
+                    }
+                    None => {}
+                }
+            }
+            if !to.is_empty() {
+                return Some(len);
+            }
+        }
+        None
     }
 
     fn fill_dests(p: &Pair, id: u32, paths: PathMask, to: &mut Vec<MeshAddr>) {
