@@ -7,14 +7,10 @@
 
 use serde::Serialize;
 use std::time::Duration;
-use tests::ClusterLab;
+use tests::{ClusterLab, FAILOVER_PAIRS as CASES};
 
 /// Pings per pair and trial (every 20 ms: 8 s).
 const PINGS: u32 = 400;
-
-/// The pairs, as `ClusterLab::start_pairs` takes them, and what the table calls them.
-const CASES: [(&str, &str, bool); 3] =
-    [("direct", "fallback", true), ("relayed, fallback", "fallback", false), ("relayed, always", "always", false)];
 
 #[derive(Debug, Serialize)]
 pub struct HubFailover {

@@ -138,7 +138,7 @@ fn default_ciphers() -> Vec<Cipher> {
     vec![Cipher::Aes256Gcm, Cipher::ChaCha20Poly1305]
 }
 
-fn default_target_loss() -> f64 {
+pub fn default_target_loss() -> f64 {
     DEFAULT_TARGET_LOSS
 }
 fn default_group_deadline_ms() -> u64 {

@@ -23,6 +23,11 @@ pub const FORWARD_PORT: u16 = 5300;
 /// Each hub host's mpserver (started with the first peer that needs it).
 pub const HUB_TUNNEL_PORT: u16 = 4000;
 
+/// The pairs the hub-failover test and bench run (`ClusterLab::start_pairs`): what they
+/// are called, `mesh.relay`, and whether their hosts reach each other's mesh sockets.
+pub const FAILOVER_PAIRS: [(&str, &str, bool); 3] =
+    [("direct", "fallback", true), ("relayed, fallback", "fallback", false), ("relayed, always", "always", false)];
+
 /// Hub `i`'s (1-based) address on the switch.
 pub fn hub_ip(i: usize) -> String {
     format!("10.90.0.{i}")

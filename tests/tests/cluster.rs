@@ -343,8 +343,7 @@ fn pairs_go_on_when_their_hub_dies() {
     let Some(_serial) = cluster_lab_or_skip() else { return };
     let mut c = ClusterLab::start("cp", 6);
     c.wait_agreed_master(&[1, 2, 3], 3, Duration::from_secs(20));
-    let cases =
-        [("direct", "fallback", true), ("relayed, fallback", "fallback", false), ("relayed, always", "always", false)];
+    let cases = FAILOVER_PAIRS;
     let pairs = c.start_pairs(&cases.map(|(_, relay, direct)| (relay, direct)));
     let addrs: Vec<std::net::Ipv4Addr> = (0..6).map(|n| c.wait_peer_up(n, Duration::from_secs(1))).collect();
     // 400 pings every 20 ms on each pair; h1 dies 2 s in

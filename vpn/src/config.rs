@@ -187,11 +187,11 @@ impl ClusterConfig {
             ("cluster.etcd_key_file", "etcd_key_file", &self.etcd_key_file),
         ];
         for (field, key, path) in files {
-            let Some(path) = path else { continue };
+            if path.is_none() {
+                continue;
+            }
+            // etcd_tls below reads them (and says what is wrong with one)
             check(tls, file, text, field, key, "only with https:// etcd members".into())?;
-            let read = std::fs::read(path);
-            let why = read.as_ref().err().map(|e| format!("{}: {e}", path.display())).unwrap_or_default();
-            check(read.is_ok(), file, text, field, key, why)?;
         }
         let both = self.etcd_cert_file.is_some() == self.etcd_key_file.is_some();
         let why = "etcd_cert_file and etcd_key_file go together".to_string();
@@ -289,12 +289,8 @@ pub struct PeerMeshConfig {
     pub redundancy: common::config::RedundancyName,
     #[serde(default)]
     pub fec: Option<common::config::FecShape>,
-    #[serde(default = "default_target_loss")]
+    #[serde(default = "common::config::default_target_loss")]
     pub target_loss: f64,
-}
-
-fn default_target_loss() -> f64 {
-    common::redundancy::DEFAULT_TARGET_LOSS
 }
 
 impl PeerMeshConfig {

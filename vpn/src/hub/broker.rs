@@ -114,33 +114,20 @@ impl Hub {
     /// Peers that do not get one per pair of registrations (ids and names), as before.
     pub(super) fn pair_key(&self, a: u32, b: u32) -> Option<[u8; wire::PAIR_KEY_LEN]> {
         let (x, y) = (self.peers.get(&a)?, self.peers.get(&b)?);
-        let mut ctx = hmac::Context::with_key(&self.pair_secret);
-        if x.instance != 0 && y.instance != 0 && a != b {
-            let (lo, hi) = if x.name < y.name { (x, y) } else { (y, x) };
-            let parts: [&[u8]; 6] = [
-                b"mpvpn v2 pair key",
-                lo.name.as_bytes(),
-                &[0],
-                hi.name.as_bytes(),
-                &lo.instance.to_be_bytes(),
-                &hi.instance.to_be_bytes(),
-            ];
-            for part in parts {
-                ctx.update(part);
-            }
+        let processes = x.instance != 0 && y.instance != 0 && a != b;
+        let lower_first = if processes { x.name < y.name } else { a < b };
+        let (lo, hi) = if lower_first { (x, y) } else { (y, x) };
+        let (lo_id, hi_id) = (lo.id.to_be_bytes(), hi.id.to_be_bytes());
+        let (lo_instance, hi_instance) = (lo.instance.to_be_bytes(), hi.instance.to_be_bytes());
+        let (lo_name, hi_name) = (lo.name.as_bytes(), hi.name.as_bytes());
+        let parts: [&[u8]; 6] = if processes {
+            [b"mpvpn v2 pair key", lo_name, &[0], hi_name, &lo_instance, &hi_instance]
         } else {
-            let (lo, hi) = if a < b { (x, y) } else { (y, x) };
-            let parts: [&[u8]; 6] = [
-                b"mpvpn v1 pair key",
-                &lo.id.to_be_bytes(),
-                &hi.id.to_be_bytes(),
-                lo.name.as_bytes(),
-                &[0],
-                hi.name.as_bytes(),
-            ];
-            for part in parts {
-                ctx.update(part);
-            }
+            [b"mpvpn v1 pair key", &lo_id, &hi_id, lo_name, &[0], hi_name]
+        };
+        let mut ctx = hmac::Context::with_key(&self.pair_secret);
+        for part in parts {
+            ctx.update(part);
         }
         let mut key = [0u8; wire::PAIR_KEY_LEN];
         key.copy_from_slice(&ctx.sign().as_ref()[..wire::PAIR_KEY_LEN]);

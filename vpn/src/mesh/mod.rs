@@ -62,7 +62,7 @@ mod sessions;
 mod transmit;
 
 pub use candidates::{direct_paths, host_candidates, is_host_candidate, listable_host_candidate, unmapped};
-use pair::{is_relay_addr, pair_client, pair_conv, pair_server, relay_addr, Pair, Side};
+use pair::{pair_client, pair_conv, pair_server, relay_addr, Pair, Side};
 
 /// A punch lasts this long ...
 pub const PUNCH_WINDOW: Duration = Duration::from_secs(10);

@@ -108,6 +108,18 @@ impl Pair {
         out
     }
 
+    /// Where our server's datagram for path `path` of their client's session `slot`
+    /// goes: the relay (to peer `id`), or back to the address that path came from, out of
+    /// the mesh socket that heard it.
+    pub(super) fn server_dest(&self, id: u32, slot: common::server::SessionSlot, path: usize) -> Option<MeshAddr> {
+        let addr = self.server.path_addr(slot, path)?;
+        if is_relay_addr(addr) {
+            return Some(MeshAddr::Relay(id));
+        }
+        let &(_, socket) = self.server_sockets.iter().find(|(a, _)| *a == addr)?;
+        Some(MeshAddr::Direct { socket, addr })
+    }
+
     pub(super) fn path_of(&self, from: MeshAddr) -> Option<usize> {
         match from {
             MeshAddr::Relay(_) => Some(RELAY_PATH),

@@ -82,12 +82,7 @@ impl PairContext<'_> {
                     // the direct ones back take it
                     let planned = PathMask(paths.0 & back.0);
                     let on = if planned.is_empty() { back } else { planned };
-                    for i in on.iter() {
-                        let Some(addr) = p.server.path_addr(slot, i) else { continue };
-                        if let Some(&(_, socket)) = p.server_sockets.iter().find(|(a, _)| *a == addr) {
-                            to.push(MeshAddr::Direct { socket, addr });
-                        }
-                    }
+                    to.extend(on.iter().filter_map(|i| p.server_dest(id, slot, i)));
                     // sealed in their session: it goes back there or nowhere (KCP resends)
                     return (!to.is_empty()).then_some(len);
                 }
@@ -120,18 +115,8 @@ impl PairContext<'_> {
     ) -> Option<usize> {
         let skip_relay = self.relay == RelayMode::Fallback && (p.direct_up() || p.server_direct);
         while let Some((slot, len, paths)) = p.server.poll_transmit(now, out) {
-            for i in paths.iter() {
-                match p.server.path_addr(slot, i) {
-                    Some(a) if is_relay_addr(a) && !skip_relay => to.push(MeshAddr::Relay(id)),
-                    Some(a) if is_relay_addr(a) => {}
-                    Some(a) => {
-                        if let Some(&(_, socket)) = p.server_sockets.iter().find(|(x, _)| *x == a) {
-                            to.push(MeshAddr::Direct { socket, addr: a });
-                        }
-                    }
-                    None => {}
-                }
-            }
+            let dests = paths.iter().filter_map(|i| p.server_dest(id, slot, i));
+            to.extend(dests.filter(|d| !(skip_relay && matches!(d, MeshAddr::Relay(_)))));
             if !to.is_empty() {
                 return Some(len);
             }
