@@ -277,7 +277,14 @@ impl ClusterLab {
     /// clients reach the mpservers of `hubs` (started here if they are not yet), in that
     /// order (`hubs:` in peer.yaml when there are several); returns its namespace.
     pub fn start_peer(&mut self, n: usize, hubs: &[usize]) -> String {
-        self.start_peer_with(n, hubs, "", false)
+        // only the hubs named: what goes to a peer of another hub is forwarded
+        self.start_peer_with(n, hubs, "discover: false\n", false)
+    }
+
+    /// `start_peer` with one hub, from which the peer learns the others and registers
+    /// with them too (`discover`, the default).
+    pub fn start_discovering_peer(&mut self, n: usize, hub: usize) -> String {
+        self.start_peer_with(n, &[hub], "", false)
     }
 
     /// `start_peer` with a mesh socket (`connect: always`, `relay` as given; each hub's
@@ -315,6 +322,10 @@ impl ClusterLab {
             first.into_iter().enumerate().map(|(k, ns)| (ns, self.wait_peer_up(2 * k + 1, up))).collect();
         for (k, &(_, direct)) in cases.iter().enumerate() {
             self.wait_peer_up(2 * k, up);
+            // registered with both hubs, traffic through h1 (the first listed)
+            for n in [2 * k, 2 * k + 1] {
+                self.wait_hub_states(n, &["active", "up"], up);
+            }
             if direct {
                 self.wait_direct(2 * k, 2 * k + 1, Duration::from_secs(15));
             }
@@ -339,6 +350,21 @@ impl ClusterLab {
             }
             assert!(Instant::now() < until, "p{a} and {name} did not go direct: {s}");
             std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until peer `n`'s status shows its hubs in these states (`active`, `up`, ...).
+    pub fn wait_hub_states(&self, n: usize, want: &[&str], within: Duration) {
+        let until = Instant::now() + within;
+        loop {
+            let hubs = mpvpn_status(&self.peer_control(n))["hubs"].clone();
+            let states: Vec<&str> =
+                hubs.as_array().map_or(vec![], |h| h.iter().filter_map(|h| h["state"].as_str()).collect());
+            if states == want {
+                return;
+            }
+            assert!(Instant::now() < until, "p{n}'s hubs are not {want:?}: {hubs}");
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -427,6 +453,16 @@ impl ClusterLab {
     /// Waits until hubs `i` and `j` forward for a peer of each other, and their peers
     /// heard of it.
     pub fn wait_forwarding(&self, i: usize, j: usize) {
+        self.wait_forwards(&[(i, j), (j, i)]);
+    }
+
+    /// Waits until hub `i` forwards for a peer of hub `j` (one that is not `i`'s own too),
+    /// and its peers heard of it.
+    pub fn wait_forwards_for(&self, i: usize, j: usize) {
+        self.wait_forwards(&[(i, j)]);
+    }
+
+    fn wait_forwards(&self, each: &[(usize, usize)]) {
         let until = Instant::now() + Duration::from_secs(10);
         let forwards_for = |i: usize, other: usize| {
             self.cluster_status(i)["hubs"]
@@ -435,9 +471,9 @@ impl ClusterLab {
                 .and_then(|h| h["forwards_for"].as_u64())
                 .unwrap_or(0)
         };
-        while forwards_for(i, j) < 1 || forwards_for(j, i) < 1 {
+        while let Some(&(i, j)) = each.iter().find(|&&(i, j)| forwards_for(i, j) < 1) {
             let (a, b) = (self.cluster_status(i), self.cluster_status(j));
-            assert!(Instant::now() < until, "hubs h{i} and h{j} did not exchange tables: {a} / {b}");
+            assert!(Instant::now() < until, "hub h{i} does not forward for h{j}'s peers: {a} / {b}");
             std::thread::sleep(Duration::from_millis(100));
         }
         // the peers hear of each other with their hubs' next list push

@@ -240,11 +240,12 @@ fn peers_of_different_hubs_reach_each_other_through_the_hubs() {
     assert!(listed.contains("\"p1\""), "{listed}");
 }
 
-/// p0 lists two hubs (h1, then h2), p1 registers with h3. `kill -9` of h1: p0 declares
-/// it lost, registers with h2 under the same address, and reaches p1 again through h2
-/// and h3; its status names both hubs.
+/// p0 lists two hubs (h1, then h2) and registers with both, its traffic through the first
+/// that answered; p1 registers with h3. `kill -9` of that hub: p0 declares it lost, its
+/// traffic goes through the other (registered all along, under the same address), and it
+/// reaches p1 again through that hub and h3; its status names both hubs.
 #[test]
-fn a_peer_whose_hub_dies_moves_to_its_next_hub_and_keeps_its_address() {
+fn a_peer_whose_hub_dies_goes_on_through_its_other_hub_and_keeps_its_address() {
     let Some(_serial) = cluster_lab_or_skip() else { return };
     let mut c = ClusterLab::start("cv", 2);
     c.wait_agreed_master(&[1, 2, 3], 3, Duration::from_secs(20));
@@ -254,63 +255,68 @@ fn a_peer_whose_hub_dies_moves_to_its_next_hub_and_keeps_its_address() {
     c.wait_forwarding(1, 3);
     assert!(ping(&a_ns, &b.to_string(), 10, "0.05", &[]).len() >= 9, "p0 -> p1 before");
     let hubs = mpvpn_status(&c.peer_control(0))["hubs"].clone();
-    assert_eq!((hubs[0]["state"].as_str(), hubs[1]["state"].as_str()), (Some("up"), Some("standby")), "{hubs}");
+    let states = (hubs[0]["state"].as_str(), hubs[1]["state"].as_str());
+    let active = match states {
+        (Some("active"), Some("up")) => 0,
+        (Some("up"), Some("active")) => 1,
+        _ => panic!("p0 registered with both hubs, one active: {hubs}"),
+    };
+    let other = 1 - active;
     let killed = Instant::now();
-    c.lab.kill9(c.hubs[0]);
+    c.lab.kill9(c.hubs[active]);
     let until = killed + Duration::from_secs(30);
     loop {
         let s = mpvpn_status(&c.peer_control(0));
-        if s["hubs"][1]["state"] == "up" {
+        if s["hubs"][other]["state"] == "active" {
             assert_eq!(s["addr"].as_str(), Some(a.to_string().as_str()), "p0 kept its address");
             break;
         }
-        assert!(Instant::now() < until, "p0 did not move to h2: {s}");
+        assert!(Instant::now() < until, "p0 did not move to h{}: {s}", other + 1);
         std::thread::sleep(Duration::from_millis(100));
     }
     let moved = killed.elapsed();
-    c.wait_forwarding(2, 3);
-    let rtts = ping(&a_ns, &b.to_string(), 10, "0.05", &[]);
+    c.wait_forwarding(other + 1, 3);
+    // h3 sends p1's answers through the dead hub until its table goes quiet
+    // (`TABLE_QUIET_AFTER`), then through the other
+    let rtts = ping(&a_ns, &b.to_string(), 40, "0.05", &[]);
     println!(
-        "h1 killed: p0 registered with h2 after {:.2} s, reaches p1 again: {} of 10",
+        "h{} killed: p0's traffic through h{} after {:.2} s, reaches p1 again: {} of 40 pings (50 ms apart)",
+        active + 1,
+        other + 1,
         moved.as_secs_f64(),
         rtts.len()
     );
-    assert!(rtts.len() >= 9, "p0 -> p1 through h2 and h3: {} of 10", rtts.len());
+    assert!(rtts.len() >= 25, "p0 -> p1 through h{} and h3: {} of 40", other + 1, rtts.len());
     println!("{}", mpvpn_status_table(&c.peer_control(0)));
 }
 
-/// p0 names only h1 (an embedded client to h1's multipath server) and learns h2 and h3
-/// from it (`discover`, the default). `kill -9` of h1: p0 registers with a discovered hub
-/// under its address and reaches p1 (on h2) again.
+/// p0 names only h1 (an embedded client to h1's multipath server), learns h2 and h3 from
+/// it (`discover`, the default) and registers with them too. `kill -9` of h1: p0's
+/// traffic goes through a discovered hub, under its address, and reaches p1 (on h2) again.
 #[test]
-fn a_peer_learns_the_other_hubs_and_moves_to_one_when_its_hub_dies() {
+fn a_peer_learns_the_other_hubs_and_goes_on_through_one_when_its_hub_dies() {
     let Some(_serial) = cluster_lab_or_skip() else { return };
     let mut c = ClusterLab::start("cd", 2);
     c.wait_agreed_master(&[1, 2, 3], 3, Duration::from_secs(20));
     c.start_servers(&[1, 2, 3]);
-    let a_ns = c.start_peer(0, &[1]);
+    let a_ns = c.start_discovering_peer(0, 1);
     c.start_peer(1, &[2]);
     let (a, b) = (c.wait_peer_up(0, Duration::from_secs(15)), c.wait_peer_up(1, Duration::from_secs(15)));
-    c.wait_forwarding(1, 2);
-    let until = Instant::now() + Duration::from_secs(10);
-    let hubs = loop {
-        let hubs = mpvpn_status(&c.peer_control(0))["hubs"].clone();
-        if hubs.as_array().is_some_and(|h| h.len() == 3) {
-            break hubs;
-        }
-        assert!(Instant::now() < until, "p0 did not learn the other hubs: {hubs}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    // p0 is h2's peer too (discovered): only h1 forwards, for p1
+    c.wait_forwards_for(1, 2);
+    c.wait_hub_states(0, &["active", "up", "up"], Duration::from_secs(10));
+    let hubs = mpvpn_status(&c.peer_control(0))["hubs"].clone();
     let names: Vec<String> =
         hubs.as_array().unwrap().iter().map(|h| h["name"].as_str().unwrap_or("").to_string()).collect();
     assert!(names[0].starts_with("h1: ") && names[1..].iter().all(|n| n.contains("discovered")), "{names:?}");
-    assert!(ping(&a_ns, &b.to_string(), 10, "0.05", &[]).len() >= 9, "p0 -> p1 before");
+    let before = ping(&a_ns, &b.to_string(), 10, "0.05", &[]).len();
+    assert!(before >= 9, "p0 -> p1 before: {before} of 10; h2's drops: {}", mpvpn_status(&c.control(2))["drops"]);
     let killed = Instant::now();
     c.lab.kill9(c.hubs[0]);
     let until = killed + Duration::from_secs(30);
     let moved_to = loop {
         let s = mpvpn_status(&c.peer_control(0));
-        let up = s["hubs"].as_array().and_then(|h| h.iter().skip(1).find(|h| h["state"] == "up").cloned());
+        let up = s["hubs"].as_array().and_then(|h| h.iter().skip(1).find(|h| h["state"] == "active").cloned());
         if let Some(h) = up {
             assert_eq!(s["addr"].as_str(), Some(a.to_string().as_str()), "p0 kept its address");
             break h["name"].as_str().unwrap_or("").to_string();
@@ -319,25 +325,26 @@ fn a_peer_learns_the_other_hubs_and_moves_to_one_when_its_hub_dies() {
         std::thread::sleep(Duration::from_millis(100));
     };
     let moved = killed.elapsed();
-    // p1 is on h2: through h3 the hubs must have swapped tables first
+    // p1 is on h2: through h3, h3 must forward for it
     if moved_to.starts_with("h3") {
-        c.wait_forwarding(2, 3);
+        c.wait_forwards_for(3, 2);
     }
     let rtts = ping(&a_ns, &b.to_string(), 20, "0.05", &[]);
     println!(
-        "h1 killed: p0 registered with {moved_to} after {:.2} s; p0 -> p1: {} of 20",
+        "h1 killed: p0's traffic through {moved_to} after {:.2} s; p0 -> p1: {} of 20",
         moved.as_secs_f64(),
         rtts.len()
     );
     assert!(rtts.len() >= 15, "p0 -> p1 after the move: {} of 20", rtts.len());
 }
 
-/// Three pairs of peers, each peer listing h1 then h2: one pair direct, one relayed with
-/// `relay: fallback`, one relayed with `relay: always` (their hosts cannot reach each
-/// other's mesh sockets). `kill -9` of h1 while each pair pings across: the direct pair
-/// loses nothing (a pair outlives its peers' move to h2); the relayed pairs lose what
-/// falls between h1's death and both peers' registration with h2, whose relay takes over
-/// the same pair (one key per pair of processes in the cluster).
+/// Three pairs of peers, each peer registered with h1 and h2 (its traffic through h1):
+/// one pair direct, one relayed with `relay: fallback`, one relayed with `relay: always`
+/// (their hosts cannot reach each other's mesh sockets). `kill -9` of h1 while each pair
+/// pings across: the direct pair loses nothing (a pair outlives its peers' hubs); the
+/// `always` pair's copies through h2 go on (nothing lost); the `fallback` pair's relay
+/// moves to h2 within a second (the same pair: one key per pair of processes in the
+/// cluster).
 #[test]
 fn pairs_go_on_when_their_hub_dies() {
     let Some(_serial) = cluster_lab_or_skip() else { return };
@@ -356,7 +363,7 @@ fn pairs_go_on_when_their_hub_dies() {
     }
     for (n, addr) in addrs.iter().enumerate() {
         let s = mpvpn_status(&c.peer_control(n));
-        assert_eq!(s["hubs"][1]["state"], "up", "p{n} moved to h2: {s}");
+        assert_eq!(s["hubs"][1]["state"], "active", "p{n} moved to h2: {s}");
         assert_eq!(s["addr"].as_str(), Some(addr.to_string().as_str()), "p{n} kept its address");
     }
     // p0 asks h2's rendezvous port now (its `hubs:` entry names it): h2 saw its mesh socket
@@ -371,10 +378,11 @@ fn pairs_go_on_when_their_hub_dies() {
     }
     let (direct_answered, direct_gap) = results[0];
     assert!(direct_answered >= 399 && direct_gap < Duration::from_millis(300), "direct pair: {:?}", results[0]);
-    // about 1 s on an idle box (KCP resends what the gap held); slack for a loaded one
+    // slack for a loaded box: the bench measures (mpt-bench --hub-failover)
     for (k, (answered, gap)) in results.iter().enumerate().skip(1) {
-        assert!(*gap < Duration::from_secs(2), "{}: longest gap {gap:?}", cases[k].0);
-        assert!(*answered >= 390, "{}: {answered} of 400", cases[k].0);
+        let (relay, max_gap) = (cases[k].1, if cases[k].1 == "always" { 500 } else { 1000 });
+        assert!(*gap < Duration::from_millis(max_gap), "{relay}: longest gap {gap:?}");
+        assert!(*answered >= 395, "{relay}: {answered} of 400");
     }
     println!("{}", mpvpn_status_table(&c.peer_control(2)));
 }

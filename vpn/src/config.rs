@@ -358,13 +358,15 @@ pub struct PeerConfig {
     /// the hub.
     #[serde(default)]
     pub mesh: Option<PeerMeshConfig>,
-    /// Several hubs of one cluster, in order: the peer registers with the first that
-    /// answers and moves to the next when its hub is lost. Each entry takes the keys the
-    /// top-level `tunnel`, `tunnel_control` and `embedded_client` take for one hub.
+    /// Several hubs of one cluster: the peer registers with every one at once; its
+    /// traffic goes through the first in this order that is up (another takes over at once
+    /// when it is lost); the mesh's relay goes through every one (`relay: always`)
+    /// or the best. Each entry takes the keys the top-level `tunnel`, `tunnel_control`
+    /// and `embedded_client` take for one hub.
     #[serde(default)]
     pub hubs: Vec<HubEndpoint>,
     /// With one hub reached by `embedded_client`: learn the cluster's other hubs from it
-    /// and register with one of them when it is lost [true].
+    /// and register with them too [true].
     #[serde(default = "default_true")]
     pub discover: bool,
 }

@@ -198,7 +198,7 @@ fn hub_loss_is_detected_after_retries_and_the_address_survives_a_hub_restart() {
     let mut lost_at = None;
     for _ in 0..2400 {
         net.run_for(TICK);
-        if lost_at.is_none() && net.peers[0].events.contains(&PeerEvent::HubLost) {
+        if lost_at.is_none() && net.peers[0].events.iter().any(|e| matches!(e, PeerEvent::HubLost { .. })) {
             lost_at = Some(net.now - down_at);
         }
     }
@@ -224,8 +224,9 @@ fn a_peer_with_standby_hubs_declares_its_hub_lost_sooner() {
     let mut net = net(&["a", "b"]);
     net.peers.clear();
     net.add_peer(sim::peer_config("a"), Nat::None);
-    let standby = PeerCoreConfig { other_hubs: true, ..sim::peer_config("b") };
-    net.add_peer(standby, Nat::None);
+    // b has another hub (which never answers) besides this one
+    let b = net.add_peer(sim::peer_config("b"), Nat::None);
+    net.peers[b].core.add_link(net.now);
     net.run_for(Duration::from_millis(200));
     assert!(net.peers.iter().all(|p| p.core.is_up()));
     net.hub_cut = true;
@@ -234,7 +235,7 @@ fn a_peer_with_standby_hubs_declares_its_hub_lost_sooner() {
     while net.now - down_at < Duration::from_secs(12) {
         net.run_for(TICK);
         for (i, at) in lost_at.iter_mut().enumerate() {
-            if at.is_none() && net.peers[i].events.contains(&PeerEvent::HubLost) {
+            if at.is_none() && net.peers[i].events.iter().any(|e| matches!(e, PeerEvent::HubLost { .. })) {
                 *at = Some(net.now - down_at);
             }
         }
@@ -253,7 +254,8 @@ fn a_busy_peer_with_standby_hubs_declares_a_silent_hub_lost_within_a_second() {
     let mut net = net(&["a", "b"]);
     net.peers.clear();
     for name in ["a", "b"] {
-        net.add_peer(PeerCoreConfig { other_hubs: true, ..sim::peer_config(name) }, Nat::None);
+        let i = net.add_peer(sim::peer_config(name), Nat::None);
+        net.peers[i].core.add_link(net.now);
     }
     net.run_for(Duration::from_millis(200));
     let (a, b) = (net.addr(0), net.addr(1));
@@ -267,7 +269,10 @@ fn a_busy_peer_with_standby_hubs_declares_a_silent_hub_lost_within_a_second() {
         tag = tag.wrapping_add(1);
         net.run_for(Duration::from_millis(50));
     }
-    assert!(!net.peers.iter().any(|p| p.events.contains(&PeerEvent::HubLost)), "a live hub taken for lost");
+    assert!(
+        !net.peers.iter().any(|p| p.events.iter().any(|e| matches!(e, PeerEvent::HubLost { .. }))),
+        "a live hub taken for lost"
+    );
     net.loss = 0.0;
     // the hub falls silent mid-stream: a (busy) moves on fast, b (idle) after the standby wait
     net.hub_cut = true;
@@ -278,7 +283,7 @@ fn a_busy_peer_with_standby_hubs_declares_a_silent_hub_lost_within_a_second() {
         net.peers[0].core.handle_tun_packet(now, &ipv4(a, b, 200, 0));
         net.run_for(Duration::from_millis(20));
         for (i, at) in lost_at.iter_mut().enumerate() {
-            if at.is_none() && net.peers[i].events.contains(&PeerEvent::HubLost) {
+            if at.is_none() && net.peers[i].events.iter().any(|e| matches!(e, PeerEvent::HubLost { .. })) {
                 *at = Some(net.now - down_at);
             }
         }
@@ -435,7 +440,7 @@ fn concurrent_registers_converge_on_one_id() {
     assert_eq!(welcomes.len(), 4);
     assert!(welcomes.windows(2).all(|w| w[0] == w[1]), "one registration, one Welcome");
     for w in &welcomes {
-        net.peers[0].core.handle_datagram(net.now, w);
+        net.peers[0].core.handle_datagram(net.now, 0, w);
     }
     net.run_for(Duration::from_millis(100));
     assert!(net.peers[0].core.is_up());
@@ -716,7 +721,7 @@ fn a_register_never_evicts_another_names_registration() {
         net.hub.handle_datagram(now, wall, b_tunnel, &r);
     }
     for (_, w) in net.take_hub_datagrams() {
-        net.peers[0].core.handle_datagram(now, &w);
+        net.peers[0].core.handle_datagram(now, 0, &w);
     }
     let b_addr = net.addr(0);
     assert!(b_addr != Ipv4Addr::UNSPECIFIED, "b has its Welcome");
@@ -795,7 +800,7 @@ fn a_restarted_hub_is_back_within_a_few_pings() {
     }
     let back = back.expect("a's pings reach the restarted hub");
     assert!(back <= Duration::from_millis(500), "took {back:?}");
-    assert!(net.peers[0].events.contains(&PeerEvent::HubReset));
+    assert!(net.peers[0].events.iter().any(|e| matches!(e, PeerEvent::HubReset { .. })));
     assert_eq!(net.addr(0), a, "the same address");
 }
 
@@ -810,10 +815,10 @@ fn a_reset_needs_the_registrations_token() {
     let forged = vpn::wire::ResetRepr { peer_id: id, token: [9; 16] }.emit();
     let other = vpn::wire::ResetRepr { peer_id: id ^ 1, token: [9; 16] }.emit();
     for d in [&forged[..], &other[..]] {
-        net.peers[0].core.handle_datagram(net.now, d);
+        net.peers[0].core.handle_datagram(net.now, 0, d);
     }
     assert_eq!(net.peers[0].core.drops.unauthenticated, 2);
-    assert!(!net.peers[0].events.contains(&PeerEvent::HubReset));
+    assert!(!net.peers[0].events.iter().any(|e| matches!(e, PeerEvent::HubReset { .. })));
     // the genuine one, from a hub that forgot a: taken once; replayed later, nothing
     net.hub = restarted_hub(&net, 32);
     let a = net.addr(0);
@@ -825,12 +830,12 @@ fn a_reset_needs_the_registrations_token() {
     let resets: Vec<Vec<u8>> =
         net.take_hub_datagrams().into_iter().map(|(_, d)| d).filter(|d| d[0] == vpn::wire::MSG_RESET).collect();
     assert!(!resets.is_empty() && resets.iter().all(|d| d.len() == vpn::wire::RESET_LEN));
-    net.peers[0].core.handle_datagram(now, &resets[0]);
+    net.peers[0].core.handle_datagram(now, 0, &resets[0]);
     net.run_for(Duration::from_millis(200));
     assert!(net.peers[0].core.is_up());
-    net.peers[0].core.handle_datagram(net.now, &resets[0]);
+    net.peers[0].core.handle_datagram(net.now, 0, &resets[0]);
     net.run_for(Duration::from_millis(200));
-    assert_eq!(net.peers[0].events.iter().filter(|e| **e == PeerEvent::HubReset).count(), 1);
+    assert_eq!(net.peers[0].events.iter().filter(|e| **e == PeerEvent::HubReset { link: 0 }).count(), 1);
     assert!(net.peers[0].core.is_up(), "a replayed Reset ended the new registration");
 }
 

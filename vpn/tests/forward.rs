@@ -121,6 +121,23 @@ fn a_peer_of_one_hub_reaches_a_peer_of_another_both_ways() {
     assert_eq!(h1.hub.address_of("c"), None, "c is registered nowhere");
 }
 
+/// Peer a registers with both hubs (`hubs:`); b only with h2. What a sends b through h1
+/// is forwarded to h2, which takes it though a is its own peer too (h1's table speaks
+/// for a); what b answers goes to a through h2 directly.
+#[test]
+fn a_peer_registered_with_both_hubs_reaches_a_peer_of_one_through_the_other() {
+    let (mut h1, mut h2) = two_hubs();
+    // a second process of a's name on h2's side (a's registration with h2)
+    h2.add_peer(sim::peer_config("a"), Nat::None);
+    run(&mut h1, &mut h2, Duration::from_secs(3));
+    assert!(h2.peers[1].core.is_up());
+    let now = h1.now;
+    h1.peers[0].core.handle_tun_packet(now, &ipv4(A, B, 0x33));
+    run(&mut h1, &mut h2, Duration::from_millis(200));
+    assert_eq!(received(&h2, 0, 0x33), 1, "a (through h1) -> b: {:?}", h2.hub.drops);
+    assert_eq!(h2.hub.drops.spoofed_source, 0);
+}
+
 #[test]
 fn captured_forged_and_stale_datagrams_do_nothing() {
     let (mut h1, mut h2) = two_hubs();
@@ -250,7 +267,11 @@ fn a_hub_tells_its_peers_the_clusters_other_hubs() {
     net.hub.set_listed_hubs(listed.clone());
     net.add_peer(sim::peer_config("a"), Nat::None);
     net.run_for(Duration::from_secs(1));
-    assert!(net.peers[0].events.contains(&PeerEvent::ClusterHubs(listed)), "{:?}", net.peers[0].events);
+    assert!(
+        net.peers[0].events.contains(&PeerEvent::ClusterHubs { link: 0, hubs: listed }),
+        "{:?}",
+        net.peers[0].events
+    );
     let h3 = ListedHub {
         name: "h3".into(),
         tunnel: vec!["10.90.0.3:4000".parse().unwrap()],
@@ -260,6 +281,7 @@ fn a_hub_tells_its_peers_the_clusters_other_hubs() {
     net.hub.set_listed_hubs(grown.clone());
     net.hub.set_listed_hubs(grown.clone()); // unchanged: not sent again
     net.run_for(Duration::from_millis(300));
-    let told = net.peers[0].events.iter().filter(|e| **e == PeerEvent::ClusterHubs(grown.clone())).count();
+    let told =
+        net.peers[0].events.iter().filter(|e| **e == PeerEvent::ClusterHubs { link: 0, hubs: grown.clone() }).count();
     assert_eq!(told, 1);
 }

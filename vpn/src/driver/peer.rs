@@ -5,7 +5,7 @@ use super::status::PeerHubStatus;
 use super::system::only_mpclient;
 use super::*;
 use crate::config::HubEndpoint;
-use crate::peer::{PeerOutput, HEARTBEAT_RETRIES};
+use crate::peer::{LinkState, PeerOutput, HEARTBEAT_RETRIES, MAX_HUB_LINKS};
 
 /// How a peer exchanges datagrams with the tunnel.
 pub(super) enum PeerTunnel {
@@ -19,19 +19,26 @@ pub(super) enum PeerTunnel {
 /// How long a peer waits for its separate mpclient's status report before it applies
 /// routes without knowing where the bridges are.
 const MPCLIENT_QUERY_DEADLINE: Duration = Duration::from_secs(2);
-/// With several hubs: how long a hub may leave the peer's registration unanswered before
-/// the peer tries the next (a hub it was registered with is left when it is lost).
-pub const HUB_SWITCH_AFTER: Duration = Duration::from_secs(5);
+/// How often a hub's tunnel that could not be opened (a name that did not resolve) is
+/// tried again.
+const TUNNEL_REOPEN_INTERVAL: Duration = Duration::from_secs(5);
+/// Tokens each hub link's tunnel may take: an embedded client's paths and its address
+/// watcher, or the socket to mpclient. Link `l`'s start at `link_token_base(l)`.
+const LINK_TOKENS: usize = common::MAX_PATHS + 2;
+
+fn link_token_base(l: usize) -> usize {
+    UDP.0 + l * LINK_TOKENS
+}
 
 /// The "application" address of the peer's one session in an embedded client.
 pub(super) const EMBEDDED_APP: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1));
 
 impl PeerTunnel {
-    /// Room each tunnel datagram needs around it in a batch slot.
-    fn room(&self) -> Room {
+    /// Whether readiness of `token` is this tunnel's (opened at `base`).
+    fn owns(&self, base: usize, token: Token) -> bool {
         match self {
-            Self::Udp { .. } => NO_ROOM,
-            Self::Embedded(_) => SEALING_ROOM,
+            Self::Udp { .. } => token.0 == base,
+            Self::Embedded(mp) => mp.owns(token),
         }
     }
 
@@ -89,7 +96,13 @@ impl HubSlot {
     }
 
     fn describe(&self) -> String {
-        match &self.reach {
+        self.reach.describe()
+    }
+}
+
+impl Reach {
+    fn describe(&self) -> String {
+        match self {
             Reach::Configured(e) => e.describe(),
             Reach::Discovered { hub, client, .. } => {
                 let at: Vec<&str> = client.paths.iter().map(|p| p.remote.as_str()).collect();
@@ -99,40 +112,49 @@ impl HubSlot {
     }
 }
 
-/// An embedded multipath client, configured by `cc` (read from `file`).
-fn open_embedded(cc: &ClientConfig, file: &str, registry: &Registry, log: &Logger) -> Result<PeerTunnel, VpnError> {
+/// An embedded multipath client, configured by `cc` (read from `file`), its tokens from
+/// `base`.
+fn open_embedded(
+    cc: &ClientConfig,
+    file: &str,
+    registry: &Registry,
+    base: usize,
+    log: &Logger,
+) -> Result<PeerTunnel, VpnError> {
     let rt = mpclient::ClientRuntime::from_config(file, cc)?;
     let key = driver::require_key("mpvpn", cc.key_file.as_deref())?;
     if let Some(w) = key.warning {
         warn!(log, "{}", w);
     }
     info!(log, "multipath client embedded"; "paths" => rt.paths.len());
-    let mp = mpclient::Multipath::open(&rt, key.key, registry, EMBEDDED.0, log.clone())?;
+    let mp = mpclient::Multipath::open(&rt, key.key, registry, base, log.clone())?;
     Ok(PeerTunnel::Embedded(Box::new(mp)))
 }
 
-fn open_reach(r: &Reach, registry: &Registry, log: &Logger) -> Result<PeerTunnel, VpnError> {
+/// The tunnel of hub link `l`, reached as `r`.
+fn open_reach(r: &Reach, l: usize, registry: &Registry, log: &Logger) -> Result<PeerTunnel, VpnError> {
+    let base = link_token_base(l);
     match r {
-        Reach::Configured(e) => open_peer_tunnel(e, registry, log),
+        Reach::Configured(e) => open_peer_tunnel(e, registry, base, log),
         Reach::Discovered { hub, client, .. } => {
-            open_embedded(client, &format!("(discovered hub {hub})"), registry, log)
+            open_embedded(client, &format!("(discovered hub {hub})"), registry, base, log)
         }
     }
 }
 
-pub(super) fn open_peer_tunnel(c: &HubEndpoint, registry: &Registry, log: &Logger) -> Result<PeerTunnel, VpnError> {
+fn open_peer_tunnel(c: &HubEndpoint, registry: &Registry, base: usize, log: &Logger) -> Result<PeerTunnel, VpnError> {
     match &c.embedded_client {
         None => {
             let tunnel = driver::resolve(c.tunnel.as_deref().unwrap_or(crate::config::DEFAULT_TUNNEL))?;
             let what = || format!("tunnel socket to {tunnel}");
             let mut sock = driver::udp_socket(driver::any_addr_for(tunnel), None, Some(tunnel)).context(what)?;
-            registry.register(&mut sock, UDP, Interest::READABLE).context(what)?;
+            registry.register(&mut sock, Token(base), Interest::READABLE).context(what)?;
             info!(log, "talking to mpclient"; "tunnel" => %tunnel, "its control socket" => ?c.tunnel_control);
             Ok(PeerTunnel::Udp { sock, control: c.tunnel_control.clone() })
         }
         Some(path) => {
             let cc = load_config(path, ClientConfig::parse)?;
-            open_embedded(&cc, &path.display().to_string(), registry, log)
+            open_embedded(&cc, &path.display().to_string(), registry, base, log)
         }
     }
 }
@@ -206,10 +228,50 @@ impl MeshSockets {
     }
 }
 
+/// A datagram for another link ended the last batch: it starts this one (and that link's
+/// is the batch's).
+fn push_carried(carry: &[u8], carried: &mut Option<(usize, usize)>, tx: &mut RecvBatch) -> Option<usize> {
+    let (link, len) = carried.take()?;
+    tx.push_with(SEALING_ROOM.0, |slot| {
+        slot[..len].copy_from_slice(&carry[..len]);
+        Some((EMBEDDED_APP, len))
+    });
+    Some(link)
+}
+
+/// Sends a batch of hub link `l`'s tunnel datagrams.
+fn send_batch(tunnels: &mut [Option<PeerTunnel>], l: usize, now: Instant, tx: &mut RecvBatch, log: &Logger) {
+    match tunnels.get_mut(l).and_then(Option::as_mut) {
+        Some(t) => {
+            let failed = t.send(now, tx);
+            if failed > 0 {
+                trace!(log, "sends to mpclient failed"; "datagrams" => failed);
+            }
+        }
+        // a hub whose tunnel is not open: its datagrams are lost, as on a dead path
+        None => trace!(log, "no tunnel for the hub link"; "datagrams" => tx.len()),
+    }
+}
+
+/// Why `PeerDriver::flush` ended a batch.
+enum FlushStop {
+    Event(PeerEvent),
+    /// The core has nothing more now.
+    Idle,
+    /// The next tunnel datagram is for another hub link (kept in `carry`).
+    OtherLink,
+}
+
 /// `mpvpn peer` as the event loop runs it.
 pub(super) struct PeerDriver {
     core: Peer,
-    tunnel: PeerTunnel,
+    /// Each hub link's tunnel, by link (`None`: it could not be opened; tried again
+    /// every `TUNNEL_REOPEN_INTERVAL`).
+    tunnels: Vec<Option<PeerTunnel>>,
+    next_reopen: Option<Instant>,
+    /// A tunnel datagram for another link than the batch's, kept for the next batch.
+    carry: Vec<u8>,
+    carried: Option<(usize, usize)>,
     mesh: Option<MeshSockets>,
     dev: tun::Device,
     bufs: IoBuffers,
@@ -229,15 +291,13 @@ pub(super) struct PeerDriver {
     registry: Registry,
     /// Where names in the VPN's domain resolve, once the hub named one.
     resolver: Option<SystemResolver>,
-    /// The hubs (peer.yaml's `hubs:`, else the one it names, then any discovered), the
-    /// one in use, since when, and whether it has answered since.
+    /// The hubs (peer.yaml's `hubs:`, else the one it names, then any discovered), by
+    /// link, and the active one (whose rendezvous port the mesh asks).
     hubs: Vec<HubSlot>,
     /// The embedded client discovered hubs are reached with (`discover`, one hub in
     /// peer.yaml with `embedded_client`).
     discover_with: Option<ClientConfig>,
-    current: usize,
-    hub_since: Instant,
-    registered_here: bool,
+    active: usize,
     /// How the TUN device is configured now (address, prefix length, MTU).
     tun_config: Option<(Ipv4Addr, u8, u16)>,
     log: Logger,
@@ -247,7 +307,6 @@ pub(super) struct PeerDriver {
 fn core_config(c: &PeerConfig, key: &[u8], mesh: Option<&MeshSockets>) -> PeerCoreConfig {
     PeerCoreConfig {
         peer_list_deltas: true,
-        other_hubs: c.endpoints().len() > 1,
         name: c.name.clone(),
         key: PeerKey::new(key),
         mtu: c.mtu,
@@ -277,14 +336,20 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
         Some(m) => Some(MeshSockets::open(m, el.registry(), log)?),
         None => None,
     };
-    let core = Peer::new(core_config(&c, &key.key, mesh.as_ref()), now, wall, os_entropy());
+    let mut core = Peer::new(core_config(&c, &key.key, mesh.as_ref()), now, wall, os_entropy());
     el.serve_control(&control_path)?;
     el.serve_metrics(c.metrics_listen)?;
     el.log_stats_every(Some(STATS_INTERVAL));
     let dev = open_tun(&c.tun)?;
     el.registry().register(&mut SourceFd(&dev.as_raw_fd()), TUN, Interest::READABLE).context(|| "TUN".into())?;
     let endpoints = c.endpoints();
-    let tunnel = open_peer_tunnel(&endpoints[0], el.registry(), log)?;
+    // every configured hub's tunnel must open: a mistake in peer.yaml stops us here
+    let tunnels = endpoints
+        .iter()
+        .enumerate()
+        .map(|(l, e)| Ok(Some(open_peer_tunnel(e, el.registry(), link_token_base(l), log)?)))
+        .collect::<Result<Vec<_>, VpnError>>()?;
+    (1..tunnels.len()).for_each(|_| _ = core.add_link(now));
     let discover_with = match (&endpoints[..], c.discover) {
         ([one], true) => one.embedded_client.as_ref().map(|p| load_config(p, ClientConfig::parse)).transpose()?,
         _ => None,
@@ -294,7 +359,10 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
         "control" => %control_path.display());
     let mut d = PeerDriver {
         core,
-        tunnel,
+        tunnels,
+        next_reopen: None,
+        carry: vec![0; common::wire::MAX_DATAGRAM],
+        carried: None,
         mesh,
         dev,
         bufs: IoBuffers::new(),
@@ -309,9 +377,7 @@ pub fn run_peer(c: PeerConfig, control_path: PathBuf, log: &Logger) -> Result<()
         resolver: None,
         hubs,
         discover_with,
-        current: 0,
-        hub_since: now,
-        registered_here: false,
+        active: 0,
         tun_config: None,
         log: log.clone(),
     };
@@ -329,7 +395,7 @@ impl Service for PeerDriver {
     type Error = VpnError;
 
     fn handle_ready(&mut self, registry: &Registry, token: Token) -> Result<bool, VpnError> {
-        let Self { core, tunnel, dev, bufs, log, mesh, .. } = self;
+        let Self { core, tunnels, dev, bufs, log, mesh, .. } = self;
         let (now, _) = clock();
         if token == MPCLIENT_QUERY {
             self.read_remotes();
@@ -340,13 +406,17 @@ impl Service for PeerDriver {
             self.flush(now)?;
             return Ok(pending);
         }
-        let pending = match (token, &mut *tunnel) {
+        let link = tunnels.iter_mut().enumerate().find_map(|(l, t)| {
+            let t = t.as_mut().filter(|t| t.owns(link_token_base(l), token))?;
+            Some((l, t))
+        });
+        let pending = match (token, link) {
             (TUN, _) => read_tun(dev, &mut bufs.tun_in, log, |p| core.handle_tun_packet(now, p)),
-            (UDP, PeerTunnel::Udp { sock, .. }) => {
-                read_udp(sock, &mut bufs.rx, log, |_, d| core.handle_datagram(now, d))
+            (_, Some((l, PeerTunnel::Udp { sock, .. }))) => {
+                read_udp(sock, &mut bufs.rx, log, |_, d| core.handle_datagram(now, l, d))
             }
-            (t, PeerTunnel::Embedded(mp)) if mp.owns(t) => {
-                mp.handle_ready(registry, t, &mut bufs.rx, |_, d| core.handle_datagram(now, d))
+            (t, Some((l, PeerTunnel::Embedded(mp)))) => {
+                mp.handle_ready(registry, t, &mut bufs.rx, |_, d| core.handle_datagram(now, l, d))
             }
             _ => false,
         };
@@ -357,20 +427,20 @@ impl Service for PeerDriver {
     fn poll_timeout(&self) -> Option<Instant> {
         // an idle peer wakes only when its core or the embedded client asks
         let query = self.remotes_query.as_ref().map(|(_, deadline)| *deadline);
-        let switch = self.next_hub_at();
-        [self.core.poll_timeout(), self.tunnel.poll_timeout(), query, switch].into_iter().flatten().min()
+        let tunnels = self.tunnels.iter().flatten().filter_map(PeerTunnel::poll_timeout).min();
+        [self.core.poll_timeout(), tunnels, query, self.next_reopen].into_iter().flatten().min()
     }
 
     fn handle_timeout(&mut self, registry: &Registry, now: Instant) -> Result<(), VpnError> {
         if self.remotes_query.as_ref().is_some_and(|(_, deadline)| now >= *deadline) {
             self.remotes_answered(Err("no answer within the deadline".into()));
         }
-        if self.next_hub_at().is_some_and(|t| now >= t) {
-            warn!(self.log, "the hub does not answer the registration: trying the next hub";
-                "hub" => self.hubs[self.current].describe(), "waited" => ?HUB_SWITCH_AFTER);
-            self.switch_hub(now);
+        if self.next_reopen.is_some_and(|t| now >= t) {
+            self.reopen_tunnels(now);
         }
-        self.tunnel.handle_timeout(registry, now);
+        for t in self.tunnels.iter_mut().flatten() {
+            t.handle_timeout(registry, now);
+        }
         self.core.handle_timeout(now, wall_clock_ms());
         self.flush(now)
     }
@@ -400,15 +470,16 @@ impl Service for PeerDriver {
 
 impl PeerDriver {
     /// Does what the core has for us (`Peer::poll_output`, in its order) until it has
-    /// nothing more: tunnel datagrams go a batch at a time, the rest at once from the
-    /// batch slot the core wrote it in (nothing is allocated).
+    /// nothing more: tunnel datagrams go a batch at a time (one link's), the rest at once
+    /// from the batch slot the core wrote it in (nothing is allocated).
     fn flush(&mut self, now: Instant) -> Result<(), VpnError> {
         loop {
-            let Self { core, tunnel, dev, bufs, mesh, log, .. } = self;
-            let (headroom, tailroom) = tunnel.room();
-            let mut next = None;
+            let Self { core, tunnels, dev, bufs, mesh, log, carry, carried, .. } = self;
+            let (headroom, tailroom) = SEALING_ROOM;
+            let mut stop = None;
             bufs.tx.clear();
-            while next.is_none()
+            let mut batch_link = push_carried(carry, carried, &mut bufs.tx);
+            while stop.is_none()
                 && !bufs.tx.is_full()
                 && bufs.tx.push_with(headroom, |slot| {
                     let len = slot.len() - tailroom;
@@ -417,7 +488,16 @@ impl PeerDriver {
                         match core.poll_output(now, buf) {
                             // the embedded client takes the address as the session's
                             // application; mpclient's socket is connected
-                            PeerOutput::Tunnel(n) => return Some((EMBEDDED_APP, n)),
+                            PeerOutput::Tunnel { link, len } if batch_link.is_none_or(|b| b == link) => {
+                                batch_link = Some(link);
+                                return Some((EMBEDDED_APP, len));
+                            }
+                            PeerOutput::Tunnel { link, len } => {
+                                carry[..len].copy_from_slice(&buf[..len]);
+                                *carried = Some((link, len));
+                                stop = Some(FlushStop::OtherLink);
+                                return None;
+                            }
                             PeerOutput::Rendezvous { socket, len } => {
                                 if let Some(m) = mesh.as_ref() {
                                     m.send_rendezvous(socket, &buf[..len]);
@@ -433,25 +513,24 @@ impl PeerDriver {
                                 let _ = dev.send(&buf[..n]);
                             }
                             PeerOutput::Event(ev) => {
-                                next = Some(Some(ev));
+                                stop = Some(FlushStop::Event(ev));
                                 return None;
                             }
                             PeerOutput::Timeout(_) => {
-                                next = Some(None);
+                                stop = Some(FlushStop::Idle);
                                 return None;
                             }
                         }
                     }
                 })
             {}
-            let failed = tunnel.send(now, &mut bufs.tx);
-            if failed > 0 {
-                trace!(log, "sends to mpclient failed"; "datagrams" => failed);
+            if let Some(l) = batch_link {
+                send_batch(tunnels, l, now, &mut bufs.tx, log);
             }
-            match next {
-                Some(Some(ev)) => self.handle_event(ev)?,
-                Some(None) => return Ok(()),
-                None => {}
+            match stop {
+                Some(FlushStop::Event(ev)) => self.handle_event(ev)?,
+                Some(FlushStop::Idle) => return Ok(()),
+                Some(FlushStop::OtherLink) | None => {}
             }
         }
     }
@@ -460,7 +539,12 @@ impl PeerDriver {
     fn handle_event(&mut self, ev: PeerEvent) -> Result<(), VpnError> {
         let Self { core, tun_name: tun, resolver, log, mesh, .. } = self;
         match ev {
-            PeerEvent::Configured { addr, prefix_len, hub_addr, mtu, dns_domain } => {
+            PeerEvent::Configured { link, addr, prefix_len, hub_addr, mtu, dns_domain } => {
+                if link != self.active {
+                    info!(log, "traffic goes through another hub now"; "hub" => self.hubs[link].describe());
+                    self.active = link;
+                    self.point_rendezvous();
+                }
                 self.on_configured(addr, prefix_len, hub_addr, mtu, dns_domain)?
             }
             PeerEvent::Routes { add, remove } => self.apply_routes(add, remove),
@@ -490,30 +574,20 @@ impl PeerDriver {
                 warn!(log, "mesh: the hub's rendezvous port does not answer (rendezvous: in hub.yaml, or a firewall); only host candidates are announced";
                 "rendezvous" => ?at);
             }
-            PeerEvent::HubLost => {
-                let retries: Vec<String> = HEARTBEAT_RETRIES.iter().map(|d| format!("{d:?}")).collect();
-                error!(log, "hub lost: no heartbeat answers; not taking packets, registering again";
-                    "retried after" => retries.join(", "),
-                    "hub" => self.hubs[self.current].describe());
-                if self.hubs.len() > 1 {
-                    self.switch_hub(clock().0);
-                }
-            }
+            PeerEvent::HubLost { link, remaining } => self.log_hub_lost(link, remaining),
             PeerEvent::DnsDomainRefused { domain, pinned } => {
                 warn!(log, "the hub names a DNS domain this peer does not route lookups for; names in the VPN are not resolved through it";
                     "domain" => ?domain, "pinned in peer.yaml" => ?pinned)
             }
-            PeerEvent::HubReset => {
-                warn!(log, "the hub no longer knows this registration (it restarted): registering again");
-                // with several hubs, the next is tried if this one does not answer again
-                self.registered_here = false;
-                self.hub_since = clock().0;
+            PeerEvent::HubReset { link } => {
+                warn!(log, "the hub no longer knows this registration (it restarted): registering again";
+                    "hub" => self.hubs[link].describe());
             }
             PeerEvent::Refused(reason) => warn!(log, "hub refused for now; retrying"; "reason" => %reason),
             PeerEvent::RouteRefused { route, reason } => {
                 warn!(log, "the hub refused an announced route (hub.yaml allows this peer other subnets)"; "route" => %route, "reason" => ?reason)
             }
-            PeerEvent::ClusterHubs(h) => self.learn_hubs(h),
+            PeerEvent::ClusterHubs { link, hubs } => self.learn_hubs(link, hubs),
             PeerEvent::Fatal(refusal) => return Err(refusal.into()),
         }
         Ok(())
@@ -521,19 +595,31 @@ impl PeerDriver {
 }
 
 impl PeerDriver {
-    /// With several hubs, while the one in use has not answered: when to try the next.
-    fn next_hub_at(&self) -> Option<Instant> {
-        (self.hubs.len() > 1 && !self.registered_here).then_some(self.hub_since + HUB_SWITCH_AFTER)
+    fn log_hub_lost(&self, link: usize, remaining: usize) {
+        let hub = self.hubs[link].describe();
+        if remaining > 0 {
+            warn!(self.log, "a hub does not answer: going on with the others, registering with it again";
+                "hub" => hub, "hubs up" => remaining);
+            return;
+        }
+        let retries: Vec<String> = HEARTBEAT_RETRIES.iter().map(|d| format!("{d:?}")).collect();
+        error!(self.log, "hub lost: no heartbeat answers; not taking packets, registering again";
+            "retried after" => retries.join(", "), "hub" => hub);
     }
 
-    /// The hub in use is one of a cluster: its name, and (`discover`) the other hubs as
-    /// further places to register when it is lost.
-    fn learn_hubs(&mut self, h: crate::wire::ClusterHubsRepr) {
-        self.hubs[self.current].name = Some(h.this.clone());
-        let Some(base) = &self.discover_with else { return };
+    /// Hub link `link`'s hub is one of a cluster: its name, and (`discover`) the other
+    /// hubs, which this peer registers with too.
+    fn learn_hubs(&mut self, link: usize, h: crate::wire::ClusterHubsRepr) {
+        self.hubs[link].name = Some(h.this.clone());
+        let Some(base) = self.discover_with.clone() else { return };
         let mut learned = Vec::new();
         for o in h.others.into_iter().filter(|o| !o.tunnel.is_empty()) {
             if self.hubs.iter().any(|s| s.name.as_deref() == Some(o.name.as_str())) {
+                continue;
+            }
+            if self.hubs.len() >= MAX_HUB_LINKS {
+                warn!(self.log, "more hubs in the cluster than a peer registers with"; "at most" => MAX_HUB_LINKS,
+                    "not registering with" => &o.name);
                 continue;
             }
             let mut client = base.clone();
@@ -544,38 +630,51 @@ impl PeerDriver {
                 .collect();
             learned.push(o.name.clone());
             let reach = Reach::Discovered { hub: o.name.clone(), client: Box::new(client), rendezvous: o.rendezvous };
+            let l = self.hubs.len();
+            let tunnel = self.open_tunnel(&reach, l);
+            self.tunnels.push(tunnel);
             self.hubs.push(HubSlot { reach, name: Some(o.name) });
+            self.core.add_link(clock().0);
         }
         if !learned.is_empty() {
-            info!(self.log, "learned the cluster's other hubs: registering with one of them if this one is lost";
+            info!(self.log, "learned the cluster's other hubs: registering with them too";
                 "this hub" => &h.this, "others" => learned.join(", "));
-            self.core.set_other_hubs(true);
         }
     }
 
-    /// Registers with the next hub from now on (the core keeps registering; its address,
-    /// which the cluster keeps per name, comes back with the Welcome).
-    fn switch_hub(&mut self, now: Instant) {
-        self.current = (self.current + 1) % self.hubs.len();
-        self.hub_since = now;
-        self.registered_here = false;
-        self.point_rendezvous();
-        let e = &self.hubs[self.current];
-        match open_reach(&e.reach, &self.registry, &self.log) {
-            Ok(t) => {
-                info!(self.log, "registering with the next hub"; "hub" => e.describe());
-                self.tunnel = t;
+    /// Hub link `l`'s tunnel, or `None` (logged; tried again later).
+    fn open_tunnel(&mut self, reach: &Reach, l: usize) -> Option<PeerTunnel> {
+        match open_reach(reach, l, &self.registry, &self.log) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                error!(self.log, "cannot open a hub's tunnel; trying again"; "hub" => reach.describe(), "error" => %e,
+                    "in" => ?TUNNEL_REOPEN_INTERVAL);
+                self.next_reopen.get_or_insert(clock().0 + TUNNEL_REOPEN_INTERVAL);
+                None
             }
-            // tried again when this one times out too
-            Err(err) => error!(self.log, "cannot open the next hub's tunnel"; "hub" => e.describe(), "error" => %err),
         }
     }
 
-    /// The mesh asks the rendezvous port of the hub in use (its own, else
+    /// Tries again to open the hubs' tunnels that could not be.
+    fn reopen_tunnels(&mut self, now: Instant) {
+        self.next_reopen = None;
+        for l in 0..self.hubs.len() {
+            if self.tunnels[l].is_none() {
+                let reach = std::mem::replace(&mut self.hubs[l].reach, Reach::Configured(HubEndpoint::default()));
+                self.tunnels[l] = self.open_tunnel(&reach, l);
+                self.hubs[l].reach = reach;
+            }
+        }
+        if self.tunnels.iter().any(Option::is_none) {
+            self.next_reopen.get_or_insert(now + TUNNEL_REOPEN_INTERVAL);
+        }
+    }
+
+    /// The mesh asks the rendezvous port of the active hub (its own, else
     /// `mesh.rendezvous`): that is the hub that sees our mesh sockets' NAT mappings.
     fn point_rendezvous(&mut self) {
         let Some(m) = self.mesh.as_mut() else { return };
-        let slot = &self.hubs[self.current];
+        let slot = &self.hubs[self.active];
         m.rendezvous = match slot.rendezvous() {
             Ok(r) => r.unwrap_or(m.default_rendezvous),
             Err(e) => {
@@ -591,18 +690,19 @@ impl PeerDriver {
         if self.hubs.len() < 2 {
             return Vec::new();
         }
-        let state = |i: usize| match (i == self.current, self.core.is_up()) {
-            (true, true) => "up",
-            (true, false) => "registering",
-            (false, _) => "standby",
+        let states = self.core.link_states();
+        let state = |i: usize| match states.get(i) {
+            Some(LinkState::Up) if i == self.core.active_link() => "active".to_string(),
+            Some(s) => s.to_string(),
+            None => "registering".into(),
         };
         self.hubs
             .iter()
             .enumerate()
             .map(|(i, e)| PeerHubStatus {
                 name: e.name.as_ref().map_or_else(|| e.describe(), |n| format!("{n}: {}", e.describe())),
-                state: state(i).into(),
-                rtt_ms: (i == self.current).then(|| self.core.rtt_ms()).flatten(),
+                state: state(i),
+                rtt_ms: self.core.link_rtt_ms(i),
             })
             .collect()
     }
@@ -617,16 +717,17 @@ impl PeerDriver {
         mtu: u16,
         dns_domain: Option<String>,
     ) -> Result<(), VpnError> {
-        self.registered_here = true;
-        let Self { tunnel, tun_name: tun, installed, protected, resolver, log, registry, remotes_query, .. } = self;
+        let Self {
+            tunnels, active, tun_name: tun, installed, protected, resolver, log, registry, remotes_query, ..
+        } = self;
         // a new registration under the same address (the same hub, or another of the
         // cluster) leaves the device alone: reconfiguring it would drop what is in flight
         if self.tun_config != Some((addr, prefix_len, mtu)) {
             configure_tun(tun, addr, prefix_len, mtu)?;
             self.tun_config = Some((addr, prefix_len, mtu));
         }
-        *protected = protected_addresses(tunnel, log);
-        if let PeerTunnel::Udp { control, .. } = tunnel {
+        *protected = protected_addresses(tunnels.iter().flatten(), log);
+        if let Some(PeerTunnel::Udp { control, .. }) = &tunnels[*active] {
             let path = control.clone().unwrap_or_else(only_mpclient);
             match RemotesQuery::start(&path, registry, MPCLIENT_QUERY) {
                 Ok(q) => *remotes_query = Some((q, clock().0 + MPCLIENT_QUERY_DEADLINE)),

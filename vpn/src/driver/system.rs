@@ -50,13 +50,15 @@ pub(super) fn change_route(change: RouteChange, prefix: &Prefix, name: &str) -> 
 /// default gateways) and the tunnel's own remote ends (an embedded client's paths; a
 /// separate mpclient's come from `RemotesQuery`), or the tunnel would be carried into
 /// itself.
-pub(super) fn protected_addresses(tunnel: &PeerTunnel, log: &Logger) -> Vec<Ipv4Addr> {
+pub(super) fn protected_addresses<'a>(tunnels: impl Iterator<Item = &'a PeerTunnel>, log: &Logger) -> Vec<Ipv4Addr> {
     let mut out = Rtnl::open().and_then(|mut nl| nl.default_gateways_v4()).unwrap_or_else(|e| {
         warn!(log, "cannot read the default routes: routes covering the gateway are not detected"; "error" => %e);
         Vec::new()
     });
-    if let PeerTunnel::Embedded(mp) = tunnel {
-        out.extend(mp.remotes().filter_map(|a| ipv4_of(a.ip())));
+    for t in tunnels {
+        if let PeerTunnel::Embedded(mp) = t {
+            out.extend(mp.remotes().filter_map(|a| ipv4_of(a.ip())));
+        }
     }
     out
 }

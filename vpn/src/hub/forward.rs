@@ -30,6 +30,9 @@ use ring::{aead, hkdf};
 pub const TABLE_INTERVAL: Duration = Duration::from_secs(1);
 /// A table not refreshed this long is forgotten (its hub stopped, or cannot be heard).
 pub const TABLE_TTL: Duration = Duration::from_millis(3500);
+/// A table not refreshed this long (its hub may have died) loses to a fresh one listing
+/// the same peer (a peer registers with several hubs): packets for it go to the other.
+pub const TABLE_QUIET_AFTER: Duration = Duration::from_millis(1500);
 /// A sender's new boot must carry a wall clock this close to ours.
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(30);
 /// Table chunks fit one datagram on any path between hubs.
@@ -89,6 +92,11 @@ struct RemoteHub {
     /// Its peers, as its last complete table said, and when that came.
     table: Vec<PeerEntry>,
     table_at: Option<Instant>,
+    /// Its table was not refreshed for `TABLE_QUIET_AFTER`.
+    quiet: bool,
+    /// The addresses its table covers, its peers that are ours too included: what it may
+    /// forward from.
+    sources: RouteTable<()>,
     /// A table being received.
     assembly: ListAssembly,
     rx: Option<RxBoot>,
@@ -198,9 +206,17 @@ impl Forwarding {
         self.hubs.get(hub).map(|r| (r.addr, len))
     }
 
+    /// Where each address goes. A peer several hubs list goes to one whose table is fresh
+    /// (inserted last, it wins).
     fn rebuild_routes(&mut self) {
         let mut t = RouteTable::default();
-        for (i, h) in self.hubs.iter().enumerate() {
+        let order = self
+            .hubs
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.quiet)
+            .chain(self.hubs.iter().enumerate().filter(|(_, h)| !h.quiet));
+        for (i, h) in order {
             for p in &h.table {
                 t.insert_host(p.addr, i);
                 for r in &p.routes {
@@ -239,6 +255,8 @@ impl Hub {
                         addr: *addr,
                         table: Vec::new(),
                         table_at: None,
+                        quiet: false,
+                        sources: RouteTable::default(),
                         assembly: ListAssembly::default(),
                         rx: None,
                         tx_bytes: 0,
@@ -278,16 +296,23 @@ impl Hub {
     pub(super) fn forward_tick(&mut self, now: Instant) {
         let Some(f) = self.forward.as_mut() else { return };
         f.set_clock(now, None);
-        let mut stale = false;
+        let (mut stale, mut quiet) = (false, false);
         for h in &mut f.hubs {
-            if h.table_at.is_some_and(|t| now.saturating_duration_since(t) >= TABLE_TTL) {
+            let age = h.table_at.map(|t| now.saturating_duration_since(t));
+            if age.is_some_and(|a| a >= TABLE_TTL) {
                 h.table.clear();
+                h.sources = RouteTable::default();
                 h.table_at = None;
                 stale = true;
+            } else if age.is_some_and(|a| a >= TABLE_QUIET_AFTER) && !h.quiet {
+                h.quiet = true;
+                quiet = true;
             }
         }
-        if stale {
+        if stale || quiet {
             f.rebuild_routes();
+        }
+        if stale {
             self.push_peer_list(now);
         }
         let due = self.forward.as_ref().is_some_and(|f| f.next_table.is_some_and(|t| now >= t) && !f.hubs.is_empty());
@@ -312,7 +337,9 @@ impl Hub {
 
     pub(super) fn forward_timeout(&self) -> Option<Instant> {
         let f = self.forward.as_ref()?;
+        let quiet = f.hubs.iter().filter(|h| !h.quiet).filter_map(|h| h.table_at).min().map(|t| t + TABLE_QUIET_AFTER);
         let expiry = f.hubs.iter().filter_map(|h| h.table_at).min().map(|t| t + TABLE_TTL);
+        let expiry = [quiet, expiry].into_iter().flatten().min();
         [f.next_table.filter(|_| !f.hubs.is_empty()), expiry].into_iter().flatten().min()
     }
 
@@ -384,8 +411,11 @@ impl Hub {
 
     /// A packet another hub forwarded: only from its peers, only to ours.
     fn deliver_forwarded(&mut self, hub: usize, packet: &[u8], src: IpAddr, dst: IpAddr) {
+        // its own table must cover the source (another hub may list that peer too)
         let from_its_peer = match src {
-            IpAddr::V4(s) => self.forward.as_ref().and_then(|f| f.routes.lookup(s, None)) == Some(hub),
+            IpAddr::V4(s) => {
+                self.forward.as_ref().and_then(|f| f.hubs.get(hub)).is_some_and(|h| h.sources.lookup(s, None).is_some())
+            }
             IpAddr::V6(_) => false,
         };
         if !from_its_peer {
@@ -414,13 +444,18 @@ impl Hub {
                 return;
             }
         };
+        let believed: Vec<PeerEntry> = entries.into_iter().filter_map(|e| self.believable(e)).collect();
+        // it forwards from all of its peers, those registered with us too
+        let mut sources = RouteTable::default();
+        for p in &believed {
+            sources.insert_host(p.addr, ());
+            p.routes.iter().for_each(|r| sources.insert_prefix(*r, ()));
+        }
+        // ... and we forward to it only those that are not ours
         let ours: HashSet<&str> = self.peers.values().map(|p| p.name.as_str()).collect();
-        let believed: Vec<PeerEntry> = entries
-            .into_iter()
-            .filter(|e| !ours.contains(e.name.as_str()))
-            .filter_map(|e| self.believable(e))
-            .collect();
+        let believed: Vec<PeerEntry> = believed.into_iter().filter(|e| !ours.contains(e.name.as_str())).collect();
         let Some(f) = self.forward.as_mut() else { return };
+        f.hubs[hub].sources = sources;
         for e in &believed {
             if !f.ids.contains_key(&e.name) {
                 f.ids.insert(e.name.clone(), self.next_id);
@@ -429,11 +464,14 @@ impl Hub {
         }
         let r = &mut f.hubs[hub];
         r.table_at = Some(now);
+        let was_quiet = std::mem::replace(&mut r.quiet, false);
         if r.table != believed {
             r.table = believed;
             f.rebuild_routes();
             // our peers hear of the other hub's: they take packets from them
             self.push_peer_list(now);
+        } else if was_quiet {
+            f.rebuild_routes();
         }
     }
 
@@ -447,7 +485,7 @@ impl Hub {
         entries.filter_map(|e| Some(PeerEntry { id: *f.ids.get(&e.name)?, ..e.clone() })).collect()
     }
 
-    /// What of another hub's entry (not one of our peers') this hub believes: a
+    /// What of another hub's entry this hub believes: a
     /// configured name, at the address the cluster gave it (or its fixed one), with the
     /// routes hub.yaml allows it.
     fn believable(&self, e: PeerEntry) -> Option<PeerEntry> {

@@ -463,6 +463,24 @@ impl Mesh {
         self.reintroduce = self.pairs.keys().map(|&id| (id, now)).collect();
     }
 
+    /// The pair with peer `id`, if we have one: whether its key is `key` (another hub of
+    /// the cluster introduces a pair we have with the same key; one that does not is no
+    /// hub of ours to relay through).
+    pub fn pair_key_is(&self, id: u32, key: &[u8; crate::wire::PAIR_KEY_LEN]) -> Option<bool> {
+        self.pairs.get(&id).map(|p| p.psk.bytes() == *key)
+    }
+
+    /// The peers we have a pair with (the other hubs are asked to introduce them too).
+    pub fn pair_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.pairs.keys().copied()
+    }
+
+    /// Whether every relay copy goes through every hub that can carry it (`RelayMode::Always`)
+    /// rather than through one.
+    pub fn relays_through_every_hub(&self) -> bool {
+        self.cfg.relay == RelayMode::Always
+    }
+
     /// Whether IP packets for peer `id` go over its pair (its session came up, on the
     /// relay at least); otherwise they go through the hub as before.
     pub fn is_ready(&self, id: u32) -> bool {

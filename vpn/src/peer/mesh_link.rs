@@ -10,7 +10,9 @@ impl Peer {
     pub fn set_host_candidates(&mut self, c: Vec<SocketAddr>) {
         if c != self.rendezvous.host_candidates {
             self.rendezvous.host_candidates = c;
-            self.send_candidates();
+            for l in 0..self.links.len() {
+                self.send_candidates(l);
+            }
         }
     }
 
@@ -33,9 +35,10 @@ impl Peer {
     }
 
     /// The next "where am I" due (one per mesh socket every `RENDEZVOUS_INTERVAL`), sealed
-    /// into `out`: the mesh socket to send it from and its length.
+    /// into `out` under the active hub's registration (its rendezvous port is asked): the
+    /// mesh socket to send it from and its length.
     pub(super) fn poll_rendezvous(&mut self, out: &mut [u8]) -> Option<(usize, usize)> {
-        let State::Up(s) = &mut self.state else { return None };
+        let State::Up(s) = &mut self.links[self.active].state else { return None };
         let socket = self.rendezvous.next_question()?;
         let q = wire::emit_where_am_i(socket as u8);
         let body = out.get_mut(SEALED_HEADER_LEN..SEALED_HEADER_LEN + q.len() + AEAD_TAG_LEN)?;
@@ -44,26 +47,33 @@ impl Peer {
     }
 
     /// The next datagram of a direct session, in `out`: its length; the mesh sockets and
-    /// addresses to send it to are in `mesh_dests`. Copies for the hub's relay are
-    /// sealed into the tunnel's queue (`poll_transmit`).
+    /// addresses to send it to are in `mesh_dests`. Copies for the hubs' relay are
+    /// sealed into their links' queues (`poll_transmit`): through every hub that
+    /// introduced the pair (`relay: always`), else through one: the hub the other peer's
+    /// relayed datagrams last came through, else the first (the active first).
     pub(super) fn poll_mesh_transmit(&mut self, now: Instant, out: &mut [u8]) -> Option<usize> {
         let mesh = self.mesh.as_mut()?;
-        let up = matches!(self.state, State::Up(_));
+        let every_hub = mesh.relays_through_every_hub();
+        let n = self.links.len();
         loop {
             let len = mesh.poll_transmit(now, out, &mut self.mesh_all_dests)?;
             self.mesh_dests.clear();
             for &d in &self.mesh_all_dests {
-                match d {
-                    // without the hub, nothing to relay through
-                    MeshAddr::Relay(key) if up => {
-                        // the hub relays to its registration of that peer
-                        if let Some(&i) = self.route_table.host(Ipv4Addr::from(key)) {
-                            let to = self.peers[i].id;
-                            self.relay_out.push(&[&[sealed_kind::RELAY], &to.to_be_bytes(), &out[..len]])
+                let MeshAddr::Relay(key) = d else {
+                    self.mesh_dests.push(d);
+                    continue;
+                };
+                // each hub relays to its registration of that peer
+                let first = self.relay_from.get(&key).copied().filter(|&l| !every_hub && l < n);
+                let order = first.into_iter().chain((0..n).map(|k| (self.active + k) % n));
+                for l in order {
+                    let link = &mut self.links[l];
+                    if let Some(to) = link.relays_to(key) {
+                        link.relay_out.push(&[&[sealed_kind::RELAY], &to.to_be_bytes(), &out[..len]]);
+                        if !every_hub {
+                            break;
                         }
                     }
-                    MeshAddr::Relay(_) => {}
-                    direct => self.mesh_dests.push(direct),
                 }
             }
             if !self.mesh_dests.is_empty() {
@@ -86,15 +96,54 @@ impl Peer {
         }
     }
 
-    pub(super) fn send_candidates(&mut self) {
-        let (State::Up(s), Some(_)) = (&mut self.state, &self.mesh) else { return };
+    /// Hub link `l` introduced us to a peer (its id there): the mesh's pair, and this hub
+    /// relays it from now on. Another hub's introduction of a pair we have must carry its
+    /// key (the cluster's hubs agree on pair keys); one that does not is not taken.
+    pub(super) fn on_intro(&mut self, now: Instant, l: usize, mut intro: wire::IntroRepr) {
+        let (Some(mesh), Some(&key)) = (self.mesh.as_mut(), self.links[l].keys.get(&intro.peer_id)) else {
+            match self.mesh.as_mut() {
+                // not (yet) in this hub's list: the mesh asks again
+                Some(mesh) => mesh.drops.unknown += 1,
+                None => self.drops.malformed += 1,
+            }
+            return;
+        };
+        let their_id = intro.peer_id;
+        intro.peer_id = key;
+        if l != self.active && mesh.pair_key_is(key, &intro.key) == Some(false) {
+            mesh.drops.unknown += 1;
+            return;
+        }
+        mesh.on_intro(now, &intro);
+        self.links[l].introduced.insert(key, their_id);
+    }
+
+    /// Asks every hub to introduce the pairs we have whose peers it lists (with a mesh
+    /// socket) but it has not introduced: a hub that came up after the pair, or whose
+    /// other peer registered with it later.
+    pub(super) fn ask_missing_intros(&mut self) {
+        let Some(mesh) = self.mesh.as_ref() else { return };
+        for link in &mut self.links {
+            let State::Up(s) = &mut link.state else { continue };
+            for key in mesh.pair_ids() {
+                let listed = link.list.iter().find(|p| mesh_key(p) == key).filter(|p| !p.candidates.is_empty());
+                let (Some(p), false) = (listed, link.introduced.contains_key(&key)) else { continue };
+                if s.link.send(&wire::emit_intro_request(p.id)).is_err() {
+                    self.drops.queue_full += 1;
+                }
+            }
+        }
+    }
+
+    pub(super) fn send_candidates(&mut self, l: usize) {
+        let (State::Up(s), Some(_)) = (&mut self.links[l].state, &self.mesh) else { return };
         if s.link.send(&wire::emit_candidates(&self.rendezvous.host_candidates)).is_err() {
             self.drops.queue_full += 1;
         }
     }
 
     pub(super) fn on_rendezvous_answer(&mut self, d: &[u8]) {
-        let State::Up(s) = &mut self.state else { return };
+        let State::Up(s) = &mut self.links[self.active].state else { return };
         let Ok(h) = SealedHeader::parse(d) else { return };
         let Ok(m) = s.channel.open(h, d, &mut self.buf) else {
             self.drops.unauthenticated += 1;

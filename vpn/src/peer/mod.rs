@@ -1,12 +1,22 @@
 //! The peer state machine: register, heartbeat, carry TUN packets over KCP, follow the
 //! hub's peer list.
 //!
+//! A peer registers with every hub it knows at once (`HubLink`s: peer.yaml's `hubs:`, and
+//! those a cluster's hub tells of): each link has its own registration, heartbeats, KCP
+//! link and peer list. One of them is *active* (the first in order that is up): its
+//! Welcome configures us, its list drives routes, names and the mesh, and TUN packets go
+//! through it. Packets and relayed
+//! datagrams are taken from every link; the mesh's relay copies go through every hub that
+//! introduced the pair (`relay: always`) or through the first such (the active first).
+//! When the active link is lost another that is up takes over at once.
+//!
 //! Heartbeats go every `HEARTBEAT_INTERVAL`. When one goes unanswered the peer retries
-//! `HEARTBEAT_RETRIES` after it; if none is answered by `HUB_LOST_AFTER` the hub is lost: the
-//! peer stops taking packets from its TUN (they are dropped and counted) except those for
-//! a peer it has a direct session with (`mesh`: those go on), and registers again every
-//! `REREGISTER_INTERVAL`, asking for the address it had. Direct sessions outlive a new
-//! registration (with this hub or another of the cluster) as long as our address stays.
+//! `HEARTBEAT_RETRIES` after it; if none is answered by `HUB_LOST_AFTER` the hub is lost
+//! and that link registers again every `REREGISTER_INTERVAL`, asking for the address we
+//! had. With every link lost the peer stops taking packets from its TUN (they are dropped
+//! and counted) except those for a peer it has a direct session with (`mesh`: those go
+//! on). Direct sessions outlive a new registration (with this hub or another of the
+//! cluster) as long as our address stays.
 //!
 //! Each registration has its own ephemeral key and nonce; every resend of its Register
 //! carries both, so however many copies reach the hub they get one Welcome. Once welcomed,
@@ -38,7 +48,7 @@ use crate::wire::{
 use common::crypto::x25519_public;
 use common::entropy::Entropy;
 use ring::agreement::EphemeralPrivateKey;
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -47,10 +57,11 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 pub const HEARTBEAT_RETRIES: [Duration; 3] = [Duration::from_secs(1), Duration::from_secs(3), Duration::from_secs(7)];
 /// No answer to the last retry within this time after the first miss: the hub is lost.
 pub const HUB_LOST_AFTER: Duration = Duration::from_secs(8);
-/// The same for a peer with another hub to go to (`hubs:`): it moves on sooner.
+/// The same for a peer with other hubs (`hubs:`, or learned from the cluster): its
+/// traffic moves to another sooner.
 pub const STANDBY_HUB_LOST_AFTER: Duration = Duration::from_secs(3);
-/// A peer with another hub to go to that carried traffic through its hub within
-/// `QUICK_BUSY_FOR` heartbeats this often ...
+/// A peer with other hubs that carried traffic through a hub within `QUICK_BUSY_FOR`
+/// heartbeats its hubs this often ...
 pub const QUICK_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 /// ... and declares the hub lost when nothing came from it for this long (and at least
 /// four round trips) after a heartbeat: its pairs' relay and its traffic move to the next
@@ -66,6 +77,11 @@ pub const RENDEZVOUS_INTERVAL: Duration = Duration::from_secs(1);
 pub const RENDEZVOUS_SILENT_AFTER: Duration = Duration::from_secs(5);
 /// How often a peer with a mesh looks at its interfaces for new host candidates.
 pub const CANDIDATE_SCAN_INTERVAL: Duration = Duration::from_secs(5);
+/// How often each hub is asked to introduce the pairs it lists both peers of but has not
+/// introduced (it relays only for those): a hub that came up after the pair did.
+pub const INTRO_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Hubs a peer registers with at once, at most (peer.yaml's and discovered ones).
+pub const MAX_HUB_LINKS: usize = crate::config::MAX_HUBS;
 
 /// How the mesh knows another peer: by its VPN address, which the cluster keeps per name,
 /// not by the id one hub gave its registration. So a pair outlives either peer's move to
@@ -89,16 +105,14 @@ pub struct PeerCoreConfig {
     /// Ask the hub for the list's changes rather than whole lists (peers before deltas
     /// did not; the bench compares both).
     pub peer_list_deltas: bool,
-    /// This peer has other hubs to go to (`hubs:`, or learned from the cluster): it
-    /// declares its hub lost sooner (`STANDBY_HUB_LOST_AFTER`, and `QUICK_HUB_LOST_AFTER`
-    /// while it carries traffic) rather than after every retry (`HUB_LOST_AFTER`).
-    pub other_hubs: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerEvent {
-    /// Registered: configure the TUN device.
+    /// Registered (or another hub's registration became the active one, `link`):
+    /// configure the TUN device.
     Configured {
+        link: usize,
         addr: Ipv4Addr,
         prefix_len: u8,
         hub_addr: Ipv4Addr,
@@ -107,22 +121,18 @@ pub enum PeerEvent {
         dns_domain: Option<String>,
     },
     /// Routes announced by other peers to install / remove.
-    Routes {
-        add: Vec<Prefix>,
-        remove: Vec<Prefix>,
-    },
-    HubLost,
+    Routes { add: Vec<Prefix>, remove: Vec<Prefix> },
+    /// Hub `link` does not answer: it registers again. `remaining` hubs are still up
+    /// (none: the peer has lost every hub).
+    HubLost { link: usize, remaining: usize },
     /// The hub named a DNS domain this peer will not route lookups for (not a private
     /// domain, or not the one peer.yaml pins): names are not resolved through the hub.
-    DnsDomainRefused {
-        domain: String,
-        pinned: Option<String>,
-    },
+    DnsDomainRefused { domain: String, pinned: Option<String> },
     /// The hub said, under this registration's reset token, that it no longer knows it
     /// (it restarted): registering again at once.
-    HubReset,
-    /// The hub is one of a cluster: its name, and how the other hubs are reached.
-    ClusterHubs(wire::ClusterHubsRepr),
+    HubReset { link: usize },
+    /// Hub `link` is one of a cluster: its name, and how the other hubs are reached.
+    ClusterHubs { link: usize, hubs: wire::ClusterHubsRepr },
     /// A new peer list is in (`peers()`).
     PeerList,
     /// The way to another peer changed (the mesh).
@@ -138,10 +148,7 @@ pub enum PeerEvent {
     /// (`RENDEZVOUS_SILENT_AFTER`): only host candidates are announced.
     RendezvousSilent,
     /// The hub did not take one of our announced routes.
-    RouteRefused {
-        route: Prefix,
-        reason: RouteRefusalReason,
-    },
+    RouteRefused { route: Prefix, reason: RouteRefusalReason },
 }
 
 /// Why the hub will never take this peer as configured.
@@ -245,19 +252,100 @@ struct Session {
     reset_token: Option<[u8; wire::RESET_TOKEN_LEN]>,
 }
 
+/// What a hub's Welcome told us.
+#[derive(Debug, Clone)]
+struct Welcomed {
+    addr: Ipv4Addr,
+    prefix_len: u8,
+    hub_addr: Ipv4Addr,
+    mtu: u16,
+    dns_domain: Option<String>,
+    refused: Vec<(Prefix, RouteRefusalReason)>,
+}
+
+/// One hub this peer registers with: its registration, heartbeats, KCP link and the peer
+/// list it sends.
+struct HubLink {
+    state: State,
+    /// This registration's id (the hub's list names us by it).
+    id: u32,
+    welcome: Option<Welcomed>,
+    /// The hub's peer list as this link follows it: a list being received, the version
+    /// we hold (0: none yet), the entries.
+    list_assembly: wire::ListAssembly,
+    list_version: u32,
+    list: Vec<PeerEntry>,
+    /// The mesh key (`mesh_key`) of each listed peer by the id this hub gave it, and back.
+    keys: HashMap<u32, u32>,
+    ids: HashMap<u32, u32>,
+    /// Pairs this hub introduced under this registration (mesh key → the other peer's id
+    /// here): it relays only for those.
+    introduced: HashMap<u32, u32>,
+    rtt_us: u32,
+    last_ack: Option<Instant>,
+    /// Datagrams ready to go (Register, heartbeats).
+    transmit: VecDeque<Vec<u8>>,
+    /// Copies of mesh datagrams for this hub's relay, as the messages to seal (in
+    /// `poll_transmit`, into the caller's buffer).
+    relay_out: PacketQueue,
+}
+
+impl HubLink {
+    fn new(now: Instant, entropy: &mut dyn Entropy) -> Self {
+        Self {
+            state: State::Registering { attempt: Attempt::new(entropy), next_try: now, lost: false },
+            id: 0,
+            welcome: None,
+            list_assembly: wire::ListAssembly::default(),
+            list_version: 0,
+            list: Vec::new(),
+            keys: HashMap::new(),
+            ids: HashMap::new(),
+            introduced: HashMap::new(),
+            rtt_us: 0,
+            last_ack: None,
+            transmit: VecDeque::new(),
+            relay_out: PacketQueue::default(),
+        }
+    }
+
+    fn is_up(&self) -> bool {
+        matches!(self.state, State::Up(_))
+    }
+
+    fn state(&self) -> LinkState {
+        match &self.state {
+            State::Up(s) if s.first_miss.is_some() => LinkState::Retrying,
+            State::Up(_) => LinkState::Up,
+            State::Registering { lost: true, .. } => LinkState::HubLost,
+            State::Registering { .. } => LinkState::Registering,
+        }
+    }
+
+    /// Whether this hub relays our datagrams to mesh peer `key` (it introduced the pair
+    /// to this registration of ours and that registration of its): the other peer's id here.
+    fn relays_to(&self, key: u32) -> Option<u32> {
+        if !self.is_up() {
+            return None;
+        }
+        self.introduced.get(&key).copied().filter(|id| self.ids.get(&key) == Some(id))
+    }
+}
+
 pub struct Peer {
     cfg: PeerCoreConfig,
-    state: State,
+    /// The hubs we register with; `active`'s registration configures us.
+    links: Vec<HubLink>,
+    active: usize,
+    /// Where `poll_transmit` looks first (the link it took the last datagram from).
+    next_link: usize,
     addr: Ipv4Addr,
     /// The VPN network (from the Welcome).
     network: Option<Prefix>,
     hub_addr: Ipv4Addr,
     mtu: u16,
+    /// The active hub's peer list, as applied.
     peers: Vec<PeerEntry>,
-    /// A peer list being received: its version, the next chunk due, the entries so far.
-    list_assembly: wire::ListAssembly,
-    /// The version of `peers` under this registration (0: none yet).
-    list_version: u32,
     /// Which listed peer (index in `peers`) an address belongs to.
     route_table: RouteTable<usize>,
     /// Traffic with each listed peer, index for index with `peers`.
@@ -265,10 +353,7 @@ pub struct Peer {
     /// Our announced routes the hub refused this registration.
     refused_routes: Vec<(Prefix, RouteRefusalReason)>,
     installed_routes: BTreeSet<Prefix>,
-    rtt_us: u32,
-    last_ack: Option<Instant>,
     last_ts: u64,
-    transmit: VecDeque<Vec<u8>>,
     to_tun: PacketQueue,
     events: VecDeque<PeerEvent>,
     pub drops: PeerDrops,
@@ -279,51 +364,47 @@ pub struct Peer {
     /// Where messages of the KCP stream are taken.
     inner_buf: Vec<u8>,
     entropy: Box<dyn Entropy>,
-    /// This registration's id (the hub's list names us by it).
-    id: u32,
     /// Drawn at start, told in every Register: every hub gives our pairs the same keys.
     instance: u64,
     mesh: Option<Mesh>,
-    /// The mesh key (`mesh_key`) of each listed peer, by the id this hub gave it.
-    mesh_keys: std::collections::HashMap<u32, u32>,
     /// Our mesh sockets' candidates and the rendezvous port's timers.
     rendezvous: Rendezvous,
     /// Where the mesh datagram `poll_mesh_transmit` returned goes (directly).
     mesh_dests: Vec<MeshAddr>,
     mesh_all_dests: Vec<MeshAddr>,
-    /// Copies of mesh datagrams for the hub's relay, as the messages to seal (in
-    /// `poll_transmit`, into the caller's buffer).
-    relay_out: PacketQueue,
-    /// Traffic went through the hub lately: until then, with other hubs to go to, the
-    /// hub is watched closely (`QUICK_HEARTBEAT_INTERVAL`).
+    /// The hub link each mesh peer's relayed datagrams last came in on: with `relay:
+    /// fallback` ours go back the same way (the other peer chose a hub that works for it).
+    relay_from: HashMap<u32, usize>,
+    /// When the hubs are next asked to introduce pairs they have not (`INTRO_CHECK_INTERVAL`).
+    next_intro_check: Instant,
+    /// Traffic went through a hub lately: until then, with other hubs, the hubs are
+    /// watched closely (`QUICK_HEARTBEAT_INTERVAL`).
     busy_until: Option<Instant>,
 }
 
 impl Peer {
     /// `entropy` makes each registration's nonce and ephemeral key.
-    /// `now` and `wall_ms` are the two clocks at the start.
+    /// `now` and `wall_ms` are the two clocks at the start. It registers with one hub
+    /// (link 0); `add_link` adds others.
     pub fn new(mut cfg: PeerCoreConfig, now: Instant, wall_ms: u64, mut entropy: Box<dyn Entropy>) -> Self {
         let mesh = cfg.mesh.take().map(|m| Mesh::new(m, now, wall_ms, entropy.fork()));
         let sockets = mesh.as_ref().map_or(0, |m| m.socket_count());
         let instance = entropy.next_u64() | 1; // never 0, "not told"
         Self {
             cfg,
-            state: State::Registering { attempt: Attempt::new(&mut *entropy), next_try: now, lost: false },
+            links: vec![HubLink::new(now, &mut *entropy)],
+            active: 0,
+            next_link: 0,
             addr: Ipv4Addr::UNSPECIFIED,
             network: None,
             hub_addr: Ipv4Addr::UNSPECIFIED,
             mtu: 0,
             peers: Vec::new(),
-            list_assembly: wire::ListAssembly::default(),
-            list_version: 0,
             route_table: RouteTable::default(),
             peer_traffic: Vec::new(),
             refused_routes: Vec::new(),
             installed_routes: BTreeSet::new(),
-            rtt_us: 0,
-            last_ack: None,
             last_ts: 0,
-            transmit: VecDeque::new(),
             to_tun: PacketQueue::default(),
             events: VecDeque::new(),
             drops: PeerDrops::default(),
@@ -332,21 +413,25 @@ impl Peer {
             buf: vec![0; common::wire::MAX_DATAGRAM],
             inner_buf: vec![0; common::wire::MAX_DATAGRAM],
             entropy,
-            id: 0,
             instance,
             mesh,
-            mesh_keys: Default::default(),
             rendezvous: Rendezvous::new(now, sockets),
             mesh_dests: Vec::new(),
             mesh_all_dests: Vec::new(),
-            relay_out: PacketQueue::default(),
+            relay_from: HashMap::new(),
+            next_intro_check: now,
             busy_until: None,
         }
     }
 
-    /// From now on this peer has other hubs to go to (`PeerCoreConfig::other_hubs`).
-    pub fn set_other_hubs(&mut self, yes: bool) {
-        self.cfg.other_hubs = yes;
+    /// Registers with one more hub from now on: its link's index (what `handle_datagram`
+    /// takes and `PeerOutput::Tunnel` names), or `None` at `MAX_HUB_LINKS`.
+    pub fn add_link(&mut self, now: Instant) -> Option<usize> {
+        if self.links.len() >= MAX_HUB_LINKS {
+            return None;
+        }
+        self.links.push(HubLink::new(now, &mut *self.entropy));
+        Some(self.links.len() - 1)
     }
 
     /// What was dropped and counted, the mesh's drops included.
@@ -354,8 +439,14 @@ impl Peer {
         PeerDropCounts { own: self.drops.clone(), mesh: self.mesh.as_ref().map(|m| m.drops.clone()) }
     }
 
+    /// Whether the active hub's registration is up (TUN packets go through it).
     pub fn is_up(&self) -> bool {
-        matches!(self.state, State::Up(_))
+        self.links[self.active].is_up()
+    }
+
+    /// The hub link whose registration configures us.
+    pub fn active_link(&self) -> usize {
+        self.active
     }
 
     pub fn addr(&self) -> Ipv4Addr {
@@ -366,28 +457,40 @@ impl Peer {
         &self.peers
     }
 
+    /// The active hub's round trip.
     pub fn rtt_ms(&self) -> Option<f64> {
-        (self.rtt_us > 0).then(|| f64::from(self.rtt_us) / 1000.0)
+        self.link_rtt_ms(self.active)
     }
 
+    /// Hub link `link`'s round trip, once measured.
+    pub fn link_rtt_ms(&self, link: usize) -> Option<f64> {
+        let rtt = self.links.get(link)?.rtt_us;
+        (rtt > 0).then(|| f64::from(rtt) / 1000.0)
+    }
+
+    /// When the active hub last answered a heartbeat.
     pub fn last_ack(&self) -> Option<Instant> {
-        self.last_ack
+        self.links[self.active].last_ack
     }
 
-    /// One datagram from the tunnel (the local mpclient).
-    pub fn handle_datagram(&mut self, now: Instant, d: &[u8]) {
+    /// One datagram from hub link `link`'s tunnel (its mpclient, or embedded client).
+    pub fn handle_datagram(&mut self, now: Instant, link: usize, d: &[u8]) {
+        if link >= self.links.len() {
+            self.drops.malformed += 1;
+            return;
+        }
         match d.first() {
-            Some(&MSG_WELCOME) => self.on_welcome(now, d),
-            Some(&MSG_REFUSAL) => self.on_refusal(d),
-            Some(&MSG_RESET) => self.on_reset(now, d),
-            Some(&MSG_SEALED) => self.on_sealed(now, d),
+            Some(&MSG_WELCOME) => self.on_welcome(now, link, d),
+            Some(&MSG_REFUSAL) => self.on_refusal(link, d),
+            Some(&MSG_RESET) => self.on_reset(now, link, d),
+            Some(&MSG_SEALED) => self.on_sealed(now, link, d),
             _ => self.drops.malformed += 1,
         }
     }
 
-    /// A sealed datagram: taken only if it opens under our registration's channel.
-    fn on_sealed(&mut self, now: Instant, d: &[u8]) {
-        let State::Up(s) = &mut self.state else {
+    /// A sealed datagram: taken only if it opens under that link's registration's channel.
+    fn on_sealed(&mut self, now: Instant, l: usize, d: &[u8]) {
+        let State::Up(s) = &mut self.links[l].state else {
             self.drops.not_registered += 1;
             return;
         };
@@ -407,12 +510,13 @@ impl Peer {
         let mut buf = std::mem::take(&mut self.buf);
         let m = &mut buf[SEALED_HEADER_LEN..SEALED_HEADER_LEN + n];
         match m.first() {
-            Some(&sealed_kind::HEARTBEAT_ACK) => self.on_ack(now, m),
-            Some(&sealed_kind::KCP) => self.on_kcp(now, &m[field::kcp::SEGMENT..]),
+            Some(&sealed_kind::HEARTBEAT_ACK) => self.on_ack(now, l, m),
+            Some(&sealed_kind::KCP) => self.on_kcp(now, l, &m[field::kcp::SEGMENT..]),
             Some(&sealed_kind::RELAY) if m.len() > field::relay::DATAGRAM => {
                 let from = common::wire::be::u32_at(m, field::relay::PEER_ID);
-                match (self.mesh.as_mut(), self.mesh_keys.get(&from)) {
+                match (self.mesh.as_mut(), self.links[l].keys.get(&from)) {
                     (Some(mesh), Some(&key)) => {
+                        self.relay_from.insert(key, l);
                         mesh.handle_datagram(now, MeshAddr::Relay(key), &mut m[field::relay::DATAGRAM..])
                     }
                     (Some(mesh), None) => mesh.drops.unknown += 1,
@@ -424,12 +528,12 @@ impl Peer {
         self.buf = buf;
     }
 
-    fn on_kcp(&mut self, now: Instant, segment: &[u8]) {
-        let State::Up(s) = &mut self.state else { return };
+    fn on_kcp(&mut self, now: Instant, l: usize, segment: &[u8]) {
+        let State::Up(s) = &mut self.links[l].state else { return };
         match s.link.input(now, segment) {
             Ok(()) => {}
             Err(LinkError::Broken) => {
-                self.lose_hub(now);
+                self.lose_hub(now, l);
                 return;
             }
             Err(_) => {
@@ -438,10 +542,10 @@ impl Peer {
             }
         }
         loop {
-            let State::Up(s) = &mut self.state else { return };
+            let State::Up(s) = &mut self.links[l].state else { return };
             let Some(n) = s.link.recv(now, &mut self.inner_buf) else {
                 if s.link.is_broken() {
-                    self.lose_hub(now); // a message that can never be taken: start over
+                    self.lose_hub(now, l); // a message that can never be taken: start over
                 }
                 break;
             };
@@ -459,23 +563,15 @@ impl Peer {
                     }
                     self.to_tun.push(&[packet]);
                 }
-                Ok(InnerMessage::PeerList(chunk)) => self.on_peer_list_chunk(now, chunk),
-                Ok(InnerMessage::PeerListDelta(delta)) => self.on_peer_list_delta(now, delta),
+                Ok(InnerMessage::PeerList(chunk)) => self.on_peer_list_chunk(now, l, chunk),
+                Ok(InnerMessage::PeerListDelta(delta)) => self.on_peer_list_delta(now, l, delta),
                 Ok(InnerMessage::ResetToken(token)) => {
-                    if let State::Up(s) = &mut self.state {
+                    if let State::Up(s) = &mut self.links[l].state {
                         s.reset_token = Some(token);
                     }
                 }
-                Ok(InnerMessage::Intro(mut intro)) => match (self.mesh.as_mut(), self.mesh_keys.get(&intro.peer_id)) {
-                    (Some(mesh), Some(&key)) => {
-                        intro.peer_id = key;
-                        mesh.on_intro(now, &intro)
-                    }
-                    // not (yet) in our list: the mesh asks again
-                    (Some(mesh), None) => mesh.drops.unknown += 1,
-                    (None, _) => self.drops.malformed += 1,
-                },
-                Ok(InnerMessage::ClusterHubs(hubs)) => self.events.push_back(PeerEvent::ClusterHubs(hubs)),
+                Ok(InnerMessage::Intro(intro)) => self.on_intro(now, l, intro),
+                Ok(InnerMessage::ClusterHubs(hubs)) => self.events.push_back(PeerEvent::ClusterHubs { link: l, hubs }),
                 // what only a peer sends, or what does not parse
                 Ok(InnerMessage::Candidates(_) | InnerMessage::IntroRequest(_) | InnerMessage::PeersWant(_))
                 | Err(_) => self.drops.malformed += 1,
@@ -511,7 +607,7 @@ impl Peer {
             // through the hub until the pair is up
             mesh.want(now, id);
         }
-        let State::Up(s) = &mut self.state else {
+        let State::Up(s) = &mut self.links[self.active].state else {
             self.drops.hub_lost += 1;
             return;
         };
@@ -528,9 +624,18 @@ impl Peer {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        // the pairs run on while the hub is lost
+        // the pairs run on while the hubs are lost
         let mesh = self.mesh.as_ref().and_then(Mesh::poll_timeout);
-        let own = match &self.state {
+        let links = (0..self.links.len()).filter_map(|l| self.link_timeout(l)).min();
+        let rendezvous = self.mesh.as_ref().and_then(|_| self.rendezvous.poll_timeout(self.is_up()));
+        let intro_check =
+            (self.mesh.is_some() && self.links.iter().any(HubLink::is_up)).then_some(self.next_intro_check);
+        [links, mesh, rendezvous, intro_check, self.busy_until].into_iter().flatten().min()
+    }
+
+    /// When hub link `l` next needs `handle_timeout`.
+    fn link_timeout(&self, l: usize) -> Option<Instant> {
+        let own = match &self.links[l].state {
             State::Registering { next_try, .. } => *next_try,
             State::Up(s) => {
                 let hb = match s.first_miss {
@@ -543,9 +648,8 @@ impl Peer {
                 hb.min(s.link.poll_timeout())
             }
         };
-        let rendezvous = self.mesh.as_ref().and_then(|_| self.rendezvous.poll_timeout(self.is_up()));
-        let quick = self.quick_deadlines().map(|(hb, lost)| lost.map_or(hb, |l| l.min(hb)));
-        [Some(own), mesh, rendezvous, quick, self.busy_until].into_iter().flatten().min()
+        let quick = self.quick_deadlines(l).map(|(hb, lost)| lost.map_or(hb, |t| t.min(hb)));
+        [Some(own), quick].into_iter().flatten().min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant, wall_ms: u64) {
@@ -553,21 +657,35 @@ impl Peer {
             m.handle_timeout(now, wall_ms);
         }
         self.rendezvous_timers(now);
-        if self.watch_closely(now) {
+        if self.busy_until.is_some_and(|t| now >= t) {
+            self.busy_until = None;
+        }
+        for l in 0..self.links.len() {
+            self.link_handle_timeout(now, wall_ms, l);
+        }
+        if now >= self.next_intro_check {
+            self.next_intro_check = now + INTRO_CHECK_INTERVAL;
+            self.ask_missing_intros();
+        }
+    }
+
+    /// Hub link `l`'s timers: registration retries, heartbeats and their retries, KCP.
+    fn link_handle_timeout(&mut self, now: Instant, wall_ms: u64, l: usize) {
+        if self.watch_closely(now, l) {
             return; // lost
         }
         let lost_after = self.hub_lost_after();
-        match &mut self.state {
+        match &mut self.links[l].state {
             State::Registering { next_try, lost, .. } => {
                 if now >= *next_try {
                     *next_try = now + if *lost { REREGISTER_INTERVAL } else { REGISTER_RETRY };
-                    self.send_register(wall_ms);
+                    self.send_register(l, wall_ms);
                 }
             }
             State::Up(s) => {
                 s.link.handle_timeout(now);
                 if s.link.is_broken() {
-                    self.lose_hub(now);
+                    self.lose_hub(now, l);
                     return;
                 }
                 let due = match s.first_miss {
@@ -581,7 +699,7 @@ impl Peer {
                         now >= s.next_heartbeat
                     }
                     Some((t, _)) if now >= t + lost_after => {
-                        self.lose_hub(now);
+                        self.lose_hub(now, l);
                         return;
                     }
                     Some((t, _)) => match HEARTBEAT_RETRIES.get(s.retries_sent) {
@@ -593,7 +711,7 @@ impl Peer {
                     },
                 };
                 if due {
-                    self.send_heartbeat(now);
+                    self.send_heartbeat(now, l);
                 }
             }
         }
@@ -607,12 +725,13 @@ impl Peer {
         self.mesh.as_mut().is_some_and(|m| m.is_ready(id) && m.send_ip(id, packet).is_ok())
     }
 
+    /// The peer's link to its hubs: the active one's, or `HubLost` with every hub lost.
     pub fn link_state(&self) -> LinkState {
-        match &self.state {
-            State::Up(s) if s.first_miss.is_some() => LinkState::Retrying,
-            State::Up(_) => LinkState::Up,
-            State::Registering { lost: true, .. } => LinkState::HubLost,
-            State::Registering { .. } => LinkState::Registering,
-        }
+        self.links[self.active].state()
+    }
+
+    /// Each hub link's state, by index.
+    pub fn link_states(&self) -> Vec<LinkState> {
+        self.links.iter().map(HubLink::state).collect()
     }
 }

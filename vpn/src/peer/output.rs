@@ -9,8 +9,8 @@ use super::*;
 /// TUN's packets, then events; `Timeout` once there is nothing more.
 #[derive(Debug)]
 pub enum PeerOutput<'a> {
-    /// A "where am I" for the hub's rendezvous port in `buf[..len]`, to send from mesh
-    /// socket `socket`.
+    /// A "where am I" for the active hub's rendezvous port (`Peer::active_link`) in
+    /// `buf[..len]`, to send from mesh socket `socket`.
     Rendezvous {
         socket: usize,
         len: usize,
@@ -20,8 +20,11 @@ pub enum PeerOutput<'a> {
         len: usize,
         to: &'a [MeshAddr],
     },
-    /// A datagram for the tunnel in `buf[..len]`.
-    Tunnel(usize),
+    /// A datagram for hub link `link`'s tunnel in `buf[..len]`.
+    Tunnel {
+        link: usize,
+        len: usize,
+    },
     /// An IP packet for the TUN device in `buf[..len]`.
     Tun(usize),
     Event(PeerEvent),
@@ -39,8 +42,8 @@ impl Peer {
         if let Some(len) = self.poll_mesh_transmit(now, buf) {
             return PeerOutput::Mesh { len, to: &self.mesh_dests };
         }
-        if let Some(len) = self.poll_transmit(buf) {
-            return PeerOutput::Tunnel(len);
+        if let Some((link, len)) = self.poll_transmit(buf) {
+            return PeerOutput::Tunnel { link, len };
         }
         if let Some(len) = self.poll_tun(buf) {
             return PeerOutput::Tun(len);
@@ -51,28 +54,30 @@ impl Peer {
         }
     }
 
-    /// Next datagram for the tunnel, into `out` (at least a tunnel payload); returns its
-    /// length.
-    fn poll_transmit(&mut self, out: &mut [u8]) -> Option<usize> {
-        if let Some(d) = self.transmit.pop_front() {
-            let n = d.len().min(out.len());
-            out[..n].copy_from_slice(&d[..n]);
-            return Some(n);
-        }
-        let room = out.len().checked_sub(SEALED_OVERHEAD)?;
-        match &mut self.state {
-            State::Up(s) => {
-                while let Some(key) = self.mesh.as_mut().and_then(Mesh::poll_intro_request) {
-                    let Some(&i) = self.route_table.host(Ipv4Addr::from(key)) else { continue };
-                    if s.link.send(&wire::emit_intro_request(self.peers[i].id)).is_err() {
-                        self.drops.queue_full += 1;
-                    }
-                }
-                let body = &mut out[SEALED_HEADER_LEN..SEALED_HEADER_LEN + room];
-                let n = self.relay_out.pop_into(body).or_else(|| s.link.poll_transmit(body))?;
-                Some(s.channel.seal(out, n))
+    /// Next datagram for a hub link's tunnel, into `out` (at least a tunnel payload): its
+    /// link and length. It takes from the link it took from last while that has more, so
+    /// the driver sends them in batches.
+    fn poll_transmit(&mut self, out: &mut [u8]) -> Option<(usize, usize)> {
+        self.send_intro_requests();
+        let n = self.links.len();
+        for l in (0..n).map(|k| (self.next_link + k) % n) {
+            if let Some(len) = self.links[l].poll_transmit(out) {
+                self.next_link = l;
+                return Some((l, len));
             }
-            State::Registering { .. } => None,
+        }
+        None
+    }
+
+    /// The mesh's introduction requests go to every hub that lists the peer.
+    fn send_intro_requests(&mut self) {
+        while let Some(key) = self.mesh.as_mut().and_then(Mesh::poll_intro_request) {
+            for link in &mut self.links {
+                let (State::Up(s), Some(&id)) = (&mut link.state, link.ids.get(&key)) else { continue };
+                if s.link.send(&wire::emit_intro_request(id)).is_err() {
+                    self.drops.queue_full += 1;
+                }
+            }
         }
     }
 
@@ -88,5 +93,22 @@ impl Peer {
 
     fn poll_event(&mut self) -> Option<PeerEvent> {
         self.events.pop_front().or_else(|| self.mesh.as_mut()?.poll_event().map(PeerEvent::Mesh))
+    }
+}
+
+impl HubLink {
+    /// Its next datagram into `out`: what is ready (Register, heartbeats), else a relay
+    /// copy or a KCP segment, sealed.
+    fn poll_transmit(&mut self, out: &mut [u8]) -> Option<usize> {
+        if let Some(d) = self.transmit.pop_front() {
+            let n = d.len().min(out.len());
+            out[..n].copy_from_slice(&d[..n]);
+            return Some(n);
+        }
+        let room = out.len().checked_sub(SEALED_OVERHEAD)?;
+        let State::Up(s) = &mut self.state else { return None };
+        let body = &mut out[SEALED_HEADER_LEN..SEALED_HEADER_LEN + room];
+        let n = self.relay_out.pop_into(body).or_else(|| s.link.poll_transmit(body))?;
+        Some(s.channel.seal(out, n))
     }
 }

@@ -4,58 +4,78 @@
 use super::*;
 
 impl Peer {
-    /// One chunk of a peer list; the list is taken when its last chunk arrives (KCP keeps
-    /// them in order; a chunk 0 starts a list afresh).
-    pub(super) fn on_peer_list_chunk(&mut self, now: Instant, c: PeerListChunk) {
-        match self.list_assembly.take(c) {
+    /// One chunk of hub link `l`'s peer list; the list is taken when its last chunk
+    /// arrives (KCP keeps them in order; a chunk 0 starts a list afresh).
+    pub(super) fn on_peer_list_chunk(&mut self, now: Instant, l: usize, c: PeerListChunk) {
+        match self.links[l].list_assembly.take(c) {
             Ok(Some((version, list))) => {
-                self.set_peer_list(now, list);
-                self.list_version = version;
+                self.take_list(now, l, list);
+                self.links[l].list_version = version;
             }
             Ok(None) => {}
             Err(_) => self.drops.malformed += 1,
         }
     }
 
-    /// What changed in the list: applied if it starts from the version we have (KCP keeps
-    /// the hub's messages in order, so it does); otherwise our list is stale: ask for it
-    /// whole.
-    pub(super) fn on_peer_list_delta(&mut self, now: Instant, d: PeerListDelta) {
-        if !self.cfg.peer_list_deltas || d.from != self.list_version {
+    /// What changed in hub link `l`'s list: applied if it starts from the version we have
+    /// (KCP keeps the hub's messages in order, so it does); otherwise our list is stale:
+    /// ask for it whole.
+    pub(super) fn on_peer_list_delta(&mut self, now: Instant, l: usize, d: PeerListDelta) {
+        let have = self.links[l].list_version;
+        if !self.cfg.peer_list_deltas || d.from != have {
             self.drops.stale_list += 1;
-            self.send_peers_want(if self.list_version == 0 { u32::MAX } else { self.list_version });
+            self.send_peers_want(l, if have == 0 { u32::MAX } else { have });
             return;
         }
-        let mut list = if d.from == 0 { Vec::new() } else { self.peers.clone() };
+        let mut list = if d.from == 0 { Vec::new() } else { std::mem::take(&mut self.links[l].list) };
         let replaced: BTreeSet<u32> = d.upserts.iter().map(|p| p.id).chain(d.removed.iter().copied()).collect();
         list.retain(|p| !replaced.contains(&p.id));
         list.extend(d.upserts);
         list.sort_by_key(|p| p.id);
-        self.set_peer_list(now, list);
-        self.list_version = d.to;
+        self.take_list(now, l, list);
+        self.links[l].list_version = d.to;
     }
 
     /// Forgets which version of the list we hold, as a peer that missed a change would:
     /// the next delta finds the list stale (tests of the recovery).
     #[cfg(any(test, feature = "sim"))]
     pub fn forget_peer_list_version(&mut self) {
-        self.list_version = self.list_version.wrapping_add(1000);
+        let link = &mut self.links[self.active];
+        link.list_version = link.list_version.wrapping_add(1000);
     }
 
-    /// Tells the hub we take deltas (`have` 0), or that our list went stale at `have`.
-    pub(super) fn send_peers_want(&mut self, have: u32) {
-        let State::Up(s) = &mut self.state else { return };
+    /// Tells hub link `l`'s hub we take deltas (`have` 0), or that our list went stale at
+    /// `have`.
+    pub(super) fn send_peers_want(&mut self, l: usize, have: u32) {
+        let State::Up(s) = &mut self.links[l].state else { return };
         if s.link.send(&wire::emit_peers_want(have)).is_err() {
             self.drops.queue_full += 1;
         }
     }
 
-    pub(super) fn set_peer_list(&mut self, now: Instant, list: Vec<PeerEntry>) {
+    /// Hub link `l` sent a new list: which of its ids is which peer, and (the active
+    /// link's) what routes, names and pairs follow.
+    fn take_list(&mut self, now: Instant, l: usize, list: Vec<PeerEntry>) {
+        let link = &mut self.links[l];
+        link.keys = list.iter().map(|p| (p.id, mesh_key(p))).collect();
+        link.ids = list.iter().map(|p| (mesh_key(p), p.id)).collect();
+        // a peer that registered anew with this hub must be introduced anew by it
+        let ids = &link.ids;
+        link.introduced.retain(|key, id| ids.get(key) == Some(id));
+        link.list = list;
+        if l == self.active {
+            self.apply_list(now);
+        }
+    }
+
+    /// The active hub's list is ours: the mesh's peers, routes to install, who an address
+    /// belongs to.
+    pub(super) fn apply_list(&mut self, now: Instant) {
+        let list = self.links[self.active].list.clone();
         if let (Some(m), Some(network)) = (self.mesh.as_mut(), self.network) {
             let keyed: Vec<PeerEntry> = list.iter().map(|p| PeerEntry { id: mesh_key(p), ..p.clone() }).collect();
             m.set_peer_list(now, u32::from(self.addr), network, &keyed);
         }
-        self.mesh_keys = list.iter().map(|p| (p.id, mesh_key(p))).collect();
         let wanted: BTreeSet<Prefix> =
             list.iter().filter(|p| p.addr != self.addr).flat_map(|p| p.routes.iter().copied()).collect();
         let add: Vec<Prefix> = wanted.difference(&self.installed_routes).copied().collect();
@@ -64,11 +84,11 @@ impl Peer {
             self.events.push_back(PeerEvent::Routes { add, remove });
         }
         self.installed_routes = wanted;
-        // counters follow the peer (by id) across list changes
+        // counters follow the peer (by address: ids are one hub's) across list changes
         self.peer_traffic = list
             .iter()
             .map(|p| {
-                self.peers.iter().position(|q| q.id == p.id).map_or_else(Default::default, |i| self.peer_traffic[i])
+                self.peers.iter().position(|q| q.addr == p.addr).map_or_else(Default::default, |i| self.peer_traffic[i])
             })
             .collect();
         // who an address belongs to: its own, else the longest route (the higher index

@@ -47,8 +47,8 @@ impl Peer {
         self.last_ts
     }
 
-    pub(super) fn send_register(&mut self, wall_ms: u64) {
-        let State::Registering { attempt, .. } = &self.state else { return };
+    pub(super) fn send_register(&mut self, l: usize, wall_ms: u64) {
+        let State::Registering { attempt, .. } = &self.links[l].state else { return };
         let (nonce, public) = (attempt.nonce, attempt.public);
         let reg = RegisterRepr {
             name: self.cfg.name.clone(),
@@ -60,11 +60,12 @@ impl Peer {
             routes: self.cfg.routes.clone(),
             instance: self.instance,
         };
-        self.transmit.push_back(reg.emit(&self.cfg.key));
+        self.links[l].transmit.push_back(reg.emit(&self.cfg.key));
     }
 
-    pub(super) fn on_welcome(&mut self, now: Instant, d: &[u8]) {
-        let State::Registering { attempt, .. } = &mut self.state else {
+    pub(super) fn on_welcome(&mut self, now: Instant, l: usize, d: &[u8]) {
+        let link = &mut self.links[l];
+        let State::Registering { attempt, .. } = &mut link.state else {
             return; // a late copy
         };
         let Ok(w) = WelcomeRepr::parse(d, &self.cfg.key, &attempt.public) else {
@@ -90,38 +91,70 @@ impl Peer {
         let Some(Ok(channel)) = attempt.private.take().map(|k| Channel::establish(&agreement, k, true)) else {
             // a public key X25519 refuses: a new attempt, the hub gets a new Register
             self.drops.malformed += 1;
-            self.state = State::Registering { attempt: Attempt::new(&mut *self.entropy), next_try: now, lost: false };
+            link.state = State::Registering { attempt: Attempt::new(&mut *self.entropy), next_try: now, lost: false };
             return;
         };
-        self.keep_pairs(now, w.addr);
+        link.state =
+            State::Up(Box::new(Session::new(channel, KcpLink::new(w.peer_id, now, self.cfg.tunnel_payload), now)));
+        link.id = w.peer_id;
+        link.last_ack = Some(now);
+        link.list_version = 0;
+        link.list.clear();
+        link.keys.clear();
+        link.ids.clear();
+        link.introduced.clear();
+        link.welcome = Some(Welcomed {
+            addr: w.addr,
+            prefix_len: w.prefix_len,
+            hub_addr: w.hub_addr,
+            mtu: w.mtu,
+            dns_domain: w.dns_domain,
+            refused: w.refused,
+        });
+        if self.cfg.peer_list_deltas {
+            self.send_peers_want(l, 0);
+        }
+        self.send_candidates(l);
+        // the first sealed datagram is what makes the hub use this registration: now
+        self.send_heartbeat(now, l);
+        self.next_intro_check = now;
+        // the first hub in order that is up is the active one
+        if l <= self.active || !self.is_up() {
+            let fresh = l == self.active;
+            self.activate(now, l, fresh);
+        }
+    }
+
+    /// Hub link `l`'s registration configures us from now on (`fresh`: it is a new
+    /// registration, whose hub must introduce our pairs again).
+    fn activate(&mut self, now: Instant, l: usize, fresh: bool) {
+        let Some(w) = self.links[l].welcome.clone() else { return };
+        self.active = l;
+        if fresh || self.addr != w.addr {
+            self.keep_pairs(now, w.addr);
+        }
         self.addr = w.addr;
         self.network = Prefix::new(w.addr, w.prefix_len);
         self.hub_addr = w.hub_addr;
         self.mtu = w.mtu;
-        self.last_ack = Some(now);
         for &(route, reason) in &w.refused {
             self.events.push_back(PeerEvent::RouteRefused { route, reason });
         }
         self.refused_routes = w.refused;
-        self.state =
-            State::Up(Box::new(Session::new(channel, KcpLink::new(w.peer_id, now, self.cfg.tunnel_payload), now)));
-        self.id = w.peer_id;
-        self.list_version = 0;
-        if self.cfg.peer_list_deltas {
-            self.send_peers_want(0);
-        }
-        self.send_candidates();
         self.rendezvous.registered(now);
-        // the first sealed datagram is what makes the hub use this registration: now
-        self.send_heartbeat(now);
         let dns_domain = w.dns_domain.filter(|d| self.takes_dns_domain(d));
         self.events.push_back(PeerEvent::Configured {
+            link: l,
             addr: w.addr,
             prefix_len: w.prefix_len,
             hub_addr: w.hub_addr,
             mtu: w.mtu,
             dns_domain,
         });
+        // the list this hub sent while it stood by is ours now
+        if self.links[l].list_version != 0 {
+            self.apply_list(now);
+        }
     }
 
     /// Whether this peer routes lookups in `domain` (the hub's) to the hub: a private
@@ -135,53 +168,63 @@ impl Peer {
         ok
     }
 
-    pub(super) fn on_refusal(&mut self, d: &[u8]) {
+    pub(super) fn on_refusal(&mut self, l: usize, d: &[u8]) {
         let Ok(r) = RefusalRepr::parse(d, &self.cfg.key) else {
             self.drops.malformed += 1;
             return;
         };
         // only an answer to our own pending Register counts
-        match (&self.state, r.reason) {
-            (State::Registering { attempt, .. }, _) if attempt.nonce == r.nonce => {}
+        match &self.links[l].state {
+            State::Registering { attempt, .. } if attempt.nonce == r.nonce => {}
             _ => return,
         }
-        match (&self.state, r.reason) {
-            (_, RefusalReason::MtuMismatch) => self.events.push_back(PeerEvent::Fatal(HubRefusal::MtuMismatch {
+        match r.reason {
+            RefusalReason::MtuMismatch => self.events.push_back(PeerEvent::Fatal(HubRefusal::MtuMismatch {
                 hub: r.hub_mtu,
                 ours: self.cfg.mtu.unwrap_or(0),
             })),
-            (_, reason) => self.events.push_back(PeerEvent::Refused(reason)),
+            reason => self.events.push_back(PeerEvent::Refused(reason)),
         }
     }
 
-    /// The hub is gone (or broke our link): register again. Direct sessions go on
-    /// meanwhile; the next registration's list replaces them.
-    pub(super) fn lose_hub(&mut self, now: Instant) {
-        self.register_again(now);
-        self.events.push_back(PeerEvent::HubLost);
+    /// Hub link `l` is gone (or broke our link): it registers again. Direct sessions go on
+    /// meanwhile.
+    pub(super) fn lose_hub(&mut self, now: Instant, l: usize) {
+        self.register_again(now, l);
+        let remaining = self.links.iter().filter(|k| k.is_up()).count();
+        self.events.push_back(PeerEvent::HubLost { link: l, remaining });
     }
 
-    /// Our registration is over: a new one, at once, asking for the address we had.
-    fn register_again(&mut self, now: Instant) {
-        self.relay_out.clear();
-        self.state = State::Registering { attempt: Attempt::new(&mut *self.entropy), next_try: now, lost: true };
+    /// Hub link `l`'s registration is over: a new one, at once, asking for the address we
+    /// had. If it was the active one, another that is up takes over.
+    fn register_again(&mut self, now: Instant, l: usize) {
+        let link = &mut self.links[l];
+        link.relay_out.clear();
+        link.introduced.clear();
+        link.state = State::Registering { attempt: Attempt::new(&mut *self.entropy), next_try: now, lost: true };
+        if l == self.active {
+            if let Some(next) = (0..self.links.len()).find(|&i| self.links[i].is_up()) {
+                self.activate(now, next, false);
+            }
+        }
     }
 
     /// A `Reset`: the hub no longer knows our registration (it restarted). Believed only
     /// for our registration and with the token the hub told it: register again at once,
     /// rather than after the heartbeat retries.
-    pub(super) fn on_reset(&mut self, now: Instant, d: &[u8]) {
+    pub(super) fn on_reset(&mut self, now: Instant, l: usize, d: &[u8]) {
         let Ok(r) = wire::ResetRepr::parse(d) else {
             self.drops.malformed += 1;
             return;
         };
-        let State::Up(s) = &self.state else { return };
+        let link = &self.links[l];
+        let State::Up(s) = &link.state else { return };
         let known = s.reset_token.is_some_and(|t| bool::from(subtle::ConstantTimeEq::ct_eq(&t[..], &r.token[..])));
-        if r.peer_id != self.id || !known {
+        if r.peer_id != link.id || !known {
             self.drops.unauthenticated += 1;
             return;
         }
-        self.register_again(now);
-        self.events.push_back(PeerEvent::HubReset);
+        self.register_again(now, l);
+        self.events.push_back(PeerEvent::HubReset { link: l });
     }
 }

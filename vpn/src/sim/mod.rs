@@ -71,7 +71,6 @@ pub fn peer_config(name: &str) -> PeerCoreConfig {
         mesh: None,
         dns_domain: None,
         peer_list_deltas: true,
-        other_hubs: false,
     }
 }
 
@@ -94,10 +93,20 @@ pub struct SimPeer {
     pub direct_sent: Vec<Instant>,
 }
 
+/// Another hub of the simulation (`VpnSim::add_hub`): every peer registers with it too.
+pub struct OtherHub {
+    pub hub: Hub,
+    /// Every datagram between the peers and this hub is lost (it died).
+    pub cut: bool,
+}
+
 pub struct VpnSim {
     t0: Instant,
     pub now: Instant,
+    /// Hub link 0's hub.
     pub hub: Hub,
+    /// Hub link `1 + i`'s hub.
+    pub other_hubs: Vec<OtherHub>,
     pub peers: Vec<SimPeer>,
     /// Every datagram between the peers and the hub (tunnel and rendezvous) is lost; the
     /// hub runs on.
@@ -147,6 +156,7 @@ impl VpnSim {
             t0: now,
             now,
             hub: Hub::new(cfg, Box::new(SimEntropy::new(seed))),
+            other_hubs: Vec::new(),
             peers: Vec::new(),
             hub_cut: false,
             peer_cut: None,
@@ -170,6 +180,9 @@ impl VpnSim {
     pub fn make_peer(&self, cfg: PeerCoreConfig, nat: Nat, i: usize) -> SimPeer {
         let mesh = cfg.mesh.is_some();
         let mut core = Peer::new(cfg, self.now, self.wall_ms(), Box::new(SimEntropy::new(1000 + i as u64)));
+        for _ in &self.other_hubs {
+            core.add_link(self.now);
+        }
         let local = nat.local(i);
         if mesh {
             core.set_host_candidates(vec![local]);
@@ -188,6 +201,23 @@ impl VpnSim {
         }
     }
 
+    /// Another hub with `cfg` (entropy seeded by `seed`): every peer, those added later
+    /// too, registers with it as well (its hub link is `other_hubs.len()` after this).
+    pub fn add_hub(&mut self, cfg: HubCoreConfig, seed: u64) {
+        self.other_hubs.push(OtherHub { hub: Hub::new(cfg, Box::new(SimEntropy::new(seed))), cut: false });
+        for p in &mut self.peers {
+            p.core.add_link(self.now);
+        }
+    }
+
+    /// Hub link `link`'s hub, unless it is cut off.
+    fn reachable_hub(&mut self, link: usize) -> Option<&mut Hub> {
+        match link {
+            0 => (!self.hub_cut).then_some(&mut self.hub),
+            _ => self.other_hubs.get_mut(link - 1).filter(|h| !h.cut).map(|h| &mut h.hub),
+        }
+    }
+
     /// Adds a peer as host number `peers.len()`; returns that number.
     pub fn add_peer(&mut self, cfg: PeerCoreConfig, nat: Nat) -> usize {
         let i = self.peers.len();
@@ -203,7 +233,8 @@ impl VpnSim {
 
     /// The earliest time any core asks to be woken at.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.peers.iter().filter_map(|p| p.core.poll_timeout()).chain(self.hub.poll_timeout()).min()
+        let others = self.other_hubs.iter().filter_map(|h| h.hub.poll_timeout());
+        self.peers.iter().filter_map(|p| p.core.poll_timeout()).chain(self.hub.poll_timeout()).chain(others).min()
     }
 
     /// Runs for `d`, stepping the clock to the earliest deadline any core asks for (as a
@@ -215,7 +246,8 @@ impl VpnSim {
             let (hub, busy) = (&self.hub, &mut self.hub_busy);
             let hub_next = timed(busy, || hub.poll_timeout());
             let peers_next = self.peers.iter().filter_map(|p| p.core.poll_timeout()).min();
-            let next = peers_next.into_iter().chain(hub_next).min().map_or(end, |t| t.min(end));
+            let others_next = self.other_hubs.iter().filter_map(|h| h.hub.poll_timeout()).min();
+            let next = peers_next.into_iter().chain(hub_next).chain(others_next).min().map_or(end, |t| t.min(end));
             if next <= self.now {
                 at_once += 1;
                 assert!(at_once < 100, "a core keeps asking to be woken in the past");
@@ -230,6 +262,9 @@ impl VpnSim {
             }
             let (hub, now) = (&mut self.hub, self.now);
             timed(&mut self.hub_busy, || hub.handle_timeout(now));
+            for h in &mut self.other_hubs {
+                h.hub.handle_timeout(now);
+            }
             self.exchange();
             if self.now >= end {
                 return;
@@ -251,6 +286,9 @@ impl VpnSim {
                 moved |= self.drain_peer(i);
             }
             moved |= self.drain_hub();
+            for h in 0..self.other_hubs.len() {
+                moved |= self.drain_other_hub(h);
+            }
             if !moved {
                 return;
             }
@@ -276,13 +314,20 @@ impl VpnSim {
                         self.send_direct(i, to, &d);
                     }
                 }
-                PeerOutput::Tunnel(n) => {
+                PeerOutput::Tunnel { link: 0, len: n } => {
                     let from = self.peers[i].tunnel;
                     self.captured.push((now, from, self.out[..n].to_vec()));
                     if !self.hub_cut && self.peer_cut != Some(i) && !self.rng.chance(self.loss) {
                         let wall = self.wall_ms();
                         let (hub, d) = (&mut self.hub, &self.out[..n]);
                         timed(&mut self.hub_busy, || hub.handle_datagram(now, wall, from, d));
+                    }
+                }
+                PeerOutput::Tunnel { link, len } => {
+                    let (from, wall) = (self.peers[i].tunnel, self.wall_ms());
+                    let d = self.out[..len].to_vec();
+                    if let Some(hub) = self.reachable_hub(link) {
+                        hub.handle_datagram(now, wall, from, &d);
                     }
                 }
                 PeerOutput::Tun(n) => {
@@ -312,13 +357,34 @@ impl VpnSim {
                         continue;
                     }
                     if let Some(i) = self.peer_at_tunnel(to).filter(|&i| self.peer_cut != Some(i)) {
-                        self.peers[i].core.handle_datagram(self.now, &self.out[..len]);
+                        self.peers[i].core.handle_datagram(self.now, 0, &self.out[..len]);
                     }
                 }
                 HubOutput::Forward { to, len } => self.forwarded.push((to, self.out[..len].to_vec())),
                 HubOutput::Tun(n) => self.hub_tun_rx.push(self.out[..n].to_vec()),
                 HubOutput::Event(ev) => self.hub_events.push((self.now, ev)),
                 HubOutput::Timeout(_) => return moved,
+            }
+        }
+    }
+
+    /// Takes other hub `h`'s output (hub link `h + 1`); true if it sent anything.
+    fn drain_other_hub(&mut self, h: usize) -> bool {
+        let mut moved = false;
+        loop {
+            match self.other_hubs[h].hub.poll_output(&mut self.out) {
+                HubOutput::Tunnel { to, len } => {
+                    moved = true;
+                    if self.other_hubs[h].cut {
+                        continue;
+                    }
+                    if let Some(i) = self.peer_at_tunnel(to) {
+                        self.peers[i].core.handle_datagram(self.now, h + 1, &self.out[..len]);
+                    }
+                }
+                HubOutput::Timeout(_) => return moved,
+                // no TUN, no forwarding between the simulation's hubs
+                HubOutput::Forward { .. } | HubOutput::Tun(_) | HubOutput::Event(_) => {}
             }
         }
     }
@@ -338,14 +404,12 @@ impl VpnSim {
     /// Peer `i`'s question to the rendezvous port from its mesh socket `socket`, and the
     /// answer back through its NAT.
     fn ask_rendezvous(&mut self, i: usize, socket: usize, q: &[u8]) {
-        if self.hub_cut {
-            return;
-        }
         let from = self.peers[i].nat_source(HUB_RENDEZVOUS);
+        let now = self.now;
+        let Some(hub) = self.reachable_hub(self.peers[i].core.active_link()) else { return };
         let mut answer = vec![0u8; common::wire::MAX_DATAGRAM];
-        if let Some(n) = self.hub.handle_rendezvous(self.now, from, q, &mut answer) {
+        if let Some(n) = hub.handle_rendezvous(now, from, q, &mut answer) {
             assert!(n <= q.len(), "the rendezvous port never amplifies");
-            let now = self.now;
             self.peers[i].core.handle_mesh_datagram(now, socket, HUB_RENDEZVOUS, &mut answer[..n]);
         }
     }
@@ -426,7 +490,7 @@ impl VpnSim {
         let mut got = Vec::new();
         loop {
             match self.peers[i].core.poll_output(self.now, &mut self.out) {
-                PeerOutput::Tunnel(n) => got.push(self.out[..n].to_vec()),
+                PeerOutput::Tunnel { len, .. } => got.push(self.out[..len].to_vec()),
                 PeerOutput::Event(ev) => self.peers[i].events.push(ev),
                 PeerOutput::Timeout(_) => return got,
                 _ => {}
