@@ -33,6 +33,12 @@ pub fn hub_ip(i: usize) -> String {
     format!("10.90.0.{i}")
 }
 
+/// Hub `i`'s second address (`ClusterLab::start_tunnel_forwarding`): a second path
+/// between the hubs, which the peers do not use.
+pub fn second_ip(i: usize) -> String {
+    format!("10.90.1.{i}")
+}
+
 pub struct ClusterLab {
     pub lab: Lab,
     /// The switch every host hangs on.
@@ -58,16 +64,25 @@ pub struct ClusterLab {
 impl ClusterLab {
     /// Three hub hosts; hub.yaml on each lists `n_peers` peers `p0`, `p1`, ...
     pub fn start(tag: &str, n_peers: usize) -> Self {
-        Self::start_with(tag, n_peers, false)
+        Self::start_with(tag, n_peers, false, false)
+    }
+
+    /// `start`, the hubs forwarding to each other over the multipath tunnel
+    /// (`tunnel_key_file`, no `forward_listen`) with two paths between any two: each hub
+    /// host has a second address, `second_ip(i)`, both advertised. Their mpservers run.
+    pub fn start_tunnel_forwarding(tag: &str, n_peers: usize) -> Self {
+        let mut c = Self::start_with(tag, n_peers, false, true);
+        c.start_servers(&[1, 2, 3]);
+        c
     }
 
     /// `start`, with etcd's client port on TLS: a lab CA signs each member's server
     /// certificate and one client certificate the hubs present (`--client-cert-auth`).
     pub fn start_tls(tag: &str, n_peers: usize) -> Self {
-        Self::start_with(tag, n_peers, true)
+        Self::start_with(tag, n_peers, true, false)
     }
 
-    fn start_with(tag: &str, n_peers: usize, tls: bool) -> Self {
+    fn start_with(tag: &str, n_peers: usize, tls: bool, over_tunnel: bool) -> Self {
         let mut lab = Lab::new(tag);
         let switch = lab.add_ns("sw");
         lab.sh(&switch, "ip link add br0 type bridge && ip link set br0 up");
@@ -79,6 +94,9 @@ impl ClusterLab {
             run(Command::new("ip").args(["-n", &ns, "link", "set", &port, "netns", &switch]));
             lab.sh(&switch, &format!("ip link set {port} master br0 up"));
             lab.sh(&ns, &format!("ip addr add {}/24 dev lan && ip link set lan up", hub_ip(i)));
+            if over_tunnel {
+                lab.sh(&ns, &format!("ip addr add {}/24 dev lan", second_ip(i)));
+            }
             hub_ns.push(ns);
         }
         let dir = lab.dir.clone();
@@ -129,6 +147,16 @@ impl ClusterLab {
         };
         for i in 1..=3 {
             let ip = hub_ip(i);
+            let forwarding = match over_tunnel {
+                true => format!(
+                    "  tunnel_key_file: {}\n  advertise:\n    tunnel: [{ip}:{HUB_TUNNEL_PORT}, {}:{HUB_TUNNEL_PORT}]\n",
+                    me.tunnel_key.display(),
+                    second_ip(i)
+                ),
+                false => format!(
+                    "  forward_listen: {ip}:{FORWARD_PORT}\n  advertise:\n    tunnel: [{ip}:{HUB_TUNNEL_PORT}]\n"
+                ),
+            };
             let idx = me.start_etcd(i, true);
             me.etcd.push(idx);
             // this hub's member first: it answers when the others are cut off
@@ -141,8 +169,8 @@ impl ClusterLab {
                 format!(
                     "listen: {HUB_LISTEN}\ntun: mpvpn0\nnetwork: {CLUSTER_NETWORK}\ncontrol_socket: {}\nstate_file: {}\n\
                      rendezvous: {ip}:{RENDEZVOUS_PORT}\n\
-                     cluster:\n  name: h{i}\n  etcd: [{}]\n{tls_files}  key_file: {}\n  on_master: {}\n  forward_listen: {ip}:{FORWARD_PORT}\n\
-                     \x20 advertise:\n    tunnel: [{ip}:{HUB_TUNNEL_PORT}]\n    rendezvous: {ip}:{RENDEZVOUS_PORT}\n\
+                     cluster:\n  name: h{i}\n  etcd: [{}]\n{tls_files}  key_file: {}\n  on_master: {}\n{forwarding}\
+                     \x20   rendezvous: {ip}:{RENDEZVOUS_PORT}\n\
                      peers:\n{peer_yaml}",
                     me.control(i).display(),
                     dir.join(format!("hub{i}.state.json")).display(),

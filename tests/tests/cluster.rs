@@ -240,6 +240,55 @@ fn peers_of_different_hubs_reach_each_other_through_the_hubs() {
     assert!(listed.contains("\"p1\""), "{listed}");
 }
 
+/// The hubs forward to each other over the multipath tunnel (`tunnel_key_file`, no
+/// `forward_listen`): two paths between any two hubs (each advertises two addresses).
+/// p0 on h1 and p1 on h2 ping each other every 20 ms; one path between the hubs dies
+/// (h1 drops what it sends to the others' first tunnel address) and the forwarding goes
+/// on over the other.
+#[test]
+fn hubs_forward_over_the_multipath_tunnel_and_outlive_a_path() {
+    let Some(_serial) = cluster_lab_or_skip() else { return };
+    let mut c = ClusterLab::start_tunnel_forwarding("cm", 2);
+    c.wait_agreed_master(&[1, 2, 3], 3, Duration::from_secs(20));
+    let a_ns = c.start_peer(0, &[1]);
+    c.start_peer(1, &[2]);
+    let (_, b) = (c.wait_peer_up(0, Duration::from_secs(15)), c.wait_peer_up(1, Duration::from_secs(15)));
+    c.wait_forwarding(1, 2);
+    let h2 = c.cluster_status(1)["hubs"].as_array().and_then(|h| h.iter().find(|h| h["name"] == "h2").cloned());
+    assert_eq!(h2.as_ref().map(|h| h["forward"].clone()), Some(serde_json::json!("multipath tunnel")), "{h2:?}");
+    let before = ping(&a_ns, &b.to_string(), 20, "0.05", &[]);
+    assert!(before.len() >= 19, "p0 (h1) -> p1 (h2) over the hubs' tunnel: {} of 20", before.len());
+    let pinging = {
+        let (ns, dst) = (a_ns.clone(), b.to_string());
+        std::thread::spawn(move || tests::ping_gaps(&ns, &dst, 250, "0.02"))
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    // the first path (to the others' first addresses) is the tunnel's preferred one: it
+    // dies for what h1 sends into it (the peers' and etcd's traffic is not cut)
+    let cut = format!(
+        "table inet cut {{\n chain out {{ type filter hook output priority 0; ip daddr {{ {}, {} }} udp dport {} counter drop; }}\n}}\n",
+        tests::hub_ip(2),
+        tests::hub_ip(3),
+        tests::HUB_TUNNEL_PORT
+    );
+    c.lab.nft(&c.hub_ns[0], &cut);
+    let (answered, gap) = pinging.join().expect("ping");
+    println!(
+        "one of two paths between h1 and h2 cut under 20 ms pings: {answered} of 250 answered, longest gap {:.0} ms",
+        gap.as_secs_f64() * 1000.0
+    );
+    assert!(answered >= 240, "{answered} of 250 answered");
+    // the cut path carried forwarded packets: they were dropped there
+    let counted = c.lab.sh(&c.hub_ns[0], "nft list table inet cut");
+    let dropped: u64 =
+        counted.split_whitespace().skip_while(|w| *w != "packets").nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(dropped >= 50, "the cut path carried little: {counted}");
+    let tx = c.cluster_status(1)["hubs"]
+        .as_array()
+        .and_then(|h| h.iter().find(|h| h["name"] == "h2").and_then(|h| h["forwarded_tx_bytes"].as_u64()));
+    assert!(tx.unwrap_or(0) >= 84 * 250, "h1 forwarded {tx:?} B to h2");
+}
+
 /// p0 lists two hubs (h1, then h2) and registers with both, its traffic through the first
 /// that answered; p1 registers with h3. `kill -9` of that hub: p0 declares it lost, its
 /// traffic goes through the other (registered all along, under the same address), and it

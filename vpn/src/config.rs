@@ -143,10 +143,16 @@ pub struct ClusterConfig {
     /// How long this hub's membership (and mastership) outlives its last word to etcd.
     #[serde(default = "default_lease_ttl")]
     pub lease_ttl_secs: u64,
-    /// Where this hub takes packets the other hubs forward to its peers (UDP; none: it
-    /// neither forwards nor takes forwarded packets).
+    /// Where this hub takes packets the other hubs forward to its peers over one UDP
+    /// path (none: only over the multipath tunnel, `tunnel_key_file`).
     #[serde(default)]
     pub forward_listen: Option<SocketAddr>,
+    /// The key the hubs' multipath servers take (the peers' tunnel key): with it this hub
+    /// forwards to each other hub over the multipath tunnel, every address in its
+    /// `advertise.tunnel` a path, rather than to its `forward_listen`. Without
+    /// `forward_listen` and this, the hub neither forwards nor takes forwarded packets.
+    #[serde(default)]
+    pub tunnel_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -203,6 +209,11 @@ impl ClusterConfig {
         let key = load_key(&self.key_file);
         let why = key.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
         check(key.is_ok(), file, text, "cluster.key_file", "key_file", why)?;
+        if let Some(t) = &self.tunnel_key_file {
+            let key = load_key(t);
+            let why = key.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+            check(key.is_ok(), file, text, "cluster.tunnel_key_file", "tunnel_key_file", why)?;
+        }
         let both = self.etcd_user.is_some() == self.etcd_password_file.is_some();
         let advertised = self.forward_listen.is_none() || self.forward_advertised().is_some();
         let why = "listens on every address: say in advertise.forward where the other hubs reach it".to_string();
@@ -875,6 +886,11 @@ mod tests {
                 "  name: h1\n",
                 "  name: h1\n  forward_listen: 0.0.0.0:5300\n",
                 "h.yaml:4: cluster.forward_listen: listens on every address: say in advertise.forward",
+            ),
+            (
+                "  name: h1\n",
+                "  name: h1\n  tunnel_key_file: /nonexistent/tunnel.key\n",
+                "h.yaml:4: cluster.tunnel_key_file: ",
             ),
         ] {
             let e = HubConfig::parse("h.yaml", &text.replace(from, to)).unwrap_err().to_string();

@@ -22,7 +22,8 @@ fn vpn_example_configs_parse() {
             .unwrap()
             .replace("key_file: /etc/mptunnel/beta.key", "key: AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
             .replace("key_file: /etc/mptunnel/alpha.key", "key: BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBA=")
-            .replace("/etc/mptunnel/cluster.key", &cluster_key.display().to_string());
+            .replace("/etc/mptunnel/cluster.key", &cluster_key.display().to_string())
+            .replace("/etc/mptunnel/tunnel.key", &cluster_key.display().to_string());
         let file = path.display().to_string();
         let as_printed = text.clone();
         let text = vpn::config::EXAMPLE_KEYS

@@ -2,6 +2,7 @@
 //! the embedded server), the DNS responder and the rendezvous port.
 
 use super::cluster::{key_prefix, ClusterEvent, ClusterLink, ClusterSpec, HubRecord};
+use super::hub_forward::{take_tunnel_datagram, TunnelForwarding};
 use super::status::{ClusterHubStatus, ClusterStatus};
 use super::*;
 use crate::config::ClusterConfig;
@@ -118,6 +119,10 @@ pub(super) struct HubDriver {
     cluster: Option<Cluster>,
     /// `cluster.forward_listen`: packets between the hubs' peers.
     forward: Option<mio::net::UdpSocket>,
+    /// `cluster.tunnel_key_file`: the same over the multipath tunnel.
+    tunnel_forward: Option<TunnelForwarding>,
+    /// Where a forwarded datagram from the tunnel is opened.
+    forward_scratch: Vec<u8>,
     log: Logger,
 }
 
@@ -133,6 +138,8 @@ pub(super) struct Cluster {
     /// Every hub seen since start, and whether its record is in etcd now.
     hubs: BTreeMap<String, (HubRecord, bool)>,
     unverified: u64,
+    /// Forwarding goes over the multipath tunnel (`cluster.tunnel_key_file`).
+    over_tunnel: bool,
 }
 
 /// Of hub.yaml's `network` and `peers` (names, keys, fixed addresses, routes): hubs of
@@ -203,6 +210,7 @@ impl Cluster {
             is_master: false,
             hubs: BTreeMap::new(),
             unverified: 0,
+            over_tunnel: cc.tunnel_key_file.is_some(),
         })
     }
 
@@ -235,11 +243,16 @@ impl Cluster {
                         }
                         self.hubs.insert(h.name.clone(), (h, true));
                     }
+                    let over_tunnel = self.over_tunnel;
+                    let to = |h: &HubRecord| match over_tunnel {
+                        true => TunnelForwarding::destination(&h.tunnel),
+                        false => h.forward,
+                    };
                     let forward: Vec<(String, SocketAddr)> = self
                         .hubs
                         .values()
                         .filter(|(_, up)| *up)
-                        .filter_map(|(h, _)| Some((h.name.clone(), h.forward?)))
+                        .filter_map(|(h, _)| Some((h.name.clone(), to(h)?)))
                         .collect();
                     core.set_cluster_hubs(now, wall, &forward);
                     let others = self
@@ -258,6 +271,12 @@ impl Cluster {
         }
     }
 
+    /// The other hubs up now that advertise their multipath server, with its addresses.
+    fn other_tunnels(&self) -> Vec<(String, Vec<SocketAddr>)> {
+        let others = self.hubs.values().filter(|(h, up)| *up && h.name != self.name && !h.tunnel.is_empty());
+        others.map(|(h, _)| (h.name.clone(), h.tunnel.clone())).collect()
+    }
+
     /// The cluster as this hub sees it, and what it forwards to and from each other hub.
     fn status(&self, forwarding: &[ForwardStatus]) -> ClusterStatus {
         let fwd = |name: &str| forwarding.iter().find(|f| f.hub == name);
@@ -274,7 +293,11 @@ impl Cluster {
                 .into(),
                 tunnel: h.tunnel.iter().map(|t| t.to_string()).collect(),
                 rendezvous: h.rendezvous.map(|r| r.to_string()),
-                forward: h.forward.map(|f| f.to_string()),
+                // what this hub forwards to it over (`forward` in hub.yaml's status)
+                forward: match self.over_tunnel {
+                    true => (!h.tunnel.is_empty()).then(|| "multipath tunnel".to_string()),
+                    false => h.forward.map(|f| f.to_string()),
+                },
                 forwards_for: fwd(&h.name).map_or(0, |f| f.peers),
                 forwarded_tx_bytes: fwd(&h.name).map_or(0, |f| f.tx_bytes),
                 forwarded_rx_bytes: fwd(&h.name).map_or(0, |f| f.rx_bytes),
@@ -356,21 +379,29 @@ fn read_forwarded(now: Instant, wall: u64, sock: &mio::net::UdpSocket, core: &mu
     true
 }
 
-/// `cluster.forward_listen`: the core forwards to the other hubs and takes what they
-/// forward on this socket.
-fn start_forwarding(
-    c: &HubConfig,
-    core: &mut Hub,
-    registry: &Registry,
-    log: &Logger,
-) -> Result<Option<mio::net::UdpSocket>, VpnError> {
-    let Some((cc, addr)) = c.cluster.as_ref().and_then(|cc| Some((cc, cc.forward_listen?))) else {
-        return Ok(None);
+/// How the hubs forward to each other: the socket of `cluster.forward_listen` (taking
+/// what they forward; sending to those without a tunnel), and the multipath clients of
+/// `cluster.tunnel_key_file`. With neither, the hub does not forward.
+type Forwarding = (Option<mio::net::UdpSocket>, Option<TunnelForwarding>);
+
+fn start_forwarding(c: &HubConfig, core: &mut Hub, registry: &Registry, log: &Logger) -> Result<Forwarding, VpnError> {
+    let Some(cc) = c.cluster.as_ref().filter(|cc| cc.forward_listen.is_some() || cc.tunnel_key_file.is_some()) else {
+        return Ok((None, None));
     };
     let key = driver::require_key("mpvpn hub (cluster.key_file)", Some(&cc.key_file))?;
     let (now, wall) = clock();
     core.join_cluster(now, wall, &cc.name, &key.key.bytes());
-    open_forward(addr, registry, log).map(Some)
+    let tunnel = match &cc.tunnel_key_file {
+        Some(file) => {
+            // a wrong path or key is said now, not at the first other hub
+            driver::require_key("mpvpn hub (cluster.tunnel_key_file)", Some(file))?;
+            info!(log, "forwarding to the other hubs over the multipath tunnel"; "tunnel_key_file" => %file.display());
+            Some(TunnelForwarding::new(file.clone()))
+        }
+        None => None,
+    };
+    let sock = cc.forward_listen.map(|addr| open_forward(addr, registry, log)).transpose()?;
+    Ok((sock, tunnel))
 }
 
 fn open_forward(addr: SocketAddr, registry: &Registry, log: &Logger) -> Result<mio::net::UdpSocket, VpnError> {
@@ -436,28 +467,29 @@ pub struct HubPaths {
 
 /// Runs the hub (configured by `c`, read from `paths.config`) until SIGTERM/SIGINT or a
 /// fatal error; SIGHUP re-reads the config's peers.
+/// What the hub core takes from hub.yaml, its peers and the state file.
+fn hub_core_config(c: &HubConfig, peers: Vec<PeerSpec>, kept: &state::HubState) -> HubCoreConfig {
+    HubCoreConfig {
+        network: c.network,
+        hub_addr: c.hub_addr(),
+        mtu: c.mtu.unwrap_or(TUN_MTU),
+        tunnel_payload: TUNNEL_PAYLOAD,
+        peers,
+        peer_timeout: Duration::from_secs(c.peer_timeout_secs),
+        dns_domain: c.dns.as_ref().map(|d| d.domain.clone()),
+        assigned: kept.addresses.clone(),
+        reset_secret: kept.reset_secret,
+        relay_bytes_per_pair: c.relay_mbit_per_pair * 1_000_000 / 8,
+        addresses: if c.cluster.is_some() { AddressAuthority::Cluster } else { AddressAuthority::Local },
+    }
+}
+
 pub fn run_hub(c: HubConfig, paths: HubPaths, log: &Logger) -> Result<(), VpnError> {
     let HubPaths { config: config_path, control: control_path, state: state_path } = paths;
     let peers = peer_specs(&c, log)?;
     let kept = keep_state(&state_path, log)?;
-    let hub_addr = c.hub_addr();
-    let mtu = c.mtu.unwrap_or(TUN_MTU);
-    let mut core = Hub::new(
-        HubCoreConfig {
-            network: c.network,
-            hub_addr,
-            mtu,
-            tunnel_payload: TUNNEL_PAYLOAD,
-            peers,
-            peer_timeout: Duration::from_secs(c.peer_timeout_secs),
-            dns_domain: c.dns.as_ref().map(|d| d.domain.clone()),
-            assigned: kept.addresses.clone(),
-            reset_secret: kept.reset_secret,
-            relay_bytes_per_pair: c.relay_mbit_per_pair * 1_000_000 / 8,
-            addresses: if c.cluster.is_some() { AddressAuthority::Cluster } else { AddressAuthority::Local },
-        },
-        os_entropy(),
-    );
+    let (hub_addr, mtu) = (c.hub_addr(), c.mtu.unwrap_or(TUN_MTU));
+    let mut core = Hub::new(hub_core_config(&c, peers, &kept), os_entropy());
     let mut el = EventLoop::new(log.clone())?;
     el.serve_control(&control_path)?;
     el.serve_metrics(c.metrics_listen)?;
@@ -477,7 +509,7 @@ pub fn run_hub(c: HubConfig, paths: HubPaths, log: &Logger) -> Result<(), VpnErr
     info!(log, "mpvpn hub up"; "tun" => &c.tun, "address" => %hub_addr, "network" => %c.network, "mtu" => mtu,
         "peers_configured" => c.peers.len(), "control" => %control_path.display());
     let cluster = c.cluster.as_ref().map(|cc| Cluster::start(cc, &c, el.registry(), log)).transpose()?;
-    let forward = start_forwarding(&c, &mut core, el.registry(), log)?;
+    let (forward, tunnel_forward) = start_forwarding(&c, &mut core, el.registry(), log)?;
     let tun_name = c.tun.clone();
     let mut d = HubDriver {
         core,
@@ -494,6 +526,8 @@ pub fn run_hub(c: HubConfig, paths: HubPaths, log: &Logger) -> Result<(), VpnErr
         config: c,
         cluster,
         forward,
+        tunnel_forward,
+        forward_scratch: vec![0; common::wire::MAX_DATAGRAM],
         log: log.clone(),
     };
     el.run(&mut d)
@@ -503,14 +537,26 @@ impl Service for HubDriver {
     type Status = VpnStatus;
     type Error = VpnError;
 
-    fn handle_ready(&mut self, _: &Registry, token: Token) -> Result<bool, VpnError> {
-        let Self { core, tunnel, dev, bufs, log, dns, rendezvous, cluster, forward, .. } = self;
+    fn handle_ready(&mut self, registry: &Registry, token: Token) -> Result<bool, VpnError> {
+        let Self { core, tunnel, dev, bufs, log, dns, rendezvous, cluster, forward, tunnel_forward, .. } = self;
+        let scratch = &mut self.forward_scratch;
         // one clock reading per wake-up, not per datagram
         let (now, wall) = clock();
+        if let Some(pending) = tunnel_forward.as_mut().and_then(|t| {
+            t.handle_ready(registry, token, &mut bufs.rx, |from, d| {
+                take_tunnel_datagram(core, scratch, now, wall, from, d)
+            })
+        }) {
+            self.flush(now);
+            return Ok(pending);
+        }
         let pending = match (token, &mut *tunnel) {
             (CLUSTER, _) => {
                 if let Some(c) = cluster.as_mut() {
                     c.drain(core, now, wall, log);
+                    if let Some(t) = tunnel_forward.as_mut() {
+                        t.sync(&c.other_tunnels(), registry, log);
+                    }
                 }
                 false
             }
@@ -519,11 +565,11 @@ impl Service for HubDriver {
             (FORWARD, _) => forward.as_ref().is_some_and(|sock| read_forwarded(now, wall, sock, core, bufs)),
             (TUN, _) => read_tun(dev, &mut bufs.tun_in, log, |p| core.handle_tun_packet(p)),
             (UDP, HubTunnel::Udp(sock)) => {
-                read_udp(sock, &mut bufs.rx, log, |from, d| core.handle_datagram(now, wall, from, d))
+                read_udp(sock, &mut bufs.rx, log, |from, d| take_tunnel_datagram(core, scratch, now, wall, from, d))
             }
             (EMBEDDED, HubTunnel::Embedded(t)) => t.read_listen(|inbound| {
                 if let mpserver::Inbound::Forward(slot, d) = inbound {
-                    core.handle_datagram(now, wall, slot_addr(slot), d);
+                    take_tunnel_datagram(core, scratch, now, wall, slot_addr(slot), d);
                 }
                 true
             }),
@@ -535,11 +581,15 @@ impl Service for HubDriver {
 
     fn poll_timeout(&self) -> Option<Instant> {
         // an idle hub wakes only when its core or the embedded server asks
-        [self.core.poll_timeout(), self.tunnel.poll_timeout()].into_iter().flatten().min()
+        let forwarding = self.tunnel_forward.as_ref().and_then(TunnelForwarding::poll_timeout);
+        [self.core.poll_timeout(), self.tunnel.poll_timeout(), forwarding].into_iter().flatten().min()
     }
 
-    fn handle_timeout(&mut self, _: &Registry, now: Instant) -> Result<(), VpnError> {
+    fn handle_timeout(&mut self, registry: &Registry, now: Instant) -> Result<(), VpnError> {
         self.tunnel.handle_timeout(now);
+        if let Some(t) = self.tunnel_forward.as_mut() {
+            t.handle_timeout(registry, now);
+        }
         self.core.handle_timeout(now);
         self.flush(now);
         Ok(())
@@ -588,7 +638,7 @@ impl HubDriver {
     /// nothing more: tunnel datagrams go a batch at a time, TUN packets at once from the
     /// batch slot the core wrote them in, events are logged.
     fn flush(&mut self, now: Instant) {
-        let Self { core, tunnel, dev, bufs, log, state_path, kept, cluster, forward, .. } = self;
+        let Self { core, tunnel, dev, bufs, log, state_path, kept, cluster, forward, tunnel_forward, .. } = self;
         let (headroom, tailroom) = tunnel.room();
         let mut idle = false;
         while !idle {
@@ -602,8 +652,10 @@ impl HubDriver {
                         match core.poll_output(buf) {
                             HubOutput::Tunnel { to, len } => return Some((to, len)),
                             HubOutput::Forward { to, len } => {
-                                if let Some(sock) = forward.as_ref() {
-                                    let _ = sock.send_to(&buf[..len], to);
+                                let d = &buf[..len];
+                                let tunneled = tunnel_forward.as_mut().is_some_and(|t| t.push(now, to, d));
+                                if let (false, Some(sock)) = (tunneled, forward.as_ref()) {
+                                    let _ = sock.send_to(d, to);
                                 }
                             }
                             // a full TUN queue drops, as the kernel would
@@ -633,6 +685,9 @@ impl HubDriver {
             let failed = tunnel.send(now, &mut bufs.tx);
             if failed > 0 {
                 trace!(log, "sends to mpserver failed"; "datagrams" => failed);
+            }
+            if let Some(t) = tunnel_forward.as_mut() {
+                t.flush(now);
             }
         }
     }

@@ -8,6 +8,7 @@
 mod cluster;
 mod etcd;
 mod hub;
+mod hub_forward;
 mod netlink;
 mod peer;
 mod state;
