@@ -963,3 +963,43 @@ fn peer_lists_go_as_deltas_to_peers_that_take_them() {
     assert_eq!(list_of(&net, 0), ["a", "b", "c"]);
     assert_eq!(stale(&net, 0), 1);
 }
+
+/// One peer process with two ways to one hub (two `hubs:` entries reaching it): its
+/// second registration is refused while the first is heard from, so the two never
+/// replace each other (before, they did so every few seconds, forever); once the first
+/// falls silent, a second way is taken. Another process of the name (a restart) is
+/// never refused.
+#[test]
+fn a_second_way_to_one_hub_is_refused_while_the_first_is_heard() {
+    use vpn::sim::raw::{next_datagram, register_instance, test_hub, test_key};
+    use vpn::wire::{RefusalReason, RefusalRepr, RegisterRepr};
+    let (t0, wall) = (common::sim::epoch(), common::sim::SIM_WALL_START_MS);
+    let mut hub = test_hub();
+    let way = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    register_instance(&mut hub, "a", way(40000), 1, 7, t0, wall);
+    let mut out = vec![0u8; common::wire::MAX_DATAGRAM];
+    let mut register = |hub: &mut Hub, at: Instant, wall: u64, from: SocketAddr, nonce: u64, instance: u64| {
+        let reg = RegisterRepr {
+            name: "a".into(),
+            timestamp_ms: wall,
+            nonce,
+            want_addr: Ipv4Addr::UNSPECIFIED,
+            mtu: 0,
+            public: [9; 32],
+            routes: vec![],
+            instance,
+        };
+        hub.handle_datagram(at, wall, from, &reg.emit(&test_key("a")));
+        let (to, n) = next_datagram(hub, &mut out).expect("an answer");
+        assert_eq!(to, from);
+        RefusalRepr::parse(&out[..n], &test_key("a")).ok().map(|r| r.reason)
+    };
+    let soon = t0 + Duration::from_millis(500);
+    assert_eq!(register(&mut hub, soon, wall + 1, way(40001), 2, 7), Some(RefusalReason::RegisteredElsewhere));
+    assert_eq!(hub.status(soon).len(), 1, "the first registration stands");
+    // the first way silent past DUPLICATE_HEARD_WITHIN: the second is welcomed
+    let later = t0 + vpn::hub::DUPLICATE_HEARD_WITHIN + Duration::from_millis(10);
+    assert_eq!(register(&mut hub, later, wall + 3000, way(40001), 3, 7), None);
+    // a restarted process (another instance) through a third way: welcomed at once
+    assert_eq!(register(&mut hub, later, wall + 3001, way(40002), 4, 8), None);
+}

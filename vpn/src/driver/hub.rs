@@ -703,6 +703,10 @@ fn log_event(log: &Logger, ev: HubEvent) {
         HubEvent::PeerGone { name, addr, why } => {
             warn!(log, "peer gone"; "name" => name, "address" => %addr, "why" => why)
         }
+        // a peer with two ways to this hub asks every few seconds: not worth a warning each time
+        HubEvent::Refused { name, reason: reason @ crate::wire::RefusalReason::RegisteredElsewhere } => {
+            slog::debug!(log, "peer refused"; "name" => name, "reason" => %reason)
+        }
         HubEvent::Refused { name, reason } => warn!(log, "peer refused"; "name" => name, "reason" => %reason),
         HubEvent::RoutesRefused { name, routes } => {
             let routes: Vec<String> = routes.iter().map(|(r, why)| format!("{r} ({why:?})")).collect();

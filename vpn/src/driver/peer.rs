@@ -584,6 +584,10 @@ impl PeerDriver {
                     "hub" => self.hubs[link].describe());
             }
             PeerEvent::Refused(reason) => warn!(log, "hub refused for now; retrying"; "reason" => %reason),
+            PeerEvent::SameHub { link } => {
+                warn!(log, "this hub entry reaches a hub this peer is registered with through another entry: it stands aside while that one works (list each hub once in hubs:)";
+                    "hub" => self.hubs[link].describe())
+            }
             PeerEvent::RouteRefused { route, reason } => {
                 warn!(log, "the hub refused an announced route (hub.yaml allows this peer other subnets)"; "route" => %route, "reason" => ?reason)
             }

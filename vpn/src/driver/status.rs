@@ -157,7 +157,8 @@ impl ClusterStatus {
 pub struct PeerHubStatus {
     /// How peer.yaml reaches it (`mpclient at ...`, `embedded client ...`).
     pub name: String,
-    /// `up` (registered), `registering` (the one in use, not answering yet) or `standby`.
+    /// `active` (registered; traffic through the hubs goes through it), `up` (registered),
+    /// `registering`, `retrying` (heartbeats unanswered) or `hub lost` (registering again).
     pub state: String,
     pub rtt_ms: Option<f64>,
 }

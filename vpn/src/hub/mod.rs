@@ -72,6 +72,10 @@ pub const PEER_SILENT_AFTER: Duration = Duration::from_secs(3);
 pub const PEER_LIST_PUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// A pair is introduced at most this often (both of its peers may ask at once).
 pub const INTRO_INTERVAL: Duration = Duration::from_secs(1);
+/// A registration of a peer process heard from this recently keeps another of the same
+/// process through another tunnel out (`RefusalReason::RegisteredElsewhere`): two
+/// heartbeat intervals.
+pub const DUPLICATE_HEARD_WITHIN: Duration = Duration::from_secs(2);
 /// Bytes the relay carries for one pair (both ways) per second by default (hub.yaml
 /// `relay_mbit_per_pair`); beyond it datagrams are dropped and counted.
 pub const DEFAULT_RELAY_BYTES_PER_PAIR: u64 = 256 * 1_000_000 / 8;

@@ -46,6 +46,8 @@ pub(super) struct Pending {
     pub(super) welcome: Vec<u8>,
     pub(super) channel: Channel,
     pub(super) since: Instant,
+    /// The tunnel its Register came through.
+    pub(super) from: SocketAddr,
 }
 
 /// The assignments of a state file a hub may keep: configured names only, host addresses
@@ -139,7 +141,9 @@ impl Hub {
     pub(super) fn on_register(&mut self, now: Instant, wall_ms: u64, from: SocketAddr, d: &[u8]) {
         let Some((reg, ki)) = self.take_register(wall_ms, from, d) else { return };
         let net = self.cfg.network;
-        let refusal = (reg.mtu != 0 && reg.mtu != self.cfg.mtu).then_some(RefusalReason::MtuMismatch);
+        let refusal = (reg.mtu != 0 && reg.mtu != self.cfg.mtu)
+            .then_some(RefusalReason::MtuMismatch)
+            .or_else(|| self.registered_elsewhere(now, from, &reg).then_some(RefusalReason::RegisteredElsewhere));
         let addr = if refusal.is_none() { self.address_for(&reg.name, reg.want_addr) } else { None };
         let Some(addr) = addr else {
             let Some(reason) = refusal.or_else(|| self.no_address(now, &reg)) else { return };
@@ -192,8 +196,29 @@ impl Hub {
                 welcome,
                 channel,
                 since: now,
+                from,
             },
         );
+    }
+
+    /// Whether `reg`'s process (its instance) is registered here through another tunnel
+    /// that was heard from lately: a second way to this hub (two `hubs:` entries reaching
+    /// it) would make the two registrations replace each other forever. One that went
+    /// quiet (`DUPLICATE_HEARD_WITHIN`) gives way: its path may have died.
+    fn registered_elsewhere(&self, now: Instant, from: SocketAddr, reg: &RegisterRepr) -> bool {
+        let same = |name: &str, instance: u64| reg.instance != 0 && name == reg.name && instance == reg.instance;
+        // ... or is being welcomed through another (both Registers came at once)
+        let pending = self
+            .pending
+            .values()
+            .any(|p| same(&p.name, p.instance) && p.from != from && now < p.since + DUPLICATE_HEARD_WITHIN);
+        pending
+            || self.peers.values().any(|p| {
+                same(&p.name, p.instance)
+                    && p.tunnel != from
+                    && p.tunnel != UNBOUND
+                    && now < p.last_seen + DUPLICATE_HEARD_WITHIN
+            })
     }
 
     /// Why `reg`'s name gets no address; `None`: the cluster's store was asked, and the

@@ -80,6 +80,9 @@ pub const CANDIDATE_SCAN_INTERVAL: Duration = Duration::from_secs(5);
 /// How often each hub is asked to introduce the pairs it lists both peers of but has not
 /// introduced (it relays only for those): a hub that came up after the pair did.
 pub const INTRO_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// A hub link whose hub says this process is registered with it through another link
+/// (two `hubs:` entries reach one hub) asks again this often.
+pub const SAME_HUB_RETRY: Duration = Duration::from_secs(5);
 /// Hubs a peer registers with at once, at most (peer.yaml's and discovered ones).
 pub const MAX_HUB_LINKS: usize = crate::config::MAX_HUBS;
 
@@ -141,6 +144,9 @@ pub enum PeerEvent {
     Fatal(HubRefusal),
     /// The hub refused us for now (e.g. pool exhausted); we keep trying.
     Refused(RefusalReason),
+    /// Hub link `link` reaches a hub this process is registered with through another
+    /// link already: it stands aside (`LinkState::SameHub`), asking every `SAME_HUB_RETRY`.
+    SameHub { link: usize },
     /// Time to look at this host's interfaces for host candidates
     /// (`Peer::set_host_candidates`).
     ScanCandidates,
@@ -191,6 +197,9 @@ pub enum LinkState {
     /// No answer to the last retry: not taking packets, registering again.
     #[serde(rename = "hub lost")]
     HubLost,
+    /// The hub is registered with through another link already.
+    #[serde(rename = "same hub")]
+    SameHub,
 }
 
 impl std::fmt::Display for LinkState {
@@ -200,6 +209,7 @@ impl std::fmt::Display for LinkState {
             Self::Up => "up",
             Self::Retrying => "retrying",
             Self::HubLost => "hub lost",
+            Self::SameHub => "same hub as another entry",
         })
     }
 }
@@ -283,6 +293,8 @@ struct HubLink {
     introduced: HashMap<u32, u32>,
     rtt_us: u32,
     last_ack: Option<Instant>,
+    /// Its hub said we are registered with it through another link.
+    same_hub: bool,
     /// Datagrams ready to go (Register, heartbeats).
     transmit: VecDeque<Vec<u8>>,
     /// Copies of mesh datagrams for this hub's relay, as the messages to seal (in
@@ -304,6 +316,7 @@ impl HubLink {
             introduced: HashMap::new(),
             rtt_us: 0,
             last_ack: None,
+            same_hub: false,
             transmit: VecDeque::new(),
             relay_out: PacketQueue::default(),
         }
@@ -317,6 +330,7 @@ impl HubLink {
         match &self.state {
             State::Up(s) if s.first_miss.is_some() => LinkState::Retrying,
             State::Up(_) => LinkState::Up,
+            State::Registering { .. } if self.same_hub => LinkState::SameHub,
             State::Registering { lost: true, .. } => LinkState::HubLost,
             State::Registering { .. } => LinkState::Registering,
         }
@@ -481,7 +495,7 @@ impl Peer {
         }
         match d.first() {
             Some(&MSG_WELCOME) => self.on_welcome(now, link, d),
-            Some(&MSG_REFUSAL) => self.on_refusal(link, d),
+            Some(&MSG_REFUSAL) => self.on_refusal(now, link, d),
             Some(&MSG_RESET) => self.on_reset(now, link, d),
             Some(&MSG_SEALED) => self.on_sealed(now, link, d),
             _ => self.drops.malformed += 1,

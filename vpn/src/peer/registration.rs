@@ -98,6 +98,7 @@ impl Peer {
             State::Up(Box::new(Session::new(channel, KcpLink::new(w.peer_id, now, self.cfg.tunnel_payload), now)));
         link.id = w.peer_id;
         link.last_ack = Some(now);
+        link.same_hub = false;
         link.list_version = 0;
         link.list.clear();
         link.keys.clear();
@@ -168,17 +169,24 @@ impl Peer {
         ok
     }
 
-    pub(super) fn on_refusal(&mut self, l: usize, d: &[u8]) {
+    pub(super) fn on_refusal(&mut self, now: Instant, l: usize, d: &[u8]) {
         let Ok(r) = RefusalRepr::parse(d, &self.cfg.key) else {
             self.drops.malformed += 1;
             return;
         };
         // only an answer to our own pending Register counts
-        match &self.links[l].state {
-            State::Registering { attempt, .. } if attempt.nonce == r.nonce => {}
-            _ => return,
+        let link = &mut self.links[l];
+        let State::Registering { attempt, next_try, .. } = &mut link.state else { return };
+        if attempt.nonce != r.nonce {
+            return;
         }
         match r.reason {
+            RefusalReason::RegisteredElsewhere => {
+                *next_try = now + SAME_HUB_RETRY;
+                if !std::mem::replace(&mut link.same_hub, true) {
+                    self.events.push_back(PeerEvent::SameHub { link: l });
+                }
+            }
             RefusalReason::MtuMismatch => self.events.push_back(PeerEvent::Fatal(HubRefusal::MtuMismatch {
                 hub: r.hub_mtu,
                 ours: self.cfg.mtu.unwrap_or(0),

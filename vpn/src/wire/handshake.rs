@@ -186,6 +186,9 @@ pub enum RefusalReason {
     PoolExhausted = 2,
     /// The hubs' shared store (etcd) does not answer: a new name gets no address now.
     StoreUnavailable = 3,
+    /// This peer process is registered with this hub through another of its tunnels
+    /// (two `hubs:` entries reach one hub): one registration per process and hub.
+    RegisteredElsewhere = 4,
 }
 
 impl std::fmt::Display for RefusalReason {
@@ -194,6 +197,7 @@ impl std::fmt::Display for RefusalReason {
             Self::MtuMismatch => "MTU mismatch",
             Self::PoolExhausted => "address pool exhausted",
             Self::StoreUnavailable => "cluster store unavailable (a new name gets no address until etcd answers)",
+            Self::RegisteredElsewhere => "registered with this hub through another of this peer's tunnels already",
         })
     }
 }
@@ -226,6 +230,7 @@ impl RefusalRepr {
             1 => RefusalReason::MtuMismatch,
             2 => RefusalReason::PoolExhausted,
             3 => RefusalReason::StoreUnavailable,
+            4 => RefusalReason::RegisteredElsewhere,
             _ => return Err(VpnWireError::BadField),
         };
         Ok(Self { reason, hub_mtu: u16_at(b, f::HUB_MTU), nonce: u64_at(b, f::NONCE) })
