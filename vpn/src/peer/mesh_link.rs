@@ -97,8 +97,10 @@ impl Peer {
     }
 
     /// Hub link `l` introduced us to a peer (its id there): the mesh's pair, and this hub
-    /// relays it from now on. Another hub's introduction of a pair we have must carry its
-    /// key (the cluster's hubs agree on pair keys); one that does not is not taken.
+    /// relays it from now on. Another hub's introduction of a pair the active hub
+    /// introduced must carry its key (the cluster's hubs agree on pair keys); one that
+    /// does not is not taken. (A pair only other hubs introduced follows their key: its
+    /// peer may have restarted.)
     pub(super) fn on_intro(&mut self, now: Instant, l: usize, mut intro: wire::IntroRepr) {
         let (Some(mesh), Some(&key)) = (self.mesh.as_mut(), self.links[l].keys.get(&intro.peer_id)) else {
             match self.mesh.as_mut() {
@@ -110,7 +112,8 @@ impl Peer {
         };
         let their_id = intro.peer_id;
         intro.peer_id = key;
-        if l != self.active && mesh.pair_key_is(key, &intro.key) == Some(false) {
+        let active_introduced = self.links[self.active].introduced.contains_key(&key);
+        if l != self.active && active_introduced && mesh.pair_key_is(key, &intro.key) == Some(false) {
             mesh.drops.unknown += 1;
             return;
         }
