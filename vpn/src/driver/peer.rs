@@ -159,6 +159,16 @@ fn open_peer_tunnel(c: &HubEndpoint, registry: &Registry, base: usize, log: &Log
     }
 }
 
+/// Hub link `l`'s tunnel, or `None` (logged; `PeerDriver::reopen_tunnels` tries again).
+fn open_tunnel(reach: &Reach, l: usize, registry: &Registry, log: &Logger) -> Option<PeerTunnel> {
+    open_reach(reach, l, registry, log)
+        .map_err(|e| {
+            error!(log, "cannot open a hub's tunnel; trying again"; "hub" => reach.describe(), "error" => %e,
+                "in" => ?TUNNEL_REOPEN_INTERVAL)
+        })
+        .ok()
+}
+
 /// A peer's mesh sockets (`mesh:` in peer.yaml).
 pub(super) struct MeshSockets {
     socks: Vec<BatchSocket>,
@@ -634,41 +644,30 @@ impl PeerDriver {
                 .collect();
             learned.push(o.name.clone());
             let reach = Reach::Discovered { hub: o.name.clone(), client: Box::new(client), rendezvous: o.rendezvous };
-            let l = self.hubs.len();
-            let tunnel = self.open_tunnel(&reach, l);
-            self.tunnels.push(tunnel);
+            self.tunnels.push(open_tunnel(&reach, self.hubs.len(), &self.registry, &self.log));
             self.hubs.push(HubSlot { reach, name: Some(o.name) });
             self.core.add_link(clock().0);
         }
+        self.schedule_reopen(clock().0);
         if !learned.is_empty() {
             info!(self.log, "learned the cluster's other hubs: registering with them too";
                 "this hub" => &h.this, "others" => learned.join(", "));
         }
     }
 
-    /// Hub link `l`'s tunnel, or `None` (logged; tried again later).
-    fn open_tunnel(&mut self, reach: &Reach, l: usize) -> Option<PeerTunnel> {
-        match open_reach(reach, l, &self.registry, &self.log) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                error!(self.log, "cannot open a hub's tunnel; trying again"; "hub" => reach.describe(), "error" => %e,
-                    "in" => ?TUNNEL_REOPEN_INTERVAL);
-                self.next_reopen.get_or_insert(clock().0 + TUNNEL_REOPEN_INTERVAL);
-                None
-            }
-        }
-    }
-
     /// Tries again to open the hubs' tunnels that could not be.
     fn reopen_tunnels(&mut self, now: Instant) {
         self.next_reopen = None;
-        for l in 0..self.hubs.len() {
-            if self.tunnels[l].is_none() {
-                let reach = std::mem::replace(&mut self.hubs[l].reach, Reach::Configured(HubEndpoint::default()));
-                self.tunnels[l] = self.open_tunnel(&reach, l);
-                self.hubs[l].reach = reach;
+        for (l, (t, slot)) in self.tunnels.iter_mut().zip(&self.hubs).enumerate() {
+            if t.is_none() {
+                *t = open_tunnel(&slot.reach, l, &self.registry, &self.log);
             }
         }
+        self.schedule_reopen(now);
+    }
+
+    /// While a hub's tunnel is not open: when to try again.
+    fn schedule_reopen(&mut self, now: Instant) {
         if self.tunnels.iter().any(Option::is_none) {
             self.next_reopen.get_or_insert(now + TUNNEL_REOPEN_INTERVAL);
         }
