@@ -32,28 +32,56 @@ const MAX_PLAUSIBLE_RTT_US: u32 = 30_000_000;
 /// A probe's fate in each direction is settled once the server reports a probe this many
 /// later: a reply still missing by then is lost, not late.
 const SETTLE_AFTER_PROBES: u32 = 8;
-/// The long loss average weighs a sample `1 - 1/LOSS_HORIZON` as much as the one after
-/// it: long enough to see a loss rate well below 1e-4 on a busy path.
-const LOSS_HORIZON: f64 = 65_536.0;
-/// The short average, which sees a rise at once.
-const LOSS_RECENT_HORIZON: f64 = 1024.0;
-/// Samples the short average needs before it counts.
+/// The loss averages' horizons, longest first: a sample weighs `1 - 1/h` as much as the
+/// one after it. The longest sees a loss rate well below 1e-4 on a busy path; the
+/// shortest sees a rise at once.
+const LOSS_HORIZONS: [f64; 3] = [65_536.0, 8_192.0, 1_024.0];
+/// Samples a shorter average needs before it counts.
 const LOSS_RECENT_MIN: f64 = 32.0;
+/// A shorter average is believed over the longer ones only this many standard errors
+/// above them: at 1% loss the shortest wanders by ±0.2% by chance alone, which would buy
+/// a coded group a parity shard it does not need a fifth of the time.
+const LOSS_RISE_Z: f64 = 2.5;
 /// A probe unanswered this many smoothed RTTs after it went out makes the path suspect.
 const OVERDUE_RTTS: u32 = 3;
 /// ... but never sooner than this after it went out.
 const OVERDUE_MIN: Duration = Duration::from_millis(30);
 
 /// The loss of one direction of a path, as redundancy needs it, from probes and data
-/// receipts alike. The estimate is the larger of a long average that starts from one
-/// loss in the first sample (so a path earns trust only as evidence comes in: after n
-/// clean samples it is about 1/n) and a short one that sees a rise at once.
+/// receipts alike: a chain of averages (`LOSS_HORIZONS`). The longest starts from one
+/// loss in the first sample, so a path earns trust only as evidence comes in (after n
+/// clean samples it is about 1/n); each shorter one replaces the estimate when it is
+/// significantly above it (`LOSS_RISE_Z`), so a rise shows at once and noise does not.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LossEstimate {
+    averages: [LossAverage; LOSS_HORIZONS.len()],
+}
+
+/// An exponentially weighted count of samples and losses.
+#[derive(Debug, Clone, Copy, Default)]
+struct LossAverage {
     lost: f64,
     total: f64,
-    recent_lost: f64,
-    recent_total: f64,
+    /// Sum of the squared weights, for the effective sample count.
+    weight_sq: f64,
+}
+
+impl LossAverage {
+    fn add(&mut self, horizon: f64, lost: f64, total: f64) {
+        let keep = (1.0 - 1.0 / horizon).powf(total);
+        self.lost = self.lost * keep + lost;
+        self.total = self.total * keep + total;
+        self.weight_sq = self.weight_sq * keep * keep + total;
+    }
+
+    /// How many independent samples the weighted ones are worth.
+    fn effective_samples(&self) -> f64 {
+        if self.weight_sq > 0.0 {
+            self.total * self.total / self.weight_sq
+        } else {
+            0.0
+        }
+    }
 }
 
 impl LossEstimate {
@@ -63,27 +91,31 @@ impl LossEstimate {
         if total.is_nan() || total <= 0.0 || !(0.0..=total).contains(&lost) {
             return;
         }
-        let keep = (1.0 - 1.0 / LOSS_HORIZON).powf(total);
-        self.lost = self.lost * keep + lost;
-        self.total = self.total * keep + total;
-        let keep = (1.0 - 1.0 / LOSS_RECENT_HORIZON).powf(total);
-        self.recent_lost = self.recent_lost * keep + lost;
-        self.recent_total = self.recent_total * keep + total;
+        for (a, h) in self.averages.iter_mut().zip(LOSS_HORIZONS) {
+            a.add(h, lost, total);
+        }
     }
 
     /// The estimate; `None` before any sample.
     pub fn get(&self) -> Option<f64> {
-        if self.total <= 0.0 {
+        let [long, shorter @ ..] = &self.averages;
+        if long.total <= 0.0 {
             return None;
         }
-        let long = (self.lost + 1.0) / (self.total + 1.0);
-        let recent = if self.recent_total >= LOSS_RECENT_MIN { self.recent_lost / self.recent_total } else { 0.0 };
-        Some(long.max(recent).min(1.0))
+        let mut estimate = (long.lost + 1.0) / (long.total + 1.0);
+        for a in shorter.iter().filter(|a| a.total >= LOSS_RECENT_MIN) {
+            let rate = a.lost / a.total;
+            let stderr = (estimate * (1.0 - estimate) / a.effective_samples()).sqrt();
+            if rate > estimate + LOSS_RISE_Z * stderr {
+                estimate = rate;
+            }
+        }
+        Some(estimate.min(1.0))
     }
 
     /// Samples behind the long average.
     pub fn samples(&self) -> f64 {
-        self.total
+        self.averages[0].total
     }
 }
 

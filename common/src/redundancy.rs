@@ -35,8 +35,10 @@ pub const MAX_GROUP_DEADLINE: Duration = Duration::from_millis(100);
 /// Data datagrams per group in adaptive mode, at most: long enough for cheap parity,
 /// short enough to fill within the deadline at moderate rates.
 pub const ADAPTIVE_MAX_GROUP_DATA: usize = 10;
-/// Fewer datagrams than this expected per group deadline: too sparse to code.
-const ADAPTIVE_MIN_GROUP_DATA: usize = 3;
+/// Fewer datagrams than this expected in a group (its first and those within its
+/// deadline): too sparse to code; a lost one would wait for parity (500 a second with
+/// the default deadline is 3 a group: they go as copies).
+const ADAPTIVE_MIN_GROUP_DATA: usize = 4;
 /// A path this lossy or worse makes the paths "lossy": coded groups must then survive a
 /// whole path dying. Below it a path's death is found within a probe interval and the
 /// cheapest scheme that meets the target wins.
@@ -292,7 +294,7 @@ fn path_safe_parity(k: usize, paths: usize) -> usize {
 }
 
 /// The cheapest scheme whose predicted residual loss meets `target`, over the live
-/// `paths`, when about `per_group` datagrams come per group deadline; failing that, the
+/// `paths`, when about `per_group` datagrams come in a group's deadline; failing that, the
 /// one with the least residual. All paths unmeasured: duplication.
 pub fn choose(paths: &[PathEstimate], target: f64, per_group: usize) -> Choice {
     let mut sorted: Vec<PathEstimate> = paths.iter().filter(|p| !p.stalled).copied().collect();
@@ -549,14 +551,17 @@ impl RedundancySender {
         self.group.is_none() && self.next_review.is_none_or(|t| now >= t)
     }
 
-    /// Datagrams expected per group deadline at the current rate.
+    /// Datagrams expected in a group at the current rate: its first one and those that
+    /// come before its deadline. (Counting only the gaps would plan one short: at
+    /// exactly deadline / gap, jitter rounds down half the time. A group planned one
+    /// long closes at its deadline, its parity sized for what it holds.)
     fn per_group(&self) -> usize {
-        let deadline_us = self.cfg.group_deadline.as_micros() as f64;
-        if self.gap_us.is_finite() && self.gap_us > 0.0 {
-            (deadline_us / self.gap_us).floor().min(fec::MAX_DATA_SHARDS as f64) as usize
-        } else {
-            0
+        if !self.gap_us.is_finite() {
+            return 0;
         }
+        let deadline_us = self.cfg.group_deadline.as_micros() as f64;
+        let gaps = if self.gap_us > 0.0 { (deadline_us / self.gap_us).floor() } else { f64::MAX };
+        (gaps + 1.0).min(fec::MAX_DATA_SHARDS as f64) as usize
     }
 
     /// Chooses the scheme for what comes next from the live paths' estimates (the

@@ -287,3 +287,43 @@ fn sparse_traffic_on_lossy_paths_gets_two_copies_per_path() {
     assert!(outcomes[0].0 > 0.003, "three copies lose about 0.8%: {outcomes:?}");
     assert!(outcomes[1].0 < 0.001, "six lose about 0.006%: {outcomes:?}");
 }
+
+/// A path's loss estimate at a steady 1%, fed as receipts are (about 33 datagrams every
+/// 50 ms): it stays where rs 10+2 meets the target (≤ 1.25%) nearly all the time; chance
+/// in the short average alone used to push it above a fifth of the time, buying a third
+/// parity shard. A real rise to 10% still shows within a few receipts.
+#[test]
+fn a_steady_loss_estimate_stays_put_and_a_rise_shows_at_once() {
+    use common::path::LossEstimate;
+    use common::sim::SimRng;
+    let mut rng = SimRng::new(7);
+    let mut e = LossEstimate::default();
+    let mut receipt = |e: &mut LossEstimate, loss: f64| {
+        let lost = (0..33).filter(|_| rng.chance(loss)).count();
+        e.add(lost as f64, 33.0);
+    };
+    for _ in 0..600 {
+        receipt(&mut e, 0.01); // 30 s of warm-up
+    }
+    let (mut high, rounds) = (0, 2400);
+    for _ in 0..rounds {
+        receipt(&mut e, 0.01);
+        if e.get().unwrap() > 0.0125 {
+            high += 1;
+        }
+    }
+    assert!(high * 50 <= rounds, "above 1.25% in {high} of {rounds} receipts");
+    // loss jumps to 10%: past 2% within 4 receipts (200 ms), past 5% within 30
+    let mut at = [None; 2];
+    for n in 1..=30 {
+        receipt(&mut e, 0.10);
+        let est = e.get().unwrap();
+        for (slot, level) in at.iter_mut().zip([0.02, 0.05]) {
+            if est > level && slot.is_none() {
+                *slot = Some(n);
+            }
+        }
+    }
+    assert!(at[0].is_some_and(|n| n <= 4), "past 2% after {:?} receipts", at[0]);
+    assert!(at[1].is_some(), "never past 5% within 30 receipts");
+}
