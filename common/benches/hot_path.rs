@@ -133,6 +133,7 @@ fn benches(c: &mut Criterion) {
             tx_time_us: 7,
             echo_challenge: 3,
             down_loss_ppm: None,
+            rtt_us: None,
         });
         b.iter(|| {
             let n = probe.emit(&mut buf[TRANSPORT_HEADER_LEN..]).expect("fits");

@@ -580,9 +580,14 @@ impl Client {
             Ok(InnerRepr::Receipt(r)) => {
                 for e in r.entries() {
                     let i = usize::from(e.path_id);
-                    let log = s.counters.get_mut(i).map(|c| &mut c.sent_log);
-                    if let Some((sent, lost)) = log.and_then(|l| l.on_receipt(now, e.highest, e.received)) {
-                        s.probes[i].on_data_receipt(sent, sent - lost);
+                    let (Some(c), Some(probe)) = (s.counters.get_mut(i), s.probes.get_mut(i)) else { continue };
+                    let rtt = probe.rtt_ms().map(|ms| Duration::from_secs_f64(ms / 1000.0));
+                    let count = c.sent_log.on_receipt(now, e.highest, e.received, rtt);
+                    if let Some((sent, lost)) = count.counted {
+                        probe.on_data_receipt(sent, sent - lost);
+                    }
+                    if count.newly_stalled {
+                        s.sender.review_soon();
                     }
                 }
                 ClientRecv::Consumed

@@ -220,6 +220,7 @@ impl ProbeTracker {
             tx_time_us: now_us,
             echo_challenge: self.challenge,
             down_loss_ppm: self.estimate_down.get().map(|l| (l * 1e6).round() as u32),
+            rtt_us: self.srtt_us.map(|us| us.round().min(f64::from(MAX_PLAUSIBLE_RTT_US)) as u32),
         }
     }
 

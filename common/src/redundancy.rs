@@ -551,6 +551,11 @@ impl RedundancySender {
         self.group.is_none() && self.next_review.is_none_or(|t| now >= t)
     }
 
+    /// A path just stalled: review before the next group rather than at `REVIEW_INTERVAL`.
+    pub fn review_soon(&mut self) {
+        self.next_review = None;
+    }
+
     /// Datagrams expected in a group at the current rate: its first one and those that
     /// come before its deadline. (Counting only the gaps would plan one short: at
     /// exactly deadline / gap, jitter rounds down half the time. A group planned one
@@ -759,12 +764,41 @@ pub struct SentLog {
     acked: Option<u64>,
     progress_at: Option<Instant>,
     sent_at: Option<Instant>,
+    /// How many had gone out by when: one mark per `SENT_MARK_EVERY`, a ring.
+    marks: [(Option<Instant>, u64); SENT_MARKS],
+    newest_mark: usize,
+    /// A receipt showed none of `STALL_EVIDENCE` datagrams that had their chance: when,
+    /// and how many had gone out by then (only later ones count towards another stall).
+    stalled_at: Option<Instant>,
+    stall_base: u64,
+}
+
+/// Marks a `SentLog` keeps of how many datagrams had gone out on its path by when, and
+/// how far apart: enough to look back over a round trip of 300 ms.
+const SENT_MARKS: usize = 32;
+const SENT_MARK_EVERY: Duration = Duration::from_millis(10);
+/// Datagrams that had their chance to arrive, sent after the last one a receipt shows on
+/// the path, that make it stalled at once: a live path at 20% loss loses eight in a row
+/// once in 400 000 receipts; a dead one is found at the first receipt after it died,
+/// not `stall_patience` later. (A stalled path only stands aside for `STALL_HOLD`.)
+pub const STALL_EVIDENCE: u64 = 8;
+/// A datagram had its chance to arrive when it went out this long before a receipt: the
+/// path's round trip (receipts go back on every path, so the first copy comes at least
+/// as fast as this path's own way back) and a margin for jitter and queues that grew
+/// since the round trip was measured.
+fn chance_after(rtt: Duration) -> Duration {
+    rtt * 5 / 4 + Duration::from_millis(10)
 }
 
 impl SentLog {
     pub fn record(&mut self, now: Instant, seq: u64) {
         self.progress_at.get_or_insert(now);
         self.sent_at = Some(now);
+        if self.marks[self.newest_mark].0.is_none_or(|t| now.saturating_duration_since(t) >= SENT_MARK_EVERY) {
+            // by now, those before this one had gone out
+            self.newest_mark = (self.newest_mark + 1) % SENT_MARKS;
+            self.marks[self.newest_mark] = (Some(now), self.before + self.seqs.len() as u64);
+        }
         if self.seqs.capacity() == 0 {
             self.seqs.reserve_exact(SENT_LOG_LEN);
         }
@@ -776,34 +810,71 @@ impl SentLog {
     }
 
     /// A receipt: the other end received `received` (wrapping) of this path's datagrams,
-    /// the highest numbered `highest`. Returns what was sent and lost since the last
-    /// receipt: everything sent up to `highest` had its chance; a datagram that arrives
-    /// late after all makes a later count smaller, and that is not taken back.
-    pub fn on_receipt(&mut self, now: Instant, highest: u64, received: u32) -> Option<(u64, u64)> {
-        if self.acked.is_none_or(|a| highest > a) {
+    /// the highest numbered `highest`; `rtt` is the path's round trip, if known. Returns
+    /// what was sent and lost since the last receipt: everything sent up to `highest` had
+    /// its chance; a datagram that arrives late after all makes a later count smaller, and
+    /// that is not taken back; and whether the path just stalled (`STALL_EVIDENCE`).
+    pub fn on_receipt(&mut self, now: Instant, highest: u64, received: u32, rtt: Option<Duration>) -> ReceiptCount {
+        let progress = self.acked.is_none_or(|a| highest > a);
+        if progress {
             self.acked = Some(highest);
             self.progress_at = Some(now);
+            self.stalled_at = None;
         }
         let kept = self.seqs.partition_point(|&s| s <= highest);
-        if kept == 0 && self.before > 0 {
-            return None; // older than the log: a stale receipt
-        }
         let sent = self.before + kept as u64;
+        // also when the receipt shows progress: a path that died shows what went before
+        let newly_stalled = self.stalled_at.is_none() && self.check_evidence(now, sent, rtt);
+        if kept == 0 && self.before > 0 {
+            // older than the log: a stale receipt
+            return ReceiptCount { counted: None, newly_stalled };
+        }
         // the receiver's count wraps at 2^32; the gap between the two never comes close
         let lost = (sent as u32).wrapping_sub(received);
         let lost = if lost > u32::MAX / 2 { 0 } else { u64::from(lost) };
         let delta = self.last.map(|(s, l)| (sent.saturating_sub(s), lost.saturating_sub(l)));
         // a count that fell (late arrivals) keeps the old baseline: nothing counted twice
         self.last = Some((sent, self.last.map_or(lost, |(_, l)| l.max(lost))));
-        delta.filter(|&(s, _)| s > 0).map(|(s, l)| (s, l.min(s)))
+        ReceiptCount { counted: delta.filter(|&(s, _)| s > 0).map(|(s, l)| (s, l.min(s))), newly_stalled }
     }
+
+    /// Whether `STALL_EVIDENCE` datagrams after the `seen` first had their chance; if so
+    /// the path stalls now. Without a round trip there is no telling which had theirs.
+    fn check_evidence(&mut self, now: Instant, seen: u64, rtt: Option<Duration>) -> bool {
+        let Some(cut) = rtt.and_then(|rtt| now.checked_sub(chance_after(rtt))) else { return false };
+        // the newest mark at or before the cut: what had gone out by then
+        let had_chance = (0..SENT_MARKS)
+            .map(|back| self.marks[(self.newest_mark + SENT_MARKS - back) % SENT_MARKS])
+            .find_map(|(at, count)| at.filter(|&t| t <= cut).map(|_| count))
+            .unwrap_or(0);
+        if had_chance.saturating_sub(seen.max(self.stall_base)) < STALL_EVIDENCE {
+            return false;
+        }
+        self.stalled_at = Some(now);
+        self.stall_base = had_chance;
+        true
+    }
+}
+
+/// What a receipt told of one path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiptCount {
+    /// Datagrams sent and lost since the previous receipt.
+    pub counted: Option<(u64, u64)>,
+    /// The path stalled at this receipt (`STALL_EVIDENCE`): the scheme should be
+    /// reviewed at once.
+    pub newly_stalled: bool,
 }
 
 impl SentLog {
     /// Datagrams kept going out on the path for `patience` after the last receipt that
-    /// showed progress on it: it may be dead. A stalled path gets nothing for
-    /// `STALL_HOLD`, then is tried again (a dead one is found down by then).
+    /// showed progress on it, or a receipt showed none of `STALL_EVIDENCE` that had their
+    /// chance: it may be dead. A stalled path gets nothing for `STALL_HOLD`, then is
+    /// tried again (a dead one is found down by then).
     pub fn stalled(&self, now: Instant, patience: Duration) -> bool {
+        if self.stalled_at.is_some_and(|t| now.saturating_duration_since(t) < STALL_HOLD) {
+            return true;
+        }
         let (Some(progress), Some(sent)) = (self.progress_at, self.sent_at) else { return false };
         sent.saturating_duration_since(progress) >= patience
             && now.saturating_duration_since(progress) < patience + STALL_HOLD
@@ -1030,6 +1101,43 @@ mod tests {
         r.mode = MODE_FEC;
         r.data = 40;
         assert_eq!(RedundancyConfig::from_request(Some(&r)), Err(RedundancyError::Data));
+    }
+
+    /// A receipt stalls a path when eight datagrams that had their chance (sent a round
+    /// trip and a margin before it) follow the last one it shows, also when it shows
+    /// progress; fewer do not, nor anything without a round trip; a stall is not renewed
+    /// from the same datagrams, and progress ends it.
+    #[test]
+    fn a_receipt_that_shows_eight_missing_stalls_the_path_at_once() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let rtt = Some(ms(10));
+        let patience = stall_patience(rtt);
+        let mut log = SentLog::default();
+        // one datagram a millisecond for 40 ms: 0..40
+        for seq in 0..40 {
+            log.record(t0 + ms(seq), seq);
+        }
+        // at 50 ms, those sent by 50 - 22.5 ms had their chance, as far as the marks
+        // (every 10 ms) tell: "by 20 ms, 0..20 had gone out". Shown through 11: 8
+        // missing, stalled.
+        let r = log.on_receipt(t0 + ms(50), 11, 12, rtt);
+        assert!(r.newly_stalled && log.stalled(t0 + ms(50), patience));
+        // no new data since: the next receipt does not stall it again
+        assert!(!log.on_receipt(t0 + ms(90), 11, 12, rtt).newly_stalled);
+        // progress ends it, and 7 missing are chance, not a stall
+        for seq in 40..100 {
+            log.record(t0 + ms(seq), seq);
+        }
+        // (by 70 ms, 0..70 had gone out: shown through 62, 7 missing)
+        let r = log.on_receipt(t0 + ms(100), 62, 60, rtt);
+        assert!(!r.newly_stalled && !log.stalled(t0 + ms(100), patience), "{r:?}");
+        // without a round trip nothing tells which had their chance
+        let mut log = SentLog::default();
+        for seq in 0..40 {
+            log.record(t0 + ms(seq), seq);
+        }
+        assert!(!log.on_receipt(t0 + ms(50), 11, 12, None).newly_stalled);
     }
 
     #[test]

@@ -180,6 +180,8 @@ struct ServerPath {
     receipts: ProbeReceipts,
     /// The loss towards the client on this path, as the client reports it in its probes.
     reported_loss: Option<f64>,
+    /// The path's round trip as the client's probes say (for `SentLog` evidence).
+    reported_rtt: Option<Duration>,
     /// Coded and adaptive sessions: data sent here and the client's receipts for it, and data
     /// received here for ours.
     sent_log: SentLog,
@@ -532,8 +534,12 @@ impl Server {
             Ok(InnerRepr::Receipt(r)) => {
                 for e in r.entries() {
                     let Some(p) = s.paths.iter_mut().find(|p| p.client_path_id == Some(e.path_id)) else { continue };
-                    if let Some((sent, lost)) = p.sent_log.on_receipt(now, e.highest, e.received) {
+                    let count = p.sent_log.on_receipt(now, e.highest, e.received, p.reported_rtt);
+                    if let Some((sent, lost)) = count.counted {
                         p.receipt_loss.add(lost as f64, sent as f64);
+                    }
+                    if count.newly_stalled {
+                        s.sender.review_soon();
                     }
                 }
                 ServerRecv::Consumed
@@ -570,6 +576,7 @@ impl Server {
                 let p = &mut s.paths[i];
                 p.client_path_id = Some(probe.path_id);
                 p.reported_loss = probe.down_loss_ppm.map(|ppm| f64::from(ppm.min(1_000_000)) / 1e6);
+                p.reported_rtt = probe.rtt_us.map(|us| Duration::from_micros(u64::from(us)));
                 p.client_says_down = probe.flags & PROBE_FLAG_PATH_DOWN != 0;
                 p.receipts.on_probe(probe.probe_seq);
                 if !p.validated && probe.echo_challenge == p.challenge {
@@ -1059,6 +1066,7 @@ impl ServerSession {
             heard_bytes: 0,
             receipts: ProbeReceipts::default(),
             reported_loss: None,
+            reported_rtt: None,
             sent_log: SentLog::default(),
             receipt_loss: LossEstimate::default(),
             recv_log: RecvLog::default(),

@@ -89,8 +89,11 @@ pub mod field {
         /// The loss the client measures from the server on this path, in parts per
         /// million plus one (0: not known; clients before it sent zero padding here).
         pub const DOWN_LOSS: Field = 19..23;
+        /// The client's smoothed round trip on this path in µs plus one (0: not known;
+        /// clients before it sent zero padding here).
+        pub const RTT: Field = 23..27;
         /// Zero padding up to the reply's size.
-        pub const PADDING: usize = 23;
+        pub const PADDING: usize = 27;
     }
 
     /// The redundancy extension of an init, after the target name.
@@ -451,6 +454,9 @@ pub struct ProbeRepr {
     /// The loss the client measures from the server on this path, in parts per million
     /// (`None`: not known yet, or a client that does not say).
     pub down_loss_ppm: Option<u32>,
+    /// The client's smoothed round trip on this path, µs (`None`: not known yet, or a
+    /// client that does not say).
+    pub rtt_us: Option<u32>,
 }
 
 pub const PROBE_FLAG_PATH_DOWN: u8 = 0x01;
@@ -568,6 +574,7 @@ impl<'a> InnerRepr<'a> {
                     tx_time_us: u32_at(b, probe::TX_TIME),
                     echo_challenge: u64_at(b, probe::ECHO_CHALLENGE),
                     down_loss_ppm: u32_at(b, probe::DOWN_LOSS).checked_sub(1),
+                    rtt_us: u32_at(b, probe::RTT).checked_sub(1),
                 }))
             }
             INNER_PROBE_REPLY => {
@@ -619,6 +626,7 @@ impl<'a> InnerRepr<'a> {
                 put_u32(b, probe::TX_TIME, p.tx_time_us);
                 put_u64(b, probe::ECHO_CHALLENGE, p.echo_challenge);
                 put_u32(b, probe::DOWN_LOSS, p.down_loss_ppm.map_or(0, |l| l.saturating_add(1)));
+                put_u32(b, probe::RTT, p.rtt_us.map_or(0, |r| r.saturating_add(1)));
                 b[probe::PADDING..PROBE_LEN].fill(0);
             }
             Self::ProbeReply(r) => {
@@ -756,20 +764,22 @@ mod tests {
             tx_time_us: 0x01020304,
             echo_challenge: 0xfeed_0000_0000_beef,
             down_loss_ppm: Some(0x0102),
+            rtt_us: Some(0x0304),
         });
         let n = probe.emit(&mut b).unwrap();
         assert_eq!(
             &b[..n],
             &[
-                1, 2, 1, 0x0a, 0x0b, 0x0c, 0x0d, 1, 2, 3, 4, 0xfe, 0xed, 0, 0, 0, 0, 0xbe, 0xef, 0, 0, 1, 3, 0, 0, 0,
-                0, 0, 0, 0, 0
+                1, 2, 1, 0x0a, 0x0b, 0x0c, 0x0d, 1, 2, 3, 4, 0xfe, 0xed, 0, 0, 0, 0, 0xbe, 0xef, 0, 0, 1, 3, 0, 0, 3,
+                5, 0, 0, 0, 0
             ]
         );
-        // a client from before the field sent zero padding there: not known
+        // a client from before the fields sent zero padding there: not known
         let mut old = b;
         old[field::probe::DOWN_LOSS].fill(0);
+        old[field::probe::RTT].fill(0);
         let InnerRepr::Probe(p) = InnerRepr::parse(&old[..n]).unwrap() else { panic!("a probe") };
-        assert_eq!(p.down_loss_ppm, None);
+        assert_eq!((p.down_loss_ppm, p.rtt_us), (None, None));
         assert_eq!(PROBE_LEN, PROBE_REPLY_LEN);
         assert_eq!(InnerRepr::parse(&b[..n]).unwrap(), probe);
         assert!(InnerRepr::parse(&b[..n - 1]).is_err());
