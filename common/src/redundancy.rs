@@ -32,9 +32,10 @@ pub const DEFAULT_GROUP_DEADLINE: Duration = Duration::from_millis(5);
 /// A group deadline fits the init's byte of milliseconds; beyond this, coding only adds
 /// latency.
 pub const MAX_GROUP_DEADLINE: Duration = Duration::from_millis(100);
-/// Data datagrams per group in adaptive mode, at most: long enough for cheap parity,
-/// short enough to fill within the deadline at moderate rates.
-pub const ADAPTIVE_MAX_GROUP_DATA: usize = 10;
+/// Data datagrams per group in adaptive mode, at most: as many as the codec takes. The
+/// rate decides below that (what a group deadline holds), and longer groups need less
+/// parity for the same residual: at 10% per path rs 16+9 where rs 10+7.
+pub const ADAPTIVE_MAX_GROUP_DATA: usize = fec::MAX_DATA_SHARDS;
 /// Fewer datagrams than this expected in a group (its first and those within its
 /// deadline): too sparse to code; a lost one would wait for parity (500 a second with
 /// the default deadline is 3 a group: they go as copies).
@@ -45,6 +46,9 @@ const ADAPTIVE_MIN_GROUP_DATA: usize = 4;
 pub const LOSSY_PATH_LOSS: f64 = 0.02;
 /// The loss assumed for a path whose loss is not measured yet.
 const UNKNOWN_PATH_LOSS: f64 = 0.5;
+/// Group lengths the policy weighs: the longest the rate fills within the deadline and
+/// this many less one shorter.
+const GROUP_LENGTHS_TRIED: usize = 4;
 /// Copies per path, at most, of a datagram too sparse to code.
 pub const MAX_COPIES: u8 = 3;
 /// How often the sender reviews its scheme against fresh path estimates.
@@ -247,40 +251,70 @@ impl Choice {
 /// and `r` parity shards is lost with probability `loss[j % loss.len()]`, independently:
 /// the expected data shards neither received nor rebuilt, over `k`.
 pub fn rs_residual(k: usize, r: usize, loss: &[f64]) -> f64 {
-    debug_assert!(k <= fec::MAX_DATA_SHARDS && r <= fec::MAX_PARITY_SHARDS && !loss.is_empty());
-    const N: usize = fec::MAX_DATA_SHARDS + 1;
-    // p[d][q]: probability that d data and q parity shards are lost
-    let mut p = [[0.0f64; N]; N];
-    p[0][0] = 1.0;
-    for j in 0..k + r {
-        let l = loss[j % loss.len()];
-        let data = j < k;
-        let mut next = [[0.0f64; N]; N];
-        for d in 0..N {
-            for q in 0..N {
-                let v = p[d][q];
-                if v == 0.0 {
-                    continue;
-                }
-                next[d][q] += v * (1.0 - l);
-                if data {
-                    next[(d + 1).min(N - 1)][q] += v * l;
-                } else {
-                    next[d][(q + 1).min(N - 1)] += v * l;
-                }
+    ResidualByParity::new(k, loss).nth(r).unwrap_or(0.0)
+}
+
+/// `rs_residual` for 0, 1, 2 ... `MAX_PARITY_SHARDS` parity shards in turn, each one
+/// more step of the same sum (so a policy that stops at the first parity count that
+/// meets its target computes no further).
+pub struct ResidualByParity<'a> {
+    k: usize,
+    loss: &'a [f64],
+    /// p[d][q]: probability that d data and q parity shards of those so far are lost.
+    p: [[f64; PARITY_STATES]; DATA_STATES],
+    /// Parity shards summed in so far.
+    r: usize,
+}
+
+const DATA_STATES: usize = fec::MAX_DATA_SHARDS + 1;
+const PARITY_STATES: usize = fec::MAX_PARITY_SHARDS + 1;
+
+impl<'a> ResidualByParity<'a> {
+    pub fn new(k: usize, loss: &'a [f64]) -> Self {
+        let k = k.min(fec::MAX_DATA_SHARDS);
+        let mut p = [[0.0; PARITY_STATES]; DATA_STATES];
+        p[0][0] = 1.0;
+        // the data shards: only q = 0 so far
+        for j in 0..k {
+            let l = loss.get(j % loss.len().max(1)).copied().unwrap_or(0.0);
+            for d in (0..=j).rev() {
+                let v = p[d][0];
+                p[d + 1][0] += v * l;
+                p[d][0] = v * (1.0 - l);
             }
         }
-        p = next;
+        Self { k, loss, p, r: 0 }
     }
-    let mut lost = 0.0;
-    for (d, row) in p.iter().enumerate() {
-        for (q, v) in row.iter().enumerate() {
-            if d + q > r {
+}
+
+impl Iterator for ResidualByParity<'_> {
+    type Item = f64;
+
+    fn next(&mut self) -> Option<f64> {
+        let (k, r) = (self.k, self.r);
+        if r > fec::MAX_PARITY_SHARDS {
+            return None;
+        }
+        let mut lost = 0.0;
+        for (d, row) in self.p.iter().enumerate().take(k + 1).skip(1) {
+            for &v in row.iter().take(r + 1).skip((r + 1).saturating_sub(d)) {
                 lost += v * d as f64;
             }
         }
+        // then one more parity shard, for the next call
+        if r < fec::MAX_PARITY_SHARDS {
+            let l = self.loss.get((k + r) % self.loss.len().max(1)).copied().unwrap_or(0.0);
+            for row in self.p.iter_mut().take(k + 1) {
+                for q in (0..=r).rev() {
+                    let v = row[q];
+                    row[q + 1] += v * l;
+                    row[q] = v * (1.0 - l);
+                }
+            }
+        }
+        self.r += 1;
+        Some(lost / k.max(1) as f64)
     }
-    lost / k as f64
 }
 
 /// Parity shards, at least, that a group of `k` striped over `paths` paths needs so that
@@ -347,14 +381,16 @@ pub fn choose(paths: &[PathEstimate], target: f64, per_group: usize) -> Choice {
     }
     let m = sorted.len();
     let lossy = m >= 2 && loss.iter().any(|&l| l >= LOSSY_PATH_LOSS);
-    let k = per_group.min(ADAPTIVE_MAX_GROUP_DATA);
-    if k >= ADAPTIVE_MIN_GROUP_DATA {
+    // the longest group the rate fills in time, and a few shorter ones that may stripe
+    // better (over 3 paths, 10 data need 5 parity to survive a path, 11 need 6)
+    let k_max = per_group.min(ADAPTIVE_MAX_GROUP_DATA);
+    let k_min = k_max.saturating_sub(GROUP_LENGTHS_TRIED - 1).max(ADAPTIVE_MIN_GROUP_DATA);
+    for k in (k_min..=k_max).rev() {
         let min_r = if lossy { path_safe_parity(k, m) } else { 1 };
-        for r in min_r..=fec::MAX_PARITY_SHARDS {
-            let c = Choice::new(Scheme::Rs { data: k as u8, parity: r as u8 }, &order, rs_residual(k, r, &loss));
-            let meets = c.residual <= target;
+        for (r, residual) in ResidualByParity::new(k, &loss).enumerate().skip(min_r) {
+            let c = Choice::new(Scheme::Rs { data: k as u8, parity: r as u8 }, &order, residual);
             consider(c);
-            if meets {
+            if residual <= target {
                 break; // more parity only costs more
             }
         }
@@ -371,7 +407,8 @@ fn parity_for(mode: RedundancyMode, n: usize, k: usize, r: usize, loss: &[f64], 
     match mode {
         RedundancyMode::Adaptive => {
             let min_r = if lossy { path_safe_parity(n, loss.len()) } else { 1 };
-            (min_r..=fec::MAX_PARITY_SHARDS).find(|&q| rs_residual(n, q, loss) <= target).unwrap_or(r).max(min_r)
+            let meets = ResidualByParity::new(n, loss).enumerate().skip(min_r).find(|&(_, res)| res <= target);
+            meets.map_or(r, |(q, _)| q).max(min_r)
         }
         _ => (r * n).div_ceil(k).max(1),
     }
@@ -1035,6 +1072,8 @@ mod tests {
             ("1%: light parity, no path safety", three(0.01), 10, Scheme::Rs { data: 10, parity: 2 }),
             ("5%: a path may die", three(0.05), 10, Scheme::Rs { data: 10, parity: 5 }),
             ("10%", three(0.10), 10, Scheme::Rs { data: 10, parity: 7 }),
+            ("10%, fast: a longer group, less parity", three(0.10), 16, Scheme::Rs { data: 15, parity: 8 }),
+            ("5%, 11 a deadline: 10 stripe better", three(0.05), 11, Scheme::Rs { data: 10, parity: 5 }),
             ("20%: heavy parity, still below three copies", three(0.20), 10, Scheme::Rs { data: 10, parity: 12 }),
             ("sparse, 1%: a copy on each path", three(0.01), 1, Scheme::Duplicate { copies: 1 }),
             ("sparse and lossy: two copies on each path", three(0.05), 1, Scheme::Duplicate { copies: 2 }),
@@ -1080,6 +1119,16 @@ mod tests {
         assert!(rs < dup / 5.0, "rs {rs} dup {dup}");
         // at 1%, rs 10+2 meets 1e-4
         assert!(rs_residual(10, 2, &[0.01]) < 1e-4);
+        // the sum, against a plain enumeration of the same model done apart from this code
+        for (k, r, loss, want) in [
+            (10, 6, 0.10, 2.249_670_085_048e-4),
+            (10, 7, 0.10, 5.045_344_923_475e-5),
+            (9, 7, 0.10, 3.106_305_376_030e-5),
+            (10, 4, 0.05, 1.551_498_084_050e-4),
+        ] {
+            let got = rs_residual(k, r, &[loss; 3]);
+            assert!((got - want).abs() < want * 1e-9, "rs {k}+{r} at {loss}: {got} != {want}");
+        }
         // path safety: 10 data over 3 paths need 5 parity
         assert_eq!(path_safe_parity(10, 3), 5);
         assert_eq!(path_safe_parity(10, 2), 10);
