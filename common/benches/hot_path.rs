@@ -158,6 +158,17 @@ fn median_ns(n: u32, mut f: impl FnMut()) -> f64 {
     runs[3]
 }
 
+/// Median ns of one raw ring seal+open of a 1400-byte buffer.
+fn aead_round_ns(alg: &'static aead::Algorithm) -> f64 {
+    let key = ring_key(alg);
+    let mut buf = [0u8; PAYLOAD + 16];
+    let mut seq = 0u64;
+    median_ns(100_000, || {
+        seq += 1;
+        raw_aead_round(&key, seq, &mut buf);
+    })
+}
+
 fn summary() {
     println!("\nsummary: ns per 1400-byte datagram (median of 7 runs, same process)");
     println!(
@@ -168,13 +179,7 @@ fn summary() {
         ("aes-256-gcm", &aead::AES_256_GCM, Cipher::Aes256Gcm),
         ("chacha20-poly1305", &aead::CHACHA20_POLY1305, Cipher::ChaCha20Poly1305),
     ] {
-        let key = ring_key(alg);
-        let mut buf = [0u8; PAYLOAD + 16];
-        let mut seq = 0u64;
-        let aead_ns = median_ns(100_000, || {
-            seq += 1;
-            raw_aead_round(&key, seq, &mut buf);
-        });
+        let aead_ns = aead_round_ns(alg);
         let mut pair = Pair::new(cipher);
         let path_ns = median_ns(100_000, || pair.client_to_server());
         let ours = (path_ns - aead_ns).max(0.0);
@@ -227,13 +232,7 @@ fn fec_summary() {
         }
         round += 1;
     }) / k as f64;
-    let key = ring_key(&aead::AES_256_GCM);
-    let mut buf = [0u8; PAYLOAD + 16];
-    let mut seq = 0u64;
-    let aead_ns = median_ns(100_000, || {
-        seq += 1;
-        raw_aead_round(&key, seq, &mut buf);
-    });
+    let aead_ns = aead_round_ns(&aead::AES_256_GCM);
     println!("\nfec rs {k}+{r}, ns per 1400-byte data datagram (median of 7 runs, same process):");
     println!(
         "  encode {encode_ns:.1}   receive and rebuild 4 lost {decode_ns:.1}   aes-256-gcm seal+open {aead_ns:.1}"
@@ -253,13 +252,7 @@ fn policy_summary() {
     let review_ns = median_ns(200, || {
         black_box(choose(black_box(&paths), DEFAULT_TARGET_LOSS, 16));
     });
-    let key = ring_key(&aead::AES_256_GCM);
-    let mut buf = [0u8; PAYLOAD + 16];
-    let mut seq = 0u64;
-    let aead_ns = median_ns(100_000, || {
-        seq += 1;
-        raw_aead_round(&key, seq, &mut buf);
-    });
+    let aead_ns = aead_round_ns(&aead::AES_256_GCM);
     println!(
         "
 adaptive review at 20% loss, groups up to 16: {:.1} µs",
