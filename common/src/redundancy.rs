@@ -34,7 +34,7 @@ pub const DEFAULT_GROUP_DEADLINE: Duration = Duration::from_millis(5);
 pub const MAX_GROUP_DEADLINE: Duration = Duration::from_millis(100);
 /// Data datagrams per group in adaptive mode, at most: as many as the codec takes. The
 /// rate decides below that (what a group deadline holds), and longer groups need less
-/// parity for the same residual: at 10% per path rs 16+9 where rs 10+7.
+/// parity for the same residual: at 10% per path rs 15+8 where rs 10+7.
 pub const ADAPTIVE_MAX_GROUP_DATA: usize = fec::MAX_DATA_SHARDS;
 /// Fewer datagrams than this expected in a group (its first and those within its
 /// deadline): too sparse to code; a lost one would wait for parity (500 a second with
@@ -251,7 +251,7 @@ impl Choice {
 /// and `r` parity shards is lost with probability `loss[j % loss.len()]`, independently:
 /// the expected data shards neither received nor rebuilt, over `k`.
 pub fn rs_residual(k: usize, r: usize, loss: &[f64]) -> f64 {
-    ResidualByParity::new(k, loss).nth(r).unwrap_or(0.0)
+    ResidualByParity::new(k, loss).nth(r.min(fec::MAX_PARITY_SHARDS)).unwrap_or(1.0)
 }
 
 /// `rs_residual` for 0, 1, 2 ... `MAX_PARITY_SHARDS` parity shards in turn, each one
