@@ -581,8 +581,7 @@ impl Client {
                 for e in r.entries() {
                     let i = usize::from(e.path_id);
                     let (Some(c), Some(probe)) = (s.counters.get_mut(i), s.probes.get_mut(i)) else { continue };
-                    let rtt = probe.rtt_ms().map(|ms| Duration::from_secs_f64(ms / 1000.0));
-                    let count = c.sent_log.on_receipt(now, e.highest, e.received, rtt);
+                    let count = c.sent_log.on_receipt(now, e.highest, e.received, probe.srtt());
                     if let Some((sent, lost)) = count.counted {
                         probe.on_data_receipt(sent, sent - lost);
                     }
@@ -950,7 +949,7 @@ impl ClientSession {
                 now,
                 live.iter().map(|i| {
                     let p = &probes[i];
-                    let rtt = p.rtt_ms().map(|ms| Duration::from_secs_f64(ms / 1000.0));
+                    let rtt = p.srtt();
                     PathEstimate {
                         index: i,
                         loss: p.loss_up_estimate(),

@@ -353,6 +353,11 @@ impl ProbeTracker {
         self.srtt_us.map(|v| v / 1000.0)
     }
 
+    /// The smoothed round trip.
+    pub fn srtt(&self) -> Option<Duration> {
+        self.srtt_us.map(|us| Duration::from_secs_f64(us / 1e6))
+    }
+
     pub fn jitter_ms(&self) -> Option<f64> {
         self.last_rtt_us.map(|_| self.jitter_us / 1000.0)
     }

@@ -247,16 +247,12 @@ impl Choice {
     }
 }
 
-/// The predicted fraction of data datagrams lost when shard `j` of a group of `k` data
-/// and `r` parity shards is lost with probability `loss[j % loss.len()]`, independently:
-/// the expected data shards neither received nor rebuilt, over `k`.
-pub fn rs_residual(k: usize, r: usize, loss: &[f64]) -> f64 {
-    ResidualByParity::new(k, loss).nth(r.min(fec::MAX_PARITY_SHARDS)).unwrap_or(1.0)
-}
-
-/// `rs_residual` for 0, 1, 2 ... `MAX_PARITY_SHARDS` parity shards in turn, each one
-/// more step of the same sum (so a policy that stops at the first parity count that
-/// meets its target computes no further).
+/// The predicted residual of a group of `k` data and `r` parity shards, for `r` = 0, 1,
+/// 2 ... `MAX_PARITY_SHARDS` in turn: the fraction of data datagrams lost when shard `j`
+/// is lost with probability `loss[j % loss.len()]`, independently (the expected data
+/// shards neither received nor rebuilt, over `k`). Each parity count is one more step of
+/// the same sum, so a policy that stops at the first that meets its target computes no
+/// further.
 pub struct ResidualByParity<'a> {
     k: usize,
     loss: &'a [f64],
@@ -276,7 +272,7 @@ impl<'a> ResidualByParity<'a> {
         p[0][0] = 1.0;
         // the data shards: only q = 0 so far
         for j in 0..k {
-            let l = loss.get(j % loss.len().max(1)).copied().unwrap_or(0.0);
+            let l = shard_loss(loss, j);
             for d in (0..=j).rev() {
                 let v = p[d][0];
                 p[d + 1][0] += v * l;
@@ -303,7 +299,7 @@ impl Iterator for ResidualByParity<'_> {
         }
         // then one more parity shard, for the next call
         if r < fec::MAX_PARITY_SHARDS {
-            let l = self.loss.get((k + r) % self.loss.len().max(1)).copied().unwrap_or(0.0);
+            let l = shard_loss(self.loss, k + r);
             for row in self.p.iter_mut().take(k + 1) {
                 for q in (0..=r).rev() {
                     let v = row[q];
@@ -315,6 +311,11 @@ impl Iterator for ResidualByParity<'_> {
         self.r += 1;
         Some(lost / k.max(1) as f64)
     }
+}
+
+/// The loss of shard `j` striped over paths with these losses (none: no loss).
+fn shard_loss(loss: &[f64], j: usize) -> f64 {
+    loss.get(j % loss.len().max(1)).copied().unwrap_or(0.0)
 }
 
 /// Parity shards, at least, that a group of `k` striped over `paths` paths needs so that
@@ -1056,6 +1057,11 @@ mod tests {
             overdue: false,
             stalled: false,
         }
+    }
+
+    /// `ResidualByParity`'s residual with `r` parity shards.
+    fn rs_residual(k: usize, r: usize, loss: &[f64]) -> f64 {
+        ResidualByParity::new(k, loss).nth(r).expect("r is at most MAX_PARITY_SHARDS")
     }
 
     fn three(loss: f64) -> Vec<PathEstimate> {
